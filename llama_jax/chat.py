@@ -1,0 +1,99 @@
+"""Chat prompts for Llama 2 and Llama 3.x, as token ids.
+
+The format follows `tokenizer.generation`, never a model name. Both layouts
+mirror Meta's reference code (REFERENCE.md, "Tokenizers and chat formats"):
+
+Llama 2: `<s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST] {answer}</s>`
+  per completed exchange, then `<s>[INST] {user} [/INST]` for the open turn.
+Llama 3.x: `<|begin_of_text|>`, then per message
+  `<|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>`,
+  then an open `<|start_header_id|>assistant<|end_header_id|>\\n\\n`.
+
+Stop tokens for generation are `tokenizer.stop_ids`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from llama_jax.tokenizer import Tokenizer
+
+LLAMA2_ROLES = ("system", "user", "assistant")
+LLAMA3_ROLES = ("system", "user", "assistant", "ipython")
+
+_B_INST, _E_INST = "[INST]", "[/INST]"
+_B_SYS, _E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
+
+
+def format_chat(tokenizer: Tokenizer, messages: Sequence[dict]) -> list[int]:
+    """Token ids of a conversation, ready for the model to write the next answer.
+
+    `messages` are dicts `{"role": ..., "content": str}`. Llama 2 takes an
+    optional leading system message, then user and assistant alternating,
+    ending with a user message. Llama 3.x takes any order of the roles
+    system, user, assistant and ipython (the 3.1 tool-output role).
+    Raises ValueError with one line on a malformed list.
+    """
+    roles = LLAMA3_ROLES if tokenizer.generation == "llama3" else LLAMA2_ROLES
+    _check_messages(messages, roles)
+    if tokenizer.generation == "llama3":
+        return _format_llama3(tokenizer, messages)
+    return _format_llama2(tokenizer, messages)
+
+
+def _check_messages(messages: Sequence[dict], roles: Sequence[str]) -> None:
+    if not messages:
+        raise ValueError("chat needs at least one message")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in roles:
+            role = message.get("role") if isinstance(message, dict) else message
+            raise ValueError(f"message {i}: role {role!r} is not one of {', '.join(roles)}")
+        if not isinstance(message.get("content"), str):
+            raise ValueError(f"message {i}: content must be a string")
+
+
+def _format_llama2(tokenizer: Tokenizer, messages: Sequence[dict]) -> list[int]:
+    turns = [dict(m) for m in messages]
+    if turns[0]["role"] == "system":
+        if len(turns) < 2:
+            raise ValueError("Llama 2 chat: a system message must be followed by a user message")
+        # Llama 2 has no system turn: the prompt rides inside the first user turn.
+        system, first = turns[0], turns[1]
+        turns = [{"role": first["role"], "content": _B_SYS + system["content"] + _E_SYS + first["content"]}]
+        turns += [dict(m) for m in messages[2:]]
+    for i, turn in enumerate(turns):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if turn["role"] != expected:
+            raise ValueError(
+                f"Llama 2 chat: turn {i} is {turn['role']!r}, expected {expected!r} "
+                "(optional system first, then user and assistant alternating)"
+            )
+    if turns[-1]["role"] != "user":
+        raise ValueError("Llama 2 chat: the last message must be from the user")
+    ids: list[int] = []
+    for prompt, answer in zip(turns[::2], turns[1::2]):
+        text = f"{_B_INST} {prompt['content'].strip()} {_E_INST} {answer['content'].strip()}"
+        ids += tokenizer.encode(text, bos=True, eos=True)
+    ids += tokenizer.encode(f"{_B_INST} {turns[-1]['content'].strip()} {_E_INST}", bos=True)
+    return ids
+
+
+def _format_llama3(tokenizer: Tokenizer, messages: Sequence[dict]) -> list[int]:
+    eot = tokenizer.token_id("<|eot_id|>")
+    ids = [tokenizer.bos_id]
+    for message in messages:
+        ids += _llama3_header(tokenizer, message["role"])
+        ids += tokenizer.encode(message["content"].strip())
+        ids.append(eot)
+    return ids + _llama3_header(tokenizer, "assistant")
+
+
+def _llama3_header(tokenizer: Tokenizer, role: str) -> list[int]:
+    # Pieces are encoded separately, as Meta's ChatFormat does, so the ids do
+    # not depend on how BPE would merge across the boundaries.
+    return (
+        [tokenizer.token_id("<|start_header_id|>")]
+        + tokenizer.encode(role)
+        + [tokenizer.token_id("<|end_header_id|>")]
+        + tokenizer.encode("\n\n")
+    )

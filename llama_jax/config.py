@@ -1,0 +1,174 @@
+"""ModelConfig: the fields of the published Llama table plus compute choices.
+
+Behaviour follows from fields (`n_kv_heads`, `rope_scaling`, `tie_embeddings`),
+never from a model's name. Every value is validated on construction, and a bad
+one is reported in one line that names the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+MODELS_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
+
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention_out")
+ATTENTION_IMPLS = ("xla", "blocked")
+DTYPES = ("float32", "bfloat16", "float16")
+ROPE_TYPES = ("default", "llama3")
+
+
+class ConfigError(ValueError):
+    """A config value a user can fix; the message is one line naming the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3.1/3.2 ("llama3") rescaling of the rotary frequencies."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_context: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """One Llama model: architecture (REFERENCE.md's table) and compute choices.
+
+    `dtype` is the activation/compute dtype, `param_dtype` the stored weights'.
+    `remat` picks what the backward pass recomputes; `scan_layers` stacks the
+    decoder layers under one `nn.scan` (False unrolls them, for debugging).
+    """
+
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    ffn_dim: int
+    vocab_size: int
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    max_seq_len: int = 4096
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    head_dim: int | None = None
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat: str = "none"
+    scan_layers: bool = True
+    attention: str = "xla"
+    attention_block: int = 512
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            if self.n_heads > 0 and self.dim % self.n_heads:
+                raise ConfigError(
+                    f"n_heads: {self.n_heads} does not divide dim {self.dim} "
+                    "(set head_dim explicitly if that is intended)")
+            object.__setattr__(self, "head_dim", self.dim // max(self.n_heads, 1))
+        if isinstance(self.rope_scaling, dict):
+            object.__setattr__(self, "rope_scaling", _rope_scaling_from_dict(self.rope_scaling))
+        self._validate()
+
+    def _validate(self):
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim",
+                     "vocab_size", "max_seq_len", "head_dim", "attention_block"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name}: must be a positive integer, got {value!r}")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(
+                f"n_kv_heads: {self.n_kv_heads} does not divide n_heads {self.n_heads}")
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim: must be even for rotary embeddings, got {self.head_dim}")
+        for name in ("rope_theta", "norm_eps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ConfigError(f"{name}: must be a positive number, got {value!r}")
+        for name, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES),
+                              ("remat", REMAT_POLICIES), ("attention", ATTENTION_IMPLS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(
+                    f"{name}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        for name in ("tie_embeddings", "scan_layers"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}: must be true or false, got {getattr(self, name)!r}")
+        scaling = self.rope_scaling
+        if scaling is not None:
+            if scaling.factor <= 0 or scaling.original_context <= 0:
+                raise ConfigError("rope_scaling: factor and original_context must be positive")
+            if not 0 < scaling.low_freq_factor < scaling.high_freq_factor:
+                raise ConfigError(
+                    "rope_scaling: need 0 < low_freq_factor < high_freq_factor, got "
+                    f"{scaling.low_freq_factor} and {scaling.high_freq_factor}")
+
+    @property
+    def q_per_kv(self) -> int:
+        """Query heads served by each key/value head (1 for multi-head attention)."""
+        return self.n_heads // self.n_kv_heads
+
+    def replace(self, **changes) -> "ModelConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data, as written to YAML and into checkpoints."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        """Build from plain data; unknown keys are an error naming the key."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"model config: expected a mapping, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in data:
+            if key not in known:
+                raise ConfigError(f"{key}: unknown model config field (known: {', '.join(sorted(known))})")
+        missing = [f.name for f in dataclasses.fields(cls)
+                   if f.default is dataclasses.MISSING and f.name not in data]
+        if missing:
+            raise ConfigError(f"{missing[0]}: required model config field is missing")
+        return cls(**data)
+
+
+def _rope_scaling_from_dict(data: dict[str, Any]) -> RopeScaling:
+    data = dict(data)
+    rope_type = data.pop("rope_type", data.pop("type", "llama3"))
+    if rope_type not in ROPE_TYPES:
+        raise ConfigError(f"rope_scaling: unknown rope type {rope_type!r} (known: llama3)")
+    known = {f.name for f in dataclasses.fields(RopeScaling)}
+    for key, value in data.items():
+        if key not in known:
+            raise ConfigError(f"rope_scaling.{key}: unknown field (known: {', '.join(sorted(known))})")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"rope_scaling.{key}: must be a number, got {value!r}")
+    return RopeScaling(**data)
+
+
+def load_model_config(name_or_path: str | Path, **overrides) -> ModelConfig:
+    """Load a model config from a YAML path or a name in `configs/models/`.
+
+    `overrides` replace fields after loading (e.g. `dtype="bfloat16"`).
+    Raises ConfigError (one line) for a missing file, bad YAML or a bad field.
+    """
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = MODELS_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in MODELS_DIR.glob("*.yaml")))
+        raise ConfigError(f"model config {str(name_or_path)!r} not found (known: {known})")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    data = {**(data or {}), **overrides}
+    return ModelConfig.from_dict(data)
+
+
+def published_models() -> list[str]:
+    """Names of the shipped model configs (published sizes and test sizes)."""
+    return sorted(p.stem for p in MODELS_DIR.glob("*.yaml"))

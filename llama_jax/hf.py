@@ -1,0 +1,233 @@
+"""Hugging Face Llama checkpoints: config.json and the weight-name table.
+
+One table, `HF_WEIGHTS`, maps every Hugging Face tensor name to a leaf of our
+parameter tree and says how its layout differs. Reading and writing both go
+through it, so a name is never spelled twice.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator, NamedTuple
+
+import numpy as np
+
+from llama_jax.config import ConfigError, ModelConfig, RopeScaling
+from llama_jax.safetensors_io import CheckpointFileError, SafetensorsCheckpoint
+
+
+class WeightRule(NamedTuple):
+    """Where one HF tensor lives in our tree and how it is laid out there."""
+
+    hf_name: str          # with "{i}" for the layer index
+    path: tuple[str, ...]  # our leaf, below the "layers" stack for per-layer weights
+    kind: str             # how to turn HF [out, in] into ours; see to_ours
+
+
+HF_WEIGHTS = (
+    WeightRule("model.embed_tokens.weight", ("embed", "embedding"), "copy"),
+    WeightRule("model.norm.weight", ("norm", "scale"), "copy"),
+    WeightRule("lm_head.weight", ("output", "kernel"), "linear"),
+    WeightRule("model.layers.{i}.input_layernorm.weight", ("attention_norm", "scale"), "copy"),
+    WeightRule("model.layers.{i}.post_attention_layernorm.weight", ("ffn_norm", "scale"), "copy"),
+    WeightRule("model.layers.{i}.self_attn.q_proj.weight", ("attention", "wq", "kernel"), "heads_out"),
+    WeightRule("model.layers.{i}.self_attn.k_proj.weight", ("attention", "wk", "kernel"), "heads_out"),
+    WeightRule("model.layers.{i}.self_attn.v_proj.weight", ("attention", "wv", "kernel"), "heads_out"),
+    WeightRule("model.layers.{i}.self_attn.o_proj.weight", ("attention", "wo", "kernel"), "heads_in"),
+    WeightRule("model.layers.{i}.mlp.gate_proj.weight", ("feed_forward", "w1", "kernel"), "linear"),
+    WeightRule("model.layers.{i}.mlp.up_proj.weight", ("feed_forward", "w3", "kernel"), "linear"),
+    WeightRule("model.layers.{i}.mlp.down_proj.weight", ("feed_forward", "w2", "kernel"), "linear"),
+)
+
+
+def to_ours(kind: str, weight: np.ndarray, head_dim: int) -> np.ndarray:
+    """One HF tensor ([out, in] for linears) in our layout ([in, ...out])."""
+    if kind == "copy":
+        return weight
+    if kind == "linear":
+        return weight.T
+    if kind == "heads_out":  # [heads*head_dim, dim] -> [dim, heads, head_dim]
+        return weight.T.reshape(weight.shape[1], -1, head_dim)
+    if kind == "heads_in":   # [dim, heads*head_dim] -> [heads, head_dim, dim]
+        return weight.T.reshape(-1, head_dim, weight.shape[0])
+    raise ValueError(f"unknown weight kind {kind!r}")
+
+
+def to_hf(kind: str, leaf: np.ndarray) -> np.ndarray:
+    """The inverse of `to_ours`: our leaf back to HF's [out, in] layout."""
+    if kind == "copy":
+        return leaf
+    if kind == "linear":
+        return leaf.T
+    if kind == "heads_out":
+        return leaf.reshape(leaf.shape[0], -1).T
+    if kind == "heads_in":
+        return leaf.reshape(-1, leaf.shape[-1]).T
+    raise ValueError(f"unknown weight kind {kind!r}")
+
+
+def weight_rules(config: ModelConfig) -> Iterator[tuple[str, WeightRule, int | None]]:
+    """Every HF tensor name this config has, with its rule and layer (None if global)."""
+    for rule in HF_WEIGHTS:
+        if rule.path[0] == "output" and config.tie_embeddings:
+            continue
+        if "{i}" in rule.hf_name:
+            for i in range(config.n_layers):
+                yield rule.hf_name.format(i=i), rule, i
+        else:
+            yield rule.hf_name, rule, None
+
+
+def our_path(rule: WeightRule, layer: int | None, config: ModelConfig) -> tuple[tuple[str, ...], int | None]:
+    """The leaf path in our tree and the index along the stacked `layers` axis (if any)."""
+    if layer is None:
+        return rule.path, None
+    if config.scan_layers:
+        return ("layers",) + rule.path, layer
+    return (f"layers_{layer}",) + rule.path, None
+
+
+# ---------------------------------------------------------------- config.json
+
+def config_from_hf(hf: dict[str, Any], **overrides) -> ModelConfig:
+    """Our ModelConfig from a HF `config.json` dict (transformers 4.x or 5.x form)."""
+    if hf.get("model_type", "llama") != "llama":
+        raise ConfigError(f"config.json: model_type {hf.get('model_type')!r} is not llama")
+    # transformers 5.x keeps theta and scaling in rope_parameters; 4.x at top level.
+    rope = dict(hf.get("rope_parameters") or {})
+    theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+    scaling = rope if rope.get("rope_type", "default") != "default" else hf.get("rope_scaling")
+    rope_scaling = None
+    if scaling:
+        rope_type = scaling.get("rope_type", scaling.get("type"))
+        if rope_type != "llama3":
+            raise ConfigError(f"config.json: rope type {rope_type!r} is not supported (known: llama3)")
+        rope_scaling = RopeScaling(
+            factor=float(scaling["factor"]),
+            low_freq_factor=float(scaling["low_freq_factor"]),
+            high_freq_factor=float(scaling["high_freq_factor"]),
+            original_context=int(scaling["original_max_position_embeddings"]))
+    if hf.get("attention_bias") or hf.get("mlp_bias"):
+        raise ConfigError("config.json: attention_bias/mlp_bias are not part of Llama")
+    try:
+        fields = dict(
+            dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"],
+            n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+            ffn_dim=hf["intermediate_size"], vocab_size=hf["vocab_size"],
+            rope_theta=float(theta), rope_scaling=rope_scaling,
+            max_seq_len=hf.get("max_position_embeddings", 4096), norm_eps=hf.get("rms_norm_eps", 1e-5),
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)), head_dim=hf.get("head_dim"))
+    except KeyError as err:
+        raise ConfigError(f"config.json: missing field {err.args[0]}") from None
+    return ModelConfig(**{**fields, **overrides})
+
+
+def config_to_hf(config: ModelConfig, torch_dtype: str = "float32") -> dict[str, Any]:
+    """A HF `config.json` dict readable by transformers 4.x and 5.x.
+
+    Rope settings are written in both forms: 4.x ignores `rope_parameters`
+    and would silently fall back to theta 10000 without `rope_theta`.
+    """
+    scaling = None
+    if config.rope_scaling is not None:
+        s = config.rope_scaling
+        scaling = {"rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
+                   "high_freq_factor": s.high_freq_factor, "original_max_position_embeddings": s.original_context}
+    rope_parameters = {"rope_type": "default", "rope_theta": config.rope_theta}
+    if scaling:
+        rope_parameters = {**scaling, "rope_theta": config.rope_theta}
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": config.dim, "num_hidden_layers": config.n_layers,
+        "num_attention_heads": config.n_heads, "num_key_value_heads": config.n_kv_heads,
+        "head_dim": config.head_dim, "intermediate_size": config.ffn_dim, "vocab_size": config.vocab_size,
+        "max_position_embeddings": config.max_seq_len, "rms_norm_eps": config.norm_eps,
+        "tie_word_embeddings": config.tie_embeddings, "hidden_act": "silu",
+        "attention_bias": False, "mlp_bias": False, "rope_theta": config.rope_theta,
+        "rope_scaling": scaling, "rope_parameters": rope_parameters, "torch_dtype": torch_dtype,
+        "dtype": torch_dtype, "bos_token_id": None, "eos_token_id": None,
+    }
+
+
+def read_hf_config(directory: str | Path, **overrides) -> ModelConfig:
+    """Our ModelConfig from `directory/config.json`."""
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise CheckpointFileError(f"{path}: file not found")
+    try:
+        hf = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointFileError(f"{path}: not valid JSON ({err.msg})") from None
+    return config_from_hf(hf, **overrides)
+
+
+# ---------------------------------------------------------------- weights
+
+def read_hf_tensors(directory: str | Path, config: ModelConfig) -> Iterator[tuple[tuple[str, ...], int | None, np.ndarray]]:
+    """Yield (our path, layer index or None, array in our layout) tensor by tensor.
+
+    Shapes are checked against the config; a missing or misshapen tensor is a
+    CheckpointFileError naming it.
+    """
+    from llama_jax.params import abstract_params  # late: params imports the model
+
+    shapes = abstract_params(config.replace(scan_layers=True))
+    checkpoint = SafetensorsCheckpoint(directory)
+    for hf_name, rule, layer in weight_rules(config):
+        if hf_name not in checkpoint:
+            raise CheckpointFileError(f"{directory}: checkpoint is missing tensor {hf_name}")
+        weight = to_ours(rule.kind, checkpoint.get(hf_name), config.head_dim)
+        expected = _leaf(shapes, ("layers",) + rule.path if layer is not None else rule.path).shape
+        expected = expected[1:] if layer is not None else expected
+        if tuple(weight.shape) != tuple(expected):
+            raise CheckpointFileError(
+                f"{directory}: tensor {hf_name} has shape {checkpoint.shape(hf_name)}, "
+                f"which does not fit the config (expected {expected} in our layout)")
+        path, index = our_path(rule, layer, config)
+        yield path, index, weight
+
+
+def load_hf_params(directory: str | Path, config: ModelConfig | None = None, dtype=None):
+    """Read a HF checkpoint directory into our parameter tree (numpy arrays).
+
+    Returns (config, params). `dtype` (e.g. np.float32) casts every tensor;
+    by default the config's param_dtype is used. Holds the whole model in host
+    memory: the streaming converter (llama_jax/convert) is for large models.
+    """
+    config = config or read_hf_config(directory)
+    dtype = np.dtype(dtype or _numpy_dtype(config.param_dtype))
+    params: dict = {}
+    for path, index, weight in read_hf_tensors(directory, config):
+        if index is None:
+            _set_leaf(params, path, weight.astype(dtype))
+        else:
+            stack = _get_or_make(params, path, (config.n_layers,) + weight.shape, dtype)
+            stack[index] = weight
+    return config, params
+
+
+def _numpy_dtype(name: str):
+    import ml_dtypes
+    return ml_dtypes.bfloat16 if name == "bfloat16" else np.dtype(name)
+
+
+def _leaf(tree, path):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _set_leaf(tree, path, value):
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def _get_or_make(tree, path, shape, dtype):
+    node = tree
+    for key in path[:-1]:
+        node = node.setdefault(key, {})
+    if path[-1] not in node:
+        node[path[-1]] = np.zeros(shape, dtype)
+    return node[path[-1]]

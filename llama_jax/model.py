@@ -1,0 +1,211 @@
+"""The Llama decoder as functional Flax Linen modules.
+
+    h = x + Attention(RMSNorm(x));  out = h + SwiGLU(RMSNorm(h))
+
+Usage:
+    model = Llama(config)
+    logits, cache = model.apply({"params": params}, tokens, positions,
+                                segment_ids=None, cache=None)
+
+Letters in names: b batch, t time, d embed (dim), h heads, n kv heads,
+k head_dim, f ffn hidden, v vocab, s cache length.
+Parameters and activations carry logical axis names only; `sharding/` maps
+them to a mesh. Without sharding rules in scope the names are inert.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from llama_jax.attention import attend
+from llama_jax.config import ModelConfig
+from llama_jax.rope import apply_rotary, inverse_frequencies, rotary_angles
+
+Cache = dict[str, jax.Array]  # {"k", "v"}: [layers, batch, kv_length, kv_heads, head_dim]
+
+_INIT = nn.initializers.normal(stddev=0.02)
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_attention_out": jax.checkpoint_policies.save_only_these_names("attention_out"),
+}
+
+
+def _init(*names):
+    return nn.with_logical_partitioning(_INIT, names)
+
+
+def _constrain(x, *names):
+    return nn.with_logical_constraint(x, names)
+
+
+class RMSNorm(nn.Module):
+    """x * rsqrt(mean(x^2) + eps) * weight, in float32, cast back to x's dtype."""
+
+    eps: float
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x_btd):
+        scale_d = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+                             (x_btd.shape[-1],), self.param_dtype)
+        x = x_btd.astype(jnp.float32)
+        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+        return (x * scale_d.astype(jnp.float32)).astype(x_btd.dtype)
+
+
+class Attention(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_btd, rope, coords, segments, cache):
+        cfg = self.config
+        dense = lambda feats, names, name, axis=-1: nn.DenseGeneral(  # noqa: E731
+            feats, axis=axis, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+            kernel_init=_init(*names), name=name)
+        q_bthk = dense((cfg.n_heads, cfg.head_dim), ("embed", "heads", "head_dim"), "wq")(x_btd)
+        k_btnk = dense((cfg.n_kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"), "wk")(x_btd)
+        v_btnk = dense((cfg.n_kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"), "wv")(x_btd)
+        q_bthk = _constrain(apply_rotary(q_bthk, *rope), "batch", "length", "heads", "head_dim")
+        k_btnk = _constrain(apply_rotary(k_btnk, *rope), "batch", "length", "kv_heads", "head_dim")
+        v_btnk = _constrain(v_btnk, "batch", "length", "kv_heads", "head_dim")
+
+        q_coord, k_coord = coords
+        if cache is not None:
+            # Write this step's keys and values at their positions, then attend
+            # to the whole cache; slots past a query's position stay invisible.
+            positions_bt = q_coord
+            rows_b1 = jnp.arange(positions_bt.shape[0])[:, None]
+            k_cache = cache["k"].at[rows_b1, positions_bt].set(k_btnk.astype(cache["k"].dtype))
+            v_cache = cache["v"].at[rows_b1, positions_bt].set(v_btnk.astype(cache["v"].dtype))
+            cache = {"k": k_cache, "v": v_cache}
+            k_btnk, v_btnk = k_cache.astype(cfg.dtype), v_cache.astype(cfg.dtype)
+        out_bthk = attend(q_bthk, k_btnk, v_btnk, q_coord, k_coord, *segments,
+                          impl=cfg.attention, block=cfg.attention_block)
+        out_bthk = checkpoint_name(out_bthk, "attention_out")
+        out_btd = dense(cfg.dim, ("heads", "head_dim", "embed"), "wo", axis=(-2, -1))(out_bthk)
+        return out_btd, cache
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_btd):
+        cfg = self.config
+        dense = lambda feats, names, name: nn.Dense(  # noqa: E731
+            feats, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+            kernel_init=_init(*names), name=name)
+        gate_btf = dense(cfg.ffn_dim, ("embed", "mlp"), "w1")(x_btd)
+        up_btf = dense(cfg.ffn_dim, ("embed", "mlp"), "w3")(x_btd)
+        hidden_btf = _constrain(nn.silu(gate_btf) * up_btf, "batch", "length", "mlp")
+        return dense(cfg.dim, ("mlp", "embed"), "w2")(hidden_btf)
+
+
+class DecoderLayer(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_btd, cache, rope, coords, segments):
+        cfg = self.config
+        norm = lambda name: RMSNorm(cfg.norm_eps, cfg.param_dtype, name=name)  # noqa: E731
+        attn_btd, cache = Attention(cfg, name="attention")(
+            norm("attention_norm")(x_btd), rope, coords, segments, cache)
+        h_btd = x_btd + attn_btd
+        out_btd = h_btd + FeedForward(cfg, name="feed_forward")(norm("ffn_norm")(h_btd))
+        return _constrain(out_btd, "batch", "length", "embed"), cache
+
+
+def _layer_class(cfg: ModelConfig):
+    if cfg.remat == "none":
+        return DecoderLayer
+    return nn.remat(DecoderLayer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+
+
+class Llama(nn.Module):
+    """The whole model: embedding, decoder stack, final norm, output head."""
+
+    config: ModelConfig
+
+    def setup(self):
+        cfg = self.config
+        self.embed = nn.Embed(cfg.vocab_size, cfg.dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                              embedding_init=_init("vocab", "embed"))
+        if cfg.scan_layers:
+            # DecoderLayer already has scan's (carry, xs) -> (carry, ys) form.
+            self.layers = nn.scan(
+                _layer_class(cfg), variable_axes={"params": 0}, split_rngs={"params": True},
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.n_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"})(cfg)
+        else:
+            self.layers = [_layer_class(cfg)(cfg, name=f"layers_{i}") for i in range(cfg.n_layers)]
+        self.norm = RMSNorm(cfg.norm_eps, cfg.param_dtype)
+        if not cfg.tie_embeddings:
+            self.output = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype,
+                                   param_dtype=cfg.param_dtype, kernel_init=_init("embed", "vocab"))
+
+    def __call__(self, tokens_bt, positions_bt, segment_ids_bt=None, cache: Cache | None = None,
+                 return_hidden: bool = False):
+        """Logits [batch, time, vocab] (float32) and the updated cache (None if none given).
+
+        tokens_bt, positions_bt: int32 [batch, time]. segment_ids_bt: int32
+        [batch, time] document ids of packed rows (tokens attend within their
+        own id only); not used with a cache. cache: from `init_cache`; keys
+        and values are written at `positions_bt`. With `return_hidden`, the
+        final-normed hidden states [batch, time, dim] are returned instead of
+        logits, for a loss that projects them in chunks (see `logits`).
+        """
+        cfg = self.config
+        rope = rotary_angles(positions_bt, inverse_frequencies(cfg.head_dim, cfg.rope_theta,
+                                                               cfg.rope_scaling))
+        if cache is None:
+            rows_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
+            coords = (rows_bt, rows_bt)
+            segments = (segment_ids_bt, segment_ids_bt)
+        else:
+            slots_bs = jnp.broadcast_to(jnp.arange(cache["k"].shape[2]),
+                                        (tokens_bt.shape[0], cache["k"].shape[2]))
+            coords = (positions_bt, slots_bs)
+            segments = (None, None)
+        x_btd = _constrain(self.embed(tokens_bt), "batch", "length", "embed")
+        if cfg.scan_layers:
+            x_btd, cache = self.layers(x_btd, cache, rope, coords, segments)
+        else:
+            new_layers = []
+            for i, layer in enumerate(self.layers):
+                layer_cache = None if cache is None else jax.tree.map(lambda c: c[i], cache)
+                x_btd, layer_cache = layer(x_btd, layer_cache, rope, coords, segments)
+                new_layers.append(layer_cache)
+            if cache is not None:
+                cache = jax.tree.map(lambda *cs: jnp.stack(cs), *new_layers)
+        hidden_btd = self.norm(x_btd)
+        if return_hidden:
+            return hidden_btd, cache
+        return self.logits(hidden_btd), cache
+
+    def logits(self, hidden_btd):
+        """Project final-normed hidden states to float32 logits [..., vocab]."""
+        if self.config.tie_embeddings:
+            logits = self.embed.attend(hidden_btd)
+        else:
+            logits = self.output(hidden_btd)
+        return _constrain(logits.astype(jnp.float32), "batch", "length", "vocab")
+
+
+def init_cache(config: ModelConfig, batch: int, length: int, dtype=None) -> Cache:
+    """An empty KV cache for `batch` rows of up to `length` positions."""
+    shape = (config.n_layers, batch, length, config.n_kv_heads, config.head_dim)
+    dtype = dtype or config.dtype
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+CACHE_AXES = ("layers", "batch", "kv_length", "kv_heads", "head_dim")

@@ -1,0 +1,508 @@
+"""Tokenizers for the Llama family, loaded from local files.
+
+Three file formats, one interface (`Tokenizer`):
+
+- SentencePiece `tokenizer.model` (Llama 2), via the `sentencepiece` package;
+- tiktoken-format `tokenizer.model` (Llama 3.x): lines of `base64token rank`,
+  with Meta's 256 special tokens appended after the regular ranks;
+- Hugging Face `tokenizer.json`, via the `tokenizers` package.
+
+`load_tokenizer(path)` picks one from the files. `StreamDecoder` turns a
+stream of generated ids into text. `train_bpe` and `train_sentencepiece`
+build small tokenizers of each kind for tests and demos.
+"""
+
+from __future__ import annotations
+
+import abc
+import base64
+import heapq
+import io
+import json
+import os
+import re
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+
+import regex
+import sentencepiece as spm
+import tiktoken
+import tokenizers
+
+# Meta's Llama 3 pre-tokenizer regex (`pat_str`), see REFERENCE.md.
+LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+# Meta cuts long inputs before tiktoken sees them: tiktoken's regex matching
+# and BPE slow down badly on huge strings and on very long runs without a
+# change between whitespace and non-whitespace.
+_MAX_ENCODE_CHARS = 400_000
+_MAX_RUN_CHARS = 25_000
+_LONG_RUN = re.compile(r"(?<!\s)\s{%d,}|(?<!\S)\S{%d,}" % ((_MAX_RUN_CHARS + 1,) * 2))
+
+_LLAMA3_NAMED_SPECIALS = (
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>",
+    "<|step_id|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eom_id|>",
+    "<|eot_id|>",
+    "<|python_tag|>",
+)
+_LLAMA3_STOPS = ("<|end_of_text|>", "<|eot_id|>", "<|eom_id|>")
+
+
+def llama3_special_tokens(count: int = 256) -> list[str]:
+    """Meta's Llama 3 special-token names in id order (ids start after the ranks)."""
+    reserved = [
+        f"<|reserved_special_token_{i}|>"
+        for i in range(2, 2 + count - len(_LLAMA3_NAMED_SPECIALS))
+    ]
+    return list(_LLAMA3_NAMED_SPECIALS) + reserved
+
+
+class Tokenizer(abc.ABC):
+    """Text <-> token ids, with the special tokens a Llama model needs.
+
+    Attributes set by every implementation:
+      generation: "llama2" or "llama3" (chat format and special tokens).
+      vocab_size: number of ids, special tokens included.
+      bos_id, eos_id: begin/end of text; pad_id: an id for padding, or None.
+      stop_ids: frozenset of ids that end generation.
+    """
+
+    generation: str
+    vocab_size: int
+    bos_id: int
+    eos_id: int
+    pad_id: int | None
+    stop_ids: frozenset[int]
+
+    def encode(
+        self, text: str, bos: bool = False, eos: bool = False, allow_special: bool = False
+    ) -> list[int]:
+        """Encode `text` to ids, optionally framed by BOS/EOS.
+
+        Special-token strings inside `text` (e.g. "<|eot_id|>", "</s>") are
+        encoded as plain text unless `allow_special` is True, so user input
+        cannot forge control tokens.
+        """
+        ids = self._encode(text, allow_special)
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Decode ids to text; special tokens come back as their strings.
+
+        Bytes that do not form valid UTF-8 become U+FFFD.
+        """
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        return self._decode(ids)
+
+    @abc.abstractmethod
+    def token_id(self, piece: str) -> int:
+        """The id of a special token given its string, e.g. "<|eot_id|>"; ValueError if unknown."""
+
+    @abc.abstractmethod
+    def _encode(self, text: str, allow_special: bool) -> list[int]: ...
+
+    @abc.abstractmethod
+    def _decode(self, ids: list[int]) -> str: ...
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(generation={self.generation!r}, vocab_size={self.vocab_size})"
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """Llama 2's SentencePiece model (BOS `<s>`, EOS `</s>`, no pad)."""
+
+    def __init__(self, processor: spm.SentencePieceProcessor, source: str = "<memory>"):
+        self._sp = processor
+        self.generation = "llama2"
+        self.vocab_size = processor.vocab_size()
+        self.bos_id, self.eos_id = processor.bos_id(), processor.eos_id()
+        if self.bos_id < 0 or self.eos_id < 0:
+            raise ValueError(f"{source}: SentencePiece model defines no BOS or EOS piece")
+        self.pad_id = processor.pad_id() if processor.pad_id() >= 0 else None
+        self.stop_ids = frozenset({self.eos_id})
+        # Control pieces (<s>, </s>) are never produced from text by
+        # SentencePiece itself; allow_special=True splits them out by hand.
+        self._specials = {
+            processor.id_to_piece(i): i for i in range(self.vocab_size) if processor.is_control(i)
+        }
+        self._special_re = re.compile(
+            "(" + "|".join(re.escape(s) for s in sorted(self._specials, key=len, reverse=True)) + ")"
+        )
+
+    def token_id(self, piece: str) -> int:
+        if piece not in self._specials:
+            raise ValueError(f"{piece!r} is not a special token of this tokenizer")
+        return self._specials[piece]
+
+    def _encode(self, text: str, allow_special: bool) -> list[int]:
+        if not allow_special or not self._specials:
+            return self._sp.encode(text)
+        ids: list[int] = []
+        for part in self._special_re.split(text):
+            if part in self._specials:
+                ids.append(self._specials[part])
+            elif part:
+                ids.extend(self._sp.encode(part))
+        return ids
+
+    def _decode(self, ids: list[int]) -> str:
+        # sp.decode drops control ids; decode the runs between them instead.
+        out, run = [], []
+        for i in ids:
+            if self._sp.is_control(i):
+                if run:
+                    out.append(self._sp.decode(run))
+                    run = []
+                out.append(self._sp.id_to_piece(i))
+            else:
+                run.append(i)
+        if run:
+            out.append(self._sp.decode(run))
+        return "".join(out)
+
+
+class TiktokenTokenizer(Tokenizer):
+    """Llama 3.x byte-level BPE: regular ranks plus Meta's 256 special tokens."""
+
+    def __init__(self, ranks: dict[bytes, int], source: str = "<memory>"):
+        n = len(ranks)
+        if n == 0:
+            raise ValueError(f"{source}: tiktoken rank file holds no tokens")
+        if max(ranks.values()) != n - 1 or len(set(ranks.values())) != n:
+            raise ValueError(f"{source}: ranks must be the distinct integers 0..{n - 1}")
+        missing = [b for b in range(256) if bytes([b]) not in ranks]
+        if missing:
+            raise ValueError(f"{source}: no token for byte 0x{missing[0]:02x}; every byte needs one")
+        self._specials = {s: n + i for i, s in enumerate(llama3_special_tokens())}
+        self._enc = tiktoken.Encoding(
+            name=Path(source).name,
+            pat_str=LLAMA3_PATTERN,
+            mergeable_ranks=ranks,
+            special_tokens=self._specials,
+        )
+        self.generation = "llama3"
+        self.vocab_size = n + len(self._specials)
+        self.bos_id = self._specials["<|begin_of_text|>"]
+        self.eos_id = self._specials["<|end_of_text|>"]
+        # Llama 3.1 names this token for padding fine-tuning batches.
+        self.pad_id = self._specials["<|finetune_right_pad_id|>"]
+        self.stop_ids = frozenset(self._specials[s] for s in _LLAMA3_STOPS)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> TiktokenTokenizer:
+        """Load a `base64token rank` file; ValueError naming the file if it is not one."""
+        return cls(_parse_ranks(Path(path).read_bytes(), str(path)), str(path))
+
+    def token_id(self, piece: str) -> int:
+        if piece not in self._specials:
+            raise ValueError(f"{piece!r} is not a special token of this tokenizer")
+        return self._specials[piece]
+
+    def _encode(self, text: str, allow_special: bool) -> list[int]:
+        allowed = "all" if allow_special else set()
+        ids: list[int] = []
+        for piece in _split_long_text(text):
+            ids.extend(self._enc.encode(piece, allowed_special=allowed, disallowed_special=()))
+        return ids
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._enc.decode(ids, errors="replace")
+
+
+def _split_long_text(text: str) -> Iterable[str]:
+    """Cut text as Meta does: pieces of <= 400k chars, then runs of > 25k
+    whitespace or non-whitespace chars into 25k-char slices."""
+    for start in range(0, len(text), _MAX_ENCODE_CHARS):
+        piece = text[start : start + _MAX_ENCODE_CHARS]
+        if len(piece) <= _MAX_RUN_CHARS:
+            yield piece
+            continue
+        cut = 0
+        for run in _LONG_RUN.finditer(piece):
+            for at in range(run.start() + _MAX_RUN_CHARS, run.end(), _MAX_RUN_CHARS):
+                yield piece[cut:at]
+                cut = at
+        yield piece[cut:]
+
+
+def _parse_ranks(data: bytes, source: str) -> dict[bytes, int]:
+    """Parse tiktoken's `base64token rank` lines; ValueError on the first bad line."""
+    ranks: dict[bytes, int] = {}
+    for lineno, line in enumerate(data.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except ValueError:
+            raise ValueError(
+                f"{source}: line {lineno} is not a tiktoken 'base64token rank' line: {line[:40]!r}"
+            ) from None
+    return ranks
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face `tokenizer.json`; BOS/EOS/pad from a sibling
+    `tokenizer_config.json` when present, else from Llama's special tokens."""
+
+    def __init__(self, path: str | os.PathLike):
+        path = Path(path)
+        try:
+            self._tok = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception on bad JSON
+            raise ValueError(f"{path}: not a Hugging Face tokenizer.json ({str(e).splitlines()[0]})") from None
+        added = self._tok.get_added_tokens_decoder()
+        self._specials = {tok.content: i for i, tok in added.items() if tok.special}
+        config = _read_tokenizer_config(path.parent / "tokenizer_config.json")
+        self.generation = "llama3" if "<|eot_id|>" in self._specials else "llama2"
+        default_bos, default_eos = (
+            ("<|begin_of_text|>", "<|end_of_text|>") if self.generation == "llama3" else ("<s>", "</s>")
+        )
+        bos = config.get("bos_token") or default_bos
+        eos = config.get("eos_token") or default_eos
+        self.bos_id, self.eos_id = self._tok.token_to_id(bos), self._tok.token_to_id(eos)
+        if self.bos_id is None or self.eos_id is None:
+            raise ValueError(f"{path}: no BOS token {bos!r} or EOS token {eos!r} in this tokenizer")
+        pad = config.get("pad_token")
+        self.pad_id = self._tok.token_to_id(pad) if pad else None
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        stops = {self.eos_id}
+        if self.generation == "llama3":
+            stops |= {self._specials[s] for s in _LLAMA3_STOPS if s in self._specials}
+        self.stop_ids = frozenset(stops)
+
+    def token_id(self, piece: str) -> int:
+        i = self._tok.token_to_id(piece)
+        if i is None:
+            raise ValueError(f"{piece!r} is not a token of this tokenizer")
+        return i
+
+    def _encode(self, text: str, allow_special: bool) -> list[int]:
+        # The flag makes the tokenizer treat special-token strings as text.
+        # It is state on the shared tokenizer, so set it on every call.
+        self._tok.encode_special_tokens = not allow_special
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=False)
+
+
+def _read_tokenizer_config(path: Path) -> dict[str, str]:
+    """bos/eos/pad token strings from a tokenizer_config.json, if it exists."""
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: unreadable tokenizer config ({e})") from None
+    out = {}
+    for key in ("bos_token", "eos_token", "pad_token"):
+        value = config.get(key)
+        if isinstance(value, dict):  # older files store an AddedToken dict
+            value = value.get("content")
+        if isinstance(value, str):
+            out[key] = value
+    return out
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """Load a tokenizer from a file or a directory holding one.
+
+    A directory is searched for `tokenizer.json` (Hugging Face) then
+    `tokenizer.model`. A `.json` file loads as Hugging Face; any other file
+    as SentencePiece if it parses as one, else as a tiktoken rank file.
+    Raises ValueError with one line naming the file when nothing fits.
+    """
+    path = Path(path)
+    if path.is_dir():
+        found = [path / n for n in ("tokenizer.json", "tokenizer.model") if (path / n).is_file()]
+        if not found:
+            raise ValueError(f"{path}: directory holds no tokenizer.json or tokenizer.model")
+        path = found[0]
+    if not path.is_file():
+        raise ValueError(f"{path}: tokenizer file not found")
+    if path.suffix == ".json":
+        return HFTokenizer(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read tokenizer file ({e.strerror})") from None
+    try:
+        processor = spm.SentencePieceProcessor(model_proto=data)
+    except RuntimeError:
+        pass
+    else:
+        return SentencePieceTokenizer(processor, str(path))
+    try:
+        ranks = _parse_ranks(data, str(path))
+    except ValueError as e:
+        raise ValueError(f"not a SentencePiece model, and {e}") from None
+    return TiktokenTokenizer(ranks, str(path))
+
+
+class StreamDecoder:
+    """Decode generated ids one at a time into newly completed text.
+
+    Text that ends in an incomplete UTF-8 sequence (a character split across
+    tokens) is held back until the next id completes it. Concatenating every
+    `feed` result and a final `flush()` gives `tokenizer.decode(all_ids)`.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self._tokenizer = tokenizer
+        self._ids: list[int] = []
+        # Decoding a window from `_start` rather than each id alone keeps
+        # context-dependent decoding (SentencePiece's leading space) right.
+        self._start = 0  # window start: text before it was emitted earlier
+        self._done = 0  # ids up to here have been emitted
+
+    def feed(self, token_id: int) -> str:
+        """Add one id; return the text it completes ("" if held back)."""
+        self._ids.append(int(token_id))
+        return self._emit(final=False)
+
+    def flush(self) -> str:
+        """Return whatever is held back, incomplete bytes as U+FFFD."""
+        return self._emit(final=True)
+
+    def _emit(self, final: bool) -> str:
+        seen = self._tokenizer.decode(self._ids[self._start : self._done])
+        text = self._tokenizer.decode(self._ids[self._start :])
+        if len(text) <= len(seen) or (text.endswith("\ufffd") and not final):
+            return ""
+        # Drop ids no later window needs, so a long stream stays cheap.
+        del self._ids[: self._done]
+        self._start, self._done = 0, len(self._ids)
+        return text[len(seen) :]
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, path: str | os.PathLike) -> Path:
+    """Train a byte-level BPE the way Llama 3's was shaped, write a tiktoken file.
+
+    Texts are split with Meta's pre-tokenizer regex, then the most frequent
+    adjacent token pair is merged until there are `vocab_size` regular tokens
+    (256 byte tokens included; fewer if the texts run out of pairs). Ranks
+    are ids: bytes 0..255, then merges in order. The file loads with
+    `load_tokenizer`, which adds the 256 special tokens after the ranks.
+    Returns the path written.
+    """
+    if vocab_size < 256:
+        raise ValueError(f"vocab_size {vocab_size} is below the 256 byte tokens")
+    pattern = regex.compile(LLAMA3_PATTERN)
+    chunk_counts: Counter[str] = Counter()
+    for text in texts:
+        chunk_counts.update(pattern.findall(text))
+    words = [list(chunk.encode("utf-8")) for chunk in chunk_counts]
+    counts = list(chunk_counts.values())
+
+    vocab = [bytes([b]) for b in range(256)]
+    index = {tok: i for i, tok in enumerate(vocab)}
+    pair_counts: defaultdict[tuple[int, int], int] = defaultdict(int)
+    where: defaultdict[tuple[int, int], set[int]] = defaultdict(set)
+    for w, word in enumerate(words):
+        for pair in zip(word, word[1:]):
+            pair_counts[pair] += counts[w]
+            where[pair].add(w)
+    # Max-heap by count with lazy deletion: stale entries are skipped on pop.
+    heap = [(-c, pair) for pair, c in pair_counts.items()]
+    heapq.heapify(heap)
+
+    while len(vocab) < vocab_size and heap:
+        neg, pair = heapq.heappop(heap)
+        if pair_counts.get(pair, 0) != -neg:
+            continue
+        merged = vocab[pair[0]] + vocab[pair[1]]
+        new = index.get(merged)
+        if new is None:  # the same bytes may already exist via another split
+            new = index[merged] = len(vocab)
+            vocab.append(merged)
+        delta: defaultdict[tuple[int, int], int] = defaultdict(int)
+        for w in where.pop(pair):
+            word, c = words[w], counts[w]
+            merged_word = _merge_pair(word, pair, new)
+            if len(merged_word) == len(word):
+                continue  # stale index entry
+            for p in zip(word, word[1:]):
+                delta[p] -= c
+            for p in zip(merged_word, merged_word[1:]):
+                delta[p] += c
+                where[p].add(w)
+            words[w] = merged_word
+        for p, d in delta.items():
+            if d:
+                pair_counts[p] += d
+                if pair_counts[p] > 0:
+                    heapq.heappush(heap, (-pair_counts[p], p))
+                else:
+                    del pair_counts[p]
+
+    path = Path(path)
+    path.write_text(
+        "".join(f"{base64.b64encode(tok).decode('ascii')} {rank}\n" for rank, tok in enumerate(vocab)),
+        encoding="ascii",
+    )
+    return path
+
+
+def _merge_pair(word: list[int], pair: tuple[int, int], new: int) -> list[int]:
+    """Replace each non-overlapping occurrence of `pair`, left to right, by `new`."""
+    out, i, n = [], 0, len(word)
+    first, second = pair
+    while i < n:
+        if i + 1 < n and word[i] == first and word[i + 1] == second:
+            out.append(new)
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return out
+
+
+def train_sentencepiece(texts: Iterable[str], vocab_size: int, path: str | os.PathLike) -> Path:
+    """Train a Llama-2-style SentencePiece BPE model and write it to `path`.
+
+    Settings follow Llama 2's model: BPE, byte fallback, digits split,
+    identity normalisation (exact round trips), unk 0, bos 1, eos 2, no pad.
+    `vocab_size` is an upper bound: small corpora yield fewer pieces.
+    Returns the path written.
+    """
+    lines = [line for text in texts for line in text.splitlines() if line.strip()]
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines),
+            model_writer=model,
+            minloglevel=2,  # the trainer is chatty on stderr
+            vocab_size=vocab_size,
+            hard_vocab_limit=False,
+            model_type="bpe",
+            byte_fallback=True,
+            split_digits=True,
+            allow_whitespace_only_pieces=True,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=True,
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=-1,
+        )
+    except RuntimeError as e:
+        raise ValueError(f"sentencepiece training failed: {str(e).splitlines()[0]}") from None
+    path = Path(path)
+    path.write_bytes(model.getvalue())
+    return path
