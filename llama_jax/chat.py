@@ -54,18 +54,21 @@ def _check_messages(messages: Sequence[dict], roles: Sequence[str]) -> None:
 
 def _format_llama2(tokenizer: Tokenizer, messages: Sequence[dict]) -> list[int]:
     turns = [dict(m) for m in messages]
+    offset = 0  # turn i is message i + offset, for error messages
     if turns[0]["role"] == "system":
         if len(turns) < 2:
             raise ValueError("Llama 2 chat: a system message must be followed by a user message")
         # Llama 2 has no system turn: the prompt rides inside the first user turn.
         system, first = turns[0], turns[1]
-        turns = [{"role": first["role"], "content": _B_SYS + system["content"] + _E_SYS + first["content"]}]
+        merged = _B_SYS + system["content"] + _E_SYS + first["content"]
+        turns = [{"role": first["role"], "content": merged}]
         turns += [dict(m) for m in messages[2:]]
+        offset = 1
     for i, turn in enumerate(turns):
         expected = "user" if i % 2 == 0 else "assistant"
         if turn["role"] != expected:
             raise ValueError(
-                f"Llama 2 chat: turn {i} is {turn['role']!r}, expected {expected!r} "
+                f"Llama 2 chat: message {i + offset} is {turn['role']!r}, expected {expected!r} "
                 "(optional system first, then user and assistant alternating)"
             )
     if turns[-1]["role"] != "user":

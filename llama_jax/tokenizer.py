@@ -119,7 +119,8 @@ class Tokenizer(abc.ABC):
     def _decode(self, ids: list[int]) -> str: ...
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(generation={self.generation!r}, vocab_size={self.vocab_size})"
+        name = type(self).__name__
+        return f"{name}(generation={self.generation!r}, vocab_size={self.vocab_size})"
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -139,9 +140,8 @@ class SentencePieceTokenizer(Tokenizer):
         self._specials = {
             processor.id_to_piece(i): i for i in range(self.vocab_size) if processor.is_control(i)
         }
-        self._special_re = re.compile(
-            "(" + "|".join(re.escape(s) for s in sorted(self._specials, key=len, reverse=True)) + ")"
-        )
+        longest_first = sorted(self._specials, key=len, reverse=True)
+        self._special_re = re.compile("(" + "|".join(map(re.escape, longest_first)) + ")")
 
     def token_id(self, piece: str) -> int:
         if piece not in self._specials:
@@ -186,7 +186,7 @@ class TiktokenTokenizer(Tokenizer):
             raise ValueError(f"{source}: ranks must be the distinct integers 0..{n - 1}")
         missing = [b for b in range(256) if bytes([b]) not in ranks]
         if missing:
-            raise ValueError(f"{source}: no token for byte 0x{missing[0]:02x}; every byte needs one")
+            raise ValueError(f"{source}: no token for byte 0x{missing[0]:02x}; each byte needs one")
         self._specials = {s: n + i for i, s in enumerate(llama3_special_tokens())}
         self._enc = tiktoken.Encoding(
             name=Path(source).name,
@@ -264,16 +264,15 @@ class HFTokenizer(Tokenizer):
         try:
             self._tok = tokenizers.Tokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception on bad JSON
-            raise ValueError(f"{path}: not a Hugging Face tokenizer.json ({str(e).splitlines()[0]})") from None
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ValueError(f"{path}: not a Hugging Face tokenizer.json ({reason})") from None
         added = self._tok.get_added_tokens_decoder()
         self._specials = {tok.content: i for i, tok in added.items() if tok.special}
         config = _read_tokenizer_config(path.parent / "tokenizer_config.json")
         self.generation = "llama3" if "<|eot_id|>" in self._specials else "llama2"
-        default_bos, default_eos = (
-            ("<|begin_of_text|>", "<|end_of_text|>") if self.generation == "llama3" else ("<s>", "</s>")
-        )
-        bos = config.get("bos_token") or default_bos
-        eos = config.get("eos_token") or default_eos
+        llama3 = self.generation == "llama3"
+        bos = config.get("bos_token") or ("<|begin_of_text|>" if llama3 else "<s>")
+        eos = config.get("eos_token") or ("<|end_of_text|>" if llama3 else "</s>")
         self.bos_id, self.eos_id = self._tok.token_to_id(bos), self._tok.token_to_id(eos)
         if self.bos_id is None or self.eos_id is None:
             raise ValueError(f"{path}: no BOS token {bos!r} or EOS token {eos!r} in this tokenizer")
@@ -281,7 +280,7 @@ class HFTokenizer(Tokenizer):
         self.pad_id = self._tok.token_to_id(pad) if pad else None
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         stops = {self.eos_id}
-        if self.generation == "llama3":
+        if llama3:
             stops |= {self._specials[s] for s in _LLAMA3_STOPS if s in self._specials}
         self.stop_ids = frozenset(stops)
 
@@ -451,10 +450,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int, path: str | os.PathLike) ->
                     del pair_counts[p]
 
     path = Path(path)
-    path.write_text(
-        "".join(f"{base64.b64encode(tok).decode('ascii')} {rank}\n" for rank, tok in enumerate(vocab)),
-        encoding="ascii",
-    )
+    lines = (f"{base64.b64encode(tok).decode('ascii')} {rank}\n" for rank, tok in enumerate(vocab))
+    path.write_text("".join(lines), encoding="ascii")
     return path
 
 
