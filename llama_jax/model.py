@@ -61,18 +61,37 @@ class RMSNorm(nn.Module):
         return (x * scale_d.astype(jnp.float32)).astype(x_btd.dtype)
 
 
+class Linear(nn.Module):
+    """A bias-free projection `einsum(equation, x, kernel)` with named kernel axes.
+
+    (Flax's DenseGeneral reshapes a flat kernel at init, which trips its own
+    logical constraints for multi-axis kernels; an explicit shape does not.)
+    """
+
+    shape: tuple[int, ...]
+    names: tuple[str, ...]
+    equation: str
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", _init(*self.names), self.shape, self.param_dtype)
+        return jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
+
+
 class Attention(nn.Module):
     config: ModelConfig
 
     @nn.compact
     def __call__(self, x_btd, rope, coords, segments, cache):
         cfg = self.config
-        dense = lambda feats, names, name, axis=-1: nn.DenseGeneral(  # noqa: E731
-            feats, axis=axis, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-            kernel_init=_init(*names), name=name)
-        q_bthk = dense((cfg.n_heads, cfg.head_dim), ("embed", "heads", "head_dim"), "wq")(x_btd)
-        k_btnk = dense((cfg.n_kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"), "wk")(x_btd)
-        v_btnk = dense((cfg.n_kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"), "wv")(x_btd)
+        d, h, n, k = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        linear = lambda shape, names, eq, name: Linear(  # noqa: E731
+            shape, names, eq, cfg.dtype, cfg.param_dtype, name=name)
+        q_bthk = linear((d, h, k), ("embed", "heads", "head_dim"), "btd,dhk->bthk", "wq")(x_btd)
+        k_btnk = linear((d, n, k), ("embed", "kv_heads", "head_dim"), "btd,dnk->btnk", "wk")(x_btd)
+        v_btnk = linear((d, n, k), ("embed", "kv_heads", "head_dim"), "btd,dnk->btnk", "wv")(x_btd)
         q_bthk = _constrain(apply_rotary(q_bthk, *rope), "batch", "length", "heads", "head_dim")
         k_btnk = _constrain(apply_rotary(k_btnk, *rope), "batch", "length", "kv_heads", "head_dim")
         v_btnk = _constrain(v_btnk, "batch", "length", "kv_heads", "head_dim")
@@ -90,7 +109,7 @@ class Attention(nn.Module):
         out_bthk = attend(q_bthk, k_btnk, v_btnk, q_coord, k_coord, *segments,
                           impl=cfg.attention, block=cfg.attention_block)
         out_bthk = checkpoint_name(out_bthk, "attention_out")
-        out_btd = dense(cfg.dim, ("heads", "head_dim", "embed"), "wo", axis=(-2, -1))(out_bthk)
+        out_btd = linear((h, k, d), ("heads", "head_dim", "embed"), "bthk,hkd->btd", "wo")(out_bthk)
         return out_btd, cache
 
 
@@ -102,13 +121,13 @@ class FeedForward(nn.Module):
     @nn.compact
     def __call__(self, x_btd):
         cfg = self.config
-        dense = lambda feats, names, name: nn.Dense(  # noqa: E731
-            feats, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-            kernel_init=_init(*names), name=name)
-        gate_btf = dense(cfg.ffn_dim, ("embed", "mlp"), "w1")(x_btd)
-        up_btf = dense(cfg.ffn_dim, ("embed", "mlp"), "w3")(x_btd)
+        d, f = cfg.dim, cfg.ffn_dim
+        linear = lambda shape, names, eq, name: Linear(  # noqa: E731
+            shape, names, eq, cfg.dtype, cfg.param_dtype, name=name)
+        gate_btf = linear((d, f), ("embed", "mlp"), "btd,df->btf", "w1")(x_btd)
+        up_btf = linear((d, f), ("embed", "mlp"), "btd,df->btf", "w3")(x_btd)
         hidden_btf = _constrain(nn.silu(gate_btf) * up_btf, "batch", "length", "mlp")
-        return dense(cfg.dim, ("mlp", "embed"), "w2")(hidden_btf)
+        return linear((f, d), ("mlp", "embed"), "btf,fd->btd", "w2")(hidden_btf)
 
 
 class DecoderLayer(nn.Module):
@@ -150,8 +169,8 @@ class Llama(nn.Module):
             self.layers = [_layer_class(cfg)(cfg, name=f"layers_{i}") for i in range(cfg.n_layers)]
         self.norm = RMSNorm(cfg.norm_eps, cfg.param_dtype)
         if not cfg.tie_embeddings:
-            self.output = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype,
-                                   param_dtype=cfg.param_dtype, kernel_init=_init("embed", "vocab"))
+            self.output = Linear((cfg.dim, cfg.vocab_size), ("embed", "vocab"), "...d,dv->...v",
+                                 cfg.dtype, cfg.param_dtype)
 
     def __call__(self, tokens_bt, positions_bt, segment_ids_bt=None, cache: Cache | None = None,
                  return_hidden: bool = False):

@@ -1,0 +1,128 @@
+"""Layouts: a mesh shape plus rules from logical axis names to mesh axes.
+
+A layout is data, read from `configs/layouts/<name>.yaml`:
+
+    mesh:
+      ici: {data: 1, fsdp: -1, sequence: 1, tensor: 2}   # within a slice; -1 = the rest
+      dcn: {data: 1, fsdp: 1, sequence: 1, tensor: 1}    # across slices
+    rules:                      # ordered; the first rule whose mesh axes are
+      - [batch, [data, fsdp]]   # still free in an array's spec wins, so a
+      - [embed, fsdp]           # logical name may list fallbacks
+      - [heads, tensor]
+      - [head_dim, null]        # null: replicated
+
+Every logical name the model uses must have at least one rule, so a typo in
+a layout is an error rather than a silently replicated array.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+MESH_AXES = ("data", "fsdp", "sequence", "tensor")  # outermost to innermost
+LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab",
+                "layers", "kv_length")
+LAYOUTS_DIR = Path(__file__).resolve().parent.parent / "configs" / "layouts"
+
+Rule = tuple[str, "str | tuple[str, ...] | None"]
+
+
+class LayoutError(ValueError):
+    """A layout or mesh problem a user can fix; the message is one line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """A named mesh shape (ICI and DCN sizes per axis) and logical-to-mesh rules."""
+
+    name: str
+    ici: dict[str, int]
+    dcn: dict[str, int]
+    rules: tuple[Rule, ...]
+
+    def __post_init__(self):
+        for part in ("ici", "dcn"):
+            sizes = getattr(self, part)
+            for axis, size in sizes.items():
+                if axis not in MESH_AXES:
+                    raise LayoutError(f"layout {self.name}: mesh.{part}.{axis} is not a mesh axis "
+                                      f"(known: {', '.join(MESH_AXES)})")
+                if isinstance(size, bool) or not isinstance(size, int) or (size < 1 and size != -1):
+                    raise LayoutError(f"layout {self.name}: mesh.{part}.{axis} must be a positive "
+                                      f"integer or -1, got {size!r}")
+            object.__setattr__(self, part, {a: sizes.get(a, 1) for a in MESH_AXES})
+        if list(self.ici.values()).count(-1) + list(self.dcn.values()).count(-1) > 1:
+            raise LayoutError(f"layout {self.name}: at most one mesh size may be -1")
+        for logical, mesh_axes in self.rules:
+            if logical not in LOGICAL_AXES:
+                raise LayoutError(f"layout {self.name}: rule for unknown logical axis {logical!r} "
+                                  f"(known: {', '.join(LOGICAL_AXES)})")
+            for axis in _as_tuple(mesh_axes):
+                if axis not in MESH_AXES:
+                    raise LayoutError(f"layout {self.name}: rule {logical} -> {axis!r} names no mesh axis "
+                                      f"(known: {', '.join(MESH_AXES)})")
+        covered = {logical for logical, _ in self.rules}
+        for logical in LOGICAL_AXES:
+            if logical not in covered:
+                raise LayoutError(f"layout {self.name}: logical axis {logical!r} has no rule "
+                                  "(add one, with null to replicate)")
+
+    def mesh_axes_of(self, logical: str) -> tuple[str, ...]:
+        """Every mesh axis any rule may split `logical` over."""
+        return tuple(a for name, axes in self.rules if name == logical for a in _as_tuple(axes))
+
+    def with_rules(self, rules) -> "Layout":
+        return dataclasses.replace(self, rules=tuple(rules))
+
+
+def _as_tuple(mesh_axes) -> tuple[str, ...]:
+    if mesh_axes is None:
+        return ()
+    return (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+
+
+def layout_from_dict(name: str, data: dict[str, Any]) -> Layout:
+    """Build a Layout from the YAML structure in this module's docstring."""
+    if not isinstance(data, dict) or set(data) - {"mesh", "rules"}:
+        extra = set(data) - {"mesh", "rules"} if isinstance(data, dict) else "not a mapping"
+        raise LayoutError(f"layout {name}: expected keys mesh and rules, got {extra}")
+    mesh = data.get("mesh") or {}
+    if set(mesh) - {"ici", "dcn"}:
+        raise LayoutError(f"layout {name}: mesh takes ici and dcn, got {sorted(set(mesh))}")
+    rules = []
+    for rule in data.get("rules") or []:
+        if not isinstance(rule, (list, tuple)) or len(rule) != 2:
+            raise LayoutError(f"layout {name}: each rule is [logical, mesh axes], got {rule!r}")
+        logical, axes = rule
+        rules.append((logical, tuple(axes) if isinstance(axes, list) else axes))
+    return Layout(name=name, ici=dict(mesh.get("ici") or {}), dcn=dict(mesh.get("dcn") or {}),
+                  rules=tuple(rules))
+
+
+def load_layout(name_or_path: str | Path, **mesh_overrides: int) -> Layout:
+    """Load a layout by name (`configs/layouts/<name>.yaml`) or path.
+
+    `mesh_overrides` set ICI sizes, e.g. `load_layout("fsdp_tp", tensor=4)`.
+    """
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = LAYOUTS_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = ", ".join(available_layouts())
+        raise LayoutError(f"layout {str(name_or_path)!r} not found (known: {known})")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise LayoutError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    layout = layout_from_dict(path.stem, data)
+    if mesh_overrides:
+        layout = dataclasses.replace(layout, ici={**layout.ici, **mesh_overrides})
+    return layout
+
+
+def available_layouts() -> list[str]:
+    return sorted(p.stem for p in LAYOUTS_DIR.glob("*.yaml"))

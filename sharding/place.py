@@ -1,0 +1,154 @@
+"""Placing a model on a mesh: rules for a config, shardings, born-sharded init, batches.
+
+Typical use (train/ and infer/ do exactly this):
+
+    plan = Placement.create(config, load_layout("fsdp_tp"))
+    params = plan.init_params(jax.random.key(0))      # born sharded
+    batch = plan.global_batch(local_rows)              # from each process's rows
+    with plan.activate():
+        logits, _ = jitted_apply(params, batch)        # constraints use the rules
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from llama_jax.config import ModelConfig
+from llama_jax.params import init_params, logical_axes
+from sharding.layout import Layout, LayoutError, _as_tuple
+from sharding.mesh import make_mesh
+
+
+def rules_for(config: ModelConfig, layout: Layout, mesh: Mesh) -> tuple:
+    """The layout's rules, with kv heads replicated where the tensor axis outnumbers them.
+
+    GQA models have few kv heads (8 for most Llama 3 sizes); with tensor = 16
+    each kv head is then needed by two shards, so kv_heads is replicated
+    rather than split.
+    """
+    rules = []
+    for logical, axes in layout.rules:
+        if logical == "kv_heads" and axes is not None:
+            size = math.prod(mesh.shape[a] for a in _as_tuple(axes))
+            if size > config.n_kv_heads and size % config.n_kv_heads == 0:
+                axes = None
+        rules.append((logical, axes))
+    return tuple(rules)
+
+
+def _spec(names, rules) -> PartitionSpec:
+    return nn.logical_to_mesh_axes(tuple(names), rules)
+
+
+def check_divisible(shape, spec: PartitionSpec, mesh: Mesh, what: str, names=None):
+    """LayoutError naming `what` if a dimension does not divide by the mesh axes it is split on."""
+    for dim, (size, axes) in enumerate(zip(shape, tuple(spec) + (None,) * len(shape))):
+        parts = math.prod(mesh.shape[a] for a in _as_tuple(axes))
+        if size % parts:
+            label = names[dim] if names else f"dim {dim}"
+            raise LayoutError(f"{what}: {label} of size {size} does not divide by "
+                              f"{'x'.join(_as_tuple(axes))} = {parts}")
+
+
+def validate(config: ModelConfig, layout: Layout, mesh: Mesh, batch: int | None = None,
+             seq_len: int | None = None):
+    """Check, before anything compiles, that every split dimension divides its axes."""
+    rules = rules_for(config, layout, mesh)
+    tensor_axes = layout.mesh_axes_of("kv_heads")
+    kv_parts = math.prod(mesh.shape[a] for a in tensor_axes)
+    if config.n_kv_heads % kv_parts and kv_parts % config.n_kv_heads:
+        raise LayoutError(f"layout {layout.name}: {'x'.join(tensor_axes)} = {kv_parts} neither divides "
+                          f"nor is a multiple of n_kv_heads {config.n_kv_heads}")
+    names = {"heads": config.n_heads, "kv_heads": config.n_kv_heads, "mlp": config.ffn_dim,
+             "vocab": config.vocab_size, "embed": config.dim, "head_dim": config.head_dim}
+    for logical, size in names.items():
+        check_divisible((size,), _spec((logical,), rules), mesh,
+                        f"layout {layout.name}", names=(f"{logical} ({_field(logical)})",))
+    if batch is not None:
+        check_divisible((batch,), _spec(("batch",), rules), mesh, f"layout {layout.name}",
+                        names=("batch",))
+    if seq_len is not None:
+        check_divisible((seq_len,), _spec(("length",), rules), mesh, f"layout {layout.name}",
+                        names=("sequence length",))
+
+
+def _field(logical):
+    return {"heads": "n_heads", "kv_heads": "n_kv_heads", "mlp": "ffn_dim", "vocab": "vocab_size",
+            "embed": "dim", "head_dim": "head_dim"}[logical]
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """A model config on a mesh under a layout: everything needed to place arrays."""
+
+    config: ModelConfig
+    layout: Layout
+    mesh: Mesh
+    rules: tuple
+
+    @classmethod
+    def create(cls, config: ModelConfig, layout: Layout, devices=None) -> "Placement":
+        """Build the mesh and validate the layout against the config (LayoutError if bad)."""
+        mesh = make_mesh(layout, devices)
+        validate(config, layout, mesh)
+        return cls(config, layout, mesh, rules_for(config, layout, mesh))
+
+    def spec(self, *logical_names) -> PartitionSpec:
+        return _spec(logical_names, self.rules)
+
+    def sharding(self, *logical_names) -> NamedSharding:
+        return NamedSharding(self.mesh, self.spec(*logical_names))
+
+    def param_shardings(self, config: ModelConfig | None = None):
+        """NamedSharding for every parameter leaf (same tree as the parameters)."""
+        axes = logical_axes(config or self.config)
+        return jax.tree.map(lambda names: self.sharding(*names), axes,
+                            is_leaf=lambda x: isinstance(x, tuple))
+
+    def tree_shardings(self, logical_tree):
+        """NamedShardings for any tree of logical-name tuples (e.g. a KV cache's)."""
+        return jax.tree.map(lambda names: self.sharding(*names), logical_tree,
+                            is_leaf=lambda x: isinstance(x, tuple))
+
+    @contextlib.contextmanager
+    def activate(self):
+        """Make the mesh and rules current, so the model's logical constraints apply."""
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            yield
+
+    def init_params(self, rng: jax.Array):
+        """Random parameters created directly in their shards (never whole on one host).
+
+        `out_shardings` alone places them: with partitionable random numbers
+        each device computes only its own shard. (Rules are not activated here:
+        Flax's DenseGeneral constrains its flat kernel before reshaping it.)
+        """
+        return jax.jit(init_params, static_argnums=0,
+                       out_shardings=self.param_shardings())(self.config, rng)
+
+    def put(self, tree, shardings):
+        """Place host arrays (the same on every process) onto the mesh."""
+        return jax.tree.map(lambda x, s: jax.make_array_from_callback(
+            np.shape(x), s, lambda index: np.asarray(x[index])), tree, shardings)
+
+    def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """Assemble each process's local rows into global arrays sharded as (batch, length).
+
+        Every process passes its own rows (global_batch / process_count of them);
+        the result is one global array per key.
+        """
+        out = {}
+        for key, rows in local.items():
+            names = ("batch", "length")[:np.ndim(rows)]
+            sharding = self.sharding(*names)
+            global_shape = (rows.shape[0] * jax.process_count(),) + rows.shape[1:]
+            check_divisible(global_shape, sharding.spec, self.mesh, f"batch[{key!r}]", names)
+            out[key] = jax.make_array_from_process_local_data(sharding, np.asarray(rows), global_shape)
+        return out
