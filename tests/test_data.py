@@ -1,0 +1,317 @@
+"""Training data pipeline: packing, shuffling, sharding, resumable state, prepare CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from train.data import (
+    DataConfig,
+    TokenDocuments,
+    checkpoint_restore_args,
+    checkpoint_save_args,
+    make_dataset,
+)
+from train.prepare import main, prepare
+
+BOS, EOS = 1, 2
+
+
+class NumberTokenizer:
+    """Stub tokenizer: text of space-separated integers -> those integers."""
+
+    bos_id, eos_id = BOS, EOS
+
+    def __init__(self, vocab_size: int = 100):
+        self.vocab_size = vocab_size
+
+    def encode(self, text, bos=False, eos=False):
+        return [BOS] * bos + [int(word) for word in text.split()] + [EOS] * eos
+
+
+def write_jsonl(path, texts, key="text"):
+    path.write_text("".join(json.dumps({key: text}) + "\n" for text in texts))
+    return path
+
+
+def take(iterator, n):
+    return [next(iterator) for _ in range(n)]
+
+
+def assert_same_batches(got, want):
+    assert len(got) == len(want)
+    for step, (g, w) in enumerate(zip(got, want)):
+        assert g.keys() == w.keys()
+        for key in w:
+            np.testing.assert_array_equal(g[key], w[key], err_msg=f"batch {step}, {key}")
+
+
+def corpus_texts(n=40):
+    """Documents told apart by their first id (3 + i); lengths 1 to 11 ids."""
+    return [" ".join([str(3 + i)] + [str(50 + (i * 7 + j) % 49) for j in range(i % 11)]) for i in range(n)]
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    return write_jsonl(tmp_path / "corpus.jsonl", corpus_texts())
+
+
+def text_config(paths, **overrides):
+    paths = paths if isinstance(paths, list) else [paths]
+    fields = dict(source="text", paths=paths, seq_len=8, global_batch=2, read_threads=2)
+    return DataConfig(**{**fields, **overrides})
+
+
+def stream_documents(rows):
+    """Concatenate the non-padding inputs of rows and split at BOS; returns each document's first id."""
+    stream = np.concatenate([b["tokens"][r][b["segment_ids"][r] > 0] for b in rows for r in range(len(b["tokens"]))])
+    starts = np.flatnonzero(stream == BOS)
+    return [int(stream[s + 1]) for s in starts]
+
+
+# --- Rows. -------------------------------------------------------------------
+
+HAND_DOCS = ["10 11", "20", "30 31 32 33 34"]  # BOS 10 11 EOS | BOS 20 EOS | BOS 30 ... 34 EOS
+
+
+def test_packed_rows_carry_segments_positions_targets_and_loss_weights(tmp_path):
+    path = write_jsonl(tmp_path / "hand.jsonl", HAND_DOCS)
+    config = text_config(path, seq_len=4, global_batch=1, shuffle=False, num_epochs=1)
+    rows = [{k: v[0] for k, v in b.items()} for b in make_dataset(config, tokenizer=NumberTokenizer(),
+                                                                   process_index=0, process_count=1)]
+    want = [  # tokens, targets, segment_ids, positions, loss_weights
+        ([1, 10, 11, 2], [10, 11, 2, 1], [1, 1, 1, 1], [0, 1, 2, 3], [1, 1, 1, 0]),
+        ([1, 20, 2, 1], [20, 2, 1, 30], [1, 1, 1, 2], [0, 1, 2, 0], [1, 1, 0, 1]),
+        # The third document continues from the last row: positions restart at 0.
+        ([30, 31, 32, 33], [31, 32, 33, 34], [1, 1, 1, 1], [0, 1, 2, 3], [1, 1, 1, 1]),
+        ([34, 2, 0, 0], [2, 0, 0, 0], [1, 1, 0, 0], [0, 1, 0, 0], [1, 0, 0, 0]),
+    ]
+    assert len(rows) == len(want)
+    for row, (tokens, targets, segments, positions, weights) in zip(rows, want):
+        np.testing.assert_array_equal(row["tokens"], tokens)
+        np.testing.assert_array_equal(row["targets"], targets)
+        np.testing.assert_array_equal(row["segment_ids"], segments)
+        np.testing.assert_array_equal(row["positions"], positions)
+        np.testing.assert_array_equal(row["loss_weights"], weights)
+
+
+def test_unpacked_rows_hold_one_document_truncated_or_padded(tmp_path):
+    path = write_jsonl(tmp_path / "hand.jsonl", HAND_DOCS)
+    config = text_config(path, seq_len=4, global_batch=3, shuffle=False, num_epochs=1, packing=False)
+    (batch,) = list(make_dataset(config, tokenizer=NumberTokenizer(), process_index=0, process_count=1))
+    np.testing.assert_array_equal(batch["tokens"], [[1, 10, 11, 2], [1, 20, 2, 0], [1, 30, 31, 32]])
+    np.testing.assert_array_equal(batch["targets"], [[10, 11, 2, 0], [20, 2, 0, 0], [30, 31, 32, 33]])
+    np.testing.assert_array_equal(batch["segment_ids"], [[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1]])
+    np.testing.assert_array_equal(batch["positions"], [[0, 1, 2, 3], [0, 1, 2, 0], [0, 1, 2, 3]])
+    np.testing.assert_array_equal(batch["loss_weights"], [[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_batches_are_int32_rows_of_seq_len_per_process(packing):
+    config = DataConfig(seq_len=16, global_batch=8, packing=packing, read_threads=2)
+    batch = next(make_dataset(config, process_index=1, process_count=2))
+    assert {k: (v.shape, v.dtype.name) for k, v in batch.items()} == {
+        "tokens": ((4, 16), "int32"), "targets": ((4, 16), "int32"), "positions": ((4, 16), "int32"),
+        "segment_ids": ((4, 16), "int32"), "loss_weights": ((4, 16), "float32"),
+    }
+    assert batch["tokens"].max() < config.vocab_size
+
+
+# --- Order and sharding. ----------------------------------------------------
+
+
+@pytest.mark.parametrize("source", ["text", "synthetic"])
+def test_same_seed_gives_same_batches_and_another_seed_others(corpus, source):
+    def batches(seed):
+        config = text_config(corpus, source=source, seed=seed, global_batch=4)
+        return take(make_dataset(config, tokenizer=NumberTokenizer(), process_index=0, process_count=1), 5)
+
+    assert_same_batches(batches(seed=7), batches(seed=7))
+    assert not np.array_equal(batches(seed=7)[0]["tokens"], batches(seed=8)[0]["tokens"])
+
+
+def test_each_epoch_visits_every_document_once_in_a_new_order(corpus):
+    config = text_config(corpus, packing=False, global_batch=1, seq_len=16, num_epochs=2)
+    firsts = stream_documents(list(make_dataset(config, tokenizer=NumberTokenizer(), process_index=0, process_count=1)))
+    epoch1, epoch2 = firsts[:40], firsts[40:]
+    assert sorted(epoch1) == sorted(epoch2) == list(range(3, 43))
+    assert epoch1 != epoch2 and epoch1 != sorted(epoch1)
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_two_processes_read_disjoint_documents_covering_the_corpus(corpus, packing):
+    config = text_config(corpus, packing=packing, seq_len=16, num_epochs=1)
+    seen = [stream_documents(list(make_dataset(config, tokenizer=NumberTokenizer(), process_index=p, process_count=2)))
+            for p in (0, 1)]
+    assert not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == list(range(3, 43))
+
+
+def test_default_shard_is_this_jax_process(corpus):
+    config = text_config(corpus)
+    explicit = take(make_dataset(config, tokenizer=NumberTokenizer(), process_index=0, process_count=1), 2)
+    assert_same_batches(take(make_dataset(config, tokenizer=NumberTokenizer()), 2), explicit)
+
+
+# --- Resumable state. -------------------------------------------------------
+
+
+@pytest.mark.parametrize("steps_before_save", [0, 3, 11])
+@pytest.mark.parametrize(
+    "source, packing, process_index",
+    [("text", True, 0), ("text", False, 0), ("text", True, 1), ("synthetic", True, 0)],
+)
+def test_restored_iterator_yields_exactly_the_next_batches(corpus, source, packing, process_index, steps_before_save):
+    # 40 short documents in rows of 8 span several epochs over 11 + 6 batches.
+    config = text_config(corpus, source=source, packing=packing, synthetic_docs=5)
+
+    def fresh():
+        return make_dataset(config, tokenizer=NumberTokenizer(), process_index=process_index, process_count=2)
+
+    original = fresh()
+    take(original, steps_before_save)
+    state = json.loads(json.dumps(original.get_state()))
+    want = take(original, 6)
+
+    restored = fresh()
+    take(restored, 2)  # set_state must also rewind an iterator that has run
+    restored.set_state(state)
+    assert_same_batches(take(restored, 6), want)
+
+
+def test_orbax_checkpoint_manager_saves_the_iterator_beside_the_model(corpus, tmp_path):
+    import orbax.checkpoint as ocp
+
+    config = text_config(corpus)
+    original = make_dataset(config, tokenizer=NumberTokenizer())
+    take(original, 4)
+    with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
+        manager.save(4, args=ocp.args.Composite(data=checkpoint_save_args(original)))
+        manager.wait_until_finished()
+        restored = make_dataset(config, tokenizer=NumberTokenizer())
+        manager.restore(4, args=ocp.args.Composite(data=checkpoint_restore_args(restored)))
+    assert_same_batches(take(restored, 3), take(original, 3))
+
+
+# --- Token files and the prepare command. -------------------------------------
+
+
+def test_prepare_writes_token_files_the_tokens_source_reads_back(tmp_path, corpus):
+    txt = tmp_path / "extra.txt"
+    txt.write_text("7 8\n9\n")  # a .txt file is one document
+    meta = prepare(NumberTokenizer(), [str(corpus), str(txt)], tmp_path / "tok", progress=False)
+    assert (meta["dtype"], meta["num_docs"]) == ("uint16", 41)
+
+    tokenizer, texts = NumberTokenizer(), corpus_texts() + ["7 8\n9\n"]
+    docs = TokenDocuments([tmp_path / "tok"])
+    assert [docs[i].tolist() for i in range(len(docs))] == [tokenizer.encode(t, bos=True, eos=True) for t in texts]
+
+    # The same documents give the same batches whether prepared or tokenized on the fly.
+    from_text = make_dataset(text_config([corpus, txt]), tokenizer=tokenizer, process_index=0, process_count=1)
+    from_tokens = make_dataset(text_config(tmp_path / "tok", source="tokens"), process_index=0, process_count=1)
+    assert_same_batches(take(from_tokens, 8), take(from_text, 8))
+
+
+def test_prepare_stores_uint32_when_the_vocabulary_exceeds_uint16(tmp_path):
+    path = write_jsonl(tmp_path / "big.jsonl", ["70000 3", "65536"])
+    meta = prepare(NumberTokenizer(vocab_size=70001), [str(path)], tmp_path / "tok", progress=False)
+    docs = TokenDocuments([tmp_path / "tok"])
+    assert meta["dtype"] == "uint32"
+    assert [docs[0].tolist(), docs[1].tolist()] == [[BOS, 70000, 3, EOS], [BOS, 65536, EOS]]
+
+
+def test_prepare_rejects_a_token_id_outside_the_vocabulary_and_writes_nothing(tmp_path):
+    path = write_jsonl(tmp_path / "bad.jsonl", ["3 4", "5 60"])
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: token id 60 is outside the vocabulary \[0, 50\)"):
+        prepare(NumberTokenizer(vocab_size=50), [str(path)], tmp_path / "tok", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_path(tmp_path_factory):
+    from llama_jax.tokenizer import train_sentencepiece
+
+    texts = ["the quick brown fox jumps over the lazy dog", "packing rows of tokens for training"] * 20
+    return train_sentencepiece(texts, 300, tmp_path_factory.mktemp("sp") / "tokenizer.model")
+
+
+def test_prepare_command_tokenizes_a_glob_with_a_real_tokenizer(tmp_path, sentencepiece_path):
+    from llama_jax.tokenizer import load_tokenizer
+
+    texts = ["the lazy fox", "rows of tokens", "training the dog"]
+    write_jsonl(tmp_path / "a.jsonl", texts[:2], key="body")
+    write_jsonl(tmp_path / "b.jsonl", texts[2:], key="body")
+    argv = ["--tokenizer", str(sentencepiece_path), "--input", str(tmp_path / "*.jsonl"),
+            "--output", str(tmp_path / "tok"), "--text-key", "body", "--quiet"]
+    assert main(argv) == 0
+    tokenizer, docs = load_tokenizer(sentencepiece_path), TokenDocuments([tmp_path / "tok"])
+    assert [docs[i].tolist() for i in range(len(docs))] == [tokenizer.encode(t, bos=True, eos=True) for t in texts]
+
+
+def test_prepare_command_has_help(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0 and "--text-key" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "inputs, message",
+    [
+        (["missing.jsonl"], "missing.jsonl: file not found"),
+        (["nothing-*.jsonl"], "nothing-*.jsonl: no file matches this pattern"),
+        (["broken.jsonl"], "broken.jsonl:2: not valid JSON"),
+        (["wrong_key.jsonl"], "wrong_key.jsonl:1: no string field 'text'"),
+        (["data.csv"], "data.csv: unsupported file type '.csv'"),
+    ],
+)
+def test_prepare_command_rejects_bad_input_with_one_line(tmp_path, capsys, sentencepiece_path, inputs, message):
+    (tmp_path / "broken.jsonl").write_text('{"text": "fine"}\n{"text": oops}\n')
+    write_jsonl(tmp_path / "wrong_key.jsonl", ["hello"], key="body")
+    (tmp_path / "data.csv").write_text("a,b\n")
+    argv = ["--tokenizer", str(sentencepiece_path), "--output", str(tmp_path / "tok"), "--quiet",
+            "--input", *(str(tmp_path / name) for name in inputs)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("prepare: error: ") and message in err and err.count("\n") == 1
+    assert not any(p.name.startswith((".tok", "tok")) for p in tmp_path.iterdir())
+
+
+def test_prepare_command_refuses_to_overwrite_without_the_flag(tmp_path, capsys, sentencepiece_path):
+    path = write_jsonl(tmp_path / "a.jsonl", ["the fox"])
+    argv = ["--tokenizer", str(sentencepiece_path), "--input", str(path), "--output", str(tmp_path / "tok"), "--quiet"]
+    assert main(argv) == 0
+    assert main(argv) == 2 and "already exists" in capsys.readouterr().err
+    assert main([*argv, "--overwrite"]) == 0
+
+
+# --- Validation. -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fields, field",
+    [
+        (dict(source="parquet"), "source"),
+        (dict(source="tokens"), "paths"),
+        (dict(source="text", paths=[["a.txt"]]), "paths"),
+        (dict(seq_len=0), "seq_len"),
+        (dict(global_batch=-1), "global_batch"),
+        (dict(num_epochs=0), "num_epochs"),
+        (dict(seed=2**32), "seed"),
+        (dict(read_threads=-1), "read_threads"),
+        (dict(text_key=""), "text_key"),
+    ],
+)
+def test_config_rejects_bad_fields_naming_them(fields, field):
+    with pytest.raises(ValueError, match=rf"^DataConfig\.{field} "):
+        DataConfig(**fields)
+
+
+def test_make_dataset_rejects_inputs_it_cannot_use(corpus, tmp_path):
+    with pytest.raises(ValueError, match="global_batch 6 is not divisible by process_count 4"):
+        make_dataset(DataConfig(global_batch=6), process_index=0, process_count=4)
+    with pytest.raises(ValueError, match="DataConfig.tokenizer must name a tokenizer file"):
+        make_dataset(text_config(corpus), process_index=0, process_count=1)
+    with pytest.raises(ValueError, match="not a prepared token directory"):
+        make_dataset(text_config(tmp_path, source="tokens"), process_index=0, process_count=1)

@@ -1,0 +1,463 @@
+"""Training data: documents -> packed rows -> per-process batches, with grain.
+
+One public entry, `make_dataset(DataConfig(...))`, returns an iterator of
+batches. The pipeline, in grain's dataset API:
+
+    documents            random access: token files | text/JSONL | synthetic
+    .shuffle(seed)       a global permutation, different in every epoch
+    .repeat(num_epochs)  None repeats forever
+    [index::count]       each process reads only its own documents
+    .map(tokenize)       text source only: BOS + ids + EOS, on the fly
+    .to_iter_dataset()   worker threads read ahead, order kept
+    pack                 documents -> rows of seq_len (or one per row)
+    .batch(global_batch // process_count)
+
+Why `MapDataset`/`IterDataset` rather than `grain.DataLoader`: every stage up
+to the packer is random access, so its position is a single index; the packer
+is a small `DatasetIterator` whose state is the position of the first
+document it still holds plus an offset into it. `get_state()` is therefore a
+tiny JSON dict that restores exactly, without replaying data, and the result
+is a grain `DatasetIterator`, so grain's orbax handler saves it beside the
+model (`checkpoint_save_args` / `checkpoint_restore_args`). DataLoader's
+sampler-and-operations model has no room for a packer that carries partial
+documents from one row to the next with that kind of state.
+
+Batches are dicts of numpy arrays, each [B, seq_len] with
+B = global_batch // process_count:
+
+    tokens       int32    input ids; 0 in padding
+    targets      int32    the next id in the document stream; 0 in padding
+    positions    int32    index within the document fragment: 0 at each
+                          document start and at the start of every row
+    segment_ids  int32    1, 2, ... for the document fragments of a row;
+                          0 in padding
+    loss_weights float32  1 where the target continues the input's document;
+                          0 where it is the next document's first id, or pad
+
+Packing concatenates the (shuffled) documents of a process into one stream
+and cuts it into rows of seq_len inputs; row r holds stream[r*L:(r+1)*L] as
+tokens and stream[r*L+1:(r+1)*L+1] as targets. A document longer than what
+is left of a row continues in the next row with positions restarting at 0:
+positions stay below seq_len, as at inference, and every segment of a row
+is self-contained for attention. Unpacked mode puts one document per row,
+truncated to seq_len (+1 target) and padded.
+
+Multi-host: processes read disjoint documents, so with a finite num_epochs
+they may pack slightly different numbers of rows; train for a fixed number
+of steps with num_epochs=None (the default) to keep hosts in step.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import glob
+import json
+import os
+from pathlib import Path
+from typing import Any, Protocol
+
+import grain
+import numpy as np
+
+SOURCES = ("tokens", "text", "synthetic")
+TEXT_SUFFIXES = (".txt", ".jsonl")
+
+# A prepared token directory (written by `python -m train.prepare`).
+TOKENS_FILE = "tokens.bin"  # flat uint16/uint32 ids, every document framed BOS ... EOS
+INDEX_FILE = "index.npy"  # int64 [num_docs + 1]: start of each document, then the total
+META_FILE = "meta.json"  # dtype, vocab_size, bos_id, eos_id, counts
+TOKENS_FORMAT = "llama-jax-tokens-v1"
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The narrowest unsigned dtype holding ids in [0, vocab_size)."""
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+
+
+class TextTokenizer(Protocol):
+    """What the data pipeline needs from `llama_jax.tokenizer.Tokenizer`."""
+
+    vocab_size: int
+    bos_id: int
+    eos_id: int
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where training rows come from and how they are cut and batched.
+
+    source: "tokens" (directories written by train.prepare), "text" (.txt
+      files, one document each, and .jsonl files, one document per line,
+      tokenized on the fly) or "synthetic" (random ids from `seed`).
+    paths: token directories, or text files and globs.
+    tokenizer: tokenizer file or directory for the "text" source.
+    text_key: the JSONL field holding a document's text.
+    seq_len: tokens per row; global_batch: rows per step over all processes.
+    packing: pack documents into full rows (True) or one document per row.
+    shuffle, seed: shuffle documents with a permutation drawn from `seed`.
+    num_epochs: passes over the documents; None repeats forever.
+    vocab_size, synthetic_docs: size of the synthetic source.
+    read_threads: threads reading (and tokenizing) documents ahead.
+    """
+
+    source: str = "synthetic"
+    paths: tuple[str, ...] = ()
+    tokenizer: str | None = None
+    text_key: str = "text"
+    seq_len: int = 2048
+    global_batch: int = 8
+    packing: bool = True
+    shuffle: bool = True
+    seed: int = 0
+    num_epochs: int | None = None
+    vocab_size: int = 32000
+    synthetic_docs: int = 10_000
+    read_threads: int = 8
+
+    def __post_init__(self):
+        paths = (self.paths,) if isinstance(self.paths, (str, os.PathLike)) else self.paths
+        if not all(isinstance(p, (str, os.PathLike)) for p in paths):
+            raise ValueError(f"DataConfig.paths must be a sequence of paths; got {self.paths!r}")
+        object.__setattr__(self, "paths", tuple(str(p) for p in paths))
+        if self.source not in SOURCES:
+            raise ValueError(f"DataConfig.source must be one of {', '.join(SOURCES)}; got {self.source!r}")
+        if self.source in ("tokens", "text") and not self.paths:
+            raise ValueError(f"DataConfig.paths must name at least one input for source {self.source!r}")
+        if not self.text_key:
+            raise ValueError("DataConfig.text_key must be a non-empty string")
+        for name in ("seq_len", "global_batch", "vocab_size", "synthetic_docs"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"DataConfig.{name} must be a positive integer; got {value!r}")
+        if self.num_epochs is not None and (not isinstance(self.num_epochs, int) or self.num_epochs < 1):
+            raise ValueError(f"DataConfig.num_epochs must be a positive integer or None; got {self.num_epochs!r}")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise ValueError(f"DataConfig.seed must be an integer in [0, 2**32); got {self.seed!r}")
+        if not isinstance(self.read_threads, int) or self.read_threads < 0:
+            raise ValueError(f"DataConfig.read_threads must be a non-negative integer; got {self.read_threads!r}")
+
+
+# --- Sources: random access to documents. ------------------------------------
+
+
+def expand_paths(patterns: tuple[str, ...] | list[str]) -> list[Path]:
+    """Files named by `patterns` (paths or globs), in order; ValueError if one matches nothing."""
+    files = []
+    for pattern in patterns:
+        if glob.has_magic(pattern):
+            matches = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+            if not matches:
+                raise ValueError(f"{pattern}: no file matches this pattern")
+            files.extend(matches)
+        elif os.path.isfile(pattern):
+            files.append(Path(pattern))
+        else:
+            raise ValueError(f"{pattern}: file not found")
+    return files
+
+
+class TextDocuments:
+    """The documents of .txt files (one per file) and .jsonl files (one per non-blank line).
+
+    `docs[i]` is the text of document i, read from disk on demand; only byte
+    offsets are kept in memory. ValueError names file and line of a bad one.
+    """
+
+    def __init__(self, paths, text_key: str = "text"):
+        self.files = expand_paths(paths)
+        self.text_key = text_key
+        entries = []  # (file, byte offset, byte length, line) per document
+        for f, path in enumerate(self.files):
+            if path.suffix not in TEXT_SUFFIXES:
+                raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use .txt or .jsonl")
+            if path.suffix == ".txt":
+                entries.append((f, 0, path.stat().st_size, 1))
+                continue
+            with open(path, "rb") as fh:
+                offset = 0
+                for lineno, line in enumerate(fh, start=1):
+                    if line.strip():
+                        entries.append((f, offset, len(line), lineno))
+                    offset += len(line)
+        table = np.asarray(entries, np.int64).reshape(-1, 4)
+        self._file, self._start, self._length, self._line = table.T
+
+    def __len__(self) -> int:
+        return len(self._file)
+
+    def location(self, i: int) -> str:
+        """`file:line` of document i, for messages."""
+        return f"{self.files[self._file[i]]}:{self._line[i]}"
+
+    def nbytes(self, i: int) -> int:
+        return int(self._length[i])
+
+    def __getitem__(self, i: int) -> str:
+        path = self.files[self._file[i]]
+        with open(path, "rb") as fh:
+            fh.seek(int(self._start[i]))
+            raw = fh.read(int(self._length[i]))
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"{self.location(i)}: not valid UTF-8") from None
+        if path.suffix == ".txt":
+            return text
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{self.location(i)}: not valid JSON ({e.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get(self.text_key), str):
+            raise ValueError(f"{self.location(i)}: no string field {self.text_key!r} (set text_key)")
+        return record[self.text_key]
+
+
+class TokenDocuments:
+    """The documents of token directories written by train.prepare, memory-mapped.
+
+    `docs[i]` is document i's ids as int32 [n], BOS and EOS included.
+    """
+
+    def __init__(self, dirs):
+        self.dirs = [Path(d) for d in dirs]
+        self._tokens, self._index, counts = [], [], [0]
+        self.vocab_size = 0
+        for d in self.dirs:
+            meta = self._read_meta(d)
+            tokens = np.memmap(d / TOKENS_FILE, dtype=np.dtype(meta["dtype"]), mode="r")
+            index = np.load(d / INDEX_FILE, mmap_mode="r")
+            if len(index) != meta["num_docs"] + 1 or int(index[-1]) != len(tokens):
+                raise ValueError(f"{d}: {TOKENS_FILE} and {INDEX_FILE} disagree; prepare the directory again")
+            self._tokens.append(tokens)
+            self._index.append(index)
+            counts.append(meta["num_docs"])
+            self.vocab_size = max(self.vocab_size, meta["vocab_size"])
+        self._first_doc = np.cumsum(counts)
+
+    @staticmethod
+    def _read_meta(d: Path) -> dict:
+        try:
+            meta = json.loads((d / META_FILE).read_text())
+        except FileNotFoundError:
+            raise ValueError(f"{d}: not a prepared token directory (no {META_FILE}); run python -m train.prepare") from None
+        except json.JSONDecodeError:
+            raise ValueError(f"{d}/{META_FILE}: not valid JSON") from None
+        if meta.get("format") != TOKENS_FORMAT:
+            raise ValueError(f"{d}: token format {meta.get('format')!r}, expected {TOKENS_FORMAT!r}")
+        if meta["num_tokens"] == 0:
+            raise ValueError(f"{d}: holds no tokens")
+        return meta
+
+    def __len__(self) -> int:
+        return int(self._first_doc[-1])
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        part = int(np.searchsorted(self._first_doc, i, side="right")) - 1
+        j = i - int(self._first_doc[part])
+        start, stop = self._index[part][j], self._index[part][j + 1]
+        return np.asarray(self._tokens[part][start:stop], dtype=np.int32)
+
+
+class SyntheticDocuments:
+    """`num_docs` documents of random ids in [0, vocab_size), 1 to 2*seq_len long.
+
+    Document i depends only on (seed, i), so any slice of it is reproducible.
+    """
+
+    def __init__(self, vocab_size: int, num_docs: int, seq_len: int, seed: int):
+        self.vocab_size, self._num_docs, self._max_len, self._seed = vocab_size, num_docs, 2 * seq_len, seed
+
+    def __len__(self) -> int:
+        return self._num_docs
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        rng = np.random.default_rng([self._seed, i])
+        length = int(rng.integers(1, self._max_len + 1))
+        return rng.integers(0, self.vocab_size, length, dtype=np.int32)
+
+
+def _encode_document(tokenizer: TextTokenizer, text: str) -> np.ndarray:
+    return np.asarray(tokenizer.encode(text, bos=True, eos=True), dtype=np.int32)
+
+
+# --- Rows: windows of the document stream. -----------------------------------
+
+
+def make_row(window: np.ndarray, segments: np.ndarray, seq_len: int) -> dict[str, np.ndarray]:
+    """One training row from a window of at most seq_len + 1 ids.
+
+    window: int [n] ids; segments: int [n], 1-based and non-decreasing, the
+    document fragment each id belongs to. Inputs are window[:seq_len],
+    targets window[1:]; the rest is padding. Returns the row dict described
+    in the module docstring, each array [seq_len].
+    """
+    n_in, n_target = min(len(window), seq_len), len(window) - 1
+    row = {key: np.zeros(seq_len, np.int32) for key in ("tokens", "targets", "positions", "segment_ids")}
+    row["tokens"][:n_in] = window[:n_in]
+    row["targets"][:n_target] = window[1:]
+    seg = segments[:n_in]
+    row["segment_ids"][:n_in] = seg
+    row["positions"][:n_in] = np.arange(n_in) - np.searchsorted(seg, seg, side="left")
+    row["loss_weights"] = np.zeros(seq_len, np.float32)
+    row["loss_weights"][:n_target] = segments[1:] == segments[:-1]
+    return row
+
+
+def unpacked_row(doc: np.ndarray, seq_len: int) -> dict[str, np.ndarray]:
+    """One document per row, truncated to seq_len inputs (plus one target) and padded."""
+    window = doc[: seq_len + 1]
+    return make_row(window, np.ones(len(window), np.int32), seq_len)
+
+
+class _PackedRowsIterator(grain.DatasetIterator):
+    """Cuts the stream of documents from `parent` into rows of seq_len inputs.
+
+    Holds the documents the next row needs, each with the parent state from
+    just before it was read. State: that parent state of the first held
+    document, and how many of its ids earlier rows already consumed.
+    """
+
+    def __init__(self, parent: grain.DatasetIterator, seq_len: int):
+        super().__init__(parent)
+        self._seq_len = seq_len
+        self._docs: collections.deque[tuple[dict, np.ndarray]] = collections.deque()
+        self._offset = 0
+        self._exhausted = False
+
+    def _fill(self, needed: int) -> int:
+        held = sum(len(doc) for _, doc in self._docs) - self._offset
+        while held < needed and not self._exhausted:
+            state = self._parent.get_state()
+            try:
+                doc = next(self._parent)
+            except StopIteration:
+                self._exhausted = True
+                break
+            if len(doc):
+                self._docs.append((state, np.asarray(doc, np.int32)))
+                held += len(doc)
+        return held
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        needed = self._seq_len + 1
+        if self._fill(needed) < 2:  # a lone id has no target left to predict
+            raise StopIteration
+        pieces, start, taken = [], self._offset, 0
+        for _, doc in self._docs:
+            piece = doc[start : start + needed - taken]
+            pieces.append(piece)
+            start, taken = 0, taken + len(piece)
+            if taken == needed:
+                break
+        window = np.concatenate(pieces)
+        segments = np.repeat(np.arange(1, len(pieces) + 1, dtype=np.int32), [len(p) for p in pieces])
+        self._offset += self._seq_len
+        while self._docs and self._offset >= len(self._docs[0][1]):
+            self._offset -= len(self._docs.popleft()[1])
+        if not self._docs:
+            self._offset = 0
+        return make_row(window, segments, self._seq_len)
+
+    def get_state(self) -> dict[str, Any]:
+        parent = self._docs[0][0] if self._docs else self._parent.get_state()
+        return {"parent": parent, "offset": self._offset}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state["parent"])
+        self._docs.clear()
+        self._offset = int(state["offset"])
+        self._exhausted = False
+
+
+class _PackedRows(grain.IterDataset):
+    """An IterDataset of packed rows (see `_PackedRowsIterator`)."""
+
+    def __init__(self, parent: grain.IterDataset, seq_len: int):
+        super().__init__(parent)
+        self._seq_len = seq_len
+
+    def __iter__(self) -> _PackedRowsIterator:
+        return _PackedRowsIterator(self._parent.__iter__(), self._seq_len)
+
+
+# --- The pipeline. ----------------------------------------------------------
+
+
+def _documents(config: DataConfig, tokenizer: TextTokenizer | None):
+    """(random-access source, per-document function to int32 ids or None)."""
+    if config.source == "tokens":
+        return TokenDocuments(config.paths), None
+    if config.source == "synthetic":
+        return SyntheticDocuments(config.vocab_size, config.synthetic_docs, config.seq_len, config.seed), None
+    if tokenizer is None:
+        if config.tokenizer is None:
+            raise ValueError("DataConfig.tokenizer must name a tokenizer file for source 'text'")
+        from llama_jax.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(config.tokenizer)
+    return TextDocuments(config.paths, config.text_key), functools.partial(_encode_document, tokenizer)
+
+
+def make_dataset(
+    config: DataConfig,
+    *,
+    tokenizer: TextTokenizer | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> grain.DatasetIterator:
+    """An iterator of this process's batches (see the module docstring for their dict).
+
+    tokenizer: overrides `config.tokenizer` for the text source (any object
+      with encode/bos_id/eos_id). process_index, process_count: this
+      process's shard; default jax.process_index() and jax.process_count().
+    The iterator's get_state() is a JSON-serialisable dict; set_state() on
+    an iterator made from the same config and shard resumes exactly.
+    """
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index, process_count = jax.process_index(), jax.process_count()
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} is outside [0, process_count {process_count})")
+    if config.global_batch % process_count:
+        raise ValueError(
+            f"DataConfig.global_batch {config.global_batch} is not divisible by process_count {process_count}"
+        )
+    source, encode = _documents(config, tokenizer)
+    if len(source) == 0:
+        raise ValueError(f"DataConfig.paths hold no documents: {', '.join(config.paths)}")
+    docs = grain.MapDataset.source(source)
+    if config.shuffle:
+        docs = docs.shuffle(seed=config.seed)
+    docs = docs.repeat(config.num_epochs)[process_index::process_count]
+    if encode is not None:
+        docs = docs.map(encode)
+    if not config.packing:
+        docs = docs.map(functools.partial(unpacked_row, seq_len=config.seq_len))
+    read = grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=4 * config.read_threads)
+    rows = docs.to_iter_dataset(read)
+    if config.packing:
+        rows = _PackedRows(rows, config.seq_len)
+    batches = rows.batch(config.global_batch // process_count, drop_remainder=True)
+    return iter(batches)
+
+
+# --- Checkpointing with orbax. ----------------------------------------------
+
+
+def checkpoint_save_args(iterator: grain.DatasetIterator):
+    """Orbax args saving `iterator`'s state (one JSON file per process), e.g.
+
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                               data=checkpoint_save_args(iterator)))
+    """
+    return grain.checkpoint.CheckpointSave(iterator)
+
+
+def checkpoint_restore_args(iterator: grain.DatasetIterator):
+    """Orbax args restoring into `iterator` (made from the same config and shard) in place."""
+    return grain.checkpoint.CheckpointRestore(iterator)
