@@ -1,0 +1,55 @@
+"""python -m train --config configs/runs/<run>.yaml [key=value ...]
+
+Trains as the run config says, resuming from the run directory's latest
+checkpoint. Bad input is one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m train", description="Pre-train or continue training a Llama model.",
+        epilog="Overrides use dotted keys, e.g. steps=100 optimizer.learning_rate=1e-3 "
+               "data.global_batch=32 layout=fsdp_tp mesh.tensor=4. A run directory that "
+               "holds checkpoints is resumed from its latest complete step.")
+    parser.add_argument("--config", required=True, help="run config: a YAML path or a name in configs/runs/")
+    parser.add_argument("--distributed", action="store_true",
+                        help="call jax.distributed.initialize() first (multi-host TPU pods)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+
+    import jax
+
+    from llama_jax.checkpoint import CheckpointError
+    from llama_jax.config import ConfigError
+    from sharding.layout import LayoutError
+    from train.config import load_run_config
+    from train.loop import loss_curve_png, train
+
+    try:
+        if args.distributed:
+            jax.distributed.initialize()
+        run = load_run_config(args.config, args.overrides)
+        summary = train(run, progress=not args.quiet)
+    except (ConfigError, LayoutError, CheckpointError, ValueError, FileNotFoundError) as err:
+        print(f"train: error: {err}", file=sys.stderr)
+        return 2
+    if jax.process_index() == 0:
+        metrics = summary["metrics"]
+        if metrics:
+            print(f"step {summary['step']}: loss {metrics['loss']:.4f}, "
+                  f"{metrics['tokens_per_s']:,.0f} tokens/s, MFU {metrics['mfu']:.1%} "
+                  f"(peak: {summary['peak_source']})")
+            print(f"loss curve: {loss_curve_png(summary['run_dir'])}")
+        if summary["preempted"]:
+            print(f"preempted: saved step {summary['step']}; run the same command to resume")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""Run configs: which model, which layout, which data, and how to train.
+
+A run is a YAML file in `configs/runs/` (see `tiny_cpu.yaml`):
+
+    model: tiny                      # name in configs/models/ or a path
+    model_overrides: {remat: full}   # any ModelConfig field
+    layout: fsdp_tp                  # name in configs/layouts/ or a path
+    mesh: {tensor: 2}                # ICI size overrides for the layout
+    data: {source: synthetic, seq_len: 128, global_batch: 16}   # train.data.DataConfig
+    optimizer: {learning_rate: 3.0e-4, warmup_steps: 100}       # OptimizerConfig
+    steps: 1000
+    run_dir: runs/tiny
+
+Command-line overrides use dotted keys (`optimizer.learning_rate=1e-3`,
+`data.global_batch=32`, `steps=10`); values are parsed as YAML. An unknown
+key anywhere, or the same key given twice on the command line, is one line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from llama_jax.config import ConfigError, ModelConfig, load_model_config
+from train.data import DataConfig
+
+RUNS_DIR = Path(__file__).resolve().parent.parent / "configs" / "runs"
+DECAYS = ("cosine", "linear", "constant")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with warm-up then decay to `min_lr_ratio * learning_rate`, and clipping."""
+
+    learning_rate: float = 3e-4
+    warmup_steps: int = 100
+    decay: str = "cosine"
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    clip_norm: float | None = 1.0
+
+    def __post_init__(self):
+        if self.decay not in DECAYS:
+            raise ConfigError(f"optimizer.decay: {self.decay!r} is not one of {', '.join(DECAYS)}")
+        for name in ("learning_rate", "eps"):
+            _positive(f"optimizer.{name}", getattr(self, name))
+        for name in ("min_lr_ratio", "weight_decay", "b1", "b2"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1:
+                raise ConfigError(f"optimizer.{name}: must be a number in [0, 1], got {value!r}")
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ConfigError(f"optimizer.warmup_steps: must be a non-negative integer, got {self.warmup_steps!r}")
+        if self.clip_norm is not None:
+            _positive("optimizer.clip_norm", self.clip_norm)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Everything one training run needs; `model` is resolved to a ModelConfig."""
+
+    model: ModelConfig
+    data: DataConfig
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    layout: str = "fsdp"
+    mesh: dict[str, int] = dataclasses.field(default_factory=dict)
+    steps: int = 1000
+    grad_accum: int = 1
+    z_loss: float = 0.0
+    loss_chunk: int = 0
+    seed: int = 0
+    run_dir: str = "runs/default"
+    log_every: int = 10
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    chip: str = "cpu"
+    tokenizer: str | None = None
+
+    def __post_init__(self):
+        for name in ("steps", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name}: must be a positive integer, got {value!r}")
+        if isinstance(self.loss_chunk, bool) or not isinstance(self.loss_chunk, int) or self.loss_chunk < 0:
+            raise ConfigError(f"loss_chunk: must be 0 (no chunking) or a positive integer, got {self.loss_chunk!r}")
+        if not isinstance(self.z_loss, (int, float)) or self.z_loss < 0:
+            raise ConfigError(f"z_loss: must be a non-negative number, got {self.z_loss!r}")
+        if self.data.global_batch % self.grad_accum:
+            raise ConfigError(f"grad_accum: {self.grad_accum} does not divide data.global_batch "
+                              f"{self.data.global_batch}")
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ConfigError(f"data.seq_len: {self.data.seq_len} exceeds the model's max_seq_len "
+                              f"{self.model.max_seq_len}")
+        if self.data.source == "synthetic" and self.data.vocab_size > self.model.vocab_size:
+            raise ConfigError(f"data.vocab_size: {self.data.vocab_size} exceeds the model's vocab_size "
+                              f"{self.model.vocab_size}")
+        from train.metrics import PEAK_FLOPS  # late: metrics imports jax
+        if self.chip not in PEAK_FLOPS:
+            raise ConfigError(f"chip: {self.chip!r} is not one of {', '.join(PEAK_FLOPS)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _positive(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ConfigError(f"{name}: must be a positive number, got {value!r}")
+
+
+def _dataclass_from(cls, data, where):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"{where}.{key}: unknown key (known: {', '.join(sorted(known))})")
+    try:
+        return cls(**data)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """`["a.b=1", "steps=5"]` -> `{"a": {"b": 1}, "steps": 5}`; a key given twice is an error."""
+    result: dict[str, Any] = {}
+    seen = set()
+    for arg in args:
+        if "=" not in arg:
+            raise ConfigError(f"override {arg!r}: expected key=value")
+        key, raw = arg.split("=", 1)
+        if key in seen:
+            raise ConfigError(f"override {key}: given twice on the command line")
+        seen.add(key)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise ConfigError(f"override {key}: cannot parse value {raw!r}") from None
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        node = result
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key}: {part} is not a section")
+        node[parts[-1]] = value
+    return result
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
+    """Build a RunConfig from plain data (the YAML structure in this module's docstring)."""
+    data = dict(data)
+    known = {f.name for f in dataclasses.fields(RunConfig)} | {"model_overrides"}
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"{key}: unknown run config key (known: {', '.join(sorted(known))})")
+    if "model" not in data:
+        raise ConfigError("model: required run config key is missing")
+    model = data.pop("model")
+    overrides = data.pop("model_overrides", None) or {}
+    if isinstance(model, dict):
+        model = ModelConfig.from_dict({**model, **overrides})
+    elif not isinstance(model, ModelConfig):
+        model = load_model_config(model, **overrides)
+    data["model"] = model
+    data["data"] = _dataclass_from(DataConfig, data.get("data", {}), "data")
+    data["optimizer"] = _dataclass_from(OptimizerConfig, data.get("optimizer", {}), "optimizer")
+    return _dataclass_from(RunConfig, data, "run")
+
+
+def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """Read a run YAML (a path or a name in configs/runs/) and apply key=value overrides."""
+    path = Path(path)
+    if not path.suffix:
+        path = RUNS_DIR / f"{path}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"run config {str(path)!r} not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    return run_config_from_dict(_merge(data, parse_overrides(list(overrides))))

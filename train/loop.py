@@ -1,0 +1,120 @@
+"""`train(run_config)`: the whole training run, one call (the CLI is a thin wrapper)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from llama_jax.config import ConfigError
+from sharding.layout import load_layout
+from sharding.place import Placement, validate
+from train.config import RunConfig
+from train.data import make_dataset
+from train.metrics import MetricsWriter, flops_per_token, peak_flops
+from train.optimizer import learning_rate_schedule, make_optimizer
+from train.step import init_state, jit_train_step, make_train_step
+
+
+def _tokenizer(run: RunConfig):
+    path = run.data.tokenizer or run.tokenizer
+    if run.data.source != "text" or path is None:
+        return None
+    from llama_jax.tokenizer import load_tokenizer
+    return load_tokenizer(path)
+
+
+def train(run: RunConfig, *, progress: bool = True, stop_after: int | None = None) -> dict:
+    """Train as the run config says; resume from the run directory's latest checkpoint.
+
+    Returns a summary dict (final step, last logged metrics, checkpoint dir).
+    `stop_after` ends the run early after that many steps of this call
+    (tests use it to stop mid-run); the schedule still follows `run.steps`.
+    """
+    from train.checkpointing import Checkpointer  # late: orbax is slow to import
+
+    layout = load_layout(run.layout, **run.mesh)
+    placement = Placement.create(run.model, layout)
+    validate(run.model, layout, placement.mesh, batch=run.data.global_batch // run.grad_accum,
+             seq_len=run.data.seq_len)
+    tokenizer = _tokenizer(run)
+    if tokenizer is not None and tokenizer.vocab_size > run.model.vocab_size:
+        raise ConfigError(f"tokenizer: vocabulary of {tokenizer.vocab_size} exceeds the model's "
+                          f"vocab_size {run.model.vocab_size}")
+
+    schedule = learning_rate_schedule(run.optimizer, run.steps)
+    optimizer = make_optimizer(run.optimizer, run.steps)
+    state, shardings = init_state(placement, optimizer, jax.random.key(run.seed))
+    data = make_dataset(run.data, tokenizer=tokenizer)
+    checkpointer = Checkpointer(run, shardings)
+    state = checkpointer.restore_latest(state, data)
+    step = start = int(state.step)
+    step_fn = jit_train_step(
+        make_train_step(run.model, optimizer, schedule, run.grad_accum, run.z_loss, run.loss_chunk),
+        placement, shardings)
+
+    peak, peak_source = peak_flops(run.chip)
+    flops_token = flops_per_token(run.model, run.data.seq_len)
+    writer = MetricsWriter(run.run_dir)
+    last_steps = run.steps if stop_after is None else min(run.steps, start + stop_after)
+    bar = tqdm(total=run.steps, initial=start, disable=not progress or jax.process_index() != 0,
+               desc="train", unit="step", dynamic_ncols=True)
+    logged: dict = {}
+    window_start, window_tokens, window_steps = time.perf_counter(), 0.0, 0
+    try:
+        with placement.activate():
+            while step < last_steps and not checkpointer.preempted:
+                batch = placement.global_batch(next(data))
+                state, metrics = step_fn(state, batch)
+                step += 1
+                window_steps += 1
+                window_tokens += run.data.global_batch * run.data.seq_len
+                if step % run.log_every == 0 or step == last_steps:
+                    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    elapsed = time.perf_counter() - window_start
+                    tokens_per_s = window_tokens / elapsed
+                    logged = {**metrics, "tokens_per_s": tokens_per_s,
+                              "step_time_s": elapsed / window_steps,
+                              "mfu": tokens_per_s * flops_token / (peak * jax.device_count())}
+                    writer.write(step, logged)
+                    bar.set_postfix(loss=f"{logged['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}",
+                                    mfu=f"{logged['mfu']:.1%}")
+                    window_start, window_tokens, window_steps = time.perf_counter(), 0.0, 0
+                bar.update(1)
+                checkpointer.maybe_save(step, state, data, force=step == last_steps)
+            if checkpointer.preempted:
+                checkpointer.maybe_save(step, state, data, force=True)
+    finally:
+        bar.close()
+        checkpointer.close()
+        writer.close()
+    return {"step": step, "metrics": logged, "peak_flops": peak,
+            "peak_source": peak_source, "run_dir": str(Path(run.run_dir)), "state": state,
+            "preempted": checkpointer.preempted}
+
+
+def loss_curve_png(run_dir: str | Path) -> Path:
+    """Plot loss against step from metrics.jsonl into run_dir/loss.png."""
+    import json
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    steps = np.array([r["step"] for r in rows])
+    losses = np.array([r["loss"] for r in rows])
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, losses)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = run_dir / "loss.png"
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

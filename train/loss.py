@@ -1,0 +1,53 @@
+"""Next-token cross-entropy with loss weights and optional z-loss, plain or chunked.
+
+The chunked form never holds float32 logits for the whole batch: it projects
+`chunk` positions at a time and recomputes each chunk's logits in the
+backward pass. For Llama 3 (vocab 128256) at 8192 tokens a row, the whole
+batch's float32 logits are the largest tensor of a training step.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+
+def _token_terms(logits_f32, targets, weights):
+    """Weighted sums of (negative log-likelihood, log Z squared, correct predictions)."""
+    log_z = jax.nn.logsumexp(logits_f32, axis=-1)
+    target_logit = jnp.take_along_axis(logits_f32, targets[..., None], axis=-1)[..., 0]
+    nll = log_z - target_logit
+    correct = (jnp.argmax(logits_f32, axis=-1) == targets).astype(jnp.float32)
+    return (jnp.sum(weights * nll), jnp.sum(weights * log_z ** 2), jnp.sum(weights * correct))
+
+
+def cross_entropy_sums(logits_btv, targets_bt, weights_bt):
+    """(sum of weighted NLL, sum of weighted log Z^2, weighted correct count) from logits."""
+    return _token_terms(logits_btv.astype(jnp.float32), targets_bt, weights_bt)
+
+
+def chunked_cross_entropy_sums(project: Callable, hidden_btd, targets_bt, weights_bt, chunk: int):
+    """The same sums as `cross_entropy_sums(project(hidden))`, `chunk` positions at a time."""
+    b, t, d = hidden_btd.shape
+    pad = -t % chunk
+    if pad:
+        hidden_btd = jnp.pad(hidden_btd, ((0, 0), (0, pad), (0, 0)))
+        targets_bt = jnp.pad(targets_bt, ((0, 0), (0, pad)))
+        weights_bt = jnp.pad(weights_bt, ((0, 0), (0, pad)))  # weight 0: padding adds nothing
+    n = (t + pad) // chunk
+
+    def split(x):
+        return jnp.moveaxis(x.reshape(b, n, chunk, *x.shape[2:]), 1, 0)
+
+    @jax.checkpoint
+    def one_chunk(sums, xs):
+        hidden, targets, weights = xs
+        terms = _token_terms(project(hidden).astype(jnp.float32), targets, weights)
+        return tuple(s + x for s, x in zip(sums, terms)), None
+
+    zero = jnp.zeros((), jnp.float32)
+    sums, _ = jax.lax.scan(one_chunk, (zero, zero, zero),
+                           (split(hidden_btd), split(targets_bt), split(weights_bt)))
+    return sums

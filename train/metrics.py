@@ -1,0 +1,86 @@
+"""Training metrics: model FLOPs, MFU, and where the numbers go.
+
+Model FLOPs per token (PaLM, appendix B): 6 N + 12 L H K T, where N counts
+every parameter that takes part in a matmul (all but the input embedding
+table, which is a lookup), L layers, H heads, K head_dim and T the sequence
+length; the attention term is counted without halving for causality, as
+MaxText and PaLM do. MFU = achieved model FLOP/s / (peak FLOP/s x devices).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from llama_jax.config import ModelConfig
+from llama_jax.params import abstract_params
+
+# Peak dense bf16 FLOP/s per chip (Google Cloud's published figures, REFERENCE.md).
+PEAK_FLOPS = {
+    "v4": 275e12, "v5e": 197e12, "v5p": 459e12, "v6e": 918e12,
+    "cpu": None,  # measured at start-up: see measure_matmul_flops
+}
+HBM_BYTES = {"v4": 32 * 2**30, "v5e": 16e9, "v5p": 95e9, "v6e": 32e9}
+
+
+def flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 N + 12 L H K T (see the module docstring)."""
+    params = abstract_params(config)
+    n = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+    if not config.tie_embeddings:  # a tied table is also the output matmul
+        n -= config.vocab_size * config.dim
+    return 6 * n + 12 * config.n_layers * config.n_heads * config.head_dim * seq_len
+
+
+def measure_matmul_flops(size: int = 1024, repeats: int = 5) -> float:
+    """Float32 matmul FLOP/s of one device, measured now (the CPU's 'peak' for MFU)."""
+    x = jnp.ones((size, size), jnp.float32)
+    matmul = jax.jit(lambda a: a @ a)
+    matmul(x).block_until_ready()
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(x).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size ** 3 / best
+
+
+def peak_flops(chip: str) -> tuple[float, str]:
+    """(peak FLOP/s per device, where the figure comes from)."""
+    if PEAK_FLOPS.get(chip) is not None:
+        return PEAK_FLOPS[chip], f"{chip} published bf16 peak"
+    return measure_matmul_flops(), "measured f32 matmul on this machine"
+
+
+class MetricsWriter:
+    """Writes each logged step to metrics.jsonl and TensorBoard (process 0 only)."""
+
+    def __init__(self, run_dir: str | Path):
+        self.active = jax.process_index() == 0
+        self.run_dir = Path(run_dir)
+        self._jsonl = None
+        self._tb = None
+        if self.active:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._jsonl = open(self.run_dir / "metrics.jsonl", "a")
+            from tensorboardX import SummaryWriter
+            self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    def write(self, step: int, metrics: dict[str, float]):
+        if not self.active:
+            return
+        self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self._jsonl.flush()
+        for key, value in metrics.items():
+            self._tb.add_scalar(f"train/{key}", value, step)
+        self._tb.flush()
+
+    def close(self):
+        if self.active:
+            self._jsonl.close()
+            self._tb.close()

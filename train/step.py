@@ -1,0 +1,136 @@
+"""The training step: one jitted `train_step(state, batch) -> (state, metrics)`.
+
+Gradient accumulation runs `grad_accum` micro-batches through a `lax.scan`
+and sums unnormalised losses, then divides once by the batch's total loss
+weight, so k micro-batches give exactly the gradient of one k-times batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from llama_jax.config import ModelConfig
+from llama_jax.model import Llama
+from llama_jax.params import init_params
+from sharding.place import Placement
+from train.loss import chunked_cross_entropy_sums, cross_entropy_sums
+
+BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_weights")
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def _loss_sums(model: Llama, params, batch, z_loss: float, chunk: int):
+    """(objective to differentiate, (nll sum, z sum, correct, weight sum)) for one micro-batch."""
+    weights = batch["loss_weights"].astype(jnp.float32)
+    args = (batch["tokens"], batch["positions"], batch.get("segment_ids"))
+    if chunk:
+        hidden, _ = model.apply({"params": params}, *args, return_hidden=True)
+        project = lambda h: model.apply({"params": params}, h, method=Llama.logits)  # noqa: E731
+        nll, z, correct = chunked_cross_entropy_sums(project, hidden, batch["targets"], weights, chunk)
+    else:
+        logits, _ = model.apply({"params": params}, *args)
+        nll, z, correct = cross_entropy_sums(logits, batch["targets"], weights)
+    return nll + z_loss * z, (nll, z, correct, jnp.sum(weights))
+
+
+def _split_micro_batches(batch, grad_accum: int):
+    """[rows, ...] -> [grad_accum, rows / grad_accum, ...], micro-batch i = rows i, i+k, i+2k, ...
+
+    Strided rows keep every micro-batch spread over all data-parallel shards.
+    """
+    def split(x):
+        rows = x.shape[0]
+        x = x.reshape(rows // grad_accum, grad_accum, *x.shape[1:])
+        return jnp.swapaxes(x, 0, 1)
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation,
+                    schedule: optax.Schedule, grad_accum: int = 1, z_loss: float = 0.0,
+                    loss_chunk: int = 0):
+    """`train_step(state, batch) -> (state, metrics)`, not yet jitted (see `jit_train_step`)."""
+    model = Llama(config)
+    grad_fn = jax.value_and_grad(lambda p, b: _loss_sums(model, p, b, z_loss, loss_chunk), has_aux=True)
+
+    def train_step(state: TrainState, batch):
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        empty = (jnp.zeros(()),) * 4
+
+        def accumulate(carry, micro):
+            grads, sums = carry
+            (_, micro_sums), micro_grads = grad_fn(state.params, micro)
+            grads = jax.tree.map(jnp.add, grads, micro_grads)
+            return (grads, tuple(a + b for a, b in zip(sums, micro_sums))), None
+
+        if grad_accum == 1:
+            (grads, sums), _ = accumulate((zeros, empty), batch)
+        else:
+            (grads, sums), _ = jax.lax.scan(accumulate, (zeros, empty),
+                                            _split_micro_batches(batch, grad_accum))
+        nll, z, correct, weight = sums
+        weight = jnp.maximum(weight, 1.0)
+        grads = jax.tree.map(lambda g: g / weight, grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "loss": nll / weight, "z_loss": z / weight, "accuracy": correct / weight,
+            "grad_norm": optax.global_norm(grads), "learning_rate": schedule(state.step),
+            "tokens": sums[3],
+        }
+        return TrainState(state.step + 1, params, opt_state), metrics
+
+    return train_step
+
+
+def state_shardings(placement: Placement, abstract_state: TrainState):
+    """Shardings for the whole state: optimizer moments follow their parameters.
+
+    An optimizer leaf whose key path ends with a parameter's path (optax's mu
+    and nu mirror the parameter tree) gets that parameter's sharding; counts
+    and other scalars are replicated.
+    """
+    by_path = {}
+    for path, sharding in jax.tree_util.tree_flatten_with_path(placement.param_shardings())[0]:
+        by_path[tuple(k.key for k in path)] = sharding
+    replicated = NamedSharding(placement.mesh, PartitionSpec())
+
+    def pick(path, leaf):
+        keys = tuple(getattr(k, "key", None) for k in path)
+        for start in range(len(keys)):
+            if keys[start:] in by_path:
+                return by_path[keys[start:]]
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(pick, abstract_state)
+
+
+def init_state(placement: Placement, optimizer, rng):
+    """A TrainState born sharded: parameters and optimizer state are created in their shards."""
+    config = placement.config
+
+    def create(rng):
+        params = init_params(config, rng)
+        return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+
+    shardings = state_shardings(placement, jax.eval_shape(create, rng))
+    return jax.jit(create, out_shardings=shardings)(rng), shardings
+
+
+def jit_train_step(train_step, placement: Placement, shardings):
+    """Jit with donated state and explicit shardings for state and batch."""
+    batch_sharding = placement.sharding("batch", "length")
+    return jax.jit(train_step, donate_argnums=0,
+                   in_shardings=(shardings, {k: batch_sharding for k in BATCH_KEYS}),
+                   out_shardings=(shardings, None))
