@@ -86,7 +86,7 @@ def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation
         params = optax.apply_updates(state.params, updates)
         metrics = {
             "loss": nll / weight, "z_loss": z / weight, "accuracy": correct / weight,
-            "grad_norm": optax.global_norm(grads), "learning_rate": schedule(state.step),
+            "grad_norm": optax.tree.norm(grads), "learning_rate": schedule(state.step),
             "tokens": sums[3],
         }
         return TrainState(state.step + 1, params, opt_state), metrics

@@ -1,0 +1,172 @@
+"""Training: memorisation under fsdp_tp, exact gradient accumulation, chunked loss, configs."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from llama_jax import Llama, init_params
+from llama_jax.config import ConfigError
+from sharding.layout import load_layout
+from sharding.place import Placement
+from tiny import LLAMA3_LIKE
+from train.config import OptimizerConfig, load_run_config, run_config_from_dict
+from train.loss import chunked_cross_entropy_sums, cross_entropy_sums
+from train.optimizer import decay_mask, learning_rate_schedule
+from train.step import init_state, jit_train_step, make_train_step
+
+
+def test_tiny_model_memorises_under_fsdp_tp(tmp_path):
+    """4 random documents, 80 steps on 8 devices: loss from ln(256) = 5.5 to below 0.5."""
+    from train.loop import train
+    run = load_run_config("tiny_cpu", [f"run_dir={tmp_path}", "data.synthetic_docs=4", "steps=80",
+                                       "optimizer.learning_rate=0.01", "log_every=10",
+                                       "checkpoint_every=1000"])
+    assert run.layout == "fsdp_tp"
+    summary = train(run, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(10, 81, 10))
+    assert rows[0]["loss"] > 2.0
+    assert summary["metrics"]["loss"] < 0.5
+    for key in ("loss", "grad_norm", "learning_rate", "tokens_per_s", "step_time_s", "mfu"):
+        assert key in rows[-1]
+    params = summary["state"].params
+    assert params["layers"]["attention"]["wq"]["kernel"].sharding.spec == P(None, "fsdp", "tensor", None)
+    assert any((tmp_path / "tensorboard").iterdir())
+
+
+def _assert_close_f32(actual, desired):
+    """Equal up to float32 summation order: 1e-5 relative, or 1e-6 of the leaf's largest entry."""
+    desired = np.asarray(desired)
+    np.testing.assert_allclose(actual, desired, rtol=1e-5, atol=1e-6 * float(np.abs(desired).max()))
+
+
+def _batch(rows, seq, vocab, seed=0):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, vocab, (rows, seq + 1)).astype(np.int32)
+    weights = (rng.random((rows, seq)) > 0.2).astype(np.float32)  # uneven weights per micro-batch
+    return {"tokens": tokens[:, :-1], "targets": tokens[:, 1:],
+            "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (rows, seq)).copy(),
+            "segment_ids": np.ones((rows, seq), np.int32), "loss_weights": weights}
+
+
+@pytest.mark.parametrize("layout", ["fsdp", "dp"])
+def test_gradient_accumulation_equals_one_big_batch(layout):
+    config = LLAMA3_LIKE
+    placement = Placement.create(config, load_layout(layout))
+    # An "optimizer" that keeps the gradient it is given as its state, so the
+    # gradients themselves are compared (not parameter updates, whose rounding
+    # at the parameters' magnitude would hide or fake differences).
+    optimizer = optax.GradientTransformation(
+        init=lambda params: jax.tree.map(jnp.zeros_like, params),
+        update=lambda grads, state, params=None: (jax.tree.map(jnp.zeros_like, grads), grads))
+    schedule = optax.constant_schedule(1.0)
+    batch = placement.global_batch(_batch(16, 32, config.vocab_size))
+    results = {}
+    for accum in (1, 4):
+        state, shardings = init_state(placement, optimizer, jax.random.key(0))
+        step = jit_train_step(make_train_step(config, optimizer, schedule, grad_accum=accum),
+                              placement, shardings)
+        with placement.activate():
+            state, metrics = step(state, batch)
+        results[accum] = (jax.device_get(state.opt_state), jax.device_get(metrics))
+    (g1, m1), (g4, m4) = results[1], results[4]
+    np.testing.assert_allclose(m4["loss"], m1["loss"], rtol=1e-6)
+    np.testing.assert_allclose(m4["grad_norm"], m1["grad_norm"], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g4), jax.tree.leaves(g1)):
+        _assert_close_f32(a, b)
+
+
+@pytest.mark.parametrize("chunk", [8, 13])
+def test_chunked_loss_equals_plain_loss_and_gradients(chunk):
+    config = LLAMA3_LIKE
+    params = init_params(config, jax.random.key(3))
+    batch = {k: jnp.asarray(v) for k, v in _batch(2, 40, config.vocab_size).items()}
+    model = Llama(config)
+
+    def loss(p, chunked):
+        args = (batch["tokens"], batch["positions"])
+        if chunked:
+            hidden, _ = model.apply({"params": p}, *args, return_hidden=True)
+            project = lambda h: model.apply({"params": p}, h, method=Llama.logits)  # noqa: E731
+            sums = chunked_cross_entropy_sums(project, hidden, batch["targets"], batch["loss_weights"], chunk)
+        else:
+            logits, _ = model.apply({"params": p}, *args)
+            sums = cross_entropy_sums(logits, batch["targets"], batch["loss_weights"])
+        return sums[0] + 1e-2 * sums[1], sums
+
+    (plain, plain_sums), plain_grads = jax.value_and_grad(loss, has_aux=True)(params, False)
+    (chunked, chunked_sums), chunked_grads = jax.value_and_grad(loss, has_aux=True)(params, True)
+    np.testing.assert_allclose(chunked, plain, rtol=1e-6)
+    np.testing.assert_allclose(chunked_sums[2], plain_sums[2])  # same correct-prediction count
+    for a, b in zip(jax.tree.leaves(chunked_grads), jax.tree.leaves(plain_grads)):
+        _assert_close_f32(a, b)
+
+
+def test_weight_decay_skips_norms():
+    params = init_params(LLAMA3_LIKE, jax.random.key(0))
+    mask = decay_mask(params)
+    assert mask["layers"]["attention_norm"]["scale"] is False
+    assert mask["norm"]["scale"] is False
+    assert mask["layers"]["feed_forward"]["w1"]["kernel"] is True
+    assert mask["embed"]["embedding"] is True
+
+
+def test_schedule_warms_up_then_decays_to_floor():
+    schedule = learning_rate_schedule(OptimizerConfig(learning_rate=1.0, warmup_steps=10,
+                                                      min_lr_ratio=0.1), total_steps=110)
+    assert float(schedule(0)) == 0.0
+    np.testing.assert_allclose(float(schedule(10)), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(float(schedule(110)), 0.1, rtol=1e-5)
+    assert float(schedule(60)) < 1.0
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optimizr.learning_rate=1", "optimizr: unknown run config key"),
+    ("optimizer.lr=1", "optimizer.lr: unknown key"),
+    ("steps=-3", "steps: must be a positive integer"),
+    ("grad_accum=3", "grad_accum: 3 does not divide data.global_batch 16"),
+    ("data.seq_len=100000", "data.seq_len: 100000 exceeds the model's max_seq_len"),
+    ("chip=v9", "chip: 'v9' is not one of"),
+])
+def test_bad_run_config_values_are_one_line(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_run_config("tiny_cpu", [override])
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_key_given_twice_on_command_line_is_an_error():
+    with pytest.raises(ConfigError, match="given twice"):
+        load_run_config("tiny_cpu", ["steps=3", "steps=4"])
+
+
+def test_every_shipped_run_config_loads():
+    from train.config import RUNS_DIR
+    for path in sorted(RUNS_DIR.glob("*.yaml")):
+        run = load_run_config(path)
+        assert run.steps > 0, path
+
+
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
+    for args in (["--config", "tiny_cpu", "layout=nonexistent", f"run_dir={tmp_path}"],
+                 ["--config", "no_such_run"],
+                 ["--config", "tiny_cpu", "mesh.tensor=3", f"run_dir={tmp_path}"]):
+        proc = subprocess.run([sys.executable, "-m", "train", *args, "--quiet"], capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("train: error:")]
+        assert len(errors) == 1, proc.stderr
+        assert "Traceback" not in proc.stderr
+
+
+def test_model_config_inline_in_run_config():
+    run = run_config_from_dict({"model": {"dim": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1,
+                                          "ffn_dim": 64, "vocab_size": 128},
+                                "data": {"seq_len": 16, "global_batch": 8, "vocab_size": 128}})
+    assert run.model.dim == 32
