@@ -1,0 +1,131 @@
+"""Decode throughput and prefill latency: ours against Hugging Face's PyTorch Llama.
+
+    python bench/decode.py [--model bench_110m] [--threads N] [--repeats 3]
+
+Prints one JSON line per measurement:
+    {"bench": "decode", "impl": "llama_jax" | "hf_torch", "model": ..., "metric": ..., "value": ..., "unit": ...}
+
+Metrics, the same way for both implementations (median of --repeats runs,
+after one untimed warm-up run that also compiles ours):
+- decode_tokens_per_s_batch{1,8}: new tokens / wall time of one generate
+  call (greedy, a 32-token prompt per row, 128 new tokens, no stop token);
+- prefill_latency_ms: time to the first token of a 512-token prompt
+  (one forward over the prompt, filling the cache, plus choosing a token).
+Both use float32 random weights of the same config and the same CPU threads
+(torch.set_num_threads, and XLA's CPU thread pool sized to match).
+Measures only; never asserts a timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+# Run as a script from anywhere: the repository root holds infer/ and llama_jax/.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+PROMPT_LEN, NEW_TOKENS, PREFILL_LEN = 32, 128, 512
+
+
+def emit(impl, model, metric, value, unit):
+    print(json.dumps({"bench": "decode", "impl": impl, "model": model, "metric": metric,
+                      "value": round(value, 2), "unit": unit}), flush=True)
+
+
+def timed(fn, repeats):
+    fn()  # warm-up (and compile)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_ours(config, prompts, long_prompt, repeats, model_name):
+    import jax
+
+    from infer.engine import Engine
+    from infer.sampling import Sampling
+    from llama_jax.params import init_params
+
+    engine = Engine(config)  # one device: the CPU
+    params = engine.place_params(jax.jit(init_params, static_argnums=0)(config, jax.random.key(0)))
+    greedy = Sampling()
+    for batch in (1, 8):
+        def run(batch=batch):
+            for _ in engine.run(params, prompts[:batch], NEW_TOKENS, greedy):
+                pass
+        seconds = timed(run, repeats)
+        emit("llama_jax", model_name, f"decode_tokens_per_s_batch{batch}", batch * NEW_TOKENS / seconds,
+             "tokens/s")
+
+    def prefill():
+        engine.prefill(params, [long_prompt], 1, greedy)
+    emit("llama_jax", model_name, "prefill_latency_ms", 1000 * timed(prefill, repeats), "ms")
+
+
+def bench_hf(config, prompts, long_prompt, repeats, model_name):
+    import torch
+    import transformers
+
+    from llama_jax.hf import config_to_hf
+
+    hf_config = transformers.LlamaConfig(**{k: v for k, v in config_to_hf(config).items()
+                                            if k not in ("architectures", "torch_dtype", "dtype")})
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(hf_config).eval()
+
+    def generate(ids, new_tokens):
+        ids = torch.tensor(ids)
+        with torch.inference_mode():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                           min_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+
+    for batch in (1, 8):
+        seconds = timed(lambda batch=batch: generate(prompts[:batch], NEW_TOKENS), repeats)
+        emit("hf_torch", model_name, f"decode_tokens_per_s_batch{batch}", batch * NEW_TOKENS / seconds,
+             "tokens/s")
+    emit("hf_torch", model_name, "prefill_latency_ms",
+         1000 * timed(lambda: generate([long_prompt], 1), repeats), "ms")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="bench_110m", help="a config in configs/models (float32 forced)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for both")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", choices=("llama_jax", "hf_torch"), default=None)
+    args = parser.parse_args()
+
+    # XLA reads its thread count when the CPU client starts: set it first.
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_cpu_multi_thread_eigen=true").strip()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from llama_jax.config import load_model_config
+
+    config = load_model_config(args.model, dtype="float32", param_dtype="float32")
+    rng = np.random.default_rng(0)
+    prompts = rng.integers(0, config.vocab_size, (8, PROMPT_LEN)).tolist()
+    long_prompt = rng.integers(0, config.vocab_size, PREFILL_LEN).tolist()
+    print(json.dumps({"bench": "decode", "setup": {"threads": args.threads, "torch_threads": torch.get_num_threads(),
+                                                   "prompt": PROMPT_LEN, "new_tokens": NEW_TOKENS,
+                                                   "prefill_prompt": PREFILL_LEN, "repeats": args.repeats}}),
+          flush=True)
+    if args.only in (None, "llama_jax"):
+        bench_ours(config, prompts, long_prompt, args.repeats, args.model)
+    if args.only in (None, "hf_torch"):
+        bench_hf(config, prompts, long_prompt, args.repeats, args.model)
+
+
+if __name__ == "__main__":
+    main()

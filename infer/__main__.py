@@ -1,0 +1,137 @@
+"""`python -m infer`: generate from a checkpoint, or chat with it.
+
+    python -m infer --checkpoint DIR --prompt "Once upon a time" --max-new-tokens 64
+    python -m infer --checkpoint DIR --chat --system "You are terse."
+
+DIR is our checkpoint directory or a Hugging Face one (config.json,
+safetensors, tokenizer files). Text is printed as it is generated. Bad input
+(missing checkpoint, unknown layout, a prompt too long for the context, a
+mesh that does not fit the devices) prints one line on stderr and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m infer", description="Generate text with a Llama checkpoint (ours or Hugging Face).")
+    parser.add_argument("--checkpoint", required=True, metavar="DIR",
+                        help="our checkpoint directory, or a Hugging Face directory with config.json")
+    parser.add_argument("--prompt", help="the prompt (with --chat: the first user message)")
+    parser.add_argument("--max-new-tokens", type=int, default=128, metavar="N")
+    parser.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)")
+    parser.add_argument("--top-k", type=int, default=None, metavar="K")
+    parser.add_argument("--top-p", type=float, default=None, metavar="P")
+    parser.add_argument("--seed", type=int, default=0, metavar="S", help="sampling seed (same seed, same text)")
+    parser.add_argument("--layout", default=None, metavar="NAME",
+                        help="layout from configs/layouts (sharded over all devices); default: one device")
+    parser.add_argument("--tokenizer", default=None, metavar="PATH",
+                        help="tokenizer file or directory (default: found in the checkpoint directory)")
+    parser.add_argument("--chat", action="store_true",
+                        help="interactive chat with the model's chat template (reads lines from stdin)")
+    parser.add_argument("--system", default=None, help="system prompt for --chat")
+    parser.add_argument("--stream-every", type=int, default=8, metavar="N",
+                        help="tokens per compiled decode call between prints (default 8)")
+    args = parser.parse_args(argv)
+    if not args.chat and args.prompt is None:
+        parser.error("--prompt is required (or use --chat)")
+    if args.system is not None and not args.chat:
+        parser.error("--system only applies with --chat")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        return _run(args)
+    except ValueError as err:  # ConfigError, LayoutError, CheckpointFileError are ValueErrors
+        _fail(err)
+    except OSError as err:
+        _fail(f"{err.filename or ''}: {err.strerror or err}")
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    return 2
+
+
+def _fail(message) -> None:
+    lines = str(message).strip().splitlines() or [type(message).__name__]
+    print(f"error: {lines[0]}", file=sys.stderr)
+
+
+def _run(args) -> int:
+    from pathlib import Path
+
+    from infer.sampling import Sampling
+    from sharding.layout import load_layout
+
+    # Cheap checks first, so bad input fails before anything loads or compiles.
+    if not Path(args.checkpoint).is_dir():
+        raise ValueError(f"{args.checkpoint}: checkpoint directory not found")
+    if args.layout is not None:
+        load_layout(args.layout)
+    Sampling(args.temperature, args.top_k, args.top_p)
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.stream_every < 1:
+        raise ValueError(f"--stream-every must be at least 1, got {args.stream_every}")
+
+    from infer.generate import load_model
+
+    config, params, tokenizer = load_model(args.checkpoint, args.layout, args.tokenizer)
+    settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p, seed=args.seed, layout=args.layout, config=config,
+                    stream_every=args.stream_every)
+    if args.chat:
+        return _chat(params, tokenizer, args, settings)
+    _say(params, tokenizer, args.prompt, settings)
+    return 0
+
+
+def _say(params, tokenizer, prompt, settings):
+    """Generate for one prompt (text or ids), printing text as it arrives."""
+    from infer.generate import generate
+
+    def show(chunk):
+        sys.stdout.write(chunk.text)
+        sys.stdout.flush()
+
+    result = generate(params, tokenizer, [prompt], stream=show, **settings)[0]
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    return result
+
+
+def _chat(params, tokenizer, args, settings) -> int:
+    """Read user turns from stdin until EOF (or an empty line); answer each with the template."""
+    from llama_jax.chat import format_chat
+
+    context = settings["config"].max_seq_len
+    messages = [] if args.system is None else [{"role": "system", "content": args.system}]
+    first = args.prompt
+    while True:
+        if first is not None:
+            user, first = first, None
+        else:
+            sys.stderr.write("> ")
+            sys.stderr.flush()
+            line = sys.stdin.readline()
+            if not line or not line.strip():
+                return 0
+            user = line.rstrip("\n")
+        messages.append({"role": "user", "content": user})
+        prompt = format_chat(tokenizer, messages)
+        # When the conversation outgrows the context, forget the oldest exchanges.
+        start = 1 if args.system is not None else 0
+        while len(prompt) + settings["max_new_tokens"] > context and len(messages) > start + 1:
+            del messages[start:start + 2]
+            prompt = format_chat(tokenizer, messages)
+        result = _say(params, tokenizer, prompt, settings)
+        messages.append({"role": "assistant", "content": result.text})
+
+
+if __name__ == "__main__":
+    sys.exit(main())

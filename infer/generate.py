@@ -1,0 +1,209 @@
+"""Text in, text out: `load_model` and `generate`, one call each for a notebook.
+
+    config, params, tokenizer = load_model("path/to/checkpoint")   # ours or a HF dir
+    results = generate(params, tokenizer, ["Once upon a time"], config=config,
+                       max_new_tokens=64, temperature=0.8, top_p=0.95, seed=1)
+    print(results[0].text)
+
+Streaming: pass `stream=callback`; it is called with a `Chunk` (row, new
+token ids, newly completed text) as tokens arrive. The compiled decode loop
+runs in chunks of `stream_every` steps, and the host hands each chunk to
+the callback before calling the loop again with the donated state.
+
+Why chunks rather than a host callback (`jax.debug.callback` / `io_callback`)
+inside one loop: the loop stays a pure function, so it compiles and runs the
+same on one CPU and on a multi-host TPU pod (a callback runs on every host
+and needs ordered effects to keep tokens in order), and the accelerator
+never waits for Python per token. One compiled program serves every chunk,
+each call costs one dispatch and one small host transfer, and the chunk
+size trades latency for overhead (1 = every token at once, the default 8
+is invisible to a reader). Without a stream the whole generation is one call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from infer.engine import Engine, engine_for
+from infer.sampling import Sampling
+from llama_jax.config import ModelConfig
+from llama_jax.safetensors_io import CheckpointFileError
+from llama_jax.tokenizer import StreamDecoder, Tokenizer, load_tokenizer
+from sharding.layout import Layout
+
+
+@dataclasses.dataclass
+class Generation:
+    """One prompt's result.
+
+    text: the generated text (stop token excluded); tokens: the generated ids
+    (stop token excluded); prompt_tokens: the prompt's ids; finish_reason:
+    "stop" (a stop token) or "length" (max_new_tokens); logits: float32
+    [len(tokens) (+1 if stopped), vocab] when asked for with return_logits.
+    """
+
+    text: str
+    tokens: list[int]
+    prompt_tokens: list[int]
+    finish_reason: str
+    logits: np.ndarray | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+    """Streamed output of one row: ids just generated and the text they complete."""
+
+    row: int
+    tokens: list[int]
+    text: str
+
+
+Prompts = str | Sequence[int] | Sequence[str] | Sequence[Sequence[int]]
+
+
+def generate(params_or_checkpoint, tokenizer: Tokenizer | str | None, prompts: Prompts,
+             max_new_tokens: int = 128, temperature: float = 0.0, top_k: int | None = None,
+             top_p: float | None = None, seed: int = 0, layout: str | Layout | None = None,
+             config: ModelConfig | None = None, stream: Callable[[Chunk], None] | None = None,
+             *, stop_ids: Sequence[int] | None = None, stream_every: int = 8,
+             return_logits: bool = False) -> list[Generation]:
+    """Generate a continuation of each prompt; one `Generation` per prompt, in order.
+
+    params_or_checkpoint: a parameter tree (then `config` is required) or a
+    checkpoint directory for `load_model`. tokenizer: a Tokenizer or a path
+    (None: the checkpoint's; with token-id prompts it may stay None).
+    prompts: a string, a list of strings (encoded with BOS), or token-id
+    lists. temperature 0 is greedy; top_k/top_p filter before sampling; the
+    same seed gives the same output. layout: a layout name (sharded over all
+    devices) or None (one device). stop_ids: ids that end a row (default
+    the tokenizer's stop ids). Raises ValueError (one line) if a prompt plus
+    max_new_tokens exceeds the context, or on a bad setting.
+    """
+    if isinstance(params_or_checkpoint, (str, os.PathLike)):
+        config, params, own_tokenizer = load_model(params_or_checkpoint, layout)
+        tokenizer = tokenizer or own_tokenizer
+    elif config is None:
+        raise ValueError("generate: pass config= with a parameter tree (or a checkpoint path)")
+    else:
+        params = params_or_checkpoint
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = load_tokenizer(tokenizer)
+    sampling = Sampling(float(temperature), top_k, top_p)
+    if stream_every < 1:
+        raise ValueError(f"stream_every must be >= 1, got {stream_every}")
+    ids = _prompt_ids(tokenizer, prompts)
+    stops = set(tokenizer.stop_ids if tokenizer is not None and stop_ids is None else stop_ids or ())
+
+    engine = _engine(config, layout)
+    params = engine.place_params(params)
+    tokens = [[] for _ in ids]
+    logits = [[] for _ in ids]
+    stopped = [False] * len(ids)
+    decoders = [StreamDecoder(tokenizer) if stream and tokenizer else None for _ in ids]
+    for out_bn, logits_bnv in engine.run(params, ids, max_new_tokens, sampling, seed, stops,
+                                         chunk=stream_every if stream else None,
+                                         keep_logits=return_logits):
+        for row, out_n in enumerate(out_bn):
+            new = []
+            for step, token in enumerate(out_n.tolist()):
+                if token < 0 or stopped[row]:
+                    continue
+                if return_logits:
+                    logits[row].append(logits_bnv[row, step])
+                if token in stops:
+                    stopped[row] = True
+                else:
+                    new.append(token)
+            tokens[row] += new
+            if stream and new:
+                text = _feed(tokenizer, decoders[row], new)
+                stream(Chunk(row, new, text))
+    if stream:
+        for row, decoder in enumerate(decoders):
+            rest = decoder.flush() if decoder else ""
+            if rest:
+                stream(Chunk(row, [], rest))
+    return [Generation(text=_decode(tokenizer, tokens[row]), tokens=tokens[row], prompt_tokens=ids[row],
+                       finish_reason="stop" if stopped[row] else "length",
+                       logits=np.stack(logits[row]) if return_logits else None)
+            for row in range(len(ids))]
+
+
+def load_model(path: str | os.PathLike, layout: str | Layout | None = None,
+               tokenizer: str | os.PathLike | None = None):
+    """Load (config, params, tokenizer) from a checkpoint directory.
+
+    A directory with `config.json` is read as Hugging Face (safetensors plus
+    tokenizer files); anything else as our own checkpoint (llama_jax.checkpoint:
+    step directories with items "params" and "config"). Parameters come back
+    placed on `layout` (None: one device). The tokenizer is `tokenizer` if
+    given, else the one found in the directory or its parent.
+    Raises ValueError subclasses with one line for anything missing.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointFileError(f"{path}: checkpoint directory not found")
+    if (path / "config.json").is_file():
+        from llama_jax.hf import load_hf_params
+
+        config, params = load_hf_params(path)
+        engine = _engine(config, layout)
+        params = engine.place_params(params)
+    else:
+        try:
+            from llama_jax import checkpoint
+        except ImportError:
+            raise CheckpointFileError(
+                f"{path}: no config.json, so not a Hugging Face directory, and llama_jax.checkpoint "
+                "(our format) is not available") from None
+        config = checkpoint.read_config(path)
+        engine = _engine(config, layout)
+        config, params = checkpoint.restore_params(path, shardings=engine.param_shardings(),
+                                                   config=config)
+    return config, params, load_tokenizer(tokenizer or _find_tokenizer(path))
+
+
+def _engine(config: ModelConfig, layout: str | Layout | None) -> Engine:
+    if layout is None or isinstance(layout, str):
+        return engine_for(config, layout)
+    return Engine(config, layout)
+
+
+def _find_tokenizer(path: Path) -> Path:
+    for directory in (path, path.parent):
+        if any((directory / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+            return directory
+    raise CheckpointFileError(f"{path}: no tokenizer.json or tokenizer.model here or in the parent "
+                              "directory (pass the tokenizer's path)")
+
+
+def _prompt_ids(tokenizer: Tokenizer | None, prompts: Prompts) -> list[list[int]]:
+    if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], (int, np.integer))):
+        prompts = [prompts]
+    ids = []
+    for prompt in prompts:
+        if isinstance(prompt, str):
+            if tokenizer is None:
+                raise ValueError("generate: text prompts need a tokenizer")
+            ids.append(tokenizer.encode(prompt, bos=True))
+        else:
+            ids.append([int(t) for t in prompt])
+    return ids
+
+
+def _feed(tokenizer: Tokenizer | None, decoder: StreamDecoder | None, tokens: list[int]) -> str:
+    if decoder is None:
+        return ""
+    return "".join(decoder.feed(t) for t in tokens if t < tokenizer.vocab_size)
+
+
+def _decode(tokenizer: Tokenizer | None, tokens: list[int]) -> str:
+    if tokenizer is None:
+        return ""
+    # A model's vocabulary may be padded past the tokenizer's; such ids carry no text.
+    return tokenizer.decode([t for t in tokens if t < tokenizer.vocab_size])

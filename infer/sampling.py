@@ -1,0 +1,112 @@
+"""Choosing the next token from logits: greedy, temperature, top-k, top-p.
+
+Pure functions of (logits, PRNG key, settings), so a seed reproduces an
+output and the whole choice compiles inside the decode loop. Letters in
+names: b batch, v vocab, c candidates (the top-k, or the whole vocabulary
+sorted, when top-p needs it).
+
+Order of the filters, as in Hugging Face's and Meta's samplers: divide by
+the temperature, keep the `top_k` largest logits, then keep the smallest
+set of the most probable remaining tokens whose probability sums to at
+least `top_p`, and sample from what is left (renormalised).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+_MASKED = -jnp.inf
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How to pick tokens. `temperature` 0 means greedy (argmax, no randomness).
+
+    `top_k`: keep the k most likely tokens (None: all). `top_p`: nucleus
+    sampling, keep the most likely tokens until their probability reaches p
+    (None or 1.0: all). Hashable, so it can be a static argument of `jax.jit`.
+    """
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+    def __post_init__(self):
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or int(self.top_k) != self.top_k
+                                       or self.top_k < 1):
+            raise ValueError(f"top_k must be a positive integer, got {self.top_k}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+def greedy(logits_bv: jax.Array) -> jax.Array:
+    """The most likely token of each row, int32 [batch] (first index on ties)."""
+    return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+
+
+def top_p_mask(sorted_logits_bc: jax.Array, top_p: float) -> jax.Array:
+    """Which of the logits, sorted in descending order, top-p keeps: bool [b, c].
+
+    A token is kept when the probability of the tokens ranked before it is
+    still below `top_p`, so the kept set is the smallest prefix reaching
+    `top_p`, and the most likely token is always kept.
+    """
+    probs_bc = jax.nn.softmax(sorted_logits_bc.astype(jnp.float32), axis=-1)
+    before_bc = jnp.cumsum(probs_bc, axis=-1) - probs_bc
+    return before_bc < top_p
+
+
+def filter_logits(logits_bv: jax.Array, sampling: Sampling) -> tuple[jax.Array, jax.Array | None]:
+    """Temperature-scaled logits with the filtered-out tokens at -inf.
+
+    Returns (candidate logits [b, c], candidate token ids [b, c] or None).
+    Without top-k/top-p the candidates are the whole vocabulary in id order
+    (ids None); otherwise they are sorted, most likely first.
+    """
+    logits_bv = logits_bv.astype(jnp.float32) / sampling.temperature
+    if sampling.top_k is None and (sampling.top_p is None or sampling.top_p >= 1.0):
+        return logits_bv, None
+    k = logits_bv.shape[-1] if sampling.top_k is None else min(sampling.top_k, logits_bv.shape[-1])
+    logits_bc, ids_bc = jax.lax.top_k(logits_bv, k)
+    if sampling.top_p is not None and sampling.top_p < 1.0:
+        logits_bc = jnp.where(top_p_mask(logits_bc, sampling.top_p), logits_bc, _MASKED)
+    return logits_bc, ids_bc
+
+
+def sample(logits_bv: jax.Array, keys_b: jax.Array, sampling: Sampling) -> jax.Array:
+    """Next token of each row, int32 [batch], drawn with that row's PRNG key.
+
+    logits_bv: float [batch, vocab]; keys_b: one key per row (e.g. from
+    `row_keys`), so a row's draw does not depend on the others.
+    """
+    if sampling.greedy:
+        return greedy(logits_bv)
+    logits_bc, ids_bc = filter_logits(logits_bv, sampling)
+    choice_b = jax.vmap(jax.random.categorical)(keys_b, logits_bc)
+    if ids_bc is not None:
+        choice_b = jnp.take_along_axis(ids_bc, choice_b[:, None], axis=-1)[:, 0]
+    return choice_b.astype(jnp.int32)
+
+
+def row_keys(seed_or_key, batch: int) -> jax.Array:
+    """One PRNG key per row from a seed (int) or key: row i gets fold_in(key, i)."""
+    key = jax.random.key(seed_or_key) if isinstance(seed_or_key, int) else seed_or_key
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(batch))
+
+
+def step_keys(keys_b: jax.Array, counts_b: jax.Array) -> jax.Array:
+    """The keys rows draw their next token with: fold_in(row key, tokens generated so far).
+
+    Keyed by each row's own count, a row's draws do not depend on how the
+    decode loop is chunked or on when other rows stop.
+    """
+    return jax.vmap(jax.random.fold_in)(keys_b, counts_b)

@@ -1,0 +1,143 @@
+"""Generation: greedy decoding equals Hugging Face's, the cache equals a full
+forward, layouts agree with one device, seeds reproduce, stop tokens end rows."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from infer import generate
+from infer.engine import Engine
+from infer.sampling import Sampling
+from llama_jax import Llama
+from llama_jax.hf import load_hf_params
+from tiny import LLAMA3_LIKE, hf_model
+
+# GQA 8:2 heads; heads, ffn and vocab divide by 8 (tp on 8 devices) and by
+# fsdp 4 x tensor 2 (fsdp_tp); kv heads are replicated where tensor > 2.
+CONFIG = LLAMA3_LIKE
+NEW_TOKENS = 32
+_rng = np.random.default_rng(0)
+PROMPTS = [_rng.integers(0, CONFIG.vocab_size, n).tolist() for n in (5, 13, 27)]
+
+
+@pytest.fixture(scope="module")
+def hf_and_params(tmp_path_factory):
+    """The same random weights as a HF model and as our parameter tree."""
+    model = hf_model(CONFIG, seed=3)
+    directory = tmp_path_factory.mktemp("hf")
+    model.save_pretrained(directory)
+    config, params = load_hf_params(directory)
+    assert config == CONFIG
+    return model, params
+
+
+@pytest.fixture(scope="module")
+def params(hf_and_params):
+    return hf_and_params[1]
+
+
+@pytest.fixture(scope="module")
+def greedy_one_device(params):
+    return generate(params, None, PROMPTS, max_new_tokens=NEW_TOKENS, config=CONFIG,
+                    return_logits=True)
+
+
+def test_greedy_decoding_matches_hugging_face_generate(hf_and_params, greedy_one_device):
+    model, _ = hf_and_params
+    for prompt, ours in zip(PROMPTS, greedy_one_device):
+        # One prompt at a time, unpadded, so HF's padding rules play no part.
+        with torch.no_grad():
+            out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                 max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None,
+                                 pad_token_id=0)
+        expected = out[0, len(prompt):].tolist()
+        assert len(expected) == NEW_TOKENS
+        assert ours.tokens == expected, f"prompt of {len(prompt)} tokens diverges from HF"
+        assert ours.finish_reason == "length"
+
+
+def test_cached_decoding_logits_equal_a_full_forward(params, greedy_one_device):
+    sequences = [prompt + ours.tokens for prompt, ours in zip(PROMPTS, greedy_one_device)]
+    width = max(map(len, sequences))
+    # Right padding never reaches earlier positions of a causal model.
+    tokens = jnp.asarray([s + [0] * (width - len(s)) for s in sequences])
+    positions = jnp.broadcast_to(jnp.arange(width), tokens.shape)
+    logits, _ = jax.jit(Llama(CONFIG).apply)({"params": params}, tokens, positions)
+    for row, (prompt, ours) in enumerate(zip(PROMPTS, greedy_one_device)):
+        # The logits that chose generated token i sit at position len(prompt) - 1 + i.
+        expected = np.asarray(logits[row, len(prompt) - 1:len(prompt) - 1 + NEW_TOKENS])
+        assert ours.logits.shape == expected.shape
+        np.testing.assert_allclose(ours.logits, expected, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["tp", "fsdp_tp"])
+def test_layouts_give_the_same_greedy_tokens_as_one_device(params, greedy_one_device, layout):
+    sharded = generate(params, None, PROMPTS, max_new_tokens=NEW_TOKENS, config=CONFIG, layout=layout)
+    assert [g.tokens for g in sharded] == [g.tokens for g in greedy_one_device]
+
+
+def test_the_kv_cache_is_split_by_the_layout(params):
+    engine = Engine(CONFIG, "fsdp_tp")  # fsdp 4 x tensor 2 on 8 devices
+    state, _, _ = engine.prefill(engine.place_params(params), PROMPTS, 4, Sampling())
+    k = state["cache"]["k"]  # [layers, batch, kv_length, kv_heads, head_dim]
+    assert k.shape[1] == 4, "3 prompts are padded to a batch the fsdp axis divides"
+    shard = k.addressable_shards[0].data.shape
+    assert shard[1] == 1 and shard[3] == CONFIG.n_kv_heads // 2
+    assert shard[2] == k.shape[2] and shard[4] == k.shape[4]
+
+
+def test_a_seed_reproduces_a_sampled_output_and_other_seeds_differ(params):
+    sample = dict(max_new_tokens=12, config=CONFIG, temperature=1.0, top_p=0.95)
+    first = generate(params, None, PROMPTS, seed=7, **sample)
+    again = generate(params, None, PROMPTS, seed=7, **sample)
+    other = generate(params, None, PROMPTS, seed=8, **sample)
+    assert [g.tokens for g in first] == [g.tokens for g in again]
+    assert [g.tokens for g in first] != [g.tokens for g in other]
+
+
+def test_streamed_chunks_make_up_the_result_and_do_not_change_it(params, greedy_one_device):
+    chunks = []
+    results = generate(params, None, PROMPTS, max_new_tokens=NEW_TOKENS, config=CONFIG,
+                       temperature=0.0, stream=chunks.append, stream_every=5)
+    assert len(chunks) > len(PROMPTS)  # arrived in pieces, not once at the end
+    for row, result in enumerate(results):
+        streamed = [t for c in chunks if c.row == row for t in c.tokens]
+        assert streamed == result.tokens == greedy_one_device[row].tokens
+
+
+def test_top_k_one_equals_greedy(params, greedy_one_device):
+    results = generate(params, None, PROMPTS, max_new_tokens=NEW_TOKENS, config=CONFIG,
+                       temperature=1.3, top_k=1, seed=5)
+    assert [g.tokens for g in results] == [g.tokens for g in greedy_one_device]
+
+
+def test_a_stop_token_ends_its_row_while_the_others_continue(params, greedy_one_device):
+    tokens = [g.tokens for g in greedy_one_device]
+    others = set(tokens[1]) | set(tokens[2])
+    at = next(i for i in range(2, NEW_TOKENS) if tokens[0][i] not in others
+              and tokens[0][i] not in tokens[0][:i])
+    stop = tokens[0][at]
+    results = generate(params, None, PROMPTS, max_new_tokens=NEW_TOKENS, config=CONFIG,
+                       stop_ids=[stop])
+    assert results[0].tokens == tokens[0][:at] and results[0].finish_reason == "stop"
+    for row in (1, 2):
+        assert results[row].tokens == tokens[row] and results[row].finish_reason == "length"
+
+
+def test_max_new_tokens_limits_every_row(params, greedy_one_device):
+    results = generate(params, None, PROMPTS, max_new_tokens=3, config=CONFIG)
+    assert [g.tokens for g in results] == [g.tokens[:3] for g in greedy_one_device]
+
+
+def test_a_prompt_too_long_for_the_context_is_a_one_line_error(params):
+    long_prompt = [1] * (CONFIG.max_seq_len - 10)
+    with pytest.raises(ValueError, match=r"prompt 1 has 502 tokens.*context of 512") as err:
+        generate(params, None, [[1, 2], long_prompt], max_new_tokens=11, config=CONFIG)
+    assert "\n" not in str(err.value)
+
+
+def test_token_ids_outside_the_vocabulary_are_rejected(params):
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        generate(params, None, [[1, CONFIG.vocab_size]], max_new_tokens=2, config=CONFIG)

@@ -1,0 +1,101 @@
+"""`python -m infer` end to end on a tiny Hugging Face directory with a tokenizer
+trained here: it prints the generated text, and bad input is one line, exit 2."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from infer import generate, load_model
+from llama_jax.config import ModelConfig
+from llama_jax.tokenizer import load_tokenizer, train_sentencepiece
+from tiny import hf_model
+
+REPO = Path(__file__).resolve().parent.parent
+CORPUS = ["The llama is a domesticated South American camelid, used as a pack animal.",
+          "Llamas are social animals and live with others as a herd.",
+          "Once upon a time there was a small llama who wanted to see the sea."] * 30
+CONTEXT = 128
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """config.json + safetensors from a random HF model, and a SentencePiece tokenizer.model."""
+    directory = tmp_path_factory.mktemp("tiny_hf")
+    train_sentencepiece(CORPUS, 320, directory / "tokenizer.model")
+    vocab = load_tokenizer(directory).vocab_size
+    config = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, vocab_size=vocab,
+                         rope_theta=10000.0, max_seq_len=CONTEXT)
+    hf_model(config, seed=1).save_pretrained(directory)
+    return directory
+
+
+def run_cli(*args, stdin=None, one_device=False):
+    env = dict(os.environ)
+    if one_device:  # the test session emulates 8 devices; a child may see just one
+        env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")
+    return subprocess.run([sys.executable, "-m", "infer", *map(str, args)], cwd=REPO, env=env,
+                          input=stdin, capture_output=True, text=True, timeout=120)
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_help_describes_the_options():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for option in ("--checkpoint", "--prompt", "--max-new-tokens", "--temperature", "--top-k",
+                   "--top-p", "--seed", "--layout", "--chat", "--system"):
+        assert option in result.stdout
+
+
+def test_prints_the_generated_text(checkpoint):
+    result = run_cli("--checkpoint", checkpoint, "--prompt", "Once upon a time", "--max-new-tokens", 16,
+                     "--stream-every", 3)
+    assert result.returncode == 0, result.stderr
+    config, params, tokenizer = load_model(checkpoint)
+    expected = generate(params, tokenizer, "Once upon a time", max_new_tokens=16, config=config)[0]
+    assert expected.text.strip(), "the tiny model should produce some text"
+    assert result.stdout == expected.text + "\n"
+
+
+def test_chat_answers_each_line_with_the_template(checkpoint):
+    result = run_cli("--checkpoint", checkpoint, "--chat", "--system", "Be brief.", "--max-new-tokens", 8,
+                     "--temperature", 0.7, "--top-p", 0.9, "--seed", 3, stdin="Hello llama\nAnd again\nOnce more, with feeling\n")
+    assert result.returncode == 0, result.stderr
+    # Three answers (old turns are forgotten as the context fills), then the
+    # fourth request for input meets the end of stdin.
+    assert result.stderr.count("> ") == 4
+    assert result.stdout.count("\n") >= 3 and result.stdout.endswith("\n")
+
+
+def test_missing_checkpoint_is_one_line_exit_2(tmp_path):
+    assert_one_line_error(run_cli("--checkpoint", tmp_path / "nope", "--prompt", "hi"), "not found")
+
+
+def test_unknown_layout_is_one_line_exit_2(checkpoint):
+    assert_one_line_error(run_cli("--checkpoint", checkpoint, "--prompt", "hi", "--layout", "diagonal"),
+                          "diagonal", "not found")
+
+
+def test_prompt_longer_than_the_context_is_one_line_exit_2(checkpoint):
+    result = run_cli("--checkpoint", checkpoint, "--prompt", "llama " * CONTEXT, "--max-new-tokens", 4)
+    assert_one_line_error(result, "context of 128")
+
+
+def test_mesh_that_does_not_fit_the_devices_is_one_line_exit_2(checkpoint):
+    # fsdp_tp needs an even number of devices (tensor = 2); the child has one.
+    result = run_cli("--checkpoint", checkpoint, "--prompt", "hi", "--layout", "fsdp_tp", one_device=True)
+    assert_one_line_error(result, "fsdp_tp", "devices")
+
+
+def test_bad_sampling_settings_are_one_line_exit_2(checkpoint):
+    assert_one_line_error(run_cli("--checkpoint", checkpoint, "--prompt", "hi", "--top-p", 2),
+                          "top_p")
