@@ -87,12 +87,23 @@ def _as_tuple(mesh_axes) -> tuple[str, ...]:
 
 def layout_from_dict(name: str, data: dict[str, Any]) -> Layout:
     """Build a Layout from the YAML structure in this module's docstring."""
-    if not isinstance(data, dict) or set(data) - {"mesh", "rules"}:
-        extra = set(data) - {"mesh", "rules"} if isinstance(data, dict) else "not a mapping"
-        raise LayoutError(f"layout {name}: expected keys mesh and rules, got {extra}")
+    if not isinstance(data, dict):
+        raise LayoutError(f"layout {name}: expected a mapping with keys mesh and rules, "
+                          f"got {type(data).__name__}")
+    if set(data) - {"mesh", "rules"}:
+        raise LayoutError(f"layout {name}: expected keys mesh and rules, got {set(data) - {'mesh', 'rules'}}")
     mesh = data.get("mesh") or {}
+    if not isinstance(mesh, dict):
+        raise LayoutError(f"layout {name}: mesh must be a mapping with ici and dcn, "
+                          f"got {type(mesh).__name__}")
     if set(mesh) - {"ici", "dcn"}:
         raise LayoutError(f"layout {name}: mesh takes ici and dcn, got {sorted(set(mesh))}")
+    for part in ("ici", "dcn"):
+        if not isinstance(mesh.get(part) or {}, dict):
+            raise LayoutError(f"layout {name}: mesh.{part} must map mesh axes to sizes, "
+                              f"got {mesh[part]!r}")
+    if not isinstance(data.get("rules") or [], (list, tuple)):
+        raise LayoutError(f"layout {name}: rules must be a list of [logical, mesh axes]")
     rules = []
     for rule in data.get("rules") or []:
         if not isinstance(rule, (list, tuple)) or len(rule) != 2:

@@ -21,6 +21,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llama_jax.config import ModelConfig
+from llama_jax.model import CACHE_AXES
 from llama_jax.params import init_params, logical_axes
 from sharding.layout import Layout, LayoutError, _as_tuple
 from sharding.mesh import make_mesh
@@ -54,17 +55,23 @@ def check_divisible(shape, spec: PartitionSpec, mesh: Mesh, what: str, names=Non
         if size % parts:
             label = names[dim] if names else f"dim {dim}"
             raise LayoutError(f"{what}: {label} of size {size} does not divide by "
-                              f"{'x'.join(_as_tuple(axes))} = {parts}")
+                              f"{' x '.join(_as_tuple(axes))} = {parts}")
 
 
 def validate(config: ModelConfig, layout: Layout, mesh: Mesh, batch: int | None = None,
              seq_len: int | None = None):
     """Check, before anything compiles, that every split dimension divides its axes."""
     rules = rules_for(config, layout, mesh)
+    covered = {logical for logical, _ in layout.rules}
+    used = {name for names in jax.tree.leaves(logical_axes(config), is_leaf=lambda x: isinstance(x, tuple))
+            for name in names} | set(CACHE_AXES)
+    for name in sorted(used - covered):
+        raise LayoutError(f"layout {layout.name}: the model names logical axis {name!r}, which no rule "
+                          "covers (its arrays would be silently replicated)")
     tensor_axes = layout.mesh_axes_of("kv_heads")
     kv_parts = math.prod(mesh.shape[a] for a in tensor_axes)
     if config.n_kv_heads % kv_parts and kv_parts % config.n_kv_heads:
-        raise LayoutError(f"layout {layout.name}: {'x'.join(tensor_axes)} = {kv_parts} neither divides "
+        raise LayoutError(f"layout {layout.name}: {' x '.join(tensor_axes)} = {kv_parts} neither divides "
                           f"nor is a multiple of n_kv_heads {config.n_kv_heads}")
     names = {"heads": config.n_heads, "kv_heads": config.n_kv_heads, "mlp": config.ffn_dim,
              "vocab": config.vocab_size, "embed": config.dim, "head_dim": config.head_dim}
@@ -141,14 +148,39 @@ class Placement:
     def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """Assemble each process's local rows into global arrays sharded as (batch, length).
 
-        Every process passes its own rows (global_batch / process_count of them);
-        the result is one global array per key.
+        Every process passes the rows its devices hold: with the batch split
+        over processes (fsdp, data) that is global_batch / process_count rows
+        of its own; where processes are replicas along the batch (e.g. `tp`
+        across hosts) it is the same full batch on each. The result is one
+        global array per key; length stays whole in every process's rows.
         """
         out = {}
         for key, rows in local.items():
-            names = ("batch", "length")[:np.ndim(rows)]
+            rows = np.asarray(rows)
+            names = ("batch", "length")[:rows.ndim]
             sharding = self.sharding(*names)
-            global_shape = (rows.shape[0] * jax.process_count(),) + rows.shape[1:]
+            global_shape = (rows.shape[0] * self._process_row_blocks(),) + rows.shape[1:]
             check_divisible(global_shape, sharding.spec, self.mesh, f"batch[{key!r}]", names)
-            out[key] = jax.make_array_from_process_local_data(sharding, np.asarray(rows), global_shape)
+            out[key] = jax.make_array_from_process_local_data(sharding, rows, global_shape)
         return out
+
+    def process_rows(self, global_batch: int) -> int:
+        """How many rows of a `global_batch` this process passes to `global_batch()`."""
+        blocks = self._process_row_blocks()
+        if global_batch % blocks:
+            raise LayoutError(f"batch of {global_batch} rows does not split into the {blocks} "
+                              "blocks the processes hold")
+        return global_batch // blocks
+
+    def _process_row_blocks(self) -> int:
+        """Into how many distinct blocks of rows the processes split the batch.
+
+        The batch is cut into one part per device group on its mesh axes; this
+        process feeds the parts its own devices hold, so the global batch is
+        its rows times (all parts / parts held here).
+        """
+        parts = math.prod(self.mesh.shape[a] for a in _as_tuple(self.spec("batch")[0]))
+        indices = self.sharding("batch").devices_indices_map((parts,))
+        here = {idx[0].start for device, idx in indices.items()
+                if device.process_index == jax.process_index()}
+        return parts // len(here)

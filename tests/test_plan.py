@@ -1,0 +1,130 @@
+"""The memory plan agrees with arrays actually placed, and its command handles any pod size."""
+
+from __future__ import annotations
+
+import functools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import ml_dtypes  # noqa: F401  (numpy bfloat16)
+import numpy as np
+import pytest
+from tiny import LLAMA3_LIKE
+
+from llama_jax import count_params, init_params, load_model_config
+from sharding.layout import LayoutError, load_layout
+from sharding.place import Placement
+from sharding.plan import plan
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@functools.cache
+def _host_params():
+    return jax.device_get(init_params(LLAMA3_LIKE, jax.random.key(0)))
+
+
+def _bytes_on_device0(tree) -> int:
+    device0 = jax.devices()[0]
+    return sum(shard.data.nbytes for leaf in jax.tree.leaves(tree)
+               for shard in leaf.addressable_shards if shard.device == device0)
+
+
+@pytest.mark.parametrize("name", ["fsdp", "fsdp_tp", "tp"])
+@pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])
+def test_planned_parameter_bytes_equal_bytes_held_on_device_0(name, param_dtype):
+    config = LLAMA3_LIKE.replace(param_dtype=param_dtype)
+    placement = Placement.create(config, load_layout(name))
+    host = jax.tree.map(lambda a: np.asarray(a, dtype=param_dtype), _host_params())
+    held = _bytes_on_device0(placement.put(host, placement.param_shardings()))
+    result = plan(config, load_layout(name), 8, seq_len=32)
+    assert result["per_device_bytes"]["parameters"] == held
+    assert result["per_device_bytes"]["gradients"] == held
+    assert result["per_device_bytes"]["optimizer"] == held * 2 * 4 // (2 if param_dtype == "bfloat16" else 4)
+    assert result["mesh"] == dict(placement.mesh.shape)
+
+
+def test_full_remat_activations_follow_the_documented_formula():
+    # fsdp on 8 devices, 2 rows per device of 32 tokens: each device holds 2 rows
+    # of every layer's input [batch, length, embed] (embed cannot reuse fsdp).
+    config = LLAMA3_LIKE
+    result = plan(config, "fsdp", 8, batch_per_device=2, seq_len=32, remat="full")
+    d, v, layers = config.dim, config.vocab_size, config.n_layers
+    tokens = 2 * 32
+    breakdown = result["activation_breakdown"]
+    assert breakdown["saved_per_layer"] == tokens * d * 4
+    assert breakdown["saved_by_layer_scan"] == layers * tokens * d * 4
+    assert breakdown["logits"] == tokens * v * 4
+    assert breakdown["final_hidden"] == tokens * d * 4
+    assert result["activation_bytes_per_token"] == result["per_device_bytes"]["activations"] / tokens
+    # remat none keeps more per layer than full, which keeps more than nothing
+    none = plan(config, "fsdp", 8, batch_per_device=2, seq_len=32, remat="none")
+    assert none["activation_breakdown"]["saved_per_layer"] > breakdown["saved_per_layer"]
+    assert none["activation_breakdown"]["recomputed_layer"] == 0
+    assert breakdown["recomputed_layer"] == none["activation_breakdown"]["saved_per_layer"]
+
+
+def test_plan_replicates_kv_heads_like_placement():
+    result = plan(LLAMA3_LIKE, "tp", 8, seq_len=32)
+    assert result["kv_heads_replicated"]
+    assert result["parameter_specs"]["['layers']['attention']['wk']['kernel']"] == \
+        "P(None, 'fsdp', None, None)"
+
+
+def test_plan_bad_input_raises_one_line_errors():
+    with pytest.raises(LayoutError, match=r"needs 16 devices but 8 are available"):
+        plan(LLAMA3_LIKE, "fsdp_tp", 8, mesh={"fsdp": 4, "tensor": 4})
+    with pytest.raises(LayoutError, match=r"batch of size 4 does not divide by data x fsdp = 8"):
+        plan(LLAMA3_LIKE, "fsdp", 8, batch_per_device=0.5)
+
+
+def _cli(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "sharding.plan", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_cli_plans_405b_on_2048_chips_without_allocating():
+    run = _cli("--model", "llama3_1_405b", "--layout", "fsdp_tp", "--devices", "2048",
+               "--mesh", "fsdp=256,tensor=8", "--remat", "full", "--dtype", "bfloat16", "--json")
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    n_params = count_params(load_model_config("llama3_1_405b"))
+    assert result["parameter_count"] == n_params
+    assert f"{n_params / 1e9:.4g}" == "405.9"
+    assert result["mesh"] == {"data": 1, "fsdp": 256, "sequence": 1, "tensor": 8}
+    per_device = result["per_device_bytes"]
+    # norm scales are split over fsdp only (replicated over tensor); everything else 2048 ways
+    config = load_model_config("llama3_1_405b")
+    norms = (2 * config.n_layers + 1) * config.dim
+    assert per_device["parameters"] == (n_params - norms) * 4 // 2048 + norms * 4 // 256
+    assert per_device["optimizer"] == 2 * per_device["parameters"]
+    assert per_device["activations"] > 0 and per_device["total"] == sum(
+        v for k, v in per_device.items() if k != "total")
+
+    table = _cli("--model", "llama3_1_405b", "--layout", "fsdp_tp", "--devices", "2048")
+    assert table.returncode == 0, table.stderr
+    assert "optimizer (AdamW, 2 x float32)" in table.stdout and "fsdp=1024 sequence=1 tensor=2" in table.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--model", "llama9", "--layout", "fsdp", "--devices", "8"), "plan: model config 'llama9' not found"),
+    (("--model", "tiny", "--layout", "zero3", "--devices", "8"), "plan: layout 'zero3' not found"),
+    (("--model", "llama3_1_405b", "--layout", "fsdp_tp", "--devices", "2048", "--mesh", "fsdp=128,tensor=8"),
+     "plan: layout fsdp_tp: mesh data=1 x fsdp=128 x sequence=1 x tensor=8 needs 1024 devices "
+     "but 2048 are available"),
+    (("--model", "llama3_1_405b", "--layout", "tp", "--devices", "256"),
+     "plan: layout tp: heads (n_heads) of size 128 does not divide by tensor = 256"),
+    (("--model", "llama3_1_405b", "--layout", "fsdp_tp", "--devices", "2048", "--mesh", "tensor=3"),
+     "plan: layout fsdp_tp: 2048 devices do not divide into the fixed mesh sizes (product 3)"),
+    (("--model", "tiny", "--layout", "fsdp", "--devices", "8", "--mesh", "fsdp:8"),
+     "plan: --mesh: expected axis=size pairs like fsdp=256,tensor=8, got 'fsdp:8'"),
+])
+def test_cli_bad_input_prints_one_line_and_exits_2(args, message):
+    run = _cli(*args)
+    assert run.returncode == 2
+    assert run.stdout == ""
+    assert run.stderr.strip() == message or run.stderr.strip().startswith(message), run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1
