@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def main(argv=None) -> int:
@@ -16,25 +17,34 @@ def main(argv=None) -> int:
         epilog="Overrides use dotted keys, e.g. steps=100 optimizer.learning_rate=1e-3 "
                "data.global_batch=32 layout=fsdp_tp mesh.tensor=4. A run directory that "
                "holds checkpoints is resumed from its latest complete step.")
-    parser.add_argument("--config", required=True, help="run config: a YAML path or a name in configs/runs/")
+    parser.add_argument("--config", required=True,
+                        help="run config: a YAML path, a name in configs/runs/, or a run directory "
+                             "with checkpoints (continues it with the config saved there)")
     parser.add_argument("--distributed", action="store_true",
                         help="call jax.distributed.initialize() first (multi-host TPU pods)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # flags may follow key=value overrides
+
+    import logging
 
     import jax
 
     from llama_jax.checkpoint import CheckpointError
     from llama_jax.config import ConfigError
     from sharding.layout import LayoutError
+    from train.checkpointing import resume_config
     from train.config import load_run_config
     from train.loop import loss_curve_png, train
 
+    logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's notes would bury the one-line errors
     try:
         if args.distributed:
             jax.distributed.initialize()
-        run = load_run_config(args.config, args.overrides)
+        if Path(args.config).is_dir():
+            run = resume_config(args.config, args.overrides)
+        else:
+            run = load_run_config(args.config, args.overrides)
         summary = train(run, progress=not args.quiet)
     except (ConfigError, LayoutError, CheckpointError, ValueError, FileNotFoundError) as err:
         print(f"train: error: {err}", file=sys.stderr)

@@ -1,38 +1,62 @@
 """When and what training saves: async orbax checkpoints, exact resume, preemption.
 
 A training checkpoint is the format of `llama_jax/checkpoint.py` (items
-"params" and "config", so inference and fine-tuning read it directly) plus
-the items only training needs:
+"params" and "config", so inference and fine-tuning read it directly with
+`restore_params`) plus the items only training needs:
 
     <run_dir>/checkpoints/<step>/
       params/  config/            as llama_jax.checkpoint writes them
       opt_state/                  optimizer state (moments follow params' shardings)
       data/                       the data iterator's state (grain), one file per process
       run/                        the resolved run config, as JSON
+      checksums/                  a 32-bit fingerprint of every array, as JSON
 
-Orbax writes each step under a temporary name and renames it when complete,
-so a save killed halfway is never taken for a checkpoint, and it deletes old
-steps (beyond `keep_checkpoints`) only after a newer one is complete.
-SIGTERM (the TPU preemption notice) sets a flag; the loop then saves at the
-current step, waits for the save, and returns normally.
+Safety, and who provides it:
+- A save killed halfway is never taken for a checkpoint: orbax writes a step
+  under `<step>.orbax-checkpoint-tmp` and renames it when every item is
+  committed. Leftovers are reported and removed when the next run starts.
+- A failed save never deletes or overwrites the last good checkpoint: orbax
+  deletes old steps (beyond `keep_checkpoints`) only after a newer one is
+  committed, and never saves over an existing step.
+- Corruption that still decodes (garbage inside a compressed chunk) would
+  restore silently; the checksums item catches it. Fingerprints are sums of
+  integer bit patterns, exact in any order, so they agree on every layout.
+- Any failure to restore is a `CheckpointError` naming the step and the
+  problem, and the previous complete step to fall back on.
+
+Preemption: on one process, SIGTERM sets a flag; the loop saves at the
+current step, waits for the save and returns. On several processes the
+signal reaches hosts at different times, so a local flag would make them
+disagree on the step to save at (and hang in the save's collectives).
+There JAX's preemption service (started by `jax.distributed.initialize`,
+which owns SIGTERM) agrees on one step across hosts, and every host
+asks `reached_preemption_sync_point(step)` once per step. With the service
+disabled (`jax_enable_preemption_service=False`), SIGTERM ends the processes
+and the run resumes from its last periodic checkpoint.
 """
 
 from __future__ import annotations
 
+import gc
+import json
 import signal
+import sys
 import threading
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
-from llama_jax.checkpoint import CONFIG, PARAMS, CheckpointError, all_steps, read_config
-from train.config import RunConfig
+from llama_jax.checkpoint import (ARCHITECTURE_FIELDS, CONFIG, PARAMS, TMP_SUFFIX, CheckpointError,
+                                  latest_step, read_config)
+from train.config import RunConfig, _merge, parse_overrides, run_config_from_dict
 from train.data import checkpoint_restore_args, checkpoint_save_args
 
-OPT_STATE, DATA, RUN = "opt_state", "data", "run"
-ARCHITECTURE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size",
-                       "head_dim", "tie_embeddings")
+OPT_STATE, DATA, RUN, CHECKSUMS = "opt_state", "data", "run", "checksums"
+TRAINING_ITEMS = (PARAMS, CONFIG, OPT_STATE, DATA)
 
 
 def checkpoint_dir(run: RunConfig) -> Path:
@@ -40,7 +64,11 @@ def checkpoint_dir(run: RunConfig) -> Path:
 
 
 class Checkpointer:
-    """Saves every `checkpoint_every` steps (asynchronously) and restores the latest step."""
+    """Saves every `checkpoint_every` steps (asynchronously) and restores the latest step.
+
+    Every process must create one, call `restore_latest` once, and then call
+    `reached_preemption` and `maybe_save` at every step.
+    """
 
     def __init__(self, run: RunConfig, shardings):
         self.run = run
@@ -48,61 +76,214 @@ class Checkpointer:
         self.directory = checkpoint_dir(run)
         self.preempted = False
         self._last_saved = None
+        self._leftovers = sorted(p.name for p in self.directory.glob(f"*{TMP_SUFFIX}*"))
         options = ocp.CheckpointManagerOptions(max_to_keep=run.keep_checkpoints, create=True,
-                                               enable_async_checkpointing=True)
+                                               enable_async_checkpointing=True,
+                                               cleanup_tmp_directories=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._fingerprints = jax.jit(_fingerprints)
         self._previous_handler = None
-        if threading.current_thread() is threading.main_thread():
+        self._sync_preemption = jax.process_count() > 1
+        if not self._sync_preemption and threading.current_thread() is threading.main_thread():
             self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def _on_sigterm(self, signum, frame):
         self.preempted = True
 
+    def reached_preemption(self, step: int) -> bool:
+        """True once a preemption notice arrived: save at `step` and stop (same step on all hosts)."""
+        if self._sync_preemption and not self.preempted:
+            try:
+                self.preempted = multihost_utils.reached_preemption_sync_point(step)
+            except RuntimeError:  # the preemption service is disabled
+                self._sync_preemption = False
+        return self.preempted
+
     def restore_latest(self, state, data):
-        """The latest complete checkpoint's state (and data position), or `state` if none."""
-        steps = all_steps(self.directory)
+        """The latest complete checkpoint's state (and data position), or `state` if none.
+
+        Raises CheckpointError (one line) if that checkpoint was written for
+        another model, lacks an item, or does not read back bit for bit.
+        """
+        for name in self._leftovers:
+            _note(f"removing {self.directory / name}: a save that never finished")
+        steps = sorted(self.manager.all_steps())
         if not steps:
             return state
         step = steps[-1]
-        stored = read_config(self.directory, step)
+        step_dir = self.directory / str(step)
+        fallback = (f"; step {steps[-2]} is the previous complete checkpoint (move {step_dir} aside "
+                    "to resume from it)") if len(steps) > 1 else ""
+
+        def fail(problem):
+            return CheckpointError(f"{step_dir}: {problem}{fallback}")
+
+        present = [item for item in TRAINING_ITEMS if (step_dir / item).is_dir()]
+        if len(present) < len(TRAINING_ITEMS):
+            missing = next(item for item in TRAINING_ITEMS if item not in present)
+            raise fail(f"not a complete training checkpoint (no {missing!r} item)")
+        try:
+            stored = read_config(self.directory, step)
+        except CheckpointError as err:
+            raise fail(str(err)) from None
         for name in ARCHITECTURE_FIELDS:
             if getattr(stored, name) != getattr(self.run.model, name):
                 raise CheckpointError(
-                    f"{self.directory / str(step)}: checkpoint has {name} {getattr(stored, name)!r} but the "
-                    f"run config says {getattr(self.run.model, name)!r}; use another run_dir")
+                    f"{step_dir}: checkpoint has {name} {getattr(stored, name)!r} but the run config "
+                    f"says {getattr(self.run.model, name)!r}; use another run_dir")
         abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                 state, self.shardings)
+        problem = None
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(**{
                 PARAMS: ocp.args.StandardRestore(abstract.params),
                 OPT_STATE: ocp.args.StandardRestore(abstract.opt_state),
                 DATA: checkpoint_restore_args(data)}))
-        except (ValueError, KeyError, FileNotFoundError, TypeError) as err:
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise CheckpointError(f"{self.directory / str(step)}: cannot restore ({first})") from None
+        except Exception as err:  # orbax and tensorstore raise many types; all mean "unreadable"
+            problem = _root_cause(err)
+        if problem is not None:
+            _drop_abandoned_reads()
+            raise fail(f"cannot restore ({problem})")
+        arrays = {PARAMS: restored[PARAMS], OPT_STATE: restored[OPT_STATE]}
+        expected = self._stored_checksums(step_dir)
+        if expected is not None:
+            actual = jax.device_get(self._fingerprints(arrays))
+            for name in sorted(expected):
+                if actual.get(name) != expected[name]:
+                    raise fail(f"{name} does not match its checksum (a corrupt file?)")
         self._last_saved = step
-        return state.replace(step=jax.numpy.asarray(step, jax.numpy.int32),
-                             params=restored[PARAMS], opt_state=restored[OPT_STATE])
+        _note(f"resuming from {step_dir}")
+        step_array = jax.make_array_from_callback((), self.shardings.step, lambda _: np.int32(step))
+        return state.replace(step=step_array, **arrays)
 
     def maybe_save(self, step: int, state, data, force: bool = False):
-        """Save at multiples of checkpoint_every (or when forced); returns without waiting."""
+        """Save at multiples of checkpoint_every (or when forced); returns without waiting.
+
+        Raises CheckpointError if this or the previous save failed; the last
+        complete checkpoint is then still on disk, untouched.
+        """
         if step == self._last_saved or not (force or step % self.run.checkpoint_every == 0):
             return
-        self.manager.save(step, args=ocp.args.Composite(**{
-            PARAMS: ocp.args.StandardSave(state.params),
-            CONFIG: ocp.args.JsonSave(self.run.model.to_dict()),
-            OPT_STATE: ocp.args.StandardSave(state.opt_state),
-            DATA: checkpoint_save_args(data),
-            RUN: ocp.args.JsonSave(_jsonable(self.run.to_dict())),
-        }), force=True)
+        arrays = {PARAMS: state.params, OPT_STATE: state.opt_state}
+        checksums = {k: int(v) for k, v in jax.device_get(self._fingerprints(arrays)).items()}
+        try:
+            self.manager.save(step, args=ocp.args.Composite(**{
+                PARAMS: ocp.args.StandardSave(state.params),
+                CONFIG: ocp.args.JsonSave(self.run.model.to_dict()),
+                OPT_STATE: ocp.args.StandardSave(state.opt_state),
+                DATA: checkpoint_save_args(data),
+                RUN: ocp.args.JsonSave(_jsonable(self.run.to_dict())),
+                CHECKSUMS: ocp.args.JsonSave(checksums),
+            }), force=True)
+        except Exception as err:
+            raise self._save_error(err) from None
         self._last_saved = step
 
     def close(self):
-        """Wait for pending saves, then release the manager and the signal handler."""
-        self.manager.wait_until_finished()
+        """Wait for pending saves, then release the manager and the signal handler.
+
+        Raises CheckpointError if the last save failed.
+        """
+        try:
+            self.manager.wait_until_finished()
+        except Exception as err:
+            raise self._save_error(err) from None
+        finally:
+            if self._previous_handler is not None:
+                signal.signal(signal.SIGTERM, self._previous_handler)
+                self._previous_handler = None
         self.manager.close()
-        if self._previous_handler is not None:
-            signal.signal(signal.SIGTERM, self._previous_handler)
+
+    def _save_error(self, err) -> CheckpointError:
+        steps = sorted(self.manager.all_steps(read=True))
+        last = f"step {steps[-1]} is the last complete checkpoint" if steps else "no complete checkpoint"
+        return CheckpointError(f"{self.directory}: saving a checkpoint failed ({_root_cause(err)}); {last}")
+
+    def _stored_checksums(self, step_dir: Path) -> dict | None:
+        path = step_dir / CHECKSUMS / "metadata"
+        if not path.exists():  # written before checksums existed
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"{path}: unreadable checksums ({_root_cause(err)})") from None
+
+
+def resume_config(run_dir, overrides: list[str] = ()) -> RunConfig:
+    """The run config saved with a run directory's latest checkpoint, plus key=value overrides.
+
+    `run_dir` becomes the directory given (it may have moved since), so
+    `python -m train --config <run_dir> [steps=...]` continues that run.
+    """
+    directory = Path(run_dir).absolute() / "checkpoints"
+    step = latest_step(directory)
+    if step is None:
+        raise CheckpointError(f"{run_dir}: no complete checkpoint to resume (give a run config instead)")
+    path = directory / str(step) / RUN / "metadata"
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: unreadable run config ({_root_cause(err)})") from None
+    saved["run_dir"] = str(run_dir)
+    return run_config_from_dict(_merge(saved, parse_overrides(list(overrides))))
+
+
+def _fingerprints(trees: dict) -> dict:
+    """{"item/leaf/path": uint32} for dicts of array trees: sum over elements of bits * (2 * index + 1).
+
+    Wrapping integer sums do not depend on the order of addition, so a sharded
+    array gives the same value on any mesh; odd weights make every flipped
+    bit and every swapped pair of elements change it.
+    """
+    out = {}
+    for item, tree in trees.items():
+        for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            keys = (getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
+            out["/".join([item, *map(str, keys)])] = _fingerprint(x)
+    return out
+
+
+def _fingerprint(x: jax.Array) -> jax.Array:
+    if x.dtype == jnp.bool_:
+        bits = x.astype(jnp.uint32)
+    elif x.dtype.itemsize > 4:
+        bits = jax.lax.bitcast_convert_type(x, jnp.uint32)  # adds a trailing axis
+    else:
+        bits = jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize])
+        bits = bits.astype(jnp.uint32)
+    index = jnp.zeros(bits.shape, jnp.uint32)
+    stride = 1
+    for axis in reversed(range(bits.ndim)):
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, axis) * jnp.uint32(stride % 2**32)
+        stride *= bits.shape[axis]
+    return jnp.sum(bits * (2 * index + 1), dtype=jnp.uint32)
+
+
+def _root_cause(err: BaseException) -> str:
+    """The first line of the innermost exception (tensorstore's message, not orbax's wrapper)."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _drop_abandoned_reads():
+    """Collect the array reads orbax abandoned when one failed, without their noise.
+
+    Each would otherwise print "Exception ignored in: <coroutine ...>" with a
+    page of tensorstore spec when garbage-collected, burying the one-line error.
+    """
+    hook = sys.unraisablehook
+    sys.unraisablehook = lambda _: None
+    try:
+        gc.collect()
+    finally:
+        sys.unraisablehook = hook
+
+
+def _note(message: str):
+    if jax.process_index() == 0:
+        print(f"train: {message}", file=sys.stderr, flush=True)
 
 
 def _jsonable(value):

@@ -66,7 +66,7 @@ def train(run: RunConfig, *, progress: bool = True, stop_after: int | None = Non
     window_start, window_tokens, window_steps = time.perf_counter(), 0.0, 0
     try:
         with placement.activate():
-            while step < last_steps and not checkpointer.preempted:
+            while step < last_steps and not checkpointer.reached_preemption(step):
                 batch = placement.global_batch(next(data))
                 state, metrics = step_fn(state, batch)
                 step += 1

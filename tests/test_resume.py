@@ -1,0 +1,165 @@
+"""Resuming training: after SIGKILL and SIGTERM, onto other layouts, and params-only for inference."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import signal
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from llama_jax.checkpoint import latest_step, read_config, restore_params
+from sharding.layout import load_layout
+from sharding.place import Placement
+from train_runs import (EXACT_METRICS, assert_trees_equal, cli, metrics, run_config, start,
+                              steps_on_disk, wait_for_step)
+
+TIMEOUT = 150  # seconds for one tiny run of `python -m train` on a busy 2-core machine
+
+
+def _finish(process: subprocess.Popen, log) -> str:
+    try:
+        process.wait(timeout=TIMEOUT)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    return log.read_text()
+
+
+@pytest.fixture(scope="module")
+def compilation_cache(tmp_path_factory):
+    """Shared by the subprocess runs below: same config and devices, so one compile serves all."""
+    return tmp_path_factory.mktemp("compilation_cache")
+
+
+def test_killed_run_resumes_with_the_same_losses_step_for_step(tmp_path, compilation_cache):
+    """SIGKILL between saves; the same command again recomputes from the last checkpoint
+    and every step's metrics equal an uninterrupted run's, bit for bit (data order included)."""
+    steps = ("steps=30", "log_every=1", "checkpoint_every=5")
+    reference_dir, killed_dir = tmp_path / "reference", tmp_path / "killed"
+    cache = compilation_cache
+    reference = start(cli(reference_dir, *steps), tmp_path / "reference.log", compilation_cache=cache)
+    wait_for_step(reference_dir, 1, reference)  # compiled: the other runs load its executables
+    killed = start(cli(killed_dir, *steps), tmp_path / "killed.log", compilation_cache=cache)
+    try:
+        wait_for_step(killed_dir, 7, killed, saved=5)
+        killed.send_signal(signal.SIGKILL)
+        killed.wait(timeout=30)
+    finally:
+        if killed.poll() is None:
+            killed.kill()
+    killed_at = metrics(killed_dir)[-1]["step"]
+    saved = steps_on_disk(killed_dir)
+    assert killed_at < 30 and saved and saved[-1] < 30, (killed_at, saved)
+    resume_from = latest_step(killed_dir / "checkpoints")
+
+    resumed = start(cli(killed_dir, *steps), tmp_path / "resumed.log", compilation_cache=cache)
+    output = _finish(resumed, tmp_path / "resumed.log")
+    assert resumed.returncode == 0, output
+    assert f"resuming from {killed_dir / 'checkpoints' / str(resume_from)}" in output
+    reference_output = _finish(reference, tmp_path / "reference.log")
+    assert reference.returncode == 0, reference_output
+
+    expected = {row["step"]: {k: row[k] for k in EXACT_METRICS} for row in metrics(reference_dir)}
+    assert sorted(expected) == list(range(1, 31))
+    rows = metrics(killed_dir)
+    recomputed = [row["step"] for row in rows].count(resume_from + 1)
+    assert recomputed == (2 if killed_at > resume_from else 1)
+    for row in rows:  # before the kill, the recomputed steps, and the rest
+        assert {k: row[k] for k in EXACT_METRICS} == expected[row["step"]], f"step {row['step']}"
+    assert {row["step"] for row in rows} == set(expected)
+
+
+def test_sigterm_saves_the_current_step_and_exits_zero(tmp_path, compilation_cache):
+    run_dir = tmp_path / "run"
+    process = start(cli(run_dir, "steps=30", "log_every=1", "checkpoint_every=100"), tmp_path / "log",
+                    compilation_cache=compilation_cache)
+    try:
+        seen = wait_for_step(run_dir, 4, process)
+        process.send_signal(signal.SIGTERM)
+    finally:
+        output = _finish(process, tmp_path / "log")
+    assert process.returncode == 0, output
+    last = metrics(run_dir)[-1]["step"]
+    assert seen <= last < 30
+    assert f"preempted: saved step {last}; run the same command to resume" in output
+    assert latest_step(run_dir / "checkpoints") == last
+    assert steps_on_disk(run_dir) == [last]
+
+    # Nothing else to type: the run directory alone continues the run to its 30 steps.
+    process = start([sys.executable, "-m", "train", "--config", str(run_dir), "--quiet"], tmp_path / "log2",
+                    compilation_cache=compilation_cache)
+    output = _finish(process, tmp_path / "log2")
+    assert process.returncode == 0, output
+    assert f"resuming from {run_dir / 'checkpoints' / str(last)}" in output
+    assert [row["step"] for row in metrics(run_dir)] == list(range(1, 31))
+    assert steps_on_disk(run_dir) == [last, 30]
+
+
+# ---------------------------------------------------------------- in-process: layouts and params-only
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory):
+    """Six steps under fsdp on 8 devices (checkpoints at 3 and 6): (run config, final state)."""
+    from train.loop import train
+
+    run = run_config(tmp_path_factory.mktemp("fsdp") / "run", layout="fsdp")
+    summary = train(run, progress=False)
+    assert summary["step"] == 6
+    return run, jax.device_get(summary["state"])
+
+
+def _restore_training_state(run, devices):
+    """Restore the run's latest checkpoint as training would, under run.layout on `devices`."""
+    from train.checkpointing import Checkpointer
+    from train.data import make_dataset
+    from train.optimizer import make_optimizer
+    from train.step import init_state
+
+    placement = Placement.create(run.model, load_layout(run.layout), devices=devices)
+    state, shardings = init_state(placement, make_optimizer(run.optimizer, run.steps), jax.random.key(7))
+    checkpointer = Checkpointer(run, shardings)
+    try:
+        restored = checkpointer.restore_latest(state, make_dataset(run.data))
+    finally:
+        checkpointer.close()
+    return restored, shardings
+
+
+@pytest.mark.parametrize("devices", [4, 1])
+def test_fsdp_checkpoint_restores_under_tp_on_fewer_devices(fsdp_run, devices):
+    run, trained = fsdp_run
+    run = dataclasses.replace(run, layout="tp")
+    restored, shardings = _restore_training_state(run, jax.devices()[:devices])
+    assert int(restored.step) == 6
+    for leaf, sharding in zip(jax.tree.leaves(restored), jax.tree.leaves(shardings)):
+        assert leaf.sharding.is_equivalent_to(sharding, leaf.ndim)
+    assert_trees_equal(restored.params, trained.params, "params")
+    assert_trees_equal(restored.opt_state, trained.opt_state, "opt_state")
+
+
+def test_training_checkpoint_restores_params_only_for_inference(fsdp_run):
+    run, trained = fsdp_run
+    directory = run.run_dir + "/checkpoints"
+    assert read_config(directory) == run.model
+    config, params = restore_params(directory)
+    assert config == run.model
+    assert_trees_equal(params, trained.params, "params")
+    placement = Placement.create(run.model, load_layout("tp"), devices=jax.devices()[:4])
+    _, params = restore_params(directory, shardings=placement.param_shardings())
+    assert_trees_equal(params, trained.params, "params under tp")
+    _, params = restore_params(directory, step=3, config=run.model.replace(scan_layers=False))
+    assert set(params) == {"embed", "layers_0", "layers_1", "norm", "output"}
+
+
+def test_run_directory_holds_its_run_config(fsdp_run, tmp_path):
+    from train.checkpointing import resume_config
+
+    run, _ = fsdp_run
+    assert resume_config(run.run_dir) == run
+    moved = tmp_path / "moved"
+    shutil.copytree(run.run_dir, moved)
+    assert resume_config(moved, ["steps=9"]) == dataclasses.replace(run, run_dir=str(moved), steps=9)

@@ -1,0 +1,101 @@
+"""Helpers for the checkpoint tests: tiny training runs, in process and as `python -m train`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+# Metrics that are pure functions of the state and the batch (tokens/s and MFU are timings).
+EXACT_METRICS = ("loss", "grad_norm", "accuracy", "learning_rate", "z_loss", "tokens")
+
+
+def run_config(run_dir, **overrides):
+    """The tiny CPU run (8 devices) writing to `run_dir`, with small steps and frequent saves."""
+    from train.config import load_run_config
+
+    settings = {"steps": 6, "log_every": 1, "checkpoint_every": 3, **overrides}
+    return load_run_config("tiny_cpu", [f"run_dir={run_dir}", *(f"{k}={v}" for k, v in settings.items())])
+
+
+def cli(run_dir, *overrides) -> list[str]:
+    """`python -m train` for the tiny CPU run in `run_dir`."""
+    return [sys.executable, "-m", "train", "--config", "tiny_cpu", "--quiet", f"run_dir={run_dir}",
+            "chip=v4", *overrides]  # a published peak: no FLOP/s measurement at start-up
+
+
+def subprocess_env(devices: int = 8, compilation_cache=None) -> dict:
+    """Environment for a child JAX process on `devices` CPU devices.
+
+    compilation_cache: a directory for JAX's persistent compilation cache, so
+    runs after the first skip compiling (the same executables, the same bits).
+    """
+    env = dict(os.environ)
+    if compilation_cache is not None:
+        env.update(JAX_COMPILATION_CACHE_DIR=str(compilation_cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+def start(command, log: Path, devices: int = 8, compilation_cache=None) -> subprocess.Popen:
+    """Start a command with stdout and stderr to `log` (a file, so a full pipe never blocks it)."""
+    return subprocess.Popen(command, cwd=REPO, env=subprocess_env(devices, compilation_cache),
+                            stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def metrics(run_dir) -> list[dict]:
+    """Every record of metrics.jsonl, in the order written (a resumed run appends)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+
+
+def wait_for_step(run_dir, step: int, process: subprocess.Popen, timeout: float = 120.0,
+                  saved: int | None = None) -> int:
+    """Poll until metrics.jsonl shows `step` or later (and step `saved` is a complete
+    checkpoint, if given); the latest step logged."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rows = metrics(run_dir)
+        if rows and rows[-1]["step"] >= step and (saved is None or saved in steps_on_disk(run_dir)):
+            return rows[-1]["step"]
+        if process.poll() is not None:
+            raise AssertionError(f"training exited with {process.returncode} before step {step}")
+        time.sleep(0.02)
+    raise AssertionError(f"no step {step} (and checkpoint {saved}) in {run_dir} after {timeout} s")
+
+
+def steps_on_disk(run_dir) -> list[int]:
+    directory = Path(run_dir) / "checkpoints"
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.exists() else []
+
+
+def tree_digest(path) -> dict[str, str]:
+    """sha256 of every file under `path`, by relative name (to show a checkpoint untouched)."""
+    path = Path(path)
+    return {str(f.relative_to(path)): hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted(path.rglob("*")) if f.is_file()}
+
+
+def assert_trees_equal(actual, expected, what: str):
+    """Every leaf bitwise equal (and the same tree), naming the first leaf that differs."""
+    import jax
+
+    flat_actual, tree_actual = jax.tree_util.tree_flatten_with_path(actual)
+    flat_expected, tree_expected = jax.tree_util.tree_flatten_with_path(expected)
+    assert tree_actual == tree_expected, f"{what}: tree structure differs"
+    for (path, a), (_, e) in zip(flat_actual, flat_expected):
+        a, e = np.asarray(a), np.asarray(e)
+        assert a.dtype == e.dtype and a.shape == e.shape, f"{what}{jax.tree_util.keystr(path)}: dtype/shape"
+        assert np.array_equal(a, e), f"{what}{jax.tree_util.keystr(path)}: values differ"
