@@ -263,13 +263,13 @@ def test_prepare_command_has_help(capsys):
         (["nothing-*.jsonl"], "nothing-*.jsonl: no file matches this pattern"),
         (["broken.jsonl"], "broken.jsonl:2: not valid JSON"),
         (["wrong_key.jsonl"], "wrong_key.jsonl:1: no string field 'text'"),
-        (["data.csv"], "data.csv: unsupported file type '.csv'"),
+        (["image.bin"], "image.bin:1: not valid UTF-8"),
     ],
 )
 def test_prepare_command_rejects_bad_input_with_one_line(tmp_path, capsys, sentencepiece_path, inputs, message):
     (tmp_path / "broken.jsonl").write_text('{"text": "fine"}\n{"text": oops}\n')
     write_jsonl(tmp_path / "wrong_key.jsonl", ["hello"], key="body")
-    (tmp_path / "data.csv").write_text("a,b\n")
+    (tmp_path / "image.bin").write_bytes(b"\x89PNG\xff\xfe")
     argv = ["--tokenizer", str(sentencepiece_path), "--output", str(tmp_path / "tok"), "--quiet",
             "--input", *(str(tmp_path / name) for name in inputs)]
     assert main(argv) == 2

@@ -62,7 +62,6 @@ import grain
 import numpy as np
 
 SOURCES = ("tokens", "text", "synthetic")
-TEXT_SUFFIXES = (".txt", ".jsonl")
 
 # A prepared token directory (written by `python -m train.prepare`).
 TOKENS_FILE = "tokens.bin"  # flat uint16/uint32 ids, every document framed BOS ... EOS
@@ -161,7 +160,8 @@ def expand_paths(patterns: tuple[str, ...] | list[str]) -> list[Path]:
 
 
 class TextDocuments:
-    """The documents of .txt files (one per file) and .jsonl files (one per non-blank line).
+    """The documents of text files: .jsonl files hold one per non-blank line, and
+    any other file (.txt, source code, ...) is one document.
 
     `docs[i]` is the text of document i, read from disk on demand; only byte
     offsets are kept in memory. ValueError names file and line of a bad one.
@@ -172,9 +172,7 @@ class TextDocuments:
         self.text_key = text_key
         entries = []  # (file, byte offset, byte length, line) per document
         for f, path in enumerate(self.files):
-            if path.suffix not in TEXT_SUFFIXES:
-                raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use .txt or .jsonl")
-            if path.suffix == ".txt":
+            if path.suffix != ".jsonl":
                 entries.append((f, 0, path.stat().st_size, 1))
                 continue
             with open(path, "rb") as fh:
@@ -205,7 +203,7 @@ class TextDocuments:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
             raise ValueError(f"{self.location(i)}: not valid UTF-8") from None
-        if path.suffix == ".txt":
+        if path.suffix != ".jsonl":
             return text
         try:
             record = json.loads(text)
