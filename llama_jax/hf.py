@@ -7,9 +7,10 @@ through it, so a name is never spelled twice.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Collection, Iterator, NamedTuple
 
 import numpy as np
 
@@ -164,17 +165,21 @@ def read_hf_config(directory: str | Path, **overrides) -> ModelConfig:
 
 # ---------------------------------------------------------------- weights
 
-def read_hf_tensors(directory: str | Path, config: ModelConfig) -> Iterator[tuple[tuple[str, ...], int | None, np.ndarray]]:
+def read_hf_tensors(directory: str | Path, config: ModelConfig,
+                    names: Collection[str] | None = None) -> Iterator[tuple[tuple[str, ...], int | None, np.ndarray]]:
     """Yield (our path, layer index or None, array in our layout) tensor by tensor.
 
     Shapes are checked against the config; a missing or misshapen tensor is a
-    CheckpointFileError naming it.
+    CheckpointFileError naming it. `names` limits the walk to those HF tensor
+    names. The files stay memory-mapped until the generator finishes, and the
+    pages it touched count as resident until then: a streaming reader asks for
+    a few names per call so they are released as it goes.
     """
-    from llama_jax.params import abstract_params  # late: params imports the model
-
-    shapes = abstract_params(config.replace(scan_layers=True))
+    shapes = _abstract_shapes(config.replace(scan_layers=True))
     checkpoint = SafetensorsCheckpoint(directory)
     for hf_name, rule, layer in weight_rules(config):
+        if names is not None and hf_name not in names:
+            continue
         if hf_name not in checkpoint:
             raise CheckpointFileError(f"{directory}: checkpoint is missing tensor {hf_name}")
         weight = to_ours(rule.kind, checkpoint.get(hf_name), config.head_dim)
@@ -205,6 +210,13 @@ def load_hf_params(directory: str | Path, config: ModelConfig | None = None, dty
             stack = _get_or_make(params, path, (config.n_layers,) + weight.shape, dtype)
             stack[index] = weight
     return config, params
+
+
+@functools.lru_cache(maxsize=8)
+def _abstract_shapes(config: ModelConfig):
+    from llama_jax.params import abstract_params  # late: params imports the model
+
+    return abstract_params(config)
 
 
 def _numpy_dtype(name: str):

@@ -1,0 +1,67 @@
+"""Hugging Face safetensors directory -> our orbax checkpoint, tensor by tensor.
+
+    python -m llama_jax.convert.hf_to_ours HF_DIR OUT_DIR [--dtype bfloat16] [--step 0]
+
+Reads config.json and the safetensors files (one file or an index of shards)
+through `llama_jax.hf.read_hf_tensors`, one tensor per call so the memory map
+of the files it touched is released before the next, and writes each tensor
+into the checkpoint with `ParamsWriter` (layer slices straight into the
+stacked on-disk arrays).
+
+Memory bound: baseline + about 2x the largest tensor (at any moment two of:
+the mapped source pages, the read copy, our contiguous copy in the target
+dtype, tensorstore's encode buffer; tensorstore may keep one encode buffer
+between writes). Measured for a 2.1 GB checkpoint with 128 MiB tensors:
+peak 270 to 280 MiB above baseline (2.1x); tests/test_convert.py asserts
+< 3x. For Llama 3.1 405B in bf16 the largest tensor is the 4.2 GB embedding.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from llama_jax.checkpoint import ParamsWriter, as_contiguous
+from llama_jax.config import ModelConfig
+from llama_jax.convert import DTYPES, ConvertError, progress, run_cli, staged_output
+from llama_jax.hf import read_hf_config, read_hf_tensors, weight_rules
+
+
+def convert_hf_to_ours(hf_dir: str | Path, output: str | Path, dtype: str = "bfloat16", step: int = 0,
+                       show_progress: bool = True) -> ModelConfig:
+    """Convert a HF Llama checkpoint directory into a new checkpoint directory `output`.
+
+    Params are stored in `dtype` (the config's param_dtype is set to it).
+    Returns the stored config. Raises a ValueError subclass on bad input.
+    """
+    hf_dir = Path(hf_dir)
+    if not hf_dir.is_dir():
+        raise ConvertError(f"{hf_dir}: directory not found")
+    config = read_hf_config(hf_dir).replace(param_dtype=dtype)
+    names = [name for name, _, _ in weight_rules(config)]
+    with staged_output(output) as staging, ParamsWriter(staging, config, step) as writer:
+        with progress(len(names), "hf -> ours", show_progress) as bar:
+            for name in names:
+                # One call per tensor: unpacking ends the generator, and with it the file maps.
+                [(path, index, weight)] = read_hf_tensors(hf_dir, config, names={name})
+                weight = as_contiguous(weight, writer.dtype)  # drops the source copy
+                writer.write(path, index, weight)
+                del weight
+                bar.update()
+    return config
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m llama_jax.convert.hf_to_ours", description=__doc__.split("\n")[0])
+    parser.add_argument("hf_dir", help="directory with config.json and model*.safetensors")
+    parser.add_argument("output", help="new checkpoint directory to create")
+    parser.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="stored parameter dtype")
+    parser.add_argument("--step", type=int, default=0, help="step number to save under")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    args = parser.parse_args(argv)
+    config = convert_hf_to_ours(args.hf_dir, args.output, args.dtype, args.step, not args.no_progress)
+    print(f"wrote {args.output} (step {args.step}, {config.n_layers} layers, {args.dtype})")
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

@@ -1,0 +1,166 @@
+"""Our orbax checkpoint -> a Hugging Face directory `LlamaForCausalLM.from_pretrained` loads.
+
+    python -m llama_jax.convert.ours_to_hf CKPT_DIR OUT_DIR [--dtype bfloat16] [--step N]
+        [--tokenizer DIR] [--max-shard-gb 5] [--bos-token-id N] [--eos-token-id N ...]
+
+Writes model-0000K-of-0000N.safetensors files with model.safetensors.index.json,
+config.json (rope settings in both the transformers 4.x and 5.x forms, from
+`llama_jax.hf.config_to_hf`), generation_config.json, and copies tokenizer
+files from --tokenizer if given. No code of ours is needed to load the result.
+
+Streaming: tensor names, shapes and byte offsets are all known from the
+config, so each file's safetensors header is written first and the tensors
+are then read one at a time from the checkpoint (one layer slice of a stacked
+leaf) and appended. Memory bound: baseline + about 3x the largest tensor (the
+decoded chunk, the transposed copy in the output dtype) for checkpoints
+chunked one layer per chunk, as `save_params` and the converters write them.
+Reading a layer of a checkpoint whose chunks span k layers decodes the whole
+chunk: k layers of that leaf in memory, and k times the work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from llama_jax.checkpoint import ParamsReader, as_contiguous
+from llama_jax.convert import DTYPES, ConvertError, progress, run_cli, staged_output
+from llama_jax.hf import config_to_hf, to_hf, weight_rules
+
+SAFETENSORS_DTYPES = {"bfloat16": ("BF16", ml_dtypes.bfloat16), "float32": ("F32", np.float32)}
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json")
+# Token ids of the two tokenizer families (REFERENCE.md), used when no flag names them.
+KNOWN_SPECIAL_IDS = {32000: (1, 2), 128256: (128000, 128001)}
+
+
+def export_hf(checkpoint_dir: str | Path, output: str | Path, dtype: str = "bfloat16", step: int | None = None,
+              tokenizer: str | Path | None = None, max_shard_bytes: int = 5 * 10**9,
+              bos_token_id: int | None = None, eos_token_id: int | list[int] | None = None,
+              show_progress: bool = True) -> None:
+    """Write checkpoint step `step` (latest by default) as a new HF directory `output` in `dtype`."""
+    if dtype not in SAFETENSORS_DTYPES:
+        raise ConvertError(f"--dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
+    tokenizer_files = _tokenizer_files(Path(tokenizer)) if tokenizer else []
+    reader = ParamsReader(checkpoint_dir, step)
+    config = reader.config
+    tag, np_dtype = SAFETENSORS_DTYPES[dtype]
+    tensors = _tensor_plan(config, reader)
+    files = _split_into_files(tensors, np.dtype(np_dtype).itemsize, max_shard_bytes)
+    known = KNOWN_SPECIAL_IDS.get(config.vocab_size, (None, None))
+    bos = bos_token_id if bos_token_id is not None else known[0]
+    eos = eos_token_id if eos_token_id is not None else known[1]
+    with staged_output(output) as staging:
+        weight_map = {}
+        with progress(len(tensors), "ours -> hf", show_progress) as bar:
+            for k, group in enumerate(files):
+                name = f"model-{k + 1:05d}-of-{len(files):05d}.safetensors"
+                _write_safetensors(staging / name, group, tag, np_dtype, reader, bar)
+                weight_map.update({t[0]: name for t in group})
+        total = sum(math.prod(t[4]) for t in tensors) * np.dtype(np_dtype).itemsize
+        _write_json(staging / "model.safetensors.index.json",
+                    {"metadata": {"total_size": total}, "weight_map": weight_map})
+        hf_config = config_to_hf(config, torch_dtype=dtype)
+        hf_config.update(bos_token_id=bos, eos_token_id=eos)
+        _write_json(staging / "config.json", hf_config)
+        generation = {"_from_model_config": True}
+        generation.update({k: v for k, v in (("bos_token_id", bos), ("eos_token_id", eos)) if v is not None})
+        _write_json(staging / "generation_config.json", generation)
+        for path in tokenizer_files:
+            shutil.copy2(path, staging / path.name)
+
+
+def _tensor_plan(config, reader):
+    """(hf name, our path, layer, kind, hf shape) in HF's usual order: embedding, layer by layer, head."""
+    plan = []
+    for hf_name, rule, layer in weight_rules(config):
+        path = rule.path if layer is None else ("layers",) + rule.path
+        shape = reader.leaves[path].shape[0 if layer is None else 1:]
+        plan.append((hf_name, path, layer, rule.kind, _hf_shape(rule.kind, tuple(shape))))
+    order = {"embed": 0, "layers": 1, "norm": 2, "output": 3}
+    return sorted(plan, key=lambda t: (order[t[1][0]], -1 if t[2] is None else t[2]))
+
+
+def _hf_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    if kind == "copy":
+        return shape
+    if kind == "linear":
+        return shape[::-1]
+    if kind == "heads_out":   # [dim, heads, head_dim] -> [heads*head_dim, dim]
+        return (shape[1] * shape[2], shape[0])
+    return (shape[2], shape[0] * shape[1])  # heads_in: [heads, head_dim, dim] -> [dim, heads*head_dim]
+
+
+def _split_into_files(tensors, itemsize: int, max_bytes: int):
+    files, current, size = [], [], 0
+    for tensor in tensors:
+        nbytes = math.prod(tensor[4]) * itemsize
+        if current and size + nbytes > max_bytes:
+            files.append(current)
+            current, size = [], 0
+        current.append(tensor)
+        size += nbytes
+    return files + [current] if current else files
+
+
+def _write_safetensors(path: Path, tensors, tag: str, np_dtype, reader: ParamsReader, bar) -> None:
+    """Header first (all offsets are known), then each tensor as it is read."""
+    header, offset, itemsize = {"__metadata__": {"format": "pt"}}, 0, np.dtype(np_dtype).itemsize
+    for name, _, _, _, shape in tensors:
+        nbytes = math.prod(shape) * itemsize
+        header[name] = {"dtype": tag, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # keeps the tensor data 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(encoded).to_bytes(8, "little"))
+        f.write(encoded)
+        for name, our_path, layer, kind, shape in tensors:
+            weight = as_contiguous(to_hf(kind, reader.read(our_path, layer)), np_dtype)
+            if weight.shape != tuple(shape):
+                raise ConvertError(f"{name}: checkpoint gives shape {weight.shape}, expected {tuple(shape)}")
+            f.write(weight.reshape(-1).view(np.uint8).data)
+            del weight
+            bar.update()
+
+
+def _tokenizer_files(directory: Path) -> list[Path]:
+    if not directory.is_dir():
+        raise ConvertError(f"{directory}: tokenizer directory not found")
+    files = [directory / name for name in TOKENIZER_FILES if (directory / name).is_file()]
+    if not files:
+        raise ConvertError(f"{directory}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
+    return files
+
+
+def _write_json(path: Path, data) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m llama_jax.convert.ours_to_hf",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("checkpoint", help="our checkpoint directory (numbered step directories)")
+    parser.add_argument("output", help="new Hugging Face directory to create")
+    parser.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="dtype of the written tensors")
+    parser.add_argument("--step", type=int, help="step to export (default: the latest)")
+    parser.add_argument("--tokenizer", help="directory whose tokenizer files are copied alongside")
+    parser.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors file, in GB")
+    parser.add_argument("--bos-token-id", type=int, help="default: from the vocabulary size (Llama 2 or 3)")
+    parser.add_argument("--eos-token-id", type=int, action="append", help="repeatable; default as for BOS")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    args = parser.parse_args(argv)
+    eos = args.eos_token_id[0] if args.eos_token_id and len(args.eos_token_id) == 1 else args.eos_token_id
+    export_hf(args.checkpoint, args.output, args.dtype, args.step, args.tokenizer,
+              int(args.max_shard_gb * 10**9), args.bos_token_id, eos, not args.no_progress)
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

@@ -1,0 +1,369 @@
+"""Converters: Meta and HF weights in, HF out, streamed, with clear failures.
+
+Meta's files are built here from a HF model by undoing HF's q/k permutation
+and splitting by Meta's model-parallel rules, so agreeing with the HF weights
+proves the permutation and the gathering.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from llama_jax import Llama
+from llama_jax.checkpoint import ParamsReader, restore_params, save_params
+from llama_jax.convert import run_cli
+from llama_jax.convert import hf_to_ours, meta_to_ours, ours_to_hf
+from llama_jax.convert.hf_to_ours import convert_hf_to_ours
+from llama_jax.convert.meta_to_ours import convert_meta_to_ours
+from llama_jax.convert.ours_to_hf import export_hf
+from llama_jax.hf import config_to_hf, load_hf_params
+from tiny import SHAPES, hf_model
+
+TOLERANCE = 1e-4  # max |logit difference|, float32
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def our_logits(config, params, tokens):
+    positions = np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape)
+    logits, _ = jax.jit(Llama(config).apply)({"params": params}, tokens, positions)
+    return np.asarray(logits)
+
+
+def torch_logits(model, tokens):
+    with torch.no_grad():
+        return model(torch.tensor(tokens)).logits.float().numpy()
+
+
+def tokens_for(config, length=64):
+    return np.random.default_rng(0).integers(0, config.vocab_size, size=(2, length))
+
+
+def assert_params_equal(expected, got):
+    for keys, a in jax.tree_util.tree_flatten_with_path(expected)[0]:
+        b = got
+        for key in keys:
+            b = b[key.key]
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(keys))
+
+
+# ---------------------------------------------------------------- Meta files from a HF model
+
+def meta_state_dict(model, config):
+    """Meta's names and layouts (adjacent-pair rotary rows) for the weights of a HF model."""
+    hf = model.state_dict()
+
+    def unpermute(w, n):  # inverse of HF's [n, rows/n/2, 2, cols] -> swap(1, 2)
+        rows, cols = w.shape
+        return w.reshape(n, 2, rows // n // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+    state = {"tok_embeddings.weight": hf["model.embed_tokens.weight"], "norm.weight": hf["model.norm.weight"]}
+    if not config.tie_embeddings:
+        state["output.weight"] = hf["lm_head.weight"]
+    for i in range(config.n_layers):
+        p = f"model.layers.{i}."
+        state.update({
+            f"layers.{i}.attention.wq.weight": unpermute(hf[p + "self_attn.q_proj.weight"], config.n_heads),
+            f"layers.{i}.attention.wk.weight": unpermute(hf[p + "self_attn.k_proj.weight"], config.n_kv_heads),
+            f"layers.{i}.attention.wv.weight": hf[p + "self_attn.v_proj.weight"],
+            f"layers.{i}.attention.wo.weight": hf[p + "self_attn.o_proj.weight"],
+            f"layers.{i}.feed_forward.w1.weight": hf[p + "mlp.gate_proj.weight"],
+            f"layers.{i}.feed_forward.w3.weight": hf[p + "mlp.up_proj.weight"],
+            f"layers.{i}.feed_forward.w2.weight": hf[p + "mlp.down_proj.weight"],
+            f"layers.{i}.attention_norm.weight": hf[p + "input_layernorm.weight"],
+            f"layers.{i}.ffn_norm.weight": hf[p + "post_attention_layernorm.weight"],
+        })
+    assert not torch.equal(state["layers.0.attention.wq.weight"], hf["model.layers.0.self_attn.q_proj.weight"])
+    return state
+
+
+def shard_meta(state, config, n_shards, embedding_dim):
+    """Split like Meta's model-parallel ranks; kv heads repeat when ranks outnumber them."""
+    shards = [{} for _ in range(n_shards)]
+    for name, w in state.items():
+        if "norm" in name:
+            pieces = [w] * n_shards
+        elif name.endswith(("wk.weight", "wv.weight")) and n_shards > config.n_kv_heads:
+            heads = w.reshape(config.n_kv_heads, config.head_dim, -1)
+            pieces = [heads[s // (n_shards // config.n_kv_heads)] for s in range(n_shards)]
+        elif name.startswith("tok_embeddings"):
+            pieces = torch.chunk(w, n_shards, dim=embedding_dim)
+        else:
+            pieces = torch.chunk(w, n_shards, dim=1 if name.endswith(("wo.weight", "w2.weight")) else 0)
+        for shard, piece in zip(shards, pieces):
+            shard[name] = piece.clone().contiguous()  # a view would save the whole storage
+    return shards
+
+
+def write_meta(directory, model, config, n_shards, embedding_dim, vocab_in_params=True, **params_extra):
+    directory.mkdir(parents=True)
+    hidden = int(2 * 4 * config.dim / 3)
+    params = {"dim": config.dim, "n_layers": config.n_layers, "n_heads": config.n_heads,
+              "n_kv_heads": config.n_kv_heads, "vocab_size": config.vocab_size if vocab_in_params else -1,
+              "multiple_of": config.ffn_dim, "ffn_dim_multiplier": config.ffn_dim / hidden,
+              "norm_eps": config.norm_eps, "rope_theta": config.rope_theta, **params_extra}
+    (directory / "params.json").write_text(json.dumps(params))
+    for s, shard in enumerate(shard_meta(meta_state_dict(model, config), config, n_shards, embedding_dim)):
+        torch.save(shard, directory / f"consolidated.{s:02d}.pth")
+
+
+META_CASES = {
+    # Llama 3: tok_embeddings split on the vocabulary; vocab from params.json.
+    "llama3_two_shards": ("llama3", 2, 0, {}),
+    # Llama 2: tok_embeddings split on dim; params.json says vocab -1.
+    "llama2_embedding_on_dim1": ("llama2", 2, 1, {"vocab_size": SHAPES["llama2"].vocab_size}),
+    # More ranks than kv heads (like 405B MP16), tied embeddings, llama3 rope scaling.
+    "llama3_2_ranks_outnumber_kv_heads": ("llama3_2", 2, 0, {"rope_scaling": json.dumps(
+        {"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_context": 64})}),
+    "llama3_1_four_ranks_two_kv_heads": ("llama3_1", 4, 0, {"rope_scaling": json.dumps(
+        {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+         "original_max_position_embeddings": 64})}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(META_CASES))
+def test_meta_shards_convert_to_the_hf_weights_and_logits(case, tmp_path):
+    shape, n_shards, embedding_dim, flags = META_CASES[case]
+    config = SHAPES[shape]
+    model = hf_model(config)
+    write_meta(tmp_path / "meta", model, config, n_shards, embedding_dim,
+               vocab_in_params="vocab_size" not in flags)
+    converted = convert_meta_to_ours(tmp_path / "meta", tmp_path / "ours", dtype="float32",
+                                     max_seq_len=config.max_seq_len, show_progress=False, **flags)
+    assert converted == config.replace(param_dtype="float32")
+
+    model.save_pretrained(tmp_path / "hf")
+    _, hf_params = load_hf_params(tmp_path / "hf")
+    restored_config, params = restore_params(tmp_path / "ours")
+    assert_params_equal(hf_params, params)
+    tokens = tokens_for(config)
+    expected = torch_logits(model, tokens)
+    np.testing.assert_allclose(our_logits(restored_config, params, tokens), expected, rtol=0, atol=TOLERANCE)
+
+
+@pytest.mark.parametrize("shape", ["llama3_1", "llama3_2"])
+def test_hf_in_and_out_loads_in_transformers_with_equal_logits(shape, tmp_path):
+    config = SHAPES[shape]
+    hf_model(config).save_pretrained(tmp_path / "hf_in")
+    convert_hf_to_ours(tmp_path / "hf_in", tmp_path / "ours", dtype="float32", show_progress=False)
+    _, hf_params = load_hf_params(tmp_path / "hf_in")
+    restored_config, params = restore_params(tmp_path / "ours")
+    assert_params_equal(hf_params, params)
+    assert ParamsReader(tmp_path / "ours").layers_per_chunk(("layers", "feed_forward", "w2", "kernel")) == 1
+
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.model").write_text("stand-in tokenizer\n")
+    export_hf(tmp_path / "ours", tmp_path / "hf_out", dtype="float32", tokenizer=tmp_path / "tok",
+              max_shard_bytes=200_000, show_progress=False)
+    out = tmp_path / "hf_out"
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1, "expected several safetensors files"
+    hf_config = json.loads((out / "config.json").read_text())
+    assert hf_config["rope_theta"] == config.rope_theta and hf_config["rope_parameters"]["rope_type"] == "llama3"
+    assert hf_config["rope_scaling"]["factor"] == config.rope_scaling.factor
+    assert (out / "generation_config.json").is_file() and (out / "tokenizer.model").is_file()
+
+    model = transformers.LlamaForCausalLM.from_pretrained(out).eval()  # no code of ours involved
+    tokens = tokens_for(config)
+    expected = our_logits(restored_config, params, tokens)
+    assert np.abs(expected).max() > 1.0
+    np.testing.assert_allclose(torch_logits(model, tokens), expected, rtol=0, atol=TOLERANCE)
+
+
+def test_bfloat16_export_holds_our_weights_rounded(tmp_path):
+    config = SHAPES["llama3"]
+    _, params = load_hf_params(_saved_hf(config, tmp_path), dtype=np.float32)
+    save_params(tmp_path / "ours", config, params)
+    export_hf(tmp_path / "ours", tmp_path / "out", dtype="bfloat16", show_progress=False)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.bfloat16)
+    q = model.state_dict()["model.layers.1.self_attn.q_proj.weight"]
+    assert q.dtype == torch.bfloat16
+    ours = np.asarray(params["layers"]["attention"]["wq"]["kernel"][1]).reshape(config.dim, -1).T
+    np.testing.assert_array_equal(q.float().numpy(), torch.tensor(ours).to(torch.bfloat16).float().numpy())
+
+
+def _saved_hf(config, tmp_path):
+    hf_model(config).save_pretrained(tmp_path / "hf")
+    return tmp_path / "hf"
+
+
+# ---------------------------------------------------------------- memory
+
+# Baseline: the resident size after a warm-up conversion (imports, JAX and tensorstore
+# set-up); peak: VmHWM after converting the big checkpoint. VmHWM rather than
+# ru_maxrss: Linux carries the pre-exec high-water mark into ru_maxrss, so a
+# child forked from a large pytest process would report the parent's size.
+MEMORY_CHILD = """
+import json, re, sys
+from pathlib import Path
+from llama_jax.convert.hf_to_ours import main
+status = lambda field: int(re.search(field + r":\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1))
+main([sys.argv[1], sys.argv[2], "--no-progress"])
+baseline = status("VmRSS")
+main([sys.argv[3], sys.argv[4], "--no-progress"])
+print(json.dumps({"baseline_kb": baseline, "peak_kb": status("VmHWM")}))
+"""
+
+
+def write_big_hf(directory, config):
+    """A HF checkpoint of random bf16 bytes, one safetensors file per layer, written without holding it."""
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps(config_to_hf(config, "bfloat16")))
+    block = np.random.default_rng(0).bytes(256 << 10) * 256  # 64 MiB; repeats compress quickly
+    shapes = {"model.embed_tokens.weight": (config.vocab_size, config.dim), "model.norm.weight": (config.dim,),
+              "lm_head.weight": (config.vocab_size, config.dim)}
+    files = {"model-globals.safetensors": dict(shapes)}
+    q, kv = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
+    for i in range(config.n_layers):
+        p = f"model.layers.{i}."
+        files[f"model-layer{i}.safetensors"] = {
+            p + "self_attn.q_proj.weight": (q, config.dim), p + "self_attn.k_proj.weight": (kv, config.dim),
+            p + "self_attn.v_proj.weight": (kv, config.dim), p + "self_attn.o_proj.weight": (config.dim, q),
+            p + "mlp.gate_proj.weight": (config.ffn_dim, config.dim),
+            p + "mlp.up_proj.weight": (config.ffn_dim, config.dim),
+            p + "mlp.down_proj.weight": (config.dim, config.ffn_dim),
+            p + "input_layernorm.weight": (config.dim,), p + "post_attention_layernorm.weight": (config.dim,)}
+    weight_map, total = {}, 0
+    for filename, tensors in files.items():
+        header, offset = {}, 0
+        for name, shape in tensors.items():
+            header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + 2 * math.prod(shape)]}
+            offset += 2 * math.prod(shape)
+            weight_map[name] = filename
+        encoded = json.dumps(header).encode()
+        encoded += b" " * (-len(encoded) % 8)
+        with open(directory / filename, "wb") as f:
+            f.write(len(encoded).to_bytes(8, "little") + encoded)
+            for name, shape in tensors.items():
+                nbytes = 2 * math.prod(shape)
+                while nbytes:
+                    f.write(block[:min(nbytes, len(block))])
+                    nbytes -= min(nbytes, len(block))
+        total += offset
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return total, 2 * max(math.prod(s) for t in files.values() for s in t.values())
+
+
+def test_hf_conversion_memory_stays_within_three_largest_tensors(tmp_path):
+    # 2.1 GB of bf16 weights; the largest tensor (w1/w2/w3) is 128 MiB.
+    big = SHAPES["llama3"].replace(dim=4096, n_layers=5, n_heads=32, n_kv_heads=8, ffn_dim=16384, vocab_size=4096)
+    total, largest = write_big_hf(tmp_path / "big", big)
+    assert total >= 2 * 10**9
+    hf_model(SHAPES["llama3"]).save_pretrained(tmp_path / "small")
+    run = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(tmp_path / "small"), str(tmp_path / "small_out"),
+                          str(tmp_path / "big"), str(tmp_path / "big_out")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300,
+                         env={"PATH": os.environ.get("PATH", ""), "JAX_PLATFORMS": "cpu"})  # not what tests set
+    assert run.returncode == 0, run.stderr[-2000:]
+    usage = json.loads(run.stdout.strip().splitlines()[-1])
+    grown = (usage["peak_kb"] - usage["baseline_kb"]) * 1024
+    print(f"checkpoint {total / 2**30:.2f} GiB, largest tensor {largest / 2**20:.0f} MiB, "
+          f"baseline {usage['baseline_kb'] / 2**10:.0f} MiB, growth {grown / 2**20:.0f} MiB")
+    # At any moment two copies of the tensor in hand (source and ours, or ours and tensorstore's).
+    assert grown < 3 * largest, f"peak grew {grown / 2**20:.0f} MiB for a {largest / 2**20:.0f} MiB tensor"
+    restored = ParamsReader(tmp_path / "big_out")
+    assert restored.read(("layers", "feed_forward", "w1", "kernel"), 4).shape == (4096, 16384)
+
+
+# ---------------------------------------------------------------- bad input
+
+def run_and_expect_error(main, argv, capsys, output: Path, fragment: str):
+    capsys.readouterr()  # drop what building the input printed
+    code = run_cli(main, argv + ["--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("error:") and fragment in err[0], err
+    assert not output.exists()
+    assert not [p for p in output.parent.iterdir() if p.name.startswith(f".{output.name}.")], "staging left behind"
+
+
+@pytest.fixture(scope="module")
+def llama3_meta(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("meta") / "meta"
+    write_meta(directory, hf_model(SHAPES["llama3"]), SHAPES["llama3"], 2, 0)
+    return directory
+
+
+def copy_meta(source, target, skip=()):
+    target.mkdir()
+    for path in source.iterdir():
+        if path.name not in skip:
+            (target / path.name).write_bytes(path.read_bytes())
+    return target
+
+
+def test_meta_without_params_json_fails_in_one_line(llama3_meta, tmp_path, capsys):
+    meta = copy_meta(llama3_meta, tmp_path / "meta", skip={"params.json"})
+    run_and_expect_error(meta_to_ours.main, [str(meta), str(tmp_path / "out")], capsys, tmp_path / "out",
+                         "params.json: file not found")
+
+
+def test_meta_missing_shard_fails_in_one_line(llama3_meta, tmp_path, capsys):
+    last_missing = copy_meta(llama3_meta, tmp_path / "last", skip={"consolidated.01.pth"})
+    run_and_expect_error(meta_to_ours.main, [str(last_missing), str(tmp_path / "out")], capsys, tmp_path / "out",
+                         "does not match tok_embeddings")
+    gap = copy_meta(llama3_meta, tmp_path / "gap")
+    (gap / "consolidated.01.pth").rename(gap / "consolidated.02.pth")
+    run_and_expect_error(meta_to_ours.main, [str(gap), str(tmp_path / "out")], capsys, tmp_path / "out",
+                         "consolidated.01.pth: shard missing")
+
+
+def test_meta_tensor_of_wrong_shape_fails_after_partial_writes(llama3_meta, tmp_path, capsys):
+    meta = copy_meta(llama3_meta, tmp_path / "meta")
+    shard = torch.load(meta / "consolidated.01.pth", weights_only=True)
+    shard["layers.1.feed_forward.w2.weight"] = shard["layers.1.feed_forward.w2.weight"][:, :-8].clone()
+    torch.save(shard, meta / "consolidated.01.pth")
+    run_and_expect_error(meta_to_ours.main, [str(meta), str(tmp_path / "out")], capsys, tmp_path / "out",
+                         "layers.1.feed_forward.w2.weight")
+
+
+def test_hf_tensor_of_wrong_shape_fails_in_one_line(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    config = SHAPES["llama3"]
+    hf_dir = _saved_hf(config, tmp_path)
+    state = {k: v.contiguous() for k, v in hf_model(config).state_dict().items()}
+    state["model.layers.1.mlp.down_proj.weight"] = state["model.layers.1.mlp.down_proj.weight"][:, :-8].contiguous()
+    save_file(state, hf_dir / "model.safetensors", metadata={"format": "pt"})
+    run_and_expect_error(hf_to_ours.main, [str(hf_dir), str(tmp_path / "out")], capsys, tmp_path / "out",
+                         "model.layers.1.mlp.down_proj.weight has shape")
+
+
+def test_truncated_safetensors_fails_in_one_line(tmp_path, capsys):
+    hf_dir = _saved_hf(SHAPES["llama3"], tmp_path)
+    data = (hf_dir / "model.safetensors").read_bytes()
+    (hf_dir / "model.safetensors").write_bytes(data[: len(data) - 1000])
+    run_and_expect_error(hf_to_ours.main, [str(hf_dir), str(tmp_path / "out")], capsys, tmp_path / "out",
+                         "truncated safetensors file")
+
+
+def test_export_of_a_missing_checkpoint_fails_in_one_line(tmp_path, capsys):
+    run_and_expect_error(ours_to_hf.main, [str(tmp_path / "nothing"), str(tmp_path / "out")], capsys,
+                         tmp_path / "out", "checkpoint directory not found")
+
+
+def test_command_line_exits_2_with_one_line(tmp_path):
+    (tmp_path / "meta").mkdir()
+    run = subprocess.run([sys.executable, "-m", "llama_jax.convert.meta_to_ours", str(tmp_path / "meta"),
+                          str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines()[-1].startswith("error:") and "consolidated" in run.stderr
+    assert len([line for line in run.stderr.splitlines() if line.strip()]) == 1, run.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("module", [hf_to_ours, meta_to_ours, ours_to_hf])
+def test_every_converter_has_help(module, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--help"])
+    assert exit_info.value.code == 0
+    assert "usage: python -m llama_jax.convert." in capsys.readouterr().out
