@@ -1,4 +1,4 @@
-"""Training data pipeline: packing, shuffling, sharding, resumable state, prepare CLI."""
+"""Training data pipeline: packing, token windows, shuffling, sharding, resumable state, prepare CLI."""
 
 from __future__ import annotations
 
@@ -36,6 +36,13 @@ def write_jsonl(path, texts, key="text"):
     return path
 
 
+def token_dir(tmp_path, texts, vocab_size=100):
+    """A prepared token directory holding `texts` as documents, in order."""
+    prepare(NumberTokenizer(vocab_size), [str(write_jsonl(tmp_path / "docs.jsonl", texts))], tmp_path / "tok",
+            progress=False)
+    return tmp_path / "tok"
+
+
 def take(iterator, n):
     return [next(iterator) for _ in range(n)]
 
@@ -48,9 +55,30 @@ def assert_same_batches(got, want):
             np.testing.assert_array_equal(g[key], w[key], err_msg=f"batch {step}, {key}")
 
 
+def rows_of(batches):
+    """Every row of `batches` as one dict of [seq_len] arrays, in order."""
+    return [{k: v[r] for k, v in b.items()} for b in batches for r in range(len(b["tokens"]))]
+
+
+def row_key(row):
+    """A row's inputs and targets, hashable: rows with equal keys hold the same window."""
+    return tuple(row["tokens"].tolist()) + tuple(row["targets"].tolist())
+
+
 def corpus_texts(n=40):
     """Documents told apart by their first id (3 + i); lengths 1 to 11 ids."""
     return [" ".join([str(3 + i)] + [str(50 + (i * 7 + j) % 49) for j in range(i % 11)]) for i in range(n)]
+
+
+def distinct_id_texts(lengths, first=3):
+    """Documents whose ids are all different: 3, 4, 5, ... in order, `lengths[i]` ids in document i."""
+    ends = np.cumsum([first, *lengths])
+    return [" ".join(str(t) for t in range(a, b)) for a, b in zip(ends[:-1], ends[1:])]
+
+
+# 10 documents framed BOS ... EOS make a stream of 97 ids: exactly 12 windows of 8 inputs (+1 target).
+DISTINCT_LENGTHS = [30, 1, 12, 5, 9, 3, 7, 2, 6, 2]
+DISTINCT_INPUTS = {t: 1 for t in range(3, 80)} | {BOS: 10, EOS: 9}  # the stream's last EOS is only a target
 
 
 @pytest.fixture
@@ -60,15 +88,51 @@ def corpus(tmp_path):
 
 def text_config(paths, **overrides):
     paths = paths if isinstance(paths, list) else [paths]
-    fields = dict(source="text", paths=paths, seq_len=8, global_batch=2, read_threads=2)
+    fields = dict(source="text", paths=paths, seq_len=8, global_batch=2, read_threads=2, shuffle_window=5)
     return DataConfig(**{**fields, **overrides})
 
 
-def stream_documents(rows):
-    """Concatenate the non-padding inputs of rows and split at BOS; returns each document's first id."""
-    stream = np.concatenate([b["tokens"][r][b["segment_ids"][r] > 0] for b in rows for r in range(len(b["tokens"]))])
-    starts = np.flatnonzero(stream == BOS)
-    return [int(stream[s + 1]) for s in starts]
+def dataset(config, shard=(0, 1), tokenizer=None):
+    return make_dataset(config, tokenizer=tokenizer or NumberTokenizer(), shard_index=shard[0], shard_count=shard[1])
+
+
+def stream_documents(batches):
+    """The first id of every document a row starts (the target of each BOS input), row by row."""
+    return [int(row["targets"][j]) for row in rows_of(batches) for j in np.flatnonzero(row["tokens"] == BOS)]
+
+
+def assert_rows_are_windows_of_the_stream(rows, seq_len):
+    """Check each row against the document stream it was cut from (ids other than BOS/EOS distinct).
+
+    Inputs continue one another inside a document, the targets are the inputs
+    shifted by one, a segment starts at each BOS, positions count from each
+    segment start, and only targets that cross into the next document get no
+    loss weight.
+    """
+    for i, row in enumerate(rows):
+        real = row["segment_ids"] > 0
+        n = int(real.sum())
+        assert real[:n].all(), f"row {i}: padding only at the end"
+        tokens, targets = row["tokens"][:n], row["targets"][:n]
+        np.testing.assert_array_equal(targets[:-1], tokens[1:], err_msg=f"row {i}: targets are the next inputs")
+        stream = np.append(tokens, targets[-1])
+        for a, b in zip(stream[:-1], stream[1:]):
+            assert b == a + 1 or b in (BOS, EOS) or a in (BOS, EOS), f"row {i}: {a} then {b} is not the stream"
+            assert (a == EOS) == (b == BOS) or b == 0, f"row {i}: {a} then {b} is not a document boundary"
+        starts = (np.arange(n) == 0) | (tokens == BOS)
+        np.testing.assert_array_equal(row["segment_ids"][:n], np.cumsum(starts), err_msg=f"row {i}: segment_ids")
+        last_start = np.maximum.accumulate(np.where(starts, np.arange(n), 0))
+        np.testing.assert_array_equal(row["positions"][:n], np.arange(n) - last_start, err_msg=f"row {i}: positions")
+        weights = (targets != BOS) & (targets != 0)
+        np.testing.assert_array_equal(row["loss_weights"][:n], weights, err_msg=f"row {i}: loss_weights")
+        assert not row["loss_weights"][n:].any() and not row["positions"][n:].any()
+        assert len(row["tokens"]) == seq_len
+
+
+def input_counts(rows):
+    """How often each id is an input, over `rows`."""
+    ids = np.concatenate([row["tokens"][row["segment_ids"] > 0] for row in rows])
+    return dict(zip(*(v.tolist() for v in np.unique(ids, return_counts=True))))
 
 
 # --- Rows. -------------------------------------------------------------------
@@ -76,11 +140,11 @@ def stream_documents(rows):
 HAND_DOCS = ["10 11", "20", "30 31 32 33 34"]  # BOS 10 11 EOS | BOS 20 EOS | BOS 30 ... 34 EOS
 
 
-def test_packed_rows_carry_segments_positions_targets_and_loss_weights(tmp_path):
-    path = write_jsonl(tmp_path / "hand.jsonl", HAND_DOCS)
-    config = text_config(path, seq_len=4, global_batch=1, shuffle=False, num_epochs=1)
-    rows = [{k: v[0] for k, v in b.items()} for b in make_dataset(config, tokenizer=NumberTokenizer(),
-                                                                   process_index=0, process_count=1)]
+@pytest.mark.parametrize("source", ["text", "tokens"])
+def test_packed_rows_carry_segments_positions_targets_and_loss_weights(tmp_path, source):
+    path = write_jsonl(tmp_path / "hand.jsonl", HAND_DOCS) if source == "text" else token_dir(tmp_path, HAND_DOCS)
+    config = text_config(path, source=source, seq_len=4, global_batch=1, shuffle=False, num_epochs=1)
+    rows = rows_of(dataset(config))
     want = [  # tokens, targets, segment_ids, positions, loss_weights
         ([1, 10, 11, 2], [10, 11, 2, 1], [1, 1, 1, 1], [0, 1, 2, 3], [1, 1, 1, 0]),
         ([1, 20, 2, 1], [20, 2, 1, 30], [1, 1, 1, 2], [0, 1, 2, 0], [1, 1, 0, 1]),
@@ -97,10 +161,49 @@ def test_packed_rows_carry_segments_positions_targets_and_loss_weights(tmp_path)
         np.testing.assert_array_equal(row["loss_weights"], weights)
 
 
+def test_token_rows_are_shuffled_windows_covering_the_stream_once_per_epoch(tmp_path):
+    path = token_dir(tmp_path, distinct_id_texts(DISTINCT_LENGTHS))
+    config = text_config(path, source="tokens", global_batch=1, num_epochs=2)
+    rows = rows_of(dataset(config))
+    assert len(rows) == 2 * 12
+    assert_rows_are_windows_of_the_stream(rows, seq_len=8)
+    epoch1, epoch2 = rows[:12], rows[12:]
+    # Every id is an input once per epoch (BOS and EOS once per document, but the last
+    # EOS is only a target), and the window after a row starts with that row's last
+    # target: a permutation of one stream's windows.
+    assert input_counts(epoch1) == input_counts(epoch2) == DISTINCT_INPUTS
+    firsts = {int(row["tokens"][0]) for row in epoch1}
+    assert sum(int(row["targets"][-1]) in firsts for row in epoch1) == 11  # all but the last window
+    assert {row_key(r) for r in epoch1} == {row_key(r) for r in epoch2}
+    assert [row_key(r) for r in epoch1] != [row_key(r) for r in epoch2]
+
+
+def test_a_window_spanning_several_documents_restarts_segments_at_each(tmp_path):
+    path = token_dir(tmp_path, distinct_id_texts([1, 1, 1, 3]))  # BOS 3 EOS BOS 4 EOS BOS 5 EOS BOS 6 7 8 EOS
+    config = text_config(path, source="tokens", seq_len=13, global_batch=1, shuffle=False, num_epochs=1)
+    (row,) = rows_of(dataset(config))
+    np.testing.assert_array_equal(row["tokens"], [1, 3, 2, 1, 4, 2, 1, 5, 2, 1, 6, 7, 8])
+    np.testing.assert_array_equal(row["targets"], [3, 2, 1, 4, 2, 1, 5, 2, 1, 6, 7, 8, 2])
+    np.testing.assert_array_equal(row["segment_ids"], [1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4, 4])
+    np.testing.assert_array_equal(row["positions"], [0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 3])
+    np.testing.assert_array_equal(row["loss_weights"], [1, 1, 0, 1, 1, 0, 1, 1, 0, 1, 1, 1, 1])
+
+
+@pytest.mark.parametrize("source, shuffle_window", [("tokens", 0), ("text", 128)])
+def test_rows_of_a_batch_come_from_different_documents_even_when_documents_are_long(tmp_path, source, shuffle_window):
+    # 4 documents of 200 ids, 25 rows each: streamed in order, a batch of 8 rows would be one document.
+    texts = distinct_id_texts([200] * 4)
+    path = token_dir(tmp_path, texts, vocab_size=1000) if source == "tokens" else write_jsonl(tmp_path / "l.jsonl", texts)
+    config = text_config(path, source=source, global_batch=8, shuffle_window=shuffle_window)
+    for step, batch in enumerate(take(dataset(config, tokenizer=NumberTokenizer(1000)), 6)):
+        ids = batch["tokens"][batch["tokens"] > EOS]
+        assert len(np.unique((ids - 3) // 200)) >= 3, f"batch {step} holds rows of fewer than 3 documents"
+
+
 def test_unpacked_rows_hold_one_document_truncated_or_padded(tmp_path):
     path = write_jsonl(tmp_path / "hand.jsonl", HAND_DOCS)
     config = text_config(path, seq_len=4, global_batch=3, shuffle=False, num_epochs=1, packing=False)
-    (batch,) = list(make_dataset(config, tokenizer=NumberTokenizer(), process_index=0, process_count=1))
+    (batch,) = list(dataset(config))
     np.testing.assert_array_equal(batch["tokens"], [[1, 10, 11, 2], [1, 20, 2, 0], [1, 30, 31, 32]])
     np.testing.assert_array_equal(batch["targets"], [[10, 11, 2, 0], [20, 2, 0, 0], [30, 31, 32, 33]])
     np.testing.assert_array_equal(batch["segment_ids"], [[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1]])
@@ -109,9 +212,9 @@ def test_unpacked_rows_hold_one_document_truncated_or_padded(tmp_path):
 
 
 @pytest.mark.parametrize("packing", [True, False])
-def test_batches_are_int32_rows_of_seq_len_per_process(packing):
-    config = DataConfig(seq_len=16, global_batch=8, packing=packing, read_threads=2)
-    batch = next(make_dataset(config, process_index=1, process_count=2))
+def test_batches_are_int32_rows_of_seq_len_per_shard(packing):
+    config = DataConfig(seq_len=16, global_batch=8, packing=packing, read_threads=2, shuffle_window=8)
+    batch = next(dataset(config, shard=(1, 2)))
     assert {k: (v.shape, v.dtype.name) for k, v in batch.items()} == {
         "tokens": ((4, 16), "int32"), "targets": ((4, 16), "int32"), "positions": ((4, 16), "int32"),
         "segment_ids": ((4, 16), "int32"), "loss_weights": ((4, 16), "float32"),
@@ -122,11 +225,12 @@ def test_batches_are_int32_rows_of_seq_len_per_process(packing):
 # --- Order and sharding. ----------------------------------------------------
 
 
-@pytest.mark.parametrize("source", ["text", "synthetic"])
-def test_same_seed_gives_same_batches_and_another_seed_others(corpus, source):
+@pytest.mark.parametrize("source", ["text", "synthetic", "tokens"])
+def test_same_seed_gives_same_batches_and_another_seed_others(tmp_path, corpus, source):
+    path = token_dir(tmp_path, corpus_texts()) if source == "tokens" else corpus
+
     def batches(seed):
-        config = text_config(corpus, source=source, seed=seed, global_batch=4)
-        return take(make_dataset(config, tokenizer=NumberTokenizer(), process_index=0, process_count=1), 5)
+        return take(dataset(text_config(path, source=source, seed=seed, global_batch=4)), 5)
 
     assert_same_batches(batches(seed=7), batches(seed=7))
     assert not np.array_equal(batches(seed=7)[0]["tokens"], batches(seed=8)[0]["tokens"])
@@ -134,25 +238,45 @@ def test_same_seed_gives_same_batches_and_another_seed_others(corpus, source):
 
 def test_each_epoch_visits_every_document_once_in_a_new_order(corpus):
     config = text_config(corpus, packing=False, global_batch=1, seq_len=16, num_epochs=2)
-    firsts = stream_documents(list(make_dataset(config, tokenizer=NumberTokenizer(), process_index=0, process_count=1)))
+    firsts = stream_documents(list(dataset(config)))
     epoch1, epoch2 = firsts[:40], firsts[40:]
     assert sorted(epoch1) == sorted(epoch2) == list(range(3, 43))
     assert epoch1 != epoch2 and epoch1 != sorted(epoch1)
 
 
 @pytest.mark.parametrize("packing", [True, False])
-def test_two_processes_read_disjoint_documents_covering_the_corpus(corpus, packing):
+def test_two_shards_read_disjoint_documents_covering_the_corpus(corpus, packing):
     config = text_config(corpus, packing=packing, seq_len=16, num_epochs=1)
-    seen = [stream_documents(list(make_dataset(config, tokenizer=NumberTokenizer(), process_index=p, process_count=2)))
-            for p in (0, 1)]
+    seen = [stream_documents(list(dataset(config, shard=(p, 2)))) for p in (0, 1)]
     assert not set(seen[0]) & set(seen[1])
     assert sorted(seen[0] + seen[1]) == list(range(3, 43))
 
 
+@pytest.mark.parametrize("shard_count", [2, 4])
+def test_token_window_shards_split_each_global_batch_disjointly(tmp_path, shard_count):
+    path = token_dir(tmp_path, distinct_id_texts(DISTINCT_LENGTHS))
+    config = text_config(path, source="tokens", global_batch=4, num_epochs=2)
+    whole = list(dataset(config))
+    shards = [list(dataset(config, shard=(p, shard_count))) for p in range(shard_count)]
+    assert len(whole) == 6 and all(len(batches) == 6 for batches in shards)
+    for step in range(6):  # each global batch holds the same rows however many shards share it
+        split = [row_key(r) for batches in shards for r in rows_of([batches[step]])]
+        assert len(set(split)) == len(split) == 4, f"batch {step}: shards overlap"
+        assert set(split) == {row_key(r) for r in rows_of([whole[step]])}, f"batch {step}"
+    epoch = rows_of(whole[:3])
+    assert len({row_key(r) for r in epoch}) == 12  # the 12 windows, each once
+    assert input_counts(epoch) == DISTINCT_INPUTS
+
+
+def test_finite_token_epochs_keep_only_whole_global_batches(tmp_path):
+    path = token_dir(tmp_path, distinct_id_texts(DISTINCT_LENGTHS))  # 12 windows
+    config = text_config(path, source="tokens", global_batch=5, num_epochs=1)
+    assert [len(list(dataset(config, shard=(p, 5)))) for p in range(5)] == [2] * 5  # 10 of 12 rows
+
+
 def test_default_shard_is_this_jax_process(corpus):
     config = text_config(corpus)
-    explicit = take(make_dataset(config, tokenizer=NumberTokenizer(), process_index=0, process_count=1), 2)
-    assert_same_batches(take(make_dataset(config, tokenizer=NumberTokenizer()), 2), explicit)
+    assert_same_batches(take(make_dataset(config, tokenizer=NumberTokenizer()), 2), take(dataset(config), 2))
 
 
 # --- Resumable state. -------------------------------------------------------
@@ -160,15 +284,18 @@ def test_default_shard_is_this_jax_process(corpus):
 
 @pytest.mark.parametrize("steps_before_save", [0, 3, 11])
 @pytest.mark.parametrize(
-    "source, packing, process_index",
-    [("text", True, 0), ("text", False, 0), ("text", True, 1), ("synthetic", True, 0)],
+    "source, packing, shard_index",
+    [("text", True, 0), ("text", False, 0), ("text", True, 1), ("synthetic", True, 0),
+     ("tokens", True, 1), ("tokens", False, 0)],
 )
-def test_restored_iterator_yields_exactly_the_next_batches(corpus, source, packing, process_index, steps_before_save):
-    # 40 short documents in rows of 8 span several epochs over 11 + 6 batches.
-    config = text_config(corpus, source=source, packing=packing, synthetic_docs=5)
+def test_restored_iterator_yields_exactly_the_next_batches(tmp_path, corpus, source, packing, shard_index,
+                                                           steps_before_save):
+    # 40 short documents in rows of 8 span several epochs (and shuffle windows) over 11 + 6 batches.
+    path = token_dir(tmp_path, corpus_texts()) if source == "tokens" else corpus
+    config = text_config(path, source=source, packing=packing, synthetic_docs=5, global_batch=4)
 
     def fresh():
-        return make_dataset(config, tokenizer=NumberTokenizer(), process_index=process_index, process_count=2)
+        return dataset(config, shard=(shard_index, 2))
 
     original = fresh()
     take(original, steps_before_save)
@@ -179,6 +306,21 @@ def test_restored_iterator_yields_exactly_the_next_batches(corpus, source, packi
     take(restored, 2)  # set_state must also rewind an iterator that has run
     restored.set_state(state)
     assert_same_batches(take(restored, 6), want)
+
+
+def test_token_windows_restore_exactly_from_every_step_across_epochs(tmp_path):
+    path = token_dir(tmp_path, distinct_id_texts(DISTINCT_LENGTHS))  # 12 windows: 3 global batches an epoch
+    config = text_config(path, source="tokens", global_batch=4, num_epochs=3)
+    original = dataset(config, shard=(1, 2))
+    states, batches = [], []
+    for batch in original:
+        states.append(json.loads(json.dumps(original.get_state())))
+        batches.append(batch)
+    assert len(batches) == 9
+    for step in range(8):
+        restored = dataset(config, shard=(1, 2))
+        restored.set_state(states[step])
+        assert_same_batches(list(restored), batches[step + 1:])
 
 
 def test_orbax_checkpoint_manager_saves_the_iterator_beside_the_model(corpus, tmp_path):
@@ -208,10 +350,12 @@ def test_prepare_writes_token_files_the_tokens_source_reads_back(tmp_path, corpu
     docs = TokenDocuments([tmp_path / "tok"])
     assert [docs[i].tolist() for i in range(len(docs))] == [tokenizer.encode(t, bos=True, eos=True) for t in texts]
 
-    # The same documents give the same batches whether prepared or tokenized on the fly.
-    from_text = make_dataset(text_config([corpus, txt]), tokenizer=tokenizer, process_index=0, process_count=1)
-    from_tokens = make_dataset(text_config(tmp_path / "tok", source="tokens"), process_index=0, process_count=1)
-    assert_same_batches(take(from_tokens, 8), take(from_text, 8))
+    # The same documents give the same rows whether prepared or tokenized on the fly
+    # (in the same order when unshuffled; token windows are shuffled differently).
+    for fields in (dict(shuffle=False), dict(packing=False)):
+        from_text = dataset(text_config([corpus, txt], **fields))
+        from_tokens = dataset(text_config(tmp_path / "tok", source="tokens", **fields))
+        assert_same_batches(take(from_tokens, 8), take(from_text, 8))
 
 
 def test_prepare_stores_uint32_when_the_vocabulary_exceeds_uint16(tmp_path):
@@ -300,6 +444,7 @@ def test_prepare_command_refuses_to_overwrite_without_the_flag(tmp_path, capsys,
         (dict(num_epochs=0), "num_epochs"),
         (dict(seed=2**32), "seed"),
         (dict(read_threads=-1), "read_threads"),
+        (dict(shuffle_window=-1), "shuffle_window"),
         (dict(text_key=""), "text_key"),
     ],
 )
@@ -309,9 +454,13 @@ def test_config_rejects_bad_fields_naming_them(fields, field):
 
 
 def test_make_dataset_rejects_inputs_it_cannot_use(corpus, tmp_path):
-    with pytest.raises(ValueError, match="global_batch 6 is not divisible by process_count 4"):
-        make_dataset(DataConfig(global_batch=6), process_index=0, process_count=4)
+    with pytest.raises(ValueError, match="global_batch 6 is not divisible by shard_count 4"):
+        make_dataset(DataConfig(global_batch=6), shard_index=0, shard_count=4)
+    with pytest.raises(ValueError, match=r"shard_index 2 is outside \[0, shard_count 2\)"):
+        make_dataset(DataConfig(), shard_index=2, shard_count=2)
+    with pytest.raises(ValueError, match="pass shard_index and shard_count together"):
+        make_dataset(DataConfig(), shard_index=0)
     with pytest.raises(ValueError, match="DataConfig.tokenizer must name a tokenizer file"):
-        make_dataset(text_config(corpus), process_index=0, process_count=1)
+        make_dataset(text_config(corpus), shard_index=0, shard_count=1)
     with pytest.raises(ValueError, match="not a prepared token directory"):
-        make_dataset(text_config(tmp_path, source="tokens"), process_index=0, process_count=1)
+        make_dataset(text_config(tmp_path, source="tokens"), shard_index=0, shard_count=1)

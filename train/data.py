@@ -1,29 +1,54 @@
 """Training data: documents -> packed rows -> per-process batches, with grain.
 
 One public entry, `make_dataset(DataConfig(...))`, returns an iterator of
-batches. The pipeline, in grain's dataset API:
+batches. How rows are cut depends on whether the documents' lengths are
+known up front.
 
-    documents            random access: token files | text/JSONL | synthetic
+Pre-tokenized token directories with packing (the usual way to train):
+rows are random-access windows over one token stream.
+
+    stream               the documents (shuffled once by `seed`) end to end
+    windows              row w = stream[w*L : (w+1)*L] (+1 id for targets)
+    .shuffle(seed)       a global permutation of the rows, new every epoch
+    .repeat(num_epochs)  None repeats forever
+    [index::count]       each shard takes every count-th row
+    .batch(rows_per_shard)
+
+Every row of a batch therefore comes from a random place in the corpus,
+however long its documents are (with streamed packing a 100k-token file
+fills whole batches by itself, and the loss swings from batch to batch).
+A global batch is a run of consecutive rows of the shuffled dataset, so
+it holds the same rows however many shards share it.
+
+Text (tokenized on the fly), synthetic documents, and unpacked rows: lengths
+are only known once a document is read, so documents are streamed.
+
+    documents            random access: text/JSONL | synthetic | token files
     .shuffle(seed)       a global permutation, different in every epoch
     .repeat(num_epochs)  None repeats forever
-    [index::count]       each process reads only its own documents
+    [index::count]       each shard reads only its own documents
     .map(tokenize)       text source only: BOS + ids + EOS, on the fly
     .to_iter_dataset()   worker threads read ahead, order kept
     pack                 documents -> rows of seq_len (or one per row)
-    .batch(global_batch // process_count)
+    window shuffle       packed rows shuffled within windows of
+                         `shuffle_window` rows (grain's WindowShuffleIterDataset)
+    .batch(rows_per_shard)
 
-Why `MapDataset`/`IterDataset` rather than `grain.DataLoader`: every stage up
-to the packer is random access, so its position is a single index; the packer
-is a small `DatasetIterator` whose state is the position of the first
-document it still holds plus an offset into it. `get_state()` is therefore a
-tiny JSON dict that restores exactly, without replaying data, and the result
-is a grain `DatasetIterator`, so grain's orbax handler saves it beside the
-model (`checkpoint_save_args` / `checkpoint_restore_args`). DataLoader's
-sampler-and-operations model has no room for a packer that carries partial
-documents from one row to the next with that kind of state.
+Unpacked rows are whole documents, so the document shuffle already shuffles
+rows. Streamed packed rows are only shuffled within a window: a document
+longer than a window's tokens still lands in neighbouring batches.
+
+Why grain datasets rather than `grain.DataLoader`: every random-access stage
+keeps its position as a single index, and the streaming packer is a small
+`DatasetIterator` whose state is the position of the first document it still
+holds plus an offset into it; the window shuffle stores its parent's state
+at the window start and replays at most one window on restore. `get_state()`
+is therefore a small JSON dict that restores exactly, and the result is a
+grain `DatasetIterator`, so grain's orbax handler saves it beside the model
+(`checkpoint_save_args` / `checkpoint_restore_args`).
 
 Batches are dicts of numpy arrays, each [B, seq_len] with
-B = global_batch // process_count:
+B = global_batch // shard_count:
 
     tokens       int32    input ids; 0 in padding
     targets      int32    the next id in the document stream; 0 in padding
@@ -34,17 +59,21 @@ B = global_batch // process_count:
     loss_weights float32  1 where the target continues the input's document;
                           0 where it is the next document's first id, or pad
 
-Packing concatenates the (shuffled) documents of a process into one stream
-and cuts it into rows of seq_len inputs; row r holds stream[r*L:(r+1)*L] as
-tokens and stream[r*L+1:(r+1)*L+1] as targets. A document longer than what
-is left of a row continues in the next row with positions restarting at 0:
-positions stay below seq_len, as at inference, and every segment of a row
-is self-contained for attention. Unpacked mode puts one document per row,
-truncated to seq_len (+1 target) and padded.
+A packed row holds stream[r*L:(r+1)*L] as tokens and stream[r*L+1:(r+1)*L+1]
+as targets. A document cut by a row boundary continues in another row with
+positions restarting at 0: positions stay below seq_len, as at inference,
+and every segment of a row is self-contained for attention. The last row
+of a stream may be short and padded. Unpacked mode puts one document per
+row, truncated to seq_len (+1 target) and padded.
 
-Multi-host: processes read disjoint documents, so with a finite num_epochs
-they may pack slightly different numbers of rows; train for a fixed number
-of steps with num_epochs=None (the default) to keep hosts in step.
+Sharding: shard i of n feeds B = global_batch // n rows of every global
+batch. By default a shard is a process (jax.process_index() of jax.process_count());
+processes that are replicas along the batch (e.g. `tp` across hosts) must
+pass the same shard (train.loop derives it from the Placement). With token
+windows and a finite num_epochs, only whole global batches are kept, so all
+shards yield the same number of batches. Streamed sources split documents
+between shards and may pack slightly different numbers of rows: train for a
+fixed number of steps with num_epochs=None (the default) to keep them in step.
 """
 
 from __future__ import annotations
@@ -59,6 +88,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import grain
+import grain.experimental
 import numpy as np
 
 SOURCES = ("tokens", "text", "synthetic")
@@ -100,7 +130,11 @@ class DataConfig:
     shuffle, seed: shuffle documents with a permutation drawn from `seed`.
     num_epochs: passes over the documents; None repeats forever.
     vocab_size, synthetic_docs: size of the synthetic source.
-    read_threads: threads reading (and tokenizing) documents ahead.
+    read_threads: threads reading (and tokenizing) documents or rows ahead.
+    shuffle_window: streamed packed rows (text and synthetic sources) are
+      shuffled within windows of this many rows; restoring replays at most
+      one window. 0 or 1 keeps stream order. Token directories shuffle all
+      rows globally and ignore it.
     """
 
     source: str = "synthetic"
@@ -116,6 +150,7 @@ class DataConfig:
     vocab_size: int = 32000
     synthetic_docs: int = 10_000
     read_threads: int = 8
+    shuffle_window: int = 1024
 
     def __post_init__(self):
         paths = (self.paths,) if isinstance(self.paths, (str, os.PathLike)) else self.paths
@@ -136,8 +171,10 @@ class DataConfig:
             raise ValueError(f"DataConfig.num_epochs must be a positive integer or None; got {self.num_epochs!r}")
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
             raise ValueError(f"DataConfig.seed must be an integer in [0, 2**32); got {self.seed!r}")
-        if not isinstance(self.read_threads, int) or self.read_threads < 0:
-            raise ValueError(f"DataConfig.read_threads must be a non-negative integer; got {self.read_threads!r}")
+        for name in ("read_threads", "shuffle_window"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"DataConfig.{name} must be a non-negative integer; got {value!r}")
 
 
 # --- Sources: random access to documents. ------------------------------------
@@ -253,11 +290,20 @@ class TokenDocuments:
     def __len__(self) -> int:
         return int(self._first_doc[-1])
 
-    def __getitem__(self, i: int) -> np.ndarray:
+    def lengths(self) -> np.ndarray:
+        """int64 [num_docs]: every document's length in ids."""
+        return np.concatenate([np.diff(np.asarray(index, np.int64)) for index in self._index])
+
+    def read(self, i: int, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """int32 ids [start:stop] of document i, read from disk without the rest of it."""
         part = int(np.searchsorted(self._first_doc, i, side="right")) - 1
         j = i - int(self._first_doc[part])
-        start, stop = self._index[part][j], self._index[part][j + 1]
-        return np.asarray(self._tokens[part][start:stop], dtype=np.int32)
+        begin, end = int(self._index[part][j]), int(self._index[part][j + 1])
+        stop = end - begin if stop is None else min(stop, end - begin)
+        return np.asarray(self._tokens[part][begin + start : begin + stop], dtype=np.int32)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.read(i)
 
 
 class SyntheticDocuments:
@@ -309,6 +355,41 @@ def unpacked_row(doc: np.ndarray, seq_len: int) -> dict[str, np.ndarray]:
     """One document per row, truncated to seq_len inputs (plus one target) and padded."""
     window = doc[: seq_len + 1]
     return make_row(window, np.ones(len(window), np.int32), seq_len)
+
+
+class TokenWindows:
+    """Packed rows as random access: row w is window w of the documents' token stream.
+
+    The stream is `docs` end to end in `order` (a permutation of document
+    indices). Row w holds stream[w*seq_len : (w+1)*seq_len + 1] (inputs and
+    targets, see `make_row`), read from the documents it spans; the last row
+    may be short. Only each document's place in `order` and its stream offset
+    are kept in memory (16 bytes a document).
+    """
+
+    def __init__(self, docs: TokenDocuments, order: np.ndarray, seq_len: int):
+        self._docs, self._order, self._seq_len = docs, order, seq_len
+        self._starts = np.concatenate([[0], np.cumsum(docs.lengths()[order])])  # [num_docs + 1]
+        self._num_windows = max(0, -(-(int(self._starts[-1]) - 1) // seq_len))  # rows with a target
+
+    def __len__(self) -> int:
+        return self._num_windows
+
+    def __getitem__(self, w: int) -> dict[str, np.ndarray]:
+        if not 0 <= w < self._num_windows:
+            raise IndexError(f"window {w} is outside [0, {self._num_windows})")
+        pos = w * self._seq_len
+        stop = min(pos + self._seq_len + 1, int(self._starts[-1]))
+        k = int(np.searchsorted(self._starts, pos, side="right")) - 1  # the document holding `pos`
+        pieces = []
+        while pos < stop:
+            doc_start, doc_stop = int(self._starts[k]), int(self._starts[k + 1])
+            if doc_stop > pos:
+                pieces.append(self._docs.read(int(self._order[k]), pos - doc_start, min(stop, doc_stop) - doc_start))
+                pos = doc_stop
+            k += 1
+        segments = np.repeat(np.arange(1, len(pieces) + 1, dtype=np.int32), [len(p) for p in pieces])
+        return make_row(np.concatenate(pieces), segments, self._seq_len)
 
 
 class _PackedRowsIterator(grain.DatasetIterator):
@@ -404,44 +485,78 @@ def make_dataset(
     config: DataConfig,
     *,
     tokenizer: TextTokenizer | None = None,
-    process_index: int | None = None,
-    process_count: int | None = None,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
 ) -> grain.DatasetIterator:
-    """An iterator of this process's batches (see the module docstring for their dict).
+    """An iterator of this shard's batches (see the module docstring for their dict).
 
     tokenizer: overrides `config.tokenizer` for the text source (any object
-      with encode/bos_id/eos_id). process_index, process_count: this
-      process's shard; default jax.process_index() and jax.process_count().
+      with encode/bos_id/eos_id).
+    shard_index, shard_count: this process feeds global_batch // shard_count
+      rows of every global batch, disjoint from other shards' rows. Default:
+      jax.process_index() of jax.process_count(). Processes that are replicas
+      along the batch pass the same shard; for a `Placement`, shard_count is
+      global_batch // placement.process_rows(global_batch) (train.loop).
     The iterator's get_state() is a JSON-serialisable dict; set_state() on
     an iterator made from the same config and shard resumes exactly.
     """
-    if process_index is None or process_count is None:
+    if (shard_index is None) != (shard_count is None):
+        raise ValueError("make_dataset: pass shard_index and shard_count together, or neither")
+    if shard_index is None:
         import jax
 
-        process_index, process_count = jax.process_index(), jax.process_count()
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} is outside [0, process_count {process_count})")
-    if config.global_batch % process_count:
+        shard_index, shard_count = jax.process_index(), jax.process_count()
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index {shard_index} is outside [0, shard_count {shard_count})")
+    if config.global_batch % shard_count:
         raise ValueError(
-            f"DataConfig.global_batch {config.global_batch} is not divisible by process_count {process_count}"
+            f"DataConfig.global_batch {config.global_batch} is not divisible by shard_count {shard_count}"
         )
     source, encode = _documents(config, tokenizer)
     if len(source) == 0:
         raise ValueError(f"DataConfig.paths hold no documents: {', '.join(config.paths)}")
+    read = grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=4 * config.read_threads)
+    if config.source == "tokens" and config.packing:
+        rows = _window_rows(source, config)[shard_index::shard_count].to_iter_dataset(read)
+    else:
+        rows = _streamed_rows(source, encode, config, shard_index, shard_count, read)
+    return iter(rows.batch(config.global_batch // shard_count, drop_remainder=True))
+
+
+def _window_rows(docs: TokenDocuments, config: DataConfig) -> grain.MapDataset:
+    """All shards' rows in order: token windows, shuffled per epoch, whole global batches only."""
+    order = np.arange(len(docs))
+    if config.shuffle:
+        order = np.random.default_rng(config.seed).permutation(len(docs))
+    windows = TokenWindows(docs, order, config.seq_len)
+    if len(windows) == 0:
+        raise ValueError(f"DataConfig.paths hold too few tokens for one row: {', '.join(config.paths)}")
+    rows = grain.MapDataset.source(windows)
+    if config.shuffle:
+        rows = rows.shuffle(seed=config.seed)
+    rows = rows.repeat(config.num_epochs)
+    if config.num_epochs is not None:  # keep shards in step: drop the last partial global batch
+        rows = rows[: len(rows) - len(rows) % config.global_batch]
+    return rows
+
+
+def _streamed_rows(source, encode, config: DataConfig, shard_index: int, shard_count: int,
+                   read: grain.ReadOptions) -> grain.IterDataset:
+    """This shard's rows from its own documents: packed by streaming, or one per row."""
     docs = grain.MapDataset.source(source)
     if config.shuffle:
         docs = docs.shuffle(seed=config.seed)
-    docs = docs.repeat(config.num_epochs)[process_index::process_count]
+    docs = docs.repeat(config.num_epochs)[shard_index::shard_count]
     if encode is not None:
         docs = docs.map(encode)
     if not config.packing:
-        docs = docs.map(functools.partial(unpacked_row, seq_len=config.seq_len))
-    read = grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=4 * config.read_threads)
-    rows = docs.to_iter_dataset(read)
-    if config.packing:
-        rows = _PackedRows(rows, config.seq_len)
-    batches = rows.batch(config.global_batch // process_count, drop_remainder=True)
-    return iter(batches)
+        return docs.map(functools.partial(unpacked_row, seq_len=config.seq_len)).to_iter_dataset(read)
+    rows = _PackedRows(docs.to_iter_dataset(read), config.seq_len)
+    if config.shuffle and config.shuffle_window > 1:
+        # index_shuffle takes 32-bit seeds and adds the window number to this one.
+        rows = grain.experimental.WindowShuffleIterDataset(
+            rows, window_size=config.shuffle_window, seed=config.seed % 2**31)
+    return rows
 
 
 # --- Checkpointing with orbax. ----------------------------------------------

@@ -27,6 +27,19 @@ def _tokenizer(run: RunConfig):
     return load_tokenizer(path)
 
 
+def _data_shard(placement: Placement, global_batch: int) -> tuple[int, int]:
+    """(index, count) of the block of each batch's rows this process feeds.
+
+    Processes that are replicas along the batch (e.g. `tp` across hosts) hold
+    the same rows, so they get the same block.
+    """
+    rows = placement.process_rows(global_batch)
+    indices = placement.sharding("batch").devices_indices_map((global_batch,))
+    first = min(index[0].start or 0 for device, index in indices.items()
+                if device.process_index == jax.process_index())
+    return first // rows, global_batch // rows
+
+
 def train(run: RunConfig, *, progress: bool = True, stop_after: int | None = None) -> dict:
     """Train as the run config says; resume from the run directory's latest checkpoint.
 
@@ -48,7 +61,8 @@ def train(run: RunConfig, *, progress: bool = True, stop_after: int | None = Non
     schedule = learning_rate_schedule(run.optimizer, run.steps)
     optimizer = make_optimizer(run.optimizer, run.steps)
     state, shardings = init_state(placement, optimizer, jax.random.key(run.seed))
-    data = make_dataset(run.data, tokenizer=tokenizer)
+    shard_index, shard_count = _data_shard(placement, run.data.global_batch)
+    data = make_dataset(run.data, tokenizer=tokenizer, shard_index=shard_index, shard_count=shard_count)
     checkpointer = Checkpointer(run, shardings)
     state = checkpointer.restore_latest(state, data)
     step = start = int(state.step)
