@@ -140,8 +140,10 @@ def load_model(path: str | os.PathLike, layout: str | Layout | None = None,
 
     A directory with `config.json` is read as Hugging Face (safetensors plus
     tokenizer files); anything else as our own checkpoint (llama_jax.checkpoint:
-    step directories with items "params" and "config"). Parameters come back
-    placed on `layout` (None: one device). The tokenizer is `tokenizer` if
+    step directories with items "params" and "config", latest step). Parameters
+    come back placed on `layout` (None: one device) in the form the inference
+    model takes (see `Engine.place_params`), so `generate` uses them as they
+    are. The tokenizer is `tokenizer` if
     given, else the one found in the directory or its parent.
     Raises ValueError subclasses with one line for anything missing.
     """
@@ -161,10 +163,12 @@ def load_model(path: str | os.PathLike, layout: str | Layout | None = None,
             raise CheckpointFileError(
                 f"{path}: no config.json, so not a Hugging Face directory, and llama_jax.checkpoint "
                 "(our format) is not available") from None
-        config = checkpoint.read_config(path)
+        # Checkpoints hold stacked (scan-layout) layers; restore straight onto the layout.
+        config = checkpoint.read_config(path).replace(scan_layers=True)
         engine = _engine(config, layout)
         config, params = checkpoint.restore_params(path, shardings=engine.param_shardings(),
                                                    config=config)
+        params = engine.place_params(params)
     return config, params, load_tokenizer(tokenizer or _find_tokenizer(path))
 
 

@@ -99,3 +99,19 @@ def test_mesh_that_does_not_fit_the_devices_is_one_line_exit_2(checkpoint):
 def test_bad_sampling_settings_are_one_line_exit_2(checkpoint):
     assert_one_line_error(run_cli("--checkpoint", checkpoint, "--prompt", "hi", "--top-p", 2),
                           "top_p")
+
+
+def test_our_checkpoint_format_generates_what_the_hf_directory_does(checkpoint, tmp_path):
+    checkpoint_module = pytest.importorskip("llama_jax.checkpoint")
+    from llama_jax.hf import load_hf_params
+
+    config, params = load_hf_params(checkpoint)
+    ours = tmp_path / "ckpt"
+    checkpoint_module.save_params(ours, config, params, step=10)
+    (tmp_path / "tokenizer.model").write_bytes((checkpoint / "tokenizer.model").read_bytes())
+    from_hf = generate(checkpoint, None, "Once upon a time", max_new_tokens=8)[0]
+    from_ours = generate(ours, None, "Once upon a time", max_new_tokens=8)[0]  # tokenizer found in parent
+    assert from_ours.tokens == from_hf.tokens
+    result = run_cli("--checkpoint", ours, "--prompt", "Once upon a time", "--max-new-tokens", 8)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == from_hf.text + "\n"
