@@ -1,0 +1,126 @@
+"""TPU topologies without TPUs: compile-only devices for ahead-of-time compiles.
+
+    devices = topology_devices("v5p:8x8x8", slices=2)   # 1024 abstract chips
+    mesh = make_mesh(layout_for_slices(layout, 2), devices)
+
+`jax.experimental.topologies.get_topology_desc` asks libtpu (the `tpu`
+extra: `pip install -e '.[tpu]'`) for a description of a named slice; its
+devices can be put in a mesh and compiled for, but not run on. With
+`slices > 1` the devices carry a `slice_index`, so `make_mesh` builds the
+same hybrid ICI x DCN mesh it builds on a real multi-slice pod.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import tempfile
+
+from sharding.layout import MESH_AXES, Layout, LayoutError
+
+# jax Device.device_kind -> the chip names of train.metrics' PEAK_FLOPS / HBM_BYTES tables.
+CHIP_OF_KIND = {"TPU v4": "v4", "TPU v5 lite": "v5e", "TPU v5e": "v5e", "TPU v5": "v5p",
+                "TPU v5p": "v5p", "TPU v6 lite": "v6e", "TPU v6e": "v6e"}
+
+
+def libtpu_available() -> bool:
+    """True if libtpu (the compiler behind compile-only TPU devices) is installed."""
+    try:
+        import libtpu  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _native_stderr_captured():
+    """Capture what native code writes to file descriptor 2 (libtpu's start-up warnings).
+
+    Without a TPU VM's metadata server libtpu prints several lines about
+    unknown accelerator types and worker hostnames; they are harmless for
+    compile-only devices. Yields a callable returning the captured text.
+    """
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        saved = os.dup(2)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield lambda: (sink.seek(0), sink.read().decode(errors="replace"))[1]
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def topology_devices(name: str, slices: int = 1) -> list:
+    """Compile-only devices of `slices` copies of the TPU slice `name` (e.g. "v5e:16x16").
+
+    LayoutError (one line) if libtpu is missing or does not know the name.
+    """
+    if not libtpu_available():
+        raise LayoutError("compiling for a TPU topology needs libtpu: pip install -e '.[tpu]'")
+    if isinstance(slices, bool) or not isinstance(slices, int) or slices < 1:
+        raise LayoutError(f"slices: must be a positive integer, got {slices!r}")
+    from jax._src import hardware_utils
+    from jax.experimental import topologies
+
+    if hardware_utils.num_available_tpu_chips_and_device_id()[0] == 0:
+        # libtpu's lockfile guards real chips; compile-only devices need none, and
+        # without this a second compile (or test) waits on the first one's lock.
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    kwargs = {"num_slices": slices} if slices > 1 else {}
+    try:
+        with _native_stderr_captured():
+            topology = topologies.get_topology_desc(topology_name=name, platform="tpu", **kwargs)
+    except Exception as err:  # libtpu raises JaxRuntimeError(INVALID_ARGUMENT: ...)
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        reason = reason.removeprefix("INVALID_ARGUMENT: ")
+        raise LayoutError(f"topology {name!r}: {reason} (names look like v5p:4x4x4, v5e:16x16, "
+                          "v6e:8x8, v4:2x2x2)") from None
+    return list(topology.devices)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChipInfo:
+    """The chip a list of devices runs on, and how many devices share one chip."""
+
+    chip: str             # key of train.metrics.PEAK_FLOPS / HBM_BYTES
+    n_chips: int
+    devices_per_chip: int  # 2 for v4's two TensorCores when not fused as megacore
+
+
+def chip_info(devices) -> ChipInfo:
+    """Which chip `devices` are (by device_kind) and how many chips they span."""
+    kind = devices[0].device_kind
+    if kind not in CHIP_OF_KIND:
+        raise LayoutError(f"device kind {kind!r} has no chip figures (known: "
+                          f"{', '.join(sorted(set(CHIP_OF_KIND.values())))})")
+    chips = {(getattr(d, "slice_index", 0), tuple(d.coords)) for d in devices}
+    return ChipInfo(CHIP_OF_KIND[kind], len(chips), len(devices) // len(chips))
+
+
+def slices_of(layout: Layout) -> int:
+    """How many slices a layout's fixed DCN sizes span (1 for a single-slice layout)."""
+    total = 1
+    for axis in MESH_AXES:
+        total *= max(layout.dcn[axis], 1)
+    return total
+
+
+def layout_for_slices(layout: Layout, slices: int) -> Layout:
+    """The layout for `slices` slices joined over DCN.
+
+    A layout that already names DCN sizes (e.g. multislice) must name exactly
+    `slices` of them; one without any puts all slices on the data axis, the
+    only traffic DESIGN.md lets cross the slow network.
+    """
+    dcn_total = slices_of(layout)
+    if -1 in layout.dcn.values():
+        if slices % dcn_total:
+            raise LayoutError(f"layout {layout.name}: {slices} slices do not divide into its DCN sizes")
+        return layout
+    if dcn_total == slices:
+        return layout
+    if dcn_total == 1:
+        return dataclasses.replace(layout, dcn={**layout.dcn, "data": slices})
+    raise LayoutError(f"layout {layout.name}: its DCN axes span {dcn_total} slices but --slices is "
+                      f"{slices} (use --slices {dcn_total} or a layout without DCN sizes)")

@@ -1,0 +1,113 @@
+"""Ahead-of-time compiles for TPU topologies: memory follows the layout, OOM is a verdict.
+
+These compile for compile-only TPU devices, so they need libtpu (the `tpu`
+extra) but no TPU; without it the module is skipped.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+
+import pytest
+
+pytest.importorskip("libtpu", reason="TPU compiles need libtpu: pip install -e '.[tpu]'")
+
+import jax  # noqa: E402
+
+from sharding.topology import topology_devices  # noqa: E402
+from train.compile import compile_run, main, parse_sweep  # noqa: E402
+from train.config import run_config_from_dict  # noqa: E402
+
+TOPOLOGY = "v5p:2x2x2"
+# Every dimension split 8 ways is still a multiple of 128, so TPU tiling pads
+# nothing that matters and argument bytes are the shards' bytes.
+SHAPE = {"dim": 1024, "n_layers": 2, "n_heads": 8, "n_kv_heads": 8, "ffn_dim": 2048,
+         "vocab_size": 1024, "max_seq_len": 256}
+
+
+@functools.cache
+def _devices():
+    return topology_devices(TOPOLOGY)
+
+
+def _run(layout="fsdp", mesh=None, global_batch=8, seq_len=128, model=None):
+    return run_config_from_dict({
+        "model": model or SHAPE, "layout": layout, "mesh": mesh or {},
+        "data": {"source": "synthetic", "vocab_size": 256, "seq_len": seq_len,
+                 "global_batch": global_batch}})
+
+
+def _state_and_batch_shard_bytes(run) -> tuple[int, int]:
+    """(state bytes, batch bytes) one chip holds, from the shardings the compile was given."""
+    from sharding.layout import load_layout
+    from sharding.place import Placement
+    from train.compile import train_program
+
+    placement = Placement.create(run.model, load_layout(run.layout, **run.mesh), devices=_devices())
+    _, (state, batch) = train_program(run, placement)
+
+    def shard_bytes(tree):
+        return sum(x.dtype.itemsize * math.prod(x.sharding.shard_shape(x.shape))
+                   for x in jax.tree.leaves(tree))
+    return shard_bytes(state), shard_bytes(batch)
+
+
+def test_argument_bytes_are_the_layouts_shards_and_halve_when_fsdp_doubles():
+    results, expected = {}, {}
+    for fsdp, mesh in ((8, {}), (4, {"data": 2})):
+        run = _run(mesh=mesh)
+        results[fsdp] = compile_run(run, _devices(), topology=TOPOLOGY)
+        expected[fsdp] = _state_and_batch_shard_bytes(run)
+        assert results[fsdp].mesh["fsdp"] == fsdp
+        assert results[fsdp].verdict == "fits"
+        state, batch = expected[fsdp]
+        arguments = results[fsdp].memory["arguments"]
+        assert abs(arguments - (state + batch)) <= 0.01 * arguments, (fsdp, arguments, state, batch)
+        # The state is donated: the updated state is written over it.
+        assert results[fsdp].memory["aliased"] >= 0.99 * state
+    state_8 = results[8].memory["arguments"] - expected[8][1]
+    state_4 = results[4].memory["arguments"] - expected[4][1]
+    assert state_4 == pytest.approx(2 * state_8, rel=0.01)
+
+
+def test_oversized_batch_is_the_verdict_does_not_fit():
+    run = _run(model={**SHAPE, "dim": 256, "ffn_dim": 512}, global_batch=2**20, seq_len=256)
+    result = compile_run(run, _devices(), topology=TOPOLOGY)
+    assert result.verdict == "does not fit"
+    assert result.memory is None
+    assert "memory" in result.reason.lower()
+
+
+def test_cli_prints_one_json_object_with_train_and_decode(capsys):
+    code = main(["--config", "tiny_cpu", "--topology", TOPOLOGY, "--decode", "--json"])
+    out = capsys.readouterr().out
+    assert code == 0
+    report = json.loads(out)
+    assert set(report) == {"train", "decode"}
+    assert report["train"]["chips"] == 8 and report["train"]["chip"] == "v5p"
+    assert report["train"]["verdict"] == "fits"
+    assert report["decode"]["memory"]["peak"] > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--topology", "v9:2x2"], "topology 'v9:2x2'"),
+    (["--topology", TOPOLOGY, "mesh.tensor=16"], "8 devices"),
+    (["--topology", TOPOLOGY, "--sweep", "remat"], "--sweep"),
+])
+def test_cli_bad_input_is_one_line_and_exit_code_2(argv, message, capsys):
+    code = main(["--config", "tiny_cpu", *argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_sweep_compiles_every_combination_and_marks_invalid_ones(capsys):
+    assert parse_sweep(["layout=fsdp,fsdp_tp", "remat=full"]) == [
+        {"layout": "fsdp", "model_overrides.remat": "full"},
+        {"layout": "fsdp_tp", "model_overrides.remat": "full"}]
+    code = main(["--config", "tiny_cpu", "--topology", TOPOLOGY, "--sweep", "mesh.tensor=2,16"])
+    table = capsys.readouterr().out.splitlines()
+    assert code == 0
+    assert len(table) == 3 and "fits" in table[1] and "invalid" in table[2], table
