@@ -107,7 +107,7 @@ def restore_params(directory, step: int | None = None, shardings=None, config: M
     try:
         with ocp.StandardCheckpointer() as checkpointer:
             params = checkpointer.restore(_step_dir(directory, step).absolute() / PARAMS, target)
-    except (ValueError, KeyError, FileNotFoundError) as err:
+    except Exception as err:  # noqa: BLE001 - orbax/tensorstore raise plain Exceptions for corrupt data
         raise CheckpointError(f"{_step_dir(directory, step)}: cannot restore params ({_first_line(err)})") from None
     if not config.scan_layers:
         params = unstack_layers(params, config.n_layers)
