@@ -35,19 +35,28 @@ def attend(q_bthk, k_bsnk, v_bsnk, q_coord_bt, k_coord_bs,
     return out.reshape(b, t, h, k).astype(q_bthk.dtype)
 
 
-def _visible(q_coord_bt, k_coord_bs, q_segment_bt, k_segment_bs):
+def _visible_bts(q_coord_bt, k_coord_bs, q_segment_bt, k_segment_bs):
     mask_bts = k_coord_bs[:, None, :] <= q_coord_bt[:, :, None]
     if q_segment_bt is not None:
         mask_bts &= k_segment_bs[:, None, :] == q_segment_bt[:, :, None]
-    return mask_bts[:, None, None]  # broadcast over kv heads and groups
+    return mask_bts
+
+
+def _visible(q_coord_bt, k_coord_bs, q_segment_bt, k_segment_bs):
+    """The mask broadcast to [b, n, g, t, s] scores."""
+    return _visible_bts(q_coord_bt, k_coord_bs, q_segment_bt, k_segment_bs)[:, None, None]
 
 
 def _attend_xla(q_btngk, k_bsnk, v_bsnk, q_coord, k_coord, q_seg, k_seg):
-    scores = jnp.einsum("btngk,bsnk->bngts", q_btngk, k_bsnk,
+    # Scores as [b, n, t, g, s]: XLA:CPU then needs no transpose of the
+    # (large) scores between the two matmuls; measured 10% faster than
+    # [b, n, g, t, s] for forward+backward at 512 tokens.
+    scores = jnp.einsum("btngk,bsnk->bntgs", q_btngk, k_bsnk,
                         preferred_element_type=jnp.float32)
-    scores = jnp.where(_visible(q_coord, k_coord, q_seg, k_seg), scores, _MASKED)
+    mask = _visible_bts(q_coord, k_coord, q_seg, k_seg)[:, None, :, None, :]
+    scores = jnp.where(mask, scores, _MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_bsnk.dtype)
-    return jnp.einsum("bngts,bsnk->btngk", probs, v_bsnk)
+    return jnp.einsum("bntgs,bsnk->btngk", probs, v_bsnk)
 
 
 def _attend_blocked(q_btngk, k_bsnk, v_bsnk, q_coord, k_coord, q_seg, k_seg, block):

@@ -25,6 +25,7 @@ from jax.ad_checkpoint import checkpoint_name
 from llama_jax.attention import attend
 from llama_jax.config import ModelConfig
 from llama_jax.rope import apply_rotary, inverse_frequencies, rotary_angles
+from llama_jax.swiglu import swiglu
 
 Cache = dict[str, jax.Array]  # {"k", "v"}: [layers, batch, kv_length, kv_heads, head_dim]
 
@@ -113,8 +114,20 @@ class Attention(nn.Module):
         return out_btd, cache
 
 
+class Kernel(nn.Module):
+    """A weight with named axes, used by modules that do their own maths with it."""
+
+    shape: tuple[int, ...]
+    names: tuple[str, ...]
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self):
+        return self.param("kernel", _init(*self.names), self.shape, self.param_dtype)
+
+
 class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+    """SwiGLU: w2(silu(w1 x) * w3 x) (see llama_jax/swiglu.py for its backward pass)."""
 
     config: ModelConfig
 
@@ -122,12 +135,11 @@ class FeedForward(nn.Module):
     def __call__(self, x_btd):
         cfg = self.config
         d, f = cfg.dim, cfg.ffn_dim
-        linear = lambda shape, names, eq, name: Linear(  # noqa: E731
-            shape, names, eq, cfg.dtype, cfg.param_dtype, name=name)
-        gate_btf = linear((d, f), ("embed", "mlp"), "btd,df->btf", "w1")(x_btd)
-        up_btf = linear((d, f), ("embed", "mlp"), "btd,df->btf", "w3")(x_btd)
-        hidden_btf = _constrain(nn.silu(gate_btf) * up_btf, "batch", "length", "mlp")
-        return linear((f, d), ("mlp", "embed"), "btf,fd->btd", "w2")(hidden_btf)
+        w1_df = Kernel((d, f), ("embed", "mlp"), cfg.param_dtype, name="w1")()
+        w3_df = Kernel((d, f), ("embed", "mlp"), cfg.param_dtype, name="w3")()
+        w2_fd = Kernel((f, d), ("mlp", "embed"), cfg.param_dtype, name="w2")()
+        cast = lambda w: w.astype(cfg.dtype)  # noqa: E731
+        return swiglu(x_btd.astype(cfg.dtype), cast(w1_df), cast(w3_df), cast(w2_fd))
 
 
 class DecoderLayer(nn.Module):
