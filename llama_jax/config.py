@@ -122,17 +122,22 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
         """Build from plain data; unknown keys are an error naming the key."""
-        if not isinstance(data, dict):
-            raise ConfigError(f"model config: expected a mapping, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        for key in data:
-            if key not in known:
-                raise ConfigError(f"{key}: unknown model config field (known: {', '.join(sorted(known))})")
+        check_keys(cls, data, "", "unknown model config field")
         missing = [f.name for f in dataclasses.fields(cls)
                    if f.default is dataclasses.MISSING and f.name not in data]
         if missing:
             raise ConfigError(f"{missing[0]}: required model config field is missing")
         return cls(**data)
+
+
+def check_keys(cls, data, prefix: str, what: str = "unknown key"):
+    """ConfigError naming the first key of `data` that is not a field of dataclass `cls`."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"{prefix}{key}: {what} (known: {', '.join(sorted(known))})")
 
 
 def _rope_scaling_from_dict(data: dict[str, Any]) -> RopeScaling:

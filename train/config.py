@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from llama_jax.config import ConfigError, ModelConfig, load_model_config
+from llama_jax.config import ConfigError, ModelConfig, check_keys, load_model_config
 from train.data import DataConfig
 
 RUNS_DIR = Path(__file__).resolve().parent.parent / "configs" / "runs"
@@ -113,12 +113,7 @@ def _positive(name, value):
 
 
 def _dataclass_from(cls, data, where):
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in known:
-            raise ConfigError(f"{where}.{key}: unknown key (known: {', '.join(sorted(known))})")
+    check_keys(cls, data, f"{where}.")
     try:
         return cls(**data)
     except ConfigError:
