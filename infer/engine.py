@@ -36,6 +36,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from infer.sampling import Sampling, row_keys, sample, step_keys
 from llama_jax.config import ModelConfig
 from llama_jax.model import CACHE_AXES, Llama, init_cache
+from llama_jax.params import unstack_layers
 from sharding.layout import Layout, load_layout
 from sharding.place import Placement
 
@@ -117,10 +118,7 @@ class Engine:
         Already placed parameters in that form come back as they are.
         """
         if not self.model_config.scan_layers and "layers" in params:
-            params = dict(params)
-            stacked = params.pop("layers")
-            for i in range(self.config.n_layers):
-                params[f"layers_{i}"] = jax.tree.map(lambda x: x[i], stacked)
+            params = unstack_layers(params, self.config.n_layers)
         shardings = self.placement.param_shardings(self.model_config)
         return jax.tree.map(
             lambda x, s: jax.device_put(x, s) if isinstance(x, jax.Array)

@@ -39,7 +39,7 @@ import tensorstore as ts
 from etils import epath
 
 from llama_jax.config import ModelConfig
-from llama_jax.params import abstract_params
+from llama_jax.params import abstract_params, stack_layers, unstack_layers
 
 PARAMS = "params"
 CONFIG = "config"
@@ -305,19 +305,6 @@ def as_contiguous(array: np.ndarray, dtype) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- layouts
-
-def stack_layers(params, n_layers: int):
-    """Unrolled params ("layers_0", ...) to scan layout (one "layers" subtree, stacked)."""
-    layers = [params[f"layers_{i}"] for i in range(n_layers)]
-    rest = {k: v for k, v in params.items() if not k.startswith("layers_")}
-    return {**rest, "layers": jax.tree.map(lambda *xs: jax.numpy.stack(xs), *layers)}
-
-
-def unstack_layers(params, n_layers: int):
-    """Scan layout to unrolled params ("layers_0", ...)."""
-    rest = {k: v for k, v in params.items() if k != "layers"}
-    return {**rest, **{f"layers_{i}": jax.tree.map(lambda x: x[i], params["layers"]) for i in range(n_layers)}}
-
 
 # ---------------------------------------------------------------- helpers
 

@@ -43,3 +43,16 @@ def logical_axes(config: ModelConfig):
 def count_params(config: ModelConfig) -> int:
     """Number of parameters, from abstract shapes (tied embeddings count once)."""
     return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(abstract_params(config)))
+
+
+def stack_layers(params, n_layers: int):
+    """Unrolled params ("layers_0", ...) to scan layout (one "layers" subtree, stacked)."""
+    layers = [params[f"layers_{i}"] for i in range(n_layers)]
+    rest = {k: v for k, v in params.items() if not k.startswith("layers_")}
+    return {**rest, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
+
+
+def unstack_layers(params, n_layers: int):
+    """Scan layout to unrolled params ("layers_0", ...)."""
+    rest = {k: v for k, v in params.items() if k != "layers"}
+    return {**rest, **{f"layers_{i}": jax.tree.map(lambda x: x[i], params["layers"]) for i in range(n_layers)}}

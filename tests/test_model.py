@@ -7,6 +7,7 @@ import pytest
 
 from llama_jax import Llama, count_params, init_cache, init_params, load_model_config
 from llama_jax.config import REMAT_POLICIES
+from llama_jax.params import unstack_layers
 from tiny import LLAMA3_LIKE, LLAMA31_LIKE
 
 # Parameter counts from REFERENCE.md, in billions, to three significant figures.
@@ -77,19 +78,11 @@ def test_packed_document_logits_equal_alone(params31):
     np.testing.assert_allclose(together[:, 20:], alone_b, atol=1e-5, rtol=0)
 
 
-def _unstack(params, n_layers):
-    layers = params["layers"]
-    unrolled = {k: v for k, v in params.items() if k != "layers"}
-    for i in range(n_layers):
-        unrolled[f"layers_{i}"] = jax.tree.map(lambda x: x[i], layers)
-    return unrolled
-
-
 def test_scanned_and_unrolled_stacks_agree(params31):
     tokens = _tokens((2, 32))
     scanned = _forward(LLAMA31_LIKE, params31, tokens)
     unrolled_config = LLAMA31_LIKE.replace(scan_layers=False)
-    unrolled = _forward(unrolled_config, _unstack(params31, LLAMA31_LIKE.n_layers), tokens)
+    unrolled = _forward(unrolled_config, unstack_layers(params31, LLAMA31_LIKE.n_layers), tokens)
     np.testing.assert_allclose(scanned, unrolled, atol=1e-5, rtol=0)
 
 
@@ -107,7 +100,7 @@ def _loss_and_grads(config, params, tokens):
 @pytest.mark.parametrize("scan", [True, False])
 def test_every_remat_policy_gives_same_loss_and_gradients(params31, policy, scan):
     tokens = _tokens((2, 24))
-    params = params31 if scan else _unstack(params31, LLAMA31_LIKE.n_layers)
+    params = params31 if scan else unstack_layers(params31, LLAMA31_LIKE.n_layers)
     base = LLAMA31_LIKE.replace(scan_layers=scan)
     loss0, grads0 = _loss_and_grads(base, params, tokens)
     loss1, grads1 = _loss_and_grads(base.replace(remat=policy), params, tokens)
