@@ -19,6 +19,10 @@ from train.optimizer import learning_rate_schedule, make_optimizer
 from train.step import init_state, jit_train_step, make_train_step
 
 
+# Logged as the mean over the steps since the last log (the rest: the last step's value).
+AVERAGED = ("loss", "z_loss", "accuracy")
+
+
 def _tokenizer(run: RunConfig):
     path = run.data.tokenizer or run.tokenizer
     if run.data.source != "text" or path is None:
@@ -78,6 +82,7 @@ def train(run: RunConfig, *, progress: bool = True, stop_after: int | None = Non
                desc="train", unit="step", dynamic_ncols=True)
     logged: dict = {}
     window_start, window_tokens, window_steps = time.perf_counter(), 0.0, 0
+    window_sums = {}  # on-device sums of the averaged metrics; adding them never waits
     try:
         with placement.activate():
             while step < last_steps and not checkpointer.reached_preemption(step):
@@ -86,8 +91,11 @@ def train(run: RunConfig, *, progress: bool = True, stop_after: int | None = Non
                 step += 1
                 window_steps += 1
                 window_tokens += run.data.global_batch * run.data.seq_len
+                window_sums = {k: metrics[k] + window_sums.get(k, 0.0) for k in AVERAGED}
                 if step % run.log_every == 0 or step == last_steps:
                     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    metrics.update({k: float(v) / window_steps
+                                    for k, v in jax.device_get(window_sums).items()})
                     elapsed = time.perf_counter() - window_start
                     tokens_per_s = window_tokens / elapsed
                     logged = {**metrics, "tokens_per_s": tokens_per_s,
@@ -97,6 +105,7 @@ def train(run: RunConfig, *, progress: bool = True, stop_after: int | None = Non
                     bar.set_postfix(loss=f"{logged['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}",
                                     mfu=f"{logged['mfu']:.1%}")
                     window_start, window_tokens, window_steps = time.perf_counter(), 0.0, 0
+                    window_sums = {}
                 bar.update(1)
                 checkpointer.maybe_save(step, state, data, force=step == last_steps)
             if checkpointer.preempted:
