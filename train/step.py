@@ -65,19 +65,17 @@ def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation
     grad_fn = jax.value_and_grad(lambda p, b: _loss_sums(model, p, b, z_loss, loss_chunk), has_aux=True)
 
     def train_step(state: TrainState, batch):
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
-        empty = (jnp.zeros(()),) * 4
-
         def accumulate(carry, micro):
             grads, sums = carry
             (_, micro_sums), micro_grads = grad_fn(state.params, micro)
             grads = jax.tree.map(jnp.add, grads, micro_grads)
             return (grads, tuple(a + b for a, b in zip(sums, micro_sums))), None
 
-        if grad_accum == 1:
-            (grads, sums), _ = accumulate((zeros, empty), batch)
+        if grad_accum == 1:  # no zero-filled accumulator: a pass over every parameter saved
+            (_, sums), grads = grad_fn(state.params, batch)
         else:
-            (grads, sums), _ = jax.lax.scan(accumulate, (zeros, empty),
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            (grads, sums), _ = jax.lax.scan(accumulate, (zeros, (jnp.zeros(()),) * 4),
                                             _split_micro_batches(batch, grad_accum))
         nll, z, correct, weight = sums
         weight = jnp.maximum(weight, 1.0)
