@@ -7,13 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from train.data import (
-    DataConfig,
-    TokenDocuments,
-    checkpoint_restore_args,
-    checkpoint_save_args,
-    make_dataset,
-)
+from train.data import DataConfig, checkpoint_restore_args, checkpoint_save_args, make_dataset
+from train.sources import TokenDocuments
 from train.prepare import main, prepare
 
 BOS, EOS = 1, 2

@@ -81,39 +81,17 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import glob
-import json
 import os
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import grain
 import grain.experimental
 import numpy as np
 
+from train.sources import (SyntheticDocuments, TextDocuments, TextTokenizer, TokenDocuments,
+                           encode_document)
+
 SOURCES = ("tokens", "text", "synthetic")
-
-# A prepared token directory (written by `python -m train.prepare`).
-TOKENS_FILE = "tokens.bin"  # flat uint16/uint32 ids, every document framed BOS ... EOS
-INDEX_FILE = "index.npy"  # int64 [num_docs + 1]: start of each document, then the total
-META_FILE = "meta.json"  # dtype, vocab_size, bos_id, eos_id, counts
-TOKENS_FORMAT = "llama-jax-tokens-v1"
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    """The narrowest unsigned dtype holding ids in [0, vocab_size)."""
-    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
-
-
-class TextTokenizer(Protocol):
-    """What the data pipeline needs from `llama_jax.tokenizer.Tokenizer`."""
-
-    vocab_size: int
-    bos_id: int
-    eos_id: int
-
-    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]: ...
-
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
@@ -176,156 +154,6 @@ class DataConfig:
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"DataConfig.{name} must be a non-negative integer; got {value!r}")
 
-
-# --- Sources: random access to documents. ------------------------------------
-
-
-def expand_paths(patterns: tuple[str, ...] | list[str]) -> list[Path]:
-    """Files named by `patterns` (paths or globs), in order; ValueError if one matches nothing."""
-    files = []
-    for pattern in patterns:
-        if glob.has_magic(pattern):
-            matches = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
-            if not matches:
-                raise ValueError(f"{pattern}: no file matches this pattern")
-            files.extend(matches)
-        elif os.path.isfile(pattern):
-            files.append(Path(pattern))
-        else:
-            raise ValueError(f"{pattern}: file not found")
-    return files
-
-
-class TextDocuments:
-    """The documents of text files: .jsonl files hold one per non-blank line, and
-    any other file (.txt, source code, ...) is one document.
-
-    `docs[i]` is the text of document i, read from disk on demand; only byte
-    offsets are kept in memory. ValueError names file and line of a bad one.
-    """
-
-    def __init__(self, paths, text_key: str = "text"):
-        self.files = expand_paths(paths)
-        self.text_key = text_key
-        entries = []  # (file, byte offset, byte length, line) per document
-        for f, path in enumerate(self.files):
-            if path.suffix != ".jsonl":
-                entries.append((f, 0, path.stat().st_size, 1))
-                continue
-            with open(path, "rb") as fh:
-                offset = 0
-                for lineno, line in enumerate(fh, start=1):
-                    if line.strip():
-                        entries.append((f, offset, len(line), lineno))
-                    offset += len(line)
-        table = np.asarray(entries, np.int64).reshape(-1, 4)
-        self._file, self._start, self._length, self._line = table.T
-
-    def __len__(self) -> int:
-        return len(self._file)
-
-    def location(self, i: int) -> str:
-        """`file:line` of document i, for messages."""
-        return f"{self.files[self._file[i]]}:{self._line[i]}"
-
-    def nbytes(self, i: int) -> int:
-        return int(self._length[i])
-
-    def __getitem__(self, i: int) -> str:
-        path = self.files[self._file[i]]
-        with open(path, "rb") as fh:
-            fh.seek(int(self._start[i]))
-            raw = fh.read(int(self._length[i]))
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise ValueError(f"{self.location(i)}: not valid UTF-8") from None
-        if path.suffix != ".jsonl":
-            return text
-        try:
-            record = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{self.location(i)}: not valid JSON ({e.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get(self.text_key), str):
-            raise ValueError(f"{self.location(i)}: no string field {self.text_key!r} (set text_key)")
-        return record[self.text_key]
-
-
-class TokenDocuments:
-    """The documents of token directories written by train.prepare, memory-mapped.
-
-    `docs[i]` is document i's ids as int32 [n], BOS and EOS included.
-    """
-
-    def __init__(self, dirs):
-        self.dirs = [Path(d) for d in dirs]
-        self._tokens, self._index, counts = [], [], [0]
-        self.vocab_size = 0
-        for d in self.dirs:
-            meta = self._read_meta(d)
-            tokens = np.memmap(d / TOKENS_FILE, dtype=np.dtype(meta["dtype"]), mode="r")
-            index = np.load(d / INDEX_FILE, mmap_mode="r")
-            if len(index) != meta["num_docs"] + 1 or int(index[-1]) != len(tokens):
-                raise ValueError(f"{d}: {TOKENS_FILE} and {INDEX_FILE} disagree; prepare the directory again")
-            self._tokens.append(tokens)
-            self._index.append(index)
-            counts.append(meta["num_docs"])
-            self.vocab_size = max(self.vocab_size, meta["vocab_size"])
-        self._first_doc = np.cumsum(counts)
-
-    @staticmethod
-    def _read_meta(d: Path) -> dict:
-        try:
-            meta = json.loads((d / META_FILE).read_text())
-        except FileNotFoundError:
-            raise ValueError(f"{d}: not a prepared token directory (no {META_FILE}); run python -m train.prepare") from None
-        except json.JSONDecodeError:
-            raise ValueError(f"{d}/{META_FILE}: not valid JSON") from None
-        if meta.get("format") != TOKENS_FORMAT:
-            raise ValueError(f"{d}: token format {meta.get('format')!r}, expected {TOKENS_FORMAT!r}")
-        if meta["num_tokens"] == 0:
-            raise ValueError(f"{d}: holds no tokens")
-        return meta
-
-    def __len__(self) -> int:
-        return int(self._first_doc[-1])
-
-    def lengths(self) -> np.ndarray:
-        """int64 [num_docs]: every document's length in ids."""
-        return np.concatenate([np.diff(np.asarray(index, np.int64)) for index in self._index])
-
-    def read(self, i: int, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """int32 ids [start:stop] of document i, read from disk without the rest of it."""
-        part = int(np.searchsorted(self._first_doc, i, side="right")) - 1
-        j = i - int(self._first_doc[part])
-        begin, end = int(self._index[part][j]), int(self._index[part][j + 1])
-        stop = end - begin if stop is None else min(stop, end - begin)
-        return np.asarray(self._tokens[part][begin + start : begin + stop], dtype=np.int32)
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        return self.read(i)
-
-
-class SyntheticDocuments:
-    """`num_docs` documents of random ids in [0, vocab_size), 1 to 2*seq_len long.
-
-    Document i depends only on (seed, i), so any slice of it is reproducible.
-    """
-
-    def __init__(self, vocab_size: int, num_docs: int, seq_len: int, seed: int):
-        self.vocab_size, self._num_docs, self._max_len, self._seed = vocab_size, num_docs, 2 * seq_len, seed
-
-    def __len__(self) -> int:
-        return self._num_docs
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        rng = np.random.default_rng([self._seed, i])
-        length = int(rng.integers(1, self._max_len + 1))
-        return rng.integers(0, self.vocab_size, length, dtype=np.int32)
-
-
-def _encode_document(tokenizer: TextTokenizer, text: str) -> np.ndarray:
-    return np.asarray(tokenizer.encode(text, bos=True, eos=True), dtype=np.int32)
 
 
 # --- Rows: windows of the document stream. -----------------------------------
@@ -478,7 +306,7 @@ def _documents(config: DataConfig, tokenizer: TextTokenizer | None):
         from llama_jax.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(config.tokenizer)
-    return TextDocuments(config.paths, config.text_key), functools.partial(_encode_document, tokenizer)
+    return TextDocuments(config.paths, config.text_key), functools.partial(encode_document, tokenizer)
 
 
 def make_dataset(

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from train.data import (
+from train.sources import (
     INDEX_FILE,
     META_FILE,
     TOKENS_FILE,

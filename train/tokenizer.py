@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from llama_jax.tokenizer import train_bpe, train_sentencepiece
-    from train.data import expand_paths
+    from train.sources import expand_paths
 
     output = Path(args.output)
     try:
