@@ -163,3 +163,19 @@ def test_run_directory_holds_its_run_config(fsdp_run, tmp_path):
     moved = tmp_path / "moved"
     shutil.copytree(run.run_dir, moved)
     assert resume_config(moved, ["steps=9"]) == dataclasses.replace(run, run_dir=str(moved), steps=9)
+
+
+def test_resuming_with_other_data_settings_says_so(tmp_path, capsys):
+    from train.config import load_run_config
+    from train.loop import train
+
+    base = [f"run_dir={tmp_path}", "steps=4", "checkpoint_every=2", "log_every=2"]
+    train(load_run_config("tiny_cpu", base), progress=False, stop_after=2)
+    capsys.readouterr()
+    train(load_run_config("tiny_cpu", [*base, "data.seed=7"]), progress=False)
+    err = capsys.readouterr().err
+    assert "resuming from" in err
+    assert "warning: data settings differ from the checkpoint's (seed 0 -> 7)" in err
+    train(load_run_config("tiny_cpu", [*base[:1], "steps=6", *base[2:], "data.seed=7"]), progress=False)
+    err = capsys.readouterr().err
+    assert "resuming from" in err and "warning" not in err

@@ -37,6 +37,7 @@ and the run resumes from its last periodic checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import signal
@@ -56,6 +57,9 @@ from train.config import RunConfig, _merge, parse_overrides, run_config_from_dic
 from train.data import checkpoint_restore_args, checkpoint_save_args
 
 OPT_STATE, DATA, RUN, CHECKSUMS = "opt_state", "data", "run", "checksums"
+# Data settings that decide which rows come next; a change breaks exact resumption.
+DATA_ORDER_FIELDS = ("source", "paths", "seq_len", "global_batch", "packing", "shuffle", "seed",
+                     "synthetic_docs", "vocab_size", "shuffle_window")
 TRAINING_ITEMS = (PARAMS, CONFIG, OPT_STATE, DATA)
 
 
@@ -153,8 +157,23 @@ class Checkpointer:
                     raise fail(f"{name} does not match its checksum (a corrupt file?)")
         self._last_saved = step
         _note(f"resuming from {step_dir}")
+        self._note_data_changes(step_dir)
         step_array = jax.make_array_from_callback((), self.shardings.step, lambda _: np.int32(step))
         return state.replace(step=step_array, **arrays)
+
+    def _note_data_changes(self, step_dir: Path):
+        """Say so when the data settings differ from the checkpoint's: the saved
+        position then no longer names the same rows (allowed, e.g. to change data mid-run)."""
+        try:
+            saved = json.loads((step_dir / RUN / "metadata").read_text()).get("data", {})
+        except (OSError, ValueError):
+            return
+        current = _jsonable(dataclasses.asdict(self.run.data))
+        changed = [f"{key} {saved[key]!r} -> {current[key]!r}" for key in DATA_ORDER_FIELDS
+                   if key in saved and saved[key] != current.get(key)]
+        if changed:
+            _note("warning: data settings differ from the checkpoint's (" + ", ".join(changed)
+                  + "); training continues, but not on the rows the original run would have seen")
 
     def maybe_save(self, step: int, state, data, force: bool = False):
         """Save at multiples of checkpoint_every (or when forced); returns without waiting.
