@@ -3,7 +3,8 @@
 import pytest
 
 from llama_jax.chat import format_chat
-from llama_jax.tokenizer import load_tokenizer, train_bpe, train_sentencepiece
+from llama_jax.tokenizer import load_tokenizer
+from llama_jax.tokenizer_training import train_bpe, train_sentencepiece
 
 CORPUS = [
     "You are a helpful assistant. Answer briefly and politely.",

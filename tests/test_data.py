@@ -370,7 +370,7 @@ def test_prepare_rejects_a_token_id_outside_the_vocabulary_and_writes_nothing(tm
 
 @pytest.fixture(scope="module")
 def sentencepiece_path(tmp_path_factory):
-    from llama_jax.tokenizer import train_sentencepiece
+    from llama_jax.tokenizer_training import train_sentencepiece
 
     texts = ["the quick brown fox jumps over the lazy dog", "packing rows of tokens for training"] * 20
     return train_sentencepiece(texts, 300, tmp_path_factory.mktemp("sp") / "tokenizer.model")

@@ -10,7 +10,8 @@ import pytest
 
 from infer import generate, load_model
 from llama_jax.config import ModelConfig
-from llama_jax.tokenizer import load_tokenizer, train_sentencepiece
+from llama_jax.tokenizer import load_tokenizer
+from llama_jax.tokenizer_training import train_sentencepiece
 from tiny import hf_model
 
 REPO = Path(__file__).resolve().parent.parent

@@ -19,9 +19,8 @@ from llama_jax.tokenizer import (
     _split_long_text,
     llama3_special_tokens,
     load_tokenizer,
-    train_bpe,
-    train_sentencepiece,
 )
+from llama_jax.tokenizer_training import train_bpe, train_sentencepiece
 
 SAMPLES = {
     "english": "The quick brown fox jumps over the lazy dog. It's 2024, isn't it?",

@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     parser.add_argument("--kind", choices=("bpe", "sentencepiece"), default="bpe")
     args = parser.parse_args(argv)
 
-    from llama_jax.tokenizer import train_bpe, train_sentencepiece
+    from llama_jax.tokenizer_training import train_bpe, train_sentencepiece
     from train.sources import expand_paths
 
     output = Path(args.output)
