@@ -61,9 +61,9 @@ from llama_jax.params import abstract_params, logical_axes
 from sharding.layout import MESH_AXES, Layout, LayoutError, _as_tuple, load_layout
 from sharding.mesh import mesh_shape
 from sharding.place import rules_for, validate
+from sharding.topology import CHIP_HBM_BYTES
 
 ADAM_MOMENTS = 2
-CHIP_HBM_BYTES = {"v4": 32 * 2**30, "v5e": 16 * 10**9, "v5p": 95 * 10**9, "v6e": 32 * 10**9}
 _ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 

@@ -19,7 +19,11 @@ import tempfile
 
 from sharding.layout import MESH_AXES, Layout, LayoutError
 
-# jax Device.device_kind -> the chip names of train.metrics' PEAK_FLOPS / HBM_BYTES tables.
+# Google Cloud's published per-chip figures (REFERENCE.md): peak dense bf16 FLOP/s, HBM bytes.
+CHIP_PEAK_FLOPS = {"v4": 275e12, "v5e": 197e12, "v5p": 459e12, "v6e": 918e12}
+CHIP_HBM_BYTES = {"v4": 32 * 2**30, "v5e": 16 * 10**9, "v5p": 95 * 10**9, "v6e": 32 * 10**9}
+
+# jax Device.device_kind -> the chip names of the tables above.
 CHIP_OF_KIND = {"TPU v4": "v4", "TPU v5 lite": "v5e", "TPU v5e": "v5e", "TPU v5": "v5p",
                 "TPU v5p": "v5p", "TPU v6 lite": "v6e", "TPU v6e": "v6e"}
 
@@ -83,7 +87,7 @@ def topology_devices(name: str, slices: int = 1) -> list:
 class ChipInfo:
     """The chip a list of devices runs on, and how many devices share one chip."""
 
-    chip: str             # key of train.metrics.PEAK_FLOPS / HBM_BYTES
+    chip: str             # key of CHIP_PEAK_FLOPS / CHIP_HBM_BYTES
     n_chips: int
     devices_per_chip: int  # 2 for v4's two TensorCores when not fused as megacore
 

@@ -17,7 +17,7 @@ What is printed, per chip (the compiled program is one chip's share):
 - HBM from `memory_analysis()`: arguments, outputs, aliased (donated state
   written in place), temporaries, the compiler's peak, and the total
   arguments + outputs - aliased + temporaries; the verdict compares the
-  larger of peak and total with the chip's HBM (train.metrics.HBM_BYTES);
+  larger of peak and total with the chip's HBM (sharding.topology.CHIP_HBM_BYTES);
 - compile time;
 - FLOPs: model FLOPs per step (6N + 12LHKT per token, as MFU counts them)
   and the step time they take at 100% MFU, the floor on any real step time;
@@ -36,7 +36,6 @@ import argparse
 import dataclasses
 import itertools
 import json
-import math
 import sys
 import time
 
@@ -181,7 +180,8 @@ def compile_run(run, devices, *, topology: str = "", slices: int = 1, program: s
     from sharding.layout import load_layout
     from sharding.place import Placement, validate
     from sharding.topology import chip_info, layout_for_slices
-    from train.metrics import HBM_BYTES, PEAK_FLOPS, flops_per_token
+    from sharding.topology import CHIP_HBM_BYTES, CHIP_PEAK_FLOPS
+    from train.metrics import flops_per_token
 
     info = chip_info(devices)
     layout = layout_for_slices(load_layout(run.layout, **run.mesh), slices)
@@ -199,7 +199,7 @@ def compile_run(run, devices, *, topology: str = "", slices: int = 1, program: s
                               f"{run.model.max_seq_len}")
         validate(run.model, layout, placement.mesh, batch=batch)
         step, args = decode_program(run.model, placement, batch, seq_len)
-    hbm = HBM_BYTES[info.chip] / info.devices_per_chip
+    hbm = CHIP_HBM_BYTES[info.chip] / info.devices_per_chip
     result = CompileResult(
         program=program, topology=topology, slices=slices, chip=info.chip, chips=info.n_chips,
         layout=layout.name, mesh=dict(placement.mesh.shape), batch=batch, seq_len=seq_len,
@@ -225,7 +225,7 @@ def compile_run(run, devices, *, topology: str = "", slices: int = 1, program: s
     if program == "train":
         per_step = flops_per_token(run.model, seq_len) * batch * seq_len
         result.model_flops = per_step / len(devices)
-        result.step_s_at_full_mfu = result.model_flops / (PEAK_FLOPS[info.chip] / info.devices_per_chip)
+        result.step_s_at_full_mfu = result.model_flops / (CHIP_PEAK_FLOPS[info.chip] / info.devices_per_chip)
     return result
 
 

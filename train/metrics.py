@@ -19,13 +19,10 @@ import jax.numpy as jnp
 
 from llama_jax.config import ModelConfig
 from llama_jax.params import abstract_params
+from sharding.topology import CHIP_PEAK_FLOPS
 
-# Peak dense bf16 FLOP/s per chip (Google Cloud's published figures, REFERENCE.md).
-PEAK_FLOPS = {
-    "v4": 275e12, "v5e": 197e12, "v5p": 459e12, "v6e": 918e12,
-    "cpu": None,  # measured at start-up: see measure_matmul_flops
-}
-HBM_BYTES = {"v4": 32 * 2**30, "v5e": 16e9, "v5p": 95e9, "v6e": 32e9}
+# Peak FLOP/s per device for MFU: the TPU chip table, and CPU measured at start-up.
+PEAK_FLOPS = {**CHIP_PEAK_FLOPS, "cpu": None}
 
 
 def flops_per_token(config: ModelConfig, seq_len: int) -> float:
