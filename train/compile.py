@@ -92,26 +92,19 @@ def train_program(run, placement):
     import jax
     import jax.numpy as jnp
 
-    from llama_jax.params import init_params
     from train.optimizer import learning_rate_schedule, make_optimizer
-    from train.step import BATCH_KEYS, TrainState, jit_train_step, make_train_step, state_shardings
+    from train.step import BATCH_KEYS, abstract_state, jit_train_step, make_train_step
 
     optimizer = make_optimizer(run.optimizer, run.steps)
     schedule = learning_rate_schedule(run.optimizer, run.steps)
-
-    def create(rng):
-        params = init_params(run.model, rng)
-        return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
-
-    abstract_state = jax.eval_shape(create, jax.random.key(0))
-    shardings = state_shardings(placement, abstract_state)
+    state, shardings = abstract_state(placement, optimizer)
     rows = (run.data.global_batch, run.data.seq_len)
     batch_sharding = placement.sharding("batch", "length")
     batch = {key: jax.ShapeDtypeStruct(rows, jnp.float32 if key == "loss_weights" else jnp.int32,
                                        sharding=batch_sharding) for key in BATCH_KEYS}
     step = jit_train_step(make_train_step(run.model, optimizer, schedule, run.grad_accum, run.z_loss,
                                           run.loss_chunk), placement, shardings)
-    return step, (_abstract(abstract_state, shardings), batch)
+    return step, (state, batch)
 
 
 def decode_program(config, placement, batch: int, cache_len: int):

@@ -114,16 +114,25 @@ def state_shardings(placement: Placement, abstract_state: TrainState):
     return jax.tree_util.tree_map_with_path(pick, abstract_state)
 
 
+def _new_state(config: ModelConfig, optimizer, rng) -> TrainState:
+    params = init_params(config, rng)
+    return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+
+
+def abstract_state(placement: Placement, optimizer):
+    """(the state as sharded `jax.ShapeDtypeStruct`s, its shardings); nothing allocated."""
+    shapes = jax.eval_shape(lambda rng: _new_state(placement.config, optimizer, rng), jax.random.key(0))
+    shardings = state_shardings(placement, shapes)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            shapes, shardings)
+    return abstract, shardings
+
+
 def init_state(placement: Placement, optimizer, rng):
     """A TrainState born sharded: parameters and optimizer state are created in their shards."""
-    config = placement.config
-
-    def create(rng):
-        params = init_params(config, rng)
-        return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
-
-    shardings = state_shardings(placement, jax.eval_shape(create, rng))
-    return jax.jit(create, out_shardings=shardings)(rng), shardings
+    _, shardings = abstract_state(placement, optimizer)
+    create = jax.jit(lambda rng: _new_state(placement.config, optimizer, rng), out_shardings=shardings)
+    return create(rng), shardings
 
 
 def jit_train_step(train_step, placement: Placement, shardings):
