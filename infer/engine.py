@@ -25,7 +25,6 @@ donated state. See generate.py for why chunks rather than host callbacks.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, Iterator
 
 import jax
@@ -90,8 +89,8 @@ class Engine:
         self.model_config = config.replace(scan_layers=config.scan_layers and not unroll_layers,
                                            remat="none")
         self.model = Llama(self.model_config)
-        self.batch_multiple = math.prod(plan.mesh.shape[a] for a in _axes(plan.spec("batch")))
-        self.length_multiple = math.prod(plan.mesh.shape[a] for a in _axes(plan.spec("length")))
+        self.batch_multiple = plan.shards_along("batch")
+        self.length_multiple = plan.shards_along("length")
         self.replicated = NamedSharding(plan.mesh, PartitionSpec())
         row = plan.sharding("batch")
         self.cache_shardings = plan.tree_shardings({"k": CACHE_AXES, "v": CACHE_AXES})
@@ -281,13 +280,6 @@ def check_prompts(config: ModelConfig, prompts: list[list[int]], max_new_tokens:
 def engine_for(config: ModelConfig, layout: str | None = None) -> Engine:
     """A shared Engine for (config, layout name); its compiled functions are reused."""
     return Engine(config, layout)
-
-
-def _axes(spec: PartitionSpec) -> tuple[str, ...]:
-    axes = spec[0] if len(spec) else None
-    if axes is None:
-        return ()
-    return (axes,) if isinstance(axes, str) else tuple(axes)
 
 
 def _is_stop(tokens_b, stops):

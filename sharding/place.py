@@ -110,6 +110,11 @@ class Placement:
     def spec(self, *logical_names) -> PartitionSpec:
         return _spec(logical_names, self.rules)
 
+    def shards_along(self, logical_name: str) -> int:
+        """Into how many pieces the layout splits a dimension named `logical_name`."""
+        axes = self.spec(logical_name)[0] if len(self.spec(logical_name)) else None
+        return math.prod(self.mesh.shape[a] for a in _as_tuple(axes))
+
     def sharding(self, *logical_names) -> NamedSharding:
         return NamedSharding(self.mesh, self.spec(*logical_names))
 
