@@ -108,7 +108,7 @@ def restore_params(directory, step: int | None = None, shardings=None, config: M
         with ocp.StandardCheckpointer() as checkpointer:
             params = checkpointer.restore(_step_dir(directory, step).absolute() / PARAMS, target)
     except Exception as err:  # noqa: BLE001 - orbax/tensorstore raise plain Exceptions for corrupt data
-        raise CheckpointError(f"{_step_dir(directory, step)}: cannot restore params ({_first_line(err)})") from None
+        raise CheckpointError(f"{_step_dir(directory, step)}: cannot restore params ({first_line(err)})") from None
     if not config.scan_layers:
         params = unstack_layers(params, config.n_layers)
     return config, params
@@ -139,7 +139,7 @@ def read_config(directory, step: int | None = None) -> ModelConfig:
     try:
         return ModelConfig.from_dict(json.loads(path.read_text()))
     except (FileNotFoundError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}: unreadable config item ({_first_line(err)})") from None
+        raise CheckpointError(f"{path}: unreadable config item ({first_line(err)})") from None
     except ValueError as err:
         raise CheckpointError(f"{path}: bad config ({err})") from None
 
@@ -256,7 +256,7 @@ class ParamsReader:
         try:
             metadata = json.loads((self.params_dir / "_METADATA").read_text())
         except (FileNotFoundError, json.JSONDecodeError) as err:
-            raise CheckpointError(f"{self.params_dir}: unreadable _METADATA ({_first_line(err)})") from None
+            raise CheckpointError(f"{self.params_dir}: unreadable _METADATA ({first_line(err)})") from None
         self._use_ocdbt = bool(metadata.get("use_ocdbt", True))
         self._use_zarr3 = bool(metadata.get("use_zarr3", False))
         self._context = ocp.type_handlers.get_ts_context(use_ocdbt=self._use_ocdbt)
@@ -282,7 +282,7 @@ class ParamsReader:
                 self._stores[path] = ts.open(spec, open=True, context=self._context).result()
             except ValueError as err:
                 raise CheckpointError(f"{self.params_dir}: cannot open {'.'.join(path)} "
-                                      f"({_first_line(err)})") from None
+                                      f"({first_line(err)})") from None
         return self._stores[path]
 
 
@@ -336,13 +336,19 @@ def _require_item(directory, step: int, item: str) -> epath.Path:
     return path
 
 
+def architecture_mismatch(stored: ModelConfig, given: ModelConfig) -> str | None:
+    """The first field of ARCHITECTURE_FIELDS on which two configs differ, or None."""
+    return next((name for name in ARCHITECTURE_FIELDS if getattr(given, name) != getattr(stored, name)),
+                None)
+
+
 def _reconcile(stored: ModelConfig, given: ModelConfig | None, directory, step) -> ModelConfig:
     if given is None:
         return stored
-    for name in ARCHITECTURE_FIELDS:
-        if getattr(given, name) != getattr(stored, name):
-            raise CheckpointError(f"{_step_dir(directory, step)}: config {name} is {getattr(given, name)!r} "
-                                  f"but the checkpoint has {getattr(stored, name)!r}")
+    name = architecture_mismatch(stored, given)
+    if name is not None:
+        raise CheckpointError(f"{_step_dir(directory, step)}: config {name} is {getattr(given, name)!r} "
+                              f"but the checkpoint has {getattr(stored, name)!r}")
     return given
 
 
@@ -351,7 +357,7 @@ def _placed(keys, leaf, sharding) -> jax.ShapeDtypeStruct:
         return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
     except ValueError as err:
         raise CheckpointError(f"shardings: {'/'.join(_key(k) for k in keys)} of shape {leaf.shape}: "
-                              f"{_first_line(err)}") from None
+                              f"{first_line(err)}") from None
 
 
 def _check_tree(tree, reference, what: str, shapes: bool = True) -> None:
@@ -409,6 +415,7 @@ def _numpy_dtype(name: str):
     return ml_dtypes.bfloat16 if name == "bfloat16" else np.dtype(name)
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
+    """An exception's first line of text (its type name if it has none), for one-line errors."""
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__

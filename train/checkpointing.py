@@ -51,8 +51,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from llama_jax.checkpoint import (ARCHITECTURE_FIELDS, CONFIG, PARAMS, TMP_SUFFIX, CheckpointError,
-                                  latest_step, read_config)
+from llama_jax.checkpoint import (CONFIG, PARAMS, TMP_SUFFIX, CheckpointError, architecture_mismatch,
+                                  first_line, latest_step, read_config)
 from train.config import RunConfig, _merge, parse_overrides, run_config_from_dict
 from train.data import checkpoint_restore_args, checkpoint_save_args
 
@@ -130,11 +130,11 @@ class Checkpointer:
             stored = read_config(self.directory, step)
         except CheckpointError as err:
             raise fail(str(err)) from None
-        for name in ARCHITECTURE_FIELDS:
-            if getattr(stored, name) != getattr(self.run.model, name):
-                raise CheckpointError(
-                    f"{step_dir}: checkpoint has {name} {getattr(stored, name)!r} but the run config "
-                    f"says {getattr(self.run.model, name)!r}; use another run_dir")
+        name = architecture_mismatch(stored, self.run.model)
+        if name is not None:
+            raise CheckpointError(
+                f"{step_dir}: checkpoint has {name} {getattr(stored, name)!r} but the run config "
+                f"says {getattr(self.run.model, name)!r}; use another run_dir")
         abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                 state, self.shardings)
         problem = None
@@ -282,8 +282,7 @@ def _root_cause(err: BaseException) -> str:
     """The first line of the innermost exception (tensorstore's message, not orbax's wrapper)."""
     while err.__cause__ is not None:
         err = err.__cause__
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+    return first_line(err)
 
 
 def _drop_abandoned_reads():
