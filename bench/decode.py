@@ -52,7 +52,7 @@ def ours(config, prompts, long_prompt):
     import jax
 
     from infer.engine import Engine
-    from infer.sampling import Sampling
+    from llama_jax.sampling import Sampling
     from llama_jax.params import init_params
 
     engine = Engine(config)  # one device: the CPU

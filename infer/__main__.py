@@ -2,6 +2,7 @@
 
     python -m infer --checkpoint DIR --prompt "Once upon a time" --max-new-tokens 64
     python -m infer --checkpoint DIR --chat --system "You are terse."
+    python -m infer --checkpoint DIR --prompt-file long_prompt.txt     # or --prompt - < file
 
 DIR is our checkpoint directory or a Hugging Face one (config.json,
 safetensors, tokenizer files). Text is printed as it is generated. Bad input
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -20,7 +22,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         prog="python -m infer", description="Generate text with a Llama checkpoint (ours or Hugging Face).")
     parser.add_argument("--checkpoint", required=True, metavar="DIR",
                         help="our checkpoint directory, or a Hugging Face directory with config.json")
-    parser.add_argument("--prompt", help="the prompt (with --chat: the first user message)")
+    parser.add_argument("--prompt", help="the prompt (with --chat: the first user message); "
+                        "- reads it from standard input, byte for byte")
+    parser.add_argument("--prompt-file", metavar="PATH",
+                        help="read the prompt from a UTF-8 file, byte for byte (trailing newlines kept)")
     parser.add_argument("--max-new-tokens", type=int, default=128, metavar="N")
     parser.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)")
     parser.add_argument("--top-k", type=int, default=None, metavar="K")
@@ -36,8 +41,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--stream-every", type=int, default=8, metavar="N",
                         help="tokens per compiled decode call between prints (default 8)")
     args = parser.parse_args(argv)
-    if not args.chat and args.prompt is None:
-        parser.error("--prompt is required (or use --chat)")
+    if args.prompt is not None and args.prompt_file is not None:
+        parser.error("give --prompt or --prompt-file, not both")
+    if not args.chat and args.prompt is None and args.prompt_file is None:
+        parser.error("--prompt or --prompt-file is required (or use --chat)")
     if args.system is not None and not args.chat:
         parser.error("--system only applies with --chat")
     return args
@@ -63,9 +70,7 @@ def _fail(message) -> None:
 
 
 def _run(args) -> int:
-    from pathlib import Path
-
-    from infer.sampling import Sampling
+    from llama_jax.sampling import Sampling
     from sharding.layout import load_layout
 
     # Cheap checks first, so bad input fails before anything loads or compiles.
@@ -79,6 +84,8 @@ def _run(args) -> int:
     if args.stream_every < 1:
         raise ValueError(f"--stream-every must be at least 1, got {args.stream_every}")
 
+    args.prompt = _read_prompt(args)
+
     from infer.generate import load_model
 
     config, params, tokenizer = load_model(args.checkpoint, args.layout, args.tokenizer)
@@ -89,6 +96,27 @@ def _run(args) -> int:
         return _chat(params, tokenizer, args, settings)
     _say(params, tokenizer, args.prompt, settings)
     return 0
+
+
+def _read_prompt(args) -> str | None:
+    """The prompt text exactly as given: an argument, a file or standard input (`--prompt -`).
+
+    Files and standard input are read as bytes and decoded as UTF-8 without newline
+    translation, so a prompt's trailing newlines reach the model (a shell would strip them).
+    """
+    if args.prompt_file is not None:
+        try:
+            raw, source = Path(args.prompt_file).read_bytes(), args.prompt_file
+        except OSError as err:
+            raise ValueError(f"--prompt-file {args.prompt_file}: {err.strerror}") from None
+    elif args.prompt == "-":
+        raw, source = sys.stdin.buffer.read(), "standard input"
+    else:
+        return args.prompt
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{source}: the prompt is not UTF-8 text (byte {err.start})") from None
 
 
 def _say(params, tokenizer, prompt, settings):

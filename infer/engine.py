@@ -1,21 +1,13 @@
-"""The compiled part of inference: prefill, then a `lax.while_loop` of decode steps.
+"""Serving the compiled prefill and decode loop on a layout.
 
-An `Engine` is one model config on one layout: a mesh, the KV cache's
-shardings and two jitted functions. It knows nothing of text; `generate.py`
-turns prompts into token ids and tokens back into text.
+An `Engine` is one model config on one layout: a mesh, the state's shardings
+and the jitted `llama_jax.decoding.prefill` and `decode` (what they compute,
+and the state they pass, are described there). It knows nothing of text;
+`generate.py` turns prompts into token ids and tokens back into text.
 
     engine.prefill(params, prompts, max_new_tokens, sampling)  -> state, first tokens
     engine.decode(params, state, steps, sampling)  -> state, tokens [batch, steps]  (state donated)
     engine.run(...)  -> iterator over both, chunk by chunk
-
-Letters in names: b batch rows, t prompt time, s cache slots, v vocab.
-
-Prompts are right-padded to one length. Prefill writes every prompt slot of
-the cache (padding included) and samples each row's first token from the
-logits at its own last prompt token. A decode step feeds each row's last
-token at its own position, so rows advance independently: the padding slots
-past a short prompt are overwritten by its own generated tokens before any
-query can see them (a query at position p sees slots <= p only).
 
 Streaming runs the same compiled loop in chunks of `steps` tokens: the host
 reads the chunk's tokens, hands them to the caller, and calls again with the
@@ -25,23 +17,20 @@ donated state. See generate.py for why chunks rather than host callbacks.
 from __future__ import annotations
 
 import functools
-from typing import Any, Iterator
+from typing import Iterator
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from infer.sampling import Sampling, row_keys, sample, step_keys
+from llama_jax import decoding
 from llama_jax.config import ModelConfig
-from llama_jax.model import CACHE_AXES, Llama, init_cache
+from llama_jax.decoding import NO_TOKEN, State
+from llama_jax.model import Llama, check_token_ids
 from llama_jax.params import unstack_layers
+from llama_jax.sampling import Sampling
 from sharding.layout import Layout, load_layout
 from sharding.place import Placement
-
-State = dict[str, Any]  # cache, token, pos, count, limit, done, keys (see _prefill)
-
-_NO_TOKEN = -1  # in a decode chunk's output: the row produced nothing at that step
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -92,16 +81,14 @@ class Engine:
         self.batch_multiple = plan.shards_along("batch")
         self.length_multiple = plan.shards_along("length")
         self.replicated = NamedSharding(plan.mesh, PartitionSpec())
-        row = plan.sharding("batch")
-        self.cache_shardings = plan.tree_shardings({"k": CACHE_AXES, "v": CACHE_AXES})
-        self.state_shardings = {"cache": self.cache_shardings, "token": row, "pos": row,
-                                "count": row, "limit": row, "done": row, "keys": row}
+        self.state_shardings = plan.tree_shardings(decoding.STATE_AXES)
         self._prefill = jax.jit(
-            self._prefill_fn, static_argnames=("sampling", "cache_len", "keep_logits"),
+            functools.partial(decoding.prefill, self.model),
+            static_argnames=("sampling", "cache_len", "keep_logits"),
             out_shardings=(self.state_shardings, self.replicated, self.replicated))
         self._decode = jax.jit(
-            self._decode_fn, static_argnames=("sampling", "steps", "keep_logits"),
-            donate_argnames=("state",),
+            functools.partial(decoding.decode, self.model),
+            static_argnames=("sampling", "steps", "keep_logits"), donate_argnames=("state",),
             out_shardings=(self.state_shardings, self.replicated, self.replicated))
 
     # ------------------------------------------------------------ placement
@@ -122,61 +109,6 @@ class Engine:
         return jax.tree.map(
             lambda x, s: jax.device_put(x, s) if isinstance(x, jax.Array)
             else self.placement.put(x, s), params, shardings)
-
-    # ------------------------------------------------------------ compiled functions
-
-    def _apply(self, params, tokens_bt, positions_bt, cache, **kwargs):
-        return self.model.apply({"params": params}, tokens_bt, positions_bt, cache=cache, **kwargs)
-
-    def _prefill_fn(self, params, prompts_bt, lengths_b, limits_b, seed, stops,
-                    *, sampling: Sampling, cache_len: int, keep_logits: bool):
-        b, t = prompts_bt.shape
-        keys_b = row_keys(jax.random.key(seed), b)
-        cache = init_cache(self.model_config, b, cache_len)
-        cache = jax.lax.with_sharding_constraint(cache, self.cache_shardings)
-        positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        hidden_btd, cache = self._apply(params, prompts_bt, positions_bt, cache, return_hidden=True)
-        # Only each row's last prompt token needs the (large) vocabulary projection.
-        last_b1d = jnp.take_along_axis(hidden_btd, (lengths_b - 1)[:, None, None], axis=1)
-        logits_bv = self.model.apply({"params": params}, last_b1d, method=Llama.logits)[:, 0]
-        first_b = sample(logits_bv, step_keys(keys_b, jnp.zeros_like(lengths_b)), sampling)
-        live_b = limits_b > 0
-        count_b = live_b.astype(jnp.int32)
-        state = {"cache": cache, "token": first_b, "pos": lengths_b, "count": count_b,
-                 "limit": limits_b, "keys": keys_b,
-                 "done": ~live_b | _is_stop(first_b, stops) | (count_b >= limits_b)}
-        return state, jnp.where(live_b, first_b, _NO_TOKEN), logits_bv if keep_logits else None
-
-    def _decode_fn(self, params, state: State, stops, *, sampling: Sampling, steps: int,
-                   keep_logits: bool):
-        b = state["token"].shape[0]
-        out_bn = jnp.full((b, steps), _NO_TOKEN, jnp.int32)
-        logits_bnv = jnp.zeros((b, steps, self.model_config.vocab_size), jnp.float32) if keep_logits else None
-
-        def running(carry):
-            i, st, _, _ = carry
-            return (i < steps) & ~jnp.all(st["done"])
-
-        def step(carry):
-            i, st, out_bn, logits_bnv = carry
-            logits_b1v, cache = self._apply(params, st["token"][:, None], st["pos"][:, None],
-                                            st["cache"])
-            logits_bv = logits_b1v[:, 0]
-            live_b = ~st["done"]
-            next_b = sample(logits_bv, step_keys(st["keys"], st["count"]), sampling)
-            next_b = jnp.where(live_b, next_b, st["token"])
-            count_b = st["count"] + live_b
-            done_b = st["done"] | _is_stop(next_b, stops) | (count_b >= st["limit"])
-            st = {**st, "cache": jax.lax.with_sharding_constraint(cache, self.cache_shardings),
-                  "token": next_b, "pos": st["pos"] + live_b, "count": count_b, "done": done_b}
-            out_bn = out_bn.at[:, i].set(jnp.where(live_b, next_b, _NO_TOKEN))
-            if keep_logits:
-                logits_bnv = logits_bnv.at[:, i].set(logits_bv)
-            return i + 1, st, out_bn, logits_bnv
-
-        _, state, out_bn, logits_bnv = jax.lax.while_loop(
-            running, step, (jnp.int32(0), state, out_bn, logits_bnv))
-        return state, out_bn, logits_bnv
 
     # ------------------------------------------------------------ driver
 
@@ -252,7 +184,7 @@ class Engine:
             finished |= produced >= max_new_tokens
 
     def _stops(self, stop_ids):
-        stops = np.asarray(sorted(stop_ids) or [_NO_TOKEN], np.int32)
+        stops = np.asarray(sorted(stop_ids) or [NO_TOKEN], np.int32)
         return self.placement.put(stops, self.replicated)
 
 
@@ -270,10 +202,7 @@ def check_prompts(config: ModelConfig, prompts: list[list[int]], max_new_tokens:
             raise ValueError(
                 f"prompt {i} has {len(p)} tokens; with max_new_tokens {max_new_tokens} that is "
                 f"{len(p) + max_new_tokens}, over the model's context of {config.max_seq_len} tokens")
-        bad = [t for t in p if not 0 <= int(t) < config.vocab_size]
-        if bad:
-            raise ValueError(f"prompt {i}: token id {bad[0]} is outside the model's vocabulary "
-                             f"[0, {config.vocab_size})")
+        check_token_ids(p, config.vocab_size, f"prompt {i}")
 
 
 @functools.lru_cache(maxsize=8)
@@ -281,8 +210,5 @@ def engine_for(config: ModelConfig, layout: str | None = None) -> Engine:
     """A shared Engine for (config, layout name); its compiled functions are reused."""
     return Engine(config, layout)
 
-
-def _is_stop(tokens_b, stops):
-    return (tokens_b[:, None] == stops[None, :]).any(axis=-1)
 
 

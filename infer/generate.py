@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from infer.engine import Engine, engine_for
-from infer.sampling import Sampling
+from llama_jax.sampling import Sampling
 from llama_jax.config import ModelConfig
 from llama_jax.safetensors_io import CheckpointFileError
 from llama_jax.tokenizer import StreamDecoder, Tokenizer, load_tokenizer
@@ -143,8 +143,8 @@ def load_model(path: str | os.PathLike, layout: str | Layout | None = None,
     step directories with items "params" and "config", latest step). Parameters
     come back placed on `layout` (None: one device) in the form the inference
     model takes (see `Engine.place_params`), so `generate` uses them as they
-    are. The tokenizer is `tokenizer` if
-    given, else the one found in the directory or its parent.
+    are, and the config's `scan_layers` says which form that is. The tokenizer
+    is `tokenizer` if given, else the one found in the directory or its parent.
     Raises ValueError subclasses with one line for anything missing.
     """
     path = Path(path)
@@ -157,18 +157,17 @@ def load_model(path: str | os.PathLike, layout: str | Layout | None = None,
         engine = _engine(config, layout)
         params = engine.place_params(params)
     else:
-        try:
-            from llama_jax import checkpoint
-        except ImportError:
-            raise CheckpointFileError(
-                f"{path}: no config.json, so not a Hugging Face directory, and llama_jax.checkpoint "
-                "(our format) is not available") from None
+        from llama_jax import checkpoint
+
         # Checkpoints hold stacked (scan-layout) layers; restore straight onto the layout.
         config = checkpoint.read_config(path).replace(scan_layers=True)
         engine = _engine(config, layout)
         config, params = checkpoint.restore_params(path, shardings=engine.param_shardings(),
                                                    config=config)
         params = engine.place_params(params)
+    # The params are in the engine's form (layers unrolled on CPU): say so in the config,
+    # so that `Llama(config).apply({"params": params}, ...)` works on them as they are.
+    config = config.replace(scan_layers=engine.model_config.scan_layers)
     return config, params, load_tokenizer(tokenizer or _find_tokenizer(path))
 
 

@@ -1,10 +1,10 @@
 """llama-jax: the Llama family in JAX and Flax."""
 
 from llama_jax.config import ConfigError, ModelConfig, RopeScaling, load_model_config
-from llama_jax.model import Llama, init_cache
+from llama_jax.model import Llama, check_token_ids, init_cache
 from llama_jax.params import abstract_params, count_params, init_params, logical_axes
 
 __all__ = [
-    "ConfigError", "ModelConfig", "RopeScaling", "load_model_config", "Llama", "init_cache",
+    "ConfigError", "ModelConfig", "RopeScaling", "load_model_config", "Llama", "check_token_ids", "init_cache",
     "abstract_params", "count_params", "init_params", "logical_axes",
 ]

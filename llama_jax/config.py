@@ -13,7 +13,6 @@ from typing import Any
 
 import yaml
 
-MODELS_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention_out")
 ATTENTION_IMPLS = ("xla", "blocked")
@@ -106,11 +105,6 @@ class ModelConfig:
                     "rope_scaling: need 0 < low_freq_factor < high_freq_factor, got "
                     f"{scaling.low_freq_factor} and {scaling.high_freq_factor}")
 
-    @property
-    def q_per_kv(self) -> int:
-        """Query heads served by each key/value head (1 for multi-head attention)."""
-        return self.n_heads // self.n_kv_heads
-
     def replace(self, **changes) -> "ModelConfig":
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
@@ -154,26 +148,52 @@ def _rope_scaling_from_dict(data: dict[str, Any]) -> RopeScaling:
     return RopeScaling(**data)
 
 
+def configs_root() -> Path:
+    """The shipped `configs/` tree: inside the installed package (a wheel ships it as
+    package data), or beside the package in a source checkout."""
+    package = Path(__file__).resolve().parent
+    installed = package / "configs"
+    return installed if installed.is_dir() else package.parent / "configs"
+
+
+def shipped_configs(kind: str) -> list[str]:
+    """Names of the shipped configs of one kind: "models", "layouts" or "runs"."""
+    return sorted(p.stem for p in (configs_root() / kind).glob("*.yaml"))
+
+
+def read_config_file(kind: str, name_or_path: str | Path, error=ConfigError) -> tuple[Path, dict]:
+    """(path, mapping) of a YAML config given by path, or by name among `configs/<kind>/`.
+
+    Raises `error` (one line) for a missing file, bad YAML or a top level that
+    is not a mapping.
+    """
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = configs_root() / kind / f"{name_or_path}.yaml"
+    if not path.is_file():
+        what = {"models": "model config", "layouts": "layout", "runs": "run config"}[kind]
+        raise error(f"{what} {str(name_or_path)!r} not found (known: {', '.join(shipped_configs(kind))})")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise error(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise error(f"{path}: the top level must be a mapping of keys, got a {type(data).__name__}")
+    return path, data
+
+
 def load_model_config(name_or_path: str | Path, **overrides) -> ModelConfig:
     """Load a model config from a YAML path or a name in `configs/models/`.
 
     `overrides` replace fields after loading (e.g. `dtype="bfloat16"`).
     Raises ConfigError (one line) for a missing file, bad YAML or a bad field.
     """
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = MODELS_DIR / f"{name_or_path}.yaml"
-    if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in MODELS_DIR.glob("*.yaml")))
-        raise ConfigError(f"model config {str(name_or_path)!r} not found (known: {known})")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-    data = {**(data or {}), **overrides}
-    return ModelConfig.from_dict(data)
+    _, data = read_config_file("models", name_or_path)
+    return ModelConfig.from_dict({**data, **overrides})
 
 
 def published_models() -> list[str]:
     """Names of the shipped model configs (published sizes and test sizes)."""
-    return sorted(p.stem for p in MODELS_DIR.glob("*.yaml"))
+    return shipped_configs("models")

@@ -20,6 +20,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from llama_jax.attention import attend
@@ -194,6 +195,12 @@ class Llama(nn.Module):
         and values are written at `positions_bt`. With `return_hidden`, the
         final-normed hidden states [batch, time, dim] are returned instead of
         logits, for a loss that projects them in chunks (see `logits`).
+
+        Token ids are not checked here (under jit a data-dependent error is
+        impossible): an id >= vocab_size gives NaN logits (the embedding gather
+        fills out-of-range rows with NaN) and a negative id counts from the end
+        of the table. Host code checks ids where they enter, with
+        `check_token_ids` (generate, the data sources).
         """
         cfg = self.config
         rope = rotary_angles(positions_bt, inverse_frequencies(cfg.head_dim, cfg.rope_theta,
@@ -230,6 +237,15 @@ class Llama(nn.Module):
         else:
             logits = self.output(hidden_btd)
         return _constrain(logits.astype(jnp.float32), "batch", "length", "vocab")
+
+
+def check_token_ids(ids, vocab_size: int, what: str = "tokens") -> None:
+    """ValueError (one line) naming the first id of `ids` outside [0, vocab_size)."""
+    ids = np.asarray(ids)
+    bad = ids[(ids < 0) | (ids >= vocab_size)]
+    if bad.size:
+        raise ValueError(f"{what}: token id {int(bad.flat[0])} is outside the model's vocabulary "
+                         f"[0, {vocab_size})")
 
 
 def init_cache(config: ModelConfig, batch: int, length: int, dtype=None) -> Cache:

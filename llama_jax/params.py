@@ -22,9 +22,14 @@ def _example_inputs():
 
 
 def init_params(config: ModelConfig, rng: jax.Array):
-    """Random parameters (plain arrays, no partitioning boxes)."""
-    boxed = Llama(config).init(rng, *_example_inputs())["params"]
-    return nn.unbox(boxed)
+    """Random parameters (plain arrays, no partitioning boxes).
+
+    Always drawn in scan layout (then unstacked if `config.scan_layers` is
+    False), so one seed gives the same weights whichever layout runs them.
+    """
+    scanned = config.replace(scan_layers=True)
+    params = nn.unbox(Llama(scanned).init(rng, *_example_inputs())["params"])
+    return params if config.scan_layers else unstack_layers(params, config.n_layers)
 
 
 def abstract_params(config: ModelConfig):

@@ -21,12 +21,11 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-import yaml
+from llama_jax.config import read_config_file, shipped_configs
 
 MESH_AXES = ("data", "fsdp", "sequence", "tensor")  # outermost to innermost
 LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab",
                 "layers", "kv_length")
-LAYOUTS_DIR = Path(__file__).resolve().parent.parent / "configs" / "layouts"
 
 Rule = tuple[str, "str | tuple[str, ...] | None"]
 
@@ -61,7 +60,7 @@ class Layout:
             if logical not in LOGICAL_AXES:
                 raise LayoutError(f"layout {self.name}: rule for unknown logical axis {logical!r} "
                                   f"(known: {', '.join(LOGICAL_AXES)})")
-            for axis in _as_tuple(mesh_axes):
+            for axis in axes_tuple(mesh_axes):
                 if axis not in MESH_AXES:
                     raise LayoutError(f"layout {self.name}: rule {logical} -> {axis!r} names no mesh axis "
                                       f"(known: {', '.join(MESH_AXES)})")
@@ -73,13 +72,11 @@ class Layout:
 
     def mesh_axes_of(self, logical: str) -> tuple[str, ...]:
         """Every mesh axis any rule may split `logical` over."""
-        return tuple(a for name, axes in self.rules if name == logical for a in _as_tuple(axes))
-
-    def with_rules(self, rules) -> "Layout":
-        return dataclasses.replace(self, rules=tuple(rules))
+        return tuple(a for name, axes in self.rules if name == logical for a in axes_tuple(axes))
 
 
-def _as_tuple(mesh_axes) -> tuple[str, ...]:
+def axes_tuple(mesh_axes) -> tuple[str, ...]:
+    """A rule's mesh axes (None, one name or several) as a tuple of names."""
     if mesh_axes is None:
         return ()
     return (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
@@ -119,16 +116,7 @@ def load_layout(name_or_path: str | Path, **mesh_overrides: int) -> Layout:
 
     `mesh_overrides` set ICI sizes, e.g. `load_layout("fsdp_tp", tensor=4)`.
     """
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = LAYOUTS_DIR / f"{name_or_path}.yaml"
-    if not path.is_file():
-        known = ", ".join(available_layouts())
-        raise LayoutError(f"layout {str(name_or_path)!r} not found (known: {known})")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise LayoutError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    path, data = read_config_file("layouts", name_or_path, LayoutError)
     layout = layout_from_dict(path.stem, data)
     if mesh_overrides:
         layout = dataclasses.replace(layout, ici={**layout.ici, **mesh_overrides})
@@ -136,4 +124,5 @@ def load_layout(name_or_path: str | Path, **mesh_overrides: int) -> Layout:
 
 
 def available_layouts() -> list[str]:
-    return sorted(p.stem for p in LAYOUTS_DIR.glob("*.yaml"))
+    """Names of the shipped layouts."""
+    return shipped_configs("layouts")

@@ -12,6 +12,7 @@ which Flax Linen's logical partitioning does not express.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import jax
@@ -47,14 +48,31 @@ def mesh_shape(layout: Layout, n_devices: int) -> dict[str, int]:
     return {a: ici[a] * dcn[a] for a in MESH_AXES}
 
 
+def default_devices(layout: Layout) -> list:
+    """The devices a layout's mesh takes when none are named: all of them, or, in a
+    single process, the first N when the layout fixes every size to a smaller N
+    (e.g. `layout=dp mesh.data=1` to compare with one device on an 8-device host)."""
+    devices = jax.devices()
+    ici, dcn = layout.ici, layout.dcn
+    if -1 in ici.values() or -1 in dcn.values() or jax.process_count() > 1:
+        return devices
+    needed = math.prod(ici.values()) * math.prod(dcn.values())
+    if needed < len(devices):
+        logging.getLogger(__name__).warning(
+            "layout %s: the mesh uses %d of the %d devices", layout.name, needed, len(devices))
+        return devices[:needed]
+    return devices
+
+
 def make_mesh(layout: Layout, devices=None) -> Mesh:
-    """A Mesh with axes (data, fsdp, sequence, tensor) laid out for `devices`.
+    """A Mesh with axes (data, fsdp, sequence, tensor) laid out for `devices`
+    (default: `default_devices(layout)`).
 
     With DCN sizes > 1, devices are grouped by slice: real TPU slices by
     their `slice_index`, and elsewhere (CPU tests) consecutive groups of
     devices stand in for slices.
     """
-    devices = list(devices if devices is not None else jax.devices())
+    devices = list(devices if devices is not None else default_devices(layout))
     ici, dcn = resolve_sizes(layout, len(devices))
     ici_shape = [ici[a] for a in MESH_AXES]
     dcn_shape = [dcn[a] for a in MESH_AXES]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 
 import flax.linen as nn
@@ -23,7 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from llama_jax.config import ModelConfig
 from llama_jax.model import CACHE_AXES
 from llama_jax.params import init_params, logical_axes
-from sharding.layout import Layout, LayoutError, _as_tuple
+from sharding.layout import Layout, LayoutError, axes_tuple
 from sharding.mesh import make_mesh
 
 
@@ -37,7 +38,7 @@ def rules_for(config: ModelConfig, layout: Layout, mesh: Mesh) -> tuple:
     rules = []
     for logical, axes in layout.rules:
         if logical == "kv_heads" and axes is not None:
-            size = math.prod(mesh.shape[a] for a in _as_tuple(axes))
+            size = math.prod(mesh.shape[a] for a in axes_tuple(axes))
             if size > config.n_kv_heads and size % config.n_kv_heads == 0:
                 axes = None
         rules.append((logical, axes))
@@ -51,11 +52,11 @@ def _spec(names, rules) -> PartitionSpec:
 def check_divisible(shape, spec: PartitionSpec, mesh: Mesh, what: str, names=None):
     """LayoutError naming `what` if a dimension does not divide by the mesh axes it is split on."""
     for dim, (size, axes) in enumerate(zip(shape, tuple(spec) + (None,) * len(shape))):
-        parts = math.prod(mesh.shape[a] for a in _as_tuple(axes))
+        parts = math.prod(mesh.shape[a] for a in axes_tuple(axes))
         if size % parts:
             label = names[dim] if names else f"dim {dim}"
             raise LayoutError(f"{what}: {label} of size {size} does not divide by "
-                              f"{' x '.join(_as_tuple(axes))} = {parts}")
+                              f"{' x '.join(axes_tuple(axes))} = {parts}")
 
 
 def validate(config: ModelConfig, layout: Layout, mesh: Mesh, batch: int | None = None,
@@ -105,7 +106,15 @@ class Placement:
         """Build the mesh and validate the layout against the config (LayoutError if bad)."""
         mesh = make_mesh(layout, devices)
         validate(config, layout, mesh)
-        return cls(config, layout, mesh, rules_for(config, layout, mesh))
+        rules = rules_for(config, layout, mesh)
+        if dict(rules).get("kv_heads") != dict(layout.rules).get("kv_heads"):
+            axes = layout.mesh_axes_of("kv_heads")
+            parts = math.prod(mesh.shape[a] for a in axes)
+            logging.getLogger(__name__).warning(
+                "layout %s: %s = %d outnumbers n_kv_heads %d, so each kv head is replicated "
+                "on %d shards", layout.name, " x ".join(axes), parts, config.n_kv_heads,
+                parts // config.n_kv_heads)
+        return cls(config, layout, mesh, rules)
 
     def spec(self, *logical_names) -> PartitionSpec:
         return _spec(logical_names, self.rules)
@@ -113,7 +122,7 @@ class Placement:
     def shards_along(self, logical_name: str) -> int:
         """Into how many pieces the layout splits a dimension named `logical_name`."""
         axes = self.spec(logical_name)[0] if len(self.spec(logical_name)) else None
-        return math.prod(self.mesh.shape[a] for a in _as_tuple(axes))
+        return math.prod(self.mesh.shape[a] for a in axes_tuple(axes))
 
     def sharding(self, *logical_names) -> NamedSharding:
         return NamedSharding(self.mesh, self.spec(*logical_names))
@@ -139,8 +148,7 @@ class Placement:
         """Random parameters created directly in their shards (never whole on one host).
 
         `out_shardings` alone places them: with partitionable random numbers
-        each device computes only its own shard. (Rules are not activated here:
-        Flax's DenseGeneral constrains its flat kernel before reshaping it.)
+        each device computes only its own shard.
         """
         return jax.jit(init_params, static_argnums=0,
                        out_shardings=self.param_shardings())(self.config, rng)
@@ -184,7 +192,7 @@ class Placement:
         process feeds the parts its own devices hold, so the global batch is
         its rows times (all parts / parts held here).
         """
-        parts = math.prod(self.mesh.shape[a] for a in _as_tuple(self.spec("batch")[0]))
+        parts = math.prod(self.mesh.shape[a] for a in axes_tuple(self.spec("batch")[0]))
         indices = self.sharding("batch").devices_indices_map((parts,))
         here = {idx[0].start for device, idx in indices.items()
                 if device.process_index == jax.process_index()}

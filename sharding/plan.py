@@ -58,7 +58,7 @@ from jax.sharding import AbstractMesh, AxisType
 
 from llama_jax.config import ConfigError, ModelConfig, load_model_config
 from llama_jax.params import abstract_params, logical_axes
-from sharding.layout import MESH_AXES, Layout, LayoutError, _as_tuple, load_layout
+from sharding.layout import MESH_AXES, Layout, LayoutError, axes_tuple, load_layout
 from sharding.mesh import mesh_shape
 from sharding.place import rules_for, validate
 from sharding.topology import CHIP_HBM_BYTES
@@ -71,7 +71,7 @@ def _shard_elements(shape, names, rules, sizes) -> int:
     """Elements of one device's shard of an array of `shape` with logical `names`."""
     spec = tuple(nn.logical_to_mesh_axes(tuple(names), rules))
     spec = spec + (None,) * (len(shape) - len(spec))
-    return math.prod(-(-dim // math.prod(sizes[a] for a in _as_tuple(axes)))
+    return math.prod(-(-dim // math.prod(sizes[a] for a in axes_tuple(axes)))
                      for dim, axes in zip(shape, spec))
 
 

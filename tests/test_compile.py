@@ -17,7 +17,8 @@ pytest.importorskip("libtpu", reason="TPU compiles need libtpu: pip install -e '
 import jax  # noqa: E402
 
 from sharding.topology import topology_devices  # noqa: E402
-from train.compile import compile_run, main, parse_sweep  # noqa: E402
+from train.aot import compile_run  # noqa: E402
+from train.compile import main, parse_sweep  # noqa: E402
 from train.config import run_config_from_dict  # noqa: E402
 
 TOPOLOGY = "v5p:2x2x2"
@@ -43,7 +44,7 @@ def _state_and_batch_shard_bytes(run) -> tuple[int, int]:
     """(state bytes, batch bytes) one chip holds, from the shardings the compile was given."""
     from sharding.layout import load_layout
     from sharding.place import Placement
-    from train.compile import train_program
+    from train.aot import train_program
 
     placement = Placement.create(run.model, load_layout(run.layout, **run.mesh), devices=_devices())
     _, (state, batch) = train_program(run, placement)

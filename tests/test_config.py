@@ -57,3 +57,10 @@ def test_hf_config_round_trips_in_both_rope_forms(shape):
     v5 = {k: v for k, v in hf.items() if k not in ("rope_scaling", "rope_theta")}  # 5.x form
     assert config_from_hf(v4) == config
     assert config_from_hf(v5) == config
+
+
+def test_a_config_file_whose_top_level_is_not_a_mapping_is_one_line(tmp_path):
+    listy = tmp_path / "listy.yaml"
+    listy.write_text("- dim\n- 64\n")
+    with pytest.raises(ConfigError, match=r"^.*listy\.yaml: the top level must be a mapping of keys, got a list$"):
+        load_model_config(listy)

@@ -9,7 +9,7 @@ import torch
 
 from infer import generate
 from infer.engine import Engine
-from infer.sampling import Sampling
+from llama_jax.sampling import Sampling
 from llama_jax import Llama
 from llama_jax.hf import load_hf_params
 from tiny import LLAMA3_LIKE, hf_model
@@ -139,5 +139,8 @@ def test_a_prompt_too_long_for_the_context_is_a_one_line_error(params):
 
 
 def test_token_ids_outside_the_vocabulary_are_rejected(params):
-    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+    with pytest.raises(ValueError, match=rf"prompt 0: token id {CONFIG.vocab_size} is outside the "
+                                         rf"model's vocabulary \[0, {CONFIG.vocab_size}\)"):
         generate(params, None, [[1, CONFIG.vocab_size]], max_new_tokens=2, config=CONFIG)
+    with pytest.raises(ValueError, match=r"prompt 1: token id -1 is outside"):
+        generate(params, None, [[1, 2], [3, -1]], max_new_tokens=2, config=CONFIG)

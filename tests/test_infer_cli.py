@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from infer import generate, load_model
@@ -67,6 +68,33 @@ def test_prints_the_generated_text(checkpoint):
     assert result.stdout == expected.text + "\n"
 
 
+def test_prompt_from_a_file_or_stdin_keeps_its_trailing_newlines(checkpoint, tmp_path):
+    prompt = "Once upon a time\n\n"
+    config, params, tokenizer = load_model(checkpoint)
+    expected = generate(params, tokenizer, prompt, max_new_tokens=8, config=config)[0].text
+    stripped = generate(params, tokenizer, prompt.rstrip("\n"), max_new_tokens=8, config=config)[0].text
+    assert expected != stripped, "the test needs a prompt whose trailing newlines change the output"
+    path = tmp_path / "prompt.txt"
+    path.write_bytes(prompt.encode())
+    from_file = run_cli("--checkpoint", checkpoint, "--prompt-file", path, "--max-new-tokens", 8)
+    from_stdin = run_cli("--checkpoint", checkpoint, "--prompt", "-", "--max-new-tokens", 8, stdin=prompt)
+    assert from_file.returncode == 0 and from_stdin.returncode == 0, from_file.stderr + from_stdin.stderr
+    assert from_file.stdout == from_stdin.stdout == expected + "\n"
+    assert_one_line_error(run_cli("--checkpoint", checkpoint, "--prompt-file", tmp_path / "nope.txt"),
+                          "nope.txt", "No such file")
+
+
+def test_load_model_returns_a_config_that_fits_its_params(checkpoint):
+    from llama_jax import Llama
+
+    config, params, tokenizer = load_model(checkpoint)
+    tokens = np.asarray([tokenizer.encode("Once upon", bos=True)], np.int32)
+    positions = np.arange(tokens.shape[1], dtype=np.int32)[None]
+    logits, _ = Llama(config).apply({"params": params}, tokens, positions)
+    expected = generate(params, tokenizer, [tokens[0].tolist()], max_new_tokens=1, config=config)[0]
+    assert int(np.argmax(logits[0, -1])) == expected.tokens[0]
+
+
 def test_chat_answers_each_line_with_the_template(checkpoint):
     result = run_cli("--checkpoint", checkpoint, "--chat", "--system", "Be brief.", "--max-new-tokens", 8,
                      "--temperature", 0.7, "--top-p", 0.9, "--seed", 3, stdin="Hello llama\nAnd again\nOnce more, with feeling\n")
@@ -103,12 +131,12 @@ def test_bad_sampling_settings_are_one_line_exit_2(checkpoint):
 
 
 def test_our_checkpoint_format_generates_what_the_hf_directory_does(checkpoint, tmp_path):
-    checkpoint_module = pytest.importorskip("llama_jax.checkpoint")
+    from llama_jax.checkpoint import save_params
     from llama_jax.hf import load_hf_params
 
     config, params = load_hf_params(checkpoint)
     ours = tmp_path / "ckpt"
-    checkpoint_module.save_params(ours, config, params, step=10)
+    save_params(ours, config, params, step=10)
     (tmp_path / "tokenizer.model").write_bytes((checkpoint / "tokenizer.model").read_bytes())
     from_hf = generate(checkpoint, None, "Once upon a time", max_new_tokens=8)[0]
     from_ours = generate(ours, None, "Once upon a time", max_new_tokens=8)[0]  # tokenizer found in parent

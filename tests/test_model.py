@@ -52,8 +52,12 @@ def test_logits_at_t_ignore_tokens_after_t(params31):
 
 
 def test_causality_by_gradients(params31):
-    """d logits[t] / d embedding[s] is zero for every s > t."""
-    tokens = _tokens((1, 16))
+    """d logits[t] / d embedding row of the token at s is non-zero for every s <= t, zero for s > t.
+
+    The 16 tokens are distinct, so each embedding row stands for one position.
+    """
+    tokens = jnp.asarray(np.random.default_rng(0).permutation(LLAMA31_LIKE.vocab_size)[:16][None],
+                         jnp.int32)
     positions = jnp.arange(16)[None]
 
     def logits_at(t, embeddings):
@@ -62,8 +66,11 @@ def test_causality_by_gradients(params31):
 
     for t in (0, 7, 15):
         grad = jax.grad(logits_at, argnums=1)(t, params31["embed"]["embedding"])
-        touched = np.nonzero(np.abs(np.asarray(grad)).sum(-1))[0]
-        assert set(touched.tolist()) <= set(np.asarray(tokens[0, :t + 1]).tolist())
+        row_norms = np.abs(np.asarray(grad)).sum(-1)
+        seen = row_norms[np.asarray(tokens[0, :t + 1])]
+        unseen = row_norms[np.asarray(tokens[0, t + 1:])]
+        assert (seen > 1e-6).all(), f"position {t}: no gradient from an earlier position ({seen.min():.2e})"
+        assert (unseen == 0).all(), f"position {t}: gradient from a later position"
 
 
 def test_packed_document_logits_equal_alone(params31):
@@ -145,3 +152,29 @@ def test_bfloat16_compute_stays_close_to_float32():
     assert spread > 0.5
     assert float(jnp.sqrt(jnp.mean((bf16 - f32) ** 2))) < 0.06 * spread
     assert float(jnp.mean(jnp.argmax(bf16, -1) == jnp.argmax(f32, -1))) >= 0.9
+
+
+def test_unchecked_ids_inside_jit_behave_as_the_docstring_says(params31):
+    """Inside jit ids are not checked: >= vocab gives NaN logits, -1 is the table's last row."""
+    positions = jnp.arange(2)[None]
+    apply = jax.jit(lambda tokens: Llama(LLAMA31_LIKE).apply({"params": params31}, tokens, positions)[0])
+    vocab = LLAMA31_LIKE.vocab_size
+    assert np.isnan(np.asarray(apply(jnp.asarray([[1, vocab]], jnp.int32)))[0, 1]).all()
+    np.testing.assert_array_equal(apply(jnp.asarray([[1, -1]], jnp.int32)),
+                                  apply(jnp.asarray([[1, vocab - 1]], jnp.int32)))
+
+
+def test_host_check_names_the_first_id_outside_the_vocabulary():
+    from llama_jax import check_token_ids
+
+    check_token_ids([[0, 5], [9, 1]], 10)
+    with pytest.raises(ValueError, match=r"^batch: token id 10 is outside the model's vocabulary \[0, 10\)$"):
+        check_token_ids(np.asarray([[0, 10], [-1, 2]]), 10, "batch")
+
+
+def test_one_seed_gives_the_same_weights_scanned_or_unrolled():
+    key = jax.random.key(3)
+    scanned = init_params(LLAMA3_LIKE, key)
+    unrolled = init_params(LLAMA3_LIKE.replace(scan_layers=False), key)
+    assert set(unrolled) == {"embed", "layers_0", "layers_1", "norm", "output"}
+    jax.tree.map(np.testing.assert_array_equal, unrolled, unstack_layers(scanned, LLAMA3_LIKE.n_layers))

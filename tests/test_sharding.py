@@ -172,6 +172,30 @@ def test_tp_replicates_kv_heads_when_tensor_outnumbers_them():
     assert _shard_shape_on_device0(_wq(params)) == (2, 64, 1, 8)
 
 
+def test_kv_head_replication_is_said_in_one_line(caplog):
+    with caplog.at_level("WARNING"):
+        Placement.create(CONFIG, load_layout("tp"))
+    lines = [r.getMessage() for r in caplog.records if "kv head" in r.getMessage()]
+    assert lines == ["layout tp: tensor = 8 outnumbers n_kv_heads 2, so each kv head is replicated "
+                     "on 4 shards"]
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        Placement.create(CONFIG.replace(n_kv_heads=8), load_layout("tp"))
+    assert not [r for r in caplog.records if "kv head" in r.getMessage()]
+
+
+def test_a_fixed_layout_smaller_than_the_machine_runs_on_the_first_devices(caplog):
+    params, want_loss, want_grads = _reference()
+    with caplog.at_level("WARNING"):
+        placement = Placement.create(CONFIG, load_layout("dp", data=1))
+    assert placement.mesh.devices.tolist() == [[[[jax.devices()[0]]]]]
+    assert "layout dp: the mesh uses 1 of the 8 devices" in caplog.text
+    loss, grads = _sharded_loss_and_grads(placement, placement.put(params, placement.param_shardings()))
+    assert abs(loss - want_loss) <= RTOL * abs(want_loss)
+    _assert_trees_close(grads, want_grads, "dp on 1 of 8 devices")
+    assert Placement.create(CONFIG, load_layout("fsdp_tp", tensor=2)).mesh.size == 8  # -1 takes them all
+
+
 def test_tp_splits_kv_heads_when_they_match_the_tensor_axis():
     config = CONFIG.replace(n_kv_heads=8)
     params, want_loss, want_grads = _reference(config)
@@ -351,7 +375,7 @@ def test_bad_yaml_is_an_error(tmp_path):
         load_layout(wrong)
     listy = tmp_path / "listy.yaml"
     listy.write_text("- 1\n- 2\n")
-    with pytest.raises(LayoutError, match=r"layout listy: expected a mapping with keys mesh and rules"):
+    with pytest.raises(LayoutError, match=r"listy.yaml: the top level must be a mapping of keys, got a list"):
         load_layout(listy)
     mesh_list = tmp_path / "meshlist.yaml"
     mesh_list.write_text("mesh: [1, 2]\nrules: []\n")
@@ -363,3 +387,18 @@ def test_unknown_layout_name_is_an_error():
     with pytest.raises(LayoutError, match=r"layout 'fsdq' not found \(known: dp, fsdp, fsdp_sp"):
         load_layout("fsdq")
 
+
+
+def test_tpu_chips_are_detected_from_device_files(tmp_path):
+    from sharding.topology import tpu_chips_attached
+
+    assert not tpu_chips_attached(str(tmp_path))
+    (tmp_path / "vfio").mkdir()
+    (tmp_path / "vfio" / "vfio").touch()  # the VFIO control node alone is no chip
+    assert not tpu_chips_attached(str(tmp_path))
+    (tmp_path / "vfio" / "0").touch()
+    assert tpu_chips_attached(str(tmp_path))
+    other = tmp_path / "v4host"
+    other.mkdir()
+    (other / "accel0").touch()
+    assert tpu_chips_attached(str(other))

@@ -147,10 +147,12 @@ def test_key_given_twice_on_command_line_is_an_error():
 
 
 def test_every_shipped_run_config_loads():
-    from train.config import RUNS_DIR
-    for path in sorted(RUNS_DIR.glob("*.yaml")):
-        run = load_run_config(path)
-        assert run.steps > 0, path
+    from llama_jax.config import shipped_configs
+    names = shipped_configs("runs")
+    assert "tiny_cpu" in names and "llama3_1_405b_v5p" in names
+    for name in names:
+        run = load_run_config(name)
+        assert run.steps > 0, name
 
 
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):

@@ -24,10 +24,9 @@ from typing import Any
 
 import yaml
 
-from llama_jax.config import ConfigError, ModelConfig, check_keys, load_model_config
+from llama_jax.config import ConfigError, ModelConfig, check_keys, load_model_config, read_config_file
 from train.data import DataConfig
 
-RUNS_DIR = Path(__file__).resolve().parent.parent / "configs" / "runs"
 DECAYS = ("cosine", "linear", "constant")
 
 
@@ -185,13 +184,5 @@ def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
 
 def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     """Read a run YAML (a path or a name in configs/runs/) and apply key=value overrides."""
-    path = Path(path)
-    if not path.suffix:
-        path = RUNS_DIR / f"{path}.yaml"
-    if not path.is_file():
-        raise ConfigError(f"run config {str(path)!r} not found")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    _, data = read_config_file("runs", path)
     return run_config_from_dict(_merge(data, parse_overrides(list(overrides))))

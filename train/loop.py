@@ -100,7 +100,7 @@ def train(run: RunConfig, *, progress: bool = True, stop_after: int | None = Non
                     tokens_per_s = window_tokens / elapsed
                     logged = {**metrics, "tokens_per_s": tokens_per_s,
                               "step_time_s": elapsed / window_steps,
-                              "mfu": tokens_per_s * flops_token / (peak * jax.device_count())}
+                              "mfu": tokens_per_s * flops_token / (peak * placement.mesh.size)}
                     writer.write(step, logged)
                     bar.set_postfix(loss=f"{logged['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}",
                                     mfu=f"{logged['mfu']:.1%}")

@@ -1,0 +1,124 @@
+"""Prefill and the decode loop as pure functions: what inference compiles.
+
+    state, first_b, logits_bv = prefill(model, params, prompts_bt, lengths_b, limits_b, seed,
+                                        stops, sampling=..., cache_len=..., keep_logits=False)
+    state, out_bn, logits_bnv = decode(model, params, state, stops, sampling=..., steps=...)
+
+Both know nothing of meshes: the KV cache is constrained by its logical axis
+names (`CACHE_AXES`), which the layout in scope maps to mesh axes. `infer/`
+jits them with shardings and donation to serve; `train.compile` jits the very
+same functions for ahead-of-time TPU compiles of inference.
+
+Letters in names: b batch rows, t prompt time, n decode steps, v vocab.
+
+Prompts are right-padded to one length. Prefill writes every prompt slot of
+the cache (padding included) and samples each row's first token from the
+logits at its own last prompt token. A decode step feeds each row's last
+token at its own position, so rows advance independently: the padding slots
+past a short prompt are overwritten by its own generated tokens before any
+query can see them (a query at position p sees slots <= p only).
+
+State (a dict of arrays, one entry per row unless named): cache (the KV
+cache), token (last token), pos (its position), count (tokens produced),
+limit (tokens allowed), done (stopped), keys (the row's PRNG key).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from llama_jax.model import CACHE_AXES, Llama, init_cache
+from llama_jax.sampling import Sampling, row_keys, sample, step_keys
+
+State = dict[str, Any]
+
+NO_TOKEN = -1  # in a decode chunk's output: the row produced nothing at that step
+
+# Logical axes of every state entry, for `Placement.tree_shardings`.
+STATE_AXES = {"cache": {"k": CACHE_AXES, "v": CACHE_AXES}, "token": ("batch",), "pos": ("batch",),
+              "count": ("batch",), "limit": ("batch",), "done": ("batch",), "keys": ("batch",)}
+
+
+def _constrain_cache(cache):
+    return {name: nn.with_logical_constraint(c, CACHE_AXES) for name, c in cache.items()}
+
+
+def _is_stop(tokens_b, stops):
+    return (tokens_b[:, None] == stops[None, :]).any(axis=-1)
+
+
+def prefill(model: Llama, params, prompts_bt, lengths_b, limits_b, seed, stops, *,
+            sampling: Sampling, cache_len: int, keep_logits: bool = False):
+    """Fill a new KV cache with the prompts and pick each row's first token.
+
+    prompts_bt: int32 [b, t], right-padded; lengths_b: each prompt's length;
+    limits_b: tokens each row may produce (0 for padding rows); seed: int32
+    scalar; stops: int32 [k] stop ids. Returns (state, first tokens [b] with
+    NO_TOKEN for rows that may produce nothing, float32 logits [b, v] or None).
+    """
+    b, t = prompts_bt.shape
+    keys_b = row_keys(jax.random.key(seed), b)
+    cache = _constrain_cache(init_cache(model.config, b, cache_len))
+    positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    hidden_btd, cache = model.apply({"params": params}, prompts_bt, positions_bt, cache=cache,
+                                    return_hidden=True)
+    # Only each row's last prompt token needs the (large) vocabulary projection.
+    last_b1d = jnp.take_along_axis(hidden_btd, (lengths_b - 1)[:, None, None], axis=1)
+    logits_bv = model.apply({"params": params}, last_b1d, method=Llama.logits)[:, 0]
+    first_b = sample(logits_bv, step_keys(keys_b, jnp.zeros_like(lengths_b)), sampling)
+    live_b = limits_b > 0
+    count_b = live_b.astype(jnp.int32)
+    state = {"cache": cache, "token": first_b, "pos": lengths_b, "count": count_b,
+             "limit": limits_b, "keys": keys_b,
+             "done": ~live_b | _is_stop(first_b, stops) | (count_b >= limits_b)}
+    return state, jnp.where(live_b, first_b, NO_TOKEN), logits_bv if keep_logits else None
+
+
+def decode(model: Llama, params, state: State, stops, *, sampling: Sampling, steps: int,
+           keep_logits: bool = False):
+    """Up to `steps` decode steps in one `lax.while_loop` (fewer if every row is done).
+
+    Returns (state, tokens int32 [b, steps] with NO_TOKEN where a row produced
+    nothing, float32 logits [b, steps, v] or None); stop tokens are included.
+    """
+    b = state["token"].shape[0]
+    out_bn = jnp.full((b, steps), NO_TOKEN, jnp.int32)
+    logits_bnv = jnp.zeros((b, steps, model.config.vocab_size), jnp.float32) if keep_logits else None
+
+    def running(carry):
+        i, st, _, _ = carry
+        return (i < steps) & ~jnp.all(st["done"])
+
+    def step(carry):
+        i, st, out_bn, logits_bnv = carry
+        logits_b1v, cache = model.apply({"params": params}, st["token"][:, None], st["pos"][:, None],
+                                        cache=st["cache"])
+        logits_bv = logits_b1v[:, 0]
+        live_b = ~st["done"]
+        next_b = sample(logits_bv, step_keys(st["keys"], st["count"]), sampling)
+        next_b = jnp.where(live_b, next_b, st["token"])
+        count_b = st["count"] + live_b
+        done_b = st["done"] | _is_stop(next_b, stops) | (count_b >= st["limit"])
+        st = {**st, "cache": _constrain_cache(cache), "token": next_b, "pos": st["pos"] + live_b,
+              "count": count_b, "done": done_b}
+        out_bn = out_bn.at[:, i].set(jnp.where(live_b, next_b, NO_TOKEN))
+        if keep_logits:
+            logits_bnv = logits_bnv.at[:, i].set(logits_bv)
+        return i + 1, st, out_bn, logits_bnv
+
+    _, state, out_bn, logits_bnv = jax.lax.while_loop(
+        running, step, (jnp.int32(0), state, out_bn, logits_bnv))
+    return state, out_bn, logits_bnv
+
+
+def empty_state(config, batch: int, cache_len: int) -> State:
+    """A state of `batch` finished rows over an empty cache: its shapes are prefill's
+    (for ahead-of-time compiles of `decode` from `jax.eval_shape`)."""
+    zeros_b = jnp.zeros((batch,), jnp.int32)
+    return {"cache": init_cache(config, batch, cache_len), "token": zeros_b, "pos": zeros_b,
+            "count": zeros_b, "limit": zeros_b, "done": jnp.ones((batch,), bool),
+            "keys": row_keys(jax.random.key(0), batch)}

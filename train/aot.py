@@ -1,0 +1,192 @@
+"""Ahead-of-time compiles of the real train and decode programs, and their verdicts.
+
+`compile_run(run, devices)` builds the project's own programs for the run's
+layout over `devices` (usually compile-only TPU devices from
+sharding.topology), compiles them from abstract sharded inputs and judges
+the per-chip HBM. The command that prints the results is train/compile.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+
+@dataclasses.dataclass
+class CompileResult:
+    """One compile's figures; bytes and FLOPs are per chip unless named otherwise."""
+
+    program: str                  # "train" or "decode"
+    topology: str
+    slices: int
+    chip: str
+    chips: int
+    layout: str
+    mesh: dict[str, int]
+    batch: int                    # global rows (decode: sequences)
+    seq_len: int                  # decode: cache length
+    grad_accum: int
+    remat: str
+    dtype: str
+    param_dtype: str
+    verdict: str                  # fits | tight | does not fit
+    hbm_bytes: float              # the chip's published HBM (per device)
+    compile_s: float
+    memory: dict[str, int] | None = None   # arguments, outputs, aliased, temporaries, code, peak, total
+    model_flops: float | None = None       # per chip per step (train only)
+    xla_flops: float | None = None         # cost_analysis(), per chip (loop bodies counted once)
+    step_s_at_full_mfu: float | None = None
+    reason: str | None = None              # the compiler's message when it does not fit
+
+    @property
+    def used_bytes(self) -> int | None:
+        return None if self.memory is None else max(self.memory["peak"], self.memory["total"])
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self) | {"used_bytes": self.used_bytes}
+
+
+# --- building the programs -------------------------------------------------------------
+
+
+def _abstract(tree, shardings):
+    import jax
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+
+
+def train_program(run, placement):
+    """(jitted train_step, abstract sharded (state, batch)) exactly as `train.loop.train` builds it."""
+    import jax
+    import jax.numpy as jnp
+
+    from train.optimizer import learning_rate_schedule, make_optimizer
+    from train.step import BATCH_KEYS, abstract_state, jit_train_step, make_train_step
+
+    optimizer = make_optimizer(run.optimizer, run.steps)
+    schedule = learning_rate_schedule(run.optimizer, run.steps)
+    state, shardings = abstract_state(placement, optimizer)
+    rows = (run.data.global_batch, run.data.seq_len)
+    batch_sharding = placement.sharding("batch", "length")
+    batch = {key: jax.ShapeDtypeStruct(rows, jnp.float32 if key == "loss_weights" else jnp.int32,
+                                       sharding=batch_sharding) for key in BATCH_KEYS}
+    step = jit_train_step(make_train_step(run.model, optimizer, schedule, run.grad_accum, run.z_loss,
+                                          run.loss_chunk), placement, shardings)
+    return step, (state, batch)
+
+
+def decode_program(config, placement, batch: int, cache_len: int):
+    """(jitted decode loop, abstract sharded (params, state, stops)): exactly what `infer` serves.
+
+    The program is `llama_jax.decoding.decode` (one step of its loop, greedy),
+    jitted with the state donated and sharded by the layout (batch on
+    data/fsdp, the KV cache's kv_heads on tensor), as infer's Engine jits it.
+    """
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from llama_jax import decoding
+    from llama_jax.model import Llama
+    from llama_jax.params import abstract_params
+    from llama_jax.sampling import Sampling
+
+    config = config.replace(remat="none")  # nothing is differentiated
+    replicated = NamedSharding(placement.mesh, PartitionSpec())
+    state_shardings = placement.tree_shardings(decoding.STATE_AXES)
+    step = jax.jit(functools.partial(decoding.decode, Llama(config), sampling=Sampling(), steps=1),
+                   donate_argnums=1,
+                   in_shardings=(placement.param_shardings(config), state_shardings, replicated),
+                   out_shardings=(state_shardings, replicated, replicated))
+    params = _abstract(abstract_params(config), placement.param_shardings(config))
+    state = _abstract(jax.eval_shape(lambda: decoding.empty_state(config, batch, cache_len)),
+                      state_shardings)
+    stops = jax.ShapeDtypeStruct((1,), jnp.int32, sharding=replicated)
+    return step, (params, state, stops)
+
+
+# --- compiling ---------------------------------------------------------------------------
+
+
+def _memory(compiled) -> dict[str, int]:
+    stats = compiled.memory_analysis()
+    memory = {"arguments": stats.argument_size_in_bytes, "outputs": stats.output_size_in_bytes,
+              "aliased": stats.alias_size_in_bytes, "temporaries": stats.temp_size_in_bytes,
+              "code": stats.generated_code_size_in_bytes,
+              "peak": getattr(stats, "peak_memory_in_bytes", 0)}
+    memory["total"] = (memory["arguments"] + memory["outputs"] - memory["aliased"]
+                       + memory["temporaries"])
+    return memory
+
+
+def _out_of_memory_reason(err: Exception) -> str | None:
+    """The compiler's one-line reason if `err` is an out-of-HBM compile failure, else None."""
+    text = str(err)
+    if "RESOURCE_EXHAUSTED" not in text:
+        return None
+    lines = [line.strip() for line in text[text.index("RESOURCE_EXHAUSTED"):].splitlines()]
+    reason = " ".join(line for line in lines[:4] if line).removeprefix("RESOURCE_EXHAUSTED: ")
+    return reason[:400]
+
+
+def compile_run(run, devices, *, topology: str = "", slices: int = 1, program: str = "train",
+                decode_batch: int | None = None, cache_len: int | None = None) -> CompileResult:
+    """Compile `run`'s train step (or decode step) for `devices` and judge whether it fits.
+
+    `devices`: compile-only TPU devices (sharding.topology.topology_devices).
+    LayoutError/ConfigError for input that cannot be placed; an out-of-memory
+    compile is a result with verdict "does not fit", not an exception.
+    """
+    from sharding.layout import load_layout
+    from sharding.place import Placement, validate
+    from sharding.topology import chip_info, layout_for_slices
+    from sharding.topology import CHIP_HBM_BYTES, CHIP_PEAK_FLOPS
+    from train.metrics import flops_per_token
+
+    info = chip_info(devices)
+    layout = layout_for_slices(load_layout(run.layout, **run.mesh), slices)
+    placement = Placement.create(run.model, layout, devices=devices)
+    if program == "train":
+        batch, seq_len = run.data.global_batch, run.data.seq_len
+        validate(run.model, layout, placement.mesh, batch=batch // run.grad_accum, seq_len=seq_len)
+        step, args = train_program(run, placement)
+    else:
+        batch = decode_batch or run.data.global_batch
+        seq_len = cache_len or run.data.seq_len
+        if seq_len > run.model.max_seq_len:
+            from llama_jax.config import ConfigError
+            raise ConfigError(f"cache length {seq_len} exceeds the model's max_seq_len "
+                              f"{run.model.max_seq_len}")
+        validate(run.model, layout, placement.mesh, batch=batch)
+        step, args = decode_program(run.model, placement, batch, seq_len)
+    hbm = CHIP_HBM_BYTES[info.chip] / info.devices_per_chip
+    result = CompileResult(
+        program=program, topology=topology, slices=slices, chip=info.chip, chips=info.n_chips,
+        layout=layout.name, mesh=dict(placement.mesh.shape), batch=batch, seq_len=seq_len,
+        grad_accum=run.grad_accum if program == "train" else 1, remat=run.model.remat,
+        dtype=run.model.dtype, param_dtype=run.model.param_dtype, verdict="does not fit",
+        hbm_bytes=hbm, compile_s=0.0)
+    start = time.perf_counter()
+    try:
+        with placement.activate():
+            compiled = step.lower(*args).compile()
+    except Exception as err:  # XLA reports running out of HBM as JaxRuntimeError
+        result.reason = _out_of_memory_reason(err)
+        if result.reason is None:
+            raise
+        result.compile_s = time.perf_counter() - start
+        return result
+    result.compile_s = time.perf_counter() - start
+    result.memory = _memory(compiled)
+    result.verdict = "fits" if result.used_bytes <= hbm else "tight"
+    costs = compiled.cost_analysis()
+    costs = costs[0] if isinstance(costs, (list, tuple)) else costs
+    result.xla_flops = float(costs.get("flops", 0.0)) if costs else None
+    if program == "train":
+        per_step = flops_per_token(run.model, seq_len) * batch * seq_len
+        result.model_flops = per_step / len(devices)
+        result.step_s_at_full_mfu = result.model_flops / (CHIP_PEAK_FLOPS[info.chip] / info.devices_per_chip)
+    return result
+
+
