@@ -34,6 +34,39 @@ class RopeScaling:
     original_context: int = 8192
 
 
+LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters on some projections: `y = x W + (alpha / rank) (x A) B`.
+
+    A starts random and B at zero, so an adapted model computes exactly its
+    base until B is trained. Adapters are float32 whatever the base's dtype.
+    `targets` names the projections (Meta's names: wq wk wv wo w1 w2 w3).
+    """
+
+    rank: int = 16
+    alpha: float = 32.0
+    targets: tuple[str, ...] = ("wq", "wk", "wv", "wo")
+
+    def __post_init__(self):
+        object.__setattr__(self, "targets", tuple(self.targets))
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
+            raise ConfigError(f"lora.rank: must be a positive integer, got {self.rank!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
+            raise ConfigError(f"lora.alpha: must be a positive number, got {self.alpha!r}")
+        if not self.targets:
+            raise ConfigError(f"lora.targets: name at least one of {', '.join(LORA_TARGETS)}")
+        for target in self.targets:
+            if target not in LORA_TARGETS:
+                raise ConfigError(f"lora.targets: {target!r} names no weight (known: {', '.join(LORA_TARGETS)})")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """One Llama model: architecture (REFERENCE.md's table) and compute choices.
@@ -61,6 +94,7 @@ class ModelConfig:
     scan_layers: bool = True
     attention: str = "xla"
     attention_block: int = 512
+    lora: LoraConfig | None = None
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -71,6 +105,9 @@ class ModelConfig:
             object.__setattr__(self, "head_dim", self.dim // max(self.n_heads, 1))
         if isinstance(self.rope_scaling, dict):
             object.__setattr__(self, "rope_scaling", _rope_scaling_from_dict(self.rope_scaling))
+        if isinstance(self.lora, dict):
+            check_keys(LoraConfig, self.lora, "lora.", "unknown field")
+            object.__setattr__(self, "lora", LoraConfig(**self.lora))
         self._validate()
 
     def _validate(self):
@@ -104,6 +141,10 @@ class ModelConfig:
                 raise ConfigError(
                     "rope_scaling: need 0 < low_freq_factor < high_freq_factor, got "
                     f"{scaling.low_freq_factor} and {scaling.high_freq_factor}")
+
+    def lora_for(self, weight: str) -> LoraConfig | None:
+        """The adapter settings of projection `weight` ("wq", ...), or None if it has none."""
+        return self.lora if self.lora is not None and weight in self.lora.targets else None
 
     def replace(self, **changes) -> "ModelConfig":
         """A copy with some fields changed (validated again)."""

@@ -15,6 +15,7 @@ them to a mesh. Without sharding rules in scope the names are inert.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -24,7 +25,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from llama_jax.attention import attend
-from llama_jax.config import ModelConfig
+from llama_jax.config import LoraConfig, ModelConfig
 from llama_jax.rope import apply_rotary, inverse_frequencies, rotary_angles
 from llama_jax.swiglu import swiglu
 
@@ -64,8 +65,13 @@ class RMSNorm(nn.Module):
 
 
 class Linear(nn.Module):
-    """A bias-free projection `einsum(equation, x, kernel)` with named kernel axes.
+    """A bias-free projection `einsum(equation, x, kernel)` with named kernel axes,
+    and optional low-rank adapters (`lora`) beside the kernel.
 
+    The kernel's first `n_in` axes are the ones contracted with x's last
+    `n_in` axes. Adapters: `lora_a` [*in_axes, rank] and `lora_b` [rank,
+    *out_axes], float32, named with the kernel's logical axes (the rank axis
+    is never split), so every layout shards them without new rules.
     (Flax's DenseGeneral reshapes a flat kernel at init, which trips its own
     logical constraints for multi-axis kernels; an explicit shape does not.)
     """
@@ -75,11 +81,34 @@ class Linear(nn.Module):
     equation: str
     dtype: Any
     param_dtype: Any
+    n_in: int = 1
+    lora: LoraConfig | None = None
 
-    @nn.compact
+    def setup(self):
+        self.kernel = self.param("kernel", _init(*self.names), self.shape, self.param_dtype)
+        if self.lora is not None:
+            fan_in = math.prod(self.shape[:self.n_in])
+            r = self.lora.rank
+            self.lora_a = self.param(
+                "lora_a", nn.with_logical_partitioning(nn.initializers.normal(fan_in ** -0.5),
+                                                       (*self.names[:self.n_in], None)),
+                (*self.shape[:self.n_in], r), jnp.float32)
+            self.lora_b = self.param(
+                "lora_b", nn.with_logical_partitioning(nn.initializers.zeros, (None, *self.names[self.n_in:])),
+                (r, *self.shape[self.n_in:]), jnp.float32)
+
     def __call__(self, x):
-        kernel = self.param("kernel", _init(*self.names), self.shape, self.param_dtype)
-        return jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
+        y = jnp.einsum(self.equation, x.astype(self.dtype), self.kernel.astype(self.dtype))
+        if self.lora is None:
+            return y
+        # x A then B: the frozen kernel needs no gradient and no merged copy.
+        xa = jnp.tensordot(x.astype(self.dtype), self.lora_a.astype(self.dtype), axes=self.n_in)
+        delta = jnp.tensordot(xa, self.lora_b.astype(self.dtype), axes=1)
+        return y + (self.lora.scale * delta).astype(y.dtype)
+
+    def weights(self):
+        """The kernel in the compute dtype, for code that does its own maths with it."""
+        return self.kernel.astype(self.dtype)
 
 
 class Attention(nn.Module):
@@ -89,8 +118,8 @@ class Attention(nn.Module):
     def __call__(self, x_btd, rope, coords, segments, cache):
         cfg = self.config
         d, h, n, k = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        linear = lambda shape, names, eq, name: Linear(  # noqa: E731
-            shape, names, eq, cfg.dtype, cfg.param_dtype, name=name)
+        linear = lambda shape, names, eq, name, n_in=1: Linear(  # noqa: E731
+            shape, names, eq, cfg.dtype, cfg.param_dtype, n_in, cfg.lora_for(name), name=name)
         q_bthk = linear((d, h, k), ("embed", "heads", "head_dim"), "btd,dhk->bthk", "wq")(x_btd)
         k_btnk = linear((d, n, k), ("embed", "kv_heads", "head_dim"), "btd,dnk->btnk", "wk")(x_btd)
         v_btnk = linear((d, n, k), ("embed", "kv_heads", "head_dim"), "btd,dnk->btnk", "wv")(x_btd)
@@ -111,24 +140,17 @@ class Attention(nn.Module):
         out_bthk = attend(q_bthk, k_btnk, v_btnk, q_coord, k_coord, *segments,
                           impl=cfg.attention, block=cfg.attention_block)
         out_bthk = checkpoint_name(out_bthk, "attention_out")
-        out_btd = linear((h, k, d), ("heads", "head_dim", "embed"), "bthk,hkd->btd", "wo")(out_bthk)
+        out_btd = linear((h, k, d), ("heads", "head_dim", "embed"), "bthk,hkd->btd", "wo", 2)(out_bthk)
         return out_btd, cache
 
 
-class Kernel(nn.Module):
-    """A weight with named axes, used by modules that do their own maths with it."""
-
-    shape: tuple[int, ...]
-    names: tuple[str, ...]
-    param_dtype: Any
-
-    @nn.compact
-    def __call__(self):
-        return self.param("kernel", _init(*self.names), self.shape, self.param_dtype)
-
-
 class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x) (see llama_jax/swiglu.py for its backward pass)."""
+    """SwiGLU: w2(silu(w1 x) * w3 x).
+
+    Without adapters on w1/w2/w3 it runs `llama_jax.swiglu` (a hand-written
+    backward pass, see there); with them, plain autodiff, which then skips
+    the frozen kernels' gradients.
+    """
 
     config: ModelConfig
 
@@ -136,11 +158,16 @@ class FeedForward(nn.Module):
     def __call__(self, x_btd):
         cfg = self.config
         d, f = cfg.dim, cfg.ffn_dim
-        w1_df = Kernel((d, f), ("embed", "mlp"), cfg.param_dtype, name="w1")()
-        w3_df = Kernel((d, f), ("embed", "mlp"), cfg.param_dtype, name="w3")()
-        w2_fd = Kernel((f, d), ("mlp", "embed"), cfg.param_dtype, name="w2")()
-        cast = lambda w: w.astype(cfg.dtype)  # noqa: E731
-        return swiglu(x_btd.astype(cfg.dtype), cast(w1_df), cast(w3_df), cast(w2_fd))
+        linear = lambda shape, names, eq, name: Linear(  # noqa: E731
+            shape, names, eq, cfg.dtype, cfg.param_dtype, lora=cfg.lora_for(name), name=name)
+        w1 = linear((d, f), ("embed", "mlp"), "btd,df->btf", "w1")
+        w3 = linear((d, f), ("embed", "mlp"), "btd,df->btf", "w3")
+        w2 = linear((f, d), ("mlp", "embed"), "btf,fd->btd", "w2")
+        x_btd = x_btd.astype(cfg.dtype)
+        if not any(cfg.lora_for(name) for name in ("w1", "w2", "w3")):
+            return swiglu(x_btd, w1.weights(), w3.weights(), w2.weights())
+        hidden_btf = nn.with_logical_constraint(jax.nn.silu(w1(x_btd)) * w3(x_btd), ("batch", "length", "mlp"))
+        return w2(hidden_btf)
 
 
 class DecoderLayer(nn.Module):

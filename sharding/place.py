@@ -65,7 +65,7 @@ def validate(config: ModelConfig, layout: Layout, mesh: Mesh, batch: int | None 
     rules = rules_for(config, layout, mesh)
     covered = {logical for logical, _ in layout.rules}
     used = {name for names in jax.tree.leaves(logical_axes(config), is_leaf=lambda x: isinstance(x, tuple))
-            for name in names} | set(CACHE_AXES)
+            for name in names if name is not None} | set(CACHE_AXES)
     for name in sorted(used - covered):
         raise LayoutError(f"layout {layout.name}: the model names logical axis {name!r}, which no rule "
                           "covers (its arrays would be silently replicated)")
