@@ -121,3 +121,27 @@ def test_adapter_loss_and_gradients_on_every_layout_equal_one_device(name):
                             jax.tree.leaves(want_grads)):
         err = np.abs(np.asarray(g) - w).max() / np.abs(w).max()
         assert err <= 1e-5, f"{name}: {jax.tree_util.keystr(path)} differs by {err:.1e}"
+
+
+def test_peft_export_loads_in_peft_with_our_logits(tmp_path):
+    import peft
+    import torch
+
+    from llama_jax.convert.peft import write_peft
+    from llama_jax.hf import load_hf_params
+    from tiny import hf_model
+
+    hf = hf_model(LLAMA3_LIKE, seed=2)
+    hf.save_pretrained(tmp_path / "base")
+    _, base = load_hf_params(tmp_path / "base", LLAMA3_LIKE)
+    lora = LoraConfig(rank=4, alpha=8.0, targets=ALL)
+    fresh = init_params(CONFIG, jax.random.key(0))
+    adapters, _ = split_adapters(_with_trained_b(fresh))
+    write_peft(adapters, CONFIG.replace(lora=lora), tmp_path / "adapter", base_model=str(tmp_path / "base"))
+    tokens, positions = _tokens((2, 20))
+    ours = np.asarray(_logits(CONFIG, join(base, adapters), tokens, positions))
+    model = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        theirs = model(torch.as_tensor(tokens, dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0)
+    assert np.abs(ours - np.asarray(_logits(LLAMA3_LIKE, base, tokens, positions))).max() > 1e-2
