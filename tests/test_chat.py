@@ -1,6 +1,7 @@
 """Chat formats: ids equal the reference layouts of Llama 2 and Llama 3.x."""
 
 import pytest
+import sentencepiece as spm
 
 from llama_jax.chat import format_chat
 from llama_jax.tokenizer import load_tokenizer
@@ -24,9 +25,13 @@ USER = {"role": "user", "content": "a"}
 
 
 @pytest.fixture(scope="module")
-def llama2(tmp_path_factory):
-    path = tmp_path_factory.mktemp("sp") / "tokenizer.model"
-    return load_tokenizer(train_sentencepiece(CORPUS, 400, path))
+def llama2_path(tmp_path_factory):
+    return train_sentencepiece(CORPUS, 400, tmp_path_factory.mktemp("sp") / "tokenizer.model")
+
+
+@pytest.fixture(scope="module")
+def llama2(llama2_path):
+    return load_tokenizer(llama2_path)
 
 
 @pytest.fixture(scope="module")
@@ -35,26 +40,30 @@ def llama3(tmp_path_factory):
     return load_tokenizer(train_bpe(CORPUS, 500, path))
 
 
-def test_llama2_conversation_matches_meta_reference_layout(llama2):
-    enc = llama2.encode
+def test_llama2_conversation_matches_meta_reference_layout(llama2_path, llama2):
+    # Meta's llama/generation.py: each completed exchange is
+    # encode(f"{B_INST} {prompt} {E_INST} {answer} ", bos=True, eos=True), the
+    # open turn encode(f"{B_INST} {prompt} {E_INST}", bos=True). The pieces are
+    # encoded here by SentencePiece itself, framed with <s> = 1 and </s> = 2.
+    sp = spm.SentencePieceProcessor(model_file=str(llama2_path))
     expected = (
-        enc(
+        [1]
+        + sp.encode(
             "[INST] <<SYS>>\nYou are a helpful assistant.\n<</SYS>>\n\n"
-            "What is the capital of Norway? [/INST] Oslo.",
-            bos=True,
-            eos=True,
+            "What is the capital of Norway? [/INST] Oslo. "
         )
-        + enc("[INST] And where is Tromsø? [/INST]", bos=True)
+        + [2]
+        + [1]
+        + sp.encode("[INST] And where is Tromsø? [/INST]")
     )
     assert format_chat(llama2, CONVERSATION) == expected
-    assert expected[0] == 1 and expected.count(1) == 2 and expected.count(2) == 1
 
 
 def test_llama2_conversation_reads_back_as_the_reference_string(llama2):
     text = llama2.decode(format_chat(llama2, CONVERSATION))
     assert text == (
         "<s>[INST] <<SYS>>\nYou are a helpful assistant.\n<</SYS>>\n\n"
-        "What is the capital of Norway? [/INST] Oslo.</s>"
+        "What is the capital of Norway? [/INST] Oslo. </s>"
         "<s>[INST] And where is Tromsø? [/INST]"
     )
 
