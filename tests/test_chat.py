@@ -73,18 +73,8 @@ def test_llama2_without_system_prompt_starts_with_the_user_turn(llama2):
     assert ids == llama2.encode("[INST] Hi [/INST]", bos=True)
 
 
-def _llama3_by_hand(tok, messages):
-    sid, eid = tok.token_id("<|start_header_id|>"), tok.token_id("<|end_header_id|>")
-    ids = [tok.token_id("<|begin_of_text|>")]
-    for m in messages:
-        ids += [sid] + tok.encode(m["role"]) + [eid] + tok.encode("\n\n")
-        ids += tok.encode(m["content"].strip()) + [tok.token_id("<|eot_id|>")]
-    return ids + [sid] + tok.encode("assistant") + [eid] + tok.encode("\n\n")
-
-
 def test_llama3_conversation_matches_reference_layout(llama3):
     ids = format_chat(llama3, CONVERSATION)
-    assert ids == _llama3_by_hand(llama3, CONVERSATION)
     reference = (
         "<|begin_of_text|>"
         "<|start_header_id|>system<|end_header_id|>\n\nYou are a helpful assistant.<|eot_id|>"
@@ -100,10 +90,20 @@ def test_llama3_conversation_matches_reference_layout(llama3):
 def test_llama3_accepts_the_ipython_tool_role(llama3):
     messages = [
         {"role": "user", "content": "Add 2 and 3."},
-        {"role": "assistant", "content": "<|python_tag|>add(2, 3)"},
-        {"role": "ipython", "content": "5"},
+        {"role": "assistant", "content": "add(2, 3)"},
+        {"role": "ipython", "content": " 5\n"},
     ]
-    assert format_chat(llama3, messages) == _llama3_by_hand(llama3, messages)
+    # Llama 3.1's layout, written out; the tool output is stripped like any content.
+    reference = (
+        "<|begin_of_text|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nAdd 2 and 3.<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\nadd(2, 3)<|eot_id|>"
+        "<|start_header_id|>ipython<|end_header_id|>\n\n5<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
+    ids = format_chat(llama3, messages)
+    assert ids == llama3.encode(reference, allow_special=True)
+    assert llama3.decode(ids) == reference
 
 
 def test_special_token_strings_in_messages_stay_text(llama2, llama3):
