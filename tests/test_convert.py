@@ -19,11 +19,12 @@ import torch
 import transformers
 
 from llama_jax import Llama
-from llama_jax.checkpoint import ParamsReader, restore_params, save_params
+from llama_jax.checkpoint import ParamsReader, read_config, restore_params, save_params
+from llama_jax.config import RopeScaling
 from llama_jax.convert import run_cli
 from llama_jax.convert import hf_to_ours, meta_to_ours, ours_to_hf
 from llama_jax.convert.hf_to_ours import convert_hf_to_ours
-from llama_jax.convert.meta_to_ours import convert_meta_to_ours
+from llama_jax.convert.meta_to_ours import convert_meta_to_ours, published_rope_factor
 from llama_jax.convert.ours_to_hf import export_hf
 from llama_jax.hf import config_to_hf, load_hf_params
 from tiny import SHAPES, hf_model
@@ -315,6 +316,42 @@ def test_meta_missing_shard_fails_in_one_line(llama3_meta, tmp_path, capsys):
     (gap / "consolidated.01.pth").rename(gap / "consolidated.02.pth")
     run_and_expect_error(meta_to_ours.main, [str(gap), str(tmp_path / "out")], capsys, tmp_path / "out",
                          "consolidated.01.pth: shard missing")
+
+
+def with_params(meta, **changes):
+    params = json.loads((meta / "params.json").read_text())
+    (meta / "params.json").write_text(json.dumps({**params, **changes}))
+    return meta
+
+
+def test_meta_scaled_rope_without_factor_on_an_unpublished_size_is_refused(llama3_meta, tmp_path, capsys):
+    meta = with_params(copy_meta(llama3_meta, tmp_path / "meta"), use_scaled_rope=True)
+    run_and_expect_error(meta_to_ours.main, [str(meta), str(tmp_path / "out")], capsys, tmp_path / "out",
+                         "is no published Llama 3.1/3.2 size; pass --rope-scaling FACTOR")
+
+
+@pytest.mark.parametrize("params_factor, flag, expected", [(32.0, None, 32.0), (32.0, "16", 16.0), (None, "4", 4.0)])
+def test_meta_rope_factor_from_params_json_or_the_flag(llama3_meta, tmp_path, capsys, params_factor, flag, expected):
+    extra = {} if params_factor is None else {"rope_scaling_factor": params_factor}
+    meta = with_params(copy_meta(llama3_meta, tmp_path / "meta"), use_scaled_rope=True, **extra)
+    config = convert_meta_to_ours(meta, tmp_path / "out", rope_scaling=flag, show_progress=False)
+    assert config.rope_scaling == RopeScaling(factor=expected)
+    assert read_config(tmp_path / "out").rope_scaling.factor == expected
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("shape, factor", [
+    ((4096, 32, 32, 8, 128256), 8.0),     # Llama 3.1 8B
+    ((8192, 80, 64, 8, 128256), 8.0),     # Llama 3.1 70B
+    ((16384, 126, 128, 8, 128256), 8.0),  # Llama 3.1 405B
+    ((2048, 16, 32, 8, 128256), 32.0),    # Llama 3.2 1B
+    ((3072, 28, 24, 8, 128256), 32.0),    # Llama 3.2 3B
+    ((3072, 28, 24, 8, 128000), None),    # 3.2 3B without the 256 special tokens
+    ((2048, 16, 32, 4, 128256), None),    # 3.2 1B with other kv heads
+    ((64, 2, 4, 2, 256), None),           # configs/models/tiny.yaml: not Meta's rope parameters
+])
+def test_published_llama3_sizes_give_their_rope_factor(shape, factor):
+    assert published_rope_factor(*shape) == factor
 
 
 def test_meta_tensor_of_wrong_shape_fails_after_partial_writes(llama3_meta, tmp_path, capsys):
