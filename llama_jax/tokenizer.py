@@ -201,7 +201,11 @@ class TiktokenTokenizer(Tokenizer):
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> TiktokenTokenizer:
         """Load a `base64token rank` file; ValueError naming the file if it is not one."""
-        return cls(_parse_ranks(Path(path).read_bytes(), str(path)), str(path))
+        try:
+            ranks = _parse_ranks(Path(path).read_bytes())
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+        return cls(ranks, str(path))
 
     def token_id(self, piece: str) -> int:
         if piece not in self._specials:
@@ -235,8 +239,8 @@ def _split_long_text(text: str) -> Iterable[str]:
         yield piece[cut:]
 
 
-def _parse_ranks(data: bytes, source: str) -> dict[bytes, int]:
-    """Parse tiktoken's `base64token rank` lines; ValueError on the first bad line."""
+def _parse_ranks(data: bytes) -> dict[bytes, int]:
+    """Parse tiktoken's `base64token rank` lines; ValueError naming the first bad line."""
     ranks: dict[bytes, int] = {}
     for lineno, line in enumerate(data.splitlines(), 1):
         if not line.strip():
@@ -246,7 +250,7 @@ def _parse_ranks(data: bytes, source: str) -> dict[bytes, int]:
             ranks[base64.b64decode(token, validate=True)] = int(rank)
         except ValueError:
             raise ValueError(
-                f"{source}: line {lineno} is not a tiktoken 'base64token rank' line: {line[:40]!r}"
+                f"line {lineno} is not a tiktoken 'base64token rank' line: {line[:40]!r}"
             ) from None
     return ranks
 
@@ -336,6 +340,10 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         data = path.read_bytes()
     except OSError as e:
         raise ValueError(f"{path}: cannot read tokenizer file ({e.strerror})") from None
+    # SentencePiece loads empty bytes as an uninitialised model, which then
+    # logs C++ errors to stderr on every call: refuse them first.
+    if not data.strip():
+        raise ValueError(f"{path}: empty or corrupt tokenizer (the file holds no tokens)")
     try:
         processor = spm.SentencePieceProcessor(model_proto=data)
     except RuntimeError:
@@ -343,9 +351,9 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     else:
         return SentencePieceTokenizer(processor, str(path))
     try:
-        ranks = _parse_ranks(data, str(path))
+        ranks = _parse_ranks(data)
     except ValueError as e:
-        raise ValueError(f"not a SentencePiece model, and {e}") from None
+        raise ValueError(f"{path}: empty or corrupt tokenizer (not a SentencePiece model; {e})") from None
     return TiktokenTokenizer(ranks, str(path))
 
 

@@ -311,7 +311,7 @@ def test_meta_without_params_json_fails_in_one_line(llama3_meta, tmp_path, capsy
 def test_meta_missing_shard_fails_in_one_line(llama3_meta, tmp_path, capsys):
     last_missing = copy_meta(llama3_meta, tmp_path / "last", skip={"consolidated.01.pth"})
     run_and_expect_error(meta_to_ours.main, [str(last_missing), str(tmp_path / "out")], capsys, tmp_path / "out",
-                         "does not match tok_embeddings")
+                         "expected 2 shards consolidated.00..01.pth (shard 0 holds 32 of wq's 64 rows), found 1")
     gap = copy_meta(llama3_meta, tmp_path / "gap")
     (gap / "consolidated.01.pth").rename(gap / "consolidated.02.pth")
     run_and_expect_error(meta_to_ours.main, [str(gap), str(tmp_path / "out")], capsys, tmp_path / "out",

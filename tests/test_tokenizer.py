@@ -282,14 +282,20 @@ def test_directory_without_tokenizer_raises_value_error(tmp_path):
         load_tokenizer(tmp_path)
 
 
-def test_corrupt_model_file_raises_one_line_value_error(tmp_path):
+@pytest.mark.parametrize("data, reason", [
+    (b"", "the file holds no tokens"),
+    (b" \n\n", "the file holds no tokens"),
+    (b"\x00\x01garbage that is neither format\n", "not a SentencePiece model; line 1 is not a tiktoken"),
+    (b"\x0a\x05hello", "not a SentencePiece model; line 2 is not a tiktoken"),  # a truncated model proto
+])
+def test_empty_or_corrupt_model_file_raises_one_line_and_logs_nothing(tmp_path, capfd, data, reason):
     bad = tmp_path / "tokenizer.model"
-    bad.write_bytes(b"\x00\x01garbage that is neither format\n")
+    bad.write_bytes(data)
     with pytest.raises(ValueError) as err:
         load_tokenizer(bad)
-    message = str(err.value)
-    assert "\n" not in message and "tokenizer.model" in message
-    assert "not a SentencePiece model" in message and "line 1" in message
+    assert str(err.value).startswith(f"{bad}: empty or corrupt tokenizer (")
+    assert reason in str(err.value) and "\n" not in str(err.value)
+    assert capfd.readouterr().err == ""  # SentencePiece's C++ logs go straight to fd 2
 
 
 def test_rank_file_missing_byte_tokens_is_rejected(tmp_path):

@@ -154,6 +154,7 @@ def meta_config(meta_dir: Path, first: dict, n_shards: int, dtype: str, vocab_si
     n_kv_heads = int(params.get("n_kv_heads") or n_heads)
     if "tok_embeddings.weight" not in first:
         raise ConvertError(f"{meta_dir / 'consolidated.00.pth'}: missing tensor tok_embeddings.weight")
+    _check_shard_count(meta_dir, first, n_shards, n_heads * (dim // n_heads))
     shape_vocab = _embedding_vocab(first["tok_embeddings.weight"].shape, dim, n_shards)
     vocab, source = _declared_vocab(vocab_size, params, tokenizer)
     if vocab is None:
@@ -171,6 +172,18 @@ def meta_config(meta_dir: Path, first: dict, n_shards: int, dtype: str, vocab_si
                            norm_eps=norm_eps, tie_embeddings="output.weight" not in first, param_dtype=dtype)
     except ConfigError as err:
         raise ConvertError(f"{path}: {err}") from None
+
+
+def _check_shard_count(meta_dir: Path, first: dict, n_shards: int, q_rows: int) -> None:
+    """Meta splits wq's rows (n_heads * head_dim) evenly over the ranks, so shard 0 tells their number."""
+    wq = first.get("layers.0.attention.wq.weight")
+    if wq is None or wq.ndim != 2 or not 0 < wq.shape[0] <= q_rows or q_rows % wq.shape[0]:
+        return  # no count to derive; the gathered shapes are checked tensor by tensor
+    expected = q_rows // wq.shape[0]
+    if expected != n_shards:
+        names = "consolidated.00.pth" if expected == 1 else f"consolidated.00..{expected - 1:02d}.pth"
+        raise ConvertError(f"{meta_dir}: expected {expected} shard{'s' * (expected > 1)} {names} "
+                           f"(shard 0 holds {wq.shape[0]} of wq's {q_rows} rows), found {n_shards}")
 
 
 def _rope_scaling(flag: str | None, params: dict, shape: tuple[int, int, int, int, int],
