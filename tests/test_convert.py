@@ -18,7 +18,7 @@ import pytest
 import torch
 import transformers
 
-from llama_jax import Llama
+from llama_jax import Llama, init_params
 from llama_jax.checkpoint import ParamsReader, read_config, restore_params, save_params
 from llama_jax.config import RopeScaling
 from llama_jax.convert import run_cli
@@ -27,6 +27,7 @@ from llama_jax.convert.hf_to_ours import convert_hf_to_ours
 from llama_jax.convert.meta_to_ours import convert_meta_to_ours, published_rope_factor
 from llama_jax.convert.ours_to_hf import export_hf
 from llama_jax.hf import config_to_hf, load_hf_params
+from llama_jax.tokenizer_training import train_bpe
 from tiny import SHAPES, hf_model
 
 TOLERANCE = 1e-4  # max |logit difference|, float32
@@ -160,23 +161,68 @@ def test_hf_in_and_out_loads_in_transformers_with_equal_logits(shape, tmp_path):
     assert_params_equal(hf_params, params)
     assert ParamsReader(tmp_path / "ours").layers_per_chunk(("layers", "feed_forward", "w2", "kernel")) == 1
 
-    (tmp_path / "tok").mkdir()
-    (tmp_path / "tok" / "tokenizer.model").write_text("stand-in tokenizer\n")
-    export_hf(tmp_path / "ours", tmp_path / "hf_out", dtype="float32", tokenizer=tmp_path / "tok",
-              max_shard_bytes=200_000, show_progress=False)
+    export_hf(tmp_path / "ours", tmp_path / "hf_out", dtype="float32", max_shard_bytes=200_000, show_progress=False)
     out = tmp_path / "hf_out"
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1, "expected several safetensors files"
     hf_config = json.loads((out / "config.json").read_text())
     assert hf_config["rope_theta"] == config.rope_theta and hf_config["rope_parameters"]["rope_type"] == "llama3"
     assert hf_config["rope_scaling"]["factor"] == config.rope_scaling.factor
-    assert (out / "generation_config.json").is_file() and (out / "tokenizer.model").is_file()
+    assert (out / "generation_config.json").is_file()
 
     model = transformers.LlamaForCausalLM.from_pretrained(out).eval()  # no code of ours involved
     tokens = tokens_for(config)
     expected = our_logits(restored_config, params, tokens)
     assert np.abs(expected).max() > 1.0
     np.testing.assert_allclose(torch_logits(model, tokens), expected, rtol=0, atol=TOLERANCE)
+
+
+@pytest.fixture(scope="module")
+def byte_tokenizer_dir(tmp_path_factory):
+    """A Llama-3-style tokenizer of the 256 byte tokens: ids 0..255, specials 256..511."""
+    directory = tmp_path_factory.mktemp("tok")
+    train_bpe(["no merges needed"], 256, directory / "tokenizer.model")
+    return directory
+
+
+def forced_token_params(config, token):
+    """Weights under which the model predicts `token` after any input: attention and FFN
+    add nothing, every embedding is e_0, and only `token`'s output column reads e_0."""
+    params = jax.tree.map(np.array, init_params(config, jax.random.key(0)))  # writable copies
+    params["embed"]["embedding"][:] = 0
+    params["embed"]["embedding"][:, 0] = 1
+    params["layers"]["attention"]["wo"]["kernel"][:] = 0
+    params["layers"]["feed_forward"]["w2"]["kernel"][:] = 0
+    params["norm"]["scale"][:] = 1
+    params["output"]["kernel"][:] = 0
+    params["output"]["kernel"][0, token] = 1
+    return params
+
+
+@pytest.mark.parametrize("stop", ["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"])
+def test_hf_export_names_the_tokenizer_stop_ids_and_generate_stops_there(byte_tokenizer_dir, tmp_path, stop):
+    config = SHAPES["llama3"].replace(vocab_size=512)  # 256 byte ranks + 256 specials
+    stop_id = {"<|end_of_text|>": 257, "<|eom_id|>": 264, "<|eot_id|>": 265}[stop]  # Meta's offsets 1, 8, 9
+    save_params(tmp_path / "ours", config, forced_token_params(config, stop_id))
+    export_hf(tmp_path / "ours", tmp_path / "hf", dtype="float32", tokenizer=byte_tokenizer_dir, show_progress=False)
+    hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (hf_config["bos_token_id"], hf_config["eos_token_id"]) == (256, 257)
+    generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert (generation["bos_token_id"], generation["eos_token_id"]) == (256, [257, 264, 265])
+    assert (tmp_path / "hf" / "tokenizer.model").read_bytes() == (byte_tokenizer_dir / "tokenizer.model").read_bytes()
+
+    model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    prompt = torch.tensor([[256, 72, 105]])  # <|begin_of_text|>Hi
+    with torch.no_grad():
+        out = model.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=257)
+    assert out[0].tolist() == [256, 72, 105, stop_id]
+
+
+def test_hf_export_refuses_a_tokenizer_larger_than_the_vocabulary(byte_tokenizer_dir, tmp_path, capsys):
+    save_params(tmp_path / "ours", SHAPES["llama3"], init_params(SHAPES["llama3"], jax.random.key(0)))
+    run_and_expect_error(ours_to_hf.main, [str(tmp_path / "ours"), str(tmp_path / "out"), "--tokenizer",
+                                           str(byte_tokenizer_dir)], capsys, tmp_path / "out",
+                         "the tokenizer has 512 ids but the model's vocabulary is 320")
 
 
 def test_bfloat16_export_holds_our_weights_rounded(tmp_path):
