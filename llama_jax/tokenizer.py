@@ -39,6 +39,8 @@ _MAX_ENCODE_CHARS = 400_000
 _MAX_RUN_CHARS = 25_000
 _LONG_RUN = re.compile(r"(?<!\s)\s{%d,}|(?<!\S)\S{%d,}" % ((_MAX_RUN_CHARS + 1,) * 2))
 
+# Meta's names in id order, as its current reference tokenizer (the
+# llama-models package) has them; reserved_2... follow (REFERENCE.md).
 _LLAMA3_NAMED_SPECIALS = (
     "<|begin_of_text|>",
     "<|end_of_text|>",
@@ -51,15 +53,16 @@ _LLAMA3_NAMED_SPECIALS = (
     "<|eom_id|>",
     "<|eot_id|>",
     "<|python_tag|>",
+    "<|image|>",
 )
+_RESERVED_PREFIX = "<|reserved_special_token_"
 _LLAMA3_STOPS = ("<|end_of_text|>", "<|eot_id|>", "<|eom_id|>")
 
 
 def llama3_special_tokens(count: int = 256) -> list[str]:
     """Meta's Llama 3 special-token names in id order (ids start after the ranks)."""
     reserved = [
-        f"<|reserved_special_token_{i}|>"
-        for i in range(2, 2 + count - len(_LLAMA3_NAMED_SPECIALS))
+        f"{_RESERVED_PREFIX}{i}|>" for i in range(2, 2 + count - len(_LLAMA3_NAMED_SPECIALS))
     ]
     return list(_LLAMA3_NAMED_SPECIALS) + reserved
 
@@ -257,7 +260,12 @@ def _parse_ranks(data: bytes) -> dict[bytes, int]:
 
 class HFTokenizer(Tokenizer):
     """A Hugging Face `tokenizer.json`; BOS/EOS/pad from a sibling
-    `tokenizer_config.json` when present, else from Llama's special tokens."""
+    `tokenizer_config.json` when present, else from Llama's special tokens.
+
+    `token_id` takes the file's names, and for Llama 3 also Meta's names of
+    ids the file leaves reserved: Hugging Face's 3.1 files call 128005 and
+    128011 reserved_2 and reserved_3, Meta `<|step_id|>` and `<|image|>`.
+    """
 
     def __init__(self, path: str | os.PathLike):
         path = Path(path)
@@ -283,9 +291,27 @@ class HFTokenizer(Tokenizer):
         if llama3:
             stops |= {self._specials[s] for s in _LLAMA3_STOPS if s in self._specials}
         self.stop_ids = frozenset(stops)
+        self._meta_names = self._meta_names_of_reserved_ids() if llama3 else {}
+
+    def _meta_names_of_reserved_ids(self) -> dict[str, int]:
+        """Meta's names (reserved ones aside) for ids this file calls reserved.
+
+        The file's own names win in `token_id`, so a name never means two ids.
+        """
+        base = self._specials.get("<|begin_of_text|>")
+        if base is None:
+            return {}
+        names = {}
+        for offset, name in enumerate(_LLAMA3_NAMED_SPECIALS):
+            here = self._tok.id_to_token(base + offset) or ""
+            if here.startswith(_RESERVED_PREFIX) and not name.startswith(_RESERVED_PREFIX):
+                names[name] = base + offset
+        return names
 
     def token_id(self, piece: str) -> int:
         i = self._tok.token_to_id(piece)
+        if i is None:
+            i = self._meta_names.get(piece)
         if i is None:
             raise ValueError(f"{piece!r} is not a token of this tokenizer")
         return i

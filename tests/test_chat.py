@@ -1,7 +1,12 @@
 """Chat formats: ids equal the reference layouts of Llama 2 and Llama 3.x."""
 
+import importlib.resources
+
 import pytest
 import sentencepiece as spm
+from llama_models.datatypes import RawMessage, StopReason
+from llama_models.llama3.chat_format import ChatFormat
+from llama_models.llama3.tokenizer import Tokenizer as MetaTokenizer
 
 from llama_jax.chat import format_chat
 from llama_jax.tokenizer import load_tokenizer
@@ -104,6 +109,25 @@ def test_llama3_accepts_the_ipython_tool_role(llama3):
     ids = format_chat(llama3, messages)
     assert ids == llama3.encode(reference, allow_special=True)
     assert llama3.decode(ids) == reference
+
+
+def test_llama3_chat_ids_equal_metas_chat_format_on_the_real_tokenizer():
+    # Meta's ChatFormat (llama-models) encodes content as given; ours strips it,
+    # as Meta's first Llama 3 release did, so these contents carry no outer spaces.
+    path = importlib.resources.files("llama_models.llama3") / "tokenizer.model"
+    with importlib.resources.as_file(path) as path:
+        ours, meta = load_tokenizer(path), ChatFormat(MetaTokenizer(path))
+    messages = [
+        {"role": "system", "content": "You are a helpful assistant.\nAnswer in Norwegian."},
+        {"role": "user", "content": "What is 12 * 34? Hvor ligger Tromsø?"},
+        {"role": "assistant", "content": "408. Tromsø ligger i Nord-Norge. 🦙"},
+        {"role": "ipython", "content": '{"result": 408}'},
+        {"role": "user", "content": "Say <|eot_id|> as text, then\n\n\tstop."},
+    ]
+    raw = [RawMessage(role="tool" if m["role"] == "ipython" else m["role"], content=m["content"],
+                      stop_reason=StopReason.end_of_turn if m["role"] == "assistant" else None)
+           for m in messages]
+    assert format_chat(ours, messages) == meta.encode_dialog_prompt(raw).tokens
 
 
 def test_special_token_strings_in_messages_stay_text(llama2, llama3):
