@@ -8,6 +8,8 @@ except Meta's real Llama 3 tokenizer.model, which the `llama-models` package
 import base64
 import importlib.resources
 import json
+import sysconfig
+from pathlib import Path
 
 import pytest
 import tokenizers
@@ -23,7 +25,12 @@ from llama_jax.tokenizer import (
     llama3_special_tokens,
     load_tokenizer,
 )
-from llama_jax.tokenizer_training import train_bpe, train_sentencepiece
+from llama_jax.tokenizer_training import (
+    byte_level_bpe,
+    train_bpe,
+    train_sentencepiece,
+    write_tiktoken_ranks,
+)
 
 SAMPLES = {
     "english": "The quick brown fox jumps over the lazy dog. It's 2024, isn't it?",
@@ -140,6 +147,29 @@ def test_train_bpe_writes_exactly_vocab_size_contiguous_ranks(tmp_path):
     byte_tokens = [base64.b64decode(line.split()[0]) for line in lines[:256]]
     assert byte_tokens == [bytes([b]) for b in range(256)]
     assert load_tokenizer(path).vocab_size == 300 + 256
+
+
+def test_trained_ranks_replay_the_tokenizers_librarys_merges(tmp_path):
+    # Real source text (as the demo trains on), where merge order matters: a
+    # rank file ordered by token length instead of merge order fails here.
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    texts = [(stdlib / name).read_text(encoding="utf-8") for name in ("textwrap.py", "argparse.py")]
+    trained = byte_level_bpe(texts + CORPUS, 1000)
+    path = write_tiktoken_ranks(trained, tmp_path / "tokenizer.model")
+    ours = load_tokenizer(path)
+    assert ours.vocab_size == 1000 + 256
+    token_bytes = [base64.b64decode(line.split()[0]) for line in path.read_text().splitlines()]
+    # The library's byte-level pre-tokenizer spells a text one character per
+    # byte; cut that spelling at our tokens' byte lengths to get our tokens in
+    # the library's alphabet, independently of our byte table.
+    spell = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    for text in [texts[0], *SAMPLES.values(), "Unseen: Ærlige 🦙 words 12345\n\n"]:
+        [(spelt, _)] = spell.pre_tokenize_str(text)
+        ids = ours.encode(text)
+        lengths = [len(token_bytes[i]) for i in ids]
+        starts = [sum(lengths[:k]) for k in range(len(lengths))]
+        assert [spelt[a : a + n] for a, n in zip(starts, lengths)] == trained.encode(text).tokens
+        assert ours.decode(ids) == text
 
 
 def test_very_long_runs_are_cut_like_meta_before_encoding(tt_tokenizer):
