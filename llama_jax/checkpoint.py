@@ -22,12 +22,13 @@ arrays to orbax. `ParamsWriter` is for converters that must never hold a
 whole leaf: it creates each leaf's array with orbax's own tensorstore spec
 (the same chunking `save_params` asks for) and writes layer slices into it,
 then writes the metadata files orbax's standard restore reads. Host memory is
-then bounded by the slice being written plus tensorstore's copy of it.
+then bounded by the slice being written plus tensorstore's zstd output for it.
 `ParamsReader` reads single layers back the same way, for exporters.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import time
 from typing import Any, Iterator
@@ -49,6 +50,10 @@ TMP_SUFFIX = ".orbax-checkpoint-tmp"
 # attention, scan_layers, max_seq_len) are compute choices and win.
 ARCHITECTURE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "head_dim",
                        "tie_embeddings", "rope_theta", "rope_scaling", "norm_eps")
+
+
+# glibc's malloc_trim, where the C library has one (Linux); see release_freed_memory.
+_MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None)
 
 
 class CheckpointError(ValueError):
@@ -184,9 +189,12 @@ class ParamsWriter:
     def write(self, path: tuple[str, ...], layer: int | None, array: np.ndarray) -> None:
         """Write `array` as leaf `path` (layer None) or as its slice `layer` of the stacked leaf.
 
-        Memory: tensorstore copies `array` while encoding it. Pass
-        `as_contiguous(array, writer.dtype)` and keep no other reference to the
-        source, and the peak is two copies of the slice.
+        Memory: tensorstore encodes straight from `array` once it is
+        C-contiguous in the stored dtype (otherwise from such a copy), into a
+        zstd buffer about as large. Pass `as_contiguous(array, writer.dtype)`
+        and keep no other reference to the source, and the peak is two copies
+        of the slice. The encoder's freed buffers go back to the OS after each
+        write, so they do not add to the next one.
         """
         path = tuple(path)
         if path not in self._leaves:
@@ -199,8 +207,14 @@ class ParamsWriter:
             raise CheckpointError(f"{'/'.join(path)}: got shape {tuple(array.shape)}, expected {tuple(expected)}")
         array = as_contiguous(array, self._dtype)
         store = self._store(path)
-        (store if layer is None else store[layer]).write(array).result()
+        # Letting tensorstore reference `array` spares it a copy of the whole
+        # slice. It may keep the reference after the commit, but only in its
+        # cache, which this writer never reads: the bytes on disk are final.
+        target = store if layer is None else store[layer]
+        target.write(array, can_reference_source_data_indefinitely=True).result()
         self._written[path].add(layer)
+        del array
+        release_freed_memory()
 
     def close(self) -> None:
         """Check completeness, write orbax's metadata files and publish the step."""
@@ -304,7 +318,16 @@ def as_contiguous(array: np.ndarray, dtype) -> np.ndarray:
     return out
 
 
-# ---------------------------------------------------------------- layouts
+def release_freed_memory() -> None:
+    """Return the C heap's free pages to the OS (glibc's malloc_trim; nothing elsewhere).
+
+    tensorstore's encoder threads allocate their zstd buffers from glibc
+    arenas, which keep the freed space: without this, the buffer of one large
+    tensor (about its size) stays resident while the next tensor is read.
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
 
 # ---------------------------------------------------------------- helpers
 
