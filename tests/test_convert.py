@@ -19,7 +19,8 @@ import torch
 import transformers
 
 from llama_jax import Llama, init_params
-from llama_jax.checkpoint import ParamsReader, read_config, restore_params, save_params
+from llama_jax.checkpoint import read_config, restore_params, save_params
+from llama_jax.checkpoint_io import ParamsReader
 from llama_jax.config import RopeScaling
 from llama_jax.convert import run_cli
 from llama_jax.convert import hf_to_ours, meta_to_ours, ours_to_hf

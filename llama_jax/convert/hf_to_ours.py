@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from llama_jax.checkpoint import ParamsWriter, as_contiguous
+from llama_jax.checkpoint_io import ParamsWriter, as_contiguous
 from llama_jax.config import ModelConfig
 from llama_jax.convert import DTYPES, ConvertError, progress, run_cli, staged_output
 from llama_jax.hf import read_hf_config, read_hf_tensors, weight_rules

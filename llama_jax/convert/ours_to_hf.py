@@ -35,7 +35,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from llama_jax.checkpoint import ParamsReader, as_contiguous
+from llama_jax.checkpoint_io import ParamsReader, as_contiguous
 from llama_jax.convert import DTYPES, ConvertError, progress, run_cli, staged_output
 from llama_jax.hf import config_to_hf, to_hf, weight_rules
 from llama_jax.tokenizer import load_tokenizer
