@@ -8,8 +8,8 @@ Three file formats, one interface (`Tokenizer`):
 - Hugging Face `tokenizer.json`, via the `tokenizers` package.
 
 `load_tokenizer(path)` picks one from the files. `StreamDecoder` turns a
-stream of generated ids into text. `train_bpe` and `train_sentencepiece`
-build small tokenizers of each kind for tests and demos.
+stream of generated ids into text. Small tokenizers of the first two kinds
+are trained by `llama_jax.tokenizer_training`.
 """
 
 from __future__ import annotations
