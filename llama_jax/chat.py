@@ -3,8 +3,10 @@
 The format follows `tokenizer.generation`, never a model name. Both layouts
 mirror Meta's reference code (REFERENCE.md, "Tokenizers and chat formats"):
 
-Llama 2: `<s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST] {answer}</s>`
-  per completed exchange, then `<s>[INST] {user} [/INST]` for the open turn.
+Llama 2: `<s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST] {answer} </s>`
+  per completed exchange (Meta encodes `f"{B_INST} {user} {E_INST} {answer} "`,
+  trailing space included, with BOS and EOS), then `<s>[INST] {user} [/INST]`
+  for the open turn. The system prompt rides inside the first user turn.
 Llama 3.x: `<|begin_of_text|>`, then per message
   `<|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>`,
   then an open `<|start_header_id|>assistant<|end_header_id|>\\n\\n`.
@@ -75,7 +77,8 @@ def _format_llama2(tokenizer: Tokenizer, messages: Sequence[dict]) -> list[int]:
         raise ValueError("Llama 2 chat: the last message must be from the user")
     ids: list[int] = []
     for prompt, answer in zip(turns[::2], turns[1::2]):
-        text = f"{_B_INST} {prompt['content'].strip()} {_E_INST} {answer['content'].strip()}"
+        # Meta's reference (llama/generation.py) keeps this space before EOS.
+        text = f"{_B_INST} {prompt['content'].strip()} {_E_INST} {answer['content'].strip()} "
         ids += tokenizer.encode(text, bos=True, eos=True)
     ids += tokenizer.encode(f"{_B_INST} {turns[-1]['content'].strip()} {_E_INST}", bos=True)
     return ids

@@ -171,9 +171,9 @@ def read_hf_tensors(directory: str | Path, config: ModelConfig,
 
     Shapes are checked against the config; a missing or misshapen tensor is a
     CheckpointFileError naming it. `names` limits the walk to those HF tensor
-    names. The files stay memory-mapped until the generator finishes, and the
-    pages it touched count as resident until then: a streaming reader asks for
-    a few names per call so they are released as it goes.
+    names. Each tensor is read into a new array when its turn comes; a
+    suspended generator still holds the last one, so a streaming reader asks
+    for one name per call.
     """
     shapes = _abstract_shapes(config.replace(scan_layers=True))
     checkpoint = SafetensorsCheckpoint(directory)

@@ -2,7 +2,7 @@
 
 We rotate halves (dim i pairs with i + head_dim/2), as Hugging Face does;
 Meta's checkpoints rotate adjacent pairs, so their q/k weights are permuted
-on conversion (see llama_jax/meta.py).
+on conversion (see llama_jax/convert/meta_to_ours.py).
 """
 
 from __future__ import annotations

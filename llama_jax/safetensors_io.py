@@ -1,10 +1,11 @@
 """Reading safetensors files tensor by tensor, with clear errors for bad files.
 
 The format is an 8-byte little-endian header length, a JSON header naming
-each tensor's dtype, shape and byte range, then the raw bytes. Reading through
-a memory map keeps host memory bounded by the tensors actually touched, and
-checking the byte ranges first turns a truncated download into one clear line
-instead of garbage weights.
+each tensor's dtype, shape and byte range, then the raw bytes. Each tensor is
+read straight into its own array, so host memory holds the tensors asked for
+and nothing else (a memory map's touched pages would count as resident too),
+and checking the byte ranges first turns a truncated download into one clear
+line instead of garbage weights.
 """
 
 from __future__ import annotations
@@ -60,7 +61,6 @@ class SafetensorsFile:
             if self._data_start + end > size:
                 raise CheckpointFileError(
                     f"{self.path}: truncated safetensors file (tensor {name} ends past the end of the file)")
-        self._map = np.memmap(self.path, dtype=np.uint8, mode="r") if size else None
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -69,11 +69,13 @@ class SafetensorsFile:
         return tuple(self._entries[name]["shape"])
 
     def get(self, name: str) -> np.ndarray:
-        """The tensor `name` as a numpy array (a copy; the file stays closed to writes)."""
+        """The tensor `name` as a new numpy array, read from the file."""
         entry = self._entries[name]
-        begin, end = entry["data_offsets"]
-        raw = self._map[self._data_start + begin:self._data_start + end]
-        return np.array(raw.view(DTYPES[entry["dtype"]]).reshape(entry["shape"]))
+        array = np.empty(entry["shape"], DTYPES[entry["dtype"]])
+        with open(self.path, "rb") as f:  # the byte range was checked against the file size on opening
+            f.seek(self._data_start + entry["data_offsets"][0])
+            f.readinto(array.reshape(-1).view(np.uint8))
+        return array
 
 
 class SafetensorsCheckpoint:

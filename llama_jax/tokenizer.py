@@ -8,8 +8,8 @@ Three file formats, one interface (`Tokenizer`):
 - Hugging Face `tokenizer.json`, via the `tokenizers` package.
 
 `load_tokenizer(path)` picks one from the files. `StreamDecoder` turns a
-stream of generated ids into text. `train_bpe` and `train_sentencepiece`
-build small tokenizers of each kind for tests and demos.
+stream of generated ids into text. Small tokenizers of the first two kinds
+are trained by `llama_jax.tokenizer_training`.
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ _MAX_ENCODE_CHARS = 400_000
 _MAX_RUN_CHARS = 25_000
 _LONG_RUN = re.compile(r"(?<!\s)\s{%d,}|(?<!\S)\S{%d,}" % ((_MAX_RUN_CHARS + 1,) * 2))
 
+# Meta's names in id order, as its current reference tokenizer (the
+# llama-models package) has them; reserved_2... follow (REFERENCE.md).
 _LLAMA3_NAMED_SPECIALS = (
     "<|begin_of_text|>",
     "<|end_of_text|>",
@@ -51,15 +53,16 @@ _LLAMA3_NAMED_SPECIALS = (
     "<|eom_id|>",
     "<|eot_id|>",
     "<|python_tag|>",
+    "<|image|>",
 )
+_RESERVED_PREFIX = "<|reserved_special_token_"
 _LLAMA3_STOPS = ("<|end_of_text|>", "<|eot_id|>", "<|eom_id|>")
 
 
 def llama3_special_tokens(count: int = 256) -> list[str]:
     """Meta's Llama 3 special-token names in id order (ids start after the ranks)."""
     reserved = [
-        f"<|reserved_special_token_{i}|>"
-        for i in range(2, 2 + count - len(_LLAMA3_NAMED_SPECIALS))
+        f"{_RESERVED_PREFIX}{i}|>" for i in range(2, 2 + count - len(_LLAMA3_NAMED_SPECIALS))
     ]
     return list(_LLAMA3_NAMED_SPECIALS) + reserved
 
@@ -201,7 +204,11 @@ class TiktokenTokenizer(Tokenizer):
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> TiktokenTokenizer:
         """Load a `base64token rank` file; ValueError naming the file if it is not one."""
-        return cls(_parse_ranks(Path(path).read_bytes(), str(path)), str(path))
+        try:
+            ranks = _parse_ranks(Path(path).read_bytes())
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+        return cls(ranks, str(path))
 
     def token_id(self, piece: str) -> int:
         if piece not in self._specials:
@@ -235,8 +242,8 @@ def _split_long_text(text: str) -> Iterable[str]:
         yield piece[cut:]
 
 
-def _parse_ranks(data: bytes, source: str) -> dict[bytes, int]:
-    """Parse tiktoken's `base64token rank` lines; ValueError on the first bad line."""
+def _parse_ranks(data: bytes) -> dict[bytes, int]:
+    """Parse tiktoken's `base64token rank` lines; ValueError naming the first bad line."""
     ranks: dict[bytes, int] = {}
     for lineno, line in enumerate(data.splitlines(), 1):
         if not line.strip():
@@ -246,14 +253,19 @@ def _parse_ranks(data: bytes, source: str) -> dict[bytes, int]:
             ranks[base64.b64decode(token, validate=True)] = int(rank)
         except ValueError:
             raise ValueError(
-                f"{source}: line {lineno} is not a tiktoken 'base64token rank' line: {line[:40]!r}"
+                f"line {lineno} is not a tiktoken 'base64token rank' line: {line[:40]!r}"
             ) from None
     return ranks
 
 
 class HFTokenizer(Tokenizer):
     """A Hugging Face `tokenizer.json`; BOS/EOS/pad from a sibling
-    `tokenizer_config.json` when present, else from Llama's special tokens."""
+    `tokenizer_config.json` when present, else from Llama's special tokens.
+
+    `token_id` takes the file's names, and for Llama 3 also Meta's names of
+    ids the file leaves reserved: Hugging Face's 3.1 files call 128005 and
+    128011 reserved_2 and reserved_3, Meta `<|step_id|>` and `<|image|>`.
+    """
 
     def __init__(self, path: str | os.PathLike):
         path = Path(path)
@@ -279,9 +291,27 @@ class HFTokenizer(Tokenizer):
         if llama3:
             stops |= {self._specials[s] for s in _LLAMA3_STOPS if s in self._specials}
         self.stop_ids = frozenset(stops)
+        self._meta_names = self._meta_names_of_reserved_ids() if llama3 else {}
+
+    def _meta_names_of_reserved_ids(self) -> dict[str, int]:
+        """Meta's names (reserved ones aside) for ids this file calls reserved.
+
+        The file's own names win in `token_id`, so a name never means two ids.
+        """
+        base = self._specials.get("<|begin_of_text|>")
+        if base is None:
+            return {}
+        names = {}
+        for offset, name in enumerate(_LLAMA3_NAMED_SPECIALS):
+            here = self._tok.id_to_token(base + offset) or ""
+            if here.startswith(_RESERVED_PREFIX) and not name.startswith(_RESERVED_PREFIX):
+                names[name] = base + offset
+        return names
 
     def token_id(self, piece: str) -> int:
         i = self._tok.token_to_id(piece)
+        if i is None:
+            i = self._meta_names.get(piece)
         if i is None:
             raise ValueError(f"{piece!r} is not a token of this tokenizer")
         return i
@@ -336,6 +366,10 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         data = path.read_bytes()
     except OSError as e:
         raise ValueError(f"{path}: cannot read tokenizer file ({e.strerror})") from None
+    # SentencePiece loads empty bytes as an uninitialised model, which then
+    # logs C++ errors to stderr on every call: refuse them first.
+    if not data.strip():
+        raise ValueError(f"{path}: empty or corrupt tokenizer (the file holds no tokens)")
     try:
         processor = spm.SentencePieceProcessor(model_proto=data)
     except RuntimeError:
@@ -343,9 +377,9 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     else:
         return SentencePieceTokenizer(processor, str(path))
     try:
-        ranks = _parse_ranks(data, str(path))
+        ranks = _parse_ranks(data)
     except ValueError as e:
-        raise ValueError(f"not a SentencePiece model, and {e}") from None
+        raise ValueError(f"{path}: empty or corrupt tokenizer (not a SentencePiece model; {e})") from None
     return TiktokenTokenizer(ranks, str(path))
 
 

@@ -1,23 +1,22 @@
 """Training small tokenizers on local text, for models trained from scratch.
 
 `train_bpe` shapes a byte-level BPE the way Llama 3's was (Meta's pre-tokenizer
-regex, tiktoken's file format); `train_sentencepiece` wraps SentencePiece's
-trainer with Llama 2's conventions. Both files load with
-`llama_jax.tokenizer.load_tokenizer`.
+regex, tiktoken's file format), trained by the `tokenizers` library;
+`train_sentencepiece` wraps SentencePiece's trainer with Llama 2's conventions.
+Both files load with `llama_jax.tokenizer.load_tokenizer`.
 """
 
 from __future__ import annotations
 
 import base64
-import heapq
 import io
 import os
-from collections import Counter, defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 
-import regex
 import sentencepiece as spm
+import tokenizers
+from tokenizers import Regex, models, pre_tokenizers, trainers
 
 from llama_jax.tokenizer import LLAMA3_PATTERN
 
@@ -27,79 +26,61 @@ def train_bpe(texts: Iterable[str], vocab_size: int, path: str | os.PathLike) ->
 
     Texts are split with Meta's pre-tokenizer regex, then the most frequent
     adjacent token pair is merged until there are `vocab_size` regular tokens
-    (256 byte tokens included; fewer if the texts run out of pairs). Ranks
-    are ids: bytes 0..255, then merges in order. The file loads with
+    (256 byte tokens included; fewer if the texts run out of pairs). See
+    `byte_level_bpe` and `write_tiktoken_ranks`. The file loads with
     `load_tokenizer`, which adds the 256 special tokens after the ranks.
     Returns the path written.
     """
+    return write_tiktoken_ranks(byte_level_bpe(texts, vocab_size), path)
+
+
+def byte_level_bpe(texts: Iterable[str], vocab_size: int) -> tokenizers.Tokenizer:
+    """A `tokenizers` BPE trained on `texts` over bytes, pre-tokenized with Meta's regex.
+
+    Its vocabulary: the 256 byte tokens (GPT-2's byte-to-character strings,
+    as every byte-level model of the library spells them), then one token
+    per merge, in merge order, up to `vocab_size` tokens in all.
+    """
     if vocab_size < 256:
         raise ValueError(f"vocab_size {vocab_size} is below the 256 byte tokens")
-    pattern = regex.compile(LLAMA3_PATTERN)
-    chunk_counts: Counter[str] = Counter()
-    for text in texts:
-        chunk_counts.update(pattern.findall(text))
-    words = [list(chunk.encode("utf-8")) for chunk in chunk_counts]
-    counts = list(chunk_counts.values())
+    tokenizer = tokenizers.Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(texts, trainer)
+    return tokenizer
 
+
+def write_tiktoken_ranks(tokenizer: tokenizers.Tokenizer, path: str | os.PathLike) -> Path:
+    """Write a byte-level BPE's vocabulary as tiktoken `base64token rank` lines.
+
+    Ranks: the 256 single bytes by byte value, then the merged tokens in the
+    order the merges made them. tiktoken merges the adjacent pair whose
+    concatenation has the lowest rank, so these ranks replay the merges.
+    Returns the path written.
+    """
+    to_byte = byte_level_chars()
+    by_id = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    if sorted(token for token, _ in by_id[:256]) != sorted(to_byte):
+        raise ValueError("expected the 256 byte tokens of a byte-level BPE as its first ids")
     vocab = [bytes([b]) for b in range(256)]
-    index = {tok: i for i, tok in enumerate(vocab)}
-    pair_counts: defaultdict[tuple[int, int], int] = defaultdict(int)
-    where: defaultdict[tuple[int, int], set[int]] = defaultdict(set)
-    for w, word in enumerate(words):
-        for pair in zip(word, word[1:]):
-            pair_counts[pair] += counts[w]
-            where[pair].add(w)
-    # Max-heap by count with lazy deletion: stale entries are skipped on pop.
-    heap = [(-c, pair) for pair, c in pair_counts.items()]
-    heapq.heapify(heap)
-
-    while len(vocab) < vocab_size and heap:
-        neg, pair = heapq.heappop(heap)
-        if pair_counts.get(pair, 0) != -neg:
-            continue
-        merged = vocab[pair[0]] + vocab[pair[1]]
-        new = index.get(merged)
-        if new is None:  # the same bytes may already exist via another split
-            new = index[merged] = len(vocab)
-            vocab.append(merged)
-        delta: defaultdict[tuple[int, int], int] = defaultdict(int)
-        for w in where.pop(pair):
-            word, c = words[w], counts[w]
-            merged_word = _merge_pair(word, pair, new)
-            if len(merged_word) == len(word):
-                continue  # stale index entry
-            for p in zip(word, word[1:]):
-                delta[p] -= c
-            for p in zip(merged_word, merged_word[1:]):
-                delta[p] += c
-                where[p].add(w)
-            words[w] = merged_word
-        for p, d in delta.items():
-            if d:
-                pair_counts[p] += d
-                if pair_counts[p] > 0:
-                    heapq.heappush(heap, (-pair_counts[p], p))
-                else:
-                    del pair_counts[p]
-
+    vocab += [bytes(to_byte[c] for c in token) for token, _ in by_id[256:]]
     path = Path(path)
     lines = (f"{base64.b64encode(tok).decode('ascii')} {rank}\n" for rank, tok in enumerate(vocab))
     path.write_text("".join(lines), encoding="ascii")
     return path
 
 
-def _merge_pair(word: list[int], pair: tuple[int, int], new: int) -> list[int]:
-    """Replace each non-overlapping occurrence of `pair`, left to right, by `new`."""
-    out, i, n = [], 0, len(word)
-    first, second = pair
-    while i < n:
-        if i + 1 < n and word[i] == first and word[i + 1] == second:
-            out.append(new)
-            i += 2
-        else:
-            out.append(word[i])
-            i += 1
-    return out
+def byte_level_chars() -> dict[str, int]:
+    """GPT-2's byte-to-character table, inverted: each of the 256 characters a
+    byte-level token is spelt with, to its byte. Printable Latin-1 bytes stand
+    for themselves; the other 68 take the characters from U+0100 on, in byte order."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    shifted = (b for b in range(256) if b not in printable)
+    return {chr(b): b for b in printable} | {chr(256 + i): b for i, b in enumerate(shifted)}
 
 
 def train_sentencepiece(texts: Iterable[str], vocab_size: int, path: str | os.PathLike) -> Path:

@@ -1,6 +1,12 @@
 """Chat formats: ids equal the reference layouts of Llama 2 and Llama 3.x."""
 
+import importlib.resources
+
 import pytest
+import sentencepiece as spm
+from llama_models.datatypes import RawMessage, StopReason
+from llama_models.llama3.chat_format import ChatFormat
+from llama_models.llama3.tokenizer import Tokenizer as MetaTokenizer
 
 from llama_jax.chat import format_chat
 from llama_jax.tokenizer import load_tokenizer
@@ -24,9 +30,13 @@ USER = {"role": "user", "content": "a"}
 
 
 @pytest.fixture(scope="module")
-def llama2(tmp_path_factory):
-    path = tmp_path_factory.mktemp("sp") / "tokenizer.model"
-    return load_tokenizer(train_sentencepiece(CORPUS, 400, path))
+def llama2_path(tmp_path_factory):
+    return train_sentencepiece(CORPUS, 400, tmp_path_factory.mktemp("sp") / "tokenizer.model")
+
+
+@pytest.fixture(scope="module")
+def llama2(llama2_path):
+    return load_tokenizer(llama2_path)
 
 
 @pytest.fixture(scope="module")
@@ -35,26 +45,30 @@ def llama3(tmp_path_factory):
     return load_tokenizer(train_bpe(CORPUS, 500, path))
 
 
-def test_llama2_conversation_matches_meta_reference_layout(llama2):
-    enc = llama2.encode
+def test_llama2_conversation_matches_meta_reference_layout(llama2_path, llama2):
+    # Meta's llama/generation.py: each completed exchange is
+    # encode(f"{B_INST} {prompt} {E_INST} {answer} ", bos=True, eos=True), the
+    # open turn encode(f"{B_INST} {prompt} {E_INST}", bos=True). The pieces are
+    # encoded here by SentencePiece itself, framed with <s> = 1 and </s> = 2.
+    sp = spm.SentencePieceProcessor(model_file=str(llama2_path))
     expected = (
-        enc(
+        [1]
+        + sp.encode(
             "[INST] <<SYS>>\nYou are a helpful assistant.\n<</SYS>>\n\n"
-            "What is the capital of Norway? [/INST] Oslo.",
-            bos=True,
-            eos=True,
+            "What is the capital of Norway? [/INST] Oslo. "
         )
-        + enc("[INST] And where is Tromsø? [/INST]", bos=True)
+        + [2]
+        + [1]
+        + sp.encode("[INST] And where is Tromsø? [/INST]")
     )
     assert format_chat(llama2, CONVERSATION) == expected
-    assert expected[0] == 1 and expected.count(1) == 2 and expected.count(2) == 1
 
 
 def test_llama2_conversation_reads_back_as_the_reference_string(llama2):
     text = llama2.decode(format_chat(llama2, CONVERSATION))
     assert text == (
         "<s>[INST] <<SYS>>\nYou are a helpful assistant.\n<</SYS>>\n\n"
-        "What is the capital of Norway? [/INST] Oslo.</s>"
+        "What is the capital of Norway? [/INST] Oslo. </s>"
         "<s>[INST] And where is Tromsø? [/INST]"
     )
 
@@ -64,18 +78,8 @@ def test_llama2_without_system_prompt_starts_with_the_user_turn(llama2):
     assert ids == llama2.encode("[INST] Hi [/INST]", bos=True)
 
 
-def _llama3_by_hand(tok, messages):
-    sid, eid = tok.token_id("<|start_header_id|>"), tok.token_id("<|end_header_id|>")
-    ids = [tok.token_id("<|begin_of_text|>")]
-    for m in messages:
-        ids += [sid] + tok.encode(m["role"]) + [eid] + tok.encode("\n\n")
-        ids += tok.encode(m["content"].strip()) + [tok.token_id("<|eot_id|>")]
-    return ids + [sid] + tok.encode("assistant") + [eid] + tok.encode("\n\n")
-
-
 def test_llama3_conversation_matches_reference_layout(llama3):
     ids = format_chat(llama3, CONVERSATION)
-    assert ids == _llama3_by_hand(llama3, CONVERSATION)
     reference = (
         "<|begin_of_text|>"
         "<|start_header_id|>system<|end_header_id|>\n\nYou are a helpful assistant.<|eot_id|>"
@@ -91,10 +95,39 @@ def test_llama3_conversation_matches_reference_layout(llama3):
 def test_llama3_accepts_the_ipython_tool_role(llama3):
     messages = [
         {"role": "user", "content": "Add 2 and 3."},
-        {"role": "assistant", "content": "<|python_tag|>add(2, 3)"},
-        {"role": "ipython", "content": "5"},
+        {"role": "assistant", "content": "add(2, 3)"},
+        {"role": "ipython", "content": " 5\n"},
     ]
-    assert format_chat(llama3, messages) == _llama3_by_hand(llama3, messages)
+    # Llama 3.1's layout, written out; the tool output is stripped like any content.
+    reference = (
+        "<|begin_of_text|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nAdd 2 and 3.<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\nadd(2, 3)<|eot_id|>"
+        "<|start_header_id|>ipython<|end_header_id|>\n\n5<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
+    ids = format_chat(llama3, messages)
+    assert ids == llama3.encode(reference, allow_special=True)
+    assert llama3.decode(ids) == reference
+
+
+def test_llama3_chat_ids_equal_metas_chat_format_on_the_real_tokenizer():
+    # Meta's ChatFormat (llama-models) encodes content as given; ours strips it,
+    # as Meta's first Llama 3 release did, so these contents carry no outer spaces.
+    path = importlib.resources.files("llama_models.llama3") / "tokenizer.model"
+    with importlib.resources.as_file(path) as path:
+        ours, meta = load_tokenizer(path), ChatFormat(MetaTokenizer(path))
+    messages = [
+        {"role": "system", "content": "You are a helpful assistant.\nAnswer in Norwegian."},
+        {"role": "user", "content": "What is 12 * 34? Hvor ligger Tromsø?"},
+        {"role": "assistant", "content": "408. Tromsø ligger i Nord-Norge. 🦙"},
+        {"role": "ipython", "content": '{"result": 408}'},
+        {"role": "user", "content": "Say <|eot_id|> as text, then\n\n\tstop."},
+    ]
+    raw = [RawMessage(role="tool" if m["role"] == "ipython" else m["role"], content=m["content"],
+                      stop_reason=StopReason.end_of_turn if m["role"] == "assistant" else None)
+           for m in messages]
+    assert format_chat(ours, messages) == meta.encode_dialog_prompt(raw).tokens
 
 
 def test_special_token_strings_in_messages_stay_text(llama2, llama3):

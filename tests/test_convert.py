@@ -18,14 +18,18 @@ import pytest
 import torch
 import transformers
 
-from llama_jax import Llama
-from llama_jax.checkpoint import ParamsReader, restore_params, save_params
+from llama_jax import Llama, init_params
+from llama_jax.checkpoint import read_config, restore_params, save_params
+from llama_jax.checkpoint_io import ParamsReader
+from llama_jax.config import RopeScaling
 from llama_jax.convert import run_cli
 from llama_jax.convert import hf_to_ours, meta_to_ours, ours_to_hf
 from llama_jax.convert.hf_to_ours import convert_hf_to_ours
-from llama_jax.convert.meta_to_ours import convert_meta_to_ours
+from llama_jax.convert.meta_to_ours import convert_meta_to_ours, published_rope_factor
 from llama_jax.convert.ours_to_hf import export_hf
 from llama_jax.hf import config_to_hf, load_hf_params
+from llama_jax.safetensors_io import SafetensorsCheckpoint
+from llama_jax.tokenizer_training import train_bpe
 from tiny import SHAPES, hf_model
 
 TOLERANCE = 1e-4  # max |logit difference|, float32
@@ -159,23 +163,68 @@ def test_hf_in_and_out_loads_in_transformers_with_equal_logits(shape, tmp_path):
     assert_params_equal(hf_params, params)
     assert ParamsReader(tmp_path / "ours").layers_per_chunk(("layers", "feed_forward", "w2", "kernel")) == 1
 
-    (tmp_path / "tok").mkdir()
-    (tmp_path / "tok" / "tokenizer.model").write_text("stand-in tokenizer\n")
-    export_hf(tmp_path / "ours", tmp_path / "hf_out", dtype="float32", tokenizer=tmp_path / "tok",
-              max_shard_bytes=200_000, show_progress=False)
+    export_hf(tmp_path / "ours", tmp_path / "hf_out", dtype="float32", max_shard_bytes=200_000, show_progress=False)
     out = tmp_path / "hf_out"
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1, "expected several safetensors files"
     hf_config = json.loads((out / "config.json").read_text())
     assert hf_config["rope_theta"] == config.rope_theta and hf_config["rope_parameters"]["rope_type"] == "llama3"
     assert hf_config["rope_scaling"]["factor"] == config.rope_scaling.factor
-    assert (out / "generation_config.json").is_file() and (out / "tokenizer.model").is_file()
+    assert (out / "generation_config.json").is_file()
 
     model = transformers.LlamaForCausalLM.from_pretrained(out).eval()  # no code of ours involved
     tokens = tokens_for(config)
     expected = our_logits(restored_config, params, tokens)
     assert np.abs(expected).max() > 1.0
     np.testing.assert_allclose(torch_logits(model, tokens), expected, rtol=0, atol=TOLERANCE)
+
+
+@pytest.fixture(scope="module")
+def byte_tokenizer_dir(tmp_path_factory):
+    """A Llama-3-style tokenizer of the 256 byte tokens: ids 0..255, specials 256..511."""
+    directory = tmp_path_factory.mktemp("tok")
+    train_bpe(["no merges needed"], 256, directory / "tokenizer.model")
+    return directory
+
+
+def forced_token_params(config, token):
+    """Weights under which the model predicts `token` after any input: attention and FFN
+    add nothing, every embedding is e_0, and only `token`'s output column reads e_0."""
+    params = jax.tree.map(np.array, init_params(config, jax.random.key(0)))  # writable copies
+    params["embed"]["embedding"][:] = 0
+    params["embed"]["embedding"][:, 0] = 1
+    params["layers"]["attention"]["wo"]["kernel"][:] = 0
+    params["layers"]["feed_forward"]["w2"]["kernel"][:] = 0
+    params["norm"]["scale"][:] = 1
+    params["output"]["kernel"][:] = 0
+    params["output"]["kernel"][0, token] = 1
+    return params
+
+
+@pytest.mark.parametrize("stop", ["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"])
+def test_hf_export_names_the_tokenizer_stop_ids_and_generate_stops_there(byte_tokenizer_dir, tmp_path, stop):
+    config = SHAPES["llama3"].replace(vocab_size=512)  # 256 byte ranks + 256 specials
+    stop_id = {"<|end_of_text|>": 257, "<|eom_id|>": 264, "<|eot_id|>": 265}[stop]  # Meta's offsets 1, 8, 9
+    save_params(tmp_path / "ours", config, forced_token_params(config, stop_id))
+    export_hf(tmp_path / "ours", tmp_path / "hf", dtype="float32", tokenizer=byte_tokenizer_dir, show_progress=False)
+    hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (hf_config["bos_token_id"], hf_config["eos_token_id"]) == (256, 257)
+    generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert (generation["bos_token_id"], generation["eos_token_id"]) == (256, [257, 264, 265])
+    assert (tmp_path / "hf" / "tokenizer.model").read_bytes() == (byte_tokenizer_dir / "tokenizer.model").read_bytes()
+
+    model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    prompt = torch.tensor([[256, 72, 105]])  # <|begin_of_text|>Hi
+    with torch.no_grad():
+        out = model.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=257)
+    assert out[0].tolist() == [256, 72, 105, stop_id]
+
+
+def test_hf_export_refuses_a_tokenizer_larger_than_the_vocabulary(byte_tokenizer_dir, tmp_path, capsys):
+    save_params(tmp_path / "ours", SHAPES["llama3"], init_params(SHAPES["llama3"], jax.random.key(0)))
+    run_and_expect_error(ours_to_hf.main, [str(tmp_path / "ours"), str(tmp_path / "out"), "--tokenizer",
+                                           str(byte_tokenizer_dir)], capsys, tmp_path / "out",
+                         "the tokenizer has 512 ids but the model's vocabulary is 320")
 
 
 def test_bfloat16_export_holds_our_weights_rounded(tmp_path):
@@ -207,18 +256,20 @@ import json, re, sys
 from pathlib import Path
 from llama_jax.convert.hf_to_ours import main
 status = lambda field: int(re.search(field + r":\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1))
-main([sys.argv[1], sys.argv[2], "--no-progress"])
+dtype = ["--dtype", sys.argv[5], "--no-progress"]
+main([sys.argv[1], sys.argv[2]] + dtype)
 baseline = status("VmRSS")
-main([sys.argv[3], sys.argv[4], "--no-progress"])
+main([sys.argv[3], sys.argv[4]] + dtype)
 print(json.dumps({"baseline_kb": baseline, "peak_kb": status("VmHWM")}))
 """
 
 
-def write_big_hf(directory, config):
-    """A HF checkpoint of random bf16 bytes, one safetensors file per layer, written without holding it."""
+def write_random_hf(directory, config):
+    """A float32 HF checkpoint of random normal weights (their mantissas do not compress,
+    like trained weights), one safetensors file per layer, written a block at a time."""
     directory.mkdir()
-    (directory / "config.json").write_text(json.dumps(config_to_hf(config, "bfloat16")))
-    block = np.random.default_rng(0).bytes(256 << 10) * 256  # 64 MiB; repeats compress quickly
+    (directory / "config.json").write_text(json.dumps(config_to_hf(config, "float32")))
+    rng = np.random.default_rng(0)
     shapes = {"model.embed_tokens.weight": (config.vocab_size, config.dim), "model.norm.weight": (config.dim,),
               "lm_head.weight": (config.vocab_size, config.dim)}
     files = {"model-globals.safetensors": dict(shapes)}
@@ -236,42 +287,55 @@ def write_big_hf(directory, config):
     for filename, tensors in files.items():
         header, offset = {}, 0
         for name, shape in tensors.items():
-            header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + 2 * math.prod(shape)]}
-            offset += 2 * math.prod(shape)
+            header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + 4 * math.prod(shape)]}
+            offset += 4 * math.prod(shape)
             weight_map[name] = filename
         encoded = json.dumps(header).encode()
         encoded += b" " * (-len(encoded) % 8)
         with open(directory / filename, "wb") as f:
             f.write(len(encoded).to_bytes(8, "little") + encoded)
             for name, shape in tensors.items():
-                nbytes = 2 * math.prod(shape)
-                while nbytes:
-                    f.write(block[:min(nbytes, len(block))])
-                    nbytes -= min(nbytes, len(block))
+                count = math.prod(shape)
+                while count:
+                    f.write(rng.standard_normal(min(count, 4 << 20), dtype=np.float32).tobytes())
+                    count -= min(count, 4 << 20)
         total += offset
     (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    return total, 2 * max(math.prod(s) for t in files.values() for s in t.values())
+    return total, 4 * max(math.prod(s) for t in files.values() for s in t.values())
 
 
-def test_hf_conversion_memory_stays_within_three_largest_tensors(tmp_path):
-    # 2.1 GB of bf16 weights; the largest tensor (w1/w2/w3) is 128 MiB.
-    big = SHAPES["llama3"].replace(dim=4096, n_layers=5, n_heads=32, n_kv_heads=8, ffn_dim=16384, vocab_size=4096)
-    total, largest = write_big_hf(tmp_path / "big", big)
-    assert total >= 2 * 10**9
-    hf_model(SHAPES["llama3"]).save_pretrained(tmp_path / "small")
-    run = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(tmp_path / "small"), str(tmp_path / "small_out"),
-                          str(tmp_path / "big"), str(tmp_path / "big_out")],
+@pytest.fixture(scope="module")
+def random_hf(tmp_path_factory):
+    """About 350 MB of float32 random weights; the embedding and the head (125 MiB each) are the
+    largest tensors, with the head converted right after the embedding, as in a real checkpoint."""
+    config = SHAPES["llama3"].replace(dim=1024, n_layers=2, n_heads=8, n_kv_heads=2, ffn_dim=2816, vocab_size=32000)
+    directory = tmp_path_factory.mktemp("random") / "hf"
+    total, largest = write_random_hf(directory, config)
+    small = directory.parent / "small"
+    hf_model(SHAPES["llama3"]).save_pretrained(small)
+    return directory, small, total, largest
+
+
+# Before the fix this grew 2.4x (bfloat16) and 3.9x (float32) the largest tensor: tensorstore
+# copied each tensor, the freed zstd buffer of the embedding stayed resident while the head
+# was read, and the source's memory-mapped pages counted on top of its copy.
+@pytest.mark.parametrize("dtype, bound", [("bfloat16", 1.75), ("float32", 2.25)])
+def test_hf_conversion_memory_stays_within_about_twice_the_largest_tensor(random_hf, tmp_path, dtype, bound):
+    directory, small, total, largest = random_hf
+    run = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(small), str(tmp_path / "small_out"),
+                          str(directory), str(tmp_path / "out"), dtype],
                          capture_output=True, text=True, cwd=ROOT, timeout=300,
                          env={"PATH": os.environ.get("PATH", ""), "JAX_PLATFORMS": "cpu"})  # not what tests set
     assert run.returncode == 0, run.stderr[-2000:]
     usage = json.loads(run.stdout.strip().splitlines()[-1])
     grown = (usage["peak_kb"] - usage["baseline_kb"]) * 1024
-    print(f"checkpoint {total / 2**30:.2f} GiB, largest tensor {largest / 2**20:.0f} MiB, "
-          f"baseline {usage['baseline_kb'] / 2**10:.0f} MiB, growth {grown / 2**20:.0f} MiB")
-    # At any moment two copies of the tensor in hand (source and ours, or ours and tensorstore's).
-    assert grown < 3 * largest, f"peak grew {grown / 2**20:.0f} MiB for a {largest / 2**20:.0f} MiB tensor"
-    restored = ParamsReader(tmp_path / "big_out")
-    assert restored.read(("layers", "feed_forward", "w1", "kernel"), 4).shape == (4096, 16384)
+    print(f"{dtype}: checkpoint {total / 2**20:.0f} MiB, largest tensor {largest / 2**20:.0f} MiB, "
+          f"baseline {usage['baseline_kb'] / 2**10:.0f} MiB, growth {grown / 2**20:.0f} MiB ({grown / largest:.2f}x)")
+    # Reading: the source tensor and its converted copy; writing: ours and tensorstore's zstd output.
+    assert grown < bound * largest, f"peak grew {grown / 2**20:.0f} MiB for a {largest / 2**20:.0f} MiB tensor"
+    stored = ParamsReader(tmp_path / "out").read(("output", "kernel"))
+    expected = SafetensorsCheckpoint(directory).get("lm_head.weight").T.astype(stored.dtype)
+    np.testing.assert_array_equal(stored, expected)
 
 
 # ---------------------------------------------------------------- bad input
@@ -310,11 +374,47 @@ def test_meta_without_params_json_fails_in_one_line(llama3_meta, tmp_path, capsy
 def test_meta_missing_shard_fails_in_one_line(llama3_meta, tmp_path, capsys):
     last_missing = copy_meta(llama3_meta, tmp_path / "last", skip={"consolidated.01.pth"})
     run_and_expect_error(meta_to_ours.main, [str(last_missing), str(tmp_path / "out")], capsys, tmp_path / "out",
-                         "does not match tok_embeddings")
+                         "expected 2 shards consolidated.00..01.pth (shard 0 holds 32 of wq's 64 rows), found 1")
     gap = copy_meta(llama3_meta, tmp_path / "gap")
     (gap / "consolidated.01.pth").rename(gap / "consolidated.02.pth")
     run_and_expect_error(meta_to_ours.main, [str(gap), str(tmp_path / "out")], capsys, tmp_path / "out",
                          "consolidated.01.pth: shard missing")
+
+
+def with_params(meta, **changes):
+    params = json.loads((meta / "params.json").read_text())
+    (meta / "params.json").write_text(json.dumps({**params, **changes}))
+    return meta
+
+
+def test_meta_scaled_rope_without_factor_on_an_unpublished_size_is_refused(llama3_meta, tmp_path, capsys):
+    meta = with_params(copy_meta(llama3_meta, tmp_path / "meta"), use_scaled_rope=True)
+    run_and_expect_error(meta_to_ours.main, [str(meta), str(tmp_path / "out")], capsys, tmp_path / "out",
+                         "is no published Llama 3.1/3.2 size; pass --rope-scaling FACTOR")
+
+
+@pytest.mark.parametrize("params_factor, flag, expected", [(32.0, None, 32.0), (32.0, "16", 16.0), (None, "4", 4.0)])
+def test_meta_rope_factor_from_params_json_or_the_flag(llama3_meta, tmp_path, capsys, params_factor, flag, expected):
+    extra = {} if params_factor is None else {"rope_scaling_factor": params_factor}
+    meta = with_params(copy_meta(llama3_meta, tmp_path / "meta"), use_scaled_rope=True, **extra)
+    config = convert_meta_to_ours(meta, tmp_path / "out", rope_scaling=flag, show_progress=False)
+    assert config.rope_scaling == RopeScaling(factor=expected)
+    assert read_config(tmp_path / "out").rope_scaling.factor == expected
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("shape, factor", [
+    ((4096, 32, 32, 8, 128256), 8.0),     # Llama 3.1 8B
+    ((8192, 80, 64, 8, 128256), 8.0),     # Llama 3.1 70B
+    ((16384, 126, 128, 8, 128256), 8.0),  # Llama 3.1 405B
+    ((2048, 16, 32, 8, 128256), 32.0),    # Llama 3.2 1B
+    ((3072, 28, 24, 8, 128256), 32.0),    # Llama 3.2 3B
+    ((3072, 28, 24, 8, 128000), None),    # 3.2 3B without the 256 special tokens
+    ((2048, 16, 32, 4, 128256), None),    # 3.2 1B with other kv heads
+    ((64, 2, 4, 2, 256), None),           # configs/models/tiny.yaml: not Meta's rope parameters
+])
+def test_published_llama3_sizes_give_their_rope_factor(shape, factor):
+    assert published_rope_factor(*shape) == factor
 
 
 def test_meta_tensor_of_wrong_shape_fails_after_partial_writes(llama3_meta, tmp_path, capsys):

@@ -1,14 +1,19 @@
 """Tokenizers: round trips, special tokens, file detection, streaming.
 
-Every tokenizer here is trained or built inside the test session from a tiny
-corpus, so nothing is downloaded.
+Tokenizers are trained or built inside the test session from a tiny corpus,
+except Meta's real Llama 3 tokenizer.model, which the `llama-models` package
+(a test dependency) ships with Meta's own Tokenizer: nothing is downloaded.
 """
 
 import base64
+import importlib.resources
 import json
+import sysconfig
+from pathlib import Path
 
 import pytest
 import tokenizers
+from llama_models.llama3.tokenizer import Tokenizer as MetaTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from llama_jax.tokenizer import (
@@ -20,7 +25,12 @@ from llama_jax.tokenizer import (
     llama3_special_tokens,
     load_tokenizer,
 )
-from llama_jax.tokenizer_training import train_bpe, train_sentencepiece
+from llama_jax.tokenizer_training import (
+    byte_level_bpe,
+    train_bpe,
+    train_sentencepiece,
+    write_tiktoken_ranks,
+)
 
 SAMPLES = {
     "english": "The quick brown fox jumps over the lazy dog. It's 2024, isn't it?",
@@ -139,6 +149,29 @@ def test_train_bpe_writes_exactly_vocab_size_contiguous_ranks(tmp_path):
     assert load_tokenizer(path).vocab_size == 300 + 256
 
 
+def test_trained_ranks_replay_the_tokenizers_librarys_merges(tmp_path):
+    # Real source text (as the demo trains on), where merge order matters: a
+    # rank file ordered by token length instead of merge order fails here.
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    texts = [(stdlib / name).read_text(encoding="utf-8") for name in ("textwrap.py", "argparse.py")]
+    trained = byte_level_bpe(texts + CORPUS, 1000)
+    path = write_tiktoken_ranks(trained, tmp_path / "tokenizer.model")
+    ours = load_tokenizer(path)
+    assert ours.vocab_size == 1000 + 256
+    token_bytes = [base64.b64decode(line.split()[0]) for line in path.read_text().splitlines()]
+    # The library's byte-level pre-tokenizer spells a text one character per
+    # byte; cut that spelling at our tokens' byte lengths to get our tokens in
+    # the library's alphabet, independently of our byte table.
+    spell = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    for text in [texts[0], *SAMPLES.values(), "Unseen: Ærlige 🦙 words 12345\n\n"]:
+        [(spelt, _)] = spell.pre_tokenize_str(text)
+        ids = ours.encode(text)
+        lengths = [len(token_bytes[i]) for i in ids]
+        starts = [sum(lengths[:k]) for k in range(len(lengths))]
+        assert [spelt[a : a + n] for a, n in zip(starts, lengths)] == trained.encode(text).tokens
+        assert ours.decode(ids) == text
+
+
 def test_very_long_runs_are_cut_like_meta_before_encoding(tt_tokenizer):
     assert [len(p) for p in _split_long_text("x" * 60_000)] == [25_000, 25_000, 10_000]
     assert [len(p) for p in _split_long_text("ab " * 300_000)] == [400_000, 400_000, 100_000]
@@ -167,10 +200,13 @@ def test_llama3_special_tokens_have_reference_ids(tt_tokenizer):
         "<|eom_id|>": 128008,
         "<|eot_id|>": 128009,
         "<|python_tag|>": 128010,
-        "<|reserved_special_token_2|>": 128011,
-        "<|reserved_special_token_246|>": 128255,
+        "<|image|>": 128011,
+        "<|reserved_special_token_2|>": 128012,
+        "<|reserved_special_token_245|>": 128255,
     }
     assert {piece: tok.token_id(piece) for piece in expected} == expected
+    with pytest.raises(ValueError, match="not a special token"):
+        tok.token_id("<|reserved_special_token_246|>")
     assert tok.vocab_size == 128256
     assert (tok.bos_id, tok.eos_id, tok.pad_id) == (128000, 128001, 128004)
     assert tok.stop_ids == frozenset({128001, 128008, 128009})
@@ -232,6 +268,32 @@ def test_hf_llama3_tokenizer_reads_specials_from_added_tokens(hf_tokenizer):
     assert tok.pad_id is None
 
 
+# Hugging Face's Llama 3.1 tokenizer.json names, written out: 128005 and 128011
+# are reserved_2 and reserved_3 there, where Meta has <|step_id|> and <|image|>.
+HF_LLAMA31_SPECIALS = [
+    "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|reserved_special_token_2|>",
+    "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>",
+] + [f"<|reserved_special_token_{i}|>" for i in range(3, 248)]
+
+
+def test_hf_llama31_names_and_meta_names_reach_the_same_ids(tmp_path):
+    assert len(HF_LLAMA31_SPECIALS) == 256
+    tok = load_tokenizer(_hf_tokenizer_json(tmp_path / "tokenizer.json", HF_LLAMA31_SPECIALS))
+    base = tok.bos_id
+    assert tok.token_id("<|step_id|>") == tok.token_id("<|reserved_special_token_2|>") == base + 5
+    assert tok.token_id("<|image|>") == tok.token_id("<|reserved_special_token_3|>") == base + 11
+    # A reserved name keeps the file's own meaning (Meta's reserved_5 would be base + 15).
+    assert tok.token_id("<|reserved_special_token_5|>") == base + 13
+    assert tok.token_id("<|eot_id|>") == base + 9 and tok.stop_ids == {base + 1, base + 8, base + 9}
+
+
+def test_hf_file_with_meta_names_keeps_them(hf_tokenizer):
+    base = hf_tokenizer.bos_id
+    assert hf_tokenizer.token_id("<|image|>") == base + 11
+    assert hf_tokenizer.token_id("<|reserved_special_token_2|>") == base + 12
+
+
 def test_hf_tokenizer_config_sets_bos_eos_and_pad(tmp_path):
     _hf_tokenizer_json(tmp_path / "tokenizer.json", llama3_special_tokens())
     config = {
@@ -282,14 +344,20 @@ def test_directory_without_tokenizer_raises_value_error(tmp_path):
         load_tokenizer(tmp_path)
 
 
-def test_corrupt_model_file_raises_one_line_value_error(tmp_path):
+@pytest.mark.parametrize("data, reason", [
+    (b"", "the file holds no tokens"),
+    (b" \n\n", "the file holds no tokens"),
+    (b"\x00\x01garbage that is neither format\n", "not a SentencePiece model; line 1 is not a tiktoken"),
+    (b"\x0a\x05hello", "not a SentencePiece model; line 2 is not a tiktoken"),  # a truncated model proto
+])
+def test_empty_or_corrupt_model_file_raises_one_line_and_logs_nothing(tmp_path, capfd, data, reason):
     bad = tmp_path / "tokenizer.model"
-    bad.write_bytes(b"\x00\x01garbage that is neither format\n")
+    bad.write_bytes(data)
     with pytest.raises(ValueError) as err:
         load_tokenizer(bad)
-    message = str(err.value)
-    assert "\n" not in message and "tokenizer.model" in message
-    assert "not a SentencePiece model" in message and "line 1" in message
+    assert str(err.value).startswith(f"{bad}: empty or corrupt tokenizer (")
+    assert reason in str(err.value) and "\n" not in str(err.value)
+    assert capfd.readouterr().err == ""  # SentencePiece's C++ logs go straight to fd 2
 
 
 def test_rank_file_missing_byte_tokens_is_rejected(tmp_path):
@@ -329,3 +397,52 @@ def test_stream_decoder_flush_returns_incomplete_bytes_as_replacement(tt_tokeniz
     stream = StreamDecoder(tt_tokenizer)
     assert stream.feed(tt_tokenizer.encode("🦙")[0]) == ""
     assert stream.flush() == "\ufffd"
+
+
+# --- Meta's real Llama 3 tokenizer (the llama-models package) ----------------
+
+META_TEXTS = [
+    *SAMPLES.values(),
+    "Привет, мир! Ελληνικά κείμενα. مرحبا بالعالم. नमस्ते दुनिया. こんにちは、世界。 안녕하세요",
+    "Digits 1234567890, 3.14159, 2024-11-30, 1,000,000 and ١٢٣ or ١٢٣٤.",
+    "I'm sure they'LL say WE'VE done it; don't you'd think? It'S fine.",
+    "\t\t  \n\n\n   x    \r\n\r\n  y\u00a0z\u3000w  \n",
+    "<|begin_of_text|>text <|eot_id|> with <|image|> special <|reserved_special_token_7|> strings",
+    "a" * 30_000 + " " * 30_000 + "b",
+]
+
+
+@pytest.fixture(scope="module")
+def meta_tokenizer_path():
+    with importlib.resources.as_file(
+        importlib.resources.files("llama_models.llama3") / "tokenizer.model"
+    ) as path:
+        yield path
+
+
+@pytest.fixture(scope="module")
+def meta_pair(meta_tokenizer_path):
+    """(ours, Meta's) on Meta's real Llama 3 tokenizer.model."""
+    return load_tokenizer(meta_tokenizer_path), MetaTokenizer(meta_tokenizer_path)
+
+
+@pytest.mark.parametrize("index", range(len(META_TEXTS)))
+def test_real_llama3_tokenizer_encodes_like_meta(meta_pair, index):
+    ours, meta = meta_pair
+    text = META_TEXTS[index]
+    ids = ours.encode(text, bos=True, eos=True)
+    assert ids == meta.encode(text, bos=True, eos=True)
+    assert ours.encode(text, allow_special=True) == meta.encode(
+        text, bos=False, eos=False, allowed_special="all"
+    )
+    assert ours.decode(ids) == meta.decode(ids)
+
+
+def test_real_llama3_tokenizer_ids_and_special_tokens_match_meta(meta_pair):
+    ours, meta = meta_pair
+    assert isinstance(ours, TiktokenTokenizer) and ours.vocab_size == meta.n_words == 128256
+    assert ours.encode("Hello world") == [9906, 1917]
+    assert {name: ours.token_id(name) for name in meta.special_tokens} == meta.special_tokens
+    assert llama3_special_tokens() == list(meta.special_tokens)
+    assert (ours.bos_id, ours.eos_id, ours.pad_id) == (meta.bos_id, meta.eos_id, meta.pad_id)
+    assert ours.stop_ids == set(meta.stop_tokens)

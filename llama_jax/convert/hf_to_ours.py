@@ -3,17 +3,18 @@
     python -m llama_jax.convert.hf_to_ours HF_DIR OUT_DIR [--dtype bfloat16] [--step 0]
 
 Reads config.json and the safetensors files (one file or an index of shards)
-through `llama_jax.hf.read_hf_tensors`, one tensor per call so the memory map
-of the files it touched is released before the next, and writes each tensor
-into the checkpoint with `ParamsWriter` (layer slices straight into the
+through `llama_jax.hf.read_hf_tensors`, one tensor per call, and writes each
+tensor into the checkpoint with `ParamsWriter` (layer slices straight into the
 stacked on-disk arrays).
 
-Memory bound: baseline + about 2x the largest tensor (at any moment two of:
-the mapped source pages, the read copy, our contiguous copy in the target
-dtype, tensorstore's encode buffer; tensorstore may keep one encode buffer
-between writes). Measured for a 2.1 GB checkpoint with 128 MiB tensors:
-peak 270 to 280 MiB above baseline (2.1x); tests/test_convert.py asserts
-< 3x. For Llama 3.1 405B in bf16 the largest tensor is the 4.2 GB embedding.
+Memory bound: baseline + about 2x the largest tensor. At any moment two of:
+the source tensor as read, our contiguous copy in the target dtype (none if
+the source already is one), tensorstore's zstd output for it (tensorstore
+encodes from our copy, and its freed buffers go back to the OS after each
+tensor). Measured on 317 MiB of float32 random normal weights whose largest
+tensors are the 125 MiB embedding and head: 1.5x to bfloat16, 2.0x to
+float32 (tests/test_convert.py asserts < 1.75x and < 2.25x). For Llama 3.1
+405B in bf16 the largest tensor is the 4.2 GB embedding.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from llama_jax.checkpoint import ParamsWriter, as_contiguous
+from llama_jax.checkpoint_io import ParamsWriter, as_contiguous
 from llama_jax.config import ModelConfig
 from llama_jax.convert import DTYPES, ConvertError, progress, run_cli, staged_output
 from llama_jax.hf import read_hf_config, read_hf_tensors, weight_rules
@@ -42,7 +43,8 @@ def convert_hf_to_ours(hf_dir: str | Path, output: str | Path, dtype: str = "bfl
     with staged_output(output) as staging, ParamsWriter(staging, config, step) as writer:
         with progress(len(names), "hf -> ours", show_progress) as bar:
             for name in names:
-                # One call per tensor: unpacking ends the generator, and with it the file maps.
+                # One call per tensor: unpacking ends the generator, whose frame would
+                # otherwise keep the source array alive through the write.
                 [(path, index, weight)] = read_hf_tensors(hf_dir, config, names={name})
                 weight = as_contiguous(weight, writer.dtype)  # drops the source copy
                 writer.write(path, index, weight)

@@ -28,14 +28,13 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
-from llama_jax.checkpoint import ParamsWriter, as_contiguous
-from llama_jax.config import ConfigError, ModelConfig, RopeScaling
+from llama_jax.checkpoint_io import ParamsWriter, as_contiguous
+from llama_jax.config import ConfigError, ModelConfig, RopeScaling, load_model_config, published_models
 from llama_jax.convert import DTYPES, ConvertError, progress, run_cli, staged_output
 from llama_jax.hf import HF_WEIGHTS, to_ours
 
@@ -75,15 +74,17 @@ def convert_meta_to_ours(meta_dir: str | Path, output: str | Path, dtype: str = 
     vocab_size: overrides params.json (needed when it says -1 and there is no
       SentencePiece `tokenizer.model` to count, as in Llama 2).
     rope_scaling: "none", a factor (e.g. "8" for 3.1, "32" for 3.2 1B/3B) or a
-      JSON object of RopeScaling fields; default from params.json's
-      `use_scaled_rope` (and `rope_scaling_factor` if present, else 8).
+      JSON object of RopeScaling fields. Default: none unless params.json says
+      `use_scaled_rope`; then its `rope_scaling_factor`, or the factor of the
+      published Llama 3.1/3.2 size with these shapes (`published_rope_factor`);
+      any other shape is refused, never guessed.
     Returns the stored config; raises a ValueError subclass on bad input.
     """
     meta_dir = Path(meta_dir)
     shards = find_shards(meta_dir)
     first = load_shard(shards[0])
     config = meta_config(meta_dir, first, len(shards), dtype, vocab_size, rope_scaling, max_seq_len,
-                         Path(tokenizer) if tokenizer else meta_dir / "tokenizer.model", show_progress)
+                         Path(tokenizer) if tokenizer else meta_dir / "tokenizer.model")
     embedding_split = _embedding_split(first["tok_embeddings.weight"].shape, config, len(shards))
     del first
     groups = [[(rule, None)] for rule in META_WEIGHTS if "{i}" not in rule.name
@@ -131,8 +132,7 @@ def load_shard(path: Path) -> dict:
 
 
 def meta_config(meta_dir: Path, first: dict, n_shards: int, dtype: str, vocab_size: int | None,
-                rope_scaling: str | None, max_seq_len: int | None, tokenizer: Path,
-                verbose: bool = True) -> ModelConfig:
+                rope_scaling: str | None, max_seq_len: int | None, tokenizer: Path) -> ModelConfig:
     """Our ModelConfig from params.json, flags and (for vocab and tying) shard 0's tensors."""
     path = meta_dir / "params.json"
     if not path.is_file():
@@ -151,12 +151,10 @@ def meta_config(meta_dir: Path, first: dict, n_shards: int, dtype: str, vocab_si
         n_layers, norm_eps = int(params["n_layers"]), float(params["norm_eps"])
     except KeyError as err:
         raise ConvertError(f"{path}: missing field {err.args[0]}") from None
+    n_kv_heads = int(params.get("n_kv_heads") or n_heads)
     if "tok_embeddings.weight" not in first:
         raise ConvertError(f"{meta_dir / 'consolidated.00.pth'}: missing tensor tok_embeddings.weight")
-    scaling = _rope_scaling(rope_scaling, params, verbose)
-    theta = float(params.get("rope_theta", 10000.0))
-    if max_seq_len is None:  # Meta's published contexts; params.json does not say
-        max_seq_len = int(params.get("max_seq_len") or (131072 if scaling else 8192 if theta >= 500000 else 4096))
+    _check_shard_count(meta_dir, first, n_shards, n_heads * (dim // n_heads))
     shape_vocab = _embedding_vocab(first["tok_embeddings.weight"].shape, dim, n_shards)
     vocab, source = _declared_vocab(vocab_size, params, tokenizer)
     if vocab is None:
@@ -164,16 +162,33 @@ def meta_config(meta_dir: Path, first: dict, n_shards: int, dtype: str, vocab_si
     elif vocab != shape_vocab:
         raise ConvertError(f"{meta_dir}: vocab_size {vocab} (from {source}) does not match tok_embeddings, "
                            f"which holds {shape_vocab} rows across {n_shards} shards")
+    scaling = _rope_scaling(rope_scaling, params, (dim, n_layers, n_heads, n_kv_heads, vocab), path)
+    theta = float(params.get("rope_theta", 10000.0))
+    if max_seq_len is None:  # Meta's published contexts; params.json does not say
+        max_seq_len = int(params.get("max_seq_len") or (131072 if scaling else 8192 if theta >= 500000 else 4096))
     try:
-        return ModelConfig(dim=dim, n_layers=n_layers, n_heads=n_heads,
-                           n_kv_heads=int(params.get("n_kv_heads") or n_heads), ffn_dim=ffn_dim,
+        return ModelConfig(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, ffn_dim=ffn_dim,
                            vocab_size=vocab, rope_theta=theta, rope_scaling=scaling, max_seq_len=max_seq_len,
                            norm_eps=norm_eps, tie_embeddings="output.weight" not in first, param_dtype=dtype)
     except ConfigError as err:
         raise ConvertError(f"{path}: {err}") from None
 
 
-def _rope_scaling(flag: str | None, params: dict, verbose: bool) -> RopeScaling | None:
+def _check_shard_count(meta_dir: Path, first: dict, n_shards: int, q_rows: int) -> None:
+    """Meta splits wq's rows (n_heads * head_dim) evenly over the ranks, so shard 0 tells their number."""
+    wq = first.get("layers.0.attention.wq.weight")
+    if wq is None or wq.ndim != 2 or not 0 < wq.shape[0] <= q_rows or q_rows % wq.shape[0]:
+        return  # no count to derive; the gathered shapes are checked tensor by tensor
+    expected = q_rows // wq.shape[0]
+    if expected != n_shards:
+        names = "consolidated.00.pth" if expected == 1 else f"consolidated.00..{expected - 1:02d}.pth"
+        raise ConvertError(f"{meta_dir}: expected {expected} shard{'s' * (expected > 1)} {names} "
+                           f"(shard 0 holds {wq.shape[0]} of wq's {q_rows} rows), found {n_shards}")
+
+
+def _rope_scaling(flag: str | None, params: dict, shape: tuple[int, int, int, int, int],
+                  path: Path) -> RopeScaling | None:
+    """The flag, else params.json's use_scaled_rope with its factor or the published one for `shape`."""
     if flag is not None:
         text = flag.strip()
         if text.lower() == "none":
@@ -192,10 +207,36 @@ def _rope_scaling(flag: str | None, params: dict, verbose: bool) -> RopeScaling 
     if not params.get("use_scaled_rope"):
         return None
     factor = params.get("rope_scaling_factor")
-    if factor is None and verbose:
-        print("note: params.json has use_scaled_rope without a factor; using 8 (Llama 3.1). "
-              "Pass --rope-scaling 32 for Llama 3.2 1B/3B.", file=sys.stderr)
-    return RopeScaling(factor=float(factor or 8.0))
+    if factor is None:
+        factor = published_rope_factor(*shape)
+    if factor is None:
+        dim, n_layers, n_heads, n_kv_heads, vocab = shape
+        raise ConvertError(f"{path}: use_scaled_rope without rope_scaling_factor, and dim {dim}, {n_layers} layers, "
+                           f"{n_heads} heads, {n_kv_heads} kv heads, vocab {vocab} is no published Llama 3.1/3.2 "
+                           "size; pass --rope-scaling FACTOR (8 for Llama 3.1, 32 for Llama 3.2 1B/3B)")
+    return RopeScaling(factor=float(factor))
+
+
+def published_rope_factor(dim: int, n_layers: int, n_heads: int, n_kv_heads: int, vocab_size: int) -> float | None:
+    """The llama3 RoPE factor of the published model with these shapes, or None if none (or two) fit.
+
+    Meta's params.json says `use_scaled_rope: true` without a factor for Llama
+    3.1 (factor 8) and 3.2 1B/3B (factor 32; REFERENCE.md). The published
+    sizes are the configs in configs/models/ whose scaling has Meta's fixed
+    parameters (low 1, high 4, original context 8192, the RopeScaling defaults).
+    """
+    meta = RopeScaling()
+    factors = set()
+    for name in published_models():
+        config = load_model_config(name)
+        scaling = config.rope_scaling
+        if scaling is None or (scaling.low_freq_factor, scaling.high_freq_factor, scaling.original_context) != (
+                meta.low_freq_factor, meta.high_freq_factor, meta.original_context):
+            continue
+        if (config.dim, config.n_layers, config.n_heads, config.n_kv_heads, config.vocab_size) == (
+                dim, n_layers, n_heads, n_kv_heads, vocab_size):
+            factors.add(scaling.factor)
+    return factors.pop() if len(factors) == 1 else None
 
 
 def _declared_vocab(flag: int | None, params: dict, tokenizer: Path) -> tuple[int | None, str]:
@@ -304,7 +345,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokenizer", help="SentencePiece tokenizer.model to count the vocabulary "
                         "(default: META_DIR/tokenizer.model)")
     parser.add_argument("--rope-scaling", help="none, a llama3 factor (8 for 3.1, 32 for 3.2 1B/3B) or a JSON "
-                        "object; default from params.json use_scaled_rope")
+                        "object; default from params.json use_scaled_rope and the published sizes' factors")
     parser.add_argument("--max-seq-len", type=int, help="context length (default: the generation's published one)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)

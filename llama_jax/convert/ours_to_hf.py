@@ -8,6 +8,12 @@ config.json (rope settings in both the transformers 4.x and 5.x forms, from
 `llama_jax.hf.config_to_hf`), generation_config.json, and copies tokenizer
 files from --tokenizer if given. No code of ours is needed to load the result.
 
+Special ids: config.json gets the BOS and EOS ids, generation_config.json
+BOS and every id that ends generation (Llama 3: end_of_text, eom_id, eot_id),
+so transformers' `generate` stops where our `generate` does. They come from
+the flags, else the --tokenizer files (`llama_jax.tokenizer.load_tokenizer`),
+else the published vocabulary sizes of Llama 2 and 3.
+
 Streaming: tensor names, shapes and byte offsets are all known from the
 config, so each file's safetensors header is written first and the tensors
 are then read one at a time from the checkpoint (one layer slice of a stacked
@@ -29,22 +35,29 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from llama_jax.checkpoint import ParamsReader, as_contiguous
+from llama_jax.checkpoint_io import ParamsReader, as_contiguous
 from llama_jax.convert import DTYPES, ConvertError, progress, run_cli, staged_output
 from llama_jax.hf import config_to_hf, to_hf, weight_rules
+from llama_jax.tokenizer import load_tokenizer
 
 SAFETENSORS_DTYPES = {"bfloat16": ("BF16", ml_dtypes.bfloat16), "float32": ("F32", np.float32)}
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json")
-# Token ids of the two tokenizer families (REFERENCE.md), used when no flag names them.
-KNOWN_SPECIAL_IDS = {32000: (1, 2), 128256: (128000, 128001)}
+# BOS and the ids that end generation (EOS first) of the two tokenizer families
+# (REFERENCE.md), by vocabulary size, for exports without a tokenizer or flags.
+KNOWN_SPECIAL_IDS = {32000: (1, (2,)), 128256: (128000, (128001, 128008, 128009))}
 
 
 def export_hf(checkpoint_dir: str | Path, output: str | Path, dtype: str = "bfloat16", step: int | None = None,
               tokenizer: str | Path | None = None, max_shard_bytes: int = 5 * 10**9,
               bos_token_id: int | None = None, eos_token_id: int | list[int] | None = None,
               show_progress: bool = True) -> None:
-    """Write checkpoint step `step` (latest by default) as a new HF directory `output` in `dtype`."""
+    """Write checkpoint step `step` (latest by default) as a new HF directory `output` in `dtype`.
+
+    tokenizer: a directory whose tokenizer files are copied; BOS, EOS and the
+      stop ids are read from them. bos_token_id / eos_token_id (one id or a
+      list, EOS first) override them.
+    """
     if dtype not in SAFETENSORS_DTYPES:
         raise ConvertError(f"--dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
     tokenizer_files = _tokenizer_files(Path(tokenizer)) if tokenizer else []
@@ -53,9 +66,7 @@ def export_hf(checkpoint_dir: str | Path, output: str | Path, dtype: str = "bflo
     tag, np_dtype = SAFETENSORS_DTYPES[dtype]
     tensors = _tensor_plan(config, reader)
     files = _split_into_files(tensors, np.dtype(np_dtype).itemsize, max_shard_bytes)
-    known = KNOWN_SPECIAL_IDS.get(config.vocab_size, (None, None))
-    bos = bos_token_id if bos_token_id is not None else known[0]
-    eos = eos_token_id if eos_token_id is not None else known[1]
+    bos, stops = _special_ids(config.vocab_size, Path(tokenizer) if tokenizer else None, bos_token_id, eos_token_id)
     with staged_output(output) as staging:
         weight_map = {}
         with progress(len(tensors), "ours -> hf", show_progress) as bar:
@@ -67,10 +78,13 @@ def export_hf(checkpoint_dir: str | Path, output: str | Path, dtype: str = "bflo
         _write_json(staging / "model.safetensors.index.json",
                     {"metadata": {"total_size": total}, "weight_map": weight_map})
         hf_config = config_to_hf(config, torch_dtype=dtype)
-        hf_config.update(bos_token_id=bos, eos_token_id=eos)
+        hf_config.update(bos_token_id=bos, eos_token_id=stops[0] if stops else None)
         _write_json(staging / "config.json", hf_config)
         generation = {"_from_model_config": True}
-        generation.update({k: v for k, v in (("bos_token_id", bos), ("eos_token_id", eos)) if v is not None})
+        if bos is not None:
+            generation["bos_token_id"] = bos
+        if stops:
+            generation["eos_token_id"] = stops[0] if len(stops) == 1 else list(stops)
         _write_json(staging / "generation_config.json", generation)
         for path in tokenizer_files:
             shutil.copy2(path, staging / path.name)
@@ -130,6 +144,24 @@ def _write_safetensors(path: Path, tensors, tag: str, np_dtype, reader: ParamsRe
             bar.update()
 
 
+def _special_ids(vocab_size: int, tokenizer: Path | None, bos_token_id: int | None,
+                 eos_token_id: int | list[int] | None) -> tuple[int | None, tuple[int, ...]]:
+    """BOS and the ids that end generation, EOS first: flags, else the tokenizer, else the vocabulary size."""
+    if tokenizer is not None:
+        tok = load_tokenizer(tokenizer)
+        if tok.vocab_size > vocab_size:
+            raise ConvertError(f"{tokenizer}: the tokenizer has {tok.vocab_size} ids but the model's vocabulary "
+                               f"is {vocab_size}; pass the model's own tokenizer")
+        bos, stops = tok.bos_id, (tok.eos_id, *sorted(tok.stop_ids - {tok.eos_id}))
+    else:
+        bos, stops = KNOWN_SPECIAL_IDS.get(vocab_size, (None, ()))
+    if bos_token_id is not None:
+        bos = bos_token_id
+    if eos_token_id is not None:
+        stops = tuple(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else (eos_token_id,)
+    return bos, stops
+
+
 def _tokenizer_files(directory: Path) -> list[Path]:
     if not directory.is_dir():
         raise ConvertError(f"{directory}: tokenizer directory not found")
@@ -152,13 +184,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--step", type=int, help="step to export (default: the latest)")
     parser.add_argument("--tokenizer", help="directory whose tokenizer files are copied alongside")
     parser.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors file, in GB")
-    parser.add_argument("--bos-token-id", type=int, help="default: from the vocabulary size (Llama 2 or 3)")
-    parser.add_argument("--eos-token-id", type=int, action="append", help="repeatable; default as for BOS")
+    parser.add_argument("--bos-token-id", type=int,
+                        help="default: from --tokenizer, else from the vocabulary size (Llama 2 or 3)")
+    parser.add_argument("--eos-token-id", type=int, action="append",
+                        help="repeatable, EOS first (config.json takes the first, generation_config.json all); "
+                        "default: EOS and the stop ids, as for BOS")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
-    eos = args.eos_token_id[0] if args.eos_token_id and len(args.eos_token_id) == 1 else args.eos_token_id
     export_hf(args.checkpoint, args.output, args.dtype, args.step, args.tokenizer,
-              int(args.max_shard_gb * 10**9), args.bos_token_id, eos, not args.no_progress)
+              int(args.max_shard_gb * 10**9), args.bos_token_id, args.eos_token_id, not args.no_progress)
     print(f"wrote {args.output}")
 
 
