@@ -24,8 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
+from llama_jax import mesh_context
 from llama_jax.attention import attend
 from llama_jax.config import LoraConfig, ModelConfig
+from llama_jax.context_parallel import balance, balanced_order, length_shards
 from llama_jax.rope import apply_rotary, inverse_frequencies, rotary_angles
 from llama_jax.swiglu import swiglu
 
@@ -127,17 +129,27 @@ class Attention(nn.Module):
         k_btnk = _constrain(apply_rotary(k_btnk, *rope), "batch", "length", "kv_heads", "head_dim")
         v_btnk = _constrain(v_btnk, "batch", "length", "kv_heads", "head_dim")
 
-        q_coord, k_coord = coords
-        if cache is not None:
+        if coords is None:
+            # The sequence attends to itself: static coordinates, its rows in
+            # the order the model put them in (load-balanced when the layout
+            # splits the length, see context_parallel).
+            shards = length_shards()
+            order = balanced_order(q_bthk.shape[1], shards)
+            if cache is not None:  # a prompt from position 0: its keys fill slots 0..t-1
+                cache = {name: jax.lax.dynamic_update_slice(
+                    cache[name], balance(x, shards).astype(cache[name].dtype), (0, 0, 0, 0))
+                    for name, x in (("k", k_btnk), ("v", v_btnk))}
+            coords = (order, order)
+        elif cache is not None:
             # Write this step's keys and values at their positions, then attend
             # to the whole cache; slots past a query's position stay invisible.
-            positions_bt = q_coord
+            positions_bt = coords[0]
             rows_b1 = jnp.arange(positions_bt.shape[0])[:, None]
             k_cache = cache["k"].at[rows_b1, positions_bt].set(k_btnk.astype(cache["k"].dtype))
             v_cache = cache["v"].at[rows_b1, positions_bt].set(v_btnk.astype(cache["v"].dtype))
             cache = {"k": k_cache, "v": v_cache}
             k_btnk, v_btnk = k_cache.astype(cfg.dtype), v_cache.astype(cfg.dtype)
-        out_bthk = attend(q_bthk, k_btnk, v_btnk, q_coord, k_coord, *segments,
+        out_bthk = attend(q_bthk, k_btnk, v_btnk, *coords, *segments,
                           impl=cfg.attention, block=cfg.attention_block)
         out_bthk = checkpoint_name(out_bthk, "attention_out")
         out_btd = linear((h, k, d), ("heads", "head_dim", "embed"), "bthk,hkd->btd", "wo", 2)(out_bthk)
@@ -147,9 +159,10 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x).
 
-    Without adapters on w1/w2/w3 it runs `llama_jax.swiglu` (a hand-written
-    backward pass, see there); with them, plain autodiff, which then skips
-    the frozen kernels' gradients.
+    With `swiglu_backward: manual` (what `auto` picks on CPU) and no adapters
+    on w1/w2/w3 it runs `llama_jax.swiglu`, a hand-written backward pass
+    tuned for XLA:CPU (see there); otherwise plain autodiff, which leaves
+    XLA free to fuse on TPU and skips frozen kernels' gradients under LoRA.
     """
 
     config: ModelConfig
@@ -164,7 +177,9 @@ class FeedForward(nn.Module):
         w3 = linear((d, f), ("embed", "mlp"), "btd,df->btf", "w3")
         w2 = linear((f, d), ("mlp", "embed"), "btf,fd->btd", "w2")
         x_btd = x_btd.astype(cfg.dtype)
-        if not any(cfg.lora_for(name) for name in ("w1", "w2", "w3")):
+        manual = cfg.swiglu_backward == "manual" or (
+            cfg.swiglu_backward == "auto" and mesh_context.platform() == "cpu")
+        if manual and not any(cfg.lora_for(name) for name in ("w1", "w2", "w3")):
             return swiglu(x_btd, w1.weights(), w3.weights(), w2.weights())
         hidden_btf = nn.with_logical_constraint(jax.nn.silu(w1(x_btd)) * w3(x_btd), ("batch", "length", "mlp"))
         return w2(hidden_btf)
@@ -212,16 +227,20 @@ class Llama(nn.Module):
             self.output = Linear((cfg.dim, cfg.vocab_size), ("embed", "vocab"), "...d,dv->...v",
                                  cfg.dtype, cfg.param_dtype)
 
-    def __call__(self, tokens_bt, positions_bt, segment_ids_bt=None, cache: Cache | None = None,
+    def __call__(self, tokens_bt, positions_bt=None, segment_ids_bt=None, cache: Cache | None = None,
                  return_hidden: bool = False):
         """Logits [batch, time, vocab] (float32) and the updated cache (None if none given).
 
-        tokens_bt, positions_bt: int32 [batch, time]. segment_ids_bt: int32
-        [batch, time] document ids of packed rows (tokens attend within their
-        own id only); not used with a cache. cache: from `init_cache`; keys
-        and values are written at `positions_bt`. With `return_hidden`, the
-        final-normed hidden states [batch, time, dim] are returned instead of
-        logits, for a loss that projects them in chunks (see `logits`).
+        tokens_bt, positions_bt: int32 [batch, time]; positions None means
+        0..time-1 in every row. segment_ids_bt: int32 [batch, time] document
+        ids of packed rows (tokens attend within their own id only). cache:
+        from `init_cache`; keys and values are written at `positions_bt`, and
+        attention runs over the whole cache. With a cache and positions None
+        the tokens are a prompt from its start: they fill slots 0..time-1 and
+        attend to each other (as without a cache, so the splash kernel and
+        context parallelism apply). With `return_hidden`, the final-normed
+        hidden states [batch, time, dim] are returned instead of logits, for
+        a loss that projects them in chunks (see `logits`).
 
         Token ids are not checked here (under jit a data-dependent error is
         impossible): an id >= vocab_size gives NaN logits (the embedding gather
@@ -230,17 +249,22 @@ class Llama(nn.Module):
         `check_token_ids` (generate, the data sources).
         """
         cfg = self.config
+        b, t = tokens_bt.shape
+        self_attention = cache is None or positions_bt is None
+        shards = length_shards() if self_attention else 1
+        if positions_bt is None:
+            positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        if self_attention:
+            # Under context parallelism every shard gets an early and a late
+            # part of the sequence (context_parallel.balance), undone below.
+            tokens_bt, positions_bt = balance(tokens_bt, shards), balance(positions_bt, shards)
+            segment_ids_bt = None if segment_ids_bt is None else balance(segment_ids_bt, shards)
+            coords, segments = None, (segment_ids_bt, segment_ids_bt)
+        else:
+            slots_bs = jnp.broadcast_to(jnp.arange(cache["k"].shape[2]), (b, cache["k"].shape[2]))
+            coords, segments = (positions_bt, slots_bs), (None, None)
         rope = rotary_angles(positions_bt, inverse_frequencies(cfg.head_dim, cfg.rope_theta,
                                                                cfg.rope_scaling))
-        if cache is None:
-            rows_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
-            coords = (rows_bt, rows_bt)
-            segments = (segment_ids_bt, segment_ids_bt)
-        else:
-            slots_bs = jnp.broadcast_to(jnp.arange(cache["k"].shape[2]),
-                                        (tokens_bt.shape[0], cache["k"].shape[2]))
-            coords = (positions_bt, slots_bs)
-            segments = (None, None)
         x_btd = _constrain(self.embed(tokens_bt), "batch", "length", "embed")
         if cfg.scan_layers:
             x_btd, cache = self.layers(x_btd, cache, rope, coords, segments)
@@ -252,7 +276,7 @@ class Llama(nn.Module):
                 new_layers.append(layer_cache)
             if cache is not None:
                 cache = jax.tree.map(lambda *cs: jnp.stack(cs), *new_layers)
-        hidden_btd = self.norm(x_btd)
+        hidden_btd = balance(self.norm(x_btd), shards)
         if return_hidden:
             return hidden_btd, cache
         return self.logits(hidden_btd), cache
