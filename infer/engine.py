@@ -65,7 +65,7 @@ class Engine:
     """
 
     def __init__(self, config: ModelConfig, layout: str | Layout | None = None, devices=None,
-                 unroll_layers: bool | None = None, prefill_chunk: int = 8192):
+                 unroll_layers: bool | None = None, prefill_chunk: int = decoding.PREFILL_CHUNK):
         if layout is None:
             layout, devices = load_layout("dp"), [jax.devices()[0]]
         elif isinstance(layout, str):

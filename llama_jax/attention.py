@@ -18,11 +18,13 @@ Implementations (`ModelConfig.attention`):
   query can see; any coordinates.
 - `splash`: the Pallas TPU kernel (llama_jax/splash.py), per device under the
   layout in scope, with context parallelism when `length` is split; static
-  coordinates only. With traced coordinates (a KV cache) it hands over to
-  `blocked` for prefill chunks and `xla` for decode steps.
-- `auto` (default): on TPU as `splash`; elsewhere `xla` up to
-  AUTO_XLA_MAX_KEYS keys and `blocked` beyond (measured on CPU, see
-  docs/benchmarks.md).
+  coordinates only. Where it does not apply (traced coordinates of a KV
+  cache, or shapes the layout's axes do not divide, such as
+  initialisation's one-token input) it hands over to `blocked`, or to `xla`
+  for a single query.
+- `auto` (default): on TPU as `splash`; elsewhere `xla` for decode steps
+  and up to AUTO_XLA_MAX_KEYS keys, `blocked` beyond (the faster of the two
+  on CPU by `python bench/attention.py --cpu`, see docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -33,21 +35,23 @@ import numpy as np
 
 from llama_jax import mesh_context
 from llama_jax.blocked_attention import blocked_attend
-from llama_jax.splash import splash_attend
+from llama_jax.splash import fits_layout, splash_attend
 
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
-AUTO_XLA_MAX_KEYS = 4096
+AUTO_XLA_MAX_KEYS = 512
 
 
-def implementation(impl: str, static_coords: bool, q_len: int, k_len: int) -> str:
-    """The implementation `attend` runs for config value `impl` on the platform in scope."""
+def implementation(impl: str, static_coords: bool, q_shape, k_shape) -> str:
+    """The implementation `attend` runs for config value `impl` on the platform in scope,
+    for queries [b, t, h, k] and keys [b, s, n, k]."""
+    (b, t, h, _), (_, s, n, _) = q_shape, k_shape
     if impl == "auto":
         if mesh_context.platform() == "tpu":
             impl = "splash"
         else:
-            return "xla" if k_len <= AUTO_XLA_MAX_KEYS else "blocked"
-    if impl == "splash" and not static_coords:
-        return "xla" if q_len == 1 else "blocked"
+            return "xla" if t == 1 or s <= AUTO_XLA_MAX_KEYS else "blocked"
+    if impl == "splash" and not (static_coords and fits_layout(b, t, h, n)):
+        return "xla" if t == 1 else "blocked"
     return impl
 
 
@@ -62,7 +66,7 @@ def attend(q_bthk, k_bsnk, v_bsnk, q_coord, k_coord, q_segment_bt=None, k_segmen
     b, t, h, k = q_bthk.shape
     s, n = k_bsnk.shape[1], k_bsnk.shape[2]
     static = isinstance(q_coord, np.ndarray)
-    impl = implementation(impl, static, t, s)
+    impl = implementation(impl, static, q_bthk.shape, k_bsnk.shape)
     q_bthk = q_bthk * jnp.asarray(k ** -0.5, q_bthk.dtype)
     if impl == "splash":
         return splash_attend(q_bthk, k_bsnk, v_bsnk, q_coord, k_coord, q_segment_bt, k_segment_bs,

@@ -43,6 +43,7 @@ from llama_jax.sampling import Sampling, row_keys, sample, step_keys
 State = dict[str, Any]
 
 NO_TOKEN = -1  # in a decode chunk's output: the row produced nothing at that step
+PREFILL_CHUNK = 8192  # default tokens per prefill step (infer's Engine, train.compile)
 
 # Logical axes of every state entry, for `Placement.tree_shardings`.
 STATE_AXES = {"cache": {"k": CACHE_AXES, "v": CACHE_AXES}, "token": ("batch",), "pos": ("batch",),

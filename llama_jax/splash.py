@@ -49,6 +49,16 @@ def _block_for(length: int, block: int) -> int:
                      "which the splash kernel needs; pad the sequence or use attention=blocked")
 
 
+def fits_layout(b: int, t: int, h: int, n: int) -> bool:
+    """Whether [b, t, h] queries and n kv heads split evenly under the layout in scope,
+    in whole blocks of LANES tokens per length shard (always true without a mesh)."""
+    q_spec = mesh_context.spec("batch", "length", "heads", "head_dim")
+    kv_heads = mesh_context.shards(mesh_context.spec("batch", "length", "kv_heads", "head_dim")[2])
+    length = mesh_context.shards(q_spec[1])
+    return (b % mesh_context.shards(q_spec[0]) == 0 and h % mesh_context.shards(q_spec[2]) == 0
+            and n % kv_heads == 0 and (length == 1 or t % (length * LANES) == 0))
+
+
 def _kernel(q_coord_t: np.ndarray, heads: int, block_q: int, block_kv: int, q_shards: int,
             interpret: bool):
     """A splash kernel for `heads` query heads sharing one kv head.

@@ -124,13 +124,17 @@ def test_balanced_order_gives_every_shard_the_same_causal_work():
     np.testing.assert_array_equal(balance(order, shards, axis=0), np.arange(t))
 
 
-def test_off_tpu_auto_is_xla_for_short_and_blocked_for_long_sequences():
-    assert implementation("auto", True, 512, 512) == "xla"
-    assert implementation("auto", True, 8192, 8192) == "blocked"
+def test_off_tpu_auto_is_xla_for_short_sequences_and_decode_steps_and_blocked_beyond():
+    def shapes(t, s):
+        return (2, t, 8, 64), (2, s, 2, 64)
+
+    assert implementation("auto", True, *shapes(512, 512)) == "xla"
+    assert implementation("auto", True, *shapes(1024, 1024)) == "blocked"
+    assert implementation("auto", False, *shapes(1, 8192)) == "xla"
     # splash takes sequences attending to themselves; over a KV cache it hands over
-    assert implementation("splash", False, 1, 4096) == "xla"
-    assert implementation("splash", False, 256, 4096) == "blocked"
-    assert implementation("splash", True, 256, 256) == "splash"
+    assert implementation("splash", False, *shapes(1, 4096)) == "xla"
+    assert implementation("splash", False, *shapes(256, 4096)) == "blocked"
+    assert implementation("splash", True, *shapes(256, 256)) == "splash"
 
 
 def test_splash_over_other_keys_is_a_one_line_error():

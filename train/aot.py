@@ -16,15 +16,15 @@ import time
 class CompileResult:
     """One compile's figures; bytes and FLOPs are per chip unless named otherwise."""
 
-    program: str                  # "train" or "decode"
+    program: str                  # "train", "decode" or "prefill"
     topology: str
     slices: int
     chip: str
     chips: int
     layout: str
     mesh: dict[str, int]
-    batch: int                    # global rows (decode: sequences)
-    seq_len: int                  # decode: cache length
+    batch: int                    # global rows (decode, prefill: sequences)
+    seq_len: int                  # decode: cache length; prefill: prompt length
     grad_accum: int
     remat: str
     dtype: str
@@ -106,6 +106,34 @@ def decode_program(config, placement, batch: int, cache_len: int):
     return step, (params, state, stops)
 
 
+def prefill_program(config, placement, batch: int, prompt_len: int, chunk: int | None):
+    """(jitted prefill, abstract sharded args): `llama_jax.decoding.prefill` as infer's Engine
+    jits it, for `batch` prompts of `prompt_len` tokens into a cache of that length, `chunk`
+    tokens per step (None: all at once)."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from llama_jax import decoding
+    from llama_jax.model import Llama
+    from llama_jax.params import abstract_params
+    from llama_jax.sampling import Sampling
+
+    config = config.replace(remat="none")
+    replicated = NamedSharding(placement.mesh, PartitionSpec())
+    row = placement.sharding("batch")
+    step = jax.jit(functools.partial(decoding.prefill, Llama(config), sampling=Sampling(),
+                                     cache_len=prompt_len, chunk=chunk),
+                   out_shardings=(placement.tree_shardings(decoding.STATE_AXES), replicated, replicated))
+    params = _abstract(abstract_params(config), placement.param_shardings(config))
+    ints = lambda shape, sharding: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding)  # noqa: E731
+    args = (params, ints((batch, prompt_len), placement.sharding("batch", "length")),
+            ints((batch,), row), ints((batch,), row), ints((), replicated), ints((1,), replicated))
+    return step, args
+
+
 # --- compiling ---------------------------------------------------------------------------
 
 
@@ -131,8 +159,13 @@ def _out_of_memory_reason(err: Exception) -> str | None:
 
 
 def compile_run(run, devices, *, topology: str = "", slices: int = 1, program: str = "train",
-                decode_batch: int | None = None, cache_len: int | None = None) -> CompileResult:
-    """Compile `run`'s train step (or decode step) for `devices` and judge whether it fits.
+                decode_batch: int | None = None, cache_len: int | None = None,
+                prefill_chunk: int | None = None) -> CompileResult:
+    """Compile `run`'s train, decode or prefill step for `devices` and judge whether it fits.
+
+    decode / prefill: `decode_batch` sequences (default data.global_batch) with a
+    cache of `cache_len` (default data.seq_len; prefill: the prompt length),
+    prefilled `prefill_chunk` tokens at a time (default decoding.PREFILL_CHUNK).
 
     `devices`: compile-only TPU devices (sharding.topology.topology_devices).
     LayoutError/ConfigError for input that cannot be placed; an out-of-memory
@@ -158,8 +191,14 @@ def compile_run(run, devices, *, topology: str = "", slices: int = 1, program: s
             from llama_jax.config import ConfigError
             raise ConfigError(f"cache length {seq_len} exceeds the model's max_seq_len "
                               f"{run.model.max_seq_len}")
-        validate(run.model, layout, placement.mesh, batch=batch)
-        step, args = decode_program(run.model, placement, batch, seq_len)
+        if program == "decode":
+            validate(run.model, layout, placement.mesh, batch=batch)
+            step, args = decode_program(run.model, placement, batch, seq_len)
+        else:
+            from llama_jax.decoding import PREFILL_CHUNK
+            chunk = prefill_chunk or PREFILL_CHUNK
+            validate(run.model, layout, placement.mesh, batch=batch, seq_len=min(chunk, seq_len))
+            step, args = prefill_program(run.model, placement, batch, seq_len, chunk)
     hbm = CHIP_HBM_BYTES[info.chip] / info.devices_per_chip
     result = CompileResult(
         program=program, topology=topology, slices=slices, chip=info.chip, chips=info.n_chips,

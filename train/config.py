@@ -28,6 +28,7 @@ from llama_jax.config import ConfigError, ModelConfig, check_keys, load_model_co
 from train.data import DataConfig
 
 DECAYS = ("cosine", "linear", "constant")
+PROGRAMS = ("train", "decode", "prefill")  # what train.compile can build for a run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +80,8 @@ class RunConfig:
     keep_checkpoints: int = 3
     chip: str = "cpu"
     tokenizer: str | None = None
+    topology: str | None = None            # the TPU slice it is planned for (train.compile's default)
+    programs: tuple[str, ...] = ("train",)  # what train.compile checks for it by default
 
     def __post_init__(self):
         for name in ("steps", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints"):
@@ -98,6 +101,11 @@ class RunConfig:
         if self.data.source == "synthetic" and self.data.vocab_size > self.model.vocab_size:
             raise ConfigError(f"data.vocab_size: {self.data.vocab_size} exceeds the model's vocab_size "
                               f"{self.model.vocab_size}")
+        object.__setattr__(self, "programs", tuple(self.programs))
+        if not self.programs or any(p not in PROGRAMS for p in self.programs):
+            raise ConfigError(f"programs: {list(self.programs)!r} must name some of {', '.join(PROGRAMS)}")
+        if self.topology is not None and not isinstance(self.topology, str):
+            raise ConfigError(f"topology: must be a TPU slice name like v5p:4x4x4, got {self.topology!r}")
         from train.metrics import PEAK_FLOPS  # late: metrics imports jax
         if self.chip not in PEAK_FLOPS:
             raise ConfigError(f"chip: {self.chip!r} is not one of {', '.join(PEAK_FLOPS)}")
