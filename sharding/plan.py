@@ -35,9 +35,10 @@ K head_dim, F ffn_dim, T seq_len; elements in `dtype` unless marked f32):
                         (norm inputs and outputs, q, k, v, attention output,
                          scores and probabilities, gate, up and their product)
 
-With `attention: blocked` the H*T score terms are replaced by the key-block
-scan's carries, (T / block) x (H*K + 2H) f32; with `splash` (and `auto`,
-which is splash on TPU) by each row's log-sum-exp, H f32. Each saved tensor is sharded by
+With `attention: blocked` the H*T score terms are replaced by what its
+backward pass keeps, the float32 output and each row's log-sum-exp,
+H*(K+1) f32; with `splash` (and `auto`, which is splash on TPU) by the
+log-sum-exp alone, H f32. Each saved tensor is sharded by
 the logical names the model gives it (e.g. [batch, length, embed]), so under
 fsdp_tp the carry is split over batch but not over tensor.
 
@@ -85,8 +86,7 @@ def _saved_per_layer(config: ModelConfig, policy: str, seq_len: int):
     attn_out = ("attention out", (h, k), ("heads", "head_dim"), False)
     embed_out = [(name, (d,), ("embed",), False) for name in ("wo out", "w2 out")]
     if config.attention == "blocked":
-        blocks = -(-seq_len // min(config.attention_block, seq_len))
-        scores = [("attention carries", (blocks, h, k + 2), (None, "heads", None), True)]
+        scores = [("output and log-sum-exp", (h, k + 1), ("heads", None), True)]
     elif config.attention in ("splash", "auto"):
         scores = [("log-sum-exp", (h,), ("heads",), True)]
     else:
