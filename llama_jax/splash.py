@@ -41,12 +41,10 @@ def _round_up(n: int, multiple: int) -> int:
 
 
 def _block_for(length: int, block: int) -> int:
-    """The largest multiple of LANES that divides `length` and is at most `block` (or LANES)."""
-    for size in range(max(LANES, block - block % LANES), 0, -LANES):
-        if length % size == 0:
-            return size
-    raise ValueError(f"attention: sequence length {length} per device is not a multiple of {LANES}, "
-                     "which the splash kernel needs; pad the sequence or use attention=blocked")
+    """The largest multiple of LANES that divides `length` (itself one) and is at most
+    `block`, or LANES."""
+    return next(size for size in range(max(LANES, block - block % LANES), 0, -LANES)
+                if length % size == 0)
 
 
 def fits_layout(b: int, t: int, h: int, n: int) -> bool:
