@@ -7,6 +7,8 @@ relative to each tensor's largest entry, in float32.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -143,3 +145,38 @@ def test_splash_over_other_keys_is_a_one_line_error():
     with pytest.raises(ValueError, match=r"^attention=splash attends a sequence to itself: key "
                                          r"coordinates must be a permutation of 0\.\.t-1$"):
         attend(q, keys[:, :32], values[:, :32], rows, rows[:32], impl="splash")
+
+
+def _largest_intermediate(jaxpr) -> int:
+    from jax.extend.core import jaxprs_in_params
+
+    largest = 0
+    for eqn in jaxpr.eqns:
+        for var in eqn.outvars:
+            largest = max(largest, int(np.prod(getattr(var.aval, "shape", ()))))
+        for sub in jaxprs_in_params(eqn.params):
+            largest = max(largest, _largest_intermediate(sub))
+    return largest
+
+
+def test_blocked_gradients_under_a_layer_scan_hold_no_square_of_scores():
+    """Two layers under `lax.scan`, as the model stacks them: with coordinates that are
+    loop invariants, JAX could hoist every block pair's mask and weights out of the
+    layer loop as [blocks, blocks, block, block] tables, t x t per head again."""
+    b, t, h, n, k = 1, 64, 4, 1, 8
+    rows = np.arange(t, dtype=np.int32)
+
+    def loss(x, weights, impl):
+        def layer(x, w):
+            q = x * w
+            return x + attend(q, q[:, :, :n], q[:, :, n:2 * n], rows, rows, impl=impl, block=16), None
+        return jax.lax.scan(layer, x, weights)[0].sum()
+
+    def largest(impl):
+        jaxpr = jax.make_jaxpr(jax.grad(functools.partial(loss, impl=impl), argnums=(0, 1)))(
+            jnp.ones((b, t, h, k)), jnp.ones((2, k))).jaxpr
+        return _largest_intermediate(jaxpr)
+
+    square = b * h * t * t
+    assert largest("xla") >= square  # the plain scores, for contrast
+    assert largest("blocked") < square
