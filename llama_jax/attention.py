@@ -34,10 +34,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama_jax import mesh_context
-from llama_jax.blocked_attention import blocked_attend
+from llama_jax.blocked_attention import MASKED_SCORE, blocked_attend
 from llama_jax.splash import fits_layout, splash_attend
 
-_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 AUTO_XLA_MAX_KEYS = 512
 
 
@@ -94,6 +93,6 @@ def _attend_xla(q_btngk, k_bsnk, v_bsnk, q_coord, k_coord, q_seg, k_seg):
     mask_bts = k_coord[:, None, :] <= q_coord[:, :, None]
     if q_seg is not None:
         mask_bts &= k_seg[:, None, :] == q_seg[:, :, None]
-    scores = jnp.where(mask_bts[:, None, :, None, :], scores, _MASKED)
+    scores = jnp.where(mask_bts[:, None, :, None, :], scores, MASKED_SCORE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_bsnk.dtype)
     return jnp.einsum("bntgs,bsnk->btngk", probs, v_bsnk)

@@ -21,7 +21,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
+MASKED_SCORE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: exp(masked - max) is 0, never NaN
 _NEVER = jnp.iinfo(jnp.int32).max  # coordinate of padding keys: no query reaches it
 _NOBODY = jnp.iinfo(jnp.int32).min  # coordinate of padding queries: they see no key
 
@@ -101,7 +101,7 @@ def _forward(q, k, v, qc, kc, qs, ks, block_q, block_k):
             def update(carry):
                 running_max, denom, acc = carry
                 scores, mask = _pair(q_c, k_c, qc_c, kc_c, qs_c, ks_c)
-                new_max = jnp.maximum(running_max, jnp.where(mask, scores, _MASKED).max(-1))
+                new_max = jnp.maximum(running_max, jnp.where(mask, scores, MASKED_SCORE).max(-1))
                 probs = jnp.where(mask, jnp.exp(scores - new_max[..., None]), 0.0)
                 rescale = jnp.exp(running_max - new_max)
                 acc = acc * rescale[..., None] + jnp.einsum(
@@ -110,7 +110,7 @@ def _forward(q, k, v, qc, kc, qs, ks, block_q, block_k):
 
             return jax.lax.cond(_any_visible(qc_c, kc_c), update, lambda c: c, carry), None
 
-        init = (jnp.full((b, n, g, block_q), _MASKED, jnp.float32),
+        init = (jnp.full((b, n, g, block_q), MASKED_SCORE, jnp.float32),
                 jnp.zeros((b, n, g, block_q), jnp.float32),
                 jnp.zeros((b, n, g, block_q, d), jnp.float32))
         (running_max, denom, acc), _ = jax.lax.scan(key_block, init, key_blocks)
