@@ -36,11 +36,27 @@ def format_chat(tokenizer: Tokenizer, messages: Sequence[dict]) -> list[int]:
     system, user, assistant and ipython (the 3.1 tool-output role).
     Raises ValueError with one line on a malformed list.
     """
-    roles = LLAMA3_ROLES if tokenizer.generation == "llama3" else LLAMA2_ROLES
-    _check_messages(messages, roles)
-    if tokenizer.generation == "llama3":
-        return _format_llama3(tokenizer, messages)
-    return _format_llama2(tokenizer, messages)
+    return _encode(tokenizer, messages, open_answer=True)[0]
+
+
+def encode_conversation(tokenizer: Tokenizer, messages: Sequence[dict]) -> tuple[list[int], list[int]]:
+    """A finished conversation for fine-tuning: (token ids, a 0/1 loss weight per id).
+
+    The weights are 1 on every assistant answer and on the token that closes
+    it (`<|eot_id|>` in Llama 3, `</s>` in Llama 2), 0 on everything the
+    model is given (system, user, tool output, headers). The conversation
+    must end with an assistant message; otherwise the rules of `format_chat`.
+    """
+    return _encode(tokenizer, messages, open_answer=False)
+
+
+def _encode(tokenizer: Tokenizer, messages: Sequence[dict], open_answer: bool):
+    llama3 = tokenizer.generation == "llama3"
+    _check_messages(messages, LLAMA3_ROLES if llama3 else LLAMA2_ROLES)
+    last = messages[-1]["role"]
+    if not open_answer and last != "assistant":
+        raise ValueError(f"chat for training: the last message must be the assistant's answer, got {last!r}")
+    return (_format_llama3 if llama3 else _format_llama2)(tokenizer, messages, open_answer)
 
 
 def _check_messages(messages: Sequence[dict], roles: Sequence[str]) -> None:
@@ -54,7 +70,7 @@ def _check_messages(messages: Sequence[dict], roles: Sequence[str]) -> None:
             raise ValueError(f"message {i}: content must be a string")
 
 
-def _format_llama2(tokenizer: Tokenizer, messages: Sequence[dict]) -> list[int]:
+def _format_llama2(tokenizer: Tokenizer, messages: Sequence[dict], open_answer: bool):
     turns = [dict(m) for m in messages]
     offset = 0  # turn i is message i + offset, for error messages
     if turns[0]["role"] == "system":
@@ -73,25 +89,40 @@ def _format_llama2(tokenizer: Tokenizer, messages: Sequence[dict]) -> list[int]:
                 f"Llama 2 chat: message {i + offset} is {turn['role']!r}, expected {expected!r} "
                 "(optional system first, then user and assistant alternating)"
             )
-    if turns[-1]["role"] != "user":
+    if open_answer and turns[-1]["role"] != "user":
         raise ValueError("Llama 2 chat: the last message must be from the user")
     ids: list[int] = []
+    weights: list[int] = []
     for prompt, answer in zip(turns[::2], turns[1::2]):
         # Meta's reference (llama/generation.py) keeps this space before EOS.
-        text = f"{_B_INST} {prompt['content'].strip()} {_E_INST} {answer['content'].strip()} "
-        ids += tokenizer.encode(text, bos=True, eos=True)
-    ids += tokenizer.encode(f"{_B_INST} {turns[-1]['content'].strip()} {_E_INST}", bos=True)
-    return ids
+        question = f"{_B_INST} {prompt['content'].strip()} {_E_INST}"
+        exchange = tokenizer.encode(f"{question} {answer['content'].strip()} ", bos=True, eos=True)
+        # The exchange is encoded whole, as Meta does; the answer is what follows
+        # the longest prefix it shares with the question alone.
+        asked = tokenizer.encode(question, bos=True)
+        shared = next((i for i, (a, b) in enumerate(zip(asked, exchange)) if a != b), len(asked))
+        ids += exchange
+        weights += [0] * shared + [1] * (len(exchange) - shared)
+    if open_answer:
+        question = tokenizer.encode(f"{_B_INST} {turns[-1]['content'].strip()} {_E_INST}", bos=True)
+        ids += question
+        weights += [0] * len(question)
+    return ids, weights
 
 
-def _format_llama3(tokenizer: Tokenizer, messages: Sequence[dict]) -> list[int]:
+def _format_llama3(tokenizer: Tokenizer, messages: Sequence[dict], open_answer: bool):
     eot = tokenizer.token_id("<|eot_id|>")
-    ids = [tokenizer.bos_id]
+    ids, weights = [tokenizer.bos_id], [0]
     for message in messages:
-        ids += _llama3_header(tokenizer, message["role"])
-        ids += tokenizer.encode(message["content"].strip())
-        ids.append(eot)
-    return ids + _llama3_header(tokenizer, "assistant")
+        header = _llama3_header(tokenizer, message["role"])
+        body = tokenizer.encode(message["content"].strip()) + [eot]
+        ids += header + body
+        weights += [0] * len(header) + [int(message["role"] == "assistant")] * len(body)
+    if open_answer:
+        header = _llama3_header(tokenizer, "assistant")
+        ids += header
+        weights += [0] * len(header)
+    return ids, weights
 
 
 def _llama3_header(tokenizer: Tokenizer, role: str) -> list[int]:
