@@ -12,6 +12,11 @@ Llama 3.x: `<|begin_of_text|>`, then per message
   then an open `<|start_header_id|>assistant<|end_header_id|>\\n\\n`.
 
 Stop tokens for generation are `tokenizer.stop_ids`.
+
+Images (Llama 3.2 Vision): a message's content may be a list of parts,
+`{"type": "text", "text": ...}` and `{"type": "image"}` (any other keys, such
+as the image itself, are the caller's), as in Meta's prompt format: each
+image part becomes one `<|image|>` id where it stands in the user turn.
 """
 
 from __future__ import annotations
@@ -27,19 +32,22 @@ _B_INST, _E_INST = "[INST]", "[/INST]"
 _B_SYS, _E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
 
 
-def format_chat(tokenizer: Tokenizer, messages: Sequence[dict]) -> list[int]:
+def format_chat(tokenizer: Tokenizer, messages: Sequence[dict], image_token_id: int | None = None) -> list[int]:
     """Token ids of a conversation, ready for the model to write the next answer.
 
     `messages` are dicts `{"role": ..., "content": str}`. Llama 2 takes an
     optional leading system message, then user and assistant alternating,
     ending with a user message. Llama 3.x takes any order of the roles
-    system, user, assistant and ipython (the 3.1 tool-output role).
-    Raises ValueError with one line on a malformed list.
+    system, user, assistant and ipython (the 3.1 tool-output role), and
+    content given as parts with images (module docstring), which need the
+    model's `image_token_id`. Raises ValueError with one line on a malformed list.
     """
     roles = LLAMA3_ROLES if tokenizer.generation == "llama3" else LLAMA2_ROLES
     _check_messages(messages, roles)
     if tokenizer.generation == "llama3":
-        return _format_llama3(tokenizer, messages)
+        return _format_llama3(tokenizer, messages, image_token_id)
+    if any(not isinstance(m["content"], str) for m in messages):
+        raise ValueError("Llama 2 chat: message content must be a string (Llama 2 takes no images)")
     return _format_llama2(tokenizer, messages)
 
 
@@ -50,8 +58,15 @@ def _check_messages(messages: Sequence[dict], roles: Sequence[str]) -> None:
         if not isinstance(message, dict) or message.get("role") not in roles:
             role = message.get("role") if isinstance(message, dict) else message
             raise ValueError(f"message {i}: role {role!r} is not one of {', '.join(roles)}")
-        if not isinstance(message.get("content"), str):
-            raise ValueError(f"message {i}: content must be a string")
+        content = message.get("content")
+        if isinstance(content, list):
+            for part in content:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind not in ("text", "image") or (kind == "text" and not isinstance(part.get("text"), str)):
+                    raise ValueError(f"message {i}: a content part must be {{'type': 'text', 'text': str}} "
+                                     f"or {{'type': 'image'}}, got {part!r}"[:200])
+        elif not isinstance(content, str):
+            raise ValueError(f"message {i}: content must be a string or a list of parts")
 
 
 def _format_llama2(tokenizer: Tokenizer, messages: Sequence[dict]) -> list[int]:
@@ -84,12 +99,19 @@ def _format_llama2(tokenizer: Tokenizer, messages: Sequence[dict]) -> list[int]:
     return ids
 
 
-def _format_llama3(tokenizer: Tokenizer, messages: Sequence[dict]) -> list[int]:
+def _format_llama3(tokenizer: Tokenizer, messages: Sequence[dict], image_token_id: int | None) -> list[int]:
     eot = tokenizer.token_id("<|eot_id|>")
     ids = [tokenizer.bos_id]
-    for message in messages:
+    for i, message in enumerate(messages):
         ids += _llama3_header(tokenizer, message["role"])
-        ids += tokenizer.encode(message["content"].strip())
+        content = message["content"]
+        for part in [{"type": "text", "text": content}] if isinstance(content, str) else content:
+            if part["type"] == "text":
+                ids += tokenizer.encode(part["text"].strip())
+            elif image_token_id is None:
+                raise ValueError(f"message {i} has an image, but this model is text-only (no image token)")
+            else:
+                ids.append(image_token_id)
         ids.append(eot)
     return ids + _llama3_header(tokenizer, "assistant")
 

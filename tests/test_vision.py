@@ -16,7 +16,10 @@ from transformers.models.mllama.processing_mllama import (convert_sparse_cross_a
                                                           get_cross_attention_token_mask)
 
 from llama_jax import count_params, load_model_config
+from llama_jax.checkpoint import restore_params
 from llama_jax.config import ConfigError
+from llama_jax.convert.hf_to_ours import convert_hf_to_ours
+from llama_jax.convert.ours_to_hf import export_hf
 from llama_jax.hf import load_hf_params
 from llama_jax.params import model_for
 from llama_jax.vision.hf import preprocessor_config
@@ -163,3 +166,24 @@ def test_parameter_counts_equal_the_published_configs_shapes(name, exact, billio
 def test_bad_vision_config_is_one_line_naming_the_field(vision_changes, message):
     with pytest.raises(ConfigError, match=message.replace("+", r"\+")):
         VISION_LIKE.replace(vision=dataclasses.replace(VISION_LIKE.vision, **vision_changes))
+
+
+def test_mllama_checkpoint_converts_to_ours_and_back_unchanged(hf_vision, tmp_path):
+    """HF -> ours -> HF, streamed tensor by tensor: every tensor comes back equal, the export loads
+    in transformers (model and image processor), and ours holds what load_hf_params reads."""
+    model, _, config, params = hf_vision
+    assert convert_hf_to_ours(hf_vision[1], tmp_path / "ours", dtype="float32", show_progress=False) == config
+    _, restored = restore_params(tmp_path / "ours")
+    for keys, expected in jax.tree_util.tree_flatten_with_path(params)[0]:
+        got = restored
+        for key in keys:
+            got = got[key.key]
+        np.testing.assert_array_equal(np.asarray(got), expected, err_msg=jax.tree_util.keystr(keys))
+    export_hf(tmp_path / "ours", tmp_path / "hf", dtype="float32", show_progress=False)
+    again = transformers.MllamaForConditionalGeneration.from_pretrained(tmp_path / "hf")
+    expected_state = model.state_dict()
+    assert again.state_dict().keys() == expected_state.keys()
+    for name, tensor in again.state_dict().items():
+        assert torch.equal(tensor, expected_state[name]), name
+    processor = transformers.MllamaImageProcessor.from_pretrained(tmp_path / "hf")
+    assert (processor.size["height"], processor.max_image_tiles) == (config.vision.image_size, config.vision.max_tiles)
