@@ -19,6 +19,7 @@ import transformers
 from infer import generate, load_model
 from infer.__main__ import main as infer_main
 from infer.engine import engine_for
+from llama_jax import load_model_config
 from llama_jax.chat import format_chat
 from llama_jax.hf import load_hf_params
 from llama_jax.sampling import Sampling
@@ -26,6 +27,8 @@ from llama_jax.tokenizer import load_tokenizer
 from llama_jax.tokenizer_training import train_bpe
 from llama_jax.vision.hf import preprocessor_config
 from llama_jax.vision.image import image_inputs, load_image
+from sharding.layout import LayoutError, available_layouts, load_layout
+from sharding.place import Placement
 from test_vision import IMAGE_ID, drawn_image, hf_inputs
 from tiny import VISION_LIKE, hf_model, hf_vision_model
 
@@ -108,6 +111,34 @@ def test_fsdp_tp_on_8_devices_equals_one_device(hf_vision, images, greedy_one_de
     for one, many in zip(greedy_one_device, sharded):
         assert many.tokens == one.tokens
         np.testing.assert_allclose(many.logits, one.logits, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("name, layout", [("llama3_2_11b_vision", layout) for layout in available_layouts()]
+                         + [("llama3_2_90b_vision", "fsdp_tp")])
+def test_every_layout_places_the_published_vision_models_by_logical_names(name, layout):
+    """The encoder, projector and cross-attention layers take the text model's names, so every
+    layout's rules split them like the text weights (here on the 8 test devices)."""
+    config = load_model_config(name)
+    plan = Placement.create(config, load_layout(layout))
+    shardings = {tuple(k.key for k in keys): sharding for keys, sharding in
+                 jax.tree_util.tree_flatten_with_path(plan.param_shardings())[0]}
+    specs = {path: sharding.spec for path, sharding in shardings.items()}
+    assert specs[("encoder", "local", "layers", "wq", "kernel")] == plan.spec("layers", "embed", "heads", "head_dim")
+    assert specs[("encoder", "global", "layers", "feed_forward", "fc1", "kernel")] == plan.spec(
+        "layers", "embed", "mlp")
+    assert specs[("layers", "cross", "attention", "wk", "kernel")] == \
+        specs[("layers", "self_0", "attention", "wk", "kernel")] == plan.spec("layers", "embed", "kv_heads", "head_dim")
+    assert specs[("projector", "kernel")] == plan.spec(None, "embed")
+    if layout == "tp":  # the encoder's 16 heads really are split 8 ways
+        shape = (32, 1280, 16, 80)
+        assert shardings[("encoder", "local", "layers", "wq", "kernel")].shard_shape(shape) == (32, 1280, 2, 80)
+
+
+def test_vision_width_that_the_tensor_axis_does_not_divide_is_one_line():
+    config = VISION_LIKE.replace(vision=dataclasses.replace(VISION_LIKE.vision, n_heads=4))
+    with pytest.raises(LayoutError, match=r"layout tp: heads \(vision.n_heads\) of size 4 does not divide by "
+                                          r"tensor = 8"):
+        Placement.create(config, load_layout("tp"))
 
 
 # ---------------------------------------------------------------- python -m infer --image
