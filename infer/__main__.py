@@ -182,7 +182,8 @@ def _chat(params, tokenizer, args, settings, images=()) -> int:
             if not line or not line.strip():
                 return 0
             user = line.rstrip("\n")
-        messages.append({"role": "user", "content": pending + [{"type": "text", "text": user}] if pending else user})
+        content = pending + [{"type": "text", "text": user}] if pending else user
+        messages.append({"role": "user", "content": content})
         pending = []
         prompt = format_chat(tokenizer, messages, image_token)
         # When the conversation outgrows the context, forget the oldest exchanges.

@@ -89,7 +89,7 @@ def prefill(model: Llama, params, prompts_bt, lengths_b, limits_b, seed, stops, 
     first_b = sample(logits_bv, step_keys(keys_b, jnp.zeros_like(lengths_b)), sampling)
     live_b = limits_b > 0
     count_b = live_b.astype(jnp.int32)
-    state = {"cache": _constrain_cache(cache), "token": first_b, "pos": lengths_b, "count": count_b,
+    state = {"cache": cache, "token": first_b, "pos": lengths_b, "count": count_b,
              "limit": limits_b, "keys": keys_b,
              "done": ~live_b | _is_stop(first_b, stops) | (count_b >= limits_b)}
     if images is not None:

@@ -205,8 +205,8 @@ def read_hf_config(directory: str | Path, **overrides) -> ModelConfig:
 
 # ---------------------------------------------------------------- weights
 
-def read_hf_tensors(directory: str | Path, config: ModelConfig,
-                    tensors: Sequence[HFTensor] | None = None) -> Iterator[tuple[tuple[str, ...], int | None, np.ndarray]]:
+def read_hf_tensors(directory: str | Path, config: ModelConfig, tensors: Sequence[HFTensor] | None = None
+                    ) -> Iterator[tuple[tuple[str, ...], int | None, np.ndarray]]:
     """Yield (our path in scan layout, index along its stacked axis or None, array in our layout).
 
     Shapes are checked against the config; a missing or misshapen tensor is a

@@ -3,7 +3,6 @@ MllamaForConditionalGeneration computes, on the same weights and the same real i
 image preprocessing gives HF's MllamaImageProcessor's arrays."""
 
 import dataclasses
-import json
 
 import jax
 import jax.numpy as jnp
@@ -22,9 +21,8 @@ from llama_jax.convert.hf_to_ours import convert_hf_to_ours
 from llama_jax.convert.ours_to_hf import export_hf
 from llama_jax.hf import load_hf_params
 from llama_jax.params import model_for
-from llama_jax.vision.hf import preprocessor_config
 from llama_jax.vision.image import image_inputs, image_tiles, load_image, tile_spans
-from tiny import VISION_LIKE, hf_vision_model
+from tiny import VISION_LIKE, save_hf_vision_model
 
 TOLERANCE = 1e-4  # max |logit difference|, float32
 PIXEL_TOLERANCE = 1e-6
@@ -52,10 +50,8 @@ def drawn_image(width, height, mode="RGB"):
 @pytest.fixture(scope="module")
 def hf_vision(tmp_path_factory):
     """(HF model, its directory, our config and params) on the same random weights."""
-    model = hf_vision_model(VISION_LIKE, seed=1)
     directory = tmp_path_factory.mktemp("mllama")
-    model.save_pretrained(directory)
-    (directory / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(VISION_LIKE.vision)))
+    model = save_hf_vision_model(VISION_LIKE, directory, seed=1)
     config, params = load_hf_params(directory)
     return model, directory, config, params
 
@@ -186,4 +182,5 @@ def test_mllama_checkpoint_converts_to_ours_and_back_unchanged(hf_vision, tmp_pa
     for name, tensor in again.state_dict().items():
         assert torch.equal(tensor, expected_state[name]), name
     processor = transformers.MllamaImageProcessor.from_pretrained(tmp_path / "hf")
-    assert (processor.size["height"], processor.max_image_tiles) == (config.vision.image_size, config.vision.max_tiles)
+    assert processor.size["height"] == config.vision.image_size
+    assert processor.max_image_tiles == config.vision.max_tiles

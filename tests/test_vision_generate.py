@@ -4,7 +4,6 @@ prints what `generate` makes; bad input is one line, exit 2."""
 
 import dataclasses
 import io
-import json
 import os
 import subprocess
 import sys
@@ -25,12 +24,11 @@ from llama_jax.hf import load_hf_params
 from llama_jax.sampling import Sampling
 from llama_jax.tokenizer import load_tokenizer
 from llama_jax.tokenizer_training import train_bpe
-from llama_jax.vision.hf import preprocessor_config
 from llama_jax.vision.image import image_inputs, load_image
 from sharding.layout import LayoutError, available_layouts, load_layout
 from sharding.place import Placement
 from test_vision import IMAGE_ID, drawn_image, hf_inputs
-from tiny import VISION_LIKE, hf_model, hf_vision_model
+from tiny import VISION_LIKE, hf_model, save_hf_vision_model
 
 REPO = Path(__file__).resolve().parent.parent
 NEW_TOKENS = 32
@@ -41,11 +39,9 @@ PROMPTS = [[IMAGE_ID, 1] + _rng.integers(3, VISION_LIKE.vocab_size, n).tolist() 
 
 @pytest.fixture(scope="module")
 def hf_vision(tmp_path_factory):
-    model = hf_vision_model(VISION_LIKE, seed=2)
     directory = tmp_path_factory.mktemp("mllama")
-    model.save_pretrained(directory)
-    (directory / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(VISION_LIKE.vision)))
-    config, params = load_hf_params(directory)
+    model = save_hf_vision_model(VISION_LIKE, directory, seed=2)
+    _, params = load_hf_params(directory)
     return model, directory, params
 
 
@@ -84,9 +80,9 @@ def test_decode_steps_read_the_image_from_the_cache_not_the_encoder(hf_vision, i
     """With the encoder, projector and cross-attention key/value weights replaced by NaN after
     prefill, decoding gives the same tokens: the image was encoded once, at prefill."""
     _, _, params = hf_vision
-    engine = engine_for(VISION_LIKE, None)
+    engine = engine_for(VISION_LIKE, None)  # generate's engine: the shapes below reuse its programs
     placed = engine.place_params(params)
-    arrays = image_inputs([[drawn_image(50, 23)]], PROMPTS[:1], VISION_LIKE.vision)
+    arrays = image_inputs([[load_image(images[0])], [load_image(images[1])]], PROMPTS, VISION_LIKE.vision)
 
     def poisoned(tree, path=()):
         if not isinstance(tree, dict):
@@ -97,10 +93,10 @@ def test_decode_steps_read_the_image_from_the_cache_not_the_encoder(hf_vision, i
 
     runs = []
     for decode_params in (placed, engine.place_params(poisoned(placed))):
-        state, first, _ = engine.prefill(placed, PROMPTS[:1], 12, Sampling(), images=arrays)
-        assert state["cache"]["image_k"].shape[:3] == (2, 1, 2 * 17)  # cross layers, rows, tiles x tokens
-        _, tokens, _ = engine.decode(decode_params, state, 11, Sampling(), rows=1)
-        runs.append([int(first[0])] + tokens[0].tolist())
+        state, first, _ = engine.prefill(placed, PROMPTS, NEW_TOKENS, Sampling(), keep_logits=True, images=arrays)
+        assert state["cache"]["image_k"].shape[:3] == (2, 2, 2 * 17)  # cross layers, rows, tiles x tokens
+        _, tokens, _ = engine.decode(decode_params, state, NEW_TOKENS - 1, Sampling(), keep_logits=True, rows=2)
+        runs.append(np.concatenate([first[:, None], tokens], axis=1).tolist())
     assert runs[0] == runs[1]
 
 
@@ -123,11 +119,12 @@ def test_every_layout_places_the_published_vision_models_by_logical_names(name, 
     shardings = {tuple(k.key for k in keys): sharding for keys, sharding in
                  jax.tree_util.tree_flatten_with_path(plan.param_shardings())[0]}
     specs = {path: sharding.spec for path, sharding in shardings.items()}
-    assert specs[("encoder", "local", "layers", "wq", "kernel")] == plan.spec("layers", "embed", "heads", "head_dim")
+    assert specs[("encoder", "local", "layers", "wq", "kernel")] == plan.spec(
+        "layers", "embed", "heads", "head_dim")
     assert specs[("encoder", "global", "layers", "feed_forward", "fc1", "kernel")] == plan.spec(
         "layers", "embed", "mlp")
-    assert specs[("layers", "cross", "attention", "wk", "kernel")] == \
-        specs[("layers", "self_0", "attention", "wk", "kernel")] == plan.spec("layers", "embed", "kv_heads", "head_dim")
+    assert specs[("layers", "cross", "attention", "wk", "kernel")] == specs[
+        ("layers", "self_0", "attention", "wk", "kernel")] == plan.spec("layers", "embed", "kv_heads", "head_dim")
     assert specs[("projector", "kernel")] == plan.spec(None, "embed")
     if layout == "tp":  # the encoder's 16 heads really are split 8 ways
         shape = (32, 1280, 16, 80)
@@ -155,8 +152,7 @@ def vision_checkpoint(tmp_path_factory):
     vocab = load_tokenizer(directory).vocab_size  # 256 bytes + 256 specials
     config = VISION_LIKE.replace(vocab_size=vocab, max_seq_len=128, vision=dataclasses.replace(
         VISION_LIKE.vision, image_token_id=vocab))
-    hf_vision_model(config, seed=3).save_pretrained(directory)
-    (directory / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(config.vision)))
+    save_hf_vision_model(config, directory, seed=3)
     return directory
 
 

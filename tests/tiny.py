@@ -83,3 +83,15 @@ def hf_vision_model(config: ModelConfig, seed: int = 0):
             else:
                 p.copy_(torch.randn_like(p) / (p.numel() / p.shape[0]) ** 0.5)
     return model
+
+
+def save_hf_vision_model(config: ModelConfig, directory, seed: int = 0):
+    """`hf_vision_model` saved in `directory` with a preprocessor_config.json for the config; returns it."""
+    import json
+
+    from llama_jax.vision.hf import preprocessor_config
+
+    model = hf_vision_model(config, seed)
+    model.save_pretrained(directory)
+    (directory / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(config.vision)))
+    return model

@@ -105,7 +105,8 @@ def _tensor_plan(config, reader):
     keeps two of our leaves as one tensor)."""
     order = {"embed": 0, "extra_embedding": 0, "layers": 1, "norm": 2, "output": 3}
     plan = []
-    for t in sorted(hf_tensors(config), key=lambda t: (order.get(t.path[0], 4), -1 if t.index is None else t.index)):
+    by_place = lambda t: (order.get(t.path[0], 4), -1 if t.index is None else t.index)  # noqa: E731
+    for t in sorted(hf_tensors(config), key=by_place):
         shape = _hf_shape(t.kind, tuple(reader.leaves[t.path].shape[0 if t.index is None else 1:]))
         if plan and plan[-1][0] == t.name:  # the next block of rows of the same tensor
             name, first, pieces = plan.pop()

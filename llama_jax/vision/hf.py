@@ -159,7 +159,8 @@ def config_to_mllama(config: ModelConfig, torch_dtype: str = "float32") -> dict[
     for key in ("bos_token_id", "eos_token_id"):  # MllamaTextConfig takes ints only (its defaults otherwise)
         if text[key] is None:
             del text[key]
-    text.update(pad_token_id=None, model_type="mllama_text_model", num_hidden_layers=config.n_layers + len(vis.cross_attention_layers),
+    text.update(pad_token_id=None, model_type="mllama_text_model",
+                num_hidden_layers=config.n_layers + len(vis.cross_attention_layers),
                 cross_attention_layers=list(vis.cross_attention_layers))
     vision = {"model_type": "mllama_vision_model", "hidden_size": vis.dim, "num_hidden_layers": vis.n_layers,
               "num_global_layers": vis.n_global_layers, "attention_heads": vis.n_heads,
