@@ -34,7 +34,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from llama_jax.config import ModelConfig
-from llama_jax.params import abstract_params, stack_layers, unstack_layers
+from llama_jax.params import abstract_params, stack_layers, stacked_layers, unstack_layers
 
 PARAMS = "params"
 CONFIG = "config"
@@ -43,7 +43,7 @@ TMP_SUFFIX = ".orbax-checkpoint-tmp"
 # to restore_params must agree on these; its other fields (dtypes, remat,
 # attention, scan_layers, max_seq_len) are compute choices and win.
 ARCHITECTURE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "head_dim",
-                       "tie_embeddings", "rope_theta", "rope_scaling", "norm_eps")
+                       "tie_embeddings", "rope_theta", "rope_scaling", "norm_eps", "vision")
 
 
 class CheckpointError(ValueError):
@@ -61,11 +61,11 @@ def save_params(directory, config: ModelConfig, params, step: int = 0) -> None:
     read a layer without decoding the others.
     """
     if not config.scan_layers:
-        params = stack_layers(params, config.n_layers)
+        params = stack_layers(params, stacked_layers(config))
     _check_tree(params, abstract_params(config.replace(scan_layers=True)), "params")
     params = jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jax.numpy.asarray(x), params)
     save_args = jax.tree_util.tree_map_with_path(
-        lambda keys, _: ocp.SaveArgs(shard_axes=(0,) if _key(keys[0]) == "layers" else ()), params)
+        lambda keys, _: ocp.SaveArgs(shard_axes=(0,) if is_stacked([_key(k) for k in keys]) else ()), params)
     if step in all_steps(directory):
         raise CheckpointError(f"{directory}: step {step} already exists")
     with _manager(directory) as manager:
@@ -105,7 +105,7 @@ def restore_params(directory, step: int | None = None, shardings=None, config: M
     except Exception as err:  # noqa: BLE001 - orbax/tensorstore raise plain Exceptions for corrupt data
         raise CheckpointError(f"{_step_dir(directory, step)}: cannot restore params ({first_line(err)})") from None
     if not config.scan_layers:
-        params = unstack_layers(params, config.n_layers)
+        params = unstack_layers(params, stacked_layers(config))
     return config, params
 
 
@@ -214,6 +214,11 @@ def named_leaves(tree) -> Iterator[tuple[tuple[str, ...], Any]]:
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
     for keys, leaf in flat:
         yield tuple(_key(k) for k in keys), leaf
+
+
+def is_stacked(path) -> bool:
+    """Whether the leaf at `path` (string keys) is stacked on a leading `layers` axis (scanned layers)."""
+    return "layers" in path
 
 
 def _key(key) -> str:

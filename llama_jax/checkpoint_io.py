@@ -24,8 +24,8 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from etils import epath
 
-from llama_jax.checkpoint import (CONFIG, PARAMS, TMP_SUFFIX, CheckpointError, first_line, named_leaves,
-                                  read_config, require_item, resolve_step)
+from llama_jax.checkpoint import (CONFIG, PARAMS, TMP_SUFFIX, CheckpointError, first_line, is_stacked,
+                                  named_leaves, read_config, require_item, resolve_step)
 from llama_jax.config import ModelConfig
 from llama_jax.params import abstract_params
 
@@ -83,7 +83,7 @@ class ParamsWriter:
             raise CheckpointError(f"{'/'.join(path)}: not a parameter of this config")
         shape = self._leaves[path].shape
         expected = shape if layer is None else shape[1:]
-        if layer is not None and not (path[0] == "layers" and 0 <= layer < shape[0]):
+        if layer is not None and not (is_stacked(path) and 0 <= layer < shape[0]):
             raise CheckpointError(f"{'/'.join(path)}: layer {layer} out of range")
         if tuple(array.shape) != tuple(expected):
             raise CheckpointError(f"{'/'.join(path)}: got shape {tuple(array.shape)}, expected {tuple(expected)}")
@@ -101,7 +101,7 @@ class ParamsWriter:
     def close(self) -> None:
         """Check completeness, write orbax's metadata files and publish the step."""
         for path, leaf in self._leaves.items():
-            expected = {None} if path[0] != "layers" else set(range(leaf.shape[0]))
+            expected = set(range(leaf.shape[0])) if is_stacked(path) else {None}
             missing = sorted(expected - self._written[path], key=lambda x: -1 if x is None else x)
             if missing:
                 where = "" if missing[0] is None else f" layer {missing[0]}"
@@ -131,7 +131,7 @@ class ParamsWriter:
             spec = ocp.type_handlers.get_json_tspec_write(
                 _param_info(self.params_dir, path, self._context), use_ocdbt=True,
                 global_shape=leaf.shape, local_shape=leaf.shape, dtype=self._dtype,
-                arg=ocp.SaveArgs(shard_axes=(0,) if path[0] == "layers" else ()))
+                arg=ocp.SaveArgs(shard_axes=(0,) if is_stacked(path) else ()))
             self._stores[path] = ts.open(spec, create=True, open=False, context=self._context).result()
             self._chunks[path] = list(self._stores[path].chunk_layout.write_chunk.shape)
         return self._stores[path]

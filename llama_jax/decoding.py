@@ -21,6 +21,12 @@ query can see them (a query at position p sees slots <= p only).
 State (a dict of arrays, one entry per row unless named): cache (the KV
 cache), token (last token), pos (its position), count (tokens produced),
 limit (tokens allowed), done (stopped), keys (the row's PRNG key).
+
+Images (Llama 3.2 Vision): prefill takes them (llama_jax/vision/model.py's
+`images` dict) and the model writes each cross-attention layer's image keys
+and values into the cache ("image_k", "image_v"), once; the state keeps the
+tiles' visible spans ("images": tile_from, tile_until), and decode steps
+read both, never the pixels.
 """
 
 from __future__ import annotations
@@ -43,6 +49,15 @@ STATE_AXES = {"cache": {"k": CACHE_AXES, "v": CACHE_AXES}, "token": ("batch",), 
               "count": ("batch",), "limit": ("batch",), "done": ("batch",), "keys": ("batch",)}
 
 
+IMAGE_STATE_AXES = {**STATE_AXES, "cache": {**STATE_AXES["cache"], "image_k": CACHE_AXES, "image_v": CACHE_AXES},
+                    "images": {"tile_from": ("batch", None, None), "tile_until": ("batch", None, None)}}
+
+
+def state_axes(with_images: bool) -> dict:
+    """Logical axes of the state of a batch without images (STATE_AXES) or with them."""
+    return IMAGE_STATE_AXES if with_images else STATE_AXES
+
+
 def _constrain_cache(cache):
     return {name: nn.with_logical_constraint(c, CACHE_AXES) for name, c in cache.items()}
 
@@ -52,29 +67,33 @@ def _is_stop(tokens_b, stops):
 
 
 def prefill(model: Llama, params, prompts_bt, lengths_b, limits_b, seed, stops, *,
-            sampling: Sampling, cache_len: int, keep_logits: bool = False):
+            sampling: Sampling, cache_len: int, keep_logits: bool = False, images=None):
     """Fill a new KV cache with the prompts and pick each row's first token.
 
     prompts_bt: int32 [b, t], right-padded; lengths_b: each prompt's length;
     limits_b: tokens each row may produce (0 for padding rows); seed: int32
-    scalar; stops: int32 [k] stop ids. Returns (state, first tokens [b] with
+    scalar; stops: int32 [k] stop ids; images: a vision model's images (see
+    the module docstring), or None. Returns (state, first tokens [b] with
     NO_TOKEN for rows that may produce nothing, float32 logits [b, v] or None).
     """
     b, t = prompts_bt.shape
     keys_b = row_keys(jax.random.key(seed), b)
     cache = _constrain_cache(init_cache(model.config, b, cache_len))
     positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    with_images = {} if images is None else {"images": images}
     hidden_btd, cache = model.apply({"params": params}, prompts_bt, positions_bt, cache=cache,
-                                    return_hidden=True)
+                                    return_hidden=True, **with_images)
     # Only each row's last prompt token needs the (large) vocabulary projection.
     last_b1d = jnp.take_along_axis(hidden_btd, (lengths_b - 1)[:, None, None], axis=1)
-    logits_bv = model.apply({"params": params}, last_b1d, method=Llama.logits)[:, 0]
+    logits_bv = model.apply({"params": params}, last_b1d, method="logits")[:, 0]
     first_b = sample(logits_bv, step_keys(keys_b, jnp.zeros_like(lengths_b)), sampling)
     live_b = limits_b > 0
     count_b = live_b.astype(jnp.int32)
     state = {"cache": cache, "token": first_b, "pos": lengths_b, "count": count_b,
              "limit": limits_b, "keys": keys_b,
              "done": ~live_b | _is_stop(first_b, stops) | (count_b >= limits_b)}
+    if images is not None:
+        state["images"] = {"tile_from": images["tile_from"], "tile_until": images["tile_until"]}
     return state, jnp.where(live_b, first_b, NO_TOKEN), logits_bv if keep_logits else None
 
 
@@ -95,8 +114,9 @@ def decode(model: Llama, params, state: State, stops, *, sampling: Sampling, ste
 
     def step(carry):
         i, st, out_bn, logits_bnv = carry
+        with_images = {"images": st["images"]} if "images" in st else {}
         logits_b1v, cache = model.apply({"params": params}, st["token"][:, None], st["pos"][:, None],
-                                        cache=st["cache"])
+                                        cache=st["cache"], **with_images)
         logits_bv = logits_b1v[:, 0]
         live_b = ~st["done"]
         next_b = sample(logits_bv, step_keys(st["keys"], st["count"]), sampling)
@@ -115,10 +135,20 @@ def decode(model: Llama, params, state: State, stops, *, sampling: Sampling, ste
     return state, out_bn, logits_bnv
 
 
-def empty_state(config, batch: int, cache_len: int) -> State:
+def empty_state(config, batch: int, cache_len: int, with_images: bool = False) -> State:
     """A state of `batch` finished rows over an empty cache: its shapes are prefill's
-    (for ahead-of-time compiles of `decode` from `jax.eval_shape`)."""
+    (for ahead-of-time compiles of `decode` from `jax.eval_shape`), with room for
+    `config.vision.max_images` images per row if `with_images`."""
     zeros_b = jnp.zeros((batch,), jnp.int32)
-    return {"cache": init_cache(config, batch, cache_len), "token": zeros_b, "pos": zeros_b,
-            "count": zeros_b, "limit": zeros_b, "done": jnp.ones((batch,), bool),
-            "keys": row_keys(jax.random.key(0), batch)}
+    state = {"cache": init_cache(config, batch, cache_len), "token": zeros_b, "pos": zeros_b,
+             "count": zeros_b, "limit": zeros_b, "done": jnp.ones((batch,), bool),
+             "keys": row_keys(jax.random.key(0), batch)}
+    if with_images:
+        vis = config.vision
+        tiles = jnp.zeros((batch, vis.max_images, vis.max_tiles), jnp.int32)
+        image_cache = jnp.zeros((len(vis.cross_attention_layers), batch,
+                                 vis.max_images * vis.max_tiles * vis.patches, config.n_kv_heads,
+                                 config.head_dim), state["cache"]["k"].dtype)
+        state["cache"].update(image_k=image_cache, image_v=image_cache)
+        state["images"] = {"tile_from": tiles, "tile_until": tiles}
+    return state

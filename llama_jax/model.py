@@ -50,14 +50,18 @@ def _constrain(x, *names):
 
 
 class RMSNorm(nn.Module):
-    """x * rsqrt(mean(x^2) + eps) * weight, in float32, cast back to x's dtype."""
+    """x * rsqrt(mean(x^2) + eps) * weight, in float32, cast back to x's dtype.
+
+    Normalises the last axis, whose logical name is `axis`.
+    """
 
     eps: float
     param_dtype: Any
+    axis: str = "embed"
 
     @nn.compact
     def __call__(self, x_btd):
-        scale_d = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+        scale_d = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (self.axis,)),
                              (x_btd.shape[-1],), self.param_dtype)
         x = x_btd.astype(jnp.float32)
         x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
@@ -184,10 +188,11 @@ class DecoderLayer(nn.Module):
         return _constrain(out_btd, "batch", "length", "embed"), cache
 
 
-def _layer_class(cfg: ModelConfig):
+def remat_layer(layer: type[nn.Module], cfg: ModelConfig) -> type[nn.Module]:
+    """The layer class wrapped in `nn.remat` with the config's policy (as it is for "none")."""
     if cfg.remat == "none":
-        return DecoderLayer
-    return nn.remat(DecoderLayer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+        return layer
+    return nn.remat(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
 
 
 class Llama(nn.Module):
@@ -202,11 +207,11 @@ class Llama(nn.Module):
         if cfg.scan_layers:
             # DecoderLayer already has scan's (carry, xs) -> (carry, ys) form.
             self.layers = nn.scan(
-                _layer_class(cfg), variable_axes={"params": 0}, split_rngs={"params": True},
+                remat_layer(DecoderLayer, cfg), variable_axes={"params": 0}, split_rngs={"params": True},
                 in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.n_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"})(cfg)
         else:
-            self.layers = [_layer_class(cfg)(cfg, name=f"layers_{i}") for i in range(cfg.n_layers)]
+            self.layers = [remat_layer(DecoderLayer, cfg)(cfg, name=f"layers_{i}") for i in range(cfg.n_layers)]
         self.norm = RMSNorm(cfg.norm_eps, cfg.param_dtype)
         if not cfg.tie_embeddings:
             self.output = Linear((cfg.dim, cfg.vocab_size), ("embed", "vocab"), "...d,dv->...v",
@@ -230,17 +235,7 @@ class Llama(nn.Module):
         `check_token_ids` (generate, the data sources).
         """
         cfg = self.config
-        rope = rotary_angles(positions_bt, inverse_frequencies(cfg.head_dim, cfg.rope_theta,
-                                                               cfg.rope_scaling))
-        if cache is None:
-            rows_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
-            coords = (rows_bt, rows_bt)
-            segments = (segment_ids_bt, segment_ids_bt)
-        else:
-            slots_bs = jnp.broadcast_to(jnp.arange(cache["k"].shape[2]),
-                                        (tokens_bt.shape[0], cache["k"].shape[2]))
-            coords = (positions_bt, slots_bs)
-            segments = (None, None)
+        rope, coords, segments = attention_inputs(cfg, positions_bt, segment_ids_bt, cache)
         x_btd = _constrain(self.embed(tokens_bt), "batch", "length", "embed")
         if cfg.scan_layers:
             x_btd, cache = self.layers(x_btd, cache, rope, coords, segments)
@@ -264,6 +259,22 @@ class Llama(nn.Module):
         else:
             logits = self.output(hidden_btd)
         return _constrain(logits.astype(jnp.float32), "batch", "length", "vocab")
+
+
+def attention_inputs(config: ModelConfig, positions_bt, segment_ids_bt=None, cache: Cache | None = None):
+    """(rope, coords, segments) for the decoder layers: rotary angles of the positions, and the
+    query and key coordinates and segments of `attend`'s visibility rule.
+
+    Without a cache, coordinates are row indices and segments the given ids;
+    with one, queries sit at their positions and keys at the cache slots.
+    """
+    rope = rotary_angles(positions_bt, inverse_frequencies(config.head_dim, config.rope_theta,
+                                                           config.rope_scaling))
+    if cache is None:
+        rows_bt = jnp.broadcast_to(jnp.arange(positions_bt.shape[1]), positions_bt.shape)
+        return rope, (rows_bt, rows_bt), (segment_ids_bt, segment_ids_bt)
+    slots_bs = jnp.broadcast_to(jnp.arange(cache["k"].shape[2]), (positions_bt.shape[0], cache["k"].shape[2]))
+    return rope, (positions_bt, slots_bs), (None, None)
 
 
 def check_token_ids(ids, vocab_size: int, what: str = "tokens") -> None:

@@ -14,11 +14,30 @@ import jax.numpy as jnp
 
 from llama_jax.config import ModelConfig
 from llama_jax.model import Llama
+from llama_jax.vision.model import LlamaVision
 
 
-def _example_inputs():
+def model_for(config: ModelConfig) -> Llama:
+    """The model a config describes: `LlamaVision` when it has a vision section, else `Llama`."""
+    return LlamaVision(config) if config.vision is not None else Llama(config)
+
+
+def stacked_layers(config: ModelConfig) -> int:
+    """Length of the decoder stack's `layers` axis: layers, or layer groups for a vision model."""
+    return len(config.vision.cross_attention_layers) if config.vision is not None else config.n_layers
+
+
+def _init(config: ModelConfig, rng: jax.Array):
+    """`model.init` on the smallest inputs that reach every parameter (an image, for vision)."""
     tokens = jnp.zeros((1, 1), jnp.int32)
-    return tokens, tokens
+    if config.vision is None:
+        return Llama(config).init(rng, tokens, tokens)
+    vis = config.vision
+    tiles = jnp.ones((1, 1, vis.max_tiles), jnp.int32)
+    images = {"pixels": jnp.zeros((1, 1, vis.max_tiles, 3, vis.image_size, vis.image_size), jnp.float32),
+              "aspect_ratio_ids": jnp.ones((1, 1), jnp.int32), "aspect_ratio_mask": tiles,
+              "tile_from": 0 * tiles, "tile_until": tiles}
+    return LlamaVision(config).init(rng, tokens, tokens, images=images)
 
 
 def init_params(config: ModelConfig, rng: jax.Array):
@@ -27,20 +46,19 @@ def init_params(config: ModelConfig, rng: jax.Array):
     Always drawn in scan layout (then unstacked if `config.scan_layers` is
     False), so one seed gives the same weights whichever layout runs them.
     """
-    scanned = config.replace(scan_layers=True)
-    params = nn.unbox(Llama(scanned).init(rng, *_example_inputs())["params"])
-    return params if config.scan_layers else unstack_layers(params, config.n_layers)
+    params = nn.unbox(_init(config.replace(scan_layers=True), rng)["params"])
+    return params if config.scan_layers else unstack_layers(params, stacked_layers(config))
 
 
 def abstract_params(config: ModelConfig):
     """Parameter shapes and dtypes as `jax.ShapeDtypeStruct`s; nothing allocated."""
-    boxed = jax.eval_shape(lambda: Llama(config).init(jax.random.key(0), *_example_inputs()))
+    boxed = jax.eval_shape(lambda: _init(config, jax.random.key(0)))
     return nn.unbox(boxed["params"])
 
 
 def logical_axes(config: ModelConfig):
     """A pytree like the parameters holding each leaf's logical axis names."""
-    boxed = jax.eval_shape(lambda: Llama(config).init(jax.random.key(0), *_example_inputs()))
+    boxed = jax.eval_shape(lambda: _init(config, jax.random.key(0)))
     specs = nn.get_partition_spec(boxed["params"])
     return jax.tree.map(tuple, specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
 

@@ -112,3 +112,24 @@ def test_sweep_compiles_every_combination_and_marks_invalid_ones(capsys):
     table = capsys.readouterr().out.splitlines()
     assert code == 0
     assert len(table) == 3 and "fits" in table[1] and "invalid" in table[2], table
+
+
+def test_inference_compiles_a_vision_models_prefill_and_decode(tmp_path, capsys):
+    """A Llama 3.2 Vision model's prefill (encoder, projector, image keys and values) and decode
+    step compile for the slice; its train step is refused in one line until it exists."""
+    import yaml
+
+    from tiny import VISION_LIKE
+
+    run = tmp_path / "vision.yaml"
+    run.write_text(yaml.safe_dump({
+        "model": json.loads(json.dumps(VISION_LIKE.to_dict())), "layout": "fsdp_tp",
+        "data": {"source": "synthetic", "vocab_size": VISION_LIKE.vocab_size, "seq_len": 128,
+                 "global_batch": 8}}))
+    code = main(["--config", str(run), "--topology", TOPOLOGY, "--inference", "--prompt-len", "64", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and set(report) == {"prefill", "decode"}
+    assert report["prefill"]["verdict"] == report["decode"]["verdict"] == "fits"
+    assert (report["prefill"]["prompt_len"], report["prefill"]["images_per_row"]) == (64, 1)
+    assert main(["--config", str(run), "--topology", TOPOLOGY]) == 2
+    assert "the train step of a vision model is not built yet; pass --inference" in capsys.readouterr().err

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from llama_jax.config import ModelConfig, RopeScaling
+from llama_jax.config import ModelConfig, RopeScaling, VisionConfig
 
 # Each shape stands for one generation's distinguishing features.
 LLAMA2_LIKE = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=160,
@@ -20,6 +20,16 @@ LLAMA32_LIKE = ModelConfig(dim=128, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim
                            rope_scaling=RopeScaling(factor=32.0, low_freq_factor=1.0,
                                                     high_freq_factor=4.0, original_context=64))
 SHAPES = {"llama2": LLAMA2_LIKE, "llama3": LLAMA3_LIKE, "llama3_1": LLAMA31_LIKE, "llama3_2": LLAMA32_LIKE}
+
+# Llama 3.2 Vision's shape in small: 4 self-attention layers and 2 cross-attention
+# layers (HF's 1 and 4, so groups of three with the cross-attention layer second),
+# 28-pixel tiles of 4 x 4 patches (17 tokens, padded to 24), at most 2 tiles.
+# Heads, kv heads, mlp and both widths divide by 8 and by fsdp 4 x tensor 2.
+VISION_LIKE = ModelConfig(
+    dim=64, n_layers=4, n_heads=8, n_kv_heads=2, ffn_dim=128, vocab_size=320, rope_theta=500000.0,
+    max_seq_len=512, vision=VisionConfig(
+        dim=64, n_layers=4, n_global_layers=2, n_heads=8, ffn_dim=128, image_size=28, patch_size=7,
+        max_tiles=2, feature_layers=(1, 3), cross_attention_layers=(1, 4), image_token_id=320))
 
 
 def hf_model(config: ModelConfig, seed: int = 0):
@@ -43,4 +53,45 @@ def hf_model(config: ModelConfig, seed: int = 0):
                 p.copy_(1.0 + 0.2 * torch.randn_like(p))
             else:
                 p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
+    return model
+
+
+def hf_vision_model(config: ModelConfig, seed: int = 0):
+    """A transformers MllamaForConditionalGeneration with random weights large enough to matter.
+
+    As `hf_model`, and every gate is opened (tanh far from 0 and from 1), so
+    each gated path (tile and position embeddings, global layers,
+    cross-attention layers) changes the logits.
+    """
+    import torch
+    import transformers
+
+    from llama_jax.hf import config_to_hf
+
+    hf_config = transformers.MllamaConfig(**{k: v for k, v in config_to_hf(config).items()
+                                             if k not in ("architectures", "torch_dtype", "dtype")})
+    torch.manual_seed(seed)
+    model = transformers.MllamaForConditionalGeneration(hf_config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "gate" in name:
+                p.copy_(0.6 + 0.3 * torch.randn_like(p))
+            elif "norm" in name and name.endswith("weight"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif p.ndim == 1 or "embedding" in name:
+                p.copy_(0.5 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) / (p.numel() / p.shape[0]) ** 0.5)
+    return model
+
+
+def save_hf_vision_model(config: ModelConfig, directory, seed: int = 0):
+    """`hf_vision_model` saved in `directory` with a preprocessor_config.json for the config; returns it."""
+    import json
+
+    from llama_jax.vision.hf import preprocessor_config
+
+    model = hf_vision_model(config, seed)
+    model.save_pretrained(directory)
+    (directory / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(config.vision)))
     return model

@@ -3,6 +3,7 @@
     python -m train.compile --config configs/runs/llama3_1_70b_v5p.yaml --topology v5p:8x8x8
     python -m train.compile --config RUN --topology v5p:8x8x8 --slices 2     # two slices over DCN
     python -m train.compile --config RUN --topology v5e:16x16 --decode       # also the decode step
+    python -m train.compile --config RUN --topology v5e:2x4 --inference     # prefill and decode only
     python -m train.compile --config RUN --topology v5p:4x4x4 \\
         --sweep layout=fsdp,fsdp_tp remat=full,dots batch=256,512           # a table of combinations
     python -m train.compile ... [--json] [key=value ...]                     # train's run overrides
@@ -55,7 +56,10 @@ def format_result(r: CompileResult) -> str:
     """The text report of one compile."""
     mesh = " x ".join(f"{axis}={size}" for axis, size in r.mesh.items() if size > 1) or "1 device"
     what = (f"{r.batch} x {r.seq_len} tokens, grad_accum {r.grad_accum}" if r.program == "train"
+            else f"{r.batch} prompts of {r.prompt_len} tokens, cache {r.seq_len}" if r.program == "prefill"
             else f"{r.batch} sequences, cache {r.seq_len}")
+    if r.images_per_row:
+        what += f", {r.images_per_row} image(s) per row"
     lines = [f"{r.program} step on {r.topology}" + (f" x {r.slices} slices" if r.slices > 1 else "")
              + f" ({r.chips} {r.chip} chips): layout {r.layout} ({mesh}), {what}, remat {r.remat}, "
              f"{r.dtype} compute, {r.param_dtype} params"]
@@ -150,6 +154,11 @@ def main(argv=None) -> int:
                              "else 1); a layout without DCN sizes puts them on the data axis")
     parser.add_argument("--decode", action="store_true",
                         help="also compile the decode step (one token per sequence with a KV cache)")
+    parser.add_argument("--inference", action="store_true",
+                        help="compile the inference programs instead of the train step: the prefill "
+                             "(with the images, for a Llama 3.2 Vision model) and the decode step")
+    parser.add_argument("--prompt-len", type=int, default=None,
+                        help="tokens per prompt in the prefill (default: the cache length)")
     parser.add_argument("--decode-batch", type=int, default=None,
                         help="sequences decoded at once (default: data.global_batch)")
     parser.add_argument("--cache-len", type=int, default=None, help="KV cache length (default: data.seq_len)")
@@ -171,6 +180,9 @@ def main(argv=None) -> int:
 
     try:
         run = load_run_config(args.config, args.overrides)
+        if run.model.vision is not None and not (args.inference or args.sweep and args.decode):
+            raise ConfigError("the train step of a vision model is not built yet; pass --inference "
+                              "for its prefill and decode")
         slices = args.slices or slices_of(load_layout(run.layout, **run.mesh))
         devices = topology_devices(args.topology, slices)
         combos = parse_sweep(args.sweep)
@@ -180,9 +192,10 @@ def main(argv=None) -> int:
                 raise ConfigError(f"{key}: given both as an override and in --sweep")
         if args.sweep:
             return _sweep(args, combos, devices, slices)
-        programs = ["train"] + (["decode"] if args.decode else [])
+        programs = ["prefill", "decode"] if args.inference else ["train"] + (["decode"] if args.decode else [])
         results = [compile_run(run, devices, topology=args.topology, slices=slices, program=p,
-                               decode_batch=args.decode_batch, cache_len=args.cache_len)
+                               decode_batch=args.decode_batch, cache_len=args.cache_len,
+                               prompt_len=args.prompt_len)
                    for p in programs]
     except (ConfigError, LayoutError, ValueError, FileNotFoundError) as err:
         return fail(err)
@@ -205,7 +218,7 @@ def _sweep(args, combos, devices, slices) -> int:
         try:
             run = load_run_config(args.config, list(args.overrides) + extra)
             result = compile_run(run, devices, topology=args.topology, slices=slices,
-                                 program="decode" if args.decode else "train",
+                                 program="decode" if args.decode or args.inference else "train",
                                  decode_batch=args.decode_batch, cache_len=args.cache_len)
         except (ConfigError, LayoutError, ValueError) as err:
             result = str(err)
