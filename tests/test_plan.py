@@ -52,7 +52,7 @@ def test_planned_state_bytes_equal_a_real_train_state_under_fsdp(param_dtype):
     training creates them on 8 devices, hold on device 0 what the plan says."""
     from train.config import OptimizerConfig
     from train.optimizer import make_optimizer
-    from train.step import init_state
+    from train.step import init_state, make_gradients
 
     config = LLAMA3_LIKE.replace(param_dtype=param_dtype)
     placement = Placement.create(config, load_layout("fsdp"))
@@ -64,8 +64,18 @@ def test_planned_state_bytes_equal_a_real_train_state_under_fsdp(param_dtype):
     assert all(x.shape == () for x in others)  # step counts
     assert {str(x.dtype) for x in jax.tree.leaves(state.params)} == {param_dtype}
 
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, config.vocab_size, (8, 33)).astype(np.int32)
+    batch = placement.global_batch({
+        "tokens": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": np.ones((8, 32), np.int32),
+        "positions": np.tile(np.arange(32, dtype=np.int32), (8, 1)), "loss_weights": np.ones((8, 32), np.float32)})
+    with placement.activate():
+        grads, _ = jax.jit(make_gradients(config, placement.param_shardings()))(state.params, batch)
+    assert {str(x.dtype) for x in jax.tree.leaves(grads)} == {param_dtype}
+
     planned = plan(config, load_layout("fsdp"), 8, seq_len=32)["per_device_bytes"]
     assert planned["parameters"] == _bytes_on_device0(state.params)
+    assert planned["gradients"] == _bytes_on_device0(grads)
     assert planned["optimizer"] == _bytes_on_device0(moments)
 
 

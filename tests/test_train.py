@@ -19,7 +19,7 @@ from tiny import LLAMA3_LIKE
 from train.config import OptimizerConfig, load_run_config, run_config_from_dict
 from train.loss import chunked_cross_entropy_sums, cross_entropy_sums
 from train.optimizer import decay_mask, learning_rate_schedule
-from train.step import init_state, jit_train_step, make_train_step
+from train.step import init_state, jit_train_step, make_gradients, make_train_step
 
 
 def test_tiny_model_memorises_under_fsdp_tp(tmp_path):
@@ -71,7 +71,7 @@ def test_gradient_accumulation_equals_one_big_batch(layout):
     results = {}
     for accum in (1, 4):
         state, shardings = init_state(placement, optimizer, jax.random.key(0))
-        step = jit_train_step(make_train_step(config, optimizer, schedule, grad_accum=accum),
+        step = jit_train_step(make_train_step(config, optimizer, schedule, shardings.params, grad_accum=accum),
                               placement, shardings)
         with placement.activate():
             state, metrics = step(state, batch)
@@ -81,6 +81,26 @@ def test_gradient_accumulation_equals_one_big_batch(layout):
     np.testing.assert_allclose(m4["grad_norm"], m1["grad_norm"], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(g4), jax.tree.leaves(g1)):
         _assert_close_f32(a, b)
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_gradients_and_accumulation_buffer_are_sharded_like_the_parameters(grad_accum):
+    """Under fsdp on 8 devices, left to XLA, every gradient came out replicated."""
+    placement = Placement.create(LLAMA3_LIKE, load_layout("fsdp"))
+    params = placement.init_params(jax.random.key(0))
+    batch = placement.global_batch(_batch(16, 32, LLAMA3_LIKE.vocab_size))
+    gradients = make_gradients(LLAMA3_LIKE, placement.param_shardings(), grad_accum=grad_accum)
+    with placement.activate():
+        grads, _ = jax.jit(gradients)(params, batch)
+    for (path, grad), want in zip(jax.tree_util.tree_leaves_with_path(grads),
+                                  jax.tree.leaves(placement.param_shardings())):
+        assert grad.sharding.is_equivalent_to(want, grad.ndim), \
+            f"{jax.tree_util.keystr(path)}: {grad.sharding.spec}, not {want.spec}"
+    assert _shard_shape(grads["layers"]["attention"]["wq"]["kernel"]) == (2, 8, 8, 8)  # embed 64 / 8
+
+
+def _shard_shape(array):
+    return array.addressable_shards[0].data.shape
 
 
 @pytest.mark.parametrize("chunk", [8, 13])

@@ -71,7 +71,8 @@ def train(run: RunConfig, *, progress: bool = True, stop_after: int | None = Non
     state = checkpointer.restore_latest(state, data)
     step = start = int(state.step)
     step_fn = jit_train_step(
-        make_train_step(run.model, optimizer, schedule, run.grad_accum, run.z_loss, run.loss_chunk),
+        make_train_step(run.model, optimizer, schedule, shardings.params, run.grad_accum, run.z_loss,
+                        run.loss_chunk),
         placement, shardings)
 
     peak, peak_source = peak_flops(run.chip)

@@ -57,26 +57,53 @@ def _split_micro_batches(batch, grad_accum: int):
     return jax.tree.map(split, batch)
 
 
-def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation,
-                    schedule: optax.Schedule, grad_accum: int = 1, z_loss: float = 0.0,
-                    loss_chunk: int = 0):
-    """`train_step(state, batch) -> (state, metrics)`, not yet jitted (see `jit_train_step`)."""
+def make_gradients(config: ModelConfig, param_shardings, grad_accum: int = 1, z_loss: float = 0.0,
+                   loss_chunk: int = 0):
+    """`gradients(params, batch) -> (grads, (nll sum, z sum, correct, weight sum))`.
+
+    grads are the unnormalised (summed over tokens) gradients of the batch's
+    objective, in the parameters' dtype, summed over `grad_accum` micro-batches.
+    They and the accumulation buffer are constrained to `param_shardings` (a
+    tree of shardings like the parameters'): left to XLA, they may come out
+    replicated, a whole model's gradients on every device.
+    """
     model = Llama(config)
     grad_fn = jax.value_and_grad(lambda p, b: _loss_sums(model, p, b, z_loss, loss_chunk), has_aux=True)
 
-    def train_step(state: TrainState, batch):
+    def like_params(grads):
+        return jax.lax.with_sharding_constraint(grads, param_shardings)
+
+    def gradients(params, batch):
+        if grad_accum == 1:  # no zero-filled accumulator: a pass over every parameter saved
+            (_, sums), grads = grad_fn(params, batch)
+            return like_params(grads), sums
+
         def accumulate(carry, micro):
             grads, sums = carry
-            (_, micro_sums), micro_grads = grad_fn(state.params, micro)
-            grads = jax.tree.map(jnp.add, grads, micro_grads)
+            (_, micro_sums), micro_grads = grad_fn(params, micro)
+            grads = like_params(jax.tree.map(jnp.add, grads, like_params(micro_grads)))
             return (grads, tuple(a + b for a, b in zip(sums, micro_sums))), None
 
-        if grad_accum == 1:  # no zero-filled accumulator: a pass over every parameter saved
-            (_, sums), grads = grad_fn(state.params, batch)
-        else:
-            zeros = jax.tree.map(jnp.zeros_like, state.params)
-            (grads, sums), _ = jax.lax.scan(accumulate, (zeros, (jnp.zeros(()),) * 4),
-                                            _split_micro_batches(batch, grad_accum))
+        zeros = like_params(jax.tree.map(jnp.zeros_like, params))
+        (grads, sums), _ = jax.lax.scan(accumulate, (zeros, (jnp.zeros(()),) * 4),
+                                        _split_micro_batches(batch, grad_accum))
+        return grads, sums
+
+    return gradients
+
+
+def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation,
+                    schedule: optax.Schedule, param_shardings, grad_accum: int = 1,
+                    z_loss: float = 0.0, loss_chunk: int = 0):
+    """`train_step(state, batch) -> (state, metrics)`, not yet jitted (see `jit_train_step`).
+
+    `param_shardings`: the parameters' shardings (`shardings.params` of
+    `init_state`), which the gradients keep.
+    """
+    gradients = make_gradients(config, param_shardings, grad_accum, z_loss, loss_chunk)
+
+    def train_step(state: TrainState, batch):
+        grads, sums = gradients(state.params, batch)
         nll, z, correct, weight = sums
         weight = jnp.maximum(weight, 1.0)
         grads = jax.tree.map(lambda g: g / weight, grads)
