@@ -154,6 +154,7 @@ def test_schedule_warms_up_then_decays_to_floor():
     ("grad_accum=3", "grad_accum: 3 does not divide data.global_batch 16"),
     ("data.seq_len=100000", "data.seq_len: 100000 exceeds the model's max_seq_len"),
     ("chip=v9", "chip: 'v9' is not one of"),
+    ("on_nonfinite=ignore", "on_nonfinite: 'ignore' is not one of stop, skip"),
 ])
 def test_bad_run_config_values_are_one_line(override, message):
     with pytest.raises(ConfigError) as err:

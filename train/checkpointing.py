@@ -18,6 +18,8 @@ Safety, and who provides it:
 - A failed save never deletes or overwrites the last good checkpoint: orbax
   deletes old steps (beyond `keep_checkpoints`) only after a newer one is
   committed, and never saves over an existing step.
+- A state holding NaN or infinite values is never saved (DivergenceError), so
+  `keep_checkpoints` never deletes the last finite checkpoint for it.
 - Corruption that still decodes (garbage inside a compressed chunk) would
   restore silently; the checksums item catches it. Fingerprints are sums of
   integer bit patterns, exact in any order, so they agree on every layout.
@@ -55,6 +57,8 @@ from llama_jax.checkpoint import (CONFIG, PARAMS, TMP_SUFFIX, CheckpointError, a
                                   first_line, latest_step, read_config)
 from train.config import RunConfig, _merge, parse_overrides, run_config_from_dict
 from train.data import checkpoint_restore_args, checkpoint_save_args
+from train.metrics import note
+from train.nonfinite import DivergenceError
 
 OPT_STATE, DATA, RUN, CHECKSUMS = "opt_state", "data", "run", "checksums"
 # Data settings that decide which rows come next; a change breaks exact resumption.
@@ -79,13 +83,14 @@ class Checkpointer:
         self.shardings = shardings
         self.directory = checkpoint_dir(run)
         self.preempted = False
-        self._last_saved = None
+        self.last_saved: int | None = None  # the step last restored or saved (maybe still writing)
         self._leftovers = sorted(p.name for p in self.directory.glob(f"*{TMP_SUFFIX}*"))
         options = ocp.CheckpointManagerOptions(max_to_keep=run.keep_checkpoints, create=True,
                                                enable_async_checkpointing=True,
                                                cleanup_tmp_directories=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         self._fingerprints = jax.jit(_fingerprints)
+        self._all_finite = jax.jit(_all_finite)
         self._previous_handler = None
         self._sync_preemption = jax.process_count() > 1
         if not self._sync_preemption and threading.current_thread() is threading.main_thread():
@@ -110,7 +115,7 @@ class Checkpointer:
         another model, lacks an item, or does not read back bit for bit.
         """
         for name in self._leftovers:
-            _note(f"removing {self.directory / name}: a save that never finished")
+            note(f"removing {self.directory / name}: a save that never finished")
         steps = sorted(self.manager.all_steps())
         if not steps:
             return state
@@ -155,8 +160,8 @@ class Checkpointer:
             for name in sorted(expected):
                 if actual.get(name) != expected[name]:
                     raise fail(f"{name} does not match its checksum (a corrupt file?)")
-        self._last_saved = step
-        _note(f"resuming from {step_dir}")
+        self.last_saved = step
+        note(f"resuming from {step_dir}")
         self._note_data_changes(step_dir)
         step_array = jax.make_array_from_callback((), self.shardings.step, lambda _: np.int32(step))
         return state.replace(step=step_array, **arrays)
@@ -172,8 +177,12 @@ class Checkpointer:
         changed = [f"{key} {saved[key]!r} -> {current[key]!r}" for key in DATA_ORDER_FIELDS
                    if key in saved and saved[key] != current.get(key)]
         if changed:
-            _note("warning: data settings differ from the checkpoint's (" + ", ".join(changed)
+            note("warning: data settings differ from the checkpoint's (" + ", ".join(changed)
                   + "); training continues, but not on the rows the original run would have seen")
+
+    def due(self, step: int, force: bool = False) -> bool:
+        """Whether `maybe_save(step, ..., force)` would save."""
+        return step != self.last_saved and (force or step % self.run.checkpoint_every == 0)
 
     def maybe_save(self, step: int, state, data, force: bool = False):
         """Save at multiples of checkpoint_every (or when forced); returns without waiting.
@@ -181,10 +190,16 @@ class Checkpointer:
         Raises CheckpointError if this or the previous save failed; the last
         complete checkpoint is then still on disk, untouched.
         """
-        if step == self._last_saved or not (force or step % self.run.checkpoint_every == 0):
+        if not self.due(step, force):
             return
         arrays = {PARAMS: state.params, OPT_STATE: state.opt_state}
-        checksums = {k: int(v) for k, v in jax.device_get(self._fingerprints(arrays)).items()}
+        fingerprints, finite = jax.device_get((self._fingerprints(arrays), self._all_finite(arrays)))
+        if not finite:
+            last = ("there is no earlier checkpoint" if self.last_saved is None
+                    else f"step {self.last_saved} is the last good checkpoint")
+            raise DivergenceError(f"step {step}: the parameters or optimizer state hold NaN or infinite "
+                                  f"values, so they were not saved; {last}")
+        checksums = {k: int(v) for k, v in fingerprints.items()}
         try:
             self.manager.save(step, args=ocp.args.Composite(**{
                 PARAMS: ocp.args.StandardSave(state.params),
@@ -196,7 +211,7 @@ class Checkpointer:
             }), force=True)
         except Exception as err:
             raise self._save_error(err) from None
-        self._last_saved = step
+        self.last_saved = step
 
     def close(self):
         """Wait for pending saves, then release the manager and the signal handler.
@@ -262,6 +277,12 @@ def _fingerprints(trees: dict) -> dict:
     return out
 
 
+def _all_finite(trees) -> jax.Array:
+    """True if no floating-point leaf of `trees` holds a NaN or an infinity."""
+    leaves = [x for x in jax.tree.leaves(trees) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
 def _fingerprint(x: jax.Array) -> jax.Array:
     if x.dtype == jnp.bool_:
         bits = x.astype(jnp.uint32)
@@ -297,11 +318,6 @@ def _drop_abandoned_reads():
         gc.collect()
     finally:
         sys.unraisablehook = hook
-
-
-def _note(message: str):
-    if jax.process_index() == 0:
-        print(f"train: {message}", file=sys.stderr, flush=True)
 
 
 def _jsonable(value):

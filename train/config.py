@@ -10,6 +10,7 @@ A run is a YAML file in `configs/runs/` (see `tiny_cpu.yaml`):
     optimizer: {learning_rate: 3.0e-4, warmup_steps: 100}       # OptimizerConfig
     steps: 1000
     run_dir: runs/tiny
+    on_nonfinite: stop               # or skip: what a NaN/inf loss or norm does (train/nonfinite.py)
 
 Command-line overrides use dotted keys (`optimizer.learning_rate=1e-3`,
 `data.global_batch=32`, `steps=10`); values are parsed as YAML. An unknown
@@ -29,6 +30,7 @@ from train.data import DataConfig
 
 RUNS_DIR = Path(__file__).resolve().parent.parent / "configs" / "runs"
 DECAYS = ("cosine", "linear", "constant")
+NONFINITE_MODES = ("stop", "skip")  # what a non-finite step does: see train/nonfinite.py
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +82,7 @@ class RunConfig:
     keep_checkpoints: int = 3
     chip: str = "cpu"
     tokenizer: str | None = None
+    on_nonfinite: str = "stop"
 
     def __post_init__(self):
         for name in ("steps", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints"):
@@ -99,6 +102,8 @@ class RunConfig:
         if self.data.source == "synthetic" and self.data.vocab_size > self.model.vocab_size:
             raise ConfigError(f"data.vocab_size: {self.data.vocab_size} exceeds the model's vocab_size "
                               f"{self.model.vocab_size}")
+        if self.on_nonfinite not in NONFINITE_MODES:
+            raise ConfigError(f"on_nonfinite: {self.on_nonfinite!r} is not one of {', '.join(NONFINITE_MODES)}")
         from train.metrics import PEAK_FLOPS  # late: metrics imports jax
         if self.chip not in PEAK_FLOPS:
             raise ConfigError(f"chip: {self.chip!r} is not one of {', '.join(PEAK_FLOPS)}")

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
@@ -15,6 +16,7 @@ from sharding.place import Placement, validate
 from train.config import RunConfig
 from train.data import make_dataset
 from train.metrics import MetricsWriter, flops_per_token, peak_flops
+from train.nonfinite import NonfiniteWatch
 from train.optimizer import learning_rate_schedule, make_optimizer
 from train.step import init_state, jit_train_step, make_train_step
 
@@ -44,12 +46,26 @@ def _data_shard(placement: Placement, global_batch: int) -> tuple[int, int]:
     return first // rows, global_batch // rows
 
 
+def _empty_window() -> dict:
+    return {**{k: jnp.zeros((), jnp.float32) for k in AVERAGED}, "applied": jnp.zeros((), jnp.int32)}
+
+
+@jax.jit
+def _add_to_window(window: dict, metrics: dict) -> dict:
+    """Add a step's AVERAGED metrics to the window's sums if its update was applied."""
+    applied = metrics["nonfinite"] == 0
+    return {**{k: window[k] + jnp.where(applied, metrics[k], 0.0) for k in AVERAGED},
+            "applied": window["applied"] + applied}
+
+
 def train(run: RunConfig, *, progress: bool = True, stop_after: int | None = None) -> dict:
     """Train as the run config says; resume from the run directory's latest checkpoint.
 
     Returns a summary dict (final step, last logged metrics, checkpoint dir).
     `stop_after` ends the run early after that many steps of this call
     (tests use it to stop mid-run); the schedule still follows `run.steps`.
+    Raises DivergenceError (train/nonfinite.py) if a step's loss, gradient
+    norm or update norm is not finite and `run.on_nonfinite` is "stop".
     """
     from train.checkpointing import Checkpointer  # late: orbax is slow to import
 
@@ -81,9 +97,15 @@ def train(run: RunConfig, *, progress: bool = True, stop_after: int | None = Non
     last_steps = run.steps if stop_after is None else min(run.steps, start + stop_after)
     bar = tqdm(total=run.steps, initial=start, disable=not progress or jax.process_index() != 0,
                desc="train", unit="step", dynamic_ncols=True)
+    watch = NonfiniteWatch(run.on_nonfinite, run.optimizer.learning_rate)
+
+    def check_finite():
+        saved = checkpointer.last_saved
+        watch.check(None if saved is None else f"step {saved} ({checkpointer.directory / str(saved)})")
+
     logged: dict = {}
     window_start, window_tokens, window_steps = time.perf_counter(), 0.0, 0
-    window_sums = {}  # on-device sums of the averaged metrics; adding them never waits
+    window = _empty_window()  # on-device sums of the averaged metrics; adding them never waits
     try:
         with placement.activate():
             while step < last_steps and not checkpointer.reached_preemption(step):
@@ -92,24 +114,31 @@ def train(run: RunConfig, *, progress: bool = True, stop_after: int | None = Non
                 step += 1
                 window_steps += 1
                 window_tokens += run.data.global_batch * run.data.seq_len
-                window_sums = {k: metrics[k] + window_sums.get(k, 0.0) for k in AVERAGED}
-                if step % run.log_every == 0 or step == last_steps:
-                    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                    metrics.update({k: float(v) / window_steps
-                                    for k, v in jax.device_get(window_sums).items()})
+                window = _add_to_window(window, metrics)
+                watch.add(step, metrics["nonfinite"])
+                log_now = step % run.log_every == 0 or step == last_steps
+                if log_now or checkpointer.due(step, force=step == last_steps):
+                    check_finite()
+                if log_now:
+                    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()
+                               if k != "nonfinite"}  # a bit mask; skipped_steps counts them
+                    sums = jax.device_get(window)
+                    if sums["applied"]:  # means over the applied steps (else the last step's values)
+                        metrics.update({k: float(sums[k]) / int(sums["applied"]) for k in AVERAGED})
                     elapsed = time.perf_counter() - window_start
                     tokens_per_s = window_tokens / elapsed
-                    logged = {**metrics, "tokens_per_s": tokens_per_s,
+                    logged = {**metrics, "skipped_steps": watch.skipped, "tokens_per_s": tokens_per_s,
                               "step_time_s": elapsed / window_steps,
                               "mfu": tokens_per_s * flops_token / (peak * jax.device_count())}
                     writer.write(step, logged)
                     bar.set_postfix(loss=f"{logged['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}",
                                     mfu=f"{logged['mfu']:.1%}")
                     window_start, window_tokens, window_steps = time.perf_counter(), 0.0, 0
-                    window_sums = {}
+                    window = _empty_window()
                 bar.update(1)
                 checkpointer.maybe_save(step, state, data, force=step == last_steps)
             if checkpointer.preempted:
+                check_finite()
                 checkpointer.maybe_save(step, state, data, force=True)
     finally:
         bar.close()

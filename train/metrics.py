@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -23,6 +24,12 @@ from sharding.topology import CHIP_PEAK_FLOPS
 
 # Peak FLOP/s per device for MFU: the TPU chip table, and CPU measured at start-up.
 PEAK_FLOPS = {**CHIP_PEAK_FLOPS, "cpu": None}
+
+
+def note(message: str):
+    """One line on stderr, from process 0 only: `train: <message>`."""
+    if jax.process_index() == 0:
+        print(f"train: {message}", file=sys.stderr, flush=True)
 
 
 def flops_per_token(config: ModelConfig, seq_len: int) -> float:

@@ -22,6 +22,8 @@ from sharding.place import Placement
 from train.loss import chunked_cross_entropy_sums, cross_entropy_sums
 
 BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_weights")
+# Bits of the "nonfinite" metric: which checked value of a step was NaN or infinite.
+NONFINITE_BITS = {"loss": 1, "grad norm": 2, "update norm": 4}
 
 
 @flax.struct.dataclass
@@ -98,7 +100,10 @@ def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation
     """`train_step(state, batch) -> (state, metrics)`, not yet jitted (see `jit_train_step`).
 
     `param_shardings`: the parameters' shardings (`shardings.params` of
-    `init_state`), which the gradients keep.
+    `init_state`), which the gradients keep. A step whose loss, gradient norm
+    or update norm is not finite is not applied: parameters and optimizer
+    state stay as they were, the step count advances, and the int32 metric
+    "nonfinite" holds the NONFINITE_BITS of the values at fault (0 if none).
     """
     gradients = make_gradients(config, param_shardings, grad_accum, z_loss, loss_chunk)
 
@@ -109,10 +114,17 @@ def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation
         grads = jax.tree.map(lambda g: g / weight, grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        grad_norm, update_norm = optax.tree.norm(grads), optax.tree.norm(updates)
+        checked = {"loss": jnp.isfinite(nll) & jnp.isfinite(z), "grad norm": jnp.isfinite(grad_norm),
+                   "update norm": jnp.isfinite(update_norm)}
+        nonfinite = sum(jnp.where(ok, 0, NONFINITE_BITS[name]) for name, ok in checked.items())
+        applied = nonfinite == 0  # else params and optimizer state stay as they were
+        params, opt_state = jax.tree.map(lambda new, old: jnp.where(applied, new, old),
+                                         (params, opt_state), (state.params, state.opt_state))
         metrics = {
             "loss": nll / weight, "z_loss": z / weight, "accuracy": correct / weight,
-            "grad_norm": optax.tree.norm(grads), "learning_rate": schedule(state.step),
-            "tokens": sums[3],
+            "grad_norm": grad_norm, "update_norm": update_norm, "learning_rate": schedule(state.step),
+            "tokens": sums[3], "nonfinite": nonfinite,
         }
         return TrainState(state.step + 1, params, opt_state), metrics
 
