@@ -459,3 +459,28 @@ def test_make_dataset_rejects_inputs_it_cannot_use(corpus, tmp_path):
         make_dataset(text_config(corpus), shard_index=0, shard_count=1)
     with pytest.raises(ValueError, match="not a prepared token directory"):
         make_dataset(text_config(tmp_path, source="tokens"), shard_index=0, shard_count=1)
+
+
+def test_a_token_directory_with_a_larger_vocabulary_than_the_model_is_refused(tmp_path):
+    directory = token_dir(tmp_path, ["3 4 5", "6 7"], vocab_size=300)
+    config = text_config(directory, source="tokens")
+    with pytest.raises(ValueError) as err:
+        make_dataset(config, shard_index=0, shard_count=1, model_vocab_size=256)
+    assert str(err.value) == (f"{directory}: prepared with a vocabulary of 300 ids, more than the model's "
+                              "vocab_size 256; prepare it with the model's tokenizer")
+    assert next(make_dataset(config, shard_index=0, shard_count=1, model_vocab_size=300))["tokens"].shape[0] > 0
+
+
+def test_train_refuses_a_token_directory_prepared_for_a_larger_vocabulary(tmp_path, capsys):
+    """It used to train to exit 0 with NaN losses (ids past the model's 256 give NaN logits)."""
+    from train.__main__ import main as train_main
+
+    directory = token_dir(tmp_path, [" ".join(str(i) for i in range(250, 300))] * 4, vocab_size=300)
+    run_dir = tmp_path / "run"
+    code = train_main(["--config", "tiny_cpu", "--quiet", f"run_dir={run_dir}", "data.source=tokens",
+                       f"data.paths=[{directory}]", "steps=2"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err == (f"train: error: {directory}: prepared with a vocabulary of 300 ids, more than the "
+                   "model's vocab_size 256; prepare it with the model's tokenizer\n")
+    assert not run_dir.exists()

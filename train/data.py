@@ -294,10 +294,16 @@ class _PackedRows(grain.IterDataset):
 # --- The pipeline. ----------------------------------------------------------
 
 
-def _documents(config: DataConfig, tokenizer: TextTokenizer | None):
+def _documents(config: DataConfig, tokenizer: TextTokenizer | None, model_vocab_size: int | None):
     """(random-access source, per-document function to int32 ids or None)."""
     if config.source == "tokens":
-        return TokenDocuments(config.paths), None
+        docs = TokenDocuments(config.paths)
+        for path, vocab_size in zip(docs.dirs, docs.vocab_sizes):
+            if model_vocab_size is not None and vocab_size > model_vocab_size:
+                raise ValueError(f"{path}: prepared with a vocabulary of {vocab_size} ids, more than the "
+                                 f"model's vocab_size {model_vocab_size}; prepare it with the model's "
+                                 "tokenizer")
+        return docs, None
     if config.source == "synthetic":
         return SyntheticDocuments(config.vocab_size, config.synthetic_docs, config.seq_len, config.seed), None
     if tokenizer is None:
@@ -306,6 +312,9 @@ def _documents(config: DataConfig, tokenizer: TextTokenizer | None):
         from llama_jax.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(config.tokenizer)
+    if model_vocab_size is not None and tokenizer.vocab_size > model_vocab_size:
+        raise ValueError(f"tokenizer: vocabulary of {tokenizer.vocab_size} exceeds the model's vocab_size "
+                         f"{model_vocab_size}")
     return TextDocuments(config.paths, config.text_key), functools.partial(encode_document, tokenizer)
 
 
@@ -315,11 +324,15 @@ def make_dataset(
     tokenizer: TextTokenizer | None = None,
     shard_index: int | None = None,
     shard_count: int | None = None,
+    model_vocab_size: int | None = None,
 ) -> grain.DatasetIterator:
     """An iterator of this shard's batches (see the module docstring for their dict).
 
     tokenizer: overrides `config.tokenizer` for the text source (any object
       with encode/bos_id/eos_id).
+    model_vocab_size: the ids the model accepts; a token directory or text
+      tokenizer with a larger vocabulary is refused (ValueError, one line).
+      (Inside the model an id past the vocabulary gives a row of NaN logits.)
     shard_index, shard_count: this process feeds global_batch // shard_count
       rows of every global batch, disjoint from other shards' rows. Default:
       jax.process_index() of jax.process_count(). Processes that are replicas
@@ -340,7 +353,7 @@ def make_dataset(
         raise ValueError(
             f"DataConfig.global_batch {config.global_batch} is not divisible by shard_count {shard_count}"
         )
-    source, encode = _documents(config, tokenizer)
+    source, encode = _documents(config, tokenizer, model_vocab_size)
     if len(source) == 0:
         raise ValueError(f"DataConfig.paths hold no documents: {', '.join(config.paths)}")
     read = grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=4 * config.read_threads)

@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from llama_jax.config import ConfigError
 from sharding.layout import load_layout
 from sharding.place import Placement, validate
 from train.config import RunConfig
@@ -73,16 +72,13 @@ def train(run: RunConfig, *, progress: bool = True, stop_after: int | None = Non
     placement = Placement.create(run.model, layout)
     validate(run.model, layout, placement.mesh, batch=run.data.global_batch // run.grad_accum,
              seq_len=run.data.seq_len)
-    tokenizer = _tokenizer(run)
-    if tokenizer is not None and tokenizer.vocab_size > run.model.vocab_size:
-        raise ConfigError(f"tokenizer: vocabulary of {tokenizer.vocab_size} exceeds the model's "
-                          f"vocab_size {run.model.vocab_size}")
+    shard_index, shard_count = _data_shard(placement, run.data.global_batch)
+    data = make_dataset(run.data, tokenizer=_tokenizer(run), shard_index=shard_index,
+                        shard_count=shard_count, model_vocab_size=run.model.vocab_size)
 
     schedule = learning_rate_schedule(run.optimizer, run.steps)
     optimizer = make_optimizer(run.optimizer, run.steps)
     state, shardings = init_state(placement, optimizer, jax.random.key(run.seed))
-    shard_index, shard_count = _data_shard(placement, run.data.global_batch)
-    data = make_dataset(run.data, tokenizer=tokenizer, shard_index=shard_index, shard_count=shard_count)
     checkpointer = Checkpointer(run, shardings)
     state = checkpointer.restore_latest(state, data)
     step = start = int(state.step)

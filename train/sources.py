@@ -111,12 +111,13 @@ class TokenDocuments:
     """The documents of token directories written by train.prepare, memory-mapped.
 
     `docs[i]` is document i's ids as int32 [n], BOS and EOS included.
+    `vocab_sizes[k]` is the vocabulary directory k was prepared with (its meta.json).
     """
 
     def __init__(self, dirs):
         self.dirs = [Path(d) for d in dirs]
         self._tokens, self._index, counts = [], [], [0]
-        self.vocab_size = 0
+        self.vocab_sizes = []
         for d in self.dirs:
             meta = self._read_meta(d)
             tokens = np.memmap(d / TOKENS_FILE, dtype=np.dtype(meta["dtype"]), mode="r")
@@ -126,7 +127,7 @@ class TokenDocuments:
             self._tokens.append(tokens)
             self._index.append(index)
             counts.append(meta["num_docs"])
-            self.vocab_size = max(self.vocab_size, meta["vocab_size"])
+            self.vocab_sizes.append(int(meta["vocab_size"]))
         self._first_doc = np.cumsum(counts)
 
     @staticmethod
