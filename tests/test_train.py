@@ -1,6 +1,7 @@
 """Training: memorisation under fsdp_tp, exact gradient accumulation, chunked loss, configs."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -191,3 +192,37 @@ def test_model_config_inline_in_run_config():
                                           "ffn_dim": 64, "vocab_size": 128},
                                 "data": {"seq_len": 16, "global_batch": 8, "vocab_size": 128}})
     assert run.model.dim == 32
+
+
+def _train_cli_error(capsys, *args) -> str:
+    """`python -m train` in process; its only stderr line (exit code 2 and no traceback asserted)."""
+    from train.__main__ import main
+
+    capsys.readouterr()
+    code = main(["--config", "tiny_cpu", "--quiet", "steps=1", *args])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.splitlines()) == 1, err
+    return err.strip()
+
+
+def test_run_dir_with_a_file_in_the_way_is_one_line(tmp_path, capsys):
+    """Each used to end in a 25-line traceback."""
+    (tmp_path / "file").write_text("not a directory")
+    assert _train_cli_error(capsys, f"run_dir={tmp_path / 'file'}") == (
+        f"train: error: run_dir {tmp_path / 'file'}: {tmp_path / 'file'} is a file, not a directory; "
+        "choose another run_dir")
+    assert _train_cli_error(capsys, f"run_dir={tmp_path / 'file' / 'run'}") == (
+        f"train: error: run_dir {tmp_path / 'file' / 'run'}: {tmp_path / 'file'} is a file, not a "
+        "directory; choose another run_dir")
+    assert (tmp_path / "file").read_text() == "not a directory"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_read_only_run_dir_is_one_line(tmp_path, capsys):
+    (tmp_path / "locked").mkdir(mode=0o555)
+    assert _train_cli_error(capsys, f"run_dir={tmp_path / 'locked' / 'run'}") == (
+        f"train: error: run_dir {tmp_path / 'locked' / 'run'}: cannot create it (Permission denied); "
+        "choose another run_dir")
+    assert _train_cli_error(capsys, f"run_dir={tmp_path / 'locked'}") == (
+        f"train: error: run_dir {tmp_path / 'locked'}: not writable (read-only or no permission); "
+        "choose another run_dir")

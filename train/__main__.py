@@ -48,7 +48,7 @@ def main(argv=None) -> int:
         else:
             run = load_run_config(args.config, args.overrides)
         summary = train(run, progress=not args.quiet)
-    except (ConfigError, LayoutError, CheckpointError, ValueError, FileNotFoundError) as err:
+    except (ConfigError, LayoutError, CheckpointError, ValueError, OSError) as err:
         print(f"train: error: {err}", file=sys.stderr)
         return 2
     except DivergenceError as err:

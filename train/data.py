@@ -28,7 +28,10 @@ are only known once a document is read, so documents are streamed.
     .repeat(num_epochs)  None repeats forever
     [index::count]       each shard reads only its own documents
     .map(tokenize)       text source only: BOS + ids + EOS, on the fly
+                         (nothing for a document with no text)
     .to_iter_dataset()   worker threads read ahead, order kept
+    skip empty           documents with no ids are dropped; none at all
+                         in two passes is a ValueError
     pack                 documents -> rows of seq_len (or one per row)
     window shuffle       packed rows shuffled within windows of
                          `shuffle_window` rows (grain's WindowShuffleIterDataset)
@@ -89,7 +92,7 @@ import grain.experimental
 import numpy as np
 
 from train.sources import (SyntheticDocuments, TextDocuments, TextTokenizer, TokenDocuments,
-                           encode_document)
+                           encode_document, no_text_error)
 
 SOURCES = ("tokens", "text", "synthetic")
 
@@ -244,9 +247,8 @@ class _PackedRowsIterator(grain.DatasetIterator):
             except StopIteration:
                 self._exhausted = True
                 break
-            if len(doc):
-                self._docs.append((state, np.asarray(doc, np.int32)))
-                held += len(doc)
+            self._docs.append((state, np.asarray(doc, np.int32)))  # never empty: see _NonEmpty
+            held += len(doc)
         return held
 
     def __next__(self) -> dict[str, np.ndarray]:
@@ -278,6 +280,44 @@ class _PackedRowsIterator(grain.DatasetIterator):
         self._docs.clear()
         self._offset = int(state["offset"])
         self._exhausted = False
+
+
+class _NonEmptyIterator(grain.DatasetIterator):
+    """The documents of `parent` that hold ids (a text document with no text holds none).
+
+    `limit` empty documents in a row mean that no document holds any: it is
+    twice the documents a shard reads in an epoch (a run of empty ones can
+    span the end of one epoch and the start of the next), so an input with
+    no text ends in ValueError instead of an endless search.
+    """
+
+    def __init__(self, parent: grain.DatasetIterator, limit: int, paths: tuple[str, ...]):
+        super().__init__(parent)
+        self._limit, self._paths = limit, paths
+
+    def __next__(self) -> np.ndarray:
+        for _ in range(self._limit):
+            doc = next(self._parent)
+            if len(doc):
+                return doc
+        raise no_text_error(self._paths)
+
+    def get_state(self) -> dict[str, Any]:
+        return self._parent.get_state()
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state)
+
+
+class _NonEmpty(grain.IterDataset):
+    """An IterDataset of the documents that hold ids (see `_NonEmptyIterator`)."""
+
+    def __init__(self, parent: grain.IterDataset, limit: int, paths: tuple[str, ...]):
+        super().__init__(parent)
+        self._limit, self._paths = limit, paths
+
+    def __iter__(self) -> _NonEmptyIterator:
+        return _NonEmptyIterator(self._parent.__iter__(), self._limit, self._paths)
 
 
 class _PackedRows(grain.IterDataset):
@@ -354,8 +394,6 @@ def make_dataset(
             f"DataConfig.global_batch {config.global_batch} is not divisible by shard_count {shard_count}"
         )
     source, encode = _documents(config, tokenizer, model_vocab_size)
-    if len(source) == 0:
-        raise ValueError(f"DataConfig.paths hold no documents: {', '.join(config.paths)}")
     read = grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=4 * config.read_threads)
     if config.source == "tokens" and config.packing:
         rows = _window_rows(source, config)[shard_index::shard_count].to_iter_dataset(read)
@@ -390,9 +428,11 @@ def _streamed_rows(source, encode, config: DataConfig, shard_index: int, shard_c
     docs = docs.repeat(config.num_epochs)[shard_index::shard_count]
     if encode is not None:
         docs = docs.map(encode)
+    limit = 2 * (-(-len(source) // shard_count) + 1)
+    docs = _NonEmpty(docs.to_iter_dataset(read), limit, config.paths)
     if not config.packing:
-        return docs.map(functools.partial(unpacked_row, seq_len=config.seq_len)).to_iter_dataset(read)
-    rows = _PackedRows(docs.to_iter_dataset(read), config.seq_len)
+        return docs.map(functools.partial(unpacked_row, seq_len=config.seq_len))
+    rows = _PackedRows(docs, config.seq_len)
     if config.shuffle and config.shuffle_window > 1:
         # index_shuffle takes 32-bit seeds and adds the window number to this one.
         rows = grain.experimental.WindowShuffleIterDataset(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from llama_jax.config import ConfigError
 from sharding.layout import load_layout
 from sharding.place import Placement, validate
 from train.config import RunConfig
@@ -45,6 +47,29 @@ def _data_shard(placement: Placement, global_batch: int) -> tuple[int, int]:
     return first // rows, global_batch // rows
 
 
+def _read_first_batch(data):
+    """Read one batch and rewind, so bad data fails before the run directory is created."""
+    start = data.get_state()
+    next(data)
+    data.set_state(start)
+
+
+def _create_run_dir(run_dir: str):
+    """Create `run_dir` (and its parents); ConfigError, one line, if it cannot be written."""
+    path = Path(run_dir)
+    blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise ConfigError(f"run_dir {run_dir}: {blocker} is a file, not a directory; choose another run_dir")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"run_dir {run_dir}: cannot create it ({err.strerror}); choose another "
+                          "run_dir") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"run_dir {run_dir}: not writable (read-only or no permission); choose another "
+                          "run_dir")
+
+
 def _empty_window() -> dict:
     return {**{k: jnp.zeros((), jnp.float32) for k in AVERAGED}, "applied": jnp.zeros((), jnp.int32)}
 
@@ -75,6 +100,8 @@ def train(run: RunConfig, *, progress: bool = True, stop_after: int | None = Non
     shard_index, shard_count = _data_shard(placement, run.data.global_batch)
     data = make_dataset(run.data, tokenizer=_tokenizer(run), shard_index=shard_index,
                         shard_count=shard_count, model_vocab_size=run.model.vocab_size)
+    _read_first_batch(data)
+    _create_run_dir(run.run_dir)
 
     schedule = learning_rate_schedule(run.optimizer, run.steps)
     optimizer = make_optimizer(run.optimizer, run.steps)
