@@ -163,6 +163,16 @@ def test_bad_run_config_values_are_one_line(override, message):
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("text, kind", [("- model: tiny\n- steps: 3\n", "list"), ("42\n", "int"),
+                                        ("just words\n", "str")])
+def test_run_config_that_is_not_a_mapping_is_one_line_naming_the_file(tmp_path, text, kind):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_run_config(path)
+    assert str(err.value) == f"{path}: a run config is a mapping of keys (model, layout, data, ...), not a {kind}"
+
+
 def test_key_given_twice_on_command_line_is_an_error():
     with pytest.raises(ConfigError, match="given twice"):
         load_run_config("tiny_cpu", ["steps=3", "steps=4"])

@@ -199,4 +199,7 @@ def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a run config is a mapping of keys (model, layout, data, ...), "
+                          f"not a {type(data).__name__}")
     return run_config_from_dict(_merge(data, parse_overrides(list(overrides))))
