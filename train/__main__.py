@@ -39,7 +39,10 @@ def main(argv=None) -> int:
     from train.loop import loss_curve_png, train
     from train.nonfinite import DivergenceError
 
-    logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's notes would bury the one-line errors
+    # orbax's notes, and asyncio's about futures of a failed save collected at exit,
+    # would bury the one-line errors (a run logs them to <run_dir>/orbax.log).
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     try:
         if args.distributed:
             jax.distributed.initialize()

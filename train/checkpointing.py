@@ -17,7 +17,9 @@ Safety, and who provides it:
   committed. Leftovers are reported and removed when the next run starts.
 - A failed save never deletes or overwrites the last good checkpoint: orbax
   deletes old steps (beyond `keep_checkpoints`) only after a newer one is
-  committed, and never saves over an existing step.
+  committed, and never saves over an existing step. The failure of a
+  background save is a one-line CheckpointError at the next step (with one
+  process; with several, at the next save), orbax's tracebacks in a log file.
 - A state holding NaN or infinite values is never saved (DivergenceError), so
   `keep_checkpoints` never deletes the last finite checkpoint for it.
 - Corruption that still decodes (garbage inside a compressed chunk) would
@@ -42,8 +44,9 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
+import os
+import re
 import signal
-import sys
 import threading
 from pathlib import Path
 
@@ -57,6 +60,7 @@ from llama_jax.checkpoint import (CONFIG, PARAMS, TMP_SUFFIX, CheckpointError, a
                                   first_line, latest_step, read_config)
 from train.config import RunConfig, _merge, parse_overrides, run_config_from_dict
 from train.data import checkpoint_restore_args, checkpoint_save_args
+from train.library_logs import LibraryLogs
 from train.metrics import note
 from train.nonfinite import DivergenceError
 
@@ -74,8 +78,10 @@ def checkpoint_dir(run: RunConfig) -> Path:
 class Checkpointer:
     """Saves every `checkpoint_every` steps (asynchronously) and restores the latest step.
 
-    Every process must create one, call `restore_latest` once, and then call
-    `reached_preemption` and `maybe_save` at every step.
+    Every process must create one, call `restore_latest` once, then call
+    `reached_preemption`, `check_saves` and `maybe_save` at every step, and
+    `close` at the end. Until then orbax's logs go to `<run_dir>/orbax.log`
+    (see train/library_logs.py).
     """
 
     def __init__(self, run: RunConfig, shardings):
@@ -84,6 +90,9 @@ class Checkpointer:
         self.directory = checkpoint_dir(run)
         self.preempted = False
         self.last_saved: int | None = None  # the step last restored or saved (maybe still writing)
+        self._saving: int | None = None  # the step of a save not yet waited for
+        self.logs = LibraryLogs(self.directory.parent / (
+            "orbax.log" if jax.process_count() == 1 else f"orbax.process_{jax.process_index()}.log"))
         self._leftovers = sorted(p.name for p in self.directory.glob(f"*{TMP_SUFFIX}*"))
         options = ocp.CheckpointManagerOptions(max_to_keep=run.keep_checkpoints, create=True,
                                                enable_async_checkpointing=True,
@@ -93,6 +102,9 @@ class Checkpointer:
         self._all_finite = jax.jit(_all_finite)
         self._previous_handler = None
         self._sync_preemption = jax.process_count() > 1
+        # Hosts notice a failed background save at different steps; only a lone
+        # process may stop on it at once (several wait for the next save or close).
+        self._poll_saves = jax.process_count() == 1
         if not self._sync_preemption and threading.current_thread() is threading.main_thread():
             self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
 
@@ -151,7 +163,9 @@ class Checkpointer:
         except Exception as err:  # orbax and tensorstore raise many types; all mean "unreadable"
             problem = _root_cause(err)
         if problem is not None:
-            _drop_abandoned_reads()
+            # The reads orbax abandoned complain ("Event loop is closed") when collected:
+            # collect them now, while their complaints go to the log file.
+            gc.collect()
             raise fail(f"cannot restore ({problem})")
         arrays = {PARAMS: restored[PARAMS], OPT_STATE: restored[OPT_STATE]}
         expected = self._stored_checksums(step_dir)
@@ -184,6 +198,22 @@ class Checkpointer:
         """Whether `maybe_save(step, ..., force)` would save."""
         return step != self.last_saved and (force or step % self.run.checkpoint_every == 0)
 
+    def check_saves(self):
+        """Raise CheckpointError as soon as the background save has failed (call every step).
+
+        The last complete checkpoint is then still on disk, untouched. With
+        several processes this waits for the next save (or `close`) instead.
+        """
+        if self._saving is not None and self._poll_saves and not self.manager.is_saving_in_progress():
+            self._wait_for_save()
+
+    def _wait_for_save(self):
+        step, self._saving = self._saving, None
+        try:
+            self.manager.wait_until_finished()
+        except Exception as err:
+            raise self._save_error(step, err) from None
+
     def maybe_save(self, step: int, state, data, force: bool = False):
         """Save at multiples of checkpoint_every (or when forced); returns without waiting.
 
@@ -192,6 +222,8 @@ class Checkpointer:
         """
         if not self.due(step, force):
             return
+        if self._saving is not None:
+            self._wait_for_save()
         arrays = {PARAMS: state.params, OPT_STATE: state.opt_state}
         fingerprints, finite = jax.device_get((self._fingerprints(arrays), self._all_finite(arrays)))
         if not finite:
@@ -210,28 +242,29 @@ class Checkpointer:
                 CHECKSUMS: ocp.args.JsonSave(checksums),
             }), force=True)
         except Exception as err:
-            raise self._save_error(err) from None
-        self.last_saved = step
+            raise self._save_error(step, err) from None
+        self.last_saved = self._saving = step
 
     def close(self):
-        """Wait for pending saves, then release the manager and the signal handler.
+        """Wait for pending saves, then release the manager, the signal handler and the logs.
 
         Raises CheckpointError if the last save failed.
         """
         try:
-            self.manager.wait_until_finished()
-        except Exception as err:
-            raise self._save_error(err) from None
+            if self._saving is not None:
+                self._wait_for_save()
+            self.manager.close()
         finally:
             if self._previous_handler is not None:
                 signal.signal(signal.SIGTERM, self._previous_handler)
                 self._previous_handler = None
-        self.manager.close()
+            self.logs.close()
 
-    def _save_error(self, err) -> CheckpointError:
-        steps = sorted(self.manager.all_steps(read=True))
-        last = f"step {steps[-1]} is the last complete checkpoint" if steps else "no complete checkpoint"
-        return CheckpointError(f"{self.directory}: saving a checkpoint failed ({_root_cause(err)}); {last}")
+    def _save_error(self, step: int, err: BaseException) -> CheckpointError:
+        complete = latest_step(self.directory)
+        last = "no checkpoint is complete" if complete is None else f"step {complete} is the last complete checkpoint"
+        return CheckpointError(f"{self.directory}: saving step {step} failed ({_failure_reason(err)}); {last} "
+                               f"(orbax's log: {self.logs.path})")
 
     def _stored_checksums(self, step_dir: Path) -> dict | None:
         path = step_dir / CHECKSUMS / "metadata"
@@ -299,25 +332,26 @@ def _fingerprint(x: jax.Array) -> jax.Array:
     return jnp.sum(bits * (2 * index + 1), dtype=jnp.uint32)
 
 
+def _failure_reason(err: BaseException) -> str:
+    """Why a save failed: the operating system's words when an OS error is behind it
+    ("No space left on device"), else the innermost exception's first line."""
+    chain = [err]
+    while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    for exc in chain:
+        if isinstance(exc, OSError) and exc.errno:
+            return os.strerror(exc.errno)
+        code = re.search(r"os_error_code='(\d+)'", str(exc))  # tensorstore's wording
+        if code:
+            return os.strerror(int(code.group(1)))
+    return _root_cause(err)
+
+
 def _root_cause(err: BaseException) -> str:
     """The first line of the innermost exception (tensorstore's message, not orbax's wrapper)."""
     while err.__cause__ is not None:
         err = err.__cause__
     return first_line(err)
-
-
-def _drop_abandoned_reads():
-    """Collect the array reads orbax abandoned when one failed, without their noise.
-
-    Each would otherwise print "Exception ignored in: <coroutine ...>" with a
-    page of tensorstore spec when garbage-collected, burying the one-line error.
-    """
-    hook = sys.unraisablehook
-    sys.unraisablehook = lambda _: None
-    try:
-        gc.collect()
-    finally:
-        sys.unraisablehook = hook
 
 
 def _jsonable(value):

@@ -78,8 +78,11 @@ class MetricsWriter:
     def write(self, step: int, metrics: dict[str, float]):
         if not self.active:
             return
-        self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
-        self._jsonl.flush()
+        try:
+            self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+            self._jsonl.flush()
+        except OSError as err:  # a flush names no file
+            raise OSError(err.errno, err.strerror, str(self.run_dir / "metrics.jsonl")) from None
         for key, value in metrics.items():
             self._tb.add_scalar(f"train/{key}", value, step)
         self._tb.flush()
@@ -88,3 +91,4 @@ class MetricsWriter:
         if self.active:
             self._jsonl.close()
             self._tb.close()
+
