@@ -150,7 +150,7 @@ def train(run: RunConfig, *, progress: bool = True, stop_after: int | None = Non
             make_train_step(run.model, optimizer, schedule, shardings.params, run.grad_accum, run.z_loss,
                             run.loss_chunk),
             placement, shardings)
-        writer = MetricsWriter(run.run_dir)
+        writer = MetricsWriter(run.run_dir, start)
         cleanup.push(_closing(writer.close))
         last_steps = run.steps if stop_after is None else min(run.steps, start + stop_after)
         bar = tqdm(total=run.steps, initial=start, disable=not progress or jax.process_index() != 0,

@@ -62,18 +62,26 @@ def peak_flops(chip: str) -> tuple[float, str]:
 
 
 class MetricsWriter:
-    """Writes each logged step to metrics.jsonl and TensorBoard (process 0 only)."""
+    """Writes each logged step to metrics.jsonl and TensorBoard (process 0 only).
 
-    def __init__(self, run_dir: str | Path):
+    A run that resumes from step `start` recomputes the steps after it, which a
+    killed run may already have logged: their rows are dropped from
+    metrics.jsonl (and TensorBoard's events purged), so the file stays the
+    record of one run, its steps strictly increasing.
+    """
+
+    def __init__(self, run_dir: str | Path, start: int = 0):
         self.active = jax.process_index() == 0
         self.run_dir = Path(run_dir)
         self._jsonl = None
         self._tb = None
         if self.active:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            self._jsonl = open(self.run_dir / "metrics.jsonl", "a")
+            path = self.run_dir / "metrics.jsonl"
+            _drop_rows_after(path, start)
+            self._jsonl = open(path, "a")
             from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+            self._tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=start + 1)
 
     def write(self, step: int, metrics: dict[str, float]):
         if not self.active:
@@ -92,3 +100,19 @@ class MetricsWriter:
             self._jsonl.close()
             self._tb.close()
 
+
+def _drop_rows_after(path: Path, step: int):
+    """Rewrite metrics.jsonl at `path` without its rows past `step` (and a torn last line)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:  # a line cut short by a kill
+            continue
+        if row["step"] <= step:
+            kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    tmp.replace(path)
