@@ -163,6 +163,8 @@ def test_run_directory_holds_its_run_config(fsdp_run, tmp_path):
     moved = tmp_path / "moved"
     shutil.copytree(run.run_dir, moved)
     assert resume_config(moved, ["steps=9"]) == dataclasses.replace(run, run_dir=str(moved), steps=9)
+    faster = resume_config(moved, ["optimizer.learning_rate=0.5"]).optimizer  # one field of a section
+    assert faster == dataclasses.replace(run.optimizer, learning_rate=0.5)
 
 
 def test_resuming_with_other_data_settings_says_so(tmp_path, capsys):

@@ -58,7 +58,7 @@ from jax.experimental import multihost_utils
 
 from llama_jax.checkpoint import (CONFIG, PARAMS, TMP_SUFFIX, CheckpointError, architecture_mismatch,
                                   first_line, latest_step, read_config)
-from train.config import RunConfig, _merge, parse_overrides, run_config_from_dict
+from train.config import RunConfig, run_config_from_dict
 from train.data import checkpoint_restore_args, checkpoint_save_args
 from train.library_logs import LibraryLogs
 from train.metrics import note
@@ -292,7 +292,7 @@ def resume_config(run_dir, overrides: list[str] = ()) -> RunConfig:
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{path}: unreadable run config ({_root_cause(err)})") from None
     saved["run_dir"] = str(run_dir)
-    return run_config_from_dict(_merge(saved, parse_overrides(list(overrides))))
+    return run_config_from_dict(saved, overrides)
 
 
 def _fingerprints(trees: dict) -> dict:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import yaml
 
@@ -167,9 +167,13 @@ def _merge(base: dict, extra: dict) -> dict:
     return merged
 
 
-def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
-    """Build a RunConfig from plain data (the YAML structure in this module's docstring)."""
-    data = dict(data)
+def run_config_from_dict(data: dict[str, Any], overrides: Sequence[str] = ()) -> RunConfig:
+    """Build a RunConfig from plain data (the YAML structure in this module's docstring).
+
+    `overrides` are command-line `key=value` strings (see `parse_overrides`),
+    applied on top: a nested key replaces one field of its section.
+    """
+    data = _merge(data, parse_overrides(list(overrides)))
     known = {f.name for f in dataclasses.fields(RunConfig)} | {"model_overrides"}
     for key in data:
         if key not in known:
@@ -202,4 +206,4 @@ def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a run config is a mapping of keys (model, layout, data, ...), "
                           f"not a {type(data).__name__}")
-    return run_config_from_dict(_merge(data, parse_overrides(list(overrides))))
+    return run_config_from_dict(data, overrides)
