@@ -146,8 +146,8 @@ def test_failed_save_is_one_line_before_the_next_save_and_keeps_the_last_good_ch
     capfd.readouterr()
     assert main(command) == 2
     err = capfd.readouterr().err
-    assert err == (f"train: error: {run_dir / 'checkpoints'}: saving step 20 failed (No space left on device); "
-                   f"step 10 is the last complete checkpoint (orbax's log: {run_dir / 'orbax.log'})\n")
+    assert err == (f"train: error: {run_dir / 'checkpoints'}: saving step 20 failed (No space left on "
+                   f"device); step 10 is the last complete checkpoint (orbax's log: {run_dir / 'orbax.log'})\n")
     assert 20 <= metrics(run_dir)[-1]["step"] < 30
     assert steps_on_disk(run_dir) == [10]
     assert "OSError: [Errno 28] No space left on device" in (run_dir / "orbax.log").read_text()

@@ -11,7 +11,7 @@ import pytest
 
 from llama_jax.checkpoint import restore_params
 from sharding.place import Placement
-from train_runs import metrics, run_config, steps_on_disk
+from train_runs import metrics, random_batch, run_config, steps_on_disk
 
 
 def _all_finite(tree) -> bool:
@@ -40,8 +40,8 @@ def test_diverging_run_stops_in_one_line_and_keeps_only_finite_checkpoints(tmp_p
                          "optimizer.learning_rate=1e9")
     assert code == 1 and len(errors) == 1, errors
     found = re.fullmatch(
-        r"train: error: step (\d+): the (loss|grad norm|update norm)((, | and )(grad norm|update norm))* (is|are) "
-        r"not finite, so training "
+        r"train: error: step (\d+): the (loss|grad norm|update norm)((, | and )(grad norm|update norm))* "
+        r"(is|are) not finite, so training "
         r"stopped without applying that update or saving; the last good checkpoint is step (\d+) \((.+)\); "
         r"lower optimizer\.learning_rate \(now 1e\+09\) or check the data, or set on_nonfinite=skip to "
         r"skip such steps", errors[0])
@@ -118,11 +118,7 @@ def test_a_nonfinite_step_leaves_parameters_and_optimizer_state_as_they_were():
     before = jax.device_get(state)
     step = jit_train_step(make_train_step(LLAMA3_LIKE, optimizer, learning_rate_schedule(config, 10),
                                           shardings.params), placement, shardings)
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, LLAMA3_LIKE.vocab_size, (8, 17)).astype(np.int32)
-    batch = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": np.ones((8, 16), np.int32),
-             "positions": np.tile(np.arange(16, dtype=np.int32), (8, 1)),
-             "loss_weights": np.ones((8, 16), np.float32)}
+    batch = random_batch(8, 16, LLAMA3_LIKE.vocab_size)
     batch["loss_weights"][3, 5] = np.nan
     with placement.activate():
         state, result = step(state, placement.global_batch(batch))

@@ -10,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 from tiny import LLAMA3_LIKE
+from train_runs import random_batch
 
 from llama_jax import init_params
 from sharding.layout import load_layout
@@ -91,21 +92,12 @@ def _fsdp_sp():
     return placement
 
 
-def _model_batch(config, rows, length):
-    rng = np.random.default_rng(2)
-    tokens = rng.integers(0, config.vocab_size, (rows, length + 1)).astype(np.int32)
-    return {"tokens": tokens[:, :-1], "targets": tokens[:, 1:],
-            "positions": np.tile(np.arange(length, dtype=np.int32), (rows, 1)),
-            "segment_ids": np.ones((rows, length), np.int32),
-            "loss_weights": (rng.random((rows, length)) > 0.2).astype(np.float32)}
-
-
 @pytest.mark.parametrize("chunk", [8, 12])  # 12 does not divide the length 32: padded
 def test_chunked_loss_under_fsdp_sp_equals_the_unchunked_loss_on_one_device(chunk):
     placement = _fsdp_sp()
     config = placement.config
     params = init_params(config, jax.random.key(0))
-    batch = _model_batch(config, 8, 32)
+    batch = random_batch(8, 32, config.vocab_size, seed=2)
     one_device = Placement.create(config, load_layout("dp"), devices=jax.devices()[:1])
     grads_fn = jax.jit(make_gradients(config, one_device.param_shardings(), z_loss=1e-2))
     want_grads, want_sums = jax.device_get(grads_fn(params, batch))

@@ -53,6 +53,7 @@ def test_planned_state_bytes_equal_a_real_train_state_under_fsdp(param_dtype):
     from train.config import OptimizerConfig
     from train.optimizer import make_optimizer
     from train.step import init_state, make_gradients
+    from train_runs import random_batch
 
     config = LLAMA3_LIKE.replace(param_dtype=param_dtype)
     placement = Placement.create(config, load_layout("fsdp"))
@@ -64,11 +65,7 @@ def test_planned_state_bytes_equal_a_real_train_state_under_fsdp(param_dtype):
     assert all(x.shape == () for x in others)  # step counts
     assert {str(x.dtype) for x in jax.tree.leaves(state.params)} == {param_dtype}
 
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, config.vocab_size, (8, 33)).astype(np.int32)
-    batch = placement.global_batch({
-        "tokens": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": np.ones((8, 32), np.int32),
-        "positions": np.tile(np.arange(32, dtype=np.int32), (8, 1)), "loss_weights": np.ones((8, 32), np.float32)})
+    batch = placement.global_batch(random_batch(8, 32, config.vocab_size))
     with placement.activate():
         grads, _ = jax.jit(make_gradients(config, placement.param_shardings()))(state.params, batch)
     assert {str(x.dtype) for x in jax.tree.leaves(grads)} == {param_dtype}

@@ -17,6 +17,7 @@ from llama_jax.config import ConfigError
 from sharding.layout import load_layout
 from sharding.place import Placement
 from tiny import LLAMA3_LIKE
+from train_runs import random_batch
 from train.config import OptimizerConfig, load_run_config, run_config_from_dict
 from train.loss import chunked_cross_entropy_sums, cross_entropy_sums
 from train.optimizer import decay_mask, learning_rate_schedule
@@ -48,15 +49,6 @@ def _assert_close_f32(actual, desired):
     np.testing.assert_allclose(actual, desired, rtol=1e-5, atol=1e-6 * float(np.abs(desired).max()))
 
 
-def _batch(rows, seq, vocab, seed=0):
-    rng = np.random.default_rng(seed)
-    tokens = rng.integers(0, vocab, (rows, seq + 1)).astype(np.int32)
-    weights = (rng.random((rows, seq)) > 0.2).astype(np.float32)  # uneven weights per micro-batch
-    return {"tokens": tokens[:, :-1], "targets": tokens[:, 1:],
-            "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (rows, seq)).copy(),
-            "segment_ids": np.ones((rows, seq), np.int32), "loss_weights": weights}
-
-
 @pytest.mark.parametrize("layout", ["fsdp", "dp"])
 def test_gradient_accumulation_equals_one_big_batch(layout):
     config = LLAMA3_LIKE
@@ -68,11 +60,12 @@ def test_gradient_accumulation_equals_one_big_batch(layout):
         init=lambda params: jax.tree.map(jnp.zeros_like, params),
         update=lambda grads, state, params=None: (jax.tree.map(jnp.zeros_like, grads), grads))
     schedule = optax.constant_schedule(1.0)
-    batch = placement.global_batch(_batch(16, 32, config.vocab_size))
+    batch = placement.global_batch(random_batch(16, 32, config.vocab_size))
     results = {}
     for accum in (1, 4):
         state, shardings = init_state(placement, optimizer, jax.random.key(0))
-        step = jit_train_step(make_train_step(config, optimizer, schedule, shardings.params, grad_accum=accum),
+        step = jit_train_step(make_train_step(config, optimizer, schedule, shardings.params,
+                                              grad_accum=accum),
                               placement, shardings)
         with placement.activate():
             state, metrics = step(state, batch)
@@ -89,7 +82,7 @@ def test_gradients_and_accumulation_buffer_are_sharded_like_the_parameters(grad_
     """Under fsdp on 8 devices, left to XLA, every gradient came out replicated."""
     placement = Placement.create(LLAMA3_LIKE, load_layout("fsdp"))
     params = placement.init_params(jax.random.key(0))
-    batch = placement.global_batch(_batch(16, 32, LLAMA3_LIKE.vocab_size))
+    batch = placement.global_batch(random_batch(16, 32, LLAMA3_LIKE.vocab_size))
     gradients = make_gradients(LLAMA3_LIKE, placement.param_shardings(), grad_accum=grad_accum)
     with placement.activate():
         grads, _ = jax.jit(gradients)(params, batch)
@@ -108,7 +101,7 @@ def _shard_shape(array):
 def test_chunked_loss_equals_plain_loss_and_gradients(chunk):
     config = LLAMA3_LIKE
     params = init_params(config, jax.random.key(3))
-    batch = {k: jnp.asarray(v) for k, v in _batch(2, 40, config.vocab_size).items()}
+    batch = {k: jnp.asarray(v) for k, v in random_batch(2, 40, config.vocab_size).items()}
     model = Llama(config)
 
     def loss(p, chunked):
@@ -170,7 +163,8 @@ def test_run_config_that_is_not_a_mapping_is_one_line_naming_the_file(tmp_path, 
     path.write_text(text)
     with pytest.raises(ConfigError) as err:
         load_run_config(path)
-    assert str(err.value) == f"{path}: a run config is a mapping of keys (model, layout, data, ...), not a {kind}"
+    assert str(err.value) == (f"{path}: a run config is a mapping of keys (model, layout, data, ...), "
+                              f"not a {kind}")
 
 
 def test_key_given_twice_on_command_line_is_an_error():
@@ -215,24 +209,20 @@ def _train_cli_error(capsys, *args) -> str:
     return err.strip()
 
 
-def test_run_dir_with_a_file_in_the_way_is_one_line(tmp_path, capsys):
-    """Each used to end in a 25-line traceback."""
+@pytest.mark.parametrize("run_dir", ["file", "file/run"])
+def test_run_dir_with_a_file_in_the_way_is_one_line(tmp_path, capsys, run_dir):
+    """It used to end in a 25-line traceback."""
     (tmp_path / "file").write_text("not a directory")
-    assert _train_cli_error(capsys, f"run_dir={tmp_path / 'file'}") == (
-        f"train: error: run_dir {tmp_path / 'file'}: {tmp_path / 'file'} is a file, not a directory; "
+    assert _train_cli_error(capsys, f"run_dir={tmp_path / run_dir}") == (
+        f"train: error: run_dir {tmp_path / run_dir}: {tmp_path / 'file'} is a file, not a directory; "
         "choose another run_dir")
-    assert _train_cli_error(capsys, f"run_dir={tmp_path / 'file' / 'run'}") == (
-        f"train: error: run_dir {tmp_path / 'file' / 'run'}: {tmp_path / 'file'} is a file, not a "
-        "directory; choose another run_dir")
     assert (tmp_path / "file").read_text() == "not a directory"
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
-def test_read_only_run_dir_is_one_line(tmp_path, capsys):
+@pytest.mark.parametrize("run_dir, problem", [("locked/run", "cannot create it (Permission denied)"),
+                                              ("locked", "not writable (read-only or no permission)")])
+def test_read_only_run_dir_is_one_line(tmp_path, capsys, run_dir, problem):
     (tmp_path / "locked").mkdir(mode=0o555)
-    assert _train_cli_error(capsys, f"run_dir={tmp_path / 'locked' / 'run'}") == (
-        f"train: error: run_dir {tmp_path / 'locked' / 'run'}: cannot create it (Permission denied); "
-        "choose another run_dir")
-    assert _train_cli_error(capsys, f"run_dir={tmp_path / 'locked'}") == (
-        f"train: error: run_dir {tmp_path / 'locked'}: not writable (read-only or no permission); "
-        "choose another run_dir")
+    assert _train_cli_error(capsys, f"run_dir={tmp_path / run_dir}") == (
+        f"train: error: run_dir {tmp_path / run_dir}: {problem}; choose another run_dir")

@@ -262,9 +262,10 @@ class Checkpointer:
 
     def _save_error(self, step: int, err: BaseException) -> CheckpointError:
         complete = latest_step(self.directory)
-        last = "no checkpoint is complete" if complete is None else f"step {complete} is the last complete checkpoint"
-        return CheckpointError(f"{self.directory}: saving step {step} failed ({_failure_reason(err)}); {last} "
-                               f"(orbax's log: {self.logs.path})")
+        last = ("no checkpoint is complete" if complete is None
+                else f"step {complete} is the last complete checkpoint")
+        return CheckpointError(f"{self.directory}: saving step {step} failed ({_failure_reason(err)}); "
+                               f"{last} (orbax's log: {self.logs.path})")
 
     def _stored_checksums(self, step_dir: Path) -> dict | None:
         path = step_dir / CHECKSUMS / "metadata"

@@ -103,7 +103,8 @@ class RunConfig:
             raise ConfigError(f"data.vocab_size: {self.data.vocab_size} exceeds the model's vocab_size "
                               f"{self.model.vocab_size}")
         if self.on_nonfinite not in NONFINITE_MODES:
-            raise ConfigError(f"on_nonfinite: {self.on_nonfinite!r} is not one of {', '.join(NONFINITE_MODES)}")
+            raise ConfigError(f"on_nonfinite: {self.on_nonfinite!r} is not one of "
+                              f"{', '.join(NONFINITE_MODES)}")
         from train.metrics import PEAK_FLOPS  # late: metrics imports jax
         if self.chip not in PEAK_FLOPS:
             raise ConfigError(f"chip: {self.chip!r} is not one of {', '.join(PEAK_FLOPS)}")
