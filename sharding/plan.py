@@ -14,7 +14,9 @@ same as `Placement.create`'s, so a plan that prints is a layout that places.
 Counted per device (B = batch_per_device x n_devices rows, T = seq_len):
 - parameters: every parameter's shard, in `param_dtype`;
 - gradients: the same shards, in `param_dtype`;
-- optimizer: AdamW's two moments, float32, the same shards;
+- optimizer: AdamW's two moments, float32 for every param_dtype (the
+  training optimizer runs in float32 on purpose: see train/optimizer.py),
+  the same shards;
 - activations, for one forward and backward pass:
       n_layers x (what the layer scan saves per layer for the backward pass)
     + one layer's full set while it is recomputed (remat other than none)
@@ -64,6 +66,7 @@ from sharding.place import rules_for, validate
 from sharding.topology import CHIP_HBM_BYTES
 
 ADAM_MOMENTS = 2
+MOMENT_BYTES = 4  # float32 moments, whatever the parameters' dtype
 _ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -172,7 +175,7 @@ def plan(config: ModelConfig | str, layout: Layout | str, n_devices: int, *,
     per_device = {
         "parameters": param_elems * p_bytes,
         "gradients": param_elems * p_bytes,
-        "optimizer": param_elems * 4 * ADAM_MOMENTS,
+        "optimizer": param_elems * MOMENT_BYTES * ADAM_MOMENTS,
         "activations": activations,
         "gathered_layer_weights": gathered_elems * p_bytes,
     }

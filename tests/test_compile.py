@@ -73,6 +73,21 @@ def test_argument_bytes_are_the_layouts_shards_and_halve_when_fsdp_doubles():
     assert state_4 == pytest.approx(2 * state_8, rel=0.01)
 
 
+def test_compiled_state_is_what_the_plan_counts_for_bfloat16_parameters():
+    """bfloat16 parameters with float32 Adam moments: the compiled step's state arguments
+    are the plan's parameter and optimizer bytes (the step counts add a few bytes)."""
+    from sharding.layout import load_layout
+    from sharding.plan import plan
+
+    run = _run(model={**SHAPE, "param_dtype": "bfloat16"})
+    result = compile_run(run, _devices(), topology=TOPOLOGY)
+    planned = plan(run.model, load_layout("fsdp"), 8, seq_len=128)["per_device_bytes"]
+    _, batch = _state_and_batch_shard_bytes(run)
+    state = result.memory["arguments"] - batch
+    assert planned["optimizer"] == 4 * planned["parameters"]  # 2 x float32 per bfloat16 parameter
+    assert abs(state - (planned["parameters"] + planned["optimizer"])) <= 0.001 * state
+
+
 def test_oversized_batch_is_the_verdict_does_not_fit():
     run = _run(model={**SHAPE, "dim": 256, "ffn_dim": 512}, global_batch=2**20, seq_len=256)
     result = compile_run(run, _devices(), topology=TOPOLOGY)

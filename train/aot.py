@@ -71,8 +71,8 @@ def train_program(run, placement):
     batch_sharding = placement.sharding("batch", "length")
     batch = {key: jax.ShapeDtypeStruct(rows, jnp.float32 if key == "loss_weights" else jnp.int32,
                                        sharding=batch_sharding) for key in BATCH_KEYS}
-    step = jit_train_step(make_train_step(run.model, optimizer, schedule, run.grad_accum, run.z_loss,
-                                          run.loss_chunk), placement, shardings)
+    step = jit_train_step(make_train_step(run.model, optimizer, schedule, shardings.params, run.grad_accum,
+                                          run.z_loss, run.loss_chunk), placement, shardings)
     return step, (state, batch)
 
 

@@ -10,6 +10,7 @@ A run is a YAML file in `configs/runs/` (see `tiny_cpu.yaml`):
     optimizer: {learning_rate: 3.0e-4, warmup_steps: 100}       # OptimizerConfig
     steps: 1000
     run_dir: runs/tiny
+    on_nonfinite: stop               # or skip: what a NaN/inf loss or norm does (train/nonfinite.py)
 
 Command-line overrides use dotted keys (`optimizer.learning_rate=1e-3`,
 `data.global_batch=32`, `steps=10`); values are parsed as YAML. An unknown
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import yaml
 
@@ -28,6 +29,7 @@ from llama_jax.config import ConfigError, ModelConfig, check_keys, load_model_co
 from train.data import DataConfig
 
 DECAYS = ("cosine", "linear", "constant")
+NONFINITE_MODES = ("stop", "skip")  # what a non-finite step does: see train/nonfinite.py
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +81,7 @@ class RunConfig:
     keep_checkpoints: int = 3
     chip: str = "cpu"
     tokenizer: str | None = None
+    on_nonfinite: str = "stop"
 
     def __post_init__(self):
         for name in ("steps", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints"):
@@ -98,6 +101,9 @@ class RunConfig:
         if self.data.source == "synthetic" and self.data.vocab_size > self.model.vocab_size:
             raise ConfigError(f"data.vocab_size: {self.data.vocab_size} exceeds the model's vocab_size "
                               f"{self.model.vocab_size}")
+        if self.on_nonfinite not in NONFINITE_MODES:
+            raise ConfigError(f"on_nonfinite: {self.on_nonfinite!r} is not one of "
+                              f"{', '.join(NONFINITE_MODES)}")
         from train.metrics import PEAK_FLOPS  # late: metrics imports jax
         if self.chip not in PEAK_FLOPS:
             raise ConfigError(f"chip: {self.chip!r} is not one of {', '.join(PEAK_FLOPS)}")
@@ -161,9 +167,13 @@ def _merge(base: dict, extra: dict) -> dict:
     return merged
 
 
-def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
-    """Build a RunConfig from plain data (the YAML structure in this module's docstring)."""
-    data = dict(data)
+def run_config_from_dict(data: dict[str, Any], overrides: Sequence[str] = ()) -> RunConfig:
+    """Build a RunConfig from plain data (the YAML structure in this module's docstring).
+
+    `overrides` are command-line `key=value` strings (see `parse_overrides`),
+    applied on top: a nested key replaces one field of its section.
+    """
+    data = _merge(data, parse_overrides(list(overrides)))
     known = {f.name for f in dataclasses.fields(RunConfig)} | {"model_overrides"}
     for key in data:
         if key not in known:
@@ -185,4 +195,4 @@ def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
 def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     """Read a run YAML (a path or a name in configs/runs/) and apply key=value overrides."""
     _, data = read_config_file("runs", path)
-    return run_config_from_dict(_merge(data, parse_overrides(list(overrides))))
+    return run_config_from_dict(data, overrides)

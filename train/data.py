@@ -28,7 +28,10 @@ are only known once a document is read, so documents are streamed.
     .repeat(num_epochs)  None repeats forever
     [index::count]       each shard reads only its own documents
     .map(tokenize)       text source only: BOS + ids + EOS, on the fly
+                         (nothing for a document with no text)
     .to_iter_dataset()   worker threads read ahead, order kept
+    skip empty           documents with no ids are dropped; none at all
+                         in two passes is a ValueError
     pack                 documents -> rows of seq_len (or one per row)
     window shuffle       packed rows shuffled within windows of
                          `shuffle_window` rows (grain's WindowShuffleIterDataset)
@@ -89,7 +92,7 @@ import grain.experimental
 import numpy as np
 
 from train.sources import (SyntheticDocuments, TextDocuments, TextTokenizer, TokenDocuments,
-                           encode_document)
+                           encode_document, no_text_error)
 
 SOURCES = ("tokens", "text", "synthetic")
 
@@ -244,9 +247,8 @@ class _PackedRowsIterator(grain.DatasetIterator):
             except StopIteration:
                 self._exhausted = True
                 break
-            if len(doc):
-                self._docs.append((state, np.asarray(doc, np.int32)))
-                held += len(doc)
+            self._docs.append((state, np.asarray(doc, np.int32)))  # never empty: see _NonEmpty
+            held += len(doc)
         return held
 
     def __next__(self) -> dict[str, np.ndarray]:
@@ -280,6 +282,44 @@ class _PackedRowsIterator(grain.DatasetIterator):
         self._exhausted = False
 
 
+class _NonEmptyIterator(grain.DatasetIterator):
+    """The documents of `parent` that hold ids (a text document with no text holds none).
+
+    `limit` empty documents in a row mean that no document holds any: it is
+    twice the documents a shard reads in an epoch (a run of empty ones can
+    span the end of one epoch and the start of the next), so an input with
+    no text ends in ValueError instead of an endless search.
+    """
+
+    def __init__(self, parent: grain.DatasetIterator, limit: int, paths: tuple[str, ...]):
+        super().__init__(parent)
+        self._limit, self._paths = limit, paths
+
+    def __next__(self) -> np.ndarray:
+        for _ in range(self._limit):
+            doc = next(self._parent)
+            if len(doc):
+                return doc
+        raise no_text_error(self._paths)
+
+    def get_state(self) -> dict[str, Any]:
+        return self._parent.get_state()
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state)
+
+
+class _NonEmpty(grain.IterDataset):
+    """An IterDataset of the documents that hold ids (see `_NonEmptyIterator`)."""
+
+    def __init__(self, parent: grain.IterDataset, limit: int, paths: tuple[str, ...]):
+        super().__init__(parent)
+        self._limit, self._paths = limit, paths
+
+    def __iter__(self) -> _NonEmptyIterator:
+        return _NonEmptyIterator(self._parent.__iter__(), self._limit, self._paths)
+
+
 class _PackedRows(grain.IterDataset):
     """An IterDataset of packed rows (see `_PackedRowsIterator`)."""
 
@@ -294,10 +334,16 @@ class _PackedRows(grain.IterDataset):
 # --- The pipeline. ----------------------------------------------------------
 
 
-def _documents(config: DataConfig, tokenizer: TextTokenizer | None):
+def _documents(config: DataConfig, tokenizer: TextTokenizer | None, model_vocab_size: int | None):
     """(random-access source, per-document function to int32 ids or None)."""
     if config.source == "tokens":
-        return TokenDocuments(config.paths), None
+        docs = TokenDocuments(config.paths)
+        for path, vocab_size in zip(docs.dirs, docs.vocab_sizes):
+            if model_vocab_size is not None and vocab_size > model_vocab_size:
+                raise ValueError(f"{path}: prepared with a vocabulary of {vocab_size} ids, more than the "
+                                 f"model's vocab_size {model_vocab_size}; prepare it with the model's "
+                                 "tokenizer")
+        return docs, None
     if config.source == "synthetic":
         return SyntheticDocuments(config.vocab_size, config.synthetic_docs, config.seq_len, config.seed), None
     if tokenizer is None:
@@ -306,6 +352,9 @@ def _documents(config: DataConfig, tokenizer: TextTokenizer | None):
         from llama_jax.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(config.tokenizer)
+    if model_vocab_size is not None and tokenizer.vocab_size > model_vocab_size:
+        raise ValueError(f"tokenizer: vocabulary of {tokenizer.vocab_size} exceeds the model's vocab_size "
+                         f"{model_vocab_size}")
     return TextDocuments(config.paths, config.text_key), functools.partial(encode_document, tokenizer)
 
 
@@ -315,11 +364,15 @@ def make_dataset(
     tokenizer: TextTokenizer | None = None,
     shard_index: int | None = None,
     shard_count: int | None = None,
+    model_vocab_size: int | None = None,
 ) -> grain.DatasetIterator:
     """An iterator of this shard's batches (see the module docstring for their dict).
 
     tokenizer: overrides `config.tokenizer` for the text source (any object
       with encode/bos_id/eos_id).
+    model_vocab_size: the ids the model accepts; a token directory or text
+      tokenizer with a larger vocabulary is refused (ValueError, one line).
+      (Inside the model an id past the vocabulary gives a row of NaN logits.)
     shard_index, shard_count: this process feeds global_batch // shard_count
       rows of every global batch, disjoint from other shards' rows. Default:
       jax.process_index() of jax.process_count(). Processes that are replicas
@@ -340,9 +393,7 @@ def make_dataset(
         raise ValueError(
             f"DataConfig.global_batch {config.global_batch} is not divisible by shard_count {shard_count}"
         )
-    source, encode = _documents(config, tokenizer)
-    if len(source) == 0:
-        raise ValueError(f"DataConfig.paths hold no documents: {', '.join(config.paths)}")
+    source, encode = _documents(config, tokenizer, model_vocab_size)
     read = grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=4 * config.read_threads)
     if config.source == "tokens" and config.packing:
         rows = _window_rows(source, config)[shard_index::shard_count].to_iter_dataset(read)
@@ -377,9 +428,11 @@ def _streamed_rows(source, encode, config: DataConfig, shard_index: int, shard_c
     docs = docs.repeat(config.num_epochs)[shard_index::shard_count]
     if encode is not None:
         docs = docs.map(encode)
+    limit = 2 * (-(-len(source) // shard_count) + 1)
+    docs = _NonEmpty(docs.to_iter_dataset(read), limit, config.paths)
     if not config.packing:
-        return docs.map(functools.partial(unpacked_row, seq_len=config.seq_len)).to_iter_dataset(read)
-    rows = _PackedRows(docs.to_iter_dataset(read), config.seq_len)
+        return docs.map(functools.partial(unpacked_row, seq_len=config.seq_len))
+    rows = _PackedRows(docs, config.seq_len)
     if config.shuffle and config.shuffle_window > 1:
         # index_shuffle takes 32-bit seeds and adds the window number to this one.
         rows = grain.experimental.WindowShuffleIterDataset(

@@ -52,12 +52,18 @@ def expand_paths(patterns: tuple[str, ...] | list[str]) -> list[Path]:
     return files
 
 
+def no_text_error(paths) -> ValueError:
+    """The one-line error for inputs in which no document holds any text."""
+    return ValueError(f"{', '.join(map(str, paths))}: no document holds any text")
+
+
 class TextDocuments:
     """The documents of text files: .jsonl files hold one per non-blank line, and
-    any other file (.txt, source code, ...) is one document.
+    any other non-empty file (.txt, source code, ...) is one document.
 
     `docs[i]` is the text of document i, read from disk on demand; only byte
-    offsets are kept in memory. ValueError names file and line of a bad one.
+    offsets are kept in memory. ValueError names file and line of a bad one,
+    and the inputs if they hold no document at all (empty files).
     """
 
     def __init__(self, paths, text_key: str = "text"):
@@ -66,7 +72,8 @@ class TextDocuments:
         entries = []  # (file, byte offset, byte length, line) per document
         for f, path in enumerate(self.files):
             if path.suffix != ".jsonl":
-                entries.append((f, 0, path.stat().st_size, 1))
+                if path.stat().st_size:
+                    entries.append((f, 0, path.stat().st_size, 1))
                 continue
             with open(path, "rb") as fh:
                 offset = 0
@@ -74,6 +81,8 @@ class TextDocuments:
                     if line.strip():
                         entries.append((f, offset, len(line), lineno))
                     offset += len(line)
+        if not entries:
+            raise no_text_error(paths)
         table = np.asarray(entries, np.int64).reshape(-1, 4)
         self._file, self._start, self._length, self._line = table.T
 
@@ -101,7 +110,7 @@ class TextDocuments:
         try:
             record = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{self.location(i)}: not valid JSON ({e.msg})") from None
+            raise ValueError(f"{self.location(i)}: not valid JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(record, dict) or not isinstance(record.get(self.text_key), str):
             raise ValueError(f"{self.location(i)}: no string field {self.text_key!r} (set text_key)")
         return record[self.text_key]
@@ -111,12 +120,13 @@ class TokenDocuments:
     """The documents of token directories written by train.prepare, memory-mapped.
 
     `docs[i]` is document i's ids as int32 [n], BOS and EOS included.
+    `vocab_sizes[k]` is the vocabulary directory k was prepared with (its meta.json).
     """
 
     def __init__(self, dirs):
         self.dirs = [Path(d) for d in dirs]
         self._tokens, self._index, counts = [], [], [0]
-        self.vocab_size = 0
+        self.vocab_sizes = []
         for d in self.dirs:
             meta = self._read_meta(d)
             tokens = np.memmap(d / TOKENS_FILE, dtype=np.dtype(meta["dtype"]), mode="r")
@@ -126,7 +136,7 @@ class TokenDocuments:
             self._tokens.append(tokens)
             self._index.append(index)
             counts.append(meta["num_docs"])
-            self.vocab_size = max(self.vocab_size, meta["vocab_size"])
+            self.vocab_sizes.append(int(meta["vocab_size"]))
         self._first_doc = np.cumsum(counts)
 
     @staticmethod
@@ -181,5 +191,8 @@ class SyntheticDocuments:
 
 
 def encode_document(tokenizer: TextTokenizer, text: str) -> np.ndarray:
-    """A document's ids, framed by BOS and EOS, as int32."""
+    """A document's ids, framed by BOS and EOS, as int32; none at all for a document
+    with no text (empty or only whitespace), which training and prepare skip."""
+    if not text.strip():
+        return np.zeros(0, np.int32)
     return np.asarray(tokenizer.encode(text, bos=True, eos=True), dtype=np.int32)

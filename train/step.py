@@ -22,6 +22,8 @@ from sharding.place import Placement
 from train.loss import chunked_cross_entropy_sums, cross_entropy_sums
 
 BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_weights")
+# Bits of the "nonfinite" metric: which checked value of a step was NaN or infinite.
+NONFINITE_BITS = {"loss": 1, "grad norm": 2, "update norm": 4}
 
 
 @flax.struct.dataclass
@@ -57,35 +59,72 @@ def _split_micro_batches(batch, grad_accum: int):
     return jax.tree.map(split, batch)
 
 
-def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation,
-                    schedule: optax.Schedule, grad_accum: int = 1, z_loss: float = 0.0,
-                    loss_chunk: int = 0):
-    """`train_step(state, batch) -> (state, metrics)`, not yet jitted (see `jit_train_step`)."""
+def make_gradients(config: ModelConfig, param_shardings, grad_accum: int = 1, z_loss: float = 0.0,
+                   loss_chunk: int = 0):
+    """`gradients(params, batch) -> (grads, (nll sum, z sum, correct, weight sum))`.
+
+    grads are the unnormalised (summed over tokens) gradients of the batch's
+    objective, in the parameters' dtype, summed over `grad_accum` micro-batches.
+    They and the accumulation buffer are constrained to `param_shardings` (a
+    tree of shardings like the parameters'): left to XLA, they may come out
+    replicated, a whole model's gradients on every device.
+    """
     model = Llama(config)
     grad_fn = jax.value_and_grad(lambda p, b: _loss_sums(model, p, b, z_loss, loss_chunk), has_aux=True)
 
-    def train_step(state: TrainState, batch):
+    def like_params(grads):
+        return jax.lax.with_sharding_constraint(grads, param_shardings)
+
+    def gradients(params, batch):
+        if grad_accum == 1:  # no zero-filled accumulator: a pass over every parameter saved
+            (_, sums), grads = grad_fn(params, batch)
+            return like_params(grads), sums
+
         def accumulate(carry, micro):
             grads, sums = carry
-            (_, micro_sums), micro_grads = grad_fn(state.params, micro)
-            grads = jax.tree.map(jnp.add, grads, micro_grads)
+            (_, micro_sums), micro_grads = grad_fn(params, micro)
+            grads = like_params(jax.tree.map(jnp.add, grads, like_params(micro_grads)))
             return (grads, tuple(a + b for a, b in zip(sums, micro_sums))), None
 
-        if grad_accum == 1:  # no zero-filled accumulator: a pass over every parameter saved
-            (_, sums), grads = grad_fn(state.params, batch)
-        else:
-            zeros = jax.tree.map(jnp.zeros_like, state.params)
-            (grads, sums), _ = jax.lax.scan(accumulate, (zeros, (jnp.zeros(()),) * 4),
-                                            _split_micro_batches(batch, grad_accum))
+        zeros = like_params(jax.tree.map(jnp.zeros_like, params))
+        (grads, sums), _ = jax.lax.scan(accumulate, (zeros, (jnp.zeros(()),) * 4),
+                                        _split_micro_batches(batch, grad_accum))
+        return grads, sums
+
+    return gradients
+
+
+def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation,
+                    schedule: optax.Schedule, param_shardings, grad_accum: int = 1,
+                    z_loss: float = 0.0, loss_chunk: int = 0):
+    """`train_step(state, batch) -> (state, metrics)`, not yet jitted (see `jit_train_step`).
+
+    `param_shardings`: the parameters' shardings (`shardings.params` of
+    `init_state`), which the gradients keep. A step whose loss, gradient norm
+    or update norm is not finite is not applied: parameters and optimizer
+    state stay as they were, the step count advances, and the int32 metric
+    "nonfinite" holds the NONFINITE_BITS of the values at fault (0 if none).
+    """
+    gradients = make_gradients(config, param_shardings, grad_accum, z_loss, loss_chunk)
+
+    def train_step(state: TrainState, batch):
+        grads, sums = gradients(state.params, batch)
         nll, z, correct, weight = sums
         weight = jnp.maximum(weight, 1.0)
         grads = jax.tree.map(lambda g: g / weight, grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        grad_norm, update_norm = optax.tree.norm(grads), optax.tree.norm(updates)
+        checked = {"loss": jnp.isfinite(nll) & jnp.isfinite(z), "grad norm": jnp.isfinite(grad_norm),
+                   "update norm": jnp.isfinite(update_norm)}
+        nonfinite = sum(jnp.where(ok, 0, NONFINITE_BITS[name]) for name, ok in checked.items())
+        applied = nonfinite == 0  # else params and optimizer state stay as they were
+        params, opt_state = jax.tree.map(lambda new, old: jnp.where(applied, new, old),
+                                         (params, opt_state), (state.params, state.opt_state))
         metrics = {
             "loss": nll / weight, "z_loss": z / weight, "accuracy": correct / weight,
-            "grad_norm": optax.tree.norm(grads), "learning_rate": schedule(state.step),
-            "tokens": sums[3],
+            "grad_norm": grad_norm, "update_norm": update_norm, "learning_rate": schedule(state.step),
+            "tokens": sums[3], "nonfinite": nonfinite,
         }
         return TrainState(state.step + 1, params, opt_state), metrics
 
