@@ -29,7 +29,7 @@ AVERAGED = ("loss", "z_loss", "accuracy")
 
 def _tokenizer(run: RunConfig):
     path = run.data.tokenizer or run.tokenizer
-    if run.data.source != "text" or path is None:
+    if run.data.source not in ("text", "chat", "completion") or path is None:
         return None
     from llama_jax.tokenizer import load_tokenizer
     return load_tokenizer(path)

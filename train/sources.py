@@ -96,24 +96,85 @@ class TextDocuments:
     def nbytes(self, i: int) -> int:
         return int(self._length[i])
 
-    def __getitem__(self, i: int) -> str:
-        path = self.files[self._file[i]]
-        with open(path, "rb") as fh:
+    def _text(self, i: int) -> str:
+        with open(self.files[self._file[i]], "rb") as fh:
             fh.seek(int(self._start[i]))
             raw = fh.read(int(self._length[i]))
         try:
-            text = raw.decode("utf-8")
+            return raw.decode("utf-8")
         except UnicodeDecodeError:
             raise ValueError(f"{self.location(i)}: not valid UTF-8") from None
-        if path.suffix != ".jsonl":
-            return text
+
+    def record(self, i: int) -> dict:
+        """The JSON object on line i of the .jsonl inputs (ValueError naming file and line)."""
         try:
-            record = json.loads(text)
+            record = json.loads(self._text(i))
         except json.JSONDecodeError as e:
             raise ValueError(f"{self.location(i)}: not valid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(record, dict) or not isinstance(record.get(self.text_key), str):
+        if not isinstance(record, dict):
+            raise ValueError(f"{self.location(i)}: expected a JSON object, got {type(record).__name__}")
+        return record
+
+    def __getitem__(self, i: int) -> str:
+        if self.files[self._file[i]].suffix != ".jsonl":
+            return self._text(i)
+        record = self.record(i)
+        if not isinstance(record.get(self.text_key), str):
             raise ValueError(f"{self.location(i)}: no string field {self.text_key!r} (set text_key)")
         return record[self.text_key]
+
+
+class Examples:
+    """Fine-tuning examples from JSONL files: token ids with a 0/1 loss weight per id.
+
+    kind "chat": each line is `{"messages": [{"role": ..., "content": ...}, ...]}`,
+      formatted with the tokenizer's chat format (llama_jax.chat.encode_conversation):
+      the loss is on the assistant's answers and their end-of-turn tokens.
+    kind "completion": each line is `{"prompt": str, "completion": str}`, encoded
+      as BOS + prompt + completion + EOS with no template: the loss is on the
+      completion and EOS.
+    `examples[i]` is int32 [2, n]: ids, then weights. ValueError (one line)
+    names the file and line of a malformed example.
+    """
+
+    def __init__(self, paths, tokenizer, kind: str):
+        if kind not in ("chat", "completion"):
+            raise ValueError(f"examples: kind {kind!r} is not chat or completion")
+        self.lines = TextDocuments(paths)
+        non_jsonl = [f for f in self.lines.files if f.suffix != ".jsonl"]
+        if non_jsonl:
+            raise ValueError(f"{non_jsonl[0]}: {kind} examples are read from .jsonl files")
+        self.tokenizer, self.kind = tokenizer, kind
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+    def location(self, i: int) -> str:
+        return self.lines.location(i)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        record = self.lines.record(i)
+        try:
+            ids, weights = (self._chat if self.kind == "chat" else self._completion)(record)
+        except ValueError as err:
+            raise ValueError(f"{self.location(i)}: {err}") from None
+        return np.asarray([ids, weights], np.int32)
+
+    def _chat(self, record: dict):
+        from llama_jax.chat import encode_conversation
+
+        messages = record.get("messages")
+        if not isinstance(messages, list):
+            raise ValueError('a chat example needs a "messages" list')
+        return encode_conversation(self.tokenizer, messages)
+
+    def _completion(self, record: dict):
+        prompt, completion = record.get("prompt"), record.get("completion")
+        if not isinstance(prompt, str) or not isinstance(completion, str) or not completion:
+            raise ValueError('a completion example needs string "prompt" and non-empty "completion" fields')
+        asked = self.tokenizer.encode(prompt, bos=True)
+        answer = self.tokenizer.encode(completion, eos=True)
+        return asked + answer, [0] * len(asked) + [1] * len(answer)
 
 
 class TokenDocuments:
