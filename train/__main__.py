@@ -63,6 +63,9 @@ def main(argv=None) -> int:
             print(f"step {summary['step']}: loss {metrics['loss']:.4f}, "
                   f"{metrics['tokens_per_s']:,.0f} tokens/s, MFU {metrics['mfu']:.1%} "
                   f"(peak: {summary['peak_source']})")
+            if "eval_loss" in metrics:
+                print(f"held-out: loss {metrics['eval_loss']:.4f}, perplexity {metrics['eval_perplexity']:.2f}, "
+                      f"token accuracy {metrics['eval_accuracy']:.1%}")
             print(f"loss curve: {loss_curve_png(summary['run_dir'])}")
         if summary["preempted"]:
             print(f"preempted: saved step {summary['step']}; run the same command to resume")

@@ -4,6 +4,9 @@ A run is a YAML file in `configs/runs/` (see `tiny_cpu.yaml`):
 
     model: tiny                      # name in configs/models/ or a path
     model_overrides: {remat: full}   # any ModelConfig field
+    init_from: ckpt/llama3_2_1b      # start from these weights (ours, a run dir or Hugging Face)
+    lora: {rank: 16, alpha: 32, targets: [wq, wk, wv, wo]}   # train adapters only
+    eval: {every: 200, batches: 8}   # held-out loss (eval.paths, or data.holdout)
     layout: fsdp_tp                  # name in configs/layouts/ or a path
     mesh: {tensor: 2}                # ICI size overrides for the layout
     data: {source: synthetic, seq_len: 128, global_batch: 16}   # train.data.DataConfig
@@ -62,6 +65,24 @@ class OptimizerConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Held-out evaluation while training: every `every` steps (0: never), `batches` batches
+    of `data.global_batch` rows from `paths` (files of the training source), or, without
+    paths, from the fraction `data.holdout` split off the training documents."""
+
+    every: int = 0
+    batches: int = 8
+    paths: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "paths", (self.paths,) if isinstance(self.paths, str) else tuple(self.paths))
+        for name, least in (("every", 0), ("batches", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ConfigError(f"eval.{name}: must be an integer >= {least}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     """Everything one training run needs; `model` is resolved to a ModelConfig."""
 
@@ -82,6 +103,8 @@ class RunConfig:
     chip: str = "cpu"
     tokenizer: str | None = None
     on_nonfinite: str = "stop"
+    init_from: str | None = None
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
 
     def __post_init__(self):
         for name in ("steps", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints"):
@@ -104,6 +127,8 @@ class RunConfig:
         if self.on_nonfinite not in NONFINITE_MODES:
             raise ConfigError(f"on_nonfinite: {self.on_nonfinite!r} is not one of "
                               f"{', '.join(NONFINITE_MODES)}")
+        if self.eval.every and not self.eval.paths and not self.data.holdout:
+            raise ConfigError("eval.every: evaluation needs eval.paths or a data.holdout fraction")
         from train.metrics import PEAK_FLOPS  # late: metrics imports jax
         if self.chip not in PEAK_FLOPS:
             raise ConfigError(f"chip: {self.chip!r} is not one of {', '.join(PEAK_FLOPS)}")
@@ -174,7 +199,7 @@ def run_config_from_dict(data: dict[str, Any], overrides: Sequence[str] = ()) ->
     applied on top: a nested key replaces one field of its section.
     """
     data = _merge(data, parse_overrides(list(overrides)))
-    known = {f.name for f in dataclasses.fields(RunConfig)} | {"model_overrides"}
+    known = {f.name for f in dataclasses.fields(RunConfig)} | {"model_overrides", "lora"}
     for key in data:
         if key not in known:
             raise ConfigError(f"{key}: unknown run config key (known: {', '.join(sorted(known))})")
@@ -182,6 +207,9 @@ def run_config_from_dict(data: dict[str, Any], overrides: Sequence[str] = ()) ->
         raise ConfigError("model: required run config key is missing")
     model = data.pop("model")
     overrides = data.pop("model_overrides", None) or {}
+    if data.get("lora") is not None:  # `lora:` is the model's adapters (ModelConfig.lora)
+        overrides = {**overrides, "lora": data.pop("lora")}
+    data.pop("lora", None)
     if isinstance(model, dict):
         model = ModelConfig.from_dict({**model, **overrides})
     elif not isinstance(model, ModelConfig):
@@ -189,6 +217,7 @@ def run_config_from_dict(data: dict[str, Any], overrides: Sequence[str] = ()) ->
     data["model"] = model
     data["data"] = _dataclass_from(DataConfig, data.get("data", {}), "data")
     data["optimizer"] = _dataclass_from(OptimizerConfig, data.get("optimizer", {}), "optimizer")
+    data["eval"] = _dataclass_from(EvalConfig, data.get("eval", {}), "eval")
     return _dataclass_from(RunConfig, data, "run")
 
 

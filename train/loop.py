@@ -16,7 +16,9 @@ from llama_jax.config import ConfigError
 from sharding.layout import load_layout
 from sharding.place import Placement, validate
 from train.config import RunConfig
+from llama_jax.params import join
 from train.data import make_dataset
+from train.evaluate import Evaluator, eval_data
 from train.metrics import MetricsWriter, flops_per_token, peak_flops
 from train.nonfinite import NonfiniteWatch
 from train.optimizer import learning_rate_schedule, make_optimizer
@@ -135,9 +137,14 @@ def train(run: RunConfig, *, progress: bool = True, stop_after: int | None = Non
     validate(run.model, layout, placement.mesh, batch=run.data.global_batch // run.grad_accum,
              seq_len=run.data.seq_len)
     shard_index, shard_count = _data_shard(placement, run.data.global_batch)
-    data = make_dataset(run.data, tokenizer=_tokenizer(run), shard_index=shard_index,
+    tokenizer = _tokenizer(run)
+    data = make_dataset(run.data, tokenizer=tokenizer, shard_index=shard_index,
                         shard_count=shard_count, model_vocab_size=run.model.vocab_size)
     _read_first_batch(data)
+    evaluator = None
+    if run.eval.every:
+        evaluator = Evaluator(run.model, eval_data(run.data, run.eval.paths), placement, run.eval.batches,
+                              tokenizer, (shard_index, shard_count), run.loss_chunk)
     _create_run_dir(run.run_dir)
 
     schedule = learning_rate_schedule(run.optimizer, run.steps)
@@ -162,15 +169,18 @@ def train(run: RunConfig, *, progress: bool = True, stop_after: int | None = Non
         flops_token = flops_per_token(run.model, run.data.seq_len)  # outside the rules: shapes only
         with placement.activate():
             state, step, logged = _run_steps(run, state, data, placement, step_fn, checkpointer, writer, bar,
-                                             start, last_steps, flops_token, peak)
+                                             start, last_steps, flops_token, peak, evaluator)
     return {"step": step, "metrics": logged, "peak_flops": peak,
             "peak_source": peak_source, "run_dir": str(Path(run.run_dir)), "state": state,
             "preempted": checkpointer.preempted}
 
 
 def _run_steps(run: RunConfig, state, data, placement: Placement, step_fn, checkpointer, writer, bar,
-               start: int, last_steps: int, flops_token: float, peak: float):
-    """Steps `start + 1 .. last_steps` (or to a preemption): (state, last step, last logged row)."""
+               start: int, last_steps: int, flops_token: float, peak: float, evaluator=None):
+    """Steps `start + 1 .. last_steps` (or to a preemption): (state, last step, last logged row).
+
+    With an evaluator, every `run.eval.every` steps (and at the last step) the
+    held-out figures join that step's row, or make a row of their own."""
     watch = NonfiniteWatch(run.on_nonfinite, run.optimizer.learning_rate)
 
     def check_finite():
@@ -186,20 +196,38 @@ def _run_steps(run: RunConfig, state, data, placement: Placement, step_fn, check
         window.add(metrics, run.data.global_batch * run.data.seq_len)
         watch.add(step, metrics["nonfinite"])
         log_now = step % run.log_every == 0 or step == last_steps
+        eval_now = evaluator is not None and (step % run.eval.every == 0 or step == last_steps)
         if log_now or checkpointer.due(step, force=step == last_steps):
             check_finite()
+        row = {}
         if log_now:
-            logged = {**window.row(metrics, flops_token, peak * placement.mesh.size), "skipped_steps": watch.skipped}
-            writer.write(step, logged)
-            bar.set_postfix(loss=f"{logged['loss']:.3f}", tok_s=f"{logged['tokens_per_s']:,.0f}",
-                            mfu=f"{logged['mfu']:.1%}")
+            row = logged = {**window.row(metrics, flops_token, peak * placement.mesh.size),
+                            "skipped_steps": watch.skipped}
             window = _Window()
+        if eval_now:
+            figures = evaluator(join(state.frozen, state.params))
+            row = {**row, **figures}
+            logged = {**logged, **figures}
+        if row:
+            writer.write(step, row)
+            bar.set_postfix(_progress(logged))
         bar.update(1)
         checkpointer.maybe_save(step, state, data, force=step == last_steps)
     if checkpointer.preempted:
         check_finite()
         checkpointer.maybe_save(step, state, data, force=True)
     return state, step, logged
+
+
+def _progress(logged: dict) -> dict:
+    """The progress bar's figures from the last logged row."""
+    shown = {}
+    if "loss" in logged:
+        shown = {"loss": f"{logged['loss']:.3f}", "tok_s": f"{logged['tokens_per_s']:,.0f}",
+                 "mfu": f"{logged['mfu']:.1%}"}
+    if "eval_loss" in logged:
+        shown["eval"] = f"{logged['eval_loss']:.3f}"
+    return shown
 
 
 def loss_curve_png(run_dir: str | Path) -> Path:
@@ -212,12 +240,14 @@ def loss_curve_png(run_dir: str | Path) -> Path:
 
     run_dir = Path(run_dir)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-    steps = np.array([r["step"] for r in rows])
-    losses = np.array([r["loss"] for r in rows])
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(steps, losses)
+    for key, label in (("loss", "training"), ("eval_loss", "held-out")):
+        points = [(r["step"], r[key]) for r in rows if key in r]
+        if points:
+            ax.plot(*np.array(points).T, label=label, marker="o" if key == "eval_loss" else None)
+    ax.legend()
     ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
+    ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     out = run_dir / "loss.png"

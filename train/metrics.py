@@ -91,8 +91,9 @@ class MetricsWriter:
             self._jsonl.flush()
         except OSError as err:  # a flush names no file
             raise OSError(err.errno, err.strerror, str(self.run_dir / "metrics.jsonl")) from None
-        for key, value in metrics.items():
-            self._tb.add_scalar(f"train/{key}", value, step)
+        for key, value in metrics.items():  # eval_loss -> eval/loss, the rest under train/
+            tag = f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"
+            self._tb.add_scalar(tag, value, step)
         self._tb.flush()
 
     def close(self):
