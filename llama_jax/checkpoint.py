@@ -34,7 +34,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from llama_jax.config import ModelConfig
-from llama_jax.params import abstract_params, stack_layers, stacked_layers, unstack_layers
+from llama_jax.params import abstract_params, partition, stack_layers, stacked_layers, unstack_layers
 
 PARAMS = "params"
 CONFIG = "config"
@@ -77,7 +77,8 @@ def save_params(directory, config: ModelConfig, params, step: int = 0) -> None:
         raise CheckpointError(f"{directory}: orbax did not save step {step}")
 
 
-def restore_params(directory, step: int | None = None, shardings=None, config: ModelConfig | None = None):
+def restore_params(directory, step: int | None = None, shardings=None, config: ModelConfig | None = None,
+                   only=None):
     """Restore (config, params) from a checkpoint directory.
 
     step: a saved step; None takes the latest complete one.
@@ -86,6 +87,8 @@ def restore_params(directory, step: int | None = None, shardings=None, config: M
       device. The saved placement does not matter.
     config: if given, must agree with the stored config on ARCHITECTURE_FIELDS;
       its compute fields are used (param_dtype sets the restored dtype).
+    only: a predicate on leaf key paths: restore just the leaves it accepts
+      (a LoRA run's checkpoint holds only its adapters).
     Params come back in scan layout, or unrolled ("layers_0", ...) when the
     config has scan_layers False. Raises CheckpointError naming the problem.
     """
@@ -94,6 +97,8 @@ def restore_params(directory, step: int | None = None, shardings=None, config: M
     config = _reconcile(stored, config, directory, step)
     require_item(directory, step, PARAMS)
     target = abstract_params(config.replace(scan_layers=True))
+    if only is not None:
+        target = partition(target, only)[0]
     if shardings is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree.map(lambda _: device, target)

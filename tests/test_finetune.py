@@ -66,3 +66,104 @@ def test_the_eval_loss_equals_a_separate_forward_pass_over_the_same_batches(work
     assert abs(figures["eval_loss"] - nll / weight) <= 1e-5 * nll / weight
     assert abs(figures["eval_perplexity"] - np.exp(nll / weight)) <= 1e-4 * np.exp(nll / weight)
     assert abs(figures["eval_accuracy"] - correct / weight) <= 1e-6
+
+
+def _run(workdir, run_dir, **fields):
+    from train.config import run_config_from_dict
+
+    tokenizer = load_tokenizer(workdir / "tokenizer.model")
+    data = {"source": "chat", "paths": [str(workdir / "chat.jsonl")], "tokenizer": str(workdir / "tokenizer.model"),
+            "seq_len": 48, "global_batch": 8, "shuffle": False, "holdout": 0.2}
+    base = {"model": _config(tokenizer).to_dict(), "layout": "fsdp", "data": data, "steps": 4, "log_every": 1,
+            "checkpoint_every": 2, "run_dir": str(run_dir), "optimizer": {"learning_rate": 3e-3, "warmup_steps": 0}}
+    for key, value in fields.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            base[key] = {**base[key], **value}
+        else:
+            base[key] = value
+    return run_config_from_dict(base)
+
+
+def _rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_full_finetuning_from_a_hf_directory_starts_at_transformers_loss(workdir, tmp_path):
+    import torch
+
+    from tiny import hf_model
+    from train.loop import train
+
+    tokenizer = load_tokenizer(workdir / "tokenizer.model")
+    hf_model(_config(tokenizer), seed=3).save_pretrained(tmp_path / "hf")
+    run = _run(workdir, tmp_path / "run", init_from=str(tmp_path / "hf"), steps=1,
+               data={"packing": False, "holdout": 0.0})
+    train(run, progress=False)
+    ours = _rows(tmp_path / "run")[0]["loss"]
+
+    batch = next(make_dataset(run.data, tokenizer=tokenizer, shard_index=0, shard_count=1))
+    model = hf_model(_config(tokenizer), seed=3)
+    with torch.no_grad():
+        logits = model(torch.as_tensor(batch["tokens"], dtype=torch.long)).logits.double()
+    nll = -torch.log_softmax(logits, -1).gather(-1, torch.as_tensor(batch["targets"], dtype=torch.long)[..., None])
+    weights = torch.as_tensor(batch["loss_weights"], dtype=torch.float64)
+    theirs = float((nll[..., 0] * weights).sum() / weights.sum())
+    assert abs(ours - theirs) <= 1e-4 * theirs, (ours, theirs)
+
+
+@pytest.fixture(scope="module")
+def base_checkpoint(workdir, tmp_path_factory):
+    from llama_jax.checkpoint import save_params
+
+    tokenizer = load_tokenizer(workdir / "tokenizer.model")
+    path = tmp_path_factory.mktemp("base") / "ckpt"
+    params = init_params(_config(tokenizer), jax.random.key(5))
+    save_params(path, _config(tokenizer), params)
+    return path, params
+
+
+LORA = {"rank": 4, "alpha": 8.0, "targets": ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]}
+
+
+def test_a_lora_run_trains_only_the_adapters_and_leaves_the_base_bit_identical(workdir, base_checkpoint,
+                                                                              tmp_path):
+    from llama_jax import checkpoint
+    from llama_jax.lora import count_adapter_params, is_adapter, split_adapters
+    from llama_jax.params import partition
+    from llama_jax.weights import base_of, load_params
+    from train.loop import train
+
+    path, base = base_checkpoint
+    run = _run(workdir, tmp_path / "lora", init_from=str(path), lora=LORA, eval={"every": 2, "batches": 2})
+    summary = train(run, progress=False)
+    state = summary["state"]
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.frozen), base)
+    adapters = jax.device_get(state.params)
+    assert partition(adapters, lambda p: not is_adapter(p))[0] == {}
+    n_adapter = count_adapter_params(adapters)
+    moments = [x for x in jax.tree.leaves(state.opt_state) if x.size > 1]
+    assert sum(x.size for x in moments) == 2 * n_adapter  # Adam's mu and nu, for the adapters only
+    assert n_adapter < 0.2 * sum(x.size for x in jax.tree.leaves(base))
+
+    rows = _rows(tmp_path / "lora")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all("eval_loss" in rows[i] for i in (1, 3))
+    assert rows[-1]["loss"] < rows[0]["loss"]
+
+    ckpt = tmp_path / "lora" / "checkpoints"
+    assert base_of(ckpt) == str(path.absolute())
+    _, stored = checkpoint.restore_params(ckpt, config=run.model, only=is_adapter)
+    jax.tree.map(np.testing.assert_array_equal, stored, adapters)
+    loaded = jax.device_get(load_params(tmp_path / "lora", run.model))
+    got_adapters, got_base = split_adapters(loaded)
+    jax.tree.map(np.testing.assert_array_equal, got_base, base)
+    jax.tree.map(np.testing.assert_array_equal, got_adapters, adapters)
+
+
+def test_a_lora_run_resumes_bit_exactly(workdir, base_checkpoint, tmp_path):
+    from train.loop import train
+
+    path, _ = base_checkpoint
+    train(_run(workdir, tmp_path / "whole", init_from=str(path), lora=LORA), progress=False)
+    train(_run(workdir, tmp_path / "split", init_from=str(path), lora=LORA), progress=False, stop_after=2)
+    train(_run(workdir, tmp_path / "split", init_from=str(path), lora=LORA), progress=False)
+    assert [r["loss"] for r in _rows(tmp_path / "split")] == [r["loss"] for r in _rows(tmp_path / "whole")]

@@ -54,10 +54,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
 
 from llama_jax.checkpoint import (CONFIG, PARAMS, TMP_SUFFIX, CheckpointError, architecture_mismatch,
                                   first_line, latest_step, read_config)
+from llama_jax.weights import BASE
 from train.config import RunConfig, run_config_from_dict
 from train.data import checkpoint_restore_args, checkpoint_save_args
 from train.library_logs import LibraryLogs
@@ -194,6 +196,17 @@ class Checkpointer:
             note("warning: data settings differ from the checkpoint's (" + ", ".join(changed)
                   + "); training continues, but not on the rows the original run would have seen")
 
+    def has_checkpoint(self) -> bool:
+        """Whether the run directory holds a complete step to resume from."""
+        return bool(self.manager.all_steps())
+
+    def _base_item(self) -> dict:
+        """A LoRA run saves only its adapters: item "base" names the weights they adapt, so
+        the checkpoint loads whole (llama_jax.weights.load_params) and serves as it is."""
+        if self.run.model.lora is None:
+            return {}
+        return {BASE: ocp.args.JsonSave({"path": str(epath.Path(self.run.init_from).absolute())})}
+
     def due(self, step: int, force: bool = False) -> bool:
         """Whether `maybe_save(step, ..., force)` would save."""
         return step != self.last_saved and (force or step % self.run.checkpoint_every == 0)
@@ -240,6 +253,7 @@ class Checkpointer:
                 DATA: checkpoint_save_args(data),
                 RUN: ocp.args.JsonSave(_jsonable(self.run.to_dict())),
                 CHECKSUMS: ocp.args.JsonSave(checksums),
+                **self._base_item(),
             }), force=True)
         except Exception as err:
             raise self._save_error(step, err) from None

@@ -127,6 +127,8 @@ class RunConfig:
         if self.on_nonfinite not in NONFINITE_MODES:
             raise ConfigError(f"on_nonfinite: {self.on_nonfinite!r} is not one of "
                               f"{', '.join(NONFINITE_MODES)}")
+        if self.model.lora is not None and self.init_from is None:
+            raise ConfigError("lora: a LoRA run trains adapters over fixed weights: set init_from to them")
         if self.eval.every and not self.eval.paths and not self.data.holdout:
             raise ConfigError("eval.every: evaluation needs eval.paths or a data.holdout fraction")
         from train.metrics import PEAK_FLOPS  # late: metrics imports jax

@@ -52,7 +52,7 @@ class Evaluator:
             batch = self.placement.global_batch(next(self.data))
             with self.placement.activate():
                 batch_nll, _, batch_correct, batch_weight = jax.device_get(self.sums(params, batch))
-            nll, correct, weight = nll + batch_nll, correct + batch_correct, weight + batch_weight
+            nll, correct, weight = nll + float(batch_nll), correct + float(batch_correct), weight + float(batch_weight)
         loss = nll / max(weight, 1.0)
         return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 80.0)),
                 "eval_accuracy": correct / max(weight, 1.0), "eval_tokens": weight}

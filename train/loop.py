@@ -22,7 +22,7 @@ from train.evaluate import Evaluator, eval_data
 from train.metrics import MetricsWriter, flops_per_token, peak_flops
 from train.nonfinite import NonfiniteWatch
 from train.optimizer import learning_rate_schedule, make_optimizer
-from train.step import init_state, jit_train_step, make_train_step
+from train.step import abstract_state, init_state, jit_train_step, make_train_step
 
 
 # Logged as the mean over the steps since the last log (the rest: the last step's value).
@@ -48,6 +48,21 @@ def _data_shard(placement: Placement, global_batch: int) -> tuple[int, int]:
     first = min(index[0].start or 0 for device, index in indices.items()
                 if device.process_index == jax.process_index())
     return first // rows, global_batch // rows
+
+
+def _starting_params(run: RunConfig, shardings, resuming: bool):
+    """The weights `init_from` gives the run, placed (None: random initialisation).
+
+    Full fine-tuning starts from them and then resumes from its own checkpoints;
+    a LoRA run's checkpoints hold only adapters, so its base is loaded every time.
+    """
+    if run.init_from is None or (resuming and run.model.lora is None):
+        return None
+    from llama_jax.weights import load_params
+
+    config = run.model.replace(lora=None)
+    target = shardings.frozen if run.model.lora is not None else shardings.params
+    return load_params(run.init_from, config, target)
 
 
 def _closing(close):
@@ -149,11 +164,16 @@ def train(run: RunConfig, *, progress: bool = True, stop_after: int | None = Non
 
     schedule = learning_rate_schedule(run.optimizer, run.steps)
     optimizer = make_optimizer(run.optimizer, run.steps)
-    state, shardings = init_state(placement, optimizer, jax.random.key(run.seed))
+    abstract, shardings = abstract_state(placement, optimizer)
     with contextlib.ExitStack() as cleanup:
         checkpointer = Checkpointer(run, shardings)
         cleanup.push(_closing(checkpointer.close))
-        state = checkpointer.restore_latest(state, data)
+        resuming = checkpointer.has_checkpoint()
+        starting = _starting_params(run, shardings, resuming)
+        if resuming:  # nothing random to draw: the checkpoint fills the state (a LoRA base rides beside)
+            state = checkpointer.restore_latest(abstract.replace(frozen=starting or {}), data)
+        else:
+            state, _ = init_state(placement, optimizer, jax.random.key(run.seed), starting)
         start = int(state.step)
         step_fn = jit_train_step(
             make_train_step(run.model, optimizer, schedule, shardings.params, run.grad_accum, run.z_loss,
