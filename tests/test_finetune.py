@@ -167,3 +167,63 @@ def test_a_lora_run_resumes_bit_exactly(workdir, base_checkpoint, tmp_path):
     train(_run(workdir, tmp_path / "split", init_from=str(path), lora=LORA), progress=False, stop_after=2)
     train(_run(workdir, tmp_path / "split", init_from=str(path), lora=LORA), progress=False)
     assert [r["loss"] for r in _rows(tmp_path / "split")] == [r["loss"] for r in _rows(tmp_path / "whole")]
+
+
+WORDS = ("apple river stone cloud tiger lemon piano rocket garden silver candle pepper forest window planet "
+         "marble violet copper meadow falcon").split()
+
+
+def test_lora_sft_teaches_a_chat_model_a_new_task_that_holds_on_unseen_questions(tmp_path):
+    """A small chat model that reverses three words learns, by LoRA-SFT alone, to repeat them.
+
+    The base is trained first (full training, chat format) to answer "Reverse: a b c" with
+    "c b a", so it knows the chat format and its end-of-turn token; the adapters then learn
+    "Repeat: a b c" -> "a b c". Held-out questions use word triples never seen in training.
+    """
+    import random
+
+    from infer import generate
+    from llama_jax.chat import format_chat
+    from llama_jax.weights import load_params
+    from train.config import run_config_from_dict
+    from train.loop import train
+
+    rng = random.Random(0)
+    triples = list(dict.fromkeys(tuple(rng.sample(WORDS, 3)) for _ in range(800)))
+    held_out, seen = triples[:60], triples[60:]
+
+    def conversation(verb, words, answer=None):
+        question = [{"role": "user", "content": f"{verb}: {' '.join(words)}"}]
+        return question if answer is None else question + [{"role": "assistant", "content": " ".join(answer)}]
+
+    for name, verb, order in (("reverse", "Reverse", -1), ("repeat", "Repeat", 1)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(
+            json.dumps({"messages": conversation(verb, w, w[::order])}) + "\n" for w in seen))
+    train_bpe([f"Repeat: {' '.join(w)} Reverse: " for w in triples], 420, tmp_path / "tokenizer.model")
+    tokenizer = load_tokenizer(tmp_path / "tokenizer.model")
+    config = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128,
+                         vocab_size=tokenizer.vocab_size, rope_theta=10000.0, max_seq_len=64)
+
+    def run(name, steps, **fields):
+        data = {"source": "chat", "paths": [str(tmp_path / f"{name}.jsonl")], "tokenizer": str(tmp_path / "tokenizer.model"),
+                "seq_len": 64, "global_batch": 16}
+        return run_config_from_dict({"model": config.to_dict(), "layout": "dp", "mesh": {"data": 1}, "data": data,
+                                     "optimizer": {"learning_rate": 3e-3, "warmup_steps": 10, "weight_decay": 0.0},
+                                     "steps": steps, "log_every": 100, "checkpoint_every": steps,
+                                     "run_dir": str(tmp_path / name), **fields})
+
+    train(run("reverse", 300), progress=False)
+    lora = run("repeat", 300, init_from=str(tmp_path / "reverse"),
+               lora={"rank": 8, "alpha": 16.0, "targets": ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]})
+    train(lora, progress=False)
+
+    prompts = [format_chat(tokenizer, conversation("Repeat", w)) for w in held_out]
+
+    def exact(params, model_config):
+        outputs = generate(params, tokenizer, prompts, max_new_tokens=8, config=model_config)
+        return np.mean([out.text.strip() == " ".join(w) for out, w in zip(outputs, held_out)])
+
+    base_score = exact(load_params(tmp_path / "reverse", config), config)
+    tuned_score = exact(load_params(tmp_path / "repeat", lora.model), lora.model)
+    assert base_score <= 0.05, f"the base should not repeat yet ({base_score:.0%})"
+    assert tuned_score >= 0.9, f"held-out exact answers after LoRA-SFT: {tuned_score:.0%}"
