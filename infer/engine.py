@@ -81,7 +81,7 @@ class Engine:
         self.batch_multiple = plan.shards_along("batch")
         self.length_multiple = plan.shards_along("length")
         self.replicated = NamedSharding(plan.mesh, PartitionSpec())
-        self.state_shardings = plan.tree_shardings(decoding.STATE_AXES)
+        self.state_shardings = plan.tree_shardings(decoding.state_axes(config))
         self._prefill = jax.jit(
             functools.partial(decoding.prefill, self.model),
             static_argnames=("sampling", "cache_len", "keep_logits"),
@@ -104,7 +104,7 @@ class Engine:
         Already placed parameters in that form come back as they are.
         """
         if not self.model_config.scan_layers and "layers" in params:
-            params = unstack_layers(params, self.config.n_layers)
+            params = unstack_layers(params, self.config.n_layers, self.config.stacked_layers)
         shardings = self.placement.param_shardings(self.model_config)
         return jax.tree.map(
             lambda x, s: jax.device_put(x, s) if isinstance(x, jax.Array)

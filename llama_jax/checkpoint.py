@@ -39,11 +39,12 @@ from llama_jax.params import abstract_params, stack_layers, unstack_layers
 PARAMS = "params"
 CONFIG = "config"
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
-# Fields that define the function a checkpoint computes. An explicit config given
-# to restore_params must agree on these; its other fields (dtypes, remat,
-# attention, scan_layers, max_seq_len) are compute choices and win.
+# Fields that define the function a checkpoint computes and the leaves it stores
+# (quantised weights are stored as such). An explicit config given to
+# restore_params must agree on these; its other fields (dtypes, remat,
+# attention, scan_layers, max_seq_len, kv_cache_dtype) are compute choices and win.
 ARCHITECTURE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "head_dim",
-                       "tie_embeddings", "rope_theta", "rope_scaling", "norm_eps")
+                       "tie_embeddings", "rope_theta", "rope_scaling", "norm_eps", "quantize")
 
 
 class CheckpointError(ValueError):
@@ -61,7 +62,7 @@ def save_params(directory, config: ModelConfig, params, step: int = 0) -> None:
     read a layer without decoding the others.
     """
     if not config.scan_layers:
-        params = stack_layers(params, config.n_layers)
+        params = stack_layers(params, config.n_layers, config.stacked_layers)
     _check_tree(params, abstract_params(config.replace(scan_layers=True)), "params")
     params = jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jax.numpy.asarray(x), params)
     save_args = jax.tree_util.tree_map_with_path(
@@ -105,7 +106,7 @@ def restore_params(directory, step: int | None = None, shardings=None, config: M
     except Exception as err:  # noqa: BLE001 - orbax/tensorstore raise plain Exceptions for corrupt data
         raise CheckpointError(f"{_step_dir(directory, step)}: cannot restore params ({first_line(err)})") from None
     if not config.scan_layers:
-        params = unstack_layers(params, config.n_layers)
+        params = unstack_layers(params, config.n_layers, config.stacked_layers)
     return config, params
 
 

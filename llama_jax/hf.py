@@ -82,11 +82,9 @@ def weight_rules(config: ModelConfig) -> Iterator[tuple[str, WeightRule, int | N
 
 def our_path(rule: WeightRule, layer: int | None, config: ModelConfig) -> tuple[tuple[str, ...], int | None]:
     """The leaf path in our tree and the index along the stacked `layers` axis (if any)."""
-    if layer is None:
-        return rule.path, None
-    if config.scan_layers:
-        return ("layers",) + rule.path, layer
-    return (f"layers_{layer}",) + rule.path, None
+    from llama_jax.params import layer_location  # late: params imports the model
+
+    return layer_location(layer, rule.path, config)
 
 
 # ---------------------------------------------------------------- config.json
@@ -111,6 +109,10 @@ def config_from_hf(hf: dict[str, Any], **overrides) -> ModelConfig:
             original_context=int(scaling["original_max_position_embeddings"]))
     if hf.get("attention_bias") or hf.get("mlp_bias"):
         raise ConfigError("config.json: attention_bias/mlp_bias are not part of Llama")
+    # The stored dtype (transformers 5.x: "dtype", 4.x: "torch_dtype") is the default
+    # compute and parameter dtype, as transformers itself loads the files.
+    stored = hf.get("dtype") or hf.get("torch_dtype")
+    dtypes = {"dtype": stored, "param_dtype": stored} if stored in ("bfloat16", "float32", "float16") else {}
     try:
         fields = dict(
             dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"],
@@ -118,7 +120,7 @@ def config_from_hf(hf: dict[str, Any], **overrides) -> ModelConfig:
             ffn_dim=hf["intermediate_size"], vocab_size=hf["vocab_size"],
             rope_theta=float(theta), rope_scaling=rope_scaling,
             max_seq_len=hf.get("max_position_embeddings", 4096), norm_eps=hf.get("rms_norm_eps", 1e-5),
-            tie_embeddings=bool(hf.get("tie_word_embeddings", False)), head_dim=hf.get("head_dim"))
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)), head_dim=hf.get("head_dim"), **dtypes)
     except KeyError as err:
         raise ConfigError(f"config.json: missing field {err.args[0]}") from None
     return ModelConfig(**{**fields, **overrides})
@@ -175,7 +177,7 @@ def read_hf_tensors(directory: str | Path, config: ModelConfig,
     suspended generator still holds the last one, so a streaming reader asks
     for one name per call.
     """
-    shapes = _abstract_shapes(config.replace(scan_layers=True))
+    shapes = _abstract_shapes(config)
     checkpoint = SafetensorsCheckpoint(directory)
     for hf_name, rule, layer in weight_rules(config):
         if names is not None and hf_name not in names:
@@ -183,33 +185,38 @@ def read_hf_tensors(directory: str | Path, config: ModelConfig,
         if hf_name not in checkpoint:
             raise CheckpointFileError(f"{directory}: checkpoint is missing tensor {hf_name}")
         weight = to_ours(rule.kind, checkpoint.get(hf_name), config.head_dim)
-        expected = _leaf(shapes, ("layers",) + rule.path if layer is not None else rule.path).shape
-        expected = expected[1:] if layer is not None else expected
+        path, index = our_path(rule, layer, config)
+        expected = _leaf(shapes, path).shape
+        expected = expected[1:] if index is not None else expected
         if tuple(weight.shape) != tuple(expected):
             raise CheckpointFileError(
                 f"{directory}: tensor {hf_name} has shape {checkpoint.shape(hf_name)}, "
                 f"which does not fit the config (expected {expected} in our layout)")
-        path, index = our_path(rule, layer, config)
         yield path, index, weight
 
 
-def load_hf_params(directory: str | Path, config: ModelConfig | None = None, dtype=None):
-    """Read a HF checkpoint directory into our parameter tree (numpy arrays).
+def load_hf_params(directory: str | Path, config: ModelConfig | None = None, dtype=None, shardings=None):
+    """Read a HF checkpoint directory into our parameter tree, tensor by tensor.
 
-    Returns (config, params). `dtype` (e.g. np.float32) casts every tensor;
-    by default the config's param_dtype is used. Holds the whole model in host
-    memory: the streaming converter (llama_jax/convert) is for large models.
+    Returns (config, params). config: the target (param_dtype, quantize,
+    scan_layers); default: `read_hf_config` (the files' stored dtype).
+    `dtype` (e.g. np.float32) sets param_dtype. shardings: a tree like the
+    params of jax Shardings; each tensor is then placed as it is read (see
+    `llama_jax.assemble`), and host memory holds one tensor at a time beyond
+    the placed model. None gives numpy arrays.
     """
+    from llama_jax.assemble import ParamsBuilder  # late: assemble imports the model
+
     config = config or read_hf_config(directory)
-    dtype = np.dtype(dtype or _numpy_dtype(config.param_dtype))
-    params: dict = {}
-    for path, index, weight in read_hf_tensors(directory, config):
-        if index is None:
-            _set_leaf(params, path, weight.astype(dtype))
-        else:
-            stack = _get_or_make(params, path, (config.n_layers,) + weight.shape, dtype)
-            stack[index] = weight
-    return config, params
+    if dtype is not None:
+        config = config.replace(param_dtype=np.dtype(dtype).name)
+    builder = ParamsBuilder(config, shardings)
+    for hf_name, _, _ in weight_rules(config):
+        # One call per tensor: unpacking ends the generator, so nothing keeps the tensor alive.
+        [(path, index, weight)] = read_hf_tensors(directory, config, names={hf_name})
+        builder.add(path, index, weight)
+        del weight
+    return config, builder.params()
 
 
 @functools.lru_cache(maxsize=8)
@@ -219,27 +226,9 @@ def _abstract_shapes(config: ModelConfig):
     return abstract_params(config)
 
 
-def _numpy_dtype(name: str):
-    import ml_dtypes
-    return ml_dtypes.bfloat16 if name == "bfloat16" else np.dtype(name)
-
-
 def _leaf(tree, path):
     for key in path:
         tree = tree[key]
     return tree
 
 
-def _set_leaf(tree, path, value):
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
-
-
-def _get_or_make(tree, path, shape, dtype):
-    node = tree
-    for key in path[:-1]:
-        node = node.setdefault(key, {})
-    if path[-1] not in node:
-        node[path[-1]] = np.zeros(shape, dtype)
-    return node[path[-1]]

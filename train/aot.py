@@ -94,7 +94,7 @@ def decode_program(config, placement, batch: int, cache_len: int):
 
     config = config.replace(remat="none")  # nothing is differentiated
     replicated = NamedSharding(placement.mesh, PartitionSpec())
-    state_shardings = placement.tree_shardings(decoding.STATE_AXES)
+    state_shardings = placement.tree_shardings(decoding.state_axes(config))
     step = jax.jit(functools.partial(decoding.decode, Llama(config), sampling=Sampling(), steps=1),
                    donate_argnums=1,
                    in_shardings=(placement.param_shardings(config), state_shardings, replicated),

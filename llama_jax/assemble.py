@@ -1,0 +1,133 @@
+"""Building a parameter tree one weight at a time: cast or quantise it, then place it.
+
+    builder = ParamsBuilder(config, shardings)        # shardings None: numpy leaves
+    for path, index, array in weights:                 # e.g. llama_jax.hf.read_hf_tensors
+        builder.add(path, index, array)
+    params = builder.params()
+
+Readers hand over one host array at a time (a Hugging Face tensor, a layer
+slice of our checkpoint) at its place in `config`'s tree (`path`, and the
+index along the stacked `layers` axis for stacked leaves, see
+`llama_jax.params.layer_location`). The builder stores it in the leaf's
+dtype: param_dtype, or, where the config quantises that kernel
+(`ModelConfig.quantize_for`), quantised per output channel with its `scale`
+written beside it; values that are already quantised (a quantised
+checkpoint) are taken as they are. With `shardings` every leaf is placed as
+it arrives, and a stacked leaf is created on its devices and filled a layer
+at a time in place, so host memory never holds more than the weight at hand
+(plus, on a CPU "device", the placed model itself).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from llama_jax.checkpoint import CheckpointError, named_leaves
+from llama_jax.config import ModelConfig
+from llama_jax.params import abstract_params
+from llama_jax.quantize import quantize_kernel
+
+QUANTISED_DTYPES = ("int8", "float8_e4m3fn")
+
+
+class ParamsBuilder:
+    """Collect the weights of one model config into a (placed) parameter tree."""
+
+    def __init__(self, config: ModelConfig, shardings=None):
+        self.config = config
+        self.leaves = dict(named_leaves(abstract_params(config)))
+        self.shardings = None if shardings is None else dict(named_leaves(shardings))
+        self._values: dict[tuple[str, ...], object] = {}
+        self._written: dict[tuple[str, ...], set] = {path: set() for path in self.leaves}
+
+    def add(self, path: tuple[str, ...], index: int | None, array) -> None:
+        """Store `array` as leaf `path` (index None) or as slice `index` of a stacked leaf.
+
+        A float kernel whose leaf is quantised is quantised here (its `scale`
+        leaf is written too). CheckpointError (one line) for a path the config
+        does not have, a wrong shape, or quantised values for a float leaf.
+        """
+        path = tuple(path)
+        leaf = self._leaf(path)
+        expected = leaf.shape if index is None else leaf.shape[1:]
+        if tuple(np.shape(array)) != tuple(expected):
+            raise CheckpointError(f"{'/'.join(path)}: got shape {tuple(np.shape(array))}, expected {tuple(expected)}")
+        stored = np.dtype(array.dtype).name
+        target = np.dtype(leaf.dtype).name
+        if target in QUANTISED_DTYPES and stored != target:
+            if stored in QUANTISED_DTYPES:
+                raise CheckpointError(f"{'/'.join(path)}: stored as {stored}, but the config wants {target} "
+                                      "(quantise from the unquantised weights instead)")
+            scale_path = path[:-1] + ("scale",)
+            n_in = array.ndim - (len(self._leaf(scale_path).shape) - (index is not None))
+            with jax.default_device(jax.devices("cpu")[0]):
+                values, scale = quantize_kernel(array, self.config.quantize, n_in)
+            self._set(path, index, np.asarray(values))
+            self._set(scale_path, index, np.asarray(scale))
+            return
+        if stored in QUANTISED_DTYPES and target != stored:
+            raise CheckpointError(f"{'/'.join(path)}: stored quantised ({stored}) but the config has a "
+                                  f"{target} leaf here (load it with the checkpoint's quantize setting)")
+        self._set(path, index, array)
+
+    def params(self):
+        """The finished tree; CheckpointError naming the first leaf (or layer) never written."""
+        for path, leaf in self.leaves.items():
+            expected = {None} if path[0] != "layers" else set(range(leaf.shape[0]))
+            missing = sorted(expected - self._written[path], key=lambda x: -1 if x is None else x)
+            if missing:
+                where = "" if missing[0] is None else f" layer {missing[0]}"
+                raise CheckpointError(f"{'/'.join(path)}{where}: missing from the checkpoint")
+        tree: dict = {}
+        for path, value in self._values.items():
+            node = tree
+            for key in path[:-1]:
+                node = node.setdefault(key, {})
+            node[path[-1]] = value
+        return tree
+
+    # ------------------------------------------------------------ helpers
+
+    def _leaf(self, path):
+        if path not in self.leaves:
+            raise CheckpointError(f"{'/'.join(path)}: not a parameter of this model config")
+        return self.leaves[path]
+
+    def _set(self, path, index, array):
+        leaf = self.leaves[path]
+        array = np.asarray(array).astype(leaf.dtype, copy=False)
+        if self.shardings is None:
+            if index is None:
+                self._values[path] = array
+            else:
+                if path not in self._values:
+                    self._values[path] = np.zeros(leaf.shape, leaf.dtype)
+                self._values[path][index] = array
+        else:
+            sharding = self.shardings[path]
+            if index is None:
+                self._values[path] = _place(array, sharding)
+            else:
+                if path not in self._values:
+                    self._values[path] = jax.jit(lambda: jnp.zeros(leaf.shape, leaf.dtype), out_shardings=sharding)()
+                self._values[path] = _write_layer(self._values[path], _place(array, _without_layers(sharding)),
+                                                  index)
+        self._written[path].add(index)
+
+
+def _place(array: np.ndarray, sharding) -> jax.Array:
+    return jax.make_array_from_callback(array.shape, sharding, lambda where: array[where])
+
+
+def _without_layers(sharding):
+    """The sharding of one layer slice of a stacked leaf placed with `sharding`."""
+    if isinstance(sharding, NamedSharding):
+        return NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[1:]))
+    return sharding
+
+
+_write_layer = jax.jit(lambda stack, layer, index: jax.lax.dynamic_update_index_in_dim(stack, layer, index, 0),
+                       donate_argnums=0)
