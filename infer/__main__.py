@@ -3,11 +3,14 @@
     python -m infer --checkpoint DIR --prompt "Once upon a time" --max-new-tokens 64
     python -m infer --checkpoint DIR --chat --system "You are terse."
     python -m infer --checkpoint DIR --prompt-file long_prompt.txt     # or --prompt - < file
+    python -m infer --checkpoint DIR --prompt "Hi" --dtype bfloat16 --quantize int8 --kv-cache-dtype int8
 
 DIR is our checkpoint directory or a Hugging Face one (config.json,
-safetensors, tokenizer files). Text is printed as it is generated. Bad input
-(missing checkpoint, unknown layout, a prompt too long for the context, a
-mesh that does not fit the devices) prints one line on stderr and exits 2.
+safetensors, tokenizer files), served in its stored dtype unless --dtype
+says otherwise; --quantize int8|fp8 quantises the weights as they load.
+Text is printed as it is generated. Bad input (missing checkpoint, unknown
+layout, a prompt too long for the context, a mesh that does not fit the
+devices, an unknown --quantize) prints one line on stderr and exits 2.
 """
 
 from __future__ import annotations
@@ -40,6 +43,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--system", default=None, help="system prompt for --chat")
     parser.add_argument("--stream-every", type=int, default=8, metavar="N",
                         help="tokens per compiled decode call between prints (default 8)")
+    parser.add_argument("--dtype", default=None, metavar="DTYPE",
+                        help="bfloat16 or float32: compute and weight dtype (default: the checkpoint's)")
+    parser.add_argument("--attention", default=None, metavar="IMPL",
+                        help="xla or blocked (default: the checkpoint's config)")
+    parser.add_argument("--quantize", default=None, metavar="KIND",
+                        help="quantise the weights as they load: int8 (every projection, per output "
+                             "channel) or fp8 (Llama 3's recipe: feed-forward weights and inputs, not the "
+                             "first and last layers); a quantised checkpoint loads as it is")
+    parser.add_argument("--kv-cache-dtype", default=None, metavar="KIND",
+                        help="int8 or fp8: quantise the KV cache per token and head (default: the compute dtype)")
     args = parser.parse_args(argv)
     if args.prompt is not None and args.prompt_file is not None:
         parser.error("give --prompt or --prompt-file, not both")
@@ -83,12 +96,15 @@ def _run(args) -> int:
         raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if args.stream_every < 1:
         raise ValueError(f"--stream-every must be at least 1, got {args.stream_every}")
+    _check_precision_flags(args)
 
     args.prompt = _read_prompt(args)
 
     from infer.generate import load_model
 
-    config, params, tokenizer = load_model(args.checkpoint, args.layout, args.tokenizer)
+    config, params, tokenizer = load_model(args.checkpoint, args.layout, args.tokenizer, dtype=args.dtype,
+                                           attention=args.attention, quantize=args.quantize,
+                                           kv_cache_dtype=args.kv_cache_dtype)
     settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, seed=args.seed, layout=args.layout, config=config,
                     stream_every=args.stream_every)
@@ -96,6 +112,21 @@ def _run(args) -> int:
         return _chat(params, tokenizer, args, settings)
     _say(params, tokenizer, args.prompt, settings)
     return 0
+
+
+def _check_precision_flags(args) -> None:
+    """One line naming the flag for a dtype, attention, quantize or KV cache setting that is not known."""
+    from llama_jax.config import ATTENTION_IMPLS, KV_CACHE_DTYPES, QUANTIZE_TARGETS
+    from llama_jax.quantize import require_fp8
+
+    for flag, value, known in (("--dtype", args.dtype, ("bfloat16", "float32")),
+                               ("--attention", args.attention, ATTENTION_IMPLS),
+                               ("--quantize", args.quantize, tuple(QUANTIZE_TARGETS)),
+                               ("--kv-cache-dtype", args.kv_cache_dtype, KV_CACHE_DTYPES)):
+        if value is not None and value not in known:
+            raise ValueError(f"{flag}: unknown {value!r} (known: {', '.join(known)})")
+    if "fp8" in (args.quantize, args.kv_cache_dtype):
+        require_fp8()
 
 
 def _read_prompt(args) -> str | None:

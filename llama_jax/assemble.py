@@ -50,6 +50,12 @@ class ParamsBuilder:
         leaf is written too). CheckpointError (one line) for a path the config
         does not have, a wrong shape, or quantised values for a float leaf.
         """
+        for piece in self.pieces(path, index, array):
+            self._set(*piece)
+
+    def pieces(self, path: tuple[str, ...], index: int | None, array) -> list[tuple[tuple[str, ...], int | None, np.ndarray]]:
+        """What `add` stores for one weight, without storing it: [(path, index, array in the leaf's
+        dtype)], two entries (kernel values and scale) for a kernel quantised here."""
         path = tuple(path)
         leaf = self._leaf(path)
         expected = leaf.shape if index is None else leaf.shape[1:]
@@ -65,13 +71,11 @@ class ParamsBuilder:
             n_in = array.ndim - (len(self._leaf(scale_path).shape) - (index is not None))
             with jax.default_device(jax.devices("cpu")[0]):
                 values, scale = quantize_kernel(array, self.config.quantize, n_in)
-            self._set(path, index, np.asarray(values))
-            self._set(scale_path, index, np.asarray(scale))
-            return
+            return [(path, index, np.asarray(values)), (scale_path, index, np.asarray(scale))]
         if stored in QUANTISED_DTYPES and target != stored:
             raise CheckpointError(f"{'/'.join(path)}: stored quantised ({stored}) but the config has a "
                                   f"{target} leaf here (load it with the checkpoint's quantize setting)")
-        self._set(path, index, array)
+        return [(path, index, np.asarray(array).astype(leaf.dtype, copy=False))]
 
     def params(self):
         """The finished tree; CheckpointError naming the first leaf (or layer) never written."""
@@ -98,7 +102,6 @@ class ParamsBuilder:
 
     def _set(self, path, index, array):
         leaf = self.leaves[path]
-        array = np.asarray(array).astype(leaf.dtype, copy=False)
         if self.shardings is None:
             if index is None:
                 self._values[path] = array
@@ -131,3 +134,46 @@ def _without_layers(sharding):
 
 _write_layer = jax.jit(lambda stack, layer, index: jax.lax.dynamic_update_index_in_dim(stack, layer, index, 0),
                        donate_argnums=0)
+
+
+def load_checkpoint_params(directory, config: ModelConfig, shardings=None, step: int | None = None):
+    """Read our checkpoint into `config`'s tree one leaf or layer slice at a time.
+
+    config: the target (dtypes, quantize, scan_layers); shardings as for
+    `ParamsBuilder`. Returns the params; CheckpointError (one line) on a
+    mismatch (see `checkpoint_weights`).
+    """
+    builder = ParamsBuilder(config, shardings)
+    for path, index, array in checkpoint_weights(directory, config, step):
+        builder.add(path, index, array)
+        del array
+    return builder.params()
+
+
+def checkpoint_weights(directory, config: ModelConfig, step: int | None = None):
+    """Every weight of our checkpoint as (path, index, host array) at its place in `config`'s tree,
+    one leaf or layer slice at a time.
+
+    config's architecture must be the stored one's. A stored unquantised
+    checkpoint may go to a quantised config (the builder quantises); a
+    quantised one only to its own quantize setting. CheckpointError (one
+    line) otherwise.
+    """
+    from llama_jax.checkpoint import architecture_mismatch
+    from llama_jax.checkpoint_io import ParamsReader
+    from llama_jax.params import layer_location, layer_of
+
+    reader = ParamsReader(directory, step)
+    stored = reader.config
+    name = architecture_mismatch(stored, config.replace(quantize=stored.quantize))
+    if name is not None:
+        raise CheckpointError(f"{directory}: config {name} is {getattr(config, name)!r} but the checkpoint "
+                              f"has {getattr(stored, name)!r}")
+    if stored.quantize is not None and config.quantize != stored.quantize:
+        raise CheckpointError(f"{directory}: the checkpoint stores {stored.quantize} weights, but "
+                              f"{config.quantize or 'unquantised'} ones were asked for (load it with quantize "
+                              f"{stored.quantize}, or quantise from the unquantised checkpoint)")
+    for path, leaf in reader.leaves.items():
+        for index in (range(leaf.shape[0]) if path[0] == "layers" else [None]):
+            layer, below = layer_of(path, index, stored)
+            yield (*layer_location(layer, below, config), reader.read(path, index))

@@ -211,12 +211,18 @@ def load_hf_params(directory: str | Path, config: ModelConfig | None = None, dty
     if dtype is not None:
         config = config.replace(param_dtype=np.dtype(dtype).name)
     builder = ParamsBuilder(config, shardings)
-    for hf_name, _, _ in weight_rules(config):
-        # One call per tensor: unpacking ends the generator, so nothing keeps the tensor alive.
-        [(path, index, weight)] = read_hf_tensors(directory, config, names={hf_name})
+    for path, index, weight in hf_weights(directory, config):
         builder.add(path, index, weight)
         del weight
     return config, builder.params()
+
+
+def hf_weights(directory: str | Path, config: ModelConfig) -> Iterator[tuple[tuple[str, ...], int | None, np.ndarray]]:
+    """Every weight as `read_hf_tensors` yields them, reading one tensor per step: a tensor
+    is released before the next is read (if the caller drops it), so a streaming reader
+    holds one at a time."""
+    for hf_name, _, _ in weight_rules(config):
+        yield from read_hf_tensors(directory, config, names={hf_name})
 
 
 @functools.lru_cache(maxsize=8)
