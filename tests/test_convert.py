@@ -23,7 +23,7 @@ from llama_jax.checkpoint import read_config, restore_params, save_params
 from llama_jax.checkpoint_io import ParamsReader
 from llama_jax.config import RopeScaling
 from llama_jax.convert import run_cli
-from llama_jax.convert import hf_to_ours, meta_to_ours, ours_to_hf
+from llama_jax.convert import hf_to_ours, meta_to_ours, ours_to_hf, quantize
 from llama_jax.convert.hf_to_ours import convert_hf_to_ours
 from llama_jax.convert.meta_to_ours import convert_meta_to_ours, published_rope_factor
 from llama_jax.convert.ours_to_hf import export_hf
@@ -264,11 +264,13 @@ print(json.dumps({"baseline_kb": baseline, "peak_kb": status("VmHWM")}))
 """
 
 
-def write_random_hf(directory, config):
-    """A float32 HF checkpoint of random normal weights (their mantissas do not compress,
-    like trained weights), one safetensors file per layer, written a block at a time."""
+def write_random_hf(directory, config, dtype="float32"):
+    """A HF checkpoint of random weights that do not compress, like trained weights, one
+    safetensors file per layer, written a block at a time: float32 random normal, or
+    bfloat16 random bit patterns below 2 in magnitude (fast to make in bulk)."""
     directory.mkdir()
-    (directory / "config.json").write_text(json.dumps(config_to_hf(config, "float32")))
+    (directory / "config.json").write_text(json.dumps(config_to_hf(config, dtype)))
+    tag, size = {"float32": ("F32", 4), "bfloat16": ("BF16", 2)}[dtype]
     rng = np.random.default_rng(0)
     shapes = {"model.embed_tokens.weight": (config.vocab_size, config.dim), "model.norm.weight": (config.dim,),
               "lm_head.weight": (config.vocab_size, config.dim)}
@@ -287,8 +289,8 @@ def write_random_hf(directory, config):
     for filename, tensors in files.items():
         header, offset = {}, 0
         for name, shape in tensors.items():
-            header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + 4 * math.prod(shape)]}
-            offset += 4 * math.prod(shape)
+            header[name] = {"dtype": tag, "shape": list(shape), "data_offsets": [offset, offset + size * math.prod(shape)]}
+            offset += size * math.prod(shape)
             weight_map[name] = filename
         encoded = json.dumps(header).encode()
         encoded += b" " * (-len(encoded) % 8)
@@ -297,11 +299,15 @@ def write_random_hf(directory, config):
             for name, shape in tensors.items():
                 count = math.prod(shape)
                 while count:
-                    f.write(rng.standard_normal(min(count, 4 << 20), dtype=np.float32).tobytes())
+                    block = min(count, 4 << 20)
+                    if dtype == "float32":
+                        f.write(rng.standard_normal(block, dtype=np.float32).tobytes())
+                    else:  # clearing the exponent's top bit keeps every value finite and below 2
+                        f.write((np.frombuffer(rng.bytes(2 * block), np.uint16) & 0xBFFF).tobytes())
                     count -= min(count, 4 << 20)
         total += offset
     (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    return total, 4 * max(math.prod(s) for t in files.values() for s in t.values())
+    return total, size * max(math.prod(s) for t in files.values() for s in t.values())
 
 
 @pytest.fixture(scope="module")
@@ -336,6 +342,42 @@ def test_hf_conversion_memory_stays_within_about_twice_the_largest_tensor(random
     stored = ParamsReader(tmp_path / "out").read(("output", "kernel"))
     expected = SafetensorsCheckpoint(directory).get("lm_head.weight").T.astype(stored.dtype)
     np.testing.assert_array_equal(stored, expected)
+
+
+LOAD_CHILD = """
+import json, re, sys
+from pathlib import Path
+import jax
+from infer.generate import load_model
+status = lambda field: int(re.search(field + r":\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1))
+load_model(sys.argv[1], tokenizer=sys.argv[3])
+baseline = status("VmRSS")
+config, params, _ = load_model(sys.argv[2], tokenizer=sys.argv[3])
+print(json.dumps({"baseline_kb": baseline, "peak_kb": status("VmHWM"), "dtype": config.param_dtype,
+                  "params_bytes": sum(x.nbytes for x in jax.tree.leaves(params))}))
+"""
+
+
+def test_loading_a_bfloat16_hf_directory_holds_one_tensor_beyond_the_model(byte_tokenizer_dir, tmp_path):
+    """load_model reads a 2 GB bfloat16 directory tensor by tensor into bfloat16 arrays on
+    the device (host memory on CPU): the peak above the baseline is the loaded model plus
+    less than one largest tensor (0.53 GB here, the embedding and the head). Before, the
+    whole model was first built in float32 on the host (2x the model), then placed."""
+    config = SHAPES["llama3"].replace(dim=2048, n_layers=8, n_heads=16, n_kv_heads=4, ffn_dim=8192,
+                                      vocab_size=128256 + 2048)
+    total, largest = write_random_hf(tmp_path / "big", config, "bfloat16")
+    small = tmp_path / "small"
+    hf_model(SHAPES["llama3"]).to(torch.bfloat16).save_pretrained(small)
+    run = subprocess.run([sys.executable, "-c", LOAD_CHILD, str(small), str(tmp_path / "big"), str(byte_tokenizer_dir)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=600,
+                         env={"PATH": os.environ.get("PATH", ""), "JAX_PLATFORMS": "cpu"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    usage = json.loads(run.stdout.strip().splitlines()[-1])
+    grown = (usage["peak_kb"] - usage["baseline_kb"]) * 1024
+    assert usage["dtype"] == "bfloat16" and usage["params_bytes"] == total
+    print(f"checkpoint {total / 2**30:.2f} GiB, largest tensor {largest / 2**20:.0f} MiB, growth "
+          f"{grown / 2**30:.2f} GiB = model + {(grown - total) / largest:.2f}x the largest tensor")
+    assert grown < total + largest, f"peak grew {grown / 2**20:.0f} MiB for a {total / 2**20:.0f} MiB model"
 
 
 # ---------------------------------------------------------------- bad input
@@ -446,6 +488,17 @@ def test_truncated_safetensors_fails_in_one_line(tmp_path, capsys):
                          "truncated safetensors file")
 
 
+def test_quantising_with_an_unknown_kind_or_twice_fails_in_one_line(tmp_path, capsys):
+    hf_dir = _saved_hf(SHAPES["llama3"], tmp_path)
+    run_and_expect_error(quantize.main, [str(hf_dir), str(tmp_path / "out"), "--quantize", "int4"], capsys,
+                         tmp_path / "out", "--quantize: unknown 'int4' (known: int8, fp8)")
+    quantize.quantize_checkpoint(hf_dir, tmp_path / "int8", "int8", show_progress=False)
+    run_and_expect_error(quantize.main, [str(tmp_path / "int8"), str(tmp_path / "out"), "--quantize", "fp8"],
+                         capsys, tmp_path / "out", "already quantised (int8)")
+    run_and_expect_error(ours_to_hf.main, [str(tmp_path / "int8"), str(tmp_path / "out")], capsys,
+                         tmp_path / "out", "its weights are stored quantised (int8)")
+
+
 def test_export_of_a_missing_checkpoint_fails_in_one_line(tmp_path, capsys):
     run_and_expect_error(ours_to_hf.main, [str(tmp_path / "nothing"), str(tmp_path / "out")], capsys,
                          tmp_path / "out", "checkpoint directory not found")
@@ -461,7 +514,7 @@ def test_command_line_exits_2_with_one_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("module", [hf_to_ours, meta_to_ours, ours_to_hf])
+@pytest.mark.parametrize("module", [hf_to_ours, meta_to_ours, ours_to_hf, quantize])
 def test_every_converter_has_help(module, capsys):
     with pytest.raises(SystemExit) as exit_info:
         module.main(["--help"])
