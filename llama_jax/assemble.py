@@ -161,7 +161,6 @@ def checkpoint_weights(directory, config: ModelConfig, step: int | None = None):
     """
     from llama_jax.checkpoint import architecture_mismatch
     from llama_jax.checkpoint_io import ParamsReader
-    from llama_jax.params import layer_location, layer_of
 
     reader = ParamsReader(directory, step)
     stored = reader.config
@@ -173,7 +172,26 @@ def checkpoint_weights(directory, config: ModelConfig, step: int | None = None):
         raise CheckpointError(f"{directory}: the checkpoint stores {stored.quantize} weights, but "
                               f"{config.quantize or 'unquantised'} ones were asked for (load it with quantize "
                               f"{stored.quantize}, or quantise from the unquantised checkpoint)")
-    for path, leaf in reader.leaves.items():
+    yield from _relocated(reader.leaves, reader.read, stored, config)
+
+
+def converted_params(params, stored: ModelConfig, config: ModelConfig, shardings=None):
+    """`params` (a tree in `stored`'s form, host or device arrays) in `config`'s form: cast,
+    quantised and stacked or unrolled as `config` says, one leaf or layer slice at a time."""
+    leaves = dict(named_leaves(params))
+    builder = ParamsBuilder(config, shardings)
+    read = lambda path, index: np.asarray(leaves[path] if index is None else leaves[path][index])  # noqa: E731
+    for path, index, array in _relocated(leaves, read, stored, config):
+        builder.add(path, index, array)
+    return builder.params()
+
+
+def _relocated(leaves: dict, read, stored: ModelConfig, config: ModelConfig):
+    """(path, index, array) in `config`'s tree for every leaf (and layer slice) of `stored`'s
+    tree, whose leaves (with shapes) are `leaves` and whose slices `read(path, index)` gives."""
+    from llama_jax.params import layer_location, layer_of
+
+    for path, leaf in leaves.items():
         for index in (range(leaf.shape[0]) if path[0] == "layers" else [None]):
             layer, below = layer_of(path, index, stored)
-            yield (*layer_location(layer, below, config), reader.read(path, index))
+            yield (*layer_location(layer, below, config), read(path, index))

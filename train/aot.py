@@ -37,6 +37,10 @@ class CompileResult:
     xla_flops: float | None = None         # cost_analysis(), per chip (loop bodies counted once)
     step_s_at_full_mfu: float | None = None
     reason: str | None = None              # the compiler's message when it does not fit
+    quantize: str | None = None            # int8 / fp8 weights (llama_jax/quantize.py)
+    kv_cache_dtype: str | None = None      # int8 / fp8 KV cache (decode)
+    weight_bytes: int | None = None        # one chip's share of the parameters, as compiled
+    cache_bytes: int | None = None         # one chip's share of the KV cache (decode)
 
     @property
     def used_bytes(self) -> int | None:
@@ -109,6 +113,20 @@ def decode_program(config, placement, batch: int, cache_len: int):
 # --- compiling ---------------------------------------------------------------------------
 
 
+def _chip_bytes(tree, device) -> int:
+    """Bytes of `device`'s shards of a tree of abstract sharded arrays."""
+    import math
+
+    import jax
+
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shard = leaf.sharding.shard_shape(leaf.shape)
+        if device in leaf.sharding.device_set:
+            total += math.prod(shard) * leaf.dtype.itemsize
+    return total
+
+
 def _memory(compiled) -> dict[str, int]:
     stats = compiled.memory_analysis()
     memory = {"arguments": stats.argument_size_in_bytes, "outputs": stats.output_size_in_bytes,
@@ -166,7 +184,10 @@ def compile_run(run, devices, *, topology: str = "", slices: int = 1, program: s
         layout=layout.name, mesh=dict(placement.mesh.shape), batch=batch, seq_len=seq_len,
         grad_accum=run.grad_accum if program == "train" else 1, remat=run.model.remat,
         dtype=run.model.dtype, param_dtype=run.model.param_dtype, verdict="does not fit",
-        hbm_bytes=hbm, compile_s=0.0)
+        hbm_bytes=hbm, compile_s=0.0, quantize=run.model.quantize, kv_cache_dtype=run.model.kv_cache_dtype)
+    if program == "decode":
+        result.weight_bytes = _chip_bytes(args[0], devices[0])
+        result.cache_bytes = _chip_bytes(args[1]["cache"], devices[0])
     start = time.perf_counter()
     try:
         with placement.activate():
