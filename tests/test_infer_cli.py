@@ -54,7 +54,8 @@ def test_help_describes_the_options():
     result = run_cli("--help")
     assert result.returncode == 0
     for option in ("--checkpoint", "--prompt", "--max-new-tokens", "--temperature", "--top-k",
-                   "--top-p", "--seed", "--layout", "--chat", "--system"):
+                   "--top-p", "--seed", "--layout", "--chat", "--system", "--dtype", "--attention", "--quantize",
+                   "--kv-cache-dtype"):
         assert option in result.stdout
 
 

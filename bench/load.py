@@ -1,0 +1,97 @@
+"""Serve an 8B-shaped bfloat16 checkpoint from a 24 GiB host: peak host memory and time.
+
+    python bench/load.py [--dir /tmp/llama_jax_load] [--model llama3_1_8b] [--keep]
+
+1. Writes a Hugging Face directory of random bfloat16 weights in the model's
+   shapes (16 GB for 8B; random bits below 2 in magnitude, which do not
+   compress) and a byte-level tokenizer.
+2. Serves four tokens from it with `python -m infer` (stored dtype: bfloat16).
+3. Converts it with `hf_to_ours --dtype bfloat16` and serves four tokens from
+   our checkpoint the same way.
+Each command runs in its own process, whose peak resident memory (VmHWM) is
+reported against the checkpoint's bytes, as JSON lines. The directory is
+removed afterwards unless --keep. Measures only; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+# Runs a module's main in this process and reports its peak resident memory.
+CHILD = """
+import json, re, runpy, sys
+from pathlib import Path
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_module(sys.argv[0], run_name="__main__")
+except SystemExit as stop:
+    code = stop.code or 0
+else:
+    code = 0
+peak = int(re.search(r"VmHWM:\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1))
+print(json.dumps({"peak_kb": peak, "exit": code}), file=sys.stderr)
+"""
+
+
+def measured(module: str, *args: str) -> dict:
+    """Run `python -m module args` with the memory probe: {seconds, peak_bytes, exit, stdout}."""
+    start = time.perf_counter()
+    run = subprocess.run([sys.executable, "-c", CHILD, module, *args], capture_output=True, text=True, cwd=ROOT,
+                         env={"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)})
+    seconds = time.perf_counter() - start
+    probe = json.loads(run.stderr.strip().splitlines()[-1])
+    if probe["exit"]:
+        print(run.stderr[-3000:], file=sys.stderr)
+    return {"seconds": round(seconds, 1), "peak_bytes": probe["peak_kb"] * 1024, "exit": probe["exit"],
+            "stdout": run.stdout.strip()}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dir", default="/tmp/llama_jax_load", help="work directory (needs 2x the checkpoint)")
+    parser.add_argument("--model", default="llama3_1_8b", help="a config in configs/models")
+    parser.add_argument("--keep", action="store_true", help="keep the checkpoints afterwards")
+    args = parser.parse_args()
+
+    from common import cpu_model
+    from llama_jax.config import load_model_config
+    from llama_jax.tokenizer_training import train_bpe
+    from tiny import write_random_hf
+
+    config = load_model_config(args.model)
+    work = Path(args.dir)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    start = time.perf_counter()
+    total, largest = write_random_hf(work / "hf", config, "bfloat16")
+    train_bpe(["byte-level tokenizer: no merges needed"], 256, work / "hf" / "tokenizer.model")
+    print(json.dumps({"bench": "load", "model": args.model, "checkpoint_bytes": total, "largest_tensor_bytes": largest,
+                      "write_seconds": round(time.perf_counter() - start, 1), "cpu": cpu_model()}), flush=True)
+
+    serve = ["--prompt", "Hello", "--max-new-tokens", "4"]
+    runs = {"serve_hf_dir": ("infer", "--checkpoint", str(work / "hf"), *serve),
+            "hf_to_ours": ("llama_jax.convert.hf_to_ours", str(work / "hf"), str(work / "ours"), "--dtype",
+                           "bfloat16", "--no-progress"),
+            "serve_ours": ("infer", "--checkpoint", str(work / "ours"), "--tokenizer", str(work / "hf"), *serve)}
+    try:
+        for name, command in runs.items():
+            result = measured(*command)
+            print(json.dumps({"bench": "load", "model": args.model, "step": name, **result,
+                              "peak_over_checkpoint": round(result["peak_bytes"] / total, 3)}), flush=True)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
