@@ -218,11 +218,14 @@ def load_hf_params(directory: str | Path, config: ModelConfig | None = None, dty
 
 
 def hf_weights(directory: str | Path, config: ModelConfig) -> Iterator[tuple[tuple[str, ...], int | None, np.ndarray]]:
-    """Every weight as `read_hf_tensors` yields them, reading one tensor per step: a tensor
-    is released before the next is read (if the caller drops it), so a streaming reader
-    holds one at a time."""
+    """Every weight as `read_hf_tensors` yields them, one tensor per step, holding no
+    reference to it while suspended: once the caller drops (or converts) a tensor it is
+    freed, so a streaming reader holds one at a time."""
     for hf_name, _, _ in weight_rules(config):
-        yield from read_hf_tensors(directory, config, names={hf_name})
+        # Running the reader to its end and popping the one result leaves neither this
+        # frame nor the reader's holding the array while the caller works on it.
+        found = list(read_hf_tensors(directory, config, names={hf_name}))
+        yield found.pop()
 
 
 @functools.lru_cache(maxsize=8)

@@ -22,8 +22,20 @@ high-perplexity tokens such as dates).
 
 The same jax code serves jitted model code (KV cache, activations) and
 weights at load or conversion time, where it runs on one tensor at a time
-placed on its devices (so XLA fuses the absmax and the rounding, and no
-float32 copy of the tensor is made).
+(XLA fuses the absmax and the rounding, so no float32 copy of the tensor is
+made).
+
+Why not Qwix (Google's JAX quantisation library): its post-training mode
+intercepts `jnp.einsum` / `lax.dot_general` inside the model and recognises a
+weight by finding the parameter object among the operands. Our `Linear`
+casts its kernel before the einsum and the FFN passes its kernels through a
+custom-VJP SwiGLU, both of which hide that object; LoRA's `x A` product is a
+dot of a parameter too, so an intercepted float32 adapter would be quantised
+as well. Its quantised leaves are wrapper objects (WithAux / QArray) that our
+checkpoint writer, HF reader, memory plan and logical-axis sharding would
+each have to learn, while the recipe here (absmax scales, int8 or e4m3,
+Meta's 1200 cap) is a few lines. Explicit `kernel` + `scale` parameters keep
+the model readable and every layout shards them by name.
 """
 
 from __future__ import annotations
