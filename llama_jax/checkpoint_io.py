@@ -153,7 +153,7 @@ class ParamsReader:
     def __init__(self, directory, step: int | None = None):
         step = resolve_step(directory, step)
         self.config = read_config(directory, step).replace(scan_layers=True)
-        self.params_dir = require_item(directory, step, PARAMS)
+        self.params_dir = require_item(directory, step, PARAMS).absolute()  # orbax wants absolute paths
         try:
             metadata = json.loads((self.params_dir / "_METADATA").read_text())
         except (FileNotFoundError, json.JSONDecodeError) as err:
