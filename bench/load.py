@@ -5,12 +5,18 @@
 1. Writes a Hugging Face directory of random bfloat16 weights in the model's
    shapes (16 GB for 8B; random bits below 2 in magnitude, which do not
    compress) and a byte-level tokenizer.
-2. Serves four tokens from it with `python -m infer` (stored dtype: bfloat16).
-3. Converts it with `hf_to_ours --dtype bfloat16` and serves four tokens from
-   our checkpoint the same way.
-Each command runs in its own process, whose peak resident memory (VmHWM) is
+2. Loads it with `infer.load_model` (stored dtype: bfloat16), then serves four
+   tokens from it with `python -m infer`.
+3. Converts it with `hf_to_ours --dtype bfloat16`, and loads and serves our
+   checkpoint the same way.
+Each step runs in its own process, whose peak resident memory (VmHWM) is
 reported against the checkpoint's bytes, as JSON lines. The directory is
 removed afterwards unless --keep. Measures only; asserts nothing.
+
+On a CPU host the serve steps need more: XLA:CPU has no bfloat16 matmul and
+converts the weights to float32 at the start of each program (about 2x the
+checkpoint, 30 GB for 8B), so they fail on a 24 GiB machine after the load
+succeeds; docs/benchmarks.md has the figures.
 """
 
 from __future__ import annotations
@@ -27,13 +33,18 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-# Runs a module's main in this process and reports its peak resident memory.
+# Runs a module's main (or, for "load", infer.load_model on a directory and a tokenizer)
+# in this process and reports its peak resident memory.
 CHILD = """
 import json, re, runpy, sys
 from pathlib import Path
 sys.argv = sys.argv[1:]
 try:
-    runpy.run_module(sys.argv[0], run_name="__main__")
+    if sys.argv[0] == "load":
+        from infer import load_model
+        load_model(sys.argv[1], tokenizer=sys.argv[2])
+    else:
+        runpy.run_module(sys.argv[0], run_name="__main__")
 except SystemExit as stop:
     code = stop.code or 0
 else:
@@ -44,12 +55,17 @@ print(json.dumps({"peak_kb": peak, "exit": code}), file=sys.stderr)
 
 
 def measured(module: str, *args: str) -> dict:
-    """Run `python -m module args` with the memory probe: {seconds, peak_bytes, exit, stdout}."""
+    """Run `python -m module args` (or a "load") with the memory probe: {seconds, peak_bytes, exit, stdout}."""
     start = time.perf_counter()
     run = subprocess.run([sys.executable, "-c", CHILD, module, *args], capture_output=True, text=True, cwd=ROOT,
                          env={"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)})
     seconds = time.perf_counter() - start
-    probe = json.loads(run.stderr.strip().splitlines()[-1])
+    lines = run.stderr.strip().splitlines()
+    if run.returncode or not lines or not lines[-1].startswith("{"):
+        # Killed (e.g. out of memory: -9) or crashed before the probe could report.
+        print(run.stderr[-3000:], file=sys.stderr)
+        return {"seconds": round(seconds, 1), "peak_bytes": None, "exit": run.returncode, "stdout": run.stdout.strip()}
+    probe = json.loads(lines[-1])
     if probe["exit"]:
         print(run.stderr[-3000:], file=sys.stderr)
     return {"seconds": round(seconds, 1), "peak_bytes": probe["peak_kb"] * 1024, "exit": probe["exit"],
@@ -79,15 +95,18 @@ def main():
                       "write_seconds": round(time.perf_counter() - start, 1), "cpu": cpu_model()}), flush=True)
 
     serve = ["--prompt", "Hello", "--max-new-tokens", "4"]
-    runs = {"serve_hf_dir": ("infer", "--checkpoint", str(work / "hf"), *serve),
+    runs = {"load_hf_dir": ("load", str(work / "hf"), str(work / "hf")),
+            "serve_hf_dir": ("infer", "--checkpoint", str(work / "hf"), *serve),
             "hf_to_ours": ("llama_jax.convert.hf_to_ours", str(work / "hf"), str(work / "ours"), "--dtype",
                            "bfloat16", "--no-progress"),
+            "load_ours": ("load", str(work / "ours"), str(work / "hf")),
             "serve_ours": ("infer", "--checkpoint", str(work / "ours"), "--tokenizer", str(work / "hf"), *serve)}
     try:
         for name, command in runs.items():
             result = measured(*command)
+            ratio = None if result["peak_bytes"] is None else round(result["peak_bytes"] / total, 3)
             print(json.dumps({"bench": "load", "model": args.model, "step": name, **result,
-                              "peak_over_checkpoint": round(result["peak_bytes"] / total, 3)}), flush=True)
+                              "peak_over_checkpoint": ratio}), flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
