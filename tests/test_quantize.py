@@ -225,3 +225,16 @@ def test_int8_base_with_adapters_computes_the_base_plus_the_adapter_delta():
     # and the adapters do change the int8 model's output
     no_delta = loss(jax.tree.map(jnp.zeros_like, adapters), int8_base, int8_config)
     assert abs(float(no_delta) - float(got)) > 1e-3
+
+
+def test_quantised_weights_and_cache_give_the_same_tokens_on_a_sharded_layout(hf_dir):
+    """Kernels and scales are named with the logical axes of the weights they replace, so
+    every layout shards them: fsdp_tp (fsdp 4 x tensor 2) decodes what one device does."""
+    from infer import generate
+
+    config = BF16.replace(quantize="int8", kv_cache_dtype="int8")
+    _, params = load_hf_params(hf_dir, config)
+    prompts = [[5, 17, 33, 2], [9, 8, 7, 6, 5, 4, 3]]
+    one = generate(params, None, prompts, max_new_tokens=12, config=config)
+    sharded = generate(params, None, prompts, max_new_tokens=12, config=config, layout="fsdp_tp")
+    assert [g.tokens for g in sharded] == [g.tokens for g in one]
