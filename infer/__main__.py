@@ -3,13 +3,16 @@
     python -m infer --checkpoint DIR --prompt "Once upon a time" --max-new-tokens 64
     python -m infer --checkpoint DIR --chat --system "You are terse."
     python -m infer --checkpoint DIR --prompt-file long_prompt.txt     # or --prompt - < file
+    python -m infer --checkpoint DIR --prompt "Hi" --dtype bfloat16 --quantize int8 --kv-cache-dtype int8
     python -m infer --checkpoint VISION_DIR --image cat.jpg --prompt "Describe the picture."
     python -m infer --checkpoint VISION_DIR --image cat.jpg --chat     # the image in the first user turn
 
 DIR is our checkpoint directory or a Hugging Face one (config.json,
-safetensors, tokenizer files). Text is printed as it is generated. Bad input
-(missing checkpoint, unknown layout, a prompt too long for the context, a
-mesh that does not fit the devices, a file that is not an image, more images
+safetensors, tokenizer files), served in its stored dtype unless --dtype
+says otherwise; --quantize int8|fp8 quantises the weights as they load.
+Text is printed as it is generated. Bad input (missing checkpoint, unknown
+layout, a prompt too long for the context, a mesh that does not fit the
+devices, an unknown --quantize, a file that is not an image, more images
 than the model takes, an image for a text-only model) prints one line on
 stderr and exits 2.
 
@@ -50,6 +53,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="an image for the prompt (Llama 3.2 Vision checkpoints); repeat for several")
     parser.add_argument("--stream-every", type=int, default=8, metavar="N",
                         help="tokens per compiled decode call between prints (default 8)")
+    parser.add_argument("--dtype", default=None, metavar="DTYPE",
+                        help="bfloat16 or float32: compute and weight dtype (default: the checkpoint's)")
+    parser.add_argument("--attention", default=None, metavar="IMPL",
+                        help="xla or blocked (default: the checkpoint's config)")
+    parser.add_argument("--quantize", default=None, metavar="KIND",
+                        help="quantise the weights as they load: int8 (every projection, per output "
+                             "channel) or fp8 (Llama 3's recipe: feed-forward weights and inputs, not the "
+                             "first and last layers); a quantised checkpoint loads as it is")
+    parser.add_argument("--kv-cache-dtype", default=None, metavar="KIND",
+                        help="int8 or fp8: quantise the KV cache per token and head (default: the compute dtype)")
     args = parser.parse_args(argv)
     if args.prompt is not None and args.prompt_file is not None:
         parser.error("give --prompt or --prompt-file, not both")
@@ -93,6 +106,7 @@ def _run(args) -> int:
         raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if args.stream_every < 1:
         raise ValueError(f"--stream-every must be at least 1, got {args.stream_every}")
+    _check_precision_flags(args)
 
     args.prompt = _read_prompt(args)
 
@@ -103,7 +117,9 @@ def _run(args) -> int:
     if images:
         _check_images(checkpoint_config(args.checkpoint), len(images))
 
-    config, params, tokenizer = load_model(args.checkpoint, args.layout, args.tokenizer)
+    config, params, tokenizer = load_model(args.checkpoint, args.layout, args.tokenizer, dtype=args.dtype,
+                                           attention=args.attention, quantize=args.quantize,
+                                           kv_cache_dtype=args.kv_cache_dtype)
     settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, seed=args.seed, layout=args.layout, config=config,
                     stream_every=args.stream_every)
@@ -121,6 +137,21 @@ def _check_images(config, count: int) -> None:
     if count > config.vision.max_images:
         raise ValueError(f"--image: {count} images given; this model takes at most {config.vision.max_images} "
                          "per prompt (vision.max_images)")
+
+
+def _check_precision_flags(args) -> None:
+    """One line naming the flag for a dtype, attention, quantize or KV cache setting that is not known."""
+    from llama_jax.config import ATTENTION_IMPLS, KV_CACHE_DTYPES, QUANTIZE_TARGETS
+    from llama_jax.quantize import require_fp8
+
+    for flag, value, known in (("--dtype", args.dtype, ("bfloat16", "float32")),
+                               ("--attention", args.attention, ATTENTION_IMPLS),
+                               ("--quantize", args.quantize, tuple(QUANTIZE_TARGETS)),
+                               ("--kv-cache-dtype", args.kv_cache_dtype, KV_CACHE_DTYPES)):
+        if value is not None and value not in known:
+            raise ValueError(f"{flag}: unknown {value!r} (known: {', '.join(known)})")
+    if "fp8" in (args.quantize, args.kv_cache_dtype):
+        require_fp8()
 
 
 def _read_prompt(args) -> str | None:

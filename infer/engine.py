@@ -81,12 +81,12 @@ class Engine:
         self.batch_multiple = plan.shards_along("batch")
         self.length_multiple = plan.shards_along("length")
         self.replicated = NamedSharding(plan.mesh, PartitionSpec())
-        self.state_shardings = plan.tree_shardings(decoding.STATE_AXES)
+        self.state_shardings = plan.tree_shardings(decoding.state_axes(config))
         # A vision model's batches with images carry more state (the image keys and
         # values, the tiles' spans): one compiled pair per state shape.
         self._prefill, self._decode = {}, {}
         for with_images in (False, True) if config.vision is not None else (False,):
-            shardings = plan.tree_shardings(decoding.state_axes(with_images))
+            shardings = plan.tree_shardings(decoding.state_axes(config, with_images))
             self._prefill[with_images] = jax.jit(
                 functools.partial(decoding.prefill, self.model),
                 static_argnames=("sampling", "cache_len", "keep_logits"),

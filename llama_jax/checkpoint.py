@@ -39,11 +39,12 @@ from llama_jax.params import abstract_params, partition, stack_layers, stacked_l
 PARAMS = "params"
 CONFIG = "config"
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
-# Fields that define the function a checkpoint computes. An explicit config given
-# to restore_params must agree on these; its other fields (dtypes, remat,
-# attention, scan_layers, max_seq_len) are compute choices and win.
+# Fields that define the function a checkpoint computes and the leaves it stores
+# (quantised weights are stored as such). An explicit config given to
+# restore_params must agree on these; its other fields (dtypes, remat,
+# attention, scan_layers, max_seq_len, kv_cache_dtype) are compute choices and win.
 ARCHITECTURE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "head_dim",
-                       "tie_embeddings", "rope_theta", "rope_scaling", "norm_eps", "vision")
+                       "tie_embeddings", "rope_theta", "rope_scaling", "norm_eps", "vision", "quantize")
 
 
 class CheckpointError(ValueError):

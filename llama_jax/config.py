@@ -11,6 +11,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
+import numpy as np
 import yaml
 
 
@@ -18,6 +20,12 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention_out")
 ATTENTION_IMPLS = ("xla", "blocked")
 DTYPES = ("float32", "bfloat16", "float16")
 ROPE_TYPES = ("default", "llama3")
+# Stored weight formats (llama_jax/quantize.py) and the projections each one replaces.
+# int8: every projection of every layer. fp8: the Llama 3 405B recipe, the feed-forward
+# weights only (about half the inference compute; attention is more sensitive), and
+# not in the first and last layers (see `ModelConfig.stacked_layers`).
+QUANTIZE_TARGETS = {"int8": ("wq", "wk", "wv", "wo", "w1", "w2", "w3"), "fp8": ("w1", "w2", "w3")}
+KV_CACHE_DTYPES = ("int8", "fp8")  # quantised caches; None stores keys and values in `dtype`
 
 
 class ConfigError(ValueError):
@@ -186,6 +194,9 @@ class ModelConfig:
     `dtype` is the activation/compute dtype, `param_dtype` the stored weights'.
     `remat` picks what the backward pass recomputes; `scan_layers` stacks the
     decoder layers under one `nn.scan` (False unrolls them, for debugging).
+    `quantize` ("int8" or "fp8") stores the projections of QUANTIZE_TARGETS
+    quantised, each beside its float32 `scale` (llama_jax/quantize.py);
+    `kv_cache_dtype` ("int8" or "fp8") quantises the KV cache per token and head.
     """
 
     dim: int
@@ -208,6 +219,8 @@ class ModelConfig:
     attention_block: int = 512
     lora: LoraConfig | None = None
     vision: VisionConfig | None = None
+    quantize: str | None = None
+    kv_cache_dtype: str | None = None
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -250,6 +263,13 @@ class ModelConfig:
             if getattr(self, name) not in allowed:
                 raise ConfigError(
                     f"{name}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        for name, allowed in (("quantize", tuple(QUANTIZE_TARGETS)), ("kv_cache_dtype", KV_CACHE_DTYPES)):
+            if getattr(self, name) is not None and getattr(self, name) not in allowed:
+                raise ConfigError(f"{name}: {getattr(self, name)!r} is not one of {', '.join(allowed)} "
+                                  "(or null for none)")
+        if self.quantize == "fp8" and self.n_layers < 3:
+            raise ConfigError(f"quantize: fp8 keeps the first and last layers in {self.param_dtype}, so it "
+                              f"needs at least 3 layers (this model has {self.n_layers}); use int8")
         for name in ("tie_embeddings", "scan_layers"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}: must be true or false, got {getattr(self, name)!r}")
@@ -274,6 +294,25 @@ class ModelConfig:
         """The adapter settings of projection `weight` ("wq", ...), or None if it has none."""
         return self.lora if self.lora is not None and weight in self.lora.targets else None
 
+    def quantize_for(self, weight: str, layer: int | None = None) -> str | None:
+        """The stored format ("int8", "fp8") of projection `weight` ("wq", ...), or None if it is
+        not quantised; with `layer`, in that layer (fp8 leaves the first and last alone)."""
+        if self.quantize is None or weight not in QUANTIZE_TARGETS[self.quantize]:
+            return None
+        if layer is not None and self.quantize == "fp8" and layer not in self.stacked_layers:
+            return None
+        return self.quantize
+
+    @property
+    def stacked_layers(self) -> range:
+        """The layers whose weights share one stack (the `layers` subtree, scanned).
+
+        All of them, except with fp8 weights: Llama 3's FP8 recipe leaves the first
+        and last layers unquantised, so those two keep their own subtrees
+        (`layers_0`, `layers_{n-1}`, as unrolled layers are named).
+        """
+        return range(1, self.n_layers - 1) if self.quantize == "fp8" else range(self.n_layers)
+
     def replace(self, **changes) -> "ModelConfig":
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
@@ -291,6 +330,11 @@ class ModelConfig:
         if missing:
             raise ConfigError(f"{missing[0]}: required model config field is missing")
         return cls(**data)
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    """The numpy dtype of a dtype name of this project ("bfloat16", "float32", "int8", "fp8")."""
+    return np.dtype({"bfloat16": ml_dtypes.bfloat16, "fp8": ml_dtypes.float8_e4m3fn}.get(name, name))
 
 
 def check_keys(cls, data, prefix: str, what: str = "unknown key"):

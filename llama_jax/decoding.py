@@ -5,7 +5,7 @@
     state, out_bn, logits_bnv = decode(model, params, state, stops, sampling=..., steps=...)
 
 Both know nothing of meshes: the KV cache is constrained by its logical axis
-names (`CACHE_AXES`), which the layout in scope maps to mesh axes. `infer/`
+names (`llama_jax.kv_cache.cache_axes`), which the layout in scope maps to mesh axes. `infer/`
 jits them with shardings and donation to serve; `train.compile` jits the very
 same functions for ahead-of-time TPU compiles of inference.
 
@@ -37,29 +37,30 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llama_jax.model import CACHE_AXES, Llama, init_cache
+from llama_jax.config import ModelConfig
+from llama_jax.kv_cache import CACHE_AXES, cache_axes, init_cache
+from llama_jax.model import Llama
 from llama_jax.sampling import Sampling, row_keys, sample, step_keys
 
 State = dict[str, Any]
 
 NO_TOKEN = -1  # in a decode chunk's output: the row produced nothing at that step
 
-# Logical axes of every state entry, for `Placement.tree_shardings`.
-STATE_AXES = {"cache": {"k": CACHE_AXES, "v": CACHE_AXES}, "token": ("batch",), "pos": ("batch",),
-              "count": ("batch",), "limit": ("batch",), "done": ("batch",), "keys": ("batch",)}
+
+def state_axes(config: ModelConfig, with_images: bool = False) -> dict:
+    """Logical axes of every state entry, for `Placement.tree_shardings`; `with_images` adds
+    a vision batch's image keys and values (in the compute dtype) and the tiles' spans."""
+    axes = {"cache": cache_axes(config), "token": ("batch",), "pos": ("batch",), "count": ("batch",),
+            "limit": ("batch",), "done": ("batch",), "keys": ("batch",)}
+    if with_images:
+        axes["cache"] = {**axes["cache"], "image_k": CACHE_AXES, "image_v": CACHE_AXES}
+        axes["images"] = {"tile_from": ("batch", None, None), "tile_until": ("batch", None, None)}
+    return axes
 
 
-IMAGE_STATE_AXES = {**STATE_AXES, "cache": {**STATE_AXES["cache"], "image_k": CACHE_AXES, "image_v": CACHE_AXES},
-                    "images": {"tile_from": ("batch", None, None), "tile_until": ("batch", None, None)}}
-
-
-def state_axes(with_images: bool) -> dict:
-    """Logical axes of the state of a batch without images (STATE_AXES) or with them."""
-    return IMAGE_STATE_AXES if with_images else STATE_AXES
-
-
-def _constrain_cache(cache):
-    return {name: nn.with_logical_constraint(c, CACHE_AXES) for name, c in cache.items()}
+def _constrain_cache(cache, config: ModelConfig):
+    axes = state_axes(config, with_images="image_k" in cache)["cache"]
+    return {name: nn.with_logical_constraint(c, axes[name]) for name, c in cache.items()}
 
 
 def _is_stop(tokens_b, stops):
@@ -78,7 +79,7 @@ def prefill(model: Llama, params, prompts_bt, lengths_b, limits_b, seed, stops, 
     """
     b, t = prompts_bt.shape
     keys_b = row_keys(jax.random.key(seed), b)
-    cache = _constrain_cache(init_cache(model.config, b, cache_len))
+    cache = _constrain_cache(init_cache(model.config, b, cache_len), model.config)
     positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     with_images = {} if images is None else {"images": images}
     hidden_btd, cache = model.apply({"params": params}, prompts_bt, positions_bt, cache=cache,
@@ -123,7 +124,7 @@ def decode(model: Llama, params, state: State, stops, *, sampling: Sampling, ste
         next_b = jnp.where(live_b, next_b, st["token"])
         count_b = st["count"] + live_b
         done_b = st["done"] | _is_stop(next_b, stops) | (count_b >= st["limit"])
-        st = {**st, "cache": _constrain_cache(cache), "token": next_b, "pos": st["pos"] + live_b,
+        st = {**st, "cache": _constrain_cache(cache, model.config), "token": next_b, "pos": st["pos"] + live_b,
               "count": count_b, "done": done_b}
         out_bn = out_bn.at[:, i].set(jnp.where(live_b, next_b, NO_TOKEN))
         if keep_logits:

@@ -96,7 +96,11 @@ def hf_tensors(config: ModelConfig) -> list[HFTensor]:
         from llama_jax.vision.hf import mllama_tensors  # late: it builds on this module
 
         return mllama_tensors(config)
-    return text_tensors(config, range(config.n_layers), lambda i: ("layers",), lambda i: i)
+    from llama_jax.params import layer_location  # late: params imports the model
+
+    scanned = config.replace(scan_layers=True)  # fp8 keeps the first and last layers out of the stack
+    return text_tensors(config, range(config.n_layers), lambda i: layer_location(i, (), scanned)[0],
+                        lambda i: layer_location(i, (), scanned)[1])
 
 
 def text_tensors(config: ModelConfig, hf_layers, stack, index, prefix: str = "",
@@ -142,6 +146,10 @@ def config_from_hf(hf: dict[str, Any], **overrides) -> ModelConfig:
             original_context=int(scaling["original_max_position_embeddings"]))
     if hf.get("attention_bias") or hf.get("mlp_bias"):
         raise ConfigError("config.json: attention_bias/mlp_bias are not part of Llama")
+    # The stored dtype (transformers 5.x: "dtype", 4.x: "torch_dtype") is the default
+    # compute and parameter dtype, as transformers itself loads the files.
+    stored = hf.get("dtype") or hf.get("torch_dtype")
+    dtypes = {"dtype": stored, "param_dtype": stored} if stored in ("bfloat16", "float32", "float16") else {}
     try:
         fields = dict(
             dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"],
@@ -149,7 +157,7 @@ def config_from_hf(hf: dict[str, Any], **overrides) -> ModelConfig:
             ffn_dim=hf["intermediate_size"], vocab_size=hf["vocab_size"],
             rope_theta=float(theta), rope_scaling=rope_scaling,
             max_seq_len=hf.get("max_position_embeddings", 4096), norm_eps=hf.get("rms_norm_eps", 1e-5),
-            tie_embeddings=bool(hf.get("tie_word_embeddings", False)), head_dim=hf.get("head_dim"))
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)), head_dim=hf.get("head_dim"), **dtypes)
     except KeyError as err:
         raise ConfigError(f"config.json: missing field {err.args[0]}") from None
     return ModelConfig(**{**fields, **overrides})
@@ -237,25 +245,44 @@ def read_hf_tensors(directory: str | Path, config: ModelConfig, tensors: Sequenc
         yield t.path, t.index, weight
 
 
-def load_hf_params(directory: str | Path, config: ModelConfig | None = None, dtype=None):
-    """Read a HF checkpoint directory into our parameter tree (numpy arrays).
+def load_hf_params(directory: str | Path, config: ModelConfig | None = None, dtype=None, shardings=None):
+    """Read a HF checkpoint directory into our parameter tree, tensor by tensor.
 
-    Returns (config, params). `dtype` (e.g. np.float32) casts every tensor;
-    by default the config's param_dtype is used. Holds the whole model in host
-    memory: the streaming converter (llama_jax/convert) is for large models.
+    Returns (config, params). config: the target (param_dtype, quantize,
+    scan_layers); default: `read_hf_config` (the files' stored dtype).
+    `dtype` (e.g. np.float32) sets param_dtype. shardings: a tree like the
+    params of jax Shardings; each tensor is then placed as it is read (see
+    `llama_jax.assemble`), and host memory holds one tensor at a time beyond
+    the placed model. None gives numpy arrays.
     """
-    from llama_jax.params import stacked_layers, unstack_layers  # late: params imports the model
+    from llama_jax.assemble import ParamsBuilder  # late: assemble imports the model
 
     config = config or read_hf_config(directory)
-    dtype = np.dtype(dtype or _numpy_dtype(config.param_dtype))
-    shapes = _abstract_shapes(config.replace(scan_layers=True))
-    params: dict = {}
-    for path, index, weight in read_hf_tensors(directory, config):
-        if index is None:
-            _set_leaf(params, path, weight.astype(dtype))
-        else:
-            _get_or_make(params, path, _leaf(shapes, path).shape, dtype)[index] = weight
-    return config, params if config.scan_layers else unstack_layers(params, stacked_layers(config))
+    if dtype is not None:
+        config = config.replace(param_dtype=np.dtype(dtype).name)
+    builder = ParamsBuilder(config, shardings)
+    for path, index, weight in hf_weights(directory, config):
+        builder.add(path, index, weight)
+        del weight
+    return config, builder.params()
+
+
+def hf_weights(directory: str | Path, config: ModelConfig) -> Iterator[tuple[tuple[str, ...], int | None, np.ndarray]]:
+    """Every weight as `read_hf_tensors` yields them, at its place in `config`'s tree (stacked or
+    unrolled), one tensor per step, holding no reference to it while suspended: once the
+    caller drops (or converts) a tensor it is freed, so a streaming reader holds one at a time."""
+    from llama_jax.params import layer_location, layer_of  # late: params imports the model
+
+    scanned = config.replace(scan_layers=True)
+    for tensor in hf_tensors(config):
+        # Running the reader to its end and popping the one result leaves neither this
+        # frame nor the reader's holding the array while the caller works on it.
+        found = list(read_hf_tensors(directory, config, [tensor]))
+        path, index = found[0][:2]
+        if path[0] == "layers":  # the decoder stack: stacked or unrolled as `config` says
+            path, index = layer_location(*layer_of(path, index, scanned), config)
+        # (elsewhere, as in an image encoder's own stack, the layout is fixed)
+        yield path, index, found.pop()[2]
 
 
 @functools.lru_cache(maxsize=8)
@@ -265,27 +292,9 @@ def _abstract_shapes(config: ModelConfig):
     return abstract_params(config)
 
 
-def _numpy_dtype(name: str):
-    import ml_dtypes
-    return ml_dtypes.bfloat16 if name == "bfloat16" else np.dtype(name)
-
-
 def _leaf(tree, path):
     for key in path:
         tree = tree[key]
     return tree
 
 
-def _set_leaf(tree, path, value):
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
-
-
-def _get_or_make(tree, path, shape, dtype):
-    node = tree
-    for key in path[:-1]:
-        node = node.setdefault(key, {})
-    if path[-1] not in node:
-        node[path[-1]] = np.zeros(shape, dtype)
-    return node[path[-1]]

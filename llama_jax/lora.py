@@ -47,6 +47,9 @@ def merge(params, config: ModelConfig):
     """
     if config.lora is None:
         raise ValueError("merge: the config has no lora section, so there are no adapters to fold in")
+    if config.quantize is not None:
+        raise ValueError(f"merge: the base is quantised ({config.quantize}); fold the adapters into the "
+                         "unquantised base, then quantise the merged checkpoint")
     scale = config.lora.scale
 
     def fold(node, stacked: bool):

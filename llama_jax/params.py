@@ -22,9 +22,13 @@ def model_for(config: ModelConfig) -> Llama:
     return LlamaVision(config) if config.vision is not None else Llama(config)
 
 
-def stacked_layers(config: ModelConfig) -> int:
-    """Length of the decoder stack's `layers` axis: layers, or layer groups for a vision model."""
-    return len(config.vision.cross_attention_layers) if config.vision is not None else config.n_layers
+def stacked_layers(config: ModelConfig) -> range:
+    """The units stacked on the decoder's `layers` axis, by index: the decoder layers
+    (all but the first and last with fp8 weights, see `ModelConfig.stacked_layers`),
+    or the layer groups of a vision model."""
+    if config.vision is not None:
+        return range(len(config.vision.cross_attention_layers))
+    return config.stacked_layers
 
 
 def _init(config: ModelConfig, rng: jax.Array):
@@ -68,17 +72,19 @@ def count_params(config: ModelConfig) -> int:
     return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(abstract_params(config)))
 
 
-def stack_layers(params, n_layers: int):
-    """Unrolled params ("layers_0", ...) to scan layout (one "layers" subtree, stacked)."""
-    layers = [params[f"layers_{i}"] for i in range(n_layers)]
-    rest = {k: v for k, v in params.items() if not k.startswith("layers_")}
-    return {**rest, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
+def stack_layers(params, stacked: range):
+    """Unrolled params ("layers_0", ...) to scan layout: the units of `stacked` (see
+    `stacked_layers`) in one "layers" subtree, stacked; the others keep their own subtrees."""
+    names = {f"layers_{i}" for i in stacked}
+    rest = {k: v for k, v in params.items() if k not in names}
+    return {**rest, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *[params[f"layers_{i}"] for i in stacked])}
 
 
-def unstack_layers(params, n_layers: int):
-    """Scan layout to unrolled params ("layers_0", ...)."""
+def unstack_layers(params, stacked: range):
+    """Scan layout to unrolled params ("layers_0", ...); `stacked` as for `stack_layers`."""
     rest = {k: v for k, v in params.items() if k != "layers"}
-    return {**rest, **{f"layers_{i}": jax.tree.map(lambda x: x[i], params["layers"]) for i in range(n_layers)}}
+    return {**rest, **{f"layers_{i}": jax.tree.map(lambda x: x[j], params["layers"])
+                       for j, i in enumerate(stacked)}}
 
 
 def partition(params, selected) -> tuple[dict, dict]:
@@ -106,3 +112,25 @@ def join(*trees) -> dict:
             else:
                 out[key] = value
     return out
+
+
+def layer_location(layer: int | None, subpath: tuple[str, ...], config: ModelConfig) -> tuple[tuple[str, ...], int | None]:
+    """Where a weight lives in `config`'s parameter tree: (leaf path, index along the stacked
+    `layers` axis or None). `layer` indexes the stack's units (`stacked_layers`: decoder
+    layers, or a vision model's layer groups); `subpath` is the weight's path below its unit
+    (e.g. ("attention", "wq", "kernel")), or its whole path outside the layers (layer None)."""
+    if layer is None:
+        return tuple(subpath), None
+    stacked = stacked_layers(config)
+    if config.scan_layers and layer in stacked:
+        return ("layers",) + tuple(subpath), layer - stacked.start
+    return (f"layers_{layer}",) + tuple(subpath), None
+
+
+def layer_of(path: tuple[str, ...], index: int | None, config: ModelConfig) -> tuple[int | None, tuple[str, ...]]:
+    """The inverse of `layer_location`: (layer or None, path below the layer)."""
+    if path[0] == "layers":
+        return stacked_layers(config)[index], tuple(path[1:])
+    if path[0].startswith("layers_"):
+        return int(path[0].removeprefix("layers_")), tuple(path[1:])
+    return None, tuple(path)

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import json
 
-import jax
 from etils import epath
 
 from llama_jax import checkpoint
 from llama_jax.checkpoint import CheckpointError, architecture_mismatch
 from llama_jax.config import ModelConfig
 from llama_jax.lora import is_adapter
-from llama_jax.params import abstract_params, join, partition
+from llama_jax.params import join, partition
 
 BASE = "base"  # checkpoint item of a LoRA run: {"path": the weights its adapters adapt}
 
@@ -70,29 +69,29 @@ def base_of(directory, step: int | None = None) -> str | None:
 
 
 def load_params(source, config: ModelConfig, shardings=None, step: int | None = None):
-    """The parameters of `config` (scan layout) from `source`, placed on `shardings` (a tree
-    like the params; None: the first device); `step` of our checkpoints (default: the
+    """The parameters of `config` from `source`, in `config`'s form (its dtypes, quantisation,
+    scan or unrolled layers), read a tensor or layer slice at a time and placed on `shardings`
+    (a tree like the params; None: numpy arrays); `step` of our checkpoints (default: the
     latest). CheckpointError (one line) for a source that is missing, of another
     architecture, or incomplete."""
+    from llama_jax.assemble import load_checkpoint_params
+
     kind, path = resolve(source)
     stored = checkpoint.read_config(path, step) if kind == "ours" else stored_config(source)
-    check_architecture(source, stored, config)
-    if shardings is None:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        shardings = jax.tree.map(lambda _: device, abstract_params(config))
+    # Quantising as they load is the builder's to allow or refuse; the rest must match.
+    check_architecture(source, stored, config.replace(quantize=stored.quantize))
     if kind == "hf":
         if config.lora is not None:
             raise CheckpointError(f"{source}: a Hugging Face directory holds no LoRA adapters")
         from llama_jax.hf import load_hf_params
-        _, params = load_hf_params(path, config)
-        return jax.tree.map(jax.device_put, params, shardings)
+        return load_hf_params(path, config, shardings=shardings)[1]
     base = base_of(path, step)
     if base is None:
-        return checkpoint.restore_params(path, step, shardings=shardings, config=config)[1]
+        return load_checkpoint_params(path, config, shardings, step)
     if config.lora is None or config.lora != stored.lora:
         raise CheckpointError(f"{source}: holds LoRA adapters ({stored.lora}); load it with that lora "
-                              "config, or merge them first (python -m llama_jax.convert.merge_lora)")
-    adapter_shardings, base_shardings = partition(shardings, is_adapter)
+                              "config, or merge them first (python -m llama_jax.convert.lora merge)")
+    adapter_shardings, base_shardings = (None, None) if shardings is None else partition(shardings, is_adapter)
     adapters = checkpoint.restore_params(path, step, shardings=adapter_shardings, config=config,
                                          only=is_adapter)[1]
     return join(load_params(base, config.replace(lora=None), base_shardings), adapters)

@@ -148,3 +148,29 @@ def test_inference_compiles_a_vision_models_prefill_and_decode(tmp_path, capsys)
     assert (report["prefill"]["prompt_len"], report["prefill"]["images_per_row"]) == (64, 1)
     assert main(["--config", str(run), "--topology", TOPOLOGY]) == 2
     assert "the train step of a vision model is not built yet; pass --inference" in capsys.readouterr().err
+
+
+def test_decode_with_int8_weights_and_cache_compiles_with_about_half_the_bytes_per_chip():
+    results = {}
+    for name, overrides in (("bf16", {}), ("int8", {"quantize": "int8", "kv_cache_dtype": "int8"})):
+        run = _run(layout="tp", model={**SHAPE, "dtype": "bfloat16", "param_dtype": "bfloat16", **overrides})
+        results[name] = compile_run(run, _devices(), topology=TOPOLOGY, program="decode", decode_batch=8,
+                                    cache_len=256)
+        r = results[name]
+        assert r.verdict == "fits" and r.quantize == overrides.get("quantize")
+        arguments = r.memory["arguments"]
+        assert abs(arguments - (r.weight_bytes + r.cache_bytes)) <= 0.01 * arguments
+        assert r.memory["aliased"] >= r.cache_bytes  # the cache is updated in place
+    # Projections halve; the embedding and the output head (1/11 of the weights here) stay bfloat16.
+    assert 0.5 < results["int8"].weight_bytes / results["bf16"].weight_bytes < 0.6
+    assert 0.5 < results["int8"].cache_bytes / results["bf16"].cache_bytes < 0.55  # + a scale per 128 values
+
+
+def test_quantised_models_compile_only_the_decode_step(capsys):
+    code = main(["--config", "tiny_cpu", "--topology", TOPOLOGY, "model_overrides.quantize=int8"])
+    assert code == 2
+    assert "quantised weights are served, not trained; compile the serving programs with --decode-only" in \
+        capsys.readouterr().err
+    assert main(["--config", "tiny_cpu", "--topology", TOPOLOGY, "--decode-only", "--json",
+                 "model_overrides.quantize=int8"]) == 0
+    assert set(json.loads(capsys.readouterr().out)) == {"decode"}

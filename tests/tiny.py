@@ -1,8 +1,15 @@
-"""Tiny model configs shared by the tests, and the HF twin of a config."""
+"""Tiny model configs shared by the tests, the HF twin of a config, and large random HF
+directories for memory tests and bench/load.py."""
 
 from __future__ import annotations
 
+import json
+import math
+
+import numpy as np
+
 from llama_jax.config import ModelConfig, RopeScaling, VisionConfig
+from llama_jax.hf import config_to_hf
 
 # Each shape stands for one generation's distinguishing features.
 LLAMA2_LIKE = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=160,
@@ -41,8 +48,6 @@ def hf_model(config: ModelConfig, seed: int = 0):
     import torch
     import transformers
 
-    from llama_jax.hf import config_to_hf
-
     hf_config = transformers.LlamaConfig(**{k: v for k, v in config_to_hf(config).items()
                                             if k not in ("architectures", "torch_dtype", "dtype")})
     torch.manual_seed(seed)
@@ -66,8 +71,6 @@ def hf_vision_model(config: ModelConfig, seed: int = 0):
     import torch
     import transformers
 
-    from llama_jax.hf import config_to_hf
-
     hf_config = transformers.MllamaConfig(**{k: v for k, v in config_to_hf(config).items()
                                              if k not in ("architectures", "torch_dtype", "dtype")})
     torch.manual_seed(seed)
@@ -87,11 +90,55 @@ def hf_vision_model(config: ModelConfig, seed: int = 0):
 
 def save_hf_vision_model(config: ModelConfig, directory, seed: int = 0):
     """`hf_vision_model` saved in `directory` with a preprocessor_config.json for the config; returns it."""
-    import json
-
     from llama_jax.vision.hf import preprocessor_config
 
     model = hf_vision_model(config, seed)
     model.save_pretrained(directory)
     (directory / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(config.vision)))
     return model
+
+
+def write_random_hf(directory, config, dtype="float32"):
+    """A HF checkpoint of random weights that do not compress, like trained weights, one
+    safetensors file per layer, written a block at a time: float32 random normal, or
+    bfloat16 random bit patterns below 2 in magnitude (fast to make in bulk)."""
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps(config_to_hf(config, dtype)))
+    tag, size = {"float32": ("F32", 4), "bfloat16": ("BF16", 2)}[dtype]
+    rng = np.random.default_rng(0)
+    shapes = {"model.embed_tokens.weight": (config.vocab_size, config.dim), "model.norm.weight": (config.dim,),
+              "lm_head.weight": (config.vocab_size, config.dim)}
+    files = {"model-globals.safetensors": dict(shapes)}
+    q, kv = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
+    for i in range(config.n_layers):
+        p = f"model.layers.{i}."
+        files[f"model-layer{i}.safetensors"] = {
+            p + "self_attn.q_proj.weight": (q, config.dim), p + "self_attn.k_proj.weight": (kv, config.dim),
+            p + "self_attn.v_proj.weight": (kv, config.dim), p + "self_attn.o_proj.weight": (config.dim, q),
+            p + "mlp.gate_proj.weight": (config.ffn_dim, config.dim),
+            p + "mlp.up_proj.weight": (config.ffn_dim, config.dim),
+            p + "mlp.down_proj.weight": (config.dim, config.ffn_dim),
+            p + "input_layernorm.weight": (config.dim,), p + "post_attention_layernorm.weight": (config.dim,)}
+    weight_map, total = {}, 0
+    for filename, tensors in files.items():
+        header, offset = {}, 0
+        for name, shape in tensors.items():
+            header[name] = {"dtype": tag, "shape": list(shape), "data_offsets": [offset, offset + size * math.prod(shape)]}
+            offset += size * math.prod(shape)
+            weight_map[name] = filename
+        encoded = json.dumps(header).encode()
+        encoded += b" " * (-len(encoded) % 8)
+        with open(directory / filename, "wb") as f:
+            f.write(len(encoded).to_bytes(8, "little") + encoded)
+            for name, shape in tensors.items():
+                count = math.prod(shape)
+                while count:
+                    block = min(count, 4 << 20)
+                    if dtype == "float32":
+                        f.write(rng.standard_normal(block, dtype=np.float32).tobytes())
+                    else:  # clearing the exponent's top bit keeps every value finite and below 2
+                        f.write((np.frombuffer(rng.bytes(2 * block), np.uint16) & 0xBFFF).tobytes())
+                    count -= min(count, 4 << 20)
+        total += offset
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return total, size * max(math.prod(s) for t in files.values() for s in t.values())

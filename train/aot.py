@@ -39,6 +39,10 @@ class CompileResult:
     reason: str | None = None              # the compiler's message when it does not fit
     prompt_len: int | None = None          # prefill: tokens per prompt
     images_per_row: int = 0                # prefill and decode of a vision model
+    quantize: str | None = None            # int8 / fp8 weights (llama_jax/quantize.py)
+    kv_cache_dtype: str | None = None      # int8 / fp8 KV cache (decode)
+    weight_bytes: int | None = None        # one chip's share of the parameters, as compiled
+    cache_bytes: int | None = None         # one chip's share of the KV cache (decode)
 
     @property
     def used_bytes(self) -> int | None:
@@ -97,7 +101,7 @@ def decode_program(config, placement, batch: int, cache_len: int):
     config = config.replace(remat="none")  # nothing is differentiated
     with_images = config.vision is not None
     replicated = _replicated(placement)
-    state_shardings = placement.tree_shardings(decoding.state_axes(with_images))
+    state_shardings = placement.tree_shardings(decoding.state_axes(config, with_images))
     step = jax.jit(functools.partial(decoding.decode, model_for(config), sampling=Sampling(), steps=1),
                    donate_argnums=1,
                    in_shardings=(placement.param_shardings(config), state_shardings, replicated),
@@ -123,7 +127,7 @@ def prefill_program(config, placement, batch: int, prompt_len: int, cache_len: i
 
     config = config.replace(remat="none")
     replicated = _replicated(placement)
-    state_shardings = placement.tree_shardings(decoding.state_axes(config.vision is not None))
+    state_shardings = placement.tree_shardings(decoding.state_axes(config, config.vision is not None))
     fill = functools.partial(decoding.prefill, model_for(config), sampling=Sampling(), cache_len=cache_len)
     step = jax.jit(lambda params, prompts, lengths, limits, seed, stops, images: fill(
         params, prompts, lengths, limits, seed, stops, images=images),
@@ -159,6 +163,20 @@ def _abstract_params(config, placement):
 
 
 # --- compiling ---------------------------------------------------------------------------
+
+
+def _chip_bytes(tree, device) -> int:
+    """Bytes of `device`'s shards of a tree of abstract sharded arrays."""
+    import math
+
+    import jax
+
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shard = leaf.sharding.shard_shape(leaf.shape)
+        if device in leaf.sharding.device_set:
+            total += math.prod(shard) * leaf.dtype.itemsize
+    return total
 
 
 def _memory(compiled) -> dict[str, int]:
@@ -232,7 +250,11 @@ def compile_run(run, devices, *, topology: str = "", slices: int = 1, program: s
         grad_accum=run.grad_accum if program == "train" else 1, remat=run.model.remat,
         dtype=run.model.dtype, param_dtype=run.model.param_dtype, verdict="does not fit",
         hbm_bytes=hbm, compile_s=0.0, prompt_len=prompt_len if program == "prefill" else None,
-        images_per_row=run.model.vision.max_images if run.model.vision and program != "train" else 0)
+        images_per_row=run.model.vision.max_images if run.model.vision and program != "train" else 0,
+        quantize=run.model.quantize, kv_cache_dtype=run.model.kv_cache_dtype)
+    if program == "decode":
+        result.weight_bytes = _chip_bytes(args[0], devices[0])
+        result.cache_bytes = _chip_bytes(args[1]["cache"], devices[0])
     start = time.perf_counter()
     try:
         with placement.activate():

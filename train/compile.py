@@ -4,6 +4,8 @@
     python -m train.compile --config RUN --topology v5p:8x8x8 --slices 2     # two slices over DCN
     python -m train.compile --config RUN --topology v5e:16x16 --decode       # also the decode step
     python -m train.compile --config RUN --topology v5e:2x4 --inference     # prefill and decode only
+    python -m train.compile --config RUN --topology v5e:2x4 --decode-only model_overrides.quantize=int8 \\
+        model_overrides.kv_cache_dtype=int8 --decode-batch 32 --cache-len 8192  # serving, quantised
     python -m train.compile --config RUN --topology v5p:4x4x4 \\
         --sweep layout=fsdp,fsdp_tp remat=full,dots batch=256,512           # a table of combinations
     python -m train.compile ... [--json] [key=value ...]                     # train's run overrides
@@ -62,7 +64,12 @@ def format_result(r: CompileResult) -> str:
         what += f", {r.images_per_row} image(s) per row"
     lines = [f"{r.program} step on {r.topology}" + (f" x {r.slices} slices" if r.slices > 1 else "")
              + f" ({r.chips} {r.chip} chips): layout {r.layout} ({mesh}), {what}, remat {r.remat}, "
-             f"{r.dtype} compute, {r.param_dtype} params"]
+             f"{r.dtype} compute, {r.param_dtype} params"
+             + (f" ({r.quantize} quantised)" if r.quantize else "")
+             + (f", {r.kv_cache_dtype} KV cache" if r.kv_cache_dtype else "")]
+    if r.weight_bytes is not None:
+        lines.append(f"  per chip: weights {_gib(r.weight_bytes)}, KV cache {_gib(r.cache_bytes)} "
+                     "(their shards among the arguments)")
     if r.memory is None:
         if "vmem" in r.reason.lower():
             lines.append("  verdict: does not fit: one fusion needs more on-chip vector memory (VMEM) "
@@ -159,6 +166,9 @@ def main(argv=None) -> int:
                              "(with the images, for a Llama 3.2 Vision model) and the decode step")
     parser.add_argument("--prompt-len", type=int, default=None,
                         help="tokens per prompt in the prefill (default: the cache length)")
+    parser.add_argument("--decode-only", action="store_true",
+                        help="compile only the decode step (serving; the only program for quantised "
+                             "weights, e.g. model_overrides.quantize=fp8)")
     parser.add_argument("--decode-batch", type=int, default=None,
                         help="sequences decoded at once (default: data.global_batch)")
     parser.add_argument("--cache-len", type=int, default=None, help="KV cache length (default: data.seq_len)")
@@ -190,9 +200,13 @@ def main(argv=None) -> int:
         for key in combos[0] if args.sweep else ():
             if key in given:
                 raise ConfigError(f"{key}: given both as an override and in --sweep")
+        if run.model.quantize is not None and not (args.decode_only or args.inference):
+            raise ConfigError(f"model quantize {run.model.quantize}: quantised weights are served, not "
+                              "trained; compile the serving programs with --decode-only or --inference")
         if args.sweep:
             return _sweep(args, combos, devices, slices)
-        programs = ["prefill", "decode"] if args.inference else ["train"] + (["decode"] if args.decode else [])
+        programs = (["prefill", "decode"] if args.inference else ["decode"] if args.decode_only
+                    else ["train"] + (["decode"] if args.decode else []))
         results = [compile_run(run, devices, topology=args.topology, slices=slices, program=p,
                                decode_batch=args.decode_batch, cache_len=args.cache_len,
                                prompt_len=args.prompt_len)
@@ -218,7 +232,7 @@ def _sweep(args, combos, devices, slices) -> int:
         try:
             run = load_run_config(args.config, list(args.overrides) + extra)
             result = compile_run(run, devices, topology=args.topology, slices=slices,
-                                 program="decode" if args.decode or args.inference else "train",
+                                 program="decode" if args.decode or args.decode_only or args.inference else "train",
                                  decode_batch=args.decode_batch, cache_len=args.cache_len)
         except (ConfigError, LayoutError, ValueError) as err:
             result = str(err)

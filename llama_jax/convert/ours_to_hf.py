@@ -65,6 +65,9 @@ def export_hf(checkpoint_dir: str | Path, output: str | Path, dtype: str = "bflo
     tokenizer_files = _tokenizer_files(Path(tokenizer)) if tokenizer else []
     reader = ParamsReader(checkpoint_dir, step)
     config = reader.config
+    if config.quantize is not None:
+        raise ConvertError(f"{checkpoint_dir}: its weights are stored quantised ({config.quantize}); "
+                           "export the unquantised checkpoint it was made from")
     tag, np_dtype = SAFETENSORS_DTYPES[dtype]
     tensors = _tensor_plan(config, reader)
     files = _split_into_files(tensors, np.dtype(np_dtype).itemsize, max_shard_bytes)

@@ -113,44 +113,40 @@ class CrossDecoderLayer(nn.Module):
 class DecoderGroup(nn.Module):
     """One repeat of the text stack: `n_self` decoder layers with the cross-attention layer among them.
 
-    In `nn.scan` form, like DecoderLayer. `cache` holds this group's slices:
-    "k"/"v" [n_self, b, s, n, k] and, once an image was seen, "image_k"/"image_v"
-    [b, v, n, k]. Without `images` the cross-attention layer is skipped (a
-    text-only prompt), which is what it computes when no token sees a tile.
+    In `nn.scan` form, like DecoderLayer: carry (hidden, the whole KV cache or
+    None), xs the group's index g. Self-attention layer i of the group is
+    decoder layer g * n_self + i, which is where it writes and reads the
+    cache's "k"/"v". Once an image was seen, the cache holds its keys and
+    values per group ("image_k"/"image_v" [groups, b, v, n, k]). Without
+    `images` the cross-attention layer is skipped (a text-only prompt), which
+    is what it computes when no token sees a tile. ys: the image keys and
+    values this group computed (prefill), or None.
     """
 
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x_btd, cache, rope, coords, segments, images):
+    def __call__(self, carry, g, rope, coords, segments, images):
+        x_btd, cache = carry
         cfg = self.config
         n_self, cross_at = cfg.vision.group(cfg.n_layers)
-        keys, values, fresh_kv = [], [], None
+        fresh_kv = None
         for r in range(n_self + 1):
             if r == cross_at:
                 if images is not None:
                     cached = None if cache is None or "image_k" not in cache else \
-                        {"k": cache["image_k"], "v": cache["image_v"]}
+                        {"k": cache["image_k"][g], "v": cache["image_v"][g]}
                     x_btd, image_kv = remat_layer(CrossDecoderLayer, cfg)(cfg, name="cross")(
                         x_btd, images["visible"], images["tokens"], cached)
-                    fresh_kv = image_kv if images["tokens"] is not None else None
+                    if images["tokens"] is not None:
+                        fresh_kv = jax.tree.map(lambda a: a.astype(cfg.dtype), image_kv)
                 continue
             i = r - (r > cross_at)
-            layer_cache = None if cache is None else {"k": cache["k"][i], "v": cache["v"][i]}
-            x_btd, layer_cache = remat_layer(DecoderLayer, cfg)(cfg, name=f"self_{i}")(
-                x_btd, layer_cache, rope, coords, segments)
-            if cache is not None:
-                keys.append(layer_cache["k"])
-                values.append(layer_cache["v"])
-        if cache is None:
-            return x_btd, None
+            (x_btd, cache), _ = remat_layer(DecoderLayer, cfg)(cfg, name=f"self_{i}")(
+                (x_btd, cache), g * n_self + i, rope, coords, segments)
         # Image keys and values go out only when computed here (prefill); decode
         # steps read them from the cache without copying them through the scan.
-        new_cache = {"k": jnp.stack(keys), "v": jnp.stack(values)}
-        if fresh_kv is not None:
-            new_cache.update(image_k=fresh_kv["k"].astype(cache["k"].dtype),
-                             image_v=fresh_kv["v"].astype(cache["v"].dtype))
-        return x_btd, new_cache
+        return (x_btd, cache), fresh_kv
 
 
 class Projector(nn.Module):
@@ -221,22 +217,18 @@ class LlamaVision(Llama):
                 raise ValueError("images without pixels need a cache holding their keys and values "
                                  "(from the prefill that saw the pixels)")
         groups = len(cfg.vision.cross_attention_layers)
-        stacked = None
-        if cache is not None:  # self-attention entries regrouped [layers] -> [groups, per group]
-            stacked = {name: c.reshape((groups, -1) + c.shape[1:]) if name in ("k", "v") else c
-                       for name, c in cache.items()}
+        carry = (x_btd, cache)
         if cfg.scan_layers:
-            x_btd, new = self.layers(x_btd, stacked, rope, coords, segments, image_inputs)
+            (x_btd, cache), fresh = self.layers(carry, jnp.arange(groups), rope, coords, segments, image_inputs)
         else:
             outs = []
             for g, layer in enumerate(self.layers):
-                group_cache = None if stacked is None else jax.tree.map(lambda c: c[g], stacked)
-                x_btd, group_cache = layer(x_btd, group_cache, rope, coords, segments, image_inputs)
-                outs.append(group_cache)
-            new = None if cache is None else jax.tree.map(lambda *cs: jnp.stack(cs), *outs)
-        if cache is not None:
-            cache = {**cache, **{name: c.reshape(cache[name].shape) if name in ("k", "v") else c
-                                 for name, c in new.items()}}
+                carry, fresh_kv = layer(carry, g, rope, coords, segments, image_inputs)
+                outs.append(fresh_kv)
+            (x_btd, cache) = carry
+            fresh = None if outs[0] is None else jax.tree.map(lambda *kv: jnp.stack(kv), *outs)
+        if cache is not None and fresh is not None:
+            cache = {**cache, "image_k": fresh["k"], "image_v": fresh["v"]}
         hidden_btd = self.norm(x_btd)
         if return_hidden:
             return hidden_btd, cache
