@@ -52,8 +52,11 @@ def stored_config(source) -> ModelConfig:
 
 
 def check_architecture(source, stored: ModelConfig, config: ModelConfig) -> None:
-    """CheckpointError (one line) naming the first architecture field on which they differ."""
-    name = architecture_mismatch(stored, config)
+    """CheckpointError (one line) naming the first architecture field on which they differ.
+
+    Quantisation is left out: quantising weights as they load is the loader's
+    to allow (or refuse, for re-quantising quantised ones)."""
+    name = architecture_mismatch(stored, config.replace(quantize=stored.quantize))
     if name is not None:
         raise CheckpointError(f"{source}: its {name} is {getattr(stored, name)!r} but the model's is "
                               f"{getattr(config, name)!r} (a different architecture)")
@@ -78,8 +81,7 @@ def load_params(source, config: ModelConfig, shardings=None, step: int | None = 
 
     kind, path = resolve(source)
     stored = checkpoint.read_config(path, step) if kind == "ours" else stored_config(source)
-    # Quantising as they load is the builder's to allow or refuse; the rest must match.
-    check_architecture(source, stored, config.replace(quantize=stored.quantize))
+    check_architecture(source, stored, config)
     if kind == "hf":
         if config.lora is not None:
             raise CheckpointError(f"{source}: a Hugging Face directory holds no LoRA adapters")

@@ -14,7 +14,7 @@ from llama_jax.tokenizer_training import train_bpe
 from sharding.layout import load_layout
 from sharding.place import Placement
 from train.data import DataConfig, make_dataset
-from train.evaluate import Evaluator
+from train.eval import Evaluator
 
 PAIRS = [(a, b) for a in range(10, 40) for b in range(10, 40, 3)]
 
@@ -158,6 +158,39 @@ def test_a_lora_run_trains_only_the_adapters_and_leaves_the_base_bit_identical(w
     jax.tree.map(np.testing.assert_array_equal, got_base, base)
     jax.tree.map(np.testing.assert_array_equal, got_adapters, adapters)
 
+    from llama_jax.convert.lora import export_peft, merge_lora
+    plain = merge_lora(tmp_path / "lora", tmp_path / "merged")
+    tokens = np.asarray([[1, 5, 9, 12, 40, 41]], np.int32)
+    positions = np.arange(6, dtype=np.int32)[None]
+    adapted = Llama(run.model).apply({"params": loaded}, tokens, positions)[0]
+    merged = Llama(plain).apply({"params": load_params(tmp_path / "merged", plain)}, tokens, positions)[0]
+    np.testing.assert_allclose(merged, adapted, atol=1e-5, rtol=0)
+    export_peft(tmp_path / "lora", tmp_path / "peft")
+    assert {p.name for p in (tmp_path / "peft").iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
+
+
+def test_the_eval_command_gives_a_runs_held_out_figures(workdir, base_checkpoint, tmp_path):
+    import subprocess
+    import sys
+
+    from train.loop import train
+
+    path, _ = base_checkpoint
+    train(_run(workdir, tmp_path / "lora", init_from=str(path), lora=LORA, steps=2,
+               eval={"every": 2, "batches": 2}), progress=False)
+    logged = _rows(tmp_path / "lora")[-1]
+    out = subprocess.run([sys.executable, "-m", "train.eval", "--checkpoint", str(tmp_path / "lora"),
+                          "--data", str(workdir / "chat.jsonl"), "--source", "chat", "--tokenizer",
+                          str(workdir / "tokenizer.model"), "--seq-len", "48", "--batch", "8", "--batches", "2",
+                          "--holdout", "0.2"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    figures = json.loads(out.stdout)
+    for key in ("eval_loss", "eval_accuracy", "eval_tokens"):
+        assert abs(figures[key] - logged[key]) <= 1e-5 * abs(logged[key]), key
+    bad = subprocess.run([sys.executable, "-m", "train.eval", "--checkpoint", str(tmp_path / "nope"),
+                          "--data", str(workdir / "chat.jsonl")], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "nope" in bad.stderr
+
 
 def test_a_lora_run_resumes_bit_exactly(workdir, base_checkpoint, tmp_path):
     from train.loop import train
@@ -227,3 +260,36 @@ def test_lora_sft_teaches_a_chat_model_a_new_task_that_holds_on_unseen_questions
     tuned_score = exact(load_params(tmp_path / "repeat", lora.model), lora.model)
     assert base_score <= 0.05, f"the base should not repeat yet ({base_score:.0%})"
     assert tuned_score >= 0.9, f"held-out exact answers after LoRA-SFT: {tuned_score:.0%}"
+
+
+def test_bad_fine_tuning_input_is_one_line_and_writes_nothing(workdir, base_checkpoint, tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    path, _ = base_checkpoint
+    tokenizer = load_tokenizer(workdir / "tokenizer.model")
+    other = _config(tokenizer).replace(dim=96, n_heads=4)
+    run = {"model": other.to_dict(), "layout": "fsdp", "init_from": str(path), "steps": 2,
+           "data": {"source": "chat", "paths": [str(workdir / "chat.jsonl")],
+                    "tokenizer": str(workdir / "tokenizer.model"), "seq_len": 48, "global_batch": 8}}
+    config = tmp_path / "run.yaml"
+
+    def train_cli(**changes):
+        config.write_text(yaml.safe_dump({**run, **changes}))
+        return subprocess.run([sys.executable, "-m", "train", "--config", str(config), "--quiet",
+                               f"run_dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=300)
+
+    wrong = train_cli()
+    assert wrong.returncode == 2 and "its dim is 64 but the model's is 96" in wrong.stderr, wrong.stderr
+    lora = train_cli(model=_config(tokenizer).to_dict(), lora={"rank": 4, "targets": ["wz"]})
+    assert lora.returncode == 2 and "lora.targets: 'wz' names no weight" in lora.stderr, lora.stderr
+    for result in (wrong, lora):
+        assert len([line for line in result.stderr.splitlines() if "error" in line]) == 1, result.stderr
+    assert not (tmp_path / "run").exists()
+
+    peft = subprocess.run([sys.executable, "-m", "llama_jax.convert.lora", "peft", str(path), str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300)
+    assert peft.returncode == 2 and "not a LoRA run's checkpoint (no adapters to export)" in peft.stderr
+    assert not (tmp_path / "out").exists()

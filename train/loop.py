@@ -18,7 +18,7 @@ from sharding.place import Placement, validate
 from train.config import RunConfig
 from llama_jax.params import join
 from train.data import make_dataset
-from train.evaluate import Evaluator, eval_data
+from train.eval import Evaluator, eval_data
 from train.metrics import MetricsWriter, flops_per_token, peak_flops
 from train.nonfinite import NonfiniteWatch
 from train.optimizer import learning_rate_schedule, make_optimizer
@@ -156,6 +156,9 @@ def train(run: RunConfig, *, progress: bool = True, stop_after: int | None = Non
     data = make_dataset(run.data, tokenizer=tokenizer, shard_index=shard_index,
                         shard_count=shard_count, model_vocab_size=run.model.vocab_size)
     _read_first_batch(data)
+    if run.init_from is not None:  # a wrong source fails here, before anything is written
+        from llama_jax.weights import check_architecture, stored_config
+        check_architecture(run.init_from, stored_config(run.init_from), run.model)
     evaluator = None
     if run.eval.every:
         evaluator = Evaluator(run.model, eval_data(run.data, run.eval.paths), placement, run.eval.batches,
