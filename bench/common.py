@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -33,3 +34,13 @@ def threads() -> int:
 
 def log(message: str):
     print(message, file=sys.stderr, flush=True)
+
+
+def cpu_model() -> str:
+    """lscpu's model name: CPU figures mean little without it."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")),
+                "unknown")

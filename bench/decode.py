@@ -1,9 +1,16 @@
-"""Decode throughput and prefill latency: ours against Hugging Face's PyTorch Llama.
+"""Decode throughput and prefill latency: ours against Hugging Face's PyTorch Llama,
+at several precisions.
 
-    python bench/decode.py [--model bench_110m] [--threads N] [--repeats 3]
+    python bench/decode.py [--model bench_110m] [--threads N] [--repeats 3] [--precisions float32,int8]
 
 Prints one JSON line per measurement:
-    {"bench": "decode", "impl": "llama_jax" | "hf_torch", "model": ..., "metric": ..., "value": ..., "unit": ...}
+    {"bench": "decode", "impl": "llama_jax" | "hf_torch", "precision": ..., "model": ...,
+     "metric": ..., "value": ..., "unit": ...}
+
+Precisions (the same random weights, cast or quantised): ours float32,
+bfloat16, int8 and fp8 weights (llama_jax/quantize.py; bfloat16 compute) and
+float32 with an int8 KV cache ("float32+kv_int8"); Hugging Face float32 and
+bfloat16. The first setup line names the CPU (lscpu's model name).
 
 Metrics, the same way for both implementations (median of --repeats runs,
 after one untimed warm-up run that also compiles ours):
@@ -11,7 +18,7 @@ after one untimed warm-up run that also compiles ours):
   call (greedy, a 32-token prompt per row, 128 new tokens, no stop token);
 - prefill_latency_ms: time to the first token of a 512-token prompt
   (one forward over the prompt, filling the cache, plus choosing a token).
-Both use float32 random weights of the same config and the same CPU threads
+Both use random weights of the same config and the same CPU threads
 (torch.set_num_threads, and XLA's CPU thread pool sized to match).
 Measures only; never asserts a timing.
 """
@@ -28,13 +35,25 @@ from pathlib import Path
 
 # Run as a script from anywhere: the repository root holds infer/ and llama_jax/.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import cpu_model  # noqa: E402  (bench/, this script's directory)
 
 PROMPT_LEN, NEW_TOKENS, PREFILL_LEN = 32, 128, 512
 
 
-def emit(impl, model, metric, value, unit):
-    print(json.dumps({"bench": "decode", "impl": impl, "model": model, "metric": metric,
-                      "value": round(value, 2), "unit": unit}), flush=True)
+# Ours: the config changes of each precision.
+OURS = {
+    "float32": {},
+    "bfloat16": {"dtype": "bfloat16", "param_dtype": "bfloat16"},
+    "int8": {"dtype": "bfloat16", "param_dtype": "bfloat16", "quantize": "int8"},
+    "fp8": {"dtype": "bfloat16", "param_dtype": "bfloat16", "quantize": "fp8"},
+    "float32+kv_int8": {"kv_cache_dtype": "int8"},
+}
+HF = ("float32", "bfloat16")
+
+
+def emit(impl, precision, model, metric, value, unit):
+    print(json.dumps({"bench": "decode", "impl": impl, "precision": precision, "model": model,
+                      "metric": metric, "value": round(value, 2), "unit": unit}), flush=True)
 
 
 def timed(fn, repeats):
@@ -47,16 +66,21 @@ def timed(fn, repeats):
     return statistics.median(times)
 
 
-def ours(config, prompts, long_prompt):
-    """Our implementation: {metric: (run once, work done per run)}."""
+def ours(config, precision, prompts, long_prompt):
+    """Our implementation at one precision: {metric: run once}."""
     import jax
 
     from infer.engine import Engine
-    from llama_jax.sampling import Sampling
+    from llama_jax.assemble import converted_params
     from llama_jax.params import init_params
+    from llama_jax.sampling import Sampling
 
-    engine = Engine(config)  # one device: the CPU
-    params = engine.place_params(jax.jit(init_params, static_argnums=0)(config, jax.random.key(0)))
+    served = config.replace(**OURS[precision])
+    engine = Engine(served)  # one device: the CPU
+    weights = jax.device_get(jax.jit(init_params, static_argnums=0)(config, jax.random.key(0)))
+    target = engine.model_config
+    params = converted_params(weights, config, target, engine.placement.param_shardings(target))
+    del weights
     greedy = Sampling()
 
     def generate(batch):
@@ -68,7 +92,7 @@ def ours(config, prompts, long_prompt):
             "prefill_latency_ms": lambda: engine.prefill(params, [long_prompt], 1, greedy)}
 
 
-def hugging_face(config, prompts, long_prompt):
+def hugging_face(config, precision, prompts, long_prompt):
     """transformers' LlamaForCausalLM.generate on the same config: {metric: run once}."""
     import torch
     import transformers
@@ -78,7 +102,7 @@ def hugging_face(config, prompts, long_prompt):
     hf_config = transformers.LlamaConfig(**{k: v for k, v in config_to_hf(config).items()
                                             if k not in ("architectures", "torch_dtype", "dtype")})
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(hf_config).eval()
+    model = transformers.LlamaForCausalLM(hf_config).eval().to(getattr(torch, precision))
 
     def generate(ids, new_tokens):
         ids = torch.tensor(ids)
@@ -97,7 +121,13 @@ def main():
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for both")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", choices=("llama_jax", "hf_torch"), default=None)
+    parser.add_argument("--precisions", default=",".join(OURS),
+                        help=f"ours to measure, comma-separated (of {', '.join(OURS)}); HF runs {', '.join(HF)}")
     args = parser.parse_args()
+    precisions = args.precisions.split(",")
+    for precision in precisions:
+        if precision not in OURS:
+            parser.error(f"--precisions: unknown {precision!r} (known: {', '.join(OURS)})")
 
     # XLA reads its thread count when the CPU client starts: set it first.
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
@@ -113,25 +143,28 @@ def main():
     rng = np.random.default_rng(0)
     prompts = rng.integers(0, config.vocab_size, (8, PROMPT_LEN)).tolist()
     long_prompt = rng.integers(0, config.vocab_size, PREFILL_LEN).tolist()
-    print(json.dumps({"bench": "decode", "setup": {"threads": args.threads, "torch_threads": torch.get_num_threads(),
+    print(json.dumps({"bench": "decode", "setup": {"cpu": cpu_model(), "threads": args.threads,
+                                                   "torch_threads": torch.get_num_threads(),
                                                    "prompt": PROMPT_LEN, "new_tokens": NEW_TOKENS,
                                                    "prefill_prompt": PREFILL_LEN, "repeats": args.repeats}}),
           flush=True)
     impls = {}
     if args.only in (None, "llama_jax"):
-        impls["llama_jax"] = ours(config, prompts, long_prompt)
+        for precision in precisions:
+            impls[("llama_jax", precision)] = ours(config, precision, prompts, long_prompt)
     if args.only in (None, "hf_torch"):
-        impls["hf_torch"] = hugging_face(config, prompts, long_prompt)
-    # Metric by metric, both implementations back to back, so a change in
-    # machine load between measurements touches both alike.
+        for precision in HF:
+            impls[("hf_torch", precision)] = hugging_face(config, precision, prompts, long_prompt)
+    # Metric by metric, every implementation back to back, so a change in
+    # machine load between measurements touches them alike.
     for metric in ("decode_tokens_per_s_batch1", "decode_tokens_per_s_batch8", "prefill_latency_ms"):
-        for impl, runs in impls.items():
+        for (impl, precision), runs in impls.items():
             seconds = timed(runs[metric], args.repeats)
             if metric == "prefill_latency_ms":
-                emit(impl, args.model, metric, 1000 * seconds, "ms")
+                emit(impl, precision, args.model, metric, 1000 * seconds, "ms")
             else:
                 batch = int(metric[-1])
-                emit(impl, args.model, metric, batch * NEW_TOKENS / seconds, "tokens/s")
+                emit(impl, precision, args.model, metric, batch * NEW_TOKENS / seconds, "tokens/s")
 
 if __name__ == "__main__":
     main()

@@ -39,7 +39,7 @@ def jax_run(args, config):
     opt = OptimizerConfig(learning_rate=1e-4, warmup_steps=0)
     optimizer, schedule = make_optimizer(opt, 1000), learning_rate_schedule(opt, 1000)
     state, shardings = init_state(placement, optimizer, jax.random.key(0))
-    step = jit_train_step(make_train_step(config, optimizer, schedule, loss_chunk=args.loss_chunk),
+    step = jit_train_step(make_train_step(config, optimizer, schedule, shardings.params, loss_chunk=args.loss_chunk),
                           placement, shardings)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, config.vocab_size, (args.batch, args.seq_len + 1)).astype(np.int32)

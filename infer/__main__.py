@@ -3,11 +3,22 @@
     python -m infer --checkpoint DIR --prompt "Once upon a time" --max-new-tokens 64
     python -m infer --checkpoint DIR --chat --system "You are terse."
     python -m infer --checkpoint DIR --prompt-file long_prompt.txt     # or --prompt - < file
+    python -m infer --checkpoint DIR --prompt "Hi" --dtype bfloat16 --quantize int8 --kv-cache-dtype int8
+    python -m infer --checkpoint VISION_DIR --image cat.jpg --prompt "Describe the picture."
+    python -m infer --checkpoint VISION_DIR --image cat.jpg --chat     # the image in the first user turn
 
 DIR is our checkpoint directory or a Hugging Face one (config.json,
-safetensors, tokenizer files). Text is printed as it is generated. Bad input
-(missing checkpoint, unknown layout, a prompt too long for the context, a
-mesh that does not fit the devices) prints one line on stderr and exits 2.
+safetensors, tokenizer files), served in its stored dtype unless --dtype
+says otherwise; --quantize int8|fp8 quantises the weights as they load.
+Text is printed as it is generated. Bad input (missing checkpoint, unknown
+layout, a prompt too long for the context, a mesh that does not fit the
+devices, an unknown --quantize, a file that is not an image, more images
+than the model takes, an image for a text-only model) prints one line on
+stderr and exits 2.
+
+With --image (Llama 3.2 Vision): a plain prompt becomes
+`<|begin_of_text|><|image|>...{prompt}` (Meta's completion form); in chat
+the images open the first user turn, `<|image|>...{message}`.
 """
 
 from __future__ import annotations
@@ -38,8 +49,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--chat", action="store_true",
                         help="interactive chat with the model's chat template (reads lines from stdin)")
     parser.add_argument("--system", default=None, help="system prompt for --chat")
+    parser.add_argument("--image", action="append", default=[], metavar="PATH",
+                        help="an image for the prompt (Llama 3.2 Vision checkpoints); repeat for several")
     parser.add_argument("--stream-every", type=int, default=8, metavar="N",
                         help="tokens per compiled decode call between prints (default 8)")
+    parser.add_argument("--dtype", default=None, metavar="DTYPE",
+                        help="bfloat16 or float32: compute and weight dtype (default: the checkpoint's)")
+    parser.add_argument("--attention", default=None, metavar="IMPL",
+                        help="xla or blocked (default: the checkpoint's config)")
+    parser.add_argument("--quantize", default=None, metavar="KIND",
+                        help="quantise the weights as they load: int8 (every projection, per output "
+                             "channel) or fp8 (Llama 3's recipe: feed-forward weights and inputs, not the "
+                             "first and last layers); a quantised checkpoint loads as it is")
+    parser.add_argument("--kv-cache-dtype", default=None, metavar="KIND",
+                        help="int8 or fp8: quantise the KV cache per token and head (default: the compute dtype)")
     args = parser.parse_args(argv)
     if args.prompt is not None and args.prompt_file is not None:
         parser.error("give --prompt or --prompt-file, not both")
@@ -83,19 +106,52 @@ def _run(args) -> int:
         raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if args.stream_every < 1:
         raise ValueError(f"--stream-every must be at least 1, got {args.stream_every}")
+    _check_precision_flags(args)
 
     args.prompt = _read_prompt(args)
 
-    from infer.generate import load_model
+    from infer.generate import checkpoint_config, load_model
+    from llama_jax.vision.image import load_image
 
-    config, params, tokenizer = load_model(args.checkpoint, args.layout, args.tokenizer)
+    images = [load_image(path) for path in args.image]
+    if images:
+        _check_images(checkpoint_config(args.checkpoint), len(images))
+
+    config, params, tokenizer = load_model(args.checkpoint, args.layout, args.tokenizer, dtype=args.dtype,
+                                           attention=args.attention, quantize=args.quantize,
+                                           kv_cache_dtype=args.kv_cache_dtype)
     settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, seed=args.seed, layout=args.layout, config=config,
                     stream_every=args.stream_every)
     if args.chat:
-        return _chat(params, tokenizer, args, settings)
-    _say(params, tokenizer, args.prompt, settings)
+        return _chat(params, tokenizer, args, settings, images)
+    _say(params, tokenizer, args.prompt, settings, images)
     return 0
+
+
+def _check_images(config, count: int) -> None:
+    """ValueError (one line) unless the model takes `count` images per prompt."""
+    if config.vision is None:
+        raise ValueError("--image: this checkpoint is a text-only model (its config has no vision section); "
+                         "use a Llama 3.2 Vision checkpoint")
+    if count > config.vision.max_images:
+        raise ValueError(f"--image: {count} images given; this model takes at most {config.vision.max_images} "
+                         "per prompt (vision.max_images)")
+
+
+def _check_precision_flags(args) -> None:
+    """One line naming the flag for a dtype, attention, quantize or KV cache setting that is not known."""
+    from llama_jax.config import ATTENTION_IMPLS, KV_CACHE_DTYPES, QUANTIZE_TARGETS
+    from llama_jax.quantize import require_fp8
+
+    for flag, value, known in (("--dtype", args.dtype, ("bfloat16", "float32")),
+                               ("--attention", args.attention, ATTENTION_IMPLS),
+                               ("--quantize", args.quantize, tuple(QUANTIZE_TARGETS)),
+                               ("--kv-cache-dtype", args.kv_cache_dtype, KV_CACHE_DTYPES)):
+        if value is not None and value not in known:
+            raise ValueError(f"{flag}: unknown {value!r} (known: {', '.join(known)})")
+    if "fp8" in (args.quantize, args.kv_cache_dtype):
+        require_fp8()
 
 
 def _read_prompt(args) -> str | None:
@@ -119,27 +175,34 @@ def _read_prompt(args) -> str | None:
         raise ValueError(f"{source}: the prompt is not UTF-8 text (byte {err.start})") from None
 
 
-def _say(params, tokenizer, prompt, settings):
-    """Generate for one prompt (text or ids), printing text as it arrives."""
+def _say(params, tokenizer, prompt, settings, images=()):
+    """Generate for one prompt (text or ids) and its images, printing text as it arrives."""
     from infer.generate import generate
 
     def show(chunk):
         sys.stdout.write(chunk.text)
         sys.stdout.flush()
 
-    result = generate(params, tokenizer, [prompt], stream=show, **settings)[0]
+    result = generate(params, tokenizer, [prompt], stream=show, images=[list(images)] if images else None,
+                      **settings)[0]
     sys.stdout.write("\n")
     sys.stdout.flush()
     return result
 
 
-def _chat(params, tokenizer, args, settings) -> int:
-    """Read user turns from stdin until EOF (or an empty line); answer each with the template."""
+def _chat(params, tokenizer, args, settings, images=()) -> int:
+    """Read user turns from stdin until EOF (or an empty line); answer each with the template.
+
+    The images open the first user turn; they stay with it while it is in the conversation.
+    """
     from llama_jax.chat import format_chat
 
-    context = settings["config"].max_seq_len
+    config = settings["config"]
+    image_token = config.vision.image_token_id if config.vision is not None else None
+    context = config.max_seq_len
     messages = [] if args.system is None else [{"role": "system", "content": args.system}]
     first = args.prompt
+    pending = [{"type": "image", "image": image} for image in images]
     while True:
         if first is not None:
             user, first = first, None
@@ -150,14 +213,18 @@ def _chat(params, tokenizer, args, settings) -> int:
             if not line or not line.strip():
                 return 0
             user = line.rstrip("\n")
-        messages.append({"role": "user", "content": user})
-        prompt = format_chat(tokenizer, messages)
+        content = pending + [{"type": "text", "text": user}] if pending else user
+        messages.append({"role": "user", "content": content})
+        pending = []
+        prompt = format_chat(tokenizer, messages, image_token)
         # When the conversation outgrows the context, forget the oldest exchanges.
         start = 1 if args.system is not None else 0
         while len(prompt) + settings["max_new_tokens"] > context and len(messages) > start + 1:
             del messages[start:start + 2]
-            prompt = format_chat(tokenizer, messages)
-        result = _say(params, tokenizer, prompt, settings)
+            prompt = format_chat(tokenizer, messages, image_token)
+        shown = [part["image"] for m in messages if isinstance(m["content"], list) for part in m["content"]
+                 if part["type"] == "image"]
+        result = _say(params, tokenizer, prompt, settings, shown)
         messages.append({"role": "assistant", "content": result.text})
 
 

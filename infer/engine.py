@@ -26,8 +26,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from llama_jax import decoding
 from llama_jax.config import ModelConfig
 from llama_jax.decoding import NO_TOKEN, State
-from llama_jax.model import Llama, check_token_ids
-from llama_jax.params import unstack_layers
+from llama_jax.model import check_token_ids
+from llama_jax.params import model_for, stacked_layers, unstack_layers
 from llama_jax.sampling import Sampling
 from sharding.layout import Layout, load_layout
 from sharding.place import Placement
@@ -81,20 +81,25 @@ class Engine:
             unroll_layers = plan.mesh.devices.flat[0].platform == "cpu"
         self.model_config = config.replace(scan_layers=config.scan_layers and not unroll_layers,
                                            remat="none")
-        self.model = Llama(self.model_config)
+        self.model = model_for(self.model_config)
         self.batch_multiple = plan.shards_along("batch")
         # Context parallelism splits each length shard into two halves.
         self.length_multiple = 2 * plan.shards_along("length") if plan.shards_along("length") > 1 else 1
         self.replicated = NamedSharding(plan.mesh, PartitionSpec())
-        self.state_shardings = plan.tree_shardings(decoding.STATE_AXES)
-        self._prefill = jax.jit(
-            functools.partial(decoding.prefill, self.model),
-            static_argnames=("sampling", "cache_len", "keep_logits", "chunk"),
-            out_shardings=(self.state_shardings, self.replicated, self.replicated))
-        self._decode = jax.jit(
-            functools.partial(decoding.decode, self.model),
-            static_argnames=("sampling", "steps", "keep_logits"), donate_argnames=("state",),
-            out_shardings=(self.state_shardings, self.replicated, self.replicated))
+        self.state_shardings = plan.tree_shardings(decoding.state_axes(config))
+        # A vision model's batches with images carry more state (the image keys and
+        # values, the tiles' spans): one compiled pair per state shape.
+        self._prefill, self._decode = {}, {}
+        for with_images in (False, True) if config.vision is not None else (False,):
+            shardings = plan.tree_shardings(decoding.state_axes(config, with_images))
+            self._prefill[with_images] = jax.jit(
+                functools.partial(decoding.prefill, self.model),
+                static_argnames=("sampling", "cache_len", "keep_logits", "chunk"),
+                out_shardings=(shardings, self.replicated, self.replicated))
+            self._decode[with_images] = jax.jit(
+                functools.partial(decoding.decode, self.model),
+                static_argnames=("sampling", "steps", "keep_logits"), donate_argnames=("state",),
+                out_shardings=(shardings, self.replicated, self.replicated))
 
     # ------------------------------------------------------------ placement
 
@@ -109,7 +114,7 @@ class Engine:
         Already placed parameters in that form come back as they are.
         """
         if not self.model_config.scan_layers and "layers" in params:
-            params = unstack_layers(params, self.config.n_layers)
+            params = unstack_layers(params, stacked_layers(self.config))
         shardings = self.placement.param_shardings(self.model_config)
         return jax.tree.map(
             lambda x, s: jax.device_put(x, s) if isinstance(x, jax.Array)
@@ -118,13 +123,14 @@ class Engine:
     # ------------------------------------------------------------ driver
 
     def prefill(self, params, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling,
-                seed: int = 0, stop_ids=(), keep_logits: bool = False):
+                seed: int = 0, stop_ids=(), keep_logits: bool = False, images=None):
         """Pad and place token-id prompts, fill the cache, pick each row's first token.
 
         Returns (state, first tokens [rows] int, logits [rows, vocab] or
         None). Rows are the prompts in order; the batch is padded to divide
         by the layout's batch axes, and those extra rows produce nothing.
-        `params` must already be placed (`place_params`).
+        `params` must already be placed (`place_params`). `images`: a vision
+        model's arrays for these rows (llama_jax.vision.image.image_inputs).
         """
         check_prompts(self.config, prompts, max_new_tokens)
         n, rows = len(prompts), _round_up(len(prompts), self.batch_multiple)
@@ -145,10 +151,14 @@ class Engine:
         inputs = (plan.put(prompts_bt, plan.sharding("batch", "length")), plan.put(lengths_b, row),
                   plan.put(limits_b, row), plan.put(np.asarray(seed, np.int32), self.replicated),
                   self._stops(stop_ids))
+        if images is not None:  # padding rows: no image, seen by no token
+            images = {name: plan.put(np.concatenate([a, np.zeros((rows - n,) + a.shape[1:], a.dtype)]),
+                                     plan.sharding("batch", *[None] * (a.ndim - 1)))
+                      for name, a in images.items()}
         with plan.activate():
-            state, first_b, logits_bv = self._prefill(
+            state, first_b, logits_bv = self._prefill[images is not None](
                 params, *inputs, sampling=sampling, cache_len=cache_len, keep_logits=keep_logits,
-                chunk=chunk)
+                chunk=chunk, images=images)
         return state, np.asarray(first_b)[:n], None if logits_bv is None else np.asarray(logits_bv)[:n]
 
     def decode(self, params, state: State, steps: int, sampling: Sampling, stop_ids=(),
@@ -160,14 +170,14 @@ class Engine:
         steps, vocab] or None); stop tokens are included.
         """
         with self.placement.activate():
-            state, out_bn, logits_bnv = self._decode(
+            state, out_bn, logits_bnv = self._decode["images" in state](
                 params, state, self._stops(stop_ids), sampling=sampling, steps=steps,
                 keep_logits=keep_logits)
         return state, np.asarray(out_bn)[:rows], None if logits_bnv is None else np.asarray(logits_bnv)[:rows]
 
     def run(self, params, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling,
-            seed: int = 0, stop_ids=(), chunk: int | None = None,
-            keep_logits: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+            seed: int = 0, stop_ids=(), chunk: int | None = None, keep_logits: bool = False,
+            images=None) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
         """Generate for token-id prompts; yield (tokens [rows, n], logits [rows, n, vocab] or None).
 
         The first chunk is the prefill's one token per row; then chunks of up
@@ -177,7 +187,7 @@ class Engine:
         """
         n = len(prompts)
         state, first_b, logits_bv = self.prefill(params, prompts, max_new_tokens, sampling, seed,
-                                                 stop_ids, keep_logits)
+                                                 stop_ids, keep_logits, images)
         yield first_b[:, None], None if logits_bv is None else logits_bv[:, None]
         produced = np.ones(n, np.int64)
         finished = (produced >= max_new_tokens) | np.isin(first_b, list(stop_ids))
@@ -211,7 +221,8 @@ def check_prompts(config: ModelConfig, prompts: list[list[int]], max_new_tokens:
             raise ValueError(
                 f"prompt {i} has {len(p)} tokens; with max_new_tokens {max_new_tokens} that is "
                 f"{len(p) + max_new_tokens}, over the model's context of {config.max_seq_len} tokens")
-        check_token_ids(p, config.vocab_size, f"prompt {i}")
+        rows = config.vocab_size + (config.vision.extra_token_rows if config.vision is not None else 0)
+        check_token_ids(p, rows, f"prompt {i}")
 
 
 @functools.lru_cache(maxsize=8)

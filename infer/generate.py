@@ -64,6 +64,7 @@ class Chunk:
 
 
 Prompts = str | Sequence[int] | Sequence[str] | Sequence[Sequence[int]]
+Images = Sequence[Sequence["Image.Image | str | os.PathLike"]]  # one list per prompt
 
 
 def generate(params_or_checkpoint, tokenizer: Tokenizer | str | None, prompts: Prompts,
@@ -71,7 +72,7 @@ def generate(params_or_checkpoint, tokenizer: Tokenizer | str | None, prompts: P
              top_p: float | None = None, seed: int = 0, layout: str | Layout | None = None,
              config: ModelConfig | None = None, stream: Callable[[Chunk], None] | None = None,
              *, stop_ids: Sequence[int] | None = None, stream_every: int = 8,
-             return_logits: bool = False) -> list[Generation]:
+             return_logits: bool = False, images: Images | None = None) -> list[Generation]:
     """Generate a continuation of each prompt; one `Generation` per prompt, in order.
 
     params_or_checkpoint: a parameter tree (then `config` is required) or a
@@ -81,8 +82,12 @@ def generate(params_or_checkpoint, tokenizer: Tokenizer | str | None, prompts: P
     lists. temperature 0 is greedy; top_k/top_p filter before sampling; the
     same seed gives the same output. layout: a layout name (sharded over all
     devices) or None (one device). stop_ids: ids that end a row (default
-    the tokenizer's stop ids). Raises ValueError (one line) if a prompt plus
-    max_new_tokens exceeds the context, or on a bad setting.
+    the tokenizer's stop ids). images (Llama 3.2 Vision): one list of images
+    (PIL images or file paths) per prompt; a text prompt with images becomes
+    `<|begin_of_text|>` + one `<|image|>` per image + the text (Meta's
+    completion form), token-id prompts carry their own `<|image|>` ids.
+    Raises ValueError (one line) if a prompt plus max_new_tokens exceeds the
+    context, for images a model cannot take, or on a bad setting.
     """
     if isinstance(params_or_checkpoint, (str, os.PathLike)):
         config, params, own_tokenizer = load_model(params_or_checkpoint, layout)
@@ -97,6 +102,7 @@ def generate(params_or_checkpoint, tokenizer: Tokenizer | str | None, prompts: P
     if stream_every < 1:
         raise ValueError(f"stream_every must be >= 1, got {stream_every}")
     ids = _prompt_ids(tokenizer, prompts)
+    image_arrays = None if images is None else _image_arrays(config, images, prompts, ids)
     stops = set(tokenizer.stop_ids if tokenizer is not None and stop_ids is None else stop_ids or ())
 
     engine = _engine(config, layout)
@@ -107,7 +113,7 @@ def generate(params_or_checkpoint, tokenizer: Tokenizer | str | None, prompts: P
     decoders = [StreamDecoder(tokenizer) if stream and tokenizer else None for _ in ids]
     for out_bn, logits_bnv in engine.run(params, ids, max_new_tokens, sampling, seed, stops,
                                          chunk=stream_every if stream else None,
-                                         keep_logits=return_logits):
+                                         keep_logits=return_logits, images=image_arrays):
         for row, out_n in enumerate(out_bn):
             new = []
             for step, token in enumerate(out_n.tolist()):
@@ -135,40 +141,76 @@ def generate(params_or_checkpoint, tokenizer: Tokenizer | str | None, prompts: P
 
 
 def load_model(path: str | os.PathLike, layout: str | Layout | None = None,
-               tokenizer: str | os.PathLike | None = None):
+               tokenizer: str | os.PathLike | None = None, *, dtype: str | None = None,
+               attention: str | None = None, quantize: str | None = None,
+               kv_cache_dtype: str | None = None):
     """Load (config, params, tokenizer) from a checkpoint directory.
 
     A directory with `config.json` is read as Hugging Face (safetensors plus
     tokenizer files); anything else as our own checkpoint (llama_jax.checkpoint:
-    step directories with items "params" and "config", latest step). Parameters
-    come back placed on `layout` (None: one device) in the form the inference
-    model takes (see `Engine.place_params`), so `generate` uses them as they
-    are, and the config's `scan_layers` says which form that is. The tokenizer
-    is `tokenizer` if given, else the one found in the directory or its parent.
-    Raises ValueError subclasses with one line for anything missing.
+    step directories with items "params" and "config", latest step), or a
+    training run directory (its checkpoints/; a LoRA run's adapters come with
+    the weights they adapt, see llama_jax.weights).
+
+    dtype ("bfloat16", "float32"): compute and parameter dtype; default the
+    checkpoint's own (config.json's `torch_dtype` for both; our checkpoint's
+    stored param_dtype and compute dtype). attention: "xla" or "blocked".
+    quantize ("int8", "fp8"): quantise the weights as they load (a checkpoint
+    saved quantised loads as it is). kv_cache_dtype ("int8", "fp8"):
+    quantise the KV cache. Weights are read one tensor (or layer slice) at a
+    time, cast or quantised, and placed on `layout` (None: one device) as they
+    arrive, in the form the inference model takes (layers unrolled on CPU,
+    see `Engine`), so host memory never holds a second copy of the model; the
+    returned config's `scan_layers` says which form that is, and `generate`
+    uses the params as they are. The tokenizer is `tokenizer` if given, else
+    the one found in the directory or its parent. Raises ValueError
+    subclasses with one line for anything missing or inconsistent.
     """
+    from llama_jax.weights import load_params
+
     path = Path(path)
-    if not path.is_dir():
-        raise CheckpointFileError(f"{path}: checkpoint directory not found")
-    if (path / "config.json").is_file():
-        from llama_jax.hf import load_hf_params
+    config = serving_config(checkpoint_config(path), dtype=dtype, attention=attention, quantize=quantize,
+                            kv_cache_dtype=kv_cache_dtype)
+    engine = _engine(config, layout)
+    target = config.replace(scan_layers=engine.model_config.scan_layers)
+    params = load_params(path, target, engine.placement.param_shardings(target))
+    return target, params, load_tokenizer(tokenizer or _find_tokenizer(path))
 
-        config, params = load_hf_params(path)
-        engine = _engine(config, layout)
-        params = engine.place_params(params)
-    else:
-        from llama_jax import checkpoint
 
-        # Checkpoints hold stacked (scan-layout) layers; restore straight onto the layout.
-        config = checkpoint.read_config(path).replace(scan_layers=True)
-        engine = _engine(config, layout)
-        config, params = checkpoint.restore_params(path, shardings=engine.param_shardings(),
-                                                   config=config)
-        params = engine.place_params(params)
-    # The params are in the engine's form (layers unrolled on CPU): say so in the config,
-    # so that `Llama(config).apply({"params": params}, ...)` works on them as they are.
-    config = config.replace(scan_layers=engine.model_config.scan_layers)
-    return config, params, load_tokenizer(tokenizer or _find_tokenizer(path))
+def serving_config(stored: ModelConfig, *, dtype: str | None = None, attention: str | None = None,
+                   quantize: str | None = None, kv_cache_dtype: str | None = None) -> ModelConfig:
+    """The config to serve a stored model with: `dtype` sets the compute and parameter dtype,
+    the other settings their fields; None keeps the stored choice. ValueError (one line) for
+    a setting that is not known, re-quantising a quantised checkpoint, or fp8 where this
+    JAX cannot store it."""
+    from llama_jax.config import KV_CACHE_DTYPES, QUANTIZE_TARGETS, ConfigError
+    from llama_jax.quantize import require_fp8
+
+    for flag, value, known in (("dtype", dtype, ("bfloat16", "float32")), ("quantize", quantize, tuple(QUANTIZE_TARGETS)),
+                               ("kv_cache_dtype", kv_cache_dtype, KV_CACHE_DTYPES)):
+        if value is not None and value not in known:
+            raise ConfigError(f"{flag}: {value!r} is not one of {', '.join(known)}")
+    if stored.quantize is not None and quantize not in (None, stored.quantize):
+        raise ConfigError(f"quantize: the checkpoint is stored quantised as {stored.quantize}; it cannot be "
+                          f"re-quantised as {quantize} (quantise the unquantised checkpoint instead)")
+    changes = {"scan_layers": True, "quantize": quantize or stored.quantize}
+    if dtype is not None:
+        changes |= {"dtype": dtype, "param_dtype": dtype}
+    if attention is not None:
+        changes["attention"] = attention
+    if kv_cache_dtype is not None:
+        changes["kv_cache_dtype"] = kv_cache_dtype
+    config = stored.replace(**changes)
+    if "fp8" in (config.quantize, config.kv_cache_dtype):
+        require_fp8()
+    return config
+
+
+def checkpoint_config(path: str | os.PathLike) -> ModelConfig:
+    """The model config of a checkpoint (Hugging Face's config.json, ours, or a run's), nothing else read."""
+    from llama_jax.weights import stored_config
+
+    return stored_config(path)
 
 
 def _engine(config: ModelConfig, layout: str | Layout | None) -> Engine:
@@ -185,11 +227,16 @@ def _find_tokenizer(path: Path) -> Path:
                               "directory (pass the tokenizer's path)")
 
 
-def _prompt_ids(tokenizer: Tokenizer | None, prompts: Prompts) -> list[list[int]]:
+def _prompt_list(prompts: Prompts) -> list:
+    """The prompts as a list (one string or one token-id list becomes a list of one)."""
     if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], (int, np.integer))):
-        prompts = [prompts]
+        return [prompts]
+    return list(prompts)
+
+
+def _prompt_ids(tokenizer: Tokenizer | None, prompts: Prompts) -> list[list[int]]:
     ids = []
-    for prompt in prompts:
+    for prompt in _prompt_list(prompts):
         if isinstance(prompt, str):
             if tokenizer is None:
                 raise ValueError("generate: text prompts need a tokenizer")
@@ -197,6 +244,23 @@ def _prompt_ids(tokenizer: Tokenizer | None, prompts: Prompts) -> list[list[int]
         else:
             ids.append([int(t) for t in prompt])
     return ids
+
+
+def _image_arrays(config: ModelConfig, images: Images, prompts: Prompts, ids: list[list[int]]):
+    """The vision model's image arrays for these prompts; puts `<|image|>` ids after BOS of text prompts."""
+    from llama_jax.vision.image import image_inputs, load_image
+
+    if config.vision is None:
+        raise ValueError("images were given, but this model is text-only (its config has no vision "
+                         "section); use a Llama 3.2 Vision checkpoint")
+    if len(images) != len(ids):
+        raise ValueError(f"images: give one list of images per prompt ({len(ids)}), got {len(images)}")
+    loaded = []
+    for row, (prompt, row_images) in enumerate(zip(_prompt_list(prompts), images)):
+        loaded.append([load_image(i) if isinstance(i, (str, os.PathLike)) else i for i in row_images])
+        if row_images and isinstance(prompt, str):
+            ids[row][1:1] = [config.vision.image_token_id] * len(row_images)
+    return image_inputs(loaded, ids, config.vision)
 
 
 def _feed(tokenizer: Tokenizer | None, decoder: StreamDecoder | None, tokens: list[int]) -> str:

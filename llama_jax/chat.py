@@ -12,6 +12,11 @@ Llama 3.x: `<|begin_of_text|>`, then per message
   then an open `<|start_header_id|>assistant<|end_header_id|>\\n\\n`.
 
 Stop tokens for generation are `tokenizer.stop_ids`.
+
+Images (Llama 3.2 Vision): a message's content may be a list of parts,
+`{"type": "text", "text": ...}` and `{"type": "image"}` (any other keys, such
+as the image itself, are the caller's), as in Meta's prompt format: each
+image part becomes one `<|image|>` id where it stands in the user turn.
 """
 
 from __future__ import annotations
@@ -27,20 +32,43 @@ _B_INST, _E_INST = "[INST]", "[/INST]"
 _B_SYS, _E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
 
 
-def format_chat(tokenizer: Tokenizer, messages: Sequence[dict]) -> list[int]:
+def format_chat(tokenizer: Tokenizer, messages: Sequence[dict], image_token_id: int | None = None) -> list[int]:
     """Token ids of a conversation, ready for the model to write the next answer.
 
     `messages` are dicts `{"role": ..., "content": str}`. Llama 2 takes an
     optional leading system message, then user and assistant alternating,
     ending with a user message. Llama 3.x takes any order of the roles
-    system, user, assistant and ipython (the 3.1 tool-output role).
-    Raises ValueError with one line on a malformed list.
+    system, user, assistant and ipython (the 3.1 tool-output role), and
+    content given as parts with images (module docstring), which need the
+    model's `image_token_id`. Raises ValueError with one line on a malformed list.
     """
-    roles = LLAMA3_ROLES if tokenizer.generation == "llama3" else LLAMA2_ROLES
-    _check_messages(messages, roles)
-    if tokenizer.generation == "llama3":
-        return _format_llama3(tokenizer, messages)
-    return _format_llama2(tokenizer, messages)
+    return _encode(tokenizer, messages, open_answer=True, image_token_id=image_token_id)[0]
+
+
+def encode_conversation(tokenizer: Tokenizer, messages: Sequence[dict],
+                        image_token_id: int | None = None) -> tuple[list[int], list[int]]:
+    """A finished conversation for fine-tuning: (token ids, a 0/1 loss weight per id).
+
+    The weights are 1 on every assistant answer and on the token that closes
+    it (`<|eot_id|>` in Llama 3, `</s>` in Llama 2), 0 on everything the
+    model is given (system, user, tool output, headers, images). The
+    conversation must end with an assistant message; otherwise the rules of
+    `format_chat`.
+    """
+    return _encode(tokenizer, messages, open_answer=False, image_token_id=image_token_id)
+
+
+def _encode(tokenizer: Tokenizer, messages: Sequence[dict], open_answer: bool, image_token_id: int | None):
+    llama3 = tokenizer.generation == "llama3"
+    _check_messages(messages, LLAMA3_ROLES if llama3 else LLAMA2_ROLES)
+    last = messages[-1]["role"]
+    if not open_answer and last != "assistant":
+        raise ValueError(f"chat for training: the last message must be the assistant's answer, got {last!r}")
+    if llama3:
+        return _format_llama3(tokenizer, messages, open_answer, image_token_id)
+    if any(not isinstance(m["content"], str) for m in messages):
+        raise ValueError("Llama 2 chat: message content must be a string (Llama 2 takes no images)")
+    return _format_llama2(tokenizer, messages, open_answer)
 
 
 def _check_messages(messages: Sequence[dict], roles: Sequence[str]) -> None:
@@ -50,11 +78,18 @@ def _check_messages(messages: Sequence[dict], roles: Sequence[str]) -> None:
         if not isinstance(message, dict) or message.get("role") not in roles:
             role = message.get("role") if isinstance(message, dict) else message
             raise ValueError(f"message {i}: role {role!r} is not one of {', '.join(roles)}")
-        if not isinstance(message.get("content"), str):
-            raise ValueError(f"message {i}: content must be a string")
+        content = message.get("content")
+        if isinstance(content, list):
+            for part in content:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind not in ("text", "image") or (kind == "text" and not isinstance(part.get("text"), str)):
+                    raise ValueError(f"message {i}: a content part must be {{'type': 'text', 'text': str}} "
+                                     f"or {{'type': 'image'}}, got {part!r}"[:200])
+        elif not isinstance(content, str):
+            raise ValueError(f"message {i}: content must be a string or a list of parts")
 
 
-def _format_llama2(tokenizer: Tokenizer, messages: Sequence[dict]) -> list[int]:
+def _format_llama2(tokenizer: Tokenizer, messages: Sequence[dict], open_answer: bool):
     turns = [dict(m) for m in messages]
     offset = 0  # turn i is message i + offset, for error messages
     if turns[0]["role"] == "system":
@@ -73,25 +108,50 @@ def _format_llama2(tokenizer: Tokenizer, messages: Sequence[dict]) -> list[int]:
                 f"Llama 2 chat: message {i + offset} is {turn['role']!r}, expected {expected!r} "
                 "(optional system first, then user and assistant alternating)"
             )
-    if turns[-1]["role"] != "user":
+    if open_answer and turns[-1]["role"] != "user":
         raise ValueError("Llama 2 chat: the last message must be from the user")
     ids: list[int] = []
+    weights: list[int] = []
     for prompt, answer in zip(turns[::2], turns[1::2]):
         # Meta's reference (llama/generation.py) keeps this space before EOS.
-        text = f"{_B_INST} {prompt['content'].strip()} {_E_INST} {answer['content'].strip()} "
-        ids += tokenizer.encode(text, bos=True, eos=True)
-    ids += tokenizer.encode(f"{_B_INST} {turns[-1]['content'].strip()} {_E_INST}", bos=True)
-    return ids
+        question = f"{_B_INST} {prompt['content'].strip()} {_E_INST}"
+        exchange = tokenizer.encode(f"{question} {answer['content'].strip()} ", bos=True, eos=True)
+        # The exchange is encoded whole, as Meta does; the answer is what follows
+        # the longest prefix it shares with the question alone.
+        asked = tokenizer.encode(question, bos=True)
+        shared = next((i for i, (a, b) in enumerate(zip(asked, exchange)) if a != b), len(asked))
+        ids += exchange
+        weights += [0] * shared + [1] * (len(exchange) - shared)
+    if open_answer:
+        question = tokenizer.encode(f"{_B_INST} {turns[-1]['content'].strip()} {_E_INST}", bos=True)
+        ids += question
+        weights += [0] * len(question)
+    return ids, weights
 
 
-def _format_llama3(tokenizer: Tokenizer, messages: Sequence[dict]) -> list[int]:
+def _format_llama3(tokenizer: Tokenizer, messages: Sequence[dict], open_answer: bool,
+                   image_token_id: int | None):
     eot = tokenizer.token_id("<|eot_id|>")
-    ids = [tokenizer.bos_id]
-    for message in messages:
-        ids += _llama3_header(tokenizer, message["role"])
-        ids += tokenizer.encode(message["content"].strip())
-        ids.append(eot)
-    return ids + _llama3_header(tokenizer, "assistant")
+    ids, weights = [tokenizer.bos_id], [0]
+    for i, message in enumerate(messages):
+        header = _llama3_header(tokenizer, message["role"])
+        body = []
+        content = message["content"]
+        for part in [{"type": "text", "text": content}] if isinstance(content, str) else content:
+            if part["type"] == "text":
+                body += tokenizer.encode(part["text"].strip())
+            elif image_token_id is None:
+                raise ValueError(f"message {i} has an image, but this model is text-only (no image token)")
+            else:
+                body.append(image_token_id)
+        body.append(eot)
+        ids += header + body
+        weights += [0] * len(header) + [int(message["role"] == "assistant")] * len(body)
+    if open_answer:
+        header = _llama3_header(tokenizer, "assistant")
+        ids += header
+        weights += [0] * len(header)
+    return ids, weights
 
 
 def _llama3_header(tokenizer: Tokenizer, role: str) -> list[int]:

@@ -34,16 +34,17 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from llama_jax.config import ModelConfig
-from llama_jax.params import abstract_params, stack_layers, unstack_layers
+from llama_jax.params import abstract_params, partition, stack_layers, stacked_layers, unstack_layers
 
 PARAMS = "params"
 CONFIG = "config"
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
-# Fields that define the function a checkpoint computes. An explicit config given
-# to restore_params must agree on these; its other fields (dtypes, remat,
-# attention, scan_layers, max_seq_len) are compute choices and win.
+# Fields that define the function a checkpoint computes and the leaves it stores
+# (quantised weights are stored as such). An explicit config given to
+# restore_params must agree on these; its other fields (dtypes, remat,
+# attention, scan_layers, max_seq_len, kv_cache_dtype) are compute choices and win.
 ARCHITECTURE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "head_dim",
-                       "tie_embeddings", "rope_theta", "rope_scaling", "norm_eps")
+                       "tie_embeddings", "rope_theta", "rope_scaling", "norm_eps", "vision", "quantize")
 
 
 class CheckpointError(ValueError):
@@ -61,11 +62,11 @@ def save_params(directory, config: ModelConfig, params, step: int = 0) -> None:
     read a layer without decoding the others.
     """
     if not config.scan_layers:
-        params = stack_layers(params, config.n_layers)
+        params = stack_layers(params, stacked_layers(config))
     _check_tree(params, abstract_params(config.replace(scan_layers=True)), "params")
     params = jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jax.numpy.asarray(x), params)
     save_args = jax.tree_util.tree_map_with_path(
-        lambda keys, _: ocp.SaveArgs(shard_axes=(0,) if _key(keys[0]) == "layers" else ()), params)
+        lambda keys, _: ocp.SaveArgs(shard_axes=(0,) if is_stacked([_key(k) for k in keys]) else ()), params)
     if step in all_steps(directory):
         raise CheckpointError(f"{directory}: step {step} already exists")
     with _manager(directory) as manager:
@@ -77,7 +78,8 @@ def save_params(directory, config: ModelConfig, params, step: int = 0) -> None:
         raise CheckpointError(f"{directory}: orbax did not save step {step}")
 
 
-def restore_params(directory, step: int | None = None, shardings=None, config: ModelConfig | None = None):
+def restore_params(directory, step: int | None = None, shardings=None, config: ModelConfig | None = None,
+                   only=None):
     """Restore (config, params) from a checkpoint directory.
 
     step: a saved step; None takes the latest complete one.
@@ -86,6 +88,8 @@ def restore_params(directory, step: int | None = None, shardings=None, config: M
       device. The saved placement does not matter.
     config: if given, must agree with the stored config on ARCHITECTURE_FIELDS;
       its compute fields are used (param_dtype sets the restored dtype).
+    only: a predicate on leaf key paths: restore just the leaves it accepts
+      (a LoRA run's checkpoint holds only its adapters).
     Params come back in scan layout, or unrolled ("layers_0", ...) when the
     config has scan_layers False. Raises CheckpointError naming the problem.
     """
@@ -94,6 +98,8 @@ def restore_params(directory, step: int | None = None, shardings=None, config: M
     config = _reconcile(stored, config, directory, step)
     require_item(directory, step, PARAMS)
     target = abstract_params(config.replace(scan_layers=True))
+    if only is not None:
+        target = partition(target, only)[0]
     if shardings is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree.map(lambda _: device, target)
@@ -105,7 +111,7 @@ def restore_params(directory, step: int | None = None, shardings=None, config: M
     except Exception as err:  # noqa: BLE001 - orbax/tensorstore raise plain Exceptions for corrupt data
         raise CheckpointError(f"{_step_dir(directory, step)}: cannot restore params ({first_line(err)})") from None
     if not config.scan_layers:
-        params = unstack_layers(params, config.n_layers)
+        params = unstack_layers(params, stacked_layers(config))
     return config, params
 
 
@@ -214,6 +220,11 @@ def named_leaves(tree) -> Iterator[tuple[tuple[str, ...], Any]]:
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
     for keys, leaf in flat:
         yield tuple(_key(k) for k in keys), leaf
+
+
+def is_stacked(path) -> bool:
+    """Whether the leaf at `path` (string keys) is stacked on a leading `layers` axis (scanned layers)."""
+    return "layers" in path
 
 
 def _key(key) -> str:

@@ -24,9 +24,9 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from etils import epath
 
-from llama_jax.checkpoint import (CONFIG, PARAMS, TMP_SUFFIX, CheckpointError, first_line, named_leaves,
-                                  read_config, require_item, resolve_step)
-from llama_jax.config import ModelConfig
+from llama_jax.checkpoint import (CONFIG, PARAMS, TMP_SUFFIX, CheckpointError, first_line, is_stacked,
+                                  named_leaves, read_config, require_item, resolve_step)
+from llama_jax.config import ModelConfig, numpy_dtype
 from llama_jax.params import abstract_params
 
 # glibc's malloc_trim, where the C library has one (Linux); see release_freed_memory.
@@ -40,7 +40,8 @@ class ParamsWriter:
         with ParamsWriter(directory, config, step=0) as writer:
             writer.write(("layers", "attention", "wq", "kernel"), layer, array)  # [D, H, K]
             writer.write(("embed", "embedding"), None, array)                   # [V, D]
-    Arrays are cast to config.param_dtype. The step appears (atomically renamed
+    Arrays are cast to their leaf's dtype (config.param_dtype; int8 / float8 and
+    float32 for a quantised config's kernels and scales). The step appears (atomically renamed
     from a temporary name) only when every slice of every leaf was written;
     leaving the block early raises CheckpointError and leaves only the
     temporary directory behind.
@@ -55,7 +56,7 @@ class ParamsWriter:
         self.step_dir = self.directory / f"{step}{TMP_SUFFIX}"
         self.params_dir = self.step_dir / PARAMS
         self.params_dir.mkdir(parents=True, exist_ok=True)
-        self._dtype = np.dtype(_numpy_dtype(self.config.param_dtype))
+        self._dtype = numpy_dtype(self.config.param_dtype)
         self._leaves = {path: leaf for path, leaf in named_leaves(abstract_params(self.config))}
         self._written = {path: set() for path in self._leaves}
         self._stores: dict[tuple[str, ...], Any] = {}
@@ -65,8 +66,12 @@ class ParamsWriter:
 
     @property
     def dtype(self) -> np.dtype:
-        """The stored dtype (config.param_dtype)."""
+        """The stored dtype of unquantised leaves (config.param_dtype)."""
         return self._dtype
+
+    def leaf_dtype(self, path: tuple[str, ...]) -> np.dtype:
+        """The stored dtype of leaf `path`."""
+        return np.dtype(self._leaves[tuple(path)].dtype)
 
     def write(self, path: tuple[str, ...], layer: int | None, array: np.ndarray) -> None:
         """Write `array` as leaf `path` (layer None) or as its slice `layer` of the stacked leaf.
@@ -83,11 +88,11 @@ class ParamsWriter:
             raise CheckpointError(f"{'/'.join(path)}: not a parameter of this config")
         shape = self._leaves[path].shape
         expected = shape if layer is None else shape[1:]
-        if layer is not None and not (path[0] == "layers" and 0 <= layer < shape[0]):
+        if layer is not None and not (is_stacked(path) and 0 <= layer < shape[0]):
             raise CheckpointError(f"{'/'.join(path)}: layer {layer} out of range")
         if tuple(array.shape) != tuple(expected):
             raise CheckpointError(f"{'/'.join(path)}: got shape {tuple(array.shape)}, expected {tuple(expected)}")
-        array = as_contiguous(array, self._dtype)
+        array = as_contiguous(array, self.leaf_dtype(path))
         store = self._store(path)
         # Letting tensorstore reference `array` spares it a copy of the whole
         # slice. It may keep the reference after the commit, but only in its
@@ -101,7 +106,7 @@ class ParamsWriter:
     def close(self) -> None:
         """Check completeness, write orbax's metadata files and publish the step."""
         for path, leaf in self._leaves.items():
-            expected = {None} if path[0] != "layers" else set(range(leaf.shape[0]))
+            expected = set(range(leaf.shape[0])) if is_stacked(path) else {None}
             missing = sorted(expected - self._written[path], key=lambda x: -1 if x is None else x)
             if missing:
                 where = "" if missing[0] is None else f" layer {missing[0]}"
@@ -130,8 +135,8 @@ class ParamsWriter:
             leaf = self._leaves[path]
             spec = ocp.type_handlers.get_json_tspec_write(
                 _param_info(self.params_dir, path, self._context), use_ocdbt=True,
-                global_shape=leaf.shape, local_shape=leaf.shape, dtype=self._dtype,
-                arg=ocp.SaveArgs(shard_axes=(0,) if path[0] == "layers" else ()))
+                global_shape=leaf.shape, local_shape=leaf.shape, dtype=np.dtype(leaf.dtype),
+                arg=ocp.SaveArgs(shard_axes=(0,) if is_stacked(path) else ()))
             self._stores[path] = ts.open(spec, create=True, open=False, context=self._context).result()
             self._chunks[path] = list(self._stores[path].chunk_layout.write_chunk.shape)
         return self._stores[path]
@@ -148,7 +153,7 @@ class ParamsReader:
     def __init__(self, directory, step: int | None = None):
         step = resolve_step(directory, step)
         self.config = read_config(directory, step).replace(scan_layers=True)
-        self.params_dir = require_item(directory, step, PARAMS)
+        self.params_dir = require_item(directory, step, PARAMS).absolute()  # orbax wants absolute paths
         try:
             metadata = json.loads((self.params_dir / "_METADATA").read_text())
         except (FileNotFoundError, json.JSONDecodeError) as err:
@@ -237,8 +242,3 @@ def _write_params_metadata(params_dir: epath.Path, leaves, chunks) -> None:
 
 def _qualname(cls) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def _numpy_dtype(name: str):
-    import ml_dtypes
-    return ml_dtypes.bfloat16 if name == "bfloat16" else np.dtype(name)

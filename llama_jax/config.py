@@ -11,6 +11,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
+import numpy as np
 import yaml
 
 
@@ -19,6 +21,12 @@ ATTENTION_IMPLS = ("auto", "xla", "blocked", "splash")  # see llama_jax/attentio
 SWIGLU_BACKWARDS = ("auto", "manual", "autodiff")  # see llama_jax/swiglu.py
 DTYPES = ("float32", "bfloat16", "float16")
 ROPE_TYPES = ("default", "llama3")
+# Stored weight formats (llama_jax/quantize.py) and the projections each one replaces.
+# int8: every projection of every layer. fp8: the Llama 3 405B recipe, the feed-forward
+# weights only (about half the inference compute; attention is more sensitive), and
+# not in the first and last layers (see `ModelConfig.stacked_layers`).
+QUANTIZE_TARGETS = {"int8": ("wq", "wk", "wv", "wo", "w1", "w2", "w3"), "fp8": ("w1", "w2", "w3")}
+KV_CACHE_DTYPES = ("int8", "fp8")  # quantised caches; None stores keys and values in `dtype`
 
 
 class ConfigError(ValueError):
@@ -69,6 +77,118 @@ class LoraConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    """The image encoder and the cross-attention adapters of Llama 3.2 Vision (HF's Mllama).
+
+    The encoder is a ViT over image tiles: `n_layers` local layers, then
+    `n_global_layers` gated ones; the outputs of the local layers listed in
+    `feature_layers` are concatenated with the last layer's. The adapters are
+    gated cross-attention layers inserted into the text stack at
+    `cross_attention_layers`, numbered as Hugging Face numbers the combined
+    stack (self-attention layers and cross-attention layers together), so
+    the text model's `n_layers` counts the self-attention layers only. They
+    must be evenly spaced, so that the stack is a repeat of one group of
+    layers (scanned once, whatever the depth). `image_token_id` is the
+    `<|image|>` token, embedded by the first of `extra_token_rows` rows past
+    the text vocabulary. `max_images` is how many images one prompt may carry:
+    the compiled programs hold that many image slots. Pixels are normalised
+    with `image_mean` and `image_std` (Meta's, CLIP's values by default).
+    """
+
+    dim: int
+    n_layers: int
+    n_global_layers: int
+    n_heads: int
+    ffn_dim: int
+    image_size: int
+    patch_size: int
+    max_tiles: int
+    feature_layers: tuple[int, ...]
+    cross_attention_layers: tuple[int, ...]
+    image_token_id: int
+    extra_token_rows: int = 8
+    max_images: int = 1
+    norm_eps: float = 1e-5
+    image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+    def __post_init__(self):
+        for name in ("image_mean", "image_std"):
+            value = getattr(self, name)
+            if not isinstance(value, (list, tuple)) or len(value) != 3 or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+                raise ConfigError(f"vision.{name}: must be three numbers (red, green, blue), got {value!r}")
+            object.__setattr__(self, name, tuple(float(v) for v in value))
+        if min(self.image_std) <= 0:
+            raise ConfigError(f"vision.image_std: must be positive, got {list(self.image_std)}")
+        for name in ("feature_layers", "cross_attention_layers"):
+            value = getattr(self, name)
+            if not isinstance(value, (list, tuple)) or not value:
+                raise ConfigError(f"vision.{name}: must be a non-empty list of layer indices, got {value!r}")
+            object.__setattr__(self, name, tuple(value))
+        for name in ("dim", "n_layers", "n_global_layers", "n_heads", "ffn_dim", "image_size", "patch_size",
+                     "max_tiles", "extra_token_rows", "max_images"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"vision.{name}: must be a positive integer, got {value!r}")
+        if self.dim % self.n_heads:
+            raise ConfigError(f"vision.n_heads: {self.n_heads} does not divide vision.dim {self.dim}")
+        if self.image_size % self.patch_size:
+            raise ConfigError(f"vision.patch_size: {self.patch_size} does not divide vision.image_size "
+                              f"{self.image_size}")
+        if sorted(set(self.feature_layers)) != list(self.feature_layers) or not all(
+                0 <= i < self.n_layers for i in self.feature_layers):
+            raise ConfigError(f"vision.feature_layers: must be increasing indices below vision.n_layers "
+                              f"{self.n_layers}, got {list(self.feature_layers)}")
+        if isinstance(self.image_token_id, bool) or not isinstance(self.image_token_id, int) \
+                or self.image_token_id < 0:
+            raise ConfigError(f"vision.image_token_id: must be a token id, got {self.image_token_id!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def patches(self) -> int:
+        """Tokens per tile: one per patch plus the class token."""
+        return (self.image_size // self.patch_size) ** 2 + 1
+
+    @property
+    def output_dim(self) -> int:
+        """Width of the encoder's output: the last layer's and each feature layer's, concatenated."""
+        return self.dim * (1 + len(self.feature_layers))
+
+    def group(self, n_layers: int) -> tuple[int, int]:
+        """(self-attention layers per group, position of the cross-attention layer in the group)
+        for a text stack of `n_layers` self-attention layers.
+
+        The combined stack of n_layers + n_cross layers must be n_cross equal
+        groups with the cross-attention layer at the same place in each
+        (Llama 3.2 11B: 3, 8, ..., 38 among 40 layers, so groups of 5 with
+        the cross-attention layer 4th). ConfigError otherwise.
+        """
+        positions = self.cross_attention_layers
+        size, rest = divmod(n_layers + len(positions), len(positions))
+        if rest or positions != tuple(positions[0] + size * g for g in range(len(positions))) \
+                or positions[0] >= size:
+            raise ConfigError(
+                f"vision.cross_attention_layers: {list(positions)} does not cut the {n_layers} + "
+                f"{len(positions)} layers into equal groups with the cross-attention layer at the same "
+                "place in each (e.g. 3, 8, ..., 38 for 32 + 8)")
+        return size - 1, positions[0]
+
+    @property
+    def aspect_ratios(self) -> tuple[tuple[int, int], ...]:
+        """Tile arrangements (rows, columns) of at most `max_tiles` tiles, in Mllama's order.
+
+        An image's aspect-ratio id is its arrangement's index here plus one
+        (0 stands for no image).
+        """
+        return tuple((rows, cols) for rows in range(1, self.max_tiles + 1)
+                     for cols in range(1, self.max_tiles + 1) if rows * cols <= self.max_tiles)
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """One Llama model: architecture (REFERENCE.md's table) and compute choices.
 
@@ -79,6 +199,9 @@ class ModelConfig:
     `auto`: the splash kernel on TPU) and `attention_block` its block size in
     tokens; `swiglu_backward` the feed-forward's backward pass
     (llama_jax/swiglu.py; `auto`: hand-written on CPU only).
+    `quantize` ("int8" or "fp8") stores the projections of QUANTIZE_TARGETS
+    quantised, each beside its float32 `scale` (llama_jax/quantize.py);
+    `kv_cache_dtype` ("int8" or "fp8") quantises the KV cache per token and head.
     """
 
     dim: int
@@ -101,6 +224,9 @@ class ModelConfig:
     attention_block: int = 512
     swiglu_backward: str = "auto"
     lora: LoraConfig | None = None
+    vision: VisionConfig | None = None
+    quantize: str | None = None
+    kv_cache_dtype: str | None = None
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -114,6 +240,13 @@ class ModelConfig:
         if isinstance(self.lora, dict):
             check_keys(LoraConfig, self.lora, "lora.", "unknown field")
             object.__setattr__(self, "lora", LoraConfig(**self.lora))
+        if isinstance(self.vision, dict):
+            check_keys(VisionConfig, self.vision, "vision.", "unknown field")
+            missing = [f.name for f in dataclasses.fields(VisionConfig)
+                       if f.default is dataclasses.MISSING and f.name not in self.vision]
+            if missing:
+                raise ConfigError(f"vision.{missing[0]}: required field is missing")
+            object.__setattr__(self, "vision", VisionConfig(**self.vision))
         self._validate()
 
     def _validate(self):
@@ -137,6 +270,13 @@ class ModelConfig:
             if getattr(self, name) not in allowed:
                 raise ConfigError(
                     f"{name}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        for name, allowed in (("quantize", tuple(QUANTIZE_TARGETS)), ("kv_cache_dtype", KV_CACHE_DTYPES)):
+            if getattr(self, name) is not None and getattr(self, name) not in allowed:
+                raise ConfigError(f"{name}: {getattr(self, name)!r} is not one of {', '.join(allowed)} "
+                                  "(or null for none)")
+        if self.quantize == "fp8" and self.n_layers < 3:
+            raise ConfigError(f"quantize: fp8 keeps the first and last layers in {self.param_dtype}, so it "
+                              f"needs at least 3 layers (this model has {self.n_layers}); use int8")
         for name in ("tie_embeddings", "scan_layers"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}: must be true or false, got {getattr(self, name)!r}")
@@ -148,10 +288,37 @@ class ModelConfig:
                 raise ConfigError(
                     "rope_scaling: need 0 < low_freq_factor < high_freq_factor, got "
                     f"{scaling.low_freq_factor} and {scaling.high_freq_factor}")
+        if self.vision is not None:
+            self.vision.group(self.n_layers)
+            if self.vision.image_token_id >= self.vocab_size + self.vision.extra_token_rows:
+                raise ConfigError(
+                    f"vision.image_token_id: {self.vision.image_token_id} is past the embedding's "
+                    f"{self.vocab_size} + {self.vision.extra_token_rows} rows")
+            if self.tie_embeddings:
+                raise ConfigError("tie_embeddings: a vision model's output head is its own weight")
 
     def lora_for(self, weight: str) -> LoraConfig | None:
         """The adapter settings of projection `weight` ("wq", ...), or None if it has none."""
         return self.lora if self.lora is not None and weight in self.lora.targets else None
+
+    def quantize_for(self, weight: str, layer: int | None = None) -> str | None:
+        """The stored format ("int8", "fp8") of projection `weight` ("wq", ...), or None if it is
+        not quantised; with `layer`, in that layer (fp8 leaves the first and last alone)."""
+        if self.quantize is None or weight not in QUANTIZE_TARGETS[self.quantize]:
+            return None
+        if layer is not None and self.quantize == "fp8" and layer not in self.stacked_layers:
+            return None
+        return self.quantize
+
+    @property
+    def stacked_layers(self) -> range:
+        """The layers whose weights share one stack (the `layers` subtree, scanned).
+
+        All of them, except with fp8 weights: Llama 3's FP8 recipe leaves the first
+        and last layers unquantised, so those two keep their own subtrees
+        (`layers_0`, `layers_{n-1}`, as unrolled layers are named).
+        """
+        return range(1, self.n_layers - 1) if self.quantize == "fp8" else range(self.n_layers)
 
     def replace(self, **changes) -> "ModelConfig":
         """A copy with some fields changed (validated again)."""
@@ -170,6 +337,11 @@ class ModelConfig:
         if missing:
             raise ConfigError(f"{missing[0]}: required model config field is missing")
         return cls(**data)
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    """The numpy dtype of a dtype name of this project ("bfloat16", "float32", "int8", "fp8")."""
+    return np.dtype({"bfloat16": ml_dtypes.bfloat16, "fp8": ml_dtypes.float8_e4m3fn}.get(name, name))
 
 
 def check_keys(cls, data, prefix: str, what: str = "unknown key"):

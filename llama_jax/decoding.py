@@ -2,11 +2,11 @@
 
     state, first_b, logits_bv = prefill(model, params, prompts_bt, lengths_b, limits_b, seed,
                                         stops, sampling=..., cache_len=..., keep_logits=False,
-                                        chunk=None)
+                                        chunk=None, images=None)
     state, out_bn, logits_bnv = decode(model, params, state, stops, sampling=..., steps=...)
 
 Both know nothing of meshes: the KV cache is constrained by its logical axis
-names (`CACHE_AXES`), which the layout in scope maps to mesh axes. `infer/`
+names (`llama_jax.kv_cache.cache_axes`), which the layout in scope maps to mesh axes. `infer/`
 jits them with shardings and donation to serve; `train.compile` jits the very
 same functions for ahead-of-time TPU compiles of inference.
 
@@ -27,6 +27,12 @@ query can see them (a query at position p sees slots <= p only).
 State (a dict of arrays, one entry per row unless named): cache (the KV
 cache), token (last token), pos (its position), count (tokens produced),
 limit (tokens allowed), done (stopped), keys (the row's PRNG key).
+
+Images (Llama 3.2 Vision): prefill takes them (llama_jax/vision/model.py's
+`images` dict) and the model writes each cross-attention layer's image keys
+and values into the cache ("image_k", "image_v"), once; the state keeps the
+tiles' visible spans ("images": tile_from, tile_until), and decode steps
+read both, never the pixels.
 """
 
 from __future__ import annotations
@@ -37,7 +43,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llama_jax.model import CACHE_AXES, Llama, init_cache
+from llama_jax.config import ModelConfig
+from llama_jax.kv_cache import CACHE_AXES, cache_axes, init_cache
+from llama_jax.model import Llama
 from llama_jax.sampling import Sampling, row_keys, sample, step_keys
 
 State = dict[str, Any]
@@ -45,13 +53,21 @@ State = dict[str, Any]
 NO_TOKEN = -1  # in a decode chunk's output: the row produced nothing at that step
 PREFILL_CHUNK = 8192  # default tokens per prefill step (infer's Engine, train.compile)
 
-# Logical axes of every state entry, for `Placement.tree_shardings`.
-STATE_AXES = {"cache": {"k": CACHE_AXES, "v": CACHE_AXES}, "token": ("batch",), "pos": ("batch",),
-              "count": ("batch",), "limit": ("batch",), "done": ("batch",), "keys": ("batch",)}
+
+def state_axes(config: ModelConfig, with_images: bool = False) -> dict:
+    """Logical axes of every state entry, for `Placement.tree_shardings`; `with_images` adds
+    a vision batch's image keys and values (in the compute dtype) and the tiles' spans."""
+    axes = {"cache": cache_axes(config), "token": ("batch",), "pos": ("batch",), "count": ("batch",),
+            "limit": ("batch",), "done": ("batch",), "keys": ("batch",)}
+    if with_images:
+        axes["cache"] = {**axes["cache"], "image_k": CACHE_AXES, "image_v": CACHE_AXES}
+        axes["images"] = {"tile_from": ("batch", None, None), "tile_until": ("batch", None, None)}
+    return axes
 
 
-def _constrain_cache(cache):
-    return {name: nn.with_logical_constraint(c, CACHE_AXES) for name, c in cache.items()}
+def _constrain_cache(cache, config: ModelConfig):
+    axes = state_axes(config, with_images="image_k" in cache)["cache"]
+    return {name: nn.with_logical_constraint(c, axes[name]) for name, c in cache.items()}
 
 
 def _is_stop(tokens_b, stops):
@@ -59,13 +75,16 @@ def _is_stop(tokens_b, stops):
 
 
 def prefill(model: Llama, params, prompts_bt, lengths_b, limits_b, seed, stops, *,
-            sampling: Sampling, cache_len: int, keep_logits: bool = False, chunk: int | None = None):
+            sampling: Sampling, cache_len: int, keep_logits: bool = False, chunk: int | None = None,
+            images=None):
     """Fill a new KV cache with the prompts and pick each row's first token.
 
     prompts_bt: int32 [b, t], right-padded; lengths_b: each prompt's length;
     limits_b: tokens each row may produce (0 for padding rows); seed: int32
     scalar; stops: int32 [k] stop ids. chunk: prefill `chunk` tokens at a
     time (t must then be a multiple of it); None or >= t: all at once.
+    images: a vision model's images (see the module docstring), or None; the
+    first chunk encodes them into the cache, later chunks read them there.
     Returns (state, first tokens [b] with NO_TOKEN for rows that may produce
     nothing, float32 logits [b, v] or None).
     """
@@ -75,6 +94,8 @@ def prefill(model: Llama, params, prompts_bt, lengths_b, limits_b, seed, stops, 
         raise ValueError(f"prefill: prompt length {t} is not a multiple of the chunk {chunk}")
     keys_b = row_keys(jax.random.key(seed), b)
     last_b = lengths_b - 1
+    spans = None if images is None else {"tile_from": images["tile_from"],
+                                         "tile_until": images["tile_until"]}
 
     def last_hidden(hidden_bcd, start, last_bd):
         """Keep the hidden state of each row's last prompt token if it is in this chunk."""
@@ -83,29 +104,33 @@ def prefill(model: Llama, params, prompts_bt, lengths_b, limits_b, seed, stops, 
         inside_b = (last_b >= start) & (last_b < start + chunk)
         return jnp.where(inside_b[:, None], picked_bd, last_bd)
 
-    cache = _constrain_cache(init_cache(model.config, b, cache_len))
+    cache = _constrain_cache(init_cache(model.config, b, cache_len), model.config)
+    with_images = {} if images is None else {"images": images}
     hidden_bcd, cache = model.apply({"params": params}, prompts_bt[:, :chunk], None, cache=cache,
-                                    return_hidden=True)
+                                    return_hidden=True, **with_images)
     last_bd = last_hidden(hidden_bcd, 0, jnp.zeros((b, hidden_bcd.shape[-1]), hidden_bcd.dtype))
 
     def next_chunk(carry, start):
         cache, last_bd = carry
         tokens_bc = jax.lax.dynamic_slice_in_dim(prompts_bt, start, chunk, axis=1)
         positions_bc = jnp.broadcast_to(start + jnp.arange(chunk, dtype=jnp.int32), (b, chunk))
+        with_spans = {} if spans is None else {"images": spans}
         hidden_bcd, cache = model.apply({"params": params}, tokens_bc, positions_bc, cache=cache,
-                                        return_hidden=True)
-        return (_constrain_cache(cache), last_hidden(hidden_bcd, start, last_bd)), None
+                                        return_hidden=True, **with_spans)
+        return (_constrain_cache(cache, model.config), last_hidden(hidden_bcd, start, last_bd)), None
 
     starts = jnp.arange(chunk, t, chunk, dtype=jnp.int32)
     (cache, last_bd), _ = jax.lax.scan(next_chunk, (cache, last_bd), starts)
     # Only each row's last prompt token needs the (large) vocabulary projection.
-    logits_bv = model.apply({"params": params}, last_bd[:, None], method=Llama.logits)[:, 0]
+    logits_bv = model.apply({"params": params}, last_bd[:, None], method="logits")[:, 0]
     first_b = sample(logits_bv, step_keys(keys_b, jnp.zeros_like(lengths_b)), sampling)
     live_b = limits_b > 0
     count_b = live_b.astype(jnp.int32)
     state = {"cache": cache, "token": first_b, "pos": lengths_b, "count": count_b,
              "limit": limits_b, "keys": keys_b,
              "done": ~live_b | _is_stop(first_b, stops) | (count_b >= limits_b)}
+    if spans is not None:
+        state["images"] = spans
     return state, jnp.where(live_b, first_b, NO_TOKEN), logits_bv if keep_logits else None
 
 
@@ -126,15 +151,16 @@ def decode(model: Llama, params, state: State, stops, *, sampling: Sampling, ste
 
     def step(carry):
         i, st, out_bn, logits_bnv = carry
+        with_images = {"images": st["images"]} if "images" in st else {}
         logits_b1v, cache = model.apply({"params": params}, st["token"][:, None], st["pos"][:, None],
-                                        cache=st["cache"])
+                                        cache=st["cache"], **with_images)
         logits_bv = logits_b1v[:, 0]
         live_b = ~st["done"]
         next_b = sample(logits_bv, step_keys(st["keys"], st["count"]), sampling)
         next_b = jnp.where(live_b, next_b, st["token"])
         count_b = st["count"] + live_b
         done_b = st["done"] | _is_stop(next_b, stops) | (count_b >= st["limit"])
-        st = {**st, "cache": _constrain_cache(cache), "token": next_b, "pos": st["pos"] + live_b,
+        st = {**st, "cache": _constrain_cache(cache, model.config), "token": next_b, "pos": st["pos"] + live_b,
               "count": count_b, "done": done_b}
         out_bn = out_bn.at[:, i].set(jnp.where(live_b, next_b, NO_TOKEN))
         if keep_logits:
@@ -146,10 +172,20 @@ def decode(model: Llama, params, state: State, stops, *, sampling: Sampling, ste
     return state, out_bn, logits_bnv
 
 
-def empty_state(config, batch: int, cache_len: int) -> State:
+def empty_state(config, batch: int, cache_len: int, with_images: bool = False) -> State:
     """A state of `batch` finished rows over an empty cache: its shapes are prefill's
-    (for ahead-of-time compiles of `decode` from `jax.eval_shape`)."""
+    (for ahead-of-time compiles of `decode` from `jax.eval_shape`), with room for
+    `config.vision.max_images` images per row if `with_images`."""
     zeros_b = jnp.zeros((batch,), jnp.int32)
-    return {"cache": init_cache(config, batch, cache_len), "token": zeros_b, "pos": zeros_b,
-            "count": zeros_b, "limit": zeros_b, "done": jnp.ones((batch,), bool),
-            "keys": row_keys(jax.random.key(0), batch)}
+    state = {"cache": init_cache(config, batch, cache_len), "token": zeros_b, "pos": zeros_b,
+             "count": zeros_b, "limit": zeros_b, "done": jnp.ones((batch,), bool),
+             "keys": row_keys(jax.random.key(0), batch)}
+    if with_images:
+        vis = config.vision
+        tiles = jnp.zeros((batch, vis.max_images, vis.max_tiles), jnp.int32)
+        image_cache = jnp.zeros((len(vis.cross_attention_layers), batch,
+                                 vis.max_images * vis.max_tiles * vis.patches, config.n_kv_heads,
+                                 config.head_dim), state["cache"]["k"].dtype)
+        state["cache"].update(image_k=image_cache, image_v=image_cache)
+        state["images"] = {"tile_from": tiles, "tile_until": tiles}
+    return state

@@ -2,15 +2,18 @@
 
 One table, `HF_WEIGHTS`, maps every Hugging Face tensor name to a leaf of our
 parameter tree and says how its layout differs. Reading and writing both go
-through it, so a name is never spelled twice.
+through it, so a name is never spelled twice. `hf_tensors(config)` lists a
+config's tensors from it (from llama_jax/vision/hf.py's table, which builds on
+this one, for Llama 3.2 Vision).
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import math
 from pathlib import Path
-from typing import Any, Collection, Iterator, NamedTuple
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -42,10 +45,16 @@ HF_WEIGHTS = (
 )
 
 
-def to_ours(kind: str, weight: np.ndarray, head_dim: int) -> np.ndarray:
-    """One HF tensor ([out, in] for linears) in our layout ([in, ...out])."""
+def to_ours(kind: str, weight: np.ndarray, head_dim: int, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """One HF tensor ([out, in] for linears) in our layout ([in, ...out]).
+
+    `shape` is our leaf's shape, which the "flat" kind (HF flattens all axes
+    after the first) needs.
+    """
     if kind == "copy":
         return weight
+    if kind == "flat":
+        return weight.reshape(shape)
     if kind == "linear":
         return weight.T
     if kind == "heads_out":  # [heads*head_dim, dim] -> [dim, heads, head_dim]
@@ -59,6 +68,8 @@ def to_hf(kind: str, leaf: np.ndarray) -> np.ndarray:
     """The inverse of `to_ours`: our leaf back to HF's [out, in] layout."""
     if kind == "copy":
         return leaf
+    if kind == "flat":
+        return leaf.reshape(leaf.shape[0], -1)
     if kind == "linear":
         return leaf.T
     if kind == "heads_out":
@@ -68,25 +79,49 @@ def to_hf(kind: str, leaf: np.ndarray) -> np.ndarray:
     raise ValueError(f"unknown weight kind {kind!r}")
 
 
-def weight_rules(config: ModelConfig) -> Iterator[tuple[str, WeightRule, int | None]]:
-    """Every HF tensor name this config has, with its rule and layer (None if global)."""
+class HFTensor(NamedTuple):
+    """One HF tensor (or a block of its rows) and the leaf of ours it is."""
+
+    name: str                     # the HF tensor's name
+    path: tuple[str, ...]         # our leaf, in scan layout
+    index: int | None             # the slice of a stacked leaf, None for the whole leaf
+    kind: str                     # how its layout differs, see to_ours
+    head_dim: int                 # for the heads_out / heads_in kinds
+    rows: tuple[int, int] | None = None   # [start, stop) of the HF tensor's rows, None for all
+
+
+def hf_tensors(config: ModelConfig) -> list[HFTensor]:
+    """Every HF tensor of this config: the global ones, then each per-layer name for every layer."""
+    if config.vision is not None:
+        from llama_jax.vision.hf import mllama_tensors  # late: it builds on this module
+
+        return mllama_tensors(config)
+    from llama_jax.params import layer_location  # late: params imports the model
+
+    scanned = config.replace(scan_layers=True)  # fp8 keeps the first and last layers out of the stack
+    return text_tensors(config, range(config.n_layers), lambda i: layer_location(i, (), scanned)[0],
+                        lambda i: layer_location(i, (), scanned)[1])
+
+
+def text_tensors(config: ModelConfig, hf_layers, stack, index, prefix: str = "",
+                 embedding_rows: tuple[int, int] | None = None) -> list[HFTensor]:
+    """The text model's tensors from `HF_WEIGHTS`, their names prefixed with `prefix`.
+
+    `hf_layers` are HF's indices of the decoder layers; layer i goes to our
+    stacked leaf under `stack(i)`, slice `index(i)` (Llama: ("layers",), i).
+    `embedding_rows` keeps part of HF's embedding (its first vocab_size rows).
+    """
+    out = []
     for rule in HF_WEIGHTS:
         if rule.path[0] == "output" and config.tie_embeddings:
             continue
         if "{i}" in rule.hf_name:
-            for i in range(config.n_layers):
-                yield rule.hf_name.format(i=i), rule, i
+            out += [HFTensor(prefix + rule.hf_name.format(i=i), stack(i) + rule.path, index(i), rule.kind,
+                             config.head_dim) for i in hf_layers]
         else:
-            yield rule.hf_name, rule, None
-
-
-def our_path(rule: WeightRule, layer: int | None, config: ModelConfig) -> tuple[tuple[str, ...], int | None]:
-    """The leaf path in our tree and the index along the stacked `layers` axis (if any)."""
-    if layer is None:
-        return rule.path, None
-    if config.scan_layers:
-        return ("layers",) + rule.path, layer
-    return (f"layers_{layer}",) + rule.path, None
+            rows = embedding_rows if rule.path[0] == "embed" else None
+            out.append(HFTensor(prefix + rule.hf_name, rule.path, None, rule.kind, config.head_dim, rows))
+    return out
 
 
 # ---------------------------------------------------------------- config.json
@@ -111,6 +146,10 @@ def config_from_hf(hf: dict[str, Any], **overrides) -> ModelConfig:
             original_context=int(scaling["original_max_position_embeddings"]))
     if hf.get("attention_bias") or hf.get("mlp_bias"):
         raise ConfigError("config.json: attention_bias/mlp_bias are not part of Llama")
+    # The stored dtype (transformers 5.x: "dtype", 4.x: "torch_dtype") is the default
+    # compute and parameter dtype, as transformers itself loads the files.
+    stored = hf.get("dtype") or hf.get("torch_dtype")
+    dtypes = {"dtype": stored, "param_dtype": stored} if stored in ("bfloat16", "float32", "float16") else {}
     try:
         fields = dict(
             dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"],
@@ -118,7 +157,7 @@ def config_from_hf(hf: dict[str, Any], **overrides) -> ModelConfig:
             ffn_dim=hf["intermediate_size"], vocab_size=hf["vocab_size"],
             rope_theta=float(theta), rope_scaling=rope_scaling,
             max_seq_len=hf.get("max_position_embeddings", 4096), norm_eps=hf.get("rms_norm_eps", 1e-5),
-            tie_embeddings=bool(hf.get("tie_word_embeddings", False)), head_dim=hf.get("head_dim"))
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)), head_dim=hf.get("head_dim"), **dtypes)
     except KeyError as err:
         raise ConfigError(f"config.json: missing field {err.args[0]}") from None
     return ModelConfig(**{**fields, **overrides})
@@ -128,8 +167,13 @@ def config_to_hf(config: ModelConfig, torch_dtype: str = "float32") -> dict[str,
     """A HF `config.json` dict readable by transformers 4.x and 5.x.
 
     Rope settings are written in both forms: 4.x ignores `rope_parameters`
-    and would silently fall back to theta 10000 without `rope_theta`.
+    and would silently fall back to theta 10000 without `rope_theta`. A
+    config with a vision section gives a Mllama config.json (vision/hf.py).
     """
+    if config.vision is not None:
+        from llama_jax.vision.hf import config_to_mllama  # late: it builds on this module
+
+        return config_to_mllama(config, torch_dtype)
     scaling = None
     if config.rope_scaling is not None:
         s = config.rope_scaling
@@ -160,56 +204,85 @@ def read_hf_config(directory: str | Path, **overrides) -> ModelConfig:
         hf = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise CheckpointFileError(f"{path}: not valid JSON ({err.msg})") from None
+    if hf.get("model_type") == "mllama":
+        from llama_jax.vision.hf import config_from_mllama
+
+        return config_from_mllama(hf, Path(directory), **overrides)
     return config_from_hf(hf, **overrides)
 
 
 # ---------------------------------------------------------------- weights
 
-def read_hf_tensors(directory: str | Path, config: ModelConfig,
-                    names: Collection[str] | None = None) -> Iterator[tuple[tuple[str, ...], int | None, np.ndarray]]:
-    """Yield (our path, layer index or None, array in our layout) tensor by tensor.
+def read_hf_tensors(directory: str | Path, config: ModelConfig, tensors: Sequence[HFTensor] | None = None
+                    ) -> Iterator[tuple[tuple[str, ...], int | None, np.ndarray]]:
+    """Yield (our path in scan layout, index along its stacked axis or None, array in our layout).
 
     Shapes are checked against the config; a missing or misshapen tensor is a
-    CheckpointFileError naming it. `names` limits the walk to those HF tensor
-    names. Each tensor is read into a new array when its turn comes; a
-    suspended generator still holds the last one, so a streaming reader asks
-    for one name per call.
+    CheckpointFileError naming it. `tensors` (entries of `hf_tensors(config)`)
+    limits the walk to those. Each tensor is read into a new array when its
+    turn comes; a suspended generator still holds the last one, so a
+    streaming reader asks for one tensor per call.
     """
     shapes = _abstract_shapes(config.replace(scan_layers=True))
     checkpoint = SafetensorsCheckpoint(directory)
-    for hf_name, rule, layer in weight_rules(config):
-        if names is not None and hf_name not in names:
-            continue
-        if hf_name not in checkpoint:
-            raise CheckpointFileError(f"{directory}: checkpoint is missing tensor {hf_name}")
-        weight = to_ours(rule.kind, checkpoint.get(hf_name), config.head_dim)
-        expected = _leaf(shapes, ("layers",) + rule.path if layer is not None else rule.path).shape
-        expected = expected[1:] if layer is not None else expected
-        if tuple(weight.shape) != tuple(expected):
-            raise CheckpointFileError(
-                f"{directory}: tensor {hf_name} has shape {checkpoint.shape(hf_name)}, "
-                f"which does not fit the config (expected {expected} in our layout)")
-        path, index = our_path(rule, layer, config)
-        yield path, index, weight
-
-
-def load_hf_params(directory: str | Path, config: ModelConfig | None = None, dtype=None):
-    """Read a HF checkpoint directory into our parameter tree (numpy arrays).
-
-    Returns (config, params). `dtype` (e.g. np.float32) casts every tensor;
-    by default the config's param_dtype is used. Holds the whole model in host
-    memory: the streaming converter (llama_jax/convert) is for large models.
-    """
-    config = config or read_hf_config(directory)
-    dtype = np.dtype(dtype or _numpy_dtype(config.param_dtype))
-    params: dict = {}
-    for path, index, weight in read_hf_tensors(directory, config):
-        if index is None:
-            _set_leaf(params, path, weight.astype(dtype))
+    for t in hf_tensors(config) if tensors is None else tensors:
+        if t.name not in checkpoint:
+            raise CheckpointFileError(f"{directory}: checkpoint is missing tensor {t.name}")
+        expected = tuple(_leaf(shapes, t.path).shape[0 if t.index is None else 1:])
+        misfit = CheckpointFileError(f"{directory}: tensor {t.name} has shape {checkpoint.shape(t.name)}, "
+                                     f"which does not fit the config (expected {expected} in our layout)")
+        if t.rows is None:
+            source = checkpoint.get(t.name)
+        elif checkpoint.shape(t.name)[:1] < (t.rows[1],):
+            raise misfit
         else:
-            stack = _get_or_make(params, path, (config.n_layers,) + weight.shape, dtype)
-            stack[index] = weight
-    return config, params
+            source = checkpoint.get(t.name, rows=t.rows)
+        if t.kind == "flat" and source.size != math.prod(expected):
+            raise misfit
+        weight = to_ours(t.kind, source, t.head_dim, expected)
+        if tuple(weight.shape) != expected:
+            raise misfit
+        yield t.path, t.index, weight
+
+
+def load_hf_params(directory: str | Path, config: ModelConfig | None = None, dtype=None, shardings=None):
+    """Read a HF checkpoint directory into our parameter tree, tensor by tensor.
+
+    Returns (config, params). config: the target (param_dtype, quantize,
+    scan_layers); default: `read_hf_config` (the files' stored dtype).
+    `dtype` (e.g. np.float32) sets param_dtype. shardings: a tree like the
+    params of jax Shardings; each tensor is then placed as it is read (see
+    `llama_jax.assemble`), and host memory holds one tensor at a time beyond
+    the placed model. None gives numpy arrays.
+    """
+    from llama_jax.assemble import ParamsBuilder  # late: assemble imports the model
+
+    config = config or read_hf_config(directory)
+    if dtype is not None:
+        config = config.replace(param_dtype=np.dtype(dtype).name)
+    builder = ParamsBuilder(config, shardings)
+    for path, index, weight in hf_weights(directory, config):
+        builder.add(path, index, weight)
+        del weight
+    return config, builder.params()
+
+
+def hf_weights(directory: str | Path, config: ModelConfig) -> Iterator[tuple[tuple[str, ...], int | None, np.ndarray]]:
+    """Every weight as `read_hf_tensors` yields them, at its place in `config`'s tree (stacked or
+    unrolled), one tensor per step, holding no reference to it while suspended: once the
+    caller drops (or converts) a tensor it is freed, so a streaming reader holds one at a time."""
+    from llama_jax.params import layer_location, layer_of  # late: params imports the model
+
+    scanned = config.replace(scan_layers=True)
+    for tensor in hf_tensors(config):
+        # Running the reader to its end and popping the one result leaves neither this
+        # frame nor the reader's holding the array while the caller works on it.
+        found = list(read_hf_tensors(directory, config, [tensor]))
+        path, index = found[0][:2]
+        if path[0] == "layers":  # the decoder stack: stacked or unrolled as `config` says
+            path, index = layer_location(*layer_of(path, index, scanned), config)
+        # (elsewhere, as in an image encoder's own stack, the layout is fixed)
+        yield path, index, found.pop()[2]
 
 
 @functools.lru_cache(maxsize=8)
@@ -219,27 +292,9 @@ def _abstract_shapes(config: ModelConfig):
     return abstract_params(config)
 
 
-def _numpy_dtype(name: str):
-    import ml_dtypes
-    return ml_dtypes.bfloat16 if name == "bfloat16" else np.dtype(name)
-
-
 def _leaf(tree, path):
     for key in path:
         tree = tree[key]
     return tree
 
 
-def _set_leaf(tree, path, value):
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
-
-
-def _get_or_make(tree, path, shape, dtype):
-    node = tree
-    for key in path[:-1]:
-        node = node.setdefault(key, {})
-    if path[-1] not in node:
-        node[path[-1]] = np.zeros(shape, dtype)
-    return node[path[-1]]

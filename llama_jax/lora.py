@@ -13,38 +13,19 @@ import jax
 import jax.numpy as jnp
 
 from llama_jax.config import ModelConfig
+from llama_jax.params import partition
 
 ADAPTER_LEAVES = ("lora_a", "lora_b")
 
 
-def _is_adapter(path) -> bool:
-    return getattr(path[-1], "key", None) in ADAPTER_LEAVES
+def is_adapter(path: tuple[str, ...]) -> bool:
+    """Whether the leaf at `path` (key names) is an adapter weight."""
+    return path[-1] in ADAPTER_LEAVES
 
 
 def split_adapters(params) -> tuple[dict, dict]:
     """(adapters, base): two trees of the same nesting, holding the adapter leaves and the rest."""
-    adapters, base = {}, {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        keys = [k.key for k in path]
-        node = adapters if _is_adapter(path) else base
-        for key in keys[:-1]:
-            node = node.setdefault(key, {})
-        node[keys[-1]] = leaf
-    return adapters, base
-
-
-def join(*trees) -> dict:
-    """One tree holding every leaf of `trees` (nested dicts whose leaves do not overlap)."""
-    out: dict = {}
-    for tree in trees:
-        for key, value in tree.items():
-            if isinstance(value, dict) and isinstance(out.get(key), dict):
-                out[key] = join(out[key], value)
-            elif key in out:
-                raise ValueError(f"join: leaf {key!r} is in two trees")
-            else:
-                out[key] = value
-    return out
+    return partition(params, is_adapter)
 
 
 def count_adapter_params(params) -> int:
@@ -66,6 +47,9 @@ def merge(params, config: ModelConfig):
     """
     if config.lora is None:
         raise ValueError("merge: the config has no lora section, so there are no adapters to fold in")
+    if config.quantize is not None:
+        raise ValueError(f"merge: the base is quantised ({config.quantize}); fold the adapters into the "
+                         "unquantised base, then quantise the merged checkpoint")
     scale = config.lora.scale
 
     def fold(node, stacked: bool):

@@ -24,14 +24,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from llama_jax import mesh_context
+from llama_jax import kv_cache, mesh_context
 from llama_jax.attention import attend
 from llama_jax.config import LoraConfig, ModelConfig
 from llama_jax.context_parallel import balance, balanced_order, length_shards
+from llama_jax.kv_cache import CACHE_AXES, Cache, init_cache  # noqa: F401  (part of this module's API)
+from llama_jax.quantize import ACTIVATION_CAP, kernel_reduce_axes, quantize, storage_dtype
 from llama_jax.rope import apply_rotary, inverse_frequencies, rotary_angles
 from llama_jax.swiglu import swiglu
-
-Cache = dict[str, jax.Array]  # {"k", "v"}: [layers, batch, kv_length, kv_heads, head_dim]
 
 _INIT = nn.initializers.normal(stddev=0.02)
 
@@ -52,14 +52,18 @@ def _constrain(x, *names):
 
 
 class RMSNorm(nn.Module):
-    """x * rsqrt(mean(x^2) + eps) * weight, in float32, cast back to x's dtype."""
+    """x * rsqrt(mean(x^2) + eps) * weight, in float32, cast back to x's dtype.
+
+    Normalises the last axis, whose logical name is `axis`.
+    """
 
     eps: float
     param_dtype: Any
+    axis: str = "embed"
 
     @nn.compact
     def __call__(self, x_btd):
-        scale_d = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+        scale_d = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (self.axis,)),
                              (x_btd.shape[-1],), self.param_dtype)
         x = x_btd.astype(jnp.float32)
         x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
@@ -68,12 +72,19 @@ class RMSNorm(nn.Module):
 
 class Linear(nn.Module):
     """A bias-free projection `einsum(equation, x, kernel)` with named kernel axes,
-    and optional low-rank adapters (`lora`) beside the kernel.
+    optionally quantised (`quant`), and optional low-rank adapters (`lora`).
 
     The kernel's first `n_in` axes are the ones contracted with x's last
-    `n_in` axes. Adapters: `lora_a` [*in_axes, rank] and `lora_b` [rank,
-    *out_axes], float32, named with the kernel's logical axes (the rank axis
-    is never split), so every layout shards them without new rules.
+    `n_in` axes. Quantised ("int8" or "fp8", llama_jax/quantize.py): the
+    kernel holds the int8 / float8_e4m3fn values and `scale` [*out_axes]
+    (float32) one scale per output channel, named with the kernel's output
+    axes; since a scale is constant along the contraction, the einsum runs
+    on the values (cast to the compute dtype) and its output is scaled. fp8
+    also quantises x per row (Llama 3's recipe). Adapters: `lora_a`
+    [*in_axes, rank] and `lora_b` [rank, *out_axes], float32, named with the
+    kernel's logical axes (the rank axis is never split), so every layout
+    shards them without new rules. A quantised kernel with adapters is
+    QLoRA: the frozen quantised base plus the float adapters' delta.
     (Flax's DenseGeneral reshapes a flat kernel at init, which trips its own
     logical constraints for multi-axis kernels; an explicit shape does not.)
     """
@@ -85,9 +96,19 @@ class Linear(nn.Module):
     param_dtype: Any
     n_in: int = 1
     lora: LoraConfig | None = None
+    quant: str | None = None
 
     def setup(self):
-        self.kernel = self.param("kernel", _init(*self.names), self.shape, self.param_dtype)
+        if self.quant is None:
+            self.kernel = self.param("kernel", _init(*self.names), self.shape, self.param_dtype)
+        else:
+            # Quantised weights come from llama_jax.quantize (at load or conversion); a fresh
+            # init is a zero model, there only for shapes and names.
+            self.kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.zeros, self.names),
+                                     self.shape, storage_dtype(self.quant))
+            self.scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones,
+                                                                          self.names[self.n_in:]),
+                                    self.shape[self.n_in:], jnp.float32)
         if self.lora is not None:
             fan_in = math.prod(self.shape[:self.n_in])
             r = self.lora.rank
@@ -100,7 +121,7 @@ class Linear(nn.Module):
                 (r, *self.shape[self.n_in:]), jnp.float32)
 
     def __call__(self, x):
-        y = jnp.einsum(self.equation, x.astype(self.dtype), self.kernel.astype(self.dtype))
+        y = self._base(x)
         if self.lora is None:
             return y
         # x A then B: the frozen kernel needs no gradient and no merged copy.
@@ -108,8 +129,23 @@ class Linear(nn.Module):
         delta = jnp.tensordot(xa, self.lora_b.astype(self.dtype), axes=1)
         return y + (self.lora.scale * delta).astype(y.dtype)
 
+    def _base(self, x):
+        if self.quant is None:
+            return jnp.einsum(self.equation, x.astype(self.dtype), self.kernel.astype(self.dtype))
+        rows = kernel_reduce_axes(self.n_in)
+        x_scale = None
+        if self.quant == "fp8":
+            x, x_scale = quantize(x, "fp8", tuple(-1 - a for a in rows), cap=ACTIVATION_CAP)
+        y = jnp.einsum(self.equation, x.astype(self.dtype), self.kernel.astype(self.dtype))
+        y = y.astype(jnp.float32) * self.scale
+        if x_scale is not None:
+            y = y * x_scale.reshape(x_scale.shape + (1,) * (y.ndim - x_scale.ndim))
+        return y.astype(self.dtype)
+
     def weights(self):
-        """The kernel in the compute dtype, for code that does its own maths with it."""
+        """The (unquantised) kernel in the compute dtype, for code that does its own maths with it."""
+        if self.quant is not None:
+            raise ValueError("Linear.weights: a quantised kernel is used through the layer's own call")
         return self.kernel.astype(self.dtype)
 
 
@@ -117,11 +153,12 @@ class Attention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x_btd, rope, coords, segments, cache):
+    def __call__(self, x_btd, rope, coords, segments, cache, layer):
         cfg = self.config
         d, h, n, k = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         linear = lambda shape, names, eq, name, n_in=1: Linear(  # noqa: E731
-            shape, names, eq, cfg.dtype, cfg.param_dtype, n_in, cfg.lora_for(name), name=name)
+            shape, names, eq, cfg.dtype, cfg.param_dtype, n_in, cfg.lora_for(name), cfg.quantize_for(name),
+            name=name)
         q_bthk = linear((d, h, k), ("embed", "heads", "head_dim"), "btd,dhk->bthk", "wq")(x_btd)
         k_btnk = linear((d, n, k), ("embed", "kv_heads", "head_dim"), "btd,dnk->btnk", "wk")(x_btd)
         v_btnk = linear((d, n, k), ("embed", "kv_heads", "head_dim"), "btd,dnk->btnk", "wv")(x_btd)
@@ -135,20 +172,17 @@ class Attention(nn.Module):
             # splits the length, see context_parallel).
             shards = length_shards()
             order = balanced_order(q_bthk.shape[1], shards)
-            if cache is not None:  # a prompt from position 0: its keys fill slots 0..t-1
-                cache = {name: jax.lax.dynamic_update_slice(
-                    cache[name], balance(x, shards).astype(cache[name].dtype), (0, 0, 0, 0))
-                    for name, x in (("k", k_btnk), ("v", v_btnk))}
+            if cache is not None:  # a prompt from position 0: its keys fill this layer's slots 0..t-1
+                b, t = k_btnk.shape[:2]
+                cache = kv_cache.write(cache, layer, jnp.broadcast_to(jnp.arange(t), (b, t)),
+                                       balance(k_btnk, shards), balance(v_btnk, shards))
             coords = (order, order)
         elif cache is not None:
-            # Write this step's keys and values at their positions, then attend
-            # to the whole cache; slots past a query's position stay invisible.
-            positions_bt = coords[0]
-            rows_b1 = jnp.arange(positions_bt.shape[0])[:, None]
-            k_cache = cache["k"].at[rows_b1, positions_bt].set(k_btnk.astype(cache["k"].dtype))
-            v_cache = cache["v"].at[rows_b1, positions_bt].set(v_btnk.astype(cache["v"].dtype))
-            cache = {"k": k_cache, "v": v_cache}
-            k_btnk, v_btnk = k_cache.astype(cfg.dtype), v_cache.astype(cfg.dtype)
+            # Write this step's keys and values at their positions in this layer's
+            # part of the cache, then attend to the layer's whole cache; slots past
+            # a query's position stay invisible.
+            cache = kv_cache.write(cache, layer, coords[0], k_btnk, v_btnk)
+            k_btnk, v_btnk = kv_cache.read(cache, layer, cfg.dtype)
         out_bthk = attend(q_bthk, k_btnk, v_btnk, *coords, *segments,
                           impl=cfg.attention, block=cfg.attention_block)
         out_bthk = checkpoint_name(out_bthk, "attention_out")
@@ -159,10 +193,11 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x).
 
-    With `swiglu_backward: manual` (what `auto` picks on CPU) and no adapters
-    on w1/w2/w3 it runs `llama_jax.swiglu`, a hand-written backward pass
-    tuned for XLA:CPU (see there); otherwise plain autodiff, which leaves
-    XLA free to fuse on TPU and skips frozen kernels' gradients under LoRA.
+    With `swiglu_backward: manual` (what `auto` picks on CPU), no adapters on
+    w1/w2/w3 and unquantised kernels it runs `llama_jax.swiglu`, a
+    hand-written backward pass tuned for XLA:CPU (see there); otherwise the
+    projections' own calls under plain autodiff, which leaves XLA free to
+    fuse on TPU and skips frozen kernels' gradients under LoRA.
     """
 
     config: ModelConfig
@@ -172,37 +207,53 @@ class FeedForward(nn.Module):
         cfg = self.config
         d, f = cfg.dim, cfg.ffn_dim
         linear = lambda shape, names, eq, name: Linear(  # noqa: E731
-            shape, names, eq, cfg.dtype, cfg.param_dtype, lora=cfg.lora_for(name), name=name)
+            shape, names, eq, cfg.dtype, cfg.param_dtype, lora=cfg.lora_for(name),
+            quant=cfg.quantize_for(name), name=name)
         w1 = linear((d, f), ("embed", "mlp"), "btd,df->btf", "w1")
         w3 = linear((d, f), ("embed", "mlp"), "btd,df->btf", "w3")
         w2 = linear((f, d), ("mlp", "embed"), "btf,fd->btd", "w2")
         x_btd = x_btd.astype(cfg.dtype)
         manual = cfg.swiglu_backward == "manual" or (
             cfg.swiglu_backward == "auto" and mesh_context.platform() == "cpu")
-        if manual and not any(cfg.lora_for(name) for name in ("w1", "w2", "w3")):
+        if manual and not any(cfg.lora_for(name) or cfg.quantize_for(name) for name in ("w1", "w2", "w3")):
             return swiglu(x_btd, w1.weights(), w3.weights(), w2.weights())
         hidden_btf = nn.with_logical_constraint(jax.nn.silu(w1(x_btd)) * w3(x_btd), ("batch", "length", "mlp"))
         return w2(hidden_btf)
 
 
 class DecoderLayer(nn.Module):
+    """One layer, in `nn.scan`'s (carry, xs) -> (carry, ys) form.
+
+    carry: (hidden [b, t, d], the stacked KV cache or None); layer: this
+    layer's index (where it writes and reads the cache). No ys.
+    """
+
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x_btd, cache, rope, coords, segments):
+    def __call__(self, carry, layer, rope, coords, segments):
+        x_btd, cache = carry
         cfg = self.config
         norm = lambda name: RMSNorm(cfg.norm_eps, cfg.param_dtype, name=name)  # noqa: E731
         attn_btd, cache = Attention(cfg, name="attention")(
-            norm("attention_norm")(x_btd), rope, coords, segments, cache)
+            norm("attention_norm")(x_btd), rope, coords, segments, cache, layer)
         h_btd = x_btd + attn_btd
         out_btd = h_btd + FeedForward(cfg, name="feed_forward")(norm("ffn_norm")(h_btd))
-        return _constrain(out_btd, "batch", "length", "embed"), cache
+        return (_constrain(out_btd, "batch", "length", "embed"), cache), None
 
 
-def _layer_class(cfg: ModelConfig):
+def _layer_config(cfg: ModelConfig, layer: int) -> ModelConfig:
+    """Layer `layer`'s config: unquantised where `quantize_for` leaves the layer alone (fp8's first and last)."""
+    if cfg.quantize is not None and cfg.quantize_for("w1", layer) is None:
+        return cfg.replace(quantize=None)
+    return cfg
+
+
+def remat_layer(layer: type[nn.Module], cfg: ModelConfig) -> type[nn.Module]:
+    """The layer class wrapped in `nn.remat` with the config's policy (as it is for "none")."""
     if cfg.remat == "none":
-        return DecoderLayer
-    return nn.remat(DecoderLayer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+        return layer
+    return nn.remat(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
 
 
 class Llama(nn.Module):
@@ -214,14 +265,17 @@ class Llama(nn.Module):
         cfg = self.config
         self.embed = nn.Embed(cfg.vocab_size, cfg.dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                               embedding_init=_init("vocab", "embed"))
+        stacked = cfg.stacked_layers
+        # Layers outside the stack (fp8 keeps the first and last unquantised) are their own modules.
+        own = range(cfg.n_layers) if not cfg.scan_layers else [i for i in range(cfg.n_layers) if i not in stacked]
+        own_class = remat_layer(DecoderLayer, cfg.replace(scan_layers=False))
+        self.own_layers = {i: own_class(_layer_config(cfg, i), name=f"layers_{i}") for i in own}
         if cfg.scan_layers:
-            # DecoderLayer already has scan's (carry, xs) -> (carry, ys) form.
+            # DecoderLayer already has scan's (carry, xs) -> (carry, ys) form; xs are layer indices.
             self.layers = nn.scan(
-                _layer_class(cfg), variable_axes={"params": 0}, split_rngs={"params": True},
-                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.n_layers,
+                remat_layer(DecoderLayer, cfg), variable_axes={"params": 0}, split_rngs={"params": True},
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=len(stacked),
                 metadata_params={nn.PARTITION_NAME: "layers"})(cfg)
-        else:
-            self.layers = [_layer_class(cfg)(cfg, name=f"layers_{i}") for i in range(cfg.n_layers)]
         self.norm = RMSNorm(cfg.norm_eps, cfg.param_dtype)
         if not cfg.tie_embeddings:
             self.output = Linear((cfg.dim, cfg.vocab_size), ("embed", "vocab"), "...d,dv->...v",
@@ -260,22 +314,18 @@ class Llama(nn.Module):
             tokens_bt, positions_bt = balance(tokens_bt, shards), balance(positions_bt, shards)
             segment_ids_bt = None if segment_ids_bt is None else balance(segment_ids_bt, shards)
             coords, segments = None, (segment_ids_bt, segment_ids_bt)
+            rope = rotary_angles(positions_bt, inverse_frequencies(cfg.head_dim, cfg.rope_theta,
+                                                                   cfg.rope_scaling))
         else:
-            slots_bs = jnp.broadcast_to(jnp.arange(cache["k"].shape[2]), (b, cache["k"].shape[2]))
-            coords, segments = (positions_bt, slots_bs), (None, None)
-        rope = rotary_angles(positions_bt, inverse_frequencies(cfg.head_dim, cfg.rope_theta,
-                                                               cfg.rope_scaling))
-        x_btd = _constrain(self.embed(tokens_bt), "batch", "length", "embed")
-        if cfg.scan_layers:
-            x_btd, cache = self.layers(x_btd, cache, rope, coords, segments)
-        else:
-            new_layers = []
-            for i, layer in enumerate(self.layers):
-                layer_cache = None if cache is None else jax.tree.map(lambda c: c[i], cache)
-                x_btd, layer_cache = layer(x_btd, layer_cache, rope, coords, segments)
-                new_layers.append(layer_cache)
-            if cache is not None:
-                cache = jax.tree.map(lambda *cs: jnp.stack(cs), *new_layers)
+            rope, coords, segments = attention_inputs(cfg, positions_bt, segment_ids_bt, cache)
+        carry = (_constrain(self.embed(tokens_bt), "batch", "length", "embed"), cache)
+        stacked = cfg.stacked_layers if cfg.scan_layers else range(0)
+        for i in range(cfg.n_layers):
+            if i in self.own_layers:
+                carry, _ = self.own_layers[i](carry, i, rope, coords, segments)
+            elif i == stacked.start:
+                carry, _ = self.layers(carry, jnp.arange(stacked.start, stacked.stop), rope, coords, segments)
+        x_btd, cache = carry
         hidden_btd = balance(self.norm(x_btd), shards)
         if return_hidden:
             return hidden_btd, cache
@@ -290,6 +340,22 @@ class Llama(nn.Module):
         return _constrain(logits.astype(jnp.float32), "batch", "length", "vocab")
 
 
+def attention_inputs(config: ModelConfig, positions_bt, segment_ids_bt=None, cache: Cache | None = None):
+    """(rope, coords, segments) for the decoder layers: rotary angles of the positions, and the
+    query and key coordinates and segments of `attend`'s visibility rule.
+
+    Without a cache, coordinates are row indices and segments the given ids;
+    with one, queries sit at their positions and keys at the cache slots.
+    """
+    rope = rotary_angles(positions_bt, inverse_frequencies(config.head_dim, config.rope_theta,
+                                                           config.rope_scaling))
+    if cache is None:
+        rows_bt = jnp.broadcast_to(jnp.arange(positions_bt.shape[1]), positions_bt.shape)
+        return rope, (rows_bt, rows_bt), (segment_ids_bt, segment_ids_bt)
+    slots_bs = jnp.broadcast_to(jnp.arange(cache["k"].shape[2]), (positions_bt.shape[0], cache["k"].shape[2]))
+    return rope, (positions_bt, slots_bs), (None, None)
+
+
 def check_token_ids(ids, vocab_size: int, what: str = "tokens") -> None:
     """ValueError (one line) naming the first id of `ids` outside [0, vocab_size)."""
     ids = np.asarray(ids)
@@ -299,11 +365,3 @@ def check_token_ids(ids, vocab_size: int, what: str = "tokens") -> None:
                          f"[0, {vocab_size})")
 
 
-def init_cache(config: ModelConfig, batch: int, length: int, dtype=None) -> Cache:
-    """An empty KV cache for `batch` rows of up to `length` positions."""
-    shape = (config.n_layers, batch, length, config.n_kv_heads, config.head_dim)
-    dtype = dtype or config.dtype
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-
-
-CACHE_AXES = ("layers", "batch", "kv_length", "kv_heads", "head_dim")

@@ -68,12 +68,16 @@ class SafetensorsFile:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._entries[name]["shape"])
 
-    def get(self, name: str) -> np.ndarray:
-        """The tensor `name` as a new numpy array, read from the file."""
+    def get(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """The tensor `name` (or only its rows [start, stop)) as a new numpy array, read from the file."""
         entry = self._entries[name]
-        array = np.empty(entry["shape"], DTYPES[entry["dtype"]])
+        dtype, shape, skip = DTYPES[entry["dtype"]], list(entry["shape"]), 0
+        if rows is not None:
+            skip = rows[0] * math.prod(shape[1:]) * np.dtype(dtype).itemsize
+            shape[0] = rows[1] - rows[0]
+        array = np.empty(shape, dtype)
         with open(self.path, "rb") as f:  # the byte range was checked against the file size on opening
-            f.seek(self._data_start + entry["data_offsets"][0])
+            f.seek(self._data_start + entry["data_offsets"][0] + skip)
             f.readinto(array.reshape(-1).view(np.uint8))
         return array
 
@@ -109,8 +113,8 @@ class SafetensorsCheckpoint:
     def shape(self, name: str) -> tuple[int, ...]:
         return self._file(name).shape(name)
 
-    def get(self, name: str) -> np.ndarray:
-        return self._file(name).get(name)
+    def get(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        return self._file(name).get(name, rows)
 
     def _file(self, name: str) -> SafetensorsFile:
         if name not in self._where:

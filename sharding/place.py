@@ -74,11 +74,14 @@ def validate(config: ModelConfig, layout: Layout, mesh: Mesh, batch: int | None 
     if config.n_kv_heads % kv_parts and kv_parts % config.n_kv_heads:
         raise LayoutError(f"layout {layout.name}: {' x '.join(tensor_axes)} = {kv_parts} neither divides "
                           f"nor is a multiple of n_kv_heads {config.n_kv_heads}")
-    names = {"heads": config.n_heads, "kv_heads": config.n_kv_heads, "mlp": config.ffn_dim,
-             "vocab": config.vocab_size, "embed": config.dim, "head_dim": config.head_dim}
-    for logical, size in names.items():
+    sizes = [(logical, _field(logical), getattr(config, _field(logical)))
+             for logical in ("heads", "kv_heads", "mlp", "vocab", "embed", "head_dim")]
+    if config.vision is not None:  # the image encoder's widths, under the same logical names
+        sizes += [(logical, f"vision.{field}", getattr(config.vision, field))
+                  for logical, field in (("heads", "n_heads"), ("mlp", "ffn_dim"), ("embed", "dim"))]
+    for logical, field, size in sizes:
         check_divisible((size,), _spec((logical,), rules), mesh,
-                        f"layout {layout.name}", names=(f"{logical} ({_field(logical)})",))
+                        f"layout {layout.name}", names=(f"{logical} ({field})",))
     if batch is not None:
         check_divisible((batch,), _spec(("batch",), rules), mesh, f"layout {layout.name}",
                         names=("batch",))

@@ -3,6 +3,10 @@
     python -m sharding.plan --model llama3_1_405b --layout fsdp_tp --devices 2048 \\
         [--mesh fsdp=256,tensor=8] [--batch-per-device 1] [--seq-len 8192] \\
         [--remat full] [--dtype bfloat16] [--param-dtype bfloat16] [--json]
+    python -m sharding.plan --decode --model llama3_1_70b --layout tp --devices 8 \\
+        --dtype bfloat16 --quantize int8 --kv-cache-dtype int8 --batch 32 --cache-len 8192
+
+(--decode plans serving instead: sharding/serve_plan.py.)
 
 Nothing is allocated and no device is needed, so any pod size can be planned
 on a laptop: the mesh is a `jax.sharding.AbstractMesh`, parameter shapes come
@@ -14,7 +18,9 @@ same as `Placement.create`'s, so a plan that prints is a layout that places.
 Counted per device (B = batch_per_device x n_devices rows, T = seq_len):
 - parameters: every parameter's shard, in `param_dtype`;
 - gradients: the same shards, in `param_dtype`;
-- optimizer: AdamW's two moments, float32, the same shards;
+- optimizer: AdamW's two moments, float32 for every param_dtype (the
+  training optimizer runs in float32 on purpose: see train/optimizer.py),
+  the same shards;
 - activations, for one forward and backward pass:
       n_layers x (what the layer scan saves per layer for the backward pass)
     + one layer's full set while it is recomputed (remat other than none)
@@ -66,10 +72,11 @@ from sharding.place import rules_for, validate
 from sharding.topology import CHIP_HBM_BYTES
 
 ADAM_MOMENTS = 2
+MOMENT_BYTES = 4  # float32 moments, whatever the parameters' dtype
 _ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
-def _shard_elements(shape, names, rules, sizes) -> int:
+def shard_elements(shape, names, rules, sizes) -> int:
     """Elements of one device's shard of an array of `shape` with logical `names`."""
     spec = tuple(nn.logical_to_mesh_axes(tuple(names), rules))
     spec = spec + (None,) * (len(shape) - len(spec))
@@ -142,25 +149,22 @@ def plan(config: ModelConfig | str, layout: Layout | str, n_devices: int, *,
                           "positive whole number of rows")
     global_batch = int(global_batch)
 
-    sizes = mesh_shape(layout, n_devices)
-    abstract_mesh = AbstractMesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES,
-                                 axis_types=(AxisType.Auto,) * len(MESH_AXES))
-    validate(config, layout, abstract_mesh, batch=global_batch, seq_len=seq_len)
-    rules = rules_for(config, layout, abstract_mesh)
+    sizes, rules = placement_rules(config, layout, n_devices, batch=global_batch, seq_len=seq_len)
 
     shapes, names = abstract_params(config), logical_axes(config)
     is_names = lambda x: isinstance(x, tuple)  # noqa: E731
     leaves = list(zip(jax.tree.leaves(shapes), jax.tree.leaves(names, is_leaf=is_names)))
-    param_elems = sum(_shard_elements(s.shape, n, rules, sizes) for s, n in leaves)
+    param_elems = sum(shard_elements(s.shape, n, rules, sizes) for s, n in leaves)
+    param_bytes = sum(shard_elements(s.shape, n, rules, sizes) * s.dtype.itemsize for s, n in leaves)
     p_bytes = _ITEMSIZE[config.param_dtype]
     tensor_only = {a: (s if a == "tensor" else 1) for a, s in sizes.items()}
-    gathered_elems = sum(_shard_elements(s.shape[1:], n[1:], rules, tensor_only)
+    gathered_elems = sum(shard_elements(s.shape[1:], n[1:], rules, tensor_only)
                          for s, n in leaves if n and n[0] == "layers")
 
     a_bytes = _ITEMSIZE[config.dtype]
 
     def activation_bytes(items, length=seq_len):
-        return sum(_shard_elements((global_batch, length, *shape), ("batch", "length", *names_),
+        return sum(shard_elements((global_batch, length, *shape), ("batch", "length", *names_),
                                    rules, sizes) * (4 if f32 else a_bytes)
                    for _, shape, names_, f32 in items)
 
@@ -173,9 +177,9 @@ def plan(config: ModelConfig | str, layout: Layout | str, n_devices: int, *,
     activations = config.n_layers * per_layer + recomputed + logits + final_hidden
 
     per_device = {
-        "parameters": param_elems * p_bytes,
+        "parameters": param_bytes,
         "gradients": param_elems * p_bytes,
-        "optimizer": param_elems * 4 * ADAM_MOMENTS,
+        "optimizer": param_elems * MOMENT_BYTES * ADAM_MOMENTS,
         "activations": activations,
         "gathered_layer_weights": gathered_elems * p_bytes,
     }
@@ -207,6 +211,17 @@ def plan(config: ModelConfig | str, layout: Layout | str, n_devices: int, *,
         },
         "fits_in_hbm": {chip: per_device["total"] <= hbm for chip, hbm in CHIP_HBM_BYTES.items()},
     }
+
+
+def placement_rules(config: ModelConfig, layout: Layout, n_devices: int, **sizes_to_check):
+    """(mesh axis sizes, logical rules) of `layout` over `n_devices` abstract devices, after the
+    same validation `Placement.create` does (LayoutError if the layout does not place);
+    `sizes_to_check` (batch, seq_len) are checked to divide their axes too."""
+    sizes = mesh_shape(layout, n_devices)
+    abstract_mesh = AbstractMesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES,
+                                 axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    validate(config, layout, abstract_mesh, **sizes_to_check)
+    return sizes, rules_for(config, layout, abstract_mesh)
 
 
 def parse_mesh(text: str) -> dict[str, int]:
@@ -286,7 +301,15 @@ def main(argv=None) -> int:
                         help="auto, xla, blocked or splash (default: the config's)")
     parser.add_argument("--loss-chunk", type=int, default=None, help="positions per chunk of a chunked loss")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    serving = parser.add_argument_group("serving (--decode): weights, KV cache and the batch x context that fits")
+    serving.add_argument("--decode", action="store_true", help="plan the decode loop instead of a training step")
+    serving.add_argument("--batch", type=int, default=1, help="sequences decoded at once (default 1)")
+    serving.add_argument("--cache-len", type=int, default=None, help="KV cache length (default: --seq-len)")
+    serving.add_argument("--quantize", default=None, help="int8 or fp8 weights (llama_jax/quantize.py)")
+    serving.add_argument("--kv-cache-dtype", default=None, help="int8 or fp8 KV cache")
     args = parser.parse_args(argv)
+    if args.decode:
+        return _main_decode(args)
     try:
         result = plan(load_model_config(args.model), load_layout(args.layout, **parse_mesh(args.mesh)),
                       args.devices, batch_per_device=args.batch_per_device, seq_len=args.seq_len,
@@ -296,6 +319,25 @@ def main(argv=None) -> int:
         print(f"plan: {err}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2) if args.json else format_table(result))
+    return 0
+
+
+
+def _main_decode(args) -> int:
+    from sharding.serve_plan import decode_plan, format_decode_table
+
+    try:
+        config = load_model_config(args.model)
+        changes = {"dtype": args.dtype, "param_dtype": args.param_dtype or args.dtype, "attention": args.attention,
+                   "quantize": args.quantize, "kv_cache_dtype": args.kv_cache_dtype}
+        config = config.replace(**{k: v for k, v in changes.items() if v is not None})
+        cache_len = args.cache_len or args.seq_len or min(config.max_seq_len, 8192)
+        result = decode_plan(config, load_layout(args.layout), args.devices, batch=args.batch,
+                             cache_len=cache_len, mesh=parse_mesh(args.mesh))
+    except (LayoutError, ConfigError) as err:
+        print(f"plan: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2) if args.json else format_decode_table(result))
     return 0
 
 

@@ -8,7 +8,7 @@ from llama_models.datatypes import RawMessage, StopReason
 from llama_models.llama3.chat_format import ChatFormat
 from llama_models.llama3.tokenizer import Tokenizer as MetaTokenizer
 
-from llama_jax.chat import format_chat
+from llama_jax.chat import encode_conversation, format_chat
 from llama_jax.tokenizer import load_tokenizer
 from llama_jax.tokenizer_training import train_bpe, train_sentencepiece
 
@@ -166,3 +166,51 @@ def test_unknown_role_in_llama3_raises(llama3):
 def test_stop_ids_end_a_chat_turn(llama2, llama3):
     assert llama3.token_id("<|eot_id|>") in llama3.stop_ids
     assert llama2.stop_ids == {llama2.eos_id}
+
+
+FINISHED = CONVERSATION[:3] + [{"role": "user", "content": "And where is Tromsø? "},
+                               {"role": "assistant", "content": " In Nord-Norge."}]
+
+
+def test_llama3_training_weights_cover_each_answer_and_its_eot(llama3):
+    ids, weights = encode_conversation(llama3, FINISHED)
+    header = lambda role: llama3.encode(f"<|start_header_id|>{role}<|end_header_id|>\n\n",  # noqa: E731
+                                        allow_special=True)
+    eot = [llama3.token_id("<|eot_id|>")]
+    given = lambda role, text: header(role) + llama3.encode(text) + eot  # noqa: E731
+    oslo, nord = llama3.encode("Oslo."), llama3.encode("In Nord-Norge.")
+    expected_ids = ([llama3.bos_id] + given("system", "You are a helpful assistant.")
+                    + given("user", "What is the capital of Norway?")
+                    + header("assistant") + oslo + eot + given("user", "And where is Tromsø?")
+                    + header("assistant") + nord + eot)
+    expected_weights = ([0] * (1 + len(given("system", "You are a helpful assistant."))
+                               + len(given("user", "What is the capital of Norway?")) + len(header("assistant")))
+                        + [1] * (len(oslo) + 1)
+                        + [0] * (len(given("user", "And where is Tromsø?")) + len(header("assistant")))
+                        + [1] * (len(nord) + 1))
+    assert ids == expected_ids
+    assert weights == expected_weights
+    assert llama3.decode([i for i, w in zip(ids, weights) if w]) == "Oslo.<|eot_id|>In Nord-Norge.<|eot_id|>"
+
+
+def test_llama2_training_weights_cover_each_answer_and_its_eos(llama2_path, llama2):
+    sp = spm.SentencePieceProcessor(model_file=str(llama2_path))
+    first_q = sp.encode("[INST] <<SYS>>\nYou are a helpful assistant.\n<</SYS>>\n\n"
+                        "What is the capital of Norway? [/INST]")
+    first = sp.encode("[INST] <<SYS>>\nYou are a helpful assistant.\n<</SYS>>\n\n"
+                      "What is the capital of Norway? [/INST] Oslo. ")
+    second_q = sp.encode("[INST] And where is Tromsø? [/INST]")
+    second = sp.encode("[INST] And where is Tromsø? [/INST] In Nord-Norge. ")
+    assert first[:len(first_q)] == first_q and second[:len(second_q)] == second_q
+    ids, weights = encode_conversation(llama2, FINISHED)
+    assert ids == [1] + first + [2] + [1] + second + [2]
+    assert weights == ([0] * (1 + len(first_q)) + [1] * (len(first) - len(first_q) + 1)
+                       + [0] * (1 + len(second_q)) + [1] * (len(second) - len(second_q) + 1))
+    assert llama2.decode([i for i, w in zip(ids, weights) if w]) == "Oslo. </s>In Nord-Norge. </s>"  # SentencePiece drops a leading space
+
+
+@pytest.mark.parametrize("generation", ["llama2", "llama3"])
+def test_a_training_conversation_must_end_with_the_answer(generation, llama2, llama3):
+    tokenizer = llama2 if generation == "llama2" else llama3
+    with pytest.raises(ValueError, match="the last message must be the assistant's answer, got 'user'"):
+        encode_conversation(tokenizer, CONVERSATION)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from llama_jax.checkpoint import TMP_SUFFIX, CheckpointError
-from train_runs import run_config, steps_on_disk, tree_digest
+from train_runs import metrics, run_config, steps_on_disk, tree_digest
 
 
 @pytest.fixture(scope="module")
@@ -122,24 +122,37 @@ def test_checkpoint_missing_an_item_is_refused(run_dir, capsys, item):
     assert f"{run_dir / 'checkpoints' / '6'}: not a complete training checkpoint (no {item!r} item)" in line
 
 
-def test_failed_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    """The save of step 6 fails as it is committed (disk full); with keep_checkpoints=1,
-    step 3 would have been deleted had it succeeded. It stays, and is what resumes."""
+def test_failed_save_is_one_line_before_the_next_save_and_keeps_the_last_good_checkpoint(
+        tmp_path, monkeypatch, capfd):
+    """The save of step 20 fails as it is committed (disk full); with keep_checkpoints=1,
+    step 10 would have been deleted had it succeeded. The run stops with one line (orbax's
+    tracebacks, once ~80 lines, go to orbax.log) before the next save, where the failure
+    used to surface; step 10 stays, and the same command resumes from it."""
     from orbax.checkpoint._src.path import atomicity
 
-    from train.loop import train
+    from train.__main__ import main
 
     commit = atomicity.AtomicRenameTemporaryPath.finalize
 
-    async def disk_full_at_step_6(self, *args, **kwargs):
-        if self.get_final().name == "6":
+    async def disk_full_at_step_20(self, *args, **kwargs):
+        if self.get_final().name == "20":
             raise OSError(28, "No space left on device")
         return await commit(self, *args, **kwargs)
 
-    monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", disk_full_at_step_6)
-    run = run_config(tmp_path / "run", keep_checkpoints=1)
-    with pytest.raises(CheckpointError) as caught:
-        train(run, progress=False)
-    assert str(caught.value) == (f"{tmp_path / 'run' / 'checkpoints'}: saving a checkpoint failed "
-                                 "([Errno 28] No space left on device); step 3 is the last complete checkpoint")
-    assert steps_on_disk(run.run_dir) == [3]
+    monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", disk_full_at_step_20)
+    run_dir = tmp_path / "run"
+    command = ["--config", "tiny_cpu", "--quiet", f"run_dir={run_dir}", "chip=v4", "steps=40", "log_every=1",
+               "checkpoint_every=10", "keep_checkpoints=1"]
+    capfd.readouterr()
+    assert main(command) == 2
+    err = capfd.readouterr().err
+    assert err == (f"train: error: {run_dir / 'checkpoints'}: saving step 20 failed (No space left on "
+                   f"device); step 10 is the last complete checkpoint (orbax's log: {run_dir / 'orbax.log'})\n")
+    assert 20 <= metrics(run_dir)[-1]["step"] < 30
+    assert steps_on_disk(run_dir) == [10]
+    assert "OSError: [Errno 28] No space left on device" in (run_dir / "orbax.log").read_text()
+
+    monkeypatch.undo()
+    assert main(command) == 0
+    assert f"train: resuming from {run_dir / 'checkpoints' / '10'}" in capfd.readouterr().err
+    assert steps_on_disk(run_dir) == [40]

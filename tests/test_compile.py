@@ -74,6 +74,21 @@ def test_argument_bytes_are_the_layouts_shards_and_halve_when_fsdp_doubles():
     assert state_4 == pytest.approx(2 * state_8, rel=0.01)
 
 
+def test_compiled_state_is_what_the_plan_counts_for_bfloat16_parameters():
+    """bfloat16 parameters with float32 Adam moments: the compiled step's state arguments
+    are the plan's parameter and optimizer bytes (the step counts add a few bytes)."""
+    from sharding.layout import load_layout
+    from sharding.plan import plan
+
+    run = _run(model={**SHAPE, "param_dtype": "bfloat16"})
+    result = compile_run(run, _devices(), topology=TOPOLOGY)
+    planned = plan(run.model, load_layout("fsdp"), 8, seq_len=128)["per_device_bytes"]
+    _, batch = _state_and_batch_shard_bytes(run)
+    state = result.memory["arguments"] - batch
+    assert planned["optimizer"] == 4 * planned["parameters"]  # 2 x float32 per bfloat16 parameter
+    assert abs(state - (planned["parameters"] + planned["optimizer"])) <= 0.001 * state
+
+
 def test_oversized_batch_is_the_verdict_does_not_fit():
     run = _run(model={**SHAPE, "dim": 256, "ffn_dim": 512}, global_batch=2**20, seq_len=256)
     result = compile_run(run, _devices(), topology=TOPOLOGY)
@@ -202,3 +217,48 @@ def test_every_shipped_tpu_run_names_a_slice_its_layout_places_on():
         batch = run.data.global_batch // run.grad_accum
         seq = run.data.seq_len if "train" in run.programs else None
         validate(run.model, layout, mesh, batch=batch, seq_len=seq)
+def test_inference_compiles_a_vision_models_prefill_and_decode(tmp_path, capsys):
+    """A Llama 3.2 Vision model's prefill (encoder, projector, image keys and values) and decode
+    step compile for the slice; its train step is refused in one line until it exists."""
+    import yaml
+
+    from tiny import VISION_LIKE
+
+    run = tmp_path / "vision.yaml"
+    run.write_text(yaml.safe_dump({
+        "model": json.loads(json.dumps(VISION_LIKE.to_dict())), "layout": "fsdp_tp",
+        "data": {"source": "synthetic", "vocab_size": VISION_LIKE.vocab_size, "seq_len": 128,
+                 "global_batch": 8}}))
+    code = main(["--config", str(run), "--topology", TOPOLOGY, "--inference", "--prompt-len", "64", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and set(report) == {"prefill", "decode"}
+    assert report["prefill"]["verdict"] == report["decode"]["verdict"] == "fits"
+    assert (report["prefill"]["prompt_len"], report["prefill"]["images_per_row"]) == (64, 1)
+    assert main(["--config", str(run), "--topology", TOPOLOGY]) == 2
+    assert "the train step of a vision model is not built yet; pass --inference" in capsys.readouterr().err
+
+
+def test_decode_with_int8_weights_and_cache_compiles_with_about_half_the_bytes_per_chip():
+    results = {}
+    for name, overrides in (("bf16", {}), ("int8", {"quantize": "int8", "kv_cache_dtype": "int8"})):
+        run = _run(layout="tp", model={**SHAPE, "dtype": "bfloat16", "param_dtype": "bfloat16", **overrides})
+        results[name] = compile_run(run, _devices(), topology=TOPOLOGY, program="decode", decode_batch=8,
+                                    cache_len=256)
+        r = results[name]
+        assert r.verdict == "fits" and r.quantize == overrides.get("quantize")
+        arguments = r.memory["arguments"]
+        assert abs(arguments - (r.weight_bytes + r.cache_bytes)) <= 0.01 * arguments
+        assert r.memory["aliased"] >= r.cache_bytes  # the cache is updated in place
+    # Projections halve; the embedding and the output head (1/11 of the weights here) stay bfloat16.
+    assert 0.5 < results["int8"].weight_bytes / results["bf16"].weight_bytes < 0.6
+    assert 0.5 < results["int8"].cache_bytes / results["bf16"].cache_bytes < 0.55  # + a scale per 128 values
+
+
+def test_quantised_models_compile_only_the_decode_step(capsys):
+    code = main(["--config", "tiny_cpu", "--topology", TOPOLOGY, "model_overrides.quantize=int8"])
+    assert code == 2
+    assert "quantised weights are served, not trained; compile the serving programs with --decode-only" in \
+        capsys.readouterr().err
+    assert main(["--config", "tiny_cpu", "--topology", TOPOLOGY, "--decode-only", "--json",
+                 "model_overrides.quantize=int8"]) == 0
+    assert set(json.loads(capsys.readouterr().out)) == {"decode"}

@@ -6,7 +6,6 @@ proves the permutation and the gathering.
 """
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -23,14 +22,14 @@ from llama_jax.checkpoint import read_config, restore_params, save_params
 from llama_jax.checkpoint_io import ParamsReader
 from llama_jax.config import RopeScaling
 from llama_jax.convert import run_cli
-from llama_jax.convert import hf_to_ours, meta_to_ours, ours_to_hf
+from llama_jax.convert import hf_to_ours, meta_to_ours, ours_to_hf, quantize
 from llama_jax.convert.hf_to_ours import convert_hf_to_ours
 from llama_jax.convert.meta_to_ours import convert_meta_to_ours, published_rope_factor
 from llama_jax.convert.ours_to_hf import export_hf
-from llama_jax.hf import config_to_hf, load_hf_params
+from llama_jax.hf import load_hf_params
 from llama_jax.safetensors_io import SafetensorsCheckpoint
 from llama_jax.tokenizer_training import train_bpe
-from tiny import SHAPES, hf_model
+from tiny import SHAPES, hf_model, write_random_hf
 
 TOLERANCE = 1e-4  # max |logit difference|, float32
 ROOT = Path(__file__).resolve().parent.parent
@@ -264,46 +263,6 @@ print(json.dumps({"baseline_kb": baseline, "peak_kb": status("VmHWM")}))
 """
 
 
-def write_random_hf(directory, config):
-    """A float32 HF checkpoint of random normal weights (their mantissas do not compress,
-    like trained weights), one safetensors file per layer, written a block at a time."""
-    directory.mkdir()
-    (directory / "config.json").write_text(json.dumps(config_to_hf(config, "float32")))
-    rng = np.random.default_rng(0)
-    shapes = {"model.embed_tokens.weight": (config.vocab_size, config.dim), "model.norm.weight": (config.dim,),
-              "lm_head.weight": (config.vocab_size, config.dim)}
-    files = {"model-globals.safetensors": dict(shapes)}
-    q, kv = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
-    for i in range(config.n_layers):
-        p = f"model.layers.{i}."
-        files[f"model-layer{i}.safetensors"] = {
-            p + "self_attn.q_proj.weight": (q, config.dim), p + "self_attn.k_proj.weight": (kv, config.dim),
-            p + "self_attn.v_proj.weight": (kv, config.dim), p + "self_attn.o_proj.weight": (config.dim, q),
-            p + "mlp.gate_proj.weight": (config.ffn_dim, config.dim),
-            p + "mlp.up_proj.weight": (config.ffn_dim, config.dim),
-            p + "mlp.down_proj.weight": (config.dim, config.ffn_dim),
-            p + "input_layernorm.weight": (config.dim,), p + "post_attention_layernorm.weight": (config.dim,)}
-    weight_map, total = {}, 0
-    for filename, tensors in files.items():
-        header, offset = {}, 0
-        for name, shape in tensors.items():
-            header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + 4 * math.prod(shape)]}
-            offset += 4 * math.prod(shape)
-            weight_map[name] = filename
-        encoded = json.dumps(header).encode()
-        encoded += b" " * (-len(encoded) % 8)
-        with open(directory / filename, "wb") as f:
-            f.write(len(encoded).to_bytes(8, "little") + encoded)
-            for name, shape in tensors.items():
-                count = math.prod(shape)
-                while count:
-                    f.write(rng.standard_normal(min(count, 4 << 20), dtype=np.float32).tobytes())
-                    count -= min(count, 4 << 20)
-        total += offset
-    (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    return total, 4 * max(math.prod(s) for t in files.values() for s in t.values())
-
-
 @pytest.fixture(scope="module")
 def random_hf(tmp_path_factory):
     """About 350 MB of float32 random weights; the embedding and the head (125 MiB each) are the
@@ -336,6 +295,42 @@ def test_hf_conversion_memory_stays_within_about_twice_the_largest_tensor(random
     stored = ParamsReader(tmp_path / "out").read(("output", "kernel"))
     expected = SafetensorsCheckpoint(directory).get("lm_head.weight").T.astype(stored.dtype)
     np.testing.assert_array_equal(stored, expected)
+
+
+LOAD_CHILD = """
+import json, re, sys
+from pathlib import Path
+import jax
+from infer.generate import load_model
+status = lambda field: int(re.search(field + r":\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1))
+load_model(sys.argv[1], tokenizer=sys.argv[3])
+baseline = status("VmRSS")
+config, params, _ = load_model(sys.argv[2], tokenizer=sys.argv[3])
+print(json.dumps({"baseline_kb": baseline, "peak_kb": status("VmHWM"), "dtype": config.param_dtype,
+                  "params_bytes": sum(x.nbytes for x in jax.tree.leaves(params))}))
+"""
+
+
+def test_loading_a_bfloat16_hf_directory_holds_one_tensor_beyond_the_model(byte_tokenizer_dir, tmp_path):
+    """load_model reads a 2 GB bfloat16 directory tensor by tensor into bfloat16 arrays on
+    the device (host memory on CPU): the peak above the baseline is the loaded model plus
+    less than one largest tensor (0.53 GB here, the embedding and the head). Before, the
+    whole model was first built in float32 on the host (2x the model), then placed."""
+    config = SHAPES["llama3"].replace(dim=2048, n_layers=8, n_heads=16, n_kv_heads=4, ffn_dim=8192,
+                                      vocab_size=128256 + 2048)
+    total, largest = write_random_hf(tmp_path / "big", config, "bfloat16")
+    small = tmp_path / "small"
+    hf_model(SHAPES["llama3"]).to(torch.bfloat16).save_pretrained(small)
+    run = subprocess.run([sys.executable, "-c", LOAD_CHILD, str(small), str(tmp_path / "big"), str(byte_tokenizer_dir)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=600,
+                         env={"PATH": os.environ.get("PATH", ""), "JAX_PLATFORMS": "cpu"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    usage = json.loads(run.stdout.strip().splitlines()[-1])
+    grown = (usage["peak_kb"] - usage["baseline_kb"]) * 1024
+    assert usage["dtype"] == "bfloat16" and usage["params_bytes"] == total
+    print(f"checkpoint {total / 2**30:.2f} GiB, largest tensor {largest / 2**20:.0f} MiB, growth "
+          f"{grown / 2**30:.2f} GiB = model + {(grown - total) / largest:.2f}x the largest tensor")
+    assert grown < total + largest, f"peak grew {grown / 2**20:.0f} MiB for a {total / 2**20:.0f} MiB model"
 
 
 # ---------------------------------------------------------------- bad input
@@ -446,6 +441,17 @@ def test_truncated_safetensors_fails_in_one_line(tmp_path, capsys):
                          "truncated safetensors file")
 
 
+def test_quantising_with_an_unknown_kind_or_twice_fails_in_one_line(tmp_path, capsys):
+    hf_dir = _saved_hf(SHAPES["llama3"], tmp_path)
+    run_and_expect_error(quantize.main, [str(hf_dir), str(tmp_path / "out"), "--quantize", "int4"], capsys,
+                         tmp_path / "out", "--quantize: unknown 'int4' (known: int8, fp8)")
+    quantize.quantize_checkpoint(hf_dir, tmp_path / "int8", "int8", show_progress=False)
+    run_and_expect_error(quantize.main, [str(tmp_path / "int8"), str(tmp_path / "out"), "--quantize", "fp8"],
+                         capsys, tmp_path / "out", "already quantised (int8)")
+    run_and_expect_error(ours_to_hf.main, [str(tmp_path / "int8"), str(tmp_path / "out")], capsys,
+                         tmp_path / "out", "its weights are stored quantised (int8)")
+
+
 def test_export_of_a_missing_checkpoint_fails_in_one_line(tmp_path, capsys):
     run_and_expect_error(ours_to_hf.main, [str(tmp_path / "nothing"), str(tmp_path / "out")], capsys,
                          tmp_path / "out", "checkpoint directory not found")
@@ -461,7 +467,7 @@ def test_command_line_exits_2_with_one_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("module", [hf_to_ours, meta_to_ours, ours_to_hf])
+@pytest.mark.parametrize("module", [hf_to_ours, meta_to_ours, ours_to_hf, quantize])
 def test_every_converter_has_help(module, capsys):
     with pytest.raises(SystemExit) as exit_info:
         module.main(["--help"])

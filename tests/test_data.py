@@ -459,3 +459,96 @@ def test_make_dataset_rejects_inputs_it_cannot_use(corpus, tmp_path):
         make_dataset(text_config(corpus), shard_index=0, shard_count=1)
     with pytest.raises(ValueError, match="not a prepared token directory"):
         make_dataset(text_config(tmp_path, source="tokens"), shard_index=0, shard_count=1)
+
+
+def test_a_token_directory_with_a_larger_vocabulary_than_the_model_is_refused(tmp_path):
+    directory = token_dir(tmp_path, ["3 4 5", "6 7"], vocab_size=300)
+    config = text_config(directory, source="tokens")
+    with pytest.raises(ValueError) as err:
+        make_dataset(config, shard_index=0, shard_count=1, model_vocab_size=256)
+    assert str(err.value) == (f"{directory}: prepared with a vocabulary of 300 ids, more than the model's "
+                              "vocab_size 256; prepare it with the model's tokenizer")
+    assert next(make_dataset(config, shard_index=0, shard_count=1, model_vocab_size=300))["tokens"].shape[0] > 0
+
+
+def test_train_refuses_a_token_directory_prepared_for_a_larger_vocabulary(tmp_path, capsys):
+    """It used to train to exit 0 with NaN losses (ids past the model's 256 give NaN logits)."""
+    from train.__main__ import main as train_main
+
+    directory = token_dir(tmp_path, [" ".join(str(i) for i in range(250, 300))] * 4, vocab_size=300)
+    run_dir = tmp_path / "run"
+    code = train_main(["--config", "tiny_cpu", "--quiet", f"run_dir={run_dir}", "data.source=tokens",
+                       f"data.paths=[{directory}]", "steps=2"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err == (f"train: error: {directory}: prepared with a vocabulary of 300 ids, more than the "
+                   "model's vocab_size 256; prepare it with the model's tokenizer\n")
+    assert not run_dir.exists()
+
+
+# --- Documents with no text, and inputs with none. -------------------------
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_documents_with_no_text_are_skipped(tmp_path, packing):
+    """An empty .txt and JSONL records with empty or blank text used to train as BOS, EOS."""
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "blank.txt").write_text(" \n\t\n")
+    write_jsonl(tmp_path / "docs.jsonl", ["", "3 4", "  ", "5 6 7"])
+    paths = [tmp_path / "empty.txt", tmp_path / "blank.txt", tmp_path / "docs.jsonl"]
+    batches = take(dataset(text_config(paths, shuffle=False, packing=packing, global_batch=1)), 2)
+    rows = rows_of(batches)
+    if packing:
+        assert rows[0]["tokens"].tolist() == [BOS, 3, 4, EOS, BOS, 5, 6, 7]
+    else:
+        assert [row["tokens"][:5].tolist() for row in rows] == [[BOS, 3, 4, EOS, 0], [BOS, 5, 6, 7, EOS]]
+
+
+@pytest.mark.parametrize("files", [{"empty.txt": ""}, {"blank.jsonl": '{"text": ""}\n{"text": " "}\n\n'}])
+@pytest.mark.parametrize("packing", [True, False])
+def test_inputs_without_any_text_are_one_line(tmp_path, files, packing):
+    for name, content in files.items():
+        (tmp_path / name).write_text(content)
+    paths = [str(tmp_path / name) for name in files]
+    with pytest.raises(ValueError) as err:
+        next(dataset(text_config(paths, packing=packing)))
+    assert str(err.value) == f"{paths[0]}: no document holds any text"
+
+
+def test_prepare_skips_documents_without_text_and_refuses_inputs_with_none(tmp_path, capsys,
+                                                                           sentencepiece_path):
+    (tmp_path / "empty.txt").write_text("")
+    write_jsonl(tmp_path / "docs.jsonl", ["3 4", "", "5"])
+    meta = prepare(NumberTokenizer(), [str(tmp_path / "empty.txt"), str(tmp_path / "docs.jsonl")],
+                   tmp_path / "tok", progress=False)
+    docs = TokenDocuments([tmp_path / "tok"])
+    assert meta["num_docs"] == 2 and [docs[0].tolist(), docs[1].tolist()] == [[BOS, 3, 4, EOS], [BOS, 5, EOS]]
+
+    write_jsonl(tmp_path / "blank.jsonl", ["", " \n "])
+    for name in ("empty.txt", "blank.jsonl"):
+        argv = ["--tokenizer", str(sentencepiece_path), "--input", str(tmp_path / name),
+                "--output", str(tmp_path / "out"), "--quiet"]
+        assert main(argv) == 2
+        assert capsys.readouterr().err == f"prepare: error: {tmp_path / name}: no document holds any text\n"
+        assert not any(p.name.startswith((".out", "out")) for p in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("inputs, message", [
+    ({"empty.txt": ""}, "{}/empty.txt: no document holds any text"),
+    ({"broken.jsonl": '{"text": "a b"}\n{"text": oops}\n'},
+     "{}/broken.jsonl:2: not valid JSON (Expecting value at column 10)"),
+])
+def test_train_on_bad_text_is_one_line_and_leaves_no_run_dir(tmp_path, capsys, sentencepiece_path, inputs,
+                                                             message):
+    """These used to train on BOS/EOS only, or fail after creating an empty run-dir skeleton."""
+    from train.__main__ import main as train_main
+
+    for name, content in inputs.items():
+        (tmp_path / name).write_text(content)
+    run_dir = tmp_path / "run"
+    code = train_main(["--config", "tiny_cpu", "--quiet", f"run_dir={run_dir}", "data.source=text",
+                       f"data.paths=[{tmp_path / name}]", f"data.tokenizer={sentencepiece_path}",
+                       "model_overrides.vocab_size=320", "data.shuffle=false", "steps=2"])
+    assert code == 2
+    assert capsys.readouterr().err == f"train: error: {message.format(tmp_path)}\n"
+    assert not run_dir.exists()

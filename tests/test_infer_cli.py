@@ -54,7 +54,8 @@ def test_help_describes_the_options():
     result = run_cli("--help")
     assert result.returncode == 0
     for option in ("--checkpoint", "--prompt", "--max-new-tokens", "--temperature", "--top-k",
-                   "--top-p", "--seed", "--layout", "--chat", "--system"):
+                   "--top-p", "--seed", "--layout", "--chat", "--system", "--dtype", "--attention", "--quantize",
+                   "--kv-cache-dtype"):
         assert option in result.stdout
 
 
@@ -144,3 +145,33 @@ def test_our_checkpoint_format_generates_what_the_hf_directory_does(checkpoint, 
     result = run_cli("--checkpoint", ours, "--prompt", "Once upon a time", "--max-new-tokens", 8)
     assert result.returncode == 0, result.stderr
     assert result.stdout == from_hf.text + "\n"
+
+
+def test_dtype_and_quantisation_flags_serve_what_load_model_serves(checkpoint):
+    flags = dict(dtype="bfloat16", quantize="int8", kv_cache_dtype="int8")
+    config, params, tokenizer = load_model(checkpoint, **flags)
+    assert (config.dtype, config.quantize, config.kv_cache_dtype) == ("bfloat16", "int8", "int8")
+    assert params["layers_0"]["feed_forward"]["w1"]["kernel"].dtype == np.int8  # unrolled on CPU
+    expected = generate(params, tokenizer, "Once upon a time", max_new_tokens=8, config=config)[0]
+    result = run_cli("--checkpoint", checkpoint, "--prompt", "Once upon a time", "--max-new-tokens", 8,
+                     "--dtype", "bfloat16", "--quantize", "int8", "--kv-cache-dtype", "int8", "--attention", "blocked")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected.text + "\n"
+
+
+@pytest.mark.parametrize("flag, value, fragment", [
+    ("--quantize", "int4", "--quantize: unknown 'int4' (known: int8, fp8)"),
+    ("--kv-cache-dtype", "int2", "--kv-cache-dtype: unknown 'int2' (known: int8, fp8)"),
+    ("--dtype", "float64", "--dtype: unknown 'float64' (known: bfloat16, float32)"),
+])
+def test_unknown_precision_settings_are_one_line_exit_2(checkpoint, flag, value, fragment):
+    assert_one_line_error(run_cli("--checkpoint", checkpoint, "--prompt", "hi", flag, value), fragment)
+
+
+def test_requantising_a_quantised_checkpoint_is_one_line_exit_2(checkpoint, tmp_path):
+    from llama_jax.convert.quantize import quantize_checkpoint
+
+    quantize_checkpoint(checkpoint, tmp_path / "int8", "int8", show_progress=False)
+    (tmp_path / "tokenizer.model").write_bytes((checkpoint / "tokenizer.model").read_bytes())
+    result = run_cli("--checkpoint", tmp_path / "int8", "--prompt", "hi", "--quantize", "fp8")
+    assert_one_line_error(result, "stored quantised as int8; it cannot be re-quantised as fp8")

@@ -12,7 +12,8 @@ from tiny import LLAMA3_LIKE
 
 from llama_jax import ConfigError, Llama, init_params
 from llama_jax.config import LoraConfig
-from llama_jax.lora import count_adapter_params, join, merge, split_adapters
+from llama_jax.lora import count_adapter_params, merge, split_adapters
+from llama_jax.params import join
 from sharding.layout import load_layout
 from sharding.place import Placement
 

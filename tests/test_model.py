@@ -89,7 +89,7 @@ def test_scanned_and_unrolled_stacks_agree(params31):
     tokens = _tokens((2, 32))
     scanned = _forward(LLAMA31_LIKE, params31, tokens)
     unrolled_config = LLAMA31_LIKE.replace(scan_layers=False)
-    unrolled = _forward(unrolled_config, unstack_layers(params31, LLAMA31_LIKE.n_layers), tokens)
+    unrolled = _forward(unrolled_config, unstack_layers(params31, range(LLAMA31_LIKE.n_layers)), tokens)
     np.testing.assert_allclose(scanned, unrolled, atol=1e-5, rtol=0)
 
 
@@ -107,7 +107,7 @@ def _loss_and_grads(config, params, tokens):
 @pytest.mark.parametrize("scan", [True, False])
 def test_every_remat_policy_gives_same_loss_and_gradients(params31, policy, scan):
     tokens = _tokens((2, 24))
-    params = params31 if scan else unstack_layers(params31, LLAMA31_LIKE.n_layers)
+    params = params31 if scan else unstack_layers(params31, range(LLAMA31_LIKE.n_layers))
     base = LLAMA31_LIKE.replace(scan_layers=scan)
     loss0, grads0 = _loss_and_grads(base, params, tokens)
     loss1, grads1 = _loss_and_grads(base.replace(remat=policy), params, tokens)
@@ -186,4 +186,4 @@ def test_one_seed_gives_the_same_weights_scanned_or_unrolled():
     scanned = init_params(LLAMA3_LIKE, key)
     unrolled = init_params(LLAMA3_LIKE.replace(scan_layers=False), key)
     assert set(unrolled) == {"embed", "layers_0", "layers_1", "norm", "output"}
-    jax.tree.map(np.testing.assert_array_equal, unrolled, unstack_layers(scanned, LLAMA3_LIKE.n_layers))
+    jax.tree.map(np.testing.assert_array_equal, unrolled, unstack_layers(scanned, range(LLAMA3_LIKE.n_layers)))

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import ml_dtypes  # noqa: F401  (numpy bfloat16)
 import numpy as np
 import pytest
@@ -42,9 +43,37 @@ def test_planned_parameter_bytes_equal_bytes_held_on_device_0(name, param_dtype)
     held = _bytes_on_device0(placement.put(host, placement.param_shardings()))
     result = plan(config, load_layout(name), 8, seq_len=32)
     assert result["per_device_bytes"]["parameters"] == held
-    assert result["per_device_bytes"]["gradients"] == held
-    assert result["per_device_bytes"]["optimizer"] == held * 2 * 4 // (2 if param_dtype == "bfloat16" else 4)
     assert result["mesh"] == dict(placement.mesh.shape)
+
+
+@pytest.mark.parametrize("param_dtype", ["bfloat16", "float32"])
+def test_planned_state_bytes_equal_a_real_train_state_under_fsdp(param_dtype):
+    """Parameters, float32 Adam moments (for bfloat16 parameters too) and gradients, as
+    training creates them on 8 devices, hold on device 0 what the plan says."""
+    from train.config import OptimizerConfig
+    from train.optimizer import make_optimizer
+    from train.step import init_state, make_gradients
+    from train_runs import random_batch
+
+    config = LLAMA3_LIKE.replace(param_dtype=param_dtype)
+    placement = Placement.create(config, load_layout("fsdp"))
+    state, _ = init_state(placement, make_optimizer(OptimizerConfig(), 10), jax.random.key(0))
+    moments = [x for x in jax.tree.leaves(state.opt_state) if jnp.issubdtype(x.dtype, jnp.floating)]
+    others = [x for x in jax.tree.leaves(state.opt_state) if not jnp.issubdtype(x.dtype, jnp.floating)]
+    assert {str(x.dtype) for x in moments} == {"float32"}
+    assert len(moments) == 2 * len(jax.tree.leaves(state.params))
+    assert all(x.shape == () for x in others)  # step counts
+    assert {str(x.dtype) for x in jax.tree.leaves(state.params)} == {param_dtype}
+
+    batch = placement.global_batch(random_batch(8, 32, config.vocab_size))
+    with placement.activate():
+        grads, _ = jax.jit(make_gradients(config, placement.param_shardings()))(state.params, batch)
+    assert {str(x.dtype) for x in jax.tree.leaves(grads)} == {param_dtype}
+
+    planned = plan(config, load_layout("fsdp"), 8, seq_len=32)["per_device_bytes"]
+    assert planned["parameters"] == _bytes_on_device0(state.params)
+    assert planned["gradients"] == _bytes_on_device0(grads)
+    assert planned["optimizer"] == _bytes_on_device0(moments)
 
 
 def test_full_remat_activations_follow_the_documented_formula():
@@ -139,3 +168,44 @@ def test_cli_bad_input_prints_one_line_and_exits_2(args, message):
     assert run.stdout == ""
     assert run.stderr.strip() == message or run.stderr.strip().startswith(message), run.stderr
     assert len(run.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("quantize, kv_cache_dtype", [("int8", "int8"), ("fp8", None)])
+def test_decode_plan_counts_what_quantised_weights_and_caches_hold_on_device_0(quantize, kv_cache_dtype):
+    from llama_jax.assemble import converted_params
+    from llama_jax.kv_cache import cache_axes, init_cache
+    from sharding.serve_plan import decode_plan
+
+    stored = LLAMA3_LIKE.replace(n_layers=4)
+    config = stored.replace(dtype="bfloat16", param_dtype="bfloat16", quantize=quantize,
+                            kv_cache_dtype=kv_cache_dtype)
+    placement = Placement.create(config, load_layout("fsdp_tp"))
+    host = jax.device_get(init_params(stored, jax.random.key(0)))
+    params = converted_params(host, stored, config, placement.param_shardings())
+    cache = jax.jit(lambda: init_cache(config, 8, 64),
+                    out_shardings=placement.tree_shardings(cache_axes(config)))()
+    result = decode_plan(config, "fsdp_tp", 8, batch=8, cache_len=64)
+    assert result["per_device_bytes"]["parameters"] == _bytes_on_device0(params)
+    assert result["per_device_bytes"]["kv_cache"] == _bytes_on_device0(cache)
+    plain = decode_plan(config.replace(quantize=None, kv_cache_dtype=None), "fsdp_tp", 8, batch=8, cache_len=64)
+    assert result["per_device_bytes"]["parameters"] < plain["per_device_bytes"]["parameters"]
+    if kv_cache_dtype == "int8":  # half of bfloat16's, plus a float32 scale per head_dim (8) values
+        assert result["per_device_bytes"]["kv_cache"] == plain["per_device_bytes"]["kv_cache"] * (1 + 4 / 8) // 2
+
+
+def test_decode_plan_verdicts_for_405b_fp8_and_70b_int8(capsys):
+    from sharding.plan import main
+
+    serve = ["--decode", "--layout", "tp", "--dtype", "bfloat16", "--kv-cache-dtype", "int8", "--cache-len", "8192"]
+    assert main(["--model", "llama3_1_405b", "--devices", "4", "--quantize", "fp8", "--batch", "8",
+                 "--json", *serve]) == 0
+    on_v5p_host = json.loads(capsys.readouterr().out)
+    # 405B in FP8 is ~113 GiB per chip on the 4 chips of one v5p host: more than a chip's HBM
+    assert on_v5p_host["per_device_bytes"]["parameters"] > 110 * 2**30
+    assert not on_v5p_host["fits_in_hbm"]["v5p"]["fits"] and on_v5p_host["fits_in_hbm"]["v5p"]["largest_batch"] == 0
+    assert main(["--model", "llama3_1_70b", "--devices", "8", "--quantize", "int8", "--batch", "32",
+                 "--json", *serve]) == 0
+    on_v5e_8 = json.loads(capsys.readouterr().out)["fits_in_hbm"]["v5e"]
+    assert on_v5e_8["fits"] and on_v5e_8["largest_batch"] >= 32
+    assert main(["--model", "llama3_1_70b", "--devices", "8", "--quantize", "int4", "--decode", "--layout", "tp"]) == 2
+    assert capsys.readouterr().err.strip() == "plan: quantize: 'int4' is not one of int8, fp8 (or null for none)"

@@ -1,6 +1,7 @@
 """Training: memorisation under fsdp_tp, exact gradient accumulation, chunked loss, configs."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -16,10 +17,11 @@ from llama_jax.config import ConfigError
 from sharding.layout import load_layout
 from sharding.place import Placement
 from tiny import LLAMA3_LIKE
+from train_runs import random_batch
 from train.config import OptimizerConfig, load_run_config, run_config_from_dict
 from train.loss import chunked_cross_entropy_sums, cross_entropy_sums
 from train.optimizer import decay_mask, learning_rate_schedule
-from train.step import init_state, jit_train_step, make_train_step
+from train.step import init_state, jit_train_step, make_gradients, make_train_step
 
 
 def test_tiny_model_memorises_under_fsdp_tp(tmp_path):
@@ -47,15 +49,6 @@ def _assert_close_f32(actual, desired):
     np.testing.assert_allclose(actual, desired, rtol=1e-5, atol=1e-6 * float(np.abs(desired).max()))
 
 
-def _batch(rows, seq, vocab, seed=0):
-    rng = np.random.default_rng(seed)
-    tokens = rng.integers(0, vocab, (rows, seq + 1)).astype(np.int32)
-    weights = (rng.random((rows, seq)) > 0.2).astype(np.float32)  # uneven weights per micro-batch
-    return {"tokens": tokens[:, :-1], "targets": tokens[:, 1:],
-            "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (rows, seq)).copy(),
-            "segment_ids": np.ones((rows, seq), np.int32), "loss_weights": weights}
-
-
 @pytest.mark.parametrize("layout", ["fsdp", "dp"])
 def test_gradient_accumulation_equals_one_big_batch(layout):
     config = LLAMA3_LIKE
@@ -67,11 +60,12 @@ def test_gradient_accumulation_equals_one_big_batch(layout):
         init=lambda params: jax.tree.map(jnp.zeros_like, params),
         update=lambda grads, state, params=None: (jax.tree.map(jnp.zeros_like, grads), grads))
     schedule = optax.constant_schedule(1.0)
-    batch = placement.global_batch(_batch(16, 32, config.vocab_size))
+    batch = placement.global_batch(random_batch(16, 32, config.vocab_size))
     results = {}
     for accum in (1, 4):
         state, shardings = init_state(placement, optimizer, jax.random.key(0))
-        step = jit_train_step(make_train_step(config, optimizer, schedule, grad_accum=accum),
+        step = jit_train_step(make_train_step(config, optimizer, schedule, shardings.params,
+                                              grad_accum=accum),
                               placement, shardings)
         with placement.activate():
             state, metrics = step(state, batch)
@@ -83,11 +77,31 @@ def test_gradient_accumulation_equals_one_big_batch(layout):
         _assert_close_f32(a, b)
 
 
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_gradients_and_accumulation_buffer_are_sharded_like_the_parameters(grad_accum):
+    """Under fsdp on 8 devices, left to XLA, every gradient came out replicated."""
+    placement = Placement.create(LLAMA3_LIKE, load_layout("fsdp"))
+    params = placement.init_params(jax.random.key(0))
+    batch = placement.global_batch(random_batch(16, 32, LLAMA3_LIKE.vocab_size))
+    gradients = make_gradients(LLAMA3_LIKE, placement.param_shardings(), grad_accum=grad_accum)
+    with placement.activate():
+        grads, _ = jax.jit(gradients)(params, batch)
+    for (path, grad), want in zip(jax.tree_util.tree_leaves_with_path(grads),
+                                  jax.tree.leaves(placement.param_shardings())):
+        assert grad.sharding.is_equivalent_to(want, grad.ndim), \
+            f"{jax.tree_util.keystr(path)}: {grad.sharding.spec}, not {want.spec}"
+    assert _shard_shape(grads["layers"]["attention"]["wq"]["kernel"]) == (2, 8, 8, 8)  # embed 64 / 8
+
+
+def _shard_shape(array):
+    return array.addressable_shards[0].data.shape
+
+
 @pytest.mark.parametrize("chunk", [8, 13])
 def test_chunked_loss_equals_plain_loss_and_gradients(chunk):
     config = LLAMA3_LIKE
     params = init_params(config, jax.random.key(3))
-    batch = {k: jnp.asarray(v) for k, v in _batch(2, 40, config.vocab_size).items()}
+    batch = {k: jnp.asarray(v) for k, v in random_batch(2, 40, config.vocab_size).items()}
     model = Llama(config)
 
     def loss(p, chunked):
@@ -134,11 +148,22 @@ def test_schedule_warms_up_then_decays_to_floor():
     ("grad_accum=3", "grad_accum: 3 does not divide data.global_batch 16"),
     ("data.seq_len=100000", "data.seq_len: 100000 exceeds the model's max_seq_len"),
     ("chip=v9", "chip: 'v9' is not one of"),
+    ("on_nonfinite=ignore", "on_nonfinite: 'ignore' is not one of stop, skip"),
 ])
 def test_bad_run_config_values_are_one_line(override, message):
     with pytest.raises(ConfigError) as err:
         load_run_config("tiny_cpu", [override])
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("text, kind", [("- model: tiny\n- steps: 3\n", "list"), ("42\n", "int"),
+                                        ("just words\n", "str")])
+def test_run_config_that_is_not_a_mapping_is_one_line_naming_the_file(tmp_path, text, kind):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_run_config(path)
+    assert str(err.value) == f"{path}: the top level must be a mapping of keys, got a {kind}"
 
 
 def test_key_given_twice_on_command_line_is_an_error():
@@ -172,3 +197,33 @@ def test_model_config_inline_in_run_config():
                                           "ffn_dim": 64, "vocab_size": 128},
                                 "data": {"seq_len": 16, "global_batch": 8, "vocab_size": 128}})
     assert run.model.dim == 32
+
+
+def _train_cli_error(capsys, *args) -> str:
+    """`python -m train` in process; its only stderr line (exit code 2 and no traceback asserted)."""
+    from train.__main__ import main
+
+    capsys.readouterr()
+    code = main(["--config", "tiny_cpu", "--quiet", "steps=1", *args])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.splitlines()) == 1, err
+    return err.strip()
+
+
+@pytest.mark.parametrize("run_dir", ["file", "file/run"])
+def test_run_dir_with_a_file_in_the_way_is_one_line(tmp_path, capsys, run_dir):
+    """It used to end in a 25-line traceback."""
+    (tmp_path / "file").write_text("not a directory")
+    assert _train_cli_error(capsys, f"run_dir={tmp_path / run_dir}") == (
+        f"train: error: run_dir {tmp_path / run_dir}: {tmp_path / 'file'} is a file, not a directory; "
+        "choose another run_dir")
+    assert (tmp_path / "file").read_text() == "not a directory"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+@pytest.mark.parametrize("run_dir, problem", [("locked/run", "cannot create it (Permission denied)"),
+                                              ("locked", "not writable (read-only or no permission)")])
+def test_read_only_run_dir_is_one_line(tmp_path, capsys, run_dir, problem):
+    (tmp_path / "locked").mkdir(mode=0o555)
+    assert _train_cli_error(capsys, f"run_dir={tmp_path / run_dir}") == (
+        f"train: error: run_dir {tmp_path / run_dir}: {problem}; choose another run_dir")

@@ -17,6 +17,16 @@ REPO = Path(__file__).resolve().parent.parent
 EXACT_METRICS = ("loss", "grad_norm", "accuracy", "learning_rate", "z_loss", "tokens")
 
 
+def random_batch(rows: int, seq: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """A training batch of random ids (one document a row) with uneven 0/1 loss weights."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, vocab, (rows, seq + 1)).astype(np.int32)
+    weights = (rng.random((rows, seq)) > 0.2).astype(np.float32)
+    return {"tokens": tokens[:, :-1], "targets": tokens[:, 1:],
+            "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (rows, seq)).copy(),
+            "segment_ids": np.ones((rows, seq), np.int32), "loss_weights": weights}
+
+
 def run_config(run_dir, **overrides):
     """The tiny CPU run (8 devices) writing to `run_dir`, with small steps and frequent saves."""
     from train.config import load_run_config

@@ -1,7 +1,8 @@
 """python -m train --config configs/runs/<run>.yaml [key=value ...]
 
 Trains as the run config says, resuming from the run directory's latest
-checkpoint. Bad input is one line on stderr and exit code 2.
+checkpoint. Bad input is one line on stderr and exit code 2; a diverged run
+(a non-finite loss with on_nonfinite=stop) one line and exit code 1.
 """
 
 from __future__ import annotations
@@ -36,8 +37,12 @@ def main(argv=None) -> int:
     from train.checkpointing import resume_config
     from train.config import load_run_config
     from train.loop import loss_curve_png, train
+    from train.nonfinite import DivergenceError
 
-    logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's notes would bury the one-line errors
+    # orbax's notes, and asyncio's about futures of a failed save collected at exit,
+    # would bury the one-line errors (a run logs them to <run_dir>/orbax.log).
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     try:
         if args.distributed:
             jax.distributed.initialize()
@@ -46,15 +51,21 @@ def main(argv=None) -> int:
         else:
             run = load_run_config(args.config, args.overrides)
         summary = train(run, progress=not args.quiet)
-    except (ConfigError, LayoutError, CheckpointError, ValueError, FileNotFoundError) as err:
+    except (ConfigError, LayoutError, CheckpointError, ValueError, OSError) as err:
         print(f"train: error: {err}", file=sys.stderr)
         return 2
+    except DivergenceError as err:
+        print(f"train: error: {err}", file=sys.stderr)
+        return 1
     if jax.process_index() == 0:
         metrics = summary["metrics"]
         if metrics:
             print(f"step {summary['step']}: loss {metrics['loss']:.4f}, "
                   f"{metrics['tokens_per_s']:,.0f} tokens/s, MFU {metrics['mfu']:.1%} "
                   f"(peak: {summary['peak_source']})")
+            if "eval_loss" in metrics:
+                print(f"held-out: loss {metrics['eval_loss']:.4f}, perplexity {metrics['eval_perplexity']:.2f}, "
+                      f"token accuracy {metrics['eval_accuracy']:.1%}")
             print(f"loss curve: {loss_curve_png(summary['run_dir'])}")
         if summary["preempted"]:
             print(f"preempted: saved step {summary['step']}; run the same command to resume")

@@ -16,7 +16,7 @@ import time
 class CompileResult:
     """One compile's figures; bytes and FLOPs are per chip unless named otherwise."""
 
-    program: str                  # "train", "decode" or "prefill"
+    program: str                  # "train", "prefill" or "decode"
     topology: str
     slices: int
     chip: str
@@ -37,6 +37,12 @@ class CompileResult:
     xla_flops: float | None = None         # cost_analysis(), per chip (loop bodies counted once)
     step_s_at_full_mfu: float | None = None
     reason: str | None = None              # the compiler's message when it does not fit
+    prompt_len: int | None = None          # prefill: tokens per prompt
+    images_per_row: int = 0                # prefill and decode of a vision model
+    quantize: str | None = None            # int8 / fp8 weights (llama_jax/quantize.py)
+    kv_cache_dtype: str | None = None      # int8 / fp8 KV cache (decode)
+    weight_bytes: int | None = None        # one chip's share of the parameters, as compiled
+    cache_bytes: int | None = None         # one chip's share of the KV cache (decode)
 
     @property
     def used_bytes(self) -> int | None:
@@ -69,8 +75,8 @@ def train_program(run, placement):
     batch_sharding = placement.sharding("batch", "length")
     batch = {key: jax.ShapeDtypeStruct(rows, jnp.float32 if key == "loss_weights" else jnp.int32,
                                        sharding=batch_sharding) for key in BATCH_KEYS}
-    step = jit_train_step(make_train_step(run.model, optimizer, schedule, run.grad_accum, run.z_loss,
-                                          run.loss_chunk), placement, shardings)
+    step = jit_train_step(make_train_step(run.model, optimizer, schedule, shardings.params, run.grad_accum,
+                                          run.z_loss, run.loss_chunk), placement, shardings)
     return step, (state, batch)
 
 
@@ -80,61 +86,101 @@ def decode_program(config, placement, batch: int, cache_len: int):
     The program is `llama_jax.decoding.decode` (one step of its loop, greedy),
     jitted with the state donated and sharded by the layout (batch on
     data/fsdp, the KV cache's kv_heads on tensor), as infer's Engine jits it.
+    A vision model's state also holds its images' cached keys and values
+    (`vision.max_images` per row), which every step reads.
     """
     import functools
 
     import jax
     import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec
 
     from llama_jax import decoding
-    from llama_jax.model import Llama
-    from llama_jax.params import abstract_params
+    from llama_jax.params import model_for
     from llama_jax.sampling import Sampling
 
     config = config.replace(remat="none")  # nothing is differentiated
-    replicated = NamedSharding(placement.mesh, PartitionSpec())
-    state_shardings = placement.tree_shardings(decoding.STATE_AXES)
-    step = jax.jit(functools.partial(decoding.decode, Llama(config), sampling=Sampling(), steps=1),
+    with_images = config.vision is not None
+    replicated = _replicated(placement)
+    state_shardings = placement.tree_shardings(decoding.state_axes(config, with_images))
+    step = jax.jit(functools.partial(decoding.decode, model_for(config), sampling=Sampling(), steps=1),
                    donate_argnums=1,
                    in_shardings=(placement.param_shardings(config), state_shardings, replicated),
                    out_shardings=(state_shardings, replicated, replicated))
-    params = _abstract(abstract_params(config), placement.param_shardings(config))
-    state = _abstract(jax.eval_shape(lambda: decoding.empty_state(config, batch, cache_len)),
+    state = _abstract(jax.eval_shape(lambda: decoding.empty_state(config, batch, cache_len, with_images)),
                       state_shardings)
     stops = jax.ShapeDtypeStruct((1,), jnp.int32, sharding=replicated)
-    return step, (params, state, stops)
+    return step, (_abstract_params(config, placement), state, stops)
 
 
-def prefill_program(config, placement, batch: int, prompt_len: int, chunk: int | None):
-    """(jitted prefill, abstract sharded args): `llama_jax.decoding.prefill` as infer's Engine
-    jits it, for `batch` prompts of `prompt_len` tokens into a cache of that length, `chunk`
-    tokens per step (None: all at once)."""
+def prefill_program(config, placement, batch: int, prompt_len: int, cache_len: int,
+                    chunk: int | None = None):
+    """(jitted prefill, abstract sharded inputs): what infer's Engine compiles for `batch` prompts of
+    `prompt_len` tokens (a multiple of `chunk`, prefilled `chunk` tokens per step; None: all at
+    once) into a cache of `cache_len`, with `vision.max_images` full-size images per row for a
+    vision model (encoder, projector and every cross-attention layer's keys and values, made
+    once here)."""
     import functools
 
     import jax
     import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec
 
     from llama_jax import decoding
-    from llama_jax.model import Llama
-    from llama_jax.params import abstract_params
+    from llama_jax.params import model_for
     from llama_jax.sampling import Sampling
 
     config = config.replace(remat="none")
-    replicated = NamedSharding(placement.mesh, PartitionSpec())
+    replicated = _replicated(placement)
+    state_shardings = placement.tree_shardings(decoding.state_axes(config, config.vision is not None))
+    fill = functools.partial(decoding.prefill, model_for(config), sampling=Sampling(),
+                             cache_len=cache_len, chunk=chunk)
+    step = jax.jit(lambda params, prompts, lengths, limits, seed, stops, images: fill(
+        params, prompts, lengths, limits, seed, stops, images=images),
+                   out_shardings=(state_shardings, replicated, replicated))
     row = placement.sharding("batch")
-    step = jax.jit(functools.partial(decoding.prefill, Llama(config), sampling=Sampling(),
-                                     cache_len=prompt_len, chunk=chunk),
-                   out_shardings=(placement.tree_shardings(decoding.STATE_AXES), replicated, replicated))
-    params = _abstract(abstract_params(config), placement.param_shardings(config))
-    ints = lambda shape, sharding: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding)  # noqa: E731
-    args = (params, ints((batch, prompt_len), placement.sharding("batch", "length")),
-            ints((batch,), row), ints((batch,), row), ints((), replicated), ints((1,), replicated))
-    return step, args
+    inputs = (jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32, sharding=placement.sharding("batch", "length")),
+              jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=row),
+              jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=row),
+              jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+              jax.ShapeDtypeStruct((1,), jnp.int32, sharding=replicated))
+    images = None
+    if config.vision is not None:
+        vis = config.vision
+        slots = (batch, vis.max_images, vis.max_tiles)
+        shapes = {"pixels": (slots + (3, vis.image_size, vis.image_size), jnp.float32),
+                  "aspect_ratio_ids": (slots[:2], jnp.int32), "aspect_ratio_mask": (slots, jnp.int32),
+                  "tile_from": (slots, jnp.int32), "tile_until": (slots, jnp.int32)}
+        images = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=placement.sharding(
+            "batch", *[None] * (len(shape) - 1))) for name, (shape, dtype) in shapes.items()}
+    return step, (_abstract_params(config, placement), *inputs, images)
+
+
+def _replicated(placement):
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    return NamedSharding(placement.mesh, PartitionSpec())
+
+
+def _abstract_params(config, placement):
+    from llama_jax.params import abstract_params
+
+    return _abstract(abstract_params(config), placement.param_shardings(config))
 
 
 # --- compiling ---------------------------------------------------------------------------
+
+
+def _chip_bytes(tree, device) -> int:
+    """Bytes of `device`'s shards of a tree of abstract sharded arrays."""
+    import math
+
+    import jax
+
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shard = leaf.sharding.shard_shape(leaf.shape)
+        if device in leaf.sharding.device_set:
+            total += math.prod(shard) * leaf.dtype.itemsize
+    return total
 
 
 def _memory(compiled) -> dict[str, int]:
@@ -160,12 +206,13 @@ def _out_of_memory_reason(err: Exception) -> str | None:
 
 def compile_run(run, devices, *, topology: str = "", slices: int = 1, program: str = "train",
                 decode_batch: int | None = None, cache_len: int | None = None,
-                prefill_chunk: int | None = None) -> CompileResult:
-    """Compile `run`'s train, decode or prefill step for `devices` and judge whether it fits.
+                prompt_len: int | None = None, prefill_chunk: int | None = None) -> CompileResult:
+    """Compile `run`'s train step (or prefill, or decode step) for `devices`; judge whether it fits.
 
-    decode / prefill: `decode_batch` sequences (default data.global_batch) with a
-    cache of `cache_len` (default data.seq_len; prefill: the prompt length),
-    prefilled `prefill_chunk` tokens at a time (default decoding.PREFILL_CHUNK).
+    program: "train", "prefill" (batch x prompt_len tokens, `prefill_chunk`
+    at a time, default decoding.PREFILL_CHUNK, with images for a vision
+    model) or "decode"; decode_batch, cache_len and prompt_len default to the
+    run's global batch and sequence length.
 
     `devices`: compile-only TPU devices (sharding.topology.topology_devices).
     LayoutError/ConfigError for input that cannot be placed; an out-of-memory
@@ -185,27 +232,40 @@ def compile_run(run, devices, *, topology: str = "", slices: int = 1, program: s
         validate(run.model, layout, placement.mesh, batch=batch // run.grad_accum, seq_len=seq_len)
         step, args = train_program(run, placement)
     else:
+        from llama_jax.config import ConfigError
+
         batch = decode_batch or run.data.global_batch
         seq_len = cache_len or run.data.seq_len
         if seq_len > run.model.max_seq_len:
-            from llama_jax.config import ConfigError
             raise ConfigError(f"cache length {seq_len} exceeds the model's max_seq_len "
                               f"{run.model.max_seq_len}")
+        validate(run.model, layout, placement.mesh, batch=batch)
         if program == "decode":
-            validate(run.model, layout, placement.mesh, batch=batch)
             step, args = decode_program(run.model, placement, batch, seq_len)
         else:
             from llama_jax.decoding import PREFILL_CHUNK
-            chunk = prefill_chunk or PREFILL_CHUNK
-            validate(run.model, layout, placement.mesh, batch=batch, seq_len=min(chunk, seq_len))
-            step, args = prefill_program(run.model, placement, batch, seq_len, chunk)
+
+            prompt_len = prompt_len or seq_len
+            if prompt_len > seq_len:
+                raise ConfigError(f"prompt length {prompt_len} exceeds the cache length {seq_len}")
+            chunk = min(prefill_chunk or PREFILL_CHUNK, prompt_len)
+            if prompt_len % chunk:
+                raise ConfigError(f"prompt length {prompt_len} is not a multiple of the prefill "
+                                  f"chunk {chunk}")
+            validate(run.model, layout, placement.mesh, seq_len=chunk)
+            step, args = prefill_program(run.model, placement, batch, prompt_len, seq_len, chunk)
     hbm = CHIP_HBM_BYTES[info.chip] / info.devices_per_chip
     result = CompileResult(
         program=program, topology=topology, slices=slices, chip=info.chip, chips=info.n_chips,
         layout=layout.name, mesh=dict(placement.mesh.shape), batch=batch, seq_len=seq_len,
         grad_accum=run.grad_accum if program == "train" else 1, remat=run.model.remat,
         dtype=run.model.dtype, param_dtype=run.model.param_dtype, verdict="does not fit",
-        hbm_bytes=hbm, compile_s=0.0)
+        hbm_bytes=hbm, compile_s=0.0, prompt_len=prompt_len if program == "prefill" else None,
+        images_per_row=run.model.vision.max_images if run.model.vision and program != "train" else 0,
+        quantize=run.model.quantize, kv_cache_dtype=run.model.kv_cache_dtype)
+    if program == "decode":
+        result.weight_bytes = _chip_bytes(args[0], devices[0])
+        result.cache_bytes = _chip_bytes(args[1]["cache"], devices[0])
     start = time.perf_counter()
     try:
         with placement.activate():

@@ -17,7 +17,11 @@ Safety, and who provides it:
   committed. Leftovers are reported and removed when the next run starts.
 - A failed save never deletes or overwrites the last good checkpoint: orbax
   deletes old steps (beyond `keep_checkpoints`) only after a newer one is
-  committed, and never saves over an existing step.
+  committed, and never saves over an existing step. The failure of a
+  background save is a one-line CheckpointError at the next step (with one
+  process; with several, at the next save), orbax's tracebacks in a log file.
+- A state holding NaN or infinite values is never saved (DivergenceError), so
+  `keep_checkpoints` never deletes the last finite checkpoint for it.
 - Corruption that still decodes (garbage inside a compressed chunk) would
   restore silently; the checksums item catches it. Fingerprints are sums of
   integer bit patterns, exact in any order, so they agree on every layout.
@@ -40,8 +44,9 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
+import os
+import re
 import signal
-import sys
 import threading
 from pathlib import Path
 
@@ -49,12 +54,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
 
 from llama_jax.checkpoint import (CONFIG, PARAMS, TMP_SUFFIX, CheckpointError, architecture_mismatch,
                                   first_line, latest_step, read_config)
-from train.config import RunConfig, _merge, parse_overrides, run_config_from_dict
+from llama_jax.weights import BASE
+from train.config import RunConfig, run_config_from_dict
 from train.data import checkpoint_restore_args, checkpoint_save_args
+from train.library_logs import LibraryLogs
+from train.metrics import note
+from train.nonfinite import DivergenceError
 
 OPT_STATE, DATA, RUN, CHECKSUMS = "opt_state", "data", "run", "checksums"
 # Data settings that decide which rows come next; a change breaks exact resumption.
@@ -70,8 +80,10 @@ def checkpoint_dir(run: RunConfig) -> Path:
 class Checkpointer:
     """Saves every `checkpoint_every` steps (asynchronously) and restores the latest step.
 
-    Every process must create one, call `restore_latest` once, and then call
-    `reached_preemption` and `maybe_save` at every step.
+    Every process must create one, call `restore_latest` once, then call
+    `reached_preemption`, `check_saves` and `maybe_save` at every step, and
+    `close` at the end. Until then orbax's logs go to `<run_dir>/orbax.log`
+    (see train/library_logs.py).
     """
 
     def __init__(self, run: RunConfig, shardings):
@@ -79,15 +91,22 @@ class Checkpointer:
         self.shardings = shardings
         self.directory = checkpoint_dir(run)
         self.preempted = False
-        self._last_saved = None
+        self.last_saved: int | None = None  # the step last restored or saved (maybe still writing)
+        self._saving: int | None = None  # the step of a save not yet waited for
+        self.logs = LibraryLogs(self.directory.parent / (
+            "orbax.log" if jax.process_count() == 1 else f"orbax.process_{jax.process_index()}.log"))
         self._leftovers = sorted(p.name for p in self.directory.glob(f"*{TMP_SUFFIX}*"))
         options = ocp.CheckpointManagerOptions(max_to_keep=run.keep_checkpoints, create=True,
                                                enable_async_checkpointing=True,
                                                cleanup_tmp_directories=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         self._fingerprints = jax.jit(_fingerprints)
+        self._all_finite = jax.jit(_all_finite)
         self._previous_handler = None
         self._sync_preemption = jax.process_count() > 1
+        # Hosts notice a failed background save at different steps; only a lone
+        # process may stop on it at once (several wait for the next save or close).
+        self._poll_saves = jax.process_count() == 1
         if not self._sync_preemption and threading.current_thread() is threading.main_thread():
             self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
 
@@ -110,7 +129,7 @@ class Checkpointer:
         another model, lacks an item, or does not read back bit for bit.
         """
         for name in self._leftovers:
-            _note(f"removing {self.directory / name}: a save that never finished")
+            note(f"removing {self.directory / name}: a save that never finished")
         steps = sorted(self.manager.all_steps())
         if not steps:
             return state
@@ -146,7 +165,9 @@ class Checkpointer:
         except Exception as err:  # orbax and tensorstore raise many types; all mean "unreadable"
             problem = _root_cause(err)
         if problem is not None:
-            _drop_abandoned_reads()
+            # The reads orbax abandoned complain ("Event loop is closed") when collected:
+            # collect them now, while their complaints go to the log file.
+            gc.collect()
             raise fail(f"cannot restore ({problem})")
         arrays = {PARAMS: restored[PARAMS], OPT_STATE: restored[OPT_STATE]}
         expected = self._stored_checksums(step_dir)
@@ -155,8 +176,8 @@ class Checkpointer:
             for name in sorted(expected):
                 if actual.get(name) != expected[name]:
                     raise fail(f"{name} does not match its checksum (a corrupt file?)")
-        self._last_saved = step
-        _note(f"resuming from {step_dir}")
+        self.last_saved = step
+        note(f"resuming from {step_dir}")
         self._note_data_changes(step_dir)
         step_array = jax.make_array_from_callback((), self.shardings.step, lambda _: np.int32(step))
         return state.replace(step=step_array, **arrays)
@@ -172,8 +193,39 @@ class Checkpointer:
         changed = [f"{key} {saved[key]!r} -> {current[key]!r}" for key in DATA_ORDER_FIELDS
                    if key in saved and saved[key] != current.get(key)]
         if changed:
-            _note("warning: data settings differ from the checkpoint's (" + ", ".join(changed)
+            note("warning: data settings differ from the checkpoint's (" + ", ".join(changed)
                   + "); training continues, but not on the rows the original run would have seen")
+
+    def has_checkpoint(self) -> bool:
+        """Whether the run directory holds a complete step to resume from."""
+        return bool(self.manager.all_steps())
+
+    def _base_item(self) -> dict:
+        """A LoRA run saves only its adapters: item "base" names the weights they adapt, so
+        the checkpoint loads whole (llama_jax.weights.load_params) and serves as it is."""
+        if self.run.model.lora is None:
+            return {}
+        return {BASE: ocp.args.JsonSave({"path": str(epath.Path(self.run.init_from).absolute())})}
+
+    def due(self, step: int, force: bool = False) -> bool:
+        """Whether `maybe_save(step, ..., force)` would save."""
+        return step != self.last_saved and (force or step % self.run.checkpoint_every == 0)
+
+    def check_saves(self):
+        """Raise CheckpointError as soon as the background save has failed (call every step).
+
+        The last complete checkpoint is then still on disk, untouched. With
+        several processes this waits for the next save (or `close`) instead.
+        """
+        if self._saving is not None and self._poll_saves and not self.manager.is_saving_in_progress():
+            self._wait_for_save()
+
+    def _wait_for_save(self):
+        step, self._saving = self._saving, None
+        try:
+            self.manager.wait_until_finished()
+        except Exception as err:
+            raise self._save_error(step, err) from None
 
     def maybe_save(self, step: int, state, data, force: bool = False):
         """Save at multiples of checkpoint_every (or when forced); returns without waiting.
@@ -181,10 +233,18 @@ class Checkpointer:
         Raises CheckpointError if this or the previous save failed; the last
         complete checkpoint is then still on disk, untouched.
         """
-        if step == self._last_saved or not (force or step % self.run.checkpoint_every == 0):
+        if not self.due(step, force):
             return
+        if self._saving is not None:
+            self._wait_for_save()
         arrays = {PARAMS: state.params, OPT_STATE: state.opt_state}
-        checksums = {k: int(v) for k, v in jax.device_get(self._fingerprints(arrays)).items()}
+        fingerprints, finite = jax.device_get((self._fingerprints(arrays), self._all_finite(arrays)))
+        if not finite:
+            last = ("there is no earlier checkpoint" if self.last_saved is None
+                    else f"step {self.last_saved} is the last good checkpoint")
+            raise DivergenceError(f"step {step}: the parameters or optimizer state hold NaN or infinite "
+                                  f"values, so they were not saved; {last}")
+        checksums = {k: int(v) for k, v in fingerprints.items()}
         try:
             self.manager.save(step, args=ocp.args.Composite(**{
                 PARAMS: ocp.args.StandardSave(state.params),
@@ -193,30 +253,33 @@ class Checkpointer:
                 DATA: checkpoint_save_args(data),
                 RUN: ocp.args.JsonSave(_jsonable(self.run.to_dict())),
                 CHECKSUMS: ocp.args.JsonSave(checksums),
+                **self._base_item(),
             }), force=True)
         except Exception as err:
-            raise self._save_error(err) from None
-        self._last_saved = step
+            raise self._save_error(step, err) from None
+        self.last_saved = self._saving = step
 
     def close(self):
-        """Wait for pending saves, then release the manager and the signal handler.
+        """Wait for pending saves, then release the manager, the signal handler and the logs.
 
         Raises CheckpointError if the last save failed.
         """
         try:
-            self.manager.wait_until_finished()
-        except Exception as err:
-            raise self._save_error(err) from None
+            if self._saving is not None:
+                self._wait_for_save()
+            self.manager.close()
         finally:
             if self._previous_handler is not None:
                 signal.signal(signal.SIGTERM, self._previous_handler)
                 self._previous_handler = None
-        self.manager.close()
+            self.logs.close()
 
-    def _save_error(self, err) -> CheckpointError:
-        steps = sorted(self.manager.all_steps(read=True))
-        last = f"step {steps[-1]} is the last complete checkpoint" if steps else "no complete checkpoint"
-        return CheckpointError(f"{self.directory}: saving a checkpoint failed ({_root_cause(err)}); {last}")
+    def _save_error(self, step: int, err: BaseException) -> CheckpointError:
+        complete = latest_step(self.directory)
+        last = ("no checkpoint is complete" if complete is None
+                else f"step {complete} is the last complete checkpoint")
+        return CheckpointError(f"{self.directory}: saving step {step} failed ({_failure_reason(err)}); "
+                               f"{last} (orbax's log: {self.logs.path})")
 
     def _stored_checksums(self, step_dir: Path) -> dict | None:
         path = step_dir / CHECKSUMS / "metadata"
@@ -244,7 +307,7 @@ def resume_config(run_dir, overrides: list[str] = ()) -> RunConfig:
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{path}: unreadable run config ({_root_cause(err)})") from None
     saved["run_dir"] = str(run_dir)
-    return run_config_from_dict(_merge(saved, parse_overrides(list(overrides))))
+    return run_config_from_dict(saved, overrides)
 
 
 def _fingerprints(trees: dict) -> dict:
@@ -260,6 +323,12 @@ def _fingerprints(trees: dict) -> dict:
             keys = (getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
             out["/".join([item, *map(str, keys)])] = _fingerprint(x)
     return out
+
+
+def _all_finite(trees) -> jax.Array:
+    """True if no floating-point leaf of `trees` holds a NaN or an infinity."""
+    leaves = [x for x in jax.tree.leaves(trees) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
 def _fingerprint(x: jax.Array) -> jax.Array:
@@ -278,30 +347,26 @@ def _fingerprint(x: jax.Array) -> jax.Array:
     return jnp.sum(bits * (2 * index + 1), dtype=jnp.uint32)
 
 
+def _failure_reason(err: BaseException) -> str:
+    """Why a save failed: the operating system's words when an OS error is behind it
+    ("No space left on device"), else the innermost exception's first line."""
+    chain = [err]
+    while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    for exc in chain:
+        if isinstance(exc, OSError) and exc.errno:
+            return os.strerror(exc.errno)
+        code = re.search(r"os_error_code='(\d+)'", str(exc))  # tensorstore's wording
+        if code:
+            return os.strerror(int(code.group(1)))
+    return _root_cause(err)
+
+
 def _root_cause(err: BaseException) -> str:
     """The first line of the innermost exception (tensorstore's message, not orbax's wrapper)."""
     while err.__cause__ is not None:
         err = err.__cause__
     return first_line(err)
-
-
-def _drop_abandoned_reads():
-    """Collect the array reads orbax abandoned when one failed, without their noise.
-
-    Each would otherwise print "Exception ignored in: <coroutine ...>" with a
-    page of tensorstore spec when garbage-collected, burying the one-line error.
-    """
-    hook = sys.unraisablehook
-    sys.unraisablehook = lambda _: None
-    try:
-        gc.collect()
-    finally:
-        sys.unraisablehook = hook
-
-
-def _note(message: str):
-    if jax.process_index() == 0:
-        print(f"train: {message}", file=sys.stderr, flush=True)
 
 
 def _jsonable(value):

@@ -4,6 +4,9 @@
     python -m train.compile --config RUN --topology v5p:8x8x8 --slices 2     # two slices over DCN
     python -m train.compile --config RUN --topology v5e:16x16 --decode       # also the decode step
     python -m train.compile --config RUN --prefill --prefill-chunk 8192       # a prompt of data.seq_len
+    python -m train.compile --config RUN --topology v5e:2x4 --inference     # prefill and decode only
+    python -m train.compile --config RUN --topology v5e:2x4 --decode-only model_overrides.quantize=int8 \\
+        model_overrides.kv_cache_dtype=int8 --decode-batch 32 --cache-len 8192  # serving, quantised
     python -m train.compile --all                    # every shipped run on the slice it names
     python -m train.compile --config RUN --topology v5p:4x4x4 \\
         --sweep layout=fsdp,fsdp_tp remat=full,dots batch=256,512           # a table of combinations
@@ -56,12 +59,19 @@ def _gib(n: float) -> str:
 def format_result(r: CompileResult) -> str:
     """The text report of one compile."""
     mesh = " x ".join(f"{axis}={size}" for axis, size in r.mesh.items() if size > 1) or "1 device"
-    what = {"train": f"{r.batch} x {r.seq_len} tokens, grad_accum {r.grad_accum}",
-            "decode": f"{r.batch} sequences, cache {r.seq_len}",
-            "prefill": f"{r.batch} prompts of {r.seq_len} tokens"}[r.program]
+    what = (f"{r.batch} x {r.seq_len} tokens, grad_accum {r.grad_accum}" if r.program == "train"
+            else f"{r.batch} prompts of {r.prompt_len} tokens, cache {r.seq_len}" if r.program == "prefill"
+            else f"{r.batch} sequences, cache {r.seq_len}")
+    if r.images_per_row:
+        what += f", {r.images_per_row} image(s) per row"
     lines = [f"{r.program} step on {r.topology}" + (f" x {r.slices} slices" if r.slices > 1 else "")
              + f" ({r.chips} {r.chip} chips): layout {r.layout} ({mesh}), {what}, remat {r.remat}, "
-             f"{r.dtype} compute, {r.param_dtype} params"]
+             f"{r.dtype} compute, {r.param_dtype} params"
+             + (f" ({r.quantize} quantised)" if r.quantize else "")
+             + (f", {r.kv_cache_dtype} KV cache" if r.kv_cache_dtype else "")]
+    if r.weight_bytes is not None:
+        lines.append(f"  per chip: weights {_gib(r.weight_bytes)}, KV cache {_gib(r.cache_bytes)} "
+                     "(their shards among the arguments)")
     if r.memory is None:
         if "vmem" in r.reason.lower():
             lines.append("  verdict: does not fit: one fusion needs more on-chip vector memory (VMEM) "
@@ -157,11 +167,19 @@ def main(argv=None) -> int:
                              "else 1); a layout without DCN sizes puts them on the data axis")
     parser.add_argument("--decode", action="store_true",
                         help="also compile the decode step (one token per sequence with a KV cache)")
+    parser.add_argument("--inference", action="store_true",
+                        help="compile the inference programs instead of the train step: the prefill "
+                             "(with the images, for a Llama 3.2 Vision model) and the decode step")
+    parser.add_argument("--prompt-len", type=int, default=None,
+                        help="tokens per prompt in the prefill (default: the cache length)")
+    parser.add_argument("--decode-only", action="store_true",
+                        help="compile only the decode step (serving; the only program for quantised "
+                             "weights, e.g. model_overrides.quantize=fp8)")
     parser.add_argument("--decode-batch", type=int, default=None,
                         help="sequences decoded at once (default: data.global_batch)")
     parser.add_argument("--cache-len", type=int, default=None, help="KV cache length (default: data.seq_len)")
     parser.add_argument("--prefill", action="store_true",
-                        help="also compile the prefill of --decode-batch prompts of --cache-len tokens")
+                        help="also compile the prefill of --decode-batch prompts of --prompt-len tokens")
     parser.add_argument("--prefill-chunk", type=int, default=None,
                         help="tokens per prefill step (default: infer's, 8192)")
     parser.add_argument("--sweep", nargs="+", default=[], metavar="key=v1,v2",
@@ -189,6 +207,9 @@ def main(argv=None) -> int:
         args.topology = args.topology or run.topology
         if not args.topology:
             raise ConfigError(f"--topology: {args.config} names no topology; give one, e.g. v5p:4x4x4")
+        if run.model.vision is not None and not (args.inference or args.sweep and args.decode):
+            raise ConfigError("the train step of a vision model is not built yet; pass --inference "
+                              "for its prefill and decode")
         slices = args.slices or slices_of(load_layout(run.layout, **run.mesh))
         devices = topology_devices(args.topology, slices)
         combos = parse_sweep(args.sweep)
@@ -196,13 +217,17 @@ def main(argv=None) -> int:
         for key in combos[0] if args.sweep else ():
             if key in given:
                 raise ConfigError(f"{key}: given both as an override and in --sweep")
+        if run.model.quantize is not None and not (args.decode_only or args.inference):
+            raise ConfigError(f"model quantize {run.model.quantize}: quantised weights are served, not "
+                              "trained; compile the serving programs with --decode-only or --inference")
         if args.sweep:
             return _sweep(args, combos, devices, slices)
-        programs = [p for p in ("train", "decode", "prefill") if p in run.programs
-                    or (p == "decode" and args.decode) or (p == "prefill" and args.prefill)]
+        programs = (["prefill", "decode"] if args.inference else ["decode"] if args.decode_only
+                    else [p for p in ("train", "prefill", "decode") if p in run.programs
+                          or (p == "decode" and args.decode) or (p == "prefill" and args.prefill)])
         results = [compile_run(run, devices, topology=args.topology, slices=slices, program=p,
                                decode_batch=args.decode_batch, cache_len=args.cache_len,
-                               prefill_chunk=args.prefill_chunk)
+                               prompt_len=args.prompt_len, prefill_chunk=args.prefill_chunk)
                    for p in programs]
     except (ConfigError, LayoutError, ValueError, FileNotFoundError) as err:
         return fail(err)
@@ -252,7 +277,7 @@ def _sweep(args, combos, devices, slices) -> int:
         try:
             run = load_run_config(args.config, list(args.overrides) + extra)
             result = compile_run(run, devices, topology=args.topology, slices=slices,
-                                 program="decode" if args.decode else "train",
+                                 program="decode" if args.decode or args.decode_only or args.inference else "train",
                                  decode_batch=args.decode_batch, cache_len=args.cache_len)
         except (ConfigError, LayoutError, ValueError) as err:
             result = str(err)

@@ -4,12 +4,16 @@ A run is a YAML file in `configs/runs/` (see `tiny_cpu.yaml`):
 
     model: tiny                      # name in configs/models/ or a path
     model_overrides: {remat: full}   # any ModelConfig field
+    init_from: ckpt/llama3_2_1b      # start from these weights (ours, a run dir or Hugging Face)
+    lora: {rank: 16, alpha: 32, targets: [wq, wk, wv, wo]}   # train adapters only
+    eval: {every: 200, batches: 8}   # held-out loss (eval.paths, or data.holdout)
     layout: fsdp_tp                  # name in configs/layouts/ or a path
     mesh: {tensor: 2}                # ICI size overrides for the layout
     data: {source: synthetic, seq_len: 128, global_batch: 16}   # train.data.DataConfig
     optimizer: {learning_rate: 3.0e-4, warmup_steps: 100}       # OptimizerConfig
     steps: 1000
     run_dir: runs/tiny
+    on_nonfinite: stop               # or skip: what a NaN/inf loss or norm does (train/nonfinite.py)
 
 Command-line overrides use dotted keys (`optimizer.learning_rate=1e-3`,
 `data.global_batch=32`, `steps=10`); values are parsed as YAML. An unknown
@@ -20,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import yaml
 
@@ -29,6 +33,7 @@ from train.data import DataConfig
 
 DECAYS = ("cosine", "linear", "constant")
 PROGRAMS = ("train", "decode", "prefill")  # what train.compile can build for a run
+NONFINITE_MODES = ("stop", "skip")  # what a non-finite step does: see train/nonfinite.py
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +66,24 @@ class OptimizerConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Held-out evaluation while training: every `every` steps (0: never), `batches` batches
+    of `data.global_batch` rows from `paths` (files of the training source), or, without
+    paths, from the fraction `data.holdout` split off the training documents."""
+
+    every: int = 0
+    batches: int = 8
+    paths: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "paths", (self.paths,) if isinstance(self.paths, str) else tuple(self.paths))
+        for name, least in (("every", 0), ("batches", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ConfigError(f"eval.{name}: must be an integer >= {least}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     """Everything one training run needs; `model` is resolved to a ModelConfig."""
 
@@ -82,6 +105,9 @@ class RunConfig:
     tokenizer: str | None = None
     topology: str | None = None            # the TPU slice it is planned for (train.compile's default)
     programs: tuple[str, ...] = ("train",)  # what train.compile checks for it by default
+    on_nonfinite: str = "stop"
+    init_from: str | None = None
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
 
     def __post_init__(self):
         for name in ("steps", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints"):
@@ -106,6 +132,13 @@ class RunConfig:
             raise ConfigError(f"programs: {list(self.programs)!r} must name some of {', '.join(PROGRAMS)}")
         if self.topology is not None and not isinstance(self.topology, str):
             raise ConfigError(f"topology: must be a TPU slice name like v5p:4x4x4, got {self.topology!r}")
+        if self.on_nonfinite not in NONFINITE_MODES:
+            raise ConfigError(f"on_nonfinite: {self.on_nonfinite!r} is not one of "
+                              f"{', '.join(NONFINITE_MODES)}")
+        if self.model.lora is not None and self.init_from is None:
+            raise ConfigError("lora: a LoRA run trains adapters over fixed weights: set init_from to them")
+        if self.eval.every and not self.eval.paths and not self.data.holdout:
+            raise ConfigError("eval.every: evaluation needs eval.paths or a data.holdout fraction")
         from train.metrics import PEAK_FLOPS  # late: metrics imports jax
         if self.chip not in PEAK_FLOPS:
             raise ConfigError(f"chip: {self.chip!r} is not one of {', '.join(PEAK_FLOPS)}")
@@ -169,10 +202,14 @@ def _merge(base: dict, extra: dict) -> dict:
     return merged
 
 
-def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
-    """Build a RunConfig from plain data (the YAML structure in this module's docstring)."""
-    data = dict(data)
-    known = {f.name for f in dataclasses.fields(RunConfig)} | {"model_overrides"}
+def run_config_from_dict(data: dict[str, Any], overrides: Sequence[str] = ()) -> RunConfig:
+    """Build a RunConfig from plain data (the YAML structure in this module's docstring).
+
+    `overrides` are command-line `key=value` strings (see `parse_overrides`),
+    applied on top: a nested key replaces one field of its section.
+    """
+    data = _merge(data, parse_overrides(list(overrides)))
+    known = {f.name for f in dataclasses.fields(RunConfig)} | {"model_overrides", "lora"}
     for key in data:
         if key not in known:
             raise ConfigError(f"{key}: unknown run config key (known: {', '.join(sorted(known))})")
@@ -180,6 +217,9 @@ def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
         raise ConfigError("model: required run config key is missing")
     model = data.pop("model")
     overrides = data.pop("model_overrides", None) or {}
+    if data.get("lora") is not None:  # `lora:` is the model's adapters (ModelConfig.lora)
+        overrides = {**overrides, "lora": data.pop("lora")}
+    data.pop("lora", None)
     if isinstance(model, dict):
         model = ModelConfig.from_dict({**model, **overrides})
     elif not isinstance(model, ModelConfig):
@@ -187,10 +227,11 @@ def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
     data["model"] = model
     data["data"] = _dataclass_from(DataConfig, data.get("data", {}), "data")
     data["optimizer"] = _dataclass_from(OptimizerConfig, data.get("optimizer", {}), "optimizer")
+    data["eval"] = _dataclass_from(EvalConfig, data.get("eval", {}), "eval")
     return _dataclass_from(RunConfig, data, "run")
 
 
 def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     """Read a run YAML (a path or a name in configs/runs/) and apply key=value overrides."""
     _, data = read_config_file("runs", path)
-    return run_config_from_dict(_merge(data, parse_overrides(list(overrides))))
+    return run_config_from_dict(data, overrides)

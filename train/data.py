@@ -28,7 +28,10 @@ are only known once a document is read, so documents are streamed.
     .repeat(num_epochs)  None repeats forever
     [index::count]       each shard reads only its own documents
     .map(tokenize)       text source only: BOS + ids + EOS, on the fly
+                         (nothing for a document with no text)
     .to_iter_dataset()   worker threads read ahead, order kept
+    skip empty           documents with no ids are dropped; none at all
+                         in two passes is a ValueError
     pack                 documents -> rows of seq_len (or one per row)
     window shuffle       packed rows shuffled within windows of
                          `shuffle_window` rows (grain's WindowShuffleIterDataset)
@@ -81,6 +84,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import logging
 import os
 from typing import Any
 
@@ -88,10 +92,13 @@ import grain
 import grain.experimental
 import numpy as np
 
-from train.sources import (SyntheticDocuments, TextDocuments, TextTokenizer, TokenDocuments,
-                           encode_document)
+from train.sources import (Examples, SyntheticDocuments, TextDocuments, TextTokenizer, TokenDocuments,
+                           encode_document, no_text_error)
 
-SOURCES = ("tokens", "text", "synthetic")
+SOURCES = ("tokens", "text", "synthetic", "chat", "completion")
+EXAMPLE_SOURCES = ("chat", "completion")  # fine-tuning examples with per-token loss weights
+OVERLONG = ("drop", "truncate")
+SPLITS = ("train", "eval")
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
@@ -113,6 +120,12 @@ class DataConfig:
       shuffled within windows of this many rows; restoring replays at most
       one window. 0 or 1 keeps stream order. Token directories shuffle all
       rows globally and ignore it.
+    overlong: fine-tuning examples (chat, completion) longer than seq_len
+      inputs are dropped, or truncated to seq_len (then dropped if no
+      weighted token is left); the count is logged at start.
+    holdout, split: a fraction of the documents (examples), drawn from
+      `seed`, is held out for evaluation; split "train" reads the others,
+      "eval" only those. 0 holds nothing out.
     """
 
     source: str = "synthetic"
@@ -129,6 +142,9 @@ class DataConfig:
     synthetic_docs: int = 10_000
     read_threads: int = 8
     shuffle_window: int = 1024
+    overlong: str = "drop"
+    holdout: float = 0.0
+    split: str = "train"
 
     def __post_init__(self):
         paths = (self.paths,) if isinstance(self.paths, (str, os.PathLike)) else self.paths
@@ -137,7 +153,7 @@ class DataConfig:
         object.__setattr__(self, "paths", tuple(str(p) for p in paths))
         if self.source not in SOURCES:
             raise ValueError(f"DataConfig.source must be one of {', '.join(SOURCES)}; got {self.source!r}")
-        if self.source in ("tokens", "text") and not self.paths:
+        if self.source not in ("synthetic",) and not self.paths:
             raise ValueError(f"DataConfig.paths must name at least one input for source {self.source!r}")
         if not self.text_key:
             raise ValueError("DataConfig.text_key must be a non-empty string")
@@ -153,6 +169,12 @@ class DataConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"DataConfig.{name} must be a non-negative integer; got {value!r}")
+        for name, allowed in (("overlong", OVERLONG), ("split", SPLITS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"DataConfig.{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        if isinstance(self.holdout, bool) or not isinstance(self.holdout, (int, float)) \
+                or not 0 <= self.holdout < 1:
+            raise ValueError(f"DataConfig.holdout must be a fraction in [0, 1); got {self.holdout!r}")
 
 
 
@@ -244,9 +266,8 @@ class _PackedRowsIterator(grain.DatasetIterator):
             except StopIteration:
                 self._exhausted = True
                 break
-            if len(doc):
-                self._docs.append((state, np.asarray(doc, np.int32)))
-                held += len(doc)
+            self._docs.append((state, np.asarray(doc, np.int32)))  # never empty: see _NonEmpty
+            held += len(doc)
         return held
 
     def __next__(self) -> dict[str, np.ndarray]:
@@ -280,6 +301,44 @@ class _PackedRowsIterator(grain.DatasetIterator):
         self._exhausted = False
 
 
+class _NonEmptyIterator(grain.DatasetIterator):
+    """The documents of `parent` that hold ids (a text document with no text holds none).
+
+    `limit` empty documents in a row mean that no document holds any: it is
+    twice the documents a shard reads in an epoch (a run of empty ones can
+    span the end of one epoch and the start of the next), so an input with
+    no text ends in ValueError instead of an endless search.
+    """
+
+    def __init__(self, parent: grain.DatasetIterator, limit: int, paths: tuple[str, ...]):
+        super().__init__(parent)
+        self._limit, self._paths = limit, paths
+
+    def __next__(self) -> np.ndarray:
+        for _ in range(self._limit):
+            doc = next(self._parent)
+            if len(doc):
+                return doc
+        raise no_text_error(self._paths)
+
+    def get_state(self) -> dict[str, Any]:
+        return self._parent.get_state()
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state)
+
+
+class _NonEmpty(grain.IterDataset):
+    """An IterDataset of the documents that hold ids (see `_NonEmptyIterator`)."""
+
+    def __init__(self, parent: grain.IterDataset, limit: int, paths: tuple[str, ...]):
+        super().__init__(parent)
+        self._limit, self._paths = limit, paths
+
+    def __iter__(self) -> _NonEmptyIterator:
+        return _NonEmptyIterator(self._parent.__iter__(), self._limit, self._paths)
+
+
 class _PackedRows(grain.IterDataset):
     """An IterDataset of packed rows (see `_PackedRowsIterator`)."""
 
@@ -291,21 +350,129 @@ class _PackedRows(grain.IterDataset):
         return _PackedRowsIterator(self._parent.__iter__(), self._seq_len)
 
 
+# --- Fine-tuning examples: whole examples packed into rows. -----------------
+
+
+def example_row(examples: list[np.ndarray], seq_len: int) -> dict[str, np.ndarray]:
+    """One row of whole examples laid end to end, each its own segment.
+
+    examples: int32 [2, n] each (ids, 0/1 loss weights), n - 1 <= seq_len in
+    total over the row. Example k gives inputs ids[:-1], targets ids[1:],
+    loss weights weights[1:] (the weight of the token predicted), positions
+    0.. and segment id k + 1; the rest is padding (weight 0, segment 0).
+    """
+    row = {key: np.zeros(seq_len, np.int32) for key in ("tokens", "targets", "positions", "segment_ids")}
+    row["loss_weights"] = np.zeros(seq_len, np.float32)
+    at = 0
+    for k, (ids, weights) in enumerate(examples):
+        n = len(ids) - 1
+        row["tokens"][at:at + n], row["targets"][at:at + n] = ids[:-1], ids[1:]
+        row["loss_weights"][at:at + n] = weights[1:]
+        row["positions"][at:at + n] = np.arange(n)
+        row["segment_ids"][at:at + n] = k + 1
+        at += n
+    return row
+
+
+class ExampleRows:
+    """Rows of whole fine-tuning examples as random access (examples never straddle rows).
+
+    Each kept example's length is read once up front (one pass that encodes
+    every example of this split); over-long ones are dropped or truncated as
+    `config.overlong` says. In `order`, examples fill a row until the next
+    one would not fit (with packing), or one example per row.
+    """
+
+    def __init__(self, examples, indices: np.ndarray, config: DataConfig):
+        self._examples, self._seq_len = examples, config.seq_len
+        kept, lengths, overlong = [], [], 0
+        for i in indices:
+            ids, weights = examples[int(i)]
+            n = len(ids) - 1
+            if n > config.seq_len:
+                overlong += 1
+                if config.overlong == "drop" or not weights[1:config.seq_len + 1].any():
+                    continue
+                n = config.seq_len
+            if n >= 1 and weights[1:n + 1].any():
+                kept.append(int(i))
+                lengths.append(n)
+        if overlong:
+            what = "dropped" if config.overlong == "drop" else "truncated to it (dropped if no answer is left)"
+            logging.getLogger(__name__).warning(
+                "data: %d of %d examples are longer than seq_len %d; %s", overlong, len(indices),
+                config.seq_len, what)
+        if not kept:
+            raise ValueError(f"{', '.join(config.paths)}: no example with an answer fits seq_len {config.seq_len}")
+        self._kept = np.asarray(kept, np.int64)
+        starts, used = [0], 0
+        for j, n in enumerate(lengths):
+            if j and (not config.packing or used + n > config.seq_len):
+                starts.append(j)
+                used = 0
+            used += n
+        self._starts = np.asarray(starts + [len(kept)], np.int64)
+
+    def __len__(self) -> int:
+        return len(self._starts) - 1
+
+    def __getitem__(self, r: int) -> dict[str, np.ndarray]:
+        picked = self._kept[self._starts[r]:self._starts[r + 1]]
+        return example_row([self._examples[int(i)][:, :self._seq_len + 1] for i in picked], self._seq_len)
+
+
 # --- The pipeline. ----------------------------------------------------------
 
 
-def _documents(config: DataConfig, tokenizer: TextTokenizer | None):
+class _Subset:
+    """Random access to the documents `indices` of `source` (a holdout split)."""
+
+    def __init__(self, source, indices: np.ndarray):
+        self._source, self._indices = source, indices
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    def __getitem__(self, i: int):
+        return self._source[int(self._indices[i])]
+
+
+def split_indices(n_docs: int, config: DataConfig) -> np.ndarray:
+    """The document indices of `config.split`: a `holdout` fraction drawn from `seed` is
+    "eval", the rest "train" (all of them when nothing is held out)."""
+    held = np.zeros(n_docs, bool)
+    if config.holdout:
+        count = max(1, round(config.holdout * n_docs))
+        held[np.random.default_rng([config.seed, 1]).permutation(n_docs)[:count]] = True
+    indices = np.flatnonzero(held if config.split == "eval" else ~held)
+    if len(indices) == 0:
+        raise ValueError(f"DataConfig.holdout {config.holdout} leaves no documents for split {config.split!r}")
+    return indices
+
+
+def _documents(config: DataConfig, tokenizer: TextTokenizer | None, model_vocab_size: int | None):
     """(random-access source, per-document function to int32 ids or None)."""
     if config.source == "tokens":
-        return TokenDocuments(config.paths), None
+        docs = TokenDocuments(config.paths)
+        for path, vocab_size in zip(docs.dirs, docs.vocab_sizes):
+            if model_vocab_size is not None and vocab_size > model_vocab_size:
+                raise ValueError(f"{path}: prepared with a vocabulary of {vocab_size} ids, more than the "
+                                 f"model's vocab_size {model_vocab_size}; prepare it with the model's "
+                                 "tokenizer")
+        return docs, None
     if config.source == "synthetic":
         return SyntheticDocuments(config.vocab_size, config.synthetic_docs, config.seq_len, config.seed), None
     if tokenizer is None:
         if config.tokenizer is None:
-            raise ValueError("DataConfig.tokenizer must name a tokenizer file for source 'text'")
+            raise ValueError(f"DataConfig.tokenizer must name a tokenizer file for source {config.source!r}")
         from llama_jax.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(config.tokenizer)
+    if model_vocab_size is not None and tokenizer.vocab_size > model_vocab_size:
+        raise ValueError(f"tokenizer: vocabulary of {tokenizer.vocab_size} exceeds the model's vocab_size "
+                         f"{model_vocab_size}")
+    if config.source in EXAMPLE_SOURCES:
+        return Examples(config.paths, tokenizer, config.source), None
     return TextDocuments(config.paths, config.text_key), functools.partial(encode_document, tokenizer)
 
 
@@ -315,11 +482,15 @@ def make_dataset(
     tokenizer: TextTokenizer | None = None,
     shard_index: int | None = None,
     shard_count: int | None = None,
+    model_vocab_size: int | None = None,
 ) -> grain.DatasetIterator:
     """An iterator of this shard's batches (see the module docstring for their dict).
 
     tokenizer: overrides `config.tokenizer` for the text source (any object
       with encode/bos_id/eos_id).
+    model_vocab_size: the ids the model accepts; a token directory or text
+      tokenizer with a larger vocabulary is refused (ValueError, one line).
+      (Inside the model an id past the vocabulary gives a row of NaN logits.)
     shard_index, shard_count: this process feeds global_batch // shard_count
       rows of every global batch, disjoint from other shards' rows. Default:
       jax.process_index() of jax.process_count(). Processes that are replicas
@@ -340,26 +511,33 @@ def make_dataset(
         raise ValueError(
             f"DataConfig.global_batch {config.global_batch} is not divisible by shard_count {shard_count}"
         )
-    source, encode = _documents(config, tokenizer)
-    if len(source) == 0:
-        raise ValueError(f"DataConfig.paths hold no documents: {', '.join(config.paths)}")
+    source, encode = _documents(config, tokenizer, model_vocab_size)
+    indices = split_indices(len(source), config)
     read = grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=4 * config.read_threads)
-    if config.source == "tokens" and config.packing:
-        rows = _window_rows(source, config)[shard_index::shard_count].to_iter_dataset(read)
+    if config.source in EXAMPLE_SOURCES:
+        rows = _global_rows(ExampleRows(source, indices, config), config)
+        rows = rows[shard_index::shard_count].to_iter_dataset(read)
+    elif config.source == "tokens" and config.packing:
+        rows = _window_rows(source, indices, config)[shard_index::shard_count].to_iter_dataset(read)
     else:
-        rows = _streamed_rows(source, encode, config, shard_index, shard_count, read)
+        rows = _streamed_rows(_Subset(source, indices), encode, config, shard_index, shard_count, read)
     return iter(rows.batch(config.global_batch // shard_count, drop_remainder=True))
 
 
-def _window_rows(docs: TokenDocuments, config: DataConfig) -> grain.MapDataset:
+def _window_rows(docs: TokenDocuments, indices: np.ndarray, config: DataConfig) -> grain.MapDataset:
     """All shards' rows in order: token windows, shuffled per epoch, whole global batches only."""
-    order = np.arange(len(docs))
+    order = indices
     if config.shuffle:
-        order = np.random.default_rng(config.seed).permutation(len(docs))
+        order = indices[np.random.default_rng(config.seed).permutation(len(indices))]
     windows = TokenWindows(docs, order, config.seq_len)
     if len(windows) == 0:
         raise ValueError(f"DataConfig.paths hold too few tokens for one row: {', '.join(config.paths)}")
-    rows = grain.MapDataset.source(windows)
+    return _global_rows(windows, config)
+
+
+def _global_rows(rows, config: DataConfig) -> grain.MapDataset:
+    """A random-access set of rows, shuffled per epoch, repeated, whole global batches only."""
+    rows = grain.MapDataset.source(rows)
     if config.shuffle:
         rows = rows.shuffle(seed=config.seed)
     rows = rows.repeat(config.num_epochs)
@@ -377,9 +555,11 @@ def _streamed_rows(source, encode, config: DataConfig, shard_index: int, shard_c
     docs = docs.repeat(config.num_epochs)[shard_index::shard_count]
     if encode is not None:
         docs = docs.map(encode)
+    limit = 2 * (-(-len(source) // shard_count) + 1)
+    docs = _NonEmpty(docs.to_iter_dataset(read), limit, config.paths)
     if not config.packing:
-        return docs.map(functools.partial(unpacked_row, seq_len=config.seq_len)).to_iter_dataset(read)
-    rows = _PackedRows(docs.to_iter_dataset(read), config.seq_len)
+        return docs.map(functools.partial(unpacked_row, seq_len=config.seq_len))
+    rows = _PackedRows(docs, config.seq_len)
     if config.shuffle and config.shuffle_window > 1:
         # index_shuffle takes 32-bit seeds and adds the window number to this one.
         rows = grain.experimental.WindowShuffleIterDataset(

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
@@ -13,10 +16,13 @@ from llama_jax.config import ConfigError
 from sharding.layout import load_layout
 from sharding.place import Placement, validate
 from train.config import RunConfig
+from llama_jax.params import join
 from train.data import make_dataset
+from train.eval import Evaluator, eval_data
 from train.metrics import MetricsWriter, flops_per_token, peak_flops
+from train.nonfinite import NonfiniteWatch
 from train.optimizer import learning_rate_schedule, make_optimizer
-from train.step import init_state, jit_train_step, make_train_step
+from train.step import abstract_state, init_state, jit_train_step, make_train_step
 
 
 # Logged as the mean over the steps since the last log (the rest: the last step's value).
@@ -25,7 +31,7 @@ AVERAGED = ("loss", "z_loss", "accuracy")
 
 def _tokenizer(run: RunConfig):
     path = run.data.tokenizer or run.tokenizer
-    if run.data.source != "text" or path is None:
+    if run.data.source not in ("text", "chat", "completion") or path is None:
         return None
     from llama_jax.tokenizer import load_tokenizer
     return load_tokenizer(path)
@@ -44,12 +50,100 @@ def _data_shard(placement: Placement, global_batch: int) -> tuple[int, int]:
     return first // rows, global_batch // rows
 
 
+def _starting_params(run: RunConfig, shardings, resuming: bool):
+    """The weights `init_from` gives the run, placed (None: random initialisation).
+
+    Full fine-tuning starts from them and then resumes from its own checkpoints;
+    a LoRA run's checkpoints hold only adapters, so its base is loaded every time.
+    """
+    if run.init_from is None or (resuming and run.model.lora is None):
+        return None
+    from llama_jax.weights import load_params
+
+    config = run.model.replace(lora=None)
+    target = shardings.frozen if run.model.lora is not None else shardings.params
+    return load_params(run.init_from, config, target)
+
+
+def _closing(close):
+    """An ExitStack exit callback calling `close()`, whose own error (a full disk fails
+    the close too) yields to the error already on its way out."""
+    def exit_(exc_type, exc, traceback):
+        try:
+            close()
+        except Exception:
+            if exc_type is None:
+                raise
+        return False
+    return exit_
+
+
+def _read_first_batch(data):
+    """Read one batch and rewind, so bad data fails before the run directory is created."""
+    start = data.get_state()
+    next(data)
+    data.set_state(start)
+
+
+def _create_run_dir(run_dir: str):
+    """Create `run_dir` (and its parents); ConfigError, one line, if it cannot be written."""
+    path = Path(run_dir)
+    blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise ConfigError(f"run_dir {run_dir}: {blocker} is a file, not a directory; choose another run_dir")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"run_dir {run_dir}: cannot create it ({err.strerror}); choose another "
+                          "run_dir") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"run_dir {run_dir}: not writable (read-only or no permission); choose another "
+                          "run_dir")
+
+
+class _Window:
+    """The steps since the last log: on-device sums of the AVERAGED metrics over the
+    steps whose update was applied (adding them never waits), their tokens and time."""
+
+    def __init__(self):
+        self.start, self.tokens, self.steps = time.perf_counter(), 0, 0
+        self.sums = {**{k: jnp.zeros((), jnp.float32) for k in AVERAGED}, "applied": jnp.zeros((), jnp.int32)}
+
+    def add(self, metrics: dict, tokens: int):
+        self.sums = _add_to_window(self.sums, metrics)
+        self.tokens, self.steps = self.tokens + tokens, self.steps + 1
+
+    def row(self, metrics: dict, flops_per_token: float, mesh_peak: float) -> dict:
+        """The logged row: the last step's metrics, the window's means, throughput (waits).
+
+        `mesh_peak`: the peak FLOP/s of all the mesh's devices together, for MFU."""
+        row = {k: float(v) for k, v in jax.device_get(metrics).items()
+               if k != "nonfinite"}  # a bit mask; train/nonfinite.py counts the skipped steps
+        sums = jax.device_get(self.sums)
+        if sums["applied"]:  # else the last step's values
+            row.update({k: float(sums[k]) / int(sums["applied"]) for k in AVERAGED})
+        elapsed = time.perf_counter() - self.start
+        tokens_per_s = self.tokens / elapsed
+        return {**row, "tokens_per_s": tokens_per_s, "step_time_s": elapsed / self.steps,
+                "mfu": tokens_per_s * flops_per_token / mesh_peak}
+
+
+@jax.jit
+def _add_to_window(sums: dict, metrics: dict) -> dict:
+    applied = metrics["nonfinite"] == 0
+    return {**{k: sums[k] + jnp.where(applied, metrics[k], 0.0) for k in AVERAGED},
+            "applied": sums["applied"] + applied}
+
+
 def train(run: RunConfig, *, progress: bool = True, stop_after: int | None = None) -> dict:
     """Train as the run config says; resume from the run directory's latest checkpoint.
 
     Returns a summary dict (final step, last logged metrics, checkpoint dir).
     `stop_after` ends the run early after that many steps of this call
     (tests use it to stop mid-run); the schedule still follows `run.steps`.
+    Raises DivergenceError (train/nonfinite.py) if a step's loss, gradient
+    norm or update norm is not finite and `run.on_nonfinite` is "stop".
+    Nothing is written until the data has given its first batch.
     """
     from train.checkpointing import Checkpointer  # late: orbax is slow to import
 
@@ -57,66 +151,106 @@ def train(run: RunConfig, *, progress: bool = True, stop_after: int | None = Non
     placement = Placement.create(run.model, layout)
     validate(run.model, layout, placement.mesh, batch=run.data.global_batch // run.grad_accum,
              seq_len=run.data.seq_len)
+    shard_index, shard_count = _data_shard(placement, run.data.global_batch)
     tokenizer = _tokenizer(run)
-    if tokenizer is not None and tokenizer.vocab_size > run.model.vocab_size:
-        raise ConfigError(f"tokenizer: vocabulary of {tokenizer.vocab_size} exceeds the model's "
-                          f"vocab_size {run.model.vocab_size}")
+    data = make_dataset(run.data, tokenizer=tokenizer, shard_index=shard_index,
+                        shard_count=shard_count, model_vocab_size=run.model.vocab_size)
+    _read_first_batch(data)
+    if run.init_from is not None:  # a wrong source fails here, before anything is written
+        from llama_jax.weights import check_architecture, stored_config
+        check_architecture(run.init_from, stored_config(run.init_from), run.model)
+    evaluator = None
+    if run.eval.every:
+        evaluator = Evaluator(run.model, eval_data(run.data, run.eval.paths), placement, run.eval.batches,
+                              tokenizer, (shard_index, shard_count), run.loss_chunk)
+    _create_run_dir(run.run_dir)
 
     schedule = learning_rate_schedule(run.optimizer, run.steps)
     optimizer = make_optimizer(run.optimizer, run.steps)
-    state, shardings = init_state(placement, optimizer, jax.random.key(run.seed))
-    shard_index, shard_count = _data_shard(placement, run.data.global_batch)
-    data = make_dataset(run.data, tokenizer=tokenizer, shard_index=shard_index, shard_count=shard_count)
-    checkpointer = Checkpointer(run, shardings)
-    state = checkpointer.restore_latest(state, data)
-    step = start = int(state.step)
-    step_fn = jit_train_step(
-        make_train_step(run.model, optimizer, schedule, run.grad_accum, run.z_loss, run.loss_chunk),
-        placement, shardings)
-
-    peak, peak_source = peak_flops(run.chip)
-    flops_token = flops_per_token(run.model, run.data.seq_len)
-    writer = MetricsWriter(run.run_dir)
-    last_steps = run.steps if stop_after is None else min(run.steps, start + stop_after)
-    bar = tqdm(total=run.steps, initial=start, disable=not progress or jax.process_index() != 0,
-               desc="train", unit="step", dynamic_ncols=True)
-    logged: dict = {}
-    window_start, window_tokens, window_steps = time.perf_counter(), 0.0, 0
-    window_sums = {}  # on-device sums of the averaged metrics; adding them never waits
-    try:
+    abstract, shardings = abstract_state(placement, optimizer)
+    with contextlib.ExitStack() as cleanup:
+        checkpointer = Checkpointer(run, shardings)
+        cleanup.push(_closing(checkpointer.close))
+        resuming = checkpointer.has_checkpoint()
+        starting = _starting_params(run, shardings, resuming)
+        if resuming:  # nothing random to draw: the checkpoint fills the state (a LoRA base rides beside)
+            state = checkpointer.restore_latest(abstract.replace(frozen=starting or {}), data)
+        else:
+            state, _ = init_state(placement, optimizer, jax.random.key(run.seed), starting)
+        start = int(state.step)
+        step_fn = jit_train_step(
+            make_train_step(run.model, optimizer, schedule, shardings.params, run.grad_accum, run.z_loss,
+                            run.loss_chunk),
+            placement, shardings)
+        writer = MetricsWriter(run.run_dir, start)
+        cleanup.push(_closing(writer.close))
+        last_steps = run.steps if stop_after is None else min(run.steps, start + stop_after)
+        bar = tqdm(total=run.steps, initial=start, disable=not progress or jax.process_index() != 0,
+                   desc="train", unit="step", dynamic_ncols=True)
+        cleanup.callback(bar.close)
+        peak, peak_source = peak_flops(run.chip)
+        flops_token = flops_per_token(run.model, run.data.seq_len)  # outside the rules: shapes only
         with placement.activate():
-            while step < last_steps and not checkpointer.reached_preemption(step):
-                batch = placement.global_batch(next(data))
-                state, metrics = step_fn(state, batch)
-                step += 1
-                window_steps += 1
-                window_tokens += run.data.global_batch * run.data.seq_len
-                window_sums = {k: metrics[k] + window_sums.get(k, 0.0) for k in AVERAGED}
-                if step % run.log_every == 0 or step == last_steps:
-                    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                    metrics.update({k: float(v) / window_steps
-                                    for k, v in jax.device_get(window_sums).items()})
-                    elapsed = time.perf_counter() - window_start
-                    tokens_per_s = window_tokens / elapsed
-                    logged = {**metrics, "tokens_per_s": tokens_per_s,
-                              "step_time_s": elapsed / window_steps,
-                              "mfu": tokens_per_s * flops_token / (peak * placement.mesh.size)}
-                    writer.write(step, logged)
-                    bar.set_postfix(loss=f"{logged['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}",
-                                    mfu=f"{logged['mfu']:.1%}")
-                    window_start, window_tokens, window_steps = time.perf_counter(), 0.0, 0
-                    window_sums = {}
-                bar.update(1)
-                checkpointer.maybe_save(step, state, data, force=step == last_steps)
-            if checkpointer.preempted:
-                checkpointer.maybe_save(step, state, data, force=True)
-    finally:
-        bar.close()
-        checkpointer.close()
-        writer.close()
+            state, step, logged = _run_steps(run, state, data, placement, step_fn, checkpointer, writer, bar,
+                                             start, last_steps, flops_token, peak, evaluator)
     return {"step": step, "metrics": logged, "peak_flops": peak,
             "peak_source": peak_source, "run_dir": str(Path(run.run_dir)), "state": state,
             "preempted": checkpointer.preempted}
+
+
+def _run_steps(run: RunConfig, state, data, placement: Placement, step_fn, checkpointer, writer, bar,
+               start: int, last_steps: int, flops_token: float, peak: float, evaluator=None):
+    """Steps `start + 1 .. last_steps` (or to a preemption): (state, last step, last logged row).
+
+    With an evaluator, every `run.eval.every` steps (and at the last step) the
+    held-out figures join that step's row, or make a row of their own."""
+    watch = NonfiniteWatch(run.on_nonfinite, run.optimizer.learning_rate)
+
+    def check_finite():
+        saved = checkpointer.last_saved
+        watch.check(None if saved is None else f"step {saved} ({checkpointer.directory / str(saved)})")
+
+    step, logged, window = start, {}, _Window()
+    while step < last_steps and not checkpointer.reached_preemption(step):
+        batch = placement.global_batch(next(data))
+        state, metrics = step_fn(state, batch)
+        step += 1
+        checkpointer.check_saves()
+        window.add(metrics, run.data.global_batch * run.data.seq_len)
+        watch.add(step, metrics["nonfinite"])
+        log_now = step % run.log_every == 0 or step == last_steps
+        eval_now = evaluator is not None and (step % run.eval.every == 0 or step == last_steps)
+        if log_now or checkpointer.due(step, force=step == last_steps):
+            check_finite()
+        row = {}
+        if log_now:
+            row = logged = {**window.row(metrics, flops_token, peak * placement.mesh.size),
+                            "skipped_steps": watch.skipped}
+            window = _Window()
+        if eval_now:
+            figures = evaluator(join(state.frozen, state.params))
+            row = {**row, **figures}
+            logged = {**logged, **figures}
+        if row:
+            writer.write(step, row)
+            bar.set_postfix(_progress(logged))
+        bar.update(1)
+        checkpointer.maybe_save(step, state, data, force=step == last_steps)
+    if checkpointer.preempted:
+        check_finite()
+        checkpointer.maybe_save(step, state, data, force=True)
+    return state, step, logged
+
+
+def _progress(logged: dict) -> dict:
+    """The progress bar's figures from the last logged row."""
+    shown = {}
+    if "loss" in logged:
+        shown = {"loss": f"{logged['loss']:.3f}", "tok_s": f"{logged['tokens_per_s']:,.0f}",
+                 "mfu": f"{logged['mfu']:.1%}"}
+    if "eval_loss" in logged:
+        shown["eval"] = f"{logged['eval_loss']:.3f}"
+    return shown
 
 
 def loss_curve_png(run_dir: str | Path) -> Path:
@@ -129,12 +263,14 @@ def loss_curve_png(run_dir: str | Path) -> Path:
 
     run_dir = Path(run_dir)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-    steps = np.array([r["step"] for r in rows])
-    losses = np.array([r["loss"] for r in rows])
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(steps, losses)
+    for key, label in (("loss", "training"), ("eval_loss", "held-out")):
+        points = [(r["step"], r[key]) for r in rows if key in r]
+        if points:
+            ax.plot(*np.array(points).T, label=label, marker="o" if key == "eval_loss" else None)
+    ax.legend()
     ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
+    ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     out = run_dir / "loss.png"

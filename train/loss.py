@@ -1,15 +1,17 @@
 """Next-token cross-entropy with loss weights and optional z-loss, plain or chunked.
 
 The chunked form never holds float32 logits for the whole batch: it projects
-`chunk` positions at a time and recomputes each chunk's logits in the
-backward pass. For Llama 3 (vocab 128256) at 8192 tokens a row, the whole
-batch's float32 logits are the largest tensor of a training step.
+`chunk` positions at a time (strided, so a split length stays local) and
+recomputes each chunk's logits in the backward pass. For Llama 3 (vocab
+128256) at 8192 tokens a row, the whole batch's float32 logits are the
+largest tensor of a training step.
 """
 
 from __future__ import annotations
 
 from typing import Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -35,21 +37,35 @@ def cross_entropy_sums(logits_btv, targets_bt, weights_bt):
 
 
 def chunked_cross_entropy_sums(project: Callable, hidden_btd, targets_bt, weights_bt, chunk: int):
-    """The same sums as `cross_entropy_sums(project(hidden))`, `chunk` positions at a time."""
+    """The same sums as `cross_entropy_sums(project(hidden))`, `chunk` positions at a time.
+
+    hidden_btd: [B, T, D]; targets_bt int [B, T]; weights_bt float [B, T];
+    `project` maps [B, chunk, D] to logits [B, chunk, V]. Returns three
+    float32 scalars.
+
+    Chunks are strided, not contiguous: with n = ceil(T / chunk) scan steps,
+    step j holds positions j, j + n, j + 2n, ... A layout that splits the
+    length (fsdp_sp) holds contiguous blocks of positions, so every device
+    owns its share of every chunk and each step reads only local data; a
+    contiguous chunk would lie on one device and be gathered to all of them.
+    A length that is not a multiple of `chunk` is padded with weight 0 (under
+    a split length, the padding moves hidden states once, before the scan).
+    """
     b, t, d = hidden_btd.shape
-    pad = -t % chunk
+    n = -(-t // chunk)
+    pad = n * chunk - t
     if pad:
         hidden_btd = jnp.pad(hidden_btd, ((0, 0), (0, pad), (0, 0)))
         targets_bt = jnp.pad(targets_bt, ((0, 0), (0, pad)))
         weights_bt = jnp.pad(weights_bt, ((0, 0), (0, pad)))  # weight 0: padding adds nothing
-    n = (t + pad) // chunk
 
-    def split(x):
-        return jnp.moveaxis(x.reshape(b, n, chunk, *x.shape[2:]), 1, 0)
+    def split(x):  # [B, chunk * n, ...] -> [n, B, chunk, ...]; step j: positions j, j + n, ...
+        return jnp.moveaxis(x.reshape(b, chunk, n, *x.shape[2:]), 2, 0)
 
     @jax.checkpoint
     def one_chunk(sums, xs):
         hidden, targets, weights = xs
+        hidden = nn.with_logical_constraint(hidden, ("batch", "length", "embed"))
         terms = _token_terms(project(hidden).astype(jnp.float32), targets, weights)
         return tuple(s + x for s, x in zip(sums, terms)), None
 

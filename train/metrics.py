@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -23,6 +24,12 @@ from sharding.topology import CHIP_PEAK_FLOPS
 
 # Peak FLOP/s per device for MFU: the TPU chip table, and CPU measured at start-up.
 PEAK_FLOPS = {**CHIP_PEAK_FLOPS, "cpu": None}
+
+
+def note(message: str):
+    """One line on stderr, from process 0 only: `train: <message>`."""
+    if jax.process_index() == 0:
+        print(f"train: {message}", file=sys.stderr, flush=True)
 
 
 def flops_per_token(config: ModelConfig, seq_len: int) -> float:
@@ -55,29 +62,58 @@ def peak_flops(chip: str) -> tuple[float, str]:
 
 
 class MetricsWriter:
-    """Writes each logged step to metrics.jsonl and TensorBoard (process 0 only)."""
+    """Writes each logged step to metrics.jsonl and TensorBoard (process 0 only).
 
-    def __init__(self, run_dir: str | Path):
+    A run that resumes from step `start` recomputes the steps after it, which a
+    killed run may already have logged: their rows are dropped from
+    metrics.jsonl (and TensorBoard's events purged), so the file stays the
+    record of one run, its steps strictly increasing.
+    """
+
+    def __init__(self, run_dir: str | Path, start: int = 0):
         self.active = jax.process_index() == 0
         self.run_dir = Path(run_dir)
         self._jsonl = None
         self._tb = None
         if self.active:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            self._jsonl = open(self.run_dir / "metrics.jsonl", "a")
+            path = self.run_dir / "metrics.jsonl"
+            _drop_rows_after(path, start)
+            self._jsonl = open(path, "a")
             from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+            self._tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=start + 1)
 
     def write(self, step: int, metrics: dict[str, float]):
         if not self.active:
             return
-        self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
-        self._jsonl.flush()
-        for key, value in metrics.items():
-            self._tb.add_scalar(f"train/{key}", value, step)
+        try:
+            self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+            self._jsonl.flush()
+        except OSError as err:  # a flush names no file
+            raise OSError(err.errno, err.strerror, str(self.run_dir / "metrics.jsonl")) from None
+        for key, value in metrics.items():  # eval_loss -> eval/loss, the rest under train/
+            tag = f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"
+            self._tb.add_scalar(tag, value, step)
         self._tb.flush()
 
     def close(self):
         if self.active:
             self._jsonl.close()
             self._tb.close()
+
+
+def _drop_rows_after(path: Path, step: int):
+    """Rewrite metrics.jsonl at `path` without its rows past `step` (and a torn last line)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:  # a line cut short by a kill
+            continue
+        if row["step"] <= step:
+            kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    tmp.replace(path)

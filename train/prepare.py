@@ -3,10 +3,12 @@
     python -m train.prepare --tokenizer PATH --input 'data/*.jsonl' --output DIR
 
 A .txt file is one document; a .jsonl file holds one document per line, its
-text under --text-key. Every document is framed BOS ... EOS. DIR receives
-`tokens.bin` (flat uint16 ids when the vocabulary fits, else uint32),
-`index.npy` (int64 start of each document, then the total) and `meta.json`;
-`DataConfig(source="tokens", paths=(DIR,))` reads them back.
+text under --text-key. Every document is framed BOS ... EOS; documents with
+no text (empty or only whitespace) are skipped, and inputs with none at all
+are an error. DIR receives `tokens.bin` (flat uint16 ids when the vocabulary
+fits, else uint32), `index.npy` (int64 start of each document, then the
+total) and `meta.json`; `DataConfig(source="tokens", paths=(DIR,))` reads
+them back.
 
 The directory is written under a temporary name and renamed when complete,
 so an interrupted or failed run leaves no half-written output. Bad input
@@ -33,6 +35,8 @@ from train.sources import (
     TOKENS_FORMAT,
     TextDocuments,
     TextTokenizer,
+    encode_document,
+    no_text_error,
     token_dtype,
 )
 
@@ -55,8 +59,6 @@ def prepare(
     if output.exists() and not overwrite:
         raise ValueError(f"{output}: already exists; choose another --output or pass --overwrite")
     docs = TextDocuments(inputs, text_key)
-    if len(docs) == 0:
-        raise ValueError(f"no documents in {', '.join(inputs)}")
     dtype = token_dtype(tokenizer.vocab_size)
     tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -67,7 +69,10 @@ def prepare(
         bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=not progress)
         with open(tmp / TOKENS_FILE, "wb") as out, bar:
             for i in range(len(docs)):
-                ids = np.asarray(tokenizer.encode(docs[i], bos=True, eos=True), np.int64)
+                ids = encode_document(tokenizer, docs[i])
+                bar.update(docs.nbytes(i))
+                if not len(ids):  # a document with no text
+                    continue
                 bad = ids[(ids < 0) | (ids >= tokenizer.vocab_size)]
                 if bad.size:
                     raise ValueError(
@@ -76,7 +81,8 @@ def prepare(
                     )
                 out.write(ids.astype(dtype).tobytes())
                 starts.append(starts[-1] + len(ids))
-                bar.update(docs.nbytes(i))
+        if len(starts) == 1:
+            raise no_text_error(inputs)
         np.save(tmp / INDEX_FILE, np.asarray(starts, np.int64))
         meta = {
             "format": TOKENS_FORMAT,
@@ -84,7 +90,7 @@ def prepare(
             "vocab_size": int(tokenizer.vocab_size),
             "bos_id": int(tokenizer.bos_id),
             "eos_id": int(tokenizer.eos_id),
-            "num_docs": len(docs),
+            "num_docs": len(starts) - 1,
             "num_tokens": starts[-1],
             "inputs": [str(f) for f in docs.files],
             "text_key": text_key,

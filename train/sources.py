@@ -52,12 +52,18 @@ def expand_paths(patterns: tuple[str, ...] | list[str]) -> list[Path]:
     return files
 
 
+def no_text_error(paths) -> ValueError:
+    """The one-line error for inputs in which no document holds any text."""
+    return ValueError(f"{', '.join(map(str, paths))}: no document holds any text")
+
+
 class TextDocuments:
     """The documents of text files: .jsonl files hold one per non-blank line, and
-    any other file (.txt, source code, ...) is one document.
+    any other non-empty file (.txt, source code, ...) is one document.
 
     `docs[i]` is the text of document i, read from disk on demand; only byte
-    offsets are kept in memory. ValueError names file and line of a bad one.
+    offsets are kept in memory. ValueError names file and line of a bad one,
+    and the inputs if they hold no document at all (empty files).
     """
 
     def __init__(self, paths, text_key: str = "text"):
@@ -66,7 +72,8 @@ class TextDocuments:
         entries = []  # (file, byte offset, byte length, line) per document
         for f, path in enumerate(self.files):
             if path.suffix != ".jsonl":
-                entries.append((f, 0, path.stat().st_size, 1))
+                if path.stat().st_size:
+                    entries.append((f, 0, path.stat().st_size, 1))
                 continue
             with open(path, "rb") as fh:
                 offset = 0
@@ -74,6 +81,8 @@ class TextDocuments:
                     if line.strip():
                         entries.append((f, offset, len(line), lineno))
                     offset += len(line)
+        if not entries:
+            raise no_text_error(paths)
         table = np.asarray(entries, np.int64).reshape(-1, 4)
         self._file, self._start, self._length, self._line = table.T
 
@@ -87,36 +96,98 @@ class TextDocuments:
     def nbytes(self, i: int) -> int:
         return int(self._length[i])
 
-    def __getitem__(self, i: int) -> str:
-        path = self.files[self._file[i]]
-        with open(path, "rb") as fh:
+    def _text(self, i: int) -> str:
+        with open(self.files[self._file[i]], "rb") as fh:
             fh.seek(int(self._start[i]))
             raw = fh.read(int(self._length[i]))
         try:
-            text = raw.decode("utf-8")
+            return raw.decode("utf-8")
         except UnicodeDecodeError:
             raise ValueError(f"{self.location(i)}: not valid UTF-8") from None
-        if path.suffix != ".jsonl":
-            return text
+
+    def record(self, i: int) -> dict:
+        """The JSON object on line i of the .jsonl inputs (ValueError naming file and line)."""
         try:
-            record = json.loads(text)
+            record = json.loads(self._text(i))
         except json.JSONDecodeError as e:
-            raise ValueError(f"{self.location(i)}: not valid JSON ({e.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get(self.text_key), str):
+            raise ValueError(f"{self.location(i)}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{self.location(i)}: expected a JSON object, got {type(record).__name__}")
+        return record
+
+    def __getitem__(self, i: int) -> str:
+        if self.files[self._file[i]].suffix != ".jsonl":
+            return self._text(i)
+        record = self.record(i)
+        if not isinstance(record.get(self.text_key), str):
             raise ValueError(f"{self.location(i)}: no string field {self.text_key!r} (set text_key)")
         return record[self.text_key]
+
+
+class Examples:
+    """Fine-tuning examples from JSONL files: token ids with a 0/1 loss weight per id.
+
+    kind "chat": each line is `{"messages": [{"role": ..., "content": ...}, ...]}`,
+      formatted with the tokenizer's chat format (llama_jax.chat.encode_conversation):
+      the loss is on the assistant's answers and their end-of-turn tokens.
+    kind "completion": each line is `{"prompt": str, "completion": str}`, encoded
+      as BOS + prompt + completion + EOS with no template: the loss is on the
+      completion and EOS.
+    `examples[i]` is int32 [2, n]: ids, then weights. ValueError (one line)
+    names the file and line of a malformed example.
+    """
+
+    def __init__(self, paths, tokenizer, kind: str):
+        if kind not in ("chat", "completion"):
+            raise ValueError(f"examples: kind {kind!r} is not chat or completion")
+        self.lines = TextDocuments(paths)
+        non_jsonl = [f for f in self.lines.files if f.suffix != ".jsonl"]
+        if non_jsonl:
+            raise ValueError(f"{non_jsonl[0]}: {kind} examples are read from .jsonl files")
+        self.tokenizer, self.kind = tokenizer, kind
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+    def location(self, i: int) -> str:
+        return self.lines.location(i)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        record = self.lines.record(i)
+        try:
+            ids, weights = (self._chat if self.kind == "chat" else self._completion)(record)
+        except ValueError as err:
+            raise ValueError(f"{self.location(i)}: {err}") from None
+        return np.asarray([ids, weights], np.int32)
+
+    def _chat(self, record: dict):
+        from llama_jax.chat import encode_conversation
+
+        messages = record.get("messages")
+        if not isinstance(messages, list):
+            raise ValueError('a chat example needs a "messages" list')
+        return encode_conversation(self.tokenizer, messages)
+
+    def _completion(self, record: dict):
+        prompt, completion = record.get("prompt"), record.get("completion")
+        if not isinstance(prompt, str) or not isinstance(completion, str) or not completion:
+            raise ValueError('a completion example needs string "prompt" and non-empty "completion" fields')
+        asked = self.tokenizer.encode(prompt, bos=True)
+        answer = self.tokenizer.encode(completion, eos=True)
+        return asked + answer, [0] * len(asked) + [1] * len(answer)
 
 
 class TokenDocuments:
     """The documents of token directories written by train.prepare, memory-mapped.
 
     `docs[i]` is document i's ids as int32 [n], BOS and EOS included.
+    `vocab_sizes[k]` is the vocabulary directory k was prepared with (its meta.json).
     """
 
     def __init__(self, dirs):
         self.dirs = [Path(d) for d in dirs]
         self._tokens, self._index, counts = [], [], [0]
-        self.vocab_size = 0
+        self.vocab_sizes = []
         for d in self.dirs:
             meta = self._read_meta(d)
             tokens = np.memmap(d / TOKENS_FILE, dtype=np.dtype(meta["dtype"]), mode="r")
@@ -126,7 +197,7 @@ class TokenDocuments:
             self._tokens.append(tokens)
             self._index.append(index)
             counts.append(meta["num_docs"])
-            self.vocab_size = max(self.vocab_size, meta["vocab_size"])
+            self.vocab_sizes.append(int(meta["vocab_size"]))
         self._first_doc = np.cumsum(counts)
 
     @staticmethod
@@ -181,5 +252,8 @@ class SyntheticDocuments:
 
 
 def encode_document(tokenizer: TextTokenizer, text: str) -> np.ndarray:
-    """A document's ids, framed by BOS and EOS, as int32."""
+    """A document's ids, framed by BOS and EOS, as int32; none at all for a document
+    with no text (empty or only whitespace), which training and prepare skip."""
+    if not text.strip():
+        return np.zeros(0, np.int32)
     return np.asarray(tokenizer.encode(text, bos=True, eos=True), dtype=np.int32)

@@ -7,7 +7,7 @@ weight, so k micro-batches give exactly the gradient of one k-times batch.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import flax.struct
 import jax
@@ -17,21 +17,40 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from llama_jax.config import ModelConfig
 from llama_jax.model import Llama
-from llama_jax.params import init_params
+from llama_jax.lora import is_adapter
+from llama_jax.params import init_params, join, partition
 from sharding.place import Placement
 from train.loss import chunked_cross_entropy_sums, cross_entropy_sums
 
 BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_weights")
+# Bits of the "nonfinite" metric: which checked value of a step was NaN or infinite.
+NONFINITE_BITS = {"loss": 1, "grad norm": 2, "update norm": 4}
 
 
 @flax.struct.dataclass
 class TrainState:
+    """What a step carries: the step count, the trained parameters and their optimizer
+    state, and the frozen parameters (a LoRA run's base; empty when all train).
+
+    The frozen ones ride in the (donated) state so that they stay placed on the
+    mesh; the step returns them untouched (XLA aliases them, no copy), and
+    checkpoints hold only `params` and `opt_state`.
+    """
+
     step: jax.Array
     params: Any
     opt_state: Any
+    frozen: Any = flax.struct.field(default_factory=dict)
 
 
-def _loss_sums(model: Llama, params, batch, z_loss: float, chunk: int):
+def trainable(config: ModelConfig) -> Callable[[tuple[str, ...]], bool]:
+    """Which parameters a run trains, by key path: the adapters with LoRA, else all."""
+    if config.lora is not None:
+        return is_adapter
+    return lambda path: True
+
+
+def loss_sums(model: Llama, params, batch, z_loss: float, chunk: int):
     """(objective to differentiate, (nll sum, z sum, correct, weight sum)) for one micro-batch."""
     weights = batch["loss_weights"].astype(jnp.float32)
     args = (batch["tokens"], batch["positions"], batch.get("segment_ids"))
@@ -57,37 +76,78 @@ def _split_micro_batches(batch, grad_accum: int):
     return jax.tree.map(split, batch)
 
 
-def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation,
-                    schedule: optax.Schedule, grad_accum: int = 1, z_loss: float = 0.0,
-                    loss_chunk: int = 0):
-    """`train_step(state, batch) -> (state, metrics)`, not yet jitted (see `jit_train_step`)."""
-    model = Llama(config)
-    grad_fn = jax.value_and_grad(lambda p, b: _loss_sums(model, p, b, z_loss, loss_chunk), has_aux=True)
+def make_gradients(config: ModelConfig, param_shardings, grad_accum: int = 1, z_loss: float = 0.0,
+                   loss_chunk: int = 0):
+    """`gradients(params, batch, frozen=None) -> (grads, (nll sum, z sum, correct, weight sum))`.
 
-    def train_step(state: TrainState, batch):
+    grads are the unnormalised (summed over tokens) gradients of the batch's
+    objective with respect to `params` (the model's parameters are `params`
+    joined with `frozen`, which get no gradient), in the parameters' dtype,
+    summed over `grad_accum` micro-batches.
+    They and the accumulation buffer are constrained to `param_shardings` (a
+    tree of shardings like the parameters'): left to XLA, they may come out
+    replicated, a whole model's gradients on every device.
+    """
+    model = Llama(config)
+    grad_fn = jax.value_and_grad(
+        lambda p, f, b: loss_sums(model, join(f, p), b, z_loss, loss_chunk), has_aux=True)
+
+    def like_params(grads):
+        return jax.lax.with_sharding_constraint(grads, param_shardings)
+
+    def gradients(params, batch, frozen=None):
+        frozen = {} if frozen is None else frozen
+        if grad_accum == 1:  # no zero-filled accumulator: a pass over every parameter saved
+            (_, sums), grads = grad_fn(params, frozen, batch)
+            return like_params(grads), sums
+
         def accumulate(carry, micro):
             grads, sums = carry
-            (_, micro_sums), micro_grads = grad_fn(state.params, micro)
-            grads = jax.tree.map(jnp.add, grads, micro_grads)
+            (_, micro_sums), micro_grads = grad_fn(params, frozen, micro)
+            grads = like_params(jax.tree.map(jnp.add, grads, like_params(micro_grads)))
             return (grads, tuple(a + b for a, b in zip(sums, micro_sums))), None
 
-        if grad_accum == 1:  # no zero-filled accumulator: a pass over every parameter saved
-            (_, sums), grads = grad_fn(state.params, batch)
-        else:
-            zeros = jax.tree.map(jnp.zeros_like, state.params)
-            (grads, sums), _ = jax.lax.scan(accumulate, (zeros, (jnp.zeros(()),) * 4),
-                                            _split_micro_batches(batch, grad_accum))
+        zeros = like_params(jax.tree.map(jnp.zeros_like, params))
+        (grads, sums), _ = jax.lax.scan(accumulate, (zeros, (jnp.zeros(()),) * 4),
+                                        _split_micro_batches(batch, grad_accum))
+        return grads, sums
+
+    return gradients
+
+
+def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation,
+                    schedule: optax.Schedule, param_shardings, grad_accum: int = 1,
+                    z_loss: float = 0.0, loss_chunk: int = 0):
+    """`train_step(state, batch) -> (state, metrics)`, not yet jitted (see `jit_train_step`).
+
+    `param_shardings`: the parameters' shardings (`shardings.params` of
+    `init_state`), which the gradients keep. A step whose loss, gradient norm
+    or update norm is not finite is not applied: parameters and optimizer
+    state stay as they were, the step count advances, and the int32 metric
+    "nonfinite" holds the NONFINITE_BITS of the values at fault (0 if none).
+    """
+    gradients = make_gradients(config, param_shardings, grad_accum, z_loss, loss_chunk)
+
+    def train_step(state: TrainState, batch):
+        grads, sums = gradients(state.params, batch, state.frozen)
         nll, z, correct, weight = sums
         weight = jnp.maximum(weight, 1.0)
         grads = jax.tree.map(lambda g: g / weight, grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        grad_norm, update_norm = optax.tree.norm(grads), optax.tree.norm(updates)
+        checked = {"loss": jnp.isfinite(nll) & jnp.isfinite(z), "grad norm": jnp.isfinite(grad_norm),
+                   "update norm": jnp.isfinite(update_norm)}
+        nonfinite = sum(jnp.where(ok, 0, NONFINITE_BITS[name]) for name, ok in checked.items())
+        applied = nonfinite == 0  # else params and optimizer state stay as they were
+        params, opt_state = jax.tree.map(lambda new, old: jnp.where(applied, new, old),
+                                         (params, opt_state), (state.params, state.opt_state))
         metrics = {
             "loss": nll / weight, "z_loss": z / weight, "accuracy": correct / weight,
-            "grad_norm": optax.tree.norm(grads), "learning_rate": schedule(state.step),
-            "tokens": sums[3],
+            "grad_norm": grad_norm, "update_norm": update_norm, "learning_rate": schedule(state.step),
+            "tokens": sums[3], "nonfinite": nonfinite,
         }
-        return TrainState(state.step + 1, params, opt_state), metrics
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step
 
@@ -115,8 +175,8 @@ def state_shardings(placement: Placement, abstract_state: TrainState):
 
 
 def _new_state(config: ModelConfig, optimizer, rng) -> TrainState:
-    params = init_params(config, rng)
-    return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+    params, frozen = partition(init_params(config, rng), trainable(config))
+    return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), frozen)
 
 
 def abstract_state(placement: Placement, optimizer):
@@ -128,11 +188,39 @@ def abstract_state(placement: Placement, optimizer):
     return abstract, shardings
 
 
-def init_state(placement: Placement, optimizer, rng):
-    """A TrainState born sharded: parameters and optimizer state are created in their shards."""
-    _, shardings = abstract_state(placement, optimizer)
-    create = jax.jit(lambda rng: _new_state(placement.config, optimizer, rng), out_shardings=shardings)
-    return create(rng), shardings
+def init_state(placement: Placement, optimizer, rng, params=None):
+    """(a TrainState born sharded, its shardings): parameters and optimizer state are
+    created in their shards.
+
+    params: placed starting values (e.g. weights a fine-tuning run starts
+    from) for every frozen parameter, and for every trained one or none of
+    them (a LoRA run's fresh adapters). Missing ones are drawn from `rng`;
+    the optimizer state always starts fresh.
+    """
+    abstract, shardings = abstract_state(placement, optimizer)
+    config = placement.config
+    if params is None:
+        create = jax.jit(lambda rng: _new_state(config, optimizer, rng), out_shardings=shardings)
+        return create(rng), shardings
+    given, frozen = partition(params, trainable(config))
+    _check_same_leaves(frozen, abstract.frozen, "frozen")
+    if not given:  # only the fresh leaves are computed: XLA drops the rest of the init
+        fresh = jax.jit(lambda rng: partition(init_params(config, rng), trainable(config))[0],
+                        out_shardings=shardings.params)
+        given = fresh(rng)
+    _check_same_leaves(given, abstract.params, "trained")
+    opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(given)
+    step = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
+    return TrainState(step, given, opt_state, frozen), shardings
+
+
+def _check_same_leaves(tree, reference, what: str):
+    got = {jax.tree_util.keystr(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+    want = {jax.tree_util.keystr(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(reference)}
+    if got != want:
+        missing = sorted(set(want) - set(got)) or sorted(k for k in want if got.get(k) != want[k])
+        raise ValueError(f"starting parameters: the {what} ones do not match the model "
+                         f"(first difference at {(missing or sorted(set(got) - set(want)))[0]})")
 
 
 def jit_train_step(train_step, placement: Placement, shardings):

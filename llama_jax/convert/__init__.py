@@ -3,6 +3,7 @@
     python -m llama_jax.convert.hf_to_ours   HF_DIR OUT_DIR [--dtype bfloat16]
     python -m llama_jax.convert.meta_to_ours META_DIR OUT_DIR [--vocab-size N] [--rope-scaling F]
     python -m llama_jax.convert.ours_to_hf   CKPT_DIR OUT_DIR [--dtype bfloat16] [--tokenizer DIR]
+    python -m llama_jax.convert.quantize     CKPT_OR_HF_DIR OUT_DIR --quantize int8|fp8
 
 Every converter moves one tensor (Meta: one layer's shards) at a time, so
 host memory stays bounded by a few tensors, never the model (see each
@@ -11,7 +12,7 @@ that is renamed into place at the end and removed on any error, so a failed
 run never leaves a partial output behind. Bad input ends in one line on
 stderr and exit code 2.
 
-This module holds what the three share: the staged output directory, the
+This module holds what they share: the staged output directory, the
 progress bar and the command-line error handling.
 """
 

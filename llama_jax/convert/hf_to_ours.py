@@ -3,7 +3,7 @@
     python -m llama_jax.convert.hf_to_ours HF_DIR OUT_DIR [--dtype bfloat16] [--step 0]
 
 Reads config.json and the safetensors files (one file or an index of shards)
-through `llama_jax.hf.read_hf_tensors`, one tensor per call, and writes each
+through `llama_jax.hf.hf_weights`, one tensor at a time, and writes each
 tensor into the checkpoint with `ParamsWriter` (layer slices straight into the
 stacked on-disk arrays).
 
@@ -25,7 +25,7 @@ from pathlib import Path
 from llama_jax.checkpoint_io import ParamsWriter, as_contiguous
 from llama_jax.config import ModelConfig
 from llama_jax.convert import DTYPES, ConvertError, progress, run_cli, staged_output
-from llama_jax.hf import read_hf_config, read_hf_tensors, weight_rules
+from llama_jax.hf import hf_tensors, hf_weights, read_hf_config
 
 
 def convert_hf_to_ours(hf_dir: str | Path, output: str | Path, dtype: str = "bfloat16", step: int = 0,
@@ -39,13 +39,9 @@ def convert_hf_to_ours(hf_dir: str | Path, output: str | Path, dtype: str = "bfl
     if not hf_dir.is_dir():
         raise ConvertError(f"{hf_dir}: directory not found")
     config = read_hf_config(hf_dir).replace(param_dtype=dtype)
-    names = [name for name, _, _ in weight_rules(config)]
     with staged_output(output) as staging, ParamsWriter(staging, config, step) as writer:
-        with progress(len(names), "hf -> ours", show_progress) as bar:
-            for name in names:
-                # One call per tensor: unpacking ends the generator, whose frame would
-                # otherwise keep the source array alive through the write.
-                [(path, index, weight)] = read_hf_tensors(hf_dir, config, names={name})
+        with progress(len(hf_tensors(config)), "hf -> ours", show_progress) as bar:
+            for path, index, weight in hf_weights(hf_dir, config):
                 weight = as_contiguous(weight, writer.dtype)  # drops the source copy
                 writer.write(path, index, weight)
                 del weight

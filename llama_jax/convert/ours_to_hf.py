@@ -1,4 +1,5 @@
-"""Our orbax checkpoint -> a Hugging Face directory `LlamaForCausalLM.from_pretrained` loads.
+"""Our orbax checkpoint -> a Hugging Face directory `LlamaForCausalLM.from_pretrained` loads
+(`MllamaForConditionalGeneration` for a Llama 3.2 Vision model, with preprocessor_config.json).
 
     python -m llama_jax.convert.ours_to_hf CKPT_DIR OUT_DIR [--dtype bfloat16] [--step N]
         [--tokenizer DIR] [--max-shard-gb 5] [--bos-token-id N] [--eos-token-id N ...]
@@ -37,8 +38,9 @@ import numpy as np
 
 from llama_jax.checkpoint_io import ParamsReader, as_contiguous
 from llama_jax.convert import DTYPES, ConvertError, progress, run_cli, staged_output
-from llama_jax.hf import config_to_hf, to_hf, weight_rules
+from llama_jax.hf import config_to_hf, hf_tensors, to_hf
 from llama_jax.tokenizer import load_tokenizer
+from llama_jax.vision.hf import preprocessor_config
 
 SAFETENSORS_DTYPES = {"bfloat16": ("BF16", ml_dtypes.bfloat16), "float32": ("F32", np.float32)}
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -63,23 +65,33 @@ def export_hf(checkpoint_dir: str | Path, output: str | Path, dtype: str = "bflo
     tokenizer_files = _tokenizer_files(Path(tokenizer)) if tokenizer else []
     reader = ParamsReader(checkpoint_dir, step)
     config = reader.config
+    if config.quantize is not None:
+        raise ConvertError(f"{checkpoint_dir}: its weights are stored quantised ({config.quantize}); "
+                           "export the unquantised checkpoint it was made from")
     tag, np_dtype = SAFETENSORS_DTYPES[dtype]
     tensors = _tensor_plan(config, reader)
     files = _split_into_files(tensors, np.dtype(np_dtype).itemsize, max_shard_bytes)
-    bos, stops = _special_ids(config.vocab_size, Path(tokenizer) if tokenizer else None, bos_token_id, eos_token_id)
+    token_rows = config.vocab_size + (config.vision.extra_token_rows if config.vision is not None else 0)
+    bos, stops = _special_ids(token_rows, Path(tokenizer) if tokenizer else None, bos_token_id, eos_token_id)
     with staged_output(output) as staging:
         weight_map = {}
-        with progress(len(tensors), "ours -> hf", show_progress) as bar:
+        with progress(sum(len(t[2]) for t in tensors), "ours -> hf", show_progress) as bar:
             for k, group in enumerate(files):
                 name = f"model-{k + 1:05d}-of-{len(files):05d}.safetensors"
                 _write_safetensors(staging / name, group, tag, np_dtype, reader, bar)
                 weight_map.update({t[0]: name for t in group})
-        total = sum(math.prod(t[4]) for t in tensors) * np.dtype(np_dtype).itemsize
+        total = sum(math.prod(t[1]) for t in tensors) * np.dtype(np_dtype).itemsize
         _write_json(staging / "model.safetensors.index.json",
                     {"metadata": {"total_size": total}, "weight_map": weight_map})
         hf_config = config_to_hf(config, torch_dtype=dtype)
-        hf_config.update(bos_token_id=bos, eos_token_id=stops[0] if stops else None)
+        ids = {"bos_token_id": bos, "eos_token_id": stops[0] if stops else None}
+        if "text_config" in hf_config:  # Mllama: ids in the text config, ints only
+            hf_config["text_config"].update({key: i for key, i in ids.items() if i is not None})
+        else:
+            hf_config.update(ids)
         _write_json(staging / "config.json", hf_config)
+        if config.vision is not None:
+            _write_json(staging / "preprocessor_config.json", preprocessor_config(config.vision))
         generation = {"_from_model_config": True}
         if bos is not None:
             generation["bos_token_id"] = bos
@@ -91,14 +103,21 @@ def export_hf(checkpoint_dir: str | Path, output: str | Path, dtype: str = "bflo
 
 
 def _tensor_plan(config, reader):
-    """(hf name, our path, layer, kind, hf shape) in HF's usual order: embedding, layer by layer, head."""
+    """(hf name, hf shape, pieces) in HF's usual order (embedding, layer by layer, norm, head, then
+    any others); pieces are (our path, layer, kind), one per block of rows (several only where HF
+    keeps two of our leaves as one tensor)."""
+    order = {"embed": 0, "extra_embedding": 0, "layers": 1, "norm": 2, "output": 3}
     plan = []
-    for hf_name, rule, layer in weight_rules(config):
-        path = rule.path if layer is None else ("layers",) + rule.path
-        shape = reader.leaves[path].shape[0 if layer is None else 1:]
-        plan.append((hf_name, path, layer, rule.kind, _hf_shape(rule.kind, tuple(shape))))
-    order = {"embed": 0, "layers": 1, "norm": 2, "output": 3}
-    return sorted(plan, key=lambda t: (order[t[1][0]], -1 if t[2] is None else t[2]))
+    by_place = lambda t: (order.get(t.path[0], 4), -1 if t.index is None else t.index)  # noqa: E731
+    for t in sorted(hf_tensors(config), key=by_place):
+        shape = _hf_shape(t.kind, tuple(reader.leaves[t.path].shape[0 if t.index is None else 1:]))
+        if plan and plan[-1][0] == t.name:  # the next block of rows of the same tensor
+            name, first, pieces = plan.pop()
+            shape = (first[0] + shape[0],) + first[1:]
+            plan.append((name, shape, pieces + [(t.path, t.index, t.kind)]))
+        else:
+            plan.append((t.name, shape, [(t.path, t.index, t.kind)]))
+    return plan
 
 
 def _hf_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -106,6 +125,8 @@ def _hf_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
         return shape
     if kind == "linear":
         return shape[::-1]
+    if kind == "flat":
+        return (shape[0], math.prod(shape[1:]))
     if kind == "heads_out":   # [dim, heads, head_dim] -> [heads*head_dim, dim]
         return (shape[1] * shape[2], shape[0])
     return (shape[2], shape[0] * shape[1])  # heads_in: [heads, head_dim, dim] -> [dim, heads*head_dim]
@@ -114,7 +135,7 @@ def _hf_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
 def _split_into_files(tensors, itemsize: int, max_bytes: int):
     files, current, size = [], [], 0
     for tensor in tensors:
-        nbytes = math.prod(tensor[4]) * itemsize
+        nbytes = math.prod(tensor[1]) * itemsize
         if current and size + nbytes > max_bytes:
             files.append(current)
             current, size = [], 0
@@ -124,9 +145,9 @@ def _split_into_files(tensors, itemsize: int, max_bytes: int):
 
 
 def _write_safetensors(path: Path, tensors, tag: str, np_dtype, reader: ParamsReader, bar) -> None:
-    """Header first (all offsets are known), then each tensor as it is read."""
+    """Header first (all offsets are known), then each tensor as it is read, block by block."""
     header, offset, itemsize = {"__metadata__": {"format": "pt"}}, 0, np.dtype(np_dtype).itemsize
-    for name, _, _, _, shape in tensors:
+    for name, shape, _ in tensors:
         nbytes = math.prod(shape) * itemsize
         header[name] = {"dtype": tag, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
@@ -135,13 +156,16 @@ def _write_safetensors(path: Path, tensors, tag: str, np_dtype, reader: ParamsRe
     with open(path, "wb") as f:
         f.write(len(encoded).to_bytes(8, "little"))
         f.write(encoded)
-        for name, our_path, layer, kind, shape in tensors:
-            weight = as_contiguous(to_hf(kind, reader.read(our_path, layer)), np_dtype)
-            if weight.shape != tuple(shape):
-                raise ConvertError(f"{name}: checkpoint gives shape {weight.shape}, expected {tuple(shape)}")
-            f.write(weight.reshape(-1).view(np.uint8).data)
-            del weight
-            bar.update()
+        for name, shape, pieces in tensors:
+            rows = 0
+            for our_path, layer, kind in pieces:
+                weight = as_contiguous(to_hf(kind, reader.read(our_path, layer)), np_dtype)
+                rows += weight.shape[0]
+                if weight.shape[1:] != tuple(shape[1:]) or rows > shape[0]:
+                    raise ConvertError(f"{name}: checkpoint gives shape {weight.shape}, expected {tuple(shape)}")
+                f.write(weight.reshape(-1).view(np.uint8).data)
+                del weight
+                bar.update()
 
 
 def _special_ids(vocab_size: int, tokenizer: Path | None, bos_token_id: int | None,
