@@ -165,6 +165,11 @@ def test_a_lora_run_trains_only_the_adapters_and_leaves_the_base_bit_identical(w
     adapted = Llama(run.model).apply({"params": loaded}, tokens, positions)[0]
     merged = Llama(plain).apply({"params": load_params(tmp_path / "merged", plain)}, tokens, positions)[0]
     np.testing.assert_allclose(merged, adapted, atol=1e-5, rtol=0)
+    from infer import generate, load_model  # served as python -m infer serves it: sharded, layers unrolled
+    served_config, served, _ = load_model(tmp_path / "lora", layout="fsdp_tp", tokenizer=workdir / "tokenizer.model")
+    want = generate(loaded, None, [[1, 5, 9, 12]], max_new_tokens=6, config=run.model)
+    got = generate(served, None, [[1, 5, 9, 12]], max_new_tokens=6, config=served_config, layout="fsdp_tp")
+    assert got[0].tokens == want[0].tokens
     export_peft(tmp_path / "lora", tmp_path / "peft")
     assert {p.name for p in (tmp_path / "peft").iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
 
