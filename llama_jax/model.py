@@ -131,22 +131,42 @@ class Linear(nn.Module):
 
     def _base(self, x):
         if self.quant is None:
-            return jnp.einsum(self.equation, x.astype(self.dtype), self.kernel.astype(self.dtype))
+            return jnp.einsum(self.equation, x.astype(self.dtype), converted_after(self.kernel, self.dtype, x))
         rows = kernel_reduce_axes(self.n_in)
         x_scale = None
         if self.quant == "fp8":
             x, x_scale = quantize(x, "fp8", tuple(-1 - a for a in rows), cap=ACTIVATION_CAP)
-        y = jnp.einsum(self.equation, x.astype(self.dtype), self.kernel.astype(self.dtype))
+        y = jnp.einsum(self.equation, x.astype(self.dtype), converted_after(self.kernel, self.dtype, x))
         y = y.astype(jnp.float32) * self.scale
         if x_scale is not None:
             y = y * x_scale.reshape(x_scale.shape + (1,) * (y.ndim - x_scale.ndim))
         return y.astype(self.dtype)
 
-    def weights(self):
-        """The (unquantised) kernel in the compute dtype, for code that does its own maths with it."""
+    def weights(self, x):
+        """The (unquantised) kernel in the compute dtype, for code that does its own maths with it
+        on the input `x` (see `converted_after`)."""
         if self.quant is not None:
             raise ValueError("Linear.weights: a quantised kernel is used through the layer's own call")
-        return self.kernel.astype(self.dtype)
+        return converted_after(self.kernel, self.dtype, x)
+
+
+def converted_after(kernel, dtype, x):
+    """`kernel.astype(dtype)`, computed after `x` exists when XLA:CPU would otherwise hoist it.
+
+    XLA:CPU has no bfloat16 or int8 matmul: it converts such kernels to float32 and, as the
+    conversions depend on nothing, schedules them all at the start of the program, so
+    serving a bfloat16 model holds a float32 copy of every weight at once (30 GB for 8B).
+    A select on a condition computed from `x` (always true: the bits of one of its values with
+    the low bit set are never zero, which XLA does not prove) makes each conversion wait for
+    its layer's input, so one layer's copy lives at a time.
+    Other platforms (and float32 kernels) convert as they are: a TPU fuses the cast into
+    the matmul.
+    """
+    if kernel.dtype != jnp.float32 and mesh_context.platform() == "cpu":
+        first = x.reshape(-1)[0]
+        bits = jax.lax.bitcast_convert_type(first, jnp.dtype(f"int{first.dtype.itemsize * 8}"))
+        kernel = jnp.where((bits | 1) != 0, kernel, jnp.zeros((), kernel.dtype))
+    return kernel.astype(dtype)
 
 
 class Attention(nn.Module):
@@ -216,7 +236,7 @@ class FeedForward(nn.Module):
         manual = cfg.swiglu_backward == "manual" or (
             cfg.swiglu_backward == "auto" and mesh_context.platform() == "cpu")
         if manual and not any(cfg.lora_for(name) or cfg.quantize_for(name) for name in ("w1", "w2", "w3")):
-            return swiglu(x_btd, w1.weights(), w3.weights(), w2.weights())
+            return swiglu(x_btd, w1.weights(x_btd), w3.weights(x_btd), w2.weights(x_btd))
         hidden_btf = nn.with_logical_constraint(jax.nn.silu(w1(x_btd)) * w3(x_btd), ("batch", "length", "mlp"))
         return w2(hidden_btf)
 
