@@ -127,6 +127,8 @@ class Batcher:
         self._running: list[Request | None] = [None] * slots
         self._wake = threading.Condition()
         self._stopping = False
+        self.decode_calls = 0  # compiled decode calls so far (for /health: proof that rows share steps)
+        self.cancelled = 0  # requests ended by `cancelled` (a stop string, a client that left)
         self._thread = threading.Thread(target=self._work, name="batcher", daemon=True)
         self.error: BaseException | None = None
 
@@ -156,10 +158,10 @@ class Batcher:
             self._thread.join(timeout)
 
     def load(self) -> dict:
-        """Slots in use and requests waiting (for /health)."""
+        """Slots in use, requests waiting, decode calls and cancelled requests so far (for /health)."""
         with self._wake:
             return {"slots": self.slots, "running": sum(r is not None for r in self._running),
-                    "waiting": len(self._waiting)}
+                    "waiting": len(self._waiting), "decode_calls": self.decode_calls, "cancelled": self.cancelled}
 
     def warm_up(self, prompt_lengths=(1,)) -> None:
         """Compile the decode step and the prefill of each given prompt length's bucket, by
@@ -186,6 +188,7 @@ class Batcher:
                     admitted = [(self._waiting.popleft(), slot) for slot in free[:len(self._waiting)]]
                 for request, slot in admitted:
                     if request.cancelled:
+                        self.cancelled += 1
                         request.emit(Finished("cancelled"))
                     else:
                         self._admit_one(request, slot)
@@ -225,6 +228,7 @@ class Batcher:
             self._state, tokens_nb, chosen_nb, top_ids_nbk, top_lp_nbk = self._step(
                 self.params, self._state, self._sampling, self._stops,
                 self.engine.placement.put(cancel_b, self._row_sharding), steps=self.steps_per_call)
+        self.decode_calls += 1
         tokens_nb, chosen_nb = np.asarray(tokens_nb), np.asarray(chosen_nb)
         top_ids_nbk, top_lp_nbk = np.asarray(top_ids_nbk), np.asarray(top_lp_nbk)
         done_b = np.asarray(self._state["done"])
@@ -232,6 +236,7 @@ class Batcher:
             if request is None:
                 continue
             if cancel_b[slot]:
+                self.cancelled += 1
                 self._running[slot] = None
                 request.emit(Finished("cancelled"))
                 continue
