@@ -8,9 +8,11 @@
 
 A worker thread owns the batch state (`llama_jax.decoding`'s state dict, one
 row per slot, every row's cache `cache_len` long). Between decode calls it
-admits waiting requests into free slots: each is prefilled alone (its prompt
-padded to a bucket, long prompts in chunks) and its row written into the
-batch state at the slot's index, in one compiled program per prompt bucket.
+admits waiting requests into free slots: they are prefilled together (a
+group of up to `prefill_batch`, or one alone; prompts padded to a bucket,
+long prompts in chunks, each row with its own seed) and their rows written
+into the batch state at their slots' indices, in one compiled program per
+prompt bucket and group size.
 Then one compiled program runs `steps_per_call` decode steps for all slots at
 once, whatever their lengths, positions and sampling settings (per-row
 arrays, `llama_jax.sampling.RowSampling`), so traffic never recompiles it. A
@@ -95,14 +97,20 @@ class Batcher:
     decode rows (a multiple of the layout's batch shards). cache_len: positions per slot
     (prompt plus generated tokens; rounded up to a multiple of 128). stop_ids: token ids
     that end a row. steps_per_call: decode steps per compiled call (new requests join
-    between calls).
+    between calls). prefill_batch: requests prefilled together when several wait (the
+    prefill compiles for one request and for this many, per prompt bucket).
     """
 
-    def __init__(self, engine: Engine, params, slots: int, cache_len: int, stop_ids, steps_per_call: int = 4):
-        if slots < 1 or slots % engine.batch_multiple:
-            raise ValueError(f"slots must be a positive multiple of the layout's batch shards "
-                             f"({engine.batch_multiple}), got {slots}")
+    def __init__(self, engine: Engine, params, slots: int, cache_len: int, stop_ids, steps_per_call: int = 4,
+                 prefill_batch: int = 8):
+        shards = engine.batch_multiple
+        if slots < 1 or slots % shards:
+            raise ValueError(f"slots must be a positive multiple of the layout's batch shards ({shards}), got {slots}")
+        if prefill_batch < 1:
+            raise ValueError(f"prefill_batch must be at least 1, got {prefill_batch}")
         self.engine, self.params, self.slots = engine, params, slots
+        # Rows of a prefill: one request (padded to the batch shards), or a group of them.
+        self.prefill_rows = sorted({shards, min(slots, -(-prefill_batch // shards) * shards)})
         # Room for the longest prompt's bucket too: prefill writes the whole padded prompt.
         self.cache_len = max(cache_bucket(cache_len), engine.prompt_shape(cache_len)[0])
         self.steps_per_call = steps_per_call
@@ -117,7 +125,7 @@ class Batcher:
             self._state = jax.jit(empty, out_shardings=engine.state_shardings)()
         self._sampling = jax.device_put(RowSampling.of([Sampling()] * slots), row)
         axes = decoding.state_axes(engine.config)
-        self._admit = jax.jit(functools.partial(_admit, engine.model, axes),
+        self._prefill = jax.jit(functools.partial(_prefill_into_slots, engine.model, axes),
                               static_argnames=("cache_len", "chunk"), donate_argnames=("state", "sampling"),
                               out_shardings=(engine.state_shardings, row) + (engine.replicated,) * 5)
         self._step = jax.jit(functools.partial(_steps, engine.model), static_argnames=("steps",),
@@ -164,15 +172,13 @@ class Batcher:
                     "waiting": len(self._waiting), "decode_calls": self.decode_calls, "cancelled": self.cancelled}
 
     def warm_up(self, prompt_lengths=(1,)) -> None:
-        """Compile the decode step and the prefill of each given prompt length's bucket, by
-        running one one-token request per length to the end (before serving)."""
-        done = threading.Event()
+        """Compile the decode step and, for each given prompt length's bucket, the prefill of
+        each group size, by running one-token requests to the end (before `start`)."""
         for length in prompt_lengths:
-            done.clear()
-            self._admit_one(Request([0] * length, 1, Sampling(), 0, lambda e: done.set()
-                                    if isinstance(e, Finished) else None), 0)
-            self._decode()
-            done.wait()
+            for rows in self.prefill_rows:
+                requests = [Request([0] * length, 1, Sampling(), 0, lambda event: None) for _ in range(rows)]
+                self._admit(list(zip(requests, range(rows))))
+        self._decode()
 
     # ------------------------------------------------------------ the worker
 
@@ -186,12 +192,14 @@ class Batcher:
                         return
                     free = [i for i, r in enumerate(self._running) if r is None]
                     admitted = [(self._waiting.popleft(), slot) for slot in free[:len(self._waiting)]]
-                for request, slot in admitted:
+                for request, _ in admitted:
                     if request.cancelled:
                         self.cancelled += 1
                         request.emit(Finished("cancelled"))
-                    else:
-                        self._admit_one(request, slot)
+                admitted = [(request, slot) for request, slot in admitted if not request.cancelled]
+                group = self.prefill_rows[-1]
+                for start in range(0, len(admitted), group):
+                    self._admit(admitted[start:start + group])
                 if any(self._running):
                     self._decode()
         except BaseException as err:  # the server reports it and answers 500 from then on
@@ -200,26 +208,30 @@ class Batcher:
                 request.emit(Finished("error"))
             raise
 
-    def _admit_one(self, request: Request, slot: int) -> None:
-        """Prefill `request` alone and write its row into `slot`; report its first token."""
+    def _admit(self, admitted: list[tuple[Request, int]]) -> None:
+        """Prefill requests together and write their rows into their slots; report first tokens."""
         engine, plan = self.engine, self.engine.placement
-        t, chunk = engine.prompt_shape(len(request.prompt))
-        rows = engine.batch_multiple
+        rows = next(r for r in self.prefill_rows if r >= len(admitted))
+        t, chunk = engine.prompt_shape(max(len(request.prompt) for request, _ in admitted))
         prompt_bt = np.zeros((rows, t), np.int32)
-        prompt_bt[0, :len(request.prompt)] = request.prompt
-        lengths_b = np.ones((rows,), np.int32)
-        lengths_b[0] = len(request.prompt)
-        limits_b = np.zeros((rows,), np.int32)
-        limits_b[0] = request.max_tokens
+        lengths_b, limits_b, seeds_b = np.ones((rows,), np.int32), np.zeros((rows,), np.int32), np.zeros((rows,), np.int32)
+        slots_b = np.full((rows,), self.slots, np.int32)  # padding rows: past the last slot, dropped
+        for i, (request, slot) in enumerate(admitted):
+            prompt_bt[i, :len(request.prompt)] = request.prompt
+            lengths_b[i], limits_b[i], seeds_b[i], slots_b[i] = len(request.prompt), request.max_tokens, request.seed, slot
+        settings = [request.sampling for request, _ in admitted] + [Sampling()] * (rows - len(admitted))
         row = self._row_sharding
-        new_sampling = jax.device_put(RowSampling.of([request.sampling] * rows), row)
         with plan.activate():
-            self._state, self._sampling, first, done, *logprobs = self._admit(
+            self._state, self._sampling, first_b, done_b, *logprobs = self._prefill(
                 self.params, self._state, self._sampling, plan.put(prompt_bt, plan.sharding("batch", "length")),
-                plan.put(lengths_b, row), plan.put(limits_b, row), np.int32(request.seed), self._stops,
-                new_sampling, np.int32(slot), cache_len=self.cache_len, chunk=chunk)
-        self._running[slot] = request
-        self._report(slot, int(first), *(np.asarray(x) for x in logprobs), bool(done))
+                *(plan.put(a, row) for a in (lengths_b, limits_b, seeds_b)), self._stops,
+                jax.device_put(RowSampling.of(settings), row), plan.put(slots_b, row),
+                cache_len=self.cache_len, chunk=chunk)
+        first_b, done_b = np.asarray(first_b), np.asarray(done_b)
+        chosen_b, top_ids_bk, top_lp_bk = (np.asarray(x) for x in logprobs)
+        for i, (request, slot) in enumerate(admitted):
+            self._running[slot] = request
+            self._report(slot, int(first_b[i]), chosen_b[i], top_ids_bk[i], top_lp_bk[i], bool(done_b[i]))
 
     def _decode(self) -> None:
         """One compiled call of `steps_per_call` decode steps for every slot; report the tokens."""
@@ -254,29 +266,28 @@ class Batcher:
             request.emit(Finished("stop" if token in self._stop_set else "length"))
 
 
-def _insert_row(axes, batch, new, slot):
-    """`batch` with row 0 of `new` written at row `slot`, along each entry's "batch" axis."""
+def _insert_rows(axes, batch, new, slots_b):
+    """`batch` with row i of `new` written at row `slots_b[i]`, along each entry's "batch"
+    axis; rows whose slot is out of range are dropped."""
     def put(names, big, small):
-        axis = names.index("batch")
-        row = jax.lax.slice_in_dim(small, 0, 1, axis=axis)
-        return jax.lax.dynamic_update_slice_in_dim(big, row, slot, axis)
+        where = (slice(None),) * names.index("batch") + (slots_b,)
+        return big.at[where].set(small, mode="drop")
     return jax.tree.map(put, axes, batch, new, is_leaf=lambda x: isinstance(x, tuple))
 
 
-def _admit(model, axes, params, state, sampling, prompt_bt, lengths_b, limits_b, seed, stops, new_sampling,
-           slot, *, cache_len, chunk):
-    """Prefill one request (row 0 of a padded batch) and insert it into the slots' state.
+def _prefill_into_slots(model, axes, params, state, sampling, prompt_bt, lengths_b, limits_b, seeds_b, stops,
+                        new_sampling, slots_b, *, cache_len, chunk):
+    """Prefill a group of requests (one seed each) and insert their rows at `slots_b`.
 
-    Returns (state, sampling, first token, whether it is already done, its logprob, top ids,
-    top logprobs)."""
-    new, first_b, logits_bv = decoding.prefill(model, params, prompt_bt, lengths_b, limits_b, seed, stops,
+    Returns (state, sampling, first tokens [g], whether each is already done [g], their
+    logprobs [g], top ids [g, k], top logprobs [g, k])."""
+    new, first_b, logits_bv = decoding.prefill(model, params, prompt_bt, lengths_b, limits_b, seeds_b, stops,
                                                sampling=new_sampling, cache_len=cache_len, keep_logits=True,
                                                chunk=chunk)
-    state = _insert_row(axes, state, new, slot)
+    state = _insert_rows(axes, state, new, slots_b)
     row_axes = RowSampling(("batch",), ("batch",), ("batch",))
-    sampling = _insert_row(row_axes, sampling, new_sampling, slot)
-    chosen_b, top_ids_bk, top_lp_bk = token_logprobs(logits_bv, first_b)
-    return state, sampling, first_b[0], new["done"][0], chosen_b[0], top_ids_bk[0], top_lp_bk[0]
+    sampling = _insert_rows(row_axes, sampling, new_sampling, slots_b)
+    return (state, sampling, first_b, new["done"], *token_logprobs(logits_bv, first_b))
 
 
 def _steps(model, params, state, sampling, stops, cancel_b, *, steps):

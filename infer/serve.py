@@ -51,6 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="context per request, prompt plus answer (default: the model's)")
     parser.add_argument("--steps-per-call", type=int, default=4, metavar="N",
                         help="decode steps per compiled call; new requests join between calls (default 4)")
+    parser.add_argument("--prefill-batch", type=int, default=8, metavar="N",
+                        help="waiting requests prefilled together (default 8; also compiled: one alone)")
     parser.add_argument("--api-key", default=os.environ.get("LLAMA_JAX_API_KEY"),
                         help="require 'Authorization: Bearer KEY' (default: $LLAMA_JAX_API_KEY; none: open)")
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20, metavar="N", help="413 above this (default 1 MiB)")
@@ -109,6 +111,7 @@ def _load(args) -> Service:
     if args.layout is not None:
         load_layout(args.layout)
     for flag, value, least in (("--max-batch", args.max_batch, 1), ("--steps-per-call", args.steps_per_call, 1),
+                               ("--prefill-batch", args.prefill_batch, 1),
                                ("--port", args.port, 0), ("--max-body-bytes", args.max_body_bytes, 1)):
         if value < least:
             raise ValueError(f"{flag} must be at least {least}, got {value}")
@@ -127,9 +130,11 @@ def _load(args) -> Service:
 
     jax.monitoring.register_event_duration_secs_listener(count)
     engine = engine_for(config, args.layout)
-    batcher = Batcher(engine, params, args.max_batch, context, tokenizer.stop_ids, args.steps_per_call)
+    batcher = Batcher(engine, params, args.max_batch, context, tokenizer.stop_ids, args.steps_per_call,
+                      args.prefill_batch)
     buckets = sorted({engine.prompt_shape(n)[0] for n in range(1, context)})
-    print(f"compiling the decode step and the prefill of {len(buckets)} prompt buckets", file=sys.stderr, flush=True)
+    print(f"compiling the decode step and the prefill of {len(buckets)} prompt buckets x groups of "
+          f"{batcher.prefill_rows}", file=sys.stderr, flush=True)
     batcher.warm_up(buckets)
     batcher.start()
     service.batcher = batcher

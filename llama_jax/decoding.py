@@ -82,8 +82,9 @@ def prefill(model: Llama, params, prompts_bt, lengths_b, limits_b, seed, stops, 
 
     prompts_bt: int32 [b, t], right-padded; lengths_b: each prompt's length;
     limits_b: tokens each row may produce (0 for padding rows); seed: int32
-    scalar; stops: int32 [k] stop ids. chunk: prefill `chunk` tokens at a
-    time (t must then be a multiple of it); None or >= t: all at once.
+    scalar, or int32 [b] (one per row, as if each row were alone in a batch);
+    stops: int32 [k] stop ids. chunk: prefill `chunk` tokens at a time (t
+    must then be a multiple of it); None or >= t: all at once.
     images: a vision model's images (see the module docstring), or None; the
     first chunk encodes them into the cache, later chunks read them there.
     Returns (state, first tokens [b] with NO_TOKEN for rows that may produce
@@ -93,7 +94,10 @@ def prefill(model: Llama, params, prompts_bt, lengths_b, limits_b, seed, stops, 
     chunk = t if chunk is None or chunk >= t else chunk
     if t % chunk:
         raise ValueError(f"prefill: prompt length {t} is not a multiple of the chunk {chunk}")
-    keys_b = row_keys(jax.random.key(seed), b)
+    if jnp.ndim(seed) == 0:
+        keys_b = row_keys(jax.random.key(seed), b)
+    else:  # one seed per row: each row gets the key of row 0 of a batch with its seed
+        keys_b = jax.vmap(lambda s: row_keys(jax.random.key(s), 1)[0])(seed)
     last_b = lengths_b - 1
     spans = None if images is None else {"tile_from": images["tile_from"],
                                          "tile_until": images["tile_until"]}

@@ -156,7 +156,11 @@ def sample_rows(logits_bv: jax.Array, keys_b: jax.Array, sampling: RowSampling) 
         floor_b = jnp.take_along_axis(sorted_bv, last_b[:, None], axis=-1)
         return jnp.where(scaled_bv >= floor_b, scaled_bv, _MASKED)
 
-    filtering = jnp.any(drawing_b & ((sampling.top_k > 0) | (sampling.top_p < 1.0)))
-    scaled_bv = jax.lax.cond(filtering, filtered, lambda x: x, scaled_bv)
-    drawn_b = jax.vmap(jax.random.categorical)(keys_b, scaled_bv).astype(jnp.int32)
+    def drawn(scaled_bv):
+        filtering = jnp.any(drawing_b & ((sampling.top_k > 0) | (sampling.top_p < 1.0)))
+        scaled_bv = jax.lax.cond(filtering, filtered, lambda x: x, scaled_bv)
+        return jax.vmap(jax.random.categorical)(keys_b, scaled_bv).astype(jnp.int32)
+
+    # A batch of greedy rows skips the vocabulary-wide random draws.
+    drawn_b = jax.lax.cond(jnp.any(drawing_b), drawn, lambda _: greedy_b, scaled_bv)
     return jnp.where(drawing_b, drawn_b, greedy_b)
