@@ -126,8 +126,8 @@ class Batcher:
         self._sampling = jax.device_put(RowSampling.of([Sampling()] * slots), row)
         axes = decoding.state_axes(engine.config)
         self._prefill = jax.jit(functools.partial(_prefill_into_slots, engine.model, axes),
-                              static_argnames=("cache_len", "chunk"), donate_argnames=("state", "sampling"),
-                              out_shardings=(engine.state_shardings, row) + (engine.replicated,) * 5)
+                                static_argnames=("cache_len", "chunk"), donate_argnames=("state", "sampling"),
+                                out_shardings=(engine.state_shardings, row) + (engine.replicated,) * 5)
         self._step = jax.jit(functools.partial(_steps, engine.model), static_argnames=("steps",),
                              donate_argnames=("state",),
                              out_shardings=(engine.state_shardings,) + (engine.replicated,) * 4)
@@ -214,11 +214,13 @@ class Batcher:
         rows = next(r for r in self.prefill_rows if r >= len(admitted))
         t, chunk = engine.prompt_shape(max(len(request.prompt) for request, _ in admitted))
         prompt_bt = np.zeros((rows, t), np.int32)
-        lengths_b, limits_b, seeds_b = np.ones((rows,), np.int32), np.zeros((rows,), np.int32), np.zeros((rows,), np.int32)
+        lengths_b = np.ones((rows,), np.int32)  # padding rows: one token, no output
+        limits_b, seeds_b = np.zeros((rows,), np.int32), np.zeros((rows,), np.int32)
         slots_b = np.full((rows,), self.slots, np.int32)  # padding rows: past the last slot, dropped
         for i, (request, slot) in enumerate(admitted):
             prompt_bt[i, :len(request.prompt)] = request.prompt
-            lengths_b[i], limits_b[i], seeds_b[i], slots_b[i] = len(request.prompt), request.max_tokens, request.seed, slot
+            lengths_b[i], limits_b[i], seeds_b[i] = len(request.prompt), request.max_tokens, request.seed
+            slots_b[i] = slot
         settings = [request.sampling for request, _ in admitted] + [Sampling()] * (rows - len(admitted))
         row = self._row_sharding
         with plan.activate():

@@ -21,6 +21,7 @@ server stops accepting connections, lets running requests finish (at most
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import hmac
 import json
@@ -40,7 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="our checkpoint directory, or a Hugging Face directory with config.json")
     parser.add_argument("--tokenizer", default=None, metavar="PATH", help="default: found in the checkpoint")
     parser.add_argument("--model-name", default=None, help="the model's name in the API (default: DIR's name)")
-    parser.add_argument("--layout", default=None, metavar="NAME", help="layout from configs/layouts; default one device")
+    parser.add_argument("--layout", default=None, metavar="NAME",
+                        help="layout from configs/layouts (default: one device)")
     parser.add_argument("--dtype", default=None, help="bfloat16 or float32 (default: the checkpoint's)")
     parser.add_argument("--quantize", default=None, help="int8 or fp8 weights")
     parser.add_argument("--kv-cache-dtype", default=None, help="int8 or fp8 KV cache")
@@ -55,7 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="waiting requests prefilled together (default 8; also compiled: one alone)")
     parser.add_argument("--api-key", default=os.environ.get("LLAMA_JAX_API_KEY"),
                         help="require 'Authorization: Bearer KEY' (default: $LLAMA_JAX_API_KEY; none: open)")
-    parser.add_argument("--max-body-bytes", type=int, default=1 << 20, metavar="N", help="413 above this (default 1 MiB)")
+    parser.add_argument("--max-body-bytes", type=int, default=1 << 20, metavar="N",
+                        help="larger request bodies get 413 (default 1 MiB)")
     parser.add_argument("--max-waiting", type=int, default=256, metavar="N",
                         help="queued requests before answering 429 (default 256)")
     parser.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
@@ -299,9 +302,10 @@ async def _collect(service, pieces, kind, request_id, prompt_tokens, settings):
     from infer import openai_api as api
 
     text, tokens = [], []
-    async for piece in pieces:
-        text.append(piece.text)
-        tokens += piece.tokens
+    async with contextlib.aclosing(pieces):
+        async for piece in pieces:
+            text.append(piece.text)
+            tokens += piece.tokens
     choice = _choice(kind, "".join(text), piece.finish, tokens, settings, service.tokenizer)
     return {"id": request_id, "object": kind, "created": api.now(), "model": service.model_name,
             "choices": [choice], "usage": api.usage(prompt_tokens, piece.generated)}
@@ -315,12 +319,13 @@ async def _stream(service, pieces, kind, request_id, prompt_tokens, settings):
             "created": api.now(), "model": service.model_name}
     offset, generated = 0, 0
     try:
-        async for piece in pieces:
-            if piece.text or piece.finish or (piece.tokens and settings.logprobs is not None):
-                choice = _choice(kind, piece.text, piece.finish, piece.tokens, settings, service.tokenizer,
-                                 offset, delta=True)
-                yield f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
-            offset, generated = offset + len(piece.text), piece.generated
+        async with contextlib.aclosing(pieces):  # a client that leaves closes it: its request is cancelled
+            async for piece in pieces:
+                if piece.text or piece.finish or (piece.tokens and settings.logprobs is not None):
+                    choice = _choice(kind, piece.text, piece.finish, piece.tokens, settings, service.tokenizer,
+                                     offset, delta=True)
+                    yield f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
+                offset, generated = offset + len(piece.text), piece.generated
     except api.ApiError as err:  # the status is sent already: report it in the stream
         yield f"data: {json.dumps(err.body())}\n\n"
     yield f"data: {json.dumps({**head, 'choices': [], 'usage': api.usage(prompt_tokens, generated)})}\n\n"

@@ -60,7 +60,7 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(checkpoint):
+def server(checkpoint, request):
     port = free_port()
     env = dict(os.environ, LLAMA_JAX_API_KEY=KEY)
     env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")
@@ -71,6 +71,7 @@ def server(checkpoint):
                                 "--steps-per-call", "1"],
                                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
+    request.getfixturevalue("reference")  # loads here while the server compiles
     deadline = time.time() + 120
     while time.time() < deadline and process.poll() is None:
         try:
