@@ -200,6 +200,8 @@ class Batcher:
                 group = self.prefill_rows[-1]
                 for start in range(0, len(admitted), group):
                     self._admit(admitted[start:start + group])
+                if admitted and self._waiting and None in self._running:
+                    continue  # more arrived during the prefill: admit them before the next decode call
                 if any(self._running):
                     self._decode()
         except BaseException as err:  # the server reports it and answers 500 from then on

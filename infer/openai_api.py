@@ -104,7 +104,8 @@ def check_sampled(request: Sampled, prompt_tokens: int, context: int, default_ma
     room = context - prompt_tokens
     if room < 1:
         raise ApiError(400, f"the prompt has {prompt_tokens} tokens; this model's context is {context} "
-                       "tokens and leaves no room for an answer", "messages", "context_length_exceeded")
+                       "tokens and leaves no room for an answer",
+                       "messages" if isinstance(request, ChatRequest) else "prompt", "context_length_exceeded")
     max_tokens = request.max_tokens
     if max_tokens is None:
         max_tokens = room if default_max_tokens is None else min(default_max_tokens, room)
