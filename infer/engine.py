@@ -135,10 +135,7 @@ class Engine:
         check_prompts(self.config, prompts, max_new_tokens)
         n, rows = len(prompts), _round_up(len(prompts), self.batch_multiple)
         longest = max(len(p) for p in prompts)
-        t = _round_up(min(prompt_bucket(longest), self.config.max_seq_len), self.length_multiple)
-        chunk = _round_up(self.prefill_chunk, self.length_multiple)
-        if t > chunk:
-            t = _round_up(t, chunk)
+        t, chunk = self.prompt_shape(longest)
         cache_len = max(t, cache_bucket(longest + max_new_tokens))
         prompts_bt = np.zeros((rows, t), np.int32)
         lengths_b = np.ones((rows,), np.int32)  # padding rows: one token, no output
@@ -160,6 +157,13 @@ class Engine:
                 params, *inputs, sampling=sampling, cache_len=cache_len, keep_logits=keep_logits,
                 chunk=chunk, images=images)
         return state, np.asarray(first_b)[:n], None if logits_bv is None else np.asarray(logits_bv)[:n]
+
+    def prompt_shape(self, longest: int) -> tuple[int, int]:
+        """(padded prompt length, prefill chunk) for prompts of up to `longest` tokens: a bucket
+        (`prompt_bucket`) that the layout's length axes and the chunk divide."""
+        t = _round_up(min(prompt_bucket(longest), self.config.max_seq_len), self.length_multiple)
+        chunk = _round_up(self.prefill_chunk, self.length_multiple)
+        return (_round_up(t, chunk) if t > chunk else t), chunk
 
     def decode(self, params, state: State, steps: int, sampling: Sampling, stop_ids=(),
                keep_logits: bool = False, rows: int | None = None):

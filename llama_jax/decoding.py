@@ -4,6 +4,7 @@
                                         stops, sampling=..., cache_len=..., keep_logits=False,
                                         chunk=None, images=None)
     state, out_bn, logits_bnv = decode(model, params, state, stops, sampling=..., steps=...)
+    state, next_b, logits_bv = decode_step(model, params, state, stops, sampling=...)
 
 Both know nothing of meshes: the KV cache is constrained by its logical axis
 names (`llama_jax.kv_cache.cache_axes`), which the layout in scope maps to mesh axes. `infer/`
@@ -81,8 +82,9 @@ def prefill(model: Llama, params, prompts_bt, lengths_b, limits_b, seed, stops, 
 
     prompts_bt: int32 [b, t], right-padded; lengths_b: each prompt's length;
     limits_b: tokens each row may produce (0 for padding rows); seed: int32
-    scalar; stops: int32 [k] stop ids. chunk: prefill `chunk` tokens at a
-    time (t must then be a multiple of it); None or >= t: all at once.
+    scalar, or int32 [b] (one per row, as if each row were alone in a batch);
+    stops: int32 [k] stop ids. chunk: prefill `chunk` tokens at a time (t
+    must then be a multiple of it); None or >= t: all at once.
     images: a vision model's images (see the module docstring), or None; the
     first chunk encodes them into the cache, later chunks read them there.
     Returns (state, first tokens [b] with NO_TOKEN for rows that may produce
@@ -92,7 +94,10 @@ def prefill(model: Llama, params, prompts_bt, lengths_b, limits_b, seed, stops, 
     chunk = t if chunk is None or chunk >= t else chunk
     if t % chunk:
         raise ValueError(f"prefill: prompt length {t} is not a multiple of the chunk {chunk}")
-    keys_b = row_keys(jax.random.key(seed), b)
+    if jnp.ndim(seed) == 0:
+        keys_b = row_keys(jax.random.key(seed), b)
+    else:  # one seed per row: each row gets the key of row 0 of a batch with its seed
+        keys_b = jax.vmap(lambda s: row_keys(jax.random.key(s), 1)[0])(seed)
     last_b = lengths_b - 1
     spans = None if images is None else {"tile_from": images["tile_from"],
                                          "tile_until": images["tile_until"]}
@@ -151,17 +156,8 @@ def decode(model: Llama, params, state: State, stops, *, sampling: Sampling, ste
 
     def step(carry):
         i, st, out_bn, logits_bnv = carry
-        with_images = {"images": st["images"]} if "images" in st else {}
-        logits_b1v, cache = model.apply({"params": params}, st["token"][:, None], st["pos"][:, None],
-                                        cache=st["cache"], **with_images)
-        logits_bv = logits_b1v[:, 0]
         live_b = ~st["done"]
-        next_b = sample(logits_bv, step_keys(st["keys"], st["count"]), sampling)
-        next_b = jnp.where(live_b, next_b, st["token"])
-        count_b = st["count"] + live_b
-        done_b = st["done"] | _is_stop(next_b, stops) | (count_b >= st["limit"])
-        st = {**st, "cache": _constrain_cache(cache, model.config), "token": next_b, "pos": st["pos"] + live_b,
-              "count": count_b, "done": done_b}
+        st, next_b, logits_bv = decode_step(model, params, st, stops, sampling=sampling)
         out_bn = out_bn.at[:, i].set(jnp.where(live_b, next_b, NO_TOKEN))
         if keep_logits:
             logits_bnv = logits_bnv.at[:, i].set(logits_bv)
@@ -170,6 +166,26 @@ def decode(model: Llama, params, state: State, stops, *, sampling: Sampling, ste
     _, state, out_bn, logits_bnv = jax.lax.while_loop(
         running, step, (jnp.int32(0), state, out_bn, logits_bnv))
     return state, out_bn, logits_bnv
+
+
+def decode_step(model: Llama, params, state: State, stops, *, sampling):
+    """One decode step of every row: (state, next tokens int32 [b], float32 logits [b, v]).
+
+    Rows already done keep their token, position and count. `sampling`: a
+    `Sampling`, or a `RowSampling` with one setting per row.
+    """
+    with_images = {"images": state["images"]} if "images" in state else {}
+    logits_b1v, cache = model.apply({"params": params}, state["token"][:, None], state["pos"][:, None],
+                                    cache=state["cache"], **with_images)
+    logits_bv = logits_b1v[:, 0]
+    live_b = ~state["done"]
+    next_b = sample(logits_bv, step_keys(state["keys"], state["count"]), sampling)
+    next_b = jnp.where(live_b, next_b, state["token"])
+    count_b = state["count"] + live_b
+    done_b = state["done"] | _is_stop(next_b, stops) | (count_b >= state["limit"])
+    state = {**state, "cache": _constrain_cache(cache, model.config), "token": next_b,
+             "pos": state["pos"] + live_b, "count": count_b, "done": done_b}
+    return state, next_b, logits_bv
 
 
 def empty_state(config, batch: int, cache_len: int, with_images: bool = False) -> State:
