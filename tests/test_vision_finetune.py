@@ -13,10 +13,11 @@ import pytest
 
 from llama_jax.config import ConfigError
 from llama_jax.hf import load_hf_params
-from llama_jax.params import partition
+from llama_jax.params import join, partition
 from llama_jax.tokenizer import load_tokenizer
 from llama_jax.tokenizer_training import train_bpe
 from llama_jax.vision.model import is_image_adapter
+from llama_jax.weights import load_params
 from test_vision import drawn_image
 from tiny import VISION_LIKE, hf_vision_model, save_hf_vision_model
 from train.data import DataConfig, make_dataset
@@ -97,12 +98,16 @@ def hf_loss(root, config, batch) -> float:
 
 @pytest.fixture(scope="module")
 def trained(workdir, tmp_path_factory):
+    """A run of STEPS steps under fsdp on 8 devices, stopped after 2 and resumed for the last
+    (its checkpoint holds the adapters; the frozen weights come from init_from again)."""
     from train.loop import train
 
     root, config = workdir
     run_dir = tmp_path_factory.mktemp("run")
     run = _run(root, config, run_dir)
+    train(run, progress=False, stop_after=STEPS - 1)
     summary = train(run, progress=False)
+    assert summary["step"] == STEPS
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return run, summary["state"], [row["loss"] for row in rows]
 
@@ -120,8 +125,8 @@ def test_adapter_training_from_a_hf_mllama_directory_starts_at_transformers_loss
 
 
 def test_only_the_image_adapters_train_and_only_they_have_optimizer_state(workdir, trained):
-    root, _ = workdir
-    _, state, _ = trained
+    root, config = workdir
+    run, state, _ = trained
     _, start = load_hf_params(root / "hf")
     start_trained, start_frozen = partition(start, is_image_adapter)
     frozen, params = jax.device_get((state.frozen, state.params))
@@ -135,9 +140,12 @@ def test_only_the_image_adapters_train_and_only_they_have_optimizer_state(workdi
     moments = [x for x in jax.tree.leaves(state.opt_state) if x.size > 1]
     assert len(moments) == 2 * TRAINED  # Adam's mu and nu, for the trained leaves only
     assert sum(x.size for x in moments) == 2 * sum(x.size for x in jax.tree.leaves(params))
+    # The run directory loads whole: its adapters over the base's text model and image encoder.
+    loaded = jax.device_get(load_params(run.run_dir, config))
+    jax.tree.map(np.testing.assert_array_equal, loaded, join(frozen, params))
 
 
-def test_fsdp_on_8_devices_trains_as_one_device_does(workdir, trained):
+def test_fsdp_on_8_devices_and_resumed_trains_as_one_device_does(workdir, trained):
     from sharding.layout import load_layout
     from sharding.place import Placement
     from train.optimizer import learning_rate_schedule, make_optimizer
