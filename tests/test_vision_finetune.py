@@ -198,5 +198,28 @@ def test_bad_vision_training_data_is_one_line(workdir, tmp_path):
     no_path = json.loads(good)
     no_path["messages"][0]["content"][0] = {"type": "image"}
     assert 'an image part needs a "path"' in error([json.dumps(no_path) + "\n"])
+    # HF's Mllama tokenizer counts <|image|> (one id past the text vocabulary): it is accepted.
+    data = DataConfig(source="chat", paths=(str(root / "data" / "chat.jsonl"),), seq_len=40, global_batch=1,
+                      packing=False)
+    past = dataclasses.replace(config.vision, image_token_id=tokenizer.vocab_size - 1)
+    batch = next(make_dataset(data, tokenizer=tokenizer, shard_index=0, shard_count=1,
+                              model_vocab_size=tokenizer.vocab_size - 1, vision=past))
+    assert batch["images"]["aspect_ratio_ids"][0, 0] > 0
+    with pytest.raises(ValueError, match="exceeds the model's vocab_size"):
+        make_dataset(data, tokenizer=tokenizer, shard_index=0, shard_count=1,
+                     model_vocab_size=tokenizer.vocab_size - 9, vision=past)
     with pytest.raises(ConfigError, match="init_from: a vision run trains the image adapters over a fixed"):
         _run(root, config, tmp_path, init_from=None)
+
+
+def test_a_lora_section_on_a_vision_model_trains_only_lora_adapters(workdir):
+    from llama_jax.params import abstract_params
+    from train.step import trainable
+
+    _, config = workdir
+    lora = config.replace(lora={"rank": 4, "alpha": 8.0, "targets": ["wq", "wv"]})
+    trained, frozen = partition(abstract_params(lora), trainable(lora))
+    paths = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(trained)}
+    assert paths == {f"['layers']['{layer}']['attention']['{w}']['{ab}']" for layer in ("self_0", "self_1", "cross")
+                     for w in ("wq", "wv") for ab in ("lora_a", "lora_b")}
+    assert {"encoder", "projector", "extra_embedding"} <= set(frozen)

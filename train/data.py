@@ -478,6 +478,8 @@ def _documents(config: DataConfig, tokenizer: TextTokenizer | None, model_vocab_
         from llama_jax.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(config.tokenizer)
+    if vision is not None and model_vocab_size is not None:  # HF's Mllama tokenizer counts <|image|> too
+        model_vocab_size += vision.extra_token_rows
     if model_vocab_size is not None and tokenizer.vocab_size > model_vocab_size:
         raise ValueError(f"tokenizer: vocabulary of {tokenizer.vocab_size} exceeds the model's vocab_size "
                          f"{model_vocab_size}")
