@@ -61,6 +61,8 @@ B = global_batch // shard_count:
                           0 in padding
     loss_weights float32  1 where the target continues the input's document;
                           0 where it is the next document's first id, or pad
+    images       dict     a vision model's rows only: each row's images
+                          (llama_jax.vision.image.image_inputs, no batch axis)
 
 A packed row holds stream[r*L:(r+1)*L] as tokens and stream[r*L+1:(r+1)*L+1]
 as targets. A document cut by a row boundary continues in another row with
