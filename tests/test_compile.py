@@ -217,25 +217,27 @@ def test_every_shipped_tpu_run_names_a_slice_its_layout_places_on():
         batch = run.data.global_batch // run.grad_accum
         seq = run.data.seq_len if "train" in run.programs else None
         validate(run.model, layout, mesh, batch=batch, seq_len=seq)
-def test_inference_compiles_a_vision_models_prefill_and_decode(tmp_path, capsys):
+def test_a_vision_models_train_step_prefill_and_decode_compile(tmp_path, capsys):
     """A Llama 3.2 Vision model's prefill (encoder, projector, image keys and values) and decode
-    step compile for the slice; its train step is refused in one line until it exists."""
+    step compile for the slice, and so does its train step (image adapters trained, a batch of
+    chat rows with one image slot each)."""
     import yaml
 
     from tiny import VISION_LIKE
 
     run = tmp_path / "vision.yaml"
     run.write_text(yaml.safe_dump({
-        "model": json.loads(json.dumps(VISION_LIKE.to_dict())), "layout": "fsdp_tp",
-        "data": {"source": "synthetic", "vocab_size": VISION_LIKE.vocab_size, "seq_len": 128,
+        "model": json.loads(json.dumps(VISION_LIKE.to_dict())), "layout": "fsdp_tp", "init_from": "ckpt/mllama",
+        "data": {"source": "chat", "paths": ["chat.jsonl"], "packing": False, "seq_len": 128,
                  "global_batch": 8}}))
     code = main(["--config", str(run), "--topology", TOPOLOGY, "--inference", "--prompt-len", "64", "--json"])
     report = json.loads(capsys.readouterr().out)
     assert code == 0 and set(report) == {"prefill", "decode"}
     assert report["prefill"]["verdict"] == report["decode"]["verdict"] == "fits"
     assert (report["prefill"]["prompt_len"], report["prefill"]["images_per_row"]) == (64, 1)
-    assert main(["--config", str(run), "--topology", TOPOLOGY]) == 2
-    assert "the train step of a vision model is not built yet; pass --inference" in capsys.readouterr().err
+    assert main(["--config", str(run), "--topology", TOPOLOGY, "--json"]) == 0
+    train = json.loads(capsys.readouterr().out)["train"]
+    assert (train["verdict"], train["batch"], train["seq_len"]) == ("fits", 8, 128)
 
 
 def test_decode_with_int8_weights_and_cache_compiles_with_about_half_the_bytes_per_chip():

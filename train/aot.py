@@ -75,6 +75,8 @@ def train_program(run, placement):
     batch_sharding = placement.sharding("batch", "length")
     batch = {key: jax.ShapeDtypeStruct(rows, jnp.float32 if key == "loss_weights" else jnp.int32,
                                        sharding=batch_sharding) for key in BATCH_KEYS}
+    if run.model.vision is not None:
+        batch["images"] = _abstract_images(placement, run.data.global_batch)
     step = jit_train_step(make_train_step(run.model, optimizer, schedule, shardings.params, run.grad_accum,
                                           run.z_loss, run.loss_chunk), placement, shardings)
     return step, (state, batch)
@@ -142,16 +144,18 @@ def prefill_program(config, placement, batch: int, prompt_len: int, cache_len: i
               jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=row),
               jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
               jax.ShapeDtypeStruct((1,), jnp.int32, sharding=replicated))
-    images = None
-    if config.vision is not None:
-        vis = config.vision
-        slots = (batch, vis.max_images, vis.max_tiles)
-        shapes = {"pixels": (slots + (3, vis.image_size, vis.image_size), jnp.float32),
-                  "aspect_ratio_ids": (slots[:2], jnp.int32), "aspect_ratio_mask": (slots, jnp.int32),
-                  "tile_from": (slots, jnp.int32), "tile_until": (slots, jnp.int32)}
-        images = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=placement.sharding(
-            "batch", *[None] * (len(shape) - 1))) for name, (shape, dtype) in shapes.items()}
+    images = _abstract_images(placement, batch) if config.vision is not None else None
     return step, (_abstract_params(config, placement), *inputs, images)
+
+
+def _abstract_images(placement, rows: int):
+    """A vision model's `images` for `rows` rows as sharded `jax.ShapeDtypeStruct`s (split on batch)."""
+    import jax
+
+    from llama_jax.vision.image import image_shapes
+
+    return {name: jax.ShapeDtypeStruct(shape, dtype, sharding=placement.sharding("batch"))
+            for name, (shape, dtype) in image_shapes(placement.config.vision, rows).items()}
 
 
 def _replicated(placement):

@@ -207,9 +207,6 @@ def main(argv=None) -> int:
         args.topology = args.topology or run.topology
         if not args.topology:
             raise ConfigError(f"--topology: {args.config} names no topology; give one, e.g. v5p:4x4x4")
-        if run.model.vision is not None and not (args.inference or args.sweep and args.decode):
-            raise ConfigError("the train step of a vision model is not built yet; pass --inference "
-                              "for its prefill and decode")
         slices = args.slices or slices_of(load_layout(run.layout, **run.mesh))
         devices = topology_devices(args.topology, slices)
         combos = parse_sweep(args.sweep)

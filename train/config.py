@@ -137,6 +137,9 @@ class RunConfig:
                               f"{', '.join(NONFINITE_MODES)}")
         if self.model.lora is not None and self.init_from is None:
             raise ConfigError("lora: a LoRA run trains adapters over fixed weights: set init_from to them")
+        if self.model.vision is not None and self.model.lora is None and self.init_from is None:
+            raise ConfigError("init_from: a vision run trains the image adapters over a fixed text model and "
+                              "image encoder: set init_from to their weights")
         if self.eval.every and not self.eval.paths and not self.data.holdout:
             raise ConfigError("eval.every: evaluation needs eval.paths or a data.holdout fraction")
         from train.metrics import PEAK_FLOPS  # late: metrics imports jax

@@ -257,6 +257,16 @@ class LlamaVision(Llama):
                                           ("batch", "kv_length", "embed"))
 
 
+def is_image_adapter(path: tuple[str, ...]) -> bool:
+    """Whether a parameter (by key path) joins the image to the text: the cross-attention
+    layers, the projector and the extra token rows (<|image|>). Meta's adapter training
+    trains these over the frozen text model and image encoder (torchtune's "fusion"
+    parameters are the same set)."""
+    if path[0] in ("projector", "extra_embedding"):
+        return True
+    return (path[0] == "layers" or path[0].startswith("layers_")) and len(path) > 1 and path[1] == "cross"
+
+
 def tile_visibility(positions_bt, images: Images):
     """bool [b, t, tiles of all images]: which tiles the token at each position sees."""
     b = positions_bt.shape[0]
