@@ -160,7 +160,7 @@ def _computations(hlo: str) -> tuple[dict[str, list[str]], str]:
             comps[current] = []
             if line.startswith("ENTRY"):
                 entry = current
-        elif line.startswith("}"):
+        elif line.rstrip() == "}":  # not "}}, metadata=...": attributes may span lines
             current = None
         elif current is not None:
             comps[current].append(line)
@@ -267,13 +267,14 @@ def _mesh_groups(text: str) -> np.ndarray:
     # split each axis into the sub-axes the groups name: a:(pre)size is the middle factor of pre x size x rest
     dims, grouped = [], []
     for name, size in zip(names, sizes):
-        subs = [a for a in _split_top(match.group(3)) if a.strip("'\"").split(":")[0].strip("'\"") == name]
+        subs = [a for a in _split_top(match.group(3).replace("'", "").replace('"', ""))
+                if a.split(":")[0] == name]
         if not subs:
             dims.append(size)
             continue
         if len(subs) > 1:
             raise ValueError(f"replica groups split axis {name} twice: {text}")
-        sub = re.fullmatch(r"['\"]?[^'\":]+['\"]?(?::\((\d+)\)(\d+))?", subs[0].strip())
+        sub = re.fullmatch(r"[^:]+(?::\((\d+)\)(\d+))?", subs[0])
         if sub.group(1) is None:
             grouped.append(len(dims))
             dims.append(size)
