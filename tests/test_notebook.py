@@ -19,6 +19,7 @@ from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "quickstart.ipynb"
+LAYOUTS_NOTEBOOK = NOTEBOOK.with_name("layouts.ipynb")
 KERNEL = "python3"
 CELL_TIMEOUT_S = 600  # the 2-core CI machine may be busy; the whole notebook takes about a minute
 
@@ -49,7 +50,12 @@ def _text(cell) -> str:
 @pytest.fixture(scope="module")
 def executed(tmp_path_factory):
     """The notebook after a run, plus the interpreter its kernel ran on."""
-    nb = nbformat.read(NOTEBOOK, as_version=4)
+    return _execute(NOTEBOOK, tmp_path_factory)
+
+
+def _execute(path: Path, tmp_path_factory, **extra_env):
+    """(notebook after a run, everything its code cells printed, its working directory)."""
+    nb = nbformat.read(path, as_version=4)
     assert not any(cell.get("outputs") for cell in nb.cells if cell.cell_type == "code"), \
         "commit the notebook without outputs"
     probe = nbformat.v4.new_code_cell("import sys; print('kernel executable:', sys.executable)")
@@ -59,6 +65,7 @@ def executed(tmp_path_factory):
     jupyter_path = _kernelspec(tmp_path_factory.mktemp("jupyter"))
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["JAX_PLATFORMS"] = "cpu"
+    env.update(extra_env)
     env["JUPYTER_PATH"] = os.pathsep.join(filter(None, [str(jupyter_path), env.get("JUPYTER_PATH")]))
     old = os.environ.get("JUPYTER_PATH")
     os.environ["JUPYTER_PATH"] = env["JUPYTER_PATH"]  # read by the kernelspec lookup in this process
@@ -107,3 +114,23 @@ def test_notebook_generates_the_memorised_text_before_and_after_reload(executed)
     assert "'A mesh names' -> ' the devices; a layout maps logical axes onto the mesh.'" in outputs
     assert "same text after reload: True" in outputs
     assert (workdir / "runs" / "quickstart" / "checkpoints" / "40").is_dir()
+
+
+@pytest.fixture(scope="module")
+def layouts_executed(tmp_path_factory):
+    """notebooks/layouts.ipynb run with the tiny model on v5p:2x2x2 (compile-only devices)."""
+    pytest.importorskip("libtpu", reason="the layouts notebook compiles for TPU: pip install -e '.[tpu]'")
+    return _execute(LAYOUTS_NOTEBOOK, tmp_path_factory, LAYOUTS_NOTEBOOK_SMALL="1")
+
+
+def test_layouts_notebook_shows_each_layouts_traffic_table_and_chart(layouts_executed):
+    nb, outputs, workdir = layouts_executed
+    header = next(line for line in outputs.splitlines() if line.startswith("layout "))
+    assert "AR data" in header and "AG fsdp" in header and "est. step s" in header, header
+    rows = {line.split()[0]: line for line in outputs.splitlines()
+            if line.split()[:1] in (["dp"], ["fsdp"], ["fsdp_tp"])}
+    assert set(rows) == {"dp", "fsdp", "fsdp_tp"} and all(" fits " in r for r in rows.values()), rows
+    assert (workdir / "layouts_tiny_cpu.png").read_bytes()[:4] == b"\x89PNG"
+    assert "image/png" in json.dumps([cell.get("outputs") for cell in nb.cells])
+    assert re.search(r"all-gather\s+over fsdp\s+x2 ", outputs), "per-layer gathers run once per layer"
+    assert "estimate: {'compute_s'" in outputs
