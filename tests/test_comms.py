@@ -32,7 +32,7 @@ ACTIVATION_BYTES = F32 * ROWS * SEQ * D                                # one [ba
 
 
 @functools.cache
-def _collectives(layout: str, n_layers: int = 2) -> tuple[Collective, ...]:
+def _collectives(layout: str, n_layers: int = 2, grad_accum: int = 1) -> tuple[Collective, ...]:
     from sharding.layout import load_layout
     from sharding.place import Placement
     from train.aot import train_program
@@ -41,7 +41,7 @@ def _collectives(layout: str, n_layers: int = 2) -> tuple[Collective, ...]:
     run = run_config_from_dict({
         "model": {"dim": D, "n_layers": n_layers, "n_heads": HEADS, "n_kv_heads": HEADS, "ffn_dim": FFN,
                   "vocab_size": VOCAB, "max_seq_len": SEQ},
-        "layout": layout, "data": {"source": "synthetic", "vocab_size": VOCAB, "seq_len": SEQ,
+        "layout": layout, "grad_accum": grad_accum, "data": {"source": "synthetic", "vocab_size": VOCAB, "seq_len": SEQ,
                                    "global_batch": ROWS}})
     placement = Placement.create(run.model, load_layout(run.layout, **run.mesh), devices=jax.devices())
     step, args = train_program(run, placement)
@@ -91,6 +91,16 @@ def test_four_layers_move_exactly_two_layers_more_than_two():
     assert set(two) == set(four)
     for key in two:
         assert four[key] - two[key] == pytest.approx(2 * per_layer.get(key, 0.0), rel=1e-12, abs=1e-6), key
+
+
+def test_gradient_accumulation_multiplies_the_nested_loops_out():
+    """grad_accum 2 runs the layer scans inside the accumulation scan: each layer's gradient
+    all-reduce runs 2 x 2 times. XLA reduces every micro-batch's gradient (it does not defer the
+    reduction to the accumulated sum), so data parallel traffic doubles, exactly."""
+    once, twice = _collectives("dp"), _collectives("dp", grad_accum=2)
+    assert sorted((c.buffer_bytes, c.count) for c in twice) == [(OUTSIDE_BYTES + 4 * F32, 2),
+                                                                (LAYER_BYTES, 4)]
+    assert sum(c.bytes_per_step for c in twice) == pytest.approx(2 * sum(c.bytes_per_step for c in once))
 
 
 # --- reading HLO that the tiny compiles above do not produce ----------------------------------
