@@ -86,14 +86,15 @@ def plot_sweep(rows: list[tuple[dict[str, str], CompileResult | str]], path: str
         raise ValueError("no compiled combination to plot")
     labels = [" ".join(v for v in values.values()) or r.layout for values, r in kept]
     columns = traffic_columns([r for _, r in kept])
-    fig, (left, right) = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(kept) + 4), 4.5))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(max(9, 1.6 * len(kept) + 5), 5.5))
+    colours = plt.get_cmap("tab20").colors
     bottom = [0.0] * len(kept)
-    for column in columns:
+    for i, column in enumerate(columns):
         heights = [traffic(r).get(column, 0.0) / 2**30 for _, r in kept]
-        left.bar(labels, heights, bottom=bottom, label=column_name(*column))
+        left.bar(labels, heights, bottom=bottom, label=column_name(*column), color=colours[i % 20])
         bottom = [b + h for b, h in zip(bottom, heights)]
     left.set_ylabel("GiB moved per chip per step")
-    left.legend(fontsize=7)
+    left.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(0, -0.18), frameon=False)
     width = 0.4
     xs = range(len(kept))
     compute = [(r.estimate or {}).get("compute_s") or 0.0 for _, r in kept]
@@ -102,7 +103,7 @@ def plot_sweep(rows: list[tuple[dict[str, str], CompileResult | str]], path: str
     right.bar([x + width / 2 for x in xs], comm, width, label="collectives at ICI/DCN bandwidth")
     right.set_xticks(list(xs), labels)
     right.set_ylabel("seconds per step (estimate)")
-    right.legend(fontsize=7)
+    right.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0, -0.18), frameon=False)
     for ax in (left, right):
         ax.tick_params(axis="x", labelrotation=30, labelsize=8)
     fig.suptitle(title or "layout sweep: communication per step (estimate)")
