@@ -175,16 +175,16 @@ def _trip_count(line: str, caller: list[str], comps: dict[str, list[str]]) -> in
     if known:
         return int(known.group(1))
     cond = re.search(r"condition=%([\w.\-]+)", line).group(1)
-    constants, compare = {}, None
+    constants, tuple_index, compare = {}, {}, None
     for inst in comps[cond]:
         parts = _split_instruction(inst)
         if parts is None:
             continue
         name, _, opcode, rest = parts
-        if opcode == "constant":
+        if opcode == "constant" and re.fullmatch(r"-?\d+", rest.split(")")[0]):
             constants[name] = int(rest.split(")")[0])
         elif opcode == "get-tuple-element":
-            constants.setdefault("__index", {})[name] = int(re.search(r"index=(\d+)", rest).group(1))
+            tuple_index[name] = int(re.search(r"index=(\d+)", rest).group(1))
         elif opcode == "compare":
             compare = (rest.split(")")[0], re.search(r"direction=(\w+)", rest).group(1))
     if compare is None:
@@ -197,8 +197,8 @@ def _trip_count(line: str, caller: list[str], comps: dict[str, list[str]]) -> in
         bound, counter = constants[lhs], rhs
     else:
         raise ValueError(f"while loop condition {cond} is not `i < constant`")
-    index = constants.get("__index", {}).get(counter)
-    start = 0
+    index = tuple_index.get(counter)
+    start = 0  # the counter's initial value: a constant in the loop's input tuple, else 0
     operand = line.split(" while(", 1)[1].split(")")[0].strip().lstrip("%")
     for inst in caller:
         parts = _split_instruction(inst)
@@ -206,7 +206,7 @@ def _trip_count(line: str, caller: list[str], comps: dict[str, list[str]]) -> in
             init = _split_top(parts[3].rsplit(")", 1)[0])[index].lstrip("%")
             for other in caller:
                 p = _split_instruction(other)
-                if p and p[0] == init and p[2] == "constant":
+                if p and p[0] == init and p[2] == "constant" and re.fullmatch(r"-?\d+", p[3].split(")")[0]):
                     start = int(p[3].split(")")[0])
     return max(bound - start, 0)
 

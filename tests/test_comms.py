@@ -41,8 +41,8 @@ def _collectives(layout: str, n_layers: int = 2, grad_accum: int = 1) -> tuple[C
     run = run_config_from_dict({
         "model": {"dim": D, "n_layers": n_layers, "n_heads": HEADS, "n_kv_heads": HEADS, "ffn_dim": FFN,
                   "vocab_size": VOCAB, "max_seq_len": SEQ},
-        "layout": layout, "grad_accum": grad_accum, "data": {"source": "synthetic", "vocab_size": VOCAB, "seq_len": SEQ,
-                                   "global_batch": ROWS}})
+        "layout": layout, "grad_accum": grad_accum,
+        "data": {"source": "synthetic", "vocab_size": VOCAB, "seq_len": SEQ, "global_batch": ROWS}})
     placement = Placement.create(run.model, load_layout(run.layout, **run.mesh), devices=jax.devices())
     step, args = train_program(run, placement)
     with placement.activate():
@@ -84,7 +84,8 @@ def test_tensor_parallel_all_reduces_per_layer_are_activation_sized():
 
 
 def test_four_layers_move_exactly_two_layers_more_than_two():
-    two, four = bytes_by_kind_and_axes(_collectives("fsdp", 2)), bytes_by_kind_and_axes(_collectives("fsdp", 4))
+    two = bytes_by_kind_and_axes(_collectives("fsdp", 2))
+    four = bytes_by_kind_and_axes(_collectives("fsdp", 4))
     share = 7 / 8
     per_layer = {("all-gather", ("fsdp",)): share * 2 * LAYER_BYTES,
                  ("all-reduce", ("fsdp",)): 2 * share * LAYER_BYTES}
