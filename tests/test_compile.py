@@ -112,6 +112,7 @@ def test_cli_prints_one_json_object_with_train_and_decode(capsys):
     (["--topology", "v9:2x2"], "topology 'v9:2x2'"),
     (["--topology", TOPOLOGY, "mesh.tensor=16"], "8 devices"),
     (["--topology", TOPOLOGY, "--sweep", "remat"], "--sweep"),
+    (["--topology", TOPOLOGY, "--comms", "--plot", "sweep.png"], "--plot: draws a sweep's communication"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_code_2(argv, message, capsys):
     code = main(["--config", "tiny_cpu", *argv])
