@@ -285,7 +285,7 @@ def test_decode_with_int8_weights_and_cache_compiles_with_about_half_the_bytes_p
 def test_quantised_models_compile_only_the_decode_step(capsys):
     code = main(["--config", "tiny_cpu", "--topology", TOPOLOGY, "model_overrides.quantize=int8"])
     assert code == 2
-    assert "quantised weights are served, not trained; compile the serving programs with --decode-only" in \
+    assert "quantised weights are served or carry LoRA adapters (add a lora section), not trained" in \
         capsys.readouterr().err
     assert main(["--config", "tiny_cpu", "--topology", TOPOLOGY, "--decode-only", "--json",
                  "model_overrides.quantize=int8"]) == 0

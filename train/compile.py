@@ -229,9 +229,10 @@ def main(argv=None) -> int:
         for key in combos[0] if args.sweep else ():
             if key in given:
                 raise ConfigError(f"{key}: given both as an override and in --sweep")
-        if run.model.quantize is not None and not (args.decode_only or args.inference):
-            raise ConfigError(f"model quantize {run.model.quantize}: quantised weights are served, not "
-                              "trained; compile the serving programs with --decode-only or --inference")
+        if run.model.quantize is not None and run.model.lora is None and not (args.decode_only or args.inference):
+            raise ConfigError(f"model quantize {run.model.quantize}: quantised weights are served or carry "
+                              "LoRA adapters (add a lora section), not trained; compile the serving "
+                              "programs with --decode-only or --inference")
         if args.plot and not (args.sweep and args.comms):
             raise ConfigError("--plot: draws a sweep's communication; give --sweep and --comms")
         if args.sweep:

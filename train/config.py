@@ -220,9 +220,11 @@ def run_config_from_dict(data: dict[str, Any], overrides: Sequence[str] = ()) ->
     if data.get("lora") is not None:  # `lora:` is the model's adapters (ModelConfig.lora)
         overrides = {**overrides, "lora": data.pop("lora")}
     data.pop("lora", None)
+    if isinstance(model, ModelConfig):
+        model = model.to_dict()
     if isinstance(model, dict):
         model = ModelConfig.from_dict({**model, **overrides})
-    elif not isinstance(model, ModelConfig):
+    else:
         model = load_model_config(model, **overrides)
     data["model"] = model
     data["data"] = _dataclass_from(DataConfig, data.get("data", {}), "data")
