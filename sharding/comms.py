@@ -345,6 +345,9 @@ def parse_collectives(hlo: str, mesh) -> list[Collective]:
             if parts is None:
                 continue
             name, shape, opcode, _ = parts
+            if opcode == "send" and "xla_megascale_runtime" in line:
+                found.append(_megascale(name, shape, line, runs[comp], mesh, slices))
+                continue
             kind = opcode.removesuffix("-start")
             if kind not in KINDS or opcode.endswith("-done"):
                 continue
@@ -361,6 +364,20 @@ def parse_collectives(hlo: str, mesh) -> list[Collective]:
                 group_size=size, axes=axes, count=runs[comp], torus_dims=torus,
                 dcn=any(len(set(slices[g])) > 1 for g in groups)))
     return found
+
+
+def _megascale(name: str, shape: str, line: str, count: int, mesh, slices: np.ndarray) -> Collective:
+    """A collective across slices: on multi-slice TPU programs XLA hands it to the DCN runtime
+    ("megascale") as a host-transfer `send` of this device's share; one with a reduce operation
+    is an all-reduce over the slices, any other a transfer of its bytes (priced as a permute).
+    Its axes are the mesh axes along which the slice changes."""
+    per_slice = slices.reshape(np.asarray(mesh.devices).shape)
+    axes = tuple(axis for i, axis in enumerate(mesh.axis_names)
+                 if (per_slice != np.take(per_slice, [0], axis=i)).any())
+    reduce = "_xla_megascale_reduce_operation" in line
+    return Collective(kind="all-reduce" if reduce else "collective-permute", name=name,
+                      buffer_bytes=_shape_bytes(_split_top(shape[1:-1])[0]),
+                      group_size=len(set(slices.tolist())), axes=axes, count=count, dcn=True)
 
 
 # --- summaries and the time model ---------------------------------------------------------

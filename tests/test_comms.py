@@ -154,6 +154,34 @@ def test_loop_without_known_trip_count_counts_from_its_condition_and_async_forms
     assert (reduce.count, reduce.buffer_bytes, reduce.group_size, reduce.axes) == (1, 64, 4, ("fsdp",))
 
 
+MEGASCALE_HLO = """HloModule m
+
+ENTRY %main (a: f32[2,8,128]) -> f32[2,8,128] {
+  %a = f32[2,8,128]{2,1,0} parameter(0)
+  %after-all = token[] after-all()
+  %send = (f32[2,8,128]{2,1,0}, u32[], token[]) send(%a, %after-all), channel_id=2, is_host_transfer=true, \
+frontend_attributes={_xla_host_transfer_handler_name="xla_megascale_runtime",\
+_xla_megascale_reduce_operation="SUM"}
+  %recv = (f32[2,8,128]{2,1,0}, u32[], token[]) recv(%after-all), channel_id=3, is_host_transfer=true, \
+frontend_attributes={_xla_host_transfer_handler_name="xla_megascale_runtime"}
+  ROOT %r = f32[2,8,128]{2,1,0} get-tuple-element(%recv), index=0
+}
+"""  # a backslash at a line end joins the lines: one instruction per line
+
+
+def test_a_reduction_across_slices_is_a_dcn_all_reduce_over_the_axes_that_change_slice():
+    """Multi-slice TPU programs hand cross-slice reductions to the DCN runtime as host-transfer
+    sends; the send is the collective (its receive is not a second one)."""
+    from types import SimpleNamespace
+
+    chips = np.array([SimpleNamespace(slice_index=i // 4, coords=(i % 4, 0, 0)) for i in range(8)])
+    mesh = SimpleNamespace(devices=chips.reshape(2, 4, 1), axis_names=("data", "fsdp", "tensor"))
+    (send,) = parse_collectives(MEGASCALE_HLO, mesh)
+    assert (send.kind, send.axes, send.dcn, send.group_size, send.count) == ("all-reduce", ("data",), True, 2, 1)
+    assert send.bytes_per_step == 2 * 1 / 2 * (2 * 8 * 128 * 4)
+    assert estimate_step([send], "v5p", 0.0).comm_s == pytest.approx(8192 / (50e9 / 8), rel=1e-12)
+
+
 @pytest.mark.parametrize("text, groups", [
     ("replica_groups={{0,1},{2,3}}", [[0, 1], [2, 3]]),
     ("replica_groups=[2,4]<=[8]", [[0, 1, 2, 3], [4, 5, 6, 7]]),
