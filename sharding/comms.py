@@ -17,7 +17,10 @@ come in three spellings (explicit `{{0,1},{2,3}}`, iota
 three are read. A collective inside a while loop runs once per iteration:
 the trip count comes from the loop's `known_trip_count` backend config, or
 else from its condition (`i < N` with `i` starting at its initial constant).
-Both branches of a conditional are counted (an upper bound).
+Both branches of a conditional are counted (an upper bound). On multi-slice
+TPU programs XLA hands collectives across slices to the DCN runtime as
+host-transfer `send`s ("xla_megascale_runtime"): a send with a reduce
+operation is read as an all-reduce over the slices of the bytes it sends.
 
 Bytes per device per execution (ring algorithms; V the buffer bytes as
 defined per kind below, n the group size):
