@@ -112,6 +112,7 @@ def test_cli_prints_one_json_object_with_train_and_decode(capsys):
     (["--topology", "v9:2x2"], "topology 'v9:2x2'"),
     (["--topology", TOPOLOGY, "mesh.tensor=16"], "8 devices"),
     (["--topology", TOPOLOGY, "--sweep", "remat"], "--sweep"),
+    (["--topology", TOPOLOGY, "--comms", "--plot", "sweep.png"], "--plot: draws a sweep's communication"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_code_2(argv, message, capsys):
     code = main(["--config", "tiny_cpu", *argv])
@@ -128,6 +129,33 @@ def test_sweep_compiles_every_combination_and_marks_invalid_ones(capsys):
     table = capsys.readouterr().out.splitlines()
     assert code == 0
     assert len(table) == 3 and "fits" in table[1] and "invalid" in table[2], table
+
+
+def test_sweep_comms_lists_traffic_per_row_and_estimates_it_by_the_stated_model(capsys, tmp_path):
+    """On TPU devices (v5p:2x2x2: every 8-device group spans the 3 torus dimensions) the data
+    parallel row's time is its all-reduce bytes over 3 links of 200 GB/s, its compute the model
+    FLOPs at 459 TFLOP/s; the layer all-reduces run once per layer (the TPU program's loops have
+    no known trip count: it is read from the loop condition)."""
+    plot = tmp_path / "sweep.png"
+    code = main(["--config", "tiny_cpu", "--topology", TOPOLOGY, "--sweep", "layout=dp,fsdp", "--comms",
+                 "--json", "--plot", str(plot)])
+    assert code == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [row["values"] for row in rows] == [{"layout": "dp"}, {"layout": "fsdp"}]
+    dp = rows[0]
+    assert {(c["kind"], tuple(c["axes"])) for c in dp["collectives"]} == {("all-reduce", ("data",))}
+    moved = sum(c["bytes_per_step"] for c in dp["collectives"])
+    est = dp["estimate"]
+    assert est["comm_s"] == pytest.approx(moved / (3 * 1200e9 / 6), rel=1e-9)
+    assert est["compute_s"] == pytest.approx(dp["model_flops"] / 459e12, rel=1e-9)
+    assert est["step_s"] == pytest.approx(max(est["compute_s"], est["comm_s"]), rel=1e-12)
+    # tiny: D 64, 4 heads and 2 kv heads of 16, FFN 128, vocab 256, 2 layers, float32 parameters;
+    # the loss's four float32 scalar sums ride along with the gradient.
+    layer = 2 * 64 * 4 * 16 + 2 * 64 * 2 * 16 + 3 * 64 * 128 + 2 * 64
+    params = 2 * layer + 2 * 256 * 64 + 64
+    assert moved == pytest.approx(2 * 7 / 8 * (4 * params + 4 * 4), rel=1e-12)
+    assert {tuple(c["axes"]) for c in rows[1]["collectives"]} == {("fsdp",)}
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # ---- TPU code paths: the splash kernel, the plain SwiGLU backward, prefill, every shipped run ----

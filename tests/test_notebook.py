@@ -46,8 +46,9 @@ def _text(cell) -> str:
     return "".join(parts)
 
 
-def _execute(name: str, tmp_path_factory):
-    """(the notebook after a run, everything its code cells printed, its working directory)."""
+def _execute(name: str, tmp_path_factory, **extra_env):
+    """(the notebook after a run, everything its code cells printed, its working directory);
+    `extra_env`: environment variables for its kernel."""
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     assert not any(cell.get("outputs") for cell in nb.cells if cell.cell_type == "code"), \
         "commit the notebook without outputs"
@@ -58,6 +59,7 @@ def _execute(name: str, tmp_path_factory):
     jupyter_path = _kernelspec(tmp_path_factory.mktemp("jupyter"))
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["JAX_PLATFORMS"] = "cpu"
+    env.update(extra_env)
     env["JUPYTER_PATH"] = os.pathsep.join(filter(None, [str(jupyter_path), env.get("JUPYTER_PATH")]))
     old = os.environ.get("JUPYTER_PATH")
     os.environ["JUPYTER_PATH"] = env["JUPYTER_PATH"]  # read by the kernelspec lookup in this process
@@ -140,3 +142,23 @@ def test_finetune_notebook_teaches_the_answer_form_and_its_exports_give_our_logi
         assert (text.startswith("The capital of ") and text.endswith(".")) == (when == "after"), answers
     differences = re.findall(r"largest logit difference from ours ([\d.e+-]+)", outputs)
     assert len(differences) == 2 and all(float(d) < 1e-4 for d in differences), differences
+
+
+@pytest.fixture(scope="module")
+def layouts_executed(tmp_path_factory):
+    """notebooks/layouts.ipynb run with the tiny model on v5p:2x2x2 (compile-only devices)."""
+    pytest.importorskip("libtpu", reason="the layouts notebook compiles for TPU: pip install -e '.[tpu]'")
+    return _execute("layouts.ipynb", tmp_path_factory, LAYOUTS_NOTEBOOK_SMALL="1")
+
+
+def test_layouts_notebook_shows_each_layouts_traffic_table_and_chart(layouts_executed):
+    nb, outputs, workdir = layouts_executed
+    header = next(line for line in outputs.splitlines() if line.startswith("layout "))
+    assert "AR data" in header and "AG fsdp" in header and "est. step s" in header, header
+    rows = {line.split()[0]: line for line in outputs.splitlines()
+            if line.split()[:1] in (["dp"], ["fsdp"], ["fsdp_tp"])}
+    assert set(rows) == {"dp", "fsdp", "fsdp_tp"} and all(" fits " in r for r in rows.values()), rows
+    assert (workdir / "layouts_tiny_cpu.png").read_bytes()[:4] == b"\x89PNG"
+    assert "image/png" in json.dumps([cell.get("outputs") for cell in nb.cells])
+    assert re.search(r"all-gather\s+over fsdp\s+x2 ", outputs), "per-layer gathers run once per layer"
+    assert "estimate: {'compute_s'" in outputs

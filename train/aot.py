@@ -43,13 +43,20 @@ class CompileResult:
     kv_cache_dtype: str | None = None      # int8 / fp8 KV cache (decode)
     weight_bytes: int | None = None        # one chip's share of the parameters, as compiled
     cache_bytes: int | None = None         # one chip's share of the KV cache (decode)
+    collectives: list | None = None        # sharding.comms.Collective list (compile_run(comms=True))
+    estimate: dict | None = None           # sharding.comms.StepEstimate as a dict (train, comms=True)
 
     @property
     def used_bytes(self) -> int | None:
         return None if self.memory is None else max(self.memory["peak"], self.memory["total"])
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self) | {"used_bytes": self.used_bytes}
+        """JSON-ready; the collectives grouped by kind and mesh axes (sharding.comms.summary)."""
+        from sharding.comms import summary
+
+        collectives = None if self.collectives is None else summary(self.collectives)
+        return (dataclasses.asdict(dataclasses.replace(self, collectives=None))
+                | {"used_bytes": self.used_bytes, "collectives": collectives})
 
 
 # --- building the programs -------------------------------------------------------------
@@ -210,13 +217,17 @@ def _out_of_memory_reason(err: Exception) -> str | None:
 
 def compile_run(run, devices, *, topology: str = "", slices: int = 1, program: str = "train",
                 decode_batch: int | None = None, cache_len: int | None = None,
-                prompt_len: int | None = None, prefill_chunk: int | None = None) -> CompileResult:
+                prompt_len: int | None = None, prefill_chunk: int | None = None,
+                comms: bool = False) -> CompileResult:
     """Compile `run`'s train step (or prefill, or decode step) for `devices`; judge whether it fits.
 
     program: "train", "prefill" (batch x prompt_len tokens, `prefill_chunk`
     at a time, default decoding.PREFILL_CHUNK, with images for a vision
     model) or "decode"; decode_batch, cache_len and prompt_len default to the
     run's global batch and sequence length.
+
+    comms: also list the compiled program's collectives (sharding.comms) and, for the train
+    step, estimate its step time from them.
 
     `devices`: compile-only TPU devices (sharding.topology.topology_devices).
     LayoutError/ConfigError for input that cannot be placed; an out-of-memory
@@ -290,6 +301,13 @@ def compile_run(run, devices, *, topology: str = "", slices: int = 1, program: s
         per_step = flops_per_token(run.model, seq_len) * batch * seq_len
         result.model_flops = per_step / len(devices)
         result.step_s_at_full_mfu = result.model_flops / (CHIP_PEAK_FLOPS[info.chip] / info.devices_per_chip)
+    if comms:
+        from sharding.comms import estimate_step, parse_collectives
+
+        result.collectives = parse_collectives(compiled.as_text(), placement.mesh)
+        if program == "train":
+            result.estimate = estimate_step(result.collectives, info.chip,
+                                            result.model_flops * info.devices_per_chip).to_dict()
     return result
 
 

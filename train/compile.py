@@ -10,6 +10,8 @@
     python -m train.compile --all                    # every shipped run on the slice it names
     python -m train.compile --config RUN --topology v5p:4x4x4 \\
         --sweep layout=fsdp,fsdp_tp remat=full,dots batch=256,512           # a table of combinations
+    python -m train.compile --config RUN --sweep layout=fsdp,fsdp_tp --comms [--plot sweep.png]
+                                                     # + bytes moved per step, estimated step time
     python -m train.compile ... [--json] [key=value ...]                     # train's run overrides
 
 No TPU is needed, only libtpu (`pip install -e '.[tpu]'`): the topology's
@@ -28,6 +30,10 @@ What is printed, per chip (the compiled program is one chip's share):
   and the step time they take at 100% MFU, the floor on any real step time;
   and XLA's `cost_analysis()` count, which counts a loop body once, so with
   scanned layers (or gradient accumulation) it is far below the real work.
+
+With --comms, the collectives of each compiled program are listed
+(sharding/comms.py: kind, bytes per chip, mesh axes, loops multiplied out)
+and the train step's time is estimated from them (train/comms_report.py).
 
 A compile that runs out of HBM (XLA's RESOURCE_EXHAUSTED) is the verdict
 "does not fit", with the compiler's one-line reason. Bad input (a topology
@@ -185,7 +191,13 @@ def main(argv=None) -> int:
     parser.add_argument("--sweep", nargs="+", default=[], metavar="key=v1,v2",
                         help="compile every combination, e.g. layout=fsdp,fsdp_tp remat=full,dots "
                              "(the train step; the decode step with --decode)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object (with --sweep --comms: one JSON line per combination)")
+    parser.add_argument("--comms", action="store_true",
+                        help="also list what each program moves between chips (bytes per step by "
+                             "collective kind and mesh axis) and estimate the train step's time")
+    parser.add_argument("--plot", metavar="PATH", default=None,
+                        help="with --sweep --comms: write a PNG bar chart of the sweep to PATH")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_intermixed_args(argv)
 
@@ -218,6 +230,8 @@ def main(argv=None) -> int:
             raise ConfigError(f"model quantize {run.model.quantize}: quantised weights are served or carry "
                               "LoRA adapters (add a lora section), not trained; compile the serving "
                               "programs with --decode-only or --inference")
+        if args.plot and not (args.sweep and args.comms):
+            raise ConfigError("--plot: draws a sweep's communication; give --sweep and --comms")
         if args.sweep:
             return _sweep(args, combos, devices, slices)
         programs = (["prefill", "decode"] if args.inference else ["decode"] if args.decode_only
@@ -225,7 +239,8 @@ def main(argv=None) -> int:
                           or (p == "decode" and args.decode) or (p == "prefill" and args.prefill)])
         results = [compile_run(run, devices, topology=args.topology, slices=slices, program=p,
                                decode_batch=args.decode_batch, cache_len=args.cache_len,
-                               prompt_len=args.prompt_len, prefill_chunk=args.prefill_chunk)
+                               prompt_len=args.prompt_len, prefill_chunk=args.prefill_chunk,
+                               comms=args.comms)
                    for p in programs]
     except (ConfigError, LayoutError, ValueError, FileNotFoundError) as err:
         return fail(err)
@@ -233,6 +248,10 @@ def main(argv=None) -> int:
         print(json.dumps({r.program: r.to_dict() for r in results}))
     else:
         print("\n\n".join(format_result(r) for r in results))
+        if args.comms:
+            from train.comms_report import format_comms_table
+
+            print("\n" + format_comms_table([({"program": r.program}, r) for r in results]))
     return 0 if all(r.verdict != "does not fit" for r in results) else 1
 
 
@@ -276,14 +295,25 @@ def _sweep(args, combos, devices, slices) -> int:
             run = load_run_config(args.config, list(args.overrides) + extra)
             result = compile_run(run, devices, topology=args.topology, slices=slices,
                                  program="decode" if args.decode or args.decode_only or args.inference else "train",
-                                 decode_batch=args.decode_batch, cache_len=args.cache_len)
+                                 decode_batch=args.decode_batch, cache_len=args.cache_len,
+                                 comms=args.comms)
         except (ConfigError, LayoutError, ValueError) as err:
             result = str(err)
         rows.append((label, result))
+        if args.json and args.comms:
+            print(json.dumps({"values": label, **({"invalid": result} if isinstance(result, str)
+                                                  else result.to_dict())}), flush=True)
         if not args.json:
             print(f"[{len(rows)}/{len(combos)}] {' '.join(extra)}: "
                   f"{result if isinstance(result, str) else result.verdict}", file=sys.stderr, flush=True)
-    if args.json:
+    if args.comms:
+        from train.comms_report import format_comms_table, plot_sweep
+
+        if not args.json:
+            print(format_comms_table(rows))
+        if args.plot:
+            plot_sweep(rows, args.plot, title=f"{args.config} on {args.topology}")
+    elif args.json:
         print(json.dumps({"topology": args.topology, "slices": slices, "rows": [
             {"values": values, **({"invalid": r} if isinstance(r, str) else r.to_dict())}
             for values, r in rows]}))
