@@ -168,3 +168,22 @@ def test_a_preference_line_without_chosen_is_one_line_naming_it(tmp_path, capsys
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert f"{path}:2: a preference pair needs a \"chosen\" answer" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_dpo_run_resumes_bit_exactly_with_its_reference_reloaded(tmp_path):
+    """The reference is not in checkpoints: a resumed run draws it again and continues as if
+    never stopped."""
+    from train.config import load_run_config
+    from train.loop import train
+    from train_runs import assert_trees_equal
+
+    def run(name):
+        return load_run_config("dpo_tiny", [f"run_dir={tmp_path / name}", "steps=4", "checkpoint_every=2",
+                                            "eval.every=0", f"data.paths=[{TOY / 'preferences.jsonl'}]",
+                                            f"data.tokenizer={TOY / 'tokenizer.model'}"])
+
+    whole = train(run("whole"), progress=False)["state"]
+    train(run("resumed"), progress=False, stop_after=2)
+    resumed = train(run("resumed"), progress=False)["state"]
+    assert_trees_equal(resumed.params, whole.params, "params")
+    assert_trees_equal(resumed.reference, whole.reference, "reference")

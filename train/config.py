@@ -104,11 +104,14 @@ class DistillConfig:
     or a Hugging Face directory with the student's vocabulary; the loss is
     alpha * tau^2 * KL(teacher || student) at temperature tau + (1 - alpha) * CE."""
 
-    teacher: str
+    teacher: str | None = None
     alpha: float = 0.5
     temperature: float = 1.0
 
     def __post_init__(self):
+        if not isinstance(self.teacher, str) or not self.teacher:
+            raise ConfigError("distill.teacher: required: our checkpoint, a run directory or a Hugging Face "
+                              "directory with the student's vocabulary")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 <= self.alpha <= 1:
             raise ConfigError(f"distill.alpha: must be a number in [0, 1], got {self.alpha!r}")
         _positive("distill.temperature", self.temperature)
