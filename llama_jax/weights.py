@@ -94,6 +94,10 @@ def load_params(source, config: ModelConfig, shardings=None, step: int | None = 
         raise CheckpointError(f"{source}: holds LoRA adapters ({stored.lora}); load it with that lora "
                               "config, or merge them first (python -m llama_jax.convert.lora merge)")
     adapter_shardings, base_shardings = (None, None) if shardings is None else partition(shardings, is_adapter)
-    adapters = checkpoint.restore_params(path, step, shardings=adapter_shardings, config=config,
-                                         only=is_adapter)[1]
+    # Restored in the config's form (stacked or unrolled layers) on one device, then placed:
+    # adapters are small, and `shardings` may be in either form.
+    adapters = checkpoint.restore_params(path, step, config=config, only=is_adapter)[1]
+    if adapter_shardings is not None:
+        import jax
+        adapters = jax.device_put(adapters, adapter_shardings)
     return join(load_params(base, config.replace(lora=None), base_shardings), adapters)

@@ -88,6 +88,12 @@ def validate(config: ModelConfig, layout: Layout, mesh: Mesh, batch: int | None 
     if seq_len is not None:
         check_divisible((seq_len,), _spec(("length",), rules), mesh, f"layout {layout.name}",
                         names=("sequence length",))
+        parts = math.prod(mesh.shape[a] for a in axes_tuple(_spec(("length",), rules)[0]))
+        if parts > 1 and seq_len % (2 * parts):
+            raise LayoutError(f"layout {layout.name}: sequence length {seq_len} does not split into "
+                              f"{parts} sequence shards of two halves each (context parallelism "
+                              f"balances causal work with an early and a late half per shard; use a "
+                              f"multiple of {2 * parts})")
 
 
 def _field(logical):

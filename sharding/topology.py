@@ -79,6 +79,7 @@ def topology_devices(name: str, slices: int = 1) -> list:
         # without this a second compile (or test) waits on the first one's lock.
         os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     kwargs = {"num_slices": slices} if slices > 1 else {}
+    kwargs.update(_small_slice_host_bounds(name))
     try:
         with _native_stderr_captured():
             topology = topologies.get_topology_desc(topology_name=name, platform="tpu", **kwargs)
@@ -88,6 +89,15 @@ def topology_devices(name: str, slices: int = 1) -> list:
         raise LayoutError(f"topology {name!r}: {reason} (names look like v5p:4x4x4, v5e:16x16, "
                           "v6e:8x8, v4:2x2x2)") from None
     return list(topology.devices)
+
+
+def _small_slice_host_bounds(name: str) -> dict:
+    """libtpu assumes hosts of 2x2x1 chips; a slice smaller than that (v5e:1x1, one chip, as
+    Colab and single-chip VMs have) is one host holding just its own chips."""
+    dims = [int(d) for d in name.partition(":")[2].split("x") if d.isdigit()]
+    if len(dims) < 2 or min(dims[:2]) >= 2:
+        return {}
+    return {"chips_per_host_bounds": (min(dims[0], 2), min(dims[1], 2), 1)}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,8 +23,8 @@ class CompileResult:
     chips: int
     layout: str
     mesh: dict[str, int]
-    batch: int                    # global rows (decode: sequences)
-    seq_len: int                  # decode: cache length
+    batch: int                    # global rows (decode, prefill: sequences)
+    seq_len: int                  # decode: cache length; prefill: prompt length
     grad_accum: int
     remat: str
     dtype: str
@@ -112,10 +112,13 @@ def decode_program(config, placement, batch: int, cache_len: int):
     return step, (_abstract_params(config, placement), state, stops)
 
 
-def prefill_program(config, placement, batch: int, prompt_len: int, cache_len: int):
+def prefill_program(config, placement, batch: int, prompt_len: int, cache_len: int,
+                    chunk: int | None = None):
     """(jitted prefill, abstract sharded inputs): what infer's Engine compiles for `batch` prompts of
-    `prompt_len` tokens, with `vision.max_images` full-size images per row for a vision model
-    (encoder, projector and every cross-attention layer's keys and values, made once here)."""
+    `prompt_len` tokens (a multiple of `chunk`, prefilled `chunk` tokens per step; None: all at
+    once) into a cache of `cache_len`, with `vision.max_images` full-size images per row for a
+    vision model (encoder, projector and every cross-attention layer's keys and values, made
+    once here)."""
     import functools
 
     import jax
@@ -128,7 +131,8 @@ def prefill_program(config, placement, batch: int, prompt_len: int, cache_len: i
     config = config.replace(remat="none")
     replicated = _replicated(placement)
     state_shardings = placement.tree_shardings(decoding.state_axes(config, config.vision is not None))
-    fill = functools.partial(decoding.prefill, model_for(config), sampling=Sampling(), cache_len=cache_len)
+    fill = functools.partial(decoding.prefill, model_for(config), sampling=Sampling(),
+                             cache_len=cache_len, chunk=chunk)
     step = jax.jit(lambda params, prompts, lengths, limits, seed, stops, images: fill(
         params, prompts, lengths, limits, seed, stops, images=images),
                    out_shardings=(state_shardings, replicated, replicated))
@@ -202,12 +206,13 @@ def _out_of_memory_reason(err: Exception) -> str | None:
 
 def compile_run(run, devices, *, topology: str = "", slices: int = 1, program: str = "train",
                 decode_batch: int | None = None, cache_len: int | None = None,
-                prompt_len: int | None = None) -> CompileResult:
+                prompt_len: int | None = None, prefill_chunk: int | None = None) -> CompileResult:
     """Compile `run`'s train step (or prefill, or decode step) for `devices`; judge whether it fits.
 
-    program: "train", "prefill" (batch x prompt_len tokens, with images for a
-    vision model) or "decode"; decode_batch, cache_len and prompt_len default
-    to the run's global batch and sequence length.
+    program: "train", "prefill" (batch x prompt_len tokens, `prefill_chunk`
+    at a time, default decoding.PREFILL_CHUNK, with images for a vision
+    model) or "decode"; decode_batch, cache_len and prompt_len default to the
+    run's global batch and sequence length.
 
     `devices`: compile-only TPU devices (sharding.topology.topology_devices).
     LayoutError/ConfigError for input that cannot be placed; an out-of-memory
@@ -238,11 +243,17 @@ def compile_run(run, devices, *, topology: str = "", slices: int = 1, program: s
         if program == "decode":
             step, args = decode_program(run.model, placement, batch, seq_len)
         else:
+            from llama_jax.decoding import PREFILL_CHUNK
+
             prompt_len = prompt_len or seq_len
             if prompt_len > seq_len:
                 raise ConfigError(f"prompt length {prompt_len} exceeds the cache length {seq_len}")
-            validate(run.model, layout, placement.mesh, seq_len=prompt_len)
-            step, args = prefill_program(run.model, placement, batch, prompt_len, seq_len)
+            chunk = min(prefill_chunk or PREFILL_CHUNK, prompt_len)
+            if prompt_len % chunk:
+                raise ConfigError(f"prompt length {prompt_len} is not a multiple of the prefill "
+                                  f"chunk {chunk}")
+            validate(run.model, layout, placement.mesh, seq_len=chunk)
+            step, args = prefill_program(run.model, placement, batch, prompt_len, seq_len, chunk)
     hbm = CHIP_HBM_BYTES[info.chip] / info.devices_per_chip
     result = CompileResult(
         program=program, topology=topology, slices=slices, chip=info.chip, chips=info.n_chips,

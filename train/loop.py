@@ -202,6 +202,9 @@ def train(run: RunConfig, *, progress: bool = True, stop_after: int | None = Non
     """
     from train.checkpointing import Checkpointer  # late: orbax is slow to import
 
+    if run.model.quantize is not None and run.model.lora is None:
+        raise ConfigError(f"model.quantize {run.model.quantize}: quantised weights stay frozen; add a "
+                          "lora section to train adapters over them (QLoRA), or train unquantised")
     layout = load_layout(run.layout, **run.mesh)
     placement = Placement.create(run.model, layout)
     validate(run.model, layout, placement.mesh, batch=run.data.global_batch // run.grad_accum,

@@ -194,7 +194,7 @@ class LlamaVision(Llama):
         self.encoder = ImageEncoder(cfg)
         self.projector = Projector(cfg)
 
-    def __call__(self, tokens_bt, positions_bt, segment_ids_bt=None, cache: Cache | None = None,
+    def __call__(self, tokens_bt, positions_bt=None, segment_ids_bt=None, cache: Cache | None = None,
                  return_hidden: bool = False, images: Images | None = None):
         """Logits [batch, time, vocab] (float32), or final hidden states, and the updated cache.
 
@@ -207,6 +207,8 @@ class LlamaVision(Llama):
         Token ids past the vocabulary take the `extra_embedding` rows (<|image|>).
         """
         cfg = self.config
+        if positions_bt is None:
+            positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1], dtype=jnp.int32), tokens_bt.shape)
         rope, coords, segments = attention_inputs(cfg, positions_bt, segment_ids_bt, cache)
         x_btd = nn.with_logical_constraint(self.embed_tokens(tokens_bt), ("batch", "length", "embed"))
         image_inputs = None
