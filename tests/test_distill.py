@@ -55,8 +55,8 @@ def test_distillation_loss_chunked_over_the_vocabulary_equals_an_unchunked_numpy
     batch = _packed_batch()
     student, teacher = init_params(STUDENT, jax.random.key(0)), init_params(TEACHER, jax.random.key(1))
     args = (batch["tokens"], batch["positions"], batch["segment_ids"])
-    s = Llama(STUDENT).apply({"params": student}, *args)[0]
-    t = Llama(TEACHER).apply({"params": teacher}, *args)[0]
+    s = jax.jit(Llama(STUDENT).apply)({"params": student}, *args)[0]
+    t = jax.jit(Llama(TEACHER).apply)({"params": teacher}, *args)[0]
     sums = jax.jit(distill(STUDENT, TEACHER, 0.7, 2.0, chunk).sums)(student, {}, teacher, batch)[1]
     loss, kl, ce = _numpy_distill(s, t, batch, 0.7, 2.0)
     for name, want in (("loss", loss), ("kl", kl), ("ce", ce)):
