@@ -63,9 +63,14 @@ def main(argv=None) -> int:
             print(f"step {summary['step']}: loss {metrics['loss']:.4f}, "
                   f"{metrics['tokens_per_s']:,.0f} tokens/s, MFU {metrics['mfu']:.1%} "
                   f"(peak: {summary['peak_source']})")
-            if "eval_loss" in metrics:
+            if "eval_perplexity" in metrics:
                 print(f"held-out: loss {metrics['eval_loss']:.4f}, perplexity {metrics['eval_perplexity']:.2f}, "
                       f"token accuracy {metrics['eval_accuracy']:.1%}")
+            elif "eval_margin" in metrics:
+                print(f"held-out: loss {metrics['eval_loss']:.4f}, margin {metrics['eval_margin']:.3f}, "
+                      f"preference accuracy {metrics['eval_accuracy']:.1%}")
+            elif "eval_loss" in metrics:
+                print(f"held-out: loss {metrics['eval_loss']:.4f}, token accuracy {metrics['eval_accuracy']:.1%}")
             print(f"loss curve: {loss_curve_png(summary['run_dir'])}")
         if summary["preempted"]:
             print(f"preempted: saved step {summary['step']}; run the same command to resume")

@@ -14,6 +14,8 @@ A run is a YAML file in `configs/runs/` (see `tiny_cpu.yaml`):
     steps: 1000
     run_dir: runs/tiny
     on_nonfinite: stop               # or skip: what a NaN/inf loss or norm does (train/nonfinite.py)
+    dpo: {beta: 0.1}                 # preference optimisation (train/dpo.py; data.source: preference)
+    distill: {teacher: ckpt/8b, alpha: 0.5, temperature: 2.0}   # logit distillation (train/distill.py)
 
 Command-line overrides use dotted keys (`optimizer.learning_rate=1e-3`,
 `data.global_batch=32`, `steps=10`); values are parsed as YAML. An unknown
@@ -84,6 +86,39 @@ class EvalConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DpoConfig:
+    """Direct preference optimisation (train/dpo.py): `beta` scales the implicit rewards;
+    `reference` names the reference policy's weights (default: init_from, or the
+    policy's own random start without it). A LoRA run's reference is its base,
+    without adapters: `reference` must then stay unset."""
+
+    beta: float = 0.1
+    reference: str | None = None
+
+    def __post_init__(self):
+        _positive("dpo.beta", self.beta)
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    """Logit distillation (train/distill.py): `teacher` is our checkpoint, a run directory
+    or a Hugging Face directory with the student's vocabulary; the loss is
+    alpha * tau^2 * KL(teacher || student) at temperature tau + (1 - alpha) * CE."""
+
+    teacher: str | None = None
+    alpha: float = 0.5
+    temperature: float = 1.0
+
+    def __post_init__(self):
+        if not isinstance(self.teacher, str) or not self.teacher:
+            raise ConfigError("distill.teacher: required: our checkpoint, a run directory or a Hugging Face "
+                              "directory with the student's vocabulary")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 <= self.alpha <= 1:
+            raise ConfigError(f"distill.alpha: must be a number in [0, 1], got {self.alpha!r}")
+        _positive("distill.temperature", self.temperature)
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     """Everything one training run needs; `model` is resolved to a ModelConfig."""
 
@@ -108,6 +143,8 @@ class RunConfig:
     on_nonfinite: str = "stop"
     init_from: str | None = None
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    dpo: DpoConfig | None = None
+    distill: DistillConfig | None = None
 
     def __post_init__(self):
         for name in ("steps", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints"):
@@ -140,6 +177,13 @@ class RunConfig:
         if self.model.vision is not None and self.model.lora is None and self.init_from is None:
             raise ConfigError("init_from: a vision run trains the image adapters over a fixed text model and "
                               "image encoder: set init_from to their weights")
+        if self.dpo is not None and self.distill is not None:
+            raise ConfigError("dpo, distill: a run has one objective; set one of them")
+        if (self.dpo is not None) != (self.data.source == "preference"):
+            raise ConfigError("dpo: preference optimisation and data.source preference go together "
+                              f"(dpo is {'set' if self.dpo else 'unset'}, data.source is {self.data.source!r})")
+        if self.dpo is not None and self.dpo.reference is not None and self.model.lora is not None:
+            raise ConfigError("dpo.reference: a LoRA run's reference is its base without adapters; unset it")
         if self.eval.every and not self.eval.paths and not self.data.holdout:
             raise ConfigError("eval.every: evaluation needs eval.paths or a data.holdout fraction")
         from train.metrics import PEAK_FLOPS  # late: metrics imports jax
@@ -233,6 +277,9 @@ def run_config_from_dict(data: dict[str, Any], overrides: Sequence[str] = ()) ->
     data["data"] = _dataclass_from(DataConfig, data.get("data", {}), "data")
     data["optimizer"] = _dataclass_from(OptimizerConfig, data.get("optimizer", {}), "optimizer")
     data["eval"] = _dataclass_from(EvalConfig, data.get("eval", {}), "eval")
+    for key, cls in (("dpo", DpoConfig), ("distill", DistillConfig)):
+        if data.get(key) is not None:
+            data[key] = _dataclass_from(cls, data[key], key)
     return _dataclass_from(RunConfig, data, "run")
 
 

@@ -94,10 +94,10 @@ import grain
 import grain.experimental
 import numpy as np
 
-from train.sources import (Examples, SyntheticDocuments, TextDocuments, TextTokenizer, TokenDocuments,
-                           encode_document, no_text_error)
+from train.sources import (Examples, Preferences, SyntheticDocuments, TextDocuments, TextTokenizer,
+                           TokenDocuments, encode_document, no_text_error)
 
-SOURCES = ("tokens", "text", "synthetic", "chat", "completion")
+SOURCES = ("tokens", "text", "synthetic", "chat", "completion", "preference")
 EXAMPLE_SOURCES = ("chat", "completion")  # fine-tuning examples with per-token loss weights
 OVERLONG = ("drop", "truncate")
 SPLITS = ("train", "eval")
@@ -108,7 +108,11 @@ class DataConfig:
 
     source: "tokens" (directories written by train.prepare), "text" (.txt
       files, one document each, and .jsonl files, one document per line,
-      tokenized on the fly) or "synthetic" (random ids from `seed`).
+      tokenized on the fly), "synthetic" (random ids from `seed`), "chat" or
+      "completion" (fine-tuning examples, train/sources.py `Examples`), or
+      "preference" (DPO pairs, `Preferences`: one pair per row, the chosen
+      conversation as segment 1 and the rejected one as segment 2; a pair
+      longer than seq_len is always dropped, never truncated).
     paths: token directories, or text files and globs.
     tokenizer: tokenizer file or directory for the "text" source.
     text_key: the JSONL field holding a document's text.
@@ -433,6 +437,30 @@ class ExampleRows:
         return row
 
 
+class PairRows:
+    """Rows of preference pairs as random access: row r holds pair `indices[r]`'s chosen
+    conversation (segment 1) then its rejected one (segment 2), see `example_row`.
+    Pairs whose two conversations do not fit seq_len together are dropped (counted in
+    a log line): a truncated answer's reward would compare nothing."""
+
+    def __init__(self, pairs, indices: np.ndarray, config: DataConfig):
+        self._pairs, self._seq_len = pairs, config.seq_len
+        kept = [int(i) for i in indices if sum(len(ids) - 1 for ids, _ in pairs[int(i)]) <= config.seq_len]
+        if len(kept) < len(indices):
+            logging.getLogger(__name__).warning(
+                "data: %d of %d preference pairs do not fit seq_len %d with both answers; dropped",
+                len(indices) - len(kept), len(indices), config.seq_len)
+        if not kept:
+            raise ValueError(f"{', '.join(config.paths)}: no preference pair fits seq_len {config.seq_len}")
+        self._kept = kept
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    def __getitem__(self, r: int) -> dict[str, np.ndarray]:
+        return example_row(list(self._pairs[self._kept[r]]), self._seq_len)
+
+
 # --- The pipeline. ----------------------------------------------------------
 
 
@@ -487,6 +515,8 @@ def _documents(config: DataConfig, tokenizer: TextTokenizer | None, model_vocab_
                          f"{model_vocab_size}")
     if config.source in EXAMPLE_SOURCES:
         return Examples(config.paths, tokenizer, config.source, vision), None
+    if config.source == "preference":
+        return Preferences(config.paths, tokenizer), None
     return TextDocuments(config.paths, config.text_key), functools.partial(encode_document, tokenizer)
 
 
@@ -536,8 +566,9 @@ def make_dataset(
     source, encode = _documents(config, tokenizer, model_vocab_size, vision)
     indices = split_indices(len(source), config)
     read = grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=4 * config.read_threads)
-    if config.source in EXAMPLE_SOURCES:
-        rows = _global_rows(ExampleRows(source, indices, config), config)
+    if config.source in EXAMPLE_SOURCES or config.source == "preference":
+        rows = PairRows if config.source == "preference" else ExampleRows
+        rows = _global_rows(rows(source, indices, config), config)
         rows = rows[shard_index::shard_count].to_iter_dataset(read)
     elif config.source == "tokens" and config.packing:
         rows = _window_rows(source, indices, config)[shard_index::shard_count].to_iter_dataset(read)

@@ -6,6 +6,10 @@
     evaluator = Evaluator(model_config, data_config, placement, batches=8, tokenizer=tok)
     figures = evaluator(params)   # {"eval_loss", "eval_perplexity", "eval_accuracy", "eval_tokens"}
 
+With another objective (DPO, distillation: train/step.py `Objective`), the
+figures are its own metrics over the held-out batches, prefixed "eval_"
+(e.g. eval_accuracy is DPO's held-out preference accuracy).
+
 The command prints the same figures as training logs, as one JSON line, for
 any checkpoint (ours, a run directory, a LoRA run, Hugging Face).
 
@@ -27,10 +31,9 @@ import sys
 import jax
 
 from llama_jax.config import ModelConfig
-from llama_jax.params import model_for
 from sharding.place import Placement
 from train.data import DataConfig, make_dataset
-from train.step import loss_sums
+from train.step import Objective, cross_entropy
 
 
 def eval_data(data: DataConfig, paths: tuple[str, ...] = ()) -> DataConfig:
@@ -44,27 +47,33 @@ class Evaluator:
     """Evaluate parameters on fixed held-out batches (the data shard of this process)."""
 
     def __init__(self, config: ModelConfig, data: DataConfig, placement: Placement, batches: int,
-                 tokenizer=None, shard: tuple[int, int] | None = None, loss_chunk: int = 0):
+                 tokenizer=None, shard: tuple[int, int] | None = None, loss_chunk: int = 0,
+                 objective: Objective | None = None):
         index, count = shard if shard is not None else (None, None)
         self.data = make_dataset(data, tokenizer=tokenizer, shard_index=index, shard_count=count,
                                  model_vocab_size=config.vocab_size, vision=config.vision)
         self.start = self.data.get_state()
         self.batches, self.placement = batches, placement
-        model = model_for(config)
-        self.sums = jax.jit(lambda params, batch: loss_sums(model, params, batch, 0.0, loss_chunk)[1])
+        self.perplexity = objective is None  # cross-entropy: the loss is a log-perplexity
+        self.objective = objective or cross_entropy(config, 0.0, loss_chunk)
+        self.sums = jax.jit(lambda params, frozen, reference, batch:
+                            self.objective.sums(params, frozen, reference, batch)[1])
 
-    def __call__(self, params) -> dict[str, float]:
-        """Figures over the held-out batches for `params` (placed like the run's)."""
+    def __call__(self, params, frozen=None, reference=None) -> dict[str, float]:
+        """Figures over the held-out batches for `params` (placed like the run's; with
+        `frozen` and `reference` as the objective takes them, see train/step.py)."""
         self.data.set_state(self.start)
-        nll = correct = weight = 0.0
+        totals: dict[str, float] = {}
         for _ in range(self.batches):
             batch = self.placement.global_batch(next(self.data))
             with self.placement.activate():
-                batch_nll, _, batch_correct, batch_weight = jax.device_get(self.sums(params, batch))
-            nll, correct, weight = nll + float(batch_nll), correct + float(batch_correct), weight + float(batch_weight)
-        loss = nll / max(weight, 1.0)
-        return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 80.0)),
-                "eval_accuracy": correct / max(weight, 1.0), "eval_tokens": weight}
+                sums = jax.device_get(self.sums(params, frozen or {}, reference or {}, batch))
+            totals = {name: totals.get(name, 0.0) + float(value) for name, value in sums.items()}
+        weight = totals.pop("weight")
+        figures = {f"eval_{name}": value / max(weight, 1.0) for name, value in totals.items() if name != "z_loss"}
+        if self.perplexity:
+            figures["eval_perplexity"] = math.exp(min(figures["eval_loss"], 80.0))
+        return {**figures, f"eval_{self.objective.count}": weight}
 
 
 def main(argv=None) -> int:

@@ -13,25 +13,26 @@ import numpy as np
 from tqdm import tqdm
 
 from llama_jax.config import ConfigError
+from llama_jax.params import join, partition
 from sharding.layout import load_layout
 from sharding.place import Placement, validate
 from train.config import RunConfig
-from llama_jax.params import join, partition
 from train.data import make_dataset
 from train.eval import Evaluator, eval_data
 from train.metrics import MetricsWriter, flops_per_token, peak_flops
 from train.nonfinite import NonfiniteWatch
 from train.optimizer import learning_rate_schedule, make_optimizer
-from train.step import abstract_state, init_state, jit_train_step, make_train_step, trainable
+from train.step import abstract_state, cross_entropy, init_state, jit_train_step, make_train_step, trainable
 
 
-# Logged as the mean over the steps since the last log (the rest: the last step's value).
-AVERAGED = ("loss", "z_loss", "accuracy")
+# Logged as the mean over the steps since the last log (the rest: the last step's value);
+# each objective logs some of them (train/step.py, train/dpo.py, train/distill.py).
+AVERAGED = ("loss", "z_loss", "accuracy", "chosen_reward", "rejected_reward", "margin", "kl", "ce")
 
 
 def _tokenizer(run: RunConfig):
     path = run.data.tokenizer or run.tokenizer
-    if run.data.source not in ("text", "chat", "completion") or path is None:
+    if run.data.source not in ("text", "chat", "completion", "preference") or path is None:
         return None
     from llama_jax.tokenizer import load_tokenizer
     return load_tokenizer(path)
@@ -66,6 +67,58 @@ def _starting_params(run: RunConfig, shardings, resuming: bool):
         return load_params(run.init_from, run.model.replace(lora=None), shardings.frozen)
     params = load_params(run.init_from, run.model, join(shardings.frozen, shardings.params))
     return partition(params, trainable(run.model))[1] if resuming else params
+
+
+def _teacher(run: RunConfig, layout) -> Placement:
+    """The distillation teacher's placement on the run's mesh (ConfigError if it does not fit)."""
+    from llama_jax.weights import stored_config
+    from train.distill import check_teacher, teacher_config
+
+    config = teacher_config(stored_config(run.distill.teacher), run.model)
+    check_teacher(config, run.model, run.distill.teacher)
+    return Placement.create(config, layout)
+
+
+def _objective(run: RunConfig, teacher: Placement | None):
+    """What the run minimises (train/step.py `Objective`)."""
+    if run.dpo is not None:
+        from train.dpo import dpo
+        return dpo(run.model, run.dpo.beta, run.loss_chunk)
+    if run.distill is not None:
+        from train.distill import distill
+        return distill(run.model, teacher.config, run.distill.alpha, run.distill.temperature, run.loss_chunk)
+    return cross_entropy(run.model, run.z_loss, run.loss_chunk)
+
+
+def _reference_shardings(run: RunConfig, shardings, teacher: Placement | None):
+    """Shardings of the fixed model the objective compares with: a DPO reference is placed
+    like the policy, a teacher by its own placement; none for a LoRA DPO run (its base)."""
+    if teacher is not None:
+        return teacher.param_shardings()
+    if run.dpo is not None and run.model.lora is None:
+        return shardings.params
+    return {}
+
+
+def _reference_params(run: RunConfig, shardings):
+    """The reference's (or teacher's) weights placed on `shardings` (see `_reference_shardings`).
+
+    A DPO reference without a source is the policy's own random start (drawn again from
+    the run's seed), so a resumed run compares with the same one."""
+    if not shardings:
+        return {}
+    from llama_jax.weights import load_params
+
+    if run.distill is not None:
+        from llama_jax.weights import stored_config
+        from train.distill import teacher_config
+        return load_params(run.distill.teacher, teacher_config(stored_config(run.distill.teacher), run.model),
+                           shardings)
+    source = run.dpo.reference or run.init_from
+    if source is not None:
+        return load_params(source, run.model, shardings)
+    from llama_jax.params import init_params
+    return jax.jit(lambda rng: init_params(run.model, rng), out_shardings=shardings)(jax.random.key(run.seed))
 
 
 def _closing(close):
@@ -110,9 +163,12 @@ class _Window:
 
     def __init__(self):
         self.start, self.tokens, self.steps = time.perf_counter(), 0, 0
-        self.sums = {**{k: jnp.zeros((), jnp.float32) for k in AVERAGED}, "applied": jnp.zeros((), jnp.int32)}
+        self.sums = None  # made at the first step, for the AVERAGED metrics the objective logs
 
     def add(self, metrics: dict, tokens: int):
+        if self.sums is None:
+            self.sums = {**{k: jnp.zeros((), jnp.float32) for k in AVERAGED if k in metrics},
+                         "applied": jnp.zeros((), jnp.int32)}
         self.sums = _add_to_window(self.sums, metrics)
         self.tokens, self.steps = self.tokens + tokens, self.steps + 1
 
@@ -124,7 +180,7 @@ class _Window:
                if k != "nonfinite"}  # a bit mask; train/nonfinite.py counts the skipped steps
         sums = jax.device_get(self.sums)
         if sums["applied"]:  # else the last step's values
-            row.update({k: float(sums[k]) / int(sums["applied"]) for k in AVERAGED})
+            row.update({k: float(sums[k]) / int(sums["applied"]) for k in sums if k != "applied"})
         elapsed = time.perf_counter() - self.start
         tokens_per_s = self.tokens / elapsed
         return {**row, "tokens_per_s": tokens_per_s, "step_time_s": elapsed / self.steps,
@@ -134,7 +190,7 @@ class _Window:
 @jax.jit
 def _add_to_window(sums: dict, metrics: dict) -> dict:
     applied = metrics["nonfinite"] == 0
-    return {**{k: sums[k] + jnp.where(applied, metrics[k], 0.0) for k in AVERAGED},
+    return {**{k: sums[k] + jnp.where(applied, metrics[k], 0.0) for k in sums if k != "applied"},
             "applied": sums["applied"] + applied}
 
 
@@ -162,31 +218,38 @@ def train(run: RunConfig, *, progress: bool = True, stop_after: int | None = Non
     data = make_dataset(run.data, tokenizer=tokenizer, shard_index=shard_index,
                         shard_count=shard_count, model_vocab_size=run.model.vocab_size, vision=run.model.vision)
     _read_first_batch(data)
-    if run.init_from is not None:  # a wrong source fails here, before anything is written
-        from llama_jax.weights import check_architecture, stored_config
-        check_architecture(run.init_from, stored_config(run.init_from), run.model)
+    for source in (run.init_from, run.dpo and run.dpo.reference):  # a wrong source fails here, before
+        if source is not None:                                    # anything is written
+            from llama_jax.weights import check_architecture, stored_config
+            check_architecture(source, stored_config(source), run.model)
+    teacher = _teacher(run, layout) if run.distill is not None else None
+    objective = _objective(run, teacher)
     evaluator = None
     if run.eval.every:
         evaluator = Evaluator(run.model, eval_data(run.data, run.eval.paths), placement, run.eval.batches,
-                              tokenizer, (shard_index, shard_count), run.loss_chunk)
+                              tokenizer, (shard_index, shard_count), run.loss_chunk,
+                              objective=None if run.dpo is None and run.distill is None else objective)
     _create_run_dir(run.run_dir)
 
     schedule = learning_rate_schedule(run.optimizer, run.steps)
     optimizer = make_optimizer(run.optimizer, run.steps)
     abstract, shardings = abstract_state(placement, optimizer)
+    shardings = shardings.replace(reference=_reference_shardings(run, shardings, teacher))
     with contextlib.ExitStack() as cleanup:
         checkpointer = Checkpointer(run, shardings)
         cleanup.push(_closing(checkpointer.close))
         resuming = checkpointer.has_checkpoint()
         starting = _starting_params(run, shardings, resuming)
+        reference = _reference_params(run, shardings.reference)
         if resuming:  # nothing random to draw: the checkpoint fills the state (a LoRA base rides beside)
-            state = checkpointer.restore_latest(abstract.replace(frozen=starting or {}), data)
+            state = checkpointer.restore_latest(abstract.replace(frozen=starting or {}, reference=reference), data)
         else:
             state, _ = init_state(placement, optimizer, jax.random.key(run.seed), starting)
+            state = state.replace(reference=reference)
         start = int(state.step)
         step_fn = jit_train_step(
-            make_train_step(run.model, optimizer, schedule, shardings.params, run.grad_accum, run.z_loss,
-                            run.loss_chunk),
+            make_train_step(run.model, optimizer, schedule, shardings.params, run.grad_accum,
+                            objective=objective),
             placement, shardings)
         writer = MetricsWriter(run.run_dir, start)
         cleanup.push(_closing(writer.close))
@@ -234,7 +297,7 @@ def _run_steps(run: RunConfig, state, data, placement: Placement, step_fn, check
                             "skipped_steps": watch.skipped}
             window = _Window()
         if eval_now:
-            figures = evaluator(join(state.frozen, state.params))
+            figures = evaluator(state.params, state.frozen, state.reference)
             row = {**row, **figures}
             logged = {**logged, **figures}
         if row:

@@ -41,35 +41,57 @@ def chunked_cross_entropy_sums(project: Callable, hidden_btd, targets_bt, weight
 
     hidden_btd: [B, T, D]; targets_bt int [B, T]; weights_bt float [B, T];
     `project` maps [B, chunk, D] to logits [B, chunk, V]. Returns three
-    float32 scalars.
+    float32 scalars. See `chunked_sums` for how positions are chunked.
+    """
+    def terms(hidden, targets, weights):
+        return _token_terms(project(hidden).astype(jnp.float32), targets, weights)
+    return chunked_sums(terms, chunk, hidden_btd, targets_bt, weights_bt)
+
+
+def chunked_sums(terms: Callable, chunk: int, *arrays_bt):
+    """Sum `terms(*chunk_arrays)` over chunks of `chunk` positions of `arrays_bt`.
+
+    arrays_bt: arrays [B, T, ...] sharing B and T (hidden states [B, T, D]
+    are constrained to ("batch", "length", "embed") inside each chunk).
+    `terms` takes the same arrays cut to [B, chunk, ...] and returns a tuple
+    of float32 arrays of fixed shapes (scalars, or [B] for per-row sums);
+    the result is their sum over all chunks. Each chunk is recomputed in the
+    backward pass, so logits of one chunk at a time are ever held.
 
     Chunks are strided, not contiguous: with n = ceil(T / chunk) scan steps,
     step j holds positions j, j + n, j + 2n, ... A layout that splits the
     length (fsdp_sp) holds contiguous blocks of positions, so every device
     owns its share of every chunk and each step reads only local data; a
     contiguous chunk would lie on one device and be gathered to all of them.
-    A length that is not a multiple of `chunk` is padded with weight 0 (under
-    a split length, the padding moves hidden states once, before the scan).
+    A length that is not a multiple of `chunk` is padded with zeros in every
+    array, so `terms` must vanish where its weights are 0 (under a split
+    length, the padding moves hidden states once, before the scan).
     """
-    b, t, d = hidden_btd.shape
+    b, t = arrays_bt[0].shape[:2]
     n = -(-t // chunk)
     pad = n * chunk - t
     if pad:
-        hidden_btd = jnp.pad(hidden_btd, ((0, 0), (0, pad), (0, 0)))
-        targets_bt = jnp.pad(targets_bt, ((0, 0), (0, pad)))
-        weights_bt = jnp.pad(weights_bt, ((0, 0), (0, pad)))  # weight 0: padding adds nothing
+        arrays_bt = tuple(jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2)) for x in arrays_bt)
 
     def split(x):  # [B, chunk * n, ...] -> [n, B, chunk, ...]; step j: positions j, j + n, ...
         return jnp.moveaxis(x.reshape(b, chunk, n, *x.shape[2:]), 2, 0)
 
+    def constrain(x):
+        return nn.with_logical_constraint(x, ("batch", "length", "embed")) if x.ndim == 3 else x
+
+    shapes = jax.eval_shape(terms, *(x[:, :chunk] for x in arrays_bt))
+
     @jax.checkpoint
     def one_chunk(sums, xs):
-        hidden, targets, weights = xs
-        hidden = nn.with_logical_constraint(hidden, ("batch", "length", "embed"))
-        terms = _token_terms(project(hidden).astype(jnp.float32), targets, weights)
-        return tuple(s + x for s, x in zip(sums, terms)), None
+        return tuple(s + x for s, x in zip(sums, terms(*map(constrain, xs)))), None
 
-    zero = jnp.zeros((), jnp.float32)
-    sums, _ = jax.lax.scan(one_chunk, (zero, zero, zero),
-                           (split(hidden_btd), split(targets_bt), split(weights_bt)))
+    zeros = tuple(jnp.zeros(s.shape, jnp.float32) for s in shapes)
+    sums, _ = jax.lax.scan(one_chunk, zeros, tuple(split(x) for x in arrays_bt))
     return sums
+
+
+def target_log_probs(logits_btv, targets_bt):
+    """float32 [B, T]: log softmax(logits)[target] at every position (log-sum-exp in float32)."""
+    logits = logits_btv.astype(jnp.float32)
+    target_logit = jnp.take_along_axis(logits, targets_bt[..., None], axis=-1)[..., 0]
+    return target_logit - jax.nn.logsumexp(logits, axis=-1)

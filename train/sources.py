@@ -225,6 +225,71 @@ def image_paths(messages: list, directory: Path) -> list[Path]:
                     raise ValueError(f"image {path}: file not found (relative to {directory})")
                 paths.append(directory / path)
     return paths
+class Preferences:
+    """Preference pairs from JSONL files, for DPO (train/dpo.py).
+
+    Each line is `{"messages": [...], "chosen": A, "rejected": B}` (the
+    conversation so far, in the chat schema) or `{"prompt": str, "chosen": A,
+    "rejected": B}` (one user turn); an answer A or B is a string or an
+    assistant message `{"role": "assistant", "content": str}`. Both answers
+    are chat-formatted after the conversation (llama_jax.chat.encode_conversation).
+    `pairs[i]` is (chosen, rejected), each int32 [2, n]: ids, then loss
+    weights, 1 on the final answer and the token that closes it only.
+    ValueError (one line) names the file and line of a malformed pair.
+    """
+
+    def __init__(self, paths, tokenizer):
+        self.lines = TextDocuments(paths)
+        non_jsonl = [f for f in self.lines.files if f.suffix != ".jsonl"]
+        if non_jsonl:
+            raise ValueError(f"{non_jsonl[0]}: preference pairs are read from .jsonl files")
+        self.tokenizer = tokenizer
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+    def location(self, i: int) -> str:
+        return self.lines.location(i)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        record = self.lines.record(i)
+        try:
+            return self._pair(record)
+        except ValueError as err:
+            raise ValueError(f"{self.location(i)}: {err}") from None
+
+    def _pair(self, record: dict):
+        from llama_jax.chat import encode_conversation
+
+        if "messages" in record:
+            messages = record["messages"]
+            if not isinstance(messages, list) or not messages:
+                raise ValueError('a preference pair\'s "messages" must be a non-empty list')
+        elif isinstance(record.get("prompt"), str):
+            messages = [{"role": "user", "content": record["prompt"]}]
+        else:
+            raise ValueError('a preference pair needs "messages" (a list) or "prompt" (a string)')
+        answers = []
+        for key in ("chosen", "rejected"):
+            answer = record.get(key)
+            if isinstance(answer, str):
+                answer = {"role": "assistant", "content": answer}
+            if not isinstance(answer, dict) or answer.get("role") != "assistant" \
+                    or not isinstance(answer.get("content"), str):
+                raise ValueError(f'a preference pair needs a "{key}" answer: a string or an assistant '
+                                 'message {"role": "assistant", "content": str}')
+            ids, weights = encode_conversation(self.tokenizer, [*messages, answer])
+            answers.append(np.stack([np.asarray(ids), last_answer(weights)]).astype(np.int32))
+        return tuple(answers)
+
+
+def last_answer(weights: list[int]) -> np.ndarray:
+    """The loss weights with only their last run of weighted ids kept (a conversation's final
+    answer): earlier answers are the same in both halves of a pair and carry no preference."""
+    weights = np.asarray(weights)
+    unweighted = np.flatnonzero(weights == 0)
+    start = unweighted[-1] + 1 if len(unweighted) else 0
+    return np.where(np.arange(len(weights)) >= start, weights, 0)
 
 
 class TokenDocuments:

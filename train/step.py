@@ -7,6 +7,7 @@ weight, so k micro-batches give exactly the gradient of one k-times batch.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import flax.struct
@@ -33,17 +34,35 @@ NONFINITE_BITS = {"loss": 1, "grad norm": 2, "update norm": 4}
 @flax.struct.dataclass
 class TrainState:
     """What a step carries: the step count, the trained parameters and their optimizer
-    state, and the frozen parameters (a LoRA run's base; empty when all train).
+    state, the frozen parameters (a LoRA run's base; empty when all train), and
+    the fixed model an objective compares with (`reference`: DPO's reference
+    policy or a distillation teacher; empty otherwise).
 
-    The frozen ones ride in the (donated) state so that they stay placed on the
-    mesh; the step returns them untouched (XLA aliases them, no copy), and
-    checkpoints hold only `params` and `opt_state`.
+    The frozen and reference ones ride in the (donated) state so that they stay
+    placed on the mesh; the step returns them untouched (XLA aliases them, no
+    copy), and checkpoints hold only `params` and `opt_state`.
     """
 
     step: jax.Array
     params: Any
     opt_state: Any
     frozen: Any = flax.struct.field(default_factory=dict)
+    reference: Any = flax.struct.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """What a run minimises, as sums over a micro-batch.
+
+    `sums(params, frozen, reference, batch) -> (value to differentiate, sums)`:
+    `sums` is a dict of float32 scalars summed over the micro-batch, with
+    "weight" (what they are averaged over: weighted tokens, or preference
+    pairs) and "loss". The step logs every other sum divided by the batch's
+    total weight, and the weight itself as the metric named `count`.
+    """
+
+    sums: Callable
+    count: str = "tokens"
 
 
 def trainable(config: ModelConfig) -> Callable[[tuple[str, ...]], bool]:
@@ -72,6 +91,17 @@ def loss_sums(model: Llama, params, batch, z_loss: float, chunk: int):
     return nll + z_loss * z, (nll, z, correct, jnp.sum(weights))
 
 
+def cross_entropy(config: ModelConfig, z_loss: float = 0.0, chunk: int = 0) -> Objective:
+    """Next-token cross-entropy (pre-training, SFT) with optional z-loss, as an Objective."""
+    model = model_for(config)
+
+    def sums(params, frozen, reference, batch):
+        value, (nll, z, correct, weight) = loss_sums(model, join(frozen, params), batch, z_loss, chunk)
+        return value, {"loss": nll, "z_loss": z, "accuracy": correct, "weight": weight}
+
+    return Objective(sums)
+
+
 def _split_micro_batches(batch, grad_accum: int):
     """[rows, ...] -> [grad_accum, rows / grad_accum, ...], micro-batch i = rows i, i+k, i+2k, ...
 
@@ -85,39 +115,44 @@ def _split_micro_batches(batch, grad_accum: int):
 
 
 def make_gradients(config: ModelConfig, param_shardings, grad_accum: int = 1, z_loss: float = 0.0,
-                   loss_chunk: int = 0):
-    """`gradients(params, batch, frozen=None) -> (grads, (nll sum, z sum, correct, weight sum))`.
+                   loss_chunk: int = 0, objective: Objective | None = None):
+    """`gradients(params, batch, frozen=None, reference=None) -> (grads, sums)`.
 
-    grads are the unnormalised (summed over tokens) gradients of the batch's
-    objective with respect to `params` (the model's parameters are `params`
-    joined with `frozen`, which get no gradient), in the parameters' dtype,
-    summed over `grad_accum` micro-batches.
+    grads are the unnormalised (summed over tokens or pairs) gradients of the
+    batch's objective (default: `cross_entropy(config, z_loss, loss_chunk)`)
+    with respect to `params` (the model's parameters are `params` joined with
+    `frozen`, which get no gradient, nor does `reference`), in the
+    parameters' dtype, summed over `grad_accum` micro-batches; `sums` is the
+    objective's dict of sums over the whole batch.
     They and the accumulation buffer are constrained to `param_shardings` (a
     tree of shardings like the parameters'): left to XLA, they may come out
     replicated, a whole model's gradients on every device.
     """
-    model = model_for(config)
-    grad_fn = jax.value_and_grad(
-        lambda p, f, b: loss_sums(model, join(f, p), b, z_loss, loss_chunk), has_aux=True)
+    objective = objective or cross_entropy(config, z_loss, loss_chunk)
+    grad_fn = jax.value_and_grad(objective.sums, has_aux=True)
 
     def like_params(grads):
         return jax.lax.with_sharding_constraint(grads, param_shardings)
 
-    def gradients(params, batch, frozen=None):
+    def gradients(params, batch, frozen=None, reference=None):
         frozen = {} if frozen is None else frozen
+        reference = {} if reference is None else reference
         if grad_accum == 1:  # no zero-filled accumulator: a pass over every parameter saved
-            (_, sums), grads = grad_fn(params, frozen, batch)
+            (_, sums), grads = grad_fn(params, frozen, reference, batch)
             return like_params(grads), sums
 
         def accumulate(carry, micro):
             grads, sums = carry
-            (_, micro_sums), micro_grads = grad_fn(params, frozen, micro)
+            (_, micro_sums), micro_grads = grad_fn(params, frozen, reference, micro)
             grads = like_params(jax.tree.map(jnp.add, grads, like_params(micro_grads)))
-            return (grads, tuple(a + b for a, b in zip(sums, micro_sums))), None
+            return (grads, jax.tree.map(jnp.add, sums, micro_sums)), None
 
+        micro_batches = _split_micro_batches(batch, grad_accum)
+        first = jax.tree.map(lambda x: x[0], micro_batches)
+        sum_shapes = jax.eval_shape(grad_fn, params, frozen, reference, first)[0][1]
         zeros = like_params(jax.tree.map(jnp.zeros_like, params))
-        (grads, sums), _ = jax.lax.scan(accumulate, (zeros, (jnp.zeros(()),) * 4),
-                                        _split_micro_batches(batch, grad_accum))
+        (grads, sums), _ = jax.lax.scan(accumulate, (zeros, jax.tree.map(jnp.zeros_like, sum_shapes)),
+                                        micro_batches)
         return grads, sums
 
     return gradients
@@ -125,7 +160,7 @@ def make_gradients(config: ModelConfig, param_shardings, grad_accum: int = 1, z_
 
 def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation,
                     schedule: optax.Schedule, param_shardings, grad_accum: int = 1,
-                    z_loss: float = 0.0, loss_chunk: int = 0):
+                    z_loss: float = 0.0, loss_chunk: int = 0, objective: Objective | None = None):
     """`train_step(state, batch) -> (state, metrics)`, not yet jitted (see `jit_train_step`).
 
     `param_shardings`: the parameters' shardings (`shardings.params` of
@@ -133,27 +168,30 @@ def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation
     or update norm is not finite is not applied: parameters and optimizer
     state stay as they were, the step count advances, and the int32 metric
     "nonfinite" holds the NONFINITE_BITS of the values at fault (0 if none).
+    Metrics: the objective's sums over its weight (default: cross-entropy's
+    loss, z_loss and accuracy, see `Objective`), and the norms and rate.
     """
-    gradients = make_gradients(config, param_shardings, grad_accum, z_loss, loss_chunk)
+    objective = objective or cross_entropy(config, z_loss, loss_chunk)
+    gradients = make_gradients(config, param_shardings, grad_accum, objective=objective)
 
     def train_step(state: TrainState, batch):
-        grads, sums = gradients(state.params, batch, state.frozen)
-        nll, z, correct, weight = sums
-        weight = jnp.maximum(weight, 1.0)
+        grads, sums = gradients(state.params, batch, state.frozen, state.reference)
+        weight = jnp.maximum(sums["weight"], 1.0)
         grads = jax.tree.map(lambda g: g / weight, grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         grad_norm, update_norm = optax.tree.norm(grads), optax.tree.norm(updates)
-        checked = {"loss": jnp.isfinite(nll) & jnp.isfinite(z), "grad norm": jnp.isfinite(grad_norm),
+        loss_finite = jnp.all(jnp.stack([jnp.isfinite(v) for v in jax.tree.leaves(sums)]))
+        checked = {"loss": loss_finite, "grad norm": jnp.isfinite(grad_norm),
                    "update norm": jnp.isfinite(update_norm)}
         nonfinite = sum(jnp.where(ok, 0, NONFINITE_BITS[name]) for name, ok in checked.items())
         applied = nonfinite == 0  # else params and optimizer state stay as they were
         params, opt_state = jax.tree.map(lambda new, old: jnp.where(applied, new, old),
                                          (params, opt_state), (state.params, state.opt_state))
         metrics = {
-            "loss": nll / weight, "z_loss": z / weight, "accuracy": correct / weight,
+            **{name: value / weight for name, value in sums.items() if name != "weight"},
             "grad_norm": grad_norm, "update_norm": update_norm, "learning_rate": schedule(state.step),
-            "tokens": sums[3], "nonfinite": nonfinite,
+            objective.count: sums["weight"], "nonfinite": nonfinite,
         }
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
