@@ -35,6 +35,7 @@ from etils import epath
 
 from llama_jax.config import ModelConfig
 from llama_jax.params import abstract_params, partition, stack_layers, stacked_layers, unstack_layers
+from llama_jax.paths import user_path
 
 PARAMS = "params"
 CONFIG = "config"
@@ -148,7 +149,7 @@ def read_config(directory, step: int | None = None) -> ModelConfig:
 # ---------------------------------------------------------------- helpers
 
 def _manager(directory) -> ocp.CheckpointManager:
-    return ocp.CheckpointManager(epath.Path(directory).absolute())
+    return ocp.CheckpointManager(user_path(directory))
 
 
 def _step_dir(directory, step: int) -> epath.Path:

@@ -22,6 +22,7 @@ from llama_jax.checkpoint import CheckpointError, architecture_mismatch
 from llama_jax.config import ModelConfig
 from llama_jax.lora import is_adapter
 from llama_jax.params import join, partition
+from llama_jax.paths import check_bucket, user_path
 
 BASE = "base"  # checkpoint item of a LoRA run: {"path": the weights its adapters adapt}
 
@@ -29,7 +30,8 @@ BASE = "base"  # checkpoint item of a LoRA run: {"path": the weights its adapter
 def resolve(source) -> tuple[str, epath.Path]:
     """("hf" | "ours", directory) for a Hugging Face directory, our checkpoint directory, or a
     training run directory (its `checkpoints/`)."""
-    path = epath.Path(source)
+    check_bucket(source)
+    path = user_path(source)
     if not path.is_dir():
         raise CheckpointError(f"{source}: directory not found")
     if (path / "config.json").is_file():

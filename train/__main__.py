@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 
 def main(argv=None) -> int:
@@ -33,6 +32,7 @@ def main(argv=None) -> int:
 
     from llama_jax.checkpoint import CheckpointError
     from llama_jax.config import ConfigError
+    from llama_jax.paths import check_bucket, user_path
     from sharding.layout import LayoutError
     from train.checkpointing import resume_config
     from train.config import load_run_config
@@ -46,7 +46,8 @@ def main(argv=None) -> int:
     try:
         if args.distributed:
             jax.distributed.initialize()
-        if Path(args.config).is_dir():
+        check_bucket(args.config)  # a gs:// run directory: bucket and credentials, in one line
+        if user_path(args.config).is_dir():
             run = resume_config(args.config, args.overrides)
         else:
             run = load_run_config(args.config, args.overrides)
