@@ -19,11 +19,16 @@ from __future__ import annotations
 import glob as local_glob
 import os
 
+import fsspec.config
 from etils import epath
 
 URL_PREFIXES = ("gs://",)
 CREDENTIALS_HELP = ("run `gcloud auth application-default login`, or set GOOGLE_APPLICATION_CREDENTIALS "
                     "to a service account key file (a TPU VM uses its service account)")
+
+# tensorstore (orbax's arrays) and the other hosts write behind gcsfs's back:
+# a cached listing could miss a step they saved, so listings are never cached.
+fsspec.config.conf.setdefault("gs", {}).setdefault("use_listings_cache", False)
 
 
 class StorageError(OSError):
@@ -48,8 +53,8 @@ def bucket_of(path) -> str:
 
 
 def _fs():
-    import gcsfs
-    return gcsfs.GCSFileSystem()
+    import fsspec
+    return fsspec.filesystem("gs")  # the instance epath uses
 
 
 def check_credentials(path) -> None:
@@ -127,6 +132,19 @@ def expand_glob(pattern: str) -> list[epath.Path]:
                       if os.path.isfile(p))
     fs = _fs()
     return sorted(epath.Path("gs://" + p) for p in fs.glob(str(pattern)) if fs.isfile(p))
+
+
+def open_ranged(path):
+    """A binary file object for seek-and-read of parts of `path` (local or gs://).
+
+    On gs:// each read is a ranged GET with a small read-ahead, never the whole
+    object. (gcsfs's default "adaptive" cache, with its background prefetcher,
+    stalled on such reads against the emulator, so the classic one is named.)
+    """
+    path = user_path(path)
+    if not is_url(path):
+        return path.open("rb")
+    return _fs().open(str(path), "rb", cache_type="readahead")
 
 
 def remove_tree(path) -> None:

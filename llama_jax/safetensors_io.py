@@ -18,7 +18,7 @@ import struct
 import ml_dtypes
 import numpy as np
 
-from llama_jax.paths import user_path
+from llama_jax.paths import open_ranged, user_path
 
 DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -39,7 +39,7 @@ class SafetensorsFile:
         if not self.path.is_file():
             raise CheckpointFileError(f"{self.path}: file not found")
         size = self.path.stat().length
-        with self.path.open("rb") as f:
+        with open_ranged(self.path) as f:
             head = f.read(8)
             if len(head) < 8:
                 raise CheckpointFileError(f"{self.path}: truncated safetensors file (no header)")
@@ -78,7 +78,7 @@ class SafetensorsFile:
             skip = rows[0] * math.prod(shape[1:]) * np.dtype(dtype).itemsize
             shape[0] = rows[1] - rows[0]
         array = np.empty(shape, dtype)
-        with self.path.open("rb") as f:  # the byte range was checked against the file size on opening
+        with open_ranged(self.path) as f:  # the byte range was checked against the file size on opening
             f.seek(self._data_start + entry["data_offsets"][0] + skip)
             f.readinto(array.reshape(-1).view(np.uint8))
         return array

@@ -13,7 +13,7 @@ from typing import Protocol
 import numpy as np
 from etils import epath
 
-from llama_jax.paths import check_bucket, expand_glob, has_magic, is_url, storage_error, user_path
+from llama_jax.paths import check_bucket, expand_glob, has_magic, is_url, open_ranged, storage_error, user_path
 
 # A prepared token directory (written by `python -m train.prepare`).
 TOKENS_FILE = "tokens.bin"  # flat uint16/uint32 ids, every document framed BOS ... EOS
@@ -71,6 +71,7 @@ class TextDocuments:
 
     def __init__(self, paths, text_key: str = "text"):
         self.files = expand_paths(paths)
+        self._readers = [RangedFile(path) for path in self.files]
         self.text_key = text_key
         entries = []  # (file, byte offset, byte length, line) per document
         for f, path in enumerate(self.files):
@@ -78,7 +79,7 @@ class TextDocuments:
                 if path.stat().length:
                     entries.append((f, 0, path.stat().length, 1))
                 continue
-            with path.open("rb") as fh:
+            with open_ranged(path) as fh:
                 offset = 0
                 for lineno, line in enumerate(fh, start=1):
                     if line.strip():
@@ -100,9 +101,7 @@ class TextDocuments:
         return int(self._length[i])
 
     def _text(self, i: int) -> str:
-        with self.files[self._file[i]].open("rb") as fh:
-            fh.seek(int(self._start[i]))
-            raw = fh.read(int(self._length[i]))
+        raw = self._readers[self._file[i]].read(int(self._start[i]), int(self._length[i]))
         try:
             return raw.decode("utf-8")
         except UnicodeDecodeError:
@@ -180,19 +179,44 @@ class Examples:
         return asked + answer, [0] * len(asked) + [1] * len(answer)
 
 
-class RangedTokens:
-    """A flat token file in an object store, sliced like an array by ranged reads.
+class RangedFile:
+    """Reads byte ranges of one file. A gs:// object keeps one open handle per process
+    (each open costs a request), its seek-and-read under a lock (grain reads ahead on
+    threads); a pickled copy opens its own. A local file is opened per read."""
 
+    def __init__(self, path: epath.Path):
+        self.path = path
+        self._lock, self._file = threading.Lock(), None
+
+    def read(self, offset: int, length: int) -> bytes:
+        if not is_url(self.path):
+            with self.path.open("rb") as f:
+                f.seek(offset)
+                return f.read(length)
+        try:
+            with self._lock:
+                if self._file is None:
+                    self._file = open_ranged(self.path)
+                self._file.seek(offset)
+                return self._file.read(length)
+        except OSError as err:
+            raise storage_error(err, self.path) from None
+
+    def __getstate__(self):
+        return {"path": self.path}
+
+    def __setstate__(self, state):
+        self.__init__(state["path"])
+
+
+class RangedTokens:
+    """A flat token file in an object store, sliced like an array by ranged reads:
     `tokens[a:b]` reads bytes [a * itemsize, b * itemsize) of the object, never
-    the whole file (memory-mapping needs a local file). One open handle per
-    process, its seek-and-read under a lock (grain reads ahead on threads);
-    a pickled copy opens its own.
-    """
+    the whole file (memory-mapping needs a local file)."""
 
     def __init__(self, path: epath.Path, dtype: np.dtype):
-        self.path, self.dtype = path, np.dtype(dtype)
+        self.file, self.dtype = RangedFile(path), np.dtype(dtype)
         self._size = path.stat().length // self.dtype.itemsize
-        self._lock, self._file = threading.Lock(), None
 
     def __len__(self) -> int:
         return self._size
@@ -201,21 +225,8 @@ class RangedTokens:
         start, stop, _ = span.indices(self._size)
         if stop <= start:
             return np.zeros(0, self.dtype)
-        try:
-            with self._lock:
-                if self._file is None:
-                    self._file = self.path.open("rb")
-                self._file.seek(start * self.dtype.itemsize)
-                raw = self._file.read((stop - start) * self.dtype.itemsize)
-        except OSError as err:
-            raise storage_error(err, self.path) from None
-        return np.frombuffer(raw, self.dtype)
-
-    def __getstate__(self):
-        return {"path": self.path, "dtype": self.dtype, "_size": self._size}
-
-    def __setstate__(self, state):
-        self.__dict__.update(state, _lock=threading.Lock(), _file=None)
+        size = self.dtype.itemsize
+        return np.frombuffer(self.file.read(start * size, (stop - start) * size), self.dtype)
 
 
 class TokenDocuments:
