@@ -12,6 +12,8 @@ Layout of a checkpoint directory (managed by `orbax.checkpoint.CheckpointManager
         config/metadata          item "config": JSON of ModelConfig.to_dict()
         _CHECKPOINT_METADATA     orbax's step metadata
       <step>.orbax-checkpoint-tmp*/   a save in progress (ignored)
+        ...                      (on gs://, a save in progress is <step>/ without
+                                 commit_success.txt, which ends every save)
 
 Training adds its own items (optimizer state, data-iterator state) to the same
 steps; readers here touch only "params" and "config". Arrays restore onto any
@@ -40,6 +42,7 @@ from llama_jax.paths import user_path
 PARAMS = "params"
 CONFIG = "config"
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
+COMMIT_SUCCESS = "commit_success.txt"  # written last into every step orbax saves
 # Fields that define the function a checkpoint computes and the leaves it stores
 # (quantised weights are stored as such). An explicit config given to
 # restore_params must agree on these; its other fields (dtypes, remat,
@@ -125,13 +128,15 @@ def latest_step(directory) -> int | None:
 def all_steps(directory) -> list[int]:
     """Every complete step in `directory`, ascending (empty if the directory is missing).
 
-    Steps are the directories named by a number; saves in progress carry a
-    suffix (orbax renames them when complete).
+    Steps are the directories named by a number that orbax counts as finalized:
+    locally a save in progress carries a suffix (renamed when complete); on
+    gs://, which cannot rename, it is written in place and finalized by its
+    commit_success.txt, so a step directory without one is a save cut short.
     """
-    directory = epath.Path(directory)
+    directory = user_path(directory)
     if not directory.is_dir():
         return []
-    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
+    return sorted(ocp.step.checkpoint_steps(directory))
 
 
 def read_config(directory, step: int | None = None) -> ModelConfig:

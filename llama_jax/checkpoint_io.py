@@ -24,8 +24,8 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from etils import epath
 
-from llama_jax.checkpoint import (CONFIG, PARAMS, TMP_SUFFIX, CheckpointError, first_line, is_stacked,
-                                  named_leaves, read_config, require_item, resolve_step)
+from llama_jax.checkpoint import (COMMIT_SUCCESS, CONFIG, PARAMS, TMP_SUFFIX, CheckpointError, first_line,
+                                  is_stacked, named_leaves, read_config, require_item, resolve_step)
 from llama_jax.config import ModelConfig, numpy_dtype
 from llama_jax.params import abstract_params
 
@@ -120,6 +120,8 @@ class ParamsWriter:
                               CONFIG: _qualname(ocp.JsonCheckpointHandler)},
             "metrics": {}, "performance_metrics": {}, "init_timestamp_nsecs": self._started,
             "commit_timestamp_nsecs": time.time_ns(), "custom_metadata": {}}))
+        # orbax's mark of a finished save: on gs:// (no atomic rename) the only one it reads.
+        (self.step_dir / COMMIT_SUCCESS).write_text(f"Checkpoint commit was successful to {self.final_dir}")
         self.step_dir.rename(self.final_dir)
 
     def __enter__(self):

@@ -77,10 +77,14 @@ def wait_for_step(run_dir, step: int, process: subprocess.Popen, timeout: float 
                   saved: int | None = None) -> int:
     """Poll until metrics.jsonl shows `step` or later (and step `saved` is a complete
     checkpoint, if given); the latest step logged."""
+    from llama_jax.checkpoint import all_steps
+    from llama_jax.paths import user_path
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         rows = metrics(run_dir)
-        if rows and rows[-1]["step"] >= step and (saved is None or saved in steps_on_disk(run_dir)):
+        if rows and rows[-1]["step"] >= step and (
+                saved is None or saved in all_steps(user_path(run_dir) / "checkpoints")):
             return rows[-1]["step"]
         if process.poll() is not None:
             raise AssertionError(f"training exited with {process.returncode} before step {step}")
