@@ -111,7 +111,7 @@ def restore_params(directory, step: int | None = None, shardings=None, config: M
     target = jax.tree_util.tree_map_with_path(_placed, target, shardings)
     try:
         with ocp.StandardCheckpointer() as checkpointer:
-            params = checkpointer.restore(_step_dir(directory, step).absolute() / PARAMS, target)
+            params = checkpointer.restore(_step_dir(directory, step) / PARAMS, target)
     except Exception as err:  # noqa: BLE001 - orbax/tensorstore raise plain Exceptions for corrupt data
         raise CheckpointError(f"{_step_dir(directory, step)}: cannot restore params ({first_line(err)})") from None
     if not config.scan_layers:
@@ -158,12 +158,12 @@ def _manager(directory) -> ocp.CheckpointManager:
 
 
 def _step_dir(directory, step: int) -> epath.Path:
-    return epath.Path(directory) / str(step)
+    return user_path(directory) / str(step)  # absolute, as orbax wants; gs:// as it is
 
 
 def resolve_step(directory, step: int | None) -> int:
     """`step` if it is a complete step of `directory`, the latest one if None; else CheckpointError."""
-    if not epath.Path(directory).is_dir():
+    if not user_path(directory).is_dir():
         raise CheckpointError(f"{directory}: checkpoint directory not found")
     steps = all_steps(directory)
     if step is None:

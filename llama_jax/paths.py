@@ -138,8 +138,7 @@ def open_ranged(path):
     """A binary file object for seek-and-read of parts of `path` (local or gs://).
 
     On gs:// each read is a ranged GET with a small read-ahead, never the whole
-    object. (gcsfs's default "adaptive" cache, with its background prefetcher,
-    stalled on such reads against the emulator, so the classic one is named.)
+    object (gcsfs's "readahead" cache: reads here are short and mostly forward).
     """
     path = user_path(path)
     if not is_url(path):

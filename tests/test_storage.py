@@ -26,7 +26,7 @@ TEXTS = ["the quick brown fox jumps over the lazy dog", "packing rows of tokens 
 
 def _train_command(run_dir: str, tokens: str) -> list[str]:
     return [sys.executable, "-m", "train", "--config", "tiny_cpu", "--quiet", f"run_dir={run_dir}", "chip=v4",
-            "data.source=tokens", f"data.paths=[{tokens}]", "steps=30", "log_every=1", "checkpoint_every=5"]
+            "data.source=tokens", f"data.paths=[{tokens}]", "steps=20", "log_every=1", "checkpoint_every=5"]
 
 
 def _start(command, cwd, log, cache) -> subprocess.Popen:
@@ -136,7 +136,7 @@ def test_killed_bucket_run_resumes_with_the_metrics_of_an_uninterrupted_run(buck
         if killed.poll() is None:
             killed.kill()
     saved = all_steps(user_path(run_dir) / "checkpoints")  # complete ones (commit_success.txt)
-    assert saved and saved[-1] < 30, saved
+    assert saved and saved[-1] < 20, saved
 
     resumed = _start(_train_command(run_dir, tokens), cwd, tmp_path / "resumed.log", cache)
     output = _finish(resumed, tmp_path / "resumed.log")
@@ -147,7 +147,7 @@ def test_killed_bucket_run_resumes_with_the_metrics_of_an_uninterrupted_run(buck
 
     keys = ("step", *EXACT_METRICS)
     expected = [{k: row[k] for k in keys} for row in metrics(reference_dir)]
-    assert [row["step"] for row in expected] == list(range(1, 31))
+    assert [row["step"] for row in expected] == list(range(1, 21))
     assert [{k: row[k] for k in keys} for row in metrics(run_dir)] == expected
     assert (user_path(run_dir) / "tensorboard").is_dir()
     # Nothing of the bucket path on the local disk: not in the working directory, not in the repo.
@@ -165,7 +165,7 @@ def test_infer_generates_from_the_bucket_run(bucket, capsys):
                  "--max-new-tokens", "4"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
-    assert captured.out.startswith("the quick")
+    assert captured.out.startswith("brown fox")  # greedy: the corpus' sentence, learnt in 20 steps
 
 
 def test_ours_to_hf_writes_to_the_bucket_what_it_writes_locally(bucket, tmp_path):
