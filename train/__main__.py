@@ -8,6 +8,7 @@ checkpoint. Bad input is one line on stderr and exit code 2; a diverged run
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -38,6 +39,7 @@ def main(argv=None) -> int:
     from train.config import load_run_config
     from train.loop import loss_curve_png, train
     from train.nonfinite import DivergenceError
+    from train.runtime import CacheCounter, enable_compile_cache, tpu_env
 
     # orbax's notes, and asyncio's about futures of a failed save collected at exit,
     # would bury the one-line errors (a run logs them to <run_dir>/orbax.log).
@@ -51,6 +53,8 @@ def main(argv=None) -> int:
             run = resume_config(args.config, args.overrides)
         else:
             run = load_run_config(args.config, args.overrides)
+        os.environ.update(tpu_env(run.tpu_flags))  # read by libtpu when JAX starts its TPU backend
+        cache_dir, cache = enable_compile_cache(run.compile_cache), CacheCounter()
         summary = train(run, progress=not args.quiet)
     except (ConfigError, LayoutError, CheckpointError, ValueError, OSError) as err:
         print(f"train: error: {err}", file=sys.stderr)
@@ -68,6 +72,8 @@ def main(argv=None) -> int:
                 print(f"held-out: loss {metrics['eval_loss']:.4f}, perplexity {metrics['eval_perplexity']:.2f}, "
                       f"token accuracy {metrics['eval_accuracy']:.1%}")
             print(f"loss curve: {loss_curve_png(summary['run_dir'])}")
+        if cache_dir is not None:
+            print(f"compile cache: {cache.hits} hits, {cache.misses} misses ({cache_dir})")
         if summary["preempted"]:
             print(f"preempted: saved step {summary['step']}; run the same command to resume")
     return 0

@@ -14,6 +14,9 @@ A run is a YAML file in `configs/runs/` (see `tiny_cpu.yaml`):
     steps: 1000
     run_dir: runs/tiny
     on_nonfinite: stop               # or skip: what a NaN/inf loss or norm does (train/nonfinite.py)
+    compile_cache: off               # or a directory (default: the user's cache dir; train/runtime.py)
+    tpu_flags: {xla_tpu_enable_async_collective_fusion: true}   # libtpu flags (not on CPU)
+    profile: {start_step: 10, steps: 3}                         # a jax.profiler trace in run_dir/profile
 
 Command-line overrides use dotted keys (`optimizer.learning_rate=1e-3`,
 `data.global_batch=32`, `steps=10`); values are parsed as YAML. An unknown
@@ -30,6 +33,7 @@ import yaml
 
 from llama_jax.config import ConfigError, ModelConfig, check_keys, load_model_config, read_config_file
 from train.data import DataConfig
+from train.runtime import ProfileConfig, check_tpu_flags
 
 DECAYS = ("cosine", "linear", "constant")
 NONFINITE_MODES = ("stop", "skip")  # what a non-finite step does: see train/nonfinite.py
@@ -105,6 +109,9 @@ class RunConfig:
     on_nonfinite: str = "stop"
     init_from: str | None = None
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    compile_cache: str | None = None  # train/runtime.py: None = the default cache dir, "off"
+    tpu_flags: dict[str, Any] = dataclasses.field(default_factory=dict)  # -> LIBTPU_INIT_ARGS
+    profile: ProfileConfig | None = None
 
     def __post_init__(self):
         for name in ("steps", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints"):
@@ -131,6 +138,9 @@ class RunConfig:
             raise ConfigError("lora: a LoRA run trains adapters over fixed weights: set init_from to them")
         if self.eval.every and not self.eval.paths and not self.data.holdout:
             raise ConfigError("eval.every: evaluation needs eval.paths or a data.holdout fraction")
+        if self.compile_cache is not None and (not isinstance(self.compile_cache, str) or not self.compile_cache):
+            raise ConfigError(f"compile_cache: must be a directory or \"off\", got {self.compile_cache!r}")
+        check_tpu_flags(self.tpu_flags)
         from train.metrics import PEAK_FLOPS  # late: metrics imports jax
         if self.chip not in PEAK_FLOPS:
             raise ConfigError(f"chip: {self.chip!r} is not one of {', '.join(PEAK_FLOPS)}")
@@ -220,6 +230,8 @@ def run_config_from_dict(data: dict[str, Any], overrides: Sequence[str] = ()) ->
     data["data"] = _dataclass_from(DataConfig, data.get("data", {}), "data")
     data["optimizer"] = _dataclass_from(OptimizerConfig, data.get("optimizer", {}), "optimizer")
     data["eval"] = _dataclass_from(EvalConfig, data.get("eval", {}), "eval")
+    if data.get("profile") is not None:
+        data["profile"] = _dataclass_from(ProfileConfig, data["profile"], "profile")
     return _dataclass_from(RunConfig, data, "run")
 
 

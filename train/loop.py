@@ -16,6 +16,7 @@ from llama_jax.paths import check_bucket, is_url, storage_error, user_path
 from sharding.layout import load_layout
 from sharding.place import Placement, validate
 from train.config import RunConfig
+from train.runtime import StepProfiler
 from llama_jax.params import join
 from train.data import make_dataset
 from train.eval import Evaluator, eval_data
@@ -197,6 +198,9 @@ def train(run: RunConfig, *, progress: bool = True, stop_after: int | None = Non
             placement, shardings)
         writer = MetricsWriter(run.run_dir, start)
         cleanup.push(_closing(writer.close))
+        profiler = StepProfiler(run.profile, run.run_dir, active=jax.process_index() == 0)
+        cleanup.push(_closing(profiler.close))
+        step_fn = profiler.wrap(step_fn, start)
         last_steps = run.steps if stop_after is None else min(run.steps, start + stop_after)
         bar = tqdm(total=run.steps, initial=start, disable=not progress or jax.process_index() != 0,
                    desc="train", unit="step", dynamic_ncols=True)
