@@ -46,8 +46,11 @@ def test_a_second_run_loads_every_compile_from_the_cache_and_a_profile_is_traced
 
 
 def test_compile_cache_settings():
+    from train.config import load_run_config
     from train.runtime import compile_cache_dir, default_compile_cache
 
+    assert load_run_config("tiny_cpu", ["compile_cache=off"]).compile_cache == "off"  # not YAML's false
+    assert load_run_config("tiny_cpu").compile_cache is None
     assert compile_cache_dir("off") is None
     assert compile_cache_dir("gs://bucket/xla") == "gs://bucket/xla"
     assert compile_cache_dir("rel/cache").endswith("/rel/cache") and compile_cache_dir("rel/cache").startswith("/")

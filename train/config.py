@@ -33,7 +33,7 @@ import yaml
 
 from llama_jax.config import ConfigError, ModelConfig, check_keys, load_model_config, read_config_file
 from train.data import DataConfig
-from train.runtime import ProfileConfig, check_tpu_flags
+from train.runtime import COMPILE_CACHE_OFF, ProfileConfig, check_tpu_flags
 
 DECAYS = ("cosine", "linear", "constant")
 NONFINITE_MODES = ("stop", "skip")  # what a non-finite step does: see train/nonfinite.py
@@ -138,6 +138,8 @@ class RunConfig:
             raise ConfigError("lora: a LoRA run trains adapters over fixed weights: set init_from to them")
         if self.eval.every and not self.eval.paths and not self.data.holdout:
             raise ConfigError("eval.every: evaluation needs eval.paths or a data.holdout fraction")
+        if self.compile_cache is False:  # YAML reads a bare `off` as false
+            object.__setattr__(self, "compile_cache", COMPILE_CACHE_OFF)
         if self.compile_cache is not None and (not isinstance(self.compile_cache, str) or not self.compile_cache):
             raise ConfigError(f"compile_cache: must be a directory or \"off\", got {self.compile_cache!r}")
         check_tpu_flags(self.tpu_flags)
