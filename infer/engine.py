@@ -57,17 +57,21 @@ class Engine:
 
     `layout`: a layout name or Layout, placed on all devices; None means the
     first device alone. `unroll_layers`: run the decoder layers unrolled
-    rather than as one scan (default: unrolled on CPU only). Use `engine_for`
-    to share engines (and their compiled functions) between calls.
+    rather than as one scan (default: unrolled on CPU only). `prefill_chunk`:
+    prompts longer than this many tokens are prefilled chunk by chunk
+    (llama_jax.decoding.prefill), so a long prompt never holds [t, t]
+    attention scores or activations for all its tokens at once. Use
+    `engine_for` to share engines (and their compiled functions) between calls.
     """
 
     def __init__(self, config: ModelConfig, layout: str | Layout | None = None, devices=None,
-                 unroll_layers: bool | None = None):
+                 unroll_layers: bool | None = None, prefill_chunk: int = decoding.PREFILL_CHUNK):
         if layout is None:
             layout, devices = load_layout("dp"), [jax.devices()[0]]
         elif isinstance(layout, str):
             layout = load_layout(layout)
         self.config = config
+        self.prefill_chunk = prefill_chunk
         self.placement = Placement.create(config, layout, devices)
         plan = self.placement
         # XLA:CPU copies each layer's weights out of the stacked (scanned)
@@ -79,7 +83,8 @@ class Engine:
                                            remat="none")
         self.model = model_for(self.model_config)
         self.batch_multiple = plan.shards_along("batch")
-        self.length_multiple = plan.shards_along("length")
+        # Context parallelism splits each length shard into two halves.
+        self.length_multiple = 2 * plan.shards_along("length") if plan.shards_along("length") > 1 else 1
         self.replicated = NamedSharding(plan.mesh, PartitionSpec())
         self.state_shardings = plan.tree_shardings(decoding.state_axes(config))
         # A vision model's batches with images carry more state (the image keys and
@@ -89,7 +94,7 @@ class Engine:
             shardings = plan.tree_shardings(decoding.state_axes(config, with_images))
             self._prefill[with_images] = jax.jit(
                 functools.partial(decoding.prefill, self.model),
-                static_argnames=("sampling", "cache_len", "keep_logits"),
+                static_argnames=("sampling", "cache_len", "keep_logits", "chunk"),
                 out_shardings=(shardings, self.replicated, self.replicated))
             self._decode[with_images] = jax.jit(
                 functools.partial(decoding.decode, self.model),
@@ -130,7 +135,7 @@ class Engine:
         check_prompts(self.config, prompts, max_new_tokens)
         n, rows = len(prompts), _round_up(len(prompts), self.batch_multiple)
         longest = max(len(p) for p in prompts)
-        t = _round_up(min(prompt_bucket(longest), self.config.max_seq_len), self.length_multiple)
+        t, chunk = self.prompt_shape(longest)
         cache_len = max(t, cache_bucket(longest + max_new_tokens))
         prompts_bt = np.zeros((rows, t), np.int32)
         lengths_b = np.ones((rows,), np.int32)  # padding rows: one token, no output
@@ -150,8 +155,15 @@ class Engine:
         with plan.activate():
             state, first_b, logits_bv = self._prefill[images is not None](
                 params, *inputs, sampling=sampling, cache_len=cache_len, keep_logits=keep_logits,
-                images=images)
+                chunk=chunk, images=images)
         return state, np.asarray(first_b)[:n], None if logits_bv is None else np.asarray(logits_bv)[:n]
+
+    def prompt_shape(self, longest: int) -> tuple[int, int]:
+        """(padded prompt length, prefill chunk) for prompts of up to `longest` tokens: a bucket
+        (`prompt_bucket`) that the layout's length axes and the chunk divide."""
+        t = _round_up(min(prompt_bucket(longest), self.config.max_seq_len), self.length_multiple)
+        chunk = _round_up(self.prefill_chunk, self.length_multiple)
+        return (_round_up(t, chunk) if t > chunk else t), chunk
 
     def decode(self, params, state: State, steps: int, sampling: Sampling, stop_ids=(),
                keep_logits: bool = False, rows: int | None = None):

@@ -1,50 +1,87 @@
 """Grouped-query attention: one entry point, implementations chosen by config.
 
-Letters in names: b batch, t query time, s key time, n kv heads, g query heads
-per kv head, k head_dim. Which keys a query sees is decided by coordinates:
-key j is visible to query i when `k_coord[j] <= q_coord[i]` and both belong to
-the same segment (packed documents never see each other). Without a cache the
-coordinates are row indices; with a cache they are cache slots and positions.
+Letters in names: b batch, t query time, s key time, h heads, n kv heads, g
+query heads per kv head, k head_dim. Which keys a query sees is decided by
+coordinates: key j is visible to query i when `k_coord[j] <= q_coord[i]` and
+both belong to the same segment (packed documents never see each other).
+
+Coordinates come in two kinds. A sequence attending to itself (training, a
+prompt from its start) has static coordinates: numpy int32 [t], the same for
+every row, known when the program is built (its row order, load-balanced
+under context parallelism). Attention over a KV cache has traced
+coordinates: int32 [b, t] positions and [b, s] cache slots.
+
+Implementations (`ModelConfig.attention`):
+- `xla`: scores and softmax as einsums; holds [t, s] float32 scores per head.
+- `blocked`: online softmax over blocks with a recomputing backward pass
+  (llama_jax/blocked_attention.py); memory O(t x block), skips blocks no
+  query can see; any coordinates.
+- `splash`: the Pallas TPU kernel (llama_jax/splash.py), per device under the
+  layout in scope, with context parallelism when `length` is split; static
+  coordinates only. Where it does not apply (traced coordinates of a KV
+  cache, or shapes the layout's axes do not divide, such as
+  initialisation's one-token input) it hands over to `blocked`, or to `xla`
+  for a single query.
+- `auto` (default): on TPU as `splash`; elsewhere `xla` for decode steps
+  and up to AUTO_XLA_MAX_KEYS keys, `blocked` beyond (the faster of the two
+  on CPU by `python bench/attention.py --cpu`, see docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
+from llama_jax import mesh_context
+from llama_jax.blocked_attention import MASKED_SCORE, blocked_attend
+from llama_jax.splash import fits_layout, splash_attend
+
+AUTO_XLA_MAX_KEYS = 512
 
 
-def attend(q_bthk, k_bsnk, v_bsnk, q_coord_bt, k_coord_bs,
-           q_segment_bt=None, k_segment_bs=None, *, impl="xla", block=512):
+def implementation(impl: str, static_coords: bool, q_shape, k_shape) -> str:
+    """The implementation `attend` runs for config value `impl` on the platform in scope,
+    for queries [b, t, h, k] and keys [b, s, n, k]."""
+    (b, t, h, _), (_, s, n, _) = q_shape, k_shape
+    if impl == "auto":
+        if mesh_context.platform() == "tpu":
+            impl = "splash"
+        else:
+            return "xla" if t == 1 or s <= AUTO_XLA_MAX_KEYS else "blocked"
+    if impl == "splash" and not (static_coords and fits_layout(b, t, h, n)):
+        return "xla" if t == 1 else "blocked"
+    return impl
+
+
+def attend(q_bthk, k_bsnk, v_bsnk, q_coord, k_coord, q_segment_bt=None, k_segment_bs=None, *,
+           impl="auto", block=512):
     """Causal GQA attention; returns [batch, time, heads, head_dim] in q's dtype.
 
-    Scores and softmax are float32 whatever the compute dtype.
+    q_coord / k_coord: static numpy int32 [t] / [s] or traced int32 [b, t] /
+    [b, s] (see the module docstring). Scores and softmax are float32
+    whatever the compute dtype.
     """
     b, t, h, k = q_bthk.shape
-    n = k_bsnk.shape[2]
-    q_btngk = q_bthk.reshape(b, t, n, h // n, k) * (k ** -0.5)
+    s, n = k_bsnk.shape[1], k_bsnk.shape[2]
+    static = isinstance(q_coord, np.ndarray)
+    impl = implementation(impl, static, q_bthk.shape, k_bsnk.shape)
+    q_bthk = q_bthk * jnp.asarray(k ** -0.5, q_bthk.dtype)
+    if impl == "splash":
+        return splash_attend(q_bthk, k_bsnk, v_bsnk, q_coord, k_coord, q_segment_bt, k_segment_bs,
+                             block=block).astype(q_bthk.dtype)
+    if static:
+        q_coord = jnp.broadcast_to(jnp.asarray(q_coord), (b, t))
+        k_coord = jnp.broadcast_to(jnp.asarray(k_coord), (b, s))
+    q_btngk = q_bthk.reshape(b, t, n, h // n, k)
     if impl == "xla":
-        out = _attend_xla(q_btngk, k_bsnk, v_bsnk, q_coord_bt, k_coord_bs,
-                          q_segment_bt, k_segment_bs)
+        out = _attend_xla(q_btngk, k_bsnk, v_bsnk, q_coord, k_coord, q_segment_bt, k_segment_bs)
     elif impl == "blocked":
-        out = _attend_blocked(q_btngk, k_bsnk, v_bsnk, q_coord_bt, k_coord_bs,
-                              q_segment_bt, k_segment_bs, block)
+        out = blocked_attend(q_btngk, k_bsnk, v_bsnk, q_coord, k_coord, q_segment_bt, k_segment_bs,
+                             block)
     else:
         raise ValueError(f"attention: unknown implementation {impl!r}")
     return out.reshape(b, t, h, k).astype(q_bthk.dtype)
-
-
-def _visible_bts(q_coord_bt, k_coord_bs, q_segment_bt, k_segment_bs):
-    mask_bts = k_coord_bs[:, None, :] <= q_coord_bt[:, :, None]
-    if q_segment_bt is not None:
-        mask_bts &= k_segment_bs[:, None, :] == q_segment_bt[:, :, None]
-    return mask_bts
-
-
-def _visible(q_coord_bt, k_coord_bs, q_segment_bt, k_segment_bs):
-    """The mask broadcast to [b, n, g, t, s] scores."""
-    return _visible_bts(q_coord_bt, k_coord_bs, q_segment_bt, k_segment_bs)[:, None, None]
 
 
 def _attend_xla(q_btngk, k_bsnk, v_bsnk, q_coord, k_coord, q_seg, k_seg):
@@ -53,51 +90,9 @@ def _attend_xla(q_btngk, k_bsnk, v_bsnk, q_coord, k_coord, q_seg, k_seg):
     # [b, n, g, t, s] for forward+backward at 512 tokens.
     scores = jnp.einsum("btngk,bsnk->bntgs", q_btngk, k_bsnk,
                         preferred_element_type=jnp.float32)
-    mask = _visible_bts(q_coord, k_coord, q_seg, k_seg)[:, None, :, None, :]
-    scores = jnp.where(mask, scores, _MASKED)
+    mask_bts = k_coord[:, None, :] <= q_coord[:, :, None]
+    if q_seg is not None:
+        mask_bts &= k_seg[:, None, :] == q_seg[:, :, None]
+    scores = jnp.where(mask_bts[:, None, :, None, :], scores, MASKED_SCORE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_bsnk.dtype)
     return jnp.einsum("bntgs,bsnk->btngk", probs, v_bsnk)
-
-
-def _attend_blocked(q_btngk, k_bsnk, v_bsnk, q_coord, k_coord, q_seg, k_seg, block):
-    """Online-softmax attention over key blocks: memory O(t * block), not O(t * s)."""
-    b, t, n, g, k = q_btngk.shape
-    s = k_bsnk.shape[1]
-    block = min(block, s)
-    pad = -s % block
-    if pad:
-        # Padded keys get a coordinate no query reaches, so they stay invisible.
-        k_bsnk = jnp.pad(k_bsnk, ((0, 0), (0, pad), (0, 0), (0, 0)))
-        v_bsnk = jnp.pad(v_bsnk, ((0, 0), (0, pad), (0, 0), (0, 0)))
-        k_coord = jnp.pad(k_coord, ((0, 0), (0, pad)), constant_values=jnp.iinfo(jnp.int32).max)
-        if k_seg is not None:
-            k_seg = jnp.pad(k_seg, ((0, 0), (0, pad)))
-    n_blocks = (s + pad) // block
-
-    def split(x):
-        return jnp.moveaxis(x.reshape(b, n_blocks, block, *x.shape[2:]), 1, 0)
-
-    blocks = (split(k_bsnk), split(v_bsnk), split(k_coord),
-              None if k_seg is None else split(k_seg))
-
-    @jax.checkpoint
-    def step(carry, kv_block):
-        running_max, denom, acc = carry
-        k_blk, v_blk, coord_blk, seg_blk = kv_block
-        scores = jnp.einsum("btngk,bsnk->bngts", q_btngk, k_blk,
-                            preferred_element_type=jnp.float32)
-        mask = _visible(q_coord, coord_blk, q_seg, seg_blk)
-        new_max = jnp.maximum(running_max, jnp.where(mask, scores, _MASKED).max(-1))
-        probs = jnp.where(mask, jnp.exp(scores - new_max[..., None]), 0.0)
-        rescale = jnp.exp(running_max - new_max)
-        denom = denom * rescale + probs.sum(-1)
-        acc = acc * jnp.moveaxis(rescale, -1, 1)[..., None] + jnp.einsum(
-            "bngts,bsnk->btngk", probs.astype(v_blk.dtype), v_blk,
-            preferred_element_type=jnp.float32)
-        return (new_max, denom, acc), None
-
-    init = (jnp.full((b, n, g, t), _MASKED, jnp.float32),
-            jnp.zeros((b, n, g, t), jnp.float32),
-            jnp.zeros((b, t, n, g, k), jnp.float32))
-    (_, denom, acc), _ = jax.lax.scan(step, init, blocks)
-    return acc / jnp.moveaxis(denom, -1, 1)[..., None]

@@ -17,7 +17,8 @@ import yaml
 
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention_out")
-ATTENTION_IMPLS = ("xla", "blocked")
+ATTENTION_IMPLS = ("auto", "xla", "blocked", "splash")  # see llama_jax/attention.py
+SWIGLU_BACKWARDS = ("auto", "manual", "autodiff")  # see llama_jax/swiglu.py
 DTYPES = ("float32", "bfloat16", "float16")
 ROPE_TYPES = ("default", "llama3")
 # Stored weight formats (llama_jax/quantize.py) and the projections each one replaces.
@@ -194,6 +195,10 @@ class ModelConfig:
     `dtype` is the activation/compute dtype, `param_dtype` the stored weights'.
     `remat` picks what the backward pass recomputes; `scan_layers` stacks the
     decoder layers under one `nn.scan` (False unrolls them, for debugging).
+    `attention` picks the attention implementation (llama_jax/attention.py;
+    `auto`: the splash kernel on TPU) and `attention_block` its block size in
+    tokens; `swiglu_backward` the feed-forward's backward pass
+    (llama_jax/swiglu.py; `auto`: hand-written on CPU only).
     `quantize` ("int8" or "fp8") stores the projections of QUANTIZE_TARGETS
     quantised, each beside its float32 `scale` (llama_jax/quantize.py);
     `kv_cache_dtype` ("int8" or "fp8") quantises the KV cache per token and head.
@@ -215,8 +220,9 @@ class ModelConfig:
     param_dtype: str = "float32"
     remat: str = "none"
     scan_layers: bool = True
-    attention: str = "xla"
+    attention: str = "auto"
     attention_block: int = 512
+    swiglu_backward: str = "auto"
     lora: LoraConfig | None = None
     vision: VisionConfig | None = None
     quantize: str | None = None
@@ -259,7 +265,8 @@ class ModelConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise ConfigError(f"{name}: must be a positive number, got {value!r}")
         for name, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES),
-                              ("remat", REMAT_POLICIES), ("attention", ATTENTION_IMPLS)):
+                              ("remat", REMAT_POLICIES), ("attention", ATTENTION_IMPLS),
+                              ("swiglu_backward", SWIGLU_BACKWARDS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(
                     f"{name}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")

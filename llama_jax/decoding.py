@@ -1,8 +1,10 @@
 """Prefill and the decode loop as pure functions: what inference compiles.
 
     state, first_b, logits_bv = prefill(model, params, prompts_bt, lengths_b, limits_b, seed,
-                                        stops, sampling=..., cache_len=..., keep_logits=False)
+                                        stops, sampling=..., cache_len=..., keep_logits=False,
+                                        chunk=None, images=None)
     state, out_bn, logits_bnv = decode(model, params, state, stops, sampling=..., steps=...)
+    state, next_b, logits_bv = decode_step(model, params, state, stops, sampling=...)
 
 Both know nothing of meshes: the KV cache is constrained by its logical axis
 names (`llama_jax.kv_cache.cache_axes`), which the layout in scope maps to mesh axes. `infer/`
@@ -13,7 +15,12 @@ Letters in names: b batch rows, t prompt time, n decode steps, v vocab.
 
 Prompts are right-padded to one length. Prefill writes every prompt slot of
 the cache (padding included) and samples each row's first token from the
-logits at its own last prompt token. A decode step feeds each row's last
+logits at its own last prompt token. A prompt longer than `chunk` tokens is
+prefilled chunk by chunk: the first chunk from position 0 (a sequence
+attending to itself: the splash kernel and context parallelism apply), the
+others against the cache, so no step holds more than [chunk, cache_len]
+scores per head (with blocked attention, [chunk, block]) and activations
+for `chunk` tokens, never [t, t]. A decode step feeds each row's last
 token at its own position, so rows advance independently: the padding slots
 past a short prompt are overwritten by its own generated tokens before any
 query can see them (a query at position p sees slots <= p only).
@@ -45,6 +52,7 @@ from llama_jax.sampling import Sampling, row_keys, sample, step_keys
 State = dict[str, Any]
 
 NO_TOKEN = -1  # in a decode chunk's output: the row produced nothing at that step
+PREFILL_CHUNK = 8192  # default tokens per prefill step (infer's Engine, train.compile)
 
 
 def state_axes(config: ModelConfig, with_images: bool = False) -> dict:
@@ -68,33 +76,66 @@ def _is_stop(tokens_b, stops):
 
 
 def prefill(model: Llama, params, prompts_bt, lengths_b, limits_b, seed, stops, *,
-            sampling: Sampling, cache_len: int, keep_logits: bool = False, images=None):
+            sampling: Sampling, cache_len: int, keep_logits: bool = False, chunk: int | None = None,
+            images=None):
     """Fill a new KV cache with the prompts and pick each row's first token.
 
     prompts_bt: int32 [b, t], right-padded; lengths_b: each prompt's length;
     limits_b: tokens each row may produce (0 for padding rows); seed: int32
-    scalar; stops: int32 [k] stop ids; images: a vision model's images (see
-    the module docstring), or None. Returns (state, first tokens [b] with
-    NO_TOKEN for rows that may produce nothing, float32 logits [b, v] or None).
+    scalar, or int32 [b] (one per row, as if each row were alone in a batch);
+    stops: int32 [k] stop ids. chunk: prefill `chunk` tokens at a time (t
+    must then be a multiple of it); None or >= t: all at once.
+    images: a vision model's images (see the module docstring), or None; the
+    first chunk encodes them into the cache, later chunks read them there.
+    Returns (state, first tokens [b] with NO_TOKEN for rows that may produce
+    nothing, float32 logits [b, v] or None).
     """
     b, t = prompts_bt.shape
-    keys_b = row_keys(jax.random.key(seed), b)
+    chunk = t if chunk is None or chunk >= t else chunk
+    if t % chunk:
+        raise ValueError(f"prefill: prompt length {t} is not a multiple of the chunk {chunk}")
+    if jnp.ndim(seed) == 0:
+        keys_b = row_keys(jax.random.key(seed), b)
+    else:  # one seed per row: each row gets the key of row 0 of a batch with its seed
+        keys_b = jax.vmap(lambda s: row_keys(jax.random.key(s), 1)[0])(seed)
+    last_b = lengths_b - 1
+    spans = None if images is None else {"tile_from": images["tile_from"],
+                                         "tile_until": images["tile_until"]}
+
+    def last_hidden(hidden_bcd, start, last_bd):
+        """Keep the hidden state of each row's last prompt token if it is in this chunk."""
+        index_b = jnp.clip(last_b - start, 0, chunk - 1)
+        picked_bd = jnp.take_along_axis(hidden_bcd, index_b[:, None, None], axis=1)[:, 0]
+        inside_b = (last_b >= start) & (last_b < start + chunk)
+        return jnp.where(inside_b[:, None], picked_bd, last_bd)
+
     cache = _constrain_cache(init_cache(model.config, b, cache_len), model.config)
-    positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     with_images = {} if images is None else {"images": images}
-    hidden_btd, cache = model.apply({"params": params}, prompts_bt, positions_bt, cache=cache,
+    hidden_bcd, cache = model.apply({"params": params}, prompts_bt[:, :chunk], None, cache=cache,
                                     return_hidden=True, **with_images)
+    last_bd = last_hidden(hidden_bcd, 0, jnp.zeros((b, hidden_bcd.shape[-1]), hidden_bcd.dtype))
+
+    def next_chunk(carry, start):
+        cache, last_bd = carry
+        tokens_bc = jax.lax.dynamic_slice_in_dim(prompts_bt, start, chunk, axis=1)
+        positions_bc = jnp.broadcast_to(start + jnp.arange(chunk, dtype=jnp.int32), (b, chunk))
+        with_spans = {} if spans is None else {"images": spans}
+        hidden_bcd, cache = model.apply({"params": params}, tokens_bc, positions_bc, cache=cache,
+                                        return_hidden=True, **with_spans)
+        return (_constrain_cache(cache, model.config), last_hidden(hidden_bcd, start, last_bd)), None
+
+    starts = jnp.arange(chunk, t, chunk, dtype=jnp.int32)
+    (cache, last_bd), _ = jax.lax.scan(next_chunk, (cache, last_bd), starts)
     # Only each row's last prompt token needs the (large) vocabulary projection.
-    last_b1d = jnp.take_along_axis(hidden_btd, (lengths_b - 1)[:, None, None], axis=1)
-    logits_bv = model.apply({"params": params}, last_b1d, method="logits")[:, 0]
+    logits_bv = model.apply({"params": params}, last_bd[:, None], method="logits")[:, 0]
     first_b = sample(logits_bv, step_keys(keys_b, jnp.zeros_like(lengths_b)), sampling)
     live_b = limits_b > 0
     count_b = live_b.astype(jnp.int32)
     state = {"cache": cache, "token": first_b, "pos": lengths_b, "count": count_b,
              "limit": limits_b, "keys": keys_b,
              "done": ~live_b | _is_stop(first_b, stops) | (count_b >= limits_b)}
-    if images is not None:
-        state["images"] = {"tile_from": images["tile_from"], "tile_until": images["tile_until"]}
+    if spans is not None:
+        state["images"] = spans
     return state, jnp.where(live_b, first_b, NO_TOKEN), logits_bv if keep_logits else None
 
 
@@ -115,17 +156,8 @@ def decode(model: Llama, params, state: State, stops, *, sampling: Sampling, ste
 
     def step(carry):
         i, st, out_bn, logits_bnv = carry
-        with_images = {"images": st["images"]} if "images" in st else {}
-        logits_b1v, cache = model.apply({"params": params}, st["token"][:, None], st["pos"][:, None],
-                                        cache=st["cache"], **with_images)
-        logits_bv = logits_b1v[:, 0]
         live_b = ~st["done"]
-        next_b = sample(logits_bv, step_keys(st["keys"], st["count"]), sampling)
-        next_b = jnp.where(live_b, next_b, st["token"])
-        count_b = st["count"] + live_b
-        done_b = st["done"] | _is_stop(next_b, stops) | (count_b >= st["limit"])
-        st = {**st, "cache": _constrain_cache(cache, model.config), "token": next_b, "pos": st["pos"] + live_b,
-              "count": count_b, "done": done_b}
+        st, next_b, logits_bv = decode_step(model, params, st, stops, sampling=sampling)
         out_bn = out_bn.at[:, i].set(jnp.where(live_b, next_b, NO_TOKEN))
         if keep_logits:
             logits_bnv = logits_bnv.at[:, i].set(logits_bv)
@@ -134,6 +166,26 @@ def decode(model: Llama, params, state: State, stops, *, sampling: Sampling, ste
     _, state, out_bn, logits_bnv = jax.lax.while_loop(
         running, step, (jnp.int32(0), state, out_bn, logits_bnv))
     return state, out_bn, logits_bnv
+
+
+def decode_step(model: Llama, params, state: State, stops, *, sampling):
+    """One decode step of every row: (state, next tokens int32 [b], float32 logits [b, v]).
+
+    Rows already done keep their token, position and count. `sampling`: a
+    `Sampling`, or a `RowSampling` with one setting per row.
+    """
+    with_images = {"images": state["images"]} if "images" in state else {}
+    logits_b1v, cache = model.apply({"params": params}, state["token"][:, None], state["pos"][:, None],
+                                    cache=state["cache"], **with_images)
+    logits_bv = logits_b1v[:, 0]
+    live_b = ~state["done"]
+    next_b = sample(logits_bv, step_keys(state["keys"], state["count"]), sampling)
+    next_b = jnp.where(live_b, next_b, state["token"])
+    count_b = state["count"] + live_b
+    done_b = state["done"] | _is_stop(next_b, stops) | (count_b >= state["limit"])
+    state = {**state, "cache": _constrain_cache(cache, model.config), "token": next_b,
+             "pos": state["pos"] + live_b, "count": count_b, "done": done_b}
+    return state, next_b, logits_bv
 
 
 def empty_state(config, batch: int, cache_len: int, with_images: bool = False) -> State:

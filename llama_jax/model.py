@@ -24,9 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from llama_jax import kv_cache
+from llama_jax import kv_cache, mesh_context
 from llama_jax.attention import attend
 from llama_jax.config import LoraConfig, ModelConfig
+from llama_jax.context_parallel import balance, balanced_order, length_shards
 from llama_jax.kv_cache import CACHE_AXES, Cache, init_cache  # noqa: F401  (part of this module's API)
 from llama_jax.quantize import ACTIVATION_CAP, kernel_reduce_axes, quantize, storage_dtype
 from llama_jax.rope import apply_rotary, inverse_frequencies, rotary_angles
@@ -130,22 +131,42 @@ class Linear(nn.Module):
 
     def _base(self, x):
         if self.quant is None:
-            return jnp.einsum(self.equation, x.astype(self.dtype), self.kernel.astype(self.dtype))
+            return jnp.einsum(self.equation, x.astype(self.dtype), converted_after(self.kernel, self.dtype, x))
         rows = kernel_reduce_axes(self.n_in)
         x_scale = None
         if self.quant == "fp8":
             x, x_scale = quantize(x, "fp8", tuple(-1 - a for a in rows), cap=ACTIVATION_CAP)
-        y = jnp.einsum(self.equation, x.astype(self.dtype), self.kernel.astype(self.dtype))
+        y = jnp.einsum(self.equation, x.astype(self.dtype), converted_after(self.kernel, self.dtype, x))
         y = y.astype(jnp.float32) * self.scale
         if x_scale is not None:
             y = y * x_scale.reshape(x_scale.shape + (1,) * (y.ndim - x_scale.ndim))
         return y.astype(self.dtype)
 
-    def weights(self):
-        """The (unquantised) kernel in the compute dtype, for code that does its own maths with it."""
+    def weights(self, x):
+        """The (unquantised) kernel in the compute dtype, for code that does its own maths with it
+        on the input `x` (see `converted_after`)."""
         if self.quant is not None:
             raise ValueError("Linear.weights: a quantised kernel is used through the layer's own call")
-        return self.kernel.astype(self.dtype)
+        return converted_after(self.kernel, self.dtype, x)
+
+
+def converted_after(kernel, dtype, x):
+    """`kernel.astype(dtype)`, computed after `x` exists when XLA:CPU would otherwise hoist it.
+
+    XLA:CPU has no bfloat16 or int8 matmul: it converts such kernels to float32 and, as the
+    conversions depend on nothing, schedules them all at the start of the program, so
+    serving a bfloat16 model holds a float32 copy of every weight at once (30 GB for 8B).
+    A select on a condition computed from `x` (always true: the bits of one of its values with
+    the low bit set are never zero, which XLA does not prove) makes each conversion wait for
+    its layer's input, so one layer's copy lives at a time.
+    Other platforms (and float32 kernels) convert as they are: a TPU fuses the cast into
+    the matmul.
+    """
+    if kernel.dtype != jnp.float32 and mesh_context.platform() == "cpu":
+        first = x.reshape(-1)[0]
+        bits = jax.lax.bitcast_convert_type(first, jnp.dtype(f"int{first.dtype.itemsize * 8}"))
+        kernel = jnp.where((bits | 1) != 0, kernel, jnp.zeros((), kernel.dtype))
+    return kernel.astype(dtype)
 
 
 class Attention(nn.Module):
@@ -165,14 +186,24 @@ class Attention(nn.Module):
         k_btnk = _constrain(apply_rotary(k_btnk, *rope), "batch", "length", "kv_heads", "head_dim")
         v_btnk = _constrain(v_btnk, "batch", "length", "kv_heads", "head_dim")
 
-        q_coord, k_coord = coords
-        if cache is not None:
+        if coords is None:
+            # The sequence attends to itself: static coordinates, its rows in
+            # the order the model put them in (load-balanced when the layout
+            # splits the length, see context_parallel).
+            shards = length_shards()
+            order = balanced_order(q_bthk.shape[1], shards)
+            if cache is not None:  # a prompt from position 0: its keys fill this layer's slots 0..t-1
+                b, t = k_btnk.shape[:2]
+                cache = kv_cache.write(cache, layer, jnp.broadcast_to(jnp.arange(t), (b, t)),
+                                       balance(k_btnk, shards), balance(v_btnk, shards))
+            coords = (order, order)
+        elif cache is not None:
             # Write this step's keys and values at their positions in this layer's
             # part of the cache, then attend to the layer's whole cache; slots past
             # a query's position stay invisible.
-            cache = kv_cache.write(cache, layer, q_coord, k_btnk, v_btnk)
+            cache = kv_cache.write(cache, layer, coords[0], k_btnk, v_btnk)
             k_btnk, v_btnk = kv_cache.read(cache, layer, cfg.dtype)
-        out_bthk = attend(q_bthk, k_btnk, v_btnk, q_coord, k_coord, *segments,
+        out_bthk = attend(q_bthk, k_btnk, v_btnk, *coords, *segments,
                           impl=cfg.attention, block=cfg.attention_block)
         out_bthk = checkpoint_name(out_bthk, "attention_out")
         out_btd = linear((h, k, d), ("heads", "head_dim", "embed"), "bthk,hkd->btd", "wo", 2)(out_bthk)
@@ -182,10 +213,11 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x).
 
-    Without adapters on w1/w2/w3 and unquantised it runs `llama_jax.swiglu` (a
-    hand-written backward pass, see there); with adapters or quantised
-    kernels, the projections' own calls under plain autodiff, which then
-    skips the frozen kernels' gradients.
+    With `swiglu_backward: manual` (what `auto` picks on CPU), no adapters on
+    w1/w2/w3 and unquantised kernels it runs `llama_jax.swiglu`, a
+    hand-written backward pass tuned for XLA:CPU (see there); otherwise the
+    projections' own calls under plain autodiff, which leaves XLA free to
+    fuse on TPU and skips frozen kernels' gradients under LoRA.
     """
 
     config: ModelConfig
@@ -201,8 +233,10 @@ class FeedForward(nn.Module):
         w3 = linear((d, f), ("embed", "mlp"), "btd,df->btf", "w3")
         w2 = linear((f, d), ("mlp", "embed"), "btf,fd->btd", "w2")
         x_btd = x_btd.astype(cfg.dtype)
-        if not any(cfg.lora_for(name) or cfg.quantize_for(name) for name in ("w1", "w2", "w3")):
-            return swiglu(x_btd, w1.weights(), w3.weights(), w2.weights())
+        manual = cfg.swiglu_backward == "manual" or (
+            cfg.swiglu_backward == "auto" and mesh_context.platform() == "cpu")
+        if manual and not any(cfg.lora_for(name) or cfg.quantize_for(name) for name in ("w1", "w2", "w3")):
+            return swiglu(x_btd, w1.weights(x_btd), w3.weights(x_btd), w2.weights(x_btd))
         hidden_btf = nn.with_logical_constraint(jax.nn.silu(w1(x_btd)) * w3(x_btd), ("batch", "length", "mlp"))
         return w2(hidden_btf)
 
@@ -267,16 +301,20 @@ class Llama(nn.Module):
             self.output = Linear((cfg.dim, cfg.vocab_size), ("embed", "vocab"), "...d,dv->...v",
                                  cfg.dtype, cfg.param_dtype)
 
-    def __call__(self, tokens_bt, positions_bt, segment_ids_bt=None, cache: Cache | None = None,
+    def __call__(self, tokens_bt, positions_bt=None, segment_ids_bt=None, cache: Cache | None = None,
                  return_hidden: bool = False):
         """Logits [batch, time, vocab] (float32) and the updated cache (None if none given).
 
-        tokens_bt, positions_bt: int32 [batch, time]. segment_ids_bt: int32
-        [batch, time] document ids of packed rows (tokens attend within their
-        own id only); not used with a cache. cache: from `init_cache`; keys
-        and values are written at `positions_bt`. With `return_hidden`, the
-        final-normed hidden states [batch, time, dim] are returned instead of
-        logits, for a loss that projects them in chunks (see `logits`).
+        tokens_bt, positions_bt: int32 [batch, time]; positions None means
+        0..time-1 in every row. segment_ids_bt: int32 [batch, time] document
+        ids of packed rows (tokens attend within their own id only). cache:
+        from `init_cache`; keys and values are written at `positions_bt`, and
+        attention runs over the whole cache. With a cache and positions None
+        the tokens are a prompt from its start: they fill slots 0..time-1 and
+        attend to each other (as without a cache, so the splash kernel and
+        context parallelism apply). With `return_hidden`, the final-normed
+        hidden states [batch, time, dim] are returned instead of logits, for
+        a loss that projects them in chunks (see `logits`).
 
         Token ids are not checked here (under jit a data-dependent error is
         impossible): an id >= vocab_size gives NaN logits (the embedding gather
@@ -285,7 +323,21 @@ class Llama(nn.Module):
         `check_token_ids` (generate, the data sources).
         """
         cfg = self.config
-        rope, coords, segments = attention_inputs(cfg, positions_bt, segment_ids_bt, cache)
+        b, t = tokens_bt.shape
+        self_attention = cache is None or positions_bt is None
+        shards = length_shards() if self_attention else 1
+        if positions_bt is None:
+            positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        if self_attention:
+            # Under context parallelism every shard gets an early and a late
+            # part of the sequence (context_parallel.balance), undone below.
+            tokens_bt, positions_bt = balance(tokens_bt, shards), balance(positions_bt, shards)
+            segment_ids_bt = None if segment_ids_bt is None else balance(segment_ids_bt, shards)
+            coords, segments = None, (segment_ids_bt, segment_ids_bt)
+            rope = rotary_angles(positions_bt, inverse_frequencies(cfg.head_dim, cfg.rope_theta,
+                                                                   cfg.rope_scaling))
+        else:
+            rope, coords, segments = attention_inputs(cfg, positions_bt, segment_ids_bt, cache)
         carry = (_constrain(self.embed(tokens_bt), "batch", "length", "embed"), cache)
         stacked = cfg.stacked_layers if cfg.scan_layers else range(0)
         for i in range(cfg.n_layers):
@@ -294,7 +346,7 @@ class Llama(nn.Module):
             elif i == stacked.start:
                 carry, _ = self.layers(carry, jnp.arange(stacked.start, stacked.stop), rope, coords, segments)
         x_btd, cache = carry
-        hidden_btd = self.norm(x_btd)
+        hidden_btd = balance(self.norm(x_btd), shards)
         if return_hidden:
             return hidden_btd, cache
         return self.logits(hidden_btd), cache

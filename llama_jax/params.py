@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from llama_jax.config import ModelConfig
+from llama_jax.context_parallel import length_shards
 from llama_jax.model import Llama
 from llama_jax.vision.model import LlamaVision
 
@@ -32,8 +33,12 @@ def stacked_layers(config: ModelConfig) -> range:
 
 
 def _init(config: ModelConfig, rng: jax.Array):
-    """`model.init` on the smallest inputs that reach every parameter (an image, for vision)."""
-    tokens = jnp.zeros((1, 1), jnp.int32)
+    """`model.init` on the smallest inputs that reach every parameter (an image, for vision).
+
+    Their length splits over the sequence shards of a layout in scope (context parallelism
+    needs two halves per shard), so shardings can be asked for inside `placement.activate()`.
+    """
+    tokens = jnp.zeros((1, 2 * length_shards()), jnp.int32)
     if config.vision is None:
         return Llama(config).init(rng, tokens, tokens)
     vis = config.vision

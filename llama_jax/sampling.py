@@ -53,8 +53,9 @@ def greedy(logits_bv: jax.Array) -> jax.Array:
     return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
 
 
-def top_p_mask(sorted_logits_bc: jax.Array, top_p: float) -> jax.Array:
+def top_p_mask(sorted_logits_bc: jax.Array, top_p) -> jax.Array:
     """Which of the logits, sorted in descending order, top-p keeps: bool [b, c].
+    `top_p`: a float, or one per row [b, 1].
 
     A token is kept when the probability of the tokens ranked before it is
     still below `top_p`, so the kept set is the smallest prefix reaching
@@ -82,12 +83,15 @@ def filter_logits(logits_bv: jax.Array, sampling: Sampling) -> tuple[jax.Array, 
     return logits_bc, ids_bc
 
 
-def sample(logits_bv: jax.Array, keys_b: jax.Array, sampling: Sampling) -> jax.Array:
+def sample(logits_bv: jax.Array, keys_b: jax.Array, sampling: Sampling | RowSampling) -> jax.Array:
     """Next token of each row, int32 [batch], drawn with that row's PRNG key.
 
     logits_bv: float [batch, vocab]; keys_b: one key per row (e.g. from
-    `row_keys`), so a row's draw does not depend on the others.
+    `row_keys`), so a row's draw does not depend on the others. sampling: one
+    `Sampling` for every row, or a `RowSampling` (settings per row).
     """
+    if isinstance(sampling, RowSampling):
+        return sample_rows(logits_bv, keys_b, sampling)
     if sampling.greedy:
         return greedy(logits_bv)
     logits_bc, ids_bc = filter_logits(logits_bv, sampling)
@@ -110,3 +114,53 @@ def step_keys(keys_b: jax.Array, counts_b: jax.Array) -> jax.Array:
     decode loop is chunked or on when other rows stop.
     """
     return jax.vmap(jax.random.fold_in)(keys_b, counts_b)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class RowSampling:
+    """Sampling settings per row, as arrays [batch], so rows of one batch differ without a
+    recompile (a server's requests). temperature float32 (0 = greedy), top_k int32 (0 = all),
+    top_p float32 (1 = all). `sample` takes it in place of a `Sampling`.
+
+    The filters keep every token whose logit ties the last one kept, and the draw is
+    `jax.random.categorical` over the whole vocabulary in id order with the rest at -inf, so
+    without top-k/top-p a row draws exactly what `Sampling(temperature)` draws with its key.
+    """
+
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+
+    @classmethod
+    def of(cls, settings: list[Sampling]) -> RowSampling:
+        """The rows' settings from one `Sampling` per row."""
+        return cls(temperature=jnp.asarray([s.temperature for s in settings], jnp.float32),
+                   top_k=jnp.asarray([s.top_k or 0 for s in settings], jnp.int32),
+                   top_p=jnp.asarray([1.0 if s.top_p is None else s.top_p for s in settings], jnp.float32))
+
+
+def sample_rows(logits_bv: jax.Array, keys_b: jax.Array, sampling: RowSampling) -> jax.Array:
+    """Next token of each row, int32 [batch], each with its own settings (see `RowSampling`)."""
+    greedy_b = greedy(logits_bv)
+    drawing_b = sampling.temperature > 0
+    scaled_bv = logits_bv.astype(jnp.float32) / jnp.where(drawing_b, sampling.temperature, 1.0)[:, None]
+
+    def filtered(scaled_bv):
+        """Each row's logits with what its top-k and top-p drop at -inf (one sort of the vocabulary)."""
+        sorted_bv = -jnp.sort(-scaled_bv, axis=-1)
+        rank_v = jnp.arange(scaled_bv.shape[-1])
+        keep_bv = (sampling.top_k[:, None] == 0) | (rank_v[None, :] < sampling.top_k[:, None])
+        keep_bv &= top_p_mask(jnp.where(keep_bv, sorted_bv, _MASKED), sampling.top_p[:, None])
+        last_b = jnp.sum(keep_bv, axis=-1) - 1  # the most likely token is always kept
+        floor_b = jnp.take_along_axis(sorted_bv, last_b[:, None], axis=-1)
+        return jnp.where(scaled_bv >= floor_b, scaled_bv, _MASKED)
+
+    def drawn(scaled_bv):
+        filtering = jnp.any(drawing_b & ((sampling.top_k > 0) | (sampling.top_p < 1.0)))
+        scaled_bv = jax.lax.cond(filtering, filtered, lambda x: x, scaled_bv)
+        return jax.vmap(jax.random.categorical)(keys_b, scaled_bv).astype(jnp.int32)
+
+    # A batch of greedy rows skips the vocabulary-wide random draws.
+    drawn_b = jax.lax.cond(jnp.any(drawing_b), drawn, lambda _: greedy_b, scaled_bv)
+    return jnp.where(drawing_b, drawn_b, greedy_b)

@@ -5,8 +5,9 @@ itself, XLA:CPU fuses the elementwise silu backward into the transposes that
 feed the weight-gradient matmuls, and those fused strided loops took more
 time than the matmuls (bench_110m on 2 cores: FFN forward+backward 0.73 s
 plain, 0.43 s this way). Optimization barriers keep the elementwise parts
-as plain row-major passes. On TPU the barriers only stop fusions that save
-one pass over a [tokens, ffn] array.
+as plain row-major passes. That is a CPU trick: on TPU the barriers only
+stop fusions, so the model uses this for `swiglu_backward: manual`, which
+`auto` picks on CPU alone (AOT comparison on v5p: docs/benchmarks.md).
 
 Letters: b batch, t time, d embed, f ffn hidden.
 """

@@ -8,7 +8,9 @@
 source's (one line naming the first field that differs); its compute fields
 (dtypes, attention, ...) are its own. A LoRA run's checkpoint holds only the
 adapters and names the weights they adapt (item "base"); loading it loads
-that base too and joins the two.
+that base too and joins the two. A vision run's checkpoint (adapter training,
+no LoRA) likewise holds only the image adapters (`is_image_adapter`) over its
+base's text model and image encoder.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from llama_jax.config import ModelConfig
 from llama_jax.lora import is_adapter
 from llama_jax.params import join, partition
 from llama_jax.paths import check_bucket, user_path
+from llama_jax.vision.model import is_image_adapter
 
-BASE = "base"  # checkpoint item of a LoRA run: {"path": the weights its adapters adapt}
+BASE = "base"  # item of a LoRA (or vision adapter) run: {"path": the weights its adapters adapt}
 
 
 def resolve(source) -> tuple[str, epath.Path]:
@@ -92,10 +95,21 @@ def load_params(source, config: ModelConfig, shardings=None, step: int | None = 
     base = base_of(path, step)
     if base is None:
         return load_checkpoint_params(path, config, shardings, step)
+    if stored.lora is None and stored.vision is not None:  # image adapters over the base's other weights
+        adapters = checkpoint.restore_params(path, step, config=config, only=is_image_adapter)[1]
+        rest = partition(load_params(base, config, shardings), is_image_adapter)[1]
+        if shardings is not None:
+            import jax
+            adapters = jax.device_put(adapters, partition(shardings, is_image_adapter)[0])
+        return join(rest, adapters)
     if config.lora is None or config.lora != stored.lora:
         raise CheckpointError(f"{source}: holds LoRA adapters ({stored.lora}); load it with that lora "
                               "config, or merge them first (python -m llama_jax.convert.lora merge)")
     adapter_shardings, base_shardings = (None, None) if shardings is None else partition(shardings, is_adapter)
-    adapters = checkpoint.restore_params(path, step, shardings=adapter_shardings, config=config,
-                                         only=is_adapter)[1]
+    # Restored in the config's form (stacked or unrolled layers) on one device, then placed:
+    # adapters are small, and `shardings` may be in either form.
+    adapters = checkpoint.restore_params(path, step, config=config, only=is_adapter)[1]
+    if adapter_shardings is not None:
+        import jax
+        adapters = jax.device_put(adapters, adapter_shardings)
     return join(load_params(base, config.replace(lora=None), base_shardings), adapters)

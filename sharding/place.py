@@ -88,6 +88,12 @@ def validate(config: ModelConfig, layout: Layout, mesh: Mesh, batch: int | None 
     if seq_len is not None:
         check_divisible((seq_len,), _spec(("length",), rules), mesh, f"layout {layout.name}",
                         names=("sequence length",))
+        parts = math.prod(mesh.shape[a] for a in axes_tuple(_spec(("length",), rules)[0]))
+        if parts > 1 and seq_len % (2 * parts):
+            raise LayoutError(f"layout {layout.name}: sequence length {seq_len} does not split into "
+                              f"{parts} sequence shards of two halves each (context parallelism "
+                              f"balances causal work with an early and a late half per shard; use a "
+                              f"multiple of {2 * parts})")
 
 
 def _field(logical):
@@ -161,7 +167,7 @@ class Placement:
         return jax.tree.map(lambda x, s: jax.make_array_from_callback(
             np.shape(x), s, lambda index: np.asarray(x[index])), tree, shardings)
 
-    def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    def global_batch(self, local: dict) -> dict:
         """Assemble each process's local rows into global arrays sharded as (batch, length).
 
         Every process passes the rows its devices hold: with the batch split
@@ -169,16 +175,24 @@ class Placement:
         of its own; where processes are replicas along the batch (e.g. `tp`
         across hosts) it is the same full batch on each. The result is one
         global array per key; length stays whole in every process's rows.
+        A nested dict (a vision model's "images") holds per-row arrays split
+        on batch only.
         """
         out = {}
         for key, rows in local.items():
-            rows = np.asarray(rows)
-            names = ("batch", "length")[:rows.ndim]
-            sharding = self.sharding(*names)
-            global_shape = (rows.shape[0] * self._process_row_blocks(),) + rows.shape[1:]
-            check_divisible(global_shape, sharding.spec, self.mesh, f"batch[{key!r}]", names)
-            out[key] = jax.make_array_from_process_local_data(sharding, rows, global_shape)
+            if isinstance(rows, dict):
+                out[key] = {name: self._global_rows(f"{key}.{name}", part, ("batch",))
+                            for name, part in rows.items()}
+            else:
+                out[key] = self._global_rows(key, rows, ("batch", "length")[:np.ndim(rows)])
         return out
+
+    def _global_rows(self, key: str, rows, names: tuple[str, ...]) -> jax.Array:
+        rows = np.asarray(rows)
+        sharding = self.sharding(*names)
+        global_shape = (rows.shape[0] * self._process_row_blocks(),) + rows.shape[1:]
+        check_divisible(global_shape, sharding.spec, self.mesh, f"batch[{key!r}]", names)
+        return jax.make_array_from_process_local_data(sharding, rows, global_shape)
 
     def process_rows(self, global_batch: int) -> int:
         """How many rows of a `global_batch` this process passes to `global_batch()`."""

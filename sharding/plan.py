@@ -41,8 +41,10 @@ K head_dim, F ffn_dim, T seq_len; elements in `dtype` unless marked f32):
                         (norm inputs and outputs, q, k, v, attention output,
                          scores and probabilities, gate, up and their product)
 
-With `attention: blocked` the H*T score terms are replaced by the key-block
-scan's carries, (T / block) x (H*K + 2H) f32. Each saved tensor is sharded by
+With `attention: blocked` the H*T score terms are replaced by what its
+backward pass keeps, the float32 output and each row's log-sum-exp,
+H*(K+1) f32; with `splash` (and `auto`, which is splash on TPU) by the
+log-sum-exp alone, H f32. Each saved tensor is sharded by
 the logical names the model gives it (e.g. [batch, length, embed]), so under
 fsdp_tp the carry is split over batch but not over tensor.
 
@@ -91,11 +93,12 @@ def _saved_per_layer(config: ModelConfig, policy: str, seq_len: int):
     attn_out = ("attention out", (h, k), ("heads", "head_dim"), False)
     embed_out = [(name, (d,), ("embed",), False) for name in ("wo out", "w2 out")]
     if config.attention == "blocked":
-        blocks = -(-seq_len // min(config.attention_block, seq_len))
-        scores = [("attention carries", (blocks, h, k + 2), (None, "heads", None), True)]
+        scores = [("output and log-sum-exp", (h, k + 1), ("heads", None), True)]
+    elif config.attention in ("splash", "auto"):
+        scores = [("log-sum-exp", (h,), ("heads",), True)]
     else:
         scores = [("scores", (h, seq_len), ("heads", "kv_length"), True)]
-    probs = [] if config.attention == "blocked" else [("probs", (h, seq_len), ("heads", "kv_length"), False)]
+    probs = [("probs", (h, seq_len), ("heads", "kv_length"), False)] if config.attention == "xla" else []
     ffn = [(name, (f,), ("mlp",), False) for name in ("gate", "up", "hidden")]
     if policy == "full":
         return [carry]
@@ -294,7 +297,8 @@ def main(argv=None) -> int:
     parser.add_argument("--remat", default=None, help="none, full, dots, dots_no_batch, save_attention_out")
     parser.add_argument("--dtype", default=None, help="activation dtype (default: the config's)")
     parser.add_argument("--param-dtype", default=None, help="stored weights' dtype (default: the config's)")
-    parser.add_argument("--attention", default=None, help="xla or blocked (default: the config's)")
+    parser.add_argument("--attention", default=None,
+                        help="auto, xla, blocked or splash (default: the config's)")
     parser.add_argument("--loss-chunk", type=int, default=None, help="positions per chunk of a chunked loss")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     serving = parser.add_argument_group("serving (--decode): weights, KV cache and the batch x context that fits")

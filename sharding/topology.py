@@ -23,6 +23,14 @@ from sharding.layout import MESH_AXES, Layout, LayoutError
 # Google Cloud's published per-chip figures (REFERENCE.md): peak dense bf16 FLOP/s, HBM bytes.
 CHIP_PEAK_FLOPS = {"v4": 275e12, "v5e": 197e12, "v5p": 459e12, "v6e": 918e12}
 CHIP_HBM_BYTES = {"v4": 32 * 2**30, "v5e": 16 * 10**9, "v5p": 95 * 10**9, "v6e": 32 * 10**9}
+# Interconnect, from the same Cloud TPU pages (cloud.google.com/tpu/docs/v5p, /v5e, /v6e):
+# bidirectional ICI bytes/s per chip, ICI ports (links) per chip, torus dimensions, and DCN
+# bytes/s per chip (v5p: 50 Gbps per chip; v5e: 2 x 100 Gbps NICs per 8-chip host). None
+# where the page gives no figure: estimates that need it are left blank (sharding/comms.py).
+CHIP_ICI_BYTES_PER_S = {"v4": None, "v5e": 400e9, "v5p": 1200e9, "v6e": 800e9}
+CHIP_ICI_PORTS = {"v4": 6, "v5e": 4, "v5p": 6, "v6e": 4}
+CHIP_TORUS_DIMS = {"v4": 3, "v5e": 2, "v5p": 3, "v6e": 2}
+CHIP_DCN_BYTES_PER_S = {"v4": None, "v5e": 25e9 / 8, "v5p": 50e9 / 8, "v6e": None}
 
 # jax Device.device_kind -> the chip names of the tables above.
 CHIP_OF_KIND = {"TPU v4": "v4", "TPU v5 lite": "v5e", "TPU v5e": "v5e", "TPU v5": "v5p",
@@ -79,6 +87,7 @@ def topology_devices(name: str, slices: int = 1) -> list:
         # without this a second compile (or test) waits on the first one's lock.
         os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     kwargs = {"num_slices": slices} if slices > 1 else {}
+    kwargs.update(_small_slice_host_bounds(name))
     try:
         with _native_stderr_captured():
             topology = topologies.get_topology_desc(topology_name=name, platform="tpu", **kwargs)
@@ -88,6 +97,15 @@ def topology_devices(name: str, slices: int = 1) -> list:
         raise LayoutError(f"topology {name!r}: {reason} (names look like v5p:4x4x4, v5e:16x16, "
                           "v6e:8x8, v4:2x2x2)") from None
     return list(topology.devices)
+
+
+def _small_slice_host_bounds(name: str) -> dict:
+    """libtpu assumes hosts of 2x2x1 chips; a slice smaller than that (v5e:1x1, one chip, as
+    Colab and single-chip VMs have) is one host holding just its own chips."""
+    dims = [int(d) for d in name.partition(":")[2].split("x") if d.isdigit()]
+    if len(dims) < 2 or min(dims[:2]) >= 2:
+        return {}
+    return {"chips_per_host_bounds": (min(dims[0], 2), min(dims[1], 2), 1)}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,6 +19,7 @@ import jax  # noqa: E402
 from sharding.topology import topology_devices  # noqa: E402
 from train.aot import compile_run  # noqa: E402
 from train.compile import main, parse_sweep  # noqa: E402
+from llama_jax.config import load_model_config  # noqa: E402
 from train.config import run_config_from_dict  # noqa: E402
 
 TOPOLOGY = "v5p:2x2x2"
@@ -111,6 +112,7 @@ def test_cli_prints_one_json_object_with_train_and_decode(capsys):
     (["--topology", "v9:2x2"], "topology 'v9:2x2'"),
     (["--topology", TOPOLOGY, "mesh.tensor=16"], "8 devices"),
     (["--topology", TOPOLOGY, "--sweep", "remat"], "--sweep"),
+    (["--topology", TOPOLOGY, "--comms", "--plot", "sweep.png"], "--plot: draws a sweep's communication"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_code_2(argv, message, capsys):
     code = main(["--config", "tiny_cpu", *argv])
@@ -129,25 +131,141 @@ def test_sweep_compiles_every_combination_and_marks_invalid_ones(capsys):
     assert len(table) == 3 and "fits" in table[1] and "invalid" in table[2], table
 
 
-def test_inference_compiles_a_vision_models_prefill_and_decode(tmp_path, capsys):
+def test_sweep_comms_lists_traffic_per_row_and_estimates_it_by_the_stated_model(capsys, tmp_path):
+    """On TPU devices (v5p:2x2x2: every 8-device group spans the 3 torus dimensions) the data
+    parallel row's time is its all-reduce bytes over 3 links of 200 GB/s, its compute the model
+    FLOPs at 459 TFLOP/s; the layer all-reduces run once per layer (the TPU program's loops have
+    no known trip count: it is read from the loop condition)."""
+    plot = tmp_path / "sweep.png"
+    code = main(["--config", "tiny_cpu", "--topology", TOPOLOGY, "--sweep", "layout=dp,fsdp", "--comms",
+                 "--json", "--plot", str(plot)])
+    assert code == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [row["values"] for row in rows] == [{"layout": "dp"}, {"layout": "fsdp"}]
+    dp = rows[0]
+    assert {(c["kind"], tuple(c["axes"])) for c in dp["collectives"]} == {("all-reduce", ("data",))}
+    moved = sum(c["bytes_per_step"] for c in dp["collectives"])
+    est = dp["estimate"]
+    assert est["comm_s"] == pytest.approx(moved / (3 * 1200e9 / 6), rel=1e-9)
+    assert est["compute_s"] == pytest.approx(dp["model_flops"] / 459e12, rel=1e-9)
+    assert est["step_s"] == pytest.approx(max(est["compute_s"], est["comm_s"]), rel=1e-12)
+    # tiny: D 64, 4 heads and 2 kv heads of 16, FFN 128, vocab 256, 2 layers, float32 parameters;
+    # the loss's four float32 scalar sums ride along with the gradient.
+    layer = 2 * 64 * 4 * 16 + 2 * 64 * 2 * 16 + 3 * 64 * 128 + 2 * 64
+    params = 2 * layer + 2 * 256 * 64 + 64
+    assert moved == pytest.approx(2 * 7 / 8 * (4 * params + 4 * 4), rel=1e-12)
+    assert {tuple(c["axes"]) for c in rows[1]["collectives"]} == {("fsdp",)}
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---- TPU code paths: the splash kernel, the plain SwiGLU backward, prefill, every shipped run ----
+
+def _primitives(jaxpr) -> set[str]:
+    from jax.extend.core import jaxprs_in_params
+
+    names = set()
+    for eqn in jaxpr.eqns:
+        names.add(eqn.primitive.name)
+        for sub in jaxprs_in_params(eqn.params):
+            names |= _primitives(sub)
+    return names
+
+
+def _training_primitives(placement) -> set[str]:
+    """Primitives of the model's loss and gradients, traced under `placement` (or no mesh)."""
+    import jax.numpy as jnp
+
+    from llama_jax import Llama
+    from llama_jax.params import abstract_params
+
+    params, tokens = abstract_params(TINY_SPLASH), jax.ShapeDtypeStruct((8, 256), jnp.int32)
+    if placement is not None:
+        params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                              params, placement.param_shardings())
+        tokens = jax.ShapeDtypeStruct(tokens.shape, tokens.dtype,
+                                      sharding=placement.sharding("batch", "length"))
+
+    def loss(params, tokens):
+        return Llama(TINY_SPLASH).apply({"params": params}, tokens)[0].sum()
+
+    trace = lambda: jax.make_jaxpr(jax.grad(loss))(params, tokens)  # noqa: E731
+    if placement is None:
+        return _primitives(trace().jaxpr)
+    with placement.activate():
+        return _primitives(trace().jaxpr)
+
+
+TINY_SPLASH = load_model_config("tiny")
+
+
+def test_auto_picks_splash_and_plain_swiglu_on_tpu_and_neither_on_cpu():
+    from sharding.layout import load_layout
+    from sharding.place import Placement
+
+    assert TINY_SPLASH.attention == "auto" and TINY_SPLASH.swiglu_backward == "auto"
+    on_tpu = _training_primitives(Placement.create(TINY_SPLASH, load_layout("fsdp"), devices=_devices()))
+    assert "pallas_call" in on_tpu and "optimization_barrier" not in on_tpu
+    on_cpu = _training_primitives(None)
+    assert "pallas_call" not in on_cpu and "optimization_barrier" in on_cpu
+
+
+def test_splash_train_step_and_chunked_prefill_compile_for_tpu(capsys):
+    """The kernel lowers through libtpu: a train step under fsdp_sp (context parallelism
+    over 2 of the 8 chips, 128 tokens each) and a prefill of 512 tokens in 2 chunks."""
+    code = main(["--config", "tiny_cpu", "--topology", TOPOLOGY, "--prefill", "--prefill-chunk", "256",
+                 "--decode-batch", "4", "--cache-len", "512", "--json", "layout=fsdp_sp",
+                 "model_overrides.attention=splash", "model_overrides.max_seq_len=512", "data.seq_len=256",
+                 "data.global_batch=4"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert set(report) == {"train", "prefill"}
+    assert report["train"]["mesh"]["sequence"] == 2 and report["train"]["verdict"] == "fits"
+    assert report["prefill"]["seq_len"] == 512 and report["prefill"]["memory"]["peak"] > 0
+
+
+def test_every_shipped_tpu_run_names_a_slice_its_layout_places_on():
+    """What `python -m train.compile --all` compiles (minutes): here only the cheap part,
+    every run's layout validated against its slice's chip count and its batch."""
+    from llama_jax.config import shipped_configs
+    from sharding.layout import load_layout
+    from sharding.mesh import make_mesh
+    from sharding.place import validate
+    from sharding.topology import slices_of
+    from train.config import load_run_config
+
+    for name in shipped_configs("runs"):
+        run = load_run_config(name)
+        if run.chip == "cpu":
+            assert run.topology is None, name
+            continue
+        assert run.topology and run.topology.startswith(run.chip + ":"), f"{name}: {run.topology}"
+        layout = load_layout(run.layout, **run.mesh)
+        devices = topology_devices(run.topology, slices_of(layout))
+        mesh = make_mesh(layout, devices)
+        batch = run.data.global_batch // run.grad_accum
+        seq = run.data.seq_len if "train" in run.programs else None
+        validate(run.model, layout, mesh, batch=batch, seq_len=seq)
+def test_a_vision_models_train_step_prefill_and_decode_compile(tmp_path, capsys):
     """A Llama 3.2 Vision model's prefill (encoder, projector, image keys and values) and decode
-    step compile for the slice; its train step is refused in one line until it exists."""
+    step compile for the slice, and so does its train step (image adapters trained, a batch of
+    chat rows with one image slot each)."""
     import yaml
 
     from tiny import VISION_LIKE
 
     run = tmp_path / "vision.yaml"
     run.write_text(yaml.safe_dump({
-        "model": json.loads(json.dumps(VISION_LIKE.to_dict())), "layout": "fsdp_tp",
-        "data": {"source": "synthetic", "vocab_size": VISION_LIKE.vocab_size, "seq_len": 128,
+        "model": json.loads(json.dumps(VISION_LIKE.to_dict())), "layout": "fsdp_tp", "init_from": "ckpt/mllama",
+        "data": {"source": "chat", "paths": ["chat.jsonl"], "packing": False, "seq_len": 128,
                  "global_batch": 8}}))
     code = main(["--config", str(run), "--topology", TOPOLOGY, "--inference", "--prompt-len", "64", "--json"])
     report = json.loads(capsys.readouterr().out)
     assert code == 0 and set(report) == {"prefill", "decode"}
     assert report["prefill"]["verdict"] == report["decode"]["verdict"] == "fits"
     assert (report["prefill"]["prompt_len"], report["prefill"]["images_per_row"]) == (64, 1)
-    assert main(["--config", str(run), "--topology", TOPOLOGY]) == 2
-    assert "the train step of a vision model is not built yet; pass --inference" in capsys.readouterr().err
+    assert main(["--config", str(run), "--topology", TOPOLOGY, "--json"]) == 0
+    train = json.loads(capsys.readouterr().out)["train"]
+    assert (train["verdict"], train["batch"], train["seq_len"]) == ("fits", 8, 128)
 
 
 def test_decode_with_int8_weights_and_cache_compiles_with_about_half_the_bytes_per_chip():
@@ -169,7 +287,7 @@ def test_decode_with_int8_weights_and_cache_compiles_with_about_half_the_bytes_p
 def test_quantised_models_compile_only_the_decode_step(capsys):
     code = main(["--config", "tiny_cpu", "--topology", TOPOLOGY, "model_overrides.quantize=int8"])
     assert code == 2
-    assert "quantised weights are served, not trained; compile the serving programs with --decode-only" in \
+    assert "quantised weights are served or carry LoRA adapters (add a lora section), not trained" in \
         capsys.readouterr().err
     assert main(["--config", "tiny_cpu", "--topology", TOPOLOGY, "--decode-only", "--json",
                  "model_overrides.quantize=int8"]) == 0

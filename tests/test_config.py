@@ -64,3 +64,15 @@ def test_a_config_file_whose_top_level_is_not_a_mapping_is_one_line(tmp_path):
     listy.write_text("- dim\n- 64\n")
     with pytest.raises(ConfigError, match=r"^.*listy\.yaml: the top level must be a mapping of keys, got a list$"):
         load_model_config(listy)
+
+
+def test_a_run_config_applies_lora_and_model_overrides_to_a_model_config_object():
+    """A notebook passes the ModelConfig it holds; `lora` and `model_overrides` still apply."""
+    from train.config import run_config_from_dict
+
+    tiny = load_model_config("tiny")
+    run = run_config_from_dict({"model": tiny, "init_from": "ckpt", "model_overrides": {"remat": "full"},
+                                "data": {"seq_len": 64, "vocab_size": 256},
+                                "lora": {"rank": 4, "targets": ["wq"]}})
+    assert run.model.lora.rank == 4 and run.model.lora.targets == ("wq",) and run.model.remat == "full"
+    assert run.model.replace(lora=None, remat=tiny.remat) == tiny

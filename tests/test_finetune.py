@@ -165,8 +165,45 @@ def test_a_lora_run_trains_only_the_adapters_and_leaves_the_base_bit_identical(w
     adapted = Llama(run.model).apply({"params": loaded}, tokens, positions)[0]
     merged = Llama(plain).apply({"params": load_params(tmp_path / "merged", plain)}, tokens, positions)[0]
     np.testing.assert_allclose(merged, adapted, atol=1e-5, rtol=0)
+    from infer import generate, load_model  # served as python -m infer serves it: sharded, layers unrolled
+    served_config, served, _ = load_model(tmp_path / "lora", layout="fsdp_tp", tokenizer=workdir / "tokenizer.model")
+    want = generate(loaded, None, [[1, 5, 9, 12]], max_new_tokens=6, config=run.model)
+    got = generate(served, None, [[1, 5, 9, 12]], max_new_tokens=6, config=served_config, layout="fsdp_tp")
+    assert got[0].tokens == want[0].tokens
     export_peft(tmp_path / "lora", tmp_path / "peft")
     assert {p.name for p in (tmp_path / "peft").iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
+
+
+def test_a_qlora_run_trains_adapters_over_the_base_quantised_to_int8(workdir, base_checkpoint, tmp_path):
+    """QLoRA: the float checkpoint is quantised to int8 per output channel as it loads, stays
+    frozen, and step 1's loss is the int8 model's; a quantised model without adapters is refused."""
+    from llama_jax.config import ConfigError
+    from llama_jax.quantize import quantize_kernel
+    from train.loop import train
+
+    path, base = base_checkpoint
+    run = _run(workdir, tmp_path / "q", init_from=str(path), lora=LORA, model={"quantize": "int8"}, steps=2,
+               data={"packing": False, "holdout": 0.0})
+    state = train(run, progress=False)["state"]
+    frozen = jax.device_get(state.frozen)
+    values, scale = quantize_kernel(base["layers"]["attention"]["wq"]["kernel"], "int8", n_in=1, stacked=True)
+    wq = frozen["layers"]["attention"]["wq"]
+    assert wq["kernel"].dtype == np.int8
+    np.testing.assert_array_equal(wq["kernel"], values)
+    np.testing.assert_array_equal(wq["scale"], scale)
+
+    tokenizer = load_tokenizer(workdir / "tokenizer.model")
+    batch = next(make_dataset(run.data, tokenizer=tokenizer, shard_index=0, shard_count=1))
+    int8_model = Llama(run.model.replace(lora=None))
+    logits = np.asarray(int8_model.apply({"params": frozen}, batch["tokens"], batch["positions"])[0], np.float64)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
+    want = float((nll * batch["loss_weights"]).sum() / batch["loss_weights"].sum())
+    assert abs(_rows(tmp_path / "q")[0]["loss"] - want) <= 1e-5 * want
+    with pytest.raises(ConfigError, match="quantised weights stay frozen; add a lora section"):
+        train(_run(workdir, tmp_path / "full", init_from=str(path), model={"quantize": "int8"}), progress=False)
+    assert not (tmp_path / "full").exists()
 
 
 def test_the_eval_command_gives_a_runs_held_out_figures(workdir, base_checkpoint, tmp_path):

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from jax.extend.core import jaxprs_in_params
 
 from infer import generate
 from infer.engine import Engine
@@ -86,6 +87,50 @@ def test_the_kv_cache_is_split_by_the_layout(params):
     shard = k.addressable_shards[0].data.shape
     assert shard[1] == 1 and shard[3] == CONFIG.n_kv_heads // 2
     assert shard[2] == k.shape[2] and shard[4] == k.shape[4]
+
+
+@pytest.mark.parametrize("attention", ["xla", "blocked"])
+def test_chunked_prefill_gives_the_same_logits_and_greedy_tokens(params, greedy_one_device,
+                                                                   attention):
+    """Prompts of 5, 13 and 27 tokens padded to 32, prefilled 8 at a time: the last
+    prompt tokens fall in chunks 0, 1 and 3 (blocked: key blocks of 8)."""
+    engine = Engine(CONFIG.replace(attention=attention, attention_block=8), prefill_chunk=8)
+    chunks = list(engine.run(engine.place_params(params), PROMPTS, NEW_TOKENS, Sampling(),
+                             keep_logits=True))
+    tokens = np.concatenate([c[0] for c in chunks], axis=1)
+    logits = np.concatenate([c[1] for c in chunks], axis=1)
+    for row, want in enumerate(greedy_one_device):
+        assert tokens[row].tolist() == want.tokens, f"prompt {row}: tokens differ after chunked prefill"
+        np.testing.assert_allclose(logits[row], want.logits, rtol=0, atol=1e-4)
+
+
+def _square_intermediates(jaxpr, side: int) -> int:
+    """How many intermediates of `jaxpr` (sub-jaxprs included) have two axes of `side`."""
+    count = 0
+    for eqn in jaxpr.eqns:
+        for var in eqn.outvars:
+            shape = getattr(var.aval, "shape", ())
+            count += sum(1 for d in shape if d == side) >= 2
+        for sub in jaxprs_in_params(eqn.params):
+            count += _square_intermediates(sub, side)
+    return count
+
+
+def test_chunked_prefill_never_holds_prompt_by_prompt_scores(params):
+    """A 96-token prompt into a 96-slot cache: unchunked, attention holds [96, 96]
+    scores; in chunks of 32, at most [32, 96]."""
+    from llama_jax import decoding
+
+    prompts = jnp.zeros((1, 96), jnp.int32)
+    ones = jnp.ones((1,), jnp.int32)
+
+    def program(chunk):
+        return jax.make_jaxpr(lambda p: decoding.prefill(
+            Llama(CONFIG.replace(attention="xla")), p, prompts, ones, ones, 0,
+            jnp.zeros((1,), jnp.int32), sampling=Sampling(), cache_len=96, chunk=chunk))(params).jaxpr
+
+    assert _square_intermediates(program(None), 96) > 0
+    assert _square_intermediates(program(32), 96) == 0
 
 
 def test_a_seed_reproduces_a_sampled_output_and_other_seeds_differ(params):

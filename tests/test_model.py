@@ -116,6 +116,15 @@ def test_every_remat_policy_gives_same_loss_and_gradients(params31, policy, scan
         np.testing.assert_allclose(g1, g0, rtol=1e-5, atol=1e-7)
 
 
+def test_hand_written_and_autodiff_swiglu_backward_give_the_same_gradients(params31):
+    tokens = _tokens((2, 24))
+    loss0, grads0 = _loss_and_grads(LLAMA31_LIKE.replace(swiglu_backward="manual"), params31, tokens)
+    loss1, grads1 = _loss_and_grads(LLAMA31_LIKE.replace(swiglu_backward="autodiff"), params31, tokens)
+    np.testing.assert_allclose(loss1, loss0, rtol=1e-6)
+    for g1, g0 in zip(jax.tree.leaves(grads1), jax.tree.leaves(grads0)):
+        np.testing.assert_allclose(g1, g0, rtol=1e-5, atol=1e-7)
+
+
 def test_blocked_attention_equals_plain(params31):
     tokens = _tokens((2, 40))
     positions = jnp.asarray(np.concatenate([np.arange(15), np.arange(25)]))[None].repeat(2, 0)

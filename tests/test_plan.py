@@ -96,6 +96,17 @@ def test_full_remat_activations_follow_the_documented_formula():
     assert breakdown["recomputed_layer"] == none["activation_breakdown"]["saved_per_layer"]
 
 
+def test_splash_keeps_a_log_sum_exp_per_head_instead_of_scores_and_probabilities():
+    # remat none, float32, fsdp on 8 devices, 2 rows of 32 tokens per device: xla keeps
+    # [heads, 32] scores (f32) and probabilities per token, splash one f32 per head.
+    config = LLAMA3_LIKE
+    per_layer = {attention: plan(config, "fsdp", 8, batch_per_device=2, seq_len=32, remat="none",
+                                 attention=attention)["activation_breakdown"]["saved_per_layer"]
+                 for attention in ("xla", "splash")}
+    tokens, h = 2 * 32, config.n_heads
+    assert per_layer["xla"] - per_layer["splash"] == tokens * h * (32 * 4 + 32 * 4 - 4)
+
+
 def test_plan_replicates_kv_heads_like_placement():
     result = plan(LLAMA3_LIKE, "tp", 8, seq_len=32)
     assert result["kv_heads_replicated"]

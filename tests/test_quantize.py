@@ -230,12 +230,41 @@ def test_int8_base_with_adapters_computes_the_base_plus_the_adapter_delta():
 
 def test_quantised_weights_and_cache_give_the_same_tokens_on_a_sharded_layout(hf_dir):
     """Kernels and scales are named with the logical axes of the weights they replace, so
-    every layout shards them: fsdp_tp (fsdp 4 x tensor 2) decodes what one device does."""
+    every layout shards them: fsdp_tp (fsdp 4 x tensor 2) decodes what one device does.
+    Float32 compute, so that the comparison sees the sharding and not bfloat16's rounding
+    of differently ordered sums (0.05 in these logits, enough to flip a greedy near-tie)."""
     from infer import generate
 
-    config = BF16.replace(quantize="int8", kv_cache_dtype="int8")
+    config = CONFIG.replace(quantize="int8", kv_cache_dtype="int8")
     _, params = load_hf_params(hf_dir, config)
     prompts = [[5, 17, 33, 2], [9, 8, 7, 6, 5, 4, 3]]
-    one = generate(params, None, prompts, max_new_tokens=12, config=config)
-    sharded = generate(params, None, prompts, max_new_tokens=12, config=config, layout="fsdp_tp")
+    one = generate(params, None, prompts, max_new_tokens=12, config=config, return_logits=True)
+    sharded = generate(params, None, prompts, max_new_tokens=12, config=config, layout="fsdp_tp",
+                       return_logits=True)
     assert [g.tokens for g in sharded] == [g.tokens for g in one]
+    for s, o in zip(sharded, one):
+        np.testing.assert_allclose(s.logits, o.logits, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("quant", [None, "int8"])
+def test_on_cpu_a_narrow_weight_model_converts_one_layer_of_weights_at_a_time(quant):
+    """XLA:CPU widens bfloat16 and int8 kernels to float32 for its matmuls; unless each conversion
+    waits for its layer's input it schedules them all first (a float32 copy of the whole model:
+    what made an 8B bfloat16 model ask for 30 GB). Prefill as infer compiles it on CPU."""
+    import functools
+
+    from llama_jax import decoding
+    from llama_jax.params import abstract_params, model_for
+    from llama_jax.sampling import Sampling
+
+    config = CONFIG.replace(dim=256, n_heads=4, n_kv_heads=2, ffn_dim=1024, n_layers=8, vocab_size=512,
+                            dtype="bfloat16", param_dtype="bfloat16", scan_layers=False, quantize=quant)
+    params = abstract_params(config)
+    layer_f32 = 4 * sum(x.size for x in jax.tree.leaves(params["layers_0"]))
+    whole_f32 = 4 * sum(x.size for x in jax.tree.leaves(params))
+    ints = lambda shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
+    fill = functools.partial(decoding.prefill, model_for(config), sampling=Sampling(), cache_len=64)
+    compiled = jax.jit(fill).lower(params, ints((1, 32)), ints((1,)), ints((1,)), ints(()), ints((1,))).compile()
+    temporaries = compiled.memory_analysis().temp_size_in_bytes
+    head_f32 = 4 * config.dim * config.vocab_size
+    assert temporaries < 2 * layer_f32 + head_f32 + 2**20 < 0.5 * whole_f32, (temporaries, layer_f32, whole_f32)

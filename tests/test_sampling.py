@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama_jax.sampling import Sampling, filter_logits, greedy, row_keys, sample, top_p_mask
+from llama_jax.sampling import RowSampling, Sampling, filter_logits, greedy, row_keys, sample, top_p_mask
 
 # Probabilities 0.5, 0.3, 0.15, 0.05, scrambled so sorting matters.
 PROBS = np.array([0.15, 0.5, 0.05, 0.3])
@@ -86,3 +86,21 @@ def test_a_key_reproduces_a_draw_and_other_keys_differ():
 def test_bad_settings_are_rejected_with_a_message(settings):
     with pytest.raises(ValueError, match="temperature|top_k|top_p"):
         Sampling(**settings)
+
+
+def test_settings_per_row_draw_what_each_row_s_own_settings_draw():
+    # Rows: greedy, temperature only, top-k 2, top-p 0.6 (nucleus {1, 3}), top-k 3 then top-p 0.9.
+    settings = [Sampling(), Sampling(0.7), Sampling(1.0, top_k=2), Sampling(1.0, top_p=0.6),
+                Sampling(1.0, top_k=3, top_p=0.9)]
+    n = 400
+    logits = jnp.broadcast_to(LOGITS, (n * len(settings), 4))
+    keys = row_keys(3, n * len(settings))
+    rows = RowSampling.of([s for s in settings for _ in range(n)])
+    got = np.asarray(sample(logits, keys, rows)).reshape(len(settings), n)
+    assert set(got[0].tolist()) == {BY_RANK[0]}
+    # Without filters the draw is the very one a shared Sampling makes with the same keys.
+    np.testing.assert_array_equal(got[1], sample(logits[n:2 * n], keys[n:2 * n], settings[1]))
+    assert set(got[2].tolist()) == set(BY_RANK[:2])
+    assert set(got[3].tolist()) == set(BY_RANK[:2])
+    assert set(got[4].tolist()) == set(BY_RANK[:3])
+    np.testing.assert_allclose(np.mean(got[3] == BY_RANK[0]), 0.5 / 0.8, atol=0.06)

@@ -246,6 +246,85 @@ def test_fsdp_sp_splits_the_sequence_and_matches_unsplit_logits():
                                atol=RTOL * np.abs(want_logits).max())
 
 
+SPLASH = CONFIG.replace(attention="splash", attention_block=128)
+PACKED_LENGTH = 256  # the splash kernel works in blocks of 128 tokens
+
+
+def _packed_loss(config, params, tokens_bt, positions_bt, segments_bt):
+    logits_btv, _ = Llama(config).apply({"params": params}, tokens_bt, positions_bt, segments_bt)
+    logp_btv = jax.nn.log_softmax(logits_btv[:, :-1])
+    picked_bt = jnp.take_along_axis(logp_btv, tokens_bt[:, 1:, None], axis=-1)[..., 0]
+    return -picked_bt.mean()
+
+
+@functools.cache
+def _packed_batch():
+    """4 rows of 256 tokens, each packing 3 documents (positions restart per document)."""
+    rng = np.random.default_rng(2)
+    tokens = rng.integers(0, CONFIG.vocab_size, (4, PACKED_LENGTH)).astype(np.int32)
+    segments = np.sort(rng.integers(1, 4, (4, PACKED_LENGTH)), axis=1).astype(np.int32)
+    starts = np.maximum.accumulate(np.where(np.diff(segments, prepend=0, axis=1) != 0,
+                                            np.arange(PACKED_LENGTH), 0), axis=1)
+    positions = (np.arange(PACKED_LENGTH) - starts).astype(np.int32)
+    return tokens, positions, segments
+
+
+@functools.cache
+def _packed_reference():
+    """Loss and gradients of the packed batch with xla attention on one device."""
+    params = _reference()[0]
+    loss, grads = jax.jit(jax.value_and_grad(functools.partial(_packed_loss, CONFIG)))(
+        params, *_packed_batch())
+    return float(loss), jax.device_get(grads)
+
+
+def _packed_loss_and_grads(config, layout_name):
+    params = _reference()[0]
+    if layout_name is None:
+        return jax.jit(jax.value_and_grad(functools.partial(_packed_loss, config)))(
+            params, *_packed_batch())
+    placement = Placement.create(config, load_layout(layout_name))
+    sharded = placement.put(params, placement.param_shardings())
+    tokens, positions, segments = _packed_batch()
+    batch = placement.global_batch({"tokens": tokens, "positions": positions, "segments": segments})
+    with placement.activate():
+        return jax.jit(jax.value_and_grad(functools.partial(_packed_loss, config)))(
+            sharded, batch["tokens"], batch["positions"], batch["segments"])
+
+
+@pytest.mark.parametrize("layout", [None, "fsdp_tp", "tp"])
+def test_splash_gives_xla_loss_and_gradients_on_one_device_and_layouts(layout):
+    """One device; fsdp 4 x tensor 2 (kv heads split); tensor 8 (kv heads replicated)."""
+    want_loss, want_grads = _packed_reference()
+    loss, grads = _packed_loss_and_grads(SPLASH, layout)
+    assert abs(float(loss) - want_loss) <= RTOL * abs(want_loss), f"{layout}: {loss} vs {want_loss}"
+    _assert_trees_close(jax.device_get(grads), want_grads, f"splash under {layout}")
+
+
+def test_context_parallelism_with_packing_matches_one_device_and_splits_the_length():
+    """fsdp_sp (fsdp 4 x sequence 2): each device holds half of every row's tokens;
+    splash all-gathers keys and values over sequence and keeps its own queries."""
+    want_loss, want_grads = _packed_reference()
+    loss, grads = _packed_loss_and_grads(SPLASH, "fsdp_sp")
+    assert abs(float(loss) - want_loss) <= RTOL * abs(want_loss)
+    _assert_trees_close(jax.device_get(grads), want_grads, "context parallelism")
+
+    placement = Placement.create(SPLASH, load_layout("fsdp_sp"))
+    tokens, positions, segments = _packed_batch()
+    batch = placement.global_batch({"tokens": tokens, "positions": positions, "segments": segments})
+    apply = jax.jit(lambda p, t, pos, seg: Llama(SPLASH).apply({"params": p}, t, pos, seg,
+                                                               return_hidden=True)[0])
+    params = placement.put(_reference()[0], placement.param_shardings())
+    with placement.activate():
+        hidden = apply(params, batch["tokens"], batch["positions"], batch["segments"])
+        hlo = apply.lower(params, batch["tokens"], batch["positions"], batch["segments"]).as_text()
+    assert hidden.sharding.spec[1] == "sequence"
+    assert _shard_shape_on_device0(hidden) == (1, PACKED_LENGTH // 2, CONFIG.dim)
+    # Inside the kernel's shard_map each device has 128 query rows and gathers
+    # all 256 key rows of its kv heads: [rows 1, 256 keys, 2 kv heads, head_dim 8].
+    assert "all_gather" in hlo and "tensor<1x256x2x8xf32>" in hlo
+
+
 def test_multislice_data_axis_spans_the_emulated_slices():
     placement = Placement.create(CONFIG, load_layout("multislice"))
     grid = placement.mesh.devices  # [data, fsdp, sequence, tensor]
@@ -306,6 +385,15 @@ def test_dimension_not_divisible_by_its_axes_is_an_error():
     with pytest.raises(LayoutError, match=r"layout fsdp: embed \(dim\) of size 36 does not divide "
                                           r"by fsdp = 8"):
         Placement.create(CONFIG.replace(dim=36, n_heads=6, n_kv_heads=2), load_layout("fsdp"))
+
+
+def test_sequence_length_without_two_halves_per_sequence_shard_is_an_error():
+    from sharding.place import validate
+    placement = Placement.create(CONFIG, load_layout("fsdp_sp"))
+    validate(CONFIG, placement.layout, placement.mesh, seq_len=68)
+    with pytest.raises(LayoutError, match=r"layout fsdp_sp: sequence length 66 does not split into "
+                                          r"2 sequence shards of two halves each .* use a multiple of 4\)$"):
+        validate(CONFIG, placement.layout, placement.mesh, seq_len=66)
 
 
 def test_kv_heads_neither_dividing_nor_a_multiple_of_tensor_is_an_error():

@@ -23,8 +23,8 @@ class CompileResult:
     chips: int
     layout: str
     mesh: dict[str, int]
-    batch: int                    # global rows (decode: sequences)
-    seq_len: int                  # decode: cache length
+    batch: int                    # global rows (decode, prefill: sequences)
+    seq_len: int                  # decode: cache length; prefill: prompt length
     grad_accum: int
     remat: str
     dtype: str
@@ -43,13 +43,20 @@ class CompileResult:
     kv_cache_dtype: str | None = None      # int8 / fp8 KV cache (decode)
     weight_bytes: int | None = None        # one chip's share of the parameters, as compiled
     cache_bytes: int | None = None         # one chip's share of the KV cache (decode)
+    collectives: list | None = None        # sharding.comms.Collective list (compile_run(comms=True))
+    estimate: dict | None = None           # sharding.comms.StepEstimate as a dict (train, comms=True)
 
     @property
     def used_bytes(self) -> int | None:
         return None if self.memory is None else max(self.memory["peak"], self.memory["total"])
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self) | {"used_bytes": self.used_bytes}
+        """JSON-ready; the collectives grouped by kind and mesh axes (sharding.comms.summary)."""
+        from sharding.comms import summary
+
+        collectives = None if self.collectives is None else summary(self.collectives)
+        return (dataclasses.asdict(dataclasses.replace(self, collectives=None))
+                | {"used_bytes": self.used_bytes, "collectives": collectives})
 
 
 # --- building the programs -------------------------------------------------------------
@@ -75,6 +82,8 @@ def train_program(run, placement):
     batch_sharding = placement.sharding("batch", "length")
     batch = {key: jax.ShapeDtypeStruct(rows, jnp.float32 if key == "loss_weights" else jnp.int32,
                                        sharding=batch_sharding) for key in BATCH_KEYS}
+    if run.model.vision is not None:
+        batch["images"] = _abstract_images(placement, run.data.global_batch)
     step = jit_train_step(make_train_step(run.model, optimizer, schedule, shardings.params, run.grad_accum,
                                           run.z_loss, run.loss_chunk), placement, shardings)
     return step, (state, batch)
@@ -112,10 +121,13 @@ def decode_program(config, placement, batch: int, cache_len: int):
     return step, (_abstract_params(config, placement), state, stops)
 
 
-def prefill_program(config, placement, batch: int, prompt_len: int, cache_len: int):
+def prefill_program(config, placement, batch: int, prompt_len: int, cache_len: int,
+                    chunk: int | None = None):
     """(jitted prefill, abstract sharded inputs): what infer's Engine compiles for `batch` prompts of
-    `prompt_len` tokens, with `vision.max_images` full-size images per row for a vision model
-    (encoder, projector and every cross-attention layer's keys and values, made once here)."""
+    `prompt_len` tokens (a multiple of `chunk`, prefilled `chunk` tokens per step; None: all at
+    once) into a cache of `cache_len`, with `vision.max_images` full-size images per row for a
+    vision model (encoder, projector and every cross-attention layer's keys and values, made
+    once here)."""
     import functools
 
     import jax
@@ -128,7 +140,8 @@ def prefill_program(config, placement, batch: int, prompt_len: int, cache_len: i
     config = config.replace(remat="none")
     replicated = _replicated(placement)
     state_shardings = placement.tree_shardings(decoding.state_axes(config, config.vision is not None))
-    fill = functools.partial(decoding.prefill, model_for(config), sampling=Sampling(), cache_len=cache_len)
+    fill = functools.partial(decoding.prefill, model_for(config), sampling=Sampling(),
+                             cache_len=cache_len, chunk=chunk)
     step = jax.jit(lambda params, prompts, lengths, limits, seed, stops, images: fill(
         params, prompts, lengths, limits, seed, stops, images=images),
                    out_shardings=(state_shardings, replicated, replicated))
@@ -138,16 +151,18 @@ def prefill_program(config, placement, batch: int, prompt_len: int, cache_len: i
               jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=row),
               jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
               jax.ShapeDtypeStruct((1,), jnp.int32, sharding=replicated))
-    images = None
-    if config.vision is not None:
-        vis = config.vision
-        slots = (batch, vis.max_images, vis.max_tiles)
-        shapes = {"pixels": (slots + (3, vis.image_size, vis.image_size), jnp.float32),
-                  "aspect_ratio_ids": (slots[:2], jnp.int32), "aspect_ratio_mask": (slots, jnp.int32),
-                  "tile_from": (slots, jnp.int32), "tile_until": (slots, jnp.int32)}
-        images = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=placement.sharding(
-            "batch", *[None] * (len(shape) - 1))) for name, (shape, dtype) in shapes.items()}
+    images = _abstract_images(placement, batch) if config.vision is not None else None
     return step, (_abstract_params(config, placement), *inputs, images)
+
+
+def _abstract_images(placement, rows: int):
+    """A vision model's `images` for `rows` rows as sharded `jax.ShapeDtypeStruct`s (split on batch)."""
+    import jax
+
+    from llama_jax.vision.image import image_shapes
+
+    return {name: jax.ShapeDtypeStruct(shape, dtype, sharding=placement.sharding("batch"))
+            for name, (shape, dtype) in image_shapes(placement.config.vision, rows).items()}
 
 
 def _replicated(placement):
@@ -202,12 +217,17 @@ def _out_of_memory_reason(err: Exception) -> str | None:
 
 def compile_run(run, devices, *, topology: str = "", slices: int = 1, program: str = "train",
                 decode_batch: int | None = None, cache_len: int | None = None,
-                prompt_len: int | None = None) -> CompileResult:
+                prompt_len: int | None = None, prefill_chunk: int | None = None,
+                comms: bool = False) -> CompileResult:
     """Compile `run`'s train step (or prefill, or decode step) for `devices`; judge whether it fits.
 
-    program: "train", "prefill" (batch x prompt_len tokens, with images for a
-    vision model) or "decode"; decode_batch, cache_len and prompt_len default
-    to the run's global batch and sequence length.
+    program: "train", "prefill" (batch x prompt_len tokens, `prefill_chunk`
+    at a time, default decoding.PREFILL_CHUNK, with images for a vision
+    model) or "decode"; decode_batch, cache_len and prompt_len default to the
+    run's global batch and sequence length.
+
+    comms: also list the compiled program's collectives (sharding.comms) and, for the train
+    step, estimate its step time from them.
 
     `devices`: compile-only TPU devices (sharding.topology.topology_devices).
     LayoutError/ConfigError for input that cannot be placed; an out-of-memory
@@ -238,11 +258,17 @@ def compile_run(run, devices, *, topology: str = "", slices: int = 1, program: s
         if program == "decode":
             step, args = decode_program(run.model, placement, batch, seq_len)
         else:
+            from llama_jax.decoding import PREFILL_CHUNK
+
             prompt_len = prompt_len or seq_len
             if prompt_len > seq_len:
                 raise ConfigError(f"prompt length {prompt_len} exceeds the cache length {seq_len}")
-            validate(run.model, layout, placement.mesh, seq_len=prompt_len)
-            step, args = prefill_program(run.model, placement, batch, prompt_len, seq_len)
+            chunk = min(prefill_chunk or PREFILL_CHUNK, prompt_len)
+            if prompt_len % chunk:
+                raise ConfigError(f"prompt length {prompt_len} is not a multiple of the prefill "
+                                  f"chunk {chunk}")
+            validate(run.model, layout, placement.mesh, seq_len=chunk)
+            step, args = prefill_program(run.model, placement, batch, prompt_len, seq_len, chunk)
     hbm = CHIP_HBM_BYTES[info.chip] / info.devices_per_chip
     result = CompileResult(
         program=program, topology=topology, slices=slices, chip=info.chip, chips=info.n_chips,
@@ -275,6 +301,13 @@ def compile_run(run, devices, *, topology: str = "", slices: int = 1, program: s
         per_step = flops_per_token(run.model, seq_len) * batch * seq_len
         result.model_flops = per_step / len(devices)
         result.step_s_at_full_mfu = result.model_flops / (CHIP_PEAK_FLOPS[info.chip] / info.devices_per_chip)
+    if comms:
+        from sharding.comms import estimate_step, parse_collectives
+
+        result.collectives = parse_collectives(compiled.as_text(), placement.mesh)
+        if program == "train":
+            result.estimate = estimate_step(result.collectives, info.chip,
+                                            result.model_flops * info.devices_per_chip).to_dict()
     return result
 
 

@@ -201,9 +201,9 @@ class Checkpointer:
         return bool(self.manager.all_steps())
 
     def _base_item(self) -> dict:
-        """A LoRA run saves only its adapters: item "base" names the weights they adapt, so
-        the checkpoint loads whole (llama_jax.weights.load_params) and serves as it is."""
-        if self.run.model.lora is None:
+        """A LoRA (or vision adapter) run saves only its adapters: item "base" names the weights
+        they adapt, so the checkpoint loads whole (llama_jax.weights.load_params) and serves as it is."""
+        if self.run.model.lora is None and self.run.model.vision is None:
             return {}
         return {BASE: ocp.args.JsonSave({"path": str(user_path(self.run.init_from))})}
 

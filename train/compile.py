@@ -3,11 +3,15 @@
     python -m train.compile --config configs/runs/llama3_1_70b_v5p.yaml --topology v5p:8x8x8
     python -m train.compile --config RUN --topology v5p:8x8x8 --slices 2     # two slices over DCN
     python -m train.compile --config RUN --topology v5e:16x16 --decode       # also the decode step
+    python -m train.compile --config RUN --prefill --prefill-chunk 8192       # a prompt of data.seq_len
     python -m train.compile --config RUN --topology v5e:2x4 --inference     # prefill and decode only
     python -m train.compile --config RUN --topology v5e:2x4 --decode-only model_overrides.quantize=int8 \\
         model_overrides.kv_cache_dtype=int8 --decode-batch 32 --cache-len 8192  # serving, quantised
+    python -m train.compile --all                    # every shipped run on the slice it names
     python -m train.compile --config RUN --topology v5p:4x4x4 \\
         --sweep layout=fsdp,fsdp_tp remat=full,dots batch=256,512           # a table of combinations
+    python -m train.compile --config RUN --sweep layout=fsdp,fsdp_tp --comms [--plot sweep.png]
+                                                     # + bytes moved per step, estimated step time
     python -m train.compile ... [--json] [key=value ...]                     # train's run overrides
 
 No TPU is needed, only libtpu (`pip install -e '.[tpu]'`): the topology's
@@ -26,6 +30,10 @@ What is printed, per chip (the compiled program is one chip's share):
   and the step time they take at 100% MFU, the floor on any real step time;
   and XLA's `cost_analysis()` count, which counts a loop body once, so with
   scanned layers (or gradient accumulation) it is far below the real work.
+
+With --comms, the collectives of each compiled program are listed
+(sharding/comms.py: kind, bytes per chip, mesh axes, loops multiplied out)
+and the train step's time is estimated from them (train/comms_report.py).
 
 A compile that runs out of HBM (XLA's RESOURCE_EXHAUSTED) is the verdict
 "does not fit", with the compiler's one-line reason. Bad input (a topology
@@ -74,7 +82,7 @@ def format_result(r: CompileResult) -> str:
         if "vmem" in r.reason.lower():
             lines.append("  verdict: does not fit: one fusion needs more on-chip vector memory (VMEM) "
                          f"than the chip has (compile stopped after {r.compile_s:.1f} s, before HBM "
-                         "totals); try attention=blocked, fewer rows per chip or another remat policy")
+                         "totals); try attention=splash, fewer rows per chip or another remat policy")
         else:
             lines.append(f"  verdict: does not fit in {_gib(r.hbm_bytes)} of HBM per chip "
                          f"(compile ran out of memory after {r.compile_s:.1f} s)")
@@ -153,9 +161,13 @@ def main(argv=None) -> int:
                "model_overrides.remat=full. --sweep keys: any such key, or the short names "
                f"{', '.join(f'{k} ({v})' for k, v in SWEEP_ALIASES.items())}; every combination "
                "is compiled and a table printed.")
-    parser.add_argument("--config", required=True, help="run config: a YAML path or a name in configs/runs/")
-    parser.add_argument("--topology", required=True,
-                        help="TPU slice, e.g. v5p:8x8x8, v5e:16x16, v6e:16x16, v4:4x4x4")
+    parser.add_argument("--config", help="run config: a YAML path or a name in configs/runs/")
+    parser.add_argument("--all", action="store_true",
+                        help="compile every shipped run config that names a topology, each for its "
+                             "own slice and programs; one line per compile (exit 1 if any does not fit)")
+    parser.add_argument("--topology", default=None,
+                        help="TPU slice, e.g. v5p:8x8x8, v5e:16x16, v6e:16x16, v4:4x4x4 (default: the "
+                             "run config's topology)")
     parser.add_argument("--slices", type=int, default=None,
                         help="slices joined over DCN (default: what the layout's DCN sizes say, "
                              "else 1); a layout without DCN sizes puts them on the data axis")
@@ -172,10 +184,20 @@ def main(argv=None) -> int:
     parser.add_argument("--decode-batch", type=int, default=None,
                         help="sequences decoded at once (default: data.global_batch)")
     parser.add_argument("--cache-len", type=int, default=None, help="KV cache length (default: data.seq_len)")
+    parser.add_argument("--prefill", action="store_true",
+                        help="also compile the prefill of --decode-batch prompts of --prompt-len tokens")
+    parser.add_argument("--prefill-chunk", type=int, default=None,
+                        help="tokens per prefill step (default: infer's, 8192)")
     parser.add_argument("--sweep", nargs="+", default=[], metavar="key=v1,v2",
                         help="compile every combination, e.g. layout=fsdp,fsdp_tp remat=full,dots "
                              "(the train step; the decode step with --decode)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object (with --sweep --comms: one JSON line per combination)")
+    parser.add_argument("--comms", action="store_true",
+                        help="also list what each program moves between chips (bytes per step by "
+                             "collective kind and mesh axis) and estimate the train step's time")
+    parser.add_argument("--plot", metavar="PATH", default=None,
+                        help="with --sweep --comms: write a PNG bar chart of the sweep to PATH")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_intermixed_args(argv)
 
@@ -188,11 +210,15 @@ def main(argv=None) -> int:
         print(f"train.compile: error: {err}", file=sys.stderr)
         return 2
 
+    if args.all:
+        return _all_runs(args)
     try:
+        if not args.config:
+            raise ConfigError("--config: name a run config (or use --all)")
         run = load_run_config(args.config, args.overrides)
-        if run.model.vision is not None and not (args.inference or args.sweep and args.decode):
-            raise ConfigError("the train step of a vision model is not built yet; pass --inference "
-                              "for its prefill and decode")
+        args.topology = args.topology or run.topology
+        if not args.topology:
+            raise ConfigError(f"--topology: {args.config} names no topology; give one, e.g. v5p:4x4x4")
         slices = args.slices or slices_of(load_layout(run.layout, **run.mesh))
         devices = topology_devices(args.topology, slices)
         combos = parse_sweep(args.sweep)
@@ -200,16 +226,21 @@ def main(argv=None) -> int:
         for key in combos[0] if args.sweep else ():
             if key in given:
                 raise ConfigError(f"{key}: given both as an override and in --sweep")
-        if run.model.quantize is not None and not (args.decode_only or args.inference):
-            raise ConfigError(f"model quantize {run.model.quantize}: quantised weights are served, not "
-                              "trained; compile the serving programs with --decode-only or --inference")
+        if run.model.quantize is not None and run.model.lora is None and not (args.decode_only or args.inference):
+            raise ConfigError(f"model quantize {run.model.quantize}: quantised weights are served or carry "
+                              "LoRA adapters (add a lora section), not trained; compile the serving "
+                              "programs with --decode-only or --inference")
+        if args.plot and not (args.sweep and args.comms):
+            raise ConfigError("--plot: draws a sweep's communication; give --sweep and --comms")
         if args.sweep:
             return _sweep(args, combos, devices, slices)
         programs = (["prefill", "decode"] if args.inference else ["decode"] if args.decode_only
-                    else ["train"] + (["decode"] if args.decode else []))
+                    else [p for p in ("train", "prefill", "decode") if p in run.programs
+                          or (p == "decode" and args.decode) or (p == "prefill" and args.prefill)])
         results = [compile_run(run, devices, topology=args.topology, slices=slices, program=p,
                                decode_batch=args.decode_batch, cache_len=args.cache_len,
-                               prompt_len=args.prompt_len)
+                               prompt_len=args.prompt_len, prefill_chunk=args.prefill_chunk,
+                               comms=args.comms)
                    for p in programs]
     except (ConfigError, LayoutError, ValueError, FileNotFoundError) as err:
         return fail(err)
@@ -217,7 +248,38 @@ def main(argv=None) -> int:
         print(json.dumps({r.program: r.to_dict() for r in results}))
     else:
         print("\n\n".join(format_result(r) for r in results))
+        if args.comms:
+            from train.comms_report import format_comms_table
+
+            print("\n" + format_comms_table([({"program": r.program}, r) for r in results]))
     return 0 if all(r.verdict != "does not fit" for r in results) else 1
+
+
+def _all_runs(args) -> int:
+    """Compile every shipped run config that names a topology, for its slice and programs."""
+    from llama_jax.config import shipped_configs
+    from sharding.layout import load_layout
+    from sharding.topology import slices_of, topology_devices
+    from train.config import load_run_config
+
+    rows = []
+    for name in shipped_configs("runs"):
+        run = load_run_config(name)
+        if run.topology is None:
+            continue
+        slices = slices_of(load_layout(run.layout, **run.mesh))
+        devices = topology_devices(run.topology, slices)
+        for program in run.programs:
+            result = compile_run(run, devices, topology=run.topology, slices=slices, program=program)
+            rows.append(({"run": name, "program": program, "topology": run.topology}, result))
+            if args.json:
+                print(json.dumps({"run": name, **result.to_dict()}), flush=True)
+            else:
+                print(f"[{len(rows)}] {name} {program} on {run.topology}: {result.verdict}",
+                      file=sys.stderr, flush=True)
+    if not args.json:
+        print(format_table(rows))
+    return 0 if all(r.verdict != "does not fit" for _, r in rows) else 1
 
 
 def _sweep(args, combos, devices, slices) -> int:
@@ -233,14 +295,25 @@ def _sweep(args, combos, devices, slices) -> int:
             run = load_run_config(args.config, list(args.overrides) + extra)
             result = compile_run(run, devices, topology=args.topology, slices=slices,
                                  program="decode" if args.decode or args.decode_only or args.inference else "train",
-                                 decode_batch=args.decode_batch, cache_len=args.cache_len)
+                                 decode_batch=args.decode_batch, cache_len=args.cache_len,
+                                 comms=args.comms)
         except (ConfigError, LayoutError, ValueError) as err:
             result = str(err)
         rows.append((label, result))
+        if args.json and args.comms:
+            print(json.dumps({"values": label, **({"invalid": result} if isinstance(result, str)
+                                                  else result.to_dict())}), flush=True)
         if not args.json:
             print(f"[{len(rows)}/{len(combos)}] {' '.join(extra)}: "
                   f"{result if isinstance(result, str) else result.verdict}", file=sys.stderr, flush=True)
-    if args.json:
+    if args.comms:
+        from train.comms_report import format_comms_table, plot_sweep
+
+        if not args.json:
+            print(format_comms_table(rows))
+        if args.plot:
+            plot_sweep(rows, args.plot, title=f"{args.config} on {args.topology}")
+    elif args.json:
         print(json.dumps({"topology": args.topology, "slices": slices, "rows": [
             {"values": values, **({"invalid": r} if isinstance(r, str) else r.to_dict())}
             for values, r in rows]}))

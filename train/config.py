@@ -36,6 +36,7 @@ from train.data import DataConfig
 from train.runtime import COMPILE_CACHE_OFF, ProfileConfig, check_tpu_flags
 
 DECAYS = ("cosine", "linear", "constant")
+PROGRAMS = ("train", "decode", "prefill")  # what train.compile can build for a run
 NONFINITE_MODES = ("stop", "skip")  # what a non-finite step does: see train/nonfinite.py
 
 
@@ -106,6 +107,8 @@ class RunConfig:
     keep_checkpoints: int = 3
     chip: str = "cpu"
     tokenizer: str | None = None
+    topology: str | None = None            # the TPU slice it is planned for (train.compile's default)
+    programs: tuple[str, ...] = ("train",)  # what train.compile checks for it by default
     on_nonfinite: str = "stop"
     init_from: str | None = None
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
@@ -131,11 +134,19 @@ class RunConfig:
         if self.data.source == "synthetic" and self.data.vocab_size > self.model.vocab_size:
             raise ConfigError(f"data.vocab_size: {self.data.vocab_size} exceeds the model's vocab_size "
                               f"{self.model.vocab_size}")
+        object.__setattr__(self, "programs", tuple(self.programs))
+        if not self.programs or any(p not in PROGRAMS for p in self.programs):
+            raise ConfigError(f"programs: {list(self.programs)!r} must name some of {', '.join(PROGRAMS)}")
+        if self.topology is not None and not isinstance(self.topology, str):
+            raise ConfigError(f"topology: must be a TPU slice name like v5p:4x4x4, got {self.topology!r}")
         if self.on_nonfinite not in NONFINITE_MODES:
             raise ConfigError(f"on_nonfinite: {self.on_nonfinite!r} is not one of "
                               f"{', '.join(NONFINITE_MODES)}")
         if self.model.lora is not None and self.init_from is None:
             raise ConfigError("lora: a LoRA run trains adapters over fixed weights: set init_from to them")
+        if self.model.vision is not None and self.model.lora is None and self.init_from is None:
+            raise ConfigError("init_from: a vision run trains the image adapters over a fixed text model and "
+                              "image encoder: set init_from to their weights")
         if self.eval.every and not self.eval.paths and not self.data.holdout:
             raise ConfigError("eval.every: evaluation needs eval.paths or a data.holdout fraction")
         if self.compile_cache is False:  # YAML reads a bare `off` as false
@@ -224,9 +235,11 @@ def run_config_from_dict(data: dict[str, Any], overrides: Sequence[str] = ()) ->
     if data.get("lora") is not None:  # `lora:` is the model's adapters (ModelConfig.lora)
         overrides = {**overrides, "lora": data.pop("lora")}
     data.pop("lora", None)
+    if isinstance(model, ModelConfig):
+        model = model.to_dict()
     if isinstance(model, dict):
         model = ModelConfig.from_dict({**model, **overrides})
-    elif not isinstance(model, ModelConfig):
+    else:
         model = load_model_config(model, **overrides)
     data["model"] = model
     data["data"] = _dataclass_from(DataConfig, data.get("data", {}), "data")

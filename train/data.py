@@ -61,6 +61,8 @@ B = global_batch // shard_count:
                           0 in padding
     loss_weights float32  1 where the target continues the input's document;
                           0 where it is the next document's first id, or pad
+    images       dict     a vision model's rows only: each row's images
+                          (llama_jax.vision.image.image_inputs, no batch axis)
 
 A packed row holds stream[r*L:(r+1)*L] as tokens and stream[r*L+1:(r+1)*L+1]
 as targets. A document cut by a row boundary continues in another row with
@@ -385,6 +387,9 @@ class ExampleRows:
 
     def __init__(self, examples, indices: np.ndarray, config: DataConfig):
         self._examples, self._seq_len = examples, config.seq_len
+        if examples.vision is not None and config.packing:
+            raise ValueError("data.packing: a vision model's rows hold one example each (images belong "
+                             "to a row); set data.packing to false")
         kept, lengths, overlong = [], [], 0
         for i in indices:
             ids, weights = examples[int(i)]
@@ -418,7 +423,14 @@ class ExampleRows:
 
     def __getitem__(self, r: int) -> dict[str, np.ndarray]:
         picked = self._kept[self._starts[r]:self._starts[r + 1]]
-        return example_row([self._examples[int(i)][:, :self._seq_len + 1] for i in picked], self._seq_len)
+        row = example_row([self._examples[int(i)][:, :self._seq_len + 1] for i in picked], self._seq_len)
+        vision = self._examples.vision
+        if vision is not None:  # one example per row (no packing)
+            row["images"] = self._examples.images(int(picked[0]), row["tokens"])
+            # <|image|> is never predicted (weight 0, user turns only) and lies past the
+            # output vocabulary: as a target it is padding, an id the loss can index.
+            row["targets"][row["targets"] == vision.image_token_id] = 0
+        return row
 
 
 # --- The pipeline. ----------------------------------------------------------
@@ -450,7 +462,7 @@ def split_indices(n_docs: int, config: DataConfig) -> np.ndarray:
     return indices
 
 
-def _documents(config: DataConfig, tokenizer: TextTokenizer | None, model_vocab_size: int | None):
+def _documents(config: DataConfig, tokenizer: TextTokenizer | None, model_vocab_size: int | None, vision=None):
     """(random-access source, per-document function to int32 ids or None)."""
     if config.source == "tokens":
         docs = TokenDocuments(config.paths)
@@ -468,11 +480,13 @@ def _documents(config: DataConfig, tokenizer: TextTokenizer | None, model_vocab_
         from llama_jax.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(config.tokenizer)
+    if vision is not None and model_vocab_size is not None:  # HF's Mllama tokenizer counts <|image|> too
+        model_vocab_size += vision.extra_token_rows
     if model_vocab_size is not None and tokenizer.vocab_size > model_vocab_size:
         raise ValueError(f"tokenizer: vocabulary of {tokenizer.vocab_size} exceeds the model's vocab_size "
                          f"{model_vocab_size}")
     if config.source in EXAMPLE_SOURCES:
-        return Examples(config.paths, tokenizer, config.source), None
+        return Examples(config.paths, tokenizer, config.source, vision), None
     return TextDocuments(config.paths, config.text_key), functools.partial(encode_document, tokenizer)
 
 
@@ -483,6 +497,7 @@ def make_dataset(
     shard_index: int | None = None,
     shard_count: int | None = None,
     model_vocab_size: int | None = None,
+    vision=None,
 ) -> grain.DatasetIterator:
     """An iterator of this shard's batches (see the module docstring for their dict).
 
@@ -491,6 +506,10 @@ def make_dataset(
     model_vocab_size: the ids the model accepts; a token directory or text
       tokenizer with a larger vocabulary is refused (ValueError, one line).
       (Inside the model an id past the vocabulary gives a row of NaN logits.)
+    vision: a Llama 3.2 Vision model's VisionConfig: chat examples may hold
+      images (train.sources.Examples), one example per row (no packing), and
+      every batch gains "images" (llama_jax.vision.image.image_inputs, one
+      entry per row). Only the chat and completion sources feed a vision model.
     shard_index, shard_count: this process feeds global_batch // shard_count
       rows of every global batch, disjoint from other shards' rows. Default:
       jax.process_index() of jax.process_count(). Processes that are replicas
@@ -511,7 +530,10 @@ def make_dataset(
         raise ValueError(
             f"DataConfig.global_batch {config.global_batch} is not divisible by shard_count {shard_count}"
         )
-    source, encode = _documents(config, tokenizer, model_vocab_size)
+    if vision is not None and config.source not in EXAMPLE_SOURCES:
+        raise ValueError(f"data.source {config.source!r}: a vision model fine-tunes on chat (or completion) "
+                         "examples; use data.source chat")
+    source, encode = _documents(config, tokenizer, model_vocab_size, vision)
     indices = split_indices(len(source), config)
     read = grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=4 * config.read_threads)
     if config.source in EXAMPLE_SOURCES:

@@ -27,7 +27,7 @@ import sys
 import jax
 
 from llama_jax.config import ModelConfig
-from llama_jax.model import Llama
+from llama_jax.params import model_for
 from sharding.place import Placement
 from train.data import DataConfig, make_dataset
 from train.step import loss_sums
@@ -47,10 +47,10 @@ class Evaluator:
                  tokenizer=None, shard: tuple[int, int] | None = None, loss_chunk: int = 0):
         index, count = shard if shard is not None else (None, None)
         self.data = make_dataset(data, tokenizer=tokenizer, shard_index=index, shard_count=count,
-                                 model_vocab_size=config.vocab_size)
+                                 model_vocab_size=config.vocab_size, vision=config.vision)
         self.start = self.data.get_state()
         self.batches, self.placement = batches, placement
-        model = Llama(config)
+        model = model_for(config)
         self.sums = jax.jit(lambda params, batch: loss_sums(model, params, batch, 0.0, loss_chunk)[1])
 
     def __call__(self, params) -> dict[str, float]:

@@ -12,18 +12,18 @@ import numpy as np
 from tqdm import tqdm
 
 from llama_jax.config import ConfigError
+from llama_jax.params import join, partition
 from llama_jax.paths import check_bucket, is_url, storage_error, user_path
 from sharding.layout import load_layout
 from sharding.place import Placement, validate
 from train.config import RunConfig
 from train.runtime import StepProfiler
-from llama_jax.params import join
 from train.data import make_dataset
 from train.eval import Evaluator, eval_data
 from train.metrics import MetricsWriter, flops_per_token, peak_flops
 from train.nonfinite import NonfiniteWatch
 from train.optimizer import learning_rate_schedule, make_optimizer
-from train.step import abstract_state, init_state, jit_train_step, make_train_step
+from train.step import abstract_state, init_state, jit_train_step, make_train_step, trainable
 
 
 # Logged as the mean over the steps since the last log (the rest: the last step's value).
@@ -55,15 +55,18 @@ def _starting_params(run: RunConfig, shardings, resuming: bool):
     """The weights `init_from` gives the run, placed (None: random initialisation).
 
     Full fine-tuning starts from them and then resumes from its own checkpoints;
-    a LoRA run's checkpoints hold only adapters, so its base is loaded every time.
+    checkpoints hold only the trained parameters, so the frozen ones (a LoRA
+    run's base, a vision run's text model and image encoder) are loaded every
+    time (when resuming, only they are returned).
     """
-    if run.init_from is None or (resuming and run.model.lora is None):
+    if run.init_from is None or (resuming and run.model.lora is None and run.model.vision is None):
         return None
     from llama_jax.weights import load_params
 
-    config = run.model.replace(lora=None)
-    target = shardings.frozen if run.model.lora is not None else shardings.params
-    return load_params(run.init_from, config, target)
+    if run.model.lora is not None:
+        return load_params(run.init_from, run.model.replace(lora=None), shardings.frozen)
+    params = load_params(run.init_from, run.model, join(shardings.frozen, shardings.params))
+    return partition(params, trainable(run.model))[1] if resuming else params
 
 
 def _closing(close):
@@ -161,6 +164,9 @@ def train(run: RunConfig, *, progress: bool = True, stop_after: int | None = Non
     """
     from train.checkpointing import Checkpointer  # late: orbax is slow to import
 
+    if run.model.quantize is not None and run.model.lora is None:
+        raise ConfigError(f"model.quantize {run.model.quantize}: quantised weights stay frozen; add a "
+                          "lora section to train adapters over them (QLoRA), or train unquantised")
     layout = load_layout(run.layout, **run.mesh)
     placement = Placement.create(run.model, layout)
     validate(run.model, layout, placement.mesh, batch=run.data.global_batch // run.grad_accum,
@@ -168,7 +174,7 @@ def train(run: RunConfig, *, progress: bool = True, stop_after: int | None = Non
     shard_index, shard_count = _data_shard(placement, run.data.global_batch)
     tokenizer = _tokenizer(run)
     data = make_dataset(run.data, tokenizer=tokenizer, shard_index=shard_index,
-                        shard_count=shard_count, model_vocab_size=run.model.vocab_size)
+                        shard_count=shard_count, model_vocab_size=run.model.vocab_size, vision=run.model.vision)
     _read_first_batch(data)
     if run.init_from is not None:  # a wrong source fails here, before anything is written
         from llama_jax.weights import check_architecture, stored_config

@@ -97,6 +97,10 @@ class TextDocuments:
         """`file:line` of document i, for messages."""
         return f"{self.files[self._file[i]]}:{self._line[i]}"
 
+    def file(self, i: int) -> Path:
+        """The file document i is in."""
+        return self.files[self._file[i]]
+
     def nbytes(self, i: int) -> int:
         return int(self._length[i])
 
@@ -137,16 +141,20 @@ class Examples:
       completion and EOS.
     `examples[i]` is int32 [2, n]: ids, then weights. ValueError (one line)
     names the file and line of a malformed example.
+    With `vision` (a Llama 3.2 Vision model's VisionConfig), chat content may
+    hold image parts `{"type": "image", "path": "cat.png"}` (a path relative
+    to the JSONL file), each one <|image|> token; `examples.images(i, tokens)`
+    reads and preprocesses them when a row needs them.
     """
 
-    def __init__(self, paths, tokenizer, kind: str):
+    def __init__(self, paths, tokenizer, kind: str, vision=None):
         if kind not in ("chat", "completion"):
             raise ValueError(f"examples: kind {kind!r} is not chat or completion")
         self.lines = TextDocuments(paths)
         non_jsonl = [f for f in self.lines.files if f.suffix != ".jsonl"]
         if non_jsonl:
             raise ValueError(f"{non_jsonl[0]}: {kind} examples are read from .jsonl files")
-        self.tokenizer, self.kind = tokenizer, kind
+        self.tokenizer, self.kind, self.vision = tokenizer, kind, vision
 
     def __len__(self) -> int:
         return len(self.lines)
@@ -158,9 +166,33 @@ class Examples:
         record = self.lines.record(i)
         try:
             ids, weights = (self._chat if self.kind == "chat" else self._completion)(record)
+            if self.vision is not None and self.kind == "chat":
+                paths = image_paths(record["messages"], self.lines.file(i).parent)
+                if len(paths) > self.vision.max_images:
+                    raise ValueError(f"{len(paths)} images; this model takes at most {self.vision.max_images} "
+                                     "per example (vision.max_images)")
+                if any(w and t == self.vision.image_token_id for t, w in zip(ids, weights)):
+                    raise ValueError("an image in an assistant message: the model reads images, it does not "
+                                     "write them; put images in user messages")
         except ValueError as err:
             raise ValueError(f"{self.location(i)}: {err}") from None
         return np.asarray([ids, weights], np.int32)
+
+    def images(self, i: int, tokens: np.ndarray) -> dict[str, np.ndarray]:
+        """Example i's images as one row of `LlamaVision`'s `images` (no batch axis), for the row
+        of input ids `tokens` (example i, maybe truncated: images whose <|image|> token was cut
+        off are left out). ValueError (one line, naming file and line) for a file that is not
+        an image."""
+        from llama_jax.vision.image import image_inputs, load_image
+
+        record = self.lines.record(i)
+        paths = image_paths(record["messages"], self.lines.file(i).parent) if self.kind == "chat" else []
+        kept = int(np.count_nonzero(np.asarray(tokens) == self.vision.image_token_id))
+        try:
+            arrays = image_inputs([[load_image(p) for p in paths[:kept]]], [list(tokens)], self.vision)
+        except ValueError as err:
+            raise ValueError(f"{self.location(i)}: {err}") from None
+        return {name: array[0] for name, array in arrays.items()}
 
     def _chat(self, record: dict):
         from llama_jax.chat import encode_conversation
@@ -168,7 +200,8 @@ class Examples:
         messages = record.get("messages")
         if not isinstance(messages, list):
             raise ValueError('a chat example needs a "messages" list')
-        return encode_conversation(self.tokenizer, messages)
+        return encode_conversation(self.tokenizer, messages,
+                                   None if self.vision is None else self.vision.image_token_id)
 
     def _completion(self, record: dict):
         prompt, completion = record.get("prompt"), record.get("completion")
@@ -227,6 +260,21 @@ class RangedTokens:
             return np.zeros(0, self.dtype)
         size = self.dtype.itemsize
         return np.frombuffer(self.file.read(start * size, (stop - start) * size), self.dtype)
+def image_paths(messages: list, directory: epath.Path) -> list[epath.Path]:
+    """The files of a chat example's image parts (`{"type": "image", "path": ...}`), in order,
+    relative paths taken from `directory`; ValueError (one line) for a missing one."""
+    paths = []
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        for part in content if isinstance(content, list) else ():
+            if isinstance(part, dict) and part.get("type") == "image":
+                path = part.get("path")
+                if not isinstance(path, str) or not path:
+                    raise ValueError('an image part needs a "path": an image file, relative to the JSONL file')
+                if not (directory / path).is_file():
+                    raise ValueError(f"image {path}: file not found (relative to {directory})")
+                paths.append(directory / path)
+    return paths
 
 
 class TokenDocuments:

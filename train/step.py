@@ -18,11 +18,14 @@ from jax.sharding import NamedSharding, PartitionSpec
 from llama_jax.config import ModelConfig
 from llama_jax.model import Llama
 from llama_jax.lora import is_adapter
-from llama_jax.params import init_params, join, partition
+from llama_jax.params import init_params, join, model_for, partition
+from llama_jax.vision.image import image_shapes
+from llama_jax.vision.model import is_image_adapter
 from sharding.place import Placement
 from train.loss import chunked_cross_entropy_sums, cross_entropy_sums
 
 BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_weights")
+# A vision model's batch also holds "images": its rows' images (llama_jax.vision.image.image_inputs).
 # Bits of the "nonfinite" metric: which checked value of a step was NaN or infinite.
 NONFINITE_BITS = {"loss": 1, "grad norm": 2, "update norm": 4}
 
@@ -44,9 +47,13 @@ class TrainState:
 
 
 def trainable(config: ModelConfig) -> Callable[[tuple[str, ...]], bool]:
-    """Which parameters a run trains, by key path: the adapters with LoRA, else all."""
+    """Which parameters a run trains, by key path: the adapters with LoRA; for a vision
+    model the image adapters (cross-attention layers, projector, <|image|> row: Meta's
+    adapter training, text model and image encoder frozen); else all."""
     if config.lora is not None:
         return is_adapter
+    if config.vision is not None:
+        return is_image_adapter
     return lambda path: True
 
 
@@ -54,12 +61,13 @@ def loss_sums(model: Llama, params, batch, z_loss: float, chunk: int):
     """(objective to differentiate, (nll sum, z sum, correct, weight sum)) for one micro-batch."""
     weights = batch["loss_weights"].astype(jnp.float32)
     args = (batch["tokens"], batch["positions"], batch.get("segment_ids"))
+    images = {"images": batch["images"]} if "images" in batch else {}
     if chunk:
-        hidden, _ = model.apply({"params": params}, *args, return_hidden=True)
+        hidden, _ = model.apply({"params": params}, *args, return_hidden=True, **images)
         project = lambda h: model.apply({"params": params}, h, method=Llama.logits)  # noqa: E731
         nll, z, correct = chunked_cross_entropy_sums(project, hidden, batch["targets"], weights, chunk)
     else:
-        logits, _ = model.apply({"params": params}, *args)
+        logits, _ = model.apply({"params": params}, *args, **images)
         nll, z, correct = cross_entropy_sums(logits, batch["targets"], weights)
     return nll + z_loss * z, (nll, z, correct, jnp.sum(weights))
 
@@ -88,7 +96,7 @@ def make_gradients(config: ModelConfig, param_shardings, grad_accum: int = 1, z_
     tree of shardings like the parameters'): left to XLA, they may come out
     replicated, a whole model's gradients on every device.
     """
-    model = Llama(config)
+    model = model_for(config)
     grad_fn = jax.value_and_grad(
         lambda p, f, b: loss_sums(model, join(f, p), b, z_loss, loss_chunk), has_aux=True)
 
@@ -225,7 +233,14 @@ def _check_same_leaves(tree, reference, what: str):
 
 def jit_train_step(train_step, placement: Placement, shardings):
     """Jit with donated state and explicit shardings for state and batch."""
-    batch_sharding = placement.sharding("batch", "length")
-    return jax.jit(train_step, donate_argnums=0,
-                   in_shardings=(shardings, {k: batch_sharding for k in BATCH_KEYS}),
+    return jax.jit(train_step, donate_argnums=0, in_shardings=(shardings, batch_shardings(placement)),
                    out_shardings=(shardings, None))
+
+
+def batch_shardings(placement: Placement) -> dict:
+    """The batch's shardings: its token arrays on (batch, length), a vision model's
+    "images" (one entry per row, see `Placement.global_batch`) on batch."""
+    out = {key: placement.sharding("batch", "length") for key in BATCH_KEYS}
+    if placement.config.vision is not None:
+        out["images"] = {key: placement.sharding("batch") for key in image_shapes(placement.config.vision, 1)}
+    return out

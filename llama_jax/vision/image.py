@@ -119,6 +119,14 @@ def tile_spans(tokens: Sequence[int], image_token_id: int, tiles: Sequence[int],
     return tile_from, tile_until
 
 
+def image_shapes(vision: VisionConfig, rows: int) -> dict[str, tuple[tuple[int, ...], type]]:
+    """{name: (shape, dtype)} of the `images` arrays for `rows` rows (`vision.max_images` slots each)."""
+    slots = (rows, vision.max_images, vision.max_tiles)
+    return {"pixels": (slots + (3, vision.image_size, vision.image_size), np.float32),
+            "aspect_ratio_ids": (slots[:2], np.int32), "aspect_ratio_mask": (slots, np.int32),
+            "tile_from": (slots, np.int32), "tile_until": (slots, np.int32)}
+
+
 def image_inputs(images: Sequence[Sequence[Image.Image]], prompts: Sequence[Sequence[int]],
                  vision: VisionConfig) -> dict[str, np.ndarray]:
     """The `images` argument of `LlamaVision` for a batch: row r's images and its token ids.
@@ -128,12 +136,7 @@ def image_inputs(images: Sequence[Sequence[Image.Image]], prompts: Sequence[Sequ
     that, or whose <|image|> tokens do not match its images.
     """
     rows, slots, tiles = len(prompts), vision.max_images, vision.max_tiles
-    size = vision.image_size
-    out = {"pixels": np.zeros((rows, slots, tiles, 3, size, size), np.float32),
-           "aspect_ratio_ids": np.zeros((rows, slots), np.int32),
-           "aspect_ratio_mask": np.zeros((rows, slots, tiles), np.int32),
-           "tile_from": np.zeros((rows, slots, tiles), np.int32),
-           "tile_until": np.zeros((rows, slots, tiles), np.int32)}
+    out = {name: np.zeros(shape, dtype) for name, (shape, dtype) in image_shapes(vision, rows).items()}
     out["aspect_ratio_mask"][:, :, 0] = 1
     for r, (row_images, tokens) in enumerate(zip(images, prompts)):
         if len(row_images) > slots:

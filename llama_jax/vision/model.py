@@ -194,7 +194,7 @@ class LlamaVision(Llama):
         self.encoder = ImageEncoder(cfg)
         self.projector = Projector(cfg)
 
-    def __call__(self, tokens_bt, positions_bt, segment_ids_bt=None, cache: Cache | None = None,
+    def __call__(self, tokens_bt, positions_bt=None, segment_ids_bt=None, cache: Cache | None = None,
                  return_hidden: bool = False, images: Images | None = None):
         """Logits [batch, time, vocab] (float32), or final hidden states, and the updated cache.
 
@@ -207,6 +207,8 @@ class LlamaVision(Llama):
         Token ids past the vocabulary take the `extra_embedding` rows (<|image|>).
         """
         cfg = self.config
+        if positions_bt is None:
+            positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1], dtype=jnp.int32), tokens_bt.shape)
         rope, coords, segments = attention_inputs(cfg, positions_bt, segment_ids_bt, cache)
         x_btd = nn.with_logical_constraint(self.embed_tokens(tokens_bt), ("batch", "length", "embed"))
         image_inputs = None
@@ -253,6 +255,16 @@ class LlamaVision(Llama):
         tokens = self.projector(features)
         return nn.with_logical_constraint(tokens.reshape(b, -1, tokens.shape[-1]),
                                           ("batch", "kv_length", "embed"))
+
+
+def is_image_adapter(path: tuple[str, ...]) -> bool:
+    """Whether a parameter (by key path) joins the image to the text: the cross-attention
+    layers, the projector and the extra token rows (<|image|>). Meta's adapter training
+    trains these over the frozen text model and image encoder (torchtune's "fusion"
+    parameters are the same set)."""
+    if path[0] in ("projector", "extra_embedding"):
+        return True
+    return (path[0] == "layers" or path[0].startswith("layers_")) and len(path) > 1 and path[1] == "cross"
 
 
 def tile_visibility(positions_bt, images: Images):

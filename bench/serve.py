@@ -1,0 +1,165 @@
+"""Serving throughput and latency: `python -m infer.serve` on loopback against offline batch decoding.
+
+    python bench/serve.py [--precisions float32,bfloat16,int8] [--concurrency 1,8,32] [--new-tokens 64]
+
+Writes a random bench_110m Hugging Face checkpoint (with a byte-level
+tokenizer) to --dir, then per precision:
+- offline: `infer.generate` of 32 prompts at once (what `python -m infer`
+  runs), output tokens/s of the second call (the first compiles);
+- served: a server process on 127.0.0.1 (--max-batch 32, context 128: prompt and answer fit, as offline),
+  and for each concurrency c, c client threads sending max(c, 4) streamed
+  completions in all (32-token prompts, --new-tokens tokens, greedy):
+  output tokens/s over the wall time, p50/p99 time to first token and
+  inter-token latency (gaps between streamed tokens).
+Prints one JSON line per figure; the first names the CPU (lscpu). Every
+request has a timeout and the server is stopped (SIGTERM) after each
+precision. Measures only; never asserts a timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+from common import cpu_model, emit  # noqa: E402  (bench/, this script's directory)
+
+PRECISIONS = {"float32": [], "bfloat16": ["--dtype", "bfloat16"], "int8": ["--dtype", "bfloat16", "--quantize", "int8"]}
+PROMPT_LEN, CONTEXT, SLOTS = 32, 128, 32
+MODEL = "bench_110m"
+
+
+def prompts(n: int) -> list[list[int]]:
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 256, PROMPT_LEN).tolist() for _ in range(n)]
+
+
+def offline(checkpoint: Path, precision: str, new_tokens: int) -> float:
+    """Output tokens/s of one `generate` call over SLOTS prompts (after a compiling call)."""
+    from infer import generate, load_model
+
+    flags = PRECISIONS[precision]
+    options = {flag.lstrip("-"): value for flag, value in zip(flags[::2], flags[1::2])}
+    config, params, tokenizer = load_model(checkpoint, **options)
+    batch = prompts(SLOTS)
+    generate(params, tokenizer, batch, max_new_tokens=new_tokens, config=config, stop_ids=[])
+    start = time.perf_counter()
+    results = generate(params, tokenizer, batch, max_new_tokens=new_tokens, config=config, stop_ids=[])
+    return sum(len(r.tokens) for r in results) / (time.perf_counter() - start)
+
+
+def start_server(checkpoint: Path, precision: str) -> tuple[subprocess.Popen, str]:
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-m", "infer.serve", "--checkpoint", str(checkpoint),
+                                "--model-name", MODEL, "--port", str(port), "--max-batch", str(SLOTS),
+                                "--max-seq-len", str(CONTEXT), *PRECISIONS[precision]], cwd=ROOT)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 900
+    while time.time() < deadline and process.poll() is None:
+        try:
+            if httpx.get(f"{base}/health", timeout=5).status_code == 200:
+                return process, base
+        except httpx.TransportError:
+            time.sleep(1)
+    process.kill()
+    raise SystemExit(f"the server for {precision} did not start")
+
+
+def one_request(base: str, prompt: list[int], new_tokens: int) -> tuple[float, list[float], int]:
+    """(time to first token, gaps between later tokens, tokens) of one streamed greedy completion."""
+    import httpx
+
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "stream": True,
+            "logprobs": 0}  # logprobs: one chunk per token, so gaps are per token
+    start = time.perf_counter()
+    stamps, tokens = [], 0
+    with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=600) as answer:
+        for line in answer.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            for choice in chunk["choices"]:
+                if choice["logprobs"] and choice["logprobs"]["tokens"]:
+                    stamps.append(time.perf_counter())
+    return stamps[0] - start, list(np.diff(stamps)), tokens
+
+
+def served(base: str, concurrency: int, new_tokens: int) -> dict:
+    """Output tokens/s and latency percentiles of max(concurrency, 4) requests from `concurrency` threads."""
+    work = prompts(max(concurrency, 4))
+    results, lock = [], threading.Lock()
+
+    def client(mine):
+        for prompt in mine:
+            outcome = one_request(base, prompt, new_tokens)
+            with lock:
+                results.append(outcome)
+
+    threads = [threading.Thread(target=client, args=(work[i::concurrency],)) for i in range(concurrency)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    ttft = [r[0] for r in results]
+    gaps = [g for r in results for g in r[1]]
+    return {"output_tokens_per_s": sum(r[2] for r in results) / wall,
+            "ttft_p50_ms": 1e3 * np.percentile(ttft, 50), "ttft_p99_ms": 1e3 * np.percentile(ttft, 99),
+            "itl_p50_ms": 1e3 * np.percentile(gaps, 50), "itl_p99_ms": 1e3 * np.percentile(gaps, 99)}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dir", default="/tmp/llama_jax_serve_bench", help="work directory (about 0.5 GB)")
+    parser.add_argument("--precisions", default="float32,bfloat16,int8")
+    parser.add_argument("--concurrency", default="1,8,32")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    args = parser.parse_args()
+
+    from llama_jax.config import load_model_config
+    from llama_jax.tokenizer_training import train_bpe
+    from tiny import write_random_hf
+
+    work = Path(args.dir)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    checkpoint = work / MODEL
+    write_random_hf(checkpoint, load_model_config(MODEL))
+    train_bpe(["byte-level tokenizer: no merges needed"], 256, checkpoint / "tokenizer.model")
+    print(json.dumps({"bench": "serve", "cpu": cpu_model(), "cores": os.cpu_count(), "slots": SLOTS,
+                      "prompt_tokens": PROMPT_LEN, "new_tokens": args.new_tokens}), flush=True)
+    for precision in args.precisions.split(","):
+        emit("serve", "offline_generate", MODEL, "output_tokens_per_s", offline(checkpoint, precision, args.new_tokens),
+             "tokens/s", precision=precision, batch=SLOTS)
+        process, base = start_server(checkpoint, precision)
+        try:
+            for concurrency in map(int, args.concurrency.split(",")):
+                for metric, value in served(base, concurrency, args.new_tokens).items():
+                    emit("serve", "server", MODEL, metric, value, "tokens/s" if metric.endswith("per_s") else "ms",
+                         precision=precision, concurrency=concurrency)
+        finally:
+            process.terminate()
+            process.wait(timeout=120)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

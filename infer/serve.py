@@ -1,0 +1,398 @@
+"""`python -m infer.serve`: an OpenAI-compatible HTTP server with continuous batching.
+
+    python -m infer.serve --checkpoint DIR [--layout NAME] [--dtype bfloat16] [--quantize int8]
+                          [--host 127.0.0.1] [--port 8000] [--max-batch 8] [--max-seq-len 2048]
+                          [--api-key KEY]          # or LLAMA_JAX_API_KEY
+
+Endpoints: POST /v1/completions, POST /v1/chat/completions (Llama 2 and 3.x
+chat formats; Llama 3.1 tool use: the `ipython` role, OpenAI's `tool` role
+taken as it, `<|python_tag|>` kept in the answer, `<|eom_id|>` a stop that
+answers finish_reason "tool_calls"), GET /v1/models, GET /health. Streaming
+by server-sent events. Generation runs in `infer.batcher.Batcher`: this
+module is the thin FastAPI layer over it (checks, text, JSON).
+
+Bounds: it binds 127.0.0.1 unless told otherwise; with an API key every
+endpoint but /health wants `Authorization: Bearer KEY` (401 otherwise);
+request bodies over --max-body-bytes get 413, prompts longer than the
+context 400, more than --max-waiting queued requests 429. SIGTERM: the
+server stops accepting connections, lets running requests finish (at most
+--shutdown-timeout seconds), and exits 0.
+"""
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import hmac
+import json
+import os
+import secrets
+import signal
+import sys
+from pathlib import Path
+
+BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # what jax.monitoring reports per compile
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m infer.serve",
+                                     description="Serve a Llama checkpoint over an OpenAI-compatible HTTP API.")
+    parser.add_argument("--checkpoint", required=True, metavar="DIR",
+                        help="our checkpoint directory, or a Hugging Face directory with config.json")
+    parser.add_argument("--tokenizer", default=None, metavar="PATH", help="default: found in the checkpoint")
+    parser.add_argument("--model-name", default=None, help="the model's name in the API (default: DIR's name)")
+    parser.add_argument("--layout", default=None, metavar="NAME",
+                        help="layout from configs/layouts (default: one device)")
+    parser.add_argument("--dtype", default=None, help="bfloat16 or float32 (default: the checkpoint's)")
+    parser.add_argument("--quantize", default=None, help="int8 or fp8 weights")
+    parser.add_argument("--kv-cache-dtype", default=None, help="int8 or fp8 KV cache")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this host only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--max-batch", type=int, default=8, metavar="N", help="decode slots (requests decoded at once)")
+    parser.add_argument("--max-seq-len", type=int, default=None, metavar="L",
+                        help="context per request, prompt plus answer (default: the model's)")
+    parser.add_argument("--steps-per-call", type=int, default=4, metavar="N",
+                        help="decode steps per compiled call; new requests join between calls (default 4)")
+    parser.add_argument("--prefill-batch", type=int, default=8, metavar="N",
+                        help="waiting requests prefilled together (default 8; also compiled: one alone)")
+    parser.add_argument("--api-key", default=os.environ.get("LLAMA_JAX_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' (default: $LLAMA_JAX_API_KEY; none: open)")
+    parser.add_argument("--max-body-bytes", type=int, default=1 << 20, metavar="N",
+                        help="larger request bodies get 413 (default 1 MiB)")
+    parser.add_argument("--max-waiting", type=int, default=256, metavar="N",
+                        help="queued requests before answering 429 (default 256)")
+    parser.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
+                        help="on SIGTERM, seconds running requests may take to finish (default 30)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        service = _load(args)
+    except ValueError as err:
+        lines = str(err).strip().splitlines() or [type(err).__name__]
+        print(f"error: {lines[0]}", file=sys.stderr)
+        return 2
+    import uvicorn
+
+    # uvicorn handles SIGTERM (graceful shutdown) and then raises it again with the handler
+    # that was there before: make that one a no-op, so a graceful stop exits 0.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    server = uvicorn.Server(uvicorn.Config(create_app(service), host=args.host, port=args.port,
+                                           log_level="warning", timeout_graceful_shutdown=args.shutdown_timeout))
+    print(f"serving {service.model_name} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+    server.run()
+    service.batcher.stop(timeout=args.shutdown_timeout)
+    return 0 if server.started else 1
+
+
+@dataclasses.dataclass
+class Service:
+    """What the endpoints share: the batcher, the tokenizer, names and bounds."""
+
+    batcher: object
+    tokenizer: object
+    model_name: str
+    context: int
+    api_key: str | None
+    max_body_bytes: int
+    max_waiting: int
+    compiles: int = 0
+
+
+def _load(args) -> Service:
+    import jax
+
+    from infer.batcher import Batcher
+    from infer.engine import engine_for
+    from infer.generate import checkpoint_config, load_model
+    from sharding.layout import load_layout
+
+    if not Path(args.checkpoint).is_dir():
+        raise ValueError(f"{args.checkpoint}: checkpoint directory not found")
+    if args.layout is not None:
+        load_layout(args.layout)
+    for flag, value, least in (("--max-batch", args.max_batch, 1), ("--steps-per-call", args.steps_per_call, 1),
+                               ("--prefill-batch", args.prefill_batch, 1),
+                               ("--port", args.port, 0), ("--max-body-bytes", args.max_body_bytes, 1)):
+        if value < least:
+            raise ValueError(f"{flag} must be at least {least}, got {value}")
+    stored = checkpoint_config(args.checkpoint)
+    context = args.max_seq_len or stored.max_seq_len
+    if not 2 <= context <= stored.max_seq_len:
+        raise ValueError(f"--max-seq-len must be in [2, {stored.max_seq_len}] (the model's context), got {context}")
+    config, params, tokenizer = load_model(args.checkpoint, args.layout, args.tokenizer, dtype=args.dtype,
+                                           quantize=args.quantize, kv_cache_dtype=args.kv_cache_dtype)
+    service = Service(None, tokenizer, args.model_name or Path(args.checkpoint).resolve().name, context,
+                      args.api_key or None, args.max_body_bytes, args.max_waiting)
+
+    def count(event: str, duration: float, **_):
+        if event == BACKEND_COMPILE_EVENT:
+            service.compiles += 1
+
+    jax.monitoring.register_event_duration_secs_listener(count)
+    engine = engine_for(config, args.layout)
+    batcher = Batcher(engine, params, args.max_batch, context, tokenizer.stop_ids, args.steps_per_call,
+                      args.prefill_batch)
+    buckets = sorted({engine.prompt_shape(n)[0] for n in range(1, context)})
+    print(f"compiling the decode step and the prefill of {len(buckets)} prompt buckets x groups of "
+          f"{batcher.prefill_rows}", file=sys.stderr, flush=True)
+    batcher.warm_up(buckets)
+    batcher.start()
+    service.batcher = batcher
+    return service
+
+
+def create_app(service: Service):
+    """The FastAPI app over a started batcher."""
+    from fastapi import FastAPI
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException
+
+    from infer import openai_api as api
+    from llama_jax.chat import format_chat
+
+    app = FastAPI(title="llama-jax", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(api.ApiError)
+    async def refused(_, err: api.ApiError):
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_, err: RequestValidationError):
+        first = err.errors()[0]
+        if first.get("type") == "json_invalid":
+            message, param = f"the request body is not valid JSON ({first.get('msg')})", None
+        else:
+            param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+            message = f"{param or 'body'}: {first.get('msg')}"
+        return JSONResponse(api.ApiError(400, message, param).body(), status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_, err: HTTPException):
+        return JSONResponse(api.ApiError(err.status_code, str(err.detail)).body(), status_code=err.status_code)
+
+    @app.get("/health")
+    async def health():
+        failed = service.batcher.error is not None
+        body = {"status": "error" if failed else "ok", **service.batcher.load(), "compiles": service.compiles}
+        return JSONResponse(body, status_code=503 if failed else 200)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": service.model_name, "object": "model", "created": 0,
+                                            "owned_by": "llama-jax", "max_model_len": service.context}]}
+
+    @app.post("/v1/completions")
+    async def completions(body: api.CompletionRequest):
+        _check_model(service, body.model)
+        logprobs = api.completion_logprobs(body)
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            if len(prompt) != 1:
+                raise api.ApiError(400, "give one prompt per request", "prompt")
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            ids = service.tokenizer.encode(prompt, bos=True)
+        else:
+            ids = list(prompt)
+            bad = [t for t in ids if not 0 <= t < service.tokenizer.vocab_size]
+            if bad:
+                raise api.ApiError(400, f"prompt: token id {bad[0]} is outside the vocabulary", "prompt")
+        settings = api.check_sampled(body, len(ids), service.context, 16, logprobs)
+        return await _respond(service, ids, settings, body.stream, "text_completion", api.new_id("cmpl"))
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: api.ChatRequest):
+        _check_model(service, body.model)
+        logprobs = api.chat_logprobs(body)
+        if body.max_tokens is None:
+            body.max_tokens = body.max_completion_tokens
+        try:
+            ids = format_chat(service.tokenizer, api.chat_messages(body))
+        except ValueError as err:
+            raise api.ApiError(400, str(err), "messages") from None
+        settings = api.check_sampled(body, len(ids), service.context, None, logprobs)
+        return await _respond(service, ids, settings, body.stream, "chat.completion", api.new_id("chatcmpl"))
+
+    async def _respond(service, ids, settings, stream, kind, request_id):
+        pieces = _pieces(service, *_submit(service, ids, settings), settings)
+        if stream:
+            return StreamingResponse(_stream(service, pieces, kind, request_id, len(ids), settings),
+                                     media_type="text/event-stream")
+        return await _collect(service, pieces, kind, request_id, len(ids), settings)
+
+    return _Guard(app, service)
+
+
+@dataclasses.dataclass
+class _Piece:
+    text: str
+    tokens: list  # the Tokens this piece reports logprobs for (stop tokens excluded)
+    finish: str | None
+    generated: int  # tokens generated so far, stop token included
+
+
+def _submit(service: Service, ids: list[int], settings):
+    """Queue a generation (before any answer starts, so a refusal gets its own status);
+    returns (the batcher's Request, the asyncio queue its events arrive on)."""
+    from infer import openai_api as api
+    from infer.batcher import Request
+
+    batcher = service.batcher
+    if batcher.error is not None:
+        raise api.ApiError(503, "the generation worker failed; restart the server", kind="server_error")
+    if batcher.load()["waiting"] >= service.max_waiting:
+        raise api.ApiError(429, "too many requests are waiting; retry later", kind="rate_limit_error")
+    loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+    seed = secrets.randbelow(api.INT32) if settings.seed is None else settings.seed
+    request = Request(ids, settings.max_tokens, settings.sampling, seed,
+                      emit=lambda event: loop.call_soon_threadsafe(queue.put_nowait, event))
+    try:
+        batcher.submit(request)
+    except RuntimeError:
+        raise api.ApiError(503, "the server is shutting down", kind="server_error") from None
+    return request, queue
+
+
+async def _pieces(service: Service, request, queue, settings):
+    """A request's text as it is generated: `_Piece`s, the last one with its finish reason."""
+    from infer import openai_api as api
+    from infer.batcher import Finished
+
+    tokenizer = service.tokenizer
+    text = api.TextStream(tokenizer, tokenizer.stop_ids, settings.stops)
+    eom = tokenizer.token_id("<|eom_id|>") if tokenizer.generation == "llama3" else None
+    generated, last = 0, None
+    try:
+        while True:
+            event = await queue.get()
+            if isinstance(event, Finished):
+                if event.reason == "error":
+                    raise api.ApiError(500, "the generation worker failed", kind="server_error")
+                reason = "tool_calls" if event.reason == "stop" and last == eom else event.reason
+                yield _Piece(text.finish(), [], reason, generated)
+                return
+            generated, last = generated + 1, event.id
+            delta = text.add(event)
+            shown = [] if event.id in tokenizer.stop_ids else [event]
+            if text.stopped:
+                yield _Piece(delta, shown, "stop", generated)
+                return
+            yield _Piece(delta, shown, None, generated)
+    finally:
+        request.cancelled = True  # no-op once finished; frees the slot if the client left
+
+
+def _choice(kind: str, text: str, finish, tokens, settings, tokenizer, offset: int = 0, delta: bool = False) -> dict:
+    from infer import openai_api as api
+
+    if kind.startswith("chat"):
+        key = "delta" if delta else "message"
+        logprobs = None if settings.logprobs is None else api.chat_logprob_entries(tokenizer, tokens, settings.logprobs)
+        return {"index": 0, key: {"role": "assistant", "content": text}, "logprobs": logprobs, "finish_reason": finish}
+    logprobs = None if settings.logprobs is None else api.completion_logprob_entries(
+        tokenizer, tokens, settings.logprobs, offset)
+    return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
+
+
+async def _collect(service, pieces, kind, request_id, prompt_tokens, settings):
+    from infer import openai_api as api
+
+    text, tokens = [], []
+    async with contextlib.aclosing(pieces):
+        async for piece in pieces:
+            text.append(piece.text)
+            tokens += piece.tokens
+    choice = _choice(kind, "".join(text), piece.finish, tokens, settings, service.tokenizer)
+    return {"id": request_id, "object": kind, "created": api.now(), "model": service.model_name,
+            "choices": [choice], "usage": api.usage(prompt_tokens, piece.generated)}
+
+
+async def _stream(service, pieces, kind, request_id, prompt_tokens, settings):
+    """Server-sent events: one chunk per piece, then one with `usage` and no choices, then [DONE]."""
+    from infer import openai_api as api
+
+    head = {"id": request_id, "object": kind + ".chunk" if kind.startswith("chat") else kind,
+            "created": api.now(), "model": service.model_name}
+    offset, generated = 0, 0
+    try:
+        async with contextlib.aclosing(pieces):  # a client that leaves closes it: its request is cancelled
+            async for piece in pieces:
+                if piece.text or piece.finish or (piece.tokens and settings.logprobs is not None):
+                    choice = _choice(kind, piece.text, piece.finish, piece.tokens, settings, service.tokenizer,
+                                     offset, delta=True)
+                    yield f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
+                offset, generated = offset + len(piece.text), piece.generated
+    except api.ApiError as err:  # the status is sent already: report it in the stream
+        yield f"data: {json.dumps(err.body())}\n\n"
+    yield f"data: {json.dumps({**head, 'choices': [], 'usage': api.usage(prompt_tokens, generated)})}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+def _check_model(service: Service, name: str) -> None:
+    from infer.openai_api import ApiError
+
+    if name != service.model_name:
+        raise ApiError(404, f"model {name!r} is not served here; this server serves {service.model_name!r} "
+                       "(GET /v1/models)", "model", "model_not_found")
+
+
+class _Guard:
+    """ASGI wrapper: the API key (every path but /health) and the request body's size."""
+
+    def __init__(self, app, service: Service):
+        self.app, self.service = app, service
+
+    async def __call__(self, scope, receive, send):
+        from infer.openai_api import ApiError
+
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        key = self.service.api_key
+        if key is not None and scope["path"] != "/health":
+            given = headers.get(b"authorization", b"").decode("latin-1")
+            if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+                return await _send(send, ApiError(401, "missing or wrong API key (send 'Authorization: Bearer KEY')",
+                                                  code="invalid_api_key"))
+        limit = self.service.max_body_bytes
+        length = headers.get(b"content-length")
+        if length is not None:
+            if not length.isdigit():
+                return await _send(send, ApiError(400, "Content-Length is not a number"))
+            if int(length) > limit:
+                return await _send(send, ApiError(413, f"the request body is over {limit} bytes"))
+            return await self.app(scope, receive, send)
+        body, more = b"", True  # no length given: read it here, within the bound
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > limit:
+                return await _send(send, ApiError(413, f"the request body is over {limit} bytes"))
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        return await self.app(scope, replay, send)
+
+
+async def _send(send, err) -> None:
+    payload = json.dumps(err.body()).encode()
+    await send({"type": "http.response.start", "status": err.status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
+    await send({"type": "http.response.body", "body": payload})
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,312 @@
+"""`python -m infer.serve` end to end: one server process on 127.0.0.1 (a tiny Llama 3 style
+Hugging Face directory, 4 decode slots, an API key), driven with the official `openai` client
+and httpx, and compared with `infer.generate` in this process. The last test stops the server
+with SIGTERM."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import jax
+import numpy as np
+import openai
+import pytest
+
+from infer import generate, load_model
+from llama_jax.chat import format_chat
+from llama_jax.config import ModelConfig
+from llama_jax.tokenizer import load_tokenizer
+from llama_jax.tokenizer_training import train_bpe
+from tiny import hf_model
+
+REPO = Path(__file__).resolve().parent.parent
+CORPUS = ["The llama is a domesticated South American camelid, used as a pack animal.",
+          "Llamas are social animals and live with others as a herd.",
+          "def add(a, b):\n    return a + b\n", "What is the capital of Norway? Oslo."] * 30
+CONTEXT = 128
+KEY = "test-key-123"
+MODEL = "tiny-llama3"
+CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "What is the capital?"}]
+LONG = 100  # tokens of the long request (its prompt runs to this length greedily, checked)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    directory = tmp_path_factory.mktemp(MODEL)
+    train_bpe(CORPUS, 400, directory / "tokenizer.model")
+    config = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128,
+                         vocab_size=load_tokenizer(directory).vocab_size, rope_theta=500000.0, max_seq_len=CONTEXT)
+    hf_model(config, seed=1).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    """(config, params, tokenizer) loaded here, for `generate`."""
+    return load_model(checkpoint)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, request):
+    port = free_port()
+    env = dict(os.environ, LLAMA_JAX_API_KEY=KEY)
+    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")
+    process = subprocess.Popen([sys.executable, "-m", "infer.serve", "--checkpoint", str(checkpoint),
+                                "--model-name", MODEL, "--port", str(port), "--max-batch", "4",
+                                "--max-body-bytes", "65536", "--shutdown-timeout", "20",
+                                # one decode step per call: a long request spans many calls
+                                "--steps-per-call", "1"],
+                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    request.getfixturevalue("reference")  # loads here while the server compiles
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.5)
+    else:
+        process.kill()
+        pytest.fail(f"the server did not start: {process.communicate()[0]}")
+    yield process, base
+    if process.poll() is None:
+        process.kill()
+    process.communicate()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server[1]}/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def health(server) -> dict:
+    return httpx.get(f"{server[1]}/health", timeout=10).json()
+
+
+def post(server, path, body, key=KEY, **kwargs):
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"} if key else {}
+    return httpx.post(f"{server[1]}{path}", headers=headers, timeout=60, **kwargs,
+                      **({"json": body} if not isinstance(body, (bytes, str)) else {"content": body}))
+
+
+def prompt_ids(n: int, seed: int) -> list[int]:
+    return np.random.default_rng(seed).integers(0, 400, n).tolist()
+
+
+def stream_text(stream) -> tuple[str, str | None]:
+    text, finish = [], None
+    for chunk in stream:
+        for choice in chunk.choices:
+            piece = choice.delta.content if hasattr(choice, "delta") else choice.text
+            text.append(piece or "")
+            finish = choice.finish_reason or finish
+    return "".join(text), finish
+
+
+def test_a_greedy_chat_completion_equals_generate_streamed_and_not(client, reference):
+    config, params, tokenizer = reference
+    ids = format_chat(tokenizer, CHAT)
+    expected = generate(params, tokenizer, [ids], max_new_tokens=24, config=config)[0]
+    answer = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=24, temperature=0)
+    assert answer.choices[0].message.content == expected.text
+    assert answer.choices[0].finish_reason == expected.finish_reason
+    assert answer.usage.prompt_tokens == len(ids)
+    assert answer.usage.completion_tokens == len(expected.tokens) + (expected.finish_reason == "stop")
+    streamed = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=24, temperature=0, stream=True)
+    assert stream_text(streamed) == (expected.text, expected.finish_reason)
+
+
+def test_a_tool_result_is_the_ipython_turn_of_llama_3_1(client, reference):
+    config, params, tokenizer = reference
+    call = [*CHAT, {"role": "tool", "content": "{\"capital\": \"Oslo\"}"}]
+    ids = format_chat(tokenizer, [*CHAT, {"role": "ipython", "content": call[-1]["content"]}])
+    assert tokenizer.token_id("<|eom_id|>") in tokenizer.stop_ids  # a tool call ends at <|eom_id|>
+    expected = generate(params, tokenizer, [ids], max_new_tokens=8, config=config)[0]
+    answer = client.chat.completions.create(model=MODEL, messages=call, max_tokens=8, temperature=0)
+    assert answer.usage.prompt_tokens == len(ids) and answer.choices[0].message.content == expected.text
+
+
+def test_concurrent_requests_of_mixed_lengths_each_equal_their_greedy_result(client, server, reference):
+    config, params, tokenizer = reference
+    lengths = [3, 9, 17, 30, 45, 60, 80, 100] * 4  # 32 requests, four prompt buckets
+    limits = [4, 9, 16, 25]
+    jobs = [(prompt_ids(n, i), limits[i % 4]) for i, n in enumerate(lengths)]
+    expected = {}
+    for limit in limits:  # ragged batches of `generate` equal its single-row results (test_generate.py)
+        group = [ids for ids, m in jobs if m == limit]
+        for ids, result in zip(group, generate(params, tokenizer, group, max_new_tokens=limit, config=config)):
+            expected[tuple(ids)] = result.text
+    calls_before = health(server)["decode_calls"]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        answers = list(pool.map(lambda job: client.completions.create(
+            model=MODEL, prompt=job[0], max_tokens=job[1], temperature=0), jobs))
+    assert [a.choices[0].text for a in answers] == [expected[tuple(ids)] for ids, _ in jobs]
+    # One request alone needs a decode call per token after the first; the slots shared
+    # calls if the whole burst needed fewer.
+    alone = sum(a.usage.completion_tokens - 1 for a in answers)
+    assert health(server)["decode_calls"] - calls_before < alone / 2
+
+
+def test_short_requests_finish_while_a_long_one_streams(client, reference):
+    config, params, tokenizer = reference
+    long_prompt = prompt_ids(20, 99)
+    assert generate(params, tokenizer, [long_prompt], max_new_tokens=LONG, config=config)[0].finish_reason == "length"
+    stream = client.completions.create(model=MODEL, prompt=long_prompt, max_tokens=LONG, temperature=0, stream=True)
+    chunks = iter(stream)
+    next(chunks)
+    with ThreadPoolExecutor(3) as pool:
+        shorts = [pool.submit(client.completions.create, model=MODEL, prompt=prompt_ids(5, i), max_tokens=3,
+                              temperature=0) for i in range(3)]
+        rest = list(chunks)  # the long stream, read to its end after the short ones were sent
+        finished = [s.done() for s in shorts]
+    assert all(finished), f"short requests should end before a {LONG}-token request started ahead of them"
+    assert [c.choices[0].finish_reason for c in rest if c.choices][-1] == "length"
+
+
+def test_stop_strings_cut_the_text_streamed_and_not(client, reference):
+    config, params, tokenizer = reference
+    prompt = prompt_ids(12, 5)
+    full = generate(params, tokenizer, [prompt], max_new_tokens=30, config=config)[0].text
+    stop = full[8:11]
+    assert stop and full.index(stop) >= 1
+    answer = client.completions.create(model=MODEL, prompt=prompt, max_tokens=30, temperature=0, stop=[stop, "zzzz"])
+    assert (answer.choices[0].text, answer.choices[0].finish_reason) == (full[:full.index(stop)], "stop")
+    streamed = client.completions.create(model=MODEL, prompt=prompt, max_tokens=30, temperature=0, stop=stop,
+                                         stream=True)
+    assert stream_text(streamed) == (full[:full.index(stop)], "stop")
+
+
+def test_a_seed_reproduces_a_sampled_answer_and_equals_generate(client, reference):
+    config, params, tokenizer = reference
+    prompt = prompt_ids(10, 7)
+    expected = generate(params, tokenizer, [prompt], max_new_tokens=20, temperature=0.9, seed=3, config=config)[0]
+
+    def sampled(seed, **extra):
+        return client.completions.create(model=MODEL, prompt=prompt, max_tokens=20, temperature=0.9, seed=seed,
+                                         **extra).choices[0].text
+
+    assert sampled(3) == sampled(3) == expected.text
+    assert sampled(4) != expected.text
+    filtered = dict(top_p=0.8, extra_body={"top_k": 20})
+    assert sampled(5, **filtered) == sampled(5, **filtered)
+
+
+def test_logprobs_equal_log_softmax_of_generate_logits(client, reference):
+    config, params, tokenizer = reference
+    prompt = prompt_ids(15, 11)
+    expected = generate(params, tokenizer, [prompt], max_new_tokens=10, config=config, return_logits=True)[0]
+    logprobs_nv = np.asarray(jax.nn.log_softmax(expected.logits, axis=-1))
+    answer = client.completions.create(model=MODEL, prompt=prompt, max_tokens=10, temperature=0, logprobs=3)
+    got = answer.choices[0].logprobs
+    n = len(expected.tokens)
+    np.testing.assert_allclose(got.token_logprobs[:n], logprobs_nv[np.arange(n), expected.tokens], atol=1e-5)
+    for step in range(n):
+        top = np.argsort(-logprobs_nv[step])[:3]
+        assert list(got.top_logprobs[step].values()) == pytest.approx(logprobs_nv[step, top].tolist(), abs=1e-5)
+    chat = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=5, temperature=0, logprobs=True,
+                                          top_logprobs=2)
+    for entry in chat.choices[0].logprobs.content:
+        assert entry.logprob == entry.top_logprobs[0].logprob and len(entry.top_logprobs) == 2
+
+
+def test_traffic_of_every_kind_triggers_no_compile(client, server):
+    before = health(server)["compiles"]
+    for i, (n, settings) in enumerate([(2, {}), (20, {"temperature": 0.7, "top_p": 0.9}),
+                                       (60, {"temperature": 1.2, "extra_body": {"top_k": 5}}),
+                                       (125, {"temperature": 0, "logprobs": 5})]):
+        client.completions.create(model=MODEL, prompt=prompt_ids(n, i), max_tokens=3, **settings)
+    assert health(server)["compiles"] == before
+
+
+@pytest.mark.parametrize("body, status, fragment", [
+    ('{"model": "tiny-llama3", "prompt": "hi",', 400, "not valid JSON"),
+    ({"model": "gpt-4", "prompt": "hi"}, 404, "model 'gpt-4' is not served here"),
+    ({"model": MODEL, "prompt": list(range(300))}, 400, "context is 128 tokens"),
+    ({"model": MODEL, "prompt": "hi", "temperature": -1}, 400, "temperature must be in [0, 2]"),
+    ({"model": MODEL, "prompt": "hi", "top_p": 0}, 400, "top_p must be in (0, 1]"),
+    ({"model": MODEL, "prompt": "hi", "top_k": -5}, 400, "top_k must be a positive integer"),
+    ({"model": MODEL, "prompt": "hi", "temperature": "hot"}, 400, "temperature: Input should be a valid number"),
+    ({"model": MODEL, "prompt": "hi", "max_tokens": 200}, 400, "ask for at most"),
+    ({"model": MODEL, "prompt": "hi", "n": 2}, 400, "n must be 1"),
+    ({"model": MODEL, "prompt": "hi", "logprobs": 9}, 400, "logprobs must be in [0, 5]"),
+    ({"model": MODEL, "prompt": [10**6]}, 400, "outside the vocabulary"),
+])
+def test_a_bad_request_gets_its_4xx_and_the_next_one_succeeds(server, body, status, fragment):
+    answer = post(server, "/v1/completions", body)
+    assert answer.status_code == status, answer.text
+    error = answer.json()["error"]
+    assert fragment in error["message"] and error["type"] == "invalid_request_error"
+    good = post(server, "/v1/completions", {"model": MODEL, "prompt": "The llama", "max_tokens": 2})
+    assert good.status_code == 200 and good.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_bad_chat_messages_get_400(server):
+    answer = post(server, "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "robot", "content": "x"}]})
+    assert answer.status_code == 400 and "role 'robot' is not one of" in answer.json()["error"]["message"]
+
+
+def test_without_the_api_key_every_endpoint_but_health_answers_401(server):
+    body = {"model": MODEL, "prompt": "The llama", "max_tokens": 2}
+    for key in (None, "wrong-key"):
+        for answer in (post(server, "/v1/completions", body, key=key),
+                       httpx.get(f"{server[1]}/v1/models", headers={"Authorization": f"Bearer {key}"} if key else {})):
+            assert answer.status_code == 401 and answer.json()["error"]["code"] == "invalid_api_key"
+            assert "choices" not in answer.text
+    assert httpx.get(f"{server[1]}/health").status_code == 200
+    models = httpx.get(f"{server[1]}/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert [m["id"] for m in models["data"]] == [MODEL]
+
+
+def test_an_oversized_body_gets_413(server):
+    answer = post(server, "/v1/completions", {"model": MODEL, "prompt": "llama " * 20000})
+    assert answer.status_code == 413 and "over 65536 bytes" in answer.json()["error"]["message"]
+
+
+def test_a_client_that_drops_a_stream_frees_its_slot(client, server):
+    before = health(server)["cancelled"]
+    with httpx.stream("POST", f"{server[1]}/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                      json={"model": MODEL, "prompt": prompt_ids(20, 99), "max_tokens": LONG, "temperature": 0,
+                            "stream": True}, timeout=60) as answer:
+        lines = answer.iter_lines()
+        assert next(lines).startswith("data: ")
+    deadline = time.time() + 20
+    while health(server)["cancelled"] == before and time.time() < deadline:
+        time.sleep(0.05)
+    assert health(server)["cancelled"] == before + 1 and health(server)["running"] == 0
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda i: client.completions.create(model=MODEL, prompt=prompt_ids(4, i), max_tokens=3),
+                                range(32)))
+    assert all(a.usage.completion_tokens >= 1 for a in answers)
+
+
+def test_sigterm_during_a_stream_completes_it_and_exits_0(server, reference):
+    """Last: it stops the module's server."""
+    config, params, tokenizer = reference
+    prompt = prompt_ids(20, 99)
+    expected = generate(params, tokenizer, [prompt], max_new_tokens=LONG, config=config)[0].text
+    process, base = server
+    text = []
+    with httpx.stream("POST", f"{base}/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                      json={"model": MODEL, "prompt": prompt, "max_tokens": LONG, "temperature": 0, "stream": True},
+                      timeout=60) as answer:
+        for i, line in enumerate(answer.iter_lines()):
+            if i == 0:
+                process.send_signal(signal.SIGTERM)
+            if line.startswith("data: {"):
+                text += [c["text"] for c in json.loads(line[6:])["choices"]]
+    assert "".join(text) == expected
+    assert process.wait(timeout=30) == 0
