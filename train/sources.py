@@ -97,7 +97,7 @@ class TextDocuments:
         """`file:line` of document i, for messages."""
         return f"{self.files[self._file[i]]}:{self._line[i]}"
 
-    def file(self, i: int) -> Path:
+    def file(self, i: int) -> epath.Path:
         """The file document i is in."""
         return self.files[self._file[i]]
 
