@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
+
+from llama_jax.paths import check_bucket, user_path
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -80,7 +81,7 @@ def main(argv=None) -> int:
     except ValueError as err:  # ConfigError, LayoutError, CheckpointFileError are ValueErrors
         _fail(err)
     except OSError as err:
-        _fail(f"{err.filename or ''}: {err.strerror or err}")
+        _fail(f"{err.filename}: {err.strerror or err}" if err.filename else err)
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
@@ -97,7 +98,8 @@ def _run(args) -> int:
     from sharding.layout import load_layout
 
     # Cheap checks first, so bad input fails before anything loads or compiles.
-    if not Path(args.checkpoint).is_dir():
+    check_bucket(args.checkpoint)  # a gs:// path: bucket and credentials, in one line
+    if not user_path(args.checkpoint).is_dir():
         raise ValueError(f"{args.checkpoint}: checkpoint directory not found")
     if args.layout is not None:
         load_layout(args.layout)
@@ -162,7 +164,7 @@ def _read_prompt(args) -> str | None:
     """
     if args.prompt_file is not None:
         try:
-            raw, source = Path(args.prompt_file).read_bytes(), args.prompt_file
+            raw, source = user_path(args.prompt_file).read_bytes(), args.prompt_file
         except OSError as err:
             raise ValueError(f"--prompt-file {args.prompt_file}: {err.strerror}") from None
     elif args.prompt == "-":

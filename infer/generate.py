@@ -25,13 +25,14 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import numpy as np
+from etils import epath
 
 from infer.engine import Engine, engine_for
 from llama_jax.sampling import Sampling
 from llama_jax.config import ModelConfig
+from llama_jax.paths import user_path
 from llama_jax.safetensors_io import CheckpointFileError
 from llama_jax.tokenizer import StreamDecoder, Tokenizer, load_tokenizer
 from sharding.layout import Layout
@@ -168,7 +169,7 @@ def load_model(path: str | os.PathLike, layout: str | Layout | None = None,
     """
     from llama_jax.weights import load_params
 
-    path = Path(path)
+    path = user_path(path)
     config = serving_config(checkpoint_config(path), dtype=dtype, attention=attention, quantize=quantize,
                             kv_cache_dtype=kv_cache_dtype)
     engine = _engine(config, layout)
@@ -219,7 +220,7 @@ def _engine(config: ModelConfig, layout: str | Layout | None) -> Engine:
     return Engine(config, layout)
 
 
-def _find_tokenizer(path: Path) -> Path:
+def _find_tokenizer(path: epath.Path) -> epath.Path:
     for directory in (path, path.parent):
         if any((directory / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
             return directory

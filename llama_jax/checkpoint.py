@@ -12,6 +12,8 @@ Layout of a checkpoint directory (managed by `orbax.checkpoint.CheckpointManager
         config/metadata          item "config": JSON of ModelConfig.to_dict()
         _CHECKPOINT_METADATA     orbax's step metadata
       <step>.orbax-checkpoint-tmp*/   a save in progress (ignored)
+        ...                      (on gs://, a save in progress is <step>/ without
+                                 commit_success.txt, which ends every save)
 
 Training adds its own items (optimizer state, data-iterator state) to the same
 steps; readers here touch only "params" and "config". Arrays restore onto any
@@ -35,10 +37,12 @@ from etils import epath
 
 from llama_jax.config import ModelConfig
 from llama_jax.params import abstract_params, partition, stack_layers, stacked_layers, unstack_layers
+from llama_jax.paths import user_path
 
 PARAMS = "params"
 CONFIG = "config"
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
+COMMIT_SUCCESS = "commit_success.txt"  # written last into every step orbax saves
 # Fields that define the function a checkpoint computes and the leaves it stores
 # (quantised weights are stored as such). An explicit config given to
 # restore_params must agree on these; its other fields (dtypes, remat,
@@ -107,7 +111,7 @@ def restore_params(directory, step: int | None = None, shardings=None, config: M
     target = jax.tree_util.tree_map_with_path(_placed, target, shardings)
     try:
         with ocp.StandardCheckpointer() as checkpointer:
-            params = checkpointer.restore(_step_dir(directory, step).absolute() / PARAMS, target)
+            params = checkpointer.restore(_step_dir(directory, step) / PARAMS, target)
     except Exception as err:  # noqa: BLE001 - orbax/tensorstore raise plain Exceptions for corrupt data
         raise CheckpointError(f"{_step_dir(directory, step)}: cannot restore params ({first_line(err)})") from None
     if not config.scan_layers:
@@ -124,13 +128,15 @@ def latest_step(directory) -> int | None:
 def all_steps(directory) -> list[int]:
     """Every complete step in `directory`, ascending (empty if the directory is missing).
 
-    Steps are the directories named by a number; saves in progress carry a
-    suffix (orbax renames them when complete).
+    Steps are the directories named by a number that orbax counts as finalized:
+    locally a save in progress carries a suffix (renamed when complete); on
+    gs://, which cannot rename, it is written in place and finalized by its
+    commit_success.txt, so a step directory without one is a save cut short.
     """
-    directory = epath.Path(directory)
+    directory = user_path(directory)
     if not directory.is_dir():
         return []
-    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
+    return sorted(ocp.step.checkpoint_steps(directory))
 
 
 def read_config(directory, step: int | None = None) -> ModelConfig:
@@ -148,16 +154,16 @@ def read_config(directory, step: int | None = None) -> ModelConfig:
 # ---------------------------------------------------------------- helpers
 
 def _manager(directory) -> ocp.CheckpointManager:
-    return ocp.CheckpointManager(epath.Path(directory).absolute())
+    return ocp.CheckpointManager(user_path(directory))
 
 
 def _step_dir(directory, step: int) -> epath.Path:
-    return epath.Path(directory) / str(step)
+    return user_path(directory) / str(step)  # absolute, as orbax wants; gs:// as it is
 
 
 def resolve_step(directory, step: int | None) -> int:
     """`step` if it is a complete step of `directory`, the latest one if None; else CheckpointError."""
-    if not epath.Path(directory).is_dir():
+    if not user_path(directory).is_dir():
         raise CheckpointError(f"{directory}: checkpoint directory not found")
     steps = all_steps(directory)
     if step is None:

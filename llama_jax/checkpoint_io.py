@@ -24,10 +24,11 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from etils import epath
 
-from llama_jax.checkpoint import (CONFIG, PARAMS, TMP_SUFFIX, CheckpointError, first_line, is_stacked,
-                                  named_leaves, read_config, require_item, resolve_step)
+from llama_jax.checkpoint import (COMMIT_SUCCESS, CONFIG, PARAMS, TMP_SUFFIX, CheckpointError, first_line,
+                                  is_stacked, named_leaves, read_config, require_item, resolve_step)
 from llama_jax.config import ModelConfig, numpy_dtype
 from llama_jax.params import abstract_params
+from llama_jax.paths import user_path
 
 # glibc's malloc_trim, where the C library has one (Linux); see release_freed_memory.
 _MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None)
@@ -49,7 +50,7 @@ class ParamsWriter:
 
     def __init__(self, directory, config: ModelConfig, step: int = 0):
         self.config = config.replace(scan_layers=True)
-        self.directory = epath.Path(directory)
+        self.directory = user_path(directory)
         self.final_dir = self.directory / str(step)
         if self.final_dir.exists():
             raise CheckpointError(f"{self.final_dir}: step {step} already exists")
@@ -120,6 +121,8 @@ class ParamsWriter:
                               CONFIG: _qualname(ocp.JsonCheckpointHandler)},
             "metrics": {}, "performance_metrics": {}, "init_timestamp_nsecs": self._started,
             "commit_timestamp_nsecs": time.time_ns(), "custom_metadata": {}}))
+        # orbax's mark of a finished save: on gs:// (no atomic rename) the only one it reads.
+        (self.step_dir / COMMIT_SUCCESS).write_text(f"Checkpoint commit was successful to {self.final_dir}")
         self.step_dir.rename(self.final_dir)
 
     def __enter__(self):
@@ -153,7 +156,7 @@ class ParamsReader:
     def __init__(self, directory, step: int | None = None):
         step = resolve_step(directory, step)
         self.config = read_config(directory, step).replace(scan_layers=True)
-        self.params_dir = require_item(directory, step, PARAMS).absolute()  # orbax wants absolute paths
+        self.params_dir = require_item(directory, step, PARAMS)  # absolute (or gs://), as orbax wants
         try:
             metadata = json.loads((self.params_dir / "_METADATA").read_text())
         except (FileNotFoundError, json.JSONDecodeError) as err:

@@ -12,12 +12,13 @@ from __future__ import annotations
 import functools
 import json
 import math
-from pathlib import Path
+import os
 from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
 from llama_jax.config import ConfigError, ModelConfig, RopeScaling
+from llama_jax.paths import user_path
 from llama_jax.safetensors_io import CheckpointFileError, SafetensorsCheckpoint
 
 
@@ -195,9 +196,9 @@ def config_to_hf(config: ModelConfig, torch_dtype: str = "float32") -> dict[str,
     }
 
 
-def read_hf_config(directory: str | Path, **overrides) -> ModelConfig:
+def read_hf_config(directory: str | os.PathLike, **overrides) -> ModelConfig:
     """Our ModelConfig from `directory/config.json`."""
-    path = Path(directory) / "config.json"
+    path = user_path(directory) / "config.json"
     if not path.is_file():
         raise CheckpointFileError(f"{path}: file not found")
     try:
@@ -207,13 +208,13 @@ def read_hf_config(directory: str | Path, **overrides) -> ModelConfig:
     if hf.get("model_type") == "mllama":
         from llama_jax.vision.hf import config_from_mllama
 
-        return config_from_mllama(hf, Path(directory), **overrides)
+        return config_from_mllama(hf, user_path(directory), **overrides)
     return config_from_hf(hf, **overrides)
 
 
 # ---------------------------------------------------------------- weights
 
-def read_hf_tensors(directory: str | Path, config: ModelConfig, tensors: Sequence[HFTensor] | None = None
+def read_hf_tensors(directory: str | os.PathLike, config: ModelConfig, tensors: Sequence[HFTensor] | None = None
                     ) -> Iterator[tuple[tuple[str, ...], int | None, np.ndarray]]:
     """Yield (our path in scan layout, index along its stacked axis or None, array in our layout).
 
@@ -245,7 +246,7 @@ def read_hf_tensors(directory: str | Path, config: ModelConfig, tensors: Sequenc
         yield t.path, t.index, weight
 
 
-def load_hf_params(directory: str | Path, config: ModelConfig | None = None, dtype=None, shardings=None):
+def load_hf_params(directory: str | os.PathLike, config: ModelConfig | None = None, dtype=None, shardings=None):
     """Read a HF checkpoint directory into our parameter tree, tensor by tensor.
 
     Returns (config, params). config: the target (param_dtype, quantize,
@@ -267,7 +268,7 @@ def load_hf_params(directory: str | Path, config: ModelConfig | None = None, dty
     return config, builder.params()
 
 
-def hf_weights(directory: str | Path, config: ModelConfig) -> Iterator[tuple[tuple[str, ...], int | None, np.ndarray]]:
+def hf_weights(directory: str | os.PathLike, config: ModelConfig) -> Iterator[tuple[tuple[str, ...], int | None, np.ndarray]]:
     """Every weight as `read_hf_tensors` yields them, at its place in `config`'s tree (stacked or
     unrolled), one tensor per step, holding no reference to it while suspended: once the
     caller drops (or converts) a tensor it is freed, so a streaming reader holds one at a time."""

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
-from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+
+from llama_jax.paths import open_ranged, user_path
 
 DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -32,12 +34,12 @@ class CheckpointFileError(ValueError):
 class SafetensorsFile:
     """Lazy access to the tensors of one `.safetensors` file."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+    def __init__(self, path: str | os.PathLike):
+        self.path = user_path(path)
         if not self.path.is_file():
             raise CheckpointFileError(f"{self.path}: file not found")
-        size = self.path.stat().st_size
-        with open(self.path, "rb") as f:
+        size = self.path.stat().length
+        with open_ranged(self.path) as f:
             head = f.read(8)
             if len(head) < 8:
                 raise CheckpointFileError(f"{self.path}: truncated safetensors file (no header)")
@@ -76,7 +78,7 @@ class SafetensorsFile:
             skip = rows[0] * math.prod(shape[1:]) * np.dtype(dtype).itemsize
             shape[0] = rows[1] - rows[0]
         array = np.empty(shape, dtype)
-        with open(self.path, "rb") as f:  # the byte range was checked against the file size on opening
+        with open_ranged(self.path) as f:  # the byte range was checked against the file size on opening
             f.seek(self._data_start + entry["data_offsets"][0] + skip)
             f.readinto(array.reshape(-1).view(np.uint8))
         return array
@@ -85,8 +87,8 @@ class SafetensorsFile:
 class SafetensorsCheckpoint:
     """All tensors of a Hugging Face checkpoint directory: one file or an index of shards."""
 
-    def __init__(self, directory: str | Path):
-        directory = Path(directory)
+    def __init__(self, directory: str | os.PathLike):
+        directory = user_path(directory)
         index_path = directory / "model.safetensors.index.json"
         if index_path.is_file():
             try:

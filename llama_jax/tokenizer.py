@@ -20,11 +20,13 @@ import json
 import os
 import re
 from collections.abc import Iterable
-from pathlib import Path
 
 import sentencepiece as spm
 import tiktoken
 import tokenizers
+from etils import epath
+
+from llama_jax.paths import check_bucket, user_path
 
 # Meta's Llama 3 pre-tokenizer regex (`pat_str`), see REFERENCE.md.
 LLAMA3_PATTERN = (
@@ -188,7 +190,7 @@ class TiktokenTokenizer(Tokenizer):
             raise ValueError(f"{source}: no token for byte 0x{missing[0]:02x}; each byte needs one")
         self._specials = {s: n + i for i, s in enumerate(llama3_special_tokens())}
         self._enc = tiktoken.Encoding(
-            name=Path(source).name,
+            name=os.path.basename(source),
             pat_str=LLAMA3_PATTERN,
             mergeable_ranks=ranks,
             special_tokens=self._specials,
@@ -205,7 +207,7 @@ class TiktokenTokenizer(Tokenizer):
     def from_file(cls, path: str | os.PathLike) -> TiktokenTokenizer:
         """Load a `base64token rank` file; ValueError naming the file if it is not one."""
         try:
-            ranks = _parse_ranks(Path(path).read_bytes())
+            ranks = _parse_ranks(user_path(path).read_bytes())
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
         return cls(ranks, str(path))
@@ -268,9 +270,9 @@ class HFTokenizer(Tokenizer):
     """
 
     def __init__(self, path: str | os.PathLike):
-        path = Path(path)
+        path = user_path(path)
         try:
-            self._tok = tokenizers.Tokenizer.from_file(str(path))
+            self._tok = tokenizers.Tokenizer.from_str(path.read_text(encoding="utf-8"))
         except Exception as e:  # tokenizers raises a bare Exception on bad JSON
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise ValueError(f"{path}: not a Hugging Face tokenizer.json ({reason})") from None
@@ -326,7 +328,7 @@ class HFTokenizer(Tokenizer):
         return self._tok.decode(ids, skip_special_tokens=False)
 
 
-def _read_tokenizer_config(path: Path) -> dict[str, str]:
+def _read_tokenizer_config(path: epath.Path) -> dict[str, str]:
     """bos/eos/pad token strings from a tokenizer_config.json, if it exists."""
     if not path.is_file():
         return {}
@@ -351,8 +353,10 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     `tokenizer.model`. A `.json` file loads as Hugging Face; any other file
     as SentencePiece if it parses as one, else as a tiktoken rank file.
     Raises ValueError with one line naming the file when nothing fits.
+    Local or gs:// (llama_jax/paths.py).
     """
-    path = Path(path)
+    path = user_path(path)
+    check_bucket(path)
     if path.is_dir():
         found = [path / n for n in ("tokenizer.json", "tokenizer.model") if (path / n).is_file()]
         if not found:

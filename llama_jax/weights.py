@@ -24,6 +24,7 @@ from llama_jax.checkpoint import CheckpointError, architecture_mismatch
 from llama_jax.config import ModelConfig
 from llama_jax.lora import is_adapter
 from llama_jax.params import join, partition
+from llama_jax.paths import check_bucket, user_path
 from llama_jax.vision.model import is_image_adapter
 
 BASE = "base"  # item of a LoRA (or vision adapter) run: {"path": the weights its adapters adapt}
@@ -32,7 +33,8 @@ BASE = "base"  # item of a LoRA (or vision adapter) run: {"path": the weights it
 def resolve(source) -> tuple[str, epath.Path]:
     """("hf" | "ours", directory) for a Hugging Face directory, our checkpoint directory, or a
     training run directory (its `checkpoints/`)."""
-    path = epath.Path(source)
+    check_bucket(source)
+    path = user_path(source)
     if not path.is_dir():
         raise CheckpointError(f"{source}: directory not found")
     if (path / "config.json").is_file():

@@ -2,6 +2,17 @@
 
 import os
 
+import pytest
+
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def gcs():
+    """One Cloud Storage emulator on 127.0.0.1 for the whole session (tests/gcs_emulator.py)."""
+    from gcs_emulator import Emulator
+
+    with Emulator() as emulator:
+        yield emulator

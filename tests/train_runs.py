@@ -64,8 +64,10 @@ def start(command, log: Path, devices: int = 8, compilation_cache=None) -> subpr
 
 
 def metrics(run_dir) -> list[dict]:
-    """Every record of metrics.jsonl, in the order written (a resumed run appends)."""
-    path = Path(run_dir) / "metrics.jsonl"
+    """Every record of metrics.jsonl (local or gs://), in the order written (a resumed run appends)."""
+    from llama_jax.paths import user_path
+
+    path = user_path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
@@ -75,10 +77,14 @@ def wait_for_step(run_dir, step: int, process: subprocess.Popen, timeout: float 
                   saved: int | None = None) -> int:
     """Poll until metrics.jsonl shows `step` or later (and step `saved` is a complete
     checkpoint, if given); the latest step logged."""
+    from llama_jax.checkpoint import all_steps
+    from llama_jax.paths import user_path
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         rows = metrics(run_dir)
-        if rows and rows[-1]["step"] >= step and (saved is None or saved in steps_on_disk(run_dir)):
+        if rows and rows[-1]["step"] >= step and (
+                saved is None or saved in all_steps(user_path(run_dir) / "checkpoints")):
             return rows[-1]["step"]
         if process.poll() is not None:
             raise AssertionError(f"training exited with {process.returncode} before step {step}")
@@ -87,7 +93,9 @@ def wait_for_step(run_dir, step: int, process: subprocess.Popen, timeout: float 
 
 
 def steps_on_disk(run_dir) -> list[int]:
-    directory = Path(run_dir) / "checkpoints"
+    from llama_jax.paths import user_path
+
+    directory = user_path(run_dir) / "checkpoints"
     return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.exists() else []
 
 

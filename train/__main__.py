@@ -8,8 +8,8 @@ checkpoint. Bad input is one line on stderr and exit code 2; a diverged run
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from pathlib import Path
 
 
 def main(argv=None) -> int:
@@ -33,11 +33,13 @@ def main(argv=None) -> int:
 
     from llama_jax.checkpoint import CheckpointError
     from llama_jax.config import ConfigError
+    from llama_jax.paths import check_bucket, user_path
     from sharding.layout import LayoutError
     from train.checkpointing import resume_config
     from train.config import load_run_config
     from train.loop import loss_curve_png, train
     from train.nonfinite import DivergenceError
+    from train.runtime import CacheCounter, enable_compile_cache, tpu_env
 
     # orbax's notes, and asyncio's about futures of a failed save collected at exit,
     # would bury the one-line errors (a run logs them to <run_dir>/orbax.log).
@@ -46,10 +48,13 @@ def main(argv=None) -> int:
     try:
         if args.distributed:
             jax.distributed.initialize()
-        if Path(args.config).is_dir():
+        check_bucket(args.config)  # a gs:// run directory: bucket and credentials, in one line
+        if user_path(args.config).is_dir():
             run = resume_config(args.config, args.overrides)
         else:
             run = load_run_config(args.config, args.overrides)
+        os.environ.update(tpu_env(run.tpu_flags))  # read by libtpu when JAX starts its TPU backend
+        cache_dir, cache = enable_compile_cache(run.compile_cache), CacheCounter()
         summary = train(run, progress=not args.quiet)
     except (ConfigError, LayoutError, CheckpointError, ValueError, OSError) as err:
         print(f"train: error: {err}", file=sys.stderr)
@@ -72,6 +77,8 @@ def main(argv=None) -> int:
             elif "eval_loss" in metrics:
                 print(f"held-out: loss {metrics['eval_loss']:.4f}, token accuracy {metrics['eval_accuracy']:.1%}")
             print(f"loss curve: {loss_curve_png(summary['run_dir'])}")
+        if cache_dir is not None:
+            print(f"compile cache: {cache.hits} hits, {cache.misses} misses ({cache_dir})")
         if summary["preempted"]:
             print(f"preempted: saved step {summary['step']}; run the same command to resume")
     return 0

@@ -48,7 +48,6 @@ import os
 import re
 import signal
 import threading
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -59,6 +58,7 @@ from jax.experimental import multihost_utils
 
 from llama_jax.checkpoint import (CONFIG, PARAMS, TMP_SUFFIX, CheckpointError, architecture_mismatch,
                                   first_line, latest_step, read_config)
+from llama_jax.paths import user_path
 from llama_jax.weights import BASE
 from train.config import RunConfig, run_config_from_dict
 from train.data import checkpoint_restore_args, checkpoint_save_args
@@ -73,8 +73,8 @@ DATA_ORDER_FIELDS = ("source", "paths", "seq_len", "global_batch", "packing", "s
 TRAINING_ITEMS = (PARAMS, CONFIG, OPT_STATE, DATA)
 
 
-def checkpoint_dir(run: RunConfig) -> Path:
-    return Path(run.run_dir).absolute() / "checkpoints"
+def checkpoint_dir(run: RunConfig) -> epath.Path:
+    return user_path(run.run_dir) / "checkpoints"
 
 
 class Checkpointer:
@@ -182,7 +182,7 @@ class Checkpointer:
         step_array = jax.make_array_from_callback((), self.shardings.step, lambda _: np.int32(step))
         return state.replace(step=step_array, **arrays)
 
-    def _note_data_changes(self, step_dir: Path):
+    def _note_data_changes(self, step_dir: epath.Path):
         """Say so when the data settings differ from the checkpoint's: the saved
         position then no longer names the same rows (allowed, e.g. to change data mid-run)."""
         try:
@@ -205,7 +205,7 @@ class Checkpointer:
         they adapt, so the checkpoint loads whole (llama_jax.weights.load_params) and serves as it is."""
         if self.run.model.lora is None and self.run.model.vision is None:
             return {}
-        return {BASE: ocp.args.JsonSave({"path": str(epath.Path(self.run.init_from).absolute())})}
+        return {BASE: ocp.args.JsonSave({"path": str(user_path(self.run.init_from))})}
 
     def due(self, step: int, force: bool = False) -> bool:
         """Whether `maybe_save(step, ..., force)` would save."""
@@ -281,7 +281,7 @@ class Checkpointer:
         return CheckpointError(f"{self.directory}: saving step {step} failed ({_failure_reason(err)}); "
                                f"{last} (orbax's log: {self.logs.path})")
 
-    def _stored_checksums(self, step_dir: Path) -> dict | None:
+    def _stored_checksums(self, step_dir: epath.Path) -> dict | None:
         path = step_dir / CHECKSUMS / "metadata"
         if not path.exists():  # written before checksums existed
             return None
@@ -297,7 +297,7 @@ def resume_config(run_dir, overrides: list[str] = ()) -> RunConfig:
     `run_dir` becomes the directory given (it may have moved since), so
     `python -m train --config <run_dir> [steps=...]` continues that run.
     """
-    directory = Path(run_dir).absolute() / "checkpoints"
+    directory = user_path(run_dir) / "checkpoints"
     step = latest_step(directory)
     if step is None:
         raise CheckpointError(f"{run_dir}: no complete checkpoint to resume (give a run config instead)")

@@ -16,6 +16,9 @@ A run is a YAML file in `configs/runs/` (see `tiny_cpu.yaml`):
     on_nonfinite: stop               # or skip: what a NaN/inf loss or norm does (train/nonfinite.py)
     dpo: {beta: 0.1}                 # preference optimisation (train/dpo.py; data.source: preference)
     distill: {teacher: ckpt/8b, alpha: 0.5, temperature: 2.0}   # logit distillation (train/distill.py)
+    compile_cache: off               # or a directory (default: the user's cache dir; train/runtime.py)
+    tpu_flags: {xla_tpu_enable_async_collective_fusion: true}   # libtpu flags (not on CPU)
+    profile: {start_step: 10, steps: 3}                         # a jax.profiler trace in run_dir/profile
 
 Command-line overrides use dotted keys (`optimizer.learning_rate=1e-3`,
 `data.global_batch=32`, `steps=10`); values are parsed as YAML. An unknown
@@ -32,6 +35,7 @@ import yaml
 
 from llama_jax.config import ConfigError, ModelConfig, check_keys, load_model_config, read_config_file
 from train.data import DataConfig
+from train.runtime import COMPILE_CACHE_OFF, ProfileConfig, check_tpu_flags
 
 DECAYS = ("cosine", "linear", "constant")
 PROGRAMS = ("train", "decode", "prefill")  # what train.compile can build for a run
@@ -145,6 +149,9 @@ class RunConfig:
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     dpo: DpoConfig | None = None
     distill: DistillConfig | None = None
+    compile_cache: str | None = None  # train/runtime.py: None = the default cache dir, "off"
+    tpu_flags: dict[str, Any] = dataclasses.field(default_factory=dict)  # -> LIBTPU_INIT_ARGS
+    profile: ProfileConfig | None = None
 
     def __post_init__(self):
         for name in ("steps", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints"):
@@ -186,6 +193,11 @@ class RunConfig:
             raise ConfigError("dpo.reference: a LoRA run's reference is its base without adapters; unset it")
         if self.eval.every and not self.eval.paths and not self.data.holdout:
             raise ConfigError("eval.every: evaluation needs eval.paths or a data.holdout fraction")
+        if self.compile_cache is False:  # YAML reads a bare `off` as false
+            object.__setattr__(self, "compile_cache", COMPILE_CACHE_OFF)
+        if self.compile_cache is not None and (not isinstance(self.compile_cache, str) or not self.compile_cache):
+            raise ConfigError(f"compile_cache: must be a directory or \"off\", got {self.compile_cache!r}")
+        check_tpu_flags(self.tpu_flags)
         from train.metrics import PEAK_FLOPS  # late: metrics imports jax
         if self.chip not in PEAK_FLOPS:
             raise ConfigError(f"chip: {self.chip!r} is not one of {', '.join(PEAK_FLOPS)}")
@@ -280,6 +292,8 @@ def run_config_from_dict(data: dict[str, Any], overrides: Sequence[str] = ()) ->
     for key, cls in (("dpo", DpoConfig), ("distill", DistillConfig)):
         if data.get(key) is not None:
             data[key] = _dataclass_from(cls, data[key], key)
+    if data.get("profile") is not None:
+        data["profile"] = _dataclass_from(ProfileConfig, data["profile"], "profile")
     return _dataclass_from(RunConfig, data, "run")
 
 

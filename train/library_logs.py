@@ -5,15 +5,18 @@ through absl, asyncio log futures whose errors nobody read, and tensorstore's
 callbacks raise "Event loop is closed" as unraisable exceptions: hundreds of
 lines that bury the one-line error training ends with. While a
 `LibraryLogs` is open, all of that goes to a file in the run directory
-(created only if something is written).
+(created only if something is written; in a gs:// run directory, written
+whole when the logs close).
 """
 
 from __future__ import annotations
 
 import gc
 import logging
+import os
 import sys
-from pathlib import Path
+
+from llama_jax.paths import is_url, user_path
 
 LOGGERS = ("absl", "asyncio")  # orbax and grain log through absl
 
@@ -26,12 +29,33 @@ class _QuietFileHandler(logging.FileHandler):
         pass
 
 
+class _ObjectHandler(logging.Handler):
+    """Keeps the records in memory and writes them to an object (gs://) when closed:
+    objects cannot be appended to, and a failing bucket is often what is being logged."""
+
+    def __init__(self, path):
+        super().__init__()
+        self.path, self.lines = path, []
+
+    def emit(self, record):
+        self.lines.append(self.format(record) + "\n")
+
+    def close(self):
+        if self.lines:
+            try:
+                self.path.write_text("".join(self.lines))
+            except Exception:  # the storage that failed the run may fail this too
+                pass
+            self.lines = []
+        super().close()
+
+
 class LibraryLogs:
     """Warnings and errors of the LOGGERS, and unraisable exceptions, go to `path` until `close()`."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self._handler = _QuietFileHandler(self.path, delay=True)
+    def __init__(self, path: str | os.PathLike):
+        self.path = user_path(path)
+        self._handler = _ObjectHandler(self.path) if is_url(path) else _QuietFileHandler(self.path, delay=True)
         self._handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
         self._loggers = [logging.getLogger(name) for name in LOGGERS]
         self._saved = [(logger.level, logger.propagate) for logger in self._loggers]

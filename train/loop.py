@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -14,9 +13,11 @@ from tqdm import tqdm
 
 from llama_jax.config import ConfigError
 from llama_jax.params import join, partition
+from llama_jax.paths import check_bucket, is_url, storage_error, user_path
 from sharding.layout import load_layout
 from sharding.place import Placement, validate
 from train.config import RunConfig
+from train.runtime import StepProfiler
 from train.data import make_dataset
 from train.eval import Evaluator, eval_data
 from train.metrics import MetricsWriter, flops_per_token, peak_flops
@@ -142,8 +143,21 @@ def _read_first_batch(data):
 
 
 def _create_run_dir(run_dir: str):
-    """Create `run_dir` (and its parents); ConfigError, one line, if it cannot be written."""
-    path = Path(run_dir)
+    """Create `run_dir` (and its parents); ConfigError, one line, if it cannot be written.
+
+    A gs:// run_dir needs no creating: its bucket is checked, and a small object
+    written and deleted, so a bucket we may not write to fails here, not at the
+    first save."""
+    if is_url(run_dir):
+        check_bucket(run_dir)
+        probe = user_path(run_dir) / ".write-check"
+        try:
+            probe.write_text("")
+            probe.unlink()
+        except Exception as err:
+            raise storage_error(err, run_dir) from None
+        return
+    path = user_path(run_dir)
     blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
     if blocker is not None:
         raise ConfigError(f"run_dir {run_dir}: {blocker} is a file, not a directory; choose another run_dir")
@@ -253,6 +267,9 @@ def train(run: RunConfig, *, progress: bool = True, stop_after: int | None = Non
             placement, shardings)
         writer = MetricsWriter(run.run_dir, start)
         cleanup.push(_closing(writer.close))
+        profiler = StepProfiler(run.profile, run.run_dir, active=jax.process_index() == 0)
+        cleanup.push(_closing(profiler.close))
+        step_fn = profiler.wrap(step_fn, start)
         last_steps = run.steps if stop_after is None else min(run.steps, start + stop_after)
         bar = tqdm(total=run.steps, initial=start, disable=not progress or jax.process_index() != 0,
                    desc="train", unit="step", dynamic_ncols=True)
@@ -263,7 +280,7 @@ def train(run: RunConfig, *, progress: bool = True, stop_after: int | None = Non
             state, step, logged = _run_steps(run, state, data, placement, step_fn, checkpointer, writer, bar,
                                              start, last_steps, flops_token, peak, evaluator)
     return {"step": step, "metrics": logged, "peak_flops": peak,
-            "peak_source": peak_source, "run_dir": str(Path(run.run_dir)), "state": state,
+            "peak_source": peak_source, "run_dir": str(user_path(run.run_dir)), "state": state,
             "preempted": checkpointer.preempted}
 
 
@@ -322,7 +339,7 @@ def _progress(logged: dict) -> dict:
     return shown
 
 
-def loss_curve_png(run_dir: str | Path) -> Path:
+def loss_curve_png(run_dir: str | os.PathLike):
     """Plot loss against step from metrics.jsonl into run_dir/loss.png."""
     import json
 
@@ -330,7 +347,7 @@ def loss_curve_png(run_dir: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    run_dir = Path(run_dir)
+    run_dir = user_path(run_dir)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for key, label in (("loss", "training"), ("eval_loss", "held-out")):
@@ -343,6 +360,7 @@ def loss_curve_png(run_dir: str | Path) -> Path:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     out = run_dir / "loss.png"
-    fig.savefig(out, dpi=100)
+    with out.open("wb") as f:
+        fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
     return out

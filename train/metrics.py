@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+from etils import epath
 
 from llama_jax.config import ModelConfig
 from llama_jax.params import abstract_params
+from llama_jax.paths import is_url, storage_error, user_path
 from sharding.topology import CHIP_PEAK_FLOPS
 
 # Peak FLOP/s per device for MFU: the TPU chip table, and CPU measured at start-up.
@@ -68,29 +70,49 @@ class MetricsWriter:
     killed run may already have logged: their rows are dropped from
     metrics.jsonl (and TensorBoard's events purged), so the file stays the
     record of one run, its steps strictly increasing.
+
+    A local file is appended to; an object in gs:// (which cannot be appended
+    to) is rewritten whole at every write, each version complete.
     """
 
-    def __init__(self, run_dir: str | Path, start: int = 0):
+    def __init__(self, run_dir: str | os.PathLike, start: int = 0):
         self.active = jax.process_index() == 0
-        self.run_dir = Path(run_dir)
+        self.run_dir = user_path(run_dir)
+        self.path = self.run_dir / "metrics.jsonl"
         self._jsonl = None
         self._tb = None
+        self._rows: list[str] = []  # gs:// only: every row, for the next rewrite
         if self.active:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            path = self.run_dir / "metrics.jsonl"
-            _drop_rows_after(path, start)
-            self._jsonl = open(path, "a")
+            kept = _rows_through(self.path, start)
+            if is_url(self.path):
+                self._rows = kept
+                self._upload()
+            else:
+                _replace(self.path, "".join(kept))
+                self._jsonl = open(self.path, "a")
             from tensorboardX import SummaryWriter
             self._tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=start + 1)
+
+    def _upload(self):
+        try:
+            self.path.write_text("".join(self._rows))
+        except Exception as err:
+            raise storage_error(err, self.path) from None
 
     def write(self, step: int, metrics: dict[str, float]):
         if not self.active:
             return
-        try:
-            self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
-            self._jsonl.flush()
-        except OSError as err:  # a flush names no file
-            raise OSError(err.errno, err.strerror, str(self.run_dir / "metrics.jsonl")) from None
+        line = json.dumps({"step": step, **metrics}) + "\n"
+        if self._jsonl is None:
+            self._rows.append(line)
+            self._upload()
+        else:
+            try:
+                self._jsonl.write(line)
+                self._jsonl.flush()
+            except OSError as err:  # a flush names no file
+                raise OSError(err.errno, err.strerror, str(self.path)) from None
         for key, value in metrics.items():  # eval_loss -> eval/loss, the rest under train/
             tag = f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"
             self._tb.add_scalar(tag, value, step)
@@ -98,14 +120,15 @@ class MetricsWriter:
 
     def close(self):
         if self.active:
-            self._jsonl.close()
+            if self._jsonl is not None:
+                self._jsonl.close()
             self._tb.close()
 
 
-def _drop_rows_after(path: Path, step: int):
-    """Rewrite metrics.jsonl at `path` without its rows past `step` (and a torn last line)."""
+def _rows_through(path: epath.Path, step: int) -> list[str]:
+    """The lines of metrics.jsonl at `path` up to `step` (a torn last line dropped)."""
     if not path.exists():
-        return
+        return []
     kept = []
     for line in path.read_text().splitlines():
         try:
@@ -114,6 +137,11 @@ def _drop_rows_after(path: Path, step: int):
             continue
         if row["step"] <= step:
             kept.append(line + "\n")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept))
+    return kept
+
+
+def _replace(path: epath.Path, text: str):
+    """Write a local file through a temporary sibling, so a kill never leaves it half-written."""
+    tmp = path.parent / (path.name + ".tmp")
+    tmp.write_text(text)
     tmp.replace(path)

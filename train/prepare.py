@@ -10,7 +10,8 @@ fits, else uint32), `index.npy` (int64 start of each document, then the
 total) and `meta.json`; `DataConfig(source="tokens", paths=(DIR,))` reads
 them back.
 
-The directory is written under a temporary name and renamed when complete,
+DIR (and the inputs) may be local or gs:// paths (llama_jax/paths.py). The
+directory is written under a temporary name and renamed when complete,
 so an interrupted or failed run leaves no half-written output. Bad input
 (a missing file, a broken JSON line, an id outside the vocabulary) stops the
 run with one line on stderr and exit status 2.
@@ -21,12 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
+
+from llama_jax.paths import check_bucket, remove_tree, user_path
 
 from train.sources import (
     INDEX_FILE,
@@ -55,19 +56,20 @@ def prepare(
     Returns the metadata written to meta.json. Raises ValueError (one line,
     naming the file and line) on bad input; `output` is then left untouched.
     """
-    output = Path(output)
+    output = user_path(output)
+    check_bucket(output)
     if output.exists() and not overwrite:
         raise ValueError(f"{output}: already exists; choose another --output or pass --overwrite")
     docs = TextDocuments(inputs, text_key)
     dtype = token_dtype(tokenizer.vocab_size)
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
+    remove_tree(tmp)
     tmp.mkdir(parents=True)
     try:
         starts = [0]
         total_bytes = sum(docs.nbytes(i) for i in range(len(docs)))
         bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=not progress)
-        with open(tmp / TOKENS_FILE, "wb") as out, bar:
+        with (tmp / TOKENS_FILE).open("wb") as out, bar:
             for i in range(len(docs)):
                 ids = encode_document(tokenizer, docs[i])
                 bar.update(docs.nbytes(i))
@@ -83,7 +85,8 @@ def prepare(
                 starts.append(starts[-1] + len(ids))
         if len(starts) == 1:
             raise no_text_error(inputs)
-        np.save(tmp / INDEX_FILE, np.asarray(starts, np.int64))
+        with (tmp / INDEX_FILE).open("wb") as f:
+            np.save(f, np.asarray(starts, np.int64))
         meta = {
             "format": TOKENS_FORMAT,
             "dtype": dtype.name,
@@ -96,11 +99,10 @@ def prepare(
             "text_key": text_key,
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        if output.exists():
-            shutil.rmtree(output)
-        tmp.rename(output)
+        remove_tree(output)
+        tmp.rename(output)  # on gs://, a server-side copy of each object, then the deletes
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_tree(tmp)
         raise
     return meta
 

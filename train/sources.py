@@ -6,13 +6,14 @@ Each source gives random access to documents (`docs[i]`), so the pipeline in
 
 from __future__ import annotations
 
-import glob
 import json
-import os
-from pathlib import Path
+import threading
 from typing import Protocol
 
 import numpy as np
+from etils import epath
+
+from llama_jax.paths import check_bucket, expand_glob, has_magic, is_url, open_ranged, storage_error, user_path
 
 # A prepared token directory (written by `python -m train.prepare`).
 TOKENS_FILE = "tokens.bin"  # flat uint16/uint32 ids, every document framed BOS ... EOS
@@ -36,17 +37,19 @@ class TextTokenizer(Protocol):
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]: ...
 
 
-def expand_paths(patterns: tuple[str, ...] | list[str]) -> list[Path]:
-    """Files named by `patterns` (paths or globs), in order; ValueError if one matches nothing."""
+def expand_paths(patterns: tuple[str, ...] | list[str]) -> list[epath.Path]:
+    """Files named by `patterns` (local or gs:// paths or globs), in order; ValueError if
+    one matches nothing."""
     files = []
     for pattern in patterns:
-        if glob.has_magic(pattern):
-            matches = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+        check_bucket(pattern)  # a gs:// path: the bucket and credentials, in one line
+        if has_magic(pattern):
+            matches = expand_glob(pattern)
             if not matches:
                 raise ValueError(f"{pattern}: no file matches this pattern")
             files.extend(matches)
-        elif os.path.isfile(pattern):
-            files.append(Path(pattern))
+        elif user_path(pattern).is_file():
+            files.append(user_path(pattern))
         else:
             raise ValueError(f"{pattern}: file not found")
     return files
@@ -68,14 +71,15 @@ class TextDocuments:
 
     def __init__(self, paths, text_key: str = "text"):
         self.files = expand_paths(paths)
+        self._readers = [RangedFile(path) for path in self.files]
         self.text_key = text_key
         entries = []  # (file, byte offset, byte length, line) per document
         for f, path in enumerate(self.files):
             if path.suffix != ".jsonl":
-                if path.stat().st_size:
-                    entries.append((f, 0, path.stat().st_size, 1))
+                if path.stat().length:
+                    entries.append((f, 0, path.stat().length, 1))
                 continue
-            with open(path, "rb") as fh:
+            with open_ranged(path) as fh:
                 offset = 0
                 for lineno, line in enumerate(fh, start=1):
                     if line.strip():
@@ -93,7 +97,7 @@ class TextDocuments:
         """`file:line` of document i, for messages."""
         return f"{self.files[self._file[i]]}:{self._line[i]}"
 
-    def file(self, i: int) -> Path:
+    def file(self, i: int) -> epath.Path:
         """The file document i is in."""
         return self.files[self._file[i]]
 
@@ -101,9 +105,7 @@ class TextDocuments:
         return int(self._length[i])
 
     def _text(self, i: int) -> str:
-        with open(self.files[self._file[i]], "rb") as fh:
-            fh.seek(int(self._start[i]))
-            raw = fh.read(int(self._length[i]))
+        raw = self._readers[self._file[i]].read(int(self._start[i]), int(self._length[i]))
         try:
             return raw.decode("utf-8")
         except UnicodeDecodeError:
@@ -210,7 +212,55 @@ class Examples:
         return asked + answer, [0] * len(asked) + [1] * len(answer)
 
 
-def image_paths(messages: list, directory: Path) -> list[Path]:
+class RangedFile:
+    """Reads byte ranges of one file. A gs:// object keeps one open handle per process
+    (each open costs a request), its seek-and-read under a lock (grain reads ahead on
+    threads); a pickled copy opens its own. A local file is opened per read."""
+
+    def __init__(self, path: epath.Path):
+        self.path = path
+        self._lock, self._file = threading.Lock(), None
+
+    def read(self, offset: int, length: int) -> bytes:
+        if not is_url(self.path):
+            with self.path.open("rb") as f:
+                f.seek(offset)
+                return f.read(length)
+        try:
+            with self._lock:
+                if self._file is None:
+                    self._file = open_ranged(self.path)
+                self._file.seek(offset)
+                return self._file.read(length)
+        except OSError as err:
+            raise storage_error(err, self.path) from None
+
+    def __getstate__(self):
+        return {"path": self.path}
+
+    def __setstate__(self, state):
+        self.__init__(state["path"])
+
+
+class RangedTokens:
+    """A flat token file in an object store, sliced like an array by ranged reads:
+    `tokens[a:b]` reads bytes [a * itemsize, b * itemsize) of the object, never
+    the whole file (memory-mapping needs a local file)."""
+
+    def __init__(self, path: epath.Path, dtype: np.dtype):
+        self.file, self.dtype = RangedFile(path), np.dtype(dtype)
+        self._size = path.stat().length // self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __getitem__(self, span: slice) -> np.ndarray:
+        start, stop, _ = span.indices(self._size)
+        if stop <= start:
+            return np.zeros(0, self.dtype)
+        size = self.dtype.itemsize
+        return np.frombuffer(self.file.read(start * size, (stop - start) * size), self.dtype)
+def image_paths(messages: list, directory: epath.Path) -> list[epath.Path]:
     """The files of a chat example's image parts (`{"type": "image", "path": ...}`), in order,
     relative paths taken from `directory`; ValueError (one line) for a missing one."""
     paths = []
@@ -293,20 +343,28 @@ def last_answer(weights: list[int]) -> np.ndarray:
 
 
 class TokenDocuments:
-    """The documents of token directories written by train.prepare, memory-mapped.
+    """The documents of token directories written by train.prepare: memory-mapped
+    when local, read by ranged reads from gs://.
 
     `docs[i]` is document i's ids as int32 [n], BOS and EOS included.
     `vocab_sizes[k]` is the vocabulary directory k was prepared with (its meta.json).
     """
 
     def __init__(self, dirs):
-        self.dirs = [Path(d) for d in dirs]
+        self.dirs = [user_path(d) for d in dirs]
         self._tokens, self._index, counts = [], [], [0]
         self.vocab_sizes = []
         for d in self.dirs:
+            check_bucket(d)
             meta = self._read_meta(d)
-            tokens = np.memmap(d / TOKENS_FILE, dtype=np.dtype(meta["dtype"]), mode="r")
-            index = np.load(d / INDEX_FILE, mmap_mode="r")
+            dtype = np.dtype(meta["dtype"])
+            if is_url(d):  # the index (8 bytes a document) is read whole, the tokens by range
+                tokens = RangedTokens(d / TOKENS_FILE, dtype)
+                with (d / INDEX_FILE).open("rb") as f:
+                    index = np.load(f)
+            else:
+                tokens = np.memmap(d / TOKENS_FILE, dtype=dtype, mode="r")
+                index = np.load(d / INDEX_FILE, mmap_mode="r")
             if len(index) != meta["num_docs"] + 1 or int(index[-1]) != len(tokens):
                 raise ValueError(f"{d}: {TOKENS_FILE} and {INDEX_FILE} disagree; prepare the directory again")
             self._tokens.append(tokens)
@@ -316,7 +374,7 @@ class TokenDocuments:
         self._first_doc = np.cumsum(counts)
 
     @staticmethod
-    def _read_meta(d: Path) -> dict:
+    def _read_meta(d: epath.Path) -> dict:
         try:
             meta = json.loads((d / META_FILE).read_text())
         except FileNotFoundError:

@@ -9,8 +9,10 @@ Every converter moves one tensor (Meta: one layer's shards) at a time, so
 host memory stays bounded by a few tensors, never the model (see each
 module's docstring for its bound). Output goes to a hidden sibling directory
 that is renamed into place at the end and removed on any error, so a failed
-run never leaves a partial output behind. Bad input ends in one line on
-stderr and exit code 2.
+run never leaves a partial output behind. Inputs and outputs may be local
+or gs:// paths (llama_jax/paths.py); on gs:// the final rename is a
+server-side copy of each object. Bad input ends in one line on stderr and
+exit code 2.
 
 This module holds what they share: the staged output directory, the
 progress bar and the command-line error handling.
@@ -20,12 +22,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import sys
-from pathlib import Path
 from typing import Callable, Iterator
 
+from etils import epath
 from tqdm import tqdm
+
+from llama_jax.paths import check_bucket, is_url, remove_tree, user_path
 
 DTYPES = ("bfloat16", "float32")
 
@@ -35,21 +38,22 @@ class ConvertError(ValueError):
 
 
 @contextlib.contextmanager
-def staged_output(output: str | Path) -> Iterator[Path]:
+def staged_output(output: str | os.PathLike) -> Iterator[epath.Path]:
     """Yield a temporary sibling of `output`; rename it to `output` on success, delete it on error."""
-    output = Path(output).absolute()
+    check_bucket(output)
+    output = user_path(output)
     if output.exists():
         raise ConvertError(f"{output}: output already exists (choose a new path)")
-    if not output.parent.is_dir():
+    if not is_url(output) and not output.parent.is_dir():  # gs:// has no directories to lack
         raise ConvertError(f"{output.parent}: parent directory of the output not found")
     staging = output.parent / f".{output.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
+    remove_tree(staging)
     staging.mkdir()
     try:
         yield staging
         staging.rename(output)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_tree(staging)
         raise
 
 

@@ -20,22 +20,24 @@ float32 (tests/test_convert.py asserts < 1.75x and < 2.25x). For Llama 3.1
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+import os
 
 from llama_jax.checkpoint_io import ParamsWriter, as_contiguous
 from llama_jax.config import ModelConfig
 from llama_jax.convert import DTYPES, ConvertError, progress, run_cli, staged_output
 from llama_jax.hf import hf_tensors, hf_weights, read_hf_config
+from llama_jax.paths import check_bucket, user_path
 
 
-def convert_hf_to_ours(hf_dir: str | Path, output: str | Path, dtype: str = "bfloat16", step: int = 0,
+def convert_hf_to_ours(hf_dir: str | os.PathLike, output: str | os.PathLike, dtype: str = "bfloat16", step: int = 0,
                        show_progress: bool = True) -> ModelConfig:
     """Convert a HF Llama checkpoint directory into a new checkpoint directory `output`.
 
     Params are stored in `dtype` (the config's param_dtype is set to it).
     Returns the stored config. Raises a ValueError subclass on bad input.
     """
-    hf_dir = Path(hf_dir)
+    check_bucket(hf_dir)
+    hf_dir = user_path(hf_dir)
     if not hf_dir.is_dir():
         raise ConvertError(f"{hf_dir}: directory not found")
     config = read_hf_config(hf_dir).replace(param_dtype=dtype)

@@ -30,15 +30,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
-from pathlib import Path
+import os
 
 import ml_dtypes
 import numpy as np
+from etils import epath
 
 from llama_jax.checkpoint_io import ParamsReader, as_contiguous
 from llama_jax.convert import DTYPES, ConvertError, progress, run_cli, staged_output
 from llama_jax.hf import config_to_hf, hf_tensors, to_hf
+from llama_jax.paths import user_path
 from llama_jax.tokenizer import load_tokenizer
 from llama_jax.vision.hf import preprocessor_config
 
@@ -50,8 +51,8 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
 KNOWN_SPECIAL_IDS = {32000: (1, (2,)), 128256: (128000, (128001, 128008, 128009))}
 
 
-def export_hf(checkpoint_dir: str | Path, output: str | Path, dtype: str = "bfloat16", step: int | None = None,
-              tokenizer: str | Path | None = None, max_shard_bytes: int = 5 * 10**9,
+def export_hf(checkpoint_dir: str | os.PathLike, output: str | os.PathLike, dtype: str = "bfloat16",
+              step: int | None = None, tokenizer: str | os.PathLike | None = None, max_shard_bytes: int = 5 * 10**9,
               bos_token_id: int | None = None, eos_token_id: int | list[int] | None = None,
               show_progress: bool = True) -> None:
     """Write checkpoint step `step` (latest by default) as a new HF directory `output` in `dtype`.
@@ -62,7 +63,7 @@ def export_hf(checkpoint_dir: str | Path, output: str | Path, dtype: str = "bflo
     """
     if dtype not in SAFETENSORS_DTYPES:
         raise ConvertError(f"--dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
-    tokenizer_files = _tokenizer_files(Path(tokenizer)) if tokenizer else []
+    tokenizer_files = _tokenizer_files(user_path(tokenizer)) if tokenizer else []
     reader = ParamsReader(checkpoint_dir, step)
     config = reader.config
     if config.quantize is not None:
@@ -72,7 +73,7 @@ def export_hf(checkpoint_dir: str | Path, output: str | Path, dtype: str = "bflo
     tensors = _tensor_plan(config, reader)
     files = _split_into_files(tensors, np.dtype(np_dtype).itemsize, max_shard_bytes)
     token_rows = config.vocab_size + (config.vision.extra_token_rows if config.vision is not None else 0)
-    bos, stops = _special_ids(token_rows, Path(tokenizer) if tokenizer else None, bos_token_id, eos_token_id)
+    bos, stops = _special_ids(token_rows, user_path(tokenizer) if tokenizer else None, bos_token_id, eos_token_id)
     with staged_output(output) as staging:
         weight_map = {}
         with progress(sum(len(t[2]) for t in tensors), "ours -> hf", show_progress) as bar:
@@ -99,7 +100,7 @@ def export_hf(checkpoint_dir: str | Path, output: str | Path, dtype: str = "bflo
             generation["eos_token_id"] = stops[0] if len(stops) == 1 else list(stops)
         _write_json(staging / "generation_config.json", generation)
         for path in tokenizer_files:
-            shutil.copy2(path, staging / path.name)
+            (staging / path.name).write_bytes(path.read_bytes())
 
 
 def _tensor_plan(config, reader):
@@ -144,7 +145,7 @@ def _split_into_files(tensors, itemsize: int, max_bytes: int):
     return files + [current] if current else files
 
 
-def _write_safetensors(path: Path, tensors, tag: str, np_dtype, reader: ParamsReader, bar) -> None:
+def _write_safetensors(path: epath.Path, tensors, tag: str, np_dtype, reader: ParamsReader, bar) -> None:
     """Header first (all offsets are known), then each tensor as it is read, block by block."""
     header, offset, itemsize = {"__metadata__": {"format": "pt"}}, 0, np.dtype(np_dtype).itemsize
     for name, shape, _ in tensors:
@@ -153,7 +154,7 @@ def _write_safetensors(path: Path, tensors, tag: str, np_dtype, reader: ParamsRe
         offset += nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # keeps the tensor data 8-byte aligned
-    with open(path, "wb") as f:
+    with path.open("wb") as f:
         f.write(len(encoded).to_bytes(8, "little"))
         f.write(encoded)
         for name, shape, pieces in tensors:
@@ -168,7 +169,7 @@ def _write_safetensors(path: Path, tensors, tag: str, np_dtype, reader: ParamsRe
                 bar.update()
 
 
-def _special_ids(vocab_size: int, tokenizer: Path | None, bos_token_id: int | None,
+def _special_ids(vocab_size: int, tokenizer: epath.Path | None, bos_token_id: int | None,
                  eos_token_id: int | list[int] | None) -> tuple[int | None, tuple[int, ...]]:
     """BOS and the ids that end generation, EOS first: flags, else the tokenizer, else the vocabulary size."""
     if tokenizer is not None:
@@ -186,7 +187,7 @@ def _special_ids(vocab_size: int, tokenizer: Path | None, bos_token_id: int | No
     return bos, stops
 
 
-def _tokenizer_files(directory: Path) -> list[Path]:
+def _tokenizer_files(directory: epath.Path) -> list[epath.Path]:
     if not directory.is_dir():
         raise ConvertError(f"{directory}: tokenizer directory not found")
     files = [directory / name for name in TOKENIZER_FILES if (directory / name).is_file()]
@@ -195,7 +196,7 @@ def _tokenizer_files(directory: Path) -> list[Path]:
     return files
 
 
-def _write_json(path: Path, data) -> None:
+def _write_json(path: epath.Path, data) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 

@@ -13,7 +13,7 @@ B [out, r] on HF's flattened [out, in] kernels, so our A [*in, r] and B
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import os
 
 import numpy as np
 
@@ -52,9 +52,9 @@ def peft_tensors(adapters, config: ModelConfig) -> dict[str, np.ndarray]:
     return tensors
 
 
-def write_peft(adapters, config: ModelConfig, output: str | Path, base_model: str | None = None) -> None:
+def write_peft(adapters, config: ModelConfig, output: str | os.PathLike, base_model: str | None = None) -> None:
     """Write a new PEFT LoRA adapter directory `output` from an adapter tree (scan layout)."""
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     tensors = peft_tensors(adapters, config)
     adapter_config = {
@@ -64,5 +64,5 @@ def write_peft(adapters, config: ModelConfig, output: str | Path, base_model: st
         "inference_mode": True, "use_rslora": False, "init_lora_weights": True,
     }
     with staged_output(output) as staging:
-        save_file(tensors, str(staging / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (staging / "adapter_model.safetensors").write_bytes(save(tensors, metadata={"format": "pt"}))
         (staging / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")

@@ -20,7 +20,7 @@ from then on without re-quantising.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+import os
 
 from llama_jax.assemble import ParamsBuilder, checkpoint_weights
 from llama_jax.checkpoint import read_config
@@ -28,16 +28,17 @@ from llama_jax.checkpoint_io import ParamsWriter
 from llama_jax.config import QUANTIZE_TARGETS, ModelConfig
 from llama_jax.convert import DTYPES, ConvertError, progress, run_cli, staged_output
 from llama_jax.hf import hf_weights, read_hf_config
+from llama_jax.paths import user_path
 from llama_jax.quantize import require_fp8
 
 
-def quantize_checkpoint(source: str | Path, output: str | Path, quantize: str, dtype: str = "bfloat16",
+def quantize_checkpoint(source: str | os.PathLike, output: str | os.PathLike, quantize: str, dtype: str = "bfloat16",
                         step: int = 0, show_progress: bool = True) -> ModelConfig:
     """Write a quantised copy of checkpoint `source` (ours or HF) as a new checkpoint `output`.
 
     Returns the stored config. Raises a ValueError subclass (one line) on bad input.
     """
-    source = Path(source)
+    source = user_path(source)
     if quantize not in QUANTIZE_TARGETS:
         raise ConvertError(f"--quantize: unknown {quantize!r} (known: {', '.join(QUANTIZE_TARGETS)})")
     if dtype not in DTYPES:

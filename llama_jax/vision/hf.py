@@ -16,8 +16,9 @@ block of rows of that tensor.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
+
+from etils import epath
 
 from llama_jax.config import ConfigError, ModelConfig, VisionConfig
 from llama_jax.hf import HF_WEIGHTS, HFTensor, WeightRule, config_from_hf, config_to_hf, text_tensors
@@ -103,7 +104,7 @@ def mllama_tensors(config: ModelConfig) -> list[HFTensor]:
 
 # ---------------------------------------------------------------- config.json
 
-def config_from_mllama(hf: dict[str, Any], directory: Path | None = None, **overrides) -> ModelConfig:
+def config_from_mllama(hf: dict[str, Any], directory: epath.Path | None = None, **overrides) -> ModelConfig:
     """Our ModelConfig from a Mllama `config.json` dict (and its directory's preprocessor_config.json,
     for the pixel mean and std)."""
     text, vision = dict(hf.get("text_config") or {}), dict(hf.get("vision_config") or {})
@@ -138,7 +139,7 @@ def config_from_mllama(hf: dict[str, Any], directory: Path | None = None, **over
     return config_from_hf(text, vision=vis, **overrides)
 
 
-def _pixel_statistics(directory: Path | None) -> dict[str, list[float]]:
+def _pixel_statistics(directory: epath.Path | None) -> dict[str, list[float]]:
     """image_mean and image_std from `directory/preprocessor_config.json`, if there is one."""
     path = None if directory is None else directory / "preprocessor_config.json"
     if path is None or not path.is_file():

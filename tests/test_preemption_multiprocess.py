@@ -1,0 +1,78 @@
+"""Preemption of a two-process run (4 CPU devices each, gloo on 127.0.0.1; tests/preemption_worker.py).
+
+SIGTERM reaches one process only; JAX's preemption sync point makes both stop
+at the same step, save it and exit 0; the same command then resumes, and the
+metrics equal an uninterrupted two-process run's bit for bit.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+
+from llama_jax.checkpoint import all_steps
+from train_runs import EXACT_METRICS, REPO, metrics, subprocess_env, wait_for_step
+
+TIMEOUT = 240  # seconds for a pair of workers on a busy 2-core machine
+STEPS = 16
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start_pair(run_dir, logs, cache) -> list[subprocess.Popen]:
+    port = _free_port()
+    argv = ["--config", "tiny_cpu", "--quiet", f"run_dir={run_dir}", "chip=v4", "layout=fsdp",
+            f"steps={STEPS}", "log_every=1", "checkpoint_every=100", f"compile_cache={cache}"]
+    env = subprocess_env(devices=4)
+    env.update(JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    return [subprocess.Popen([sys.executable, str(REPO / "tests" / "preemption_worker.py"), str(i), str(port), *argv],
+                             cwd=REPO, env=env, stdout=logs[i].open("w"), stderr=subprocess.STDOUT)
+            for i in range(2)]
+
+
+def _finish(workers, logs) -> list[str]:
+    try:
+        for worker in workers:
+            worker.wait(timeout=TIMEOUT)
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait(timeout=10)
+    return [log.read_text() for log in logs]
+
+
+def test_sigterm_to_one_process_stops_both_at_one_saved_step_and_the_rerun_resumes_exactly(tmp_path):
+    cache = tmp_path / "cache"
+    reference_dir, run_dir = tmp_path / "reference", tmp_path / "run"
+    reference = _start_pair(reference_dir, [tmp_path / f"reference{i}.log" for i in range(2)], cache)
+    logs = [tmp_path / f"run{i}.log" for i in range(2)]
+    workers = _start_pair(run_dir, logs, cache)
+    try:
+        seen = wait_for_step(run_dir, 3, workers[0], timeout=TIMEOUT)
+        workers[1].send_signal(signal.SIGTERM)  # process 1 only: process 0 hears of it from the service
+    finally:
+        outputs = _finish(workers, logs)
+    for i, worker in enumerate(workers):
+        assert worker.returncode == 0, f"process {i} exited {worker.returncode}:\n{outputs[i][-3000:]}"
+    saved = all_steps(run_dir / "checkpoints")
+    assert len(saved) == 1 and seen <= saved[0] < STEPS, (seen, saved)
+    assert f"preempted: saved step {saved[0]}; run the same command to resume" in outputs[0]
+    assert [row["step"] for row in metrics(run_dir)] == list(range(1, saved[0] + 1))
+
+    logs = [tmp_path / f"resumed{i}.log" for i in range(2)]
+    resumed = _start_pair(run_dir, logs, cache)
+    outputs = _finish(resumed, logs) + _finish(reference, [tmp_path / f"reference{i}.log" for i in range(2)])
+    assert [w.returncode for w in resumed + reference] == [0, 0, 0, 0], "\n".join(o[-2000:] for o in outputs)
+    assert f"train: resuming from {run_dir / 'checkpoints' / str(saved[0])}" in outputs[0]
+    keys = ("step", *EXACT_METRICS)
+    expected = [{k: row[k] for k in keys} for row in metrics(reference_dir)]
+    assert [row["step"] for row in expected] == list(range(1, STEPS + 1))
+    assert [{k: row[k] for k in keys} for row in metrics(run_dir)] == expected
+    assert all_steps(run_dir / "checkpoints") == [saved[0], STEPS]

@@ -1,0 +1,243 @@
+"""Runs that live in Cloud Storage, against a real GCS API server on 127.0.0.1 (tests/gcs_emulator.py).
+
+One module-scoped bucket holds a tokenizer, prepared tokens and a run; the
+tests then train, kill, resume, generate and export from it, and check that
+nothing of the bucket path appears on the local disk.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from gcs_emulator import ForbiddenServer
+from llama_jax.checkpoint import latest_step
+from train_runs import EXACT_METRICS, REPO, metrics, subprocess_env, wait_for_step
+
+TIMEOUT = 150  # seconds for one tiny run of `python -m train` on a busy 2-core machine
+TEXTS = ["the quick brown fox jumps over the lazy dog", "packing rows of tokens for training",
+         "a bucket holds the run and its checkpoints", "every host reads the same directory"]
+
+
+def _train_command(run_dir: str, tokens: str) -> list[str]:
+    return [sys.executable, "-m", "train", "--config", "tiny_cpu", "--quiet", f"run_dir={run_dir}", "chip=v4",
+            "data.source=tokens", f"data.paths=[{tokens}]", "steps=20", "log_every=1", "checkpoint_every=5"]
+
+
+def _start(command, cwd, log, cache) -> subprocess.Popen:
+    """A training process in `cwd` (an empty directory, to see that nothing lands in it)."""
+    env = subprocess_env(compilation_cache=cache)
+    return subprocess.Popen(command, cwd=cwd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def _finish(process: subprocess.Popen, log) -> str:
+    try:
+        process.wait(timeout=TIMEOUT)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    return log.read_text()
+
+
+@pytest.fixture(scope="module")
+def bucket(gcs):
+    """gs://storage-run holding tok/tokenizer.model and tokens/ (written by `python -m train.prepare`)."""
+    import io
+
+    import sentencepiece as spm
+
+    from llama_jax.paths import user_path
+    from train.prepare import main as prepare
+
+    url = gcs.bucket("storage-run")
+    model = io.BytesIO()  # a SentencePiece model small enough for the tiny model's 256 ids (no byte pieces)
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(TEXTS * 10), model_writer=model, vocab_size=100,
+                                   hard_vocab_limit=False, model_type="bpe", minloglevel=2,
+                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1)
+    (user_path(url) / "tok" / "tokenizer.model").write_bytes(model.getvalue())
+    corpus = user_path(url) / "corpus" / "docs.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"{TEXTS[i % 4]} {i}"}) + "\n" for i in range(200)))
+    assert prepare(["--tokenizer", f"{url}/tok", "--input", f"{url}/corpus/*.jsonl",
+                    "--output", f"{url}/tokens", "--quiet"]) == 0
+    return url
+
+
+def test_prepare_writes_tokens_to_the_bucket_and_reads_them_back_by_range(bucket):
+    from llama_jax.paths import user_path
+    from llama_jax.tokenizer import load_tokenizer
+    from train.sources import RangedTokens, TokenDocuments
+
+    names = sorted(p.name for p in (user_path(bucket) / "tokens").iterdir())
+    assert names == ["index.npy", "meta.json", "tokens.bin"]
+    assert not [p.name for p in user_path(bucket).iterdir() if ".tmp-" in p.name]  # the staging prefix is gone
+    docs, tokenizer = TokenDocuments([f"{bucket}/tokens"]), load_tokenizer(f"{bucket}/tok/tokenizer.model")
+    assert isinstance(docs._tokens[0], RangedTokens)
+    assert len(docs) == 200
+    assert docs[7].tolist() == tokenizer.encode(f"{TEXTS[3]} 7", bos=True, eos=True)
+    assert docs.read(7, 2, 5).tolist() == docs[7].tolist()[2:5]
+
+
+def test_the_emulator_keeps_answering_past_a_full_log_pipe(gcs):
+    """fake-gcs-server logs a line (~160 bytes) per request; 1,000 requests (past a 64 KiB pipe)
+    are all answered. (Started through the wrapper's FakeGCSServer, whose stderr pipe nobody
+    reads, it stopped answering after ~400: the training run against it hung.)"""
+    import threading
+
+    import fsspec
+
+    fs, answers = fsspec.filesystem("gs"), []
+    fs.mkdir("log-pipe")
+    fs.pipe("log-pipe/object", b"bytes")
+    logged = gcs.log_path.stat().st_size
+    worker = threading.Thread(target=lambda: answers.extend(fs.cat("log-pipe/object") for _ in range(1000)),
+                              daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert len(answers) == 1000 and set(answers) == {b"bytes"}
+    assert gcs.log_path.stat().st_size - logged > 64 * 1024
+
+
+def test_a_bucket_step_without_its_commit_file_is_not_a_checkpoint(gcs):
+    """On gs:// orbax writes a step in place and ends with commit_success.txt: a step
+    directory without one is a save cut short, never resumed from or served."""
+    from llama_jax.checkpoint import all_steps, latest_step
+    from llama_jax.paths import user_path
+
+    directory = user_path(gcs.bucket("commit-file")) / "checkpoints"
+    (directory / "5" / "params" / "manifest.ocdbt").write_bytes(b"cut short")
+    (directory / "3" / "commit_success.txt").write_text("Checkpoint commit was successful")
+    (directory / "4.orbax-checkpoint-tmp-1" / "commit_success.txt").write_text("renamed only when done")
+    assert all_steps(directory) == [3] and latest_step(directory) == 3
+
+
+def test_killed_bucket_run_resumes_with_the_metrics_of_an_uninterrupted_run(bucket, tmp_path):
+    """`python -m train` with run_dir=gs://...: SIGKILL between saves, the same command resumes,
+    and every step's metrics equal an uninterrupted bucket run's bit for bit."""
+    from llama_jax.checkpoint import all_steps
+    from llama_jax.paths import user_path
+
+    cwd, cache = tmp_path / "cwd", tmp_path / "cache"
+    cwd.mkdir()
+    tokens = f"{bucket}/tokens"
+    reference_dir, run_dir = f"{bucket}/reference", f"{bucket}/run"
+    reference = _start(_train_command(reference_dir, tokens), cwd, tmp_path / "reference.log", cache)
+    wait_for_step(reference_dir, 1, reference)  # compiled: the other runs load its executables
+    killed = _start(_train_command(run_dir, tokens), cwd, tmp_path / "killed.log", cache)
+    try:
+        wait_for_step(run_dir, 7, killed, saved=5)
+        killed.send_signal(signal.SIGKILL)
+        killed.wait(timeout=30)
+    finally:
+        if killed.poll() is None:
+            killed.kill()
+    saved = all_steps(user_path(run_dir) / "checkpoints")  # complete ones (commit_success.txt)
+    assert saved and saved[-1] < 20, saved
+
+    resumed = _start(_train_command(run_dir, tokens), cwd, tmp_path / "resumed.log", cache)
+    output = _finish(resumed, tmp_path / "resumed.log")
+    assert resumed.returncode == 0, output
+    assert f"resuming from {run_dir}/checkpoints/{saved[-1]}" in output
+    reference_output = _finish(reference, tmp_path / "reference.log")
+    assert reference.returncode == 0, reference_output
+
+    keys = ("step", *EXACT_METRICS)
+    expected = [{k: row[k] for k in keys} for row in metrics(reference_dir)]
+    assert [row["step"] for row in expected] == list(range(1, 21))
+    assert [{k: row[k] for k in keys} for row in metrics(run_dir)] == expected
+    assert (user_path(run_dir) / "tensorboard").is_dir()
+    # Nothing of the bucket path on the local disk: not in the working directory, not in the repo.
+    assert sorted(p.name for p in cwd.iterdir()) == []
+    assert not (REPO / "gs:").exists()
+
+
+def test_infer_generates_from_the_bucket_run(bucket, capsys):
+    """Runs after the training test (same module, in order): its checkpoints are in the bucket."""
+    from infer.__main__ import main
+
+    if latest_step(f"{bucket}/run/checkpoints") is None:
+        pytest.skip("needs the bucket run of the test above")
+    code = main(["--checkpoint", f"{bucket}/run", "--tokenizer", f"{bucket}/tok", "--prompt", "the quick",
+                 "--max-new-tokens", "4"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert captured.out.startswith("brown fox")  # greedy: the corpus' sentence, learnt in 20 steps
+
+
+def test_ours_to_hf_writes_to_the_bucket_what_it_writes_locally(bucket, tmp_path):
+    """The same export, to gs:// and to a local directory: the same bytes; transformers loads the download."""
+    import fsspec
+    import transformers
+
+    from llama_jax.convert.ours_to_hf import export_hf
+    from llama_jax.paths import user_path
+
+    checkpoints = f"{bucket}/run/checkpoints"
+    if latest_step(f"{bucket}/run/checkpoints") is None:
+        pytest.skip("needs the bucket run of the test above")
+    export_hf(checkpoints, f"{bucket}/hf", dtype="float32", tokenizer=f"{bucket}/tok", show_progress=False)
+    export_hf(checkpoints, tmp_path / "local", dtype="float32", tokenizer=f"{bucket}/tok", show_progress=False)
+    fsspec.filesystem("gs").get(f"{bucket}/hf/", str(tmp_path / "download"), recursive=True)
+    local = {p.name: p.read_bytes() for p in (tmp_path / "local").iterdir()}
+    assert {p.name: p.read_bytes() for p in (tmp_path / "download").iterdir()} == local
+    assert "tokenizer.model" in local
+    assert not [p.name for p in user_path(bucket).iterdir() if ".partial-" in p.name]
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "download")
+    assert model.config.vocab_size == 256 and model.config.num_hidden_layers == 2
+    weights = np.asarray(model.model.embed_tokens.weight.detach())
+    assert weights.shape == (256, 64) and np.isfinite(weights).all()
+
+
+# ---------------------------------------------------------------- bad input: one line each, nothing written
+
+def _one_line(captured) -> str:
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    return lines[0]
+
+
+def test_a_bucket_that_does_not_exist_is_one_line(gcs, tmp_path, capsys):
+    from train.__main__ import main
+
+    assert main(["--config", "tiny_cpu", "--quiet", "run_dir=gs://no-such-bucket/run", "steps=2"]) == 2
+    assert _one_line(capsys.readouterr()) == (
+        "train: error: gs://no-such-bucket/run: bucket gs://no-such-bucket does not exist; create it "
+        "(gcloud storage buckets create gs://no-such-bucket) or fix the path")
+
+
+def test_missing_credentials_say_how_to_provide_them(tmp_path, monkeypatch, capsys):
+    """Outside the emulator, with no credentials anywhere: the line says how to give some."""
+    from train.prepare import main
+
+    monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "no-key.json"))
+    (tmp_path / "a.txt").write_text("some text")
+    code = main(["--tokenizer", "gs://some-bucket/tok", "--input", str(tmp_path / "a.txt"),
+                 "--output", "gs://some-bucket/tokens", "--quiet"])
+    assert code == 2
+    line = _one_line(capsys.readouterr())
+    assert line.startswith("prepare: error: gs://some-bucket/tok: no Google Cloud credentials found; ")
+    assert "gcloud auth application-default login" in line and "GOOGLE_APPLICATION_CREDENTIALS" in line
+
+
+def test_permission_denied_is_one_line(monkeypatch, capsys):
+    import gcsfs
+
+    from infer.__main__ import main
+
+    with ForbiddenServer() as server:
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", server.url)
+        monkeypatch.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+        gcsfs.GCSFileSystem.clear_instance_cache()
+        try:
+            code = main(["--checkpoint", "gs://locked/run", "--prompt", "hi"])
+        finally:
+            gcsfs.GCSFileSystem.clear_instance_cache()
+    assert code == 2
+    assert _one_line(capsys.readouterr()) == (
+        "error: gs://locked/run: permission denied by Cloud Storage; grant this account "
+        "roles/storage.objectAdmin on the bucket (or use another bucket)")
