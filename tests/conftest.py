@@ -4,7 +4,9 @@ import os
 
 import pytest
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+DEVICES_FLAG = "--xla_force_host_platform_device_count=8"
+if DEVICES_FLAG not in os.environ.get("XLA_FLAGS", ""):  # pytest-xdist workers inherit it
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + DEVICES_FLAG).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

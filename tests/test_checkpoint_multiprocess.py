@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 
-from train_runs import REPO, subprocess_env
+from train_runs import REPO, finish, subprocess_env
 
 TIMEOUT = 200  # seconds for both workers
 
@@ -31,14 +31,7 @@ def test_two_processes_save_restore_and_resume_one_sharded_checkpoint(tmp_path):
                                  str(tmp_path)], cwd=REPO,
                                 env=subprocess_env(devices=4, compilation_cache=tmp_path / "cache"),
                                 stdout=logs[i].open("w"), stderr=subprocess.STDOUT) for i in range(2)]
-    try:
-        for worker in workers:
-            worker.wait(timeout=TIMEOUT)
-    finally:
-        for worker in workers:
-            if worker.poll() is None:
-                worker.kill()
-                worker.wait(timeout=10)
+    outputs = finish(workers, logs, TIMEOUT)
     for i, worker in enumerate(workers):
-        assert worker.returncode == 0, f"worker {i} exited {worker.returncode}:\n{logs[i].read_text()[-3000:]}"
+        assert worker.returncode == 0, f"worker {i} exited {worker.returncode}:\n{outputs[i][-3000:]}"
     assert json.loads((tmp_path / "result.json").read_text()) == {"resumed_steps": [3, 4, 5, 6]}

@@ -37,7 +37,7 @@ def checkpoint(tmp_path_factory):
 def run_cli(*args, stdin=None, one_device=False):
     env = dict(os.environ)
     if one_device:  # the test session emulates 8 devices; a child may see just one
-        env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")
+        env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "").strip()
     return subprocess.run([sys.executable, "-m", "infer", *map(str, args)], cwd=REPO, env=env,
                           input=stdin, capture_output=True, text=True, timeout=120)
 

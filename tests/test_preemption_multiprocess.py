@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 from llama_jax.checkpoint import all_steps
-from train_runs import EXACT_METRICS, REPO, metrics, subprocess_env, wait_for_step
+from train_runs import EXACT_METRICS, REPO, finish, metrics, subprocess_env, wait_for_step
 
 TIMEOUT = 240  # seconds for a pair of workers on a busy 2-core machine
 STEPS = 16
@@ -36,18 +36,6 @@ def _start_pair(run_dir, logs, cache) -> list[subprocess.Popen]:
             for i in range(2)]
 
 
-def _finish(workers, logs) -> list[str]:
-    try:
-        for worker in workers:
-            worker.wait(timeout=TIMEOUT)
-    finally:
-        for worker in workers:
-            if worker.poll() is None:
-                worker.kill()
-                worker.wait(timeout=10)
-    return [log.read_text() for log in logs]
-
-
 def test_sigterm_to_one_process_stops_both_at_one_saved_step_and_the_rerun_resumes_exactly(tmp_path):
     cache = tmp_path / "cache"
     reference_dir, run_dir = tmp_path / "reference", tmp_path / "run"
@@ -58,7 +46,7 @@ def test_sigterm_to_one_process_stops_both_at_one_saved_step_and_the_rerun_resum
         seen = wait_for_step(run_dir, 3, workers[0], timeout=TIMEOUT)
         workers[1].send_signal(signal.SIGTERM)  # process 1 only: process 0 hears of it from the service
     finally:
-        outputs = _finish(workers, logs)
+        outputs = finish(workers, logs, TIMEOUT)
     for i, worker in enumerate(workers):
         assert worker.returncode == 0, f"process {i} exited {worker.returncode}:\n{outputs[i][-3000:]}"
     saved = all_steps(run_dir / "checkpoints")
@@ -68,7 +56,8 @@ def test_sigterm_to_one_process_stops_both_at_one_saved_step_and_the_rerun_resum
 
     logs = [tmp_path / f"resumed{i}.log" for i in range(2)]
     resumed = _start_pair(run_dir, logs, cache)
-    outputs = _finish(resumed, logs) + _finish(reference, [tmp_path / f"reference{i}.log" for i in range(2)])
+    outputs = finish(resumed, logs, TIMEOUT) + finish(reference, [tmp_path / f"reference{i}.log" for i in range(2)],
+                                                      TIMEOUT)
     assert [w.returncode for w in resumed + reference] == [0, 0, 0, 0], "\n".join(o[-2000:] for o in outputs)
     assert f"train: resuming from {run_dir / 'checkpoints' / str(saved[0])}" in outputs[0]
     keys = ("step", *EXACT_METRICS)

@@ -6,7 +6,6 @@ import dataclasses
 import json
 import shutil
 import signal
-import subprocess
 import sys
 
 import jax
@@ -15,19 +14,10 @@ import pytest
 from llama_jax.checkpoint import latest_step, read_config, restore_params
 from sharding.layout import load_layout
 from sharding.place import Placement
-from train_runs import (EXACT_METRICS, assert_trees_equal, cli, metrics, run_config, start,
+from train_runs import (EXACT_METRICS, assert_trees_equal, cli, finish, metrics, run_config, start,
                               steps_on_disk, wait_for_step)
 
 TIMEOUT = 150  # seconds for one tiny run of `python -m train` on a busy 2-core machine
-
-
-def _finish(process: subprocess.Popen, log) -> str:
-    try:
-        process.wait(timeout=TIMEOUT)
-    finally:
-        if process.poll() is None:
-            process.kill()
-    return log.read_text()
 
 
 @pytest.fixture(scope="module")
@@ -58,10 +48,10 @@ def test_killed_run_resumes_with_the_same_losses_step_for_step(tmp_path, compila
     resume_from = latest_step(killed_dir / "checkpoints")
 
     resumed = start(cli(killed_dir, *steps), tmp_path / "resumed.log", compilation_cache=cache)
-    output = _finish(resumed, tmp_path / "resumed.log")
+    output = finish(resumed, tmp_path / "resumed.log", TIMEOUT)
     assert resumed.returncode == 0, output
     assert f"resuming from {killed_dir / 'checkpoints' / str(resume_from)}" in output
-    reference_output = _finish(reference, tmp_path / "reference.log")
+    reference_output = finish(reference, tmp_path / "reference.log", TIMEOUT)
     assert reference.returncode == 0, reference_output
 
     keys = ("step", *EXACT_METRICS)
@@ -81,7 +71,7 @@ def test_sigterm_saves_the_current_step_and_exits_zero(tmp_path, compilation_cac
         seen = wait_for_step(run_dir, 4, process)
         process.send_signal(signal.SIGTERM)
     finally:
-        output = _finish(process, tmp_path / "log")
+        output = finish(process, tmp_path / "log", TIMEOUT)
     assert process.returncode == 0, output
     last = metrics(run_dir)[-1]["step"]
     assert seen <= last < 30
@@ -92,7 +82,7 @@ def test_sigterm_saves_the_current_step_and_exits_zero(tmp_path, compilation_cac
     # Nothing else to type: the run directory alone continues the run to its 30 steps.
     process = start([sys.executable, "-m", "train", "--config", str(run_dir), "--quiet"], tmp_path / "log2",
                     compilation_cache=compilation_cache)
-    output = _finish(process, tmp_path / "log2")
+    output = finish(process, tmp_path / "log2", TIMEOUT)
     assert process.returncode == 0, output
     assert f"resuming from {run_dir / 'checkpoints' / str(last)}" in output
     assert [row["step"] for row in metrics(run_dir)] == list(range(1, 31))

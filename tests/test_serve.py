@@ -63,7 +63,7 @@ def free_port() -> int:
 def server(checkpoint, request):
     port = free_port()
     env = dict(os.environ, LLAMA_JAX_API_KEY=KEY)
-    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")
+    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "").strip()
     process = subprocess.Popen([sys.executable, "-m", "infer.serve", "--checkpoint", str(checkpoint),
                                 "--model-name", MODEL, "--port", str(port), "--max-batch", "4",
                                 "--max-body-bytes", "65536", "--shutdown-timeout", "20",

@@ -17,7 +17,7 @@ import pytest
 
 from gcs_emulator import ForbiddenServer
 from llama_jax.checkpoint import latest_step
-from train_runs import EXACT_METRICS, REPO, metrics, subprocess_env, wait_for_step
+from train_runs import EXACT_METRICS, REPO, finish, metrics, subprocess_env, wait_for_step
 
 TIMEOUT = 150  # seconds for one tiny run of `python -m train` on a busy 2-core machine
 TEXTS = ["the quick brown fox jumps over the lazy dog", "packing rows of tokens for training",
@@ -33,15 +33,6 @@ def _start(command, cwd, log, cache) -> subprocess.Popen:
     """A training process in `cwd` (an empty directory, to see that nothing lands in it)."""
     env = subprocess_env(compilation_cache=cache)
     return subprocess.Popen(command, cwd=cwd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
-
-
-def _finish(process: subprocess.Popen, log) -> str:
-    try:
-        process.wait(timeout=TIMEOUT)
-    finally:
-        if process.poll() is None:
-            process.kill()
-    return log.read_text()
 
 
 @pytest.fixture(scope="module")
@@ -139,10 +130,10 @@ def test_killed_bucket_run_resumes_with_the_metrics_of_an_uninterrupted_run(buck
     assert saved and saved[-1] < 20, saved
 
     resumed = _start(_train_command(run_dir, tokens), cwd, tmp_path / "resumed.log", cache)
-    output = _finish(resumed, tmp_path / "resumed.log")
+    output = finish(resumed, tmp_path / "resumed.log", TIMEOUT)
     assert resumed.returncode == 0, output
     assert f"resuming from {run_dir}/checkpoints/{saved[-1]}" in output
-    reference_output = _finish(reference, tmp_path / "reference.log")
+    reference_output = finish(reference, tmp_path / "reference.log", TIMEOUT)
     assert reference.returncode == 0, reference_output
 
     keys = ("step", *EXACT_METRICS)

@@ -17,6 +17,23 @@ REPO = Path(__file__).resolve().parent.parent
 EXACT_METRICS = ("loss", "grad_norm", "accuracy", "learning_rate", "z_loss", "tokens")
 
 
+def finish(processes, logs, timeout: float):
+    """Wait for subprocesses (one, or a list) up to `timeout` seconds each, kill any still
+    running, and return the text of their logs (one, or a list)."""
+    single = isinstance(processes, subprocess.Popen)
+    processes, logs = ([processes], [logs]) if single else (list(processes), list(logs))
+    try:
+        for process in processes:
+            process.wait(timeout=timeout)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout=10)
+    texts = [Path(log).read_text() for log in logs]
+    return texts[0] if single else texts
+
+
 def random_batch(rows: int, seq: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
     """A training batch of random ids (one document a row) with uneven 0/1 loss weights."""
     rng = np.random.default_rng(seed)
