@@ -83,19 +83,18 @@ fixed number of steps with num_epochs=None (the default) to keep them in step.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
-import logging
 import os
-from typing import Any
 
 import grain
 import grain.experimental
 import numpy as np
 
+from train.example_rows import ExampleRows, PairRows
+from train.packing import NonEmpty, PackedRows, TokenWindows, unpacked_row
 from train.sources import (Examples, Preferences, SyntheticDocuments, TextDocuments, TextTokenizer,
-                           TokenDocuments, encode_document, no_text_error)
+                           TokenDocuments, encode_document)
 
 SOURCES = ("tokens", "text", "synthetic", "chat", "completion", "preference")
 EXAMPLE_SOURCES = ("chat", "completion")  # fine-tuning examples with per-token loss weights
@@ -182,283 +181,6 @@ class DataConfig:
                 or not 0 <= self.holdout < 1:
             raise ValueError(f"DataConfig.holdout must be a fraction in [0, 1); got {self.holdout!r}")
 
-
-
-# --- Rows: windows of the document stream. -----------------------------------
-
-
-def make_row(window: np.ndarray, segments: np.ndarray, seq_len: int) -> dict[str, np.ndarray]:
-    """One training row from a window of at most seq_len + 1 ids.
-
-    window: int [n] ids; segments: int [n], 1-based and non-decreasing, the
-    document fragment each id belongs to. Inputs are window[:seq_len],
-    targets window[1:]; the rest is padding. Returns the row dict described
-    in the module docstring, each array [seq_len].
-    """
-    n_in, n_target = min(len(window), seq_len), len(window) - 1
-    row = {key: np.zeros(seq_len, np.int32) for key in ("tokens", "targets", "positions", "segment_ids")}
-    row["tokens"][:n_in] = window[:n_in]
-    row["targets"][:n_target] = window[1:]
-    seg = segments[:n_in]
-    row["segment_ids"][:n_in] = seg
-    row["positions"][:n_in] = np.arange(n_in) - np.searchsorted(seg, seg, side="left")
-    row["loss_weights"] = np.zeros(seq_len, np.float32)
-    row["loss_weights"][:n_target] = segments[1:] == segments[:-1]
-    return row
-
-
-def unpacked_row(doc: np.ndarray, seq_len: int) -> dict[str, np.ndarray]:
-    """One document per row, truncated to seq_len inputs (plus one target) and padded."""
-    window = doc[: seq_len + 1]
-    return make_row(window, np.ones(len(window), np.int32), seq_len)
-
-
-class TokenWindows:
-    """Packed rows as random access: row w is window w of the documents' token stream.
-
-    The stream is `docs` end to end in `order` (a permutation of document
-    indices). Row w holds stream[w*seq_len : (w+1)*seq_len + 1] (inputs and
-    targets, see `make_row`), read from the documents it spans; the last row
-    may be short. Only each document's place in `order` and its stream offset
-    are kept in memory (16 bytes a document).
-    """
-
-    def __init__(self, docs: TokenDocuments, order: np.ndarray, seq_len: int):
-        self._docs, self._order, self._seq_len = docs, order, seq_len
-        self._starts = np.concatenate([[0], np.cumsum(docs.lengths()[order])])  # [num_docs + 1]
-        self._num_windows = max(0, -(-(int(self._starts[-1]) - 1) // seq_len))  # rows with a target
-
-    def __len__(self) -> int:
-        return self._num_windows
-
-    def __getitem__(self, w: int) -> dict[str, np.ndarray]:
-        if not 0 <= w < self._num_windows:
-            raise IndexError(f"window {w} is outside [0, {self._num_windows})")
-        pos = w * self._seq_len
-        stop = min(pos + self._seq_len + 1, int(self._starts[-1]))
-        k = int(np.searchsorted(self._starts, pos, side="right")) - 1  # the document holding `pos`
-        pieces = []
-        while pos < stop:
-            doc_start, doc_stop = int(self._starts[k]), int(self._starts[k + 1])
-            if doc_stop > pos:
-                pieces.append(self._docs.read(int(self._order[k]), pos - doc_start, min(stop, doc_stop) - doc_start))
-                pos = doc_stop
-            k += 1
-        segments = np.repeat(np.arange(1, len(pieces) + 1, dtype=np.int32), [len(p) for p in pieces])
-        return make_row(np.concatenate(pieces), segments, self._seq_len)
-
-
-class _PackedRowsIterator(grain.DatasetIterator):
-    """Cuts the stream of documents from `parent` into rows of seq_len inputs.
-
-    Holds the documents the next row needs, each with the parent state from
-    just before it was read. State: that parent state of the first held
-    document, and how many of its ids earlier rows already consumed.
-    """
-
-    def __init__(self, parent: grain.DatasetIterator, seq_len: int):
-        super().__init__(parent)
-        self._seq_len = seq_len
-        self._docs: collections.deque[tuple[dict, np.ndarray]] = collections.deque()
-        self._offset = 0
-        self._exhausted = False
-
-    def _fill(self, needed: int) -> int:
-        held = sum(len(doc) for _, doc in self._docs) - self._offset
-        while held < needed and not self._exhausted:
-            state = self._parent.get_state()
-            try:
-                doc = next(self._parent)
-            except StopIteration:
-                self._exhausted = True
-                break
-            self._docs.append((state, np.asarray(doc, np.int32)))  # never empty: see _NonEmpty
-            held += len(doc)
-        return held
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        needed = self._seq_len + 1
-        if self._fill(needed) < 2:  # a lone id has no target left to predict
-            raise StopIteration
-        pieces, start, taken = [], self._offset, 0
-        for _, doc in self._docs:
-            piece = doc[start : start + needed - taken]
-            pieces.append(piece)
-            start, taken = 0, taken + len(piece)
-            if taken == needed:
-                break
-        window = np.concatenate(pieces)
-        segments = np.repeat(np.arange(1, len(pieces) + 1, dtype=np.int32), [len(p) for p in pieces])
-        self._offset += self._seq_len
-        while self._docs and self._offset >= len(self._docs[0][1]):
-            self._offset -= len(self._docs.popleft()[1])
-        if not self._docs:
-            self._offset = 0
-        return make_row(window, segments, self._seq_len)
-
-    def get_state(self) -> dict[str, Any]:
-        parent = self._docs[0][0] if self._docs else self._parent.get_state()
-        return {"parent": parent, "offset": self._offset}
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        self._parent.set_state(state["parent"])
-        self._docs.clear()
-        self._offset = int(state["offset"])
-        self._exhausted = False
-
-
-class _NonEmptyIterator(grain.DatasetIterator):
-    """The documents of `parent` that hold ids (a text document with no text holds none).
-
-    `limit` empty documents in a row mean that no document holds any: it is
-    twice the documents a shard reads in an epoch (a run of empty ones can
-    span the end of one epoch and the start of the next), so an input with
-    no text ends in ValueError instead of an endless search.
-    """
-
-    def __init__(self, parent: grain.DatasetIterator, limit: int, paths: tuple[str, ...]):
-        super().__init__(parent)
-        self._limit, self._paths = limit, paths
-
-    def __next__(self) -> np.ndarray:
-        for _ in range(self._limit):
-            doc = next(self._parent)
-            if len(doc):
-                return doc
-        raise no_text_error(self._paths)
-
-    def get_state(self) -> dict[str, Any]:
-        return self._parent.get_state()
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        self._parent.set_state(state)
-
-
-class _NonEmpty(grain.IterDataset):
-    """An IterDataset of the documents that hold ids (see `_NonEmptyIterator`)."""
-
-    def __init__(self, parent: grain.IterDataset, limit: int, paths: tuple[str, ...]):
-        super().__init__(parent)
-        self._limit, self._paths = limit, paths
-
-    def __iter__(self) -> _NonEmptyIterator:
-        return _NonEmptyIterator(self._parent.__iter__(), self._limit, self._paths)
-
-
-class _PackedRows(grain.IterDataset):
-    """An IterDataset of packed rows (see `_PackedRowsIterator`)."""
-
-    def __init__(self, parent: grain.IterDataset, seq_len: int):
-        super().__init__(parent)
-        self._seq_len = seq_len
-
-    def __iter__(self) -> _PackedRowsIterator:
-        return _PackedRowsIterator(self._parent.__iter__(), self._seq_len)
-
-
-# --- Fine-tuning examples: whole examples packed into rows. -----------------
-
-
-def example_row(examples: list[np.ndarray], seq_len: int) -> dict[str, np.ndarray]:
-    """One row of whole examples laid end to end, each its own segment.
-
-    examples: int32 [2, n] each (ids, 0/1 loss weights), n - 1 <= seq_len in
-    total over the row. Example k gives inputs ids[:-1], targets ids[1:],
-    loss weights weights[1:] (the weight of the token predicted), positions
-    0.. and segment id k + 1; the rest is padding (weight 0, segment 0).
-    """
-    row = {key: np.zeros(seq_len, np.int32) for key in ("tokens", "targets", "positions", "segment_ids")}
-    row["loss_weights"] = np.zeros(seq_len, np.float32)
-    at = 0
-    for k, (ids, weights) in enumerate(examples):
-        n = len(ids) - 1
-        row["tokens"][at:at + n], row["targets"][at:at + n] = ids[:-1], ids[1:]
-        row["loss_weights"][at:at + n] = weights[1:]
-        row["positions"][at:at + n] = np.arange(n)
-        row["segment_ids"][at:at + n] = k + 1
-        at += n
-    return row
-
-
-class ExampleRows:
-    """Rows of whole fine-tuning examples as random access (examples never straddle rows).
-
-    Each kept example's length is read once up front (one pass that encodes
-    every example of this split); over-long ones are dropped or truncated as
-    `config.overlong` says. In `order`, examples fill a row until the next
-    one would not fit (with packing), or one example per row.
-    """
-
-    def __init__(self, examples, indices: np.ndarray, config: DataConfig):
-        self._examples, self._seq_len = examples, config.seq_len
-        if examples.vision is not None and config.packing:
-            raise ValueError("data.packing: a vision model's rows hold one example each (images belong "
-                             "to a row); set data.packing to false")
-        kept, lengths, overlong = [], [], 0
-        for i in indices:
-            ids, weights = examples[int(i)]
-            n = len(ids) - 1
-            if n > config.seq_len:
-                overlong += 1
-                if config.overlong == "drop" or not weights[1:config.seq_len + 1].any():
-                    continue
-                n = config.seq_len
-            if n >= 1 and weights[1:n + 1].any():
-                kept.append(int(i))
-                lengths.append(n)
-        if overlong:
-            what = "dropped" if config.overlong == "drop" else "truncated to it (dropped if no answer is left)"
-            logging.getLogger(__name__).warning(
-                "data: %d of %d examples are longer than seq_len %d; %s", overlong, len(indices),
-                config.seq_len, what)
-        if not kept:
-            raise ValueError(f"{', '.join(config.paths)}: no example with an answer fits seq_len {config.seq_len}")
-        self._kept = np.asarray(kept, np.int64)
-        starts, used = [0], 0
-        for j, n in enumerate(lengths):
-            if j and (not config.packing or used + n > config.seq_len):
-                starts.append(j)
-                used = 0
-            used += n
-        self._starts = np.asarray(starts + [len(kept)], np.int64)
-
-    def __len__(self) -> int:
-        return len(self._starts) - 1
-
-    def __getitem__(self, r: int) -> dict[str, np.ndarray]:
-        picked = self._kept[self._starts[r]:self._starts[r + 1]]
-        row = example_row([self._examples[int(i)][:, :self._seq_len + 1] for i in picked], self._seq_len)
-        vision = self._examples.vision
-        if vision is not None:  # one example per row (no packing)
-            row["images"] = self._examples.images(int(picked[0]), row["tokens"])
-            # <|image|> is never predicted (weight 0, user turns only) and lies past the
-            # output vocabulary: as a target it is padding, an id the loss can index.
-            row["targets"][row["targets"] == vision.image_token_id] = 0
-        return row
-
-
-class PairRows:
-    """Rows of preference pairs as random access: row r holds pair `indices[r]`'s chosen
-    conversation (segment 1) then its rejected one (segment 2), see `example_row`.
-    Pairs whose two conversations do not fit seq_len together are dropped (counted in
-    a log line): a truncated answer's reward would compare nothing."""
-
-    def __init__(self, pairs, indices: np.ndarray, config: DataConfig):
-        self._pairs, self._seq_len = pairs, config.seq_len
-        kept = [int(i) for i in indices if sum(len(ids) - 1 for ids, _ in pairs[int(i)]) <= config.seq_len]
-        if len(kept) < len(indices):
-            logging.getLogger(__name__).warning(
-                "data: %d of %d preference pairs do not fit seq_len %d with both answers; dropped",
-                len(indices) - len(kept), len(indices), config.seq_len)
-        if not kept:
-            raise ValueError(f"{', '.join(config.paths)}: no preference pair fits seq_len {config.seq_len}")
-        self._kept = kept
-
-    def __len__(self) -> int:
-        return len(self._kept)
-
-    def __getitem__(self, r: int) -> dict[str, np.ndarray]:
-        return example_row(list(self._pairs[self._kept[r]]), self._seq_len)
 
 
 # --- The pipeline. ----------------------------------------------------------
@@ -609,10 +331,10 @@ def _streamed_rows(source, encode, config: DataConfig, shard_index: int, shard_c
     if encode is not None:
         docs = docs.map(encode)
     limit = 2 * (-(-len(source) // shard_count) + 1)
-    docs = _NonEmpty(docs.to_iter_dataset(read), limit, config.paths)
+    docs = NonEmpty(docs.to_iter_dataset(read), limit, config.paths)
     if not config.packing:
         return docs.map(functools.partial(unpacked_row, seq_len=config.seq_len))
-    rows = _PackedRows(docs, config.seq_len)
+    rows = PackedRows(docs, config.seq_len)
     if config.shuffle and config.shuffle_window > 1:
         # index_shuffle takes 32-bit seeds and adds the window number to this one.
         rows = grain.experimental.WindowShuffleIterDataset(

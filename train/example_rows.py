@@ -1,0 +1,117 @@
+"""Rows of fine-tuning data: whole chat or completion examples packed into rows, and
+preference pairs (a chosen and a rejected conversation per row), as random access.
+
+`train/data.py`'s pipeline shards, shuffles and batches them.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from train.data import DataConfig
+
+
+def example_row(examples: list[np.ndarray], seq_len: int) -> dict[str, np.ndarray]:
+    """One row of whole examples laid end to end, each its own segment.
+
+    examples: int32 [2, n] each (ids, 0/1 loss weights), n - 1 <= seq_len in
+    total over the row. Example k gives inputs ids[:-1], targets ids[1:],
+    loss weights weights[1:] (the weight of the token predicted), positions
+    0.. and segment id k + 1; the rest is padding (weight 0, segment 0).
+    """
+    row = {key: np.zeros(seq_len, np.int32) for key in ("tokens", "targets", "positions", "segment_ids")}
+    row["loss_weights"] = np.zeros(seq_len, np.float32)
+    at = 0
+    for k, (ids, weights) in enumerate(examples):
+        n = len(ids) - 1
+        row["tokens"][at:at + n], row["targets"][at:at + n] = ids[:-1], ids[1:]
+        row["loss_weights"][at:at + n] = weights[1:]
+        row["positions"][at:at + n] = np.arange(n)
+        row["segment_ids"][at:at + n] = k + 1
+        at += n
+    return row
+
+
+class ExampleRows:
+    """Rows of whole fine-tuning examples as random access (examples never straddle rows).
+
+    Each kept example's length is read once up front (one pass that encodes
+    every example of this split); over-long ones are dropped or truncated as
+    `config.overlong` says. In `order`, examples fill a row until the next
+    one would not fit (with packing), or one example per row.
+    """
+
+    def __init__(self, examples, indices: np.ndarray, config: DataConfig):
+        self._examples, self._seq_len = examples, config.seq_len
+        if examples.vision is not None and config.packing:
+            raise ValueError("data.packing: a vision model's rows hold one example each (images belong "
+                             "to a row); set data.packing to false")
+        kept, lengths, overlong = [], [], 0
+        for i in indices:
+            ids, weights = examples[int(i)]
+            n = len(ids) - 1
+            if n > config.seq_len:
+                overlong += 1
+                if config.overlong == "drop" or not weights[1:config.seq_len + 1].any():
+                    continue
+                n = config.seq_len
+            if n >= 1 and weights[1:n + 1].any():
+                kept.append(int(i))
+                lengths.append(n)
+        if overlong:
+            what = "dropped" if config.overlong == "drop" else "truncated to it (dropped if no answer is left)"
+            logging.getLogger(__name__).warning(
+                "data: %d of %d examples are longer than seq_len %d; %s", overlong, len(indices),
+                config.seq_len, what)
+        if not kept:
+            raise ValueError(f"{', '.join(config.paths)}: no example with an answer fits seq_len {config.seq_len}")
+        self._kept = np.asarray(kept, np.int64)
+        starts, used = [0], 0
+        for j, n in enumerate(lengths):
+            if j and (not config.packing or used + n > config.seq_len):
+                starts.append(j)
+                used = 0
+            used += n
+        self._starts = np.asarray(starts + [len(kept)], np.int64)
+
+    def __len__(self) -> int:
+        return len(self._starts) - 1
+
+    def __getitem__(self, r: int) -> dict[str, np.ndarray]:
+        picked = self._kept[self._starts[r]:self._starts[r + 1]]
+        row = example_row([self._examples[int(i)][:, :self._seq_len + 1] for i in picked], self._seq_len)
+        vision = self._examples.vision
+        if vision is not None:  # one example per row (no packing)
+            row["images"] = self._examples.images(int(picked[0]), row["tokens"])
+            # <|image|> is never predicted (weight 0, user turns only) and lies past the
+            # output vocabulary: as a target it is padding, an id the loss can index.
+            row["targets"][row["targets"] == vision.image_token_id] = 0
+        return row
+
+
+class PairRows:
+    """Rows of preference pairs as random access: row r holds pair `indices[r]`'s chosen
+    conversation (segment 1) then its rejected one (segment 2), see `example_row`.
+    Pairs whose two conversations do not fit seq_len together are dropped (counted in
+    a log line): a truncated answer's reward would compare nothing."""
+
+    def __init__(self, pairs, indices: np.ndarray, config: DataConfig):
+        self._pairs, self._seq_len = pairs, config.seq_len
+        kept = [int(i) for i in indices if sum(len(ids) - 1 for ids, _ in pairs[int(i)]) <= config.seq_len]
+        if len(kept) < len(indices):
+            logging.getLogger(__name__).warning(
+                "data: %d of %d preference pairs do not fit seq_len %d with both answers; dropped",
+                len(indices) - len(kept), len(indices), config.seq_len)
+        if not kept:
+            raise ValueError(f"{', '.join(config.paths)}: no preference pair fits seq_len {config.seq_len}")
+        self._kept = kept
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    def __getitem__(self, r: int) -> dict[str, np.ndarray]:
+        return example_row(list(self._pairs[self._kept[r]]), self._seq_len)
