@@ -61,7 +61,8 @@ def bucket(gcs):
 def test_prepare_writes_tokens_to_the_bucket_and_reads_them_back_by_range(bucket):
     from llama_jax.paths import user_path
     from llama_jax.tokenizer import load_tokenizer
-    from train.sources import RangedTokens, TokenDocuments
+    from train.ranged_reads import RangedTokens
+    from train.sources import TokenDocuments
 
     names = sorted(p.name for p in (user_path(bucket) / "tokens").iterdir())
     assert names == ["index.npy", "meta.json", "tokens.bin"]
