@@ -54,8 +54,6 @@ import re
 
 import numpy as np
 
-from sharding.topology import (CHIP_DCN_BYTES_PER_S, CHIP_ICI_BYTES_PER_S, CHIP_ICI_PORTS,
-                               CHIP_PEAK_FLOPS, CHIP_TORUS_DIMS)
 
 KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 
@@ -381,73 +379,3 @@ def _megascale(name: str, shape: str, line: str, count: int, mesh, slices: np.nd
     return Collective(kind="all-reduce" if reduce else "collective-permute", name=name,
                       buffer_bytes=_shape_bytes(_split_top(shape[1:-1])[0]),
                       group_size=len(set(slices.tolist())), axes=axes, count=count, dcn=True)
-
-
-# --- summaries and the time model ---------------------------------------------------------
-
-
-def bytes_by_kind_and_axes(collectives: list[Collective]) -> dict[tuple[str, tuple[str, ...]], float]:
-    """{(kind, axes): bytes one device moves per step} (ring formulas, loops multiplied out)."""
-    totals = collections.defaultdict(float)
-    for c in collectives:
-        totals[(c.kind, c.axes)] += c.bytes_per_step
-    return dict(totals)
-
-
-def collective_seconds(c: Collective, chip: str) -> float | None:
-    """Estimated seconds per step of one collective on `chip` (None: no bandwidth figure)."""
-    if c.dcn:
-        bandwidth = CHIP_DCN_BYTES_PER_S.get(chip)
-    else:
-        per_link = CHIP_ICI_BYTES_PER_S.get(chip)
-        per_link = None if per_link is None else per_link / CHIP_ICI_PORTS[chip]  # bidirectional
-        if per_link is None:
-            bandwidth = None
-        elif c.kind == "collective-permute":
-            bandwidth = per_link / 2
-        else:
-            bandwidth = per_link * min(c.torus_dims, CHIP_TORUS_DIMS[chip])
-    return None if bandwidth is None else c.bytes_per_step / bandwidth
-
-
-@dataclasses.dataclass(frozen=True)
-class StepEstimate:
-    """An estimate (see the module docstring), per chip per step; None where a figure is missing."""
-
-    compute_s: float
-    comm_s: float | None
-    comm_s_by_kind: dict[str, float]
-    step_s: float | None          # max(compute, comm): every collective hidden behind compute
-    serial_step_s: float | None   # compute + comm: nothing overlapped
-    mfu_bound: float | None       # compute_s / step_s
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-def estimate_step(collectives: list[Collective], chip: str, model_flops_per_chip: float) -> StepEstimate:
-    """Estimated step time on `chip` from model FLOPs per chip and the collectives' bytes."""
-    compute = model_flops_per_chip / CHIP_PEAK_FLOPS[chip]
-    by_kind, missing = collections.defaultdict(float), False
-    for c in collectives:
-        seconds = collective_seconds(c, chip)
-        if seconds is None:
-            missing = True
-        else:
-            by_kind[c.kind] += seconds
-    if missing:
-        return StepEstimate(compute, None, dict(by_kind), None, None, None)
-    comm = sum(by_kind.values())
-    step = max(compute, comm)
-    return StepEstimate(compute, comm, dict(by_kind), step, compute + comm,
-                        compute / step if step else None)
-
-
-def summary(collectives: list[Collective]) -> list[dict]:
-    """JSON-ready rows: kind, axes, executions and bytes per device per step, grouped."""
-    rows = collections.defaultdict(lambda: {"count": 0, "bytes_per_step": 0.0})
-    for c in collectives:
-        row = rows[(c.kind, c.axes, c.dcn)]
-        row["count"] += c.count
-        row["bytes_per_step"] += c.bytes_per_step
-    return [{"kind": k, "axes": list(a), "dcn": d, **v} for (k, a, d), v in sorted(rows.items())]

@@ -21,8 +21,8 @@ import jax
 import numpy as np
 import pytest
 
-from sharding.comms import (Collective, bytes_by_kind_and_axes, estimate_step, parse_collectives,
-                            replica_groups)
+from sharding.comms import Collective, parse_collectives, replica_groups
+from sharding.comms_estimate import bytes_by_kind_and_axes, estimate_step
 
 D, HEADS, HEAD_DIM, FFN, VOCAB, ROWS, SEQ = 64, 8, 8, 128, 256, 16, 32
 F32 = 4

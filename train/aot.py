@@ -44,15 +44,15 @@ class CompileResult:
     weight_bytes: int | None = None        # one chip's share of the parameters, as compiled
     cache_bytes: int | None = None         # one chip's share of the KV cache (decode)
     collectives: list | None = None        # sharding.comms.Collective list (compile_run(comms=True))
-    estimate: dict | None = None           # sharding.comms.StepEstimate as a dict (train, comms=True)
+    estimate: dict | None = None           # sharding.comms_estimate.StepEstimate as a dict (train, comms=True)
 
     @property
     def used_bytes(self) -> int | None:
         return None if self.memory is None else max(self.memory["peak"], self.memory["total"])
 
     def to_dict(self) -> dict:
-        """JSON-ready; the collectives grouped by kind and mesh axes (sharding.comms.summary)."""
-        from sharding.comms import summary
+        """JSON-ready; the collectives grouped by kind and mesh axes (sharding.comms_estimate.summary)."""
+        from sharding.comms_estimate import summary
 
         collectives = None if self.collectives is None else summary(self.collectives)
         return (dataclasses.asdict(dataclasses.replace(self, collectives=None))
@@ -302,7 +302,8 @@ def compile_run(run, devices, *, topology: str = "", slices: int = 1, program: s
         result.model_flops = per_step / len(devices)
         result.step_s_at_full_mfu = result.model_flops / (CHIP_PEAK_FLOPS[info.chip] / info.devices_per_chip)
     if comms:
-        from sharding.comms import estimate_step, parse_collectives
+        from sharding.comms import parse_collectives
+        from sharding.comms_estimate import estimate_step
 
         result.collectives = parse_collectives(compiled.as_text(), placement.mesh)
         if program == "train":

@@ -3,7 +3,7 @@
 One row per compiled combination: its values, HBM per chip, verdict, the
 bytes one chip moves per step by collective kind and mesh axes (ring
 formulas, loops multiplied out: sharding/comms.py), and the ESTIMATED step
-time and MFU bound of sharding.comms.estimate_step (compute at peak
+time and MFU bound of sharding.comms_estimate.estimate_step (compute at peak
 FLOP/s, collectives at the published ICI/DCN bandwidths, full overlap).
 """
 
