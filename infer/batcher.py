@@ -127,10 +127,12 @@ class Batcher:
         axes = decoding.state_axes(engine.config)
         self._prefill = jax.jit(functools.partial(_prefill_into_slots, engine.model, axes),
                                 static_argnames=("cache_len", "chunk"), donate_argnames=("state", "sampling"),
-                                out_shardings=(engine.state_shardings, row) + (engine.replicated,) * 5)
+                                out_shardings=(engine.state_shardings, row) + (engine.replicated,) * 5,
+                                compiler_options=engine.compiler_options)
         self._step = jax.jit(functools.partial(_steps, engine.model), static_argnames=("steps",),
                              donate_argnames=("state",),
-                             out_shardings=(engine.state_shardings,) + (engine.replicated,) * 4)
+                             out_shardings=(engine.state_shardings,) + (engine.replicated,) * 4,
+                             compiler_options=engine.compiler_options)
         self._waiting: deque[Request] = deque()
         self._running: list[Request | None] = [None] * slots
         self._wake = threading.Condition()

@@ -82,6 +82,7 @@ class Engine:
         self.model_config = config.replace(scan_layers=config.scan_layers and not unroll_layers,
                                            remat="none")
         self.model = model_for(self.model_config)
+        self.compiler_options = loop_compiler_options(config, plan.mesh.devices.flat[0].platform)
         self.batch_multiple = plan.shards_along("batch")
         # Context parallelism splits each length shard into two halves.
         self.length_multiple = 2 * plan.shards_along("length") if plan.shards_along("length") > 1 else 1
@@ -95,11 +96,13 @@ class Engine:
             self._prefill[with_images] = jax.jit(
                 functools.partial(decoding.prefill, self.model),
                 static_argnames=("sampling", "cache_len", "keep_logits", "chunk"),
-                out_shardings=(shardings, self.replicated, self.replicated))
+                out_shardings=(shardings, self.replicated, self.replicated),
+                compiler_options=self.compiler_options)
             self._decode[with_images] = jax.jit(
                 functools.partial(decoding.decode, self.model),
                 static_argnames=("sampling", "steps", "keep_logits"), donate_argnames=("state",),
-                out_shardings=(shardings, self.replicated, self.replicated))
+                out_shardings=(shardings, self.replicated, self.replicated),
+                compiler_options=self.compiler_options)
 
     # ------------------------------------------------------------ placement
 
@@ -209,6 +212,23 @@ class Engine:
     def _stops(self, stop_ids):
         stops = np.asarray(sorted(stop_ids) or [NO_TOKEN], np.int32)
         return self.placement.put(stops, self.replicated)
+
+
+def loop_compiler_options(config: ModelConfig, platform: str) -> dict | None:
+    """XLA options for programs that loop over decode steps or prefill chunks.
+
+    XLA:CPU has no bfloat16 or int8 matmul: it converts such weights to
+    float32, and its while-loop invariant code motion then lifts every
+    conversion out of the loop, so the loop holds a float32 copy of all the
+    weights at once (34 GB of temporaries for Llama 3.1 8B in bfloat16; 2.1 GB
+    without). Converting each layer's weights inside each step costs time, but
+    a model that does not fit in memory does not run at all. Float32 weights
+    and other platforms (a TPU fuses the cast into the matmul) keep the pass.
+    """
+    narrow = config.param_dtype != "float32" or config.quantize is not None
+    if platform == "cpu" and narrow:
+        return {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
+    return None
 
 
 def check_prompts(config: ModelConfig, prompts: list[list[int]], max_new_tokens: int):

@@ -268,3 +268,30 @@ def test_on_cpu_a_narrow_weight_model_converts_one_layer_of_weights_at_a_time(qu
     temporaries = compiled.memory_analysis().temp_size_in_bytes
     head_f32 = 4 * config.dim * config.vocab_size
     assert temporaries < 2 * layer_f32 + head_f32 + 2**20 < 0.5 * whole_f32, (temporaries, layer_f32, whole_f32)
+
+
+@pytest.mark.parametrize("quant", [None, "int8"])
+def test_on_cpu_the_decode_loop_converts_weights_inside_each_step(quant):
+    """In a loop, XLA:CPU's invariant code motion lifted every float32 conversion out of the
+    decode loop: 34 GB of temporaries for an 8B bfloat16 model. The decode loop as the Engine
+    compiles it holds one layer's converted weights (and the head's) at a time."""
+    import functools
+
+    from infer.engine import Engine
+    from llama_jax import decoding
+    from llama_jax.params import abstract_params
+    from llama_jax.sampling import Sampling
+
+    config = CONFIG.replace(dim=256, n_heads=4, n_kv_heads=2, ffn_dim=1024, n_layers=8, vocab_size=512,
+                            dtype="bfloat16", param_dtype="bfloat16", quantize=quant)
+    engine = Engine(config)
+    params = abstract_params(engine.model_config)
+    layer_f32 = 4 * sum(x.size for x in jax.tree.leaves(params["layers_0"]))
+    whole_f32 = 4 * sum(x.size for x in jax.tree.leaves(params))
+    state = jax.eval_shape(functools.partial(decoding.empty_state, config, 1, 64))
+    decode = jax.jit(functools.partial(decoding.decode, engine.model, sampling=Sampling(), steps=4),
+                     compiler_options=engine.compiler_options)
+    compiled = decode.lower(params, state, jax.ShapeDtypeStruct((1,), jnp.int32)).compile()
+    temporaries = compiled.memory_analysis().temp_size_in_bytes
+    head_f32 = 4 * config.dim * config.vocab_size
+    assert temporaries < 2 * layer_f32 + head_f32 + 2**20 < 0.5 * whole_f32, (temporaries, layer_f32, whole_f32)
