@@ -13,10 +13,10 @@ Each step runs in its own process, whose peak resident memory (VmHWM) is
 reported against the checkpoint's bytes, as JSON lines. The directory is
 removed afterwards unless --keep. Measures only; asserts nothing.
 
-On a CPU host the serve steps need more: XLA:CPU has no bfloat16 matmul and
-converts the weights to float32 at the start of each program (about 2x the
-checkpoint, 30 GB for 8B), so they fail on a 24 GiB machine after the load
-succeeds; docs/benchmarks.md has the figures.
+On a CPU host the serve steps hold a little more than the load: XLA:CPU has
+no bfloat16 matmul, so each step converts the weights it reads to float32
+(the output head and one layer at a time; see infer.engine.loop_compiler_options).
+docs/benchmarks.md has the figures.
 """
 
 from __future__ import annotations
