@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llama_jax.cli import run_cli
 from llama_jax.config import ModelConfig
 from llama_jax.model import DecoderLayer, FeedForward, Linear, Llama
 from llama_jax.params import stack_layers, stacked_layers
@@ -227,6 +228,11 @@ def prune_checkpoint(source, output, calibration: list[str], tokenizer=None, *, 
 
 
 def main(argv=None) -> int:
+    """The command line; returns the exit status (2 on bad input)."""
+    return run_cli(_main, argv, prog="llama_jax.prune")
+
+
+def _main(argv):
     parser = argparse.ArgumentParser(prog="python -m llama_jax.prune", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="the model to prune: ours, a run or Hugging Face")
     parser.add_argument("--output", required=True, help="directory to write the pruned checkpoint to")
@@ -239,15 +245,10 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=8, help="documents per calibration batch")
     parser.add_argument("--batches", type=int, default=8, help="calibration batches (default 8)")
     args = parser.parse_args(argv)
-    try:
-        record = prune_checkpoint(args.checkpoint, args.output, args.calibration, args.tokenizer,
-                                  drop_layers=args.drop_layers, ffn_dim=args.ffn_dim, kv_heads=args.kv_heads,
-                                  seq_len=args.seq_len, batch=args.batch, batches=args.batches)
-    except (ValueError, OSError) as err:
-        print(f"llama_jax.prune: error: {str(err).splitlines()[0]}", file=sys.stderr)
-        return 2
+    record = prune_checkpoint(args.checkpoint, args.output, args.calibration, args.tokenizer,
+                              drop_layers=args.drop_layers, ffn_dim=args.ffn_dim, kv_heads=args.kv_heads,
+                              seq_len=args.seq_len, batch=args.batch, batches=args.batches)
     print(f"wrote {args.output}: {json.dumps(record['config'])} (kept layers {record['kept']['layers']})")
-    return 0
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from llama_jax import Llama, init_params
 from llama_jax.checkpoint import read_config, restore_params, save_params
 from llama_jax.checkpoint_io import ParamsReader
 from llama_jax.config import RopeScaling
-from llama_jax.convert import run_cli
+from llama_jax.cli import run_cli
 from llama_jax.convert import hf_to_ours, meta_to_ours, ours_to_hf, quantize
 from llama_jax.convert.hf_to_ours import convert_hf_to_ours
 from llama_jax.convert.meta_to_ours import convert_meta_to_ours, published_rope_factor

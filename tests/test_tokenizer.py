@@ -446,3 +446,19 @@ def test_real_llama3_tokenizer_ids_and_special_tokens_match_meta(meta_pair):
     assert llama3_special_tokens() == list(meta.special_tokens)
     assert (ours.bos_id, ours.eos_id, ours.pad_id) == (meta.bos_id, meta.eos_id, meta.pad_id)
     assert ours.stop_ids == set(meta.stop_tokens)
+
+
+def test_tokenizer_command_trains_a_loadable_tokenizer_and_bad_input_is_one_line(tmp_path, capsys):
+    from train.tokenizer import main
+
+    (tmp_path / "a.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 20)
+    output = tmp_path / "out" / "tok.model"
+    assert main(["--input", str(tmp_path / "*.txt"), "--vocab-size", "300", "--output", str(output)]) == 0
+    tokenizer = load_tokenizer(output)
+    assert tokenizer.decode(tokenizer.encode("the lazy fox")) == "the lazy fox"
+    capsys.readouterr()
+    bad = tmp_path / "out" / "bad.model"
+    assert main(["--input", str(tmp_path / "*.txt"), "--vocab-size", "100", "--output", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err == "tokenizer: error: --vocab-size 100 is below the 256 byte tokens\n"
+    assert sorted(p.name for p in output.parent.iterdir()) == ["tok.model"]  # nothing half-written

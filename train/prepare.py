@@ -27,6 +27,7 @@ import sys
 import numpy as np
 from tqdm import tqdm
 
+from llama_jax.cli import run_cli
 from llama_jax.paths import check_bucket, remove_tree, user_path
 
 from train.sources import (
@@ -109,6 +110,10 @@ def prepare(
 
 def main(argv: list[str] | None = None) -> int:
     """The command line; returns the exit status (2 on bad input)."""
+    return run_cli(_main, argv, prog="prepare")
+
+
+def _main(argv):
     parser = argparse.ArgumentParser(
         prog="python -m train.prepare",
         description="Tokenize .txt files (one document each) or .jsonl files (one document per "
@@ -123,17 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from llama_jax.tokenizer import load_tokenizer
 
-    try:
-        tokenizer = load_tokenizer(args.tokenizer)
-        meta = prepare(
-            tokenizer, args.input, args.output, text_key=args.text_key,
-            overwrite=args.overwrite, progress=not args.quiet,
-        )
-    except (ValueError, OSError) as e:
-        print(f"prepare: error: {e}", file=sys.stderr)
-        return 2
+    tokenizer = load_tokenizer(args.tokenizer)
+    meta = prepare(tokenizer, args.input, args.output, text_key=args.text_key, overwrite=args.overwrite,
+                   progress=not args.quiet)
     print(f"wrote {meta['num_tokens']:,} tokens in {meta['num_docs']:,} documents to {args.output}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ import os
 import sys
 from pathlib import Path
 
+from llama_jax.cli import run_cli
+
 
 def _read_texts(files):
     for path in files:
@@ -22,6 +24,11 @@ def _read_texts(files):
 
 
 def main(argv=None) -> int:
+    """The command line; returns the exit status (2 on bad input)."""
+    return run_cli(_main, argv, prog="tokenizer")
+
+
+def _main(argv):
     parser = argparse.ArgumentParser(prog="python -m train.tokenizer", description=__doc__.splitlines()[0])
     parser.add_argument("--input", nargs="+", required=True, help="text files or globs (** allowed)")
     parser.add_argument("--vocab-size", type=int, required=True,
@@ -34,21 +41,19 @@ def main(argv=None) -> int:
     from train.sources import expand_paths
 
     output = Path(args.output)
+    files = expand_paths(args.input)
+    if args.vocab_size < 256:
+        raise ValueError(f"--vocab-size {args.vocab_size} is below the 256 byte tokens")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    partial = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    trainer = train_bpe if args.kind == "bpe" else train_sentencepiece
+    print(f"training a {args.kind} tokenizer on {len(files)} files ...", file=sys.stderr)
     try:
-        files = expand_paths(args.input)
-        if args.vocab_size < 256:
-            raise ValueError(f"--vocab-size {args.vocab_size} is below the 256 byte tokens")
-        output.parent.mkdir(parents=True, exist_ok=True)
-        partial = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-        trainer = train_bpe if args.kind == "bpe" else train_sentencepiece
-        print(f"training a {args.kind} tokenizer on {len(files)} files ...", file=sys.stderr)
         trainer(_read_texts(files), args.vocab_size, partial)
         partial.replace(output)
-    except (ValueError, OSError) as err:
-        print(f"tokenizer: error: {err}", file=sys.stderr)
-        return 2
+    finally:
+        partial.unlink(missing_ok=True)  # a failed training leaves nothing behind
     print(f"wrote {output}")
-    return 0
 
 
 if __name__ == "__main__":

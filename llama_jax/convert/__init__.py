@@ -15,7 +15,7 @@ server-side copy of each object. Bad input ends in one line on stderr and
 exit code 2.
 
 This module holds what they share: the staged output directory, the
-progress bar and the command-line error handling.
+progress bar (the command-line error handling is llama_jax.cli.run_cli).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from typing import Callable, Iterator
+from typing import Iterator
 
 from etils import epath
 from tqdm import tqdm
@@ -60,17 +60,3 @@ def staged_output(output: str | os.PathLike) -> Iterator[epath.Path]:
 def progress(total: int, desc: str, enabled: bool = True) -> tqdm:
     """A tqdm bar on stderr counting tensors."""
     return tqdm(total=total, desc=desc, unit="tensor", disable=not enabled, file=sys.stderr, dynamic_ncols=True)
-
-
-def run_cli(main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> int:
-    """Run a converter's main; a user-fixable error becomes one line on stderr and exit code 2."""
-    try:
-        main(argv)
-    except (ValueError, OSError) as err:
-        text = str(err).strip().splitlines()
-        print(f"error: {text[0] if text else type(err).__name__}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    return 0

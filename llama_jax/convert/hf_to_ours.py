@@ -23,8 +23,9 @@ import argparse
 import os
 
 from llama_jax.checkpoint_io import ParamsWriter, as_contiguous
+from llama_jax.cli import run_cli
 from llama_jax.config import ModelConfig
-from llama_jax.convert import DTYPES, ConvertError, progress, run_cli, staged_output
+from llama_jax.convert import DTYPES, ConvertError, progress, staged_output
 from llama_jax.hf import hf_tensors, hf_weights, read_hf_config
 from llama_jax.paths import check_bucket, user_path
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import argparse
 
-from llama_jax.convert import ConvertError, run_cli
+from llama_jax.cli import run_cli
+from llama_jax.convert import ConvertError
 
 
 def _lora_checkpoint(source, step: int | None):

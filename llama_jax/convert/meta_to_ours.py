@@ -34,8 +34,9 @@ from typing import NamedTuple
 import numpy as np
 
 from llama_jax.checkpoint_io import ParamsWriter, as_contiguous
+from llama_jax.cli import run_cli
 from llama_jax.config import ConfigError, ModelConfig, RopeScaling, load_model_config, published_models
-from llama_jax.convert import DTYPES, ConvertError, progress, run_cli, staged_output
+from llama_jax.convert import DTYPES, ConvertError, progress, staged_output
 from llama_jax.hf import HF_WEIGHTS, to_ours
 
 

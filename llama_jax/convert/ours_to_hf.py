@@ -37,7 +37,8 @@ import numpy as np
 from etils import epath
 
 from llama_jax.checkpoint_io import ParamsReader, as_contiguous
-from llama_jax.convert import DTYPES, ConvertError, progress, run_cli, staged_output
+from llama_jax.cli import run_cli
+from llama_jax.convert import DTYPES, ConvertError, progress, staged_output
 from llama_jax.hf import config_to_hf, hf_tensors, to_hf
 from llama_jax.paths import user_path
 from llama_jax.tokenizer import load_tokenizer

@@ -25,8 +25,9 @@ import os
 from llama_jax.assemble import ParamsBuilder, checkpoint_weights
 from llama_jax.checkpoint import read_config
 from llama_jax.checkpoint_io import ParamsWriter
+from llama_jax.cli import run_cli
 from llama_jax.config import QUANTIZE_TARGETS, ModelConfig
-from llama_jax.convert import DTYPES, ConvertError, progress, run_cli, staged_output
+from llama_jax.convert import DTYPES, ConvertError, progress, staged_output
 from llama_jax.hf import hf_weights, read_hf_config
 from llama_jax.paths import user_path
 from llama_jax.quantize import require_fp8

@@ -1,0 +1,27 @@
+"""What every command line here shares: bad input is one line on stderr and exit code 2.
+
+    def main(argv=None) -> int:
+        return run_cli(_main, argv, prog="prepare")
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+
+def run_cli(main: Callable[[list[str] | None], None], argv: list[str] | None = None,
+            prog: str | None = None) -> int:
+    """Run `main(argv)`; a user-fixable error (ValueError, OSError) becomes one line on stderr,
+    `<prog>: error: <first line>`, and exit code 2; Ctrl-C exits 130. Returns the exit code."""
+    prefix = f"{prog}: error" if prog else "error"
+    try:
+        main(argv)
+    except (ValueError, OSError) as err:
+        text = str(err).strip().splitlines()
+        print(f"{prefix}: {text[0] if text else type(err).__name__}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prefix}: interrupted", file=sys.stderr)
+        return 130
+    return 0
