@@ -217,7 +217,7 @@ def create_app(service: Service):
         try:
             ids = format_chat(service.tokenizer, api.chat_messages(body), tools=tools)
         except ValueError as err:
-            raise api.ApiError(400, str(err), "tools" if "tools" in str(err) else "messages") from None
+            raise api.ApiError(400, str(err), "messages") from None
         names = names if service.tokenizer.generation == "llama3" else None  # Llama 2 makes no calls
         settings = api.check_sampled(body, len(ids), service.context, None, logprobs, service.batcher.slots, names)
         return await _respond(service, ids, settings, body.stream, "chat.completion", "chatcmpl")
