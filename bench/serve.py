@@ -20,8 +20,8 @@ never asserts a timing.
 
 On a CPU a decode step of all 32 slots costs the same whatever the number
 of busy slots, and bfloat16 matmuls are slow (XLA:CPU): a bounded run is
-`--new-tokens 32 --min-requests 2` (about 15 minutes for float32 and
-bfloat16 on 2 cores).
+`--new-tokens 32 --min-requests 2` (just under 10 minutes for float32 and
+bfloat16 on 2 busy cores).
 """
 
 from __future__ import annotations
