@@ -1,19 +1,27 @@
 """Serving throughput and latency: `python -m infer.serve` on loopback against offline batch decoding.
 
     python bench/serve.py [--precisions float32,bfloat16,int8] [--concurrency 1,8,32] [--new-tokens 64]
+                          [--min-requests 4]
 
 Writes a random bench_110m Hugging Face checkpoint (with a byte-level
 tokenizer) to --dir, then per precision:
 - offline: `infer.generate` of 32 prompts at once (what `python -m infer`
   runs), output tokens/s of the second call (the first compiles);
 - served: a server process on 127.0.0.1 (--max-batch 32, context 128: prompt and answer fit, as offline),
-  and for each concurrency c, c client threads sending max(c, 4) streamed
-  completions in all (32-token prompts, --new-tokens tokens, greedy):
+  and for each concurrency c, c client threads sending max(c, --min-requests)
+  streamed completions in all (32-token prompts, --new-tokens tokens, greedy):
   output tokens/s over the wall time, p50/p99 time to first token and
   inter-token latency (gaps between streamed tokens).
-Prints one JSON line per figure; the first names the CPU (lscpu). Every
-request has a timeout and the server is stopped (SIGTERM) after each
-precision. Measures only; never asserts a timing.
+Prints one JSON line per figure; the first names the CPU (lscpu), and a
+line with the 1-minute load average before each precision and at the end
+shows how busy the machine was with other work. Every request has a timeout
+and the server is stopped (SIGTERM) after each precision. Measures only;
+never asserts a timing.
+
+On a CPU a decode step of all 32 slots costs the same whatever the number
+of busy slots, and bfloat16 matmuls are slow (XLA:CPU): a bounded run is
+`--new-tokens 32 --min-requests 2` (just under 10 minutes for float32 and
+bfloat16 on 2 busy cores).
 """
 
 from __future__ import annotations
@@ -101,9 +109,10 @@ def one_request(base: str, prompt: list[int], new_tokens: int) -> tuple[float, l
     return stamps[0] - start, list(np.diff(stamps)), tokens
 
 
-def served(base: str, concurrency: int, new_tokens: int) -> dict:
-    """Output tokens/s and latency percentiles of max(concurrency, 4) requests from `concurrency` threads."""
-    work = prompts(max(concurrency, 4))
+def served(base: str, concurrency: int, new_tokens: int, min_requests: int) -> dict:
+    """Output tokens/s and latency percentiles of max(concurrency, min_requests) requests from
+    `concurrency` threads."""
+    work = prompts(max(concurrency, min_requests))
     results, lock = [], threading.Lock()
 
     def client(mine):
@@ -132,7 +141,11 @@ def main():
     parser.add_argument("--precisions", default="float32,bfloat16,int8")
     parser.add_argument("--concurrency", default="1,8,32")
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--min-requests", type=int, default=4,
+                        help="requests per concurrency level at least (default 4; fewer bound the run's time)")
     args = parser.parse_args()
+    if args.new_tokens < 2 or args.min_requests < 1:
+        raise SystemExit("error: --new-tokens must be at least 2 (one gap between tokens) and --min-requests at least 1")
 
     from llama_jax.config import load_model_config
     from llama_jax.tokenizer_training import train_bpe
@@ -145,19 +158,22 @@ def main():
     write_random_hf(checkpoint, load_model_config(MODEL))
     train_bpe(["byte-level tokenizer: no merges needed"], 256, checkpoint / "tokenizer.model")
     print(json.dumps({"bench": "serve", "cpu": cpu_model(), "cores": os.cpu_count(), "slots": SLOTS,
-                      "prompt_tokens": PROMPT_LEN, "new_tokens": args.new_tokens}), flush=True)
+                      "prompt_tokens": PROMPT_LEN, "new_tokens": args.new_tokens,
+                      "min_requests": args.min_requests}), flush=True)
     for precision in args.precisions.split(","):
+        emit("serve", "machine", MODEL, "load_average_1min", os.getloadavg()[0], "runnable tasks", before=precision)
         emit("serve", "offline_generate", MODEL, "output_tokens_per_s", offline(checkpoint, precision, args.new_tokens),
              "tokens/s", precision=precision, batch=SLOTS)
         process, base = start_server(checkpoint, precision)
         try:
             for concurrency in map(int, args.concurrency.split(",")):
-                for metric, value in served(base, concurrency, args.new_tokens).items():
+                for metric, value in served(base, concurrency, args.new_tokens, args.min_requests).items():
                     emit("serve", "server", MODEL, metric, value, "tokens/s" if metric.endswith("per_s") else "ms",
                          precision=precision, concurrency=concurrency)
         finally:
             process.terminate()
             process.wait(timeout=120)
+    emit("serve", "machine", MODEL, "load_average_1min", os.getloadavg()[0], "runnable tasks", before="end")
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -5,27 +5,32 @@ server ignores fields it does not use); `check_*` turns a parsed request and
 a prompt's length into `Settings` for the batcher, or raises `ApiError`,
 which the server answers with OpenAI's error body:
 `{"error": {"message", "type", "param", "code"}}`.
+What is answered is built in `infer.responses`.
 
-`TextStream` turns a request's tokens into the text to send: it decodes
-incrementally, drops stop tokens, and cuts at the first stop string (text
-that could begin a stop string is held back until it cannot).
+Tools (chat): `tools` are OpenAI's function definitions, offered to the
+model in Llama 3.1's layout (`llama_jax.tool_use`); `tool_choice` "auto"
+(the default) or "none" (tools not offered, replies never read as calls).
+An assistant message's `tool_calls` (arguments a JSON object in a string)
+and `tool` messages (Llama's `ipython` turn; `tool_call_id` has no place
+in Llama's format and is not checked) continue a conversation.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
-import uuid
+import json
+import re
 
 from pydantic import BaseModel, Field
 
-from infer.batcher import TOP_LOGPROBS, Token
+from infer.batcher import TOP_LOGPROBS
 from llama_jax.sampling import Sampling
-from llama_jax.tokenizer import StreamDecoder, Tokenizer
+from llama_jax.tool_use import ToolCall, tool_names
 
 MAX_STOP_STRINGS = 4  # as OpenAI
 MAX_COMPLETION_LOGPROBS = 5  # the completions API's `logprobs` bound (OpenAI's)
 INT32 = 2 ** 31
+FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for a function's name
 
 
 class ApiError(Exception):
@@ -60,9 +65,24 @@ class CompletionRequest(Sampled):
     echo: bool = False
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # a JSON object, as a string
+
+
+class ToolCallMade(BaseModel):
+    """A call in an assistant message sent back (`id` and `type` are the client's, not checked)."""
+
+    id: str | None = None
+    type: str = "function"
+    function: FunctionCall
+
+
 class Message(BaseModel):
     role: str
     content: str | list[dict] | None = None
+    tool_calls: list[ToolCallMade] | None = None
+    tool_call_id: str | None = None
 
 
 class ChatRequest(Sampled):
@@ -70,6 +90,8 @@ class ChatRequest(Sampled):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    tools: list[dict] | None = None  # kept as sent: the prompt shows each one's JSON in the client's key order
+    tool_choice: str | dict | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,13 +103,17 @@ class Settings:
     seed: int | None
     stops: tuple[str, ...]
     logprobs: int | None  # alternatives per token to report; None: no logprobs
+    n: int = 1  # choices, each its own decode slot and seed (`choice_seed`)
+    tool_names: frozenset[str] | None = None  # chat: functions a reply may call; None: replies are text
 
 
 def check_sampled(request: Sampled, prompt_tokens: int, context: int, default_max_tokens: int | None,
-                  logprobs: int | None) -> Settings:
-    """`Settings` for a request whose prompt has `prompt_tokens` tokens, or ApiError (400)."""
-    if request.n != 1:
-        raise ApiError(400, f"n must be 1 (one choice per request), got {request.n}", "n")
+                  logprobs: int | None, max_choices: int, tool_names: frozenset[str] | None = None) -> Settings:
+    """`Settings` for a request whose prompt has `prompt_tokens` tokens, or ApiError (400).
+    `max_choices`: the most choices one request may ask for (the server's decode slots)."""
+    if not 1 <= request.n <= max_choices:
+        raise ApiError(400, f"n must be in [1, {max_choices}] (each choice takes one of this server's "
+                       f"{max_choices} decode slots, --max-batch), got {request.n}", "n")
     if not 0.0 <= request.temperature <= 2.0:
         raise ApiError(400, f"temperature must be in [0, 2], got {request.temperature}", "temperature")
     if not 0.0 < request.top_p <= 1.0:
@@ -118,7 +144,13 @@ def check_sampled(request: Sampled, prompt_tokens: int, context: int, default_ma
     top_k = request.top_k if request.top_k and request.top_k > 0 else None
     top_p = request.top_p if request.top_p < 1.0 else None
     sampling = Sampling(request.temperature, top_k, top_p)
-    return Settings(max_tokens, sampling, request.seed, tuple(stops), logprobs)
+    return Settings(max_tokens, sampling, request.seed, tuple(stops), logprobs, request.n, tool_names)
+
+
+def choice_seed(seed: int, index: int) -> int:
+    """The seed of choice `index` of a request with `seed`: seed + index, wrapped into int32, so
+    choice 0 is the one-choice answer and choice i that of a request with seed + i."""
+    return (seed + index + INT32) % (2 * INT32) - INT32
 
 
 def completion_logprobs(request: CompletionRequest) -> int | None:
@@ -141,87 +173,42 @@ def chat_logprobs(request: ChatRequest) -> int | None:
 
 def chat_messages(request: ChatRequest) -> list[dict]:
     """The messages as `llama_jax.chat.format_chat` takes them: OpenAI's `tool` role is Llama
-    3.1's `ipython` (a tool's output), content parts keep their text."""
+    3.1's `ipython` (a tool's output), content parts keep their text, an assistant's
+    `tool_calls` become `ToolCall`s."""
     messages = []
-    for message in request.messages:
+    for i, message in enumerate(request.messages):
         role = "ipython" if message.role == "tool" else message.role
         messages.append({"role": role, "content": message.content or ""})
+        if message.tool_calls:
+            messages[-1]["tool_calls"] = [_call_made(i, j, call) for j, call in enumerate(message.tool_calls)]
     return messages
 
 
-class TextStream:
-    """A request's text as its tokens arrive: `add` returns text safe to send, `finish` the rest.
-
-    Stop tokens (`stop_ids`) add no text. After a stop string matched, `stopped` is True and
-    the text ends before it.
-    """
-
-    def __init__(self, tokenizer: Tokenizer, stop_ids, stops: tuple[str, ...]):
-        self.tokenizer, self.stop_ids, self.stops = tokenizer, frozenset(stop_ids), stops
-        self.decoder = StreamDecoder(tokenizer)
-        self.pending = ""  # decoded, not yet sent: it may begin a stop string
-        self.stopped = False
-
-    def add(self, token: Token) -> str:
-        if self.stopped or token.id in self.stop_ids or token.id >= self.tokenizer.vocab_size:
-            return ""
-        return self._release(self.decoder.feed(token.id))
-
-    def finish(self) -> str:
-        if self.stopped:
-            return ""
-        text = self._release(self.decoder.flush())
-        rest, self.pending = self.pending, ""
-        return text + rest
-
-    def _release(self, text: str) -> str:
-        self.pending += text
-        found = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
-        if found:
-            out, self.pending, self.stopped = self.pending[:min(found)], "", True
-            return out
-        hold = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
-        out = self.pending[:len(self.pending) - hold]
-        self.pending = self.pending[len(out):]
-        return out
+def _call_made(i: int, j: int, call: ToolCallMade) -> ToolCall:
+    try:
+        arguments = json.loads(call.function.arguments)
+    except json.JSONDecodeError:
+        arguments = None
+    if not isinstance(arguments, dict):
+        raise ApiError(400, f"messages.{i}.tool_calls.{j}.function.arguments must be a JSON object "
+                       "(in a string)", f"messages.{i}.tool_calls.{j}.function.arguments")
+    return ToolCall(call.function.name, arguments)
 
 
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
-
-
-def now() -> int:
-    return int(time.time())
-
-
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
-def piece(tokenizer: Tokenizer, token_id: int) -> str:
-    return tokenizer.decode([token_id]) if token_id < tokenizer.vocab_size else ""
-
-
-def chat_logprob_entries(tokenizer: Tokenizer, tokens: list[Token], top: int) -> dict:
-    """Chat's `logprobs`: {"content": [{token, logprob, bytes, top_logprobs: [...]}]}."""
-    def entry(token_id, logprob):
-        text = piece(tokenizer, token_id)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
-
-    return {"content": [{**entry(t.id, t.logprob),
-                         "top_logprobs": [entry(i, lp) for i, lp in zip(t.top_ids[:top], t.top_logprobs[:top])]}
-                        for t in tokens]}
-
-
-def completion_logprob_entries(tokenizer: Tokenizer, tokens: list[Token], top: int, offset: int = 0) -> dict:
-    """The completions API's `logprobs`: tokens, token_logprobs, top_logprobs, text_offset."""
-    texts = [piece(tokenizer, t.id) for t in tokens]
-    offsets, at = [], offset
-    for text in texts:
-        offsets.append(at)
-        at += len(text)
-    return {"tokens": texts, "token_logprobs": [t.logprob for t in tokens],
-            "top_logprobs": [{piece(tokenizer, i): lp for i, lp in zip(t.top_ids[:top], t.top_logprobs[:top])}
-                             for t in tokens],
-            "text_offset": offsets}
+def chat_tools(request: ChatRequest) -> tuple[list[dict] | None, frozenset[str] | None]:
+    """(the function definitions to offer in the prompt or None, the names a reply may call or
+    None when replies are plain text) for a chat request's `tools` and `tool_choice`."""
+    if request.tool_choice not in (None, "auto", "none"):
+        raise ApiError(400, f"tool_choice {request.tool_choice!r} is not supported; use 'auto' or 'none' "
+                       "(Llama picks its calls itself)"[:300], "tool_choice")
+    for i, tool in enumerate(request.tools or []):
+        function = tool.get("function")
+        if (tool.get("type") != "function" or not isinstance(function, dict)
+                or not isinstance(function.get("name"), str) or not FUNCTION_NAME.fullmatch(function["name"])
+                or not isinstance(function.get("parameters", {}), dict)):
+            raise ApiError(400, f"tools.{i}: a tool must be {{'type': 'function', 'function': {{'name': "
+                           "a-z, A-Z, 0-9, _ or - (at most 64), 'description': str, 'parameters': JSON schema}}",
+                           f"tools.{i}")
+    if request.tool_choice == "none":
+        return None, None
+    return request.tools or None, tool_names(request.tools or [])

@@ -5,11 +5,13 @@
                           [--api-key KEY]          # or LLAMA_JAX_API_KEY
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions (Llama 2 and 3.x
-chat formats; Llama 3.1 tool use: the `ipython` role, OpenAI's `tool` role
-taken as it, `<|python_tag|>` kept in the answer, `<|eom_id|>` a stop that
-answers finish_reason "tool_calls"), GET /v1/models, GET /health. Streaming
-by server-sent events. Generation runs in `infer.batcher.Batcher`: this
-module is the thin FastAPI layer over it (checks, text, JSON).
+chat formats; Llama 3.1 tool use: OpenAI's `tools` offered in Llama 3.1's
+layout, replies that call a function or run `<|python_tag|>` code answered
+as `tool_calls`, the `tool` role taken as Llama's `ipython`), GET /v1/models,
+GET /health. Streaming by server-sent events; `n` choices per request, each
+in its own decode slot. Generation runs in `infer.batcher.Batcher`: this
+module is the thin FastAPI layer over it (checks in `infer.openai_api`, the
+answers' JSON in `infer.responses`).
 
 Bounds: it binds 127.0.0.1 unless told otherwise; with an API key every
 endpoint but /health wants `Authorization: Bearer KEY` (401 otherwise);
@@ -29,6 +31,7 @@ import os
 import secrets
 import signal
 import sys
+import time
 from pathlib import Path
 
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # what jax.monitoring reports per compile
@@ -201,8 +204,8 @@ def create_app(service: Service):
             bad = [t for t in ids if not 0 <= t < service.tokenizer.vocab_size]
             if bad:
                 raise api.ApiError(400, f"prompt: token id {bad[0]} is outside the vocabulary", "prompt")
-        settings = api.check_sampled(body, len(ids), service.context, 16, logprobs)
-        return await _respond(service, ids, settings, body.stream, "text_completion", api.new_id("cmpl"))
+        settings = api.check_sampled(body, len(ids), service.context, 16, logprobs, service.batcher.slots)
+        return await _respond(service, ids, settings, body.stream, "text_completion", "cmpl")
 
     @app.post("/v1/chat/completions")
     async def chat(body: api.ChatRequest):
@@ -210,125 +213,105 @@ def create_app(service: Service):
         logprobs = api.chat_logprobs(body)
         if body.max_tokens is None:
             body.max_tokens = body.max_completion_tokens
+        tools, names = api.chat_tools(body)
         try:
-            ids = format_chat(service.tokenizer, api.chat_messages(body))
+            ids = format_chat(service.tokenizer, api.chat_messages(body), tools=tools)
         except ValueError as err:
             raise api.ApiError(400, str(err), "messages") from None
-        settings = api.check_sampled(body, len(ids), service.context, None, logprobs)
-        return await _respond(service, ids, settings, body.stream, "chat.completion", api.new_id("chatcmpl"))
+        names = names if service.tokenizer.generation == "llama3" else None  # Llama 2 makes no calls
+        settings = api.check_sampled(body, len(ids), service.context, None, logprobs, service.batcher.slots, names)
+        return await _respond(service, ids, settings, body.stream, "chat.completion", "chatcmpl")
 
-    async def _respond(service, ids, settings, stream, kind, request_id):
-        pieces = _pieces(service, *_submit(service, ids, settings), settings)
+    async def _respond(service, ids, settings, stream, kind, prefix):
+        from infer.responses import Choice, new_id
+
+        requests, queue = _submit(service, ids, settings)
+        choices = [Choice(i, kind.startswith("chat"), service.tokenizer, settings, new_id("call", "_"))
+                   for i in range(settings.n)]
+        events = _chunks(requests, queue, choices)
+        head = {"id": new_id(prefix), "object": kind, "created": int(time.time()), "model": service.model_name}
         if stream:
-            return StreamingResponse(_stream(service, pieces, kind, request_id, len(ids), settings),
-                                     media_type="text/event-stream")
-        return await _collect(service, pieces, kind, request_id, len(ids), settings)
+            return StreamingResponse(_stream(events, choices, head, len(ids)), media_type="text/event-stream")
+        return await _collect(events, choices, head, len(ids))
 
     return _Guard(app, service)
 
 
-@dataclasses.dataclass
-class _Piece:
-    text: str
-    tokens: list  # the Tokens this piece reports logprobs for (stop tokens excluded)
-    finish: str | None
-    generated: int  # tokens generated so far, stop token included
-
-
 def _submit(service: Service, ids: list[int], settings):
-    """Queue a generation (before any answer starts, so a refusal gets its own status);
-    returns (the batcher's Request, the asyncio queue its events arrive on)."""
+    """Queue one generation per choice (before any answer starts, so a refusal gets its own
+    status); returns (the batcher's Requests, the asyncio queue their (choice, event) pairs
+    arrive on)."""
     from infer import openai_api as api
     from infer.batcher import Request
 
     batcher = service.batcher
     if batcher.error is not None:
         raise api.ApiError(503, "the generation worker failed; restart the server", kind="server_error")
-    if batcher.load()["waiting"] >= service.max_waiting:
+    if batcher.load()["waiting"] + settings.n > service.max_waiting:
         raise api.ApiError(429, "too many requests are waiting; retry later", kind="rate_limit_error")
     loop, queue = asyncio.get_running_loop(), asyncio.Queue()
     seed = secrets.randbelow(api.INT32) if settings.seed is None else settings.seed
-    request = Request(ids, settings.max_tokens, settings.sampling, seed,
-                      emit=lambda event: loop.call_soon_threadsafe(queue.put_nowait, event))
+
+    def emitter(index):
+        return lambda event: loop.call_soon_threadsafe(queue.put_nowait, (index, event))
+
+    requests = [Request(ids, settings.max_tokens, settings.sampling, api.choice_seed(seed, i), emit=emitter(i))
+                for i in range(settings.n)]
     try:
-        batcher.submit(request)
+        for request in requests:
+            batcher.submit(request)
     except RuntimeError:
+        for request in requests:
+            request.cancelled = True
         raise api.ApiError(503, "the server is shutting down", kind="server_error") from None
-    return request, queue
+    return requests, queue
 
 
-async def _pieces(service: Service, request, queue, settings):
-    """A request's text as it is generated: `_Piece`s, the last one with its finish reason."""
+async def _chunks(requests, queue, choices):
+    """The chunk choices of a request's choices as their events arrive, until every choice has
+    ended; a choice that ends early (a stop string) and, when the consumer stops (a client that
+    left), every choice have their requests cancelled, which frees their slots."""
     from infer import openai_api as api
     from infer.batcher import Finished
 
-    tokenizer = service.tokenizer
-    text = api.TextStream(tokenizer, tokenizer.stop_ids, settings.stops)
-    eom = tokenizer.token_id("<|eom_id|>") if tokenizer.generation == "llama3" else None
-    generated, last = 0, None
     try:
-        while True:
-            event = await queue.get()
-            if isinstance(event, Finished):
-                if event.reason == "error":
-                    raise api.ApiError(500, "the generation worker failed", kind="server_error")
-                reason = "tool_calls" if event.reason == "stop" and last == eom else event.reason
-                yield _Piece(text.finish(), [], reason, generated)
-                return
-            generated, last = generated + 1, event.id
-            delta = text.add(event)
-            shown = [] if event.id in tokenizer.stop_ids else [event]
-            if text.stopped:
-                yield _Piece(delta, shown, "stop", generated)
-                return
-            yield _Piece(delta, shown, None, generated)
+        while any(choice.finish is None for choice in choices):
+            index, event = await queue.get()
+            if isinstance(event, Finished) and event.reason == "error":
+                raise api.ApiError(500, "the generation worker failed", kind="server_error")
+            for chunk in choices[index].add(event):
+                yield chunk
+            if choices[index].finish is not None:
+                requests[index].cancelled = True  # no-op once its request has finished
     finally:
-        request.cancelled = True  # no-op once finished; frees the slot if the client left
+        for request in requests:
+            request.cancelled = True
 
 
-def _choice(kind: str, text: str, finish, tokens, settings, tokenizer, offset: int = 0, delta: bool = False) -> dict:
+async def _collect(chunks, choices, head, prompt_tokens):
+    from infer.responses import usage
+
+    async with contextlib.aclosing(chunks):
+        async for _ in chunks:
+            pass
+    return {**head, "choices": [choice.result() for choice in choices],
+            "usage": usage(prompt_tokens, sum(choice.generated for choice in choices))}
+
+
+async def _stream(chunks, choices, head, prompt_tokens):
+    """Server-sent events: one chunk per chunk choice, then one with `usage` and no choices, then [DONE]."""
     from infer import openai_api as api
+    from infer.responses import usage
 
-    if kind.startswith("chat"):
-        key = "delta" if delta else "message"
-        logprobs = None if settings.logprobs is None else api.chat_logprob_entries(tokenizer, tokens, settings.logprobs)
-        return {"index": 0, key: {"role": "assistant", "content": text}, "logprobs": logprobs, "finish_reason": finish}
-    logprobs = None if settings.logprobs is None else api.completion_logprob_entries(
-        tokenizer, tokens, settings.logprobs, offset)
-    return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
-
-
-async def _collect(service, pieces, kind, request_id, prompt_tokens, settings):
-    from infer import openai_api as api
-
-    text, tokens = [], []
-    async with contextlib.aclosing(pieces):
-        async for piece in pieces:
-            text.append(piece.text)
-            tokens += piece.tokens
-    choice = _choice(kind, "".join(text), piece.finish, tokens, settings, service.tokenizer)
-    return {"id": request_id, "object": kind, "created": api.now(), "model": service.model_name,
-            "choices": [choice], "usage": api.usage(prompt_tokens, piece.generated)}
-
-
-async def _stream(service, pieces, kind, request_id, prompt_tokens, settings):
-    """Server-sent events: one chunk per piece, then one with `usage` and no choices, then [DONE]."""
-    from infer import openai_api as api
-
-    head = {"id": request_id, "object": kind + ".chunk" if kind.startswith("chat") else kind,
-            "created": api.now(), "model": service.model_name}
-    offset, generated = 0, 0
+    head = {**head, "object": head["object"] + ".chunk" if head["object"].startswith("chat") else head["object"]}
     try:
-        async with contextlib.aclosing(pieces):  # a client that leaves closes it: its request is cancelled
-            async for piece in pieces:
-                if piece.text or piece.finish or (piece.tokens and settings.logprobs is not None):
-                    choice = _choice(kind, piece.text, piece.finish, piece.tokens, settings, service.tokenizer,
-                                     offset, delta=True)
-                    yield f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
-                offset, generated = offset + len(piece.text), piece.generated
+        async with contextlib.aclosing(chunks):  # a client that leaves closes it: its requests are cancelled
+            async for chunk in chunks:
+                yield f"data: {json.dumps({**head, 'choices': [chunk]})}\n\n"
     except api.ApiError as err:  # the status is sent already: report it in the stream
         yield f"data: {json.dumps(err.body())}\n\n"
-    yield f"data: {json.dumps({**head, 'choices': [], 'usage': api.usage(prompt_tokens, generated)})}\n\n"
+    tokens = usage(prompt_tokens, sum(choice.generated for choice in choices))
+    yield f"data: {json.dumps({**head, 'choices': [], 'usage': tokens})}\n\n"
     yield "data: [DONE]\n\n"
 
 

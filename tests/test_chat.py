@@ -4,12 +4,14 @@ import importlib.resources
 
 import pytest
 import sentencepiece as spm
-from llama_models.datatypes import RawMessage, StopReason
+from llama_models.datatypes import BuiltinTool, RawMessage, StopReason
+from llama_models.datatypes import ToolCall as MetaToolCall
 from llama_models.llama3.chat_format import ChatFormat
 from llama_models.llama3.tokenizer import Tokenizer as MetaTokenizer
 
 from llama_jax.chat import encode_conversation, format_chat
 from llama_jax.tokenizer import load_tokenizer
+from llama_jax.tool_use import CODE_INTERPRETER, ToolCall, parse_call
 from llama_jax.tokenizer_training import train_bpe, train_sentencepiece
 
 CORPUS = [
@@ -214,3 +216,126 @@ def test_a_training_conversation_must_end_with_the_answer(generation, llama2, ll
     tokenizer = llama2 if generation == "llama2" else llama3
     with pytest.raises(ValueError, match="the last message must be the assistant's answer, got 'user'"):
         encode_conversation(tokenizer, CONVERSATION)
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+# Llama 3.1 Instruct's chat template with tools (tools in the first user turn), rendered by hand.
+TOOLS_SYSTEM = ("<|start_header_id|>system<|end_header_id|>\n\n"
+                "Environment: ipython\nCutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n")
+TOOLS_USER = (
+    "<|start_header_id|>user<|end_header_id|>\n\n"
+    "Given the following functions, please respond with a JSON for a function call with its proper arguments "
+    "that best answers the given prompt.\n\n"
+    'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.'
+    "Do not use variables.\n\n"
+    "{\n"
+    '    "type": "function",\n'
+    '    "function": {\n'
+    '        "name": "get_weather",\n'
+    '        "description": "The weather in a city",\n'
+    '        "parameters": {\n'
+    '            "type": "object",\n'
+    '            "properties": {\n'
+    '                "city": {\n'
+    '                    "type": "string"\n'
+    "                }\n"
+    "            },\n"
+    '            "required": [\n'
+    '                "city"\n'
+    "            ]\n"
+    "        }\n"
+    "    }\n"
+    "}\n\n"
+    "What is the weather in Oslo?<|eot_id|>")
+ASK = {"role": "user", "content": " What is the weather in Oslo? "}
+
+
+def test_llama31_tools_are_offered_as_its_chat_template_does(llama3):
+    messages = [{"role": "system", "content": "You are a helpful assistant. "}, ASK]
+    reference = ("<|begin_of_text|>" + TOOLS_SYSTEM + "You are a helpful assistant.<|eot_id|>" + TOOLS_USER
+                 + "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    ids = format_chat(llama3, messages, tools=[WEATHER], date="26 Jul 2024")
+    assert llama3.decode(ids) == reference
+    assert ids == llama3.encode(reference, allow_special=True)
+
+
+def test_llama31_tool_calls_and_results_follow_the_template_without_a_system_message(llama3):
+    messages = [ASK, {"role": "assistant", "content": None, "tool_calls": [ToolCall("get_weather", {"city": "Oslo"})]},
+                {"role": "ipython", "content": '{"temperature": 7}'}]
+    reference = ("<|begin_of_text|>" + TOOLS_SYSTEM + "<|eot_id|>" + TOOLS_USER
+                 + '<|start_header_id|>assistant<|end_header_id|>\n\n{"name": "get_weather", '
+                 '"parameters": {"city": "Oslo"}}<|eot_id|>'
+                 '<|start_header_id|>ipython<|end_header_id|>\n\n{"temperature": 7}<|eot_id|>'
+                 "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    ids = format_chat(llama3, messages, tools=[WEATHER], date="26 Jul 2024")
+    assert llama3.decode(ids) == reference
+    assert ids == llama3.encode(reference, allow_special=True)
+
+
+@pytest.mark.parametrize("messages, message", [
+    ([{"role": "system", "content": "s"}], "with tools, the first message after the system prompt must be the user's"),
+    ([{"role": "assistant", "content": "a"}, ASK], "with tools, the first message after the system prompt"),
+    ([ASK, {"role": "assistant", "tool_calls": [ToolCall("f", {})] * 2}], "message 1: Llama 3.1 makes one tool call"),
+    ([ASK, {"role": "user", "content": "x", "tool_calls": [ToolCall("f", {})]}],
+     "message 1: only a Llama 3.1 assistant message has tool_calls"),
+])
+def test_bad_tool_conversations_raise_one_line(llama3, messages, message):
+    with pytest.raises(ValueError, match=message):
+        format_chat(llama3, messages, tools=[WEATHER])
+
+
+@pytest.fixture(scope="module")
+def real_llama3():
+    """(our tokenizer, Meta's ChatFormat) over the real Llama 3 tokenizer."""
+    path = importlib.resources.files("llama_models.llama3") / "tokenizer.model"
+    with importlib.resources.as_file(path) as path:
+        return load_tokenizer(path), ChatFormat(MetaTokenizer(path))
+
+
+def test_a_code_interpreter_call_is_encoded_as_metas_chat_format_does(real_llama3):
+    ours, meta = real_llama3
+    code = "def is_prime(n):\n    return n > 1 and all(n % k for k in range(2, n))\n\nprint(is_prime(7))"
+    messages = [{"role": "system", "content": "Environment: ipython"},
+                {"role": "user", "content": "Is 7 prime? Use code."},
+                {"role": "assistant", "content": "", "tool_calls": [ToolCall(CODE_INTERPRETER, {"code": code})]},
+                {"role": "ipython", "content": "True"}]
+    raw = [RawMessage(role="system", content="Environment: ipython"),
+           RawMessage(role="user", content="Is 7 prime? Use code."),
+           RawMessage(role="assistant", content="", stop_reason=StopReason.end_of_message,
+                      tool_calls=[MetaToolCall(call_id="1", tool_name=BuiltinTool.code_interpreter,
+                                               arguments={"code": code})]),
+           RawMessage(role="tool", content="True")]
+    assert format_chat(ours, messages) == meta.encode_dialog_prompt(raw).tokens
+
+
+NAMES = {"get_weather"}
+
+
+@pytest.mark.parametrize("reply", [
+    '{"name": "get_weather", "parameters": {"city": "Oslo", "days": 2}}',
+    ' <|python_tag|>{"type": "function", "name": "get_weather", "parameters": {"city": "Tromsø"}}',
+    "<|python_tag|>import math\nprint(math.pi)",
+    "It is sunny in Oslo.",
+    '{"name": "get_weather", "parameters": {"city": "Oslo"}',  # cut short: not JSON
+])
+def test_a_reply_reads_as_the_call_metas_decoder_finds(real_llama3, reply):
+    meta = real_llama3[1].decode_assistant_message_from_content(reply, StopReason.end_of_turn)
+    expected = [(getattr(c.tool_name, "value", c.tool_name), c.arguments) for c in meta.tool_calls]
+    call = parse_call(reply, NAMES)
+    assert ([] if call is None else [(call.name, call.arguments)]) == expected
+
+
+@pytest.mark.parametrize("reply", [
+    '{"name": "get_time", "parameters": {}}',  # a function not offered
+    '{"name": "get_weather", "parameters": "Oslo"}',  # parameters not an object
+    '{"name": "get_weather", "arguments": {"city": "Oslo"}}',  # not Llama 3.1's key
+    '{"type": "tool", "name": "get_weather", "parameters": {}}',
+    '[{"name": "get_weather", "parameters": {}}]',
+    '<|python_tag|>{"name": "get_weather"',
+    "<|python_tag|>",
+    'The call is {"name": "get_weather", "parameters": {}}',
+])
+def test_a_malformed_or_unknown_call_is_plain_text(reply):
+    assert parse_call(reply, NAMES) is None

@@ -1,8 +1,10 @@
 """`python -m infer.serve` end to end: one server process on 127.0.0.1 (a tiny Llama 3 style
 Hugging Face directory, 4 decode slots, an API key), driven with the official `openai` client
 and httpx, and compared with `infer.generate` in this process. The last test stops the server
-with SIGTERM."""
+with SIGTERM. The answers' JSON for replies a random model does not write (tool calls) is
+tested on `infer.responses.Choice` directly."""
 
+import datetime
 import json
 import os
 import signal
@@ -20,17 +22,27 @@ import openai
 import pytest
 
 from infer import generate, load_model
+from infer.batcher import Finished, Token
+from infer.openai_api import Settings
+from infer.responses import Choice
 from llama_jax.chat import format_chat
 from llama_jax.config import ModelConfig
+from llama_jax.sampling import Sampling
 from llama_jax.tokenizer import load_tokenizer
 from llama_jax.tokenizer_training import train_bpe
 from tiny import hf_model
 
 REPO = Path(__file__).resolve().parent.parent
+# Llama 3.1's tool-use text is in the corpus, so that a prompt offering a tool fits the context.
+TOOL_TEXT = ["Environment: ipython\nCutting Knowledge Date: December 2023\nToday Date: 30 Jan 2025\n\n",
+             "Given the following functions, please respond with a JSON for a function call with its proper "
+             "arguments that best answers the given prompt.\n\nRespond in the format {\"name\": function name, "
+             "\"parameters\": dictionary of argument name and its value}.Do not use variables.\n\n",
+             '{\n    "type": "function",\n    "function": {\n        "name": "get_weather"\n    }\n}\n\n']
 CORPUS = ["The llama is a domesticated South American camelid, used as a pack animal.",
           "Llamas are social animals and live with others as a herd.",
-          "def add(a, b):\n    return a + b\n", "What is the capital of Norway? Oslo."] * 30
-CONTEXT = 128
+          "def add(a, b):\n    return a + b\n", "What is the capital of Norway? Oslo.", *TOOL_TEXT] * 30
+CONTEXT = 256
 KEY = "test-key-123"
 MODEL = "tiny-llama3"
 CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "What is the capital?"}]
@@ -40,7 +52,7 @@ LONG = 100  # tokens of the long request (its prompt runs to this length greedil
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     directory = tmp_path_factory.mktemp(MODEL)
-    train_bpe(CORPUS, 400, directory / "tokenizer.model")
+    train_bpe(CORPUS, 600, directory / "tokenizer.model")
     config = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128,
                          vocab_size=load_tokenizer(directory).vocab_size, rope_theta=500000.0, max_seq_len=CONTEXT)
     hf_model(config, seed=1).save_pretrained(directory)
@@ -140,6 +152,140 @@ def test_a_tool_result_is_the_ipython_turn_of_llama_3_1(client, reference):
     assert answer.usage.prompt_tokens == len(ids) and answer.choices[0].message.content == expected.text
 
 
+WEATHER = {"type": "function", "function": {"name": "get_weather"}}
+CALLED = [*CHAT[:1], {"role": "user", "content": "What is the weather in Oslo?"},
+          {"role": "assistant", "content": None, "tool_calls": [
+              {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+          {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 7}'}]
+
+
+def called_prompt(date: str | None) -> str:
+    """CALLED in Llama 3.1 Instruct's chat template, written out by hand; tools offered as of
+    `date`, or not offered (None)."""
+    system, user = "You are terse.", "What is the weather in Oslo?"
+    if date is not None:
+        system = TOOL_TEXT[0].replace("30 Jan 2025", date) + system
+        user = TOOL_TEXT[1] + TOOL_TEXT[2] + user
+    return ("<|begin_of_text|>"
+            f"<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>"
+            f"<|start_header_id|>user<|end_header_id|>\n\n{user}<|eot_id|>"
+            '<|start_header_id|>assistant<|end_header_id|>\n\n{"name": "get_weather", "parameters": {"city": "Oslo"}}'
+            "<|eot_id|><|start_header_id|>ipython<|end_header_id|>\n\n{\"temperature\": 7}<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\n")
+
+
+def test_tools_and_a_tool_call_turn_make_llama_31s_prompt(client, reference):
+    config, params, tokenizer = reference
+    dates = {datetime.date.today().strftime("%d %b %Y")}
+    answer = client.chat.completions.create(model=MODEL, messages=CALLED, tools=[WEATHER], max_tokens=8,
+                                            temperature=0)
+    dates.add(datetime.date.today().strftime("%d %b %Y"))  # the server's date is one of these
+    prompts = {len(ids): ids for ids in (tokenizer.encode(called_prompt(d), allow_special=True) for d in dates)}
+    ids = prompts[answer.usage.prompt_tokens]
+    expected = generate(params, tokenizer, [ids], max_new_tokens=8, config=config)[0]
+    # A random model's reply is no call: it comes back as text, streamed or not.
+    assert answer.choices[0].message.content == expected.text and answer.choices[0].message.tool_calls is None
+    assert answer.choices[0].finish_reason == expected.finish_reason
+    streamed = client.chat.completions.create(model=MODEL, messages=CALLED, tools=[WEATHER], max_tokens=8,
+                                              temperature=0, stream=True)
+    assert stream_text(streamed) == (expected.text, expected.finish_reason)
+    plain = client.chat.completions.create(model=MODEL, messages=CALLED, tools=[WEATHER], tool_choice="none",
+                                           max_tokens=1)
+    assert plain.usage.prompt_tokens == len(tokenizer.encode(called_prompt(None), allow_special=True))
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ({"tools": [{"type": "function", "function": {"name": "get weather"}}]}, "tools.0: a tool must be"),
+    ({"tools": [WEATHER], "tool_choice": "required"}, "tool_choice 'required' is not supported"),
+    ({"messages": [*CALLED[:2], {"role": "assistant", "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "get_weather", "arguments": "Oslo"}}]}]},
+     "messages.2.tool_calls.0.function.arguments must be a JSON object"),
+])
+def test_bad_tools_get_400(server, body, fragment):
+    answer = post(server, "/v1/chat/completions", {"model": MODEL, "messages": CALLED, **body})
+    assert answer.status_code == 400 and fragment in answer.json()["error"]["message"], answer.text
+
+
+def replay(choice: Choice, ids: list[int], reason: str = "stop") -> list[dict]:
+    """Feed a choice the events of a reply of token ids, as the batcher would; its chunk choices."""
+    chunks = [c for i in ids for c in choice.add(Token(i, -0.5, [i], [-0.5]))]
+    return chunks + choice.add(Finished(reason))
+
+
+def tool_choice(tokenizer, names=frozenset({"get_weather"}), logprobs=None) -> Choice:
+    settings = Settings(16, Sampling(), None, (), logprobs, 1, names)
+    return Choice(0, True, tokenizer, settings, "call_1")
+
+
+def test_a_json_function_call_is_answered_as_openai_tool_calls(reference):
+    tokenizer = reference[2]
+    reply = tokenizer.encode('{"name": "get_weather", "parameters": {"city": "Tromsø"}}')
+    call = {"id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Tromsø"}'}}
+    choice = tool_choice(tokenizer)
+    chunks = replay(choice, reply + [tokenizer.token_id("<|eot_id|>")])
+    assert chunks == [{"index": 0, "delta": {"role": "assistant", "content": None,
+                                             "tool_calls": [{"index": 0, **call}]},
+                       "logprobs": None, "finish_reason": "tool_calls"}]
+    assert choice.result() == {"index": 0, "message": {"role": "assistant", "content": None, "tool_calls": [call]},
+                               "logprobs": None, "finish_reason": "tool_calls"}
+    assert choice.generated == len(reply) + 1
+
+
+def test_python_tag_code_is_a_code_interpreter_call_with_its_logprobs(reference):
+    tokenizer = reference[2]
+    reply = [tokenizer.token_id("<|python_tag|>")] + tokenizer.encode("print(2 + 3)")
+    choice = tool_choice(tokenizer, frozenset(), logprobs=0)
+    [chunk] = replay(choice, reply + [tokenizer.token_id("<|eom_id|>")])
+    assert chunk["delta"]["tool_calls"] == [{"index": 0, "id": "call_1", "type": "function", "function": {
+        "name": "code_interpreter", "arguments": '{"code": "print(2 + 3)"}'}}]
+    assert chunk["finish_reason"] == "tool_calls"
+    assert [e["token"] for e in chunk["logprobs"]["content"]] == ["<|python_tag|>"] + [
+        tokenizer.decode([i]) for i in reply[1:]]
+
+
+def test_a_malformed_call_falls_back_to_text_and_plain_text_streams_at_once(reference):
+    tokenizer = reference[2]
+    eot = tokenizer.token_id("<|eot_id|>")
+    broken = '{"name": "get_weather", "parameters": {"city"'
+    choice = tool_choice(tokenizer)
+    assert replay(choice, tokenizer.encode(broken), "length") == [
+        {"index": 0, "delta": {"role": "assistant", "content": broken}, "logprobs": None, "finish_reason": "length"}]
+    assert choice.result()["message"] == {"role": "assistant", "content": broken}
+    unknown = '{"name": "get_time", "parameters": {}}'
+    assert tool_choice(tokenizer).add(Finished("stop")) == [
+        {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": "stop"}]
+    assert replay(tool_choice(tokenizer), tokenizer.encode(unknown) + [eot])[-1]["delta"]["content"] == unknown
+    text = tokenizer.encode("Oslo is sunny.")
+    choice = tool_choice(tokenizer)
+    first = choice.add(Token(text[0], 0.0, [], []))  # not a call: no holding back
+    assert first == [{"index": 0, "delta": {"role": "assistant", "content": tokenizer.decode(text[:1])},
+                      "logprobs": None, "finish_reason": None}]
+    tagged = [tokenizer.token_id("<|python_tag|>")] + tokenizer.encode("print(1)")
+    no_tools = Choice(0, True, tokenizer, Settings(16, Sampling(), None, (), None), "call_1")  # tool_choice none
+    assert "".join(c["delta"]["content"] for c in replay(no_tools, tagged + [eot])) == "<|python_tag|>print(1)"
+    assert no_tools.finish == "stop"
+
+
+def test_n_greedy_chat_choices_are_equal_and_usage_sums_them(client, reference):
+    config, params, tokenizer = reference
+    expected = generate(params, tokenizer, [format_chat(tokenizer, CHAT)], max_new_tokens=24, config=config)[0]
+    answer = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=24, temperature=0, n=2)
+    assert [(c.index, c.message.content, c.finish_reason) for c in answer.choices] == [
+        (0, expected.text, expected.finish_reason), (1, expected.text, expected.finish_reason)]
+    assert answer.usage.completion_tokens == 2 * (len(expected.tokens) + (expected.finish_reason == "stop"))
+    texts, finishes, usage = {0: "", 1: ""}, {}, None
+    for chunk in client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=24, temperature=0, n=2,
+                                                stream=True):
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            finishes[choice.index] = choice.finish_reason or finishes.get(choice.index)
+    assert texts == {0: expected.text, 1: expected.text}
+    assert finishes == {0: expected.finish_reason, 1: expected.finish_reason}
+    assert usage.completion_tokens == answer.usage.completion_tokens
+
+
 def test_concurrent_requests_of_mixed_lengths_each_equal_their_greedy_result(client, server, reference):
     config, params, tokenizer = reference
     lengths = [3, 9, 17, 30, 45, 60, 80, 100] * 4  # 32 requests, four prompt buckets
@@ -200,7 +346,17 @@ def test_a_seed_reproduces_a_sampled_answer_and_equals_generate(client, referenc
                                          **extra).choices[0].text
 
     assert sampled(3) == sampled(3) == expected.text
-    assert sampled(4) != expected.text
+    other = sampled(4)
+    assert other != expected.text
+    # n choices: choice i has seed + i, streamed or not.
+    two = client.completions.create(model=MODEL, prompt=prompt, max_tokens=20, temperature=0.9, seed=3, n=2)
+    assert [(c.index, c.text) for c in two.choices] == [(0, expected.text), (1, other)]
+    texts = {0: "", 1: ""}
+    for chunk in client.completions.create(model=MODEL, prompt=prompt, max_tokens=20, temperature=0.9, seed=3,
+                                           n=2, stream=True):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+    assert texts == {0: expected.text, 1: other}
     filtered = dict(top_p=0.8, extra_body={"top_k": 20})
     assert sampled(5, **filtered) == sampled(5, **filtered)
 
@@ -215,8 +371,11 @@ def test_logprobs_equal_log_softmax_of_generate_logits(client, reference):
     n = len(expected.tokens)
     np.testing.assert_allclose(got.token_logprobs[:n], logprobs_nv[np.arange(n), expected.tokens], atol=1e-5)
     for step in range(n):
-        top = np.argsort(-logprobs_nv[step])[:3]
-        assert list(got.top_logprobs[step].values()) == pytest.approx(logprobs_nv[step, top].tolist(), abs=1e-5)
+        top = [(tokenizer.decode([i]), logprobs_nv[step, i]) for i in np.argsort(-logprobs_nv[step])[:3]]
+        # Keyed by text: ids with the same text (lone bytes of a UTF-8 character, "\ufffd") share one key.
+        assert set(got.top_logprobs[step]) == {text for text, _ in top}
+        for text, logprob in got.top_logprobs[step].items():
+            assert any(text == t and abs(logprob - lp) <= 1e-5 for t, lp in top)
     chat = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=5, temperature=0, logprobs=True,
                                           top_logprobs=2)
     for entry in chat.choices[0].logprobs.content:
@@ -227,7 +386,7 @@ def test_traffic_of_every_kind_triggers_no_compile(client, server):
     before = health(server)["compiles"]
     for i, (n, settings) in enumerate([(2, {}), (20, {"temperature": 0.7, "top_p": 0.9}),
                                        (60, {"temperature": 1.2, "extra_body": {"top_k": 5}}),
-                                       (125, {"temperature": 0, "logprobs": 5})]):
+                                       (125, {"temperature": 0, "logprobs": 5}), (250, {"n": 2})]):
         client.completions.create(model=MODEL, prompt=prompt_ids(n, i), max_tokens=3, **settings)
     assert health(server)["compiles"] == before
 
@@ -235,13 +394,13 @@ def test_traffic_of_every_kind_triggers_no_compile(client, server):
 @pytest.mark.parametrize("body, status, fragment", [
     ('{"model": "tiny-llama3", "prompt": "hi",', 400, "not valid JSON"),
     ({"model": "gpt-4", "prompt": "hi"}, 404, "model 'gpt-4' is not served here"),
-    ({"model": MODEL, "prompt": list(range(300))}, 400, "context is 128 tokens"),
+    ({"model": MODEL, "prompt": list(range(300))}, 400, "context is 256 tokens"),
     ({"model": MODEL, "prompt": "hi", "temperature": -1}, 400, "temperature must be in [0, 2]"),
     ({"model": MODEL, "prompt": "hi", "top_p": 0}, 400, "top_p must be in (0, 1]"),
     ({"model": MODEL, "prompt": "hi", "top_k": -5}, 400, "top_k must be a positive integer"),
     ({"model": MODEL, "prompt": "hi", "temperature": "hot"}, 400, "temperature: Input should be a valid number"),
-    ({"model": MODEL, "prompt": "hi", "max_tokens": 200}, 400, "ask for at most"),
-    ({"model": MODEL, "prompt": "hi", "n": 2}, 400, "n must be 1"),
+    ({"model": MODEL, "prompt": "hi", "max_tokens": 300}, 400, "ask for at most"),
+    ({"model": MODEL, "prompt": "hi", "n": 5}, 400, "n must be in [1, 4] (each choice takes one of"),
     ({"model": MODEL, "prompt": "hi", "logprobs": 9}, 400, "logprobs must be in [0, 5]"),
     ({"model": MODEL, "prompt": [10**6]}, 400, "outside the vocabulary"),
 ])

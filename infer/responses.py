@@ -1,0 +1,215 @@
+"""What the server answers: each choice built from its tokens as they arrive, streamed or whole.
+
+A request has `n` choices, each generated in its own decode slot. A
+`Choice` takes the batcher's events for its slot (`Token`s, then one
+`Finished`) and gives the chunk choices to stream (`add`), or, at the end,
+the whole choice (`result`), so a streamed answer and a whole one are the
+same text, logprobs and finish reason:
+
+- `TextStream` decodes the tokens, drops stop tokens and cuts the text at
+  the first stop string;
+- in a chat whose replies may be tool calls (`Settings.tool_names`),
+  `ToolCallText` holds the text back while it may still be a call (it
+  begins with `<|python_tag|>`, or with "{" when functions are offered)
+  and reads it whole at the end (`llama_jax.tool_use.parse_call`): a call
+  is answered as OpenAI's `tool_calls` with finish_reason "tool_calls", in
+  one chunk when streamed; anything else is the reply's text, as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Collection
+
+from infer.batcher import Finished, Token
+from infer.openai_api import Settings
+from llama_jax.tokenizer import StreamDecoder, Tokenizer
+from llama_jax.tool_use import PYTHON_TAG, ToolCall, parse_call
+
+
+class Choice:
+    """One choice of an answer, built as its events arrive (module docstring).
+
+    index: the choice's place in `choices`. chat: chat (`message`/`delta`) or completions
+    (`text`) shape. call_id: the id its tool call gets, if it makes one. `finish` is None
+    until the choice has ended; `generated` counts its tokens, a stop token included.
+    """
+
+    def __init__(self, index: int, chat: bool, tokenizer: Tokenizer, settings: Settings, call_id: str):
+        self.index, self.chat, self.tokenizer, self.settings, self.call_id = index, chat, tokenizer, settings, call_id
+        self.text = TextStream(tokenizer, tokenizer.stop_ids, settings.stops)
+        self.calls = ToolCallText(settings.tool_names) if chat and settings.tool_names is not None else None
+        self.finish: str | None = None
+        self.generated = 0
+        self.call: ToolCall | None = None
+        self.sent: list[str] = []  # the text so far, as released
+        self.tokens: list[Token] = []  # every token with text (logprobs of a whole answer)
+        self.pending: list[Token] = []  # tokens whose logprobs no chunk has carried yet
+        self.offset = 0  # completions: characters before the pending tokens' text
+
+    def add(self, event: Token | Finished) -> list[dict]:
+        """The chunk choices to stream for the next event (none once the choice has ended)."""
+        if self.finish is not None:
+            return []
+        if isinstance(event, Finished):
+            return self._end(event.reason, self.text.finish())
+        self.generated += 1
+        text = self.text.add(event)
+        if event.id not in self.tokenizer.stop_ids:
+            self.tokens.append(event)
+            self.pending.append(event)
+        if self.text.stopped:
+            return self._end("stop", text)
+        if self.calls is not None:
+            text = self.calls.add(text)
+            if self.calls.deciding:
+                return []  # held: its tokens' logprobs wait with it
+        if text or (self.pending and self.settings.logprobs is not None):
+            return [self._chunk(text, None)]
+        return []
+
+    def result(self) -> dict:
+        """The whole choice of a non-streamed answer (after the choice has ended)."""
+        logprobs = self._logprobs(self.tokens, 0)
+        text = "".join(self.sent)
+        if not self.chat:
+            return {"index": self.index, "text": text, "logprobs": logprobs, "finish_reason": self.finish}
+        message = {"role": "assistant", "content": text}
+        if self.call is not None:
+            message = {"role": "assistant", "content": None, "tool_calls": [self._tool_call()]}
+        return {"index": self.index, "message": message, "logprobs": logprobs, "finish_reason": self.finish}
+
+    def _end(self, reason: str, text: str) -> list[dict]:
+        if self.calls is not None:
+            text, self.call = self.calls.finish(text)
+        self.finish = "tool_calls" if self.call is not None else reason
+        return [self._chunk(text, self.finish)]
+
+    def _chunk(self, text: str, finish: str | None) -> dict:
+        self.sent.append(text)
+        tokens, self.pending = self.pending, []
+        logprobs = self._logprobs(tokens, self.offset)
+        self.offset += len(text)
+        if not self.chat:
+            return {"index": self.index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+        delta = {"role": "assistant", "content": text}
+        if self.call is not None:
+            delta = {"role": "assistant", "content": None, "tool_calls": [{"index": 0, **self._tool_call()}]}
+        return {"index": self.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+
+    def _tool_call(self) -> dict:
+        return {"id": self.call_id, "type": "function",
+                "function": {"name": self.call.name, "arguments": json.dumps(self.call.arguments, ensure_ascii=False)}}
+
+    def _logprobs(self, tokens: list[Token], offset: int) -> dict | None:
+        top = self.settings.logprobs
+        if top is None:
+            return None
+        if self.chat:
+            return chat_logprob_entries(self.tokenizer, tokens, top)
+        return completion_logprob_entries(self.tokenizer, tokens, top, offset)
+
+
+class ToolCallText:
+    """A chat reply's text, held back while it may still be a tool call (module docstring).
+
+    names: the functions offered (may be empty: then only `<|python_tag|>` code is a call).
+    """
+
+    def __init__(self, names: Collection[str]):
+        self.names, self.held, self.deciding = names, "", True
+
+    def add(self, text: str) -> str:
+        """The text to send now ("" while deciding, or while the reply may be a call)."""
+        if not self.deciding:
+            return text
+        self.held += text
+        head = self.held.lstrip()
+        if not head or head.startswith(PYTHON_TAG) or (self.names and head.startswith("{")):
+            return ""
+        self.deciding, text, self.held = False, self.held, ""
+        return text
+
+    def finish(self, text: str) -> tuple[str, ToolCall | None]:
+        """(the text still to send, the call the whole reply makes or None) at the reply's end."""
+        if not self.deciding:
+            return text, None
+        self.held += text
+        call = parse_call(self.held, self.names)
+        return ("", call) if call is not None else (self.held, None)
+
+
+class TextStream:
+    """A request's text as its tokens arrive: `add` returns text safe to send, `finish` the rest.
+
+    Stop tokens (`stop_ids`) add no text. After a stop string matched, `stopped` is True and
+    the text ends before it.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stop_ids, stops: tuple[str, ...]):
+        self.tokenizer, self.stop_ids, self.stops = tokenizer, frozenset(stop_ids), stops
+        self.decoder = StreamDecoder(tokenizer)
+        self.pending = ""  # decoded, not yet sent: it may begin a stop string
+        self.stopped = False
+
+    def add(self, token: Token) -> str:
+        if self.stopped or token.id in self.stop_ids or token.id >= self.tokenizer.vocab_size:
+            return ""
+        return self._release(self.decoder.feed(token.id))
+
+    def finish(self) -> str:
+        if self.stopped:
+            return ""
+        text = self._release(self.decoder.flush())
+        rest, self.pending = self.pending, ""
+        return text + rest
+
+    def _release(self, text: str) -> str:
+        self.pending += text
+        found = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if found:
+            out, self.pending, self.stopped = self.pending[:min(found)], "", True
+            return out
+        hold = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
+        out = self.pending[:len(self.pending) - hold]
+        self.pending = self.pending[len(out):]
+        return out
+
+
+def new_id(prefix: str, separator: str = "-") -> str:
+    """A fresh id such as "chatcmpl-..." (OpenAI's tool call ids read "call_...")."""
+    return f"{prefix}{separator}{uuid.uuid4().hex[:24]}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def piece(tokenizer: Tokenizer, token_id: int) -> str:
+    return tokenizer.decode([token_id]) if token_id < tokenizer.vocab_size else ""
+
+
+def chat_logprob_entries(tokenizer: Tokenizer, tokens: list[Token], top: int) -> dict:
+    """Chat's `logprobs`: {"content": [{token, logprob, bytes, top_logprobs: [...]}]}."""
+    def entry(token_id, logprob):
+        text = piece(tokenizer, token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return {"content": [{**entry(t.id, t.logprob),
+                         "top_logprobs": [entry(i, lp) for i, lp in zip(t.top_ids[:top], t.top_logprobs[:top])]}
+                        for t in tokens]}
+
+
+def completion_logprob_entries(tokenizer: Tokenizer, tokens: list[Token], top: int, offset: int = 0) -> dict:
+    """The completions API's `logprobs`: tokens, token_logprobs, top_logprobs, text_offset."""
+    texts = [piece(tokenizer, t.id) for t in tokens]
+    offsets, at = [], offset
+    for text in texts:
+        offsets.append(at)
+        at += len(text)
+    return {"tokens": texts, "token_logprobs": [t.logprob for t in tokens],
+            "top_logprobs": [{piece(tokenizer, i): lp for i, lp in zip(t.top_ids[:top], t.top_logprobs[:top])}
+                             for t in tokens],
+            "text_offset": offsets}
