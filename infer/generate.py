@@ -34,7 +34,8 @@ from llama_jax.sampling import Sampling
 from llama_jax.config import ModelConfig
 from llama_jax.paths import user_path
 from llama_jax.safetensors_io import CheckpointFileError
-from llama_jax.tokenizer import StreamDecoder, Tokenizer, load_tokenizer
+from llama_jax.stream_decoder import StreamDecoder
+from llama_jax.tokenizer import Tokenizer, load_tokenizer
 from sharding.layout import Layout
 
 

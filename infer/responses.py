@@ -24,7 +24,8 @@ from collections.abc import Collection
 
 from infer.batcher import Finished, Token
 from infer.openai_api import Settings
-from llama_jax.tokenizer import StreamDecoder, Tokenizer
+from llama_jax.stream_decoder import StreamDecoder
+from llama_jax.tokenizer import Tokenizer
 from llama_jax.tool_use import PYTHON_TAG, ToolCall, parse_call
 
 

@@ -13,7 +13,8 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
-import yaml
+
+from llama_jax.config_files import read_config_file, shipped_configs
 
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention_out")
@@ -368,49 +369,13 @@ def _rope_scaling_from_dict(data: dict[str, Any]) -> RopeScaling:
     return RopeScaling(**data)
 
 
-def configs_root() -> Path:
-    """The shipped `configs/` tree: inside the installed package (a wheel ships it as
-    package data), or beside the package in a source checkout."""
-    package = Path(__file__).resolve().parent
-    installed = package / "configs"
-    return installed if installed.is_dir() else package.parent / "configs"
-
-
-def shipped_configs(kind: str) -> list[str]:
-    """Names of the shipped configs of one kind: "models", "layouts" or "runs"."""
-    return sorted(p.stem for p in (configs_root() / kind).glob("*.yaml"))
-
-
-def read_config_file(kind: str, name_or_path: str | Path, error=ConfigError) -> tuple[Path, dict]:
-    """(path, mapping) of a YAML config given by path, or by name among `configs/<kind>/`.
-
-    Raises `error` (one line) for a missing file, bad YAML or a top level that
-    is not a mapping.
-    """
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = configs_root() / kind / f"{name_or_path}.yaml"
-    if not path.is_file():
-        what = {"models": "model config", "layouts": "layout", "runs": "run config"}[kind]
-        raise error(f"{what} {str(name_or_path)!r} not found (known: {', '.join(shipped_configs(kind))})")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise error(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise error(f"{path}: the top level must be a mapping of keys, got a {type(data).__name__}")
-    return path, data
-
-
 def load_model_config(name_or_path: str | Path, **overrides) -> ModelConfig:
     """Load a model config from a YAML path or a name in `configs/models/`.
 
     `overrides` replace fields after loading (e.g. `dtype="bfloat16"`).
     Raises ConfigError (one line) for a missing file, bad YAML or a bad field.
     """
-    _, data = read_config_file("models", name_or_path)
+    _, data = read_config_file("models", name_or_path, ConfigError)
     return ModelConfig.from_dict({**data, **overrides})
 
 

@@ -21,7 +21,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from llama_jax.config import read_config_file, shipped_configs
+from llama_jax.config_files import read_config_file, shipped_configs
 
 MESH_AXES = ("data", "fsdp", "sequence", "tensor")  # outermost to innermost
 LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab",

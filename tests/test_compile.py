@@ -226,7 +226,7 @@ def test_splash_train_step_and_chunked_prefill_compile_for_tpu(capsys):
 def test_every_shipped_tpu_run_names_a_slice_its_layout_places_on():
     """What `python -m train.compile --all` compiles (minutes): here only the cheap part,
     every run's layout validated against its slice's chip count and its batch."""
-    from llama_jax.config import shipped_configs
+    from llama_jax.config_files import shipped_configs
     from sharding.layout import load_layout
     from sharding.mesh import make_mesh
     from sharding.place import validate

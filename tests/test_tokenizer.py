@@ -16,10 +16,10 @@ import tokenizers
 from llama_models.llama3.tokenizer import Tokenizer as MetaTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from llama_jax.stream_decoder import StreamDecoder
 from llama_jax.tokenizer import (
     HFTokenizer,
     SentencePieceTokenizer,
-    StreamDecoder,
     TiktokenTokenizer,
     _split_long_text,
     llama3_special_tokens,

@@ -172,7 +172,7 @@ def test_key_given_twice_on_command_line_is_an_error():
 
 
 def test_every_shipped_run_config_loads():
-    from llama_jax.config import shipped_configs
+    from llama_jax.config_files import shipped_configs
     names = shipped_configs("runs")
     assert "tiny_cpu" in names and "llama3_1_405b_v5p" in names
     for name in names:

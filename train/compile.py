@@ -257,7 +257,7 @@ def main(argv=None) -> int:
 
 def _all_runs(args) -> int:
     """Compile every shipped run config that names a topology, for its slice and programs."""
-    from llama_jax.config import shipped_configs
+    from llama_jax.config_files import shipped_configs
     from sharding.layout import load_layout
     from sharding.topology import slices_of, topology_devices
     from train.config import load_run_config

@@ -33,7 +33,8 @@ from typing import Any, Sequence
 
 import yaml
 
-from llama_jax.config import ConfigError, ModelConfig, check_keys, load_model_config, read_config_file
+from llama_jax.config import ConfigError, ModelConfig, check_keys, load_model_config
+from llama_jax.config_files import read_config_file
 from train.data import DataConfig
 from train.runtime import COMPILE_CACHE_OFF, ProfileConfig, check_tpu_flags
 
@@ -299,5 +300,5 @@ def run_config_from_dict(data: dict[str, Any], overrides: Sequence[str] = ()) ->
 
 def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     """Read a run YAML (a path or a name in configs/runs/) and apply key=value overrides."""
-    _, data = read_config_file("runs", path)
+    _, data = read_config_file("runs", path, ConfigError)
     return run_config_from_dict(data, overrides)
