@@ -1,8 +1,9 @@
 """Runs that live in Cloud Storage, against a real GCS API server on 127.0.0.1 (tests/gcs_emulator.py).
 
 One module-scoped bucket holds a tokenizer, prepared tokens and a run; the
-tests then train, kill, resume, generate and export from it, and check that
-nothing of the bucket path appears on the local disk.
+tests then train, kill, resume, generate and export from it, drop the
+connection during a save, and check that nothing of the bucket path appears
+on the local disk.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 import numpy as np
 import pytest
 
-from gcs_emulator import ForbiddenServer
+from gcs_emulator import CuttingProxy, ForbiddenServer
 from llama_jax.checkpoint import latest_step
 from train_runs import EXACT_METRICS, REPO, finish, metrics, subprocess_env, wait_for_step
 
@@ -29,10 +30,17 @@ def _train_command(run_dir: str, tokens: str) -> list[str]:
             "data.source=tokens", f"data.paths=[{tokens}]", "steps=20", "log_every=1", "checkpoint_every=5"]
 
 
-def _start(command, cwd, log, cache) -> subprocess.Popen:
-    """A training process in `cwd` (an empty directory, to see that nothing lands in it)."""
-    env = subprocess_env(compilation_cache=cache)
+def _start(command, cwd, log, cache, **environ) -> subprocess.Popen:
+    """A training process in `cwd` (an empty directory, to see that nothing lands in it),
+    with `environ` added to its environment."""
+    env = {**subprocess_env(compilation_cache=cache), **environ}
     return subprocess.Popen(command, cwd=cwd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+    """Shared by the training runs below: the same config and devices, so one compile serves all."""
+    return tmp_path_factory.mktemp("compile_cache")
 
 
 @pytest.fixture(scope="module")
@@ -107,13 +115,13 @@ def test_a_bucket_step_without_its_commit_file_is_not_a_checkpoint(gcs):
     assert all_steps(directory) == [3] and latest_step(directory) == 3
 
 
-def test_killed_bucket_run_resumes_with_the_metrics_of_an_uninterrupted_run(bucket, tmp_path):
+def test_killed_bucket_run_resumes_with_the_metrics_of_an_uninterrupted_run(bucket, tmp_path, compile_cache):
     """`python -m train` with run_dir=gs://...: SIGKILL between saves, the same command resumes,
     and every step's metrics equal an uninterrupted bucket run's bit for bit."""
     from llama_jax.checkpoint import all_steps
     from llama_jax.paths import user_path
 
-    cwd, cache = tmp_path / "cwd", tmp_path / "cache"
+    cwd, cache = tmp_path / "cwd", compile_cache
     cwd.mkdir()
     tokens = f"{bucket}/tokens"
     reference_dir, run_dir = f"{bucket}/reference", f"{bucket}/run"
@@ -145,6 +153,64 @@ def test_killed_bucket_run_resumes_with_the_metrics_of_an_uninterrupted_run(buck
     # Nothing of the bucket path on the local disk: not in the working directory, not in the repo.
     assert sorted(p.name for p in cwd.iterdir()) == []
     assert not (REPO / "gs:").exists()
+
+
+def _uninterrupted_metrics(bucket, cwd, log, cache) -> list[dict]:
+    """The metrics of the uninterrupted run the test above keeps in {bucket}/reference
+    (run now if that test has not run)."""
+    reference_dir = f"{bucket}/reference"
+    if [row["step"] for row in metrics(reference_dir)] != list(range(1, 21)):
+        reference = _start(_train_command(reference_dir, f"{bucket}/tokens"), cwd, log, cache)
+        output = finish(reference, log, TIMEOUT)
+        assert reference.returncode == 0, output
+    return metrics(reference_dir)
+
+
+def test_a_connection_dropped_during_a_save_is_one_line_and_the_rerun_resumes(gcs, bucket, tmp_path,
+                                                                              compile_cache):
+    """The arrays of a save (its bulk, written by tensorstore) reach the bucket through a proxy
+    that drops the connection as step 10's save starts and refuses it from then on. The run
+    stops with one line naming the save and the bucket once checkpoint_timeout has passed;
+    step 5 stays the last complete checkpoint, and the same command with the connection back
+    resumes from it with an uninterrupted run's metrics. The rerun also profiles step 12:
+    the trace lands in the bucket, and its local staging directory is gone."""
+    import fsspec
+
+    from llama_jax.checkpoint import all_steps
+    from llama_jax.paths import user_path
+
+    cwd, tmp = tmp_path / "cwd", tmp_path / "tmp"
+    cwd.mkdir()
+    tmp.mkdir()
+    run_dir = f"{bucket}/dropped"
+    command = _train_command(run_dir, f"{bucket}/tokens")
+    with CuttingProxy(gcs.url, marker="dropped/checkpoints/10/") as proxy:
+        dropped = _start([*command, "checkpoint_timeout=8"], cwd, tmp_path / "dropped.log", compile_cache,
+                         TENSORSTORE_GCS_HTTP_URL=proxy.url)
+        output = finish(dropped, tmp_path / "dropped.log", TIMEOUT)
+    assert proxy.cut.is_set()
+    assert dropped.returncode == 2, output
+    assert "Traceback" not in output
+    assert [line for line in output.splitlines() if "error" in line.lower()] == [
+        f"train: error: {run_dir}/checkpoints: saving step 10 failed (not finished within checkpoint_timeout, "
+        f"8 s: the storage stopped answering or needs a longer timeout); step 5 is the last complete "
+        f"checkpoint (orbax's log: {run_dir}/orbax.log)"]
+    assert all_steps(user_path(run_dir) / "checkpoints") == [5]
+    assert metrics(run_dir)[-1]["step"] >= 10
+
+    rerun = _start([*command, "profile={start_step: 12, steps: 1}"], cwd, tmp_path / "rerun.log", compile_cache,
+                   TMPDIR=str(tmp))
+    output = finish(rerun, tmp_path / "rerun.log", TIMEOUT)
+    assert rerun.returncode == 0, output
+    assert f"resuming from {run_dir}/checkpoints/5" in output
+    keys = ("step", *EXACT_METRICS)
+    expected = _uninterrupted_metrics(bucket, cwd, tmp_path / "reference.log", compile_cache)
+    assert [{k: row[k] for k in keys} for row in metrics(run_dir)] == [{k: row[k] for k in keys} for row in expected]
+
+    traces = fsspec.filesystem("gs").glob(f"{run_dir}/profile/plugins/profile/*/*.xplane.pb")
+    assert len(traces) == 1 and fsspec.filesystem("gs").size(traces[0]) > 0
+    assert not list(tmp.glob("llama-jax-profile-*"))
+    assert sorted(p.name for p in cwd.iterdir()) == []
 
 
 def test_infer_generates_from_the_bucket_run(bucket, capsys):

@@ -149,6 +149,7 @@ def test_schedule_warms_up_then_decays_to_floor():
     ("data.seq_len=100000", "data.seq_len: 100000 exceeds the model's max_seq_len"),
     ("chip=v9", "chip: 'v9' is not one of"),
     ("on_nonfinite=ignore", "on_nonfinite: 'ignore' is not one of stop, skip"),
+    ("checkpoint_timeout=0", "checkpoint_timeout: must be a positive integer, got 0"),
 ])
 def test_bad_run_config_values_are_one_line(override, message):
     with pytest.raises(ConfigError) as err:
