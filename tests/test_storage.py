@@ -2,8 +2,8 @@
 
 One module-scoped bucket holds a tokenizer, prepared tokens and a run; the
 tests then train, kill, resume, generate and export from it, drop the
-connection during a save, and check that nothing of the bucket path appears
-on the local disk.
+connection during a save (those runs also log to W&B and profile a step),
+and check that nothing of the bucket path appears on the local disk.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pytest
 
 from gcs_emulator import CuttingProxy, ForbiddenServer
 from llama_jax.checkpoint import latest_step
-from train_runs import EXACT_METRICS, REPO, finish, metrics, subprocess_env, wait_for_step
+from train_runs import EXACT_METRICS, REPO, finish, metrics, subprocess_env, wait_for_step, wandb_records
 
 TIMEOUT = 150  # seconds for one tiny run of `python -m train` on a busy 2-core machine
 TEXTS = ["the quick brown fox jumps over the lazy dog", "packing rows of tokens for training",
@@ -172,8 +172,11 @@ def test_a_connection_dropped_during_a_save_is_one_line_and_the_rerun_resumes(gc
     that drops the connection as step 10's save starts and refuses it from then on. The run
     stops with one line naming the save and the bucket once checkpoint_timeout has passed;
     step 5 stays the last complete checkpoint, and the same command with the connection back
-    resumes from it with an uninterrupted run's metrics. The rerun also profiles step 12:
-    the trace lands in the bucket, and its local staging directory is gone."""
+    resumes from it with an uninterrupted run's metrics.
+
+    Both runs also log to Weights & Biases (offline, read back with wandb's own reader): one
+    W&B run, marked failed then finished, holding each step once, as metrics.jsonl does. The
+    rerun also profiles step 12: the trace lands in the bucket, its local staging is gone."""
     import fsspec
 
     from llama_jax.checkpoint import all_steps
@@ -183,10 +186,11 @@ def test_a_connection_dropped_during_a_save_is_one_line_and_the_rerun_resumes(gc
     cwd.mkdir()
     tmp.mkdir()
     run_dir = f"{bucket}/dropped"
-    command = _train_command(run_dir, f"{bucket}/tokens")
+    command = [*_train_command(run_dir, f"{bucket}/tokens"), "metrics.wandb={project: llama-jax-tests}"]
+    wandb = {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wb"), "WANDB_SILENT": "true"}
     with CuttingProxy(gcs.url, marker="dropped/checkpoints/10/") as proxy:
         dropped = _start([*command, "checkpoint_timeout=8"], cwd, tmp_path / "dropped.log", compile_cache,
-                         TENSORSTORE_GCS_HTTP_URL=proxy.url)
+                         TENSORSTORE_GCS_HTTP_URL=proxy.url, **wandb)
         output = finish(dropped, tmp_path / "dropped.log", TIMEOUT)
     assert proxy.cut.is_set()
     assert dropped.returncode == 2, output
@@ -196,16 +200,35 @@ def test_a_connection_dropped_during_a_save_is_one_line_and_the_rerun_resumes(gc
         f"8 s: the storage stopped answering or needs a longer timeout); step 5 is the last complete "
         f"checkpoint (orbax's log: {run_dir}/orbax.log)"]
     assert all_steps(user_path(run_dir) / "checkpoints") == [5]
-    assert metrics(run_dir)[-1]["step"] >= 10
+    stopped_at = metrics(run_dir)[-1]["step"]
+    assert stopped_at >= 10
 
     rerun = _start([*command, "profile={start_step: 12, steps: 1}"], cwd, tmp_path / "rerun.log", compile_cache,
-                   TMPDIR=str(tmp))
+                   TMPDIR=str(tmp), **wandb)
     output = finish(rerun, tmp_path / "rerun.log", TIMEOUT)
     assert rerun.returncode == 0, output
     assert f"resuming from {run_dir}/checkpoints/5" in output
     keys = ("step", *EXACT_METRICS)
-    expected = _uninterrupted_metrics(bucket, cwd, tmp_path / "reference.log", compile_cache)
-    assert [{k: row[k] for k in keys} for row in metrics(run_dir)] == [{k: row[k] for k in keys} for row in expected]
+    expected = [{k: row[k] for k in keys} for row in
+                _uninterrupted_metrics(bucket, cwd, tmp_path / "reference.log", compile_cache)]
+    assert [{k: row[k] for k in keys} for row in metrics(run_dir)] == expected
+
+    # W&B: the rerun resumed the W&B run named in the run directory, and sent only the steps
+    # past those the stopped run had sent (steps 6.. were recomputed, bit for bit the same).
+    run_id = json.loads((user_path(run_dir) / "wandb.json").read_text())["id"]
+    records = [wandb_records(p) for p in sorted((tmp_path / "wb" / "wandb").glob("offline-run-*"))]
+    assert [[r["run"]["run_id"] for r in run if r["type"] == "run"] for run in records] == [[run_id], [run_id]]
+    assert [[r["exit"]["exit_code"] for r in run if r["type"] == "exit"] for run in records] == [[1], [0]]
+    config = next(r["run"]["config"]["update"] for r in records[0] if r["type"] == "run")
+    assert (config["run_dir"], config["steps"], config["model"]["dim"]) == (run_dir, 20, 64)  # the run config
+    history = [[r["history"] for r in run if r["type"] == "history"] for run in records]
+    assert [[h["step"]["num"] for h in run] for run in history] == [list(range(1, stopped_at + 1)),
+                                                                    list(range(stopped_at + 1, 21))]
+    sent = [{"step": h["step"]["num"], **{k: h["item"][f"train/{k}"] for k in EXACT_METRICS}}
+            for run in history for h in run]
+    assert sent == expected
+    assert {k for k in history[1][-1]["item"] if not k.startswith("_")} == {
+        f"train/{k}" for k in metrics(run_dir)[-1] if k != "step"}  # every figure, under TensorBoard's names
 
     traces = fsspec.filesystem("gs").glob(f"{run_dir}/profile/plugins/profile/*/*.xplane.pb")
     assert len(traces) == 1 and fsspec.filesystem("gs").size(traces[0]) > 0
