@@ -146,6 +146,24 @@ def open_ranged(path):
     return _fs().open(str(path), "rb", cache_type="readahead")
 
 
+def copy_tree(source, destination) -> None:
+    """Copy every file under local directory `source` to `destination` (local or gs://),
+    at the same relative paths, streaming each file. StorageError (one line) on failure."""
+    import shutil
+
+    destination = user_path(destination)
+    files = sorted(os.path.join(folder, name) for folder, _, names in os.walk(source) for name in names)
+    for file in files:
+        target = destination / os.path.relpath(file, source)
+        try:
+            if not is_url(target):
+                target.parent.mkdir(parents=True, exist_ok=True)
+            with open(file, "rb") as reader, target.open("wb") as writer:
+                shutil.copyfileobj(reader, writer)
+        except Exception as err:
+            raise storage_error(err, target) from None
+
+
 def remove_tree(path) -> None:
     """Delete a directory (or prefix) and everything under it; nothing if it is absent."""
     path = user_path(path)

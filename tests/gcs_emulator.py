@@ -30,6 +30,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import urllib.parse
 import urllib.request
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
@@ -158,3 +159,76 @@ class ForbiddenServer:
     def __exit__(self, *exc):
         self.server.shutdown()
         self.server.server_close()
+
+
+class CuttingProxy:
+    """A TCP proxy on 127.0.0.1 to `upstream` (http://host:port) that drops the connection
+    for good when a request mentions `marker` (its URL-decoded bytes, e.g. an object name).
+
+    At that request every open connection is closed without an answer and the port stops
+    listening, so the client sees the storage vanish mid-transfer: connections refused
+    from then on, as when the network to Cloud Storage goes away. `cut` is set then.
+    """
+
+    def __init__(self, upstream: str, marker: str):
+        host, port = upstream.removeprefix("http://").rsplit(":", 1)
+        self._upstream = (host, int(port))
+        self._marker = marker.encode()
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self.cut = threading.Event()
+
+    def __enter__(self) -> CuttingProxy:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+        return self
+
+    def _accept(self):
+        while not self.cut.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except OSError:  # the listener was closed: cut
+                return
+            upstream = socket.create_connection(self._upstream)
+            with self._lock:
+                self._sockets += [client, upstream]
+            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+
+    def _pump(self, source: socket.socket, target: socket.socket, from_client: bool):
+        try:
+            while chunk := source.recv(65536):
+                if from_client and self._marker in urllib.parse.unquote_to_bytes(chunk):
+                    self._cut()
+                    return
+                target.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            for s in (source, target):  # one side closed: close the other (also after a cut)
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def _cut(self):
+        self.cut.set()
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes accept(); close alone may not
+        except OSError:
+            pass
+        self._listener.close()
+        with self._lock:
+            for s in self._sockets:  # wakes the pumps; the client's request gets no answer
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def __exit__(self, *exc):
+        if not self.cut.is_set():
+            self._cut()
+        with self._lock:
+            for s in self._sockets:
+                s.close()

@@ -1,8 +1,9 @@
 """Runs that live in Cloud Storage, against a real GCS API server on 127.0.0.1 (tests/gcs_emulator.py).
 
 One module-scoped bucket holds a tokenizer, prepared tokens and a run; the
-tests then train, kill, resume, generate and export from it, and check that
-nothing of the bucket path appears on the local disk.
+tests then train, kill, resume, generate and export from it, drop the
+connection during a save (those runs also log to W&B and profile a step),
+and check that nothing of the bucket path appears on the local disk.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ import sys
 import numpy as np
 import pytest
 
-from gcs_emulator import ForbiddenServer
+from gcs_emulator import CuttingProxy, ForbiddenServer
 from llama_jax.checkpoint import latest_step
-from train_runs import EXACT_METRICS, REPO, finish, metrics, subprocess_env, wait_for_step
+from train_runs import EXACT_METRICS, REPO, finish, metrics, subprocess_env, wait_for_step, wandb_records
 
 TIMEOUT = 150  # seconds for one tiny run of `python -m train` on a busy 2-core machine
 TEXTS = ["the quick brown fox jumps over the lazy dog", "packing rows of tokens for training",
@@ -29,10 +30,17 @@ def _train_command(run_dir: str, tokens: str) -> list[str]:
             "data.source=tokens", f"data.paths=[{tokens}]", "steps=20", "log_every=1", "checkpoint_every=5"]
 
 
-def _start(command, cwd, log, cache) -> subprocess.Popen:
-    """A training process in `cwd` (an empty directory, to see that nothing lands in it)."""
-    env = subprocess_env(compilation_cache=cache)
+def _start(command, cwd, log, cache, **environ) -> subprocess.Popen:
+    """A training process in `cwd` (an empty directory, to see that nothing lands in it),
+    with `environ` added to its environment."""
+    env = {**subprocess_env(compilation_cache=cache), **environ}
     return subprocess.Popen(command, cwd=cwd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+    """Shared by the training runs below: the same config and devices, so one compile serves all."""
+    return tmp_path_factory.mktemp("compile_cache")
 
 
 @pytest.fixture(scope="module")
@@ -107,13 +115,13 @@ def test_a_bucket_step_without_its_commit_file_is_not_a_checkpoint(gcs):
     assert all_steps(directory) == [3] and latest_step(directory) == 3
 
 
-def test_killed_bucket_run_resumes_with_the_metrics_of_an_uninterrupted_run(bucket, tmp_path):
+def test_killed_bucket_run_resumes_with_the_metrics_of_an_uninterrupted_run(bucket, tmp_path, compile_cache):
     """`python -m train` with run_dir=gs://...: SIGKILL between saves, the same command resumes,
     and every step's metrics equal an uninterrupted bucket run's bit for bit."""
     from llama_jax.checkpoint import all_steps
     from llama_jax.paths import user_path
 
-    cwd, cache = tmp_path / "cwd", tmp_path / "cache"
+    cwd, cache = tmp_path / "cwd", compile_cache
     cwd.mkdir()
     tokens = f"{bucket}/tokens"
     reference_dir, run_dir = f"{bucket}/reference", f"{bucket}/run"
@@ -145,6 +153,87 @@ def test_killed_bucket_run_resumes_with_the_metrics_of_an_uninterrupted_run(buck
     # Nothing of the bucket path on the local disk: not in the working directory, not in the repo.
     assert sorted(p.name for p in cwd.iterdir()) == []
     assert not (REPO / "gs:").exists()
+
+
+def _uninterrupted_metrics(bucket, cwd, log, cache) -> list[dict]:
+    """The metrics of the uninterrupted run the test above keeps in {bucket}/reference
+    (run now if that test has not run)."""
+    reference_dir = f"{bucket}/reference"
+    if [row["step"] for row in metrics(reference_dir)] != list(range(1, 21)):
+        reference = _start(_train_command(reference_dir, f"{bucket}/tokens"), cwd, log, cache)
+        output = finish(reference, log, TIMEOUT)
+        assert reference.returncode == 0, output
+    return metrics(reference_dir)
+
+
+def test_a_connection_dropped_during_a_save_is_one_line_and_the_rerun_resumes(gcs, bucket, tmp_path,
+                                                                              compile_cache):
+    """The arrays of a save (its bulk, written by tensorstore) reach the bucket through a proxy
+    that drops the connection as step 10's save starts and refuses it from then on. The run
+    stops with one line naming the save and the bucket once checkpoint_timeout has passed;
+    step 5 stays the last complete checkpoint, and the same command with the connection back
+    resumes from it with an uninterrupted run's metrics.
+
+    Both runs also log to Weights & Biases (offline, read back with wandb's own reader): one
+    W&B run, marked failed then finished, holding each step once, as metrics.jsonl does. The
+    rerun also profiles step 12: the trace lands in the bucket, its local staging is gone."""
+    import fsspec
+
+    from llama_jax.checkpoint import all_steps
+    from llama_jax.paths import user_path
+
+    cwd, tmp = tmp_path / "cwd", tmp_path / "tmp"
+    cwd.mkdir()
+    tmp.mkdir()
+    run_dir = f"{bucket}/dropped"
+    command = [*_train_command(run_dir, f"{bucket}/tokens"), "metrics.wandb={project: llama-jax-tests}"]
+    wandb = {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wb"), "WANDB_SILENT": "true"}
+    with CuttingProxy(gcs.url, marker="dropped/checkpoints/10/") as proxy:
+        dropped = _start([*command, "checkpoint_timeout=8"], cwd, tmp_path / "dropped.log", compile_cache,
+                         TENSORSTORE_GCS_HTTP_URL=proxy.url, **wandb)
+        output = finish(dropped, tmp_path / "dropped.log", TIMEOUT)
+    assert proxy.cut.is_set()
+    assert dropped.returncode == 2, output
+    assert "Traceback" not in output
+    assert [line for line in output.splitlines() if "error" in line.lower()] == [
+        f"train: error: {run_dir}/checkpoints: saving step 10 failed (not finished within checkpoint_timeout, "
+        f"8 s: the storage stopped answering or needs a longer timeout); step 5 is the last complete "
+        f"checkpoint (orbax's log: {run_dir}/orbax.log)"]
+    assert all_steps(user_path(run_dir) / "checkpoints") == [5]
+    stopped_at = metrics(run_dir)[-1]["step"]
+    assert stopped_at >= 10
+
+    rerun = _start([*command, "profile={start_step: 12, steps: 1}"], cwd, tmp_path / "rerun.log", compile_cache,
+                   TMPDIR=str(tmp), **wandb)
+    output = finish(rerun, tmp_path / "rerun.log", TIMEOUT)
+    assert rerun.returncode == 0, output
+    assert f"resuming from {run_dir}/checkpoints/5" in output
+    keys = ("step", *EXACT_METRICS)
+    expected = [{k: row[k] for k in keys} for row in
+                _uninterrupted_metrics(bucket, cwd, tmp_path / "reference.log", compile_cache)]
+    assert [{k: row[k] for k in keys} for row in metrics(run_dir)] == expected
+
+    # W&B: the rerun resumed the W&B run named in the run directory, and sent only the steps
+    # past those the stopped run had sent (steps 6.. were recomputed, bit for bit the same).
+    run_id = json.loads((user_path(run_dir) / "wandb.json").read_text())["id"]
+    records = [wandb_records(p) for p in sorted((tmp_path / "wb" / "wandb").glob("offline-run-*"))]
+    assert [[r["run"]["run_id"] for r in run if r["type"] == "run"] for run in records] == [[run_id], [run_id]]
+    assert [[r["exit"]["exit_code"] for r in run if r["type"] == "exit"] for run in records] == [[1], [0]]
+    config = next(r["run"]["config"]["update"] for r in records[0] if r["type"] == "run")
+    assert (config["run_dir"], config["steps"], config["model"]["dim"]) == (run_dir, 20, 64)  # the run config
+    history = [[r["history"] for r in run if r["type"] == "history"] for run in records]
+    assert [[h["step"]["num"] for h in run] for run in history] == [list(range(1, stopped_at + 1)),
+                                                                    list(range(stopped_at + 1, 21))]
+    sent = [{"step": h["step"]["num"], **{k: h["item"][f"train/{k}"] for k in EXACT_METRICS}}
+            for run in history for h in run]
+    assert sent == expected
+    assert {k for k in history[1][-1]["item"] if not k.startswith("_")} == {
+        f"train/{k}" for k in metrics(run_dir)[-1] if k != "step"}  # every figure, under TensorBoard's names
+
+    traces = fsspec.filesystem("gs").glob(f"{run_dir}/profile/plugins/profile/*/*.xplane.pb")
+    assert len(traces) == 1 and fsspec.filesystem("gs").size(traces[0]) > 0
+    assert not list(tmp.glob("llama-jax-profile-*"))
+    assert sorted(p.name for p in cwd.iterdir()) == []
 
 
 def test_infer_generates_from_the_bucket_run(bucket, capsys):

@@ -149,6 +149,12 @@ def test_schedule_warms_up_then_decays_to_floor():
     ("data.seq_len=100000", "data.seq_len: 100000 exceeds the model's max_seq_len"),
     ("chip=v9", "chip: 'v9' is not one of"),
     ("on_nonfinite=ignore", "on_nonfinite: 'ignore' is not one of stop, skip"),
+    ("checkpoint_timeout=0", "checkpoint_timeout: must be a positive integer, got 0"),
+    ("metrics.tensorboard=false", "metrics.tensorboard: unknown key (known: wandb)"),
+    ("metrics.wandb.projekt=p", "metrics.wandb.projekt: unknown key (known: entity, mode, name, project)"),
+    ("metrics.wandb={name: run-1}", "metrics.wandb.project: required: the W&B project to log to"),
+    ("metrics.wandb={project: p, mode: cloud}", "metrics.wandb.mode: 'cloud' is not one of online, offline, disabled"),
+    ("metrics=[wandb]", "metrics: expected a mapping, got list"),
 ])
 def test_bad_run_config_values_are_one_line(override, message):
     with pytest.raises(ConfigError) as err:

@@ -90,6 +90,15 @@ def metrics(run_dir) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
 
 
+def wandb_records(run_files) -> list[dict]:
+    """Every record of one offline W&B run directory (WANDB_DIR/wandb/offline-run-*), read by
+    wandb's own reader of its run files, `wandb leet inspect --json`: {"type": kind, kind: {...}}."""
+    done = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(run_files)],
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line) for line in done.stdout.splitlines()]
+
+
 def wait_for_step(run_dir, step: int, process: subprocess.Popen, timeout: float = 120.0,
                   saved: int | None = None) -> int:
     """Poll until metrics.jsonl shows `step` or later (and step `saved` is a complete

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 
 
 def main(argv=None) -> int:
@@ -84,5 +85,17 @@ def main(argv=None) -> int:
     return 0
 
 
+def _exit_now(code: int):
+    """Exit with `code`. After a failure, library threads may still wait on storage that
+    stopped answering (orbax's, on tensorstore writes that it retries for a quarter of an
+    hour): Python joins them before exiting, so a failed run leaves without them."""
+    waiting = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    if code and waiting:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit_now(main())

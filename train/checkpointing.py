@@ -93,12 +93,16 @@ class Checkpointer:
         self.preempted = False
         self.last_saved: int | None = None  # the step last restored or saved (maybe still writing)
         self._saving: int | None = None  # the step of a save not yet waited for
+        self._complete: int | None = None  # the newest step known complete (restored, or a save waited for)
         self.logs = LibraryLogs(self.directory.parent / (
             "orbax.log" if jax.process_count() == 1 else f"orbax.process_{jax.process_index()}.log"))
         self._leftovers = sorted(p.name for p in self.directory.glob(f"*{TMP_SUFFIX}*"))
+        # A save still writing after checkpoint_timeout fails (tensorstore would retry an
+        # unreachable bucket for a quarter of an hour; orbax gives up at the timeout).
         options = ocp.CheckpointManagerOptions(max_to_keep=run.keep_checkpoints, create=True,
                                                enable_async_checkpointing=True,
-                                               cleanup_tmp_directories=True)
+                                               cleanup_tmp_directories=True,
+                                               async_options=ocp.AsyncOptions(timeout_secs=run.checkpoint_timeout))
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         self._fingerprints = jax.jit(_fingerprints)
         self._all_finite = jax.jit(_all_finite)
@@ -176,7 +180,7 @@ class Checkpointer:
             for name in sorted(expected):
                 if actual.get(name) != expected[name]:
                     raise fail(f"{name} does not match its checksum (a corrupt file?)")
-        self.last_saved = step
+        self.last_saved = self._complete = step
         note(f"resuming from {step_dir}")
         self._note_data_changes(step_dir)
         step_array = jax.make_array_from_callback((), self.shardings.step, lambda _: np.int32(step))
@@ -226,6 +230,7 @@ class Checkpointer:
             self.manager.wait_until_finished()
         except Exception as err:
             raise self._save_error(step, err) from None
+        self._complete = step
 
     def maybe_save(self, step: int, state, data, force: bool = False):
         """Save at multiples of checkpoint_every (or when forced); returns without waiting.
@@ -275,10 +280,12 @@ class Checkpointer:
             self.logs.close()
 
     def _save_error(self, step: int, err: BaseException) -> CheckpointError:
-        complete = latest_step(self.directory)
-        last = ("no checkpoint is complete" if complete is None
-                else f"step {complete} is the last complete checkpoint")
-        return CheckpointError(f"{self.directory}: saving step {step} failed ({_failure_reason(err)}); "
+        # From what this process saw, not a listing: the storage that failed the save may
+        # not answer one either.
+        last = ("no checkpoint is complete" if self._complete is None
+                else f"step {self._complete} is the last complete checkpoint")
+        return CheckpointError(f"{self.directory}: saving step {step} failed "
+                               f"({_failure_reason(err, self.run.checkpoint_timeout)}); "
                                f"{last} (orbax's log: {self.logs.path})")
 
     def _stored_checksums(self, step_dir: epath.Path) -> dict | None:
@@ -347,12 +354,16 @@ def _fingerprint(x: jax.Array) -> jax.Array:
     return jnp.sum(bits * (2 * index + 1), dtype=jnp.uint32)
 
 
-def _failure_reason(err: BaseException) -> str:
+def _failure_reason(err: BaseException, timeout: int) -> str:
     """Why a save failed: the operating system's words when an OS error is behind it
-    ("No space left on device"), else the innermost exception's first line."""
+    ("No space left on device"), not finishing within `timeout` seconds, else the
+    innermost exception's first line."""
     chain = [err]
     while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
         chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    if isinstance(err, TimeoutError):  # orbax's, at checkpoint_timeout
+        return (f"not finished within checkpoint_timeout, {timeout} s: the storage stopped answering "
+                "or needs a longer timeout")
     for exc in chain:
         if isinstance(exc, OSError) and exc.errno:
             return os.strerror(exc.errno)

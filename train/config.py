@@ -19,6 +19,8 @@ A run is a YAML file in `configs/runs/` (see `tiny_cpu.yaml`):
     compile_cache: off               # or a directory (default: the user's cache dir; train/runtime.py)
     tpu_flags: {xla_tpu_enable_async_collective_fusion: true}   # libtpu flags (not on CPU)
     profile: {start_step: 10, steps: 3}                         # a jax.profiler trace in run_dir/profile
+    checkpoint_timeout: 1200         # seconds a save may take before the run stops with an error
+    metrics: {wandb: {project: my-project}}   # also log to Weights & Biases (train/wandb_logging.py)
 
 Command-line overrides use dotted keys (`optimizer.learning_rate=1e-3`,
 `data.global_batch=32`, `steps=10`); values are parsed as YAML. An unknown
@@ -41,6 +43,7 @@ from train.runtime import COMPILE_CACHE_OFF, ProfileConfig, check_tpu_flags
 DECAYS = ("cosine", "linear", "constant")
 PROGRAMS = ("train", "decode", "prefill")  # what train.compile can build for a run
 NONFINITE_MODES = ("stop", "skip")  # what a non-finite step does: see train/nonfinite.py
+WANDB_MODES = ("online", "offline", "disabled")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +127,35 @@ class DistillConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class WandbConfig:
+    """Weights & Biases logging (train/wandb_logging.py): the W&B `project` (required), and
+    optionally the `entity` (user or team), the run's display `name` and the `mode`
+    (online, offline or disabled; unset: W&B's own, $WANDB_MODE or online)."""
+
+    project: str | None = None
+    entity: str | None = None
+    name: str | None = None
+    mode: str | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.project, str) or not self.project:
+            raise ConfigError("metrics.wandb.project: required: the W&B project to log to")
+        for name in ("entity", "name"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ConfigError(f"metrics.wandb.{name}: must be a non-empty string, got {value!r}")
+        if self.mode is not None and self.mode not in WANDB_MODES:
+            raise ConfigError(f"metrics.wandb.mode: {self.mode!r} is not one of {', '.join(WANDB_MODES)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricsConfig:
+    """Where metrics go besides metrics.jsonl and TensorBoard: `wandb` (None: nowhere else)."""
+
+    wandb: WandbConfig | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     """Everything one training run needs; `model` is resolved to a ModelConfig."""
 
@@ -153,9 +185,12 @@ class RunConfig:
     compile_cache: str | None = None  # train/runtime.py: None = the default cache dir, "off"
     tpu_flags: dict[str, Any] = dataclasses.field(default_factory=dict)  # -> LIBTPU_INIT_ARGS
     profile: ProfileConfig | None = None
+    checkpoint_timeout: int = 1200  # seconds (orbax's default): a save not done by then fails the run
+    metrics: MetricsConfig = dataclasses.field(default_factory=MetricsConfig)
 
     def __post_init__(self):
-        for name in ("steps", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints"):
+        for name in ("steps", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints",
+                     "checkpoint_timeout"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name}: must be a positive integer, got {value!r}")
@@ -220,6 +255,12 @@ def _dataclass_from(cls, data, where):
         raise
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{where}: {err}") from None
+
+
+def _metrics_config(data) -> MetricsConfig:
+    check_keys(MetricsConfig, data, "metrics.")
+    wandb = data.get("wandb")
+    return MetricsConfig(wandb=None if wandb is None else _dataclass_from(WandbConfig, wandb, "metrics.wandb"))
 
 
 def parse_overrides(args: list[str]) -> dict[str, Any]:
@@ -295,6 +336,7 @@ def run_config_from_dict(data: dict[str, Any], overrides: Sequence[str] = ()) ->
             data[key] = _dataclass_from(cls, data[key], key)
     if data.get("profile") is not None:
         data["profile"] = _dataclass_from(ProfileConfig, data["profile"], "profile")
+    data["metrics"] = _metrics_config(data.get("metrics") or {})
     return _dataclass_from(RunConfig, data, "run")
 
 

@@ -122,12 +122,15 @@ def _reference_params(run: RunConfig, shardings):
     return jax.jit(lambda rng: init_params(run.model, rng), out_shardings=shardings)(jax.random.key(run.seed))
 
 
-def _closing(close):
-    """An ExitStack exit callback calling `close()`, whose own error (a full disk fails
-    the close too) yields to the error already on its way out."""
+def _closing(close, tell_failure: bool = False):
+    """An ExitStack exit callback calling `close()` (`close(failed=...)` with `tell_failure`),
+    whose own error (a full disk fails the close too) yields to the error already on its way out."""
     def exit_(exc_type, exc, traceback):
         try:
-            close()
+            if tell_failure:
+                close(failed=exc_type is not None)
+            else:
+                close()
         except Exception:
             if exc_type is None:
                 raise
@@ -223,6 +226,9 @@ def train(run: RunConfig, *, progress: bool = True, stop_after: int | None = Non
     if run.model.quantize is not None and run.model.lora is None:
         raise ConfigError(f"model.quantize {run.model.quantize}: quantised weights stay frozen; add a "
                           "lora section to train adapters over them (QLoRA), or train unquantised")
+    if run.metrics.wandb is not None:  # a missing extra fails now, not after the compiles
+        from train.wandb_logging import require_wandb
+        require_wandb()
     layout = load_layout(run.layout, **run.mesh)
     placement = Placement.create(run.model, layout)
     validate(run.model, layout, placement.mesh, batch=run.data.global_batch // run.grad_accum,
@@ -265,8 +271,8 @@ def train(run: RunConfig, *, progress: bool = True, stop_after: int | None = Non
             make_train_step(run.model, optimizer, schedule, shardings.params, run.grad_accum,
                             objective=objective),
             placement, shardings)
-        writer = MetricsWriter(run.run_dir, start)
-        cleanup.push(_closing(writer.close))
+        writer = MetricsWriter(run.run_dir, start, wandb=run.metrics.wandb, run_config=run.to_dict())
+        cleanup.push(_closing(writer.close, tell_failure=True))
         profiler = StepProfiler(run.profile, run.run_dir, active=jax.process_index() == 0)
         cleanup.push(_closing(profiler.close))
         step_fn = profiler.wrap(step_fn, start)

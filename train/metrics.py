@@ -63,28 +63,39 @@ def peak_flops(chip: str) -> tuple[float, str]:
     return measure_matmul_flops(), "measured f32 matmul on this machine"
 
 
+def scalar_tag(key: str) -> str:
+    """A metrics.jsonl key's name in TensorBoard and W&B: eval_loss -> eval/loss, the rest under train/."""
+    return f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"
+
+
 class MetricsWriter:
-    """Writes each logged step to metrics.jsonl and TensorBoard (process 0 only).
+    """Writes each logged step to metrics.jsonl and TensorBoard, and to Weights & Biases
+    if `wandb` (a WandbConfig) is given (process 0 only).
 
     A run that resumes from step `start` recomputes the steps after it, which a
     killed run may already have logged: their rows are dropped from
     metrics.jsonl (and TensorBoard's events purged), so the file stays the
-    record of one run, its steps strictly increasing.
+    record of one run, its steps strictly increasing. W&B history cannot be cut
+    back: the recomputed steps (equal bit for bit) are not sent to it again.
 
     A local file is appended to; an object in gs:// (which cannot be appended
     to) is rewritten whole at every write, each version complete.
     """
 
-    def __init__(self, run_dir: str | os.PathLike, start: int = 0):
+    def __init__(self, run_dir: str | os.PathLike, start: int = 0, wandb=None, run_config: dict | None = None):
         self.active = jax.process_index() == 0
         self.run_dir = user_path(run_dir)
         self.path = self.run_dir / "metrics.jsonl"
         self._jsonl = None
         self._tb = None
+        self._wandb = None
         self._rows: list[str] = []  # gs:// only: every row, for the next rewrite
         if self.active:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            kept = _rows_through(self.path, start)
+            kept, logged_through = _rows_through(self.path, start)
+            if wandb is not None:
+                from train.wandb_logging import WandbRun
+                self._wandb = WandbRun(wandb, self.run_dir, run_config or {}, logged_through)
             if is_url(self.path):
                 self._rows = kept
                 self._upload()
@@ -113,31 +124,37 @@ class MetricsWriter:
                 self._jsonl.flush()
             except OSError as err:  # a flush names no file
                 raise OSError(err.errno, err.strerror, str(self.path)) from None
-        for key, value in metrics.items():  # eval_loss -> eval/loss, the rest under train/
-            tag = f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"
-            self._tb.add_scalar(tag, value, step)
+        for key, value in metrics.items():
+            self._tb.add_scalar(scalar_tag(key), value, step)
         self._tb.flush()
+        if self._wandb is not None:  # after metrics.jsonl: a step in the file counts as sent (a kill in
+            self._wandb.log(step, metrics)  # between loses it from W&B rather than sending it twice)
 
-    def close(self):
+    def close(self, failed: bool = False):
+        """Close the files; `failed`: the run ends on an error (W&B marks the run failed)."""
         if self.active:
             if self._jsonl is not None:
                 self._jsonl.close()
             self._tb.close()
+            if self._wandb is not None:
+                self._wandb.finish(failed)
 
 
-def _rows_through(path: epath.Path, step: int) -> list[str]:
-    """The lines of metrics.jsonl at `path` up to `step` (a torn last line dropped)."""
+def _rows_through(path: epath.Path, step: int) -> tuple[list[str], int]:
+    """(the lines of metrics.jsonl at `path` up to `step`, the last step it held at all);
+    a torn last line is dropped."""
     if not path.exists():
-        return []
-    kept = []
+        return [], 0
+    kept, last = [], 0
     for line in path.read_text().splitlines():
         try:
             row = json.loads(line)
         except ValueError:  # a line cut short by a kill
             continue
+        last = max(last, row["step"])
         if row["step"] <= step:
             kept.append(line + "\n")
-    return kept
+    return kept, last
 
 
 def _replace(path: epath.Path, text: str):

@@ -12,7 +12,11 @@ cache, TPU compiler flags, and profiler traces.
   backend: they are applied before that, and never on a CPU-only run.
 - `profile: {start_step, steps}` (run config): a `jax.profiler` trace of
   steps start_step .. start_step + steps - 1 in `<run_dir>/profile`, for
-  TensorBoard's profile plugin or XProf.
+  TensorBoard's profile plugin or XProf. For a gs:// run directory the trace
+  is written to a local temporary directory, copied to the bucket when it
+  stops and deleted: the profiler's own Cloud Storage writer has a fixed
+  endpoint and credentials of its own, and one path layer (llama_jax/paths.py)
+  reaches buckets here.
 """
 
 from __future__ import annotations
@@ -20,9 +24,11 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+import shutil
+import tempfile
 
 from llama_jax.config import ConfigError
-from llama_jax.paths import is_url, user_path
+from llama_jax.paths import copy_tree, is_url, user_path
 
 COMPILE_CACHE_OFF = "off"
 PROFILE_DIR = "profile"
@@ -133,6 +139,7 @@ class StepProfiler:
         self.config = config if active else None
         self.directory = user_path(run_dir) / PROFILE_DIR
         self._tracing = False
+        self._local: str | None = None  # gs:// run_dir: where the trace is written until it stops
 
     def wrap(self, step_fn, start: int):
         """`step_fn(state, batch)` tracing the configured steps; the first call is step start + 1."""
@@ -154,7 +161,9 @@ class StepProfiler:
         """Call before running `step` (1-based)."""
         if self.config is not None and step == self.config.start_step and not self._tracing:
             import jax
-            jax.profiler.start_trace(str(self.directory))
+            if is_url(self.directory):
+                self._local = tempfile.mkdtemp(prefix="llama-jax-profile-")
+            jax.profiler.start_trace(self._local or str(self.directory))
             self._tracing = True
 
     def after(self, step: int, result=None):
@@ -169,3 +178,9 @@ class StepProfiler:
                 jax.block_until_ready(result)
             jax.profiler.stop_trace()
             self._tracing = False
+            if self._local is not None:
+                try:
+                    copy_tree(self._local, self.directory)
+                finally:
+                    shutil.rmtree(self._local)
+                    self._local = None
