@@ -131,6 +131,9 @@ class DataConfig:
     holdout, split: a fraction of the documents (examples), drawn from
       `seed`, is held out for evaluation; split "train" reads the others,
       "eval" only those. 0 holds nothing out.
+    reference_log_probs: source "preference" only: a file of the DPO
+      reference's log-probabilities of every pair (train/reference_log_probs.py),
+      read into each row instead of running a reference model.
     """
 
     source: str = "synthetic"
@@ -150,6 +153,7 @@ class DataConfig:
     overlong: str = "drop"
     holdout: float = 0.0
     split: str = "train"
+    reference_log_probs: str | None = None
 
     def __post_init__(self):
         paths = (self.paths,) if isinstance(self.paths, (str, os.PathLike)) else self.paths
@@ -180,6 +184,9 @@ class DataConfig:
         if isinstance(self.holdout, bool) or not isinstance(self.holdout, (int, float)) \
                 or not 0 <= self.holdout < 1:
             raise ValueError(f"DataConfig.holdout must be a fraction in [0, 1); got {self.holdout!r}")
+        if self.reference_log_probs is not None and self.source != "preference":
+            raise ValueError("DataConfig.reference_log_probs holds DPO reference log-probabilities of "
+                             f"preference pairs; the source is {self.source!r}")
 
 
 

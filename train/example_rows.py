@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from train.reference_log_probs import REFERENCE_KEYS, ReferenceLogProbs
+
 if TYPE_CHECKING:
     from train.data import DataConfig
 
@@ -94,24 +96,41 @@ class ExampleRows:
 
 
 class PairRows:
-    """Rows of preference pairs as random access: row r holds pair `indices[r]`'s chosen
+    """Rows of preference pairs as random access: row r holds pair `pairs[r]`'s chosen
     conversation (segment 1) then its rejected one (segment 2), see `example_row`.
     Pairs whose two conversations do not fit seq_len together are dropped (counted in
-    a log line): a truncated answer's reward would compare nothing."""
+    a log line): a truncated answer's reward would compare nothing.
+
+    With `config.reference_log_probs` (train/reference_log_probs.py), each row also
+    holds the reference's log-probability of its two answers (REFERENCE_KEYS), and the
+    file is checked against every kept pair up front.
+    """
 
     def __init__(self, pairs, indices: np.ndarray, config: DataConfig):
         self._pairs, self._seq_len = pairs, config.seq_len
-        kept = [int(i) for i in indices if sum(len(ids) - 1 for ids, _ in pairs[int(i)]) <= config.seq_len]
-        if len(kept) < len(indices):
+        stored = None
+        if config.reference_log_probs is not None:
+            stored = ReferenceLogProbs(config.reference_log_probs, len(pairs))
+        self.pairs, self._reference = [], {}  # the kept pairs' indices; their reference log-probs
+        for i in map(int, indices):
+            pair = pairs[i]
+            if sum(len(ids) - 1 for ids, _ in pair) <= config.seq_len:
+                self.pairs.append(i)
+                if stored is not None:
+                    self._reference[i] = stored.values(i, pair, pairs.location(i))
+        if len(self.pairs) < len(indices):
             logging.getLogger(__name__).warning(
                 "data: %d of %d preference pairs do not fit seq_len %d with both answers; dropped",
-                len(indices) - len(kept), len(indices), config.seq_len)
-        if not kept:
+                len(indices) - len(self.pairs), len(indices), config.seq_len)
+        if not self.pairs:
             raise ValueError(f"{', '.join(config.paths)}: no preference pair fits seq_len {config.seq_len}")
-        self._kept = kept
 
     def __len__(self) -> int:
-        return len(self._kept)
+        return len(self.pairs)
 
     def __getitem__(self, r: int) -> dict[str, np.ndarray]:
-        return example_row(list(self._pairs[self._kept[r]]), self._seq_len)
+        i = self.pairs[r]
+        row = example_row(list(self._pairs[i]), self._seq_len)
+        if self._reference:
+            row.update(zip(REFERENCE_KEYS, self._reference[i]))
+        return row

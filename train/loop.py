@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from llama_jax.config import ConfigError
+from llama_jax.config import ConfigError, ModelConfig
 from llama_jax.params import join, partition
 from llama_jax.paths import check_bucket, is_url, storage_error, user_path
 from sharding.layout import load_layout
@@ -23,6 +23,7 @@ from train.eval import Evaluator, eval_data
 from train.metrics import MetricsWriter, flops_per_token, peak_flops
 from train.nonfinite import NonfiniteWatch
 from train.optimizer import learning_rate_schedule, make_optimizer
+from train.reference_log_probs import REFERENCE_KEYS
 from train.step import abstract_state, cross_entropy, init_state, jit_train_step, make_train_step, trainable
 
 
@@ -93,33 +94,38 @@ def _objective(run: RunConfig, teacher: Placement | None):
 
 def _reference_shardings(run: RunConfig, shardings, teacher: Placement | None):
     """Shardings of the fixed model the objective compares with: a DPO reference is placed
-    like the policy, a teacher by its own placement; none for a LoRA DPO run (its base)."""
+    like the policy, a teacher by its own placement; none for a LoRA DPO run (its base)
+    or one whose data holds the reference's log-probabilities."""
     if teacher is not None:
         return teacher.param_shardings()
-    if run.dpo is not None and run.model.lora is None:
+    if run.dpo is not None and run.model.lora is None and run.data.reference_log_probs is None:
         return shardings.params
     return {}
 
 
 def _reference_params(run: RunConfig, shardings):
-    """The reference's (or teacher's) weights placed on `shardings` (see `_reference_shardings`).
-
-    A DPO reference without a source is the policy's own random start (drawn again from
-    the run's seed), so a resumed run compares with the same one."""
+    """The reference's (or teacher's) weights placed on `shardings` (see `_reference_shardings`)."""
     if not shardings:
         return {}
-    from llama_jax.weights import load_params
-
     if run.distill is not None:
-        from llama_jax.weights import stored_config
+        from llama_jax.weights import load_params, stored_config
         from train.distill import teacher_config
         return load_params(run.distill.teacher, teacher_config(stored_config(run.distill.teacher), run.model),
                            shardings)
+    return reference_params(run, shardings)
+
+
+def reference_params(run: RunConfig, shardings, config: ModelConfig | None = None):
+    """A DPO run's reference weights as `config` (default: the run's model) placed on
+    `shardings`: dpo.reference, else init_from, else the policy's own random start
+    (drawn again from the run's seed, so a resumed run compares with the same one)."""
+    config = config or run.model
     source = run.dpo.reference or run.init_from
     if source is not None:
-        return load_params(source, run.model, shardings)
+        from llama_jax.weights import load_params
+        return load_params(source, config, shardings)
     from llama_jax.params import init_params
-    return jax.jit(lambda rng: init_params(run.model, rng), out_shardings=shardings)(jax.random.key(run.seed))
+    return jax.jit(lambda rng: init_params(config, rng), out_shardings=shardings)(jax.random.key(run.seed))
 
 
 def _closing(close):
@@ -232,8 +238,12 @@ def train(run: RunConfig, *, progress: bool = True, stop_after: int | None = Non
     data = make_dataset(run.data, tokenizer=tokenizer, shard_index=shard_index,
                         shard_count=shard_count, model_vocab_size=run.model.vocab_size, vision=run.model.vision)
     _read_first_batch(data)
-    for source in (run.init_from, run.dpo and run.dpo.reference):  # a wrong source fails here, before
-        if source is not None:                                    # anything is written
+    precomputed = run.data.reference_log_probs is not None  # DPO holding no reference model
+    sources = [run.init_from]
+    if run.dpo is not None and not precomputed:
+        sources.append(run.dpo.reference)
+    for source in sources:  # a wrong source fails here, before anything is written
+        if source is not None:
             from llama_jax.weights import check_architecture, stored_config
             check_architecture(source, stored_config(source), run.model)
     teacher = _teacher(run, layout) if run.distill is not None else None
@@ -264,7 +274,7 @@ def train(run: RunConfig, *, progress: bool = True, stop_after: int | None = Non
         step_fn = jit_train_step(
             make_train_step(run.model, optimizer, schedule, shardings.params, run.grad_accum,
                             objective=objective),
-            placement, shardings)
+            placement, shardings, row_keys=REFERENCE_KEYS if precomputed else ())
         writer = MetricsWriter(run.run_dir, start)
         cleanup.push(_closing(writer.close))
         profiler = StepProfiler(run.profile, run.run_dir, active=jax.process_index() == 0)
