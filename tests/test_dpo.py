@@ -188,12 +188,9 @@ def test_a_resumed_dpo_run_draws_its_reference_again(tmp_path):
     assert_trees_equal(resumed["state"].reference, first, "reference")
 
 
-def _fitting_pairs(path, count):
-    """The first `count` toy pairs that fit dpo_tiny's seq_len (96), written to `path`."""
-    pairs = Preferences([TOY / "preferences.jsonl"], load_tokenizer(TOY / "tokenizer.model"))
-    lines = (TOY / "preferences.jsonl").read_text().splitlines()
-    fit = [line for i, line in enumerate(lines) if sum(len(ids) - 1 for ids, _ in pairs[i]) <= 96]
-    path.write_text("\n".join(fit[:count]) + "\n")
+def _toy_pairs(path, count):
+    """The first `count` toy preference pairs, written to `path`."""
+    path.write_text("".join(f"{line}\n" for line in (TOY / "preferences.jsonl").read_text().splitlines()[:count]))
     return path
 
 
@@ -205,7 +202,7 @@ def test_dpo_on_reference_log_probs_computed_once_equals_the_frozen_copy_and_hol
     from train.dpo_reference import main as precompute
     from train.loop import train
 
-    pairs = _fitting_pairs(tmp_path / "pairs.jsonl", 40)
+    pairs = _toy_pairs(tmp_path / "pairs.jsonl", 40)
     settings = [f"data.paths=[{pairs}]", f"data.tokenizer={TOY / 'tokenizer.model'}", "data.global_batch=8",
                 "data.holdout=0.2", "steps=3", "log_every=1", "eval.every=3", "eval.batches=1",
                 "checkpoint_every=3", "chip=v4"]
@@ -230,7 +227,7 @@ def test_a_missing_or_mismatching_reference_log_probs_file_is_one_line(tmp_path,
     from train.__main__ import main
     from train.dpo_reference import main as precompute
 
-    pairs = _fitting_pairs(tmp_path / "pairs.jsonl", 3)
+    pairs = _toy_pairs(tmp_path / "pairs.jsonl", 3)
     lines = pairs.read_text().splitlines()
     stored = tmp_path / "reference.json"
     overrides = [f"run_dir={tmp_path / 'run'}", f"data.paths=[{pairs}]", f"data.tokenizer={TOY / 'tokenizer.model'}",
@@ -252,3 +249,34 @@ def test_a_missing_or_mismatching_reference_log_probs_file_is_one_line(tmp_path,
     fails(stored, f"{pairs}:2 is not the pair its log-probabilities were computed for")
     pairs.write_text("\n".join(lines + lines[:1]) + "\n")
     fails(stored, "made for 3 preference pairs, the data holds 4")
+
+
+def test_a_pair_longer_than_seq_len_loses_the_start_of_its_prompt_and_keeps_its_answers(tmp_path, caplog):
+    """Both conversations lose the same oldest prompt ids, no more than make the pair fit;
+    the answers stay whole; a pair whose answers alone do not fit is dropped; both counted."""
+    from train.example_rows import PairRows
+
+    long_prompt = {"messages": [{"role": "system", "content": "Be brief. " * 20},
+                                {"role": "user", "content": "Agree: apple river stone"}],
+                   "chosen": "apple river stone yes", "rejected": "apple river stone no"}
+    long_answers = {"prompt": "Agree: a", "chosen": "river " * 60, "rejected": "stone " * 60}
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in (long_prompt, long_answers, PAIRS[1])))
+    pairs = Preferences([path], load_tokenizer(TOY / "tokenizer.model"))
+    assert sum(c.shape[1] - 1 for c in pairs[0]) > 96
+    with caplog.at_level("WARNING"):
+        rows = PairRows(pairs, np.arange(3), DataConfig(source="preference", paths=(str(path),), seq_len=96))
+    assert rows.pairs == [0, 2]
+    assert ("2 of 3 preference pairs do not fit seq_len 96 with both answers: 1 with the start of their prompt "
+            "cut, 1 dropped (their answers alone do not fit)") in caplog.text
+
+    row, cuts = rows[0], []
+    for segment, (ids, weights) in ((1, pairs[0][0]), (2, pairs[0][1])):
+        at = row["segment_ids"] == segment
+        kept = int(at.sum()) + 1  # the segment's inputs and its last target
+        assert (np.append(row["tokens"][at], row["targets"][at][-1]) == ids[-kept:]).all()
+        assert (row["targets"][at][row["loss_weights"][at] > 0] == ids[weights > 0]).all()  # the whole answer
+        assert row["positions"][at][0] == 0
+        cuts.append(len(ids) - kept)
+    assert cuts[0] == cuts[1] > 0  # the same prompt ids, from the start
+    assert int((row["segment_ids"] > 0).sum()) in (95, 96)  # no more cut than makes it fit

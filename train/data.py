@@ -111,7 +111,8 @@ class DataConfig:
       "completion" (fine-tuning examples, train/sources.py `Examples`), or
       "preference" (DPO pairs, `Preferences`: one pair per row, the chosen
       conversation as segment 1 and the rejected one as segment 2; a pair
-      longer than seq_len is always dropped, never truncated).
+      longer than seq_len loses the start of its prompt, and is dropped only
+      if its answers alone do not fit, train/example_rows.py `fit_pair`).
     paths: token directories, or text files and globs.
     tokenizer: tokenizer file or directory for the "text" source.
     text_key: the JSONL field holding a document's text.

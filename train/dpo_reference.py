@@ -28,8 +28,8 @@ from sharding.layout import load_layout
 from sharding.place import Placement, validate
 from train.config import RunConfig
 from train.dpo import answer_log_probs
-from train.example_rows import PairRows, example_row
-from train.loop import reference_params
+from train.example_rows import PairRows, example_row, fit_pair
+from train.objectives import dpo_reference_params
 from train.reference_log_probs import pair_digest, write_reference_log_probs
 from train.sources import Preferences
 from train.step import BATCH_KEYS, batch_shardings
@@ -37,8 +37,9 @@ from train.step import BATCH_KEYS, batch_shardings
 
 def reference_log_probs(run: RunConfig, progress: bool = True) -> tuple[list, list, list]:
     """(chosen, rejected, digests): per pair of `run`'s preference files, in order, its
-    answers' log-probabilities under the run's reference and its `pair_digest` (None
-    for the three where the pair does not fit seq_len)."""
+    answers' log-probabilities under the run's reference and its `pair_digest`, both of
+    the pair as its row holds it (`fit_pair`: cut to seq_len); None for the three where
+    its answers alone do not fit."""
     from llama_jax.tokenizer import load_tokenizer
 
     config = run.model.replace(lora=None)  # a LoRA run's reference is its base
@@ -53,7 +54,7 @@ def reference_log_probs(run: RunConfig, progress: bool = True) -> tuple[list, li
     data = dataclasses.replace(run.data, holdout=0.0, reference_log_probs=None)
     pairs = Preferences(data.paths, tokenizer)
     kept = PairRows(pairs, np.arange(len(pairs)), data).pairs
-    params = reference_params(run, placement.param_shardings(), config)
+    params = dpo_reference_params(run, placement.param_shardings(), config)
     log_probs = jax.jit(lambda params, rows: answer_log_probs(Llama(config), params, rows, run.loss_chunk),
                         out_shardings=placement.sharding())  # replicated: every process reads them all
     shardings = batch_shardings(placement)
@@ -63,7 +64,7 @@ def reference_log_probs(run: RunConfig, progress: bool = True) -> tuple[list, li
         for start in tqdm(range(0, len(kept), batch), desc="reference log-probs", unit="batch",
                           disable=not progress or jax.process_index() != 0):
             picked = kept[start:start + batch]
-            conversations = [pairs[i] for i in picked]
+            conversations = [fit_pair(pairs[i], data.seq_len) for i in picked]
             rows = [example_row(list(c), data.seq_len) for c in conversations]
             rows += [padding] * (batch - len(rows))
             stacked = {key: np.stack([row[key] for row in rows]) for key in BATCH_KEYS}
@@ -103,7 +104,8 @@ def main(argv=None) -> int:
         print(f"train.dpo_reference: error: {err}", file=sys.stderr)
         return 2
     done = sum(d is not None for d in digests)
-    print(f"{done} of {len(digests)} preference pairs ({len(digests) - done} too long for seq_len) -> {args.out}")
+    print(f"{done} of {len(digests)} preference pairs ({len(digests) - done} with answers too long for seq_len) "
+          f"-> {args.out}")
     return 0
 
 

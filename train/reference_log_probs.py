@@ -2,9 +2,9 @@
 
 `python -m train.dpo_reference` (train/dpo_reference.py) writes one JSON file for
 a run's preference files: for every pair, in file order, the reference model's
-log-probability of its chosen and of its rejected answer (null for a pair too
-long for seq_len, which no run reads), and a digest of the pair as a row holds
-it (token ids and loss weights):
+log-probability of its chosen and of its rejected answer (null for a pair whose
+answers alone are too long for seq_len, which no run reads), and a digest of the
+pair as a row holds it (token ids and loss weights, its prompt cut to fit):
 
     {"format": "llama-jax-dpo-reference-1", "reference": "runs/sft", "seq_len": 96,
      "pairs": 575, "chosen": [-12.5, ...], "rejected": [-14.0, ...], "digests": [3141592653, ...]}
