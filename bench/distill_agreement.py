@@ -63,10 +63,10 @@ def task_rows(count: int, length: int, seed: int) -> np.ndarray:
 
 def rows_batch(rows: np.ndarray) -> dict:
     """A training batch (train/data.py's dict) with one whole sequence a row."""
-    count, length = rows.shape
-    ones = np.ones((count, length - 1), np.int32)
-    return {"tokens": rows[:, :-1], "targets": rows[:, 1:], "positions": np.cumsum(ones, axis=1) - 1,
-            "segment_ids": ones, "loss_weights": ones.astype(np.float32)}
+    shape = (rows.shape[0], rows.shape[1] - 1)
+    return {"tokens": rows[:, :-1], "targets": rows[:, 1:],
+            "positions": np.broadcast_to(np.arange(shape[1], dtype=np.int32), shape),
+            "segment_ids": np.ones(shape, np.int32), "loss_weights": np.ones(shape, np.float32)}
 
 
 @dataclasses.dataclass(frozen=True)
