@@ -292,3 +292,41 @@ def test_quantised_models_compile_only_the_decode_step(capsys):
     assert main(["--config", "tiny_cpu", "--topology", TOPOLOGY, "--decode-only", "--json",
                  "model_overrides.quantize=int8"]) == 0
     assert set(json.loads(capsys.readouterr().out)) == {"decode"}
+
+
+def test_dpo_and_distillation_steps_hold_their_reference_and_teacher(tmp_path):
+    """train.compile compiles the run's own objective: a distillation step's arguments hold the
+    teacher's shards (twice the student's depth), a DPO step's state a second copy of the
+    parameters' shards (its frozen reference); a DPO run on precomputed log-probabilities
+    holds none, only their per-row values in the batch."""
+    from llama_jax.hf import config_to_hf
+    from sharding.layout import load_layout
+    from sharding.place import Placement
+    from train.aot import train_program
+    from train.objectives import teacher_placement
+
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    (teacher / "config.json").write_text(json.dumps(config_to_hf(_run(model={**SHAPE, "n_layers": 4}).model)))
+    preference = {"source": "preference", "paths": ["pairs.jsonl"], "seq_len": 128, "global_batch": 8}
+    synthetic = {"source": "synthetic", "vocab_size": 256, "seq_len": 128, "global_batch": 8}
+    runs = {"distill": {"data": synthetic, "distill": {"teacher": str(teacher)}},
+            "dpo": {"data": preference, "dpo": {}},
+            "dpo on precomputed log-probs": {"data": {**preference, "reference_log_probs": "ref.json"}, "dpo": {}}}
+
+    def shard_bytes(tree):
+        return sum(x.dtype.itemsize * math.prod(x.sharding.shard_shape(x.shape)) for x in jax.tree.leaves(tree))
+
+    held = {}
+    for name, sections in runs.items():
+        run = run_config_from_dict({"model": SHAPE, "layout": "fsdp", **sections})
+        layout = load_layout(run.layout)
+        placement = Placement.create(run.model, layout, devices=_devices())
+        _, (state, batch) = train_program(run, placement, teacher_placement(run, layout, devices=_devices()))
+        held[name] = shard_bytes(state.reference) / shard_bytes(state.params)
+        if name == "distill":  # what the compiled step takes is that state and batch
+            arguments = compile_run(run, _devices(), topology=TOPOLOGY).memory["arguments"]
+            assert arguments == pytest.approx(shard_bytes(state) + shard_bytes(batch), rel=0.01)
+        if name == "dpo on precomputed log-probs":
+            assert set(batch) > {"reference_chosen", "reference_rejected"}
+    assert held == {"distill": pytest.approx(1.9, rel=0.05), "dpo": 1.0, "dpo on precomputed log-probs": 0.0}

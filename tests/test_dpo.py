@@ -1,4 +1,5 @@
-"""DPO: preference data, the loss against transformers' log-probs, LoRA's reference, layouts, the CLI."""
+"""DPO: preference data, the loss against transformers' log-probs, LoRA's reference, layouts, the CLI,
+reference log-probabilities computed once (train/dpo_reference.py)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from sharding.layout import load_layout
 from sharding.place import Placement
 from train.data import DataConfig, make_dataset
 from train.dpo import answer_log_probs, dpo
+from train.sources import Preferences
 from train.step import make_gradients
 
 TOY = REPO / "configs" / "data" / "toy"
@@ -184,3 +186,97 @@ def test_a_resumed_dpo_run_draws_its_reference_again(tmp_path):
     resumed = train(run, progress=False)
     assert resumed["step"] == 3 and resumed["metrics"]["pairs"] == 16
     assert_trees_equal(resumed["state"].reference, first, "reference")
+
+
+def _toy_pairs(path, count):
+    """The first `count` toy preference pairs, written to `path`."""
+    path.write_text("".join(f"{line}\n" for line in (TOY / "preferences.jsonl").read_text().splitlines()[:count]))
+    return path
+
+
+def test_dpo_on_reference_log_probs_computed_once_equals_the_frozen_copy_and_holds_no_reference(tmp_path):
+    """python -m train.dpo_reference writes every pair's reference log-probabilities; the same
+    run reading them (data.reference_log_probs) holds no reference model, and logs the frozen
+    copy's losses, rewards, margins and accuracies, in training and on held-out pairs."""
+    from train.config import load_run_config
+    from train.dpo_reference import main as precompute
+    from train.loop import train
+
+    pairs = _toy_pairs(tmp_path / "pairs.jsonl", 40)
+    settings = [f"data.paths=[{pairs}]", f"data.tokenizer={TOY / 'tokenizer.model'}", "data.global_batch=8",
+                "data.holdout=0.2", "steps=3", "log_every=1", "eval.every=3", "eval.batches=1",
+                "checkpoint_every=3", "chip=v4"]
+    stored = tmp_path / "reference.json"
+    assert precompute(["--config", "dpo_tiny", "--quiet", "--out", str(stored), *settings]) == 0
+    assert json.loads(stored.read_text())["pairs"] == 40
+    runs = {}
+    for name, extra in (("frozen", []), ("stored", [f"data.reference_log_probs={stored}"])):
+        runs[name] = train(load_run_config("dpo_tiny", [f"run_dir={tmp_path / name}", *settings, *extra]),
+                           progress=False)
+    assert runs["stored"]["state"].reference == {} and runs["frozen"]["state"].reference != {}
+    frozen, precomputed = metrics(tmp_path / "frozen"), metrics(tmp_path / "stored")
+    assert [r["step"] for r in precomputed] == [1, 2, 3] and abs(frozen[-1]["eval_margin"]) > 1e-3
+    for want, got in zip(frozen, precomputed):
+        for name in ("loss", "chosen_reward", "rejected_reward", "margin", "accuracy", "pairs", "eval_loss",
+                     "eval_margin", "eval_chosen_reward", "eval_accuracy", "eval_pairs"):
+            if name in want:  # rewards: beta times differences of log-probs of about -30 (float32)
+                assert got[name] == pytest.approx(want[name], rel=1e-5, abs=1e-5), (want["step"], name)
+
+
+def test_a_missing_or_mismatching_reference_log_probs_file_is_one_line(tmp_path, capsys):
+    from train.__main__ import main
+    from train.dpo_reference import main as precompute
+
+    pairs = _toy_pairs(tmp_path / "pairs.jsonl", 3)
+    lines = pairs.read_text().splitlines()
+    stored = tmp_path / "reference.json"
+    overrides = [f"run_dir={tmp_path / 'run'}", f"data.paths=[{pairs}]", f"data.tokenizer={TOY / 'tokenizer.model'}",
+                 "eval.every=0", "data.holdout=0", "data.global_batch=2"]
+    assert precompute(["--config", "dpo_tiny", "--quiet", "--out", str(stored), *overrides]) == 0
+    capsys.readouterr()
+
+    def fails(reference, fragment):
+        code = main(["--config", "dpo_tiny", "--quiet", *overrides, f"data.reference_log_probs={reference}"])
+        err = capsys.readouterr().err
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert fragment in err, err
+        assert not (tmp_path / "run").exists()
+
+    fails(tmp_path / "missing.json", f"data.reference_log_probs {tmp_path / 'missing.json'}: no such file; "
+                                     "compute it for these pairs with python -m train.dpo_reference")
+    edited = json.loads(lines[1]) | {"chosen": "another answer"}
+    pairs.write_text("\n".join([lines[0], json.dumps(edited), lines[2]]) + "\n")
+    fails(stored, f"{pairs}:2 is not the pair its log-probabilities were computed for")
+    pairs.write_text("\n".join(lines + lines[:1]) + "\n")
+    fails(stored, "made for 3 preference pairs, the data holds 4")
+
+
+def test_a_pair_longer_than_seq_len_loses_the_start_of_its_prompt_and_keeps_its_answers(tmp_path, caplog):
+    """Both conversations lose the same oldest prompt ids, no more than make the pair fit;
+    the answers stay whole; a pair whose answers alone do not fit is dropped; both counted."""
+    from train.example_rows import PairRows
+
+    long_prompt = {"messages": [{"role": "system", "content": "Be brief. " * 20},
+                                {"role": "user", "content": "Agree: apple river stone"}],
+                   "chosen": "apple river stone yes", "rejected": "apple river stone no"}
+    long_answers = {"prompt": "Agree: a", "chosen": "river " * 60, "rejected": "stone " * 60}
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in (long_prompt, long_answers, PAIRS[1])))
+    pairs = Preferences([path], load_tokenizer(TOY / "tokenizer.model"))
+    assert sum(c.shape[1] - 1 for c in pairs[0]) > 96
+    with caplog.at_level("WARNING"):
+        rows = PairRows(pairs, np.arange(3), DataConfig(source="preference", paths=(str(path),), seq_len=96))
+    assert rows.pairs == [0, 2]
+    assert ("2 of 3 preference pairs do not fit seq_len 96 with both answers: 1 with the start of their prompt "
+            "cut, 1 dropped (their answers alone do not fit)") in caplog.text
+
+    row, cuts = rows[0], []
+    for segment, (ids, weights) in ((1, pairs[0][0]), (2, pairs[0][1])):
+        at = row["segment_ids"] == segment
+        kept = int(at.sum()) + 1  # the segment's inputs and its last target
+        assert (np.append(row["tokens"][at], row["targets"][at][-1]) == ids[-kept:]).all()
+        assert (row["targets"][at][row["loss_weights"][at] > 0] == ids[weights > 0]).all()  # the whole answer
+        assert row["positions"][at][0] == 0
+        cuts.append(len(ids) - kept)
+    assert cuts[0] == cuts[1] > 0  # the same prompt ids, from the start
+    assert int((row["segment_ids"] > 0).sum()) in (95, 96)  # no more cut than makes it fit

@@ -67,25 +67,37 @@ def _abstract(tree, shardings):
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
 
 
-def train_program(run, placement):
-    """(jitted train_step, abstract sharded (state, batch)) exactly as `train.loop.train` builds it."""
+def train_program(run, placement, teacher=None):
+    """(jitted train_step, abstract sharded (state, batch)) exactly as `train.loop.train` builds it:
+    the run's objective (cross-entropy, DPO or distillation), its state holding DPO's frozen
+    reference or the distillation teacher (`teacher`: train.objectives.teacher_placement's, on
+    the same devices), its batch the per-row reference log-probabilities a DPO run's data holds."""
     import jax
     import jax.numpy as jnp
 
+    from llama_jax.params import abstract_params
+    from train.objectives import batch_row_keys, reference_shardings, run_objective
     from train.optimizer import learning_rate_schedule, make_optimizer
     from train.step import BATCH_KEYS, abstract_state, jit_train_step, make_train_step
 
     optimizer = make_optimizer(run.optimizer, run.steps)
     schedule = learning_rate_schedule(run.optimizer, run.steps)
     state, shardings = abstract_state(placement, optimizer)
+    fixed = reference_shardings(run, shardings.params, teacher)
+    if fixed:
+        shardings = shardings.replace(reference=fixed)
+        state = state.replace(reference=_abstract(abstract_params((teacher or placement).config), fixed))
     rows = (run.data.global_batch, run.data.seq_len)
     batch_sharding = placement.sharding("batch", "length")
     batch = {key: jax.ShapeDtypeStruct(rows, jnp.float32 if key == "loss_weights" else jnp.int32,
                                        sharding=batch_sharding) for key in BATCH_KEYS}
+    batch.update({key: jax.ShapeDtypeStruct(rows[:1], jnp.float32, sharding=placement.sharding("batch"))
+                  for key in batch_row_keys(run)})
     if run.model.vision is not None:
         batch["images"] = _abstract_images(placement, run.data.global_batch)
     step = jit_train_step(make_train_step(run.model, optimizer, schedule, shardings.params, run.grad_accum,
-                                          run.z_loss, run.loss_chunk), placement, shardings)
+                                          objective=run_objective(run, teacher)),
+                          placement, shardings, row_keys=batch_row_keys(run))
     return step, (state, batch)
 
 
@@ -245,7 +257,8 @@ def compile_run(run, devices, *, topology: str = "", slices: int = 1, program: s
     if program == "train":
         batch, seq_len = run.data.global_batch, run.data.seq_len
         validate(run.model, layout, placement.mesh, batch=batch // run.grad_accum, seq_len=seq_len)
-        step, args = train_program(run, placement)
+        from train.objectives import teacher_placement
+        step, args = train_program(run, placement, teacher_placement(run, layout, devices=devices))
     else:
         from llama_jax.config import ConfigError
 

@@ -14,7 +14,8 @@ A run is a YAML file in `configs/runs/` (see `tiny_cpu.yaml`):
     steps: 1000
     run_dir: runs/tiny
     on_nonfinite: stop               # or skip: what a NaN/inf loss or norm does (train/nonfinite.py)
-    dpo: {beta: 0.1}                 # preference optimisation (train/dpo.py; data.source: preference)
+    dpo: {beta: 0.1}                 # preference optimisation (train/dpo.py; data.source: preference;
+                                     # data.reference_log_probs: its reference computed once, train/dpo_reference.py)
     distill: {teacher: ckpt/8b, alpha: 0.5, temperature: 2.0}   # logit distillation (train/distill.py)
     compile_cache: off               # or a directory (default: the user's cache dir; train/runtime.py)
     tpu_flags: {xla_tpu_enable_async_collective_fusion: true}   # libtpu flags (not on CPU)
@@ -227,6 +228,9 @@ class RunConfig:
                               f"(dpo is {'set' if self.dpo else 'unset'}, data.source is {self.data.source!r})")
         if self.dpo is not None and self.dpo.reference is not None and self.model.lora is not None:
             raise ConfigError("dpo.reference: a LoRA run's reference is its base without adapters; unset it")
+        if self.data.reference_log_probs is not None and self.eval.paths:
+            raise ConfigError("eval.paths: data.reference_log_probs holds the log-probabilities of data.paths' "
+                              "pairs only; hold pairs out with data.holdout instead")
         if self.eval.every and not self.eval.paths and not self.data.holdout:
             raise ConfigError("eval.every: evaluation needs eval.paths or a data.holdout fraction")
         if self.compile_cache is False:  # YAML reads a bare `off` as false

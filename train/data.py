@@ -111,7 +111,8 @@ class DataConfig:
       "completion" (fine-tuning examples, train/sources.py `Examples`), or
       "preference" (DPO pairs, `Preferences`: one pair per row, the chosen
       conversation as segment 1 and the rejected one as segment 2; a pair
-      longer than seq_len is always dropped, never truncated).
+      longer than seq_len loses the start of its prompt, and is dropped only
+      if its answers alone do not fit, train/example_rows.py `fit_pair`).
     paths: token directories, or text files and globs.
     tokenizer: tokenizer file or directory for the "text" source.
     text_key: the JSONL field holding a document's text.
@@ -131,6 +132,9 @@ class DataConfig:
     holdout, split: a fraction of the documents (examples), drawn from
       `seed`, is held out for evaluation; split "train" reads the others,
       "eval" only those. 0 holds nothing out.
+    reference_log_probs: source "preference" only: a file of the DPO
+      reference's log-probabilities of every pair (train/reference_log_probs.py),
+      read into each row instead of running a reference model.
     """
 
     source: str = "synthetic"
@@ -150,6 +154,7 @@ class DataConfig:
     overlong: str = "drop"
     holdout: float = 0.0
     split: str = "train"
+    reference_log_probs: str | None = None
 
     def __post_init__(self):
         paths = (self.paths,) if isinstance(self.paths, (str, os.PathLike)) else self.paths
@@ -180,6 +185,9 @@ class DataConfig:
         if isinstance(self.holdout, bool) or not isinstance(self.holdout, (int, float)) \
                 or not 0 <= self.holdout < 1:
             raise ValueError(f"DataConfig.holdout must be a fraction in [0, 1); got {self.holdout!r}")
+        if self.reference_log_probs is not None and self.source != "preference":
+            raise ValueError("DataConfig.reference_log_probs holds DPO reference log-probabilities of "
+                             f"preference pairs; the source is {self.source!r}")
 
 
 

@@ -11,8 +11,10 @@ log p(y) the sum of the answer's token log-probabilities under a model,
 
 The reference is a frozen model: a copy of the starting weights sharded like
 the policy (it rides in `TrainState.reference`), or, in a LoRA run, the
-policy's own frozen base without its adapters (no second copy). Metrics per
-pair: loss, chosen_reward, rejected_reward, margin (r_chosen - r_rejected) and
+policy's own frozen base without its adapters (no second copy); or no model
+at all when the batch carries its log-probabilities, computed once
+(train/dpo_reference.py, `data.reference_log_probs`). Metrics per pair:
+loss, chosen_reward, rejected_reward, margin (r_chosen - r_rejected) and
 accuracy (the share of pairs with a positive margin).
 """
 
@@ -25,6 +27,7 @@ from llama_jax.config import ModelConfig
 from llama_jax.model import Llama
 from llama_jax.params import join
 from train.loss import chunked_sums, target_log_probs
+from train.reference_log_probs import REFERENCE_KEYS
 from train.step import Objective
 
 CHOSEN, REJECTED = 1, 2  # segment ids of a pair's two conversations within its row
@@ -84,7 +87,8 @@ def dpo(config: ModelConfig, beta: float, chunk: int = 0) -> Objective:
 
     The reference's parameters are the step's `reference` (a full model like
     the policy's), or with `config.lora` the step's `frozen` base, run
-    without adapters.
+    without adapters; a batch holding REFERENCE_KEYS (float32 [B], the
+    reference's log-probabilities of each row's answers) needs neither.
     """
     policy = Llama(config)
     lora = config.lora is not None
@@ -95,8 +99,11 @@ def dpo(config: ModelConfig, beta: float, chunk: int = 0) -> Objective:
         valid = (jnp.sum(jnp.where(segments == CHOSEN, weights, 0), -1) > 0) & \
             (jnp.sum(jnp.where(segments == REJECTED, weights, 0), -1) > 0)
         mine = answer_log_probs(policy, join(frozen, params), batch, chunk)
-        theirs = jax.lax.stop_gradient(answer_log_probs(reference_model, frozen if lora else reference,
-                                                        batch, chunk))
+        if REFERENCE_KEYS[0] in batch:  # computed once: no reference model runs
+            theirs = tuple(batch[key] for key in REFERENCE_KEYS)
+        else:
+            theirs = jax.lax.stop_gradient(answer_log_probs(reference_model, frozen if lora else reference,
+                                                            batch, chunk))
         return dpo_sums(mine, theirs, beta, valid)
 
     return Objective(sums, count="pairs")

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from train.reference_log_probs import REFERENCE_KEYS, ReferenceLogProbs
+
 if TYPE_CHECKING:
     from train.data import DataConfig
 
@@ -93,25 +95,69 @@ class ExampleRows:
         return row
 
 
+def fit_pair(pair, seq_len: int):
+    """A preference pair cut to fit one row of `seq_len`, or None if its answers alone do not.
+
+    pair: (chosen, rejected) conversations, each int32 [2, n] (ids, loss weights
+    weighting the final answer only); a row holds n - 1 inputs of each. A pair
+    too long for that loses the same number of ids from the start of both
+    conversations (their shared prompt, oldest first), as few as make it fit,
+    keeping at least one prompt id before each answer (the answers' first ids are
+    targets): both answers stay whole and follow the same, latest context.
+    """
+    excess = sum(conversation.shape[1] - 1 for conversation in pair) - seq_len
+    if excess <= 0:
+        return pair
+    cut = -(-excess // 2)
+    prompt = min(int(np.flatnonzero(conversation[1])[0]) for conversation in pair)
+    if cut >= prompt:
+        return None
+    return tuple(conversation[:, cut:] for conversation in pair)
+
+
 class PairRows:
-    """Rows of preference pairs as random access: row r holds pair `indices[r]`'s chosen
-    conversation (segment 1) then its rejected one (segment 2), see `example_row`.
-    Pairs whose two conversations do not fit seq_len together are dropped (counted in
-    a log line): a truncated answer's reward would compare nothing."""
+    """Rows of preference pairs as random access: row r holds pair `pairs[r]`'s chosen
+    conversation (segment 1) then its rejected one (segment 2), see `example_row`,
+    cut to fit by `fit_pair`: a pair too long for seq_len loses the start of its
+    prompt; one whose answers alone do not fit is dropped (both counted in a log
+    line): a truncated answer's reward would compare nothing.
+
+    With `config.reference_log_probs` (train/reference_log_probs.py), each row also
+    holds the reference's log-probability of its two answers (REFERENCE_KEYS), and the
+    file is checked against every kept pair up front.
+    """
 
     def __init__(self, pairs, indices: np.ndarray, config: DataConfig):
         self._pairs, self._seq_len = pairs, config.seq_len
-        kept = [int(i) for i in indices if sum(len(ids) - 1 for ids, _ in pairs[int(i)]) <= config.seq_len]
-        if len(kept) < len(indices):
+        stored = None
+        if config.reference_log_probs is not None:
+            stored = ReferenceLogProbs(config.reference_log_probs, len(pairs))
+        self.pairs, self._reference = [], {}  # the kept pairs' indices; their reference log-probs
+        cut = 0
+        for i in map(int, indices):
+            whole = pairs[i]
+            pair = fit_pair(whole, config.seq_len)
+            if pair is None:
+                continue
+            self.pairs.append(i)
+            cut += pair is not whole
+            if stored is not None:
+                self._reference[i] = stored.values(i, pair, pairs.location(i))
+        dropped = len(indices) - len(self.pairs)
+        if cut or dropped:
             logging.getLogger(__name__).warning(
-                "data: %d of %d preference pairs do not fit seq_len %d with both answers; dropped",
-                len(indices) - len(kept), len(indices), config.seq_len)
-        if not kept:
-            raise ValueError(f"{', '.join(config.paths)}: no preference pair fits seq_len {config.seq_len}")
-        self._kept = kept
+                "data: %d of %d preference pairs do not fit seq_len %d with both answers: %d with the start "
+                "of their prompt cut, %d dropped (their answers alone do not fit)",
+                cut + dropped, len(indices), config.seq_len, cut, dropped)
+        if not self.pairs:
+            raise ValueError(f"{', '.join(config.paths)}: no preference pair's answers fit seq_len {config.seq_len}")
 
     def __len__(self) -> int:
-        return len(self._kept)
+        return len(self.pairs)
 
     def __getitem__(self, r: int) -> dict[str, np.ndarray]:
-        return example_row(list(self._pairs[self._kept[r]]), self._seq_len)
+        i = self.pairs[r]
+        row = example_row(list(fit_pair(self._pairs[i], self._seq_len)), self._seq_len)
+        if self._reference:
+            row.update(zip(REFERENCE_KEYS, self._reference[i]))
+        return row

@@ -23,7 +23,9 @@ from train.eval import Evaluator, eval_data
 from train.metrics import MetricsWriter, flops_per_token, peak_flops
 from train.nonfinite import NonfiniteWatch
 from train.optimizer import learning_rate_schedule, make_optimizer
-from train.step import abstract_state, cross_entropy, init_state, jit_train_step, make_train_step, trainable
+from train.objectives import (batch_row_keys, load_reference, reference_shardings, run_objective,
+                              teacher_placement)
+from train.step import abstract_state, init_state, jit_train_step, make_train_step, trainable
 
 
 # Logged as the mean over the steps since the last log (the rest: the last step's value);
@@ -68,58 +70,6 @@ def _starting_params(run: RunConfig, shardings, resuming: bool):
         return load_params(run.init_from, run.model.replace(lora=None), shardings.frozen)
     params = load_params(run.init_from, run.model, join(shardings.frozen, shardings.params))
     return partition(params, trainable(run.model))[1] if resuming else params
-
-
-def _teacher(run: RunConfig, layout) -> Placement:
-    """The distillation teacher's placement on the run's mesh (ConfigError if it does not fit)."""
-    from llama_jax.weights import stored_config
-    from train.distill import check_teacher, teacher_config
-
-    config = teacher_config(stored_config(run.distill.teacher), run.model)
-    check_teacher(config, run.model, run.distill.teacher)
-    return Placement.create(config, layout)
-
-
-def _objective(run: RunConfig, teacher: Placement | None):
-    """What the run minimises (train/step.py `Objective`)."""
-    if run.dpo is not None:
-        from train.dpo import dpo
-        return dpo(run.model, run.dpo.beta, run.loss_chunk)
-    if run.distill is not None:
-        from train.distill import distill
-        return distill(run.model, teacher.config, run.distill.alpha, run.distill.temperature, run.loss_chunk)
-    return cross_entropy(run.model, run.z_loss, run.loss_chunk)
-
-
-def _reference_shardings(run: RunConfig, shardings, teacher: Placement | None):
-    """Shardings of the fixed model the objective compares with: a DPO reference is placed
-    like the policy, a teacher by its own placement; none for a LoRA DPO run (its base)."""
-    if teacher is not None:
-        return teacher.param_shardings()
-    if run.dpo is not None and run.model.lora is None:
-        return shardings.params
-    return {}
-
-
-def _reference_params(run: RunConfig, shardings):
-    """The reference's (or teacher's) weights placed on `shardings` (see `_reference_shardings`).
-
-    A DPO reference without a source is the policy's own random start (drawn again from
-    the run's seed), so a resumed run compares with the same one."""
-    if not shardings:
-        return {}
-    from llama_jax.weights import load_params
-
-    if run.distill is not None:
-        from llama_jax.weights import stored_config
-        from train.distill import teacher_config
-        return load_params(run.distill.teacher, teacher_config(stored_config(run.distill.teacher), run.model),
-                           shardings)
-    source = run.dpo.reference or run.init_from
-    if source is not None:
-        return load_params(source, run.model, shardings)
-    from llama_jax.params import init_params
-    return jax.jit(lambda rng: init_params(run.model, rng), out_shardings=shardings)(jax.random.key(run.seed))
 
 
 def _closing(close, tell_failure: bool = False):
@@ -238,12 +188,16 @@ def train(run: RunConfig, *, progress: bool = True, stop_after: int | None = Non
     data = make_dataset(run.data, tokenizer=tokenizer, shard_index=shard_index,
                         shard_count=shard_count, model_vocab_size=run.model.vocab_size, vision=run.model.vision)
     _read_first_batch(data)
-    for source in (run.init_from, run.dpo and run.dpo.reference):  # a wrong source fails here, before
-        if source is not None:                                    # anything is written
+    precomputed = run.data.reference_log_probs is not None  # DPO holding no reference model
+    sources = [run.init_from]
+    if run.dpo is not None and not precomputed:
+        sources.append(run.dpo.reference)
+    for source in sources:  # a wrong source fails here, before anything is written
+        if source is not None:
             from llama_jax.weights import check_architecture, stored_config
             check_architecture(source, stored_config(source), run.model)
-    teacher = _teacher(run, layout) if run.distill is not None else None
-    objective = _objective(run, teacher)
+    teacher = teacher_placement(run, layout)
+    objective = run_objective(run, teacher)
     evaluator = None
     if run.eval.every:
         evaluator = Evaluator(run.model, eval_data(run.data, run.eval.paths), placement, run.eval.batches,
@@ -254,13 +208,13 @@ def train(run: RunConfig, *, progress: bool = True, stop_after: int | None = Non
     schedule = learning_rate_schedule(run.optimizer, run.steps)
     optimizer = make_optimizer(run.optimizer, run.steps)
     abstract, shardings = abstract_state(placement, optimizer)
-    shardings = shardings.replace(reference=_reference_shardings(run, shardings, teacher))
+    shardings = shardings.replace(reference=reference_shardings(run, shardings.params, teacher))
     with contextlib.ExitStack() as cleanup:
         checkpointer = Checkpointer(run, shardings)
         cleanup.push(_closing(checkpointer.close))
         resuming = checkpointer.has_checkpoint()
         starting = _starting_params(run, shardings, resuming)
-        reference = _reference_params(run, shardings.reference)
+        reference = load_reference(run, shardings.reference, teacher)
         if resuming:  # nothing random to draw: the checkpoint fills the state (a LoRA base rides beside)
             state = checkpointer.restore_latest(abstract.replace(frozen=starting or {}, reference=reference), data)
         else:
@@ -270,7 +224,7 @@ def train(run: RunConfig, *, progress: bool = True, stop_after: int | None = Non
         step_fn = jit_train_step(
             make_train_step(run.model, optimizer, schedule, shardings.params, run.grad_accum,
                             objective=objective),
-            placement, shardings)
+            placement, shardings, row_keys=batch_row_keys(run))
         writer = MetricsWriter(run.run_dir, start, wandb=run.metrics.wandb, run_config=run.to_dict())
         cleanup.push(_closing(writer.close, tell_failure=True))
         profiler = StepProfiler(run.profile, run.run_dir, active=jax.process_index() == 0)

@@ -269,16 +269,18 @@ def _check_same_leaves(tree, reference, what: str):
                          f"(first difference at {(missing or sorted(set(got) - set(want)))[0]})")
 
 
-def jit_train_step(train_step, placement: Placement, shardings):
-    """Jit with donated state and explicit shardings for state and batch."""
-    return jax.jit(train_step, donate_argnums=0, in_shardings=(shardings, batch_shardings(placement)),
+def jit_train_step(train_step, placement: Placement, shardings, row_keys: tuple[str, ...] = ()):
+    """Jit with donated state and explicit shardings for state and batch (see `batch_shardings`)."""
+    return jax.jit(train_step, donate_argnums=0, in_shardings=(shardings, batch_shardings(placement, row_keys)),
                    out_shardings=(shardings, None))
 
 
-def batch_shardings(placement: Placement) -> dict:
+def batch_shardings(placement: Placement, row_keys: tuple[str, ...] = ()) -> dict:
     """The batch's shardings: its token arrays on (batch, length), a vision model's
-    "images" (one entry per row, see `Placement.global_batch`) on batch."""
+    "images" (one entry per row, see `Placement.global_batch`) and the values `row_keys`
+    ([B], one a row, e.g. a DPO pair's precomputed reference log-probabilities) on batch."""
     out = {key: placement.sharding("batch", "length") for key in BATCH_KEYS}
+    out.update({key: placement.sharding("batch") for key in row_keys})
     if placement.config.vision is not None:
         out["images"] = {key: placement.sharding("batch") for key in image_shapes(placement.config.vision, 1)}
     return out
