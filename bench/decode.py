@@ -131,7 +131,7 @@ def main():
 
     # XLA reads its thread count when the CPU client starts: set it first.
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_cpu_multi_thread_eigen=true").strip()
+                               " --xla_cpu_multi_thread_eigen=true").strip()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import numpy as np
     import torch

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llama_jax.checkpoint import TMP_SUFFIX, CheckpointError
+from llama_jax.checkpoint import TMP_SUFFIX
 from train_runs import metrics, run_config, steps_on_disk, tree_digest
 
 
