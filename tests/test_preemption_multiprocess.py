@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 from llama_jax.checkpoint import all_steps
-from train_runs import EXACT_METRICS, REPO, finish, metrics, subprocess_env, wait_for_step
+from train_runs import REPO, exact_metrics, finish, metrics, subprocess_env, wait_for_step
 
 TIMEOUT = 240  # seconds for a pair of workers on a busy 2-core machine
 STEPS = 16
@@ -60,8 +60,7 @@ def test_sigterm_to_one_process_stops_both_at_one_saved_step_and_the_rerun_resum
                                                       TIMEOUT)
     assert [w.returncode for w in resumed + reference] == [0, 0, 0, 0], "\n".join(o[-2000:] for o in outputs)
     assert f"train: resuming from {run_dir / 'checkpoints' / str(saved[0])}" in outputs[0]
-    keys = ("step", *EXACT_METRICS)
-    expected = [{k: row[k] for k in keys} for row in metrics(reference_dir)]
+    expected = exact_metrics(metrics(reference_dir))
     assert [row["step"] for row in expected] == list(range(1, STEPS + 1))
-    assert [{k: row[k] for k in keys} for row in metrics(run_dir)] == expected
+    assert exact_metrics(metrics(run_dir)) == expected
     assert all_steps(run_dir / "checkpoints") == [saved[0], STEPS]

@@ -14,8 +14,8 @@ import pytest
 from llama_jax.checkpoint import latest_step, read_config, restore_params
 from sharding.layout import load_layout
 from sharding.place import Placement
-from train_runs import (EXACT_METRICS, assert_trees_equal, cli, finish, metrics, run_config, start,
-                              steps_on_disk, wait_for_step)
+from train_runs import (assert_trees_equal, cli, exact_metrics, finish, kill_at_step, metrics, run_config,
+                              start, steps_on_disk, wait_for_step)
 
 TIMEOUT = 150  # seconds for one tiny run of `python -m train` on a busy 2-core machine
 
@@ -35,13 +35,7 @@ def test_killed_run_resumes_with_the_same_losses_step_for_step(tmp_path, compila
     reference = start(cli(reference_dir, *steps), tmp_path / "reference.log", compilation_cache=cache)
     wait_for_step(reference_dir, 1, reference)  # compiled: the other runs load its executables
     killed = start(cli(killed_dir, *steps), tmp_path / "killed.log", compilation_cache=cache)
-    try:
-        wait_for_step(killed_dir, 7, killed, saved=5)
-        killed.send_signal(signal.SIGKILL)
-        killed.wait(timeout=30)
-    finally:
-        if killed.poll() is None:
-            killed.kill()
+    kill_at_step(killed_dir, 7, killed, saved=5)
     killed_at = metrics(killed_dir)[-1]["step"]
     saved = steps_on_disk(killed_dir)
     assert killed_at < 30 and saved and saved[-1] < 30, (killed_at, saved)
@@ -54,13 +48,12 @@ def test_killed_run_resumes_with_the_same_losses_step_for_step(tmp_path, compila
     reference_output = finish(reference, tmp_path / "reference.log", TIMEOUT)
     assert reference.returncode == 0, reference_output
 
-    keys = ("step", *EXACT_METRICS)
-    expected = [{k: row[k] for k in keys} for row in metrics(reference_dir)]
+    expected = exact_metrics(metrics(reference_dir))
     assert [row["step"] for row in expected] == list(range(1, 31))
     # The rows the killed run logged past its last checkpoint (usually some: it was killed
     # at step 7 or later, step 5 saved) were dropped when those steps were recomputed: the
     # file reads as one run's, where it used to hold them twice.
-    assert [{k: row[k] for k in keys} for row in metrics(killed_dir)] == expected
+    assert exact_metrics(metrics(killed_dir)) == expected
 
 
 def test_sigterm_saves_the_current_step_and_exits_zero(tmp_path, compilation_cache):

@@ -9,7 +9,6 @@ and check that nothing of the bucket path appears on the local disk.
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 
@@ -18,7 +17,8 @@ import pytest
 
 from gcs_emulator import CuttingProxy, ForbiddenServer
 from llama_jax.checkpoint import latest_step
-from train_runs import EXACT_METRICS, REPO, finish, metrics, subprocess_env, wait_for_step, wandb_records
+from train_runs import (EXACT_METRICS, REPO, exact_metrics, finish, kill_at_step, metrics, subprocess_env,
+                        wait_for_step, wandb_records)
 
 TIMEOUT = 150  # seconds for one tiny run of `python -m train` on a busy 2-core machine
 TEXTS = ["the quick brown fox jumps over the lazy dog", "packing rows of tokens for training",
@@ -128,13 +128,7 @@ def test_killed_bucket_run_resumes_with_the_metrics_of_an_uninterrupted_run(buck
     reference = _start(_train_command(reference_dir, tokens), cwd, tmp_path / "reference.log", cache)
     wait_for_step(reference_dir, 1, reference)  # compiled: the other runs load its executables
     killed = _start(_train_command(run_dir, tokens), cwd, tmp_path / "killed.log", cache)
-    try:
-        wait_for_step(run_dir, 7, killed, saved=5)
-        killed.send_signal(signal.SIGKILL)
-        killed.wait(timeout=30)
-    finally:
-        if killed.poll() is None:
-            killed.kill()
+    kill_at_step(run_dir, 7, killed, saved=5)
     saved = all_steps(user_path(run_dir) / "checkpoints")  # complete ones (commit_success.txt)
     assert saved and saved[-1] < 20, saved
 
@@ -145,10 +139,9 @@ def test_killed_bucket_run_resumes_with_the_metrics_of_an_uninterrupted_run(buck
     reference_output = finish(reference, tmp_path / "reference.log", TIMEOUT)
     assert reference.returncode == 0, reference_output
 
-    keys = ("step", *EXACT_METRICS)
-    expected = [{k: row[k] for k in keys} for row in metrics(reference_dir)]
+    expected = exact_metrics(metrics(reference_dir))
     assert [row["step"] for row in expected] == list(range(1, 21))
-    assert [{k: row[k] for k in keys} for row in metrics(run_dir)] == expected
+    assert exact_metrics(metrics(run_dir)) == expected
     assert (user_path(run_dir) / "tensorboard").is_dir()
     # Nothing of the bucket path on the local disk: not in the working directory, not in the repo.
     assert sorted(p.name for p in cwd.iterdir()) == []
@@ -208,10 +201,8 @@ def test_a_connection_dropped_during_a_save_is_one_line_and_the_rerun_resumes(gc
     output = finish(rerun, tmp_path / "rerun.log", TIMEOUT)
     assert rerun.returncode == 0, output
     assert f"resuming from {run_dir}/checkpoints/5" in output
-    keys = ("step", *EXACT_METRICS)
-    expected = [{k: row[k] for k in keys} for row in
-                _uninterrupted_metrics(bucket, cwd, tmp_path / "reference.log", compile_cache)]
-    assert [{k: row[k] for k in keys} for row in metrics(run_dir)] == expected
+    expected = exact_metrics(_uninterrupted_metrics(bucket, cwd, tmp_path / "reference.log", compile_cache))
+    assert exact_metrics(metrics(run_dir)) == expected
 
     # W&B: the rerun resumed the W&B run named in the run directory, and sent only the steps
     # past those the stopped run had sent (steps 6.. were recomputed, bit for bit the same).

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -116,6 +117,22 @@ def wait_for_step(run_dir, step: int, process: subprocess.Popen, timeout: float 
             raise AssertionError(f"training exited with {process.returncode} before step {step}")
         time.sleep(0.02)
     raise AssertionError(f"no step {step} (and checkpoint {saved}) in {run_dir} after {timeout} s")
+
+
+def kill_at_step(run_dir, step: int, process: subprocess.Popen, saved: int):
+    """SIGKILL `process` once it has logged `step` and completed checkpoint `saved`."""
+    try:
+        wait_for_step(run_dir, step, process, saved=saved)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def exact_metrics(rows) -> list[dict]:
+    """Each metrics row's step and EXACT_METRICS: what a resumed run must reproduce bit for bit."""
+    return [{k: row[k] for k in ("step", *EXACT_METRICS)} for row in rows]
 
 
 def steps_on_disk(run_dir) -> list[int]:
