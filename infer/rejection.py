@@ -34,6 +34,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from llama_jax.cli import run_cli
+
 
 def load_reward(path: str) -> Callable:
     """The function named by "module:function" (ValueError, one line, if it does not import)."""
@@ -127,6 +129,11 @@ def write_best(path, conversations, results) -> int:
 
 
 def main(argv=None) -> int:
+    """The command line; returns the exit status (2 on bad input)."""
+    return run_cli(_main, argv, prog="infer.rejection")
+
+
+def _main(argv):
     parser = argparse.ArgumentParser(prog="python -m infer.rejection", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="our checkpoint, a run directory or a HF directory")
     parser.add_argument("--prompts", required=True, help="JSONL: {\"messages\": [...]} or {\"prompt\": str} a line")
@@ -145,26 +152,21 @@ def main(argv=None) -> int:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 
-    try:
-        if args.samples < 1 or args.batch < 1:
-            raise ValueError("--samples and --batch must be positive")
-        reward = load_reward(args.reward)
-        conversations = read_prompts(args.prompts)
-        from infer.generate import load_model
+    if args.samples < 1 or args.batch < 1:
+        raise ValueError("--samples and --batch must be positive")
+    reward = load_reward(args.reward)
+    conversations = read_prompts(args.prompts)
+    from infer.generate import load_model
 
-        config, params, tokenizer = load_model(args.checkpoint, args.layout, args.tokenizer)
-        results = rejection_sample(params, config, tokenizer, conversations, reward, args.samples,
-                                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                   max_new_tokens=args.max_new_tokens, seed=args.seed, batch=args.batch,
-                                   layout=args.layout, progress=not args.quiet)
-        count = write_best(args.output, conversations, results)
-    except (ValueError, OSError) as err:
-        print(f"infer.rejection: error: {str(err).splitlines()[0]}", file=sys.stderr)
-        return 2
+    config, params, tokenizer = load_model(args.checkpoint, args.layout, args.tokenizer)
+    results = rejection_sample(params, config, tokenizer, conversations, reward, args.samples,
+                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                               max_new_tokens=args.max_new_tokens, seed=args.seed, batch=args.batch,
+                               layout=args.layout, progress=not args.quiet)
+    count = write_best(args.output, conversations, results)
     mean = sum(r["rewards"][r["best"]] for r in results) / count
     print(f"wrote the best of {args.samples} answers for {count} prompts to {args.output} "
           f"(mean best reward {mean:.4f})")
-    return 0
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from llama_jax.cli import run_cli
 from llama_jax.model import Llama
 from sharding.layout import load_layout
 from sharding.place import Placement, validate
@@ -75,6 +76,11 @@ def reference_log_probs(run: RunConfig, progress: bool = True) -> tuple[list, li
 
 
 def main(argv=None) -> int:
+    """The command line; returns the exit status (2 on bad input)."""
+    return run_cli(_main, argv, prog="train.dpo_reference")
+
+
+def _main(argv):
     parser = argparse.ArgumentParser(prog="python -m train.dpo_reference", description=__doc__.splitlines()[0],
                                      epilog="Then train with data.reference_log_probs=FILE (no reference model).")
     parser.add_argument("--config", required=True, help="the DPO run config: a YAML path or a name in configs/runs/")
@@ -83,30 +89,23 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="as for python -m train")
     args = parser.parse_intermixed_args(argv)
 
-    from llama_jax.checkpoint import CheckpointError
     from llama_jax.config import ConfigError
     from llama_jax.paths import check_bucket, is_url, user_path
-    from sharding.layout import LayoutError
     from train.config import load_run_config
 
-    try:
-        run = load_run_config(args.config, args.overrides)
-        if run.dpo is None:
-            raise ConfigError(f"{args.config}: not a DPO run (it needs a dpo section and data.source preference)")
-        check_bucket(args.out)
-        if not is_url(args.out) and not user_path(args.out).parent.is_dir():
-            raise ConfigError(f"--out {args.out}: its directory does not exist")
-        chosen, rejected, digests = reference_log_probs(run, progress=not args.quiet)
-        if jax.process_index() == 0:
-            reference = run.dpo.reference or run.init_from or f"the policy's random start (seed {run.seed})"
-            write_reference_log_probs(args.out, reference, run.data.seq_len, chosen, rejected, digests)
-    except (ConfigError, LayoutError, CheckpointError, ValueError, OSError) as err:
-        print(f"train.dpo_reference: error: {err}", file=sys.stderr)
-        return 2
+    run = load_run_config(args.config, args.overrides)
+    if run.dpo is None:
+        raise ConfigError(f"{args.config}: not a DPO run (it needs a dpo section and data.source preference)")
+    check_bucket(args.out)
+    if not is_url(args.out) and not user_path(args.out).parent.is_dir():
+        raise ConfigError(f"--out {args.out}: its directory does not exist")
+    chosen, rejected, digests = reference_log_probs(run, progress=not args.quiet)
+    if jax.process_index() == 0:
+        reference = run.dpo.reference or run.init_from or f"the policy's random start (seed {run.seed})"
+        write_reference_log_probs(args.out, reference, run.data.seq_len, chosen, rejected, digests)
     done = sum(d is not None for d in digests)
     print(f"{done} of {len(digests)} preference pairs ({len(digests) - done} with answers too long for seq_len) "
           f"-> {args.out}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import sys
 
 import jax
 
+from llama_jax.cli import run_cli
 from llama_jax.config import ModelConfig
 from sharding.place import Placement
 from train.data import DataConfig, make_dataset
@@ -77,6 +78,11 @@ class Evaluator:
 
 
 def main(argv=None) -> int:
+    """The command line; returns the exit status (2 on bad input)."""
+    return run_cli(_main, argv, prog="train.eval")
+
+
+def _main(argv):
     parser = argparse.ArgumentParser(prog="python -m train.eval", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="our checkpoint, a run directory or a HF directory")
     parser.add_argument("--data", required=True, nargs="+", help="files or globs (or token directories)")
@@ -92,28 +98,22 @@ def main(argv=None) -> int:
     parser.add_argument("--layout", default="fsdp", help="layout to place the model with (default: fsdp)")
     args = parser.parse_args(argv)
 
-    from llama_jax.config import ConfigError
     from llama_jax.tokenizer import load_tokenizer
     from llama_jax.weights import load_params, resolve, stored_config
-    from sharding.layout import LayoutError, load_layout
+    from sharding.layout import load_layout
 
-    try:
-        config = stored_config(args.checkpoint)
-        tokenizer = None
-        if args.source != "tokens":
-            tokenizer = load_tokenizer(args.tokenizer or _tokenizer_near(resolve(args.checkpoint)[1]))
-        data = DataConfig(source=args.source, paths=tuple(args.data), text_key=args.text_key,
-                          seq_len=min(args.seq_len, config.max_seq_len), global_batch=args.batch, shuffle=False,
-                          holdout=args.holdout, split="eval" if args.holdout else "train", seed=args.seed)
-        placement = Placement.create(config, load_layout(args.layout))
-        evaluator = Evaluator(config, data, placement, args.batches, tokenizer)
-        params = load_params(args.checkpoint, config, placement.param_shardings())
-        figures = evaluator(params)
-    except (ConfigError, LayoutError, ValueError, OSError) as err:
-        print(f"train.eval: error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
-        return 2
+    config = stored_config(args.checkpoint)
+    tokenizer = None
+    if args.source != "tokens":
+        tokenizer = load_tokenizer(args.tokenizer or _tokenizer_near(resolve(args.checkpoint)[1]))
+    data = DataConfig(source=args.source, paths=tuple(args.data), text_key=args.text_key,
+                      seq_len=min(args.seq_len, config.max_seq_len), global_batch=args.batch, shuffle=False,
+                      holdout=args.holdout, split="eval" if args.holdout else "train", seed=args.seed)
+    placement = Placement.create(config, load_layout(args.layout))
+    evaluator = Evaluator(config, data, placement, args.batches, tokenizer)
+    params = load_params(args.checkpoint, config, placement.param_shardings())
+    figures = evaluator(params)
     print(json.dumps({"checkpoint": str(args.checkpoint), **figures}))
-    return 0
 
 
 def _tokenizer_near(directory):
