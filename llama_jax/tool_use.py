@@ -64,7 +64,7 @@ def call_text(call: ToolCall) -> str:
     which the caller frames with `<|python_tag|>` and `<|eom_id|>`)."""
     if call.name == CODE_INTERPRETER:
         return call.arguments["code"]
-    return f'{{"name": "{call.name}", "parameters": {json.dumps(call.arguments, ensure_ascii=False)}}}'
+    return json.dumps({"name": call.name, "parameters": call.arguments}, ensure_ascii=False)
 
 
 def tool_names(tools: Sequence[dict]) -> frozenset[str]:
