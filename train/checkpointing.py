@@ -73,8 +73,9 @@ DATA_ORDER_FIELDS = ("source", "paths", "seq_len", "global_batch", "packing", "s
 TRAINING_ITEMS = (PARAMS, CONFIG, OPT_STATE, DATA)
 
 
-def checkpoint_dir(run: RunConfig) -> epath.Path:
-    return user_path(run.run_dir) / "checkpoints"
+def checkpoint_dir(run_dir) -> epath.Path:
+    """Where a run directory keeps its checkpoints."""
+    return user_path(run_dir) / "checkpoints"
 
 
 class Checkpointer:
@@ -89,7 +90,7 @@ class Checkpointer:
     def __init__(self, run: RunConfig, shardings):
         self.run = run
         self.shardings = shardings
-        self.directory = checkpoint_dir(run)
+        self.directory = checkpoint_dir(run.run_dir)
         self.preempted = False
         self.last_saved: int | None = None  # the step last restored or saved (maybe still writing)
         self._saving: int | None = None  # the step of a save not yet waited for
@@ -304,7 +305,7 @@ def resume_config(run_dir, overrides: list[str] = ()) -> RunConfig:
     `run_dir` becomes the directory given (it may have moved since), so
     `python -m train --config <run_dir> [steps=...]` continues that run.
     """
-    directory = user_path(run_dir) / "checkpoints"
+    directory = checkpoint_dir(run_dir)
     step = latest_step(directory)
     if step is None:
         raise CheckpointError(f"{run_dir}: no complete checkpoint to resume (give a run config instead)")
