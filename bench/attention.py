@@ -9,7 +9,7 @@ Prints one JSON line per measurement (bench/common.py's `emit`):
   (bench-110m's 12 heads / 4 kv heads of 64, batch 1, float32) for `xla`
   and `blocked` (block 512) at each length, the fastest of --repeats after
   a compile; `auto` picks between them on CPU by these figures
-  (llama_jax.attention.AUTO_XLA_MAX_KEYS).
+  (llama_jax.model.attention.AUTO_XLA_MAX_KEYS).
 - `--aot`: the run config's whole train step compiled for the topology with
   libtpu (no TPU needed) for each attention and length, one row of
   `seq_len` tokens per data-parallel shard: peak HBM per chip
@@ -34,7 +34,7 @@ def cpu(lengths: list[int], repeats: int):
     import jax.numpy as jnp
     import numpy as np
 
-    from llama_jax.attention import attend
+    from llama_jax.model.attention import attend
     from llama_jax.config import load_model_config
 
     config = load_model_config("bench_110m")
@@ -58,7 +58,7 @@ def aot(lengths: list[int], impls: list[str], config: str, topology: str, layout
     from sharding.layout import load_layout
     from sharding.mesh import mesh_shape
     from sharding.topology import topology_devices
-    from train.aot import compile_run
+    from train.compile.aot import compile_run
     from train.config import load_run_config
 
     devices = topology_devices(topology)

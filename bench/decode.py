@@ -8,7 +8,7 @@ Prints one JSON line per measurement:
      "metric": ..., "value": ..., "unit": ...}
 
 Precisions (the same random weights, cast or quantised): ours float32,
-bfloat16, int8 and fp8 weights (llama_jax/quantize.py; bfloat16 compute) and
+bfloat16, int8 and fp8 weights (llama_jax/model/quantize.py; bfloat16 compute) and
 float32 with an int8 KV cache ("float32+kv_int8"); Hugging Face float32 and
 bfloat16. The first setup line names the CPU (lscpu's model name).
 
@@ -71,9 +71,9 @@ def ours(config, precision, prompts, long_prompt):
     import jax
 
     from infer.engine import Engine
-    from llama_jax.assemble import converted_params
-    from llama_jax.params import init_params
-    from llama_jax.sampling import Sampling
+    from llama_jax.formats.assemble import converted_params
+    from llama_jax.model.params import init_params
+    from llama_jax.decoding.sampling import Sampling
 
     served = config.replace(**OURS[precision])
     engine = Engine(served)  # one device: the CPU
@@ -97,7 +97,7 @@ def hugging_face(config, precision, prompts, long_prompt):
     import torch
     import transformers
 
-    from llama_jax.hf import config_to_hf
+    from llama_jax.formats.hf import config_to_hf
 
     hf_config = transformers.LlamaConfig(**{k: v for k, v in config_to_hf(config).items()
                                             if k not in ("architectures", "torch_dtype", "dtype")})

@@ -40,7 +40,7 @@ from llama_jax import Llama, ModelConfig  # noqa: E402
 from sharding.layout import load_layout  # noqa: E402
 from sharding.place import Placement  # noqa: E402
 from train.config import OptimizerConfig  # noqa: E402
-from train.distill import distill  # noqa: E402
+from train.objectives.distill import distill  # noqa: E402
 from train.optimizer import learning_rate_schedule, make_optimizer  # noqa: E402
 from train.step import TrainState, cross_entropy, init_state, jit_train_step, make_train_step  # noqa: E402
 
@@ -62,7 +62,7 @@ def task_rows(count: int, length: int, seed: int) -> np.ndarray:
 
 
 def rows_batch(rows: np.ndarray) -> dict:
-    """A training batch (train/data.py's dict) with one whole sequence a row."""
+    """A training batch (train/data/pipeline.py's dict) with one whole sequence a row."""
     shape = (rows.shape[0], rows.shape[1] - 1)
     return {"tokens": rows[:, :-1], "targets": rows[:, 1:],
             "positions": np.broadcast_to(np.arange(shape[1], dtype=np.int32), shape),

@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     import jax
 
     from llama_jax import init_params
-    from llama_jax.checkpoint import save_params
+    from llama_jax.formats.checkpoint import save_params
     from llama_jax.config import load_model_config
 
     config = load_model_config(BENCH_MODEL)

@@ -81,7 +81,7 @@ def main():
 
     from common import cpu_model
     from llama_jax.config import load_model_config
-    from llama_jax.tokenizer_training import train_bpe
+    from llama_jax.text.tokenizer_training import train_bpe
     from tiny import write_random_hf
 
     config = load_model_config(args.model)

@@ -148,7 +148,7 @@ def main():
         raise SystemExit("error: --new-tokens must be at least 2 (one gap between tokens) and --min-requests at least 1")
 
     from llama_jax.config import load_model_config
-    from llama_jax.tokenizer_training import train_bpe
+    from llama_jax.text.tokenizer_training import train_bpe
     from tiny import write_random_hf
 
     work = Path(args.dir)

@@ -29,7 +29,7 @@ def jax_run(args, config):
     from sharding.layout import load_layout
     from sharding.place import Placement
     from train.config import OptimizerConfig
-    from train.metrics import flops_per_token, measure_matmul_flops
+    from train.tracking.metrics import flops_per_token, measure_matmul_flops
     from train.optimizer import learning_rate_schedule, make_optimizer
     from train.step import init_state, jit_train_step, make_train_step
 
@@ -64,7 +64,7 @@ def hf_run(args, config):
     import torch
     import transformers
 
-    from llama_jax.hf import config_to_hf
+    from llama_jax.formats.hf import config_to_hf
 
     torch.set_num_threads(threads())
     size = 2048

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import best_time, emit  # noqa: E402
-from llama_jax.tokenizer_training import train_bpe, train_sentencepiece  # noqa: E402
+from llama_jax.text.tokenizer_training import train_bpe, train_sentencepiece  # noqa: E402
 
 # demo.sh's SOURCES, below the standard library's directory.
 DEMO_PACKAGES = ("asyncio", "collections", "concurrent/futures", "email", "encodings", "html", "http",

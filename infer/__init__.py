@@ -6,6 +6,6 @@ optionally streaming. `python -m infer --help` is the command-line front.
 """
 
 from infer.generate import Chunk, Generation, generate, load_model
-from llama_jax.sampling import Sampling
+from llama_jax.decoding.sampling import Sampling
 
 __all__ = ["Chunk", "Generation", "Sampling", "generate", "load_model"]

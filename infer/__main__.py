@@ -94,7 +94,7 @@ def _fail(message) -> None:
 
 
 def _run(args) -> int:
-    from llama_jax.sampling import Sampling
+    from llama_jax.decoding.sampling import Sampling
     from sharding.layout import load_layout
 
     # Cheap checks first, so bad input fails before anything loads or compiles.
@@ -144,7 +144,7 @@ def _check_images(config, count: int) -> None:
 def _check_precision_flags(args) -> None:
     """One line naming the flag for a dtype, attention, quantize or KV cache setting that is not known."""
     from llama_jax.config import ATTENTION_IMPLS, KV_CACHE_DTYPES, QUANTIZE_TARGETS
-    from llama_jax.quantize import require_fp8
+    from llama_jax.model.quantize import require_fp8
 
     for flag, value, known in (("--dtype", args.dtype, ("bfloat16", "float32")),
                                ("--attention", args.attention, ATTENTION_IMPLS),
@@ -197,7 +197,7 @@ def _chat(params, tokenizer, args, settings, images=()) -> int:
 
     The images open the first user turn; they stay with it while it is in the conversation.
     """
-    from llama_jax.chat import format_chat
+    from llama_jax.text.chat import format_chat
 
     config = settings["config"]
     image_token = config.vision.image_token_id if config.vision is not None else None

@@ -6,7 +6,7 @@
     ...
     batcher.stop()        # finish what is running, then return
 
-A worker thread owns the batch state (`llama_jax.decoding`'s state dict, one
+A worker thread owns the batch state (`llama_jax.decoding.programs`'s state dict, one
 row per slot, every row's cache `cache_len` long). Between decode calls it
 admits waiting requests into free slots: they are prefilled together (a
 group of up to `prefill_batch`, or one alone; prompts padded to a bucket,
@@ -15,7 +15,7 @@ into the batch state at their slots' indices, in one compiled program per
 prompt bucket and group size.
 Then one compiled program runs `steps_per_call` decode steps for all slots at
 once, whatever their lengths, positions and sampling settings (per-row
-arrays, `llama_jax.sampling.RowSampling`), so traffic never recompiles it. A
+arrays, `llama_jax.decoding.sampling.RowSampling`), so traffic never recompiles it. A
 row that stops (a stop token, its token limit, a cancel) frees its slot for
 the next admission at once.
 
@@ -43,9 +43,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from infer.engine import Engine, cache_bucket
-from llama_jax import decoding
-from llama_jax.decoding import NO_TOKEN
-from llama_jax.sampling import RowSampling, Sampling
+from llama_jax.decoding import programs
+from llama_jax.decoding.programs import NO_TOKEN
+from llama_jax.decoding.sampling import RowSampling, Sampling
 
 TOP_LOGPROBS = 20  # alternatives reported per token (OpenAI's chat API allows up to 20)
 
@@ -120,11 +120,11 @@ class Batcher:
         row = plan.sharding("batch")
         self._row_sharding = row
         # Made by a compiled program, so the entries are distinct buffers (each is donated).
-        empty = functools.partial(decoding.empty_state, engine.config, slots, self.cache_len)
+        empty = functools.partial(programs.empty_state, engine.config, slots, self.cache_len)
         with plan.activate():
             self._state = jax.jit(empty, out_shardings=engine.state_shardings)()
         self._sampling = jax.device_put(RowSampling.of([Sampling()] * slots), row)
-        axes = decoding.state_axes(engine.config)
+        axes = programs.state_axes(engine.config)
         self._prefill = jax.jit(functools.partial(_prefill_into_slots, engine.model, axes),
                                 static_argnames=("cache_len", "chunk"), donate_argnames=("state", "sampling"),
                                 out_shardings=(engine.state_shardings, row) + (engine.replicated,) * 5,
@@ -287,7 +287,7 @@ def _prefill_into_slots(model, axes, params, state, sampling, prompt_bt, lengths
 
     Returns (state, sampling, first tokens [g], whether each is already done [g], their
     logprobs [g], top ids [g, k], top logprobs [g, k])."""
-    new, first_b, logits_bv = decoding.prefill(model, params, prompt_bt, lengths_b, limits_b, seeds_b, stops,
+    new, first_b, logits_bv = programs.prefill(model, params, prompt_bt, lengths_b, limits_b, seeds_b, stops,
                                                sampling=new_sampling, cache_len=cache_len, keep_logits=True,
                                                chunk=chunk)
     state = _insert_rows(axes, state, new, slots_b)
@@ -305,7 +305,7 @@ def _steps(model, params, state, sampling, stops, cancel_b, *, steps):
 
     def one(st, _):
         live_b = ~st["done"]
-        st, next_b, logits_bv = decoding.decode_step(model, params, st, stops, sampling=sampling)
+        st, next_b, logits_bv = programs.decode_step(model, params, st, stops, sampling=sampling)
         return st, (jnp.where(live_b, next_b, NO_TOKEN), *token_logprobs(logits_bv, next_b))
 
     state, (tokens_nb, chosen_nb, top_ids_nbk, top_lp_nbk) = jax.lax.scan(one, state, None, length=steps)

@@ -1,7 +1,7 @@
 """Serving the compiled prefill and decode loop on a layout.
 
 An `Engine` is one model config on one layout: a mesh, the state's shardings
-and the jitted `llama_jax.decoding.prefill` and `decode` (what they compute,
+and the jitted `llama_jax.decoding.programs.prefill` and `decode` (what they compute,
 and the state they pass, are described there). It knows nothing of text;
 `generate.py` turns prompts into token ids and tokens back into text.
 
@@ -23,12 +23,12 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from llama_jax import decoding
+from llama_jax.decoding import programs
 from llama_jax.config import ModelConfig
-from llama_jax.decoding import NO_TOKEN, State
-from llama_jax.model import check_token_ids
-from llama_jax.params import model_for, stacked_layers, unstack_layers
-from llama_jax.sampling import Sampling
+from llama_jax.decoding.programs import NO_TOKEN, State
+from llama_jax.model.llama import check_token_ids
+from llama_jax.model.params import model_for, stacked_layers, unstack_layers
+from llama_jax.decoding.sampling import Sampling
 from sharding.layout import Layout, load_layout
 from sharding.place import Placement
 
@@ -59,13 +59,13 @@ class Engine:
     first device alone. `unroll_layers`: run the decoder layers unrolled
     rather than as one scan (default: unrolled on CPU only). `prefill_chunk`:
     prompts longer than this many tokens are prefilled chunk by chunk
-    (llama_jax.decoding.prefill), so a long prompt never holds [t, t]
+    (llama_jax.decoding.programs.prefill), so a long prompt never holds [t, t]
     attention scores or activations for all its tokens at once. Use
     `engine_for` to share engines (and their compiled functions) between calls.
     """
 
     def __init__(self, config: ModelConfig, layout: str | Layout | None = None, devices=None,
-                 unroll_layers: bool | None = None, prefill_chunk: int = decoding.PREFILL_CHUNK):
+                 unroll_layers: bool | None = None, prefill_chunk: int = programs.PREFILL_CHUNK):
         if layout is None:
             layout, devices = load_layout("dp"), [jax.devices()[0]]
         elif isinstance(layout, str):
@@ -87,19 +87,19 @@ class Engine:
         # Context parallelism splits each length shard into two halves.
         self.length_multiple = 2 * plan.shards_along("length") if plan.shards_along("length") > 1 else 1
         self.replicated = NamedSharding(plan.mesh, PartitionSpec())
-        self.state_shardings = plan.tree_shardings(decoding.state_axes(config))
+        self.state_shardings = plan.tree_shardings(programs.state_axes(config))
         # A vision model's batches with images carry more state (the image keys and
         # values, the tiles' spans): one compiled pair per state shape.
         self._prefill, self._decode = {}, {}
         for with_images in (False, True) if config.vision is not None else (False,):
-            shardings = plan.tree_shardings(decoding.state_axes(config, with_images))
+            shardings = plan.tree_shardings(programs.state_axes(config, with_images))
             self._prefill[with_images] = jax.jit(
-                functools.partial(decoding.prefill, self.model),
+                functools.partial(programs.prefill, self.model),
                 static_argnames=("sampling", "cache_len", "keep_logits", "chunk"),
                 out_shardings=(shardings, self.replicated, self.replicated),
                 compiler_options=self.compiler_options)
             self._decode[with_images] = jax.jit(
-                functools.partial(decoding.decode, self.model),
+                functools.partial(programs.decode, self.model),
                 static_argnames=("sampling", "steps", "keep_logits"), donate_argnames=("state",),
                 out_shardings=(shardings, self.replicated, self.replicated),
                 compiler_options=self.compiler_options)

@@ -30,12 +30,12 @@ import numpy as np
 from etils import epath
 
 from infer.engine import Engine, engine_for
-from llama_jax.sampling import Sampling
+from llama_jax.decoding.sampling import Sampling
 from llama_jax.config import ModelConfig
 from llama_jax.paths import user_path
-from llama_jax.safetensors_io import CheckpointFileError
-from llama_jax.stream_decoder import StreamDecoder
-from llama_jax.tokenizer import Tokenizer, load_tokenizer
+from llama_jax.formats.safetensors_io import CheckpointFileError
+from llama_jax.text.stream_decoder import StreamDecoder
+from llama_jax.text.tokenizer import Tokenizer, load_tokenizer
 from sharding.layout import Layout
 
 
@@ -149,10 +149,10 @@ def load_model(path: str | os.PathLike, layout: str | Layout | None = None,
     """Load (config, params, tokenizer) from a checkpoint directory.
 
     A directory with `config.json` is read as Hugging Face (safetensors plus
-    tokenizer files); anything else as our own checkpoint (llama_jax.checkpoint:
+    tokenizer files); anything else as our own checkpoint (llama_jax.formats.checkpoint:
     step directories with items "params" and "config", latest step), or a
     training run directory (its checkpoints/; a LoRA run's adapters come with
-    the weights they adapt, see llama_jax.weights).
+    the weights they adapt, see llama_jax.formats.weights).
 
     dtype ("bfloat16", "float32"): compute and parameter dtype; default the
     checkpoint's own (config.json's `torch_dtype` for both; our checkpoint's
@@ -168,7 +168,7 @@ def load_model(path: str | os.PathLike, layout: str | Layout | None = None,
     the one found in the directory or its parent. Raises ValueError
     subclasses with one line for anything missing or inconsistent.
     """
-    from llama_jax.weights import load_params
+    from llama_jax.formats.weights import load_params
 
     path = user_path(path)
     config = serving_config(checkpoint_config(path), dtype=dtype, attention=attention, quantize=quantize,
@@ -186,7 +186,7 @@ def serving_config(stored: ModelConfig, *, dtype: str | None = None, attention: 
     a setting that is not known, re-quantising a quantised checkpoint, or fp8 where this
     JAX cannot store it."""
     from llama_jax.config import KV_CACHE_DTYPES, QUANTIZE_TARGETS, ConfigError
-    from llama_jax.quantize import require_fp8
+    from llama_jax.model.quantize import require_fp8
 
     for flag, value, known in (("dtype", dtype, ("bfloat16", "float32")), ("quantize", quantize, tuple(QUANTIZE_TARGETS)),
                                ("kv_cache_dtype", kv_cache_dtype, KV_CACHE_DTYPES)):
@@ -210,7 +210,7 @@ def serving_config(stored: ModelConfig, *, dtype: str | None = None, attention: 
 
 def checkpoint_config(path: str | os.PathLike) -> ModelConfig:
     """The model config of a checkpoint (Hugging Face's config.json, ours, or a run's), nothing else read."""
-    from llama_jax.weights import stored_config
+    from llama_jax.formats.weights import stored_config
 
     return stored_config(path)
 

@@ -8,7 +8,7 @@ which the server answers with OpenAI's error body:
 What is answered is built in `infer.responses`.
 
 Tools (chat): `tools` are OpenAI's function definitions, offered to the
-model in Llama 3.1's layout (`llama_jax.tool_use`); `tool_choice` "auto"
+model in Llama 3.1's layout (`llama_jax.text.tool_use`); `tool_choice` "auto"
 (the default) or "none" (tools not offered, replies never read as calls).
 An assistant message's `tool_calls` (arguments a JSON object in a string)
 and `tool` messages (Llama's `ipython` turn; `tool_call_id` has no place
@@ -24,8 +24,8 @@ import re
 from pydantic import BaseModel, Field
 
 from infer.batcher import TOP_LOGPROBS
-from llama_jax.sampling import Sampling
-from llama_jax.tool_use import ToolCall, tool_names
+from llama_jax.decoding.sampling import Sampling
+from llama_jax.text.tool_use import ToolCall, tool_names
 
 MAX_STOP_STRINGS = 4  # as OpenAI
 MAX_COMPLETION_LOGPROBS = 5  # the completions API's `logprobs` bound (OpenAI's)
@@ -172,7 +172,7 @@ def chat_logprobs(request: ChatRequest) -> int | None:
 
 
 def chat_messages(request: ChatRequest) -> list[dict]:
-    """The messages as `llama_jax.chat.format_chat` takes them: OpenAI's `tool` role is Llama
+    """The messages as `llama_jax.text.chat.format_chat` takes them: OpenAI's `tool` role is Llama
     3.1's `ipython` (a tool's output), content parts keep their text, an assistant's
     `tool_calls` become `ToolCall`s."""
     messages = []

@@ -16,7 +16,7 @@ sample, keep the best, fine-tune, repeat).
 
 The same seed, samples and batch give the same file: sample j of prompt i is
 row j of its batch, whose random key depends only on the seed, the batch's
-index and the row (llama_jax.sampling's per-row keys). The output is written
+index and the row (llama_jax.decoding.sampling's per-row keys). The output is written
 under a temporary name and renamed when complete. Bad input (a reward path
 that does not import, a malformed prompt line) is one line on stderr, exit 2,
 nothing written.
@@ -86,7 +86,7 @@ def rejection_sample(params, config, tokenizer, conversations: list[list[dict]],
     samples (at least one conversation a batch).
     """
     from infer.generate import generate
-    from llama_jax.chat import format_chat
+    from llama_jax.text.chat import format_chat
 
     per_batch = max(1, batch // samples)
     results = []

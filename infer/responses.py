@@ -11,7 +11,7 @@ same text, logprobs and finish reason:
 - in a chat whose replies may be tool calls (`Settings.tool_names`),
   `ToolCallText` holds the text back while it may still be a call (it
   begins with `<|python_tag|>`, or with "{" when functions are offered)
-  and reads it whole at the end (`llama_jax.tool_use.parse_call`): a call
+  and reads it whole at the end (`llama_jax.text.tool_use.parse_call`): a call
   is answered as OpenAI's `tool_calls` with finish_reason "tool_calls", in
   one chunk when streamed; anything else is the reply's text, as it was.
 """
@@ -24,9 +24,9 @@ from collections.abc import Collection
 
 from infer.batcher import Finished, Token
 from infer.openai_api import Settings
-from llama_jax.stream_decoder import StreamDecoder
-from llama_jax.tokenizer import Tokenizer
-from llama_jax.tool_use import PYTHON_TAG, ToolCall, parse_call
+from llama_jax.text.stream_decoder import StreamDecoder
+from llama_jax.text.tokenizer import Tokenizer
+from llama_jax.text.tool_use import PYTHON_TAG, ToolCall, parse_call
 
 
 class Choice:

@@ -155,7 +155,7 @@ def create_app(service: Service):
     from starlette.exceptions import HTTPException
 
     from infer import openai_api as api
-    from llama_jax.chat import format_chat
+    from llama_jax.text.chat import format_chat
 
     app = FastAPI(title="llama-jax", docs_url=None, redoc_url=None, openapi_url=None)
 

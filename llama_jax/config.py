@@ -18,11 +18,11 @@ from llama_jax.config_files import read_config_file, shipped_configs
 
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention_out")
-ATTENTION_IMPLS = ("auto", "xla", "blocked", "splash")  # see llama_jax/attention.py
-SWIGLU_BACKWARDS = ("auto", "manual", "autodiff")  # see llama_jax/swiglu.py
+ATTENTION_IMPLS = ("auto", "xla", "blocked", "splash")  # see llama_jax/model/attention.py
+SWIGLU_BACKWARDS = ("auto", "manual", "autodiff")  # see llama_jax/model/swiglu.py
 DTYPES = ("float32", "bfloat16", "float16")
 ROPE_TYPES = ("default", "llama3")
-# Stored weight formats (llama_jax/quantize.py) and the projections each one replaces.
+# Stored weight formats (llama_jax/model/quantize.py) and the projections each one replaces.
 # int8: every projection of every layer. fp8: the Llama 3 405B recipe, the feed-forward
 # weights only (about half the inference compute; attention is more sensitive), and
 # not in the first and last layers (see `ModelConfig.stacked_layers`).
@@ -196,12 +196,12 @@ class ModelConfig:
     `dtype` is the activation/compute dtype, `param_dtype` the stored weights'.
     `remat` picks what the backward pass recomputes; `scan_layers` stacks the
     decoder layers under one `nn.scan` (False unrolls them, for debugging).
-    `attention` picks the attention implementation (llama_jax/attention.py;
+    `attention` picks the attention implementation (llama_jax/model/attention.py;
     `auto`: the splash kernel on TPU) and `attention_block` its block size in
     tokens; `swiglu_backward` the feed-forward's backward pass
-    (llama_jax/swiglu.py; `auto`: hand-written on CPU only).
+    (llama_jax/model/swiglu.py; `auto`: hand-written on CPU only).
     `quantize` ("int8" or "fp8") stores the projections of QUANTIZE_TARGETS
-    quantised, each beside its float32 `scale` (llama_jax/quantize.py);
+    quantised, each beside its float32 `scale` (llama_jax/model/quantize.py);
     `kv_cache_dtype` ("int8" or "fp8") quantises the KV cache per token and head.
     """
 

@@ -41,8 +41,8 @@ import numpy as np
 
 from llama_jax.cli import run_cli
 from llama_jax.config import ModelConfig
-from llama_jax.model import DecoderLayer, FeedForward, Linear, Llama
-from llama_jax.params import stack_layers, stacked_layers
+from llama_jax.model.llama import DecoderLayer, FeedForward, Linear, Llama
+from llama_jax.model.params import stack_layers, stacked_layers
 
 PRUNING_FILE = "pruning.json"
 
@@ -188,9 +188,9 @@ def prune_checkpoint(source, output, calibration: list[str], tokenizer=None, *, 
     """Score `source` (ours, a run or Hugging Face) on the calibration files, prune it, and
     write our checkpoint of the smaller model to `output` with pruning.json; returns
     that record."""
-    from llama_jax.checkpoint import save_params
-    from llama_jax.tokenizer import load_tokenizer
-    from llama_jax.weights import load_params, resolve, stored_config
+    from llama_jax.formats.checkpoint import save_params
+    from llama_jax.text.tokenizer import load_tokenizer
+    from llama_jax.formats.weights import load_params, resolve, stored_config
 
     output = Path(output)
     if output.exists():

@@ -65,7 +65,7 @@ import jax
 from jax.sharding import AbstractMesh, AxisType
 
 from llama_jax.config import ConfigError, ModelConfig, load_model_config
-from llama_jax.params import abstract_params, logical_axes
+from llama_jax.model.params import abstract_params, logical_axes
 from sharding.layout import MESH_AXES, Layout, LayoutError, axes_tuple, load_layout
 from sharding.mesh import mesh_shape
 from sharding.place import rules_for, validate
@@ -305,7 +305,7 @@ def main(argv=None) -> int:
     serving.add_argument("--decode", action="store_true", help="plan the decode loop instead of a training step")
     serving.add_argument("--batch", type=int, default=1, help="sequences decoded at once (default 1)")
     serving.add_argument("--cache-len", type=int, default=None, help="KV cache length (default: --seq-len)")
-    serving.add_argument("--quantize", default=None, help="int8 or fp8 weights (llama_jax/quantize.py)")
+    serving.add_argument("--quantize", default=None, help="int8 or fp8 weights (llama_jax/model/quantize.py)")
     serving.add_argument("--kv-cache-dtype", default=None, help="int8 or fp8 KV cache")
     args = parser.parse_args(argv)
     if args.decode:

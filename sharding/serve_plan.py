@@ -10,7 +10,7 @@ Counted per device:
 
 - parameters: every leaf's shard in its own dtype (int8 or float8 kernels
   and their float32 scales where the config quantises, param_dtype
-  elsewhere: llama_jax/quantize.py);
+  elsewhere: llama_jax/model/quantize.py);
 - KV cache: keys and values [layers, batch, cache_len, kv_heads, head_dim]
   in the compute dtype, or int8 / fp8 plus float32 scales per token and
   head (`kv_cache_dtype`);
@@ -34,8 +34,8 @@ import flax.linen as nn
 import jax
 
 from llama_jax.config import ModelConfig
-from llama_jax.kv_cache import cache_axes, init_cache
-from llama_jax.params import abstract_params, logical_axes
+from llama_jax.model.kv_cache import cache_axes, init_cache
+from llama_jax.model.params import abstract_params, logical_axes
 from sharding.layout import Layout, LayoutError, axes_tuple, load_layout
 from sharding.plan import placement_rules, shard_elements
 from sharding.topology import CHIP_HBM_BYTES

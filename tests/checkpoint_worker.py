@@ -32,7 +32,7 @@ def main(process_id: int, port: int, work_dir: Path):
                                initialization_timeout=60)
     assert jax.device_count() == 8 and jax.local_device_count() == 4
 
-    from llama_jax.checkpoint import restore_params, save_params
+    from llama_jax.formats.checkpoint import restore_params, save_params
     from sharding.layout import load_layout
     from sharding.place import Placement
     from train.loop import train

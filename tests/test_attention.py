@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama_jax.attention import attend, implementation
-from llama_jax.context_parallel import balance, balanced_order
+from llama_jax.model.attention import attend, implementation
+from llama_jax.model.context_parallel import balance, balanced_order
 
 RTOL = 1e-5
 

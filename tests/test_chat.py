@@ -9,10 +9,10 @@ from llama_models.datatypes import ToolCall as MetaToolCall
 from llama_models.llama3.chat_format import ChatFormat
 from llama_models.llama3.tokenizer import Tokenizer as MetaTokenizer
 
-from llama_jax.chat import encode_conversation, format_chat
-from llama_jax.tokenizer import load_tokenizer
-from llama_jax.tool_use import CODE_INTERPRETER, ToolCall, parse_call
-from llama_jax.tokenizer_training import train_bpe, train_sentencepiece
+from llama_jax.text.chat import encode_conversation, format_chat
+from llama_jax.text.tokenizer import load_tokenizer
+from llama_jax.text.tool_use import CODE_INTERPRETER, ToolCall, parse_call
+from llama_jax.text.tokenizer_training import train_bpe, train_sentencepiece
 
 CORPUS = [
     "You are a helpful assistant. Answer briefly and politely.",

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llama_jax.checkpoint import TMP_SUFFIX
+from llama_jax.formats.checkpoint import TMP_SUFFIX
 from train_runs import metrics, run_config, steps_on_disk, tree_digest
 
 
@@ -58,7 +58,7 @@ def _restore(run_dir, capsys) -> tuple[int, str]:
     from sharding.layout import load_layout
     from sharding.place import Placement
     from train.checkpointing import Checkpointer
-    from train.data import make_dataset
+    from train.data.pipeline import make_dataset
     from train.optimizer import make_optimizer
     from train.step import init_state
 

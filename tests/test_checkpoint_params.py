@@ -8,8 +8,8 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llama_jax import init_params
-from llama_jax.checkpoint import CheckpointError, latest_step, read_config, restore_params, save_params
-from llama_jax.checkpoint_io import ParamsReader, ParamsWriter
+from llama_jax.formats.checkpoint import CheckpointError, latest_step, read_config, restore_params, save_params
+from llama_jax.formats.checkpoint_io import ParamsReader, ParamsWriter
 from tiny import SHAPES
 
 CONFIG = SHAPES["llama3"]

@@ -35,7 +35,7 @@ ACTIVATION_BYTES = F32 * ROWS * SEQ * D                                # one [ba
 def _collectives(layout: str, n_layers: int = 2, grad_accum: int = 1) -> tuple[Collective, ...]:
     from sharding.layout import load_layout
     from sharding.place import Placement
-    from train.aot import train_program
+    from train.compile.aot import train_program
     from train.config import run_config_from_dict
 
     run = run_config_from_dict({

@@ -17,8 +17,8 @@ pytest.importorskip("libtpu", reason="TPU compiles need libtpu: pip install -e '
 import jax  # noqa: E402
 
 from sharding.topology import topology_devices  # noqa: E402
-from train.aot import compile_run  # noqa: E402
-from train.compile import main, parse_sweep  # noqa: E402
+from train.compile.aot import compile_run  # noqa: E402
+from train.compile.cli import main, parse_sweep  # noqa: E402
 from llama_jax.config import load_model_config  # noqa: E402
 from train.config import run_config_from_dict  # noqa: E402
 
@@ -45,7 +45,7 @@ def _state_and_batch_shard_bytes(run) -> tuple[int, int]:
     """(state bytes, batch bytes) one chip holds, from the shardings the compile was given."""
     from sharding.layout import load_layout
     from sharding.place import Placement
-    from train.aot import train_program
+    from train.compile.aot import train_program
 
     placement = Placement.create(run.model, load_layout(run.layout, **run.mesh), devices=_devices())
     _, (state, batch) = train_program(run, placement)
@@ -176,7 +176,7 @@ def _training_primitives(placement) -> set[str]:
     import jax.numpy as jnp
 
     from llama_jax import Llama
-    from llama_jax.params import abstract_params
+    from llama_jax.model.params import abstract_params
 
     params, tokens = abstract_params(TINY_SPLASH), jax.ShapeDtypeStruct((8, 256), jnp.int32)
     if placement is not None:
@@ -299,11 +299,11 @@ def test_dpo_and_distillation_steps_hold_their_reference_and_teacher(tmp_path):
     teacher's shards (twice the student's depth), a DPO step's state a second copy of the
     parameters' shards (its frozen reference); a DPO run on precomputed log-probabilities
     holds none, only their per-row values in the batch."""
-    from llama_jax.hf import config_to_hf
+    from llama_jax.formats.hf import config_to_hf
     from sharding.layout import load_layout
     from sharding.place import Placement
-    from train.aot import train_program
-    from train.objectives import teacher_placement
+    from train.compile.aot import train_program
+    from train.objectives.run import teacher_placement
 
     teacher = tmp_path / "teacher"
     teacher.mkdir()

@@ -3,7 +3,7 @@
 import pytest
 
 from llama_jax.config import ConfigError, ModelConfig, load_model_config, published_models
-from llama_jax.hf import config_from_hf, config_to_hf
+from llama_jax.formats.hf import config_from_hf, config_to_hf
 from tiny import SHAPES
 
 GOOD = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, vocab_size=256)

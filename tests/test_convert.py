@@ -18,17 +18,17 @@ import torch
 import transformers
 
 from llama_jax import Llama, init_params
-from llama_jax.checkpoint import read_config, restore_params, save_params
-from llama_jax.checkpoint_io import ParamsReader
+from llama_jax.formats.checkpoint import read_config, restore_params, save_params
+from llama_jax.formats.checkpoint_io import ParamsReader
 from llama_jax.config import RopeScaling
 from llama_jax.cli import run_cli
 from llama_jax.convert import hf_to_ours, meta_to_ours, ours_to_hf, quantize
 from llama_jax.convert.hf_to_ours import convert_hf_to_ours
 from llama_jax.convert.meta_to_ours import convert_meta_to_ours, published_rope_factor
 from llama_jax.convert.ours_to_hf import export_hf
-from llama_jax.hf import load_hf_params
-from llama_jax.safetensors_io import SafetensorsCheckpoint
-from llama_jax.tokenizer_training import train_bpe
+from llama_jax.formats.hf import load_hf_params
+from llama_jax.formats.safetensors_io import SafetensorsCheckpoint
+from llama_jax.text.tokenizer_training import train_bpe
 from tiny import SHAPES, hf_model, write_random_hf
 
 TOLERANCE = 1e-4  # max |logit difference|, float32

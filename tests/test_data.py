@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from train.data import DataConfig, checkpoint_restore_args, checkpoint_save_args, make_dataset
-from train.sources import TokenDocuments
+from train.data.pipeline import DataConfig, checkpoint_restore_args, checkpoint_save_args, make_dataset
+from train.data.sources import TokenDocuments
 from train.prepare import main, prepare
 
 BOS, EOS = 1, 2
@@ -370,14 +370,14 @@ def test_prepare_rejects_a_token_id_outside_the_vocabulary_and_writes_nothing(tm
 
 @pytest.fixture(scope="module")
 def sentencepiece_path(tmp_path_factory):
-    from llama_jax.tokenizer_training import train_sentencepiece
+    from llama_jax.text.tokenizer_training import train_sentencepiece
 
     texts = ["the quick brown fox jumps over the lazy dog", "packing rows of tokens for training"] * 20
     return train_sentencepiece(texts, 300, tmp_path_factory.mktemp("sp") / "tokenizer.model")
 
 
 def test_prepare_command_tokenizes_a_glob_with_a_real_tokenizer(tmp_path, sentencepiece_path):
-    from llama_jax.tokenizer import load_tokenizer
+    from llama_jax.text.tokenizer import load_tokenizer
 
     texts = ["the lazy fox", "rows of tokens", "training the dog"]
     write_jsonl(tmp_path / "a.jsonl", texts[:2], key="body")

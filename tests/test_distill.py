@@ -15,11 +15,11 @@ import pytest
 from train_runs import REPO, metrics, subprocess_env
 
 from llama_jax import Llama, ModelConfig, init_params
-from llama_jax.checkpoint import save_params
+from llama_jax.formats.checkpoint import save_params
 from sharding.layout import load_layout
 from sharding.place import Placement
-from train.data import DataConfig, make_dataset
-from train.distill import distill
+from train.data.pipeline import DataConfig, make_dataset
+from train.objectives.distill import distill
 from train.step import make_gradients
 
 STUDENT = ModelConfig(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=64, vocab_size=256,

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from llama_jax.checkpoint import restore_params
+from llama_jax.formats.checkpoint import restore_params
 from sharding.place import Placement
 from train_runs import metrics, random_batch, run_config, steps_on_disk
 
@@ -132,7 +132,7 @@ def test_a_nonfinite_step_leaves_parameters_and_optimizer_state_as_they_were():
 def test_checkpointer_refuses_to_save_a_nonfinite_state(tmp_path):
     from sharding.layout import load_layout
     from train.checkpointing import Checkpointer
-    from train.data import make_dataset
+    from train.data.pipeline import make_dataset
     from train.nonfinite import DivergenceError
     from train.optimizer import make_optimizer
     from train.step import init_state

@@ -17,14 +17,14 @@ from train_runs import REPO, metrics, subprocess_env
 
 from llama_jax import Llama, ModelConfig, init_params
 from llama_jax.config import LoraConfig
-from llama_jax.lora import merge
-from llama_jax.params import join, partition
-from llama_jax.tokenizer import load_tokenizer
+from llama_jax.model.lora import merge
+from llama_jax.model.params import join, partition
+from llama_jax.text.tokenizer import load_tokenizer
 from sharding.layout import load_layout
 from sharding.place import Placement
-from train.data import DataConfig, make_dataset
-from train.dpo import answer_log_probs, dpo
-from train.sources import Preferences
+from train.data.pipeline import DataConfig, make_dataset
+from train.objectives.dpo import answer_log_probs, dpo
+from train.data.sources import Preferences
 from train.step import make_gradients
 
 TOY = REPO / "configs" / "data" / "toy"
@@ -51,7 +51,7 @@ def _answer_log_prob(model, tokenizer, messages, answer) -> float:
     chat prompt's ids alone (no loss weights involved)."""
     import torch
 
-    from llama_jax.chat import format_chat
+    from llama_jax.text.chat import format_chat
 
     prompt = format_chat(tokenizer, messages)
     ids = prompt + tokenizer.encode(answer) + [tokenizer.token_id("<|eot_id|>")]
@@ -61,7 +61,7 @@ def _answer_log_prob(model, tokenizer, messages, answer) -> float:
 
 
 def test_dpo_loss_equals_one_computed_from_transformers_log_probs(tmp_path):
-    from llama_jax.weights import load_params
+    from llama_jax.formats.weights import load_params
 
     tokenizer = load_tokenizer(TOY / "tokenizer.model")
     models, params = [], []
@@ -254,7 +254,7 @@ def test_a_missing_or_mismatching_reference_log_probs_file_is_one_line(tmp_path,
 def test_a_pair_longer_than_seq_len_loses_the_start_of_its_prompt_and_keeps_its_answers(tmp_path, caplog):
     """Both conversations lose the same oldest prompt ids, no more than make the pair fit;
     the answers stay whole; a pair whose answers alone do not fit is dropped; both counted."""
-    from train.example_rows import PairRows
+    from train.data.example_rows import PairRows
 
     long_prompt = {"messages": [{"role": "system", "content": "Be brief. " * 20},
                                 {"role": "user", "content": "Agree: apple river stone"}],

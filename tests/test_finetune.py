@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from llama_jax import Llama, ModelConfig, init_params
-from llama_jax.tokenizer import load_tokenizer
-from llama_jax.tokenizer_training import train_bpe
+from llama_jax.text.tokenizer import load_tokenizer
+from llama_jax.text.tokenizer_training import train_bpe
 from sharding.layout import load_layout
 from sharding.place import Placement
-from train.data import DataConfig, make_dataset
+from train.data.pipeline import DataConfig, make_dataset
 from train.eval import Evaluator
 
 PAIRS = [(a, b) for a in range(10, 40) for b in range(10, 40, 3)]
@@ -113,7 +113,7 @@ def test_full_finetuning_from_a_hf_directory_starts_at_transformers_loss(workdir
 
 @pytest.fixture(scope="module")
 def base_checkpoint(workdir, tmp_path_factory):
-    from llama_jax.checkpoint import save_params
+    from llama_jax.formats.checkpoint import save_params
 
     tokenizer = load_tokenizer(workdir / "tokenizer.model")
     path = tmp_path_factory.mktemp("base") / "ckpt"
@@ -127,10 +127,10 @@ LORA = {"rank": 4, "alpha": 8.0, "targets": ["wq", "wk", "wv", "wo", "w1", "w2",
 
 def test_a_lora_run_trains_only_the_adapters_and_leaves_the_base_bit_identical(workdir, base_checkpoint,
                                                                               tmp_path):
-    from llama_jax import checkpoint
-    from llama_jax.lora import count_adapter_params, is_adapter, split_adapters
-    from llama_jax.params import partition
-    from llama_jax.weights import base_of, load_params
+    from llama_jax.formats import checkpoint
+    from llama_jax.model.lora import count_adapter_params, is_adapter, split_adapters
+    from llama_jax.model.params import partition
+    from llama_jax.formats.weights import base_of, load_params
     from train.loop import train
 
     path, base = base_checkpoint
@@ -178,7 +178,7 @@ def test_a_qlora_run_trains_adapters_over_the_base_quantised_to_int8(workdir, ba
     """QLoRA: the float checkpoint is quantised to int8 per output channel as it loads, stays
     frozen, and step 1's loss is the int8 model's; a quantised model without adapters is refused."""
     from llama_jax.config import ConfigError
-    from llama_jax.quantize import quantize_kernel
+    from llama_jax.model.quantize import quantize_kernel
     from train.loop import train
 
     path, base = base_checkpoint
@@ -253,8 +253,8 @@ def test_lora_sft_teaches_a_chat_model_a_new_task_that_holds_on_unseen_questions
     import random
 
     from infer import generate
-    from llama_jax.chat import format_chat
-    from llama_jax.weights import load_params
+    from llama_jax.text.chat import format_chat
+    from llama_jax.formats.weights import load_params
     from train.config import run_config_from_dict
     from train.loop import train
 

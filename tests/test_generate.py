@@ -10,9 +10,9 @@ from jax.extend.core import jaxprs_in_params
 
 from infer import generate
 from infer.engine import Engine
-from llama_jax.sampling import Sampling
+from llama_jax.decoding.sampling import Sampling
 from llama_jax import Llama
-from llama_jax.hf import load_hf_params
+from llama_jax.formats.hf import load_hf_params
 from tiny import LLAMA3_LIKE, SHAPES, hf_model
 
 # GQA 8:2 heads; heads, ffn and vocab divide by 8 (tp on 8 devices) and by
@@ -119,13 +119,13 @@ def _square_intermediates(jaxpr, side: int) -> int:
 def test_chunked_prefill_never_holds_prompt_by_prompt_scores(params):
     """A 96-token prompt into a 96-slot cache: unchunked, attention holds [96, 96]
     scores; in chunks of 32, at most [32, 96]."""
-    from llama_jax import decoding
+    from llama_jax.decoding import programs
 
     prompts = jnp.zeros((1, 96), jnp.int32)
     ones = jnp.ones((1,), jnp.int32)
 
     def program(chunk):
-        return jax.make_jaxpr(lambda p: decoding.prefill(
+        return jax.make_jaxpr(lambda p: programs.prefill(
             Llama(CONFIG.replace(attention="xla")), p, prompts, ones, ones, 0,
             jnp.zeros((1,), jnp.int32), sampling=Sampling(), cache_len=96, chunk=chunk))(params).jaxpr
 
@@ -200,7 +200,7 @@ def test_a_decode_step_writes_the_kv_cache_in_place(scan_layers):
     layer's keys and values read for attention, and the scores."""
     from sharding.layout import load_layout
     from sharding.place import Placement
-    from train.aot import decode_program
+    from train.compile.aot import decode_program
 
     config = CONFIG.replace(n_layers=4, scan_layers=scan_layers)
     placement = Placement.create(config, load_layout("dp"), devices=jax.devices()[:1])
@@ -223,7 +223,7 @@ def test_bfloat16_greedy_tokens_follow_transformers_bfloat16(shape, tmp_path):
     ties at bfloat16's resolution of their logits: a free-running comparison follows
     whichever rounding breaks the first tie and then diverges (transformers' own cached
     and uncached bfloat16 runs disagree at such steps too)."""
-    from llama_jax.hf import read_hf_config
+    from llama_jax.formats.hf import read_hf_config
 
     config = SHAPES[shape]
     model = hf_model(config, seed=4).to(torch.bfloat16)

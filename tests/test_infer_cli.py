@@ -11,8 +11,8 @@ import pytest
 
 from infer import generate, load_model
 from llama_jax.config import ModelConfig
-from llama_jax.tokenizer import load_tokenizer
-from llama_jax.tokenizer_training import train_sentencepiece
+from llama_jax.text.tokenizer import load_tokenizer
+from llama_jax.text.tokenizer_training import train_sentencepiece
 from tiny import hf_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -132,8 +132,8 @@ def test_bad_sampling_settings_are_one_line_exit_2(checkpoint):
 
 
 def test_our_checkpoint_format_generates_what_the_hf_directory_does(checkpoint, tmp_path):
-    from llama_jax.checkpoint import save_params
-    from llama_jax.hf import load_hf_params
+    from llama_jax.formats.checkpoint import save_params
+    from llama_jax.formats.hf import load_hf_params
 
     config, params = load_hf_params(checkpoint)
     ours = tmp_path / "ckpt"

@@ -12,8 +12,8 @@ from tiny import LLAMA3_LIKE
 
 from llama_jax import ConfigError, Llama, init_params
 from llama_jax.config import LoraConfig
-from llama_jax.lora import count_adapter_params, merge, split_adapters
-from llama_jax.params import join
+from llama_jax.model.lora import count_adapter_params, merge, split_adapters
+from llama_jax.model.params import join
 from sharding.layout import load_layout
 from sharding.place import Placement
 
@@ -129,7 +129,7 @@ def test_peft_export_loads_in_peft_with_our_logits(tmp_path):
     import torch
 
     from llama_jax.convert.peft import write_peft
-    from llama_jax.hf import load_hf_params
+    from llama_jax.formats.hf import load_hf_params
     from tiny import hf_model
 
     hf = hf_model(LLAMA3_LIKE, seed=2)

@@ -15,7 +15,7 @@ from train_runs import random_batch
 from llama_jax import init_params
 from sharding.layout import load_layout
 from sharding.place import Placement
-from train.loss import chunked_cross_entropy_sums, cross_entropy_sums
+from train.objectives.cross_entropy import chunked_cross_entropy_sums, cross_entropy_sums
 from train.step import make_gradients
 
 ROWS, LENGTH, DIM, VOCAB = 3, 20, 16, 50

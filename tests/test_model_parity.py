@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from llama_jax import Llama
-from llama_jax.hf import load_hf_params
+from llama_jax.formats.hf import load_hf_params
 from tiny import SHAPES, hf_model
 
 TOLERANCE = 1e-4  # max |logit difference|, float32

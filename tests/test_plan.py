@@ -172,8 +172,8 @@ def test_cli_bad_input_prints_one_line_and_exits_2(args, message):
 
 @pytest.mark.parametrize("quantize, kv_cache_dtype", [("int8", "int8"), ("fp8", None)])
 def test_decode_plan_counts_what_quantised_weights_and_caches_hold_on_device_0(quantize, kv_cache_dtype):
-    from llama_jax.assemble import converted_params
-    from llama_jax.kv_cache import cache_axes, init_cache
+    from llama_jax.formats.assemble import converted_params
+    from llama_jax.model.kv_cache import cache_axes, init_cache
     from sharding.serve_plan import decode_plan
 
     stored = LLAMA3_LIKE.replace(n_layers=4)

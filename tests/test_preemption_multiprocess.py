@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 
-from llama_jax.checkpoint import all_steps
+from llama_jax.formats.checkpoint import all_steps
 from train_runs import REPO, exact_metrics, finish, metrics, subprocess_env, wait_for_step
 
 TIMEOUT = 240  # seconds for a pair of workers on a busy 2-core machine

@@ -12,10 +12,10 @@ import pytest
 from train_runs import REPO
 
 from llama_jax import Llama, ModelConfig, init_params
-from llama_jax.checkpoint import save_params
-from llama_jax.model import DecoderLayer
+from llama_jax.formats.checkpoint import save_params
+from llama_jax.model.llama import DecoderLayer
 from llama_jax.prune import main, prune_checkpoint
-from llama_jax.weights import load_params, stored_config
+from llama_jax.formats.weights import load_params, stored_config
 
 TOKENIZER = REPO / "configs" / "data" / "toy" / "tokenizer.model"
 CONFIG = ModelConfig(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=128, vocab_size=560,

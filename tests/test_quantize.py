@@ -10,15 +10,15 @@ import pytest
 from tiny import LLAMA3_LIKE, hf_model
 
 from llama_jax import Llama, init_params
-from llama_jax.checkpoint import CheckpointError, restore_params, save_params
-from llama_jax.checkpoint_io import ParamsReader
+from llama_jax.formats.checkpoint import CheckpointError, restore_params, save_params
+from llama_jax.formats.checkpoint_io import ParamsReader
 from llama_jax.config import ConfigError, LoraConfig
 from llama_jax.convert.quantize import quantize_checkpoint
-from llama_jax.hf import load_hf_params
-from llama_jax.kv_cache import init_cache
-from llama_jax.lora import split_adapters
-from llama_jax.params import join
-from llama_jax.quantize import dequantize, quantize, quantize_kernel, require_fp8
+from llama_jax.formats.hf import load_hf_params
+from llama_jax.model.kv_cache import init_cache
+from llama_jax.model.lora import split_adapters
+from llama_jax.model.params import join
+from llama_jax.model.quantize import dequantize, quantize, quantize_kernel, require_fp8
 
 # Four layers, so that fp8 (which leaves the first and last alone) quantises two.
 CONFIG = LLAMA3_LIKE.replace(n_layers=4)
@@ -253,9 +253,9 @@ def test_on_cpu_a_narrow_weight_model_converts_one_layer_of_weights_at_a_time(qu
     what made an 8B bfloat16 model ask for 30 GB). Prefill as infer compiles it on CPU."""
     import functools
 
-    from llama_jax import decoding
-    from llama_jax.params import abstract_params, model_for
-    from llama_jax.sampling import Sampling
+    from llama_jax.decoding import programs
+    from llama_jax.model.params import abstract_params, model_for
+    from llama_jax.decoding.sampling import Sampling
 
     config = CONFIG.replace(dim=256, n_heads=4, n_kv_heads=2, ffn_dim=1024, n_layers=8, vocab_size=512,
                             dtype="bfloat16", param_dtype="bfloat16", scan_layers=False, quantize=quant)
@@ -263,7 +263,7 @@ def test_on_cpu_a_narrow_weight_model_converts_one_layer_of_weights_at_a_time(qu
     layer_f32 = 4 * sum(x.size for x in jax.tree.leaves(params["layers_0"]))
     whole_f32 = 4 * sum(x.size for x in jax.tree.leaves(params))
     ints = lambda shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
-    fill = functools.partial(decoding.prefill, model_for(config), sampling=Sampling(), cache_len=64)
+    fill = functools.partial(programs.prefill, model_for(config), sampling=Sampling(), cache_len=64)
     compiled = jax.jit(fill).lower(params, ints((1, 32)), ints((1,)), ints((1,)), ints(()), ints((1,))).compile()
     temporaries = compiled.memory_analysis().temp_size_in_bytes
     head_f32 = 4 * config.dim * config.vocab_size
@@ -278,9 +278,9 @@ def test_on_cpu_the_decode_loop_converts_weights_inside_each_step(quant):
     import functools
 
     from infer.engine import Engine
-    from llama_jax import decoding
-    from llama_jax.params import abstract_params
-    from llama_jax.sampling import Sampling
+    from llama_jax.decoding import programs
+    from llama_jax.model.params import abstract_params
+    from llama_jax.decoding.sampling import Sampling
 
     config = CONFIG.replace(dim=256, n_heads=4, n_kv_heads=2, ffn_dim=1024, n_layers=8, vocab_size=512,
                             dtype="bfloat16", param_dtype="bfloat16", quantize=quant)
@@ -288,8 +288,8 @@ def test_on_cpu_the_decode_loop_converts_weights_inside_each_step(quant):
     params = abstract_params(engine.model_config)
     layer_f32 = 4 * sum(x.size for x in jax.tree.leaves(params["layers_0"]))
     whole_f32 = 4 * sum(x.size for x in jax.tree.leaves(params))
-    state = jax.eval_shape(functools.partial(decoding.empty_state, config, 1, 64))
-    decode = jax.jit(functools.partial(decoding.decode, engine.model, sampling=Sampling(), steps=4),
+    state = jax.eval_shape(functools.partial(programs.empty_state, config, 1, 64))
+    decode = jax.jit(functools.partial(programs.decode, engine.model, sampling=Sampling(), steps=4),
                      compiler_options=engine.compiler_options)
     compiled = decode.lower(params, state, jax.ShapeDtypeStruct((1,), jnp.int32)).compile()
     temporaries = compiled.memory_analysis().temp_size_in_bytes

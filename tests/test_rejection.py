@@ -10,7 +10,7 @@ from train_runs import REPO
 
 from infer.rejection import main
 from llama_jax import ModelConfig, init_params
-from llama_jax.checkpoint import save_params
+from llama_jax.formats.checkpoint import save_params
 
 TOKENIZER = REPO / "configs" / "data" / "toy" / "tokenizer.model"
 CONFIG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, vocab_size=560,

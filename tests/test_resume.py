@@ -11,7 +11,7 @@ import sys
 import jax
 import pytest
 
-from llama_jax.checkpoint import latest_step, read_config, restore_params
+from llama_jax.formats.checkpoint import latest_step, read_config, restore_params
 from sharding.layout import load_layout
 from sharding.place import Placement
 from train_runs import (assert_trees_equal, cli, exact_metrics, finish, kill_at_step, metrics, run_config,
@@ -98,7 +98,7 @@ def fsdp_run(tmp_path_factory):
 def _restore_training_state(run, devices):
     """Restore the run's latest checkpoint as training would, under run.layout on `devices`."""
     from train.checkpointing import Checkpointer
-    from train.data import make_dataset
+    from train.data.pipeline import make_dataset
     from train.optimizer import make_optimizer
     from train.step import init_state
 
@@ -168,7 +168,7 @@ def test_resuming_with_other_data_settings_says_so(tmp_path, capsys):
 
 def test_metrics_of_steps_after_the_restored_one_are_dropped(tmp_path):
     """A kill can leave rows past the last checkpoint, the last one cut short."""
-    from train.metrics import MetricsWriter
+    from train.tracking.metrics import MetricsWriter
 
     rows = [json.dumps({"step": step, "loss": 1.0 / step}) for step in range(1, 6)]
     (tmp_path / "metrics.jsonl").write_text("\n".join(rows) + '\n{"step": 6, "lo')

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama_jax.sampling import RowSampling, Sampling, filter_logits, greedy, row_keys, sample, top_p_mask
+from llama_jax.decoding.sampling import RowSampling, Sampling, filter_logits, greedy, row_keys, sample, top_p_mask
 
 # Probabilities 0.5, 0.3, 0.15, 0.05, scrambled so sorting matters.
 PROBS = np.array([0.15, 0.5, 0.05, 0.3])

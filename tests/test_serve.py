@@ -25,11 +25,11 @@ from infer import generate, load_model
 from infer.batcher import Finished, Token
 from infer.openai_api import Settings
 from infer.responses import Choice
-from llama_jax.chat import format_chat
+from llama_jax.text.chat import format_chat
 from llama_jax.config import ModelConfig
-from llama_jax.sampling import Sampling
-from llama_jax.tokenizer import load_tokenizer
-from llama_jax.tokenizer_training import train_bpe
+from llama_jax.decoding.sampling import Sampling
+from llama_jax.text.tokenizer import load_tokenizer
+from llama_jax.text.tokenizer_training import train_bpe
 from tiny import hf_model
 
 REPO = Path(__file__).resolve().parent.parent

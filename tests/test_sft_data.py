@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from llama_jax.chat import encode_conversation
-from llama_jax.tokenizer import load_tokenizer
-from llama_jax.tokenizer_training import train_bpe
-from train.data import DataConfig, make_dataset
+from llama_jax.text.chat import encode_conversation
+from llama_jax.text.tokenizer import load_tokenizer
+from llama_jax.text.tokenizer_training import train_bpe
+from train.data.pipeline import DataConfig, make_dataset
 
 QUESTIONS = [f"What is {a}+{b}?" for a in range(3, 9) for b in range(2, 7)]
 

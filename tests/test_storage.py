@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from gcs_emulator import CuttingProxy, ForbiddenServer
-from llama_jax.checkpoint import latest_step
+from llama_jax.formats.checkpoint import latest_step
 from train_runs import (EXACT_METRICS, REPO, exact_metrics, finish, kill_at_step, metrics, subprocess_env,
                         wait_for_step, wandb_records)
 
@@ -68,9 +68,9 @@ def bucket(gcs):
 
 def test_prepare_writes_tokens_to_the_bucket_and_reads_them_back_by_range(bucket):
     from llama_jax.paths import user_path
-    from llama_jax.tokenizer import load_tokenizer
-    from train.ranged_reads import RangedTokens
-    from train.sources import TokenDocuments
+    from llama_jax.text.tokenizer import load_tokenizer
+    from train.data.ranged_reads import RangedTokens
+    from train.data.sources import TokenDocuments
 
     names = sorted(p.name for p in (user_path(bucket) / "tokens").iterdir())
     assert names == ["index.npy", "meta.json", "tokens.bin"]
@@ -105,7 +105,7 @@ def test_the_emulator_keeps_answering_past_a_full_log_pipe(gcs):
 def test_a_bucket_step_without_its_commit_file_is_not_a_checkpoint(gcs):
     """On gs:// orbax writes a step in place and ends with commit_success.txt: a step
     directory without one is a save cut short, never resumed from or served."""
-    from llama_jax.checkpoint import all_steps, latest_step
+    from llama_jax.formats.checkpoint import all_steps, latest_step
     from llama_jax.paths import user_path
 
     directory = user_path(gcs.bucket("commit-file")) / "checkpoints"
@@ -118,7 +118,7 @@ def test_a_bucket_step_without_its_commit_file_is_not_a_checkpoint(gcs):
 def test_killed_bucket_run_resumes_with_the_metrics_of_an_uninterrupted_run(bucket, tmp_path, compile_cache):
     """`python -m train` with run_dir=gs://...: SIGKILL between saves, the same command resumes,
     and every step's metrics equal an uninterrupted bucket run's bit for bit."""
-    from llama_jax.checkpoint import all_steps
+    from llama_jax.formats.checkpoint import all_steps
     from llama_jax.paths import user_path
 
     cwd, cache = tmp_path / "cwd", compile_cache
@@ -172,7 +172,7 @@ def test_a_connection_dropped_during_a_save_is_one_line_and_the_rerun_resumes(gc
     rerun also profiles step 12: the trace lands in the bucket, its local staging is gone."""
     import fsspec
 
-    from llama_jax.checkpoint import all_steps
+    from llama_jax.formats.checkpoint import all_steps
     from llama_jax.paths import user_path
 
     cwd, tmp = tmp_path / "cwd", tmp_path / "tmp"

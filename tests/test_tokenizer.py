@@ -16,8 +16,8 @@ import tokenizers
 from llama_models.llama3.tokenizer import Tokenizer as MetaTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from llama_jax.stream_decoder import StreamDecoder
-from llama_jax.tokenizer import (
+from llama_jax.text.stream_decoder import StreamDecoder
+from llama_jax.text.tokenizer import (
     HFTokenizer,
     SentencePieceTokenizer,
     TiktokenTokenizer,
@@ -25,7 +25,7 @@ from llama_jax.tokenizer import (
     llama3_special_tokens,
     load_tokenizer,
 )
-from llama_jax.tokenizer_training import (
+from llama_jax.text.tokenizer_training import (
     byte_level_bpe,
     train_bpe,
     train_sentencepiece,

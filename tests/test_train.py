@@ -19,7 +19,7 @@ from sharding.place import Placement
 from tiny import LLAMA3_LIKE
 from train_runs import random_batch
 from train.config import OptimizerConfig, load_run_config, run_config_from_dict
-from train.loss import chunked_cross_entropy_sums, cross_entropy_sums
+from train.objectives.cross_entropy import chunked_cross_entropy_sums, cross_entropy_sums
 from train.optimizer import decay_mask, learning_rate_schedule
 from train.step import init_state, jit_train_step, make_gradients, make_train_step
 

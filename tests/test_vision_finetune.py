@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 
 from llama_jax.config import ConfigError
-from llama_jax.hf import load_hf_params
-from llama_jax.params import join, partition
-from llama_jax.tokenizer import load_tokenizer
-from llama_jax.tokenizer_training import train_bpe
+from llama_jax.formats.hf import load_hf_params
+from llama_jax.model.params import join, partition
+from llama_jax.text.tokenizer import load_tokenizer
+from llama_jax.text.tokenizer_training import train_bpe
 from llama_jax.vision.model import is_image_adapter
-from llama_jax.weights import load_params
+from llama_jax.formats.weights import load_params
 from test_vision import drawn_image
 from tiny import VISION_LIKE, hf_vision_model, save_hf_vision_model
-from train.data import DataConfig, make_dataset
+from train.data.pipeline import DataConfig, make_dataset
 
 STEPS = 3
 # The trained leaves, by path: per cross-attention layer (stacked on `layers`) its attention
@@ -213,7 +213,7 @@ def test_bad_vision_training_data_is_one_line(workdir, tmp_path):
 
 
 def test_a_lora_section_on_a_vision_model_trains_only_lora_adapters(workdir):
-    from llama_jax.params import abstract_params
+    from llama_jax.model.params import abstract_params
     from train.step import trainable
 
     _, config = workdir

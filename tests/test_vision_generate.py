@@ -19,11 +19,11 @@ from infer import generate, load_model
 from infer.__main__ import main as infer_main
 from infer.engine import engine_for
 from llama_jax import load_model_config
-from llama_jax.chat import format_chat
-from llama_jax.hf import load_hf_params
-from llama_jax.sampling import Sampling
-from llama_jax.tokenizer import load_tokenizer
-from llama_jax.tokenizer_training import train_bpe
+from llama_jax.text.chat import format_chat
+from llama_jax.formats.hf import load_hf_params
+from llama_jax.decoding.sampling import Sampling
+from llama_jax.text.tokenizer import load_tokenizer
+from llama_jax.text.tokenizer_training import train_bpe
 from llama_jax.vision.image import image_inputs, load_image
 from sharding.layout import LayoutError, available_layouts, load_layout
 from sharding.place import Placement

@@ -1,4 +1,4 @@
-"""Weights & Biases logging (train/wandb_logging.py): failures are one line; wandb stays unimported
+"""Weights & Biases logging (train/tracking/wandb_logging.py): failures are one line; wandb stays unimported
 unless asked for (bad settings: tests/test_train.py).
 
 The end-to-end test rides on two training runs of tests/test_storage.py (a run whose save
@@ -31,7 +31,7 @@ def test_a_missing_wandb_package_is_one_line_before_anything_runs(tmp_path, monk
 def test_online_without_credentials_is_one_line(tmp_path, monkeypatch):
     from llama_jax.config import ConfigError
     from train.config import WandbConfig
-    from train.wandb_logging import WandbRun
+    from train.tracking.wandb_logging import WandbRun
 
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc with a key
@@ -48,7 +48,7 @@ def test_online_without_credentials_is_one_line(tmp_path, monkeypatch):
 def test_a_run_without_wandb_settings_never_imports_it(tmp_path, monkeypatch):
     """With wandb unimportable, a run config without metrics.wandb and its metrics writer work."""
     from train.config import load_run_config
-    from train.metrics import MetricsWriter
+    from train.tracking.metrics import MetricsWriter
 
     monkeypatch.setitem(sys.modules, "wandb", None)  # any `import wandb` would raise
     assert load_run_config("tiny_cpu").metrics.wandb is None

@@ -9,7 +9,7 @@ import math
 import numpy as np
 
 from llama_jax.config import ModelConfig, RopeScaling, VisionConfig
-from llama_jax.hf import config_to_hf
+from llama_jax.formats.hf import config_to_hf
 
 # Each shape stands for one generation's distinguishing features.
 LLAMA2_LIKE = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=160,
@@ -90,7 +90,7 @@ def hf_vision_model(config: ModelConfig, seed: int = 0):
 
 def save_hf_vision_model(config: ModelConfig, directory, seed: int = 0):
     """`hf_vision_model` saved in `directory` with a preprocessor_config.json for the config; returns it."""
-    from llama_jax.vision.hf import preprocessor_config
+    from llama_jax.formats.mllama import preprocessor_config
 
     model = hf_vision_model(config, seed)
     model.save_pretrained(directory)

@@ -104,7 +104,7 @@ def wait_for_step(run_dir, step: int, process: subprocess.Popen, timeout: float 
                   saved: int | None = None) -> int:
     """Poll until metrics.jsonl shows `step` or later (and step `saved` is a complete
     checkpoint, if given); the latest step logged."""
-    from llama_jax.checkpoint import all_steps
+    from llama_jax.formats.checkpoint import all_steps
     from llama_jax.paths import user_path
 
     deadline = time.monotonic() + timeout

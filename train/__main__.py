@@ -32,7 +32,7 @@ def main(argv=None) -> int:
 
     import jax
 
-    from llama_jax.checkpoint import CheckpointError
+    from llama_jax.formats.checkpoint import CheckpointError
     from llama_jax.config import ConfigError
     from llama_jax.paths import check_bucket, user_path
     from sharding.layout import LayoutError

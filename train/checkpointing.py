@@ -1,11 +1,11 @@
 """When and what training saves: async orbax checkpoints, exact resume, preemption.
 
-A training checkpoint is the format of `llama_jax/checkpoint.py` (items
+A training checkpoint is the format of `llama_jax/formats/checkpoint.py` (items
 "params" and "config", so inference and fine-tuning read it directly with
 `restore_params`) plus the items only training needs:
 
     <run_dir>/checkpoints/<step>/
-      params/  config/            as llama_jax.checkpoint writes them
+      params/  config/            as llama_jax.formats.checkpoint writes them
       opt_state/                  optimizer state (moments follow params' shardings)
       data/                       the data iterator's state (grain), one file per process
       run/                        the resolved run config, as JSON
@@ -56,14 +56,14 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-from llama_jax.checkpoint import (CONFIG, PARAMS, TMP_SUFFIX, CheckpointError, architecture_mismatch,
+from llama_jax.formats.checkpoint import (CONFIG, PARAMS, TMP_SUFFIX, CheckpointError, architecture_mismatch,
                                   first_line, latest_step, read_config)
 from llama_jax.paths import user_path
-from llama_jax.weights import BASE
+from llama_jax.formats.weights import BASE
 from train.config import RunConfig, run_config_from_dict
-from train.data import checkpoint_restore_args, checkpoint_save_args
-from train.library_logs import LibraryLogs
-from train.metrics import note
+from train.data.pipeline import checkpoint_restore_args, checkpoint_save_args
+from train.tracking.library_logs import LibraryLogs
+from train.tracking.metrics import note
 from train.nonfinite import DivergenceError
 
 OPT_STATE, DATA, RUN, CHECKSUMS = "opt_state", "data", "run", "checksums"
@@ -84,7 +84,7 @@ class Checkpointer:
     Every process must create one, call `restore_latest` once, then call
     `reached_preemption`, `check_saves` and `maybe_save` at every step, and
     `close` at the end. Until then orbax's logs go to `<run_dir>/orbax.log`
-    (see train/library_logs.py).
+    (see train/tracking/library_logs.py).
     """
 
     def __init__(self, run: RunConfig, shardings):
@@ -207,7 +207,7 @@ class Checkpointer:
 
     def _base_item(self) -> dict:
         """A LoRA (or vision adapter) run saves only its adapters: item "base" names the weights
-        they adapt, so the checkpoint loads whole (llama_jax.weights.load_params) and serves as it is."""
+        they adapt, so the checkpoint loads whole (llama_jax.formats.weights.load_params) and serves as it is."""
         if self.run.model.lora is None and self.run.model.vision is None:
             return {}
         return {BASE: ocp.args.JsonSave({"path": str(user_path(self.run.init_from))})}

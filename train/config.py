@@ -9,19 +9,19 @@ A run is a YAML file in `configs/runs/` (see `tiny_cpu.yaml`):
     eval: {every: 200, batches: 8}   # held-out loss (eval.paths, or data.holdout)
     layout: fsdp_tp                  # name in configs/layouts/ or a path
     mesh: {tensor: 2}                # ICI size overrides for the layout
-    data: {source: synthetic, seq_len: 128, global_batch: 16}   # train.data.DataConfig
+    data: {source: synthetic, seq_len: 128, global_batch: 16}   # train.data.pipeline.DataConfig
     optimizer: {learning_rate: 3.0e-4, warmup_steps: 100}       # OptimizerConfig
     steps: 1000
     run_dir: runs/tiny
     on_nonfinite: stop               # or skip: what a NaN/inf loss or norm does (train/nonfinite.py)
-    dpo: {beta: 0.1}                 # preference optimisation (train/dpo.py; data.source: preference;
+    dpo: {beta: 0.1}                 # preference optimisation (train/objectives/dpo.py; data.source: preference;
                                      # data.reference_log_probs: its reference computed once, train/dpo_reference.py)
-    distill: {teacher: ckpt/8b, alpha: 0.5, temperature: 2.0}   # logit distillation (train/distill.py)
+    distill: {teacher: ckpt/8b, alpha: 0.5, temperature: 2.0}   # logit distillation (train/objectives/distill.py)
     compile_cache: off               # or a directory (default: the user's cache dir; train/runtime.py)
     tpu_flags: {xla_tpu_enable_async_collective_fusion: true}   # libtpu flags (not on CPU)
     profile: {start_step: 10, steps: 3}                         # a jax.profiler trace in run_dir/profile
     checkpoint_timeout: 1200         # seconds a save may take before the run stops with an error
-    metrics: {wandb: {project: my-project}}   # also log to Weights & Biases (train/wandb_logging.py)
+    metrics: {wandb: {project: my-project}}   # also log to Weights & Biases (train/tracking/wandb_logging.py)
 
 Command-line overrides use dotted keys (`optimizer.learning_rate=1e-3`,
 `data.global_batch=32`, `steps=10`); values are parsed as YAML. An unknown
@@ -38,7 +38,7 @@ import yaml
 
 from llama_jax.config import ConfigError, ModelConfig, check_keys, load_model_config
 from llama_jax.config_files import read_config_file
-from train.data import DataConfig
+from train.data.pipeline import DataConfig
 from train.runtime import COMPILE_CACHE_OFF, ProfileConfig, check_tpu_flags
 
 DECAYS = ("cosine", "linear", "constant")
@@ -96,7 +96,7 @@ class EvalConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DpoConfig:
-    """Direct preference optimisation (train/dpo.py): `beta` scales the implicit rewards;
+    """Direct preference optimisation (train/objectives/dpo.py): `beta` scales the implicit rewards;
     `reference` names the reference policy's weights (default: init_from, or the
     policy's own random start without it). A LoRA run's reference is its base,
     without adapters: `reference` must then stay unset."""
@@ -110,7 +110,7 @@ class DpoConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DistillConfig:
-    """Logit distillation (train/distill.py): `teacher` is our checkpoint, a run directory
+    """Logit distillation (train/objectives/distill.py): `teacher` is our checkpoint, a run directory
     or a Hugging Face directory with the student's vocabulary; the loss is
     alpha * tau^2 * KL(teacher || student) at temperature tau + (1 - alpha) * CE."""
 
@@ -129,7 +129,7 @@ class DistillConfig:
 
 @dataclasses.dataclass(frozen=True)
 class WandbConfig:
-    """Weights & Biases logging (train/wandb_logging.py): the W&B `project` (required), and
+    """Weights & Biases logging (train/tracking/wandb_logging.py): the W&B `project` (required), and
     optionally the `entity` (user or team), the run's display `name` and the `mode`
     (online, offline or disabled; unset: W&B's own, $WANDB_MODE or online)."""
 
@@ -238,7 +238,7 @@ class RunConfig:
         if self.compile_cache is not None and (not isinstance(self.compile_cache, str) or not self.compile_cache):
             raise ConfigError(f"compile_cache: must be a directory or \"off\", got {self.compile_cache!r}")
         check_tpu_flags(self.tpu_flags)
-        from train.metrics import PEAK_FLOPS  # late: metrics imports jax
+        from train.tracking.metrics import PEAK_FLOPS  # late: metrics imports jax
         if self.chip not in PEAK_FLOPS:
             raise ConfigError(f"chip: {self.chip!r} is not one of {', '.join(PEAK_FLOPS)}")
 

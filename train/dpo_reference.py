@@ -8,7 +8,7 @@ answer under the reference the run would hold (dpo.reference, else init_from,
 else the policy's random start drawn from the run's seed; a LoRA run's base),
 computed as the run computes them (layout, loss_chunk), data.global_batch pairs
 at a time. The same run with `data.reference_log_probs=FILE` then reads them
-instead of holding a reference model (train/reference_log_probs.py: the file).
+instead of holding a reference model (train/data/reference_log_probs.py: the file).
 Bad input is one line on stderr and exit status 2; FILE (local or gs://) is
 written once, when every pair is done.
 """
@@ -24,15 +24,15 @@ import numpy as np
 from tqdm import tqdm
 
 from llama_jax.cli import run_cli
-from llama_jax.model import Llama
+from llama_jax.model.llama import Llama
 from sharding.layout import load_layout
 from sharding.place import Placement, validate
 from train.config import RunConfig
-from train.dpo import answer_log_probs
-from train.example_rows import PairRows, example_row, fit_pair
-from train.objectives import dpo_reference_params
-from train.reference_log_probs import pair_digest, write_reference_log_probs
-from train.sources import Preferences
+from train.objectives.dpo import answer_log_probs
+from train.data.example_rows import PairRows, example_row, fit_pair
+from train.objectives.run import dpo_reference_params
+from train.data.reference_log_probs import pair_digest, write_reference_log_probs
+from train.data.sources import Preferences
 from train.step import BATCH_KEYS, batch_shardings
 
 
@@ -41,7 +41,7 @@ def reference_log_probs(run: RunConfig, progress: bool = True) -> tuple[list, li
     answers' log-probabilities under the run's reference and its `pair_digest`, both of
     the pair as its row holds it (`fit_pair`: cut to seq_len); None for the three where
     its answers alone do not fit."""
-    from llama_jax.tokenizer import load_tokenizer
+    from llama_jax.text.tokenizer import load_tokenizer
 
     config = run.model.replace(lora=None)  # a LoRA run's reference is its base
     layout = load_layout(run.layout, **run.mesh)

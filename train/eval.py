@@ -33,7 +33,7 @@ import jax
 from llama_jax.cli import run_cli
 from llama_jax.config import ModelConfig
 from sharding.place import Placement
-from train.data import DataConfig, make_dataset
+from train.data.pipeline import DataConfig, make_dataset
 from train.step import Objective, cross_entropy
 
 
@@ -98,8 +98,8 @@ def _main(argv):
     parser.add_argument("--layout", default="fsdp", help="layout to place the model with (default: fsdp)")
     args = parser.parse_args(argv)
 
-    from llama_jax.tokenizer import load_tokenizer
-    from llama_jax.weights import load_params, resolve, stored_config
+    from llama_jax.text.tokenizer import load_tokenizer
+    from llama_jax.formats.weights import load_params, resolve, stored_config
     from sharding.layout import load_layout
 
     config = stored_config(args.checkpoint)

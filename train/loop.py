@@ -12,24 +12,24 @@ import numpy as np
 from tqdm import tqdm
 
 from llama_jax.config import ConfigError
-from llama_jax.params import join, partition
+from llama_jax.model.params import join, partition
 from llama_jax.paths import check_bucket, is_url, storage_error, user_path
 from sharding.layout import load_layout
 from sharding.place import Placement, validate
 from train.config import RunConfig
 from train.runtime import StepProfiler
-from train.data import make_dataset
+from train.data.pipeline import make_dataset
 from train.eval import Evaluator, eval_data
-from train.metrics import MetricsWriter, flops_per_token, peak_flops
+from train.tracking.metrics import MetricsWriter, flops_per_token, peak_flops
 from train.nonfinite import NonfiniteWatch
 from train.optimizer import learning_rate_schedule, make_optimizer
-from train.objectives import (batch_row_keys, load_reference, reference_shardings, run_objective,
+from train.objectives.run import (batch_row_keys, load_reference, reference_shardings, run_objective,
                               teacher_placement)
 from train.step import abstract_state, init_state, jit_train_step, make_train_step, trainable
 
 
 # Logged as the mean over the steps since the last log (the rest: the last step's value);
-# each objective logs some of them (train/step.py, train/dpo.py, train/distill.py).
+# each objective logs some of them (train/step.py, train/objectives/dpo.py, train/objectives/distill.py).
 AVERAGED = ("loss", "z_loss", "accuracy", "chosen_reward", "rejected_reward", "margin", "kl", "ce")
 
 
@@ -37,7 +37,7 @@ def _tokenizer(run: RunConfig):
     path = run.data.tokenizer or run.tokenizer
     if run.data.source not in ("text", "chat", "completion", "preference") or path is None:
         return None
-    from llama_jax.tokenizer import load_tokenizer
+    from llama_jax.text.tokenizer import load_tokenizer
     return load_tokenizer(path)
 
 
@@ -64,7 +64,7 @@ def _starting_params(run: RunConfig, shardings, resuming: bool):
     """
     if run.init_from is None or (resuming and run.model.lora is None and run.model.vision is None):
         return None
-    from llama_jax.weights import load_params
+    from llama_jax.formats.weights import load_params
 
     if run.model.lora is not None:
         return load_params(run.init_from, run.model.replace(lora=None), shardings.frozen)
@@ -177,7 +177,7 @@ def train(run: RunConfig, *, progress: bool = True, stop_after: int | None = Non
         raise ConfigError(f"model.quantize {run.model.quantize}: quantised weights stay frozen; add a "
                           "lora section to train adapters over them (QLoRA), or train unquantised")
     if run.metrics.wandb is not None:  # a missing extra fails now, not after the compiles
-        from train.wandb_logging import require_wandb
+        from train.tracking.wandb_logging import require_wandb
         require_wandb()
     layout = load_layout(run.layout, **run.mesh)
     placement = Placement.create(run.model, layout)
@@ -194,7 +194,7 @@ def train(run: RunConfig, *, progress: bool = True, stop_after: int | None = Non
         sources.append(run.dpo.reference)
     for source in sources:  # a wrong source fails here, before anything is written
         if source is not None:
-            from llama_jax.weights import check_architecture, stored_config
+            from llama_jax.formats.weights import check_architecture, stored_config
             check_architecture(source, stored_config(source), run.model)
     teacher = teacher_placement(run, layout)
     objective = run_objective(run, teacher)

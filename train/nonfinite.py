@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import jax
 
-from train.metrics import note
+from train.tracking.metrics import note
 from train.step import NONFINITE_BITS
 
 

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from llama_jax.cli import run_cli
 from llama_jax.paths import check_bucket, remove_tree, user_path
 
-from train.sources import (
+from train.data.sources import (
     INDEX_FILE,
     META_FILE,
     TOKENS_FILE,
@@ -126,7 +126,7 @@ def _main(argv):
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    from llama_jax.tokenizer import load_tokenizer
+    from llama_jax.text.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(args.tokenizer)
     meta = prepare(tokenizer, args.input, args.output, text_key=args.text_key, overwrite=args.overwrite,

@@ -17,13 +17,13 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from llama_jax.config import ModelConfig
-from llama_jax.model import Llama
-from llama_jax.lora import is_adapter
-from llama_jax.params import init_params, join, model_for, partition
+from llama_jax.model.llama import Llama
+from llama_jax.model.lora import is_adapter
+from llama_jax.model.params import init_params, join, model_for, partition
 from llama_jax.vision.image import image_shapes
 from llama_jax.vision.model import is_image_adapter
 from sharding.place import Placement
-from train.loss import chunked_cross_entropy_sums, cross_entropy_sums
+from train.objectives.cross_entropy import chunked_cross_entropy_sums, cross_entropy_sums
 
 BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_weights")
 # A vision model's batch also holds "images": its rows' images (llama_jax.vision.image.image_inputs).

@@ -2,7 +2,7 @@
 
 Trains a tokenizer on local text for a model trained from scratch: a
 Llama-3-style byte-level BPE in tiktoken's format (default) or a Llama-2-style
-SentencePiece model. The file loads with `llama_jax.tokenizer.load_tokenizer`.
+SentencePiece model. The file loads with `llama_jax.text.tokenizer.load_tokenizer`.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ def _main(argv):
     parser.add_argument("--kind", choices=("bpe", "sentencepiece"), default="bpe")
     args = parser.parse_args(argv)
 
-    from llama_jax.tokenizer_training import train_bpe, train_sentencepiece
-    from train.sources import expand_paths
+    from llama_jax.text.tokenizer_training import train_bpe, train_sentencepiece
+    from train.data.sources import expand_paths
 
     output = Path(args.output)
     files = expand_paths(args.input)

@@ -3,7 +3,7 @@
     python -m llama_jax.convert.hf_to_ours HF_DIR OUT_DIR [--dtype bfloat16] [--step 0]
 
 Reads config.json and the safetensors files (one file or an index of shards)
-through `llama_jax.hf.hf_weights`, one tensor at a time, and writes each
+through `llama_jax.formats.hf.hf_weights`, one tensor at a time, and writes each
 tensor into the checkpoint with `ParamsWriter` (layer slices straight into the
 stacked on-disk arrays).
 
@@ -22,11 +22,11 @@ from __future__ import annotations
 import argparse
 import os
 
-from llama_jax.checkpoint_io import ParamsWriter, as_contiguous
+from llama_jax.formats.checkpoint_io import ParamsWriter, as_contiguous
 from llama_jax.cli import run_cli
 from llama_jax.config import ModelConfig
 from llama_jax.convert import DTYPES, ConvertError, progress, staged_output
-from llama_jax.hf import hf_tensors, hf_weights, read_hf_config
+from llama_jax.formats.hf import hf_tensors, hf_weights, read_hf_config
 from llama_jax.paths import check_bucket, user_path
 
 

@@ -21,7 +21,7 @@ from llama_jax.convert import ConvertError
 
 def _lora_checkpoint(source, step: int | None):
     """(directory, step, config with lora) of a LoRA run's checkpoint; ConvertError otherwise."""
-    from llama_jax import checkpoint, weights
+    from llama_jax.formats import checkpoint, weights
 
     kind, directory = weights.resolve(source)
     step = checkpoint.resolve_step(directory, step) if kind == "ours" else None
@@ -33,7 +33,8 @@ def _lora_checkpoint(source, step: int | None):
 
 def merge_lora(source, output, step: int | None = None):
     """Write a new checkpoint `output` with the adapters of `source` folded into its weights."""
-    from llama_jax import checkpoint, lora, weights
+    from llama_jax.formats import checkpoint, weights
+    from llama_jax.model import lora
 
     directory, step, config = _lora_checkpoint(source, step)
     params = weights.load_params(directory, config, step=step)
@@ -44,9 +45,9 @@ def merge_lora(source, output, step: int | None = None):
 
 def export_peft(source, output, step: int | None = None, base_model: str | None = None):
     """Write the adapters of `source` as a new PEFT adapter directory `output`."""
-    from llama_jax import checkpoint, weights
+    from llama_jax.formats import checkpoint, weights
     from llama_jax.convert.peft import write_peft
-    from llama_jax.lora import is_adapter
+    from llama_jax.model.lora import is_adapter
 
     directory, step, config = _lora_checkpoint(source, step)
     _, adapters = checkpoint.restore_params(directory, step, config=config, only=is_adapter)

@@ -10,7 +10,7 @@ Llama 2 and dim 0 in Llama 3 (told apart by shape), norms replicated, and kv
 heads repeated across ranks when ranks outnumber them (405B MP16). Gathered
 tensors are Meta's [out, in] layout; wq and wk then get Hugging Face's row
 permutation (Meta rotates adjacent pairs, we rotate halves like HF), which
-turns them into HF's layout, and `llama_jax.hf.to_ours` finishes the job, so
+turns them into HF's layout, and `llama_jax.formats.hf.to_ours` finishes the job, so
 the two converters share one layout table.
 
 Shards are opened with `torch.load(mmap=True, weights_only=True)`: tensors
@@ -33,11 +33,11 @@ from typing import NamedTuple
 
 import numpy as np
 
-from llama_jax.checkpoint_io import ParamsWriter, as_contiguous
+from llama_jax.formats.checkpoint_io import ParamsWriter, as_contiguous
 from llama_jax.cli import run_cli
 from llama_jax.config import ConfigError, ModelConfig, RopeScaling, load_model_config, published_models
 from llama_jax.convert import DTYPES, ConvertError, progress, staged_output
-from llama_jax.hf import HF_WEIGHTS, to_ours
+from llama_jax.formats.hf import HF_WEIGHTS, to_ours
 
 
 class MetaRule(NamedTuple):

@@ -6,13 +6,13 @@
 
 Writes model-0000K-of-0000N.safetensors files with model.safetensors.index.json,
 config.json (rope settings in both the transformers 4.x and 5.x forms, from
-`llama_jax.hf.config_to_hf`), generation_config.json, and copies tokenizer
+`llama_jax.formats.hf.config_to_hf`), generation_config.json, and copies tokenizer
 files from --tokenizer if given. No code of ours is needed to load the result.
 
 Special ids: config.json gets the BOS and EOS ids, generation_config.json
 BOS and every id that ends generation (Llama 3: end_of_text, eom_id, eot_id),
 so transformers' `generate` stops where our `generate` does. They come from
-the flags, else the --tokenizer files (`llama_jax.tokenizer.load_tokenizer`),
+the flags, else the --tokenizer files (`llama_jax.text.tokenizer.load_tokenizer`),
 else the published vocabulary sizes of Llama 2 and 3.
 
 Streaming: tensor names, shapes and byte offsets are all known from the
@@ -36,13 +36,13 @@ import ml_dtypes
 import numpy as np
 from etils import epath
 
-from llama_jax.checkpoint_io import ParamsReader, as_contiguous
+from llama_jax.formats.checkpoint_io import ParamsReader, as_contiguous
 from llama_jax.cli import run_cli
 from llama_jax.convert import DTYPES, ConvertError, progress, staged_output
-from llama_jax.hf import config_to_hf, hf_tensors, to_hf
+from llama_jax.formats.hf import config_to_hf, hf_tensors, to_hf
 from llama_jax.paths import user_path
-from llama_jax.tokenizer import load_tokenizer
-from llama_jax.vision.hf import preprocessor_config
+from llama_jax.text.tokenizer import load_tokenizer
+from llama_jax.formats.mllama import preprocessor_config
 
 SAFETENSORS_DTYPES = {"bfloat16": ("BF16", ml_dtypes.bfloat16), "float32": ("F32", np.float32)}
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",

@@ -3,7 +3,7 @@
     write_peft(adapters, config, "out/", base_model="meta-llama/Llama-3.2-1B")
 
 Writes `adapter_model.safetensors` and `adapter_config.json`. Names follow
-the Hugging Face weight table (llama_jax/hf.py): our `layers/attention/wq`
+the Hugging Face weight table (llama_jax/formats/hf.py): our `layers/attention/wq`
 adapters become `base_model.model.model.layers.{i}.self_attn.q_proj.lora_A`
 and `.lora_B`. PEFT computes `W x + (alpha / r) B (A x)` with A [r, in] and
 B [out, r] on HF's flattened [out, in] kernels, so our A [*in, r] and B
@@ -19,7 +19,7 @@ import numpy as np
 
 from llama_jax.config import ModelConfig
 from llama_jax.convert import ConvertError, staged_output
-from llama_jax.hf import HF_WEIGHTS
+from llama_jax.formats.hf import HF_WEIGHTS
 
 PEFT_PREFIX = "base_model.model."
 

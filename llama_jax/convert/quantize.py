@@ -5,7 +5,7 @@
 SOURCE is our checkpoint directory (latest step) or a Hugging Face one
 (config.json + safetensors). The output stores the quantised kernels (int8
 or float8_e4m3fn values and their float32 per-output-channel `scale`s, see
-llama_jax/quantize.py) and every other weight in `--dtype`, with the
+llama_jax/model/quantize.py) and every other weight in `--dtype`, with the
 quantize setting in its config, so `python -m infer --checkpoint OUT_DIR`
 serves it as it is. What is quantised: int8, every projection of every
 layer; fp8, Llama 3's recipe for 405B (feed-forward weights, not the first
@@ -22,15 +22,15 @@ from __future__ import annotations
 import argparse
 import os
 
-from llama_jax.assemble import ParamsBuilder, checkpoint_weights
-from llama_jax.checkpoint import read_config
-from llama_jax.checkpoint_io import ParamsWriter
+from llama_jax.formats.assemble import ParamsBuilder, checkpoint_weights
+from llama_jax.formats.checkpoint import read_config
+from llama_jax.formats.checkpoint_io import ParamsWriter
 from llama_jax.cli import run_cli
 from llama_jax.config import QUANTIZE_TARGETS, ModelConfig
 from llama_jax.convert import DTYPES, ConvertError, progress, staged_output
-from llama_jax.hf import hf_weights, read_hf_config
+from llama_jax.formats.hf import hf_weights, read_hf_config
 from llama_jax.paths import user_path
-from llama_jax.quantize import require_fp8
+from llama_jax.model.quantize import require_fp8
 
 
 def quantize_checkpoint(source: str | os.PathLike, output: str | os.PathLike, quantize: str, dtype: str = "bfloat16",

@@ -3,7 +3,7 @@
     model = LlamaVision(config)                     # config.vision is set
     logits, cache = model.apply({"params": params}, tokens, positions, images=images, cache=cache)
 
-The text model is Llama's (llama_jax/model.py: its embedding, decoder
+The text model is Llama's (llama_jax/model/llama.py: its embedding, decoder
 layers, norm and head). Every `group` layers of the stack, one gated
 cross-attention layer is inserted (Llama 3.2 11B: after self-attention layers
 3, 7, ..., 31 of 32), so the stack is `n_cross` identical groups and one
@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from llama_jax.config import ModelConfig
-from llama_jax.model import (Cache, DecoderLayer, FeedForward, Linear, Llama, RMSNorm, attention_inputs,
+from llama_jax.model.llama import (Cache, DecoderLayer, FeedForward, Linear, Llama, RMSNorm, attention_inputs,
                              remat_layer)
 from llama_jax.vision.encoder import ImageEncoder
 from llama_jax.vision.layers import attend_masked, gate

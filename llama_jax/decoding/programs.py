@@ -1,0 +1,207 @@
+"""Prefill and the decode loop as pure functions: what inference compiles.
+
+    state, first_b, logits_bv = prefill(model, params, prompts_bt, lengths_b, limits_b, seed,
+                                        stops, sampling=..., cache_len=..., keep_logits=False,
+                                        chunk=None, images=None)
+    state, out_bn, logits_bnv = decode(model, params, state, stops, sampling=..., steps=...)
+    state, next_b, logits_bv = decode_step(model, params, state, stops, sampling=...)
+
+Both know nothing of meshes: the KV cache is constrained by its logical axis
+names (`llama_jax.model.kv_cache.cache_axes`), which the layout in scope maps to mesh axes. `infer/`
+jits them with shardings and donation to serve; `train.compile` jits the very
+same functions for ahead-of-time TPU compiles of inference.
+
+Letters in names: b batch rows, t prompt time, n decode steps, v vocab.
+
+Prompts are right-padded to one length. Prefill writes every prompt slot of
+the cache (padding included) and samples each row's first token from the
+logits at its own last prompt token. A prompt longer than `chunk` tokens is
+prefilled chunk by chunk: the first chunk from position 0 (a sequence
+attending to itself: the splash kernel and context parallelism apply), the
+others against the cache, so no step holds more than [chunk, cache_len]
+scores per head (with blocked attention, [chunk, block]) and activations
+for `chunk` tokens, never [t, t]. A decode step feeds each row's last
+token at its own position, so rows advance independently: the padding slots
+past a short prompt are overwritten by its own generated tokens before any
+query can see them (a query at position p sees slots <= p only).
+
+State (a dict of arrays, one entry per row unless named): cache (the KV
+cache), token (last token), pos (its position), count (tokens produced),
+limit (tokens allowed), done (stopped), keys (the row's PRNG key).
+
+Images (Llama 3.2 Vision): prefill takes them (llama_jax/vision/model.py's
+`images` dict) and the model writes each cross-attention layer's image keys
+and values into the cache ("image_k", "image_v"), once; the state keeps the
+tiles' visible spans ("images": tile_from, tile_until), and decode steps
+read both, never the pixels.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from llama_jax.config import ModelConfig
+from llama_jax.model.kv_cache import CACHE_AXES, cache_axes, init_cache
+from llama_jax.model.llama import Llama
+from llama_jax.decoding.sampling import Sampling, row_keys, sample, step_keys
+
+State = dict[str, Any]
+
+NO_TOKEN = -1  # in a decode chunk's output: the row produced nothing at that step
+PREFILL_CHUNK = 8192  # default tokens per prefill step (infer's Engine, train.compile)
+
+
+def state_axes(config: ModelConfig, with_images: bool = False) -> dict:
+    """Logical axes of every state entry, for `Placement.tree_shardings`; `with_images` adds
+    a vision batch's image keys and values (in the compute dtype) and the tiles' spans."""
+    axes = {"cache": cache_axes(config), "token": ("batch",), "pos": ("batch",), "count": ("batch",),
+            "limit": ("batch",), "done": ("batch",), "keys": ("batch",)}
+    if with_images:
+        axes["cache"] = {**axes["cache"], "image_k": CACHE_AXES, "image_v": CACHE_AXES}
+        axes["images"] = {"tile_from": ("batch", None, None), "tile_until": ("batch", None, None)}
+    return axes
+
+
+def _constrain_cache(cache, config: ModelConfig):
+    axes = state_axes(config, with_images="image_k" in cache)["cache"]
+    return {name: nn.with_logical_constraint(c, axes[name]) for name, c in cache.items()}
+
+
+def _is_stop(tokens_b, stops):
+    return (tokens_b[:, None] == stops[None, :]).any(axis=-1)
+
+
+def prefill(model: Llama, params, prompts_bt, lengths_b, limits_b, seed, stops, *,
+            sampling: Sampling, cache_len: int, keep_logits: bool = False, chunk: int | None = None,
+            images=None):
+    """Fill a new KV cache with the prompts and pick each row's first token.
+
+    prompts_bt: int32 [b, t], right-padded; lengths_b: each prompt's length;
+    limits_b: tokens each row may produce (0 for padding rows); seed: int32
+    scalar, or int32 [b] (one per row, as if each row were alone in a batch);
+    stops: int32 [k] stop ids. chunk: prefill `chunk` tokens at a time (t
+    must then be a multiple of it); None or >= t: all at once.
+    images: a vision model's images (see the module docstring), or None; the
+    first chunk encodes them into the cache, later chunks read them there.
+    Returns (state, first tokens [b] with NO_TOKEN for rows that may produce
+    nothing, float32 logits [b, v] or None).
+    """
+    b, t = prompts_bt.shape
+    chunk = t if chunk is None or chunk >= t else chunk
+    if t % chunk:
+        raise ValueError(f"prefill: prompt length {t} is not a multiple of the chunk {chunk}")
+    if jnp.ndim(seed) == 0:
+        keys_b = row_keys(jax.random.key(seed), b)
+    else:  # one seed per row: each row gets the key of row 0 of a batch with its seed
+        keys_b = jax.vmap(lambda s: row_keys(jax.random.key(s), 1)[0])(seed)
+    last_b = lengths_b - 1
+    spans = None if images is None else {"tile_from": images["tile_from"],
+                                         "tile_until": images["tile_until"]}
+
+    def last_hidden(hidden_bcd, start, last_bd):
+        """Keep the hidden state of each row's last prompt token if it is in this chunk."""
+        index_b = jnp.clip(last_b - start, 0, chunk - 1)
+        picked_bd = jnp.take_along_axis(hidden_bcd, index_b[:, None, None], axis=1)[:, 0]
+        inside_b = (last_b >= start) & (last_b < start + chunk)
+        return jnp.where(inside_b[:, None], picked_bd, last_bd)
+
+    cache = _constrain_cache(init_cache(model.config, b, cache_len), model.config)
+    with_images = {} if images is None else {"images": images}
+    hidden_bcd, cache = model.apply({"params": params}, prompts_bt[:, :chunk], None, cache=cache,
+                                    return_hidden=True, **with_images)
+    last_bd = last_hidden(hidden_bcd, 0, jnp.zeros((b, hidden_bcd.shape[-1]), hidden_bcd.dtype))
+
+    def next_chunk(carry, start):
+        cache, last_bd = carry
+        tokens_bc = jax.lax.dynamic_slice_in_dim(prompts_bt, start, chunk, axis=1)
+        positions_bc = jnp.broadcast_to(start + jnp.arange(chunk, dtype=jnp.int32), (b, chunk))
+        with_spans = {} if spans is None else {"images": spans}
+        hidden_bcd, cache = model.apply({"params": params}, tokens_bc, positions_bc, cache=cache,
+                                        return_hidden=True, **with_spans)
+        return (_constrain_cache(cache, model.config), last_hidden(hidden_bcd, start, last_bd)), None
+
+    starts = jnp.arange(chunk, t, chunk, dtype=jnp.int32)
+    (cache, last_bd), _ = jax.lax.scan(next_chunk, (cache, last_bd), starts)
+    # Only each row's last prompt token needs the (large) vocabulary projection.
+    logits_bv = model.apply({"params": params}, last_bd[:, None], method="logits")[:, 0]
+    first_b = sample(logits_bv, step_keys(keys_b, jnp.zeros_like(lengths_b)), sampling)
+    live_b = limits_b > 0
+    count_b = live_b.astype(jnp.int32)
+    state = {"cache": cache, "token": first_b, "pos": lengths_b, "count": count_b,
+             "limit": limits_b, "keys": keys_b,
+             "done": ~live_b | _is_stop(first_b, stops) | (count_b >= limits_b)}
+    if spans is not None:
+        state["images"] = spans
+    return state, jnp.where(live_b, first_b, NO_TOKEN), logits_bv if keep_logits else None
+
+
+def decode(model: Llama, params, state: State, stops, *, sampling: Sampling, steps: int,
+           keep_logits: bool = False):
+    """Up to `steps` decode steps in one `lax.while_loop` (fewer if every row is done).
+
+    Returns (state, tokens int32 [b, steps] with NO_TOKEN where a row produced
+    nothing, float32 logits [b, steps, v] or None); stop tokens are included.
+    """
+    b = state["token"].shape[0]
+    out_bn = jnp.full((b, steps), NO_TOKEN, jnp.int32)
+    logits_bnv = jnp.zeros((b, steps, model.config.vocab_size), jnp.float32) if keep_logits else None
+
+    def running(carry):
+        i, st, _, _ = carry
+        return (i < steps) & ~jnp.all(st["done"])
+
+    def step(carry):
+        i, st, out_bn, logits_bnv = carry
+        live_b = ~st["done"]
+        st, next_b, logits_bv = decode_step(model, params, st, stops, sampling=sampling)
+        out_bn = out_bn.at[:, i].set(jnp.where(live_b, next_b, NO_TOKEN))
+        if keep_logits:
+            logits_bnv = logits_bnv.at[:, i].set(logits_bv)
+        return i + 1, st, out_bn, logits_bnv
+
+    _, state, out_bn, logits_bnv = jax.lax.while_loop(
+        running, step, (jnp.int32(0), state, out_bn, logits_bnv))
+    return state, out_bn, logits_bnv
+
+
+def decode_step(model: Llama, params, state: State, stops, *, sampling):
+    """One decode step of every row: (state, next tokens int32 [b], float32 logits [b, v]).
+
+    Rows already done keep their token, position and count. `sampling`: a
+    `Sampling`, or a `RowSampling` with one setting per row.
+    """
+    with_images = {"images": state["images"]} if "images" in state else {}
+    logits_b1v, cache = model.apply({"params": params}, state["token"][:, None], state["pos"][:, None],
+                                    cache=state["cache"], **with_images)
+    logits_bv = logits_b1v[:, 0]
+    live_b = ~state["done"]
+    next_b = sample(logits_bv, step_keys(state["keys"], state["count"]), sampling)
+    next_b = jnp.where(live_b, next_b, state["token"])
+    count_b = state["count"] + live_b
+    done_b = state["done"] | _is_stop(next_b, stops) | (count_b >= state["limit"])
+    state = {**state, "cache": _constrain_cache(cache, model.config), "token": next_b,
+             "pos": state["pos"] + live_b, "count": count_b, "done": done_b}
+    return state, next_b, logits_bv
+
+
+def empty_state(config, batch: int, cache_len: int, with_images: bool = False) -> State:
+    """A state of `batch` finished rows over an empty cache: its shapes are prefill's
+    (for ahead-of-time compiles of `decode` from `jax.eval_shape`), with room for
+    `config.vision.max_images` images per row if `with_images`."""
+    zeros_b = jnp.zeros((batch,), jnp.int32)
+    state = {"cache": init_cache(config, batch, cache_len), "token": zeros_b, "pos": zeros_b,
+             "count": zeros_b, "limit": zeros_b, "done": jnp.ones((batch,), bool),
+             "keys": row_keys(jax.random.key(0), batch)}
+    if with_images:
+        vis = config.vision
+        tiles = jnp.zeros((batch, vis.max_images, vis.max_tiles), jnp.int32)
+        image_cache = jnp.zeros((len(vis.cross_attention_layers), batch,
+                                 vis.max_images * vis.max_tiles * vis.patches, config.n_kv_heads,
+                                 config.head_dim), state["cache"]["k"].dtype)
+        state["cache"].update(image_k=image_cache, image_v=image_cache)
+        state["images"] = {"tile_from": tiles, "tile_until": tiles}
+    return state

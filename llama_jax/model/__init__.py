@@ -1,0 +1,12 @@
+"""The Llama decoder and its layers, as Flax modules that name logical axes only.
+
+  llama        `Llama`: embedding, the scanned decoder stack, norm and head
+  attention    the one `attend` entry point; blocked_attention, splash and
+               context_parallel are its implementations
+  rope         rotary embeddings with Llama 3.1 frequency scaling
+  swiglu       the feed-forward activation with its CPU backward pass
+  kv_cache     the KV cache pytree (optionally int8/fp8)
+  quantize     int8 and FP8 weights; lora: adapters beside the weights they adapt
+  params       init, abstract shapes, counts, logical axes of the parameters
+  mesh_context the mesh and rules of the active layout, for per-device kernels
+"""

@@ -1,0 +1,387 @@
+"""Tokenizers for the Llama family, loaded from local files.
+
+Three file formats, one interface (`Tokenizer`):
+
+- SentencePiece `tokenizer.model` (Llama 2), via the `sentencepiece` package;
+- tiktoken-format `tokenizer.model` (Llama 3.x): lines of `base64token rank`,
+  with Meta's 256 special tokens appended after the regular ranks;
+- Hugging Face `tokenizer.json`, via the `tokenizers` package.
+
+`load_tokenizer(path)` picks one from the files. `llama_jax.text.stream_decoder`
+turns a stream of generated ids into text. Small tokenizers of the first two
+kinds are trained by `llama_jax.text.tokenizer_training`.
+"""
+
+from __future__ import annotations
+
+import abc
+import base64
+import json
+import os
+import re
+from collections.abc import Iterable
+
+import sentencepiece as spm
+import tiktoken
+import tokenizers
+from etils import epath
+
+from llama_jax.paths import check_bucket, user_path
+
+# Meta's Llama 3 pre-tokenizer regex (`pat_str`), see REFERENCE.md.
+LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+# Meta cuts long inputs before tiktoken sees them: tiktoken's regex matching
+# and BPE slow down badly on huge strings and on very long runs without a
+# change between whitespace and non-whitespace.
+_MAX_ENCODE_CHARS = 400_000
+_MAX_RUN_CHARS = 25_000
+_LONG_RUN = re.compile(r"(?<!\s)\s{%d,}|(?<!\S)\S{%d,}" % ((_MAX_RUN_CHARS + 1,) * 2))
+
+# Meta's names in id order, as its current reference tokenizer (the
+# llama-models package) has them; reserved_2... follow (REFERENCE.md).
+_LLAMA3_NAMED_SPECIALS = (
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>",
+    "<|step_id|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eom_id|>",
+    "<|eot_id|>",
+    "<|python_tag|>",
+    "<|image|>",
+)
+_RESERVED_PREFIX = "<|reserved_special_token_"
+_LLAMA3_STOPS = ("<|end_of_text|>", "<|eot_id|>", "<|eom_id|>")
+
+
+def llama3_special_tokens(count: int = 256) -> list[str]:
+    """Meta's Llama 3 special-token names in id order (ids start after the ranks)."""
+    reserved = [
+        f"{_RESERVED_PREFIX}{i}|>" for i in range(2, 2 + count - len(_LLAMA3_NAMED_SPECIALS))
+    ]
+    return list(_LLAMA3_NAMED_SPECIALS) + reserved
+
+
+class Tokenizer(abc.ABC):
+    """Text <-> token ids, with the special tokens a Llama model needs.
+
+    Attributes set by every implementation:
+      generation: "llama2" or "llama3" (chat format and special tokens).
+      vocab_size: number of ids, special tokens included.
+      bos_id, eos_id: begin/end of text; pad_id: an id for padding, or None.
+      stop_ids: frozenset of ids that end generation.
+    """
+
+    generation: str
+    vocab_size: int
+    bos_id: int
+    eos_id: int
+    pad_id: int | None
+    stop_ids: frozenset[int]
+
+    def encode(
+        self, text: str, bos: bool = False, eos: bool = False, allow_special: bool = False
+    ) -> list[int]:
+        """Encode `text` to ids, optionally framed by BOS/EOS.
+
+        Special-token strings inside `text` (e.g. "<|eot_id|>", "</s>") are
+        encoded as plain text unless `allow_special` is True, so user input
+        cannot forge control tokens.
+        """
+        ids = self._encode(text, allow_special)
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Decode ids to text; special tokens come back as their strings.
+
+        Bytes that do not form valid UTF-8 become U+FFFD.
+        """
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        return self._decode(ids)
+
+    @abc.abstractmethod
+    def token_id(self, piece: str) -> int:
+        """The id of a special token given its string, e.g. "<|eot_id|>"; ValueError if unknown."""
+
+    @abc.abstractmethod
+    def _encode(self, text: str, allow_special: bool) -> list[int]: ...
+
+    @abc.abstractmethod
+    def _decode(self, ids: list[int]) -> str: ...
+
+    def __repr__(self) -> str:
+        name = type(self).__name__
+        return f"{name}(generation={self.generation!r}, vocab_size={self.vocab_size})"
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """Llama 2's SentencePiece model (BOS `<s>`, EOS `</s>`, no pad)."""
+
+    def __init__(self, processor: spm.SentencePieceProcessor, source: str = "<memory>"):
+        self._sp = processor
+        self.generation = "llama2"
+        self.vocab_size = processor.vocab_size()
+        self.bos_id, self.eos_id = processor.bos_id(), processor.eos_id()
+        if self.bos_id < 0 or self.eos_id < 0:
+            raise ValueError(f"{source}: SentencePiece model defines no BOS or EOS piece")
+        self.pad_id = processor.pad_id() if processor.pad_id() >= 0 else None
+        self.stop_ids = frozenset({self.eos_id})
+        # Control pieces (<s>, </s>) are never produced from text by
+        # SentencePiece itself; allow_special=True splits them out by hand.
+        self._specials = {
+            processor.id_to_piece(i): i for i in range(self.vocab_size) if processor.is_control(i)
+        }
+        longest_first = sorted(self._specials, key=len, reverse=True)
+        self._special_re = re.compile("(" + "|".join(map(re.escape, longest_first)) + ")")
+
+    def token_id(self, piece: str) -> int:
+        if piece not in self._specials:
+            raise ValueError(f"{piece!r} is not a special token of this tokenizer")
+        return self._specials[piece]
+
+    def _encode(self, text: str, allow_special: bool) -> list[int]:
+        if not allow_special or not self._specials:
+            return self._sp.encode(text)
+        ids: list[int] = []
+        for part in self._special_re.split(text):
+            if part in self._specials:
+                ids.append(self._specials[part])
+            elif part:
+                ids.extend(self._sp.encode(part))
+        return ids
+
+    def _decode(self, ids: list[int]) -> str:
+        # sp.decode drops control ids; decode the runs between them instead.
+        out, run = [], []
+        for i in ids:
+            if self._sp.is_control(i):
+                if run:
+                    out.append(self._sp.decode(run))
+                    run = []
+                out.append(self._sp.id_to_piece(i))
+            else:
+                run.append(i)
+        if run:
+            out.append(self._sp.decode(run))
+        return "".join(out)
+
+
+class TiktokenTokenizer(Tokenizer):
+    """Llama 3.x byte-level BPE: regular ranks plus Meta's 256 special tokens."""
+
+    def __init__(self, ranks: dict[bytes, int], source: str = "<memory>"):
+        n = len(ranks)
+        if n == 0:
+            raise ValueError(f"{source}: tiktoken rank file holds no tokens")
+        if max(ranks.values()) != n - 1 or len(set(ranks.values())) != n:
+            raise ValueError(f"{source}: ranks must be the distinct integers 0..{n - 1}")
+        missing = [b for b in range(256) if bytes([b]) not in ranks]
+        if missing:
+            raise ValueError(f"{source}: no token for byte 0x{missing[0]:02x}; each byte needs one")
+        self._specials = {s: n + i for i, s in enumerate(llama3_special_tokens())}
+        self._enc = tiktoken.Encoding(
+            name=os.path.basename(source),
+            pat_str=LLAMA3_PATTERN,
+            mergeable_ranks=ranks,
+            special_tokens=self._specials,
+        )
+        self.generation = "llama3"
+        self.vocab_size = n + len(self._specials)
+        self.bos_id = self._specials["<|begin_of_text|>"]
+        self.eos_id = self._specials["<|end_of_text|>"]
+        # Llama 3.1 names this token for padding fine-tuning batches.
+        self.pad_id = self._specials["<|finetune_right_pad_id|>"]
+        self.stop_ids = frozenset(self._specials[s] for s in _LLAMA3_STOPS)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> TiktokenTokenizer:
+        """Load a `base64token rank` file; ValueError naming the file if it is not one."""
+        try:
+            ranks = _parse_ranks(user_path(path).read_bytes())
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+        return cls(ranks, str(path))
+
+    def token_id(self, piece: str) -> int:
+        if piece not in self._specials:
+            raise ValueError(f"{piece!r} is not a special token of this tokenizer")
+        return self._specials[piece]
+
+    def _encode(self, text: str, allow_special: bool) -> list[int]:
+        allowed = "all" if allow_special else set()
+        ids: list[int] = []
+        for piece in _split_long_text(text):
+            ids.extend(self._enc.encode(piece, allowed_special=allowed, disallowed_special=()))
+        return ids
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._enc.decode(ids, errors="replace")
+
+
+def _split_long_text(text: str) -> Iterable[str]:
+    """Cut text as Meta does: pieces of <= 400k chars, then runs of > 25k
+    whitespace or non-whitespace chars into 25k-char slices."""
+    for start in range(0, len(text), _MAX_ENCODE_CHARS):
+        piece = text[start : start + _MAX_ENCODE_CHARS]
+        if len(piece) <= _MAX_RUN_CHARS:
+            yield piece
+            continue
+        cut = 0
+        for run in _LONG_RUN.finditer(piece):
+            for at in range(run.start() + _MAX_RUN_CHARS, run.end(), _MAX_RUN_CHARS):
+                yield piece[cut:at]
+                cut = at
+        yield piece[cut:]
+
+
+def _parse_ranks(data: bytes) -> dict[bytes, int]:
+    """Parse tiktoken's `base64token rank` lines; ValueError naming the first bad line."""
+    ranks: dict[bytes, int] = {}
+    for lineno, line in enumerate(data.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except ValueError:
+            raise ValueError(
+                f"line {lineno} is not a tiktoken 'base64token rank' line: {line[:40]!r}"
+            ) from None
+    return ranks
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face `tokenizer.json`; BOS/EOS/pad from a sibling
+    `tokenizer_config.json` when present, else from Llama's special tokens.
+
+    `token_id` takes the file's names, and for Llama 3 also Meta's names of
+    ids the file leaves reserved: Hugging Face's 3.1 files call 128005 and
+    128011 reserved_2 and reserved_3, Meta `<|step_id|>` and `<|image|>`.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        path = user_path(path)
+        try:
+            self._tok = tokenizers.Tokenizer.from_str(path.read_text(encoding="utf-8"))
+        except Exception as e:  # tokenizers raises a bare Exception on bad JSON
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ValueError(f"{path}: not a Hugging Face tokenizer.json ({reason})") from None
+        added = self._tok.get_added_tokens_decoder()
+        self._specials = {tok.content: i for i, tok in added.items() if tok.special}
+        config = _read_tokenizer_config(path.parent / "tokenizer_config.json")
+        self.generation = "llama3" if "<|eot_id|>" in self._specials else "llama2"
+        llama3 = self.generation == "llama3"
+        bos = config.get("bos_token") or ("<|begin_of_text|>" if llama3 else "<s>")
+        eos = config.get("eos_token") or ("<|end_of_text|>" if llama3 else "</s>")
+        self.bos_id, self.eos_id = self._tok.token_to_id(bos), self._tok.token_to_id(eos)
+        if self.bos_id is None or self.eos_id is None:
+            raise ValueError(f"{path}: no BOS token {bos!r} or EOS token {eos!r} in this tokenizer")
+        pad = config.get("pad_token")
+        self.pad_id = self._tok.token_to_id(pad) if pad else None
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        stops = {self.eos_id}
+        if llama3:
+            stops |= {self._specials[s] for s in _LLAMA3_STOPS if s in self._specials}
+        self.stop_ids = frozenset(stops)
+        self._meta_names = self._meta_names_of_reserved_ids() if llama3 else {}
+
+    def _meta_names_of_reserved_ids(self) -> dict[str, int]:
+        """Meta's names (reserved ones aside) for ids this file calls reserved.
+
+        The file's own names win in `token_id`, so a name never means two ids.
+        """
+        base = self._specials.get("<|begin_of_text|>")
+        if base is None:
+            return {}
+        names = {}
+        for offset, name in enumerate(_LLAMA3_NAMED_SPECIALS):
+            here = self._tok.id_to_token(base + offset) or ""
+            if here.startswith(_RESERVED_PREFIX) and not name.startswith(_RESERVED_PREFIX):
+                names[name] = base + offset
+        return names
+
+    def token_id(self, piece: str) -> int:
+        i = self._tok.token_to_id(piece)
+        if i is None:
+            i = self._meta_names.get(piece)
+        if i is None:
+            raise ValueError(f"{piece!r} is not a token of this tokenizer")
+        return i
+
+    def _encode(self, text: str, allow_special: bool) -> list[int]:
+        # The flag makes the tokenizer treat special-token strings as text.
+        # It is state on the shared tokenizer, so set it on every call.
+        self._tok.encode_special_tokens = not allow_special
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=False)
+
+
+def _read_tokenizer_config(path: epath.Path) -> dict[str, str]:
+    """bos/eos/pad token strings from a tokenizer_config.json, if it exists."""
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: unreadable tokenizer config ({e})") from None
+    out = {}
+    for key in ("bos_token", "eos_token", "pad_token"):
+        value = config.get(key)
+        if isinstance(value, dict):  # older files store an AddedToken dict
+            value = value.get("content")
+        if isinstance(value, str):
+            out[key] = value
+    return out
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """Load a tokenizer from a file or a directory holding one.
+
+    A directory is searched for `tokenizer.json` (Hugging Face) then
+    `tokenizer.model`. A `.json` file loads as Hugging Face; any other file
+    as SentencePiece if it parses as one, else as a tiktoken rank file.
+    Raises ValueError with one line naming the file when nothing fits.
+    Local or gs:// (llama_jax/paths.py).
+    """
+    path = user_path(path)
+    check_bucket(path)
+    if path.is_dir():
+        found = [path / n for n in ("tokenizer.json", "tokenizer.model") if (path / n).is_file()]
+        if not found:
+            raise ValueError(f"{path}: directory holds no tokenizer.json or tokenizer.model")
+        path = found[0]
+    if not path.is_file():
+        raise ValueError(f"{path}: tokenizer file not found")
+    if path.suffix == ".json":
+        return HFTokenizer(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read tokenizer file ({e.strerror})") from None
+    # SentencePiece loads empty bytes as an uninitialised model, which then
+    # logs C++ errors to stderr on every call: refuse them first.
+    if not data.strip():
+        raise ValueError(f"{path}: empty or corrupt tokenizer (the file holds no tokens)")
+    try:
+        processor = spm.SentencePieceProcessor(model_proto=data)
+    except RuntimeError:
+        pass
+    else:
+        return SentencePieceTokenizer(processor, str(path))
+    try:
+        ranks = _parse_ranks(data)
+    except ValueError as e:
+        raise ValueError(f"{path}: empty or corrupt tokenizer (not a SentencePiece model; {e})") from None
+    return TiktokenTokenizer(ranks, str(path))

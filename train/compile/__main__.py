@@ -1,0 +1,5 @@
+import sys
+
+from train.compile.cli import main
+
+sys.exit(main())

@@ -1,0 +1,327 @@
+"""Ahead-of-time compiles of the real train and decode programs, and their verdicts.
+
+`compile_run(run, devices)` builds the project's own programs for the run's
+layout over `devices` (usually compile-only TPU devices from
+sharding.topology), compiles them from abstract sharded inputs and judges
+the per-chip HBM. The command that prints the results is train/compile/cli.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+
+@dataclasses.dataclass
+class CompileResult:
+    """One compile's figures; bytes and FLOPs are per chip unless named otherwise."""
+
+    program: str                  # "train", "prefill" or "decode"
+    topology: str
+    slices: int
+    chip: str
+    chips: int
+    layout: str
+    mesh: dict[str, int]
+    batch: int                    # global rows (decode, prefill: sequences)
+    seq_len: int                  # decode: cache length; prefill: prompt length
+    grad_accum: int
+    remat: str
+    dtype: str
+    param_dtype: str
+    verdict: str                  # fits | tight | does not fit
+    hbm_bytes: float              # the chip's published HBM (per device)
+    compile_s: float
+    memory: dict[str, int] | None = None   # arguments, outputs, aliased, temporaries, code, peak, total
+    model_flops: float | None = None       # per chip per step (train only)
+    xla_flops: float | None = None         # cost_analysis(), per chip (loop bodies counted once)
+    step_s_at_full_mfu: float | None = None
+    reason: str | None = None              # the compiler's message when it does not fit
+    prompt_len: int | None = None          # prefill: tokens per prompt
+    images_per_row: int = 0                # prefill and decode of a vision model
+    quantize: str | None = None            # int8 / fp8 weights (llama_jax/model/quantize.py)
+    kv_cache_dtype: str | None = None      # int8 / fp8 KV cache (decode)
+    weight_bytes: int | None = None        # one chip's share of the parameters, as compiled
+    cache_bytes: int | None = None         # one chip's share of the KV cache (decode)
+    collectives: list | None = None        # sharding.comms.Collective list (compile_run(comms=True))
+    estimate: dict | None = None           # sharding.comms_estimate.StepEstimate as a dict (train, comms=True)
+
+    @property
+    def used_bytes(self) -> int | None:
+        return None if self.memory is None else max(self.memory["peak"], self.memory["total"])
+
+    def to_dict(self) -> dict:
+        """JSON-ready; the collectives grouped by kind and mesh axes (sharding.comms_estimate.summary)."""
+        from sharding.comms_estimate import summary
+
+        collectives = None if self.collectives is None else summary(self.collectives)
+        return (dataclasses.asdict(dataclasses.replace(self, collectives=None))
+                | {"used_bytes": self.used_bytes, "collectives": collectives})
+
+
+# --- building the programs -------------------------------------------------------------
+
+
+def _abstract(tree, shardings):
+    import jax
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+
+
+def train_program(run, placement, teacher=None):
+    """(jitted train_step, abstract sharded (state, batch)) exactly as `train.loop.train` builds it:
+    the run's objective (cross-entropy, DPO or distillation), its state holding DPO's frozen
+    reference or the distillation teacher (`teacher`: train.objectives.run.teacher_placement's, on
+    the same devices), its batch the per-row reference log-probabilities a DPO run's data holds."""
+    import jax
+    import jax.numpy as jnp
+
+    from llama_jax.model.params import abstract_params
+    from train.objectives.run import batch_row_keys, reference_shardings, run_objective
+    from train.optimizer import learning_rate_schedule, make_optimizer
+    from train.step import BATCH_KEYS, abstract_state, jit_train_step, make_train_step
+
+    optimizer = make_optimizer(run.optimizer, run.steps)
+    schedule = learning_rate_schedule(run.optimizer, run.steps)
+    state, shardings = abstract_state(placement, optimizer)
+    fixed = reference_shardings(run, shardings.params, teacher)
+    if fixed:
+        shardings = shardings.replace(reference=fixed)
+        state = state.replace(reference=_abstract(abstract_params((teacher or placement).config), fixed))
+    rows = (run.data.global_batch, run.data.seq_len)
+    batch_sharding = placement.sharding("batch", "length")
+    batch = {key: jax.ShapeDtypeStruct(rows, jnp.float32 if key == "loss_weights" else jnp.int32,
+                                       sharding=batch_sharding) for key in BATCH_KEYS}
+    batch.update({key: jax.ShapeDtypeStruct(rows[:1], jnp.float32, sharding=placement.sharding("batch"))
+                  for key in batch_row_keys(run)})
+    if run.model.vision is not None:
+        batch["images"] = _abstract_images(placement, run.data.global_batch)
+    step = jit_train_step(make_train_step(run.model, optimizer, schedule, shardings.params, run.grad_accum,
+                                          objective=run_objective(run, teacher)),
+                          placement, shardings, row_keys=batch_row_keys(run))
+    return step, (state, batch)
+
+
+def decode_program(config, placement, batch: int, cache_len: int):
+    """(jitted decode loop, abstract sharded (params, state, stops)): exactly what `infer` serves.
+
+    The program is `llama_jax.decoding.programs.decode` (one step of its loop, greedy),
+    jitted with the state donated and sharded by the layout (batch on
+    data/fsdp, the KV cache's kv_heads on tensor), as infer's Engine jits it.
+    A vision model's state also holds its images' cached keys and values
+    (`vision.max_images` per row), which every step reads.
+    """
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    from llama_jax.decoding import programs
+    from llama_jax.model.params import model_for
+    from llama_jax.decoding.sampling import Sampling
+
+    config = config.replace(remat="none")  # nothing is differentiated
+    with_images = config.vision is not None
+    replicated = _replicated(placement)
+    state_shardings = placement.tree_shardings(programs.state_axes(config, with_images))
+    step = jax.jit(functools.partial(programs.decode, model_for(config), sampling=Sampling(), steps=1),
+                   donate_argnums=1,
+                   in_shardings=(placement.param_shardings(config), state_shardings, replicated),
+                   out_shardings=(state_shardings, replicated, replicated))
+    state = _abstract(jax.eval_shape(lambda: programs.empty_state(config, batch, cache_len, with_images)),
+                      state_shardings)
+    stops = jax.ShapeDtypeStruct((1,), jnp.int32, sharding=replicated)
+    return step, (_abstract_params(config, placement), state, stops)
+
+
+def prefill_program(config, placement, batch: int, prompt_len: int, cache_len: int,
+                    chunk: int | None = None):
+    """(jitted prefill, abstract sharded inputs): what infer's Engine compiles for `batch` prompts of
+    `prompt_len` tokens (a multiple of `chunk`, prefilled `chunk` tokens per step; None: all at
+    once) into a cache of `cache_len`, with `vision.max_images` full-size images per row for a
+    vision model (encoder, projector and every cross-attention layer's keys and values, made
+    once here)."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    from llama_jax.decoding import programs
+    from llama_jax.model.params import model_for
+    from llama_jax.decoding.sampling import Sampling
+
+    config = config.replace(remat="none")
+    replicated = _replicated(placement)
+    state_shardings = placement.tree_shardings(programs.state_axes(config, config.vision is not None))
+    fill = functools.partial(programs.prefill, model_for(config), sampling=Sampling(),
+                             cache_len=cache_len, chunk=chunk)
+    step = jax.jit(lambda params, prompts, lengths, limits, seed, stops, images: fill(
+        params, prompts, lengths, limits, seed, stops, images=images),
+                   out_shardings=(state_shardings, replicated, replicated))
+    row = placement.sharding("batch")
+    inputs = (jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32, sharding=placement.sharding("batch", "length")),
+              jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=row),
+              jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=row),
+              jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+              jax.ShapeDtypeStruct((1,), jnp.int32, sharding=replicated))
+    images = _abstract_images(placement, batch) if config.vision is not None else None
+    return step, (_abstract_params(config, placement), *inputs, images)
+
+
+def _abstract_images(placement, rows: int):
+    """A vision model's `images` for `rows` rows as sharded `jax.ShapeDtypeStruct`s (split on batch)."""
+    import jax
+
+    from llama_jax.vision.image import image_shapes
+
+    return {name: jax.ShapeDtypeStruct(shape, dtype, sharding=placement.sharding("batch"))
+            for name, (shape, dtype) in image_shapes(placement.config.vision, rows).items()}
+
+
+def _replicated(placement):
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    return NamedSharding(placement.mesh, PartitionSpec())
+
+
+def _abstract_params(config, placement):
+    from llama_jax.model.params import abstract_params
+
+    return _abstract(abstract_params(config), placement.param_shardings(config))
+
+
+# --- compiling ---------------------------------------------------------------------------
+
+
+def _chip_bytes(tree, device) -> int:
+    """Bytes of `device`'s shards of a tree of abstract sharded arrays."""
+    import math
+
+    import jax
+
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shard = leaf.sharding.shard_shape(leaf.shape)
+        if device in leaf.sharding.device_set:
+            total += math.prod(shard) * leaf.dtype.itemsize
+    return total
+
+
+def _memory(compiled) -> dict[str, int]:
+    stats = compiled.memory_analysis()
+    memory = {"arguments": stats.argument_size_in_bytes, "outputs": stats.output_size_in_bytes,
+              "aliased": stats.alias_size_in_bytes, "temporaries": stats.temp_size_in_bytes,
+              "code": stats.generated_code_size_in_bytes,
+              "peak": getattr(stats, "peak_memory_in_bytes", 0)}
+    memory["total"] = (memory["arguments"] + memory["outputs"] - memory["aliased"]
+                       + memory["temporaries"])
+    return memory
+
+
+def _out_of_memory_reason(err: Exception) -> str | None:
+    """The compiler's one-line reason if `err` is an out-of-HBM compile failure, else None."""
+    text = str(err)
+    if "RESOURCE_EXHAUSTED" not in text:
+        return None
+    lines = [line.strip() for line in text[text.index("RESOURCE_EXHAUSTED"):].splitlines()]
+    reason = " ".join(line for line in lines[:4] if line).removeprefix("RESOURCE_EXHAUSTED: ")
+    return reason[:400]
+
+
+def compile_run(run, devices, *, topology: str = "", slices: int = 1, program: str = "train",
+                decode_batch: int | None = None, cache_len: int | None = None,
+                prompt_len: int | None = None, prefill_chunk: int | None = None,
+                comms: bool = False) -> CompileResult:
+    """Compile `run`'s train step (or prefill, or decode step) for `devices`; judge whether it fits.
+
+    program: "train", "prefill" (batch x prompt_len tokens, `prefill_chunk`
+    at a time, default programs.PREFILL_CHUNK, with images for a vision
+    model) or "decode"; decode_batch, cache_len and prompt_len default to the
+    run's global batch and sequence length.
+
+    comms: also list the compiled program's collectives (sharding.comms) and, for the train
+    step, estimate its step time from them.
+
+    `devices`: compile-only TPU devices (sharding.topology.topology_devices).
+    LayoutError/ConfigError for input that cannot be placed; an out-of-memory
+    compile is a result with verdict "does not fit", not an exception.
+    """
+    from sharding.layout import load_layout
+    from sharding.place import Placement, validate
+    from sharding.topology import chip_info, layout_for_slices
+    from sharding.topology import CHIP_HBM_BYTES, CHIP_PEAK_FLOPS
+    from train.tracking.metrics import flops_per_token
+
+    info = chip_info(devices)
+    layout = layout_for_slices(load_layout(run.layout, **run.mesh), slices)
+    placement = Placement.create(run.model, layout, devices=devices)
+    if program == "train":
+        batch, seq_len = run.data.global_batch, run.data.seq_len
+        validate(run.model, layout, placement.mesh, batch=batch // run.grad_accum, seq_len=seq_len)
+        from train.objectives.run import teacher_placement
+        step, args = train_program(run, placement, teacher_placement(run, layout, devices=devices))
+    else:
+        from llama_jax.config import ConfigError
+
+        batch = decode_batch or run.data.global_batch
+        seq_len = cache_len or run.data.seq_len
+        if seq_len > run.model.max_seq_len:
+            raise ConfigError(f"cache length {seq_len} exceeds the model's max_seq_len "
+                              f"{run.model.max_seq_len}")
+        validate(run.model, layout, placement.mesh, batch=batch)
+        if program == "decode":
+            step, args = decode_program(run.model, placement, batch, seq_len)
+        else:
+            from llama_jax.decoding.programs import PREFILL_CHUNK
+
+            prompt_len = prompt_len or seq_len
+            if prompt_len > seq_len:
+                raise ConfigError(f"prompt length {prompt_len} exceeds the cache length {seq_len}")
+            chunk = min(prefill_chunk or PREFILL_CHUNK, prompt_len)
+            if prompt_len % chunk:
+                raise ConfigError(f"prompt length {prompt_len} is not a multiple of the prefill "
+                                  f"chunk {chunk}")
+            validate(run.model, layout, placement.mesh, seq_len=chunk)
+            step, args = prefill_program(run.model, placement, batch, prompt_len, seq_len, chunk)
+    hbm = CHIP_HBM_BYTES[info.chip] / info.devices_per_chip
+    result = CompileResult(
+        program=program, topology=topology, slices=slices, chip=info.chip, chips=info.n_chips,
+        layout=layout.name, mesh=dict(placement.mesh.shape), batch=batch, seq_len=seq_len,
+        grad_accum=run.grad_accum if program == "train" else 1, remat=run.model.remat,
+        dtype=run.model.dtype, param_dtype=run.model.param_dtype, verdict="does not fit",
+        hbm_bytes=hbm, compile_s=0.0, prompt_len=prompt_len if program == "prefill" else None,
+        images_per_row=run.model.vision.max_images if run.model.vision and program != "train" else 0,
+        quantize=run.model.quantize, kv_cache_dtype=run.model.kv_cache_dtype)
+    if program == "decode":
+        result.weight_bytes = _chip_bytes(args[0], devices[0])
+        result.cache_bytes = _chip_bytes(args[1]["cache"], devices[0])
+    start = time.perf_counter()
+    try:
+        with placement.activate():
+            compiled = step.lower(*args).compile()
+    except Exception as err:  # XLA reports running out of HBM as JaxRuntimeError
+        result.reason = _out_of_memory_reason(err)
+        if result.reason is None:
+            raise
+        result.compile_s = time.perf_counter() - start
+        return result
+    result.compile_s = time.perf_counter() - start
+    result.memory = _memory(compiled)
+    result.verdict = "fits" if result.used_bytes <= hbm else "tight"
+    costs = compiled.cost_analysis()
+    costs = costs[0] if isinstance(costs, (list, tuple)) else costs
+    result.xla_flops = float(costs.get("flops", 0.0)) if costs else None
+    if program == "train":
+        per_step = flops_per_token(run.model, seq_len) * batch * seq_len
+        result.model_flops = per_step / len(devices)
+        result.step_s_at_full_mfu = result.model_flops / (CHIP_PEAK_FLOPS[info.chip] / info.devices_per_chip)
+    if comms:
+        from sharding.comms import parse_collectives
+        from sharding.comms_estimate import estimate_step
+
+        result.collectives = parse_collectives(compiled.as_text(), placement.mesh)
+        if program == "train":
+            result.estimate = estimate_step(result.collectives, info.chip,
+                                            result.model_flops * info.devices_per_chip).to_dict()
+    return result
+
+

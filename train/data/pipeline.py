@@ -1,0 +1,367 @@
+"""Training data: documents -> packed rows -> per-process batches, with grain.
+
+One public entry, `make_dataset(DataConfig(...))`, returns an iterator of
+batches. How rows are cut depends on whether the documents' lengths are
+known up front.
+
+Pre-tokenized token directories with packing (the usual way to train):
+rows are random-access windows over one token stream.
+
+    stream               the documents (shuffled once by `seed`) end to end
+    windows              row w = stream[w*L : (w+1)*L] (+1 id for targets)
+    .shuffle(seed)       a global permutation of the rows, new every epoch
+    .repeat(num_epochs)  None repeats forever
+    [index::count]       each shard takes every count-th row
+    .batch(rows_per_shard)
+
+Every row of a batch therefore comes from a random place in the corpus,
+however long its documents are (with streamed packing a 100k-token file
+fills whole batches by itself, and the loss swings from batch to batch).
+A global batch is a run of consecutive rows of the shuffled dataset, so
+it holds the same rows however many shards share it.
+
+Text (tokenized on the fly), synthetic documents, and unpacked rows: lengths
+are only known once a document is read, so documents are streamed.
+
+    documents            random access: text/JSONL | synthetic | token files
+    .shuffle(seed)       a global permutation, different in every epoch
+    .repeat(num_epochs)  None repeats forever
+    [index::count]       each shard reads only its own documents
+    .map(tokenize)       text source only: BOS + ids + EOS, on the fly
+                         (nothing for a document with no text)
+    .to_iter_dataset()   worker threads read ahead, order kept
+    skip empty           documents with no ids are dropped; none at all
+                         in two passes is a ValueError
+    pack                 documents -> rows of seq_len (or one per row)
+    window shuffle       packed rows shuffled within windows of
+                         `shuffle_window` rows (grain's WindowShuffleIterDataset)
+    .batch(rows_per_shard)
+
+Unpacked rows are whole documents, so the document shuffle already shuffles
+rows. Streamed packed rows are only shuffled within a window: a document
+longer than a window's tokens still lands in neighbouring batches.
+
+Why grain datasets rather than `grain.DataLoader`: every random-access stage
+keeps its position as a single index, and the streaming packer is a small
+`DatasetIterator` whose state is the position of the first document it still
+holds plus an offset into it; the window shuffle stores its parent's state
+at the window start and replays at most one window on restore. `get_state()`
+is therefore a small JSON dict that restores exactly, and the result is a
+grain `DatasetIterator`, so grain's orbax handler saves it beside the model
+(`checkpoint_save_args` / `checkpoint_restore_args`).
+
+Batches are dicts of numpy arrays, each [B, seq_len] with
+B = global_batch // shard_count:
+
+    tokens       int32    input ids; 0 in padding
+    targets      int32    the next id in the document stream; 0 in padding
+    positions    int32    index within the document fragment: 0 at each
+                          document start and at the start of every row
+    segment_ids  int32    1, 2, ... for the document fragments of a row;
+                          0 in padding
+    loss_weights float32  1 where the target continues the input's document;
+                          0 where it is the next document's first id, or pad
+    images       dict     a vision model's rows only: each row's images
+                          (llama_jax.vision.image.image_inputs, no batch axis)
+
+A packed row holds stream[r*L:(r+1)*L] as tokens and stream[r*L+1:(r+1)*L+1]
+as targets. A document cut by a row boundary continues in another row with
+positions restarting at 0: positions stay below seq_len, as at inference,
+and every segment of a row is self-contained for attention. The last row
+of a stream may be short and padded. Unpacked mode puts one document per
+row, truncated to seq_len (+1 target) and padded.
+
+Sharding: shard i of n feeds B = global_batch // n rows of every global
+batch. By default a shard is a process (jax.process_index() of jax.process_count());
+processes that are replicas along the batch (e.g. `tp` across hosts) must
+pass the same shard (train.loop derives it from the Placement). With token
+windows and a finite num_epochs, only whole global batches are kept, so all
+shards yield the same number of batches. Streamed sources split documents
+between shards and may pack slightly different numbers of rows: train for a
+fixed number of steps with num_epochs=None (the default) to keep them in step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+
+import grain
+import grain.experimental
+import numpy as np
+
+from train.data.example_rows import ExampleRows, PairRows
+from train.data.packing import NonEmpty, PackedRows, TokenWindows, unpacked_row
+from train.data.sources import (Examples, Preferences, SyntheticDocuments, TextDocuments, TextTokenizer,
+                           TokenDocuments, encode_document)
+
+SOURCES = ("tokens", "text", "synthetic", "chat", "completion", "preference")
+EXAMPLE_SOURCES = ("chat", "completion")  # fine-tuning examples with per-token loss weights
+OVERLONG = ("drop", "truncate")
+SPLITS = ("train", "eval")
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where training rows come from and how they are cut and batched.
+
+    source: "tokens" (directories written by train.prepare), "text" (.txt
+      files, one document each, and .jsonl files, one document per line,
+      tokenized on the fly), "synthetic" (random ids from `seed`), "chat" or
+      "completion" (fine-tuning examples, train/data/sources.py `Examples`), or
+      "preference" (DPO pairs, `Preferences`: one pair per row, the chosen
+      conversation as segment 1 and the rejected one as segment 2; a pair
+      longer than seq_len loses the start of its prompt, and is dropped only
+      if its answers alone do not fit, train/data/example_rows.py `fit_pair`).
+    paths: token directories, or text files and globs.
+    tokenizer: tokenizer file or directory for the "text" source.
+    text_key: the JSONL field holding a document's text.
+    seq_len: tokens per row; global_batch: rows per step over all processes.
+    packing: pack documents into full rows (True) or one document per row.
+    shuffle, seed: shuffle documents with a permutation drawn from `seed`.
+    num_epochs: passes over the documents; None repeats forever.
+    vocab_size, synthetic_docs: size of the synthetic source.
+    read_threads: threads reading (and tokenizing) documents or rows ahead.
+    shuffle_window: streamed packed rows (text and synthetic sources) are
+      shuffled within windows of this many rows; restoring replays at most
+      one window. 0 or 1 keeps stream order. Token directories shuffle all
+      rows globally and ignore it.
+    overlong: fine-tuning examples (chat, completion) longer than seq_len
+      inputs are dropped, or truncated to seq_len (then dropped if no
+      weighted token is left); the count is logged at start.
+    holdout, split: a fraction of the documents (examples), drawn from
+      `seed`, is held out for evaluation; split "train" reads the others,
+      "eval" only those. 0 holds nothing out.
+    reference_log_probs: source "preference" only: a file of the DPO
+      reference's log-probabilities of every pair (train/data/reference_log_probs.py),
+      read into each row instead of running a reference model.
+    """
+
+    source: str = "synthetic"
+    paths: tuple[str, ...] = ()
+    tokenizer: str | None = None
+    text_key: str = "text"
+    seq_len: int = 2048
+    global_batch: int = 8
+    packing: bool = True
+    shuffle: bool = True
+    seed: int = 0
+    num_epochs: int | None = None
+    vocab_size: int = 32000
+    synthetic_docs: int = 10_000
+    read_threads: int = 8
+    shuffle_window: int = 1024
+    overlong: str = "drop"
+    holdout: float = 0.0
+    split: str = "train"
+    reference_log_probs: str | None = None
+
+    def __post_init__(self):
+        paths = (self.paths,) if isinstance(self.paths, (str, os.PathLike)) else self.paths
+        if not all(isinstance(p, (str, os.PathLike)) for p in paths):
+            raise ValueError(f"DataConfig.paths must be a sequence of paths; got {self.paths!r}")
+        object.__setattr__(self, "paths", tuple(str(p) for p in paths))
+        if self.source not in SOURCES:
+            raise ValueError(f"DataConfig.source must be one of {', '.join(SOURCES)}; got {self.source!r}")
+        if self.source not in ("synthetic",) and not self.paths:
+            raise ValueError(f"DataConfig.paths must name at least one input for source {self.source!r}")
+        if not self.text_key:
+            raise ValueError("DataConfig.text_key must be a non-empty string")
+        for name in ("seq_len", "global_batch", "vocab_size", "synthetic_docs"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"DataConfig.{name} must be a positive integer; got {value!r}")
+        if self.num_epochs is not None and (not isinstance(self.num_epochs, int) or self.num_epochs < 1):
+            raise ValueError(f"DataConfig.num_epochs must be a positive integer or None; got {self.num_epochs!r}")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise ValueError(f"DataConfig.seed must be an integer in [0, 2**32); got {self.seed!r}")
+        for name in ("read_threads", "shuffle_window"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"DataConfig.{name} must be a non-negative integer; got {value!r}")
+        for name, allowed in (("overlong", OVERLONG), ("split", SPLITS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"DataConfig.{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        if isinstance(self.holdout, bool) or not isinstance(self.holdout, (int, float)) \
+                or not 0 <= self.holdout < 1:
+            raise ValueError(f"DataConfig.holdout must be a fraction in [0, 1); got {self.holdout!r}")
+        if self.reference_log_probs is not None and self.source != "preference":
+            raise ValueError("DataConfig.reference_log_probs holds DPO reference log-probabilities of "
+                             f"preference pairs; the source is {self.source!r}")
+
+
+
+# --- The pipeline. ----------------------------------------------------------
+
+
+class _Subset:
+    """Random access to the documents `indices` of `source` (a holdout split)."""
+
+    def __init__(self, source, indices: np.ndarray):
+        self._source, self._indices = source, indices
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    def __getitem__(self, i: int):
+        return self._source[int(self._indices[i])]
+
+
+def split_indices(n_docs: int, config: DataConfig) -> np.ndarray:
+    """The document indices of `config.split`: a `holdout` fraction drawn from `seed` is
+    "eval", the rest "train" (all of them when nothing is held out)."""
+    held = np.zeros(n_docs, bool)
+    if config.holdout:
+        count = max(1, round(config.holdout * n_docs))
+        held[np.random.default_rng([config.seed, 1]).permutation(n_docs)[:count]] = True
+    indices = np.flatnonzero(held if config.split == "eval" else ~held)
+    if len(indices) == 0:
+        raise ValueError(f"DataConfig.holdout {config.holdout} leaves no documents for split {config.split!r}")
+    return indices
+
+
+def _documents(config: DataConfig, tokenizer: TextTokenizer | None, model_vocab_size: int | None, vision=None):
+    """(random-access source, per-document function to int32 ids or None)."""
+    if config.source == "tokens":
+        docs = TokenDocuments(config.paths)
+        for path, vocab_size in zip(docs.dirs, docs.vocab_sizes):
+            if model_vocab_size is not None and vocab_size > model_vocab_size:
+                raise ValueError(f"{path}: prepared with a vocabulary of {vocab_size} ids, more than the "
+                                 f"model's vocab_size {model_vocab_size}; prepare it with the model's "
+                                 "tokenizer")
+        return docs, None
+    if config.source == "synthetic":
+        return SyntheticDocuments(config.vocab_size, config.synthetic_docs, config.seq_len, config.seed), None
+    if tokenizer is None:
+        if config.tokenizer is None:
+            raise ValueError(f"DataConfig.tokenizer must name a tokenizer file for source {config.source!r}")
+        from llama_jax.text.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(config.tokenizer)
+    if vision is not None and model_vocab_size is not None:  # HF's Mllama tokenizer counts <|image|> too
+        model_vocab_size += vision.extra_token_rows
+    if model_vocab_size is not None and tokenizer.vocab_size > model_vocab_size:
+        raise ValueError(f"tokenizer: vocabulary of {tokenizer.vocab_size} exceeds the model's vocab_size "
+                         f"{model_vocab_size}")
+    if config.source in EXAMPLE_SOURCES:
+        return Examples(config.paths, tokenizer, config.source, vision), None
+    if config.source == "preference":
+        return Preferences(config.paths, tokenizer), None
+    return TextDocuments(config.paths, config.text_key), functools.partial(encode_document, tokenizer)
+
+
+def make_dataset(
+    config: DataConfig,
+    *,
+    tokenizer: TextTokenizer | None = None,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+    model_vocab_size: int | None = None,
+    vision=None,
+) -> grain.DatasetIterator:
+    """An iterator of this shard's batches (see the module docstring for their dict).
+
+    tokenizer: overrides `config.tokenizer` for the text source (any object
+      with encode/bos_id/eos_id).
+    model_vocab_size: the ids the model accepts; a token directory or text
+      tokenizer with a larger vocabulary is refused (ValueError, one line).
+      (Inside the model an id past the vocabulary gives a row of NaN logits.)
+    vision: a Llama 3.2 Vision model's VisionConfig: chat examples may hold
+      images (train.data.sources.Examples), one example per row (no packing), and
+      every batch gains "images" (llama_jax.vision.image.image_inputs, one
+      entry per row). Only the chat and completion sources feed a vision model.
+    shard_index, shard_count: this process feeds global_batch // shard_count
+      rows of every global batch, disjoint from other shards' rows. Default:
+      jax.process_index() of jax.process_count(). Processes that are replicas
+      along the batch pass the same shard; for a `Placement`, shard_count is
+      global_batch // placement.process_rows(global_batch) (train.loop).
+    The iterator's get_state() is a JSON-serialisable dict; set_state() on
+    an iterator made from the same config and shard resumes exactly.
+    """
+    if (shard_index is None) != (shard_count is None):
+        raise ValueError("make_dataset: pass shard_index and shard_count together, or neither")
+    if shard_index is None:
+        import jax
+
+        shard_index, shard_count = jax.process_index(), jax.process_count()
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index {shard_index} is outside [0, shard_count {shard_count})")
+    if config.global_batch % shard_count:
+        raise ValueError(
+            f"DataConfig.global_batch {config.global_batch} is not divisible by shard_count {shard_count}"
+        )
+    if vision is not None and config.source not in EXAMPLE_SOURCES:
+        raise ValueError(f"data.source {config.source!r}: a vision model fine-tunes on chat (or completion) "
+                         "examples; use data.source chat")
+    source, encode = _documents(config, tokenizer, model_vocab_size, vision)
+    indices = split_indices(len(source), config)
+    read = grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=4 * config.read_threads)
+    if config.source in EXAMPLE_SOURCES or config.source == "preference":
+        rows = PairRows if config.source == "preference" else ExampleRows
+        rows = _global_rows(rows(source, indices, config), config)
+        rows = rows[shard_index::shard_count].to_iter_dataset(read)
+    elif config.source == "tokens" and config.packing:
+        rows = _window_rows(source, indices, config)[shard_index::shard_count].to_iter_dataset(read)
+    else:
+        rows = _streamed_rows(_Subset(source, indices), encode, config, shard_index, shard_count, read)
+    return iter(rows.batch(config.global_batch // shard_count, drop_remainder=True))
+
+
+def _window_rows(docs: TokenDocuments, indices: np.ndarray, config: DataConfig) -> grain.MapDataset:
+    """All shards' rows in order: token windows, shuffled per epoch, whole global batches only."""
+    order = indices
+    if config.shuffle:
+        order = indices[np.random.default_rng(config.seed).permutation(len(indices))]
+    windows = TokenWindows(docs, order, config.seq_len)
+    if len(windows) == 0:
+        raise ValueError(f"DataConfig.paths hold too few tokens for one row: {', '.join(config.paths)}")
+    return _global_rows(windows, config)
+
+
+def _global_rows(rows, config: DataConfig) -> grain.MapDataset:
+    """A random-access set of rows, shuffled per epoch, repeated, whole global batches only."""
+    rows = grain.MapDataset.source(rows)
+    if config.shuffle:
+        rows = rows.shuffle(seed=config.seed)
+    rows = rows.repeat(config.num_epochs)
+    if config.num_epochs is not None:  # keep shards in step: drop the last partial global batch
+        rows = rows[: len(rows) - len(rows) % config.global_batch]
+    return rows
+
+
+def _streamed_rows(source, encode, config: DataConfig, shard_index: int, shard_count: int,
+                   read: grain.ReadOptions) -> grain.IterDataset:
+    """This shard's rows from its own documents: packed by streaming, or one per row."""
+    docs = grain.MapDataset.source(source)
+    if config.shuffle:
+        docs = docs.shuffle(seed=config.seed)
+    docs = docs.repeat(config.num_epochs)[shard_index::shard_count]
+    if encode is not None:
+        docs = docs.map(encode)
+    limit = 2 * (-(-len(source) // shard_count) + 1)
+    docs = NonEmpty(docs.to_iter_dataset(read), limit, config.paths)
+    if not config.packing:
+        return docs.map(functools.partial(unpacked_row, seq_len=config.seq_len))
+    rows = PackedRows(docs, config.seq_len)
+    if config.shuffle and config.shuffle_window > 1:
+        # index_shuffle takes 32-bit seeds and adds the window number to this one.
+        rows = grain.experimental.WindowShuffleIterDataset(
+            rows, window_size=config.shuffle_window, seed=config.seed % 2**31)
+    return rows
+
+
+# --- Checkpointing with orbax. ----------------------------------------------
+
+
+def checkpoint_save_args(iterator: grain.DatasetIterator):
+    """Orbax args saving `iterator`'s state (one JSON file per process), e.g.
+
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                               data=checkpoint_save_args(iterator)))
+    """
+    return grain.checkpoint.CheckpointSave(iterator)
+
+
+def checkpoint_restore_args(iterator: grain.DatasetIterator):
+    """Orbax args restoring into `iterator` (made from the same config and shard) in place."""
+    return grain.checkpoint.CheckpointRestore(iterator)

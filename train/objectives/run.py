@@ -1,0 +1,86 @@
+"""What a run minimises, and the fixed model it compares with.
+
+The run config picks the objective (train/step.py `Objective`): cross-entropy,
+DPO (a `dpo:` section) or logit distillation (`distill:`). DPO's reference
+policy and the distillation teacher ride in `TrainState.reference`, placed on
+the run's mesh; this module says where (their shardings) and loads them.
+`train.loop` trains with these, `train.compile.aot` compiles the same step ahead of
+time, and `train.dpo_reference` runs a DPO run's reference once.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from llama_jax.config import ModelConfig
+from sharding.place import Placement
+from train.config import RunConfig
+from train.data.reference_log_probs import REFERENCE_KEYS
+from train.step import Objective, cross_entropy
+
+
+def teacher_placement(run: RunConfig, layout, devices=None) -> Placement | None:
+    """The distillation teacher's placement on the run's layout over `devices` (the student's;
+    None: all), from its stored config alone (no weights read); None without distillation.
+    ConfigError (one line) if its vocabulary is not the student's."""
+    if run.distill is None:
+        return None
+    from llama_jax.formats.weights import stored_config
+    from train.objectives.distill import check_teacher, teacher_config
+
+    config = teacher_config(stored_config(run.distill.teacher), run.model)
+    check_teacher(config, run.model, run.distill.teacher)
+    return Placement.create(config, layout, devices=devices)
+
+
+def run_objective(run: RunConfig, teacher: Placement | None) -> Objective:
+    """What the run minimises; `teacher`: `teacher_placement`'s, for distillation."""
+    if run.dpo is not None:
+        from train.objectives.dpo import dpo
+        return dpo(run.model, run.dpo.beta, run.loss_chunk)
+    if run.distill is not None:
+        from train.objectives.distill import distill
+        return distill(run.model, teacher.config, run.distill.alpha, run.distill.temperature, run.loss_chunk)
+    return cross_entropy(run.model, run.z_loss, run.loss_chunk)
+
+
+def batch_row_keys(run: RunConfig) -> tuple[str, ...]:
+    """The batch's per-row values ([B], on batch) beside its token arrays: a DPO pair's
+    reference log-probabilities when the data holds them (`data.reference_log_probs`)."""
+    return REFERENCE_KEYS if run.data.reference_log_probs is not None else ()
+
+
+def reference_shardings(run: RunConfig, param_shardings, teacher: Placement | None):
+    """Shardings of the fixed model the objective compares with: a teacher's by its own
+    placement, a DPO reference's like the policy's (`param_shardings`); none for a
+    LoRA DPO run (its reference is its base) or one whose data holds the reference's
+    log-probabilities, nor for cross-entropy."""
+    if teacher is not None:
+        return teacher.param_shardings()
+    if run.dpo is not None and run.model.lora is None and run.data.reference_log_probs is None:
+        return param_shardings
+    return {}
+
+
+def load_reference(run: RunConfig, shardings, teacher: Placement | None):
+    """The teacher's or DPO reference's weights placed on `shardings` (`reference_shardings`'s;
+    {} when that is empty)."""
+    if not shardings:
+        return {}
+    if teacher is not None:
+        from llama_jax.formats.weights import load_params
+        return load_params(run.distill.teacher, teacher.config, shardings)
+    return dpo_reference_params(run, shardings)
+
+
+def dpo_reference_params(run: RunConfig, shardings, config: ModelConfig | None = None):
+    """A DPO run's reference weights as `config` (default: the run's model) placed on
+    `shardings`: dpo.reference, else init_from, else the policy's own random start
+    (drawn again from the run's seed, so a resumed run compares with the same one)."""
+    config = config or run.model
+    source = run.dpo.reference or run.init_from
+    if source is not None:
+        from llama_jax.formats.weights import load_params
+        return load_params(source, config, shardings)
+    from llama_jax.model.params import init_params
+    return jax.jit(lambda rng: init_params(config, rng), out_shardings=shardings)(jax.random.key(run.seed))
