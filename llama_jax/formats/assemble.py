@@ -29,6 +29,9 @@ from llama_jax.formats.checkpoint import CheckpointError, is_stacked, named_leav
 from llama_jax.config import ModelConfig
 from llama_jax.model.params import abstract_params
 from llama_jax.model.quantize import quantize_kernel
+from llama_jax.formats.checkpoint import architecture_mismatch
+from llama_jax.formats.checkpoint_io import ParamsReader
+from llama_jax.model.params import layer_location, layer_of
 
 QUANTISED_DTYPES = ("int8", "float8_e4m3fn")
 
@@ -161,9 +164,6 @@ def checkpoint_weights(directory, config: ModelConfig, step: int | None = None):
     quantised one only to its own quantize setting. CheckpointError (one
     line) otherwise.
     """
-    from llama_jax.formats.checkpoint import architecture_mismatch
-    from llama_jax.formats.checkpoint_io import ParamsReader
-
     reader = ParamsReader(directory, step)
     stored = reader.config
     name = architecture_mismatch(stored, config.replace(quantize=stored.quantize))
@@ -191,8 +191,6 @@ def converted_params(params, stored: ModelConfig, config: ModelConfig, shardings
 def _relocated(leaves: dict, read, stored: ModelConfig, config: ModelConfig):
     """(path, index, array) in `config`'s tree for every leaf (and layer slice) of `stored`'s
     tree, whose leaves (with shapes) are `leaves` and whose slices `read(path, index)` gives."""
-    from llama_jax.model.params import layer_location, layer_of
-
     for path, leaf in leaves.items():
         for index in (range(leaf.shape[0]) if path[0] == "layers" else [None]):
             layer, below = layer_of(path, index, stored)
