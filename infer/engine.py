@@ -27,7 +27,8 @@ from llama_jax.decoding import programs
 from llama_jax.config import ModelConfig
 from llama_jax.decoding.programs import NO_TOKEN, State
 from llama_jax.model.llama import check_token_ids
-from llama_jax.model.params import model_for, stacked_layers, unstack_layers
+from llama_jax.params import model_for, stacked_layers
+from llama_jax.model.trees import unstack_layers
 from llama_jax.decoding.sampling import Sampling
 from sharding.layout import Layout, load_layout
 from sharding.place import Placement

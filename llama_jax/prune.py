@@ -42,7 +42,8 @@ import numpy as np
 from llama_jax.cli import run_cli
 from llama_jax.config import ModelConfig
 from llama_jax.model.llama import DecoderLayer, FeedForward, Linear, Llama
-from llama_jax.model.params import stack_layers, stacked_layers
+from llama_jax.model.trees import stack_layers
+from llama_jax.params import stacked_layers
 from llama_jax.formats.checkpoint import save_params
 from llama_jax.formats.weights import load_params, resolve, stored_config
 from llama_jax.text.tokenizer import load_tokenizer

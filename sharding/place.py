@@ -23,7 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llama_jax.config import ModelConfig
 from llama_jax.model.kv_cache import CACHE_AXES
-from llama_jax.model.params import init_params, logical_axes
+from llama_jax.params import init_params, logical_axes
 from sharding.layout import Layout, LayoutError, axes_tuple
 from sharding.mesh import make_mesh
 

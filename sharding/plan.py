@@ -64,7 +64,7 @@ import flax.linen as nn
 import jax
 
 from llama_jax.config import ConfigError, ModelConfig, load_model_config
-from llama_jax.model.params import abstract_params, logical_axes
+from llama_jax.params import abstract_params, logical_axes
 from sharding.layout import Layout, LayoutError, load_layout
 from sharding.serve_plan import decode_plan, format_decode_table
 from sharding.shards import format_bytes, placement_rules, shard_elements

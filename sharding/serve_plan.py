@@ -35,7 +35,7 @@ import jax
 
 from llama_jax.config import ModelConfig
 from llama_jax.model.kv_cache import cache_axes, init_cache
-from llama_jax.model.params import abstract_params, logical_axes
+from llama_jax.params import abstract_params, logical_axes
 from sharding.layout import Layout, LayoutError, axes_tuple, load_layout
 from sharding.shards import format_bytes, placement_rules, shard_elements
 from sharding.topology import CHIP_HBM_BYTES

@@ -176,7 +176,7 @@ def _training_primitives(placement) -> set[str]:
     import jax.numpy as jnp
 
     from llama_jax import Llama
-    from llama_jax.model.params import abstract_params
+    from llama_jax.params import abstract_params
 
     params, tokens = abstract_params(TINY_SPLASH), jax.ShapeDtypeStruct((8, 256), jnp.int32)
     if placement is not None:

@@ -12,7 +12,7 @@ import numpy as np
 from tqdm import tqdm
 
 from llama_jax.config import ConfigError
-from llama_jax.model.params import join, partition
+from llama_jax.model.trees import join, partition
 from llama_jax.paths import check_bucket, is_url, storage_error, user_path
 from sharding.layout import load_layout
 from sharding.place import Placement, validate

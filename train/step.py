@@ -19,7 +19,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from llama_jax.config import ModelConfig
 from llama_jax.model.llama import Llama
 from llama_jax.model.lora import is_adapter
-from llama_jax.model.params import init_params, join, model_for, partition
+from llama_jax.params import init_params, model_for
+from llama_jax.model.trees import join, partition
 from llama_jax.vision.image import image_shapes
 from llama_jax.vision.model import is_image_adapter
 from sharding.place import Placement

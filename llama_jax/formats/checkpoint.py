@@ -37,7 +37,8 @@ from etils import epath
 
 from llama_jax.cli import first_line
 from llama_jax.config import ModelConfig
-from llama_jax.model.params import abstract_params, partition, stack_layers, stacked_layers, unstack_layers
+from llama_jax.params import abstract_params, stacked_layers
+from llama_jax.model.trees import partition, stack_layers, unstack_layers
 from llama_jax.paths import user_path
 
 PARAMS = "params"

@@ -22,7 +22,7 @@ from llama_jax.formats.assemble import ParamsBuilder
 from llama_jax.formats.hf_llama import HFTensor, text_config_from_hf, text_config_to_hf, text_tensors, to_ours
 from llama_jax.formats.mllama import config_from_mllama, config_to_mllama, mllama_tensors
 from llama_jax.formats.safetensors_io import CheckpointFileError, SafetensorsCheckpoint
-from llama_jax.model.params import abstract_params, layer_location, layer_of
+from llama_jax.params import abstract_params, layer_location, layer_of
 from llama_jax.paths import user_path
 
 

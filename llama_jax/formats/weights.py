@@ -23,7 +23,7 @@ from llama_jax.formats import checkpoint
 from llama_jax.formats.checkpoint import CheckpointError, architecture_mismatch
 from llama_jax.config import ModelConfig
 from llama_jax.model.lora import is_adapter
-from llama_jax.model.params import join, partition
+from llama_jax.model.trees import join, partition
 from llama_jax.paths import check_bucket, user_path
 from llama_jax.vision.model import is_image_adapter
 from llama_jax.formats.assemble import load_checkpoint_params

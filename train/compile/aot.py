@@ -75,7 +75,7 @@ def train_program(run, placement, teacher=None):
     import jax
     import jax.numpy as jnp
 
-    from llama_jax.model.params import abstract_params
+    from llama_jax.params import abstract_params
     from train.objectives.run import batch_row_keys, reference_shardings, run_objective
     from train.optimizer import learning_rate_schedule, make_optimizer
     from train.step import BATCH_KEYS, abstract_state, jit_train_step, make_train_step
@@ -116,7 +116,7 @@ def decode_program(config, placement, batch: int, cache_len: int):
     import jax.numpy as jnp
 
     from llama_jax.decoding import programs
-    from llama_jax.model.params import model_for
+    from llama_jax.params import model_for
     from llama_jax.decoding.sampling import Sampling
 
     config = config.replace(remat="none")  # nothing is differentiated
@@ -146,7 +146,7 @@ def prefill_program(config, placement, batch: int, prompt_len: int, cache_len: i
     import jax.numpy as jnp
 
     from llama_jax.decoding import programs
-    from llama_jax.model.params import model_for
+    from llama_jax.params import model_for
     from llama_jax.decoding.sampling import Sampling
 
     config = config.replace(remat="none")
@@ -184,7 +184,7 @@ def _replicated(placement):
 
 
 def _abstract_params(config, placement):
-    from llama_jax.model.params import abstract_params
+    from llama_jax.params import abstract_params
 
     return _abstract(abstract_params(config), placement.param_shardings(config))
 

@@ -82,5 +82,5 @@ def dpo_reference_params(run: RunConfig, shardings, config: ModelConfig | None =
     if source is not None:
         from llama_jax.formats.weights import load_params
         return load_params(source, config, shardings)
-    from llama_jax.model.params import init_params
+    from llama_jax.params import init_params
     return jax.jit(lambda rng: init_params(config, rng), out_shardings=shardings)(jax.random.key(run.seed))
