@@ -96,6 +96,12 @@ def validate(config: ModelConfig, layout: Layout, mesh: Mesh, batch: int | None 
                               f"multiple of {2 * parts})")
 
 
+def abstract_arrays(tree, shardings):
+    """`tree`'s arrays (or shape-dtype structs) as `jax.ShapeDtypeStruct`s carrying `shardings`
+    (a tree of the same structure): what `.lower()` and orbax's restore take."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+
+
 def _field(logical):
     return {"heads": "n_heads", "kv_heads": "n_kv_heads", "mlp": "ffn_dim", "vocab": "vocab_size",
             "embed": "dim", "head_dim": "head_dim"}[logical]

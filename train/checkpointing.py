@@ -62,6 +62,7 @@ from llama_jax.formats.checkpoint import (CONFIG, PARAMS, TMP_SUFFIX, Checkpoint
                                   latest_step, read_config)
 from llama_jax.paths import user_path
 from llama_jax.formats.weights import BASE
+from sharding.place import abstract_arrays
 from train.config import RunConfig, run_config_from_dict
 from train.data.pipeline import checkpoint_restore_args, checkpoint_save_args
 from train.tracking.library_logs import LibraryLogs
@@ -162,8 +163,7 @@ class Checkpointer:
             raise CheckpointError(
                 f"{step_dir}: checkpoint has {name} {getattr(stored, name)!r} but the run config "
                 f"says {getattr(self.run.model, name)!r}; use another run_dir")
-        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                state, self.shardings)
+        abstract = abstract_arrays(state, self.shardings)
         problem = None
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(**{
