@@ -11,6 +11,7 @@ import math
 import flax.linen as nn
 from jax.sharding import AbstractMesh, AxisType
 
+from llama_jax.arith import ceil_div
 from llama_jax.config import ModelConfig
 from sharding.layout import MESH_AXES, Layout, axes_tuple
 from sharding.mesh import mesh_shape
@@ -21,7 +22,7 @@ def shard_elements(shape, names, rules, sizes) -> int:
     """Elements of one device's shard of an array of `shape` with logical `names`."""
     spec = tuple(nn.logical_to_mesh_axes(tuple(names), rules))
     spec = spec + (None,) * (len(shape) - len(spec))
-    return math.prod(-(-dim // math.prod(sizes[a] for a in axes_tuple(axes)))
+    return math.prod(ceil_div(dim, math.prod(sizes[a] for a in axes_tuple(axes)))
                      for dim, axes in zip(shape, spec))
 
 
