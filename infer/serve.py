@@ -34,6 +34,8 @@ import sys
 import time
 from pathlib import Path
 
+from llama_jax.decoding.slots import PREFILL_BATCH, SLOTS, STEPS_PER_CALL
+
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # what jax.monitoring reports per compile
 
 
@@ -51,13 +53,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--kv-cache-dtype", default=None, help="int8 or fp8 KV cache")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this host only)")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--max-batch", type=int, default=8, metavar="N", help="decode slots (requests decoded at once)")
+    parser.add_argument("--max-batch", type=int, default=SLOTS, metavar="N",
+                        help=f"decode slots (requests decoded at once; default {SLOTS})")
     parser.add_argument("--max-seq-len", type=int, default=None, metavar="L",
                         help="context per request, prompt plus answer (default: the model's)")
-    parser.add_argument("--steps-per-call", type=int, default=4, metavar="N",
-                        help="decode steps per compiled call; new requests join between calls (default 4)")
-    parser.add_argument("--prefill-batch", type=int, default=8, metavar="N",
-                        help="waiting requests prefilled together (default 8; also compiled: one alone)")
+    parser.add_argument("--steps-per-call", type=int, default=STEPS_PER_CALL, metavar="N",
+                        help="decode steps per compiled call; new requests join between calls "
+                             f"(default {STEPS_PER_CALL})")
+    parser.add_argument("--prefill-batch", type=int, default=PREFILL_BATCH, metavar="N",
+                        help=f"waiting requests prefilled together (default {PREFILL_BATCH}; also compiled: one alone)")
     parser.add_argument("--api-key", default=os.environ.get("LLAMA_JAX_API_KEY"),
                         help="require 'Authorization: Bearer KEY' (default: $LLAMA_JAX_API_KEY; none: open)")
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20, metavar="N",
@@ -140,7 +144,7 @@ def _load(args) -> Service:
                       args.prefill_batch)
     buckets = sorted({engine.prompt_shape(n)[0] for n in range(1, context)})
     print(f"compiling the decode step and the prefill of {len(buckets)} prompt buckets x groups of "
-          f"{batcher.prefill_rows}", file=sys.stderr, flush=True)
+          f"{list(batcher.shape.prefill_rows)}", file=sys.stderr, flush=True)
     batcher.warm_up(buckets)
     batcher.start()
     service.batcher = batcher
@@ -272,7 +276,7 @@ async def _chunks(requests, queue, choices):
     ended; a choice that ends early (a stop string) and, when the consumer stops (a client that
     left), every choice have their requests cancelled, which frees their slots."""
     from infer import openai_api as api
-    from infer.batcher import Finished
+    from infer.events import Finished
 
     try:
         while any(choice.finish is None for choice in choices):
