@@ -34,6 +34,12 @@ attention kernel (JAX ships one for TPU only) and a block table on the host.
 Each token is reported with its log-probability and the `TOP_LOGPROBS` most
 likely alternatives (llama_jax.decoding.logprobs), computed on the device from
 the raw logits.
+
+Threads: `_wake`'s lock guards the queue, the slots (`_running`), the stop flag
+and the counters. The worker is the only thread that changes the slots and
+counters, and it changes them holding the lock, so `load()` (the server's
+/health) reads one consistent picture: a request is waiting, or in a slot from
+the moment it leaves the queue until its `Finished`.
 """
 
 from __future__ import annotations
@@ -134,7 +140,9 @@ class Batcher:
         for length in prompt_lengths:
             for rows in self.shape.prefill_rows:
                 requests = [Request([0] * length, 1, Sampling(), 0, lambda event: None) for _ in range(rows)]
-                self._admit(list(zip(requests, range(rows))))
+                admitted = list(zip(requests, range(rows)))
+                self._claim(admitted)
+                self._admit(admitted)
         self._decode()
 
     def prefill_args(self, admitted: list[tuple[Request, int]]) -> tuple:
@@ -168,11 +176,12 @@ class Batcher:
                         return
                     free = [i for i, r in enumerate(self._running) if r is None]
                     admitted = [(self._waiting.popleft(), slot) for slot in free[:len(self._waiting)]]
-                for request, _ in admitted:
-                    if request.cancelled:
-                        self.cancelled += 1
-                        request.emit(Finished("cancelled"))
-                admitted = [(request, slot) for request, slot in admitted if not request.cancelled]
+                    dropped = [request for request, _ in admitted if request.cancelled]
+                    admitted = [(request, slot) for request, slot in admitted if not request.cancelled]
+                    self.cancelled += len(dropped)
+                    self._claim(admitted)
+                for request in dropped:
+                    request.emit(Finished("cancelled"))
                 group = self.shape.prefill_rows[-1]
                 for start in range(0, len(admitted), group):
                     self._admit(admitted[start:start + group])
@@ -186,15 +195,20 @@ class Batcher:
                 request.emit(Finished("error"))
             raise
 
+    def _claim(self, admitted: list[tuple[Request, int]]) -> None:
+        """Put requests in their slots (they count as running from here)."""
+        with self._wake:
+            for request, slot in admitted:
+                self._running[slot] = request
+
     def _admit(self, admitted: list[tuple[Request, int]]) -> None:
-        """Prefill requests together and write their rows into their slots; report first tokens."""
+        """Prefill claimed requests together and write their rows into their slots; report first tokens."""
         with self.engine.activate():
             self._state, self._sampling, first_b, done_b, *logprobs = self.programs.prefill(
                 *self.prefill_args(admitted))
         first_b, done_b = np.asarray(first_b), np.asarray(done_b)
         chosen_b, top_ids_bk, top_lp_bk = (np.asarray(x) for x in logprobs)
         for i, (request, slot) in enumerate(admitted):
-            self._running[slot] = request
             self._report(slot, int(first_b[i]), chosen_b[i], top_ids_bk[i], top_lp_bk[i], bool(done_b[i]))
 
     def _decode(self) -> None:
@@ -203,7 +217,8 @@ class Batcher:
         with self.engine.activate():
             self._state, tokens_nb, chosen_nb, top_ids_nbk, top_lp_nbk = self.programs.decode(
                 *self.decode_args(cancel_b))
-        self.decode_calls += 1
+        with self._wake:
+            self.decode_calls += 1
         tokens_nb, chosen_nb = np.asarray(tokens_nb), np.asarray(chosen_nb)
         top_ids_nbk, top_lp_nbk = np.asarray(top_ids_nbk), np.asarray(top_lp_nbk)
         done_b = np.asarray(self._state["done"])
@@ -211,8 +226,9 @@ class Batcher:
             if request is None:
                 continue
             if cancel_b[slot]:
-                self.cancelled += 1
-                self._running[slot] = None
+                with self._wake:
+                    self.cancelled += 1
+                    self._running[slot] = None
                 request.emit(Finished("cancelled"))
                 continue
             made = np.flatnonzero(tokens_nb[:, slot] >= 0)
@@ -225,5 +241,6 @@ class Batcher:
         request = self._running[slot]
         request.emit(Token(token, float(chosen), top_ids.tolist(), top_lp.tolist()))
         if done:
-            self._running[slot] = None
+            with self._wake:
+                self._running[slot] = None
             request.emit(Finished("stop" if token in self._stop_set else "length"))
