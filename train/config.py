@@ -42,7 +42,7 @@ from train.data.pipeline import DataConfig
 from train.runtime import COMPILE_CACHE_OFF, ProfileConfig, check_tpu_flags
 
 DECAYS = ("cosine", "linear", "constant")
-PROGRAMS = ("train", "decode", "prefill")  # what train.compile can build for a run
+PROGRAMS = ("train", "decode", "prefill", "serve")  # what train.compile can build for a run (serve: infer.serve's)
 NONFINITE_MODES = ("stop", "skip")  # what a non-finite step does: see train/nonfinite.py
 WANDB_MODES = ("online", "offline", "disabled")
 

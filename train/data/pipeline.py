@@ -91,6 +91,7 @@ import grain
 import grain.experimental
 import numpy as np
 
+from llama_jax.arith import ceil_div
 from train.data.example_rows import ExampleRows, PairRows
 from train.data.packing import NonEmpty, PackedRows, TokenWindows, unpacked_row
 from train.data.sources import (Examples, Preferences, SyntheticDocuments, TextDocuments, TextTokenizer,
@@ -338,7 +339,7 @@ def _streamed_rows(source, encode, config: DataConfig, shard_index: int, shard_c
     docs = docs.repeat(config.num_epochs)[shard_index::shard_count]
     if encode is not None:
         docs = docs.map(encode)
-    limit = 2 * (-(-len(source) // shard_count) + 1)
+    limit = 2 * (ceil_div(len(source), shard_count) + 1)
     docs = NonEmpty(docs.to_iter_dataset(read), limit, config.paths)
     if not config.packing:
         return docs.map(functools.partial(unpacked_row, seq_len=config.seq_len))
