@@ -220,3 +220,28 @@ def tiny_config(vocab_size: int) -> ModelConfig:
 def chat_ids(tokenizer, text: str) -> list[int]:
     return format_chat(tokenizer, [{"role": "user", "content": text}])
 
+
+
+def make_guard(directory, steps: int = 240, seed: int = 0):
+    """Train the tiny guard in `directory` (our checkpoint, tokenizer.model, a tokenizer_config.json
+    carrying TINY_TEMPLATE); returns its final training loss."""
+    from llama_jax.text.chat_template import find_chat_template, render, special_tokens
+    from llama_jax.text.guard_format import GuardFormat
+    from llama_jax.text.tokenizer import llama3_special_tokens, load_tokenizer
+
+    rng = random.Random(seed)
+    texts = [render(TINY_TEMPLATE, as_parts(messages), {}, llama3_special_tokens()).text
+             for messages, _ in (conversation(rng) for _ in range(40))]
+    make_tokenizer(directory, texts)
+    (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(TINY_TEMPLATE)))
+    tokenizer = load_tokenizer(directory)
+    fmt = GuardFormat(tokenizer, find_chat_template(directory), special_tokens(directory))
+    config = tiny_config(tokenizer.vocab_size)
+    params, loss = train(config, guard_examples(fmt, rng, 2000), steps, seed)
+    write_checkpoint(directory, config, params, TINY_TEMPLATE)
+    return loss
+
+
+def as_parts(messages):
+    """Messages with string content as one text part each (the 1B template's form)."""
+    return [{**m, "content": [{"type": "text", "text": m["content"]}]} for m in messages]

@@ -140,10 +140,6 @@ def with_template(directory, template):
     return directory
 
 
-def as_parts(messages):
-    return [{**m, "content": [{"type": "text", "text": m["content"]}]} for m in messages]
-
-
 @pytest.mark.parametrize("shape, request_", [
     ("8B", {}), ("1B", {}), ("1B", {"exclude": ["S2", "S7"]}),
     ("1B", {"categories": [("Cakes.", "Talk of cake,\n - even cheesecake."), ("Pies.", "Any pie.")]})])
@@ -164,7 +160,7 @@ def test_template_prompt_equals_transformers_apply_chat_template(hf_directory, s
         variables["excluded_category_keys"] = request_["exclude"]
     if categories is not None:
         variables["categories"] = {c.code: f"{c.name}\n{c.description}" for c in categories}
-    shown = messages if shape == "8B" else as_parts(messages)
+    shown = messages if shape == "8B" else gt.as_parts(messages)
     assert prompt.source == "template"
     assert prompt.text == hf.apply_chat_template(shown, tokenize=False, **variables)
     ids = hf.apply_chat_template(shown, tokenize=True, **variables)
@@ -255,3 +251,118 @@ def test_llama_guard_3_1b_configs_have_the_published_parameter_counts():
     pruned = load_model_config("llama_guard_3_1b_pruned")
     assert (pruned.n_layers, pruned.ffn_dim) == (12, 6400)
     assert round(count_params(pruned) / 1e6) == 1123
+
+
+# ---------------------------------------------------------------- python -m infer.guard, end to end
+
+@pytest.fixture(scope="module")
+def trained_guard(tmp_path_factory):
+    """A tiny guard trained here to answer "unsafe\nS1" when the judged turn holds the marker
+    word, "safe" otherwise (tests/guard_tiny.py)."""
+    directory = tmp_path_factory.mktemp("tiny_guard")
+    gt.make_guard(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def held_out(tmp_path_factory):
+    """(path, lines, truth): 64 conversations the guard was not trained on, as JSONL."""
+    rng = random.Random(1)
+    pairs = [gt.conversation(rng) for _ in range(64)]
+    lines = [json.dumps({"messages": messages}) for messages, _ in pairs]
+    path = tmp_path_factory.mktemp("held_out") / "chats.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path, lines, [unsafe for _, unsafe in pairs]
+
+
+def run_guard(*argv) -> int:
+    return guard_cli.main([str(a) for a in argv])
+
+
+def test_infer_guard_classifies_held_out_conversations_and_filter_keeps_the_safe_ones(trained_guard, held_out,
+                                                                                       tmp_path):
+    path, lines, truth = held_out
+    out, kept = tmp_path / "verdicts.jsonl", tmp_path / "safe.jsonl"
+    assert run_guard("--checkpoint", trained_guard, "--input", path, "--output", out, "--filter", kept,
+                     "--batch-size", 16) == 0
+    results = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(results) == len(truth)
+    accuracy = np.mean([(r["verdict"] == "unsafe") == unsafe for r, unsafe in zip(results, truth)])
+    assert accuracy >= 0.95, f"held-out accuracy {accuracy:.3f}"
+    for r in results:
+        if r["verdict"] == "unsafe":
+            assert r["categories"] == ["S1"] and r["category_names"] == ["Marked words."]
+        assert 0.0 <= r["unsafe_probability"] <= 1.0
+    # The probability agrees with the answer where the model is sure of it.
+    assert all((r["unsafe_probability"] > 0.5) == (r["verdict"] == "unsafe") for r in results
+               if abs(r["unsafe_probability"] - 0.5) > 0.2)
+    assert kept.read_text().splitlines() == [line for line, r in zip(lines, results) if r["verdict"] == "safe"]
+
+
+def test_a_threshold_decides_by_the_unsafe_probability(trained_guard, held_out, tmp_path):
+    path, _, _ = held_out
+    out = tmp_path / "verdicts.jsonl"
+    assert run_guard("--checkpoint", trained_guard, "--input", path, "--output", out, "--batch-size", 16,
+                     "--threshold", 0.9) == 0
+    results = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["verdict"] for r in results] == ["unsafe" if r["unsafe_probability"] >= 0.9 else "safe"
+                                               for r in results]
+
+
+def test_fsdp_tp_over_8_devices_classifies_as_one_device(trained_guard, held_out):
+    import jax
+
+    path, lines, _ = held_out
+    _, conversations = guard_cli.read_conversations(path)
+    one = Guard.load(trained_guard)
+    sharded = Guard.load(trained_guard, ServingOptions(layout="fsdp_tp"))
+    assert len(jax.tree.leaves(sharded.params)[0].sharding.device_set) == 8
+    prompts = [one.format.prompt(messages) for messages in conversations[:16]]
+    expected = one.classify(prompts, batch_size=8)
+    got = sharded.classify(prompts, batch_size=8)
+    assert [r.text for r in got] == [r.text for r in expected]
+    np.testing.assert_allclose([r.unsafe_probability for r in got], [r.unsafe_probability for r in expected],
+                               atol=1e-5)
+
+
+def test_show_prompt_prints_each_prompt_and_loads_no_weights(trained_guard, held_out, tmp_path, capsys):
+    import shutil
+
+    path, _, _ = held_out
+    bare = tmp_path / "no_weights"  # the config and tokenizer, no weights at all
+    bare.mkdir()
+    from llama_jax.formats.checkpoint import read_config
+    from llama_jax.formats.hf import config_to_hf
+
+    (bare / "config.json").write_text(json.dumps(config_to_hf(read_config(trained_guard))))
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(trained_guard / name, bare / name)
+    assert run_guard("--checkpoint", bare, "--input", path, "--show-prompt", "--exclude", "S2") == 0
+    shown = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    fmt = GuardFormat(load_tokenizer(bare), find_chat_template(bare), special_tokens(bare))
+    _, conversations = guard_cli.read_conversations(path)
+    assert shown == [fmt.prompt(m, exclude=["S2"]).text for m in conversations]
+    assert "S1: Marked words.\n<END UNSAFE" in shown[0]
+
+
+def test_bad_input_is_one_line_and_exit_2(trained_guard, held_out, tmp_path, capsys):
+    path, _, _ = held_out
+    ends_with_answer = tmp_path / "answer.jsonl"
+    ends_with_answer.write_text(json.dumps({"messages": MULTI}) + "\n")
+    not_llama = tmp_path / "bert"
+    not_llama.mkdir()
+    (not_llama / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 64}))
+    (not_llama / "tokenizer.model").write_bytes((trained_guard / "tokenizer.model").read_bytes())
+    cases = [
+        (["--checkpoint", not_llama, "--input", path], "model_type 'bert' is not llama"),
+        (["--checkpoint", trained_guard, "--input", path, "--exclude", "S2,S15"],
+         "--exclude: unknown category 'S15' (this prompt's categories: S1, S2)"),
+        (["--checkpoint", trained_guard, "--input", ends_with_answer, "--role", "user"],
+         "conversation 1: --role user judges the last User turn, but the conversation ends with an assistant turn"),
+        (["--checkpoint", trained_guard, "--input", tmp_path / "missing.jsonl"], "--input"),
+        (["--checkpoint", trained_guard, "--input", path, "--threshold", "1.5"], "--threshold must be in [0, 1]"),
+    ]
+    for argv, fragment in cases:
+        assert run_guard(*argv) == 2
+        err = capsys.readouterr().err
+        assert fragment in err and err.count("\n") == 1, err
