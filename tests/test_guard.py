@@ -366,3 +366,37 @@ def test_bad_input_is_one_line_and_exit_2(trained_guard, held_out, tmp_path, cap
         assert run_guard(*argv) == 2
         err = capsys.readouterr().err
         assert fragment in err and err.count("\n") == 1, err
+
+
+def test_infer_guard_judges_a_prompt_with_an_image_on_a_vision_guard(trained_guard, tmp_path, capsys):
+    """A tiny Llama 3.2 Vision checkpoint (random weights) with the 11B Vision template's shape:
+    --image puts the image in the prompt (shown) and the model reads it (classified)."""
+    import dataclasses
+
+    from test_vision import drawn_image
+    from tiny import VISION_LIKE, save_hf_vision_model
+
+    tokenizer = load_tokenizer(trained_guard)
+    rows = tokenizer.vocab_size  # the image token is the row after the text vocabulary, as in HF's Mllama
+    config = dataclasses.replace(VISION_LIKE, vocab_size=rows,
+                                 vision=dataclasses.replace(VISION_LIKE.vision, image_token_id=rows))
+    directory = tmp_path / "vision_guard"
+    directory.mkdir()
+    save_hf_vision_model(config, directory, seed=3)
+    (directory / "tokenizer.model").write_bytes((trained_guard / "tokenizer.model").read_bytes())
+    with_template(directory, gt.TEMPLATE_1B)
+    picture = tmp_path / "picture.png"
+    drawn_image(40, 30).save(picture)
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text(json.dumps({"messages": [{"role": "user", "content": "what is this"}]}) + "\n")
+    assert run_guard("--checkpoint", directory, "--input", chats, "--image", picture, "--show-prompt") == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown.startswith("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n<|image|> Task: ")
+    out = tmp_path / "verdicts.jsonl"
+    assert run_guard("--checkpoint", directory, "--input", chats, "--image", picture, "--output", out) == 0
+    result = json.loads(out.read_text())
+    assert result["verdict"] in ("safe", "unsafe", "malformed") and 0.0 <= result["unsafe_probability"] <= 1.0
+    # Without the image the same conversation reads differently: the image reached the model.
+    text_only = tmp_path / "text_only.jsonl"
+    assert run_guard("--checkpoint", directory, "--input", chats, "--output", text_only) == 0
+    assert json.loads(text_only.read_text())["unsafe_probability"] != result["unsafe_probability"]
