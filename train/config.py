@@ -9,7 +9,7 @@ A run is a YAML file in `configs/runs/` (see `tiny_cpu.yaml`):
     eval: {every: 200, batches: 8}   # held-out loss (eval.paths, or data.holdout)
     layout: fsdp_tp                  # name in configs/layouts/ or a path
     mesh: {tensor: 2}                # ICI size overrides for the layout
-    data: {source: synthetic, seq_len: 128, global_batch: 16}   # train.data.pipeline.DataConfig
+    data: {source: synthetic, seq_len: 128, global_batch: 16}   # train.data.config.DataConfig
     optimizer: {learning_rate: 3.0e-4, warmup_steps: 100}       # OptimizerConfig
     steps: 1000
     run_dir: runs/tiny
@@ -38,7 +38,7 @@ import yaml
 
 from llama_jax.config import ConfigError, ModelConfig, check_keys, load_model_config
 from llama_jax.config_files import read_config_file
-from train.data.pipeline import DataConfig
+from train.data.config import DataConfig
 from train.runtime import COMPILE_CACHE_OFF, ProfileConfig, check_tpu_flags
 
 DECAYS = ("cosine", "linear", "constant")

@@ -33,7 +33,8 @@ import jax
 from llama_jax.cli import run_cli
 from llama_jax.config import ModelConfig
 from sharding.place import Placement
-from train.data.pipeline import DataConfig, make_dataset
+from train.data.config import DataConfig
+from train.data.pipeline import make_dataset
 from train.step import Objective, cross_entropy
 
 
