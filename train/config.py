@@ -38,6 +38,7 @@ import yaml
 
 from llama_jax.config import ConfigError, ModelConfig, check_keys, load_model_config
 from llama_jax.config_files import read_config_file
+from sharding.topology import CHIP_PEAK_FLOPS
 from train.data.config import DataConfig
 from train.runtime import COMPILE_CACHE_OFF, ProfileConfig, check_tpu_flags
 
@@ -45,6 +46,8 @@ DECAYS = ("cosine", "linear", "constant")
 PROGRAMS = ("train", "decode", "prefill")  # what train.compile can build for a run
 NONFINITE_MODES = ("stop", "skip")  # what a non-finite step does: see train/nonfinite.py
 WANDB_MODES = ("online", "offline", "disabled")
+# `chip`: a TPU chip of sharding/topology.py's tables, or cpu (MFU against a peak measured at start-up).
+CHIPS = (*CHIP_PEAK_FLOPS, "cpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,9 +241,8 @@ class RunConfig:
         if self.compile_cache is not None and (not isinstance(self.compile_cache, str) or not self.compile_cache):
             raise ConfigError(f"compile_cache: must be a directory or \"off\", got {self.compile_cache!r}")
         check_tpu_flags(self.tpu_flags)
-        from train.tracking.metrics import PEAK_FLOPS  # late: metrics imports jax
-        if self.chip not in PEAK_FLOPS:
-            raise ConfigError(f"chip: {self.chip!r} is not one of {', '.join(PEAK_FLOPS)}")
+        if self.chip not in CHIPS:
+            raise ConfigError(f"chip: {self.chip!r} is not one of {', '.join(CHIPS)}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
