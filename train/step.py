@@ -225,13 +225,17 @@ def _new_state(config: ModelConfig, optimizer, rng) -> TrainState:
     return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), frozen)
 
 
+def placed_shapes(shapes, shardings):
+    """The tree `shapes` (arrays or `jax.ShapeDtypeStruct`s) as `jax.ShapeDtypeStruct`s placed on
+    `shardings` (a tree of the same structure); nothing allocated."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
+
+
 def abstract_state(placement: Placement, optimizer):
     """(the state as sharded `jax.ShapeDtypeStruct`s, its shardings); nothing allocated."""
     shapes = jax.eval_shape(lambda rng: _new_state(placement.config, optimizer, rng), jax.random.key(0))
     shardings = state_shardings(placement, shapes)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            shapes, shardings)
-    return abstract, shardings
+    return placed_shapes(shapes, shardings), shardings
 
 
 def init_state(placement: Placement, optimizer, rng, params=None):
