@@ -219,6 +219,11 @@ class RunConfig:
         if self.on_nonfinite not in NONFINITE_MODES:
             raise ConfigError(f"on_nonfinite: {self.on_nonfinite!r} is not one of "
                               f"{', '.join(NONFINITE_MODES)}")
+        if self.model.quantize is not None and self.model.lora is None and "train" in self.programs:
+            raise ConfigError(f"model.quantize {self.model.quantize}: quantised weights stay frozen; add a lora "
+                              "section to train adapters over them (QLoRA), train unquantised, or leave train "
+                              "out of programs to compile only the serving ones (train.compile --decode-only "
+                              "or --inference)")
         if self.model.lora is not None and self.init_from is None:
             raise ConfigError("lora: a LoRA run trains adapters over fixed weights: set init_from to them")
         if self.model.vision is not None and self.model.lora is None and self.init_from is None:

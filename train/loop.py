@@ -172,9 +172,6 @@ def train(run: RunConfig, *, progress: bool = True, stop_after: int | None = Non
     norm or update norm is not finite and `run.on_nonfinite` is "stop".
     Nothing is written until the data has given its first batch.
     """
-    if run.model.quantize is not None and run.model.lora is None:
-        raise ConfigError(f"model.quantize {run.model.quantize}: quantised weights stay frozen; add a "
-                          "lora section to train adapters over them (QLoRA), or train unquantised")
     if run.metrics.wandb is not None:  # a missing extra fails now, not after the compiles
         require_wandb()
     layout = load_layout(run.layout, **run.mesh)
