@@ -72,7 +72,7 @@ def ours(config, precision, prompts, long_prompt):
 
     from infer.engine import Engine
     from llama_jax.formats.assemble import converted_params
-    from llama_jax.model.params import init_params
+    from llama_jax.params import init_params
     from llama_jax.decoding.sampling import Sampling
 
     served = config.replace(**OURS[precision])

@@ -10,6 +10,12 @@ import sys
 from typing import Callable
 
 
+def first_line(err: BaseException) -> str:
+    """An exception's first line of text (its type name if it has none), for one-line errors."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None,
             prog: str | None = None) -> int:
     """Run `main(argv)`; a user-fixable error (ValueError, OSError) becomes one line on stderr,
@@ -20,8 +26,7 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
     try:
         code = main(argv)
     except (ValueError, OSError) as err:
-        text = str(err).strip().splitlines()
-        print(f"{prefix}: {text[0] if text else type(err).__name__}", file=sys.stderr)
+        print(f"{prefix}: {first_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prefix}: interrupted", file=sys.stderr)

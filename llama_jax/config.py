@@ -17,7 +17,16 @@ import numpy as np
 from llama_jax.config_files import read_config_file, shipped_configs
 
 
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention_out")
+# What each `remat` setting keeps from a layer's forward pass: a policy of
+# jax.checkpoint_policies by name, or the names of the values it saves
+# (checkpoint_name in llama_jax/model/llama.py); "none" recomputes nothing.
+REMAT_POLICIES = {
+    "none": None,
+    "full": "nothing_saveable",
+    "dots": "checkpoint_dots",
+    "dots_no_batch": "dots_with_no_batch_dims_saveable",
+    "save_attention_out": ("attention_out",),
+}
 ATTENTION_IMPLS = ("auto", "xla", "blocked", "splash")  # see llama_jax/model/attention.py
 SWIGLU_BACKWARDS = ("auto", "manual", "autodiff")  # see llama_jax/model/swiglu.py
 DTYPES = ("float32", "bfloat16", "float16")

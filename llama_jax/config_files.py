@@ -7,6 +7,8 @@ from pathlib import Path
 
 import yaml
 
+from llama_jax.cli import first_line
+
 
 def configs_root() -> Path:
     """The shipped `configs/` tree: inside the installed package (a wheel ships it as
@@ -36,7 +38,7 @@ def read_config_file(kind: str, name_or_path: str | Path, error: type[Exception]
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise error(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        raise error(f"{path}: not valid YAML ({first_line(err)})") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -22,6 +22,8 @@ import os
 import fsspec.config
 from etils import epath
 
+from llama_jax.cli import first_line
+
 URL_PREFIXES = ("gs://",)
 CREDENTIALS_HELP = ("run `gcloud auth application-default login`, or set GOOGLE_APPLICATION_CREDENTIALS "
                     "to a service account key file (a TPU VM uses its service account)")
@@ -92,8 +94,7 @@ def check_bucket(path) -> None:
 
 def storage_error(err: BaseException, path) -> OSError:
     """A one-line OSError for a failure reading or writing `path` (the fix named where known)."""
-    text = str(err)
-    first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+    text, first = str(err), first_line(err)
     if is_url(path):
         from google.auth.exceptions import DefaultCredentialsError
         if isinstance(err, DefaultCredentialsError):

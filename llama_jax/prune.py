@@ -42,7 +42,11 @@ import numpy as np
 from llama_jax.cli import run_cli
 from llama_jax.config import ModelConfig
 from llama_jax.model.llama import DecoderLayer, FeedForward, Linear, Llama
-from llama_jax.model.params import stack_layers, stacked_layers
+from llama_jax.model.trees import stack_layers
+from llama_jax.params import stacked_layers
+from llama_jax.formats.checkpoint import save_params
+from llama_jax.formats.weights import load_params, resolve, stored_config
+from llama_jax.text.tokenizer import load_tokenizer
 
 PRUNING_FILE = "pruning.json"
 
@@ -188,10 +192,6 @@ def prune_checkpoint(source, output, calibration: list[str], tokenizer=None, *, 
     """Score `source` (ours, a run or Hugging Face) on the calibration files, prune it, and
     write our checkpoint of the smaller model to `output` with pruning.json; returns
     that record."""
-    from llama_jax.formats.checkpoint import save_params
-    from llama_jax.text.tokenizer import load_tokenizer
-    from llama_jax.formats.weights import load_params, resolve, stored_config
-
     output = Path(output)
     if output.exists():
         raise ValueError(f"{output}: already exists; choose another --output")

@@ -22,8 +22,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llama_jax.config import ModelConfig
-from llama_jax.model.llama import CACHE_AXES
-from llama_jax.model.params import init_params, logical_axes
+from llama_jax.model.kv_cache import CACHE_AXES
+from llama_jax.params import init_params, logical_axes
 from sharding.layout import Layout, LayoutError, axes_tuple
 from sharding.mesh import make_mesh
 
@@ -94,6 +94,12 @@ def validate(config: ModelConfig, layout: Layout, mesh: Mesh, batch: int | None 
                               f"{parts} sequence shards of two halves each (context parallelism "
                               f"balances causal work with an early and a late half per shard; use a "
                               f"multiple of {2 * parts})")
+
+
+def abstract_arrays(tree, shardings):
+    """`tree`'s arrays (or shape-dtype structs) as `jax.ShapeDtypeStruct`s carrying `shardings`
+    (a tree of the same structure): what `.lower()` and orbax's restore take."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
 
 
 def _field(logical):

@@ -62,26 +62,17 @@ import sys
 
 import flax.linen as nn
 import jax
-from jax.sharding import AbstractMesh, AxisType
 
 from llama_jax.config import ConfigError, ModelConfig, load_model_config
-from llama_jax.model.params import abstract_params, logical_axes
-from sharding.layout import MESH_AXES, Layout, LayoutError, axes_tuple, load_layout
-from sharding.mesh import mesh_shape
-from sharding.place import rules_for, validate
+from llama_jax.params import abstract_params, logical_axes
+from sharding.layout import Layout, LayoutError, load_layout
+from sharding.serve_plan import decode_plan, format_decode_table
+from sharding.shards import format_bytes, placement_rules, shard_elements
 from sharding.topology import CHIP_HBM_BYTES
 
 ADAM_MOMENTS = 2
 MOMENT_BYTES = 4  # float32 moments, whatever the parameters' dtype
 _ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
-
-
-def shard_elements(shape, names, rules, sizes) -> int:
-    """Elements of one device's shard of an array of `shape` with logical `names`."""
-    spec = tuple(nn.logical_to_mesh_axes(tuple(names), rules))
-    spec = spec + (None,) * (len(shape) - len(spec))
-    return math.prod(-(-dim // math.prod(sizes[a] for a in axes_tuple(axes)))
-                     for dim, axes in zip(shape, spec))
 
 
 def _saved_per_layer(config: ModelConfig, policy: str, seq_len: int):
@@ -213,17 +204,6 @@ def plan(config: ModelConfig | str, layout: Layout | str, n_devices: int, *,
     }
 
 
-def placement_rules(config: ModelConfig, layout: Layout, n_devices: int, **sizes_to_check):
-    """(mesh axis sizes, logical rules) of `layout` over `n_devices` abstract devices, after the
-    same validation `Placement.create` does (LayoutError if the layout does not place);
-    `sizes_to_check` (batch, seq_len) are checked to divide their axes too."""
-    sizes = mesh_shape(layout, n_devices)
-    abstract_mesh = AbstractMesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES,
-                                 axis_types=(AxisType.Auto,) * len(MESH_AXES))
-    validate(config, layout, abstract_mesh, **sizes_to_check)
-    return sizes, rules_for(config, layout, abstract_mesh)
-
-
 def parse_mesh(text: str) -> dict[str, int]:
     """`fsdp=256,tensor=8` -> {"fsdp": 256, "tensor": 8} (LayoutError if malformed)."""
     sizes = {}
@@ -235,13 +215,6 @@ def parse_mesh(text: str) -> dict[str, int]:
             raise LayoutError(f"--mesh: expected axis=size pairs like fsdp=256,tensor=8, got {part!r}") \
                 from None
     return sizes
-
-
-def _size(n: float) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:,.2f} {unit}"
-    return f"{n:,.0f} B"
 
 
 def format_table(result: dict) -> str:
@@ -257,7 +230,7 @@ def format_table(result: dict) -> str:
         ("optimizer (AdamW, 2 x float32)", b["optimizer"]),
         (f"activations ({cfg['dtype']}, remat {cfg['remat']}, {cfg['attention']} attention)",
          b["activations"]),
-        (f"  saved by the layer scan ({cfg['n_layers']} x {_size(a['saved_per_layer'])})",
+        (f"  saved by the layer scan ({cfg['n_layers']} x {format_bytes(a['saved_per_layer'])})",
          a["saved_by_layer_scan"]),
         ("  one layer recomputed", a["recomputed_layer"]),
         ("  logits (float32) + final hidden", a["logits"] + a["final_hidden"]),
@@ -274,12 +247,12 @@ def format_table(result: dict) -> str:
         "",
         f"{'per device':<{width}}{'bytes':>20}  {'':>12}",
     ]
-    lines += [f"{label:<{width}}{value:>20,}  {_size(value):>12}" for label, value in rows]
+    lines += [f"{label:<{width}}{value:>20,}  {format_bytes(value):>12}" for label, value in rows]
     lines += [
         "",
-        f"activations per token of batch: {_size(result['activation_bytes_per_token'])} per device",
+        f"activations per token of batch: {format_bytes(result['activation_bytes_per_token'])} per device",
         "fits in HBM: " + ", ".join(
-            f"{chip} ({_size(CHIP_HBM_BYTES[chip])}) {'yes' if ok else 'no'}"
+            f"{chip} ({format_bytes(CHIP_HBM_BYTES[chip])}) {'yes' if ok else 'no'}"
             for chip, ok in result["fits_in_hbm"].items()),
         "(estimate: excludes XLA temporaries and collective buffers; keep a margin)",
     ]
@@ -324,7 +297,6 @@ def main(argv=None) -> int:
 
 
 def _main_decode(args) -> int:
-    from sharding.serve_plan import decode_plan, format_decode_table
 
     try:
         config = load_model_config(args.model)

@@ -35,9 +35,9 @@ import jax
 
 from llama_jax.config import ModelConfig
 from llama_jax.model.kv_cache import cache_axes, init_cache
-from llama_jax.model.params import abstract_params, logical_axes
+from llama_jax.params import abstract_params, logical_axes
 from sharding.layout import Layout, LayoutError, axes_tuple, load_layout
-from sharding.plan import placement_rules, shard_elements
+from sharding.shards import format_bytes, placement_rules, shard_elements
 from sharding.topology import CHIP_HBM_BYTES
 
 
@@ -106,10 +106,6 @@ def batch_shards(rules, sizes) -> int:
     return math.prod(sizes[a] for a in axes_tuple(nn.logical_to_mesh_axes(("batch",), rules)[0]))
 
 
-def _size(n: float) -> str:
-    return f"{n / 2**30:,.2f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
-
-
 def format_decode_table(result: dict) -> str:
     """A readable report of `decode_plan`'s result."""
     cfg, b = result["config"], result["per_device_bytes"]
@@ -123,10 +119,10 @@ def format_decode_table(result: dict) -> str:
     lines = [f"decode: {result['batch']} sequences x cache {result['cache_len']}, layout {result['layout']} "
              f"on {result['devices']} devices ({mesh}), {cfg['dtype']} compute",
              "", f"{'per device':<{width}}{'bytes':>20}  {'':>12}"]
-    lines += [f"{label:<{width}}{value:>20,}  {_size(value):>12}" for label, value in rows]
+    lines += [f"{label:<{width}}{value:>20,}  {format_bytes(value):>12}" for label, value in rows]
     lines += ["", f"KV cache per token of batch: {result['kv_cache_bytes_per_token']:,.0f} B per device"]
     for chip, verdict in result["fits_in_hbm"].items():
-        lines.append(f"{chip} ({_size(CHIP_HBM_BYTES[chip])}): {'fits' if verdict['fits'] else 'does not fit'}; "
+        lines.append(f"{chip} ({format_bytes(CHIP_HBM_BYTES[chip])}): {'fits' if verdict['fits'] else 'does not fit'}; "
                      f"largest batch at cache {result['cache_len']}: {verdict['largest_batch']}, "
                      f"longest cache at batch {result['batch']}: {verdict['longest_cache']}")
     lines.append("(estimate: excludes XLA temporaries and collective buffers; keep a margin)")

@@ -18,6 +18,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from llama_jax.cli import first_line
 from sharding.layout import MESH_AXES, Layout, LayoutError
 
 # Google Cloud's published per-chip figures (REFERENCE.md): peak dense bf16 FLOP/s, HBM bytes.
@@ -92,7 +93,7 @@ def topology_devices(name: str, slices: int = 1) -> list:
         with _native_stderr_captured():
             topology = topologies.get_topology_desc(topology_name=name, platform="tpu", **kwargs)
     except Exception as err:  # libtpu raises JaxRuntimeError(INVALID_ARGUMENT: ...)
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        reason = first_line(err)
         reason = reason.removeprefix("INVALID_ARGUMENT: ")
         raise LayoutError(f"topology {name!r}: {reason} (names look like v5p:4x4x4, v5e:16x16, "
                           "v6e:8x8, v4:2x2x2)") from None

@@ -51,8 +51,8 @@ def _cli_error(run_dir, capsys, *overrides) -> str:
     return errors[0]
 
 
-def _restore(run_dir, capsys) -> tuple[int, str]:
-    """Restore the latest checkpoint as training does; (restored step, stderr notes)."""
+def _restored_state(run_dir):
+    """The latest checkpoint of run_dir restored as training restores it."""
     import jax
 
     from sharding.layout import load_layout
@@ -65,12 +65,17 @@ def _restore(run_dir, capsys) -> tuple[int, str]:
     run = run_config(run_dir)
     placement = Placement.create(run.model, load_layout(run.layout))
     state, shardings = init_state(placement, make_optimizer(run.optimizer, run.steps), jax.random.key(0))
-    capsys.readouterr()
     checkpointer = Checkpointer(run, shardings)
     try:
-        state = checkpointer.restore_latest(state, make_dataset(run.data))
+        return checkpointer.restore_latest(state, make_dataset(run.data))
     finally:
         checkpointer.close()
+
+
+def _restore(run_dir, capsys) -> tuple[int, str]:
+    """Restore the latest checkpoint as training does; (restored step, stderr notes)."""
+    capsys.readouterr()
+    state = _restored_state(run_dir)
     return int(state.step), capsys.readouterr().err
 
 
@@ -156,3 +161,59 @@ def test_failed_save_is_one_line_before_the_next_save_and_keeps_the_last_good_ch
     assert main(command) == 0
     assert f"train: resuming from {run_dir / 'checkpoints' / '10'}" in capfd.readouterr().err
     assert steps_on_disk(run_dir) == [40]
+
+
+def test_fingerprint_sees_swapped_elements_the_linear_sum_missed():
+    """[1, -1, 0.5] and [-1, 1, 0.5] differ by a swap of elements that differ only in the sign bit:
+    the old linear sum gave both one value; the mixed hash tells them apart."""
+    import jax.numpy as jnp
+
+    from train.checkpointing import _fingerprint
+
+    a, b = jnp.array([1.0, -1.0, 0.5]), jnp.array([-1.0, 1.0, 0.5])
+    assert int(_fingerprint(a, "linear")) == int(_fingerprint(b, "linear"))
+    assert int(_fingerprint(a)) != int(_fingerprint(b))
+
+
+def test_fingerprint_changes_with_every_single_bit_and_not_with_the_layout():
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from train.checkpointing import _fingerprint
+
+    x = np.random.default_rng(0).standard_normal((16, 24)).astype(np.float32)
+    base = int(_fingerprint(jnp.asarray(x)))
+    bits = x.view(np.uint32)
+    for flat, bit in [(0, 0), (7, 31), (100, 5), (383, 22)]:
+        flipped = bits.copy().reshape(-1)
+        flipped[flat] ^= np.uint32(1 << bit)
+        assert int(_fingerprint(jnp.asarray(flipped.view(np.float32).reshape(x.shape)))) != base
+    mesh = jax.make_mesh((8,), ("fsdp",))
+    sharded = jax.device_put(x, NamedSharding(mesh, PartitionSpec(None, "fsdp")))
+    assert int(jax.jit(_fingerprint)(sharded)) == base
+
+
+def test_checkpoint_with_linear_checksums_from_before_the_scheme_still_resumes(run_dir, capsys):
+    """A checkpoint written before checksums named their scheme (linear fingerprints, no
+    "scheme" key) is verified with the linear sum and resumes."""
+    import json
+
+    import jax
+
+    from train.checkpointing import _fingerprints, CHECKSUMS, OPT_STATE, PARAMS, SCHEME_KEY
+
+    step_dir = run_dir / "checkpoints" / "6"
+    meta = step_dir / CHECKSUMS / "metadata"
+    stored = json.loads(meta.read_text())
+    assert stored.pop(SCHEME_KEY) == "fmix32"
+    restored = _restored_state(run_dir)  # verifies the mixed fingerprints
+    assert int(restored.step) == 6
+    linear = jax.device_get(_fingerprints({PARAMS: restored.params, OPT_STATE: restored.opt_state}, "linear"))
+    assert set(linear) == set(stored) and any(int(linear[k]) != stored[k] for k in stored)
+    meta.write_text(json.dumps({k: int(v) for k, v in linear.items()}))
+    step, _ = _restore(run_dir, capsys)
+    assert step == 6
+    meta.write_text(json.dumps({k: int(v) ^ 1 for k, v in linear.items()}))  # and it still checks
+    line = _cli_error(run_dir, capsys)
+    assert "does not match its checksum" in line

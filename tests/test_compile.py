@@ -176,7 +176,7 @@ def _training_primitives(placement) -> set[str]:
     import jax.numpy as jnp
 
     from llama_jax import Llama
-    from llama_jax.model.params import abstract_params
+    from llama_jax.params import abstract_params
 
     params, tokens = abstract_params(TINY_SPLASH), jax.ShapeDtypeStruct((8, 256), jnp.int32)
     if placement is not None:
@@ -331,3 +331,20 @@ def test_dpo_and_distillation_steps_hold_their_reference_and_teacher(tmp_path):
         if name == "dpo on precomputed log-probs":
             assert set(batch) > {"reference_chosen", "reference_rejected"}
     assert held == {"distill": pytest.approx(1.9, rel=0.05), "dpo": 1.0, "dpo on precomputed log-probs": 0.0}
+
+
+def test_serve_compiles_the_servers_decode_slots_and_prefill_into_them(capsys):
+    """--serve judges infer.serve's own programs (tests/test_serve_program.py proves they are the
+    batcher's): the decode call over --max-batch slots of --max-seq-len positions, with logprobs,
+    and the prefill of the largest group of the longest prompts into the slots."""
+    code = main(["--config", "tiny_cpu", "--topology", TOPOLOGY, "--serve", "--max-batch", "16",
+                 "--max-seq-len", "100", "--steps-per-call", "2", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and set(report) == {"serve_prefill", "serve_decode"}
+    decode, prefill = report["serve_decode"], report["serve_prefill"]
+    assert decode["verdict"] == prefill["verdict"] == "fits"
+    assert (decode["batch"], decode["slots"], decode["seq_len"], decode["steps"]) == (16, 16, 128, 2)
+    assert (prefill["batch"], prefill["slots"], prefill["prompt_len"]) == (8, 16, 128)  # --prefill-batch 8
+    assert decode["memory"]["aliased"] >= decode["cache_bytes"] > 0  # the slots' cache is updated in place
+    assert main(["--config", "tiny_cpu", "--topology", TOPOLOGY, "--serve", "--max-batch", "6"]) == 2
+    assert "slots must be a positive multiple of the layout's batch shards (4)" in capsys.readouterr().err

@@ -18,7 +18,7 @@ from train_runs import REPO, metrics, subprocess_env
 from llama_jax import Llama, ModelConfig, init_params
 from llama_jax.config import LoraConfig
 from llama_jax.model.lora import merge
-from llama_jax.model.params import join, partition
+from llama_jax.model.trees import join, partition
 from llama_jax.text.tokenizer import load_tokenizer
 from sharding.layout import load_layout
 from sharding.place import Placement

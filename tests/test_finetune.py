@@ -130,7 +130,7 @@ def test_a_lora_run_trains_only_the_adapters_and_leaves_the_base_bit_identical(w
                                                                               tmp_path):
     from llama_jax.formats import checkpoint
     from llama_jax.model.lora import count_adapter_params, is_adapter, split_adapters
-    from llama_jax.model.params import partition
+    from llama_jax.model.trees import partition
     from llama_jax.formats.weights import base_of, load_params
     from train.loop import train
 

@@ -13,7 +13,7 @@ from tiny import LLAMA3_LIKE
 from llama_jax import ConfigError, Llama, init_params
 from llama_jax.config import LoraConfig
 from llama_jax.model.lora import count_adapter_params, merge, split_adapters
-from llama_jax.model.params import join
+from llama_jax.model.trees import join
 from sharding.layout import load_layout
 from sharding.place import Placement
 

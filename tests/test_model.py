@@ -7,7 +7,7 @@ import pytest
 
 from llama_jax import Llama, count_params, init_cache, init_params, load_model_config
 from llama_jax.config import REMAT_POLICIES
-from llama_jax.model.params import unstack_layers
+from llama_jax.model.trees import unstack_layers
 from tiny import LLAMA3_LIKE, LLAMA31_LIKE
 
 # Parameter counts from REFERENCE.md, in billions, to three significant figures.

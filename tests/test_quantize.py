@@ -17,7 +17,7 @@ from llama_jax.convert.quantize import quantize_checkpoint
 from llama_jax.formats.hf import load_hf_params
 from llama_jax.model.kv_cache import init_cache
 from llama_jax.model.lora import split_adapters
-from llama_jax.model.params import join
+from llama_jax.model.trees import join
 from llama_jax.model.quantize import dequantize, quantize, quantize_kernel, require_fp8
 
 # Four layers, so that fp8 (which leaves the first and last alone) quantises two.
@@ -176,9 +176,9 @@ def test_a_quantised_checkpoint_refuses_a_config_that_disagrees(hf_dir, tmp_path
     quantize_checkpoint(hf_dir, tmp_path / "q", "int8", show_progress=False)
     with pytest.raises(CheckpointError, match=r"config quantize is None but the checkpoint has 'int8'"):
         restore_params(tmp_path / "q", config=CONFIG)
-    from infer.generate import serving_config
+    from infer.options import ServingOptions
     with pytest.raises(ConfigError, match=r"stored quantised as int8; it cannot be re-quantised as fp8"):
-        serving_config(BF16.replace(quantize="int8"), quantize="fp8")
+        ServingOptions(quantize="fp8").model_config(BF16.replace(quantize="int8"))
 
 
 def test_fp8_where_jax_has_no_e4m3_type_is_one_line(monkeypatch):
@@ -254,7 +254,7 @@ def test_on_cpu_a_narrow_weight_model_converts_one_layer_of_weights_at_a_time(qu
     import functools
 
     from llama_jax.decoding import programs
-    from llama_jax.model.params import abstract_params, model_for
+    from llama_jax.params import abstract_params, model_for
     from llama_jax.decoding.sampling import Sampling
 
     config = CONFIG.replace(dim=256, n_heads=4, n_kv_heads=2, ffn_dim=1024, n_layers=8, vocab_size=512,
@@ -279,7 +279,7 @@ def test_on_cpu_the_decode_loop_converts_weights_inside_each_step(quant):
 
     from infer.engine import Engine
     from llama_jax.decoding import programs
-    from llama_jax.model.params import abstract_params
+    from llama_jax.params import abstract_params
     from llama_jax.decoding.sampling import Sampling
 
     config = CONFIG.replace(dim=256, n_heads=4, n_kv_heads=2, ffn_dim=1024, n_layers=8, vocab_size=512,

@@ -20,7 +20,7 @@ from llama_jax.config import ConfigError
 from llama_jax.convert.hf_to_ours import convert_hf_to_ours
 from llama_jax.convert.ours_to_hf import export_hf
 from llama_jax.formats.hf import load_hf_params
-from llama_jax.model.params import model_for
+from llama_jax.params import model_for
 from llama_jax.vision.image import image_inputs, image_tiles, load_image, tile_spans
 from tiny import VISION_LIKE, save_hf_vision_model
 

@@ -13,7 +13,7 @@ import pytest
 
 from llama_jax.config import ConfigError
 from llama_jax.formats.hf import load_hf_params
-from llama_jax.model.params import join, partition
+from llama_jax.model.trees import join, partition
 from llama_jax.text.tokenizer import load_tokenizer
 from llama_jax.text.tokenizer_training import train_bpe
 from llama_jax.vision.model import is_image_adapter
@@ -214,7 +214,7 @@ def test_bad_vision_training_data_is_one_line(workdir, tmp_path):
 
 
 def test_a_lora_section_on_a_vision_model_trains_only_lora_adapters(workdir):
-    from llama_jax.model.params import abstract_params
+    from llama_jax.params import abstract_params
     from train.step import trainable
 
     _, config = workdir

@@ -23,8 +23,9 @@ Safety, and who provides it:
 - A state holding NaN or infinite values is never saved (DivergenceError), so
   `keep_checkpoints` never deletes the last finite checkpoint for it.
 - Corruption that still decodes (garbage inside a compressed chunk) would
-  restore silently; the checksums item catches it. Fingerprints are sums of
-  integer bit patterns, exact in any order, so they agree on every layout.
+  restore silently; the checksums item catches it. Fingerprints are wrapping
+  integer sums of a hash per element, exact in any order, so they agree on
+  every layout (`_fingerprint` states what they catch).
 - Any failure to restore is a `CheckpointError` naming the step and the
   problem, and the previous complete step to fall back on.
 
@@ -56,10 +57,12 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from llama_jax.cli import first_line
 from llama_jax.formats.checkpoint import (CONFIG, PARAMS, TMP_SUFFIX, CheckpointError, architecture_mismatch,
-                                  first_line, latest_step, read_config)
+                                  latest_step, read_config)
 from llama_jax.paths import user_path
 from llama_jax.formats.weights import BASE
+from sharding.place import abstract_arrays
 from train.config import RunConfig, run_config_from_dict
 from train.data.pipeline import checkpoint_restore_args, checkpoint_save_args
 from train.tracking.library_logs import LibraryLogs
@@ -67,6 +70,7 @@ from train.tracking.metrics import note
 from train.nonfinite import DivergenceError
 
 OPT_STATE, DATA, RUN, CHECKSUMS = "opt_state", "data", "run", "checksums"
+SCHEME_KEY, SCHEME = "scheme", "fmix32"  # the checksums item's fingerprint (no array is named that)
 # Data settings that decide which rows come next; a change breaks exact resumption.
 DATA_ORDER_FIELDS = ("source", "paths", "seq_len", "global_batch", "packing", "shuffle", "seed",
                      "synthetic_docs", "vocab_size", "shuffle_window")
@@ -105,7 +109,7 @@ class Checkpointer:
                                                cleanup_tmp_directories=True,
                                                async_options=ocp.AsyncOptions(timeout_secs=run.checkpoint_timeout))
         self.manager = ocp.CheckpointManager(self.directory, options=options)
-        self._fingerprints = jax.jit(_fingerprints)
+        self._fingerprints = jax.jit(_fingerprints, static_argnames="scheme")
         self._all_finite = jax.jit(_all_finite)
         self._previous_handler = None
         self._sync_preemption = jax.process_count() > 1
@@ -159,8 +163,7 @@ class Checkpointer:
             raise CheckpointError(
                 f"{step_dir}: checkpoint has {name} {getattr(stored, name)!r} but the run config "
                 f"says {getattr(self.run.model, name)!r}; use another run_dir")
-        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                state, self.shardings)
+        abstract = abstract_arrays(state, self.shardings)
         problem = None
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(**{
@@ -177,7 +180,9 @@ class Checkpointer:
         arrays = {PARAMS: restored[PARAMS], OPT_STATE: restored[OPT_STATE]}
         expected = self._stored_checksums(step_dir)
         if expected is not None:
-            actual = jax.device_get(self._fingerprints(arrays))
+            # checkpoints written before the scheme was recorded used the linear one
+            scheme = expected.pop(SCHEME_KEY, "linear")
+            actual = jax.device_get(self._fingerprints(arrays, scheme=scheme))
             for name in sorted(expected):
                 if actual.get(name) != expected[name]:
                     raise fail(f"{name} does not match its checksum (a corrupt file?)")
@@ -244,13 +249,14 @@ class Checkpointer:
         if self._saving is not None:
             self._wait_for_save()
         arrays = {PARAMS: state.params, OPT_STATE: state.opt_state}
-        fingerprints, finite = jax.device_get((self._fingerprints(arrays), self._all_finite(arrays)))
+        fingerprints, finite = jax.device_get((self._fingerprints(arrays, scheme=SCHEME),
+                                               self._all_finite(arrays)))
         if not finite:
             last = ("there is no earlier checkpoint" if self.last_saved is None
                     else f"step {self.last_saved} is the last good checkpoint")
             raise DivergenceError(f"step {step}: the parameters or optimizer state hold NaN or infinite "
                                   f"values, so they were not saved; {last}")
-        checksums = {k: int(v) for k, v in fingerprints.items()}
+        checksums = {SCHEME_KEY: SCHEME, **{k: int(v) for k, v in fingerprints.items()}}
         try:
             self.manager.save(step, args=ocp.args.Composite(**{
                 PARAMS: ocp.args.StandardSave(state.params),
@@ -318,18 +324,13 @@ def resume_config(run_dir, overrides: list[str] = ()) -> RunConfig:
     return run_config_from_dict(saved, overrides)
 
 
-def _fingerprints(trees: dict) -> dict:
-    """{"item/leaf/path": uint32} for dicts of array trees: sum over elements of bits * (2 * index + 1).
-
-    Wrapping integer sums do not depend on the order of addition, so a sharded
-    array gives the same value on any mesh; odd weights make every flipped
-    bit and every swapped pair of elements change it.
-    """
+def _fingerprints(trees: dict, scheme: str = SCHEME) -> dict:
+    """{"item/leaf/path": uint32 fingerprint (`_fingerprint`)} for dicts of array trees."""
     out = {}
     for item, tree in trees.items():
         for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
             keys = (getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
-            out["/".join([item, *map(str, keys)])] = _fingerprint(x)
+            out["/".join([item, *map(str, keys)])] = _fingerprint(x, scheme)
     return out
 
 
@@ -339,7 +340,28 @@ def _all_finite(trees) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
-def _fingerprint(x: jax.Array) -> jax.Array:
+def _fmix32(h):
+    """MurmurHash3's 32-bit finaliser: a bijection of uint32 that mixes every bit into every other."""
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def _fingerprint(x: jax.Array, scheme: str = SCHEME) -> jax.Array:
+    """A uint32 fingerprint of an array's bits: the wrapping sum over elements of a hash of
+    (bits, flat index). Addition modulo 2**32 does not depend on its order, so a sharded
+    array gives the same value on any mesh.
+
+    "fmix32" (what saves write): hash = fmix32(bits ^ fmix32(index)). For a fixed index the
+    hash is a bijection of the bits, so any change to one element always changes the sum;
+    changes to several elements (a swap, a shifted block) go unseen only when their hashes'
+    differences cancel, about one chance in 2**32. "linear" (checkpoints from before
+    the scheme was recorded): hash = bits * (2 * index + 1). It also always catches a
+    change to one element, but misses swaps whose differences cancel exactly: swapping
+    elements that differ only in the sign bit, [1.0, -1.0] for [-1.0, 1.0], for one.
+    """
     if x.dtype == jnp.bool_:
         bits = x.astype(jnp.uint32)
     elif x.dtype.itemsize > 4:
@@ -352,7 +374,9 @@ def _fingerprint(x: jax.Array) -> jax.Array:
     for axis in reversed(range(bits.ndim)):
         index = index + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, axis) * jnp.uint32(stride % 2**32)
         stride *= bits.shape[axis]
-    return jnp.sum(bits * (2 * index + 1), dtype=jnp.uint32)
+    if scheme == "linear":
+        return jnp.sum(bits * (2 * index + 1), dtype=jnp.uint32)
+    return jnp.sum(_fmix32(bits ^ _fmix32(index)), dtype=jnp.uint32)
 
 
 def _failure_reason(err: BaseException, timeout: int) -> str:

@@ -43,7 +43,7 @@ from train.data.config import DataConfig
 from train.runtime import COMPILE_CACHE_OFF, ProfileConfig, check_tpu_flags
 
 DECAYS = ("cosine", "linear", "constant")
-PROGRAMS = ("train", "decode", "prefill")  # what train.compile can build for a run
+PROGRAMS = ("train", "decode", "prefill", "serve")  # what train.compile can build for a run (serve: infer.serve's)
 NONFINITE_MODES = ("stop", "skip")  # what a non-finite step does: see train/nonfinite.py
 WANDB_MODES = ("online", "offline", "disabled")
 # `chip`: a TPU chip of sharding/topology.py's tables, or cpu (MFU against a peak measured at start-up).
@@ -222,8 +222,8 @@ class RunConfig:
         if self.model.quantize is not None and self.model.lora is None and "train" in self.programs:
             raise ConfigError(f"model.quantize {self.model.quantize}: quantised weights stay frozen; add a lora "
                               "section to train adapters over them (QLoRA), train unquantised, or leave train "
-                              "out of programs to compile only the serving ones (train.compile --decode-only "
-                              "or --inference)")
+                              "out of programs to compile only the serving ones (train.compile --decode-only, "
+                              "--inference or --serve)")
         if self.model.lora is not None and self.init_from is None:
             raise ConfigError("lora: a LoRA run trains adapters over fixed weights: set init_from to them")
         if self.model.vision is not None and self.model.lora is None and self.init_from is None:

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from llama_jax.config import ConfigError
 from llama_jax.formats.weights import check_architecture, load_params, stored_config
-from llama_jax.model.params import join, partition
+from llama_jax.model.trees import join, partition
 from llama_jax.paths import check_bucket, is_url, storage_error, user_path
 from llama_jax.text.tokenizer import load_tokenizer
 from sharding.layout import load_layout

@@ -18,14 +18,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from llama_jax.model.params import abstract_params
+from llama_jax.params import abstract_params
 from llama_jax.vision.image import image_shapes
-from sharding.place import Placement
+from sharding.place import Placement, abstract_arrays
 from train.config import RunConfig
 from train.objectives.run import batch_row_keys, reference_shardings, run_objective
 from train.optimizer import learning_rate_schedule, make_optimizer
 from train.step import (BATCH_KEYS, Objective, TrainState, abstract_state, batch_shardings, jit_train_step,
-                        make_train_step, placed_shapes)
+                        make_train_step)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +62,7 @@ def build_train_step(run: RunConfig, placement: Placement, teacher: Placement | 
     fixed = reference_shardings(run, shardings.params, teacher)
     if fixed:
         shardings = shardings.replace(reference=fixed)
-        state = state.replace(reference=placed_shapes(abstract_params((teacher or placement).config), fixed))
+        state = state.replace(reference=abstract_arrays(abstract_params((teacher or placement).config), fixed))
     objective = run_objective(run, teacher)
     row_keys = batch_row_keys(run)
     step = jit_train_step(make_train_step(run.model, optimizer, schedule, shardings.params, run.grad_accum,
@@ -82,4 +82,4 @@ def abstract_batch(placement: Placement, rows: int, seq_len: int, row_keys: tupl
     if placement.config.vision is not None:
         shapes["images"] = {name: jax.ShapeDtypeStruct(shape, dtype)
                             for name, (shape, dtype) in image_shapes(placement.config.vision, rows).items()}
-    return placed_shapes(shapes, batch_shardings(placement, row_keys))
+    return abstract_arrays(shapes, batch_shardings(placement, row_keys))

@@ -19,10 +19,11 @@ from jax.sharding import NamedSharding, PartitionSpec
 from llama_jax.config import ModelConfig
 from llama_jax.model.llama import Llama
 from llama_jax.model.lora import is_adapter
-from llama_jax.model.params import init_params, join, model_for, partition
+from llama_jax.params import init_params, model_for
+from llama_jax.model.trees import join, partition
 from llama_jax.vision.image import image_shapes
 from llama_jax.vision.model import is_image_adapter
-from sharding.place import Placement
+from sharding.place import Placement, abstract_arrays
 from train.objectives.cross_entropy import chunked_cross_entropy_sums, cross_entropy_sums
 
 BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_weights")
@@ -225,17 +226,11 @@ def _new_state(config: ModelConfig, optimizer, rng) -> TrainState:
     return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), frozen)
 
 
-def placed_shapes(shapes, shardings):
-    """The tree `shapes` (arrays or `jax.ShapeDtypeStruct`s) as `jax.ShapeDtypeStruct`s placed on
-    `shardings` (a tree of the same structure); nothing allocated."""
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
-
-
 def abstract_state(placement: Placement, optimizer):
     """(the state as sharded `jax.ShapeDtypeStruct`s, its shardings); nothing allocated."""
     shapes = jax.eval_shape(lambda rng: _new_state(placement.config, optimizer, rng), jax.random.key(0))
     shardings = state_shardings(placement, shapes)
-    return placed_shapes(shapes, shardings), shardings
+    return abstract_arrays(shapes, shardings), shardings
 
 
 def init_state(placement: Placement, optimizer, rng, params=None):

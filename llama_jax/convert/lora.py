@@ -17,12 +17,14 @@ import argparse
 
 from llama_jax.cli import run_cli
 from llama_jax.convert import ConvertError
+from llama_jax.convert.peft import write_peft
+from llama_jax.formats import checkpoint, weights
+from llama_jax.model import lora
+from llama_jax.model.lora import is_adapter
 
 
 def _lora_checkpoint(source, step: int | None):
     """(directory, step, config with lora) of a LoRA run's checkpoint; ConvertError otherwise."""
-    from llama_jax.formats import checkpoint, weights
-
     kind, directory = weights.resolve(source)
     step = checkpoint.resolve_step(directory, step) if kind == "ours" else None
     config = weights.stored_config(source)
@@ -33,9 +35,6 @@ def _lora_checkpoint(source, step: int | None):
 
 def merge_lora(source, output, step: int | None = None):
     """Write a new checkpoint `output` with the adapters of `source` folded into its weights."""
-    from llama_jax.formats import checkpoint, weights
-    from llama_jax.model import lora
-
     directory, step, config = _lora_checkpoint(source, step)
     params = weights.load_params(directory, config, step=step)
     merged, plain = lora.merge(params, config)
@@ -45,10 +44,6 @@ def merge_lora(source, output, step: int | None = None):
 
 def export_peft(source, output, step: int | None = None, base_model: str | None = None):
     """Write the adapters of `source` as a new PEFT adapter directory `output`."""
-    from llama_jax.formats import checkpoint, weights
-    from llama_jax.convert.peft import write_peft
-    from llama_jax.model.lora import is_adapter
-
     directory, step, config = _lora_checkpoint(source, step)
     _, adapters = checkpoint.restore_params(directory, step, config=config, only=is_adapter)
     write_peft(adapters, config, output, base_model=base_model or weights.base_of(directory, step))

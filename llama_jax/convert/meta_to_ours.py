@@ -37,7 +37,7 @@ from llama_jax.formats.checkpoint_io import ParamsWriter, as_contiguous
 from llama_jax.cli import run_cli
 from llama_jax.config import ConfigError, ModelConfig, RopeScaling, load_model_config, published_models
 from llama_jax.convert import DTYPES, ConvertError, progress, staged_output
-from llama_jax.formats.hf import HF_WEIGHTS, to_ours
+from llama_jax.formats.hf_llama import HF_WEIGHTS, to_ours
 
 
 class MetaRule(NamedTuple):

@@ -39,7 +39,8 @@ from etils import epath
 from llama_jax.formats.checkpoint_io import ParamsReader, as_contiguous
 from llama_jax.cli import run_cli
 from llama_jax.convert import DTYPES, ConvertError, progress, staged_output
-from llama_jax.formats.hf import config_to_hf, hf_tensors, to_hf
+from llama_jax.formats.hf import config_to_hf, hf_tensors
+from llama_jax.formats.hf_llama import to_hf
 from llama_jax.paths import user_path
 from llama_jax.text.tokenizer import load_tokenizer
 from llama_jax.formats.mllama import preprocessor_config

@@ -19,7 +19,7 @@ import numpy as np
 
 from llama_jax.config import ModelConfig
 from llama_jax.convert import ConvertError, staged_output
-from llama_jax.formats.hf import HF_WEIGHTS
+from llama_jax.formats.hf_llama import HF_WEIGHTS
 
 PEFT_PREFIX = "base_model.model."
 

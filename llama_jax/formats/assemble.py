@@ -8,7 +8,7 @@
 Readers hand over one host array at a time (a Hugging Face tensor, a layer
 slice of our checkpoint) at its place in `config`'s tree (`path`, and the
 index along the stacked `layers` axis for stacked leaves, see
-`llama_jax.model.params.layer_location`). The builder stores it in the leaf's
+`llama_jax.params.layer_location`). The builder stores it in the leaf's
 dtype: param_dtype, or, where the config quantises that kernel
 (`ModelConfig.quantize_for`), quantised per output channel with its `scale`
 written beside it; values that are already quantised (a quantised
@@ -27,8 +27,11 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from llama_jax.formats.checkpoint import CheckpointError, is_stacked, named_leaves
 from llama_jax.config import ModelConfig
-from llama_jax.model.params import abstract_params
+from llama_jax.params import abstract_params
 from llama_jax.model.quantize import quantize_kernel
+from llama_jax.formats.checkpoint import architecture_mismatch
+from llama_jax.formats.checkpoint_io import ParamsReader
+from llama_jax.params import layer_location, layer_of
 
 QUANTISED_DTYPES = ("int8", "float8_e4m3fn")
 
@@ -161,9 +164,6 @@ def checkpoint_weights(directory, config: ModelConfig, step: int | None = None):
     quantised one only to its own quantize setting. CheckpointError (one
     line) otherwise.
     """
-    from llama_jax.formats.checkpoint import architecture_mismatch
-    from llama_jax.formats.checkpoint_io import ParamsReader
-
     reader = ParamsReader(directory, step)
     stored = reader.config
     name = architecture_mismatch(stored, config.replace(quantize=stored.quantize))
@@ -191,8 +191,6 @@ def converted_params(params, stored: ModelConfig, config: ModelConfig, shardings
 def _relocated(leaves: dict, read, stored: ModelConfig, config: ModelConfig):
     """(path, index, array) in `config`'s tree for every leaf (and layer slice) of `stored`'s
     tree, whose leaves (with shapes) are `leaves` and whose slices `read(path, index)` gives."""
-    from llama_jax.model.params import layer_location, layer_of
-
     for path, leaf in leaves.items():
         for index in (range(leaf.shape[0]) if path[0] == "layers" else [None]):
             layer, below = layer_of(path, index, stored)

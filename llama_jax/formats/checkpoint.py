@@ -35,8 +35,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from llama_jax.cli import first_line
 from llama_jax.config import ModelConfig
-from llama_jax.model.params import abstract_params, partition, stack_layers, stacked_layers, unstack_layers
+from llama_jax.params import abstract_params, stacked_layers
+from llama_jax.model.trees import partition, stack_layers, unstack_layers
 from llama_jax.paths import user_path
 
 PARAMS = "params"
@@ -235,9 +237,3 @@ def is_stacked(path) -> bool:
 
 def _key(key) -> str:
     return str(getattr(key, "key", getattr(key, "name", key)))
-
-
-def first_line(err: BaseException) -> str:
-    """An exception's first line of text (its type name if it has none), for one-line errors."""
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

@@ -24,10 +24,11 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from etils import epath
 
-from llama_jax.formats.checkpoint import (COMMIT_SUCCESS, CONFIG, PARAMS, TMP_SUFFIX, CheckpointError, first_line,
-                                  is_stacked, named_leaves, read_config, require_item, resolve_step)
+from llama_jax.cli import first_line
+from llama_jax.formats.checkpoint import (COMMIT_SUCCESS, CONFIG, PARAMS, TMP_SUFFIX, CheckpointError,
+                                          is_stacked, named_leaves, read_config, require_item, resolve_step)
 from llama_jax.config import ModelConfig, numpy_dtype
-from llama_jax.model.params import abstract_params
+from llama_jax.params import abstract_params
 from llama_jax.paths import user_path
 
 # glibc's malloc_trim, where the C library has one (Linux); see release_freed_memory.

@@ -3,7 +3,7 @@
 Tensor names are the published checkpoints' (`language_model.model.*`,
 `language_model.lm_head`, `vision_model.*`, `multi_modal_projector.*`), which
 transformers 4.45+ and 5.x read and write. The text model's names come from
-`llama_jax.formats.hf.HF_WEIGHTS`; a cross-attention layer has the same MLP and norm
+`llama_jax.formats.hf_llama.HF_WEIGHTS`; a cross-attention layer has the same MLP and norm
 names and its attention under `cross_attn.` instead of `self_attn.`. HF
 numbers the decoder layers with the cross-attention ones among them; layer i
 is group i // group_size of our stack, at place i % group_size in it.
@@ -21,7 +21,8 @@ from typing import Any
 from etils import epath
 
 from llama_jax.config import ConfigError, ModelConfig, VisionConfig
-from llama_jax.formats.hf import HF_WEIGHTS, HFTensor, WeightRule, config_from_hf, config_to_hf, text_tensors
+from llama_jax.formats.hf_llama import (HF_WEIGHTS, HFTensor, WeightRule, text_config_from_hf,
+                                        text_config_to_hf, text_tensors)
 
 CROSS_ATTENTION_EXTRAS = (
     WeightRule("model.layers.{i}.cross_attn.q_norm.weight", ("attention", "q_norm", "scale"), "copy"),
@@ -136,7 +137,7 @@ def config_from_mllama(hf: dict[str, Any], directory: epath.Path | None = None, 
             raise ConfigError(f"config.json: {name} is {got!r}; Llama 3.2 Vision has {expected!r}")
     text.update(model_type="llama", num_hidden_layers=text.get("num_hidden_layers", 0) - len(cross))
     text.setdefault("rope_theta", 500000.0)  # MllamaTextConfig's default theta
-    return config_from_hf(text, vision=vis, **overrides)
+    return text_config_from_hf(text, vision=vis, **overrides)
 
 
 def _pixel_statistics(directory: epath.Path | None) -> dict[str, list[float]]:
@@ -154,7 +155,7 @@ def _pixel_statistics(directory: epath.Path | None) -> dict[str, list[float]]:
 def config_to_mllama(config: ModelConfig, torch_dtype: str = "float32") -> dict[str, Any]:
     """A Mllama `config.json` dict (MllamaForConditionalGeneration) readable by transformers 4.45+ and 5.x."""
     vis = config.vision
-    text = config_to_hf(config.replace(vision=None), torch_dtype)
+    text = text_config_to_hf(config.replace(vision=None), torch_dtype)
     for key in ("architectures", "torch_dtype", "dtype", "head_dim", "attention_bias", "mlp_bias"):
         text.pop(key)
     for key in ("bos_token_id", "eos_token_id"):  # MllamaTextConfig takes ints only (its defaults otherwise)

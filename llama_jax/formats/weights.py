@@ -23,9 +23,11 @@ from llama_jax.formats import checkpoint
 from llama_jax.formats.checkpoint import CheckpointError, architecture_mismatch
 from llama_jax.config import ModelConfig
 from llama_jax.model.lora import is_adapter
-from llama_jax.model.params import join, partition
+from llama_jax.model.trees import join, partition
 from llama_jax.paths import check_bucket, user_path
 from llama_jax.vision.model import is_image_adapter
+from llama_jax.formats.assemble import load_checkpoint_params
+from llama_jax.formats.hf import load_hf_params, read_hf_config
 
 BASE = "base"  # item of a LoRA (or vision adapter) run: {"path": the weights its adapters adapt}
 
@@ -51,7 +53,6 @@ def stored_config(source) -> ModelConfig:
     """The model config a source of weights was saved with."""
     kind, path = resolve(source)
     if kind == "hf":
-        from llama_jax.formats.hf import read_hf_config
         return read_hf_config(path)
     return checkpoint.read_config(path)
 
@@ -82,15 +83,12 @@ def load_params(source, config: ModelConfig, shardings=None, step: int | None = 
     (a tree like the params; None: numpy arrays); `step` of our checkpoints (default: the
     latest). CheckpointError (one line) for a source that is missing, of another
     architecture, or incomplete."""
-    from llama_jax.formats.assemble import load_checkpoint_params
-
     kind, path = resolve(source)
     stored = checkpoint.read_config(path, step) if kind == "ours" else stored_config(source)
     check_architecture(source, stored, config)
     if kind == "hf":
         if config.lora is not None:
             raise CheckpointError(f"{source}: a Hugging Face directory holds no LoRA adapters")
-        from llama_jax.formats.hf import load_hf_params
         return load_hf_params(path, config, shardings=shardings)[1]
     base = base_of(path, step)
     if base is None:

@@ -7,6 +7,9 @@
   swiglu       the feed-forward activation with its CPU backward pass
   kv_cache     the KV cache pytree (optionally int8/fp8)
   quantize     int8 and FP8 weights; lora: adapters beside the weights they adapt
-  params       init, abstract shapes, counts, logical axes of the parameters
+  trees        stacking, unstacking, splitting and joining parameter trees
   mesh_context the mesh and rules of the active layout, for per-device kernels
+
+llama_jax/params.py, above this folder and llama_jax/vision/, initialises,
+counts and names the parameters of whichever model a config describes.
 """

@@ -26,22 +26,14 @@ from jax.ad_checkpoint import checkpoint_name
 
 from llama_jax.model import kv_cache, mesh_context
 from llama_jax.model.attention import attend
-from llama_jax.config import LoraConfig, ModelConfig
+from llama_jax.config import REMAT_POLICIES, LoraConfig, ModelConfig
 from llama_jax.model.context_parallel import balance, balanced_order, length_shards
-from llama_jax.model.kv_cache import CACHE_AXES, Cache, init_cache  # noqa: F401  (part of this module's API)
+from llama_jax.model.kv_cache import Cache
 from llama_jax.model.quantize import ACTIVATION_CAP, kernel_reduce_axes, quantize, storage_dtype
 from llama_jax.model.rope import apply_rotary, inverse_frequencies, rotary_angles
 from llama_jax.model.swiglu import swiglu
 
 _INIT = nn.initializers.normal(stddev=0.02)
-
-REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "save_attention_out": jax.checkpoint_policies.save_only_these_names("attention_out"),
-}
-
 
 def _init(*names):
     return nn.with_logical_partitioning(_INIT, names)
@@ -273,7 +265,10 @@ def remat_layer(layer: type[nn.Module], cfg: ModelConfig) -> type[nn.Module]:
     """The layer class wrapped in `nn.remat` with the config's policy (as it is for "none")."""
     if cfg.remat == "none":
         return layer
-    return nn.remat(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+    kept = REMAT_POLICIES[cfg.remat]
+    policy = (jax.checkpoint_policies.save_only_these_names(*kept) if isinstance(kept, tuple)
+              else getattr(jax.checkpoint_policies, kept))
+    return nn.remat(layer, policy=policy, prevent_cse=not cfg.scan_layers)
 
 
 class Llama(nn.Module):

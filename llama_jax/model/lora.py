@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from llama_jax.config import ModelConfig
-from llama_jax.model.params import partition
+from llama_jax.model.trees import partition
 
 ADAPTER_LEAVES = ("lora_a", "lora_b")
 

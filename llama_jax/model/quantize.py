@@ -43,6 +43,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from llama_jax.cli import first_line
 from llama_jax.config import ConfigError
 
 # Largest representable magnitude of each stored format.
@@ -69,7 +70,7 @@ def require_fp8() -> None:
     try:
         jax.jit(lambda x: x.astype(dtype).astype(jnp.float32))(jnp.ones((1,), jnp.float32)).block_until_ready()
     except Exception as err:  # noqa: BLE001 - a backend without the type raises its own error kinds
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        reason = first_line(err)
         raise ConfigError(f"fp8: the {jax.default_backend()} backend cannot convert to float8_e4m3fn "
                           f"({reason}); use int8 instead") from None
 

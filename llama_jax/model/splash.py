@@ -30,14 +30,11 @@ import numpy as np
 from jax.experimental.pallas.ops.tpu import splash_attention as sa
 from jax.sharding import NamedSharding, PartitionSpec
 
+from llama_jax.arith import round_up
 from llama_jax.model import mesh_context
 
 LANES = 128  # the kernel's blocks are multiples of the TPU vector lane count
 _PAD_SEGMENT = -1  # segment id of padding rows: they see only each other
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 def _block_for(length: int, block: int) -> int:
@@ -105,7 +102,7 @@ def splash_attend(q_bthk, k_bsnk, v_bsnk, q_coord_t: np.ndarray, k_coord_s: np.n
     pad = 0
     if q_shards == 1:  # pad to whole blocks (with the length split, each shard must be whole)
         lanes_block = max(LANES, block - block % LANES)
-        pad = _round_up(t, min(lanes_block, _round_up(t, LANES))) - t
+        pad = round_up(t, min(lanes_block, round_up(t, LANES))) - t
     if pad:
         q_bthk = jnp.pad(q_bthk, ((0, 0), (0, pad), (0, 0), (0, 0)))
         k_bsnk, v_bsnk = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (k_bsnk, v_bsnk))

@@ -26,6 +26,7 @@ import tiktoken
 import tokenizers
 from etils import epath
 
+from llama_jax.cli import first_line
 from llama_jax.paths import check_bucket, user_path
 
 # Meta's Llama 3 pre-tokenizer regex (`pat_str`), see REFERENCE.md.
@@ -274,7 +275,7 @@ class HFTokenizer(Tokenizer):
         try:
             self._tok = tokenizers.Tokenizer.from_str(path.read_text(encoding="utf-8"))
         except Exception as e:  # tokenizers raises a bare Exception on bad JSON
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            reason = first_line(e)
             raise ValueError(f"{path}: not a Hugging Face tokenizer.json ({reason})") from None
         added = self._tok.get_added_tokens_decoder()
         self._specials = {tok.content: i for i, tok in added.items() if tok.special}

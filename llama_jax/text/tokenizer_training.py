@@ -18,6 +18,7 @@ import sentencepiece as spm
 import tokenizers
 from tokenizers import Regex, models, pre_tokenizers, trainers
 
+from llama_jax.cli import first_line
 from llama_jax.text.tokenizer import LLAMA3_PATTERN
 
 
@@ -113,7 +114,7 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, path: str | os.Pa
             pad_id=-1,
         )
     except RuntimeError as e:
-        raise ValueError(f"sentencepiece training failed: {str(e).splitlines()[0]}") from None
+        raise ValueError(f"sentencepiece training failed: {first_line(e)}") from None
     path = Path(path)
     path.write_bytes(model.getvalue())
     return path

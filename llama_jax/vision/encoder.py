@@ -25,6 +25,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
+from llama_jax.arith import round_up
 from llama_jax.config import ModelConfig
 from llama_jax.vision.layers import EncoderStack, LayerNorm, gate
 
@@ -82,7 +83,7 @@ class ImageEncoder(nn.Module):
                   + position_gate * jnp.take(tile_positions, aspect_ratio_ids_b, axis=0).astype(dtype))
         x_bcpd = LayerNorm(OUTER_NORM_EPS, cfg.param_dtype, name="norm_pre")(x_bcpd)
 
-        padded = -(-p // 8) * 8
+        padded = round_up(p, 8)
         x_bcpd = jnp.pad(x_bcpd, ((0, 0), (0, 0), (0, padded - p), (0, 0)))
         real_bcp = (aspect_ratio_mask_bc.astype(bool)[:, :, None]
                     & (jnp.arange(padded) < p)[None, None, :])

@@ -31,6 +31,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from llama_jax.cli import first_line
 from llama_jax.config import VisionConfig
 
 OPEN_END = 2**30  # tile_until of a span reaching the end of the text: generated tokens see it too
@@ -47,7 +48,7 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     except IsADirectoryError:
         raise ValueError(f"{path}: is a directory, not an image file") from None
     except (UnidentifiedImageError, OSError) as err:
-        raise ValueError(f"{path}: not an image Pillow can read ({str(err).splitlines()[0]})") from None
+        raise ValueError(f"{path}: not an image Pillow can read ({first_line(err)})") from None
 
 
 def best_tiling(height: int, width: int, vision: VisionConfig) -> tuple[int, int]:

@@ -12,6 +12,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from llama_jax.arith import ceil_div
 from train.data.sources import TokenDocuments, no_text_error
 
 def make_row(window: np.ndarray, segments: np.ndarray, seq_len: int) -> dict[str, np.ndarray]:
@@ -53,7 +54,7 @@ class TokenWindows:
     def __init__(self, docs: TokenDocuments, order: np.ndarray, seq_len: int):
         self._docs, self._order, self._seq_len = docs, order, seq_len
         self._starts = np.concatenate([[0], np.cumsum(docs.lengths()[order])])  # [num_docs + 1]
-        self._num_windows = max(0, -(-(int(self._starts[-1]) - 1) // seq_len))  # rows with a target
+        self._num_windows = max(0, ceil_div(int(self._starts[-1]) - 1, seq_len))  # rows with a target
 
     def __len__(self) -> int:
         return self._num_windows

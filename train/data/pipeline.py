@@ -90,6 +90,7 @@ import grain.experimental
 import jax
 import numpy as np
 
+from llama_jax.arith import ceil_div
 from llama_jax.text.tokenizer import load_tokenizer
 from train.data.config import EXAMPLE_SOURCES, DataConfig
 from train.data.example_rows import ExampleRows, PairRows
@@ -238,7 +239,7 @@ def _streamed_rows(source, encode, config: DataConfig, shard_index: int, shard_c
     docs = docs.repeat(config.num_epochs)[shard_index::shard_count]
     if encode is not None:
         docs = docs.map(encode)
-    limit = 2 * (-(-len(source) // shard_count) + 1)
+    limit = 2 * (ceil_div(len(source), shard_count) + 1)
     docs = NonEmpty(docs.to_iter_dataset(read), limit, config.paths)
     if not config.packing:
         return docs.map(functools.partial(unpacked_row, seq_len=config.seq_len))

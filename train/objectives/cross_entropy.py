@@ -15,6 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from llama_jax.arith import ceil_div
+
 
 def _token_terms(logits_f32, targets, weights):
     """Weighted sums of (negative log-likelihood, log Z squared, correct predictions).
@@ -68,7 +70,7 @@ def chunked_sums(terms: Callable, chunk: int, *arrays_bt):
     length, the padding moves hidden states once, before the scan).
     """
     b, t = arrays_bt[0].shape[:2]
-    n = -(-t // chunk)
+    n = ceil_div(t, chunk)
     pad = n * chunk - t
     if pad:
         arrays_bt = tuple(jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2)) for x in arrays_bt)

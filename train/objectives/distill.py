@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from llama_jax.config import ConfigError, ModelConfig
 from llama_jax.model.llama import Llama
-from llama_jax.model.params import join
+from llama_jax.model.trees import join
 from train.objectives.cross_entropy import chunked_sums, cross_entropy_sums
 from train.step import Objective
 

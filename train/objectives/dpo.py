@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from llama_jax.config import ModelConfig
 from llama_jax.model.llama import Llama
-from llama_jax.model.params import join
+from llama_jax.model.trees import join
 from train.objectives.cross_entropy import chunked_sums, target_log_probs
 from train.data.reference_log_probs import REFERENCE_KEYS
 from train.step import Objective

@@ -15,7 +15,7 @@ import jax
 
 from llama_jax.config import ModelConfig
 from llama_jax.formats.weights import load_params, stored_config
-from llama_jax.model.params import init_params
+from llama_jax.params import init_params
 from sharding.place import Placement
 from train.config import RunConfig
 from train.data.reference_log_probs import REFERENCE_KEYS

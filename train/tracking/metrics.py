@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from etils import epath
 
 from llama_jax.config import ModelConfig
-from llama_jax.model.params import count_params
+from llama_jax.params import count_params
 from llama_jax.paths import is_url, storage_error, user_path
 from sharding.topology import CHIP_PEAK_FLOPS
 from train.tracking.wandb_logging import WandbRun

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 
-from llama_jax.formats.checkpoint import first_line
+from llama_jax.cli import first_line
 from llama_jax.config import ConfigError
 from llama_jax.paths import storage_error, user_path
 from train.config import WandbConfig
