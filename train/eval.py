@@ -6,7 +6,7 @@
     evaluator = Evaluator(model_config, data_config, placement, batches=8, tokenizer=tok)
     figures = evaluator(params)   # {"eval_loss", "eval_perplexity", "eval_accuracy", "eval_tokens"}
 
-With another objective (DPO, distillation: train/step.py `Objective`), the
+With another objective (DPO, distillation: train/objectives/objective.py `Objective`), the
 figures are its own metrics over the held-out batches, prefixed "eval_"
 (e.g. eval_accuracy is DPO's held-out preference accuracy).
 
@@ -35,7 +35,8 @@ from llama_jax.config import ModelConfig
 from sharding.place import Placement
 from train.data.config import DataConfig
 from train.data.pipeline import make_dataset
-from train.step import Objective, cross_entropy
+from train.objectives.cross_entropy import cross_entropy
+from train.objectives.objective import Objective
 
 
 def eval_data(data: DataConfig, paths: tuple[str, ...] = ()) -> DataConfig:

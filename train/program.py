@@ -22,10 +22,10 @@ from llama_jax.params import abstract_params
 from llama_jax.vision.image import image_shapes
 from sharding.place import Placement, abstract_arrays
 from train.config import RunConfig
+from train.objectives.objective import Objective
 from train.objectives.run import batch_row_keys, reference_shardings, run_objective
 from train.optimizer import learning_rate_schedule, make_optimizer
-from train.step import (BATCH_KEYS, Objective, TrainState, abstract_state, batch_shardings, jit_train_step,
-                        make_train_step)
+from train.step import BATCH_KEYS, TrainState, abstract_state, batch_shardings, jit_train_step, make_train_step
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """What a run minimises, and the fixed model it compares with.
 
-The run config picks the objective (train/step.py `Objective`): cross-entropy,
-DPO (a `dpo:` section) or logit distillation (`distill:`). DPO's reference
+The run config picks the objective (train/objectives/objective.py `Objective`):
+cross-entropy, DPO (a `dpo:` section) or logit distillation (`distill:`). DPO's reference
 policy and the distillation teacher ride in `TrainState.reference`, placed on
 the run's mesh; this module says where (their shardings) and loads them.
 `train.program` builds the run's step from these (the step `train.loop` runs and
@@ -19,9 +19,10 @@ from llama_jax.params import init_params
 from sharding.place import Placement
 from train.config import RunConfig
 from train.data.reference_log_probs import REFERENCE_KEYS
+from train.objectives.cross_entropy import cross_entropy
 from train.objectives.distill import check_teacher, distill, teacher_config
 from train.objectives.dpo import dpo
-from train.step import Objective, cross_entropy
+from train.objectives.objective import Objective
 
 
 def teacher_placement(run: RunConfig, layout, devices=None) -> Placement | None:
