@@ -210,16 +210,45 @@ def test_a_model_fitted_to_the_facts_knows_them_and_a_random_one_guesses(checkpo
     assert one_device["results"][CHOICE]["acc,none"] <= 0.5  # random weights: about 1 in 4
 
 
-def test_the_lm_eval_command_runs_its_own_flags_with_llama_jax(checkpoint, tmp_path):
+def test_the_lm_eval_command_runs_a_local_task_yaml_with_its_own_flags(checkpoint, tmp_path):
+    # A user's copy of a task: lm-eval's `json` loader over an absolute path (docs/evaluation.md).
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "docs_local.yaml").write_text(
+        "task: llama_jax_test_docs_local\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {TASKS_DIR / 'tiny_docs.jsonl'}\n"
+        "output_type: loglikelihood_rolling\ntest_split: test\ndoc_to_text: ''\ndoc_to_target: '{{text}}'\n"
+        "metric_list:\n  - metric: bits_per_byte\n")
+    env = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "cache")}  # what `json` writes stays here
     out = subprocess.run([sys.executable, "-m", "train.lm_eval", "--model", "llama-jax", "--model_args",
-                          f"checkpoint={checkpoint},layout=fsdp,dtype=float32", "--tasks", ROLLING, "--limit", "2",
-                          "--output_path", str(tmp_path / "results")], cwd=REPO, capture_output=True, text=True,
-                         timeout=300)
+                          f"checkpoint={checkpoint},layout=fsdp,dtype=float32", "--tasks",
+                          "llama_jax_test_docs_local", "--include_path", str(tmp_path / "tasks"), "--limit", "2",
+                          "--output_path", str(tmp_path / "results")], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert "bits_per_byte" in out.stdout, out.stdout
-    written = list((tmp_path / "results").rglob("results_*.json"))
-    assert len(written) == 1
-    assert json.loads(written[0].read_text())["results"][ROLLING]["sample_len"] == 2
+    assert "bits_per_byte" in out.stdout and "batch_size: 16" in out.stdout, out.stdout
+    [written] = (tmp_path / "results").rglob("results_*.json")
+    assert json.loads(written.read_text())["results"]["llama_jax_test_docs_local"]["sample_len"] == 2
+
+
+def test_log_likelihoods_equal_lm_evals_own_hugging_face_model(checkpoint):
+    import transformers
+    from lm_eval.models.huggingface import HFLM
+    from tokenizers import Tokenizer, models
+
+    # Token-level requests, as lm-eval hands them over after tokenizing: HFLM needs no text,
+    # so a stub tokenizer serves.
+    stub = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0, "<s>": 1, "</s>": 2}, unk_token="<unk>")),
+        bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    hf = HFLM(pretrained=transformers.LlamaForCausalLM.from_pretrained(checkpoint).eval(), tokenizer=stub,
+              batch_size=4, device="cpu")
+    rng = np.random.default_rng(0)
+    requests = [(None, [1] + rng.integers(3, 300, n).tolist(), rng.integers(3, 300, k).tolist())
+                for n, k in ((3, 1), (20, 5), (40, 2), (9, 9), (1, 30))]
+    ours = LlamaJaxLM(checkpoint, batch_size=4)._loglikelihood_tokens(requests, disable_tqdm=True)
+    theirs = hf._loglikelihood_tokens(requests, disable_tqdm=True)
+    for (a, greedy_a), (b, greedy_b) in zip(ours, theirs, strict=True):
+        assert a == pytest.approx(b, abs=1e-4) and greedy_a == greedy_b
 
 
 def test_an_unknown_task_is_one_line_and_exit_2(checkpoint, capsys):
@@ -234,6 +263,11 @@ def test_an_unknown_task_is_one_line_and_exit_2(checkpoint, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("train.eval: error: unknown task no_such_task") and "--include_path" in err
     assert "\n" not in err
+
+
+def test_a_misspelt_model_arg_is_named_before_anything_loads():
+    with pytest.raises(ValueError, match="model_args: chekpoint is not a llama-jax setting"):
+        LlamaJaxLM.create_from_arg_string("chekpoint=runs/x,layout=fsdp", {"batch_size": 1})
 
 
 def test_a_dataset_that_cannot_be_reached_names_the_offline_remedy(checkpoint, tmp_path, capsys):

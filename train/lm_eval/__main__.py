@@ -5,8 +5,8 @@
     python -m train.lm_eval ls tasks
 
 Every flag is lm-eval's (`lm-eval run --help`); `--model` defaults to
-llama-jax, and the shipped offline tasks (train/lm_eval/tasks/) are found
-beside any --include_path. Bad input (an unknown task, a dataset that
+llama-jax and `--batch_size` to 16 rows, and the shipped offline tasks
+(train/lm_eval/tasks/) are found beside any --include_path. Bad input (an unknown task, a dataset that
 cannot be reached, a missing checkpoint) is one line and exit code 2.
 """
 
@@ -30,12 +30,10 @@ def _main(argv: list[str]) -> None:
     from lm_eval._cli import HarnessCLI  # what lm-eval's own `lm-eval` command runs
     from lm_eval.utils import setup_logging
 
-    import train.lm_eval.model  # noqa: F401  (registers llama-jax)
+    from train.lm_eval.model import DEFAULT_BATCH  # importing it registers llama-jax
     from train.lm_eval.run import include_paths, reachable_datasets
 
-    if argv and argv[0] not in ("ls", "validate", "-h", "--help") and not any(
-            arg in ("--model", "-M") or arg.startswith("--model=") for arg in argv):
-        argv = [*argv, "--model", "llama-jax"]
+    argv = _with_defaults(argv, DEFAULT_BATCH)
     setup_logging()
     cli = HarnessCLI()
     with _argv([f"python -m {PROG}", *argv]):
@@ -44,6 +42,21 @@ def _main(argv: list[str]) -> None:
         args.include_path = include_paths(args.include_path)
     with reachable_datasets(), _unknown_tasks():
         cli.execute(args)
+
+
+def _with_defaults(argv: list[str], batch: int) -> list[str]:
+    """An evaluation's arguments with `--model llama-jax` unless another model is named, and for
+    llama-jax `--batch_size batch` unless a batch size is given (lm-eval's default is one row)."""
+    if not argv or argv[0] in ("ls", "validate", "-h", "--help"):
+        return argv
+    models = [value for flag, value in zip(argv, argv[1:]) if flag in ("--model", "-M")]
+    models += [arg.split("=", 1)[1] for arg in argv if arg.startswith("--model=")]
+    if not models:
+        argv = [*argv, "--model", "llama-jax"]
+    if models in ([], ["llama-jax"]) and not any(arg in ("-b", "--batch_size") or "batch_size=" in arg
+                                                  for arg in argv):
+        argv = [*argv, "--batch_size", str(batch)]
+    return argv
 
 
 @contextlib.contextmanager

@@ -21,6 +21,7 @@ dataset it cannot reach) before a large model is read.
 
 from __future__ import annotations
 
+import inspect
 import logging
 
 import jax
@@ -95,6 +96,11 @@ class LlamaJaxLM(TemplateLM):
     def create_from_arg_obj(cls, arg_dict, additional_config=None):
         """As lm-eval's, but a setting in model_args wins over the command line's defaults
         (lm-eval always passes its own batch_size, 1 unless --batch_size says otherwise)."""
+        known = [name for name in inspect.signature(cls.__init__).parameters if name != "self"]
+        unknown = sorted(set(arg_dict) - set(known))
+        if unknown:
+            raise ConfigError(f"model_args: {', '.join(unknown)} is not a llama-jax setting (known: "
+                              f"{', '.join(known)})")
         extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
         return cls(**arg_dict, **extra)
 
@@ -183,7 +189,9 @@ class LlamaJaxLM(TemplateLM):
             if max_new >= self.max_length:
                 raise ConfigError(f"max_gen_toks {max_new} leaves no room for a prompt in max_length "
                                   f"{self.max_length}")
-            prompts = [self.tok_encode(requests[i].args[0])[-(self.max_length - max_new):] for i in members]
+            # An empty context (without add_bos_token) starts from BOS, as a loglikelihood's does.
+            prompts = [(self.tok_encode(requests[i].args[0]) or [self.prefix_token_id])[-(self.max_length - max_new):]
+                       for i in members]
 
             def finished(row, ids, until=until):
                 text = self.tok_decode(ids)
@@ -199,7 +207,7 @@ class LlamaJaxLM(TemplateLM):
         """(until strings, max new tokens, Sampling) from a task's generation kwargs."""
         kwargs = dict(gen_kwargs or {})
         until = kwargs.pop("until", None) or ()
-        until = (until,) if isinstance(until, str) else tuple(until)
+        until = tuple(stop for stop in ((until,) if isinstance(until, str) else until) if stop)
         max_new = _positive("max_gen_toks", kwargs.pop("max_gen_toks", self.max_gen_toks))
         sampling = Sampling()
         if kwargs.pop("do_sample", False):
