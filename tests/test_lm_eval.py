@@ -148,9 +148,10 @@ def test_generate_until_equals_greedy_decoding_cut_at_the_stops(checkpoint, refe
     assert lm.generate_until(requests, disable_tqdm=True) == expected
 
 
-def test_multiple_choice_on_fsdp_matches_one_device(checkpoint, manager, one_device):
-    lm = LlamaJaxLM(checkpoint, layout="fsdp", batch_size=4)
-    assert lm.scorer.rows == 8 and lm.placement.shards_along("batch") == 8
+@pytest.mark.parametrize("layout, rows", [("fsdp", 8), ("fsdp_sp", 4)])  # fsdp_sp splits each row's length too
+def test_multiple_choice_on_a_layout_matches_one_device(checkpoint, manager, one_device, layout, rows):
+    lm = LlamaJaxLM(checkpoint, layout=layout, batch_size=4)
+    assert lm.scorer.rows == rows == lm.placement.shards_along("batch")
     sharded = evaluate(lm, [CHOICE], manager=manager, log_samples=True)
     for ours, theirs in zip(one_device["samples"][CHOICE], sharded["samples"][CHOICE], strict=True):
         for (a, greedy_a), (b, greedy_b) in zip(ours["filtered_resps"], theirs["filtered_resps"], strict=True):
