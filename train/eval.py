@@ -111,6 +111,8 @@ def _main(argv):
     benchmarks.add_argument("--output", help="write lm-eval's results to this JSON file")
     benchmarks.add_argument("--dtype", choices=("bfloat16", "float32"), help="default: the checkpoint's")
     args = parser.parse_args(argv)
+    if args.tasks and args.data:
+        raise ValueError("--tasks and --data: pass one (lm-eval benchmarks, or the held-out loss)")
     if args.tasks:
         return _benchmarks(args)
     if not args.data:
@@ -136,8 +138,12 @@ def _main(argv):
 
 def _benchmarks(args):
     """--tasks: lm-eval on the checkpoint (train/lm_eval/run.py `evaluate_checkpoint`)."""
-    from train.lm_eval.run import evaluate_checkpoint
+    try:
+        import lm_eval  # noqa: F401  (an optional dependency: say how to get it)
 
+        from train.lm_eval.run import evaluate_checkpoint
+    except ModuleNotFoundError as err:
+        raise ValueError(f"--tasks needs lm-eval ({err}): pip install 'llama-jax[eval]'") from None
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
     evaluate_checkpoint(args.checkpoint, [t for t in args.tasks.split(",") if t], include_path=args.include_path,
                         limit=limit, num_fewshot=args.num_fewshot, output=args.output, tokenizer=args.tokenizer,

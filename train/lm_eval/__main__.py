@@ -26,7 +26,10 @@ def main(argv=None) -> int:
 
 
 def _main(argv: list[str]) -> None:
-    import lm_eval.models  # noqa: F401  (lm-eval fills its registry only while it is empty)
+    try:
+        import lm_eval.models  # noqa: F401  (lm-eval fills its registry only while it is empty)
+    except ModuleNotFoundError as err:
+        raise ValueError(f"lm-eval is not installed ({err}): pip install 'llama-jax[eval]'") from None
     from lm_eval._cli import HarnessCLI  # what lm-eval's own `lm-eval` command runs
     from lm_eval.utils import setup_logging
 
