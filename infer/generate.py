@@ -27,17 +27,17 @@ import os
 from collections.abc import Callable, Sequence
 
 import numpy as np
-from etils import epath
 
 from infer.engine import Engine, engine_for
 from infer.options import ServingOptions
 from llama_jax.decoding.sampling import Sampling
 from llama_jax.config import ModelConfig
 from llama_jax.paths import user_path
-from llama_jax.formats.safetensors_io import CheckpointFileError
 from llama_jax.text.stream_decoder import StreamDecoder
 from llama_jax.text.tokenizer import Tokenizer, load_tokenizer
 from sharding.layout import Layout
+from llama_jax.formats.weights import find_tokenizer, load_params, stored_config
+from llama_jax.vision.image import image_inputs, load_image
 
 
 @dataclasses.dataclass
@@ -180,20 +180,16 @@ def load_served(path: str | os.PathLike, options: ServingOptions, tokenizer: str
     directory or its parent. Raises ValueError subclasses with one line for
     anything missing or inconsistent.
     """
-    from llama_jax.formats.weights import load_params
-
     path = user_path(path)
     config = options.model_config(checkpoint_config(path))
     engine = _engine(config, options.layout)
     target = config.replace(scan_layers=engine.model_config.scan_layers)
     params = load_params(path, target, engine.placement.param_shardings(target))
-    return target, params, load_tokenizer(tokenizer or _find_tokenizer(path))
+    return target, params, load_tokenizer(tokenizer or find_tokenizer(path))
 
 
 def checkpoint_config(path: str | os.PathLike) -> ModelConfig:
     """The model config of a checkpoint (Hugging Face's config.json, ours, or a run's), nothing else read."""
-    from llama_jax.formats.weights import stored_config
-
     return stored_config(path)
 
 
@@ -201,14 +197,6 @@ def _engine(config: ModelConfig, layout: str | Layout | None) -> Engine:
     if layout is None or isinstance(layout, str):
         return engine_for(config, layout)
     return Engine(config, layout)
-
-
-def _find_tokenizer(path: epath.Path) -> epath.Path:
-    for directory in (path, path.parent):
-        if any((directory / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
-            return directory
-    raise CheckpointFileError(f"{path}: no tokenizer.json or tokenizer.model here or in the parent "
-                              "directory (pass the tokenizer's path)")
 
 
 def _prompt_list(prompts: Prompts) -> list:
@@ -232,8 +220,6 @@ def _prompt_ids(tokenizer: Tokenizer | None, prompts: Prompts) -> list[list[int]
 
 def _image_arrays(config: ModelConfig, images: Images, prompts: Prompts, ids: list[list[int]]):
     """The vision model's image arrays for these prompts; puts `<|image|>` ids after BOS of text prompts."""
-    from llama_jax.vision.image import image_inputs, load_image
-
     if config.vision is None:
         raise ValueError("images were given, but this model is text-only (its config has no vision "
                          "section); use a Llama 3.2 Vision checkpoint")

@@ -18,6 +18,8 @@ from __future__ import annotations
 import dataclasses
 import time
 
+from train.program import build_train_step
+
 SERVE_PROGRAMS = ("serve_prefill", "serve_decode")  # infer.serve's programs (the run config's "serve")
 
 
@@ -79,37 +81,13 @@ def _abstract(tree, shardings):
 
 
 def train_program(run, placement, teacher=None):
-    """(jitted train_step, abstract sharded (state, batch)) exactly as `train.loop.train` builds it:
-    the run's objective (cross-entropy, DPO or distillation), its state holding DPO's frozen
-    reference or the distillation teacher (`teacher`: train.objectives.run.teacher_placement's, on
-    the same devices), its batch the per-row reference log-probabilities a DPO run's data holds."""
-    import jax
-    import jax.numpy as jnp
-
-    from llama_jax.params import abstract_params
-    from train.objectives.run import batch_row_keys, reference_shardings, run_objective
-    from train.optimizer import learning_rate_schedule, make_optimizer
-    from train.step import BATCH_KEYS, abstract_state, jit_train_step, make_train_step
-
-    optimizer = make_optimizer(run.optimizer, run.steps)
-    schedule = learning_rate_schedule(run.optimizer, run.steps)
-    state, shardings = abstract_state(placement, optimizer)
-    fixed = reference_shardings(run, shardings.params, teacher)
-    if fixed:
-        shardings = shardings.replace(reference=fixed)
-        state = state.replace(reference=_abstract(abstract_params((teacher or placement).config), fixed))
-    rows = (run.data.global_batch, run.data.seq_len)
-    batch_sharding = placement.sharding("batch", "length")
-    batch = {key: jax.ShapeDtypeStruct(rows, jnp.float32 if key == "loss_weights" else jnp.int32,
-                                       sharding=batch_sharding) for key in BATCH_KEYS}
-    batch.update({key: jax.ShapeDtypeStruct(rows[:1], jnp.float32, sharding=placement.sharding("batch"))
-                  for key in batch_row_keys(run)})
-    if run.model.vision is not None:
-        batch["images"] = _abstract_images(placement, run.data.global_batch)
-    step = jit_train_step(make_train_step(run.model, optimizer, schedule, shardings.params, run.grad_accum,
-                                          objective=run_objective(run, teacher)),
-                          placement, shardings, row_keys=batch_row_keys(run))
-    return step, (state, batch)
+    """(jitted train_step, abstract sharded (state, batch)): the step `train.loop.train` runs,
+    from the same builder (`train.program.build_train_step`): the run's objective
+    (cross-entropy, DPO or distillation), its state holding DPO's frozen reference or the
+    distillation teacher (`teacher`: train.objectives.run.teacher_placement's, on the same
+    devices), its batch the per-row reference log-probabilities a DPO run's data holds."""
+    program = build_train_step(run, placement, teacher)
+    return program.step, (program.state, program.batch)
 
 
 def decode_program(config, placement, batch: int, cache_len: int):

@@ -56,7 +56,14 @@ import itertools
 import json
 import sys
 
+from llama_jax.cli import run_cli
+from llama_jax.config import ConfigError
+from llama_jax.config_files import shipped_configs
+from sharding.layout import load_layout
+from sharding.topology import slices_of, topology_devices
 from train.compile.aot import SERVE_PROGRAMS, CompileResult, compile_run
+from train.compile.comms_report import format_comms_table, plot_sweep
+from train.config import load_run_config
 
 # Short names for --sweep keys; any dotted run-config key works as well.
 SWEEP_ALIASES = {"remat": "model_overrides.remat", "batch": "data.global_batch",
@@ -149,8 +156,6 @@ def format_table(rows: list[tuple[dict[str, str], CompileResult | str]]) -> str:
 
 def parse_sweep(items: list[str]) -> list[dict[str, str]]:
     """`["layout=fsdp,fsdp_tp", "remat=full,dots"]` -> every combination, as override dicts."""
-    from llama_jax.config import ConfigError
-
     axes = []
     for item in items:
         key, sep, values = item.partition("=")
@@ -164,6 +169,11 @@ def parse_sweep(items: list[str]) -> list[dict[str, str]]:
 
 
 def main(argv=None) -> int:
+    """Exit code 0: every program fits; 1: one does not; 2: bad input (one line on stderr)."""
+    return run_cli(_main, argv, prog="train.compile")
+
+
+def _main(argv) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m train.compile",
         description="Compile the train (and decode) step ahead of time for a TPU topology and "
@@ -224,60 +234,50 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_intermixed_args(argv)
 
-    from llama_jax.config import ConfigError
-    from sharding.layout import LayoutError, load_layout
-    from sharding.topology import slices_of, topology_devices
-    from train.config import load_run_config
-
-    def fail(err) -> int:
-        print(f"train.compile: error: {err}", file=sys.stderr)
-        return 2
-
     if args.all:
         return _all_runs(args)
-    try:
-        if not args.config:
-            raise ConfigError("--config: name a run config (or use --all)")
-        run = load_run_config(args.config, args.overrides)
-        args.topology = args.topology or run.topology
-        if not args.topology:
-            raise ConfigError(f"--topology: {args.config} names no topology; give one, e.g. v5p:4x4x4")
-        slices = args.slices or slices_of(load_layout(run.layout, **run.mesh))
-        devices = topology_devices(args.topology, slices)
-        combos = parse_sweep(args.sweep)
-        given = {item.partition("=")[0] for item in args.overrides}
-        for key in combos[0] if args.sweep else ():
-            if key in given:
-                raise ConfigError(f"{key}: given both as an override and in --sweep")
-        if run.model.quantize is not None and run.model.lora is None and not (args.decode_only or args.inference
-                                                                               or args.serve):
-            raise ConfigError(f"model quantize {run.model.quantize}: quantised weights are served or carry "
-                              "LoRA adapters (add a lora section), not trained; compile the serving "
-                              "programs with --decode-only, --inference or --serve")
-        if args.plot and not (args.sweep and args.comms):
-            raise ConfigError("--plot: draws a sweep's communication; give --sweep and --comms")
-        if args.sweep:
-            return _sweep(args, combos, devices, slices)
-        if args.inference or args.decode_only or args.serve:
-            programs = ((["prefill", "decode"] if args.inference else ["decode"] if args.decode_only else [])
-                        + (["serve"] if args.serve else []))
-        else:
-            programs = [p for p in ("train", "prefill", "decode", "serve") if p in run.programs
-                        or (p == "decode" and args.decode) or (p == "prefill" and args.prefill)]
-        results = [compile_run(run, devices, topology=args.topology, slices=slices, program=p,
-                               **_shapes(args), comms=args.comms)
-                   for p in _compiles(programs)]
-    except (ConfigError, LayoutError, ValueError, FileNotFoundError) as err:
-        return fail(err)
+    if not args.config:
+        raise ConfigError("--config: name a run config (or use --all)")
+    given = {item.partition("=")[0] for item in args.overrides}
+    serving = _serving_programs(args)
+    if serving:  # no training run: the run config's checks of what training needs do not apply
+        if "programs" in given:
+            raise ConfigError("programs: --inference, --decode-only and --serve set the programs; drop the "
+                              "override or the flags")
+        args.overrides = [*args.overrides, f"programs=[{','.join(serving)}]"]
+    run = load_run_config(args.config, args.overrides)
+    args.topology = args.topology or run.topology
+    if not args.topology:
+        raise ConfigError(f"--topology: {args.config} names no topology; give one, e.g. v5p:4x4x4")
+    slices = args.slices or slices_of(load_layout(run.layout, **run.mesh))
+    devices = topology_devices(args.topology, slices)
+    combos = parse_sweep(args.sweep)
+    for key in combos[0] if args.sweep else ():
+        if key in given:
+            raise ConfigError(f"{key}: given both as an override and in --sweep")
+    if args.plot and not (args.sweep and args.comms):
+        raise ConfigError("--plot: draws a sweep's communication; give --sweep and --comms")
+    if args.sweep:
+        return _sweep(args, combos, devices, slices)
+    programs = serving or [p for p in ("train", "prefill", "decode", "serve") if p in run.programs
+                           or (p == "decode" and args.decode) or (p == "prefill" and args.prefill)]
+    results = [compile_run(run, devices, topology=args.topology, slices=slices, program=p,
+                           **_shapes(args), comms=args.comms)
+               for p in _compiles(programs)]
     if args.json:
         print(json.dumps({r.program: r.to_dict() for r in results}))
     else:
         print("\n\n".join(format_result(r) for r in results))
         if args.comms:
-            from train.compile.comms_report import format_comms_table
-
             print("\n" + format_comms_table([({"program": r.program}, r) for r in results]))
     return 0 if all(r.verdict != "does not fit" for r in results) else 1
+
+
+def _serving_programs(args) -> list[str]:
+    """The run's programs --inference (prefill and decode), --decode-only (decode) and --serve
+    (infer.serve's) name; [] without them: the run config's own programs are compiled."""
+    return ((["prefill", "decode"] if args.inference else ["decode"] if args.decode_only else [])
+            + (["serve"] if args.serve else []))
 
 
 def _compiles(programs) -> list[str]:
@@ -297,11 +297,6 @@ def _shapes(args, prompts: bool = True) -> dict:
 
 def _all_runs(args) -> int:
     """Compile every shipped run config that names a topology, for its slice and programs."""
-    from llama_jax.config_files import shipped_configs
-    from sharding.layout import load_layout
-    from sharding.topology import slices_of, topology_devices
-    from train.config import load_run_config
-
     rows = []
     for name in shipped_configs("runs"):
         run = load_run_config(name)
@@ -323,10 +318,6 @@ def _all_runs(args) -> int:
 
 
 def _sweep(args, combos, devices, slices) -> int:
-    from llama_jax.config import ConfigError
-    from sharding.layout import LayoutError
-    from train.config import load_run_config
-
     rows = []
     for combo in combos:
         extra = [f"{k}={v}" for k, v in combo.items()]
@@ -337,7 +328,7 @@ def _sweep(args, combos, devices, slices) -> int:
                        else "train")
             result = compile_run(run, devices, topology=args.topology, slices=slices, program=program,
                                  **_shapes(args, prompts=False), comms=args.comms)
-        except (ConfigError, LayoutError, ValueError) as err:
+        except ValueError as err:  # ConfigError, LayoutError: the combination is invalid
             result = str(err)
         rows.append((label, result))
         if args.json and args.comms:
@@ -347,8 +338,6 @@ def _sweep(args, combos, devices, slices) -> int:
             print(f"[{len(rows)}/{len(combos)}] {' '.join(extra)}: "
                   f"{result if isinstance(result, str) else result.verdict}", file=sys.stderr, flush=True)
     if args.comms:
-        from train.compile.comms_report import format_comms_table, plot_sweep
-
         if not args.json:
             print(format_comms_table(rows))
         if args.plot:

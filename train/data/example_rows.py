@@ -7,15 +7,12 @@ preference pairs (a chosen and a rejected conversation per row), as random acces
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from llama_jax.arith import ceil_div
+from train.data.config import DataConfig
 from train.data.reference_log_probs import REFERENCE_KEYS, ReferenceLogProbs
-
-if TYPE_CHECKING:
-    from train.data.pipeline import DataConfig
 
 
 def example_row(examples: list[np.ndarray], seq_len: int) -> dict[str, np.ndarray]:
