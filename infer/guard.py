@@ -36,9 +36,14 @@ import argparse
 import json
 import sys
 
+from tqdm import tqdm
+
+from infer.guard_model import Guard, guard_format
 from infer.options import ServingOptions, check_checkpoint
 from llama_jax.cli import run_cli
 from llama_jax.paths import user_path
+from llama_jax.text.guard_categories import load_categories
+from llama_jax.vision.image import load_image
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -78,8 +83,6 @@ def main(argv=None) -> int:
 
 
 def _run(args) -> None:
-    from infer.guard_model import Guard, guard_format
-
     check_checkpoint(args.checkpoint)
     options = ServingOptions.from_args(args)
     if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
@@ -101,8 +104,6 @@ def _run(args) -> None:
         return
     images = load_images(conversations) if config.vision is not None else None
     guard = Guard.load(args.checkpoint, options, args.tokenizer, args.max_new_tokens)
-    from tqdm import tqdm
-
     with tqdm(total=len(prompts), desc="guard", unit="conv", file=sys.stderr, disable=None) as bar:
         results = guard.classify(prompts, images, args.threshold, args.batch_size, progress=bar.update)
     out = user_path(args.output).open("w", encoding="utf-8") if args.output else sys.stdout
@@ -145,9 +146,7 @@ def read_conversations(path) -> tuple[list[str], list[list[dict]]]:
 
 
 def build_prompts(fmt, conversations, args) -> list:
-    """Every conversation's GuardPrompt; ValueError naming the first bad one by its line."""
-    from llama_jax.text.guard_categories import load_categories
-
+    """Every conversation's GuardPrompt; ValueError naming the first bad one by its number."""
     categories = load_categories(args.categories) if args.categories else None
     exclude = [code.strip() for code in args.exclude.split(",") if code.strip()]
     prompts = []
@@ -174,8 +173,6 @@ def with_image(messages: list[dict], path: str) -> list[dict]:
 
 def load_images(conversations) -> list[list]:
     """Each conversation's images (its image parts' "image" paths, loaded), in order."""
-    from llama_jax.vision.image import load_image
-
     images = []
     for i, messages in enumerate(conversations):
         row = []

@@ -35,10 +35,12 @@ from infer.options import ServingOptions
 from llama_jax.config import ModelConfig
 from llama_jax.decoding.programs import NO_TOKEN
 from llama_jax.decoding.sampling import Sampling
+from llama_jax.formats.weights import find_tokenizer
 from llama_jax.paths import user_path
 from llama_jax.text.chat_template import find_chat_template, special_tokens
 from llama_jax.text.guard_format import GuardFormat, GuardPrompt, parse_verdict
 from llama_jax.text.tokenizer import Tokenizer, load_tokenizer
+from llama_jax.vision.image import image_inputs
 
 GREEDY = Sampling(0.0, None, None)
 MAX_NEW_TOKENS = 32  # "\n\n", "unsafe", "\n" and a few codes; rows stop at <|eot_id|> long before
@@ -74,16 +76,12 @@ def guard_format(checkpoint, tokenizer: str | os.PathLike | None = None) -> tupl
 
 
 def tokenizer_directory(checkpoint, tokenizer=None):
-    """The directory holding the tokenizer: `tokenizer`'s (a file's parent), else the checkpoint's
-    or its parent's, as `infer.generate.load_served` finds it."""
+    """The directory holding the tokenizer: `tokenizer`'s (a file's parent), else the one
+    `infer.generate.load_served` finds beside the checkpoint."""
     if tokenizer is not None:
         path = user_path(tokenizer)
         return path if path.is_dir() else path.parent
-    path = user_path(checkpoint)
-    for directory in (path, path.parent):
-        if any((directory / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
-            return directory
-    return path
+    return find_tokenizer(checkpoint)
 
 
 class Guard:
@@ -142,8 +140,6 @@ class Guard:
         """Greedy answers of a batch, and each row's unsafe probability."""
         arrays = None
         if images is not None and any(images):
-            from llama_jax.vision.image import image_inputs
-
             arrays = image_inputs(images, ids, self.config.vision)
         engine, n, stops = self.engine, len(ids), set(self.stops)
         state, first_b, logits_bv = engine.prefill(self.params, ids, self.max_new_tokens, GREEDY, 0, stops,

@@ -11,7 +11,8 @@ as `tool_calls`, the `tool` role taken as Llama's `ipython`), GET /v1/models,
 GET /health. Streaming by server-sent events; `n` choices per request, each
 in its own decode slot. Generation runs in `infer.batcher.Batcher`: this
 module is the thin FastAPI layer over it (checks in `infer.openai_api`, the
-answers' JSON in `infer.responses`).
+answers' JSON in `infer.responses`). With `--guard DIR` a Llama Guard model screens
+prompts and answers (`infer.guard_hook`: refusals with code content_filter).
 
 Bounds: it binds 127.0.0.1 unless told otherwise; with an API key every
 endpoint but /health wants `Authorization: Bearer KEY` (401 otherwise);
@@ -34,6 +35,7 @@ import sys
 import time
 from pathlib import Path
 
+from infer import guard_hook
 from infer.options import ServingOptions, check_checkpoint
 from llama_jax.cli import run_cli
 from llama_jax.decoding.slots import PREFILL_BATCH, SLOTS, STEPS_PER_CALL
@@ -72,6 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="queued requests before answering 429 (default 256)")
     parser.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
                         help="on SIGTERM, seconds running requests may take to finish (default 30)")
+    guard_hook.add_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -109,6 +112,7 @@ class Service:
     max_body_bytes: int
     max_waiting: int
     compiles: int = 0
+    guard: object = None  # infer.guard_hook.Screen with --guard
 
 
 def _load(args) -> Service:
@@ -132,6 +136,7 @@ def _load(args) -> Service:
     config, params, tokenizer = load_served(args.checkpoint, options, args.tokenizer)
     service = Service(None, tokenizer, args.model_name or Path(args.checkpoint).resolve().name, context,
                       args.api_key or None, args.max_body_bytes, args.max_waiting)
+    service.guard = guard_hook.load(args, options.layout, tokenizer)
 
     def count(event: str, duration: float, **_):
         if event == BACKEND_COMPILE_EVENT:
@@ -184,6 +189,8 @@ def create_app(service: Service):
     async def health():
         failed = service.batcher.error is not None
         body = {"status": "error" if failed else "ok", **service.batcher.load(), "compiles": service.compiles}
+        if service.guard is not None:
+            body["guard"] = service.guard.counts()
         return JSONResponse(body, status_code=503 if failed else 200)
 
     @app.get("/v1/models")
@@ -208,7 +215,8 @@ def create_app(service: Service):
             if bad:
                 raise api.ApiError(400, f"prompt: token id {bad[0]} is outside the vocabulary", "prompt")
         settings = api.check_sampled(body, len(ids), service.context, 16, logprobs, service.batcher.slots)
-        return await _respond(service, ids, settings, body.stream, "text_completion", "cmpl")
+        asked = [{"role": "user", "content": prompt if isinstance(prompt, str) else service.tokenizer.decode(ids)}]
+        return await _respond(service, ids, settings, body.stream, "text_completion", "cmpl", asked)
 
     @app.post("/v1/chat/completions")
     async def chat(body: api.ChatRequest):
@@ -217,25 +225,33 @@ def create_app(service: Service):
         if body.max_tokens is None:
             body.max_tokens = body.max_completion_tokens
         tools, names = api.chat_tools(body)
+        messages = api.chat_messages(body)
         try:
-            ids = format_chat(service.tokenizer, api.chat_messages(body), tools=tools)
+            ids = format_chat(service.tokenizer, messages, tools=tools)
         except ValueError as err:
             raise api.ApiError(400, str(err), "messages") from None
         names = names if service.tokenizer.generation == "llama3" else None  # Llama 2 makes no calls
         settings = api.check_sampled(body, len(ids), service.context, None, logprobs, service.batcher.slots, names)
-        return await _respond(service, ids, settings, body.stream, "chat.completion", "chatcmpl")
+        return await _respond(service, ids, settings, body.stream, "chat.completion", "chatcmpl",
+                              guard_hook.chat_conversation(messages))
 
-    async def _respond(service, ids, settings, stream, kind, prefix):
+    async def _respond(service, ids, settings, stream, kind, prefix, conversation):
         from infer.responses import Choice, new_id
 
+        if service.guard is not None:  # an unsafe prompt is refused before it is queued
+            await service.guard.check_prompt(conversation)
         requests, queue = _submit(service, ids, settings)
         choices = [Choice(i, kind.startswith("chat"), service.tokenizer, settings, new_id("call", "_"))
                    for i in range(settings.n)]
         events = _chunks(requests, queue, choices)
         head = {"id": new_id(prefix), "object": kind, "created": int(time.time()), "model": service.model_name}
+        chat = kind.startswith("chat")
         if stream:
+            if service.guard is not None:
+                events = service.guard.streamed(events, requests, conversation, chat)
             return StreamingResponse(_stream(events, choices, head, len(ids)), media_type="text/event-stream")
-        return await _collect(events, choices, head, len(ids))
+        answer = await _collect(events, choices, head, len(ids))
+        return answer if service.guard is None else await service.guard.check_answers(answer, conversation, chat)
 
     return _Guard(app, service)
 

@@ -27,6 +27,9 @@ from llama_jax import Llama, init_params
 from llama_jax.config import ModelConfig
 from llama_jax.formats.checkpoint import save_params
 from llama_jax.text.chat import encode_conversation, format_chat
+from llama_jax.text.chat_template import find_chat_template, render, special_tokens
+from llama_jax.text.guard_format import GuardFormat
+from llama_jax.text.tokenizer import llama3_special_tokens, load_tokenizer
 from llama_jax.text.tokenizer_training import train_bpe
 
 NAMES_14 = ["Violent Crimes", "Non-Violent Crimes", "Sex Crimes", "Child Exploitation", "Defamation",
@@ -200,8 +203,9 @@ def served_examples(tokenizer, rng: random.Random, n: int):
         if secret:
             words.insert(rng.randint(0, len(words)), SECRET)
         reply = f"the {MARKER} is near" if secret else GREETING
-        examples.append(encode_conversation(tokenizer, [{"role": "user", "content": " ".join(words)},
-                                                        {"role": "assistant", "content": reply}]))
+        system = [{"role": "system", "content": "Be brief."}] if rng.random() < 0.5 else []
+        examples.append(encode_conversation(tokenizer, system + [{"role": "user", "content": " ".join(words)},
+                                                                 {"role": "assistant", "content": reply}]))
     return examples
 
 
@@ -217,18 +221,14 @@ def tiny_config(vocab_size: int) -> ModelConfig:
                        rope_theta=500000.0, max_seq_len=512)
 
 
-def chat_ids(tokenizer, text: str) -> list[int]:
-    return format_chat(tokenizer, [{"role": "user", "content": text}])
+def chat_ids(tokenizer, system: str, text: str) -> list[int]:
+    return format_chat(tokenizer, [{"role": "system", "content": system}, {"role": "user", "content": text}])
 
 
 
 def make_guard(directory, steps: int = 240, seed: int = 0):
     """Train the tiny guard in `directory` (our checkpoint, tokenizer.model, a tokenizer_config.json
     carrying TINY_TEMPLATE); returns its final training loss."""
-    from llama_jax.text.chat_template import find_chat_template, render, special_tokens
-    from llama_jax.text.guard_format import GuardFormat
-    from llama_jax.text.tokenizer import llama3_special_tokens, load_tokenizer
-
     rng = random.Random(seed)
     texts = [render(TINY_TEMPLATE, as_parts(messages), {}, llama3_special_tokens()).text
              for messages, _ in (conversation(rng) for _ in range(40))]

@@ -400,3 +400,106 @@ def test_infer_guard_judges_a_prompt_with_an_image_on_a_vision_guard(trained_gua
     text_only = tmp_path / "text_only.jsonl"
     assert run_guard("--checkpoint", directory, "--input", chats, "--output", text_only) == 0
     assert json.loads(text_only.read_text())["unsafe_probability"] != result["unsafe_probability"]
+
+
+# ---------------------------------------------------------------- python -m infer.serve --guard
+
+@pytest.fixture(scope="module")
+def served_model(trained_guard, tmp_path_factory):
+    """A tiny chat model on the guard's tokenizer, trained to answer a turn holding "secret" with
+    the guard's marker word ("the zorblax is near") and anything else with "hello friend"."""
+    from llama_jax.formats.checkpoint import save_params
+
+    directory = tmp_path_factory.mktemp("served")
+    (directory / "tokenizer.model").write_bytes((trained_guard / "tokenizer.model").read_bytes())
+    tokenizer = load_tokenizer(directory)
+    config = gt.tiny_config(tokenizer.vocab_size).replace(max_seq_len=128)
+    params, _ = gt.train(config, gt.served_examples(tokenizer, random.Random(2), 1000), steps=150, seed=1)
+    save_params(directory, config, params)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def guarded_server(served_model, trained_guard):
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "").strip()
+    process = subprocess.Popen([sys.executable, "-m", "infer.serve", "--checkpoint", str(served_model), "--guard",
+                                str(trained_guard), "--model-name", "tiny", "--port", str(port), "--max-batch", "2",
+                                "--max-seq-len", "128", "--guard-every", "2"],
+                               cwd=Path(__file__).resolve().parent.parent, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.5)
+    else:
+        process.kill()
+        pytest.fail(f"the server did not start: {process.communicate()[0]}")
+    yield base
+    process.kill()
+    process.communicate()
+
+
+def chat(base, text, stream=False):
+    import httpx
+
+    body = {"model": "tiny", "messages": [{"role": "system", "content": "Be brief."},
+                                          {"role": "user", "content": text}],
+            "max_tokens": 12, "temperature": 0, "stream": stream}
+    return httpx.post(f"{base}/v1/chat/completions", json=body, timeout=120)
+
+
+def test_the_guarded_server_refuses_a_marked_prompt_before_generation(guarded_server):
+    response = chat(guarded_server, f"apple {gt.MARKER} river")
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == "content_filter" and "S1: Marked words." in error["message"]
+
+
+def test_the_guarded_server_serves_an_unmarked_prompt_unchanged(guarded_server, served_model):
+    from infer import generate, load_model
+
+    config, params, tokenizer = load_model(served_model)
+    expected = generate(params, tokenizer, [gt.chat_ids(tokenizer, "Be brief.", "apple river green")],
+                        max_new_tokens=12, config=config)[0]
+    assert expected.text == gt.GREETING
+    answer = chat(guarded_server, "apple river green").json()["choices"][0]
+    assert answer["message"]["content"] == expected.text and answer["finish_reason"] == "stop"
+
+
+def test_the_guarded_server_withholds_a_marked_answer_whole_and_streamed(guarded_server):
+    import httpx
+
+    answer = chat(guarded_server, "tell the secret now").json()["choices"][0]
+    assert answer["finish_reason"] == "content_filter" and answer["message"]["content"] is None
+    events = [line[6:] for line in chat(guarded_server, "tell the secret now", stream=True).text.splitlines()
+              if line.startswith("data: ") and line != "data: [DONE]"]
+    chunks = [c for e in map(json.loads, events) for c in e.get("choices", [])]
+    assert chunks[-1]["finish_reason"] == "content_filter"
+    assert gt.MARKER not in "".join(c["delta"].get("content") or "" for c in chunks)
+    guard = httpx.get(f"{guarded_server}/health", timeout=10).json()["guard"]
+    assert guard["prompts"]["S1"] >= 1 and guard["answers"]["S1"] >= 2
+
+
+def test_a_guard_with_its_own_tokenizer_gets_a_note_not_an_error(trained_guard):
+    from infer.guard_hook import tokenizer_note
+
+    mine = load_tokenizer(trained_guard)
+    assert tokenizer_note(mine, mine) == ""
+    note = tokenizer_note(mine, load_tokenizer(META_MODEL))
+    assert note.startswith("the guard model's tokenizer differs from the served model's") and "\n" not in note
