@@ -32,8 +32,9 @@ is the guard checkpoint's (`llama_jax.text.guard_format`).
   tokens) and still never sends a token the guard has not seen; the price is
   a guard prefill per chunk, and text already released stays released if a
   later part of the answer turns it unsafe (the rest is withheld).
-- A verdict that is neither safe nor unsafe (malformed) counts as unsafe:
-  the screen fails closed, as `python -m infer.guard --filter` does.
+- A verdict that is neither safe nor unsafe (malformed), or a conversation
+  the guard cannot take (longer than its context), counts as unsafe: the
+  screen fails closed, as `python -m infer.guard --filter` does.
 
 Judgements run one at a time on a worker thread (`asyncio.to_thread`), so
 the event loop keeps serving while the guard computes. /health reports
@@ -51,6 +52,7 @@ import threading
 from infer.guard_model import Classification, Guard
 from infer.openai_api import ApiError
 from infer.options import ServingOptions, check_checkpoint
+from llama_jax.cli import first_line
 
 EVERY = 16  # chunks (about tokens) of a streamed answer per judgement
 
@@ -107,7 +109,10 @@ class Screen:
 
     async def _judge(self, conversation: list[dict], kind: str) -> Classification | None:
         """The classification if the last turn is unsafe (counted under `kind`), else None."""
-        result = await asyncio.to_thread(self.judge, conversation)
+        try:
+            result = await asyncio.to_thread(self.judge, conversation)
+        except ValueError as err:  # a conversation the guard cannot take (past its context): fail closed
+            result = Classification("malformed", (), (), 1.0, first_line(err))
         if result.verdict == "safe":
             return None
         self.refused[kind].update(result.categories or [result.verdict])
@@ -204,5 +209,5 @@ def _answer_text(part: dict) -> str:
 
 def _named(result: Classification) -> str:
     if result.verdict != "unsafe":
-        return "the guard's verdict was malformed, so the request is refused"
+        return f"no verdict could be read ({result.text[:80]!r}), and the filter fails closed"
     return ", ".join(f"{code}: {name}" for code, name in zip(result.categories, result.names)) or "unsafe"
