@@ -40,9 +40,10 @@ from llama_jax import Llama, ModelConfig  # noqa: E402
 from sharding.layout import load_layout  # noqa: E402
 from sharding.place import Placement  # noqa: E402
 from train.config import OptimizerConfig  # noqa: E402
+from train.objectives.cross_entropy import cross_entropy  # noqa: E402
 from train.objectives.distill import distill  # noqa: E402
 from train.optimizer import learning_rate_schedule, make_optimizer  # noqa: E402
-from train.step import TrainState, cross_entropy, init_state, jit_train_step, make_train_step  # noqa: E402
+from train.step import TrainState, init_state, jit_train_step, make_train_step  # noqa: E402
 
 VOCAB, NOISE, LENGTH = 32, 0.5, 32  # ids, share of uniform ids, ids per training sequence
 PROMPT_LEN, CONTINUATION = 8, 8

@@ -22,25 +22,35 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import BENCH_MODEL, best_time, emit, log, threads  # noqa: E402
 
 
+def bench_run(args, config):
+    """The run config the JAX side trains: the model on one device (layout dp), AdamW at 1e-4
+    without warm-up over a 1000-step schedule, `args.batch` rows of `args.seq_len` tokens."""
+    from train.config import run_config_from_dict
+
+    return run_config_from_dict({
+        "model": config, "layout": "dp", "steps": 1000, "loss_chunk": args.loss_chunk,
+        "optimizer": {"learning_rate": 1e-4, "warmup_steps": 0},
+        "data": {"source": "synthetic", "vocab_size": config.vocab_size, "seq_len": args.seq_len,
+                 "global_batch": args.batch}})
+
+
 def jax_run(args, config):
     import jax
     import numpy as np
 
     from sharding.layout import load_layout
     from sharding.place import Placement
-    from train.config import OptimizerConfig
+    from train.program import build_train_step
+    from train.step import init_state
     from train.tracking.metrics import flops_per_token, measure_matmul_flops
-    from train.optimizer import learning_rate_schedule, make_optimizer
-    from train.step import init_state, jit_train_step, make_train_step
 
     matmul = measure_matmul_flops(2048)
     emit("train", "jax", "matmul_f32", "flops", matmul / 1e9, "GFLOP/s")
-    placement = Placement.create(config, load_layout("dp"), devices=jax.devices()[:1])
-    opt = OptimizerConfig(learning_rate=1e-4, warmup_steps=0)
-    optimizer, schedule = make_optimizer(opt, 1000), learning_rate_schedule(opt, 1000)
-    state, shardings = init_state(placement, optimizer, jax.random.key(0))
-    step = jit_train_step(make_train_step(config, optimizer, schedule, shardings.params, loss_chunk=args.loss_chunk),
-                          placement, shardings)
+    run = bench_run(args, config)
+    placement = Placement.create(run.model, load_layout(run.layout, **run.mesh), devices=jax.devices()[:1])
+    program = build_train_step(run, placement)  # the step train.loop runs for this run config
+    state, _ = init_state(placement, program.optimizer, jax.random.key(0))
+    step = program.step
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, config.vocab_size, (args.batch, args.seq_len + 1)).astype(np.int32)
     batch = placement.global_batch({

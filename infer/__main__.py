@@ -26,7 +26,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from llama_jax.paths import check_bucket, user_path
+from infer.options import ServingOptions, check_checkpoint
+from llama_jax.cli import run_cli
+from llama_jax.paths import user_path
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -75,60 +77,38 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        return _run(args)
-    except ValueError as err:  # ConfigError, LayoutError, CheckpointFileError are ValueErrors
-        _fail(err)
-    except OSError as err:
-        _fail(f"{err.filename}: {err.strerror or err}" if err.filename else err)
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
-    return 2
+    return run_cli(lambda argv: _run(parse_args(argv)), argv)
 
 
-def _fail(message) -> None:
-    lines = str(message).strip().splitlines() or [type(message).__name__]
-    print(f"error: {lines[0]}", file=sys.stderr)
-
-
-def _run(args) -> int:
+def _run(args) -> None:
     from llama_jax.decoding.sampling import Sampling
-    from sharding.layout import load_layout
 
     # Cheap checks first, so bad input fails before anything loads or compiles.
-    check_bucket(args.checkpoint)  # a gs:// path: bucket and credentials, in one line
-    if not user_path(args.checkpoint).is_dir():
-        raise ValueError(f"{args.checkpoint}: checkpoint directory not found")
-    if args.layout is not None:
-        load_layout(args.layout)
+    check_checkpoint(args.checkpoint)
+    options = ServingOptions.from_args(args)
     Sampling(args.temperature, args.top_k, args.top_p)
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if args.stream_every < 1:
         raise ValueError(f"--stream-every must be at least 1, got {args.stream_every}")
-    _check_precision_flags(args)
 
     args.prompt = _read_prompt(args)
 
-    from infer.generate import checkpoint_config, load_model
+    from infer.generate import checkpoint_config, load_served
     from llama_jax.vision.image import load_image
 
     images = [load_image(path) for path in args.image]
     if images:
         _check_images(checkpoint_config(args.checkpoint), len(images))
 
-    config, params, tokenizer = load_model(args.checkpoint, args.layout, args.tokenizer, dtype=args.dtype,
-                                           attention=args.attention, quantize=args.quantize,
-                                           kv_cache_dtype=args.kv_cache_dtype)
+    config, params, tokenizer = load_served(args.checkpoint, options, args.tokenizer)
     settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, seed=args.seed, layout=args.layout, config=config,
                     stream_every=args.stream_every)
     if args.chat:
-        return _chat(params, tokenizer, args, settings, images)
-    _say(params, tokenizer, args.prompt, settings, images)
-    return 0
+        _chat(params, tokenizer, args, settings, images)
+    else:
+        _say(params, tokenizer, args.prompt, settings, images)
 
 
 def _check_images(config, count: int) -> None:
@@ -139,21 +119,6 @@ def _check_images(config, count: int) -> None:
     if count > config.vision.max_images:
         raise ValueError(f"--image: {count} images given; this model takes at most {config.vision.max_images} "
                          "per prompt (vision.max_images)")
-
-
-def _check_precision_flags(args) -> None:
-    """One line naming the flag for a dtype, attention, quantize or KV cache setting that is not known."""
-    from llama_jax.config import ATTENTION_IMPLS, KV_CACHE_DTYPES, QUANTIZE_TARGETS
-    from llama_jax.model.quantize import require_fp8
-
-    for flag, value, known in (("--dtype", args.dtype, ("bfloat16", "float32")),
-                               ("--attention", args.attention, ATTENTION_IMPLS),
-                               ("--quantize", args.quantize, tuple(QUANTIZE_TARGETS)),
-                               ("--kv-cache-dtype", args.kv_cache_dtype, KV_CACHE_DTYPES)):
-        if value is not None and value not in known:
-            raise ValueError(f"{flag}: unknown {value!r} (known: {', '.join(known)})")
-    if "fp8" in (args.quantize, args.kv_cache_dtype):
-        require_fp8()
 
 
 def _read_prompt(args) -> str | None:
@@ -192,7 +157,7 @@ def _say(params, tokenizer, prompt, settings, images=()):
     return result
 
 
-def _chat(params, tokenizer, args, settings, images=()) -> int:
+def _chat(params, tokenizer, args, settings, images=()) -> None:
     """Read user turns from stdin until EOF (or an empty line); answer each with the template.
 
     The images open the first user turn; they stay with it while it is in the conversation.
@@ -213,7 +178,7 @@ def _chat(params, tokenizer, args, settings, images=()) -> int:
             sys.stderr.flush()
             line = sys.stdin.readline()
             if not line or not line.strip():
-                return 0
+                return
             user = line.rstrip("\n")
         content = pending + [{"type": "text", "text": user}] if pending else user
         messages.append({"role": "user", "content": content})

@@ -19,6 +19,11 @@ arrays, `llama_jax.decoding.sampling.RowSampling`), so traffic never recompiles 
 row that stops (a stop token, its token limit, a cancel) frees its slot for
 the next admission at once.
 
+Both programs are `llama_jax.decoding.slots`' pure functions, jitted by the
+engine (`Engine.slot_programs`) exactly as `train.compile --serve` jits them
+for its ahead-of-time HBM verdict; this module is the host's side: the
+queue, the slots and the events.
+
 Why slots over one contiguous cache rather than a paged cache: every slot
 reserves `cache_len` positions, which wastes memory when most requests are
 short, but attention stays the model's own dense, sharded code (the same
@@ -27,44 +32,29 @@ step is one fixed-shape program. A paged cache would need a ragged paged
 attention kernel (JAX ships one for TPU only) and a block table on the host.
 
 Each token is reported with its log-probability and the `TOP_LOGPROBS` most
-likely alternatives, computed on the device from the raw logits.
+likely alternatives (llama_jax.decoding.logprobs), computed on the device from
+the raw logits.
+
+Threads: `_wake`'s lock guards the queue, the slots (`_running`), the stop flag
+and the counters. The worker is the only thread that changes the slots and
+counters, and it changes them holding the lock, so `load()` (the server's
+/health) reads one consistent picture: a request is waiting, or in a slot from
+the moment it leaves the queue until its `Finished`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import threading
 from collections import deque
 from collections.abc import Callable
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from infer.engine import Engine, cache_bucket
-from llama_jax.decoding import programs
-from llama_jax.decoding.programs import NO_TOKEN
+from infer.engine import Engine
+from infer.events import Finished, Token
 from llama_jax.decoding.sampling import RowSampling, Sampling
-
-TOP_LOGPROBS = 20  # alternatives reported per token (OpenAI's chat API allows up to 20)
-
-
-@dataclasses.dataclass(frozen=True)
-class Token:
-    """One generated token: its id, log-probability and the top alternatives (ids, log-probabilities)."""
-
-    id: int
-    logprob: float
-    top_ids: list[int]
-    top_logprobs: list[float]
-
-
-@dataclasses.dataclass(frozen=True)
-class Finished:
-    """The end of a request: reason "stop" (a stop token), "length" (max_tokens) or "cancelled"."""
-
-    reason: str
+from llama_jax.decoding.slots import PREFILL_BATCH, STEPS_PER_CALL
 
 
 @dataclasses.dataclass(eq=False)
@@ -81,15 +71,6 @@ class Request:
     cancelled: bool = False
 
 
-def token_logprobs(logits_bv, tokens_b, top: int = TOP_LOGPROBS):
-    """(log-probability of each row's token [b], top ids int32 [b, top], their log-probabilities
-    [b, top]) under log_softmax of float32 logits [b, v]."""
-    logprobs_bv = jax.nn.log_softmax(logits_bv.astype(jnp.float32), axis=-1)
-    chosen_b = jnp.take_along_axis(logprobs_bv, jnp.maximum(tokens_b, 0)[:, None], axis=-1)[:, 0]
-    top_lp_bk, top_ids_bk = jax.lax.top_k(logprobs_bv, min(top, logprobs_bv.shape[-1]))
-    return chosen_b, top_ids_bk.astype(jnp.int32), top_lp_bk
-
-
 class Batcher:
     """Decode slots over one KV cache, fed from a queue by a worker thread (module docstring).
 
@@ -99,40 +80,20 @@ class Batcher:
     that end a row. steps_per_call: decode steps per compiled call (new requests join
     between calls). prefill_batch: requests prefilled together when several wait (the
     prefill compiles for one request and for this many, per prompt bucket).
+    `shape` holds the resulting shapes and `programs` the compiled programs.
     """
 
-    def __init__(self, engine: Engine, params, slots: int, cache_len: int, stop_ids, steps_per_call: int = 4,
-                 prefill_batch: int = 8):
-        shards = engine.batch_multiple
-        if slots < 1 or slots % shards:
-            raise ValueError(f"slots must be a positive multiple of the layout's batch shards ({shards}), got {slots}")
-        if prefill_batch < 1:
-            raise ValueError(f"prefill_batch must be at least 1, got {prefill_batch}")
-        self.engine, self.params, self.slots = engine, params, slots
-        # Rows of a prefill: one request (padded to the batch shards), or a group of them.
-        self.prefill_rows = sorted({shards, min(slots, -(-prefill_batch // shards) * shards)})
-        # Room for the longest prompt's bucket too: prefill writes the whole padded prompt.
-        self.cache_len = max(cache_bucket(cache_len), engine.prompt_shape(cache_len)[0])
-        self.steps_per_call = steps_per_call
-        plan = engine.placement
+    def __init__(self, engine: Engine, params, slots: int, cache_len: int, stop_ids,
+                 steps_per_call: int = STEPS_PER_CALL, prefill_batch: int = PREFILL_BATCH):
+        self.engine, self.params = engine, params
+        self.shape = engine.slot_shape(slots, cache_len, steps_per_call, prefill_batch)
+        self.slots, self.cache_len = self.shape.slots, self.shape.cache_len
+        self.programs = engine.slot_programs(self.shape)
         self._stop_set = frozenset(int(t) for t in stop_ids)
-        self._stops = plan.put(np.asarray(sorted(self._stop_set) or [NO_TOKEN], np.int32), engine.replicated)
-        row = plan.sharding("batch")
-        self._row_sharding = row
-        # Made by a compiled program, so the entries are distinct buffers (each is donated).
-        empty = functools.partial(programs.empty_state, engine.config, slots, self.cache_len)
-        with plan.activate():
-            self._state = jax.jit(empty, out_shardings=engine.state_shardings)()
-        self._sampling = jax.device_put(RowSampling.of([Sampling()] * slots), row)
-        axes = programs.state_axes(engine.config)
-        self._prefill = jax.jit(functools.partial(_prefill_into_slots, engine.model, axes),
-                                static_argnames=("cache_len", "chunk"), donate_argnames=("state", "sampling"),
-                                out_shardings=(engine.state_shardings, row) + (engine.replicated,) * 5,
-                                compiler_options=engine.compiler_options)
-        self._step = jax.jit(functools.partial(_steps, engine.model), static_argnames=("steps",),
-                             donate_argnames=("state",),
-                             out_shardings=(engine.state_shardings,) + (engine.replicated,) * 4,
-                             compiler_options=engine.compiler_options)
+        self._stops = engine.place_stops(self._stop_set)
+        with engine.activate():
+            self._state = self.programs.empty()
+        self._sampling = engine.place_rows(RowSampling.of([Sampling()] * slots))
         self._waiting: deque[Request] = deque()
         self._running: list[Request | None] = [None] * slots
         self._wake = threading.Condition()
@@ -177,10 +138,31 @@ class Batcher:
         """Compile the decode step and, for each given prompt length's bucket, the prefill of
         each group size, by running one-token requests to the end (before `start`)."""
         for length in prompt_lengths:
-            for rows in self.prefill_rows:
+            for rows in self.shape.prefill_rows:
                 requests = [Request([0] * length, 1, Sampling(), 0, lambda event: None) for _ in range(rows)]
-                self._admit(list(zip(requests, range(rows))))
+                admitted = list(zip(requests, range(rows)))
+                self._claim(admitted)
+                self._admit(admitted)
         self._decode()
+
+    def prefill_args(self, admitted: list[tuple[Request, int]]) -> tuple:
+        """The arguments of the compiled prefill (`programs.prefill`) that writes these (request,
+        slot) pairs into their slots, in a group of the fewest `shape.prefill_rows` that holds them."""
+        rows = next(r for r in self.shape.prefill_rows if r >= len(admitted))
+        prompts_bt, lengths_b, _ = self.engine.pad_prompts([request.prompt for request, _ in admitted], rows)
+        limits_b, seeds_b = np.zeros((rows,), np.int32), np.zeros((rows,), np.int32)  # padding rows: no output
+        slots_b = np.full((rows,), self.slots, np.int32)  # padding rows: past the last slot, dropped
+        for i, (request, slot) in enumerate(admitted):
+            limits_b[i], seeds_b[i], slots_b[i] = request.max_tokens, request.seed, slot
+        settings = [request.sampling for request, _ in admitted] + [Sampling()] * (rows - len(admitted))
+        place = self.engine.place_rows
+        return (self.params, self._state, self._sampling, prompts_bt, lengths_b, place(limits_b), place(seeds_b),
+                self._stops, place(RowSampling.of(settings)), place(slots_b))
+
+    def decode_args(self, cancel_b: np.ndarray) -> tuple:
+        """The arguments of the compiled decode call (`programs.decode`); `cancel_b`: bool [slots],
+        the rows to stop first."""
+        return self.params, self._state, self._sampling, self._stops, self.engine.place_rows(cancel_b)
 
     # ------------------------------------------------------------ the worker
 
@@ -194,12 +176,13 @@ class Batcher:
                         return
                     free = [i for i, r in enumerate(self._running) if r is None]
                     admitted = [(self._waiting.popleft(), slot) for slot in free[:len(self._waiting)]]
-                for request, _ in admitted:
-                    if request.cancelled:
-                        self.cancelled += 1
-                        request.emit(Finished("cancelled"))
-                admitted = [(request, slot) for request, slot in admitted if not request.cancelled]
-                group = self.prefill_rows[-1]
+                    dropped = [request for request, _ in admitted if request.cancelled]
+                    admitted = [(request, slot) for request, slot in admitted if not request.cancelled]
+                    self.cancelled += len(dropped)
+                    self._claim(admitted)
+                for request in dropped:
+                    request.emit(Finished("cancelled"))
+                group = self.shape.prefill_rows[-1]
                 for start in range(0, len(admitted), group):
                     self._admit(admitted[start:start + group])
                 if admitted and self._waiting and None in self._running:
@@ -212,41 +195,30 @@ class Batcher:
                 request.emit(Finished("error"))
             raise
 
+    def _claim(self, admitted: list[tuple[Request, int]]) -> None:
+        """Put requests in their slots (they count as running from here)."""
+        with self._wake:
+            for request, slot in admitted:
+                self._running[slot] = request
+
     def _admit(self, admitted: list[tuple[Request, int]]) -> None:
-        """Prefill requests together and write their rows into their slots; report first tokens."""
-        engine, plan = self.engine, self.engine.placement
-        rows = next(r for r in self.prefill_rows if r >= len(admitted))
-        t, chunk = engine.prompt_shape(max(len(request.prompt) for request, _ in admitted))
-        prompt_bt = np.zeros((rows, t), np.int32)
-        lengths_b = np.ones((rows,), np.int32)  # padding rows: one token, no output
-        limits_b, seeds_b = np.zeros((rows,), np.int32), np.zeros((rows,), np.int32)
-        slots_b = np.full((rows,), self.slots, np.int32)  # padding rows: past the last slot, dropped
-        for i, (request, slot) in enumerate(admitted):
-            prompt_bt[i, :len(request.prompt)] = request.prompt
-            lengths_b[i], limits_b[i], seeds_b[i] = len(request.prompt), request.max_tokens, request.seed
-            slots_b[i] = slot
-        settings = [request.sampling for request, _ in admitted] + [Sampling()] * (rows - len(admitted))
-        row = self._row_sharding
-        with plan.activate():
-            self._state, self._sampling, first_b, done_b, *logprobs = self._prefill(
-                self.params, self._state, self._sampling, plan.put(prompt_bt, plan.sharding("batch", "length")),
-                *(plan.put(a, row) for a in (lengths_b, limits_b, seeds_b)), self._stops,
-                jax.device_put(RowSampling.of(settings), row), plan.put(slots_b, row),
-                cache_len=self.cache_len, chunk=chunk)
+        """Prefill claimed requests together and write their rows into their slots; report first tokens."""
+        with self.engine.activate():
+            self._state, self._sampling, first_b, done_b, *logprobs = self.programs.prefill(
+                *self.prefill_args(admitted))
         first_b, done_b = np.asarray(first_b), np.asarray(done_b)
         chosen_b, top_ids_bk, top_lp_bk = (np.asarray(x) for x in logprobs)
         for i, (request, slot) in enumerate(admitted):
-            self._running[slot] = request
             self._report(slot, int(first_b[i]), chosen_b[i], top_ids_bk[i], top_lp_bk[i], bool(done_b[i]))
 
     def _decode(self) -> None:
         """One compiled call of `steps_per_call` decode steps for every slot; report the tokens."""
         cancel_b = np.asarray([r is not None and r.cancelled for r in self._running])
-        with self.engine.placement.activate():
-            self._state, tokens_nb, chosen_nb, top_ids_nbk, top_lp_nbk = self._step(
-                self.params, self._state, self._sampling, self._stops,
-                self.engine.placement.put(cancel_b, self._row_sharding), steps=self.steps_per_call)
-        self.decode_calls += 1
+        with self.engine.activate():
+            self._state, tokens_nb, chosen_nb, top_ids_nbk, top_lp_nbk = self.programs.decode(
+                *self.decode_args(cancel_b))
+        with self._wake:
+            self.decode_calls += 1
         tokens_nb, chosen_nb = np.asarray(tokens_nb), np.asarray(chosen_nb)
         top_ids_nbk, top_lp_nbk = np.asarray(top_ids_nbk), np.asarray(top_lp_nbk)
         done_b = np.asarray(self._state["done"])
@@ -254,8 +226,9 @@ class Batcher:
             if request is None:
                 continue
             if cancel_b[slot]:
-                self.cancelled += 1
-                self._running[slot] = None
+                with self._wake:
+                    self.cancelled += 1
+                    self._running[slot] = None
                 request.emit(Finished("cancelled"))
                 continue
             made = np.flatnonzero(tokens_nb[:, slot] >= 0)
@@ -268,45 +241,6 @@ class Batcher:
         request = self._running[slot]
         request.emit(Token(token, float(chosen), top_ids.tolist(), top_lp.tolist()))
         if done:
-            self._running[slot] = None
+            with self._wake:
+                self._running[slot] = None
             request.emit(Finished("stop" if token in self._stop_set else "length"))
-
-
-def _insert_rows(axes, batch, new, slots_b):
-    """`batch` with row i of `new` written at row `slots_b[i]`, along each entry's "batch"
-    axis; rows whose slot is out of range are dropped."""
-    def put(names, big, small):
-        where = (slice(None),) * names.index("batch") + (slots_b,)
-        return big.at[where].set(small, mode="drop")
-    return jax.tree.map(put, axes, batch, new, is_leaf=lambda x: isinstance(x, tuple))
-
-
-def _prefill_into_slots(model, axes, params, state, sampling, prompt_bt, lengths_b, limits_b, seeds_b, stops,
-                        new_sampling, slots_b, *, cache_len, chunk):
-    """Prefill a group of requests (one seed each) and insert their rows at `slots_b`.
-
-    Returns (state, sampling, first tokens [g], whether each is already done [g], their
-    logprobs [g], top ids [g, k], top logprobs [g, k])."""
-    new, first_b, logits_bv = programs.prefill(model, params, prompt_bt, lengths_b, limits_b, seeds_b, stops,
-                                               sampling=new_sampling, cache_len=cache_len, keep_logits=True,
-                                               chunk=chunk)
-    state = _insert_rows(axes, state, new, slots_b)
-    row_axes = RowSampling(("batch",), ("batch",), ("batch",))
-    sampling = _insert_rows(row_axes, sampling, new_sampling, slots_b)
-    return (state, sampling, first_b, new["done"], *token_logprobs(logits_bv, first_b))
-
-
-def _steps(model, params, state, sampling, stops, cancel_b, *, steps):
-    """`steps` decode steps of every slot (rows in `cancel_b` stop first).
-
-    Returns (state, tokens int32 [steps, b] with NO_TOKEN where a row made none, their
-    logprobs [steps, b], top ids [steps, b, k], top logprobs [steps, b, k])."""
-    state = {**state, "done": state["done"] | cancel_b}
-
-    def one(st, _):
-        live_b = ~st["done"]
-        st, next_b, logits_bv = programs.decode_step(model, params, st, stops, sampling=sampling)
-        return st, (jnp.where(live_b, next_b, NO_TOKEN), *token_logprobs(logits_bv, next_b))
-
-    state, (tokens_nb, chosen_nb, top_ids_nbk, top_lp_nbk) = jax.lax.scan(one, state, None, length=steps)
-    return state, tokens_nb, chosen_nb, top_ids_nbk, top_lp_nbk

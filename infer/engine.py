@@ -8,6 +8,11 @@ and the state they pass, are described there). It knows nothing of text;
     engine.prefill(params, prompts, max_new_tokens, sampling)  -> state, first tokens
     engine.decode(params, state, steps, sampling)  -> state, tokens [batch, steps]  (state donated)
     engine.run(...)  -> iterator over both, chunk by chunk
+    engine.slot_programs(engine.slot_shape(slots, context))  -> infer.batcher's programs
+
+The batcher's decode slots are `llama_jax.decoding.slots`' programs, jitted here
+for this layout; `pad_prompts`, `place_rows` and `place_stops` put their inputs
+where they belong.
 
 Streaming runs the same compiled loop in chunks of `steps` tokens: the host
 reads the chunk's tokens, hands them to the caller, and calls again with the
@@ -23,34 +28,19 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from llama_jax.decoding import programs
 from llama_jax.config import ModelConfig
+from llama_jax.decoding import programs
+from llama_jax.arith import round_up
+from llama_jax.decoding.buckets import cache_bucket, prompt_shape
 from llama_jax.decoding.programs import NO_TOKEN, State
-from llama_jax.model.llama import check_token_ids
-from llama_jax.params import model_for, stacked_layers
-from llama_jax.model.trees import unstack_layers
 from llama_jax.decoding.sampling import Sampling
+from llama_jax.decoding.slots import (PREFILL_BATCH, STEPS_PER_CALL, SlotPrograms, SlotShape, jit_slot_programs,
+                                      slot_shape)
+from llama_jax.model.llama import check_token_ids
+from llama_jax.model.trees import unstack_layers
+from llama_jax.params import model_for, stacked_layers
 from sharding.layout import Layout, load_layout
 from sharding.place import Placement
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
-def prompt_bucket(length: int) -> int:
-    """Padded prompt length: powers of two up to 256, then multiples of 256.
-
-    Few distinct shapes means few compiles when prompt lengths vary.
-    """
-    if length <= 256:
-        return max(16, 1 << (length - 1).bit_length())
-    return _round_up(length, 256)
-
-
-def cache_bucket(length: int) -> int:
-    """Cache length for `length` positions, rounded up to a multiple of 128."""
-    return _round_up(length, 128)
 
 
 class Engine:
@@ -85,8 +75,6 @@ class Engine:
         self.model = model_for(self.model_config)
         self.compiler_options = loop_compiler_options(config, plan.mesh.devices.flat[0].platform)
         self.batch_multiple = plan.shards_along("batch")
-        # Context parallelism splits each length shard into two halves.
-        self.length_multiple = 2 * plan.shards_along("length") if plan.shards_along("length") > 1 else 1
         self.replicated = NamedSharding(plan.mesh, PartitionSpec())
         self.state_shardings = plan.tree_shardings(programs.state_axes(config))
         # A vision model's batches with images carry more state (the image keys and
@@ -137,21 +125,15 @@ class Engine:
         model's arrays for these rows (llama_jax.vision.image.image_inputs).
         """
         check_prompts(self.config, prompts, max_new_tokens)
-        n, rows = len(prompts), _round_up(len(prompts), self.batch_multiple)
-        longest = max(len(p) for p in prompts)
-        t, chunk = self.prompt_shape(longest)
-        cache_len = max(t, cache_bucket(longest + max_new_tokens))
-        prompts_bt = np.zeros((rows, t), np.int32)
-        lengths_b = np.ones((rows,), np.int32)  # padding rows: one token, no output
-        limits_b = np.zeros((rows,), np.int32)
-        for i, p in enumerate(prompts):
-            prompts_bt[i, :len(p)] = p
-            lengths_b[i], limits_b[i] = len(p), max_new_tokens
+        n = len(prompts)
+        prompts_bt, lengths_b, chunk = self.pad_prompts(prompts)
+        rows, t = prompts_bt.shape
+        cache_len = max(t, cache_bucket(max(len(p) for p in prompts) + max_new_tokens))
+        limits_b = np.zeros((rows,), np.int32)  # padding rows: no output
+        limits_b[:n] = max_new_tokens
         plan = self.placement
-        row = plan.sharding("batch")
-        inputs = (plan.put(prompts_bt, plan.sharding("batch", "length")), plan.put(lengths_b, row),
-                  plan.put(limits_b, row), plan.put(np.asarray(seed, np.int32), self.replicated),
-                  self._stops(stop_ids))
+        inputs = (prompts_bt, lengths_b, self.place_rows(limits_b),
+                  plan.put(np.asarray(seed, np.int32), self.replicated), self.place_stops(stop_ids))
         if images is not None:  # padding rows: no image, seen by no token
             images = {name: plan.put(np.concatenate([a, np.zeros((rows - n,) + a.shape[1:], a.dtype)]),
                                      plan.sharding("batch", *[None] * (a.ndim - 1)))
@@ -164,10 +146,43 @@ class Engine:
 
     def prompt_shape(self, longest: int) -> tuple[int, int]:
         """(padded prompt length, prefill chunk) for prompts of up to `longest` tokens: a bucket
-        (`prompt_bucket`) that the layout's length axes and the chunk divide."""
-        t = _round_up(min(prompt_bucket(longest), self.config.max_seq_len), self.length_multiple)
-        chunk = _round_up(self.prefill_chunk, self.length_multiple)
-        return (_round_up(t, chunk) if t > chunk else t), chunk
+        (`llama_jax.decoding.buckets.prompt_shape`) that the layout's length axes and the chunk divide."""
+        return prompt_shape(longest, self.config.max_seq_len, self.placement.shards_along("length"),
+                            self.prefill_chunk)
+
+    def pad_prompts(self, prompts: list[list[int]], rows: int | None = None):
+        """Token-id prompts as prefill takes them, right-padded and placed on the layout.
+
+        rows: rows of the batch, at least len(prompts) (default: len(prompts) rounded up to the
+        layout's batch shards); padding rows hold one token 0. Returns (prompts int32 [rows, t],
+        split on batch and length; their lengths int32 [rows], split on batch; the prefill chunk),
+        t being `prompt_shape`'s bucket for the longest prompt.
+        """
+        rows = rows or round_up(len(prompts), self.batch_multiple)
+        t, chunk = self.prompt_shape(max(len(p) for p in prompts))
+        prompts_bt = np.zeros((rows, t), np.int32)
+        lengths_b = np.ones((rows,), np.int32)  # padding rows: one token, no output
+        for i, p in enumerate(prompts):
+            prompts_bt[i, :len(p)] = p
+            lengths_b[i] = len(p)
+        plan = self.placement
+        return plan.put(prompts_bt, plan.sharding("batch", "length")), self.place_rows(lengths_b), chunk
+
+    def place_rows(self, tree):
+        """Host arrays with one entry per row (or a pytree of them, e.g. a `RowSampling`), placed
+        split along the batch axis as prefill and decode take them."""
+        tree = jax.tree.map(np.asarray, tree)
+        row = self.placement.sharding("batch")
+        return self.placement.put(tree, jax.tree.map(lambda _: row, tree))
+
+    def place_stops(self, stop_ids):
+        """Stop token ids as the programs take them: int32 [k], replicated (NO_TOKEN if none)."""
+        stops = np.asarray(sorted(stop_ids) or [NO_TOKEN], np.int32)
+        return self.placement.put(stops, self.replicated)
+
+    def activate(self):
+        """A context in which this engine's layout is current (its programs run and trace in it)."""
+        return self.placement.activate()
 
     def decode(self, params, state: State, steps: int, sampling: Sampling, stop_ids=(),
                keep_logits: bool = False, rows: int | None = None):
@@ -179,7 +194,7 @@ class Engine:
         """
         with self.placement.activate():
             state, out_bn, logits_bnv = self._decode["images" in state](
-                params, state, self._stops(stop_ids), sampling=sampling, steps=steps,
+                params, state, self.place_stops(stop_ids), sampling=sampling, steps=steps,
                 keep_logits=keep_logits)
         return state, np.asarray(out_bn)[:rows], None if logits_bnv is None else np.asarray(logits_bnv)[:rows]
 
@@ -210,9 +225,21 @@ class Engine:
             produced += (out_bn >= 0).sum(axis=1)
             finished |= produced >= max_new_tokens
 
-    def _stops(self, stop_ids):
-        stops = np.asarray(sorted(stop_ids) or [NO_TOKEN], np.int32)
-        return self.placement.put(stops, self.replicated)
+    # ------------------------------------------------------------ decode slots (infer.batcher)
+
+    def slot_shape(self, slots: int, context: int, steps: int = STEPS_PER_CALL,
+                   prefill_batch: int = PREFILL_BATCH) -> SlotShape:
+        """The shapes of `slots` decode slots of `context` positions on this layout
+        (`llama_jax.decoding.slots.slot_shape`; ValueError for slots the batch shards do not divide)."""
+        return slot_shape(slots, context, steps, prefill_batch, batch_shards=self.batch_multiple,
+                          length_shards=self.placement.shards_along("length"),
+                          max_seq_len=self.config.max_seq_len, prefill_chunk=self.prefill_chunk)
+
+    def slot_programs(self, shape: SlotShape) -> SlotPrograms:
+        """The decode-slot programs of `shape`, jitted for this layout (what train.compile --serve
+        compiles, `llama_jax.decoding.slots.jit_slot_programs`)."""
+        return jit_slot_programs(self.model, shape, self.state_shardings, self.placement.sharding("batch"),
+                                 self.replicated, self.compiler_options)
 
 
 def loop_compiler_options(config: ModelConfig, platform: str) -> dict | None:

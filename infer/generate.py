@@ -27,16 +27,17 @@ import os
 from collections.abc import Callable, Sequence
 
 import numpy as np
-from etils import epath
 
 from infer.engine import Engine, engine_for
+from infer.options import ServingOptions
 from llama_jax.decoding.sampling import Sampling
 from llama_jax.config import ModelConfig
 from llama_jax.paths import user_path
-from llama_jax.formats.safetensors_io import CheckpointFileError
 from llama_jax.text.stream_decoder import StreamDecoder
 from llama_jax.text.tokenizer import Tokenizer, load_tokenizer
 from sharding.layout import Layout
+from llama_jax.formats.weights import find_tokenizer, load_params, stored_config
+from llama_jax.vision.image import image_inputs, load_image
 
 
 @dataclasses.dataclass
@@ -146,7 +147,23 @@ def load_model(path: str | os.PathLike, layout: str | Layout | None = None,
                tokenizer: str | os.PathLike | None = None, *, dtype: str | None = None,
                attention: str | None = None, quantize: str | None = None,
                kv_cache_dtype: str | None = None):
-    """Load (config, params, tokenizer) from a checkpoint directory.
+    """Load (config, params, tokenizer) from a checkpoint directory: `load_served` with
+    `ServingOptions(layout, dtype, attention, quantize, kv_cache_dtype)` (infer/options.py).
+
+    dtype ("bfloat16", "float32"): compute and parameter dtype; default the
+    checkpoint's own (config.json's `torch_dtype` for both; our checkpoint's
+    stored param_dtype and compute dtype). attention: "xla" or "blocked".
+    quantize ("int8", "fp8"): quantise the weights as they load (a checkpoint
+    saved quantised loads as it is). kv_cache_dtype ("int8", "fp8"):
+    quantise the KV cache. layout: None means one device.
+    """
+    options = ServingOptions(layout, dtype=dtype, attention=attention, quantize=quantize,
+                             kv_cache_dtype=kv_cache_dtype)
+    return load_served(path, options, tokenizer)
+
+
+def load_served(path: str | os.PathLike, options: ServingOptions, tokenizer: str | os.PathLike | None = None):
+    """Load (config, params, tokenizer) from a checkpoint directory, served with `options`.
 
     A directory with `config.json` is read as Hugging Face (safetensors plus
     tokenizer files); anything else as our own checkpoint (llama_jax.formats.checkpoint:
@@ -154,64 +171,25 @@ def load_model(path: str | os.PathLike, layout: str | Layout | None = None,
     training run directory (its checkpoints/; a LoRA run's adapters come with
     the weights they adapt, see llama_jax.formats.weights).
 
-    dtype ("bfloat16", "float32"): compute and parameter dtype; default the
-    checkpoint's own (config.json's `torch_dtype` for both; our checkpoint's
-    stored param_dtype and compute dtype). attention: "xla" or "blocked".
-    quantize ("int8", "fp8"): quantise the weights as they load (a checkpoint
-    saved quantised loads as it is). kv_cache_dtype ("int8", "fp8"):
-    quantise the KV cache. Weights are read one tensor (or layer slice) at a
-    time, cast or quantised, and placed on `layout` (None: one device) as they
-    arrive, in the form the inference model takes (layers unrolled on CPU,
-    see `Engine`), so host memory never holds a second copy of the model; the
-    returned config's `scan_layers` says which form that is, and `generate`
-    uses the params as they are. The tokenizer is `tokenizer` if given, else
-    the one found in the directory or its parent. Raises ValueError
-    subclasses with one line for anything missing or inconsistent.
+    Weights are read one tensor (or layer slice) at a time, cast or quantised
+    as `options` say, and placed on `options.layout` as they arrive, in the
+    form the inference model takes (layers unrolled on CPU, see `Engine`), so
+    host memory never holds a second copy of the model; the returned config's
+    `scan_layers` says which form that is, and `generate` uses the params as
+    they are. The tokenizer is `tokenizer` if given, else the one found in the
+    directory or its parent. Raises ValueError subclasses with one line for
+    anything missing or inconsistent.
     """
-    from llama_jax.formats.weights import load_params
-
     path = user_path(path)
-    config = serving_config(checkpoint_config(path), dtype=dtype, attention=attention, quantize=quantize,
-                            kv_cache_dtype=kv_cache_dtype)
-    engine = _engine(config, layout)
+    config = options.model_config(checkpoint_config(path))
+    engine = _engine(config, options.layout)
     target = config.replace(scan_layers=engine.model_config.scan_layers)
     params = load_params(path, target, engine.placement.param_shardings(target))
-    return target, params, load_tokenizer(tokenizer or _find_tokenizer(path))
-
-
-def serving_config(stored: ModelConfig, *, dtype: str | None = None, attention: str | None = None,
-                   quantize: str | None = None, kv_cache_dtype: str | None = None) -> ModelConfig:
-    """The config to serve a stored model with: `dtype` sets the compute and parameter dtype,
-    the other settings their fields; None keeps the stored choice. ValueError (one line) for
-    a setting that is not known, re-quantising a quantised checkpoint, or fp8 where this
-    JAX cannot store it."""
-    from llama_jax.config import KV_CACHE_DTYPES, QUANTIZE_TARGETS, ConfigError
-    from llama_jax.model.quantize import require_fp8
-
-    for flag, value, known in (("dtype", dtype, ("bfloat16", "float32")), ("quantize", quantize, tuple(QUANTIZE_TARGETS)),
-                               ("kv_cache_dtype", kv_cache_dtype, KV_CACHE_DTYPES)):
-        if value is not None and value not in known:
-            raise ConfigError(f"{flag}: {value!r} is not one of {', '.join(known)}")
-    if stored.quantize is not None and quantize not in (None, stored.quantize):
-        raise ConfigError(f"quantize: the checkpoint is stored quantised as {stored.quantize}; it cannot be "
-                          f"re-quantised as {quantize} (quantise the unquantised checkpoint instead)")
-    changes = {"scan_layers": True, "quantize": quantize or stored.quantize}
-    if dtype is not None:
-        changes |= {"dtype": dtype, "param_dtype": dtype}
-    if attention is not None:
-        changes["attention"] = attention
-    if kv_cache_dtype is not None:
-        changes["kv_cache_dtype"] = kv_cache_dtype
-    config = stored.replace(**changes)
-    if "fp8" in (config.quantize, config.kv_cache_dtype):
-        require_fp8()
-    return config
+    return target, params, load_tokenizer(tokenizer or find_tokenizer(path))
 
 
 def checkpoint_config(path: str | os.PathLike) -> ModelConfig:
     """The model config of a checkpoint (Hugging Face's config.json, ours, or a run's), nothing else read."""
-    from llama_jax.formats.weights import stored_config
-
     return stored_config(path)
 
 
@@ -219,14 +197,6 @@ def _engine(config: ModelConfig, layout: str | Layout | None) -> Engine:
     if layout is None or isinstance(layout, str):
         return engine_for(config, layout)
     return Engine(config, layout)
-
-
-def _find_tokenizer(path: epath.Path) -> epath.Path:
-    for directory in (path, path.parent):
-        if any((directory / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
-            return directory
-    raise CheckpointFileError(f"{path}: no tokenizer.json or tokenizer.model here or in the parent "
-                              "directory (pass the tokenizer's path)")
 
 
 def _prompt_list(prompts: Prompts) -> list:
@@ -250,8 +220,6 @@ def _prompt_ids(tokenizer: Tokenizer | None, prompts: Prompts) -> list[list[int]
 
 def _image_arrays(config: ModelConfig, images: Images, prompts: Prompts, ids: list[list[int]]):
     """The vision model's image arrays for these prompts; puts `<|image|>` ids after BOS of text prompts."""
-    from llama_jax.vision.image import image_inputs, load_image
-
     if config.vision is None:
         raise ValueError("images were given, but this model is text-only (its config has no vision "
                          "section); use a Llama 3.2 Vision checkpoint")

@@ -23,7 +23,7 @@ import re
 
 from pydantic import BaseModel, Field
 
-from infer.batcher import TOP_LOGPROBS
+from llama_jax.decoding.logprobs import TOP_LOGPROBS
 from llama_jax.decoding.sampling import Sampling
 from llama_jax.text.tool_use import ToolCall, tool_names
 

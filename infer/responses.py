@@ -22,7 +22,7 @@ import json
 import uuid
 from collections.abc import Collection
 
-from infer.batcher import Finished, Token
+from infer.events import Finished, Token
 from infer.openai_api import Settings
 from llama_jax.text.stream_decoder import StreamDecoder
 from llama_jax.text.tokenizer import Tokenizer

@@ -34,6 +34,10 @@ import sys
 import time
 from pathlib import Path
 
+from infer.options import ServingOptions, check_checkpoint
+from llama_jax.cli import run_cli
+from llama_jax.decoding.slots import PREFILL_BATCH, SLOTS, STEPS_PER_CALL
+
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # what jax.monitoring reports per compile
 
 
@@ -51,13 +55,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--kv-cache-dtype", default=None, help="int8 or fp8 KV cache")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this host only)")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--max-batch", type=int, default=8, metavar="N", help="decode slots (requests decoded at once)")
+    parser.add_argument("--max-batch", type=int, default=SLOTS, metavar="N",
+                        help=f"decode slots (requests decoded at once; default {SLOTS})")
     parser.add_argument("--max-seq-len", type=int, default=None, metavar="L",
                         help="context per request, prompt plus answer (default: the model's)")
-    parser.add_argument("--steps-per-call", type=int, default=4, metavar="N",
-                        help="decode steps per compiled call; new requests join between calls (default 4)")
-    parser.add_argument("--prefill-batch", type=int, default=8, metavar="N",
-                        help="waiting requests prefilled together (default 8; also compiled: one alone)")
+    parser.add_argument("--steps-per-call", type=int, default=STEPS_PER_CALL, metavar="N",
+                        help="decode steps per compiled call; new requests join between calls "
+                             f"(default {STEPS_PER_CALL})")
+    parser.add_argument("--prefill-batch", type=int, default=PREFILL_BATCH, metavar="N",
+                        help=f"waiting requests prefilled together (default {PREFILL_BATCH}; also compiled: one alone)")
     parser.add_argument("--api-key", default=os.environ.get("LLAMA_JAX_API_KEY"),
                         help="require 'Authorization: Bearer KEY' (default: $LLAMA_JAX_API_KEY; none: open)")
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20, metavar="N",
@@ -70,13 +76,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    return run_cli(_serve, argv)
+
+
+def _serve(argv) -> None:
+    """Load, compile and serve until SIGTERM; SystemExit(1) if the server could not start."""
     args = parse_args(argv)
-    try:
-        service = _load(args)
-    except ValueError as err:
-        lines = str(err).strip().splitlines() or [type(err).__name__]
-        print(f"error: {lines[0]}", file=sys.stderr)
-        return 2
+    service = _load(args)
     import uvicorn
 
     # uvicorn handles SIGTERM (graceful shutdown) and then raises it again with the handler
@@ -87,7 +93,8 @@ def main(argv=None) -> int:
     print(f"serving {service.model_name} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     server.run()
     service.batcher.stop(timeout=args.shutdown_timeout)
-    return 0 if server.started else 1
+    if not server.started:  # uvicorn logged why; not a bad-input error (exit 2), so exit 1
+        raise SystemExit(1)
 
 
 @dataclasses.dataclass
@@ -109,13 +116,10 @@ def _load(args) -> Service:
 
     from infer.batcher import Batcher
     from infer.engine import engine_for
-    from infer.generate import checkpoint_config, load_model
-    from sharding.layout import load_layout
+    from infer.generate import checkpoint_config, load_served
 
-    if not Path(args.checkpoint).is_dir():
-        raise ValueError(f"{args.checkpoint}: checkpoint directory not found")
-    if args.layout is not None:
-        load_layout(args.layout)
+    check_checkpoint(args.checkpoint)
+    options = ServingOptions.from_args(args)
     for flag, value, least in (("--max-batch", args.max_batch, 1), ("--steps-per-call", args.steps_per_call, 1),
                                ("--prefill-batch", args.prefill_batch, 1),
                                ("--port", args.port, 0), ("--max-body-bytes", args.max_body_bytes, 1)):
@@ -125,8 +129,7 @@ def _load(args) -> Service:
     context = args.max_seq_len or stored.max_seq_len
     if not 2 <= context <= stored.max_seq_len:
         raise ValueError(f"--max-seq-len must be in [2, {stored.max_seq_len}] (the model's context), got {context}")
-    config, params, tokenizer = load_model(args.checkpoint, args.layout, args.tokenizer, dtype=args.dtype,
-                                           quantize=args.quantize, kv_cache_dtype=args.kv_cache_dtype)
+    config, params, tokenizer = load_served(args.checkpoint, options, args.tokenizer)
     service = Service(None, tokenizer, args.model_name or Path(args.checkpoint).resolve().name, context,
                       args.api_key or None, args.max_body_bytes, args.max_waiting)
 
@@ -135,12 +138,12 @@ def _load(args) -> Service:
             service.compiles += 1
 
     jax.monitoring.register_event_duration_secs_listener(count)
-    engine = engine_for(config, args.layout)
+    engine = engine_for(config, options.layout)
     batcher = Batcher(engine, params, args.max_batch, context, tokenizer.stop_ids, args.steps_per_call,
                       args.prefill_batch)
     buckets = sorted({engine.prompt_shape(n)[0] for n in range(1, context)})
     print(f"compiling the decode step and the prefill of {len(buckets)} prompt buckets x groups of "
-          f"{batcher.prefill_rows}", file=sys.stderr, flush=True)
+          f"{list(batcher.shape.prefill_rows)}", file=sys.stderr, flush=True)
     batcher.warm_up(buckets)
     batcher.start()
     service.batcher = batcher
@@ -272,7 +275,7 @@ async def _chunks(requests, queue, choices):
     ended; a choice that ends early (a stop string) and, when the consumer stops (a client that
     left), every choice have their requests cancelled, which frees their slots."""
     from infer import openai_api as api
-    from infer.batcher import Finished
+    from infer.events import Finished
 
     try:
         while any(choice.finish is None for choice in choices):

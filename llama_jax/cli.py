@@ -16,17 +16,19 @@ def first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def run_cli(main: Callable[[list[str] | None], None], argv: list[str] | None = None,
+def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None,
             prog: str | None = None) -> int:
     """Run `main(argv)`; a user-fixable error (ValueError, OSError) becomes one line on stderr,
-    `<prog>: error: <first line>`, and exit code 2; Ctrl-C exits 130. Returns the exit code."""
+    `<prog>: error: <first line>`, and exit code 2; Ctrl-C exits 130. Otherwise the exit code is
+    what `main` returns (None: 0), e.g. 1 for an outcome that is no input error (a diverged
+    run, a program that does not fit). Returns the exit code."""
     prefix = f"{prog}: error" if prog else "error"
     try:
-        main(argv)
+        code = main(argv)
     except (ValueError, OSError) as err:
         print(f"{prefix}: {first_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prefix}: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code or 0

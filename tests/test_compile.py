@@ -34,9 +34,9 @@ def _devices():
     return topology_devices(TOPOLOGY)
 
 
-def _run(layout="fsdp", mesh=None, global_batch=8, seq_len=128, model=None):
+def _run(layout="fsdp", mesh=None, global_batch=8, seq_len=128, model=None, programs=("train",)):
     return run_config_from_dict({
-        "model": model or SHAPE, "layout": layout, "mesh": mesh or {},
+        "model": model or SHAPE, "layout": layout, "mesh": mesh or {}, "programs": programs,
         "data": {"source": "synthetic", "vocab_size": 256, "seq_len": seq_len,
                  "global_batch": global_batch}})
 
@@ -271,7 +271,8 @@ def test_a_vision_models_train_step_prefill_and_decode_compile(tmp_path, capsys)
 def test_decode_with_int8_weights_and_cache_compiles_with_about_half_the_bytes_per_chip():
     results = {}
     for name, overrides in (("bf16", {}), ("int8", {"quantize": "int8", "kv_cache_dtype": "int8"})):
-        run = _run(layout="tp", model={**SHAPE, "dtype": "bfloat16", "param_dtype": "bfloat16", **overrides})
+        run = _run(layout="tp", model={**SHAPE, "dtype": "bfloat16", "param_dtype": "bfloat16", **overrides},
+                   programs=["decode"])  # a run of quantised weights trains nothing (train/config.py)
         results[name] = compile_run(run, _devices(), topology=TOPOLOGY, program="decode", decode_batch=8,
                                     cache_len=256)
         r = results[name]
@@ -287,7 +288,7 @@ def test_decode_with_int8_weights_and_cache_compiles_with_about_half_the_bytes_p
 def test_quantised_models_compile_only_the_decode_step(capsys):
     code = main(["--config", "tiny_cpu", "--topology", TOPOLOGY, "model_overrides.quantize=int8"])
     assert code == 2
-    assert "quantised weights are served or carry LoRA adapters (add a lora section), not trained" in \
+    assert "quantised weights stay frozen; add a lora section" in \
         capsys.readouterr().err
     assert main(["--config", "tiny_cpu", "--topology", TOPOLOGY, "--decode-only", "--json",
                  "model_overrides.quantize=int8"]) == 0
@@ -330,3 +331,20 @@ def test_dpo_and_distillation_steps_hold_their_reference_and_teacher(tmp_path):
         if name == "dpo on precomputed log-probs":
             assert set(batch) > {"reference_chosen", "reference_rejected"}
     assert held == {"distill": pytest.approx(1.9, rel=0.05), "dpo": 1.0, "dpo on precomputed log-probs": 0.0}
+
+
+def test_serve_compiles_the_servers_decode_slots_and_prefill_into_them(capsys):
+    """--serve judges infer.serve's own programs (tests/test_serve_program.py proves they are the
+    batcher's): the decode call over --max-batch slots of --max-seq-len positions, with logprobs,
+    and the prefill of the largest group of the longest prompts into the slots."""
+    code = main(["--config", "tiny_cpu", "--topology", TOPOLOGY, "--serve", "--max-batch", "16",
+                 "--max-seq-len", "100", "--steps-per-call", "2", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and set(report) == {"serve_prefill", "serve_decode"}
+    decode, prefill = report["serve_decode"], report["serve_prefill"]
+    assert decode["verdict"] == prefill["verdict"] == "fits"
+    assert (decode["batch"], decode["slots"], decode["seq_len"], decode["steps"]) == (16, 16, 128, 2)
+    assert (prefill["batch"], prefill["slots"], prefill["prompt_len"]) == (8, 16, 128)  # --prefill-batch 8
+    assert decode["memory"]["aliased"] >= decode["cache_bytes"] > 0  # the slots' cache is updated in place
+    assert main(["--config", "tiny_cpu", "--topology", TOPOLOGY, "--serve", "--max-batch", "6"]) == 2
+    assert "slots must be a positive multiple of the layout's batch shards (4)" in capsys.readouterr().err

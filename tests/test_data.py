@@ -7,7 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from train.data.pipeline import DataConfig, checkpoint_restore_args, checkpoint_save_args, make_dataset
+from llama_jax.config import ConfigError
+from train.data.config import DataConfig
+from train.data.pipeline import checkpoint_restore_args, checkpoint_save_args, make_dataset
 from train.data.sources import TokenDocuments
 from train.prepare import main, prepare
 
@@ -441,21 +443,26 @@ def test_prepare_command_refuses_to_overwrite_without_the_flag(tmp_path, capsys,
         (dict(read_threads=-1), "read_threads"),
         (dict(shuffle_window=-1), "shuffle_window"),
         (dict(text_key=""), "text_key"),
+        (dict(seq_len=True), "seq_len"),
+        (dict(num_epochs=True), "num_epochs"),
+        (dict(seed=False), "seed"),
+        (dict(read_threads=True), "read_threads"),
     ],
 )
 def test_config_rejects_bad_fields_naming_them(fields, field):
-    with pytest.raises(ValueError, match=rf"^DataConfig\.{field} "):
+    """One line in the run config's style (a ConfigError naming data.<field>); a boolean is no integer."""
+    with pytest.raises(ConfigError, match=rf"^data\.{field}: "):
         DataConfig(**fields)
 
 
 def test_make_dataset_rejects_inputs_it_cannot_use(corpus, tmp_path):
-    with pytest.raises(ValueError, match="global_batch 6 is not divisible by shard_count 4"):
+    with pytest.raises(ValueError, match="global_batch: 6 is not divisible by shard_count 4"):
         make_dataset(DataConfig(global_batch=6), shard_index=0, shard_count=4)
     with pytest.raises(ValueError, match=r"shard_index 2 is outside \[0, shard_count 2\)"):
         make_dataset(DataConfig(), shard_index=2, shard_count=2)
     with pytest.raises(ValueError, match="pass shard_index and shard_count together"):
         make_dataset(DataConfig(), shard_index=0)
-    with pytest.raises(ValueError, match="DataConfig.tokenizer must name a tokenizer file"):
+    with pytest.raises(ValueError, match="data.tokenizer: must name a tokenizer file"):
         make_dataset(text_config(corpus), shard_index=0, shard_count=1)
     with pytest.raises(ValueError, match="not a prepared token directory"):
         make_dataset(text_config(tmp_path, source="tokens"), shard_index=0, shard_count=1)

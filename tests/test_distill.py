@@ -18,7 +18,8 @@ from llama_jax import Llama, ModelConfig, init_params
 from llama_jax.formats.checkpoint import save_params
 from sharding.layout import load_layout
 from sharding.place import Placement
-from train.data.pipeline import DataConfig, make_dataset
+from train.data.config import DataConfig
+from train.data.pipeline import make_dataset
 from train.objectives.distill import distill
 from train.step import make_gradients
 

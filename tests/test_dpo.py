@@ -22,7 +22,8 @@ from llama_jax.model.trees import join, partition
 from llama_jax.text.tokenizer import load_tokenizer
 from sharding.layout import load_layout
 from sharding.place import Placement
-from train.data.pipeline import DataConfig, make_dataset
+from train.data.config import DataConfig
+from train.data.pipeline import make_dataset
 from train.objectives.dpo import answer_log_probs, dpo
 from train.data.sources import Preferences
 from train.step import make_gradients

@@ -13,7 +13,8 @@ from llama_jax.text.tokenizer import load_tokenizer
 from llama_jax.text.tokenizer_training import train_bpe
 from sharding.layout import load_layout
 from sharding.place import Placement
-from train.data.pipeline import DataConfig, make_dataset
+from train.data.config import DataConfig
+from train.data.pipeline import make_dataset
 from train.eval import Evaluator
 
 PAIRS = [(a, b) for a in range(10, 40) for b in range(10, 40, 3)]

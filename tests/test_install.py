@@ -47,6 +47,10 @@ def test_wheel_install_trains_a_shipped_run_config_from_another_folder(tmp_path)
     where = subprocess.run([str(python), "-c", "import llama_jax; print(llama_jax.__file__)"],
                            cwd=elsewhere, env=env, check=True, capture_output=True, text=True).stdout
     assert str(tmp_path / "venv") in where, f"llama_jax came from {where}, not the wheel"
+    # the offline lm-eval tasks ship as package data (train/lm_eval/tasks/, docs/evaluation.md)
+    shipped = {p.name for p in (Path(where.strip()).parent.parent / "train" / "lm_eval" / "tasks").iterdir()}
+    assert {"llama_jax_tiny_choice.yaml", "llama_jax_tiny_rolling.yaml", "llama_jax_tiny_until.yaml",
+            "tiny_facts.jsonl", "tiny_docs.jsonl", "local_json.py"} <= shipped, shipped
 
     run = subprocess.run([str(python), "-m", "train", "--config", "tiny_cpu", "--quiet", "steps=2",
                           "log_every=1", "checkpoint_every=2", "run_dir=run"],

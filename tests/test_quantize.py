@@ -176,9 +176,9 @@ def test_a_quantised_checkpoint_refuses_a_config_that_disagrees(hf_dir, tmp_path
     quantize_checkpoint(hf_dir, tmp_path / "q", "int8", show_progress=False)
     with pytest.raises(CheckpointError, match=r"config quantize is None but the checkpoint has 'int8'"):
         restore_params(tmp_path / "q", config=CONFIG)
-    from infer.generate import serving_config
+    from infer.options import ServingOptions
     with pytest.raises(ConfigError, match=r"stored quantised as int8; it cannot be re-quantised as fp8"):
-        serving_config(BF16.replace(quantize="int8"), quantize="fp8")
+        ServingOptions(quantize="fp8").model_config(BF16.replace(quantize="int8"))
 
 
 def test_fp8_where_jax_has_no_e4m3_type_is_one_line(monkeypatch):

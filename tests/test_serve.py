@@ -22,7 +22,7 @@ import openai
 import pytest
 
 from infer import generate, load_model
-from infer.batcher import Finished, Token
+from infer.events import Finished, Token
 from infer.openai_api import Settings
 from infer.responses import Choice
 from llama_jax.text.chat import format_chat

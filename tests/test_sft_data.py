@@ -10,7 +10,8 @@ import pytest
 from llama_jax.text.chat import encode_conversation
 from llama_jax.text.tokenizer import load_tokenizer
 from llama_jax.text.tokenizer_training import train_bpe
-from train.data.pipeline import DataConfig, make_dataset
+from train.data.config import DataConfig
+from train.data.pipeline import make_dataset
 
 QUESTIONS = [f"What is {a}+{b}?" for a in range(3, 9) for b in range(2, 7)]
 

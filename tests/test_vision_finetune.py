@@ -20,7 +20,8 @@ from llama_jax.vision.model import is_image_adapter
 from llama_jax.formats.weights import load_params
 from test_vision import drawn_image
 from tiny import VISION_LIKE, hf_vision_model, save_hf_vision_model
-from train.data.pipeline import DataConfig, make_dataset
+from train.data.config import DataConfig
+from train.data.pipeline import make_dataset
 
 STEPS = 3
 # The trained leaves, by path: per cross-attention layer (stacked on `layers`) its attention

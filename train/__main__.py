@@ -8,12 +8,27 @@ checkpoint. Bad input is one line on stderr and exit code 2; a diverged run
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import threading
 
+import jax
+
+from llama_jax.cli import run_cli
+from llama_jax.paths import check_bucket, user_path
+from train.checkpointing import resume_config
+from train.config import load_run_config
+from train.loop import loss_curve_png, train
+from train.nonfinite import DivergenceError
+from train.runtime import CacheCounter, enable_compile_cache, tpu_env
+
 
 def main(argv=None) -> int:
+    return run_cli(_main, argv, prog="train")
+
+
+def _main(argv) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m train", description="Pre-train or continue training a Llama model.",
         epilog="Overrides use dotted keys, e.g. steps=100 optimizer.learning_rate=1e-3 "
@@ -28,39 +43,22 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_intermixed_args(argv)  # flags may follow key=value overrides
 
-    import logging
-
-    import jax
-
-    from llama_jax.formats.checkpoint import CheckpointError
-    from llama_jax.config import ConfigError
-    from llama_jax.paths import check_bucket, user_path
-    from sharding.layout import LayoutError
-    from train.checkpointing import resume_config
-    from train.config import load_run_config
-    from train.loop import loss_curve_png, train
-    from train.nonfinite import DivergenceError
-    from train.runtime import CacheCounter, enable_compile_cache, tpu_env
-
     # orbax's notes, and asyncio's about futures of a failed save collected at exit,
     # would bury the one-line errors (a run logs them to <run_dir>/orbax.log).
     logging.getLogger("absl").setLevel(logging.ERROR)
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    if args.distributed:
+        jax.distributed.initialize()
+    check_bucket(args.config)  # a gs:// run directory: bucket and credentials, in one line
+    if user_path(args.config).is_dir():
+        run = resume_config(args.config, args.overrides)
+    else:
+        run = load_run_config(args.config, args.overrides)
+    os.environ.update(tpu_env(run.tpu_flags))  # read by libtpu when JAX starts its TPU backend
+    cache_dir, cache = enable_compile_cache(run.compile_cache), CacheCounter()
     try:
-        if args.distributed:
-            jax.distributed.initialize()
-        check_bucket(args.config)  # a gs:// run directory: bucket and credentials, in one line
-        if user_path(args.config).is_dir():
-            run = resume_config(args.config, args.overrides)
-        else:
-            run = load_run_config(args.config, args.overrides)
-        os.environ.update(tpu_env(run.tpu_flags))  # read by libtpu when JAX starts its TPU backend
-        cache_dir, cache = enable_compile_cache(run.compile_cache), CacheCounter()
         summary = train(run, progress=not args.quiet)
-    except (ConfigError, LayoutError, CheckpointError, ValueError, OSError) as err:
-        print(f"train: error: {err}", file=sys.stderr)
-        return 2
-    except DivergenceError as err:
+    except DivergenceError as err:  # no input error, so not run_cli's exit code 2
         print(f"train: error: {err}", file=sys.stderr)
         return 1
     if jax.process_index() == 0:

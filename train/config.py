@@ -9,7 +9,7 @@ A run is a YAML file in `configs/runs/` (see `tiny_cpu.yaml`):
     eval: {every: 200, batches: 8}   # held-out loss (eval.paths, or data.holdout)
     layout: fsdp_tp                  # name in configs/layouts/ or a path
     mesh: {tensor: 2}                # ICI size overrides for the layout
-    data: {source: synthetic, seq_len: 128, global_batch: 16}   # train.data.pipeline.DataConfig
+    data: {source: synthetic, seq_len: 128, global_batch: 16}   # train.data.config.DataConfig
     optimizer: {learning_rate: 3.0e-4, warmup_steps: 100}       # OptimizerConfig
     steps: 1000
     run_dir: runs/tiny
@@ -38,13 +38,16 @@ import yaml
 
 from llama_jax.config import ConfigError, ModelConfig, check_keys, load_model_config
 from llama_jax.config_files import read_config_file
-from train.data.pipeline import DataConfig
+from sharding.topology import CHIP_PEAK_FLOPS
+from train.data.config import DataConfig
 from train.runtime import COMPILE_CACHE_OFF, ProfileConfig, check_tpu_flags
 
 DECAYS = ("cosine", "linear", "constant")
-PROGRAMS = ("train", "decode", "prefill")  # what train.compile can build for a run
+PROGRAMS = ("train", "decode", "prefill", "serve")  # what train.compile can build for a run (serve: infer.serve's)
 NONFINITE_MODES = ("stop", "skip")  # what a non-finite step does: see train/nonfinite.py
 WANDB_MODES = ("online", "offline", "disabled")
+# `chip`: a TPU chip of sharding/topology.py's tables, or cpu (MFU against a peak measured at start-up).
+CHIPS = (*CHIP_PEAK_FLOPS, "cpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,6 +219,11 @@ class RunConfig:
         if self.on_nonfinite not in NONFINITE_MODES:
             raise ConfigError(f"on_nonfinite: {self.on_nonfinite!r} is not one of "
                               f"{', '.join(NONFINITE_MODES)}")
+        if self.model.quantize is not None and self.model.lora is None and "train" in self.programs:
+            raise ConfigError(f"model.quantize {self.model.quantize}: quantised weights stay frozen; add a lora "
+                              "section to train adapters over them (QLoRA), train unquantised, or leave train "
+                              "out of programs to compile only the serving ones (train.compile --decode-only, "
+                              "--inference or --serve)")
         if self.model.lora is not None and self.init_from is None:
             raise ConfigError("lora: a LoRA run trains adapters over fixed weights: set init_from to them")
         if self.model.vision is not None and self.model.lora is None and self.init_from is None:
@@ -238,9 +246,8 @@ class RunConfig:
         if self.compile_cache is not None and (not isinstance(self.compile_cache, str) or not self.compile_cache):
             raise ConfigError(f"compile_cache: must be a directory or \"off\", got {self.compile_cache!r}")
         check_tpu_flags(self.tpu_flags)
-        from train.tracking.metrics import PEAK_FLOPS  # late: metrics imports jax
-        if self.chip not in PEAK_FLOPS:
-            raise ConfigError(f"chip: {self.chip!r} is not one of {', '.join(PEAK_FLOPS)}")
+        if self.chip not in CHIPS:
+            raise ConfigError(f"chip: {self.chip!r} is not one of {', '.join(CHIPS)}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,12 +1,18 @@
-"""Held-out evaluation: loss, perplexity and token accuracy over fixed batches.
+"""Held-out evaluation: loss, perplexity and token accuracy over fixed batches; or benchmarks.
 
     python -m train.eval --checkpoint DIR --data FILES... [--source chat] [--tokenizer T]
         [--seq-len 2048] [--batch 8] [--batches 8] [--holdout F --seed S] [--layout fsdp]
+    python -m train.eval --checkpoint DIR --tasks hellaswag,arc_easy [--limit N] [--output results.json]
+        [--num-fewshot K] [--include-path DIR] [--dtype bfloat16] [--batch 8] [--layout fsdp]
+
+With --tasks, the checkpoint runs lm-eval's tasks (EleutherAI's LM
+Evaluation Harness, through train/lm_eval/: the `llama-jax` model type)
+and the command prints lm-eval's table and writes its results as JSON.
 
     evaluator = Evaluator(model_config, data_config, placement, batches=8, tokenizer=tok)
     figures = evaluator(params)   # {"eval_loss", "eval_perplexity", "eval_accuracy", "eval_tokens"}
 
-With another objective (DPO, distillation: train/step.py `Objective`), the
+With another objective (DPO, distillation: train/objectives/objective.py `Objective`), the
 figures are its own metrics over the held-out batches, prefixed "eval_"
 (e.g. eval_accuracy is DPO's held-out preference accuracy).
 
@@ -33,8 +39,13 @@ import jax
 from llama_jax.cli import run_cli
 from llama_jax.config import ModelConfig
 from sharding.place import Placement
-from train.data.pipeline import DataConfig, make_dataset
-from train.step import Objective, cross_entropy
+from train.data.config import DataConfig
+from train.data.pipeline import make_dataset
+from train.objectives.cross_entropy import cross_entropy
+from train.objectives.objective import Objective
+from llama_jax.formats.weights import find_tokenizer, load_params, resolve, stored_config
+from llama_jax.text.tokenizer import load_tokenizer
+from sharding.layout import load_layout
 
 
 def eval_data(data: DataConfig, paths: tuple[str, ...] = ()) -> DataConfig:
@@ -85,29 +96,40 @@ def main(argv=None) -> int:
 def _main(argv):
     parser = argparse.ArgumentParser(prog="python -m train.eval", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="our checkpoint, a run directory or a HF directory")
-    parser.add_argument("--data", required=True, nargs="+", help="files or globs (or token directories)")
+    parser.add_argument("--data", nargs="+", help="files or globs (or token directories) of held-out data")
     parser.add_argument("--source", default="text", help="text, chat, completion or tokens (default: text)")
     parser.add_argument("--tokenizer", help="tokenizer file or directory (default: beside the checkpoint)")
     parser.add_argument("--text-key", default="text", help="JSONL field of a text document")
-    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--seq-len", type=int, help="tokens per row (default: 2048; with --tasks: the "
+                        "longest sequence read, default the model's context)")
     parser.add_argument("--batch", type=int, default=8, help="rows per batch")
     parser.add_argument("--batches", type=int, default=8, help="batches to evaluate")
     parser.add_argument("--holdout", type=float, default=0.0,
                         help="evaluate only the fraction of documents a run with this data.holdout held out")
     parser.add_argument("--seed", type=int, default=0, help="the run's data.seed (it draws the holdout)")
     parser.add_argument("--layout", default="fsdp", help="layout to place the model with (default: fsdp)")
+    benchmarks = parser.add_argument_group("benchmarks (lm-eval tasks, instead of --data)")
+    benchmarks.add_argument("--tasks", help="comma-separated lm-eval task, group or tag names")
+    benchmarks.add_argument("--limit", type=float, help="documents per task (a count, or a fraction below 1)")
+    benchmarks.add_argument("--num-fewshot", type=int, help="examples in each prompt (default: the task's)")
+    benchmarks.add_argument("--include-path", help="a directory of your own task YAMLs")
+    benchmarks.add_argument("--output", help="write lm-eval's results to this JSON file")
+    benchmarks.add_argument("--dtype", choices=("bfloat16", "float32"), help="default: the checkpoint's")
     args = parser.parse_args(argv)
+    if args.tasks and args.data:
+        raise ValueError("--tasks and --data: pass one (lm-eval benchmarks, or the held-out loss)")
+    if args.tasks:
+        return _benchmarks(args)
+    if not args.data:
+        raise ValueError("pass --data FILES (held-out loss) or --tasks NAMES (lm-eval benchmarks)")
 
-    from llama_jax.text.tokenizer import load_tokenizer
-    from llama_jax.formats.weights import load_params, resolve, stored_config
-    from sharding.layout import load_layout
 
     config = stored_config(args.checkpoint)
     tokenizer = None
     if args.source != "tokens":
-        tokenizer = load_tokenizer(args.tokenizer or _tokenizer_near(resolve(args.checkpoint)[1]))
+        tokenizer = load_tokenizer(args.tokenizer or find_tokenizer(resolve(args.checkpoint)[1], parents=2))
     data = DataConfig(source=args.source, paths=tuple(args.data), text_key=args.text_key,
-                      seq_len=min(args.seq_len, config.max_seq_len), global_batch=args.batch, shuffle=False,
+                      seq_len=min(args.seq_len or 2048, config.max_seq_len), global_batch=args.batch, shuffle=False,
                       holdout=args.holdout, split="eval" if args.holdout else "train", seed=args.seed)
     placement = Placement.create(config, load_layout(args.layout))
     evaluator = Evaluator(config, data, placement, args.batches, tokenizer)
@@ -116,12 +138,18 @@ def _main(argv):
     print(json.dumps({"checkpoint": str(args.checkpoint), **figures}))
 
 
-def _tokenizer_near(directory):
-    """The tokenizer file or directory beside a checkpoint (it or one of its two parents)."""
-    for candidate in (directory, directory.parent, directory.parent.parent):
-        if any((candidate / name).exists() for name in ("tokenizer.json", "tokenizer.model")):
-            return str(candidate)
-    raise ValueError(f"{directory}: no tokenizer.json or tokenizer.model beside it (pass --tokenizer)")
+def _benchmarks(args):
+    """--tasks: lm-eval on the checkpoint (train/lm_eval/run.py `evaluate_checkpoint`)."""
+    try:
+        import lm_eval  # noqa: F401  (an optional dependency: say how to get it)
+
+        from train.lm_eval.run import evaluate_checkpoint  # imports lm-eval
+    except ModuleNotFoundError as err:
+        raise ValueError(f"--tasks needs lm-eval ({err}): pip install 'llama-jax[eval]'") from None
+    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+    evaluate_checkpoint(args.checkpoint, [t for t in args.tasks.split(",") if t], include_path=args.include_path,
+                        limit=limit, num_fewshot=args.num_fewshot, output=args.output, tokenizer=args.tokenizer,
+                        layout=args.layout, dtype=args.dtype, batch_size=args.batch, max_length=args.seq_len)
 
 
 if __name__ == "__main__":

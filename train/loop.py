@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 
@@ -12,20 +13,23 @@ import numpy as np
 from tqdm import tqdm
 
 from llama_jax.config import ConfigError
+from llama_jax.formats.weights import check_architecture, load_params, stored_config
 from llama_jax.model.trees import join, partition
 from llama_jax.paths import check_bucket, is_url, storage_error, user_path
+from llama_jax.text.tokenizer import load_tokenizer
 from sharding.layout import load_layout
 from sharding.place import Placement, validate
+from train.checkpointing import Checkpointer
 from train.config import RunConfig
-from train.runtime import StepProfiler
 from train.data.pipeline import make_dataset
 from train.eval import Evaluator, eval_data
-from train.tracking.metrics import MetricsWriter, flops_per_token, peak_flops
 from train.nonfinite import NonfiniteWatch
-from train.optimizer import learning_rate_schedule, make_optimizer
-from train.objectives.run import (batch_row_keys, load_reference, reference_shardings, run_objective,
-                              teacher_placement)
-from train.step import abstract_state, init_state, jit_train_step, make_train_step, trainable
+from train.objectives.run import load_reference, teacher_placement
+from train.program import build_train_step
+from train.runtime import StepProfiler
+from train.step import init_state, trainable
+from train.tracking.metrics import MetricsWriter, flops_per_token, peak_flops
+from train.tracking.wandb_logging import require_wandb
 
 
 # Logged as the mean over the steps since the last log (the rest: the last step's value);
@@ -37,7 +41,6 @@ def _tokenizer(run: RunConfig):
     path = run.data.tokenizer or run.tokenizer
     if run.data.source not in ("text", "chat", "completion", "preference") or path is None:
         return None
-    from llama_jax.text.tokenizer import load_tokenizer
     return load_tokenizer(path)
 
 
@@ -64,8 +67,6 @@ def _starting_params(run: RunConfig, shardings, resuming: bool):
     """
     if run.init_from is None or (resuming and run.model.lora is None and run.model.vision is None):
         return None
-    from llama_jax.formats.weights import load_params
-
     if run.model.lora is not None:
         return load_params(run.init_from, run.model.replace(lora=None), shardings.frozen)
     params = load_params(run.init_from, run.model, join(shardings.frozen, shardings.params))
@@ -171,13 +172,7 @@ def train(run: RunConfig, *, progress: bool = True, stop_after: int | None = Non
     norm or update norm is not finite and `run.on_nonfinite` is "stop".
     Nothing is written until the data has given its first batch.
     """
-    from train.checkpointing import Checkpointer  # late: orbax is slow to import
-
-    if run.model.quantize is not None and run.model.lora is None:
-        raise ConfigError(f"model.quantize {run.model.quantize}: quantised weights stay frozen; add a "
-                          "lora section to train adapters over them (QLoRA), or train unquantised")
     if run.metrics.wandb is not None:  # a missing extra fails now, not after the compiles
-        from train.tracking.wandb_logging import require_wandb
         require_wandb()
     layout = load_layout(run.layout, **run.mesh)
     placement = Placement.create(run.model, layout)
@@ -194,21 +189,17 @@ def train(run: RunConfig, *, progress: bool = True, stop_after: int | None = Non
         sources.append(run.dpo.reference)
     for source in sources:  # a wrong source fails here, before anything is written
         if source is not None:
-            from llama_jax.formats.weights import check_architecture, stored_config
             check_architecture(source, stored_config(source), run.model)
     teacher = teacher_placement(run, layout)
-    objective = run_objective(run, teacher)
+    program = build_train_step(run, placement, teacher)
     evaluator = None
     if run.eval.every:
         evaluator = Evaluator(run.model, eval_data(run.data, run.eval.paths), placement, run.eval.batches,
                               tokenizer, (shard_index, shard_count), run.loss_chunk,
-                              objective=None if run.dpo is None and run.distill is None else objective)
+                              objective=None if run.dpo is None and run.distill is None else program.objective)
     _create_run_dir(run.run_dir)
 
-    schedule = learning_rate_schedule(run.optimizer, run.steps)
-    optimizer = make_optimizer(run.optimizer, run.steps)
-    abstract, shardings = abstract_state(placement, optimizer)
-    shardings = shardings.replace(reference=reference_shardings(run, shardings.params, teacher))
+    shardings = program.shardings
     with contextlib.ExitStack() as cleanup:
         checkpointer = Checkpointer(run, shardings)
         cleanup.push(_closing(checkpointer.close))
@@ -216,20 +207,17 @@ def train(run: RunConfig, *, progress: bool = True, stop_after: int | None = Non
         starting = _starting_params(run, shardings, resuming)
         reference = load_reference(run, shardings.reference, teacher)
         if resuming:  # nothing random to draw: the checkpoint fills the state (a LoRA base rides beside)
-            state = checkpointer.restore_latest(abstract.replace(frozen=starting or {}, reference=reference), data)
+            state = checkpointer.restore_latest(program.state.replace(frozen=starting or {}, reference=reference),
+                                                data)
         else:
-            state, _ = init_state(placement, optimizer, jax.random.key(run.seed), starting)
+            state, _ = init_state(placement, program.optimizer, jax.random.key(run.seed), starting)
             state = state.replace(reference=reference)
         start = int(state.step)
-        step_fn = jit_train_step(
-            make_train_step(run.model, optimizer, schedule, shardings.params, run.grad_accum,
-                            objective=objective),
-            placement, shardings, row_keys=batch_row_keys(run))
         writer = MetricsWriter(run.run_dir, start, wandb=run.metrics.wandb, run_config=run.to_dict())
         cleanup.push(_closing(writer.close, tell_failure=True))
         profiler = StepProfiler(run.profile, run.run_dir, active=jax.process_index() == 0)
         cleanup.push(_closing(profiler.close))
-        step_fn = profiler.wrap(step_fn, start)
+        step_fn = profiler.wrap(program.step, start)
         last_steps = run.steps if stop_after is None else min(run.steps, start + stop_after)
         bar = tqdm(total=run.steps, initial=start, disable=not progress or jax.process_index() != 0,
                    desc="train", unit="step", dynamic_ncols=True)
@@ -301,9 +289,7 @@ def _progress(logged: dict) -> dict:
 
 def loss_curve_png(run_dir: str | os.PathLike):
     """Plot loss against step from metrics.jsonl into run_dir/loss.png."""
-    import json
-
-    import matplotlib
+    import matplotlib  # late: heavy, and only this summary plot needs it
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

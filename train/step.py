@@ -7,7 +7,6 @@ weight, so k micro-batches give exactly the gradient of one k-times batch.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable
 
 import flax.struct
@@ -17,14 +16,14 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from llama_jax.config import ModelConfig
-from llama_jax.model.llama import Llama
 from llama_jax.model.lora import is_adapter
-from llama_jax.params import init_params, model_for
-from llama_jax.model.trees import join, partition
+from llama_jax.params import init_params
+from llama_jax.model.trees import partition
 from llama_jax.vision.image import image_shapes
 from llama_jax.vision.model import is_image_adapter
-from sharding.place import Placement
-from train.objectives.cross_entropy import chunked_cross_entropy_sums, cross_entropy_sums
+from sharding.place import Placement, abstract_arrays
+from train.objectives.cross_entropy import cross_entropy
+from train.objectives.objective import Objective
 
 BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_weights")
 # A vision model's batch also holds "images": its rows' images (llama_jax.vision.image.image_inputs).
@@ -51,21 +50,6 @@ class TrainState:
     reference: Any = flax.struct.field(default_factory=dict)
 
 
-@dataclasses.dataclass(frozen=True)
-class Objective:
-    """What a run minimises, as sums over a micro-batch.
-
-    `sums(params, frozen, reference, batch) -> (value to differentiate, sums)`:
-    `sums` is a dict of float32 scalars summed over the micro-batch, with
-    "weight" (what they are averaged over: weighted tokens, or preference
-    pairs) and "loss". The step logs every other sum divided by the batch's
-    total weight, and the weight itself as the metric named `count`.
-    """
-
-    sums: Callable
-    count: str = "tokens"
-
-
 def trainable(config: ModelConfig) -> Callable[[tuple[str, ...]], bool]:
     """Which parameters a run trains, by key path: the adapters with LoRA; for a vision
     model the image adapters (cross-attention layers, projector, <|image|> row: Meta's
@@ -75,32 +59,6 @@ def trainable(config: ModelConfig) -> Callable[[tuple[str, ...]], bool]:
     if config.vision is not None:
         return is_image_adapter
     return lambda path: True
-
-
-def loss_sums(model: Llama, params, batch, z_loss: float, chunk: int):
-    """(objective to differentiate, (nll sum, z sum, correct, weight sum)) for one micro-batch."""
-    weights = batch["loss_weights"].astype(jnp.float32)
-    args = (batch["tokens"], batch["positions"], batch.get("segment_ids"))
-    images = {"images": batch["images"]} if "images" in batch else {}
-    if chunk:
-        hidden, _ = model.apply({"params": params}, *args, return_hidden=True, **images)
-        project = lambda h: model.apply({"params": params}, h, method=Llama.logits)  # noqa: E731
-        nll, z, correct = chunked_cross_entropy_sums(project, hidden, batch["targets"], weights, chunk)
-    else:
-        logits, _ = model.apply({"params": params}, *args, **images)
-        nll, z, correct = cross_entropy_sums(logits, batch["targets"], weights)
-    return nll + z_loss * z, (nll, z, correct, jnp.sum(weights))
-
-
-def cross_entropy(config: ModelConfig, z_loss: float = 0.0, chunk: int = 0) -> Objective:
-    """Next-token cross-entropy (pre-training, SFT) with optional z-loss, as an Objective."""
-    model = model_for(config)
-
-    def sums(params, frozen, reference, batch):
-        value, (nll, z, correct, weight) = loss_sums(model, join(frozen, params), batch, z_loss, chunk)
-        return value, {"loss": nll, "z_loss": z, "accuracy": correct, "weight": weight}
-
-    return Objective(sums)
 
 
 def _split_micro_batches(batch, grad_accum: int):
@@ -230,9 +188,7 @@ def abstract_state(placement: Placement, optimizer):
     """(the state as sharded `jax.ShapeDtypeStruct`s, its shardings); nothing allocated."""
     shapes = jax.eval_shape(lambda rng: _new_state(placement.config, optimizer, rng), jax.random.key(0))
     shardings = state_shardings(placement, shapes)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            shapes, shardings)
-    return abstract, shardings
+    return abstract_arrays(shapes, shardings), shardings
 
 
 def init_state(placement: Placement, optimizer, rng, params=None):

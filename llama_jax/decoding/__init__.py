@@ -2,7 +2,9 @@
 
   programs   prefill, the decode loop and one decode step over a state dict
   sampling   greedy, temperature, top-k and top-p, with per-row keys
-  slots      the server's program: prefill into decode slots, and several decode
+  logprobs   each token's log-probability and the top alternatives
+  buckets    padded prompt and cache lengths (few shapes, few compiles)
+  slots      the server's programs: prefill into decode slots, and several decode
              steps with each token's log-probabilities (infer.batcher and
-             train.compile --serve jit the same functions)
+             train.compile --serve jit the same functions, through jit_slot_programs)
 """

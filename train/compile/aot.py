@@ -4,6 +4,13 @@
 layout over `devices` (usually compile-only TPU devices from
 sharding.topology), compiles them from abstract sharded inputs and judges
 the per-chip HBM. The command that prints the results is train/compile/cli.py.
+
+Programs: "train" (train.step), "prefill" and "decode" (infer.generate's
+llama_jax.decoding.programs), and the HTTP server's own two (`SERVE_PROGRAMS`):
+"serve_decode", several decode steps of every slot with each token's
+logprobs, and "serve_prefill", a group of prompts prefilled into their slots,
+jitted by the same `llama_jax.decoding.slots.jit_slot_programs` that
+infer.batcher serves them with.
 """
 
 from __future__ import annotations
@@ -11,20 +18,24 @@ from __future__ import annotations
 import dataclasses
 import time
 
+from train.program import build_train_step
+
+SERVE_PROGRAMS = ("serve_prefill", "serve_decode")  # infer.serve's programs (the run config's "serve")
+
 
 @dataclasses.dataclass
 class CompileResult:
     """One compile's figures; bytes and FLOPs are per chip unless named otherwise."""
 
-    program: str                  # "train", "prefill" or "decode"
+    program: str                  # "train", "prefill", "decode" or one of SERVE_PROGRAMS
     topology: str
     slices: int
     chip: str
     chips: int
     layout: str
     mesh: dict[str, int]
-    batch: int                    # global rows (decode, prefill: sequences)
-    seq_len: int                  # decode: cache length; prefill: prompt length
+    batch: int                    # global rows (decode, prefill: sequences; serve_decode: slots)
+    seq_len: int                  # decode, prefill: cache length (serve programs: per slot)
     grad_accum: int
     remat: str
     dtype: str
@@ -37,12 +48,14 @@ class CompileResult:
     xla_flops: float | None = None         # cost_analysis(), per chip (loop bodies counted once)
     step_s_at_full_mfu: float | None = None
     reason: str | None = None              # the compiler's message when it does not fit
-    prompt_len: int | None = None          # prefill: tokens per prompt
+    prompt_len: int | None = None          # prefill, serve_prefill: tokens per prompt
+    slots: int | None = None               # serve programs: the server's decode slots
+    steps: int | None = None               # serve_decode: decode steps per call
     images_per_row: int = 0                # prefill and decode of a vision model
     quantize: str | None = None            # int8 / fp8 weights (llama_jax/model/quantize.py)
     kv_cache_dtype: str | None = None      # int8 / fp8 KV cache (decode)
     weight_bytes: int | None = None        # one chip's share of the parameters, as compiled
-    cache_bytes: int | None = None         # one chip's share of the KV cache (decode)
+    cache_bytes: int | None = None         # one chip's share of the KV cache (decode and serve programs)
     collectives: list | None = None        # sharding.comms.Collective list (compile_run(comms=True))
     estimate: dict | None = None           # sharding.comms_estimate.StepEstimate as a dict (train, comms=True)
 
@@ -68,41 +81,18 @@ def _abstract(tree, shardings):
 
 
 def train_program(run, placement, teacher=None):
-    """(jitted train_step, abstract sharded (state, batch)) exactly as `train.loop.train` builds it:
-    the run's objective (cross-entropy, DPO or distillation), its state holding DPO's frozen
-    reference or the distillation teacher (`teacher`: train.objectives.run.teacher_placement's, on
-    the same devices), its batch the per-row reference log-probabilities a DPO run's data holds."""
-    import jax
-    import jax.numpy as jnp
-
-    from llama_jax.params import abstract_params
-    from train.objectives.run import batch_row_keys, reference_shardings, run_objective
-    from train.optimizer import learning_rate_schedule, make_optimizer
-    from train.step import BATCH_KEYS, abstract_state, jit_train_step, make_train_step
-
-    optimizer = make_optimizer(run.optimizer, run.steps)
-    schedule = learning_rate_schedule(run.optimizer, run.steps)
-    state, shardings = abstract_state(placement, optimizer)
-    fixed = reference_shardings(run, shardings.params, teacher)
-    if fixed:
-        shardings = shardings.replace(reference=fixed)
-        state = state.replace(reference=_abstract(abstract_params((teacher or placement).config), fixed))
-    rows = (run.data.global_batch, run.data.seq_len)
-    batch_sharding = placement.sharding("batch", "length")
-    batch = {key: jax.ShapeDtypeStruct(rows, jnp.float32 if key == "loss_weights" else jnp.int32,
-                                       sharding=batch_sharding) for key in BATCH_KEYS}
-    batch.update({key: jax.ShapeDtypeStruct(rows[:1], jnp.float32, sharding=placement.sharding("batch"))
-                  for key in batch_row_keys(run)})
-    if run.model.vision is not None:
-        batch["images"] = _abstract_images(placement, run.data.global_batch)
-    step = jit_train_step(make_train_step(run.model, optimizer, schedule, shardings.params, run.grad_accum,
-                                          objective=run_objective(run, teacher)),
-                          placement, shardings, row_keys=batch_row_keys(run))
-    return step, (state, batch)
+    """(jitted train_step, abstract sharded (state, batch)): the step `train.loop.train` runs,
+    from the same builder (`train.program.build_train_step`): the run's objective
+    (cross-entropy, DPO or distillation), its state holding DPO's frozen reference or the
+    distillation teacher (`teacher`: train.objectives.run.teacher_placement's, on the same
+    devices), its batch the per-row reference log-probabilities a DPO run's data holds."""
+    program = build_train_step(run, placement, teacher)
+    return program.step, (program.state, program.batch)
 
 
 def decode_program(config, placement, batch: int, cache_len: int):
-    """(jitted decode loop, abstract sharded (params, state, stops)): exactly what `infer` serves.
+    """(jitted decode loop, abstract sharded (params, state, stops)): offline decoding's loop
+    (`infer.generate`; the HTTP server's programs are `serve_program`'s).
 
     The program is `llama_jax.decoding.programs.decode` (one step of its loop, greedy),
     jitted with the state donated and sharded by the layout (batch on
@@ -165,6 +155,67 @@ def prefill_program(config, placement, batch: int, prompt_len: int, cache_len: i
               jax.ShapeDtypeStruct((1,), jnp.int32, sharding=replicated))
     images = _abstract_images(placement, batch) if config.vision is not None else None
     return step, (_abstract_params(config, placement), *inputs, images)
+
+
+def serve_program(config, placement, program: str, *, slots: int | None = None, context: int | None = None,
+                  steps_per_call: int | None = None, prefill_batch: int | None = None,
+                  prompt_len: int | None = None, prefill_chunk: int | None = None):
+    """(jitted program, abstract sharded inputs, SlotShape, prompt length): one of infer.serve's
+    programs exactly as infer.batcher compiles it (`llama_jax.decoding.slots.jit_slot_programs`,
+    no compiler options, as on TPU) with the arguments it passes (one stop id).
+
+    Shaped as `python -m infer.serve` with --max-batch `slots`, --max-seq-len `context`,
+    --steps-per-call and --prefill-batch runs (None: the server's defaults, the model's context):
+    program "serve_decode" runs the steps of every slot, with logprobs; "serve_prefill"
+    prefills the largest group of prompts of `prompt_len` tokens, padded to the server's bucket
+    (None: the longest prompt a request may have), into the slots. Layers are scanned, as infer's
+    Engine runs them on TPU. ConfigError or ValueError (one line) for shapes the server refuses.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from llama_jax.config import ConfigError
+    from llama_jax.decoding import programs
+    from llama_jax.decoding.buckets import prompt_shape
+    from llama_jax.decoding.programs import PREFILL_CHUNK
+    from llama_jax.decoding.sampling import RowSampling
+    from llama_jax.decoding.slots import PREFILL_BATCH, SLOTS, STEPS_PER_CALL, jit_slot_programs, slot_shape
+    from llama_jax.params import model_for
+
+    context = context or config.max_seq_len
+    if not 2 <= context <= config.max_seq_len:
+        raise ConfigError(f"--max-seq-len must be in [2, {config.max_seq_len}] (the model's context), got {context}")
+    length_shards, chunk = placement.shards_along("length"), prefill_chunk or PREFILL_CHUNK
+    shape = slot_shape(slots or SLOTS, context, steps_per_call or STEPS_PER_CALL, prefill_batch or PREFILL_BATCH,
+                       batch_shards=placement.shards_along("batch"), length_shards=length_shards,
+                       max_seq_len=config.max_seq_len, prefill_chunk=chunk)
+    # A request's prompt leaves at least one position of the context for its answer.
+    prompt_len = prompt_shape(prompt_len or context - 1, config.max_seq_len, length_shards, chunk)[0]
+    if prompt_len > shape.cache_len:
+        raise ConfigError(f"prompt length {prompt_len} exceeds the {shape.cache_len} positions of a slot")
+
+    config = config.replace(remat="none")  # nothing is differentiated
+    replicated, row = _replicated(placement), placement.sharding("batch")
+    state_shardings = placement.tree_shardings(programs.state_axes(config))
+    jitted = jit_slot_programs(model_for(config), shape, state_shardings, row, replicated)
+    state = _abstract(jax.eval_shape(lambda: programs.empty_state(config, shape.slots, shape.cache_len)),
+                      state_shardings)
+
+    def rows(n: int, dtype=jnp.int32):
+        return jax.ShapeDtypeStruct((n,), dtype, sharding=row)
+
+    def sampling(n: int):
+        return RowSampling(rows(n, jnp.float32), rows(n), rows(n, jnp.float32))
+
+    params, stops = _abstract_params(config, placement), jax.ShapeDtypeStruct((1,), jnp.int32, sharding=replicated)
+    if program == "serve_decode":
+        args = (params, state, sampling(shape.slots), stops, rows(shape.slots, jnp.bool_))
+        return jitted.decode, args, shape, prompt_len
+    group = shape.prefill_rows[-1]
+    prompts = jax.ShapeDtypeStruct((group, prompt_len), jnp.int32, sharding=placement.sharding("batch", "length"))
+    args = (params, state, sampling(shape.slots), prompts, rows(group), rows(group), rows(group), stops,
+            sampling(group), rows(group))
+    return jitted.prefill, args, shape, prompt_len
 
 
 def _abstract_images(placement, rows: int):
@@ -230,13 +281,19 @@ def _out_of_memory_reason(err: Exception) -> str | None:
 def compile_run(run, devices, *, topology: str = "", slices: int = 1, program: str = "train",
                 decode_batch: int | None = None, cache_len: int | None = None,
                 prompt_len: int | None = None, prefill_chunk: int | None = None,
-                comms: bool = False) -> CompileResult:
-    """Compile `run`'s train step (or prefill, or decode step) for `devices`; judge whether it fits.
+                slots: int | None = None, context: int | None = None, steps_per_call: int | None = None,
+                prefill_batch: int | None = None, comms: bool = False) -> CompileResult:
+    """Compile `run`'s train step (or prefill, or decode step, or a server program) for `devices`;
+    judge whether it fits.
 
     program: "train", "prefill" (batch x prompt_len tokens, `prefill_chunk`
     at a time, default programs.PREFILL_CHUNK, with images for a vision
     model) or "decode"; decode_batch, cache_len and prompt_len default to the
-    run's global batch and sequence length.
+    run's global batch and sequence length. Or one of SERVE_PROGRAMS, shaped
+    as `python -m infer.serve` with --max-batch `slots`, --max-seq-len `context`,
+    --steps-per-call and --prefill-batch would run it (defaults: the server's,
+    and the model's context); serve_prefill's prompts are `prompt_len` tokens
+    padded to the server's bucket (default: the longest prompt a slot takes).
 
     comms: also list the compiled program's collectives (sharding.comms) and, for the train
     step, estimate its step time from them.
@@ -254,7 +311,13 @@ def compile_run(run, devices, *, topology: str = "", slices: int = 1, program: s
     info = chip_info(devices)
     layout = layout_for_slices(load_layout(run.layout, **run.mesh), slices)
     placement = Placement.create(run.model, layout, devices=devices)
-    if program == "train":
+    if program in SERVE_PROGRAMS:
+        step, args, shape, prompt_len = serve_program(
+            run.model, placement, program, slots=slots, context=context, steps_per_call=steps_per_call,
+            prefill_batch=prefill_batch, prompt_len=prompt_len, prefill_chunk=prefill_chunk)
+        batch = shape.slots if program == "serve_decode" else shape.prefill_rows[-1]
+        seq_len = shape.cache_len
+    elif program == "train":
         batch, seq_len = run.data.global_batch, run.data.seq_len
         validate(run.model, layout, placement.mesh, batch=batch // run.grad_accum, seq_len=seq_len)
         from train.objectives.run import teacher_placement
@@ -288,10 +351,14 @@ def compile_run(run, devices, *, topology: str = "", slices: int = 1, program: s
         layout=layout.name, mesh=dict(placement.mesh.shape), batch=batch, seq_len=seq_len,
         grad_accum=run.grad_accum if program == "train" else 1, remat=run.model.remat,
         dtype=run.model.dtype, param_dtype=run.model.param_dtype, verdict="does not fit",
-        hbm_bytes=hbm, compile_s=0.0, prompt_len=prompt_len if program == "prefill" else None,
-        images_per_row=run.model.vision.max_images if run.model.vision and program != "train" else 0,
+        hbm_bytes=hbm, compile_s=0.0,
+        prompt_len=prompt_len if program in ("prefill", "serve_prefill") else None,
+        images_per_row=run.model.vision.max_images if run.model.vision and program in ("prefill", "decode") else 0,
         quantize=run.model.quantize, kv_cache_dtype=run.model.kv_cache_dtype)
-    if program == "decode":
+    if program in SERVE_PROGRAMS:
+        result.slots = shape.slots
+        result.steps = shape.steps if program == "serve_decode" else None
+    if program in ("decode", *SERVE_PROGRAMS):  # arguments (params, state, ...)
         result.weight_bytes = _chip_bytes(args[0], devices[0])
         result.cache_bytes = _chip_bytes(args[1]["cache"], devices[0])
     start = time.perf_counter()

@@ -7,6 +7,8 @@
     python -m train.compile --config RUN --topology v5e:2x4 --inference     # prefill and decode only
     python -m train.compile --config RUN --topology v5e:2x4 --decode-only model_overrides.quantize=int8 \\
         model_overrides.kv_cache_dtype=int8 --decode-batch 32 --cache-len 8192  # serving, quantised
+    python -m train.compile --config RUN --topology v5e:2x4 --serve --max-batch 16 --max-seq-len 8192
+                                                     # infer.serve's own programs: decode slots, prefill
     python -m train.compile --all                    # every shipped run on the slice it names
     python -m train.compile --config RUN --topology v5p:4x4x4 \\
         --sweep layout=fsdp,fsdp_tp remat=full,dots batch=256,512           # a table of combinations
@@ -31,6 +33,12 @@ What is printed, per chip (the compiled program is one chip's share):
   and XLA's `cost_analysis()` count, which counts a loop body once, so with
   scanned layers (or gradient accumulation) it is far below the real work.
 
+With --serve, the programs are the HTTP server's own (infer.serve, as
+infer.batcher jits them through llama_jax.decoding.slots): its decode call
+(--steps-per-call steps of --max-batch slots of --max-seq-len positions,
+each token with its logprobs) and its prefill of a group of --prefill-batch
+prompts into the slots, with the flags and defaults of `python -m infer.serve`.
+
 With --comms, the collectives of each compiled program are listed
 (sharding/comms.py: kind, bytes per chip, mesh axes, loops multiplied out)
 and the train step's time is estimated from them (train/compile/comms_report.py).
@@ -48,7 +56,14 @@ import itertools
 import json
 import sys
 
-from train.compile.aot import CompileResult, compile_run
+from llama_jax.cli import run_cli
+from llama_jax.config import ConfigError
+from llama_jax.config_files import shipped_configs
+from sharding.layout import load_layout
+from sharding.topology import slices_of, topology_devices
+from train.compile.aot import SERVE_PROGRAMS, CompileResult, compile_run
+from train.compile.comms_report import format_comms_table, plot_sweep
+from train.config import load_run_config
 
 # Short names for --sweep keys; any dotted run-config key works as well.
 SWEEP_ALIASES = {"remat": "model_overrides.remat", "batch": "data.global_batch",
@@ -67,6 +82,10 @@ def format_result(r: CompileResult) -> str:
     mesh = " x ".join(f"{axis}={size}" for axis, size in r.mesh.items() if size > 1) or "1 device"
     what = (f"{r.batch} x {r.seq_len} tokens, grad_accum {r.grad_accum}" if r.program == "train"
             else f"{r.batch} prompts of {r.prompt_len} tokens, cache {r.seq_len}" if r.program == "prefill"
+            else f"{r.batch} prompts of {r.prompt_len} tokens into {r.slots} slots of {r.seq_len}"
+            if r.program == "serve_prefill"
+            else f"{r.batch} slots of {r.seq_len}, {r.steps} steps per call with logprobs"
+            if r.program == "serve_decode"
             else f"{r.batch} sequences, cache {r.seq_len}")
     if r.images_per_row:
         what += f", {r.images_per_row} image(s) per row"
@@ -137,8 +156,6 @@ def format_table(rows: list[tuple[dict[str, str], CompileResult | str]]) -> str:
 
 def parse_sweep(items: list[str]) -> list[dict[str, str]]:
     """`["layout=fsdp,fsdp_tp", "remat=full,dots"]` -> every combination, as override dicts."""
-    from llama_jax.config import ConfigError
-
     axes = []
     for item in items:
         key, sep, values = item.partition("=")
@@ -152,6 +169,11 @@ def parse_sweep(items: list[str]) -> list[dict[str, str]]:
 
 
 def main(argv=None) -> int:
+    """Exit code 0: every program fits; 1: one does not; 2: bad input (one line on stderr)."""
+    return run_cli(_main, argv, prog="train.compile")
+
+
+def _main(argv) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m train.compile",
         description="Compile the train (and decode) step ahead of time for a TPU topology and "
@@ -179,8 +201,8 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt-len", type=int, default=None,
                         help="tokens per prompt in the prefill (default: the cache length)")
     parser.add_argument("--decode-only", action="store_true",
-                        help="compile only the decode step (serving; the only program for quantised "
-                             "weights, e.g. model_overrides.quantize=fp8)")
+                        help="compile only the decode step (infer.generate's loop; like --inference and "
+                             "--serve, it compiles quantised weights, e.g. model_overrides.quantize=fp8)")
     parser.add_argument("--decode-batch", type=int, default=None,
                         help="sequences decoded at once (default: data.global_batch)")
     parser.add_argument("--cache-len", type=int, default=None, help="KV cache length (default: data.seq_len)")
@@ -188,6 +210,17 @@ def main(argv=None) -> int:
                         help="also compile the prefill of --decode-batch prompts of --prompt-len tokens")
     parser.add_argument("--prefill-chunk", type=int, default=None,
                         help="tokens per prefill step (default: infer's, 8192)")
+    parser.add_argument("--serve", action="store_true",
+                        help="compile infer.serve's programs instead of the train step: its decode call over "
+                             "the slots (with logprobs) and its prefill into them")
+    parser.add_argument("--max-batch", type=int, default=None, metavar="N",
+                        help="--serve: decode slots (default: infer.serve's)")
+    parser.add_argument("--max-seq-len", type=int, default=None, metavar="L",
+                        help="--serve: positions per slot, prompt plus answer (default: the model's context)")
+    parser.add_argument("--steps-per-call", type=int, default=None, metavar="N",
+                        help="--serve: decode steps per call (default: infer.serve's)")
+    parser.add_argument("--prefill-batch", type=int, default=None, metavar="N",
+                        help="--serve: prompts prefilled together (default: infer.serve's)")
     parser.add_argument("--sweep", nargs="+", default=[], metavar="key=v1,v2",
                         help="compile every combination, e.g. layout=fsdp,fsdp_tp remat=full,dots "
                              "(the train step; the decode step with --decode)")
@@ -201,67 +234,69 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_intermixed_args(argv)
 
-    from llama_jax.config import ConfigError
-    from sharding.layout import LayoutError, load_layout
-    from sharding.topology import slices_of, topology_devices
-    from train.config import load_run_config
-
-    def fail(err) -> int:
-        print(f"train.compile: error: {err}", file=sys.stderr)
-        return 2
-
     if args.all:
         return _all_runs(args)
-    try:
-        if not args.config:
-            raise ConfigError("--config: name a run config (or use --all)")
-        run = load_run_config(args.config, args.overrides)
-        args.topology = args.topology or run.topology
-        if not args.topology:
-            raise ConfigError(f"--topology: {args.config} names no topology; give one, e.g. v5p:4x4x4")
-        slices = args.slices or slices_of(load_layout(run.layout, **run.mesh))
-        devices = topology_devices(args.topology, slices)
-        combos = parse_sweep(args.sweep)
-        given = {item.partition("=")[0] for item in args.overrides}
-        for key in combos[0] if args.sweep else ():
-            if key in given:
-                raise ConfigError(f"{key}: given both as an override and in --sweep")
-        if run.model.quantize is not None and run.model.lora is None and not (args.decode_only or args.inference):
-            raise ConfigError(f"model quantize {run.model.quantize}: quantised weights are served or carry "
-                              "LoRA adapters (add a lora section), not trained; compile the serving "
-                              "programs with --decode-only or --inference")
-        if args.plot and not (args.sweep and args.comms):
-            raise ConfigError("--plot: draws a sweep's communication; give --sweep and --comms")
-        if args.sweep:
-            return _sweep(args, combos, devices, slices)
-        programs = (["prefill", "decode"] if args.inference else ["decode"] if args.decode_only
-                    else [p for p in ("train", "prefill", "decode") if p in run.programs
-                          or (p == "decode" and args.decode) or (p == "prefill" and args.prefill)])
-        results = [compile_run(run, devices, topology=args.topology, slices=slices, program=p,
-                               decode_batch=args.decode_batch, cache_len=args.cache_len,
-                               prompt_len=args.prompt_len, prefill_chunk=args.prefill_chunk,
-                               comms=args.comms)
-                   for p in programs]
-    except (ConfigError, LayoutError, ValueError, FileNotFoundError) as err:
-        return fail(err)
+    if not args.config:
+        raise ConfigError("--config: name a run config (or use --all)")
+    given = {item.partition("=")[0] for item in args.overrides}
+    serving = _serving_programs(args)
+    if serving:  # no training run: the run config's checks of what training needs do not apply
+        if "programs" in given:
+            raise ConfigError("programs: --inference, --decode-only and --serve set the programs; drop the "
+                              "override or the flags")
+        args.overrides = [*args.overrides, f"programs=[{','.join(serving)}]"]
+    run = load_run_config(args.config, args.overrides)
+    args.topology = args.topology or run.topology
+    if not args.topology:
+        raise ConfigError(f"--topology: {args.config} names no topology; give one, e.g. v5p:4x4x4")
+    slices = args.slices or slices_of(load_layout(run.layout, **run.mesh))
+    devices = topology_devices(args.topology, slices)
+    combos = parse_sweep(args.sweep)
+    for key in combos[0] if args.sweep else ():
+        if key in given:
+            raise ConfigError(f"{key}: given both as an override and in --sweep")
+    if args.plot and not (args.sweep and args.comms):
+        raise ConfigError("--plot: draws a sweep's communication; give --sweep and --comms")
+    if args.sweep:
+        return _sweep(args, combos, devices, slices)
+    programs = serving or [p for p in ("train", "prefill", "decode", "serve") if p in run.programs
+                           or (p == "decode" and args.decode) or (p == "prefill" and args.prefill)]
+    results = [compile_run(run, devices, topology=args.topology, slices=slices, program=p,
+                           **_shapes(args), comms=args.comms)
+               for p in _compiles(programs)]
     if args.json:
         print(json.dumps({r.program: r.to_dict() for r in results}))
     else:
         print("\n\n".join(format_result(r) for r in results))
         if args.comms:
-            from train.compile.comms_report import format_comms_table
-
             print("\n" + format_comms_table([({"program": r.program}, r) for r in results]))
     return 0 if all(r.verdict != "does not fit" for r in results) else 1
 
 
+def _serving_programs(args) -> list[str]:
+    """The run's programs --inference (prefill and decode), --decode-only (decode) and --serve
+    (infer.serve's) name; [] without them: the run config's own programs are compiled."""
+    return ((["prefill", "decode"] if args.inference else ["decode"] if args.decode_only else [])
+            + (["serve"] if args.serve else []))
+
+
+def _compiles(programs) -> list[str]:
+    """compile_run's programs for program names (train.config.PROGRAMS): "serve" is the server's two."""
+    return [p for name in programs for p in (SERVE_PROGRAMS if name == "serve" else (name,))]
+
+
+def _shapes(args, prompts: bool = True) -> dict:
+    """compile_run's shape arguments from the command line (a sweep compiles one decode program:
+    no prompt shapes)."""
+    shapes = dict(decode_batch=args.decode_batch, cache_len=args.cache_len, slots=args.max_batch,
+                  context=args.max_seq_len, steps_per_call=args.steps_per_call, prefill_batch=args.prefill_batch)
+    if prompts:
+        shapes |= dict(prompt_len=args.prompt_len, prefill_chunk=args.prefill_chunk)
+    return shapes
+
+
 def _all_runs(args) -> int:
     """Compile every shipped run config that names a topology, for its slice and programs."""
-    from llama_jax.config_files import shipped_configs
-    from sharding.layout import load_layout
-    from sharding.topology import slices_of, topology_devices
-    from train.config import load_run_config
-
     rows = []
     for name in shipped_configs("runs"):
         run = load_run_config(name)
@@ -269,7 +304,7 @@ def _all_runs(args) -> int:
             continue
         slices = slices_of(load_layout(run.layout, **run.mesh))
         devices = topology_devices(run.topology, slices)
-        for program in run.programs:
+        for program in _compiles(run.programs):
             result = compile_run(run, devices, topology=run.topology, slices=slices, program=program)
             rows.append(({"run": name, "program": program, "topology": run.topology}, result))
             if args.json:
@@ -283,21 +318,17 @@ def _all_runs(args) -> int:
 
 
 def _sweep(args, combos, devices, slices) -> int:
-    from llama_jax.config import ConfigError
-    from sharding.layout import LayoutError
-    from train.config import load_run_config
-
     rows = []
     for combo in combos:
         extra = [f"{k}={v}" for k, v in combo.items()]
         label = {k.rsplit(".", 1)[-1]: v for k, v in combo.items()}
         try:
             run = load_run_config(args.config, list(args.overrides) + extra)
-            result = compile_run(run, devices, topology=args.topology, slices=slices,
-                                 program="decode" if args.decode or args.decode_only or args.inference else "train",
-                                 decode_batch=args.decode_batch, cache_len=args.cache_len,
-                                 comms=args.comms)
-        except (ConfigError, LayoutError, ValueError) as err:
+            program = ("serve_decode" if args.serve else "decode" if args.decode or args.decode_only or args.inference
+                       else "train")
+            result = compile_run(run, devices, topology=args.topology, slices=slices, program=program,
+                                 **_shapes(args, prompts=False), comms=args.comms)
+        except ValueError as err:  # ConfigError, LayoutError: the combination is invalid
             result = str(err)
         rows.append((label, result))
         if args.json and args.comms:
@@ -307,8 +338,6 @@ def _sweep(args, combos, devices, slices) -> int:
             print(f"[{len(rows)}/{len(combos)}] {' '.join(extra)}: "
                   f"{result if isinstance(result, str) else result.verdict}", file=sys.stderr, flush=True)
     if args.comms:
-        from train.compile.comms_report import format_comms_table, plot_sweep
-
         if not args.json:
             print(format_comms_table(rows))
         if args.plot:

@@ -7,14 +7,12 @@ preference pairs (a chosen and a rejected conversation per row), as random acces
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 import numpy as np
 
+from llama_jax.arith import ceil_div
+from train.data.config import DataConfig
 from train.data.reference_log_probs import REFERENCE_KEYS, ReferenceLogProbs
-
-if TYPE_CHECKING:
-    from train.data.pipeline import DataConfig
 
 
 def example_row(examples: list[np.ndarray], seq_len: int) -> dict[str, np.ndarray]:
@@ -108,7 +106,7 @@ def fit_pair(pair, seq_len: int):
     excess = sum(conversation.shape[1] - 1 for conversation in pair) - seq_len
     if excess <= 0:
         return pair
-    cut = -(-excess // 2)
+    cut = ceil_div(excess, 2)
     prompt = min(int(np.flatnonzero(conversation[1])[0]) for conversation in pair)
     if cut >= prompt:
         return None

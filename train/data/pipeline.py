@@ -1,6 +1,6 @@
 """Training data: documents -> packed rows -> per-process batches, with grain.
 
-One public entry, `make_dataset(DataConfig(...))`, returns an iterator of
+One public entry, `make_dataset(DataConfig(...))` (train/data/config.py), returns an iterator of
 batches. How rows are cut depends on whether the documents' lengths are
 known up front.
 
@@ -83,113 +83,20 @@ fixed number of steps with num_epochs=None (the default) to keep them in step.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import os
 
 import grain
 import grain.experimental
+import jax
 import numpy as np
 
+from llama_jax.arith import ceil_div
+from llama_jax.text.tokenizer import load_tokenizer
+from train.data.config import EXAMPLE_SOURCES, DataConfig
 from train.data.example_rows import ExampleRows, PairRows
 from train.data.packing import NonEmpty, PackedRows, TokenWindows, unpacked_row
 from train.data.sources import (Examples, Preferences, SyntheticDocuments, TextDocuments, TextTokenizer,
                            TokenDocuments, encode_document)
-
-SOURCES = ("tokens", "text", "synthetic", "chat", "completion", "preference")
-EXAMPLE_SOURCES = ("chat", "completion")  # fine-tuning examples with per-token loss weights
-OVERLONG = ("drop", "truncate")
-SPLITS = ("train", "eval")
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-    """Where training rows come from and how they are cut and batched.
-
-    source: "tokens" (directories written by train.prepare), "text" (.txt
-      files, one document each, and .jsonl files, one document per line,
-      tokenized on the fly), "synthetic" (random ids from `seed`), "chat" or
-      "completion" (fine-tuning examples, train/data/sources.py `Examples`), or
-      "preference" (DPO pairs, `Preferences`: one pair per row, the chosen
-      conversation as segment 1 and the rejected one as segment 2; a pair
-      longer than seq_len loses the start of its prompt, and is dropped only
-      if its answers alone do not fit, train/data/example_rows.py `fit_pair`).
-    paths: token directories, or text files and globs.
-    tokenizer: tokenizer file or directory for the "text" source.
-    text_key: the JSONL field holding a document's text.
-    seq_len: tokens per row; global_batch: rows per step over all processes.
-    packing: pack documents into full rows (True) or one document per row.
-    shuffle, seed: shuffle documents with a permutation drawn from `seed`.
-    num_epochs: passes over the documents; None repeats forever.
-    vocab_size, synthetic_docs: size of the synthetic source.
-    read_threads: threads reading (and tokenizing) documents or rows ahead.
-    shuffle_window: streamed packed rows (text and synthetic sources) are
-      shuffled within windows of this many rows; restoring replays at most
-      one window. 0 or 1 keeps stream order. Token directories shuffle all
-      rows globally and ignore it.
-    overlong: fine-tuning examples (chat, completion) longer than seq_len
-      inputs are dropped, or truncated to seq_len (then dropped if no
-      weighted token is left); the count is logged at start.
-    holdout, split: a fraction of the documents (examples), drawn from
-      `seed`, is held out for evaluation; split "train" reads the others,
-      "eval" only those. 0 holds nothing out.
-    reference_log_probs: source "preference" only: a file of the DPO
-      reference's log-probabilities of every pair (train/data/reference_log_probs.py),
-      read into each row instead of running a reference model.
-    """
-
-    source: str = "synthetic"
-    paths: tuple[str, ...] = ()
-    tokenizer: str | None = None
-    text_key: str = "text"
-    seq_len: int = 2048
-    global_batch: int = 8
-    packing: bool = True
-    shuffle: bool = True
-    seed: int = 0
-    num_epochs: int | None = None
-    vocab_size: int = 32000
-    synthetic_docs: int = 10_000
-    read_threads: int = 8
-    shuffle_window: int = 1024
-    overlong: str = "drop"
-    holdout: float = 0.0
-    split: str = "train"
-    reference_log_probs: str | None = None
-
-    def __post_init__(self):
-        paths = (self.paths,) if isinstance(self.paths, (str, os.PathLike)) else self.paths
-        if not all(isinstance(p, (str, os.PathLike)) for p in paths):
-            raise ValueError(f"DataConfig.paths must be a sequence of paths; got {self.paths!r}")
-        object.__setattr__(self, "paths", tuple(str(p) for p in paths))
-        if self.source not in SOURCES:
-            raise ValueError(f"DataConfig.source must be one of {', '.join(SOURCES)}; got {self.source!r}")
-        if self.source not in ("synthetic",) and not self.paths:
-            raise ValueError(f"DataConfig.paths must name at least one input for source {self.source!r}")
-        if not self.text_key:
-            raise ValueError("DataConfig.text_key must be a non-empty string")
-        for name in ("seq_len", "global_batch", "vocab_size", "synthetic_docs"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"DataConfig.{name} must be a positive integer; got {value!r}")
-        if self.num_epochs is not None and (not isinstance(self.num_epochs, int) or self.num_epochs < 1):
-            raise ValueError(f"DataConfig.num_epochs must be a positive integer or None; got {self.num_epochs!r}")
-        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
-            raise ValueError(f"DataConfig.seed must be an integer in [0, 2**32); got {self.seed!r}")
-        for name in ("read_threads", "shuffle_window"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                raise ValueError(f"DataConfig.{name} must be a non-negative integer; got {value!r}")
-        for name, allowed in (("overlong", OVERLONG), ("split", SPLITS)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"DataConfig.{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
-        if isinstance(self.holdout, bool) or not isinstance(self.holdout, (int, float)) \
-                or not 0 <= self.holdout < 1:
-            raise ValueError(f"DataConfig.holdout must be a fraction in [0, 1); got {self.holdout!r}")
-        if self.reference_log_probs is not None and self.source != "preference":
-            raise ValueError("DataConfig.reference_log_probs holds DPO reference log-probabilities of "
-                             f"preference pairs; the source is {self.source!r}")
-
-
 
 # --- The pipeline. ----------------------------------------------------------
 
@@ -216,7 +123,7 @@ def split_indices(n_docs: int, config: DataConfig) -> np.ndarray:
         held[np.random.default_rng([config.seed, 1]).permutation(n_docs)[:count]] = True
     indices = np.flatnonzero(held if config.split == "eval" else ~held)
     if len(indices) == 0:
-        raise ValueError(f"DataConfig.holdout {config.holdout} leaves no documents for split {config.split!r}")
+        raise ValueError(f"data.holdout: {config.holdout} leaves no documents for split {config.split!r}")
     return indices
 
 
@@ -234,9 +141,7 @@ def _documents(config: DataConfig, tokenizer: TextTokenizer | None, model_vocab_
         return SyntheticDocuments(config.vocab_size, config.synthetic_docs, config.seq_len, config.seed), None
     if tokenizer is None:
         if config.tokenizer is None:
-            raise ValueError(f"DataConfig.tokenizer must name a tokenizer file for source {config.source!r}")
-        from llama_jax.text.tokenizer import load_tokenizer
-
+            raise ValueError(f"data.tokenizer: must name a tokenizer file for source {config.source!r}")
         tokenizer = load_tokenizer(config.tokenizer)
     if vision is not None and model_vocab_size is not None:  # HF's Mllama tokenizer counts <|image|> too
         model_vocab_size += vision.extra_token_rows
@@ -281,15 +186,11 @@ def make_dataset(
     if (shard_index is None) != (shard_count is None):
         raise ValueError("make_dataset: pass shard_index and shard_count together, or neither")
     if shard_index is None:
-        import jax
-
         shard_index, shard_count = jax.process_index(), jax.process_count()
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"shard_index {shard_index} is outside [0, shard_count {shard_count})")
     if config.global_batch % shard_count:
-        raise ValueError(
-            f"DataConfig.global_batch {config.global_batch} is not divisible by shard_count {shard_count}"
-        )
+        raise ValueError(f"data.global_batch: {config.global_batch} is not divisible by shard_count {shard_count}")
     if vision is not None and config.source not in EXAMPLE_SOURCES:
         raise ValueError(f"data.source {config.source!r}: a vision model fine-tunes on chat (or completion) "
                          "examples; use data.source chat")
@@ -314,7 +215,7 @@ def _window_rows(docs: TokenDocuments, indices: np.ndarray, config: DataConfig) 
         order = indices[np.random.default_rng(config.seed).permutation(len(indices))]
     windows = TokenWindows(docs, order, config.seq_len)
     if len(windows) == 0:
-        raise ValueError(f"DataConfig.paths hold too few tokens for one row: {', '.join(config.paths)}")
+        raise ValueError(f"data.paths: hold too few tokens for one row: {', '.join(config.paths)}")
     return _global_rows(windows, config)
 
 
@@ -338,7 +239,7 @@ def _streamed_rows(source, encode, config: DataConfig, shard_index: int, shard_c
     docs = docs.repeat(config.num_epochs)[shard_index::shard_count]
     if encode is not None:
         docs = docs.map(encode)
-    limit = 2 * (-(-len(source) // shard_count) + 1)
+    limit = 2 * (ceil_div(len(source), shard_count) + 1)
     docs = NonEmpty(docs.to_iter_dataset(read), limit, config.paths)
     if not config.packing:
         return docs.map(functools.partial(unpacked_row, seq_len=config.seq_len))

@@ -1,5 +1,6 @@
 """What a run minimises.
 
+  objective      `Objective`: the shape every objective takes, which train/step.py differentiates
   cross_entropy  next-token loss with weights and z-loss, plain or chunked
   dpo            direct preference optimisation against a frozen reference
   distill        logit distillation from a teacher

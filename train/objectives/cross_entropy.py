@@ -1,4 +1,5 @@
-"""Next-token cross-entropy with loss weights and optional z-loss, plain or chunked.
+"""Next-token cross-entropy with loss weights and optional z-loss, plain or chunked;
+`cross_entropy(config, z_loss, chunk)` is that loss as a run's Objective (pre-training, SFT).
 
 The chunked form never holds float32 logits for the whole batch: it projects
 `chunk` positions at a time (strided, so a split length stays local) and
@@ -16,6 +17,11 @@ import jax
 import jax.numpy as jnp
 
 from llama_jax.arith import ceil_div
+from llama_jax.config import ModelConfig
+from llama_jax.model.llama import Llama
+from llama_jax.model.trees import join
+from llama_jax.params import model_for
+from train.objectives.objective import Objective
 
 
 def _token_terms(logits_f32, targets, weights):
@@ -97,3 +103,32 @@ def target_log_probs(logits_btv, targets_bt):
     logits = logits_btv.astype(jnp.float32)
     target_logit = jnp.take_along_axis(logits, targets_bt[..., None], axis=-1)[..., 0]
     return target_logit - jax.nn.logsumexp(logits, axis=-1)
+
+
+# --- As a run's objective. ---------------------------------------------------------
+
+
+def loss_sums(model: Llama, params, batch, z_loss: float, chunk: int):
+    """(objective to differentiate, (nll sum, z sum, correct, weight sum)) for one micro-batch."""
+    weights = batch["loss_weights"].astype(jnp.float32)
+    args = (batch["tokens"], batch["positions"], batch.get("segment_ids"))
+    images = {"images": batch["images"]} if "images" in batch else {}
+    if chunk:
+        hidden, _ = model.apply({"params": params}, *args, return_hidden=True, **images)
+        project = lambda h: model.apply({"params": params}, h, method=Llama.logits)  # noqa: E731
+        nll, z, correct = chunked_cross_entropy_sums(project, hidden, batch["targets"], weights, chunk)
+    else:
+        logits, _ = model.apply({"params": params}, *args, **images)
+        nll, z, correct = cross_entropy_sums(logits, batch["targets"], weights)
+    return nll + z_loss * z, (nll, z, correct, jnp.sum(weights))
+
+
+def cross_entropy(config: ModelConfig, z_loss: float = 0.0, chunk: int = 0) -> Objective:
+    """Next-token cross-entropy (pre-training, SFT) with optional z-loss, as an Objective."""
+    model = model_for(config)
+
+    def sums(params, frozen, reference, batch):
+        value, (nll, z, correct, weight) = loss_sums(model, join(frozen, params), batch, z_loss, chunk)
+        return value, {"loss": nll, "z_loss": z, "accuracy": correct, "weight": weight}
+
+    return Objective(sums)

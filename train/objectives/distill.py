@@ -24,7 +24,7 @@ from llama_jax.config import ConfigError, ModelConfig
 from llama_jax.model.llama import Llama
 from llama_jax.model.trees import join
 from train.objectives.cross_entropy import chunked_sums, cross_entropy_sums
-from train.step import Objective
+from train.objectives.objective import Objective
 
 
 def distill_terms(student_btv, teacher_btv, targets_bt, weights_bt, temperature: float):

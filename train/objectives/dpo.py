@@ -28,7 +28,7 @@ from llama_jax.model.llama import Llama
 from llama_jax.model.trees import join
 from train.objectives.cross_entropy import chunked_sums, target_log_probs
 from train.data.reference_log_probs import REFERENCE_KEYS
-from train.step import Objective
+from train.objectives.objective import Objective
 
 CHOSEN, REJECTED = 1, 2  # segment ids of a pair's two conversations within its row
 

@@ -1,11 +1,12 @@
 """What a run minimises, and the fixed model it compares with.
 
-The run config picks the objective (train/step.py `Objective`): cross-entropy,
-DPO (a `dpo:` section) or logit distillation (`distill:`). DPO's reference
+The run config picks the objective (train/objectives/objective.py `Objective`):
+cross-entropy, DPO (a `dpo:` section) or logit distillation (`distill:`). DPO's reference
 policy and the distillation teacher ride in `TrainState.reference`, placed on
 the run's mesh; this module says where (their shardings) and loads them.
-`train.loop` trains with these, `train.compile.aot` compiles the same step ahead of
-time, and `train.dpo_reference` runs a DPO run's reference once.
+`train.program` builds the run's step from these (the step `train.loop` runs and
+`train.compile` compiles ahead of time), and `train.dpo_reference` runs a DPO
+run's reference once.
 """
 
 from __future__ import annotations
@@ -13,10 +14,15 @@ from __future__ import annotations
 import jax
 
 from llama_jax.config import ModelConfig
+from llama_jax.formats.weights import load_params, stored_config
+from llama_jax.params import init_params
 from sharding.place import Placement
 from train.config import RunConfig
 from train.data.reference_log_probs import REFERENCE_KEYS
-from train.step import Objective, cross_entropy
+from train.objectives.cross_entropy import cross_entropy
+from train.objectives.distill import check_teacher, distill, teacher_config
+from train.objectives.dpo import dpo
+from train.objectives.objective import Objective
 
 
 def teacher_placement(run: RunConfig, layout, devices=None) -> Placement | None:
@@ -25,9 +31,6 @@ def teacher_placement(run: RunConfig, layout, devices=None) -> Placement | None:
     ConfigError (one line) if its vocabulary is not the student's."""
     if run.distill is None:
         return None
-    from llama_jax.formats.weights import stored_config
-    from train.objectives.distill import check_teacher, teacher_config
-
     config = teacher_config(stored_config(run.distill.teacher), run.model)
     check_teacher(config, run.model, run.distill.teacher)
     return Placement.create(config, layout, devices=devices)
@@ -36,10 +39,8 @@ def teacher_placement(run: RunConfig, layout, devices=None) -> Placement | None:
 def run_objective(run: RunConfig, teacher: Placement | None) -> Objective:
     """What the run minimises; `teacher`: `teacher_placement`'s, for distillation."""
     if run.dpo is not None:
-        from train.objectives.dpo import dpo
         return dpo(run.model, run.dpo.beta, run.loss_chunk)
     if run.distill is not None:
-        from train.objectives.distill import distill
         return distill(run.model, teacher.config, run.distill.alpha, run.distill.temperature, run.loss_chunk)
     return cross_entropy(run.model, run.z_loss, run.loss_chunk)
 
@@ -68,7 +69,6 @@ def load_reference(run: RunConfig, shardings, teacher: Placement | None):
     if not shardings:
         return {}
     if teacher is not None:
-        from llama_jax.formats.weights import load_params
         return load_params(run.distill.teacher, teacher.config, shardings)
     return dpo_reference_params(run, shardings)
 
@@ -80,7 +80,5 @@ def dpo_reference_params(run: RunConfig, shardings, config: ModelConfig | None =
     config = config or run.model
     source = run.dpo.reference or run.init_from
     if source is not None:
-        from llama_jax.formats.weights import load_params
         return load_params(source, config, shardings)
-    from llama_jax.params import init_params
     return jax.jit(lambda rng: init_params(config, rng), out_shardings=shardings)(jax.random.key(run.seed))

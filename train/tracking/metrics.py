@@ -20,12 +20,10 @@ import jax.numpy as jnp
 from etils import epath
 
 from llama_jax.config import ModelConfig
-from llama_jax.params import abstract_params
+from llama_jax.params import count_params
 from llama_jax.paths import is_url, storage_error, user_path
 from sharding.topology import CHIP_PEAK_FLOPS
-
-# Peak FLOP/s per device for MFU: the TPU chip table, and CPU measured at start-up.
-PEAK_FLOPS = {**CHIP_PEAK_FLOPS, "cpu": None}
+from train.tracking.wandb_logging import WandbRun
 
 
 def note(message: str):
@@ -36,8 +34,7 @@ def note(message: str):
 
 def flops_per_token(config: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token: 6 N + 12 L H K T (see the module docstring)."""
-    params = abstract_params(config)
-    n = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+    n = count_params(config)
     if not config.tie_embeddings:  # a tied table is also the output matmul
         n -= config.vocab_size * config.dim
     return 6 * n + 12 * config.n_layers * config.n_heads * config.head_dim * seq_len
@@ -57,9 +54,10 @@ def measure_matmul_flops(size: int = 1024, repeats: int = 5) -> float:
 
 
 def peak_flops(chip: str) -> tuple[float, str]:
-    """(peak FLOP/s per device, where the figure comes from)."""
-    if PEAK_FLOPS.get(chip) is not None:
-        return PEAK_FLOPS[chip], f"{chip} published bf16 peak"
+    """(peak FLOP/s per device, where the figure comes from): a TPU chip's published figure
+    (sharding/topology.py), else (cpu) a matmul measured now."""
+    if chip in CHIP_PEAK_FLOPS:
+        return CHIP_PEAK_FLOPS[chip], f"{chip} published bf16 peak"
     return measure_matmul_flops(), "measured f32 matmul on this machine"
 
 
@@ -94,7 +92,6 @@ class MetricsWriter:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             kept, logged_through = _rows_through(self.path, start)
             if wandb is not None:
-                from train.tracking.wandb_logging import WandbRun
                 self._wandb = WandbRun(wandb, self.run_dir, run_config or {}, logged_through)
             if is_url(self.path):
                 self._rows = kept
@@ -102,6 +99,7 @@ class MetricsWriter:
             else:
                 _replace(self.path, "".join(kept))
                 self._jsonl = open(self.path, "a")
+            # late: tensorboardX takes seconds to import (protobuf), and only process 0 writes
             from tensorboardX import SummaryWriter
             self._tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=start + 1)
 
@@ -124,11 +122,12 @@ class MetricsWriter:
                 self._jsonl.flush()
             except OSError as err:  # a flush names no file
                 raise OSError(err.errno, err.strerror, str(self.path)) from None
-        for key, value in metrics.items():
-            self._tb.add_scalar(scalar_tag(key), value, step)
+        scalars = {scalar_tag(key): value for key, value in metrics.items()}
+        for tag, value in scalars.items():
+            self._tb.add_scalar(tag, value, step)
         self._tb.flush()
         if self._wandb is not None:  # after metrics.jsonl: a step in the file counts as sent (a kill in
-            self._wandb.log(step, metrics)  # between loses it from W&B rather than sending it twice)
+            self._wandb.log(step, scalars)  # between loses it from W&B rather than sending it twice)
 
     def close(self, failed: bool = False):
         """Close the files; `failed`: the run ends on an error (W&B marks the run failed)."""

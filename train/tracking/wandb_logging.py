@@ -24,7 +24,6 @@ from llama_jax.cli import first_line
 from llama_jax.config import ConfigError
 from llama_jax.paths import storage_error, user_path
 from train.config import WandbConfig
-from train.tracking.metrics import scalar_tag
 
 ID_FILE = "wandb.json"  # in the run directory: {"id": <the W&B run id>}
 INSTALL = "pip install 'llama-jax[wandb]'"
@@ -65,10 +64,11 @@ class WandbRun:
                 raise storage_error(err, id_path) from None
         self._logged_through = logged_through
 
-    def log(self, step: int, metrics: dict[str, float]):
-        """Send one metrics.jsonl row (unless an earlier run sent this step)."""
+    def log(self, step: int, scalars: dict[str, float]):
+        """Send one metrics.jsonl row's values under their TensorBoard names (train/tracking/metrics.py
+        `scalar_tag`), unless an earlier run sent this step."""
         if step > self._logged_through:
-            self._run.log({scalar_tag(key): value for key, value in metrics.items()}, step=step)
+            self._run.log(scalars, step=step)
 
     def finish(self, failed: bool = False):
         """End the W&B run (marked failed if the training run ends on an error)."""

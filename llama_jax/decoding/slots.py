@@ -1,0 +1,162 @@
+"""The server's programs: decode slots over one KV cache, as pure functions and their jit.
+
+    shape = slot_shape(slots, context, steps, prefill_batch, batch_shards=..., length_shards=...,
+                       max_seq_len=..., prefill_chunk=...)
+    programs = jit_slot_programs(model, shape, state_shardings, row_sharding, replicated)
+    state = programs.empty()
+    state, sampling, first_b, done_b, chosen_b, top_ids_bk, top_lp_bk = programs.prefill(
+        params, state, sampling, prompts_bt, lengths_b, limits_b, seeds_b, stops, new_sampling, slots_b)
+    state, tokens_nb, chosen_nb, top_ids_nbk, top_lp_nbk = programs.decode(
+        params, state, sampling, stops, cancel_b)
+
+A batch state (`programs.State`) holds one row per slot, every row's cache
+`shape.cache_len` long. `prefill_into_slots` prefills a group of requests (each
+with its own seed and sampling settings) and writes their rows into the batch
+state at their slots; `decode_slots` runs `shape.steps` decode steps of every
+slot at once, whatever their lengths and settings (`RowSampling`), and reports
+each token with its log-probability and the `TOP_LOGPROBS` most likely
+alternatives. infer.batcher serves these; train.compile --serve compiles them
+ahead of time: both get them from `jit_slot_programs`, the one place that
+decides their static arguments, donation and output shardings.
+
+Letters in names: b batch rows (slots, or a prefill group), t prompt time,
+n decode steps, k alternatives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from llama_jax.decoding import programs
+from llama_jax.arith import round_up
+from llama_jax.decoding.buckets import cache_bucket, prompt_shape
+from llama_jax.decoding.logprobs import token_logprobs
+from llama_jax.decoding.programs import NO_TOKEN, PREFILL_CHUNK
+from llama_jax.decoding.sampling import RowSampling
+from llama_jax.model.llama import Llama
+
+# A server's defaults (infer.serve's flags, train.compile --serve's).
+SLOTS = 8
+STEPS_PER_CALL = 4
+PREFILL_BATCH = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class SlotShape:
+    """The fixed shapes of a server's programs.
+
+    slots: decode rows; cache_len: positions per slot; steps: decode steps per call;
+    prefill_rows: rows of a prefill call, ascending (one request padded to the batch
+    shards, and a group of waiting requests); chunk: prefill tokens per step.
+    """
+
+    slots: int
+    cache_len: int
+    steps: int
+    prefill_rows: tuple[int, ...]
+    chunk: int
+
+
+def slot_shape(slots: int, context: int, steps: int = STEPS_PER_CALL, prefill_batch: int = PREFILL_BATCH, *,
+               batch_shards: int, length_shards: int, max_seq_len: int,
+               prefill_chunk: int = PREFILL_CHUNK) -> SlotShape:
+    """The shapes of a server with `slots` decode rows of `context` positions each (prompt plus
+    answer), `steps` decode steps per call and up to `prefill_batch` requests prefilled together,
+    on a layout that splits rows into `batch_shards` and tokens into `length_shards`.
+
+    The cache per slot is `context` rounded up to a multiple of 128, and at least the longest
+    prompt's bucket (prefill writes the whole padded prompt). ValueError (one line) for slots
+    that the batch shards do not divide, or a prefill batch or step count below 1.
+    """
+    if slots < 1 or slots % batch_shards:
+        raise ValueError(f"slots must be a positive multiple of the layout's batch shards ({batch_shards}), "
+                         f"got {slots}")
+    if prefill_batch < 1:
+        raise ValueError(f"prefill_batch must be at least 1, got {prefill_batch}")
+    if steps < 1:
+        raise ValueError(f"steps per call must be at least 1, got {steps}")
+    longest, chunk = prompt_shape(context, max_seq_len, length_shards, prefill_chunk)
+    rows = sorted({batch_shards, min(slots, round_up(prefill_batch, batch_shards))})
+    return SlotShape(slots, max(cache_bucket(context), longest), steps, tuple(rows), chunk)
+
+
+def insert_rows(axes, batch, new, slots_b):
+    """`batch` with row i of `new` written at row `slots_b[i]` along each entry's "batch" axis
+    (`axes`: the logical axes of every entry); rows whose slot is out of range are dropped."""
+    def put(names, big, small):
+        where = (slice(None),) * names.index("batch") + (slots_b,)
+        return big.at[where].set(small, mode="drop")
+    return jax.tree.map(put, axes, batch, new, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def prefill_into_slots(model: Llama, params, state, sampling, prompts_bt, lengths_b, limits_b, seeds_b, stops,
+                       new_sampling, slots_b, *, cache_len: int, chunk: int):
+    """Prefill a group of requests (`programs.prefill` with one seed each, `new_sampling` their
+    settings [g]) and write their rows and settings into `state` and `sampling` at `slots_b`
+    (int32 [g]; a slot past the last one drops a padding row).
+
+    Returns (state, sampling, first tokens int32 [g], whether each row is already done bool [g],
+    the first tokens' logprobs [g], top ids [g, k], top logprobs [g, k]).
+    """
+    new, first_b, logits_bv = programs.prefill(model, params, prompts_bt, lengths_b, limits_b, seeds_b, stops,
+                                               sampling=new_sampling, cache_len=cache_len, keep_logits=True,
+                                               chunk=chunk)
+    state = insert_rows(programs.state_axes(model.config), state, new, slots_b)
+    row_axes = RowSampling(("batch",), ("batch",), ("batch",))
+    sampling = insert_rows(row_axes, sampling, new_sampling, slots_b)
+    return (state, sampling, first_b, new["done"], *token_logprobs(logits_bv, first_b))
+
+
+def decode_slots(model: Llama, params, state, sampling, stops, cancel_b, *, steps: int):
+    """`steps` decode steps of every slot (rows in `cancel_b`, bool [b], stop first).
+
+    Returns (state, tokens int32 [steps, b] with NO_TOKEN where a row made none, their
+    logprobs [steps, b], top ids [steps, b, k], top logprobs [steps, b, k]).
+    """
+    state = {**state, "done": state["done"] | cancel_b}
+
+    def one(st, _):
+        live_b = ~st["done"]
+        st, next_b, logits_bv = programs.decode_step(model, params, st, stops, sampling=sampling)
+        return st, (jnp.where(live_b, next_b, NO_TOKEN), *token_logprobs(logits_bv, next_b))
+
+    state, (tokens_nb, chosen_nb, top_ids_nbk, top_lp_nbk) = jax.lax.scan(one, state, None, length=steps)
+    return state, tokens_nb, chosen_nb, top_ids_nbk, top_lp_nbk
+
+
+@dataclasses.dataclass(frozen=True)
+class SlotPrograms:
+    """The jitted programs of one `SlotShape` (see the module docstring for their arguments).
+
+    empty(): a batch state of finished rows; prefill: `prefill_into_slots` (state and sampling
+    donated); decode: `decode_slots` (state donated).
+    """
+
+    empty: Callable
+    prefill: Callable
+    decode: Callable
+
+
+def jit_slot_programs(model: Llama, shape: SlotShape, state_shardings, row_sharding, replicated,
+                      compiler_options: dict | None = None) -> SlotPrograms:
+    """`SlotPrograms` for `shape`, jitted with the batch state laid out as `state_shardings`
+    (the tree of `programs.state_axes(model.config)`'s shardings), per-row outputs (the slots'
+    sampling settings) as `row_sharding` and everything the host reads `replicated`.
+    Inputs keep the shardings they come with. `compiler_options`: XLA options (infer's, per
+    platform)."""
+    empty = functools.partial(programs.empty_state, model.config, shape.slots, shape.cache_len)
+    prefill = functools.partial(prefill_into_slots, model, cache_len=shape.cache_len, chunk=shape.chunk)
+    decode = functools.partial(decode_slots, model, steps=shape.steps)
+    return SlotPrograms(
+        # Made by a compiled program, so the entries are distinct buffers (each is donated).
+        empty=jax.jit(empty, out_shardings=state_shardings),
+        prefill=jax.jit(prefill, donate_argnames=("state", "sampling"),
+                        out_shardings=(state_shardings, row_sharding) + (replicated,) * 5,
+                        compiler_options=compiler_options),
+        decode=jax.jit(decode, donate_argnames=("state",), out_shardings=(state_shardings,) + (replicated,) * 4,
+                       compiler_options=compiler_options))

@@ -1,0 +1,85 @@
+"""A run's train step, built in one place: what `train.loop.train` runs,
+`train.compile` compiles ahead of time and bench/train_throughput.py times.
+
+`build_train_step(run, placement, teacher)` makes, from the run config, the
+optimizer and learning-rate schedule, the objective (cross-entropy, DPO or
+distillation: train/objectives/run.py), the state's abstract shapes and
+shardings (with DPO's frozen reference or the distillation teacher riding in
+`TrainState.reference`), one global batch's abstract shapes, and the step
+jitted with the state donated and every input's sharding explicit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from llama_jax.params import abstract_params
+from llama_jax.vision.image import image_shapes
+from sharding.place import Placement, abstract_arrays
+from train.config import RunConfig
+from train.objectives.objective import Objective
+from train.objectives.run import batch_row_keys, reference_shardings, run_objective
+from train.optimizer import learning_rate_schedule, make_optimizer
+from train.step import BATCH_KEYS, TrainState, abstract_state, batch_shardings, jit_train_step, make_train_step
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainProgram:
+    """One run's jitted step and what it is built from.
+
+    step: `train_step(state, batch) -> (state, metrics)`, jitted, the state donated.
+    optimizer: the optax transformation whose state `TrainState.opt_state` holds.
+    objective: what the step minimises (an evaluator of the same objective shares it).
+    shardings: the state's shardings, a TrainState of NamedShardings (`reference`:
+      the fixed model's, {} when the objective has none).
+    state: the state as sharded `jax.ShapeDtypeStruct`s, reference included.
+    batch: one global batch as sharded `jax.ShapeDtypeStruct`s: what
+      `Placement.global_batch` makes of the run's data.
+    """
+
+    step: Callable
+    optimizer: optax.GradientTransformation
+    objective: Objective
+    shardings: TrainState
+    state: TrainState
+    batch: dict[str, Any]
+
+
+def build_train_step(run: RunConfig, placement: Placement, teacher: Placement | None = None) -> TrainProgram:
+    """The run's train step on `placement` (the run's model on its layout).
+
+    teacher: the distillation teacher's placement (train.objectives.run.teacher_placement,
+    on the same devices); None for other objectives. Nothing is allocated or compiled.
+    """
+    optimizer = make_optimizer(run.optimizer, run.steps)
+    schedule = learning_rate_schedule(run.optimizer, run.steps)
+    state, shardings = abstract_state(placement, optimizer)
+    fixed = reference_shardings(run, shardings.params, teacher)
+    if fixed:
+        shardings = shardings.replace(reference=fixed)
+        state = state.replace(reference=abstract_arrays(abstract_params((teacher or placement).config), fixed))
+    objective = run_objective(run, teacher)
+    row_keys = batch_row_keys(run)
+    step = jit_train_step(make_train_step(run.model, optimizer, schedule, shardings.params, run.grad_accum,
+                                          objective=objective),
+                          placement, shardings, row_keys=row_keys)
+    batch = abstract_batch(placement, run.data.global_batch, run.data.seq_len, row_keys)
+    return TrainProgram(step, optimizer, objective, shardings, state, batch)
+
+
+def abstract_batch(placement: Placement, rows: int, seq_len: int, row_keys: tuple[str, ...] = ()) -> dict:
+    """A batch of `rows` rows as `jax.ShapeDtypeStruct`s on train.step's `batch_shardings`:
+    the token arrays int32 [rows, seq_len] (loss_weights float32), the `row_keys` float32
+    [rows], and a vision model's "images" (llama_jax.vision.image.image_shapes)."""
+    shapes = {key: jax.ShapeDtypeStruct((rows, seq_len), jnp.float32 if key == "loss_weights" else jnp.int32)
+              for key in BATCH_KEYS}
+    shapes.update({key: jax.ShapeDtypeStruct((rows,), jnp.float32) for key in row_keys})
+    if placement.config.vision is not None:
+        shapes["images"] = {name: jax.ShapeDtypeStruct(shape, dtype)
+                            for name, (shape, dtype) in image_shapes(placement.config.vision, rows).items()}
+    return abstract_arrays(shapes, batch_shardings(placement, row_keys))
