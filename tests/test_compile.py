@@ -177,11 +177,11 @@ def _training_primitives(placement) -> set[str]:
 
     from llama_jax import Llama
     from llama_jax.params import abstract_params
+    from sharding.place import abstract_arrays
 
     params, tokens = abstract_params(TINY_SPLASH), jax.ShapeDtypeStruct((8, 256), jnp.int32)
     if placement is not None:
-        params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                              params, placement.param_shardings())
+        params = abstract_arrays(params, placement.param_shardings())
         tokens = jax.ShapeDtypeStruct(tokens.shape, tokens.dtype,
                                       sharding=placement.sharding("batch", "length"))
 

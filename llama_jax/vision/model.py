@@ -39,7 +39,7 @@ import jax.numpy as jnp
 
 from llama_jax.config import ModelConfig
 from llama_jax.model.llama import (Cache, DecoderLayer, FeedForward, Linear, Llama, RMSNorm, attention_inputs,
-                             remat_layer)
+                                   remat_layer)
 from llama_jax.vision.encoder import ImageEncoder
 from llama_jax.vision.layers import attend_masked, gate
 

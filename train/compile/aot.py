@@ -16,9 +16,30 @@ infer.batcher serves them with.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import time
 
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
+
+from llama_jax.config import ConfigError
+from llama_jax.decoding import programs
+from llama_jax.decoding.buckets import prompt_shape
+from llama_jax.decoding.programs import PREFILL_CHUNK
+from llama_jax.decoding.sampling import RowSampling, Sampling
+from llama_jax.decoding.slots import PREFILL_BATCH, SLOTS, STEPS_PER_CALL, jit_slot_programs, slot_shape
+from llama_jax.params import abstract_params, model_for
+from llama_jax.vision.image import image_shapes
+from sharding.comms import parse_collectives
+from sharding.comms_estimate import estimate_step, summary
+from sharding.layout import load_layout
+from sharding.place import Placement, abstract_arrays, validate
+from sharding.topology import CHIP_HBM_BYTES, CHIP_PEAK_FLOPS, chip_info, layout_for_slices
+from train.objectives.run import teacher_placement
 from train.program import build_train_step
+from train.tracking.metrics import flops_per_token
 
 SERVE_PROGRAMS = ("serve_prefill", "serve_decode")  # infer.serve's programs (the run config's "serve")
 
@@ -26,7 +47,6 @@ SERVE_PROGRAMS = ("serve_prefill", "serve_decode")  # infer.serve's programs (th
 @dataclasses.dataclass
 class CompileResult:
     """One compile's figures; bytes and FLOPs are per chip unless named otherwise."""
-
     program: str                  # "train", "prefill", "decode" or one of SERVE_PROGRAMS
     topology: str
     slices: int
@@ -65,7 +85,6 @@ class CompileResult:
 
     def to_dict(self) -> dict:
         """JSON-ready; the collectives grouped by kind and mesh axes (sharding.comms_estimate.summary)."""
-        from sharding.comms_estimate import summary
 
         collectives = None if self.collectives is None else summary(self.collectives)
         return (dataclasses.asdict(dataclasses.replace(self, collectives=None))
@@ -73,11 +92,6 @@ class CompileResult:
 
 
 # --- building the programs -------------------------------------------------------------
-
-
-def _abstract(tree, shardings):
-    import jax
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
 
 
 def train_program(run, placement, teacher=None):
@@ -100,14 +114,8 @@ def decode_program(config, placement, batch: int, cache_len: int):
     A vision model's state also holds its images' cached keys and values
     (`vision.max_images` per row), which every step reads.
     """
-    import functools
 
-    import jax
-    import jax.numpy as jnp
 
-    from llama_jax.decoding import programs
-    from llama_jax.params import model_for
-    from llama_jax.decoding.sampling import Sampling
 
     config = config.replace(remat="none")  # nothing is differentiated
     with_images = config.vision is not None
@@ -117,8 +125,8 @@ def decode_program(config, placement, batch: int, cache_len: int):
                    donate_argnums=1,
                    in_shardings=(placement.param_shardings(config), state_shardings, replicated),
                    out_shardings=(state_shardings, replicated, replicated))
-    state = _abstract(jax.eval_shape(lambda: programs.empty_state(config, batch, cache_len, with_images)),
-                      state_shardings)
+    state = abstract_arrays(jax.eval_shape(lambda: programs.empty_state(config, batch, cache_len, with_images)),
+                            state_shardings)
     stops = jax.ShapeDtypeStruct((1,), jnp.int32, sharding=replicated)
     return step, (_abstract_params(config, placement), state, stops)
 
@@ -130,14 +138,8 @@ def prefill_program(config, placement, batch: int, prompt_len: int, cache_len: i
     once) into a cache of `cache_len`, with `vision.max_images` full-size images per row for a
     vision model (encoder, projector and every cross-attention layer's keys and values, made
     once here)."""
-    import functools
 
-    import jax
-    import jax.numpy as jnp
 
-    from llama_jax.decoding import programs
-    from llama_jax.params import model_for
-    from llama_jax.decoding.sampling import Sampling
 
     config = config.replace(remat="none")
     replicated = _replicated(placement)
@@ -171,16 +173,7 @@ def serve_program(config, placement, program: str, *, slots: int | None = None, 
     (None: the longest prompt a request may have), into the slots. Layers are scanned, as infer's
     Engine runs them on TPU. ConfigError or ValueError (one line) for shapes the server refuses.
     """
-    import jax
-    import jax.numpy as jnp
 
-    from llama_jax.config import ConfigError
-    from llama_jax.decoding import programs
-    from llama_jax.decoding.buckets import prompt_shape
-    from llama_jax.decoding.programs import PREFILL_CHUNK
-    from llama_jax.decoding.sampling import RowSampling
-    from llama_jax.decoding.slots import PREFILL_BATCH, SLOTS, STEPS_PER_CALL, jit_slot_programs, slot_shape
-    from llama_jax.params import model_for
 
     context = context or config.max_seq_len
     if not 2 <= context <= config.max_seq_len:
@@ -198,8 +191,8 @@ def serve_program(config, placement, program: str, *, slots: int | None = None, 
     replicated, row = _replicated(placement), placement.sharding("batch")
     state_shardings = placement.tree_shardings(programs.state_axes(config))
     jitted = jit_slot_programs(model_for(config), shape, state_shardings, row, replicated)
-    state = _abstract(jax.eval_shape(lambda: programs.empty_state(config, shape.slots, shape.cache_len)),
-                      state_shardings)
+    state = abstract_arrays(jax.eval_shape(lambda: programs.empty_state(config, shape.slots, shape.cache_len)),
+                            state_shardings)
 
     def rows(n: int, dtype=jnp.int32):
         return jax.ShapeDtypeStruct((n,), dtype, sharding=row)
@@ -220,24 +213,20 @@ def serve_program(config, placement, program: str, *, slots: int | None = None, 
 
 def _abstract_images(placement, rows: int):
     """A vision model's `images` for `rows` rows as sharded `jax.ShapeDtypeStruct`s (split on batch)."""
-    import jax
 
-    from llama_jax.vision.image import image_shapes
 
     return {name: jax.ShapeDtypeStruct(shape, dtype, sharding=placement.sharding("batch"))
             for name, (shape, dtype) in image_shapes(placement.config.vision, rows).items()}
 
 
 def _replicated(placement):
-    from jax.sharding import NamedSharding, PartitionSpec
 
     return NamedSharding(placement.mesh, PartitionSpec())
 
 
 def _abstract_params(config, placement):
-    from llama_jax.params import abstract_params
 
-    return _abstract(abstract_params(config), placement.param_shardings(config))
+    return abstract_arrays(abstract_params(config), placement.param_shardings(config))
 
 
 # --- compiling ---------------------------------------------------------------------------
@@ -245,9 +234,7 @@ def _abstract_params(config, placement):
 
 def _chip_bytes(tree, device) -> int:
     """Bytes of `device`'s shards of a tree of abstract sharded arrays."""
-    import math
 
-    import jax
 
     total = 0
     for leaf in jax.tree.leaves(tree):
@@ -302,12 +289,6 @@ def compile_run(run, devices, *, topology: str = "", slices: int = 1, program: s
     LayoutError/ConfigError for input that cannot be placed; an out-of-memory
     compile is a result with verdict "does not fit", not an exception.
     """
-    from sharding.layout import load_layout
-    from sharding.place import Placement, validate
-    from sharding.topology import chip_info, layout_for_slices
-    from sharding.topology import CHIP_HBM_BYTES, CHIP_PEAK_FLOPS
-    from train.tracking.metrics import flops_per_token
-
     info = chip_info(devices)
     layout = layout_for_slices(load_layout(run.layout, **run.mesh), slices)
     placement = Placement.create(run.model, layout, devices=devices)
@@ -320,10 +301,8 @@ def compile_run(run, devices, *, topology: str = "", slices: int = 1, program: s
     elif program == "train":
         batch, seq_len = run.data.global_batch, run.data.seq_len
         validate(run.model, layout, placement.mesh, batch=batch // run.grad_accum, seq_len=seq_len)
-        from train.objectives.run import teacher_placement
         step, args = train_program(run, placement, teacher_placement(run, layout, devices=devices))
     else:
-        from llama_jax.config import ConfigError
 
         batch = decode_batch or run.data.global_batch
         seq_len = cache_len or run.data.seq_len
@@ -334,7 +313,6 @@ def compile_run(run, devices, *, topology: str = "", slices: int = 1, program: s
         if program == "decode":
             step, args = decode_program(run.model, placement, batch, seq_len)
         else:
-            from llama_jax.decoding.programs import PREFILL_CHUNK
 
             prompt_len = prompt_len or seq_len
             if prompt_len > seq_len:
@@ -382,8 +360,6 @@ def compile_run(run, devices, *, topology: str = "", slices: int = 1, program: s
         result.model_flops = per_step / len(devices)
         result.step_s_at_full_mfu = result.model_flops / (CHIP_PEAK_FLOPS[info.chip] / info.devices_per_chip)
     if comms:
-        from sharding.comms import parse_collectives
-        from sharding.comms_estimate import estimate_step
 
         result.collectives = parse_collectives(compiled.as_text(), placement.mesh)
         if program == "train":
