@@ -16,9 +16,9 @@ infer.batcher serves them with.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -94,6 +94,17 @@ class CompileResult:
 # --- building the programs -------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class Bound:
+    """A jitted function with its keyword arguments fixed: `lower(*args)` lowers it as jit's own."""
+
+    jitted: Callable
+    kwargs: dict
+
+    def lower(self, *args):
+        return self.jitted.lower(*args, **self.kwargs)
+
+
 def train_program(run, placement, teacher=None):
     """(jitted train_step, abstract sharded (state, batch)): the step `train.loop.train` runs,
     from the same builder (`train.program.build_train_step`): the run's objective
@@ -109,22 +120,17 @@ def decode_program(config, placement, batch: int, cache_len: int):
     (`infer.generate`; the HTTP server's programs are `serve_program`'s).
 
     The program is `llama_jax.decoding.programs.decode` (one step of its loop, greedy),
-    jitted with the state donated and sharded by the layout (batch on
-    data/fsdp, the KV cache's kv_heads on tensor), as infer's Engine jits it.
+    jitted by `programs.jit_programs` as infer's Engine jits it: the state donated and
+    sharded by the layout (batch on data/fsdp, the KV cache's kv_heads on tensor).
     A vision model's state also holds its images' cached keys and values
     (`vision.max_images` per row), which every step reads.
     """
-
-
-
     config = config.replace(remat="none")  # nothing is differentiated
     with_images = config.vision is not None
     replicated = _replicated(placement)
     state_shardings = placement.tree_shardings(programs.state_axes(config, with_images))
-    step = jax.jit(functools.partial(programs.decode, model_for(config), sampling=Sampling(), steps=1),
-                   donate_argnums=1,
-                   in_shardings=(placement.param_shardings(config), state_shardings, replicated),
-                   out_shardings=(state_shardings, replicated, replicated))
+    _, decode = programs.jit_programs(model_for(config), state_shardings, replicated)
+    step = Bound(decode, {"sampling": Sampling(), "steps": 1})
     state = abstract_arrays(jax.eval_shape(lambda: programs.empty_state(config, batch, cache_len, with_images)),
                             state_shardings)
     stops = jax.ShapeDtypeStruct((1,), jnp.int32, sharding=replicated)
@@ -138,25 +144,19 @@ def prefill_program(config, placement, batch: int, prompt_len: int, cache_len: i
     once) into a cache of `cache_len`, with `vision.max_images` full-size images per row for a
     vision model (encoder, projector and every cross-attention layer's keys and values, made
     once here)."""
-
-
-
     config = config.replace(remat="none")
     replicated = _replicated(placement)
     state_shardings = placement.tree_shardings(programs.state_axes(config, config.vision is not None))
-    fill = functools.partial(programs.prefill, model_for(config), sampling=Sampling(),
-                             cache_len=cache_len, chunk=chunk)
-    step = jax.jit(lambda params, prompts, lengths, limits, seed, stops, images: fill(
-        params, prompts, lengths, limits, seed, stops, images=images),
-                   out_shardings=(state_shardings, replicated, replicated))
+    prefill, _ = programs.jit_programs(model_for(config), state_shardings, replicated)
+    images = _abstract_images(placement, batch) if config.vision is not None else None
+    step = Bound(prefill, {"sampling": Sampling(), "cache_len": cache_len, "chunk": chunk, "images": images})
     row = placement.sharding("batch")
     inputs = (jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32, sharding=placement.sharding("batch", "length")),
               jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=row),
               jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=row),
               jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
               jax.ShapeDtypeStruct((1,), jnp.int32, sharding=replicated))
-    images = _abstract_images(placement, batch) if config.vision is not None else None
-    return step, (_abstract_params(config, placement), *inputs, images)
+    return step, (_abstract_params(config, placement), *inputs)
 
 
 def serve_program(config, placement, program: str, *, slots: int | None = None, context: int | None = None,
@@ -173,8 +173,6 @@ def serve_program(config, placement, program: str, *, slots: int | None = None, 
     (None: the longest prompt a request may have), into the slots. Layers are scanned, as infer's
     Engine runs them on TPU. ConfigError or ValueError (one line) for shapes the server refuses.
     """
-
-
     context = context or config.max_seq_len
     if not 2 <= context <= config.max_seq_len:
         raise ConfigError(f"--max-seq-len must be in [2, {config.max_seq_len}] (the model's context), got {context}")
@@ -213,19 +211,15 @@ def serve_program(config, placement, program: str, *, slots: int | None = None, 
 
 def _abstract_images(placement, rows: int):
     """A vision model's `images` for `rows` rows as sharded `jax.ShapeDtypeStruct`s (split on batch)."""
-
-
     return {name: jax.ShapeDtypeStruct(shape, dtype, sharding=placement.sharding("batch"))
             for name, (shape, dtype) in image_shapes(placement.config.vision, rows).items()}
 
 
 def _replicated(placement):
-
     return NamedSharding(placement.mesh, PartitionSpec())
 
 
 def _abstract_params(config, placement):
-
     return abstract_arrays(abstract_params(config), placement.param_shardings(config))
 
 
@@ -234,8 +228,6 @@ def _abstract_params(config, placement):
 
 def _chip_bytes(tree, device) -> int:
     """Bytes of `device`'s shards of a tree of abstract sharded arrays."""
-
-
     total = 0
     for leaf in jax.tree.leaves(tree):
         shard = leaf.sharding.shard_shape(leaf.shape)

@@ -31,6 +31,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
+from llama_jax.arith import round_up
+from llama_jax.decoding.buckets import length_multiple
 from llama_jax.model.llama import Llama
 from sharding.place import Placement
 from train.objectives.cross_entropy import chunked_sums
@@ -38,21 +40,11 @@ from train.objectives.cross_entropy import chunked_sums
 LOGITS_CHUNK = 256  # positions projected to the vocabulary at a time
 
 
-def round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
 def length_bucket(n: int, max_length: int, multiple: int = 1) -> int:
-    """Padded length of a row of `n` positions: a power of two from 16, at most
-    `max_length`, rounded up to `multiple` (what the layout's length axes divide)."""
+    """Padded length of a row of `n` positions: a power of two from 16 (all the way up, unlike
+    inference's prompt buckets: an evaluation's lengths vary widely, so fewer shapes beat
+    less padding), at most `max_length`, rounded up to `multiple` (buckets.length_multiple)."""
     return round_up(min(max(16, 1 << (n - 1).bit_length()), max_length), multiple)
-
-
-def length_multiple(placement: Placement) -> int:
-    """What a row's length must divide by: context parallelism gives every length shard
-    an early and a late half (llama_jax/model/context_parallel.py)."""
-    shards = placement.shards_along("length")
-    return 2 * shards if shards > 1 else 1
 
 
 def score_batch(model: Llama, chunk: int, params, tokens_bt, targets_bt, weights_bt):
@@ -82,7 +74,7 @@ class Scorer:
                  chunk: int = LOGITS_CHUNK):
         self.placement = placement
         self.rows = round_up(rows, placement.shards_along("batch"))
-        self.multiple = length_multiple(placement)
+        self.multiple = length_multiple(placement.shards_along("length"))
         self.max_length = max_length
         replicated = NamedSharding(placement.mesh, PartitionSpec())
         self._score = jax.jit(functools.partial(score_batch, model, chunk),
