@@ -245,11 +245,12 @@ def _submit(service: Service, ids: list[int], settings):
     status); returns (the batcher's Requests, the asyncio queue their (choice, event) pairs
     arrive on)."""
     from infer import openai_api as api
-    from infer.batcher import Request
+    from infer.batcher import Request, WorkerFailed
 
     batcher = service.batcher
+    failed = api.ApiError(503, "the generation worker failed; restart the server", kind="server_error")
     if batcher.error is not None:
-        raise api.ApiError(503, "the generation worker failed; restart the server", kind="server_error")
+        raise failed
     if batcher.load()["waiting"] + settings.n > service.max_waiting:
         raise api.ApiError(429, "too many requests are waiting; retry later", kind="rate_limit_error")
     loop, queue = asyncio.get_running_loop(), asyncio.Queue()
@@ -263,9 +264,11 @@ def _submit(service: Service, ids: list[int], settings):
     try:
         for request in requests:
             batcher.submit(request)
-    except RuntimeError:
+    except RuntimeError as err:  # WorkerFailed: it failed since the check above
         for request in requests:
             request.cancelled = True
+        if isinstance(err, WorkerFailed):
+            raise failed from None
         raise api.ApiError(503, "the server is shutting down", kind="server_error") from None
     return requests, queue
 
