@@ -197,7 +197,8 @@ def _call_made(i: int, j: int, call: ToolCallMade) -> ToolCall:
 
 def chat_tools(request: ChatRequest) -> tuple[list[dict] | None, frozenset[str] | None]:
     """(the function definitions to offer in the prompt or None, the names a reply may call or
-    None when replies are plain text) for a chat request's `tools` and `tool_choice`."""
+    None when replies are plain text) for a chat request's `tools` and `tool_choice`. Replies are
+    read as calls only when tools were offered (then `<|python_tag|>` code is one too)."""
     if request.tool_choice not in (None, "auto", "none"):
         raise ApiError(400, f"tool_choice {request.tool_choice!r} is not supported; use 'auto' or 'none' "
                        "(Llama picks its calls itself)"[:300], "tool_choice")
@@ -209,6 +210,6 @@ def chat_tools(request: ChatRequest) -> tuple[list[dict] | None, frozenset[str] 
             raise ApiError(400, f"tools.{i}: a tool must be {{'type': 'function', 'function': {{'name': "
                            "a-z, A-Z, 0-9, _ or - (at most 64), 'description': str, 'parameters': JSON schema}}",
                            f"tools.{i}")
-    if request.tool_choice == "none":
+    if request.tool_choice == "none" or not request.tools:  # no tools offered: replies are text, whatever they say
         return None, None
-    return request.tools or None, tool_names(request.tools or [])
+    return request.tools, tool_names(request.tools)
