@@ -370,9 +370,16 @@ def test_logprobs_equal_log_softmax_of_generate_logits(client, reference):
     got = answer.choices[0].logprobs
     n = len(expected.tokens)
     np.testing.assert_allclose(got.token_logprobs[:n], logprobs_nv[np.arange(n), expected.tokens], atol=1e-5)
+
+    def key(i):  # a token's text; a lone byte of a UTF-8 character is "bytes:\\xNN", as OpenAI writes it
+        raw = tokenizer.token_bytes(i)
+        try:
+            return raw.decode()
+        except UnicodeDecodeError:
+            return "bytes:" + raw.decode("utf-8", "backslashreplace")
+
     for step in range(n):
-        top = [(tokenizer.decode([i]), logprobs_nv[step, i]) for i in np.argsort(-logprobs_nv[step])[:3]]
-        # Keyed by text: ids with the same text (lone bytes of a UTF-8 character, "\ufffd") share one key.
+        top = [(key(i), logprobs_nv[step, i]) for i in np.argsort(-logprobs_nv[step])[:3]]
         assert set(got.top_logprobs[step]) == {text for text, _ in top}
         for text, logprob in got.top_logprobs[step].items():
             assert any(text == t and abs(logprob - lp) <= 1e-5 for t, lp in top)

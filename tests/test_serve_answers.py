@@ -5,8 +5,9 @@ behind them (`infer.openai_api`). A tiny Llama 3 style tokenizer trained here.""
 import pytest
 
 from infer.events import Finished, Token
-from infer.openai_api import ChatRequest, CompletionRequest, check_sampled, chat_tools
+from infer.openai_api import ChatRequest, CompletionRequest, Settings, check_sampled, chat_tools
 from infer.responses import Choice
+from llama_jax.decoding.sampling import Sampling
 from llama_jax.text.tokenizer import load_tokenizer
 from llama_jax.text.tokenizer_training import train_bpe
 
@@ -44,3 +45,47 @@ def test_a_chat_that_offers_no_tools_never_answers_with_tool_calls(tokenizer):
     result = choice.result()
     assert result["finish_reason"] == "stop" and "tool_calls" not in result["message"]
     assert result["message"]["content"].endswith("print(1)")
+
+
+def logprob_settings(logprobs: int = 1, **fields) -> Settings:
+    return Settings(16, Sampling(), None, fields.pop("stops", ()), logprobs, **fields)
+
+
+def test_logprobs_give_each_tokens_own_bytes_for_part_of_a_character(tokenizer):
+    ids = tokenizer.encode("☃")  # in no training text: three byte tokens
+    assert [tokenizer.token_bytes(i) for i in ids] == [b"\xe2", b"\x98", b"\x83"]
+    chat_choice = Choice(0, True, tokenizer, logprob_settings(), "call_1")
+    replay(chat_choice, ids, "length")
+    content = chat_choice.result()["logprobs"]["content"]
+    assert [e["bytes"] for e in content] == [[0xE2], [0x98], [0x83]]
+    assert [e["top_logprobs"][0]["bytes"] for e in content] == [[0xE2], [0x98], [0x83]]
+    assert bytes(b for e in content for b in e["bytes"]).decode() == "☃" == chat_choice.result()["message"]["content"]
+    assert [e["token"] for e in content] == ["\\xe2", "\\x98", "\\x83"]  # the bytes, escaped: not U+FFFD
+    text_choice = Choice(0, False, tokenizer, logprob_settings(), "call_1")
+    replay(text_choice, ids, "length")
+    logprobs = text_choice.result()["logprobs"]
+    assert logprobs["tokens"] == ["bytes:\\xe2", "bytes:\\x98", "bytes:\\x83"]  # OpenAI's form for such tokens
+    assert [list(top) for top in logprobs["top_logprobs"]] == [["bytes:\\xe2"], ["bytes:\\x98"], ["bytes:\\x83"]]
+    whole = tokenizer.encode("The llama")  # whole characters: tokens are their text
+    text_choice = Choice(0, False, tokenizer, logprob_settings(), "call_1")
+    replay(text_choice, whole, "length")
+    assert text_choice.result()["logprobs"]["tokens"] == [tokenizer.decode([i]) for i in whole]
+
+
+def streamed_offsets(chunks: list[dict]) -> list[int]:
+    return [at for chunk in chunks if chunk["logprobs"] for at in chunk["logprobs"]["text_offset"]]
+
+
+def test_text_offsets_streamed_equal_the_whole_answers_after_held_back_stop_text(tokenizer):
+    ids = [tokenizer.encode(c)[0] for c in "aXbc"]  # "X" is held back: it may begin the stop string "XY"
+    streamed = Choice(0, False, tokenizer, logprob_settings(stops=("XY",)), "call_1")
+    chunks = replay(streamed, ids, "length")
+    assert "".join(c["text"] for c in chunks) == "aXbc"
+    assert streamed.result()["logprobs"]["text_offset"] == [0, 1, 2, 3]
+    assert streamed_offsets(chunks) == [0, 1, 2, 3]
+    # A character in three byte tokens starts where its first byte does; the next token after it.
+    snowman = tokenizer.encode("a☃") + tokenizer.encode("b")
+    streamed = Choice(0, False, tokenizer, logprob_settings(stops=("XY",)), "call_1")
+    chunks = replay(streamed, snowman, "length")
+    assert streamed.result()["text"] == "a☃b"
+    assert streamed.result()["logprobs"]["text_offset"] == streamed_offsets(chunks) == [0, 1, 1, 1, 2]

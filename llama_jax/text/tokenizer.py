@@ -109,6 +109,19 @@ class Tokenizer(abc.ABC):
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
         return self._decode(ids)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for, as the model sees them (logprobs report these).
+
+        A token holding part of a character (a byte-level token, SentencePiece's
+        `<0xE2>` byte piece) gives its raw bytes, where decoding it alone gives
+        U+FFFD; a special token gives its string's UTF-8; SentencePiece's word
+        mark `▁` is a space. ValueError for an id outside the vocabulary.
+        """
+        token_id = int(token_id)
+        if not 0 <= token_id < self.vocab_size:
+            raise ValueError(f"token id {token_id} is outside the vocabulary [0, {self.vocab_size})")
+        return self._token_bytes(token_id)
+
     @abc.abstractmethod
     def token_id(self, piece: str) -> int:
         """The id of a special token given its string, e.g. "<|eot_id|>"; ValueError if unknown."""
@@ -118,6 +131,9 @@ class Tokenizer(abc.ABC):
 
     @abc.abstractmethod
     def _decode(self, ids: list[int]) -> str: ...
+
+    @abc.abstractmethod
+    def _token_bytes(self, token_id: int) -> bytes: ...
 
     def __repr__(self) -> str:
         name = type(self).__name__
@@ -175,6 +191,9 @@ class SentencePieceTokenizer(Tokenizer):
             out.append(self._sp.decode(run))
         return "".join(out)
 
+    def _token_bytes(self, token_id: int) -> bytes:
+        return _piece_bytes(self._sp.id_to_piece(token_id), self._sp.is_byte(token_id))
+
 
 class TiktokenTokenizer(Tokenizer):
     """Llama 3.x byte-level BPE: regular ranks plus Meta's 256 special tokens."""
@@ -226,6 +245,9 @@ class TiktokenTokenizer(Tokenizer):
 
     def _decode(self, ids: list[int]) -> str:
         return self._enc.decode(ids, errors="replace")
+
+    def _token_bytes(self, token_id: int) -> bytes:
+        return self._enc.decode_single_token_bytes(token_id)
 
 
 def _split_long_text(text: str) -> Iterable[str]:
@@ -294,6 +316,11 @@ class HFTokenizer(Tokenizer):
             stops |= {self._specials[s] for s in _LLAMA3_STOPS if s in self._specials}
         self.stop_ids = frozenset(stops)
         self._meta_names = self._meta_names_of_reserved_ids() if llama3 else {}
+        self._added = {i: tok.content for i, tok in added.items()}
+        # Byte-level files (Llama 3's) spell each byte as one of GPT-2's 256 characters;
+        # SentencePiece-style files (Llama 2's) have `▁` for a space and <0xNN> byte pieces.
+        self._byte_level = _has_byte_level(json.loads(self._tok.to_str()).get("decoder"))
+        self._char_bytes = byte_level_chars() if self._byte_level else {}
 
     def _meta_names_of_reserved_ids(self) -> dict[str, int]:
         """Meta's names (reserved ones aside) for ids this file calls reserved.
@@ -326,6 +353,37 @@ class HFTokenizer(Tokenizer):
 
     def _decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=False)
+
+    def _token_bytes(self, token_id: int) -> bytes:
+        if token_id in self._added:
+            return self._added[token_id].encode()
+        token = self._tok.id_to_token(token_id) or ""
+        if self._byte_level:
+            return bytes(self._char_bytes[c] for c in token)
+        return _piece_bytes(token, re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token) is not None)
+
+
+def _has_byte_level(decoder) -> bool:
+    """Whether a tokenizer.json decoder (a dict, maybe a Sequence of them) decodes byte-level tokens."""
+    if not isinstance(decoder, dict):
+        return False
+    return decoder.get("type") == "ByteLevel" or any(_has_byte_level(d) for d in decoder.get("decoders") or [])
+
+
+def _piece_bytes(piece: str, is_byte: bool) -> bytes:
+    """A SentencePiece piece's bytes: a byte piece `<0xE2>` is that byte, `▁` a space."""
+    if is_byte:
+        return bytes([int(piece[3:5], 16)])
+    return piece.replace("\u2581", " ").encode()
+
+
+def byte_level_chars() -> dict[str, int]:
+    """GPT-2's byte-to-character table, inverted: each of the 256 characters a
+    byte-level token is spelt with, to its byte. Printable Latin-1 bytes stand
+    for themselves; the other 68 take the characters from U+0100 on, in byte order."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    shifted = (b for b in range(256) if b not in printable)
+    return {chr(b): b for b in printable} | {chr(256 + i): b for i, b in enumerate(shifted)}
 
 
 def _read_tokenizer_config(path: epath.Path) -> dict[str, str]:
