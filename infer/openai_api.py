@@ -45,6 +45,10 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
+class StreamOptions(BaseModel):
+    include_usage: bool = False  # a last chunk with the usage and no choices (others say usage null)
+
+
 class Sampled(BaseModel):
     """Fields shared by both endpoints. `top_k` is an extension (0 or -1: no top-k)."""
 
@@ -56,6 +60,7 @@ class Sampled(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool = False
+    stream_options: StreamOptions | None = None
     n: int = 1
 
 
@@ -111,6 +116,8 @@ def check_sampled(request: Sampled, prompt_tokens: int, context: int, default_ma
                   logprobs: int | None, max_choices: int, tool_names: frozenset[str] | None = None) -> Settings:
     """`Settings` for a request whose prompt has `prompt_tokens` tokens, or ApiError (400).
     `max_choices`: the most choices one request may ask for (the server's decode slots)."""
+    if request.stream_options is not None and not request.stream:
+        raise ApiError(400, "stream_options is only allowed when stream is true", "stream_options")
     if not 1 <= request.n <= max_choices:
         raise ApiError(400, f"n must be in [1, {max_choices}] (each choice takes one of this server's "
                        f"{max_choices} decode slots, --max-batch), got {request.n}", "n")

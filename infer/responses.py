@@ -49,6 +49,7 @@ class Choice:
         # a whole answer), and of those whose logprobs no chunk has carried yet
         self.tokens: list[tuple[Token, int]] = []
         self.pending: list[tuple[Token, int]] = []
+        self.role_sent = False  # chat streams: the role goes in a choice's first delta only
 
     def add(self, event: Token | Finished) -> list[dict]:
         """The chunk choices to stream for the next event (none once the choice has ended)."""
@@ -95,9 +96,11 @@ class Choice:
         logprobs = self._logprobs(tokens)
         if not self.chat:
             return {"index": self.index, "text": text, "logprobs": logprobs, "finish_reason": finish}
-        delta = {"role": "assistant", "content": text}
+        delta = {"content": text}
         if self.call is not None:
-            delta = {"role": "assistant", "content": None, "tool_calls": [{"index": 0, **self._tool_call()}]}
+            delta = {"content": None, "tool_calls": [{"index": 0, **self._tool_call()}]}
+        if not self.role_sent:
+            delta, self.role_sent = {"role": "assistant", **delta}, True
         return {"index": self.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
 
     def _tool_call(self) -> dict:

@@ -208,7 +208,7 @@ def create_app(service: Service):
             if bad:
                 raise api.ApiError(400, f"prompt: token id {bad[0]} is outside the vocabulary", "prompt")
         settings = api.check_sampled(body, len(ids), service.context, 16, logprobs, service.batcher.slots)
-        return await _respond(service, ids, settings, body.stream, "text_completion", "cmpl")
+        return await _respond(service, ids, settings, body, "text_completion", "cmpl")
 
     @app.post("/v1/chat/completions")
     async def chat(body: api.ChatRequest):
@@ -223,9 +223,9 @@ def create_app(service: Service):
             raise api.ApiError(400, str(err), "messages") from None
         names = names if service.tokenizer.generation == "llama3" else None  # Llama 2 makes no calls
         settings = api.check_sampled(body, len(ids), service.context, None, logprobs, service.batcher.slots, names)
-        return await _respond(service, ids, settings, body.stream, "chat.completion", "chatcmpl")
+        return await _respond(service, ids, settings, body, "chat.completion", "chatcmpl")
 
-    async def _respond(service, ids, settings, stream, kind, prefix):
+    async def _respond(service, ids, settings, body, kind, prefix):
         from infer.responses import Choice, new_id
 
         requests, queue = _submit(service, ids, settings)
@@ -233,8 +233,10 @@ def create_app(service: Service):
                    for i in range(settings.n)]
         events = _chunks(requests, queue, choices)
         head = {"id": new_id(prefix), "object": kind, "created": int(time.time()), "model": service.model_name}
-        if stream:
-            return StreamingResponse(_stream(events, choices, head, len(ids)), media_type="text/event-stream")
+        if body.stream:
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            return StreamingResponse(_stream(events, choices, head, len(ids), include_usage),
+                                     media_type="text/event-stream")
         return await _collect(events, choices, head, len(ids))
 
     return _Guard(app, service)
@@ -304,20 +306,24 @@ async def _collect(chunks, choices, head, prompt_tokens):
             "usage": usage(prompt_tokens, sum(choice.generated for choice in choices))}
 
 
-async def _stream(chunks, choices, head, prompt_tokens):
-    """Server-sent events: one chunk per chunk choice, then one with `usage` and no choices, then [DONE]."""
+async def _stream(chunks, choices, head, prompt_tokens, include_usage: bool):
+    """Server-sent events: one chunk per chunk choice, then, if `include_usage` (OpenAI's
+    stream_options), one with `usage` and no choices (the others carry usage null), then [DONE]."""
     from infer import openai_api as api
     from infer.responses import usage
 
     head = {**head, "object": head["object"] + ".chunk" if head["object"].startswith("chat") else head["object"]}
+    if include_usage:
+        head["usage"] = None
     try:
         async with contextlib.aclosing(chunks):  # a client that leaves closes it: its requests are cancelled
             async for chunk in chunks:
                 yield f"data: {json.dumps({**head, 'choices': [chunk]})}\n\n"
     except api.ApiError as err:  # the status is sent already: report it in the stream
         yield f"data: {json.dumps(err.body())}\n\n"
-    tokens = usage(prompt_tokens, sum(choice.generated for choice in choices))
-    yield f"data: {json.dumps({**head, 'choices': [], 'usage': tokens})}\n\n"
+    if include_usage:
+        tokens = usage(prompt_tokens, sum(choice.generated for choice in choices))
+        yield f"data: {json.dumps({**head, 'choices': [], 'usage': tokens})}\n\n"
     yield "data: [DONE]\n\n"
 
 

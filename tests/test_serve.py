@@ -142,6 +142,30 @@ def test_a_greedy_chat_completion_equals_generate_streamed_and_not(client, refer
     assert stream_text(streamed) == (expected.text, expected.finish_reason)
 
 
+def test_the_openai_clients_plain_streaming_loop_reads_every_chunk(client, reference):
+    config, params, tokenizer = reference
+    expected = generate(params, tokenizer, [format_chat(tokenizer, CHAT)], max_new_tokens=24, config=config)[0]
+    stream = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=24, temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == expected.text
+    prompt = prompt_ids(12, 5)
+    whole = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0).choices[0].text
+    stream = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in stream) == whole
+    # Asked for, the usage comes last, in a chunk of no choices; the others say usage null.
+    chunks = list(client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=24, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and all(c.usage is None for c in chunks[:-1])
+    assert chunks[-1].usage.completion_tokens == len(expected.tokens) + (expected.finish_reason == "stop")
+    roles = [c.choices[0].delta.role for c in chunks[:-1]]
+    assert len(roles) > 1 and roles[0] == "assistant" and not any(roles[1:])  # the role in the first delta only
+
+
+def test_stream_options_without_stream_get_400(server):
+    answer = post(server, "/v1/chat/completions", {"model": MODEL, "messages": CHAT,
+                                                   "stream_options": {"include_usage": True}})
+    assert answer.status_code == 400 and "stream_options" in answer.json()["error"]["message"]
+
+
 def test_a_tool_result_is_the_ipython_turn_of_llama_3_1(client, reference):
     config, params, tokenizer = reference
     call = [*CHAT, {"role": "tool", "content": "{\"capital\": \"Oslo\"}"}]
@@ -276,7 +300,7 @@ def test_n_greedy_chat_choices_are_equal_and_usage_sums_them(client, reference):
     assert answer.usage.completion_tokens == 2 * (len(expected.tokens) + (expected.finish_reason == "stop"))
     texts, finishes, usage = {0: "", 1: ""}, {}, None
     for chunk in client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=24, temperature=0, n=2,
-                                                stream=True):
+                                                stream=True, stream_options={"include_usage": True}):
         usage = chunk.usage or usage
         for choice in chunk.choices:
             texts[choice.index] += choice.delta.content or ""
