@@ -62,6 +62,7 @@ class Sampled(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = 1
+    skip_special_tokens: bool = True  # vLLM's name: False keeps special tokens' text (<|eot_id|>) in the answer
 
 
 class CompletionRequest(Sampled):
@@ -110,6 +111,7 @@ class Settings:
     logprobs: int | None  # alternatives per token to report; None: no logprobs
     n: int = 1  # choices, each its own decode slot and seed (`choice_seed`)
     tool_names: frozenset[str] | None = None  # chat: functions a reply may call; None: replies are text
+    skip_special_tokens: bool = True  # leave special tokens' text out of the answer (their logprobs stay)
 
 
 def check_sampled(request: Sampled, prompt_tokens: int, context: int, default_max_tokens: int | None,
@@ -151,7 +153,8 @@ def check_sampled(request: Sampled, prompt_tokens: int, context: int, default_ma
     top_k = request.top_k if request.top_k and request.top_k > 0 else None
     top_p = request.top_p if request.top_p < 1.0 else None
     sampling = Sampling(request.temperature, top_k, top_p)
-    return Settings(max_tokens, sampling, request.seed, tuple(stops), logprobs, request.n, tool_names)
+    return Settings(max_tokens, sampling, request.seed, tuple(stops), logprobs, request.n, tool_names,
+                    request.skip_special_tokens)
 
 
 def choice_seed(seed: int, index: int) -> int:

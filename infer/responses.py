@@ -39,8 +39,12 @@ class Choice:
 
     def __init__(self, index: int, chat: bool, tokenizer: Tokenizer, settings: Settings, call_id: str):
         self.index, self.chat, self.tokenizer, self.settings, self.call_id = index, chat, tokenizer, settings, call_id
-        self.text = TextStream(tokenizer, tokenizer.stop_ids, settings.stops)
         self.calls = ToolCallText(settings.tool_names) if chat and settings.tool_names is not None else None
+        hidden = frozenset()
+        if settings.skip_special_tokens:  # but a tool call's <|python_tag|> is read as one
+            kept = {tokenizer.token_id(PYTHON_TAG)} if self.calls is not None else set()
+            hidden = tokenizer.special_ids - kept
+        self.text = TextStream(tokenizer, tokenizer.stop_ids, settings.stops, hidden)
         self.finish: str | None = None
         self.generated = 0
         self.call: ToolCall | None = None
@@ -149,20 +153,22 @@ class ToolCallText:
 class TextStream:
     """A request's text as its tokens arrive: `add` returns text safe to send, `finish` the rest.
 
-    Stop tokens (`stop_ids`) add no text. After a stop string matched, `stopped` is True and
+    Stop tokens (`stop_ids`) and `hidden` ones (special tokens, unless a request keeps them)
+    add no text. After a stop string matched, `stopped` is True and
     the text ends before it. `decoded`: characters decoded so far, sent or held back (where the
     next token's text starts; a character split over tokens starts at its first one).
     """
 
-    def __init__(self, tokenizer: Tokenizer, stop_ids, stops: tuple[str, ...]):
-        self.tokenizer, self.stop_ids, self.stops = tokenizer, frozenset(stop_ids), stops
+    def __init__(self, tokenizer: Tokenizer, stop_ids, stops: tuple[str, ...], hidden=frozenset()):
+        self.tokenizer, self.stops = tokenizer, stops
+        self.silent = frozenset(stop_ids) | frozenset(hidden)  # ids that add no text
         self.decoder = StreamDecoder(tokenizer)
         self.pending = ""  # decoded, not yet sent: it may begin a stop string
         self.stopped = False
         self.decoded = 0
 
     def add(self, token: Token) -> str:
-        if self.stopped or token.id in self.stop_ids or token.id >= self.tokenizer.vocab_size:
+        if self.stopped or token.id in self.silent or token.id >= self.tokenizer.vocab_size:
             return ""
         return self._release(self.decoder.feed(token.id))
 

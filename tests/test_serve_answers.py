@@ -89,3 +89,28 @@ def test_text_offsets_streamed_equal_the_whole_answers_after_held_back_stop_text
     chunks = replay(streamed, snowman, "length")
     assert streamed.result()["text"] == "a☃b"
     assert streamed.result()["logprobs"]["text_offset"] == streamed_offsets(chunks) == [0, 1, 1, 1, 2]
+
+
+def test_special_tokens_are_left_out_of_the_text_unless_the_request_keeps_them(tokenizer):
+    header = tokenizer.token_id("<|start_header_id|>")
+    ids = tokenizer.encode("The") + [header] + tokenizer.encode(" llama")
+    for body in (CompletionRequest(model="m", prompt="x", logprobs=0), chat(logprobs=True)):
+        settings = check_sampled(body, 3, 64, 16, 0, 1)
+        choice = Choice(0, isinstance(body, ChatRequest), tokenizer, settings, "call_1")
+        chunks = replay(choice, ids, "length")
+        result = choice.result()
+        text = result["message"]["content"] if choice.chat else result["text"]
+        assert text == "The llama" == "".join(c["delta"]["content"] if choice.chat else c["text"] for c in chunks)
+        if not choice.chat:  # the token is still reported, where it stood
+            assert "<|start_header_id|>" in result["logprobs"]["tokens"]
+            at = ids.index(header)
+            assert result["logprobs"]["text_offset"][at:at + 2] == [3, 3]
+    kept = check_sampled(CompletionRequest(model="m", prompt="x", skip_special_tokens=False), 3, 64, 16, None, 1)
+    choice = Choice(0, False, tokenizer, kept, "call_1")
+    replay(choice, ids, "length")
+    assert choice.result()["text"] == "The<|start_header_id|> llama"
+    # A chat without tools: <|python_tag|> is a special token like any other.
+    no_tools = check_sampled(chat(), 5, 64, None, None, 1, chat_tools(chat())[1])
+    choice = Choice(0, True, tokenizer, no_tools, "call_1")
+    replay(choice, [tokenizer.token_id("<|python_tag|>")] + tokenizer.encode("print(1)"))
+    assert choice.result()["message"]["content"] == "print(1)"

@@ -255,6 +255,13 @@ def test_decode_rejects_ids_outside_the_vocabulary(any_tokenizer):
         any_tokenizer.decode([0, any_tokenizer.vocab_size])
 
 
+
+def test_special_ids_are_the_control_tokens_and_no_text_token(any_tokenizer):
+    tok = any_tokenizer
+    special = _special_string(tok)
+    assert {tok.bos_id, tok.eos_id, tok.token_id(special)} <= tok.special_ids
+    assert not tok.special_ids & set(tok.encode(SAMPLES["english"] + special))  # as plain text
+
 SNOWMAN = "snow ☃ costs 12,50 €"  # ☃ is in no training text: byte tokens, or SentencePiece's byte pieces
 
 

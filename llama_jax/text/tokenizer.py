@@ -77,6 +77,8 @@ class Tokenizer(abc.ABC):
       vocab_size: number of ids, special tokens included.
       bos_id, eos_id: begin/end of text; pad_id: an id for padding, or None.
       stop_ids: frozenset of ids that end generation.
+      special_ids: frozenset of the special (control) tokens' ids: BOS, EOS, chat headers,
+        reserved ones; what a server leaves out of returned text by default.
     """
 
     generation: str
@@ -85,6 +87,7 @@ class Tokenizer(abc.ABC):
     eos_id: int
     pad_id: int | None
     stop_ids: frozenset[int]
+    special_ids: frozenset[int]
 
     def encode(
         self, text: str, bos: bool = False, eos: bool = False, allow_special: bool = False
@@ -157,6 +160,7 @@ class SentencePieceTokenizer(Tokenizer):
         self._specials = {
             processor.id_to_piece(i): i for i in range(self.vocab_size) if processor.is_control(i)
         }
+        self.special_ids = frozenset(self._specials.values())
         longest_first = sorted(self._specials, key=len, reverse=True)
         self._special_re = re.compile("(" + "|".join(map(re.escape, longest_first)) + ")")
 
@@ -221,6 +225,7 @@ class TiktokenTokenizer(Tokenizer):
         # Llama 3.1 names this token for padding fine-tuning batches.
         self.pad_id = self._specials["<|finetune_right_pad_id|>"]
         self.stop_ids = frozenset(self._specials[s] for s in _LLAMA3_STOPS)
+        self.special_ids = frozenset(self._specials.values())
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> TiktokenTokenizer:
@@ -317,6 +322,7 @@ class HFTokenizer(Tokenizer):
         self.stop_ids = frozenset(stops)
         self._meta_names = self._meta_names_of_reserved_ids() if llama3 else {}
         self._added = {i: tok.content for i, tok in added.items()}
+        self.special_ids = frozenset(self._specials.values())
         # Byte-level files (Llama 3's) spell each byte as one of GPT-2's 256 characters;
         # SentencePiece-style files (Llama 2's) have `▁` for a space and <0xNN> byte pieces.
         self._byte_level = _has_byte_level(json.loads(self._tok.to_str()).get("decoder"))
