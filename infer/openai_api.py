@@ -63,6 +63,7 @@ class Sampled(BaseModel):
     stream_options: StreamOptions | None = None
     n: int = 1
     skip_special_tokens: bool = True  # vLLM's name: False keeps special tokens' text (<|eot_id|>) in the answer
+    response_format: dict | None = None  # only {"type": "text"}: anything else is refused, never ignored
 
 
 class CompletionRequest(Sampled):
@@ -118,6 +119,10 @@ def check_sampled(request: Sampled, prompt_tokens: int, context: int, default_ma
                   logprobs: int | None, max_choices: int, tool_names: frozenset[str] | None = None) -> Settings:
     """`Settings` for a request whose prompt has `prompt_tokens` tokens, or ApiError (400).
     `max_choices`: the most choices one request may ask for (the server's decode slots)."""
+    if request.response_format is not None and request.response_format.get("type") != "text":
+        kind = request.response_format.get("type")
+        raise ApiError(400, f"response_format {kind!r} is not supported: this server writes free text only "
+                       "(no JSON mode or schema); leave it out or send {'type': 'text'}"[:300], "response_format")
     if request.stream_options is not None and not request.stream:
         raise ApiError(400, "stream_options is only allowed when stream is true", "stream_options")
     if not 1 <= request.n <= max_choices:
@@ -183,11 +188,11 @@ def chat_logprobs(request: ChatRequest) -> int | None:
 
 def chat_messages(request: ChatRequest) -> list[dict]:
     """The messages as `llama_jax.text.chat.format_chat` takes them: OpenAI's `tool` role is Llama
-    3.1's `ipython` (a tool's output), content parts keep their text, an assistant's
-    `tool_calls` become `ToolCall`s."""
+    3.1's `ipython` (a tool's output), its `developer` role (instructions, o1 on) the system
+    prompt, content parts keep their text, an assistant's `tool_calls` become `ToolCall`s."""
     messages = []
     for i, message in enumerate(request.messages):
-        role = "ipython" if message.role == "tool" else message.role
+        role = {"tool": "ipython", "developer": "system"}.get(message.role, message.role)
         messages.append({"role": role, "content": message.content or ""})
         if message.tool_calls:
             messages[-1]["tool_calls"] = [_call_made(i, j, call) for j, call in enumerate(message.tool_calls)]

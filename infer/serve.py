@@ -8,7 +8,7 @@ Endpoints: POST /v1/completions, POST /v1/chat/completions (Llama 2 and 3.x
 chat formats; Llama 3.1 tool use: OpenAI's `tools` offered in Llama 3.1's
 layout, replies that call a function or run `<|python_tag|>` code answered
 as `tool_calls`, the `tool` role taken as Llama's `ipython`), GET /v1/models,
-GET /health. Streaming by server-sent events; `n` choices per request, each
+GET /v1/models/{name}, GET /health. Streaming by server-sent events; `n` choices per request, each
 in its own decode slot. Generation runs in `infer.batcher.Batcher`: this
 module is the thin FastAPI layer over it (checks in `infer.openai_api`, the
 answers' JSON in `infer.responses`).
@@ -186,10 +186,18 @@ def create_app(service: Service):
         body = {"status": "error" if failed else "ok", **service.batcher.load(), "compiles": service.compiles}
         return JSONResponse(body, status_code=503 if failed else 200)
 
+    def model_card():
+        return {"id": service.model_name, "object": "model", "created": 0, "owned_by": "llama-jax",
+                "max_model_len": service.context}
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": service.model_name, "object": "model", "created": 0,
-                                            "owned_by": "llama-jax", "max_model_len": service.context}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{name:path}")  # a name may hold "/", as Hugging Face's do
+    async def model(name: str):
+        _check_model(service, name)
+        return model_card()
 
     @app.post("/v1/completions")
     async def completions(body: api.CompletionRequest):

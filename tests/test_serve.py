@@ -471,6 +471,33 @@ def test_without_the_api_key_every_endpoint_but_health_answers_401(server):
     assert [m["id"] for m in models["data"]] == [MODEL]
 
 
+def test_models_retrieve_names_the_served_model_and_404s_any_other(client):
+    model = client.models.retrieve(MODEL)
+    assert (model.id, model.object, model.owned_by) == (MODEL, "model", "llama-jax")
+    with pytest.raises(openai.NotFoundError) as refused:
+        client.models.retrieve("gpt-4")
+    error = refused.value.response.json()["error"]
+    assert error["code"] == "model_not_found" and "'gpt-4' is not served here" in error["message"]
+
+
+def test_a_developer_message_is_the_system_prompt(client, reference):
+    tokenizer = reference[2]
+    developer = [{"role": "developer", "content": CHAT[0]["content"]}, CHAT[1]]
+    answer = client.chat.completions.create(model=MODEL, messages=developer, max_tokens=1)
+    assert answer.usage.prompt_tokens == len(format_chat(tokenizer, CHAT))
+
+
+def test_a_response_format_other_than_text_is_refused_not_ignored(server):
+    for endpoint, body in (("/v1/chat/completions", {"messages": CHAT}), ("/v1/completions", {"prompt": "hi"})):
+        for kind in ("json_object", "json_schema"):
+            answer = post(server, endpoint, {"model": MODEL, "max_tokens": 1, **body, "response_format": {"type": kind}})
+            assert answer.status_code == 400, answer.text
+            error = answer.json()["error"]
+            assert error["param"] == "response_format" and f"response_format {kind!r}" in error["message"]
+        text = post(server, endpoint, {"model": MODEL, "max_tokens": 1, **body, "response_format": {"type": "text"}})
+        assert text.status_code == 200, text.text
+
+
 def test_an_oversized_body_gets_413(server):
     answer = post(server, "/v1/completions", {"model": MODEL, "prompt": "llama " * 20000})
     assert answer.status_code == 413 and "over 65536 bytes" in answer.json()["error"]["message"]
