@@ -133,13 +133,25 @@ class Batcher:
             self._waiting.append(request)
             self._wake.notify()
 
-    def stop(self, timeout: float | None = None) -> None:
-        """Take no more requests; finish the queued and running ones, then end the worker."""
+    def stop(self, timeout: float | None = None, cancel: bool = False) -> None:
+        """Take no more requests; finish the queued and running ones (with `cancel`, end them as
+        `cancel_all` does), then end the worker (waiting at most `timeout` seconds for it)."""
+        if cancel:
+            self.cancel_all()
         with self._wake:
             self._stopping = True
             self._wake.notify()
         if self._thread.is_alive():
             self._thread.join(timeout)
+
+    def cancel_all(self) -> None:
+        """Cancel every queued and running request (without waiting): each ends with
+        `Finished("cancelled")` at the worker's next step."""
+        with self._wake:
+            for request in [*self._waiting, *self._running]:
+                if request is not None:
+                    request.cancelled = True
+            self._wake.notify()
 
     def load(self) -> dict:
         """Slots in use, requests waiting, decode calls and cancelled requests so far (for /health)."""
