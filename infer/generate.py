@@ -36,7 +36,7 @@ from llama_jax.config import ModelConfig
 from llama_jax.paths import user_path
 from llama_jax.formats.safetensors_io import CheckpointFileError
 from llama_jax.text.stream_decoder import StreamDecoder
-from llama_jax.text.tokenizer import Tokenizer, load_tokenizer
+from llama_jax.text.tokenizer import Tokenizer, load_tokenizer, tokenizer_beside
 from sharding.layout import Layout
 
 
@@ -204,9 +204,9 @@ def _engine(config: ModelConfig, layout: str | Layout | None) -> Engine:
 
 
 def _find_tokenizer(path: epath.Path) -> epath.Path:
-    for directory in (path, path.parent):
-        if any((directory / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
-            return directory
+    directory = tokenizer_beside(path)
+    if directory is not None:
+        return directory
     raise CheckpointFileError(f"{path}: no tokenizer.json or tokenizer.model here or in the parent "
                               "directory (pass the tokenizer's path)")
 

@@ -117,10 +117,12 @@ def _main(argv):
 
 
 def _tokenizer_near(directory):
-    """The tokenizer file or directory beside a checkpoint (it or one of its two parents)."""
-    for candidate in (directory, directory.parent, directory.parent.parent):
-        if any((candidate / name).exists() for name in ("tokenizer.json", "tokenizer.model")):
-            return str(candidate)
+    """The tokenizer directory beside a checkpoint (it or one of its two parents)."""
+    from llama_jax.text.tokenizer import tokenizer_beside
+
+    found = tokenizer_beside(directory, up=2)
+    if found is not None:
+        return str(found)
     raise ValueError(f"{directory}: no tokenizer.json or tokenizer.model beside it (pass --tokenizer)")
 
 

@@ -410,6 +410,20 @@ def _read_tokenizer_config(path: epath.Path) -> dict[str, str]:
     return out
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # what `load_tokenizer` looks for in a directory
+
+
+def tokenizer_beside(path: str | os.PathLike, up: int = 1) -> epath.Path | None:
+    """The directory holding a tokenizer file (`TOKENIZER_FILES`) that is `path` itself or one of
+    its `up` parents, nearest first (a tokenizer saved with a checkpoint or run); None if none is."""
+    directory = user_path(path)
+    for _ in range(up + 1):
+        if any((directory / name).is_file() for name in TOKENIZER_FILES):
+            return directory
+        directory = directory.parent
+    return None
+
+
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """Load a tokenizer from a file or a directory holding one.
 
@@ -422,7 +436,7 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     path = user_path(path)
     check_bucket(path)
     if path.is_dir():
-        found = [path / n for n in ("tokenizer.json", "tokenizer.model") if (path / n).is_file()]
+        found = [path / n for n in TOKENIZER_FILES if (path / n).is_file()]
         if not found:
             raise ValueError(f"{path}: directory holds no tokenizer.json or tokenizer.model")
         path = found[0]
