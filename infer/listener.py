@@ -155,20 +155,15 @@ class Guard:
             return await _send(send, ApiError(400, "Content-Length is not a number"))
         if length is not None and int(length) > limit:
             return await _send(send, ApiError(413, f"the request body is over {limit} bytes"))
-        body, more = b"", True
         try:
-            async with asyncio.timeout(self.body_timeout):
-                while more:
-                    message = await receive()
-                    if message["type"] != "http.request":
-                        return  # the client left
-                    body += message.get("body", b"")
-                    more = message.get("more_body", False)
-                    if len(body) > limit:
-                        return await _send(send, ApiError(413, f"the request body is over {limit} bytes"))
-        except TimeoutError:
+            body = await asyncio.wait_for(self._body(receive), self.body_timeout)
+        except asyncio.TimeoutError:
             late = ApiError(408, f"the request body did not arrive within {self.body_timeout:g} s (--body-timeout)")
             return await _send(send, late, close=True)
+        if isinstance(body, ApiError):
+            return await _send(send, body)
+        if body is None:
+            return  # the client left
         replayed = False
 
         async def replay():
@@ -179,6 +174,19 @@ class Guard:
             return {"type": "http.request", "body": body, "more_body": False}
 
         return await self.app(scope, replay, send)
+
+    async def _body(self, receive) -> bytes | ApiError | None:
+        """The whole body; ApiError (413) past the size bound; None if the client left."""
+        body, more = b"", True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return None
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_body_bytes:
+                return ApiError(413, f"the request body is over {self.max_body_bytes} bytes")
+        return body
 
 
 def _refusal(err: ApiError) -> bytes:

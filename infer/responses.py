@@ -6,8 +6,10 @@ A request has `n` choices, each generated in its own decode slot. A
 the whole choice (`result`), so a streamed answer and a whole one are the
 same text, logprobs and finish reason:
 
-- `TextStream` decodes the tokens, drops stop tokens and cuts the text at
-  the first stop string;
+- `TextStream` decodes the tokens, drops stop tokens (and special tokens,
+  unless the request keeps them) and cuts the text at the first stop string;
+- logprobs carry each token's own bytes (`Tokenizer.token_bytes`) and where
+  its text starts in the answer, the same streamed or whole;
 - in a chat whose replies may be tool calls (`Settings.tool_names`),
   `ToolCallText` holds the text back while it may still be a call (it
   begins with `<|python_tag|>`, or with "{" when functions are offered)
@@ -202,7 +204,7 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def piece(tokenizer: Tokenizer, token_id: int) -> bytes:
+def raw_bytes(tokenizer: Tokenizer, token_id: int) -> bytes:
     """A token's own bytes (`Tokenizer.token_bytes`); none for an id past the tokenizer's vocabulary."""
     return tokenizer.token_bytes(token_id) if token_id < tokenizer.vocab_size else b""
 
@@ -220,7 +222,7 @@ def chat_logprob_entries(tokenizer: Tokenizer, tokens: list[Token], top: int) ->
     """Chat's `logprobs`: {"content": [{token, logprob, bytes, top_logprobs: [...]}]}; `bytes`
     are the token's own bytes, `token` its text or, for part of a character, "\\xe2"-escaped bytes."""
     def entry(token_id, logprob):
-        raw = piece(tokenizer, token_id)
+        raw = raw_bytes(tokenizer, token_id)
         return {"token": token_string(raw), "logprob": logprob, "bytes": list(raw)}
 
     return {"content": [{**entry(t.id, t.logprob),
@@ -233,7 +235,7 @@ def completion_logprob_entries(tokenizer: Tokenizer, tokens: list[Token], top: i
     text_offset (where each token's text starts in the answer's text). A token that is part of
     a character is written as OpenAI writes it, "bytes:\\xe2\\x82"."""
     def text(token_id):
-        return token_string(piece(tokenizer, token_id), "bytes:")
+        return token_string(raw_bytes(tokenizer, token_id), "bytes:")
 
     return {"tokens": [text(t.id) for t in tokens], "token_logprobs": [t.logprob for t in tokens],
             "top_logprobs": [{text(i): lp for i, lp in zip(t.top_ids[:top], t.top_logprobs[:top])} for t in tokens],
