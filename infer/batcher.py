@@ -19,6 +19,11 @@ arrays, `llama_jax.decoding.sampling.RowSampling`), so traffic never recompiles 
 row that stops (a stop token, its token limit, a cancel) frees its slot for
 the next admission at once.
 
+If the worker fails (an exception in a compiled call), every request it holds,
+waiting or in a slot (mid-prefill included), ends with `Finished("error")`, and
+`submit` refuses new ones (`WorkerFailed`): the failure and the refusal are
+decided under the same lock, so no request can slip in between and wait forever.
+
 Both programs are `llama_jax.decoding.slots`' pure functions, jitted by the
 engine (`Engine.slot_programs`) exactly as `train.compile --serve` jits them
 for its ahead-of-time HBM verdict; this module is the host's side: the
@@ -44,6 +49,7 @@ the moment it leaves the queue until its `Finished`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 from collections import deque
@@ -55,6 +61,10 @@ from infer.engine import Engine
 from infer.events import Finished, Token
 from llama_jax.decoding.sampling import RowSampling, Sampling
 from llama_jax.decoding.slots import PREFILL_BATCH, STEPS_PER_CALL
+
+
+class WorkerFailed(RuntimeError):
+    """The worker thread failed (`Batcher.error`): the batcher takes no more requests."""
 
 
 @dataclasses.dataclass(eq=False)
@@ -110,23 +120,38 @@ class Batcher:
         self._thread.start()
 
     def submit(self, request: Request) -> None:
-        """Queue a request (its prompt plus max_tokens must fit `cache_len`, checked by the caller)."""
+        """Queue a request (its prompt plus max_tokens must fit `cache_len`, checked by the caller).
+        WorkerFailed once the worker has failed, RuntimeError once the batcher is stopping."""
         if len(request.prompt) + request.max_tokens > self.cache_len:
             raise ValueError(f"prompt of {len(request.prompt)} tokens plus max_tokens {request.max_tokens} "
                              f"is over the {self.cache_len} positions of a slot")
         with self._wake:
+            if self.error is not None:
+                raise WorkerFailed(f"the generation worker failed ({type(self.error).__name__}: {self.error})")
             if self._stopping:
                 raise RuntimeError("the batcher is stopping")
             self._waiting.append(request)
             self._wake.notify()
 
-    def stop(self, timeout: float | None = None) -> None:
-        """Take no more requests; finish the queued and running ones, then end the worker."""
+    def stop(self, timeout: float | None = None, cancel: bool = False) -> None:
+        """Take no more requests; finish the queued and running ones (with `cancel`, end them as
+        `cancel_all` does), then end the worker (waiting at most `timeout` seconds for it)."""
+        if cancel:
+            self.cancel_all()
         with self._wake:
             self._stopping = True
             self._wake.notify()
         if self._thread.is_alive():
             self._thread.join(timeout)
+
+    def cancel_all(self) -> None:
+        """Cancel every queued and running request (without waiting): each ends with
+        `Finished("cancelled")` at the worker's next step."""
+        with self._wake:
+            for request in [*self._waiting, *self._running]:
+                if request is not None:
+                    request.cancelled = True
+            self._wake.notify()
 
     def load(self) -> dict:
         """Slots in use, requests waiting, decode calls and cancelled requests so far (for /health)."""
@@ -190,9 +215,14 @@ class Batcher:
                 if any(self._running):
                     self._decode()
         except BaseException as err:  # the server reports it and answers 500 from then on
-            self.error = err
-            for request in list(self._waiting) + [r for r in self._running if r is not None]:
-                request.emit(Finished("error"))
+            with self._wake:  # from here `submit` refuses: no request joins after this snapshot
+                self.error = err
+                ended = list(self._waiting) + [r for r in self._running if r is not None]
+                self._waiting.clear()
+                self._running = [None] * self.slots
+            for request in ended:
+                with contextlib.suppress(Exception):  # one failing emit must not leave the others waiting
+                    request.emit(Finished("error"))
             raise
 
     def _claim(self, admitted: list[tuple[Request, int]]) -> None:

@@ -45,6 +45,10 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
+class StreamOptions(BaseModel):
+    include_usage: bool = False  # a last chunk with the usage and no choices (others say usage null)
+
+
 class Sampled(BaseModel):
     """Fields shared by both endpoints. `top_k` is an extension (0 or -1: no top-k)."""
 
@@ -56,7 +60,10 @@ class Sampled(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool = False
+    stream_options: StreamOptions | None = None
     n: int = 1
+    skip_special_tokens: bool = True  # vLLM's name: False keeps special tokens' text (<|eot_id|>) in the answer
+    response_format: dict | None = None  # only {"type": "text"}: anything else is refused, never ignored
 
 
 class CompletionRequest(Sampled):
@@ -105,12 +112,19 @@ class Settings:
     logprobs: int | None  # alternatives per token to report; None: no logprobs
     n: int = 1  # choices, each its own decode slot and seed (`choice_seed`)
     tool_names: frozenset[str] | None = None  # chat: functions a reply may call; None: replies are text
+    skip_special_tokens: bool = True  # leave special tokens' text out of the answer (their logprobs stay)
 
 
 def check_sampled(request: Sampled, prompt_tokens: int, context: int, default_max_tokens: int | None,
                   logprobs: int | None, max_choices: int, tool_names: frozenset[str] | None = None) -> Settings:
     """`Settings` for a request whose prompt has `prompt_tokens` tokens, or ApiError (400).
     `max_choices`: the most choices one request may ask for (the server's decode slots)."""
+    if request.response_format is not None and request.response_format.get("type") != "text":
+        kind = request.response_format.get("type")
+        raise ApiError(400, f"response_format {kind!r} is not supported: this server writes free text only "
+                       "(no JSON mode or schema); leave it out or send {'type': 'text'}"[:300], "response_format")
+    if request.stream_options is not None and not request.stream:
+        raise ApiError(400, "stream_options is only allowed when stream is true", "stream_options")
     if not 1 <= request.n <= max_choices:
         raise ApiError(400, f"n must be in [1, {max_choices}] (each choice takes one of this server's "
                        f"{max_choices} decode slots, --max-batch), got {request.n}", "n")
@@ -144,7 +158,8 @@ def check_sampled(request: Sampled, prompt_tokens: int, context: int, default_ma
     top_k = request.top_k if request.top_k and request.top_k > 0 else None
     top_p = request.top_p if request.top_p < 1.0 else None
     sampling = Sampling(request.temperature, top_k, top_p)
-    return Settings(max_tokens, sampling, request.seed, tuple(stops), logprobs, request.n, tool_names)
+    return Settings(max_tokens, sampling, request.seed, tuple(stops), logprobs, request.n, tool_names,
+                    request.skip_special_tokens)
 
 
 def choice_seed(seed: int, index: int) -> int:
@@ -173,11 +188,11 @@ def chat_logprobs(request: ChatRequest) -> int | None:
 
 def chat_messages(request: ChatRequest) -> list[dict]:
     """The messages as `llama_jax.text.chat.format_chat` takes them: OpenAI's `tool` role is Llama
-    3.1's `ipython` (a tool's output), content parts keep their text, an assistant's
-    `tool_calls` become `ToolCall`s."""
+    3.1's `ipython` (a tool's output), its `developer` role (instructions, o1 on) the system
+    prompt, content parts keep their text, an assistant's `tool_calls` become `ToolCall`s."""
     messages = []
     for i, message in enumerate(request.messages):
-        role = "ipython" if message.role == "tool" else message.role
+        role = {"tool": "ipython", "developer": "system"}.get(message.role, message.role)
         messages.append({"role": role, "content": message.content or ""})
         if message.tool_calls:
             messages[-1]["tool_calls"] = [_call_made(i, j, call) for j, call in enumerate(message.tool_calls)]
@@ -197,7 +212,8 @@ def _call_made(i: int, j: int, call: ToolCallMade) -> ToolCall:
 
 def chat_tools(request: ChatRequest) -> tuple[list[dict] | None, frozenset[str] | None]:
     """(the function definitions to offer in the prompt or None, the names a reply may call or
-    None when replies are plain text) for a chat request's `tools` and `tool_choice`."""
+    None when replies are plain text) for a chat request's `tools` and `tool_choice`. Replies are
+    read as calls only when tools were offered (then `<|python_tag|>` code is one too)."""
     if request.tool_choice not in (None, "auto", "none"):
         raise ApiError(400, f"tool_choice {request.tool_choice!r} is not supported; use 'auto' or 'none' "
                        "(Llama picks its calls itself)"[:300], "tool_choice")
@@ -209,6 +225,6 @@ def chat_tools(request: ChatRequest) -> tuple[list[dict] | None, frozenset[str] 
             raise ApiError(400, f"tools.{i}: a tool must be {{'type': 'function', 'function': {{'name': "
                            "a-z, A-Z, 0-9, _ or - (at most 64), 'description': str, 'parameters': JSON schema}}",
                            f"tools.{i}")
-    if request.tool_choice == "none":
+    if request.tool_choice == "none" or not request.tools:  # no tools offered: replies are text, whatever they say
         return None, None
-    return request.tools or None, tool_names(request.tools or [])
+    return request.tools, tool_names(request.tools)

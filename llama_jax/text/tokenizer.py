@@ -78,6 +78,8 @@ class Tokenizer(abc.ABC):
       vocab_size: number of ids, special tokens included.
       bos_id, eos_id: begin/end of text; pad_id: an id for padding, or None.
       stop_ids: frozenset of ids that end generation.
+      special_ids: frozenset of the special (control) tokens' ids: BOS, EOS, chat headers,
+        reserved ones; what a server leaves out of returned text by default.
     """
 
     generation: str
@@ -86,6 +88,7 @@ class Tokenizer(abc.ABC):
     eos_id: int
     pad_id: int | None
     stop_ids: frozenset[int]
+    special_ids: frozenset[int]
 
     def encode(
         self, text: str, bos: bool = False, eos: bool = False, allow_special: bool = False
@@ -110,6 +113,19 @@ class Tokenizer(abc.ABC):
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
         return self._decode(ids)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for, as the model sees them (logprobs report these).
+
+        A token holding part of a character (a byte-level token, SentencePiece's
+        `<0xE2>` byte piece) gives its raw bytes, where decoding it alone gives
+        U+FFFD; a special token gives its string's UTF-8; SentencePiece's word
+        mark `▁` is a space. ValueError for an id outside the vocabulary.
+        """
+        token_id = int(token_id)
+        if not 0 <= token_id < self.vocab_size:
+            raise ValueError(f"token id {token_id} is outside the vocabulary [0, {self.vocab_size})")
+        return self._token_bytes(token_id)
+
     @abc.abstractmethod
     def token_id(self, piece: str) -> int:
         """The id of a special token given its string, e.g. "<|eot_id|>"; ValueError if unknown."""
@@ -119,6 +135,9 @@ class Tokenizer(abc.ABC):
 
     @abc.abstractmethod
     def _decode(self, ids: list[int]) -> str: ...
+
+    @abc.abstractmethod
+    def _token_bytes(self, token_id: int) -> bytes: ...
 
     def __repr__(self) -> str:
         name = type(self).__name__
@@ -142,6 +161,7 @@ class SentencePieceTokenizer(Tokenizer):
         self._specials = {
             processor.id_to_piece(i): i for i in range(self.vocab_size) if processor.is_control(i)
         }
+        self.special_ids = frozenset(self._specials.values())
         longest_first = sorted(self._specials, key=len, reverse=True)
         self._special_re = re.compile("(" + "|".join(map(re.escape, longest_first)) + ")")
 
@@ -176,6 +196,9 @@ class SentencePieceTokenizer(Tokenizer):
             out.append(self._sp.decode(run))
         return "".join(out)
 
+    def _token_bytes(self, token_id: int) -> bytes:
+        return _piece_bytes(self._sp.id_to_piece(token_id), self._sp.is_byte(token_id))
+
 
 class TiktokenTokenizer(Tokenizer):
     """Llama 3.x byte-level BPE: regular ranks plus Meta's 256 special tokens."""
@@ -203,6 +226,7 @@ class TiktokenTokenizer(Tokenizer):
         # Llama 3.1 names this token for padding fine-tuning batches.
         self.pad_id = self._specials["<|finetune_right_pad_id|>"]
         self.stop_ids = frozenset(self._specials[s] for s in _LLAMA3_STOPS)
+        self.special_ids = frozenset(self._specials.values())
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> TiktokenTokenizer:
@@ -227,6 +251,9 @@ class TiktokenTokenizer(Tokenizer):
 
     def _decode(self, ids: list[int]) -> str:
         return self._enc.decode(ids, errors="replace")
+
+    def _token_bytes(self, token_id: int) -> bytes:
+        return self._enc.decode_single_token_bytes(token_id)
 
 
 def _split_long_text(text: str) -> Iterable[str]:
@@ -295,6 +322,12 @@ class HFTokenizer(Tokenizer):
             stops |= {self._specials[s] for s in _LLAMA3_STOPS if s in self._specials}
         self.stop_ids = frozenset(stops)
         self._meta_names = self._meta_names_of_reserved_ids() if llama3 else {}
+        self._added = {i: tok.content for i, tok in added.items()}
+        self.special_ids = frozenset(self._specials.values())
+        # Byte-level files (Llama 3's) spell each byte as one of GPT-2's 256 characters;
+        # SentencePiece-style files (Llama 2's) have `▁` for a space and <0xNN> byte pieces.
+        self._byte_level = _has_byte_level(json.loads(self._tok.to_str()).get("decoder"))
+        self._char_bytes = byte_level_chars() if self._byte_level else {}
 
     def _meta_names_of_reserved_ids(self) -> dict[str, int]:
         """Meta's names (reserved ones aside) for ids this file calls reserved.
@@ -328,6 +361,37 @@ class HFTokenizer(Tokenizer):
     def _decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=False)
 
+    def _token_bytes(self, token_id: int) -> bytes:
+        if token_id in self._added:
+            return self._added[token_id].encode()
+        token = self._tok.id_to_token(token_id) or ""
+        if self._byte_level:
+            return bytes(self._char_bytes[c] for c in token)
+        return _piece_bytes(token, re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token) is not None)
+
+
+def _has_byte_level(decoder) -> bool:
+    """Whether a tokenizer.json decoder (a dict, maybe a Sequence of them) decodes byte-level tokens."""
+    if not isinstance(decoder, dict):
+        return False
+    return decoder.get("type") == "ByteLevel" or any(_has_byte_level(d) for d in decoder.get("decoders") or [])
+
+
+def _piece_bytes(piece: str, is_byte: bool) -> bytes:
+    """A SentencePiece piece's bytes: a byte piece `<0xE2>` is that byte, `▁` a space."""
+    if is_byte:
+        return bytes([int(piece[3:5], 16)])
+    return piece.replace("\u2581", " ").encode()
+
+
+def byte_level_chars() -> dict[str, int]:
+    """GPT-2's byte-to-character table, inverted: each of the 256 characters a
+    byte-level token is spelt with, to its byte. Printable Latin-1 bytes stand
+    for themselves; the other 68 take the characters from U+0100 on, in byte order."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    shifted = (b for b in range(256) if b not in printable)
+    return {chr(b): b for b in printable} | {chr(256 + i): b for i, b in enumerate(shifted)}
+
 
 def _read_tokenizer_config(path: epath.Path) -> dict[str, str]:
     """bos/eos/pad token strings from a tokenizer_config.json, if it exists."""
@@ -347,6 +411,29 @@ def _read_tokenizer_config(path: epath.Path) -> dict[str, str]:
     return out
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # what `load_tokenizer` looks for in a directory
+
+
+def tokenizer_beside(path: str | os.PathLike, up: int = 1) -> epath.Path | None:
+    """The directory holding a tokenizer file (`TOKENIZER_FILES`) that is `path` itself or one of
+    its `up` parents, nearest first (a tokenizer saved with a checkpoint or run); None if none is."""
+    directory = user_path(path)
+    for _ in range(up + 1):
+        if any((directory / name).is_file() for name in TOKENIZER_FILES):
+            return directory
+        directory = directory.parent
+    return None
+
+
+def find_tokenizer(path: str | os.PathLike, up: int = 1) -> epath.Path:
+    """`tokenizer_beside(path, up)`, or ValueError (one line) asking for the tokenizer's path."""
+    found = tokenizer_beside(path, up)
+    if found is None:
+        where = "here or in the parent directory" if up == 1 else f"here or in its {up} parent directories"
+        raise ValueError(f"{path}: no tokenizer.json or tokenizer.model {where} (pass the tokenizer's path)")
+    return found
+
+
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """Load a tokenizer from a file or a directory holding one.
 
@@ -359,7 +446,7 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     path = user_path(path)
     check_bucket(path)
     if path.is_dir():
-        found = [path / n for n in ("tokenizer.json", "tokenizer.model") if (path / n).is_file()]
+        found = [path / n for n in TOKENIZER_FILES if (path / n).is_file()]
         if not found:
             raise ValueError(f"{path}: directory holds no tokenizer.json or tokenizer.model")
         path = found[0]

@@ -31,9 +31,9 @@ from lm_eval.api.registry import register_model
 
 from llama_jax.config import ConfigError
 from llama_jax.decoding.sampling import Sampling
-from llama_jax.formats.weights import find_tokenizer, load_params, resolve, stored_config
+from llama_jax.formats.weights import load_params, resolve, stored_config
 from llama_jax.params import model_for
-from llama_jax.text.tokenizer import load_tokenizer
+from llama_jax.text.tokenizer import find_tokenizer, load_tokenizer
 from sharding.layout import load_layout
 from sharding.place import Placement
 from train.lm_eval.generation import Generator
@@ -70,7 +70,7 @@ class LlamaJaxLM(TemplateLM):
             raise ConfigError(f"dtype: {dtype!r} is not one of bfloat16, float32")
         self.checkpoint = str(checkpoint)
         self.config = stored.replace(remat="none", **({"dtype": dtype, "param_dtype": dtype} if dtype else {}))
-        self.tokenizer = load_tokenizer(str(tokenizer) if tokenizer else find_tokenizer(resolve(self.checkpoint)[1], parents=2))
+        self.tokenizer = load_tokenizer(str(tokenizer) if tokenizer else find_tokenizer(resolve(self.checkpoint)[1], up=2))
         if self.tokenizer.vocab_size > self.config.vocab_size:
             raise ConfigError(f"tokenizer: {self.tokenizer.vocab_size} ids, more than the model's vocab_size "
                               f"{self.config.vocab_size} (a tokenizer of another model?)")
