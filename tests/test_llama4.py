@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from llama_jax import Llama
+from llama_jax import Llama, count_params, load_model_config
 from llama_jax.formats.hf import load_hf_params
 from tiny import LLAMA4_SHAPES, hf_llama4_model
 
@@ -31,3 +31,24 @@ def test_logits_match_transformers_llama4(shape, tmp_path):
     scale = np.abs(expected).max()
     assert scale > 1.0, "logits too small for the comparison to mean anything"
     np.testing.assert_allclose(np.asarray(logits) / scale, expected / scale, rtol=0, atol=TOLERANCE)
+
+
+# The published image encoder of both models (config.json vision_config) and its projector to
+# the text width: what the published totals count beside the text model.
+VISION = dict(hidden_size=1408, num_hidden_layers=34, num_attention_heads=16, intermediate_size=5632,
+              image_size=336, patch_size=14, pixel_shuffle_ratio=0.5, projector_input_dim=4096,
+              projector_output_dim=4096, vision_output_dim=4096)
+
+
+@pytest.mark.parametrize("name, published, figures", [("llama4_scout_17b_16e", 109, 3),
+                                                      ("llama4_maverick_17b_128e", 400, 2)])
+def test_text_model_plus_image_encoder_is_the_published_total(name, published, figures):
+    """Scout is published as 109B and Maverick as 400B (two figures: 401.6B) with their encoder."""
+    import transformers
+    from transformers.models.llama4.modeling_llama4 import Llama4VisionModel
+
+    config = load_model_config(name)
+    with torch.device("meta"):
+        encoder = Llama4VisionModel(transformers.Llama4VisionConfig(**VISION))
+    vision = sum(p.numel() for p in encoder.parameters()) + VISION["vision_output_dim"] * config.dim
+    assert float(f"{(count_params(config) + vision) / 1e9:.{figures}g}") == published
