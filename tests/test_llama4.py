@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from llama_jax import Llama, count_params, load_model_config
+from llama_jax.decoding import programs
+from llama_jax.decoding.sampling import Sampling
 from llama_jax.formats.hf import load_hf_params
-from tiny import LLAMA4_SHAPES, hf_llama4_model
+from tiny import LLAMA4_MAVERICK_LIKE, LLAMA4_SHAPES, hf_llama4_model
 
 TOLERANCE = 1e-4  # max |logit difference| relative to the largest logit, float32
 PROMPT = 128      # four chunks of 32 positions, temperature tuning past position 15
@@ -52,3 +54,41 @@ def test_text_model_plus_image_encoder_is_the_published_total(name, published, f
         encoder = Llama4VisionModel(transformers.Llama4VisionConfig(**VISION))
     vision = sum(p.numel() for p in encoder.parameters()) + VISION["vision_output_dim"] * config.dim
     assert float(f"{(count_params(config) + vision) / 1e9:.{figures}g}") == published
+
+
+@pytest.fixture(scope="module")
+def maverick_params(tmp_path_factory):
+    """Maverick-shaped weights with transformers' scale (large logits: argmax is not a near-tie)."""
+    directory = tmp_path_factory.mktemp("maverick")
+    hf_llama4_model(LLAMA4_MAVERICK_LIKE).save_pretrained(directory)
+    return load_hf_params(directory)[1]
+
+
+@pytest.mark.parametrize("prefill_chunk", [None, 8])
+def test_greedy_decode_across_chunk_boundaries_equals_the_full_forward(maverick_params, prefill_chunk):
+    """Ragged prompts of 21 and 9 tokens (padded to 24), then 50 greedy steps: both rows cross the
+    32-position chunk boundary (and the second also 64) while decoding. Every decoded token is the
+    full forward pass's argmax over prompt + decoded tokens, and its logits are that pass's."""
+    config, params = LLAMA4_MAVERICK_LIKE, maverick_params
+    model = Llama(config)
+    rng = np.random.default_rng(1)
+    lengths = np.array([21, 9], np.int32)
+    prompts = np.zeros((2, 24), np.int32)
+    for row, n in enumerate(lengths):
+        prompts[row, :n] = rng.integers(0, config.vocab_size, n)
+    steps = 50
+    stops = jnp.array([-1], jnp.int32)
+    state, first, first_logits = programs.prefill(
+        model, params, jnp.asarray(prompts), jnp.asarray(lengths), jnp.full((2,), steps + 1, jnp.int32), 0,
+        stops, sampling=Sampling(), cache_len=128, keep_logits=True, chunk=prefill_chunk)
+    _, tokens, logits = programs.decode(model, params, state, stops, sampling=Sampling(), steps=steps,
+                                        keep_logits=True)
+    generated = np.concatenate([np.asarray(first)[:, None], np.asarray(tokens)], axis=1)
+    decoded_logits = np.concatenate([np.asarray(first_logits)[:, None], np.asarray(logits)], axis=1)
+    for row, n in enumerate(lengths):
+        sequence = np.concatenate([prompts[row, :n], generated[row]])[None]
+        full, _ = model.apply({"params": params}, jnp.asarray(sequence))
+        full = np.asarray(full)[0, n - 1:n - 1 + steps + 1]
+        assert generated[row].tolist() == full.argmax(-1).tolist(), f"row {row}: greedy tokens differ"
+        scale = np.abs(full).max()
+        np.testing.assert_allclose(decoded_logits[row] / scale, full / scale, rtol=0, atol=TOLERANCE)
