@@ -92,3 +92,33 @@ def test_greedy_decode_across_chunk_boundaries_equals_the_full_forward(maverick_
         assert generated[row].tolist() == full.argmax(-1).tolist(), f"row {row}: greedy tokens differ"
         scale = np.abs(full).max()
         np.testing.assert_allclose(decoded_logits[row] / scale, full / scale, rtol=0, atol=TOLERANCE)
+
+
+def test_hugging_face_directory_round_trips_through_our_checkpoint(tmp_path):
+    """HF -> ours (unrolled layers too) -> our checkpoint -> HF: transformers loads the export and
+    computes the original's logits; every tensor comes back bit for bit."""
+    import transformers
+    from safetensors.numpy import load_file
+
+    from llama_jax.convert.ours_to_hf import export_hf
+    from llama_jax.formats.checkpoint import save_params
+
+    config = LLAMA4_SHAPES["scout"]
+    original = hf_llama4_model(config)
+    original.save_pretrained(tmp_path / "hf")
+    unrolled = config.replace(scan_layers=False)
+    _, params = load_hf_params(tmp_path / "hf", unrolled)
+    save_params(tmp_path / "ours", unrolled, params)
+    export_hf(tmp_path / "ours", tmp_path / "export", dtype="float32", show_progress=False)
+
+    before = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    after = {}
+    for path in (tmp_path / "export").glob("*.safetensors"):
+        after.update(load_file(str(path)))
+    assert sorted(after) == sorted(before)
+    for name, tensor in before.items():
+        np.testing.assert_array_equal(after[name], tensor, err_msg=name)
+    exported = transformers.Llama4ForCausalLM.from_pretrained(tmp_path / "export", attn_implementation="eager").eval()
+    tokens = torch.tensor(np.random.default_rng(2).integers(0, config.vocab_size, size=(1, 80)))
+    with torch.no_grad():
+        np.testing.assert_array_equal(exported(tokens).logits.numpy(), original(tokens).logits.numpy())
