@@ -52,12 +52,14 @@ from llama_jax.paths import user_path
 from llama_jax.text.tokenizer import load_tokenizer, tokenizer_beside
 from llama_jax.formats.mllama import preprocessor_config
 
+HALVES = ("gate_half", "up_half")  # kinds of two leaves HF keeps side by side in one tensor
 SAFETENSORS_DTYPES = {"bfloat16": ("BF16", ml_dtypes.bfloat16), "float32": ("F32", np.float32)}
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja", "chat_template.json")
 # BOS and the ids that end generation (EOS first) of the two tokenizer families
 # (REFERENCE.md), by vocabulary size, for exports without a tokenizer or flags.
-KNOWN_SPECIAL_IDS = {32000: (1, (2,)), 128256: (128000, (128001, 128008, 128009))}
+KNOWN_SPECIAL_IDS = {32000: (1, (2,)), 128256: (128000, (128001, 128008, 128009)),
+                     202048: (200000, (200001, 200007, 200008))}
 
 
 def export_hf(checkpoint_dir: str | os.PathLike, output: str | os.PathLike, dtype: str = "bfloat16",
@@ -128,9 +130,9 @@ def _tensor_plan(config, reader):
     by_place = lambda t: (order.get(t.path[0], 4), -1 if t.index is None else t.index)  # noqa: E731
     for t in sorted(hf_tensors(config), key=by_place):
         shape = _hf_shape(t.kind, tuple(reader.leaves[t.path].shape[0 if t.index is None else 1:]))
-        if plan and plan[-1][0] == t.name:  # the next block of rows of the same tensor
+        if plan and plan[-1][0] == t.name:  # the next block of rows (or half, HALVES) of the same tensor
             name, first, pieces = plan.pop()
-            shape = (first[0] + shape[0],) + first[1:]
+            shape = first[:-1] + (2 * first[-1],) if t.kind in HALVES else (first[0] + shape[0],) + first[1:]
             plan.append((name, shape, pieces + [(t.path, t.index, t.kind)]))
         else:
             plan.append((t.name, shape, [(t.path, t.index, t.kind)]))
@@ -138,13 +140,13 @@ def _tensor_plan(config, reader):
 
 
 def _hf_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-    if kind == "copy":
+    if kind in ("copy",) + HALVES:
         return shape
     if kind == "linear":
         return shape[::-1]
     if kind == "flat":
         return (shape[0], math.prod(shape[1:]))
-    if kind == "heads_out":   # [dim, heads, head_dim] -> [heads*head_dim, dim]
+    if kind in ("heads_out", "heads_out_pairs"):   # [dim, heads, head_dim] -> [heads*head_dim, dim]
         return (shape[1] * shape[2], shape[0])
     return (shape[2], shape[0] * shape[1])  # heads_in: [heads, head_dim, dim] -> [dim, heads*head_dim]
 
@@ -175,6 +177,15 @@ def _write_safetensors(path: epath.Path, tensors, tag: str, np_dtype, reader: Pa
         f.write(encoded)
         for name, shape, pieces in tensors:
             rows = 0
+            if pieces[0][2] in HALVES:  # Llama 4's experts.gate_up_proj: w1 and w3 side by side
+                halves = [to_hf(kind, reader.read(our_path, layer)) for our_path, layer, kind in pieces]
+                weight = as_contiguous(np.concatenate(halves, axis=-1), np_dtype)
+                if weight.shape != tuple(shape):
+                    raise ConvertError(f"{name}: checkpoint gives shape {weight.shape}, expected {tuple(shape)}")
+                f.write(weight.reshape(-1).view(np.uint8).data)
+                del weight, halves
+                bar.update(len(pieces))
+                continue
             for our_path, layer, kind in pieces:
                 weight = as_contiguous(to_hf(kind, reader.read(our_path, layer)), np_dtype)
                 rows += weight.shape[0]

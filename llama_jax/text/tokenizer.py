@@ -3,8 +3,9 @@
 Three file formats, one interface (`Tokenizer`):
 
 - SentencePiece `tokenizer.model` (Llama 2), via the `sentencepiece` package;
-- tiktoken-format `tokenizer.model` (Llama 3.x): lines of `base64token rank`,
-  with Meta's 256 special tokens appended after the regular ranks;
+- tiktoken-format `tokenizer.model` (Llama 3.x and 4): lines of `base64token rank`,
+  with Meta's special tokens appended after the regular ranks (256 for Llama 3;
+  2048 and another pattern for Llama 4, llama_jax/text/llama4_tokens.py);
 - Hugging Face `tokenizer.json`, via the `tokenizers` package.
 
 `load_tokenizer(path)` picks one from the files. `llama_jax.text.stream_decoder`
@@ -28,6 +29,7 @@ from etils import epath
 
 from llama_jax.cli import first_line
 from llama_jax.paths import check_bucket, user_path
+from llama_jax.text import llama4_tokens
 
 # Meta's Llama 3 pre-tokenizer regex (`pat_str`), see REFERENCE.md.
 LLAMA3_PATTERN = (
@@ -74,7 +76,7 @@ class Tokenizer(abc.ABC):
     """Text <-> token ids, with the special tokens a Llama model needs.
 
     Attributes set by every implementation:
-      generation: "llama2" or "llama3" (chat format and special tokens).
+      generation: "llama2", "llama3" or "llama4" (chat format and special tokens).
       vocab_size: number of ids, special tokens included.
       bos_id, eos_id: begin/end of text; pad_id: an id for padding, or None.
       stop_ids: frozenset of ids that end generation.
@@ -201,9 +203,13 @@ class SentencePieceTokenizer(Tokenizer):
 
 
 class TiktokenTokenizer(Tokenizer):
-    """Llama 3.x byte-level BPE: regular ranks plus Meta's 256 special tokens."""
+    """Byte-level BPE: regular ranks plus Meta's special tokens, Llama 3.x's or Llama 4's.
 
-    def __init__(self, ranks: dict[bytes, int], source: str = "<memory>"):
+    `generation` None picks by the file: Meta's Llama 4 ranks are 200,000
+    tokens (llama4_tokens.RANKS), anything else is read as Llama 3's layout.
+    """
+
+    def __init__(self, ranks: dict[bytes, int], source: str = "<memory>", generation: str | None = None):
         n = len(ranks)
         if n == 0:
             raise ValueError(f"{source}: tiktoken rank file holds no tokens")
@@ -212,30 +218,38 @@ class TiktokenTokenizer(Tokenizer):
         missing = [b for b in range(256) if bytes([b]) not in ranks]
         if missing:
             raise ValueError(f"{source}: no token for byte 0x{missing[0]:02x}; each byte needs one")
-        self._specials = {s: n + i for i, s in enumerate(llama3_special_tokens())}
+        self.generation = generation or ("llama4" if n == llama4_tokens.RANKS else "llama3")
+        if self.generation == "llama4":
+            names, pattern = llama4_tokens.special_tokens(), llama4_tokens.PATTERN
+            stops, pad = llama4_tokens.STOPS, llama4_tokens.PAD
+        elif self.generation == "llama3":
+            # Llama 3.1 names its pad token for padding fine-tuning batches.
+            names, pattern, stops, pad = llama3_special_tokens(), LLAMA3_PATTERN, _LLAMA3_STOPS, \
+                "<|finetune_right_pad_id|>"
+        else:
+            raise ValueError(f"{source}: generation {generation!r} is not llama3 or llama4")
+        self._specials = {s: n + i for i, s in enumerate(names)}
         self._enc = tiktoken.Encoding(
             name=os.path.basename(source),
-            pat_str=LLAMA3_PATTERN,
+            pat_str=pattern,
             mergeable_ranks=ranks,
             special_tokens=self._specials,
         )
-        self.generation = "llama3"
         self.vocab_size = n + len(self._specials)
         self.bos_id = self._specials["<|begin_of_text|>"]
         self.eos_id = self._specials["<|end_of_text|>"]
-        # Llama 3.1 names this token for padding fine-tuning batches.
-        self.pad_id = self._specials["<|finetune_right_pad_id|>"]
-        self.stop_ids = frozenset(self._specials[s] for s in _LLAMA3_STOPS)
+        self.pad_id = self._specials[pad]
+        self.stop_ids = frozenset(self._specials[s] for s in stops)
         self.special_ids = frozenset(self._specials.values())
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike) -> TiktokenTokenizer:
+    def from_file(cls, path: str | os.PathLike, generation: str | None = None) -> TiktokenTokenizer:
         """Load a `base64token rank` file; ValueError naming the file if it is not one."""
         try:
             ranks = _parse_ranks(user_path(path).read_bytes())
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
-        return cls(ranks, str(path))
+        return cls(ranks, str(path), generation)
 
     def token_id(self, piece: str) -> int:
         if piece not in self._specials:
@@ -307,8 +321,9 @@ class HFTokenizer(Tokenizer):
         added = self._tok.get_added_tokens_decoder()
         self._specials = {tok.content: i for i, tok in added.items() if tok.special}
         config = _read_tokenizer_config(path.parent / "tokenizer_config.json")
-        self.generation = "llama3" if "<|eot_id|>" in self._specials else "llama2"
-        llama3 = self.generation == "llama3"
+        self.generation = ("llama4" if "<|header_start|>" in self._specials
+                           else "llama3" if "<|eot_id|>" in self._specials else "llama2")
+        llama3 = self.generation in ("llama3", "llama4")
         bos = config.get("bos_token") or ("<|begin_of_text|>" if llama3 else "<s>")
         eos = config.get("eos_token") or ("<|end_of_text|>" if llama3 else "</s>")
         self.bos_id, self.eos_id = self._tok.token_to_id(bos), self._tok.token_to_id(eos)
@@ -319,9 +334,10 @@ class HFTokenizer(Tokenizer):
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         stops = {self.eos_id}
         if llama3:
-            stops |= {self._specials[s] for s in _LLAMA3_STOPS if s in self._specials}
+            names = llama4_tokens.STOPS if self.generation == "llama4" else _LLAMA3_STOPS
+            stops |= {self._specials[s] for s in names if s in self._specials}
         self.stop_ids = frozenset(stops)
-        self._meta_names = self._meta_names_of_reserved_ids() if llama3 else {}
+        self._meta_names = self._meta_names_of_reserved_ids() if self.generation == "llama3" else {}
         self._added = {i: tok.content for i, tok in added.items()}
         self.special_ids = frozenset(self._specials.values())
         # Byte-level files (Llama 3's) spell each byte as one of GPT-2's 256 characters;
