@@ -38,7 +38,7 @@ from llama_jax.model import kv_cache
 from llama_jax.model.attention import attend
 from llama_jax.model.context_parallel import balance, balanced_order, length_shards
 from llama_jax.model.kv_cache import Cache
-from llama_jax.model.layers import _INIT, FeedForward, Linear, RMSNorm, _constrain, _init, converted_after  # noqa: F401
+from llama_jax.model.layers import FeedForward, Linear, RMSNorm, _constrain, _init
 from llama_jax.model.moe import MoE, no_router_statistics
 from llama_jax.model.rope import apply_rotary, inverse_frequencies, rotary_angles
 
