@@ -25,6 +25,8 @@ import inspect
 import logging
 
 import jax
+import lm_eval.models  # noqa: F401  (lm-eval fills its registry only while it is empty: llama-jax
+#                        registered first would hide lm-eval's own models, local-completions among them)
 from lm_eval import utils as lm_eval_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
