@@ -291,7 +291,7 @@ def tiny_run(checkpoint, run_dir, **eval_settings):
 
     config, _ = load_hf_params(checkpoint)
     data = {"source": "text", "paths": [str(TASKS_DIR / "tiny_docs.jsonl")], "tokenizer": str(checkpoint),
-            "seq_len": 32, "global_batch": 4, "shuffle": False}
+            "seq_len": 32, "global_batch": 8, "shuffle": False}
     return run_config_from_dict({"model": config.to_dict(), "init_from": str(checkpoint), "layout": "fsdp",
                                  "data": data, "steps": 2, "log_every": 1, "checkpoint_every": 2,
                                  "run_dir": str(run_dir), "eval": {"every": 2, **eval_settings},
