@@ -42,7 +42,9 @@ the raw logits. A request with `score_prompt` (the completions API's `echo`
 with logprobs) first gets its prompt's (`Prompt`), from the third compiled
 program, a forward pass over the admitted group's prompts that leaves the
 slots alone; a request for no new tokens (`max_tokens` 0) ends there, without
-a prefill.
+a prefill, and so does a greedy request for one (what lm-eval's
+`local-completions` sends for every log-likelihood): its token is the most
+likely one at the prompt's last position, which the same pass scored.
 
 Threads: `_wake`'s lock guards the queue, the slots (`_running`), the stop flag
 and the counters. The worker is the only thread that changes the slots and
@@ -239,16 +241,22 @@ class Batcher:
 
     def _admit(self, admitted: list[tuple[Request, int]]) -> None:
         """Score the prompts of claimed requests that ask for it; end those that want no new
-        tokens; prefill the others together, write their rows into their slots, report first tokens."""
-        self._score([request for request, _ in admitted if request.score_prompt])
-        ended = [request for request, _ in admitted if request.max_tokens == 0]
+        tokens, or one greedy token (lm-eval's log-likelihoods: the score's last position has
+        it); prefill the others together, write their rows into their slots, report first tokens."""
+        nexts = self._score([request for request, _ in admitted if request.score_prompt])
+        ended = [(request, slot) for request, slot in admitted if request.max_tokens == 0
+                 or (request.score_prompt and request.max_tokens == 1 and request.sampling.greedy)]
         with self._wake:
-            for request, slot in admitted:
-                if request.max_tokens == 0:
-                    self._running[slot] = None
-        for request in ended:
-            request.emit(Finished("length"))
-        admitted = [(request, slot) for request, slot in admitted if request.max_tokens > 0]
+            for _, slot in ended:
+                self._running[slot] = None
+        for request, _ in ended:
+            if request.max_tokens == 0:
+                request.emit(Finished("length"))
+                continue
+            token = nexts[tuple(request.prompt)]  # as prefill's greedy pick: the most likely next token
+            request.emit(token)
+            request.emit(Finished("stop" if token.id in self._stop_set else "length"))
+        admitted = [(request, slot) for request, slot in admitted if (request, slot) not in ended]
         if not admitted:
             return
         with self.engine.activate():
@@ -259,11 +267,12 @@ class Batcher:
         for i, (request, slot) in enumerate(admitted):
             self._report(slot, int(first_b[i]), chosen_b[i], top_ids_bk[i], top_lp_bk[i], bool(done_b[i]))
 
-    def _score(self, requests: list[Request]) -> None:
+    def _score(self, requests: list[Request]) -> dict[tuple[int, ...], Token]:
         """Emit each request's `Prompt`: prompts scored in groups of the prefill's sizes, padded as
-        prefill pads them (a prompt several requests share, a request's n choices, once)."""
+        prefill pads them (a prompt several requests share, a request's n choices, once). Returns
+        each prompt's most likely next token (with its alternatives), from its last position."""
         prompts = list(dict.fromkeys(tuple(request.prompt) for request in requests))
-        scored, group = {}, self.shape.prefill_rows[-1]
+        scored, nexts, group = {}, {}, self.shape.prefill_rows[-1]
         for start in range(0, len(prompts), group):
             batch = prompts[start:start + group]
             rows = next(r for r in self.shape.prefill_rows if r >= len(batch))
@@ -276,8 +285,12 @@ class Batcher:
                 scored[prompt] = Prompt([Token(prompt[0], None, [], [])] + [
                     Token(prompt[i], float(chosen_bt[row, i - 1]), top_ids_btk[row, i - 1].tolist(),
                           top_lp_btk[row, i - 1].tolist()) for i in range(1, len(prompt))])
+                last = len(prompt) - 1
+                nexts[prompt] = Token(int(top_ids_btk[row, last, 0]), float(top_lp_btk[row, last, 0]),
+                                      top_ids_btk[row, last].tolist(), top_lp_btk[row, last].tolist())
         for request in requests:
             request.emit(scored[tuple(request.prompt)])
+        return nexts
 
     def _decode(self) -> None:
         """One compiled call of `steps_per_call` decode steps for every slot; report the tokens."""

@@ -335,7 +335,8 @@ def compile_run(run, devices, *, topology: str = "", slices: int = 1, program: s
     result = CompileResult(
         program=program, topology=topology, slices=slices, chip=info.chip, chips=info.n_chips,
         layout=layout.name, mesh=dict(placement.mesh.shape), batch=batch, seq_len=seq_len,
-        grad_accum=run.grad_accum if program == "train" else 1, remat=run.model.remat,
+        grad_accum=run.grad_accum if program == "train" else 1,
+        remat="none" if program == "eval" else run.model.remat,  # the scorer recomputes nothing
         dtype=run.model.dtype, param_dtype=run.model.param_dtype, verdict="does not fit",
         hbm_bytes=hbm, compile_s=0.0,
         prompt_len=prompt_len if program in ("prefill", "serve_prefill") else None,
