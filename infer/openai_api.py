@@ -176,20 +176,22 @@ def completion_logprobs(request: CompletionRequest) -> int | None:
     return request.logprobs
 
 
-def completion_prompts(request: CompletionRequest, tokenizer) -> list[list[int]]:
+def completion_prompts(request: CompletionRequest, tokenizer, vocab_size: int | None = None) -> list[list[int]]:
     """The token ids of each prompt of a completions request: text (encoded with BOS), a list of
     texts, token ids, or a list of token-id lists (used as they are). ApiError (400) for a
-    token id outside the vocabulary."""
+    token id outside the model's `vocab_size` ids (default: the tokenizer's; a model's table
+    may be padded past its tokenizer, and such ids carry no text)."""
     prompt = request.prompt
     if isinstance(prompt, str) or (prompt and isinstance(prompt[0], str)):
         return [tokenizer.encode(text, bos=True) for text in ([prompt] if isinstance(prompt, str) else prompt)]
     prompts = [list(ids) for ids in prompt] if prompt and isinstance(prompt[0], list) else [list(prompt)]
+    vocab_size = vocab_size or tokenizer.vocab_size
     for i, ids in enumerate(prompts):
-        bad = [t for t in ids if not 0 <= t < tokenizer.vocab_size]
+        bad = [t for t in ids if not 0 <= t < vocab_size]
         if bad:
             where = f"prompt {i}" if len(prompts) > 1 else "prompt"
-            raise ApiError(400, f"{where}: token id {bad[0]} is outside the vocabulary (0 to "
-                           f"{tokenizer.vocab_size - 1})", "prompt")
+            raise ApiError(400, f"{where}: token id {bad[0]} is outside the vocabulary (0 to {vocab_size - 1})",
+                           "prompt")
     return prompts
 
 

@@ -150,6 +150,7 @@ class Service:
     max_waiting: int
     compiles: int = 0
     body_timeout: float = 30.0
+    vocab_size: int | None = None  # the model's token ids (default: the tokenizer's)
 
 
 def _load(args) -> Service:
@@ -166,7 +167,8 @@ def _load(args) -> Service:
         raise ValueError(f"--max-seq-len must be in [2, {stored.max_seq_len}] (the model's context), got {context}")
     config, params, tokenizer = load_served(args.checkpoint, options, args.tokenizer)
     service = Service(None, tokenizer, args.model_name or Path(args.checkpoint).resolve().name, context,
-                      args.api_key or None, args.max_body_bytes, args.max_waiting, body_timeout=args.body_timeout)
+                      args.api_key or None, args.max_body_bytes, args.max_waiting, body_timeout=args.body_timeout,
+                      vocab_size=config.vocab_size)
 
     def count(event: str, duration: float, **_):
         if event == BACKEND_COMPILE_EVENT:
@@ -239,7 +241,7 @@ def create_app(service: Service):
     async def completions(body: api.CompletionRequest):
         _check_model(service, body.model)
         logprobs = api.completion_logprobs(body)
-        prompts = api.completion_prompts(body, service.tokenizer)
+        prompts = api.completion_prompts(body, service.tokenizer, service.vocab_size)
         settings = [api.check_sampled(body, len(ids), service.context, 16, logprobs, service.batcher.slots)
                     for ids in prompts]
         return await _respond(service, prompts, settings, body, "text_completion", "cmpl")
