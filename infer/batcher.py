@@ -38,7 +38,13 @@ attention kernel (JAX ships one for TPU only) and a block table on the host.
 
 Each token is reported with its log-probability and the `TOP_LOGPROBS` most
 likely alternatives (llama_jax.decoding.logprobs), computed on the device from
-the raw logits.
+the raw logits. A request with `score_prompt` (the completions API's `echo`
+with logprobs) first gets its prompt's (`Prompt`), from the third compiled
+program, a forward pass over the admitted group's prompts that leaves the
+slots alone; a request for no new tokens (`max_tokens` 0) ends there, without
+a prefill, and so does a greedy request for one (what lm-eval's
+`local-completions` sends for every log-likelihood): its token is the most
+likely one at the prompt's last position, which the same pass scored.
 
 Threads: `_wake`'s lock guards the queue, the slots (`_running`), the stop flag
 and the counters. The worker is the only thread that changes the slots and
@@ -58,7 +64,7 @@ from collections.abc import Callable
 import numpy as np
 
 from infer.engine import Engine
-from infer.events import Finished, Token
+from infer.events import Finished, Prompt, Token
 from llama_jax.decoding.sampling import RowSampling, Sampling
 from llama_jax.decoding.slots import PREFILL_BATCH, STEPS_PER_CALL
 
@@ -69,16 +75,18 @@ class WorkerFailed(RuntimeError):
 
 @dataclasses.dataclass(eq=False)
 class Request:
-    """One generation: token-id prompt, token limit, sampling settings, seed, and `emit`,
-    called from the worker thread with each `Token` then one `Finished`. Setting
-    `cancelled` (a stop string matched, the client left) frees its slot at the next step."""
+    """One generation: token-id prompt, token limit (0: the prompt's score only), sampling
+    settings, seed, and `emit`, called from the worker thread with the `Prompt` (if
+    `score_prompt`), each `Token`, then one `Finished`. Setting `cancelled` (a stop string
+    matched, the client left) frees its slot at the next step."""
 
     prompt: list[int]
     max_tokens: int
     sampling: Sampling
     seed: int
-    emit: Callable[[Token | Finished], None]
+    emit: Callable[[Prompt | Token | Finished], None]
     cancelled: bool = False
+    score_prompt: bool = False
 
 
 class Batcher:
@@ -232,7 +240,25 @@ class Batcher:
                 self._running[slot] = request
 
     def _admit(self, admitted: list[tuple[Request, int]]) -> None:
-        """Prefill claimed requests together and write their rows into their slots; report first tokens."""
+        """Score the prompts of claimed requests that ask for it; end those that want no new
+        tokens, or one greedy token (lm-eval's log-likelihoods: the score's last position has
+        it); prefill the others together, write their rows into their slots, report first tokens."""
+        nexts = self._score([request for request, _ in admitted if request.score_prompt])
+        ended = [(request, slot) for request, slot in admitted if request.max_tokens == 0
+                 or (request.score_prompt and request.max_tokens == 1 and request.sampling.greedy)]
+        with self._wake:
+            for _, slot in ended:
+                self._running[slot] = None
+        for request, _ in ended:
+            if request.max_tokens == 0:
+                request.emit(Finished("length"))
+                continue
+            token = nexts[tuple(request.prompt)]  # as prefill's greedy pick: the most likely next token
+            request.emit(token)
+            request.emit(Finished("stop" if token.id in self._stop_set else "length"))
+        admitted = [(request, slot) for request, slot in admitted if (request, slot) not in ended]
+        if not admitted:
+            return
         with self.engine.activate():
             self._state, self._sampling, first_b, done_b, *logprobs = self.programs.prefill(
                 *self.prefill_args(admitted))
@@ -240,6 +266,31 @@ class Batcher:
         chosen_b, top_ids_bk, top_lp_bk = (np.asarray(x) for x in logprobs)
         for i, (request, slot) in enumerate(admitted):
             self._report(slot, int(first_b[i]), chosen_b[i], top_ids_bk[i], top_lp_bk[i], bool(done_b[i]))
+
+    def _score(self, requests: list[Request]) -> dict[tuple[int, ...], Token]:
+        """Emit each request's `Prompt`: prompts scored in groups of the prefill's sizes, padded as
+        prefill pads them (a prompt several requests share, a request's n choices, once). Returns
+        each prompt's most likely next token (with its alternatives), from its last position."""
+        prompts = list(dict.fromkeys(tuple(request.prompt) for request in requests))
+        scored, nexts, group = {}, {}, self.shape.prefill_rows[-1]
+        for start in range(0, len(prompts), group):
+            batch = prompts[start:start + group]
+            rows = next(r for r in self.shape.prefill_rows if r >= len(batch))
+            prompts_bt, _, _ = self.engine.pad_prompts([list(p) for p in batch], rows)
+            with self.engine.activate():
+                outputs = self.programs.score(self.params, prompts_bt)
+            chosen_bt, top_ids_btk, top_lp_btk = (np.asarray(x) for x in outputs)
+            for row, prompt in enumerate(batch):
+                # Position i - 1 predicts token i; the first token has nothing before it.
+                scored[prompt] = Prompt([Token(prompt[0], None, [], [])] + [
+                    Token(prompt[i], float(chosen_bt[row, i - 1]), top_ids_btk[row, i - 1].tolist(),
+                          top_lp_btk[row, i - 1].tolist()) for i in range(1, len(prompt))])
+                last = len(prompt) - 1
+                nexts[prompt] = Token(int(top_ids_btk[row, last, 0]), float(top_lp_btk[row, last, 0]),
+                                      top_ids_btk[row, last].tolist(), top_lp_btk[row, last].tolist())
+        for request in requests:
+            request.emit(scored[tuple(request.prompt)])
+        return nexts
 
     def _decode(self) -> None:
         """One compiled call of `steps_per_call` decode steps for every slot; report the tokens."""

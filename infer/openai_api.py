@@ -67,9 +67,9 @@ class Sampled(BaseModel):
 
 
 class CompletionRequest(Sampled):
-    prompt: str | list[int] | list[str]
+    prompt: str | list[int] | list[str] | list[list[int]]  # one prompt or several, as text or token ids
     logprobs: int | None = None
-    echo: bool = False
+    echo: bool = False  # answer the prompt's text (and, with logprobs, its tokens') before the completion
 
 
 class FunctionCall(BaseModel):
@@ -141,16 +141,18 @@ def check_sampled(request: Sampled, prompt_tokens: int, context: int, default_ma
         raise ApiError(400, f"stop: give up to {MAX_STOP_STRINGS} non-empty strings", "stop")
     if prompt_tokens < 1:
         raise ApiError(400, "the prompt is empty (it needs at least one token)", "prompt")
+    least = 0 if getattr(request, "echo", False) else 1  # an echoed prompt may be all that is asked for
     room = context - prompt_tokens
-    if room < 1:
+    if room < least:
         raise ApiError(400, f"the prompt has {prompt_tokens} tokens; this model's context is {context} "
                        "tokens and leaves no room for an answer",
                        "messages" if isinstance(request, ChatRequest) else "prompt", "context_length_exceeded")
     max_tokens = request.max_tokens
     if max_tokens is None:
         max_tokens = room if default_max_tokens is None else min(default_max_tokens, room)
-    if max_tokens < 1:
-        raise ApiError(400, f"max_tokens must be at least 1, got {max_tokens}", "max_tokens")
+    if max_tokens < least:
+        raise ApiError(400, f"max_tokens must be at least {least}" + (" (0 with echo)" if least else "")
+                       + f", got {max_tokens}", "max_tokens")
     if max_tokens > room:
         raise ApiError(400, f"max_tokens {max_tokens} plus the prompt's {prompt_tokens} tokens is over this "
                        f"model's context of {context} tokens; ask for at most {room}", "max_tokens",
@@ -171,9 +173,26 @@ def choice_seed(seed: int, index: int) -> int:
 def completion_logprobs(request: CompletionRequest) -> int | None:
     if request.logprobs is not None and not 0 <= request.logprobs <= MAX_COMPLETION_LOGPROBS:
         raise ApiError(400, f"logprobs must be in [0, {MAX_COMPLETION_LOGPROBS}], got {request.logprobs}", "logprobs")
-    if request.echo:
-        raise ApiError(400, "echo is not supported", "echo")
     return request.logprobs
+
+
+def completion_prompts(request: CompletionRequest, tokenizer, vocab_size: int | None = None) -> list[list[int]]:
+    """The token ids of each prompt of a completions request: text (encoded with BOS), a list of
+    texts, token ids, or a list of token-id lists (used as they are). ApiError (400) for a
+    token id outside the model's `vocab_size` ids (default: the tokenizer's; a model's table
+    may be padded past its tokenizer, and such ids carry no text)."""
+    prompt = request.prompt
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], str)):
+        return [tokenizer.encode(text, bos=True) for text in ([prompt] if isinstance(prompt, str) else prompt)]
+    prompts = [list(ids) for ids in prompt] if prompt and isinstance(prompt[0], list) else [list(prompt)]
+    vocab_size = vocab_size or tokenizer.vocab_size
+    for i, ids in enumerate(prompts):
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            where = f"prompt {i}" if len(prompts) > 1 else "prompt"
+            raise ApiError(400, f"{where}: token id {bad[0]} is outside the vocabulary (0 to {vocab_size - 1})",
+                           "prompt")
+    return prompts
 
 
 def chat_logprobs(request: ChatRequest) -> int | None:

@@ -10,6 +10,12 @@ same text, logprobs and finish reason:
   unless the request keeps them) and cuts the text at the first stop string;
 - logprobs carry each token's own bytes (`Tokenizer.token_bytes`) and where
   its text starts in the answer, the same streamed or whole;
+- with `echo` (completions), the prompt's text comes first, as its tokens
+  decode, and with logprobs each prompt token's (the first one null: nothing
+  precedes it, as OpenAI answers), from the batcher's `Prompt` event; the
+  answer's tokens follow, a stop token included, so that a client can count
+  on one entry per token (lm-eval's `local-completions` drops the last one as
+  the generated token);
 - in a chat whose replies may be tool calls (`Settings.tool_names`),
   `ToolCallText` holds the text back while it may still be a call (it
   begins with `<|python_tag|>`, or with "{" when functions are offered)
@@ -24,7 +30,7 @@ import json
 import uuid
 from collections.abc import Collection
 
-from infer.events import Finished, Token
+from infer.events import Finished, Prompt, Token
 from infer.openai_api import Settings
 from llama_jax.text.stream_decoder import StreamDecoder
 from llama_jax.text.tokenizer import Tokenizer
@@ -35,12 +41,16 @@ class Choice:
     """One choice of an answer, built as its events arrive (module docstring).
 
     index: the choice's place in `choices`. chat: chat (`message`/`delta`) or completions
-    (`text`) shape. call_id: the id its tool call gets, if it makes one. `finish` is None
-    until the choice has ended; `generated` counts its tokens, a stop token included.
+    (`text`) shape. call_id: the id its tool call gets, if it makes one. echo: the prompt's
+    ids, to answer first (completions' `echo`), or None. `finish` is None until the choice
+    has ended; `generated` counts its tokens, a stop token included.
     """
 
-    def __init__(self, index: int, chat: bool, tokenizer: Tokenizer, settings: Settings, call_id: str):
+    def __init__(self, index: int, chat: bool, tokenizer: Tokenizer, settings: Settings, call_id: str,
+                 echo: list[int] | None = None):
         self.index, self.chat, self.tokenizer, self.settings, self.call_id = index, chat, tokenizer, settings, call_id
+        self.echo, self.every_token = echo, echo is not None
+        self.base = 0  # where the answer's own text starts (after an echoed prompt)
         self.calls = ToolCallText(settings.tool_names) if chat and settings.tool_names is not None else None
         hidden = frozenset()
         if settings.skip_special_tokens:  # but a tool call's <|python_tag|> is read as one
@@ -57,16 +67,22 @@ class Choice:
         self.pending: list[tuple[Token, int]] = []
         self.role_sent = False  # chat streams: the role goes in a choice's first delta only
 
-    def add(self, event: Token | Finished) -> list[dict]:
+    def add(self, event: Prompt | Token | Finished) -> list[dict]:
         """The chunk choices to stream for the next event (none once the choice has ended)."""
         if self.finish is not None:
             return []
+        if self.echo is not None:  # the echoed prompt comes first, with its tokens' logprobs if scored
+            echoed = self._echo(event.tokens if isinstance(event, Prompt) else None)
+            return [echoed] if isinstance(event, Prompt) else [echoed, *self._add(event)]
+        return [] if isinstance(event, Prompt) else self._add(event)
+
+    def _add(self, event: Token | Finished) -> list[dict]:
         if isinstance(event, Finished):
             return self._end(event.reason, self.text.finish())
         self.generated += 1
-        at = self.text.decoded  # decoded, not released: held-back text (a stop string's start) counts
+        at = self.base + self.text.decoded  # decoded, not released: held-back text (a stop string's start) counts
         text = self.text.add(event)
-        if event.id not in self.tokenizer.stop_ids:
+        if self.every_token or event.id not in self.tokenizer.stop_ids:
             self.tokens.append((event, at))
             self.pending.append((event, at))
         if self.text.stopped:
@@ -89,6 +105,21 @@ class Choice:
         if self.call is not None:
             message = {"role": "assistant", "content": None, "tool_calls": [self._tool_call()]}
         return {"index": self.index, "message": message, "logprobs": logprobs, "finish_reason": self.finish}
+
+    def _echo(self, tokens: list[Token] | None) -> dict:
+        """The chunk choice of the echoed prompt: its text as its tokens decode (the answer's
+        silent tokens silent here too), and the scored `tokens` at their offsets if given."""
+        stream = TextStream(self.tokenizer, (), (), self.text.silent)
+        pieces, offsets = [], []
+        for token_id in self.echo:
+            offsets.append(stream.decoded)
+            pieces.append(stream.add(Token(token_id, None, [], [])))
+        text = "".join(pieces) + stream.finish()
+        self.echo, self.base = None, len(text)
+        if tokens is not None:
+            self.tokens += list(zip(tokens, offsets))
+            self.pending += list(zip(tokens, offsets))
+        return self._chunk(text, None)
 
     def _end(self, reason: str, text: str) -> list[dict]:
         if self.calls is not None:
@@ -238,5 +269,7 @@ def completion_logprob_entries(tokenizer: Tokenizer, tokens: list[Token], top: i
         return token_string(raw_bytes(tokenizer, token_id), "bytes:")
 
     return {"tokens": [text(t.id) for t in tokens], "token_logprobs": [t.logprob for t in tokens],
-            "top_logprobs": [{text(i): lp for i, lp in zip(t.top_ids[:top], t.top_logprobs[:top])} for t in tokens],
+            "top_logprobs": [None if t.logprob is None else {text(i): lp for i, lp in zip(t.top_ids[:top],
+                                                                                         t.top_logprobs[:top])}
+                             for t in tokens],
             "text_offset": list(offsets)}

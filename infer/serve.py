@@ -9,7 +9,9 @@ chat formats; Llama 3.1 tool use: OpenAI's `tools` offered in Llama 3.1's
 layout, replies that call a function or run `<|python_tag|>` code answered
 as `tool_calls`, the `tool` role taken as Llama's `ipython`), GET /v1/models,
 GET /v1/models/{name}, GET /health. Streaming by server-sent events; `n` choices per request, each
-in its own decode slot. Generation runs in `infer.batcher.Batcher`: this
+in its own decode slot. Completions take several prompts at once (text or token ids; choice i of
+prompt p at index p * n + i) and `echo`, with logprobs the prompt's own from a forward pass over
+it, which is what lm-eval's `local-completions` model scores with (docs/evaluation.md). Generation runs in `infer.batcher.Batcher`: this
 module is the thin FastAPI layer over it (checks in `infer.openai_api`, the
 answers' JSON in `infer.responses`).
 
@@ -148,6 +150,7 @@ class Service:
     max_waiting: int
     compiles: int = 0
     body_timeout: float = 30.0
+    vocab_size: int | None = None  # the model's token ids (default: the tokenizer's)
 
 
 def _load(args) -> Service:
@@ -164,7 +167,8 @@ def _load(args) -> Service:
         raise ValueError(f"--max-seq-len must be in [2, {stored.max_seq_len}] (the model's context), got {context}")
     config, params, tokenizer = load_served(args.checkpoint, options, args.tokenizer)
     service = Service(None, tokenizer, args.model_name or Path(args.checkpoint).resolve().name, context,
-                      args.api_key or None, args.max_body_bytes, args.max_waiting, body_timeout=args.body_timeout)
+                      args.api_key or None, args.max_body_bytes, args.max_waiting, body_timeout=args.body_timeout,
+                      vocab_size=config.vocab_size)
 
     def count(event: str, duration: float, **_):
         if event == BACKEND_COMPILE_EVENT:
@@ -237,20 +241,10 @@ def create_app(service: Service):
     async def completions(body: api.CompletionRequest):
         _check_model(service, body.model)
         logprobs = api.completion_logprobs(body)
-        prompt = body.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-            if len(prompt) != 1:
-                raise api.ApiError(400, "give one prompt per request", "prompt")
-            prompt = prompt[0]
-        if isinstance(prompt, str):
-            ids = service.tokenizer.encode(prompt, bos=True)
-        else:
-            ids = list(prompt)
-            bad = [t for t in ids if not 0 <= t < service.tokenizer.vocab_size]
-            if bad:
-                raise api.ApiError(400, f"prompt: token id {bad[0]} is outside the vocabulary", "prompt")
-        settings = api.check_sampled(body, len(ids), service.context, 16, logprobs, service.batcher.slots)
-        return await _respond(service, ids, settings, body, "text_completion", "cmpl")
+        prompts = api.completion_prompts(body, service.tokenizer, service.vocab_size)
+        settings = [api.check_sampled(body, len(ids), service.context, 16, logprobs, service.batcher.slots)
+                    for ids in prompts]
+        return await _respond(service, prompts, settings, body, "text_completion", "cmpl")
 
     @app.post("/v1/chat/completions")
     async def chat(body: api.ChatRequest):
@@ -265,29 +259,34 @@ def create_app(service: Service):
             raise api.ApiError(400, str(err), "messages") from None
         names = names if service.tokenizer.generation == "llama3" else None  # Llama 2 makes no calls
         settings = api.check_sampled(body, len(ids), service.context, None, logprobs, service.batcher.slots, names)
-        return await _respond(service, ids, settings, body, "chat.completion", "chatcmpl")
+        return await _respond(service, [ids], [settings], body, "chat.completion", "chatcmpl")
 
-    async def _respond(service, ids, settings, body, kind, prefix):
+    async def _respond(service, prompts, settings, body, kind, prefix):
+        """Answer `n` choices for each prompt (its `settings`), choice i of prompt p at index p * n + i."""
         from infer.responses import Choice, new_id
 
-        requests, queue = _submit(service, ids, settings)
-        choices = [Choice(i, kind.startswith("chat"), service.tokenizer, settings, new_id("call", "_"))
-                   for i in range(settings.n)]
+        echo = getattr(body, "echo", False)
+        requests, queue = _submit(service, prompts, settings, score_prompts=echo and settings[0].logprobs is not None)
+        each = [(ids, s) for ids, s in zip(prompts, settings) for _ in range(s.n)]  # in the order of `index`
+        choices = [Choice(i, kind.startswith("chat"), service.tokenizer, s, new_id("call", "_"), ids if echo else None)
+                   for i, (ids, s) in enumerate(each)]
         events = _chunks(requests, queue, choices)
         head = {"id": new_id(prefix), "object": kind, "created": int(time.time()), "model": service.model_name}
+        prompt_tokens = sum(map(len, prompts))
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
-            return StreamingResponse(_stream(events, choices, head, len(ids), include_usage),
+            return StreamingResponse(_stream(events, choices, head, prompt_tokens, include_usage),
                                      media_type="text/event-stream")
-        return await _collect(events, choices, head, len(ids))
+        return await _collect(events, choices, head, prompt_tokens)
 
     return listener.Guard(app, service.api_key, service.max_body_bytes, service.body_timeout)
 
 
-def _submit(service: Service, ids: list[int], settings):
-    """Queue one generation per choice (before any answer starts, so a refusal gets its own
-    status); returns (the batcher's Requests, the asyncio queue their (choice, event) pairs
-    arrive on)."""
+def _submit(service: Service, prompts: list[list[int]], settings: list, score_prompts: bool = False):
+    """Queue one generation per choice of each prompt (before any answer starts, so a refusal
+    gets its own status); returns (the batcher's Requests, in the choices' order, and the
+    asyncio queue their (choice, event) pairs arrive on). `score_prompts`: each request
+    reports its prompt's log-probabilities first (echo with logprobs)."""
     from infer import openai_api as api
     from infer.batcher import Request, WorkerFailed
 
@@ -295,10 +294,10 @@ def _submit(service: Service, ids: list[int], settings):
     failed = api.ApiError(503, "the generation worker failed; restart the server", kind="server_error")
     if batcher.error is not None:
         raise failed
-    if batcher.load()["waiting"] + settings.n > service.max_waiting:
+    if batcher.load()["waiting"] + sum(s.n for s in settings) > service.max_waiting:
         raise api.ApiError(429, "too many requests are waiting; retry later", kind="rate_limit_error")
     loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-    seed = secrets.randbelow(api.INT32) if settings.seed is None else settings.seed
+    seed = secrets.randbelow(api.INT32) if settings[0].seed is None else settings[0].seed
 
     def emitter(index):
         def emit(event):  # called from the batcher's thread
@@ -308,8 +307,11 @@ def _submit(service: Service, ids: list[int], settings):
                 requests[index].cancelled = True
         return emit
 
-    requests = [Request(ids, settings.max_tokens, settings.sampling, api.choice_seed(seed, i), emit=emitter(i))
-                for i in range(settings.n)]
+    # Choice i of every prompt has seed + i: each prompt is answered as it would be alone.
+    each = [(ids, s, i) for ids, s in zip(prompts, settings) for i in range(s.n)]
+    requests = [Request(ids, s.max_tokens, s.sampling, api.choice_seed(seed, i), emit=emitter(index),
+                        score_prompt=score_prompts)
+                for index, (ids, s, i) in enumerate(each)]
     try:
         for request in requests:
             batcher.submit(request)

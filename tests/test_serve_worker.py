@@ -20,7 +20,7 @@ from infer.events import Finished
 from infer.serve import Service, create_app
 from llama_jax.config import ModelConfig
 from llama_jax.decoding.sampling import Sampling
-from llama_jax.model.params import init_params
+from llama_jax.params import init_params
 from llama_jax.text.tokenizer import load_tokenizer
 from llama_jax.text.tokenizer_training import train_bpe
 

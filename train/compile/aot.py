@@ -10,7 +10,9 @@ llama_jax.decoding.programs), and the HTTP server's own two (`SERVE_PROGRAMS`):
 "serve_decode", several decode steps of every slot with each token's
 logprobs, and "serve_prefill", a group of prompts prefilled into their slots,
 jitted by the same `llama_jax.decoding.slots.jit_slot_programs` that
-infer.batcher serves them with.
+infer.batcher serves them with. And "eval": the lm-eval model's scoring
+forward pass (train/lm_eval/scoring.py's `score_batch`, jitted by its `Scorer`),
+one batch of rows of log-likelihood requests.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from sharding.comms_estimate import estimate_step, summary
 from sharding.layout import load_layout
 from sharding.place import Placement, abstract_arrays, validate
 from sharding.topology import CHIP_HBM_BYTES, CHIP_PEAK_FLOPS, chip_info, layout_for_slices
+from train.lm_eval.scoring import Scorer  # not lm-eval itself: scoring is plain JAX
 from train.objectives.run import teacher_placement
 from train.program import build_train_step
 from train.tracking.metrics import flops_per_token
@@ -47,15 +50,15 @@ SERVE_PROGRAMS = ("serve_prefill", "serve_decode")  # infer.serve's programs (th
 @dataclasses.dataclass
 class CompileResult:
     """One compile's figures; bytes and FLOPs are per chip unless named otherwise."""
-    program: str                  # "train", "prefill", "decode" or one of SERVE_PROGRAMS
+    program: str                  # "train", "prefill", "decode", "eval" or one of SERVE_PROGRAMS
     topology: str
     slices: int
     chip: str
     chips: int
     layout: str
     mesh: dict[str, int]
-    batch: int                    # global rows (decode, prefill: sequences; serve_decode: slots)
-    seq_len: int                  # decode, prefill: cache length (serve programs: per slot)
+    batch: int                    # global rows (decode, prefill: sequences; serve_decode: slots; eval: rows)
+    seq_len: int                  # decode, prefill: cache length (serve programs: per slot; eval: row length)
     grad_accum: int
     remat: str
     dtype: str
@@ -209,6 +212,15 @@ def serve_program(config, placement, program: str, *, slots: int | None = None, 
     return jitted.prefill, args, shape, prompt_len
 
 
+def eval_program(config, placement, rows: int, length: int):
+    """(the lm-eval model's jitted scoring pass, its abstract sharded arguments) for `rows` rows of
+    `length` tokens: `Scorer.program` as `LlamaJaxLM` builds it (no remat, logits in chunks)."""
+    scorer = Scorer(model_for(config.replace(remat="none")), placement, rows, length)
+    tokens = jax.ShapeDtypeStruct((scorer.rows, length), jnp.int32, sharding=placement.sharding("batch", "length"))
+    weights = jax.ShapeDtypeStruct((scorer.rows, length), jnp.float32, sharding=placement.sharding("batch", "length"))
+    return scorer.program, (_abstract_params(config, placement), tokens, tokens, weights)
+
+
 def _abstract_images(placement, rows: int):
     """A vision model's `images` for `rows` rows as sharded `jax.ShapeDtypeStruct`s (split on batch)."""
     return {name: jax.ShapeDtypeStruct(shape, dtype, sharding=placement.sharding("batch"))
@@ -267,8 +279,9 @@ def compile_run(run, devices, *, topology: str = "", slices: int = 1, program: s
 
     program: "train", "prefill" (batch x prompt_len tokens, `prefill_chunk`
     at a time, default programs.PREFILL_CHUNK, with images for a vision
-    model) or "decode"; decode_batch, cache_len and prompt_len default to the
-    run's global batch and sequence length. Or one of SERVE_PROGRAMS, shaped
+    model), "decode" or "eval" (decode_batch rows of cache_len tokens scored);
+    decode_batch, cache_len and prompt_len default to the run's global batch
+    and sequence length. Or one of SERVE_PROGRAMS, shaped
     as `python -m infer.serve` with --max-batch `slots`, --max-seq-len `context`,
     --steps-per-call and --prefill-batch would run it (defaults: the server's,
     and the model's context); serve_prefill's prompts are `prompt_len` tokens
@@ -304,6 +317,9 @@ def compile_run(run, devices, *, topology: str = "", slices: int = 1, program: s
         validate(run.model, layout, placement.mesh, batch=batch)
         if program == "decode":
             step, args = decode_program(run.model, placement, batch, seq_len)
+        elif program == "eval":
+            validate(run.model, layout, placement.mesh, seq_len=seq_len)
+            step, args = eval_program(run.model, placement, batch, seq_len)
         else:
 
             prompt_len = prompt_len or seq_len
@@ -319,7 +335,8 @@ def compile_run(run, devices, *, topology: str = "", slices: int = 1, program: s
     result = CompileResult(
         program=program, topology=topology, slices=slices, chip=info.chip, chips=info.n_chips,
         layout=layout.name, mesh=dict(placement.mesh.shape), batch=batch, seq_len=seq_len,
-        grad_accum=run.grad_accum if program == "train" else 1, remat=run.model.remat,
+        grad_accum=run.grad_accum if program == "train" else 1,
+        remat="none" if program == "eval" else run.model.remat,  # the scorer recomputes nothing
         dtype=run.model.dtype, param_dtype=run.model.param_dtype, verdict="does not fit",
         hbm_bytes=hbm, compile_s=0.0,
         prompt_len=prompt_len if program in ("prefill", "serve_prefill") else None,

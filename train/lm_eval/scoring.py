@@ -67,7 +67,8 @@ class Scorer:
 
     rows: rows per batch, rounded up to divide over the layout's batch axes.
     max_length: the longest row the model reads (requests must fit: tokens
-    of at most max_length + 1 ids).
+    of at most max_length + 1 ids). `program` is the jitted `score_batch`
+    (what train.compile --eval compiles ahead of time).
     """
 
     def __init__(self, model: Llama, placement: Placement, rows: int, max_length: int,
@@ -77,8 +78,8 @@ class Scorer:
         self.multiple = length_multiple(placement.shards_along("length"))
         self.max_length = max_length
         replicated = NamedSharding(placement.mesh, PartitionSpec())
-        self._score = jax.jit(functools.partial(score_batch, model, chunk),
-                              out_shardings=(replicated, replicated))
+        self.program = jax.jit(functools.partial(score_batch, model, chunk),
+                               out_shardings=(replicated, replicated))
 
     def __call__(self, params, requests: list[tuple[list[int], int]],
                  progress: bool = False) -> list[tuple[float, bool]]:
@@ -112,5 +113,5 @@ class Scorer:
         plan = self.placement
         placed = [plan.put(a, plan.sharding("batch", "length")) for a in arrays_bt]
         with plan.activate():
-            log_prob_b, missed_b = self._score(params, *placed)
+            log_prob_b, missed_b = self.program(params, *placed)
         return np.asarray(log_prob_b), np.asarray(missed_b)

@@ -63,7 +63,10 @@ def peak_flops(chip: str) -> tuple[float, str]:
 
 
 def scalar_tag(key: str) -> str:
-    """A metrics.jsonl key's name in TensorBoard and W&B: eval_loss -> eval/loss, the rest under train/."""
+    """A metrics.jsonl key's name in TensorBoard and W&B: eval_loss -> eval/loss, an lm-eval task's
+    eval/<task>/<metric> as it is, the rest under train/."""
+    if key.startswith("eval/"):
+        return key
     return f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"
 
 
