@@ -13,7 +13,8 @@ in its own decode slot. Completions take several prompts at once (text or token 
 prompt p at index p * n + i) and `echo`, with logprobs the prompt's own from a forward pass over
 it, which is what lm-eval's `local-completions` model scores with (docs/evaluation.md). Generation runs in `infer.batcher.Batcher`: this
 module is the thin FastAPI layer over it (checks in `infer.openai_api`, the
-answers' JSON in `infer.responses`).
+answers' JSON in `infer.responses`). With `--guard DIR` a Llama Guard model screens
+prompts and answers (`infer.guard_hook`: refusals with code content_filter).
 
 Start-up: flags are checked and the port bound before anything loads, so a
 bad flag or a port in use is one line at once; "serving ... on" is printed
@@ -40,6 +41,7 @@ import sys
 import time
 from pathlib import Path
 
+from infer import guard_hook
 from infer.options import ServingOptions, check_checkpoint
 from llama_jax.cli import run_cli
 from llama_jax.decoding.slots import PREFILL_BATCH, SLOTS, STEPS_PER_CALL
@@ -84,6 +86,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "are cut (default 30)")
     parser.add_argument("--max-connections-per-client", type=int, default=64, metavar="N",
                         help="connections one client address may hold at once; more get 429 (default 64)")
+    guard_hook.add_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -151,6 +154,7 @@ class Service:
     compiles: int = 0
     body_timeout: float = 30.0
     vocab_size: int | None = None  # the model's token ids (default: the tokenizer's)
+    guard: object = None  # infer.guard_hook.Screen with --guard
 
 
 def _load(args) -> Service:
@@ -169,6 +173,7 @@ def _load(args) -> Service:
     service = Service(None, tokenizer, args.model_name or Path(args.checkpoint).resolve().name, context,
                       args.api_key or None, args.max_body_bytes, args.max_waiting, body_timeout=args.body_timeout,
                       vocab_size=config.vocab_size)
+    service.guard = guard_hook.load(args, options.layout, tokenizer)
 
     def count(event: str, duration: float, **_):
         if event == BACKEND_COMPILE_EVENT:
@@ -222,6 +227,8 @@ def create_app(service: Service):
     async def health():
         failed = service.batcher.error is not None
         body = {"status": "error" if failed else "ok", **service.batcher.load(), "compiles": service.compiles}
+        if service.guard is not None:
+            body["guard"] = service.guard.counts()
         return JSONResponse(body, status_code=503 if failed else 200)
 
     def model_card():
@@ -244,7 +251,10 @@ def create_app(service: Service):
         prompts = api.completion_prompts(body, service.tokenizer, service.vocab_size)
         settings = [api.check_sampled(body, len(ids), service.context, 16, logprobs, service.batcher.slots)
                     for ids in prompts]
-        return await _respond(service, prompts, settings, body, "text_completion", "cmpl")
+        texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt if isinstance(body.prompt[0], str) \
+            else [service.tokenizer.decode(ids) for ids in prompts]
+        asked = [[{"role": "user", "content": text}] for text in texts]
+        return await _respond(service, prompts, settings, body, "text_completion", "cmpl", asked)
 
     @app.post("/v1/chat/completions")
     async def chat(body: api.ChatRequest):
@@ -253,18 +263,26 @@ def create_app(service: Service):
         if body.max_tokens is None:
             body.max_tokens = body.max_completion_tokens
         tools, names = api.chat_tools(body)
+        messages = api.chat_messages(body)
         try:
-            ids = format_chat(service.tokenizer, api.chat_messages(body), tools=tools)
+            ids = format_chat(service.tokenizer, messages, tools=tools)
         except ValueError as err:
             raise api.ApiError(400, str(err), "messages") from None
         names = names if service.tokenizer.generation == "llama3" else None  # Llama 2 makes no calls
         settings = api.check_sampled(body, len(ids), service.context, None, logprobs, service.batcher.slots, names)
-        return await _respond(service, [ids], [settings], body, "chat.completion", "chatcmpl")
+        return await _respond(service, [ids], [settings], body, "chat.completion", "chatcmpl",
+                              [guard_hook.chat_conversation(messages)])
 
-    async def _respond(service, prompts, settings, body, kind, prefix):
-        """Answer `n` choices for each prompt (its `settings`), choice i of prompt p at index p * n + i."""
+    async def _respond(service, prompts, settings, body, kind, prefix, conversations):
+        """Answer `n` choices for each prompt (its `settings`), choice i of prompt p at index p * n + i;
+        with --guard, each prompt's conversation is screened first and the answers after."""
         from infer.responses import Choice, new_id
 
+        guard = service.guard
+        if guard is not None:  # an unsafe prompt is refused before it is queued
+            if len(prompts) > 1:
+                raise api.ApiError(400, "with --guard, give one prompt per request", "prompt")
+            await guard.check_prompt(conversations[0])
         echo = getattr(body, "echo", False)
         requests, queue = _submit(service, prompts, settings, score_prompts=echo and settings[0].logprobs is not None)
         each = [(ids, s) for ids, s in zip(prompts, settings) for _ in range(s.n)]  # in the order of `index`
@@ -273,11 +291,15 @@ def create_app(service: Service):
         events = _chunks(requests, queue, choices)
         head = {"id": new_id(prefix), "object": kind, "created": int(time.time()), "model": service.model_name}
         prompt_tokens = sum(map(len, prompts))
+        chat = kind.startswith("chat")
         if body.stream:
+            if guard is not None:
+                events = guard.streamed(events, requests, conversations[0], chat)
             include_usage = body.stream_options is not None and body.stream_options.include_usage
             return StreamingResponse(_stream(events, choices, head, prompt_tokens, include_usage),
                                      media_type="text/event-stream")
-        return await _collect(events, choices, head, prompt_tokens)
+        answer = await _collect(events, choices, head, prompt_tokens)
+        return answer if guard is None else await guard.check_answers(answer, conversations[0], chat)
 
     return listener.Guard(app, service.api_key, service.max_body_bytes, service.body_timeout)
 

@@ -132,6 +132,11 @@ class Tokenizer(abc.ABC):
     def token_id(self, piece: str) -> int:
         """The id of a special token given its string, e.g. "<|eot_id|>"; ValueError if unknown."""
 
+    @property
+    def special_tokens(self) -> frozenset[str]:
+        """The strings of the special tokens (each one `token_id` knows), e.g. "<|eot_id|>"."""
+        return frozenset(self._specials) | frozenset(getattr(self, "_meta_names", ()))
+
     @abc.abstractmethod
     def _encode(self, text: str, allow_special: bool) -> list[int]: ...
 
