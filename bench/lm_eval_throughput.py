@@ -1,8 +1,10 @@
-"""lm-eval loglikelihood throughput: the in-process `llama-jax` model against lm-eval's own
-Hugging Face model (`hf`, PyTorch) on the same random bench_110m weights.
+"""lm-eval loglikelihood throughput on the same random bench_110m weights, three ways: the
+in-process `llama-jax` model, lm-eval's `local-completions` model against `python -m
+infer.serve` (the HTTP path: echo with prompt logprobs), and lm-eval's own Hugging Face
+model (`hf`, PyTorch).
 
     python bench/lm_eval_throughput.py [--docs 32] [--batch 16] [--precisions float32,bfloat16]
-                                       [--only llama_jax|hf_torch] [--dir /tmp/llama_jax_lm_eval_bench]
+                                       [--only llama_jax|server|hf_torch] [--dir /tmp/llama_jax_lm_eval_bench]
 
 (Not bench/lm_eval.py: run as a script, that name would shadow the lm_eval
 package for everything it imports.)
@@ -13,10 +15,13 @@ given to both models as lm-eval hands them over after tokenizing
 (`_loglikelihood_tokens`: (key, context ids, continuation ids)). Each model
 scores them all twice; the figure is requests per second of the second
 call (the first compiles ours), with the first call's time beside it.
-Both use every core (torch.set_num_threads; XLA's CPU thread pool).
-Prints JSON lines; the first names the CPU (lscpu). The server path
-(infer.serve's prompt logprobs) is to be added. Measures only; never
-asserts a timing.
+All use every core (torch.set_num_threads; XLA's CPU thread pool). The
+server runs in its own process on the same machine (--max-batch and
+--prefill-batch --batch, --max-seq-len 256); lm-eval sends --batch token
+prompts per request, one request at a time (its default num_concurrent), each
+scored by the server's prompt-logprob pass and then prefilled for the one
+token lm-eval asks for (max_tokens 1). Prints JSON lines; the first names the
+CPU (lscpu). Measures only; never asserts a timing.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ import argparse
 import json
 import os
 import shutil
+import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -64,19 +71,63 @@ def ours(checkpoint: Path, precision: str, batch: int):
     return LlamaJaxLM(checkpoint, dtype=precision, batch_size=batch)
 
 
+def stub_tokenizer():
+    """A Hugging Face tokenizer that knows BOS and EOS only: lm-eval's models need one, but the
+    requests arrive as ids, and scoring them needs no text."""
+    import transformers
+    from tokenizers import Tokenizer, models
+
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0, "<s>": 1, "</s>": 2}, unk_token="<unk>")),
+        bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
 def hugging_face(checkpoint: Path, precision: str, batch: int):
-    """lm-eval's HFLM over transformers' LlamaForCausalLM; its tokenizer is a stub (the
-    requests arrive as ids, and scoring them needs no text)."""
+    """lm-eval's HFLM over transformers' LlamaForCausalLM."""
     import torch
     import transformers
     from lm_eval.models.huggingface import HFLM
-    from tokenizers import Tokenizer, models
 
     model = transformers.LlamaForCausalLM.from_pretrained(checkpoint, dtype=getattr(torch, precision)).eval()
-    stub = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0, "<s>": 1, "</s>": 2}, unk_token="<unk>")),
-        bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    return HFLM(pretrained=model, tokenizer=stub, batch_size=batch, device="cpu")
+    return HFLM(pretrained=model, tokenizer=stub_tokenizer(), batch_size=batch, device="cpu")
+
+
+SERVER_CONTEXT = 256  # the server's --max-seq-len: every request fits, and few prompt buckets compile
+
+
+def served(checkpoint: Path, precision: str, batch: int):
+    """lm-eval's `local-completions` model against `python -m infer.serve` on `checkpoint`, started
+    here (`.close()` stops it): token prompts, `batch` per request, echo with logprobs."""
+    import threading
+
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    stub = checkpoint.parent / "stub_tokenizer"
+    stub_tokenizer().save_pretrained(stub)
+    env = {k: v for k, v in os.environ.items() if k != "LLAMA_JAX_API_KEY"}
+    process = subprocess.Popen([sys.executable, "-m", "infer.serve", "--checkpoint", str(checkpoint), "--port",
+                                str(port), "--model-name", "bench", "--dtype", precision, "--max-batch", str(batch),
+                                "--prefill-batch", str(batch), "--max-seq-len", str(SERVER_CONTEXT)],
+                               cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    serving = threading.Event()
+
+    def read():  # drained to the end: a full pipe would stall the server
+        for line in process.stderr:
+            serving.set() if line.startswith("serving ") else None  # it prints this once it listens
+        serving.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    serving.wait()
+    if process.poll() is not None:
+        raise SystemExit(f"the server did not start (exit {process.returncode})")
+    lm = LocalCompletionsAPI(model="bench", base_url=f"http://127.0.0.1:{port}/v1/completions",
+                             tokenizer_backend="huggingface", tokenizer=str(stub), batch_size=batch,
+                             max_length=SERVER_CONTEXT)
+    lm.close = process.kill
+    return lm
 
 
 def main():
@@ -84,7 +135,7 @@ def main():
     parser.add_argument("--docs", type=int, default=32, help=f"documents of {CHOICES} requests each")
     parser.add_argument("--batch", type=int, default=16, help="rows per forward pass, both models")
     parser.add_argument("--precisions", default="float32")
-    parser.add_argument("--only", choices=("llama_jax", "hf_torch"))
+    parser.add_argument("--only", choices=("llama_jax", "server", "hf_torch"))
     parser.add_argument("--dir", default="/tmp/llama_jax_lm_eval_bench", help="work directory (about 0.5 GB)")
     args = parser.parse_args()
 
@@ -111,11 +162,13 @@ def main():
     print(json.dumps({"bench": "lm_eval", "cpu": cpu_model(), "threads": threads(), "requests": len(reqs),
                       "context_tokens": CONTEXT, "continuation_tokens": CONTINUATION, "batch": args.batch}),
           flush=True)
-    impls = {"llama_jax": ours, "hf_torch": hugging_face}
+    impls = {"llama_jax": ours, "server": served, "hf_torch": hugging_face}
     for precision in args.precisions.split(","):
         for impl, build in impls.items():
             if args.only in (None, impl):
-                first, second = timed(build(checkpoint, precision, args.batch), reqs)
+                lm = build(checkpoint, precision, args.batch)
+                first, second = timed(lm, reqs)
+                getattr(lm, "close", lambda: None)()
                 emit("lm_eval", impl, BENCH_MODEL, "loglikelihood_requests_per_s", len(reqs) / second, "requests/s",
                      precision=precision, batch=args.batch, first_call_s=round(first, 2),
                      load_average_1min=os.getloadavg()[0])

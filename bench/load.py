@@ -15,7 +15,7 @@ removed afterwards unless --keep. Measures only; asserts nothing.
 
 On a CPU host the serve steps hold a little more than the load: XLA:CPU has
 no bfloat16 matmul, so each step converts the weights it reads to float32
-(the output head and one layer at a time; see infer.engine.loop_compiler_options).
+(the output head and one layer at a time; see llama_jax.decoding.programs.loop_compiler_options).
 docs/benchmarks.md has the figures.
 """
 

@@ -93,6 +93,7 @@ def one_request(base: str, prompt: list[int], new_tokens: int) -> tuple[float, l
     import httpx
 
     body = {"model": MODEL, "prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True},  # the last chunk counts the tokens
             "logprobs": 0}  # logprobs: one chunk per token, so gaps are per token
     start = time.perf_counter()
     stamps, tokens = [], 0

@@ -19,6 +19,11 @@ arrays, `llama_jax.decoding.sampling.RowSampling`), so traffic never recompiles 
 row that stops (a stop token, its token limit, a cancel) frees its slot for
 the next admission at once.
 
+If the worker fails (an exception in a compiled call), every request it holds,
+waiting or in a slot (mid-prefill included), ends with `Finished("error")`, and
+`submit` refuses new ones (`WorkerFailed`): the failure and the refusal are
+decided under the same lock, so no request can slip in between and wait forever.
+
 Both programs are `llama_jax.decoding.slots`' pure functions, jitted by the
 engine (`Engine.slot_programs`) exactly as `train.compile --serve` jits them
 for its ahead-of-time HBM verdict; this module is the host's side: the
@@ -33,7 +38,13 @@ attention kernel (JAX ships one for TPU only) and a block table on the host.
 
 Each token is reported with its log-probability and the `TOP_LOGPROBS` most
 likely alternatives (llama_jax.decoding.logprobs), computed on the device from
-the raw logits.
+the raw logits. A request with `score_prompt` (the completions API's `echo`
+with logprobs) first gets its prompt's (`Prompt`), from the third compiled
+program, a forward pass over the admitted group's prompts that leaves the
+slots alone; a request for no new tokens (`max_tokens` 0) ends there, without
+a prefill, and so does a greedy request for one (what lm-eval's
+`local-completions` sends for every log-likelihood): its token is the most
+likely one at the prompt's last position, which the same pass scored.
 
 Threads: `_wake`'s lock guards the queue, the slots (`_running`), the stop flag
 and the counters. The worker is the only thread that changes the slots and
@@ -44,6 +55,7 @@ the moment it leaves the queue until its `Finished`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 from collections import deque
@@ -52,23 +64,29 @@ from collections.abc import Callable
 import numpy as np
 
 from infer.engine import Engine
-from infer.events import Finished, Token
+from infer.events import Finished, Prompt, Token
 from llama_jax.decoding.sampling import RowSampling, Sampling
 from llama_jax.decoding.slots import PREFILL_BATCH, STEPS_PER_CALL
 
 
+class WorkerFailed(RuntimeError):
+    """The worker thread failed (`Batcher.error`): the batcher takes no more requests."""
+
+
 @dataclasses.dataclass(eq=False)
 class Request:
-    """One generation: token-id prompt, token limit, sampling settings, seed, and `emit`,
-    called from the worker thread with each `Token` then one `Finished`. Setting
-    `cancelled` (a stop string matched, the client left) frees its slot at the next step."""
+    """One generation: token-id prompt, token limit (0: the prompt's score only), sampling
+    settings, seed, and `emit`, called from the worker thread with the `Prompt` (if
+    `score_prompt`), each `Token`, then one `Finished`. Setting `cancelled` (a stop string
+    matched, the client left) frees its slot at the next step."""
 
     prompt: list[int]
     max_tokens: int
     sampling: Sampling
     seed: int
-    emit: Callable[[Token | Finished], None]
+    emit: Callable[[Prompt | Token | Finished], None]
     cancelled: bool = False
+    score_prompt: bool = False
 
 
 class Batcher:
@@ -110,23 +128,38 @@ class Batcher:
         self._thread.start()
 
     def submit(self, request: Request) -> None:
-        """Queue a request (its prompt plus max_tokens must fit `cache_len`, checked by the caller)."""
+        """Queue a request (its prompt plus max_tokens must fit `cache_len`, checked by the caller).
+        WorkerFailed once the worker has failed, RuntimeError once the batcher is stopping."""
         if len(request.prompt) + request.max_tokens > self.cache_len:
             raise ValueError(f"prompt of {len(request.prompt)} tokens plus max_tokens {request.max_tokens} "
                              f"is over the {self.cache_len} positions of a slot")
         with self._wake:
+            if self.error is not None:
+                raise WorkerFailed(f"the generation worker failed ({type(self.error).__name__}: {self.error})")
             if self._stopping:
                 raise RuntimeError("the batcher is stopping")
             self._waiting.append(request)
             self._wake.notify()
 
-    def stop(self, timeout: float | None = None) -> None:
-        """Take no more requests; finish the queued and running ones, then end the worker."""
+    def stop(self, timeout: float | None = None, cancel: bool = False) -> None:
+        """Take no more requests; finish the queued and running ones (with `cancel`, end them as
+        `cancel_all` does), then end the worker (waiting at most `timeout` seconds for it)."""
+        if cancel:
+            self.cancel_all()
         with self._wake:
             self._stopping = True
             self._wake.notify()
         if self._thread.is_alive():
             self._thread.join(timeout)
+
+    def cancel_all(self) -> None:
+        """Cancel every queued and running request (without waiting): each ends with
+        `Finished("cancelled")` at the worker's next step."""
+        with self._wake:
+            for request in [*self._waiting, *self._running]:
+                if request is not None:
+                    request.cancelled = True
+            self._wake.notify()
 
     def load(self) -> dict:
         """Slots in use, requests waiting, decode calls and cancelled requests so far (for /health)."""
@@ -190,9 +223,14 @@ class Batcher:
                 if any(self._running):
                     self._decode()
         except BaseException as err:  # the server reports it and answers 500 from then on
-            self.error = err
-            for request in list(self._waiting) + [r for r in self._running if r is not None]:
-                request.emit(Finished("error"))
+            with self._wake:  # from here `submit` refuses: no request joins after this snapshot
+                self.error = err
+                ended = list(self._waiting) + [r for r in self._running if r is not None]
+                self._waiting.clear()
+                self._running = [None] * self.slots
+            for request in ended:
+                with contextlib.suppress(Exception):  # one failing emit must not leave the others waiting
+                    request.emit(Finished("error"))
             raise
 
     def _claim(self, admitted: list[tuple[Request, int]]) -> None:
@@ -202,7 +240,25 @@ class Batcher:
                 self._running[slot] = request
 
     def _admit(self, admitted: list[tuple[Request, int]]) -> None:
-        """Prefill claimed requests together and write their rows into their slots; report first tokens."""
+        """Score the prompts of claimed requests that ask for it; end those that want no new
+        tokens, or one greedy token (lm-eval's log-likelihoods: the score's last position has
+        it); prefill the others together, write their rows into their slots, report first tokens."""
+        nexts = self._score([request for request, _ in admitted if request.score_prompt])
+        ended = [(request, slot) for request, slot in admitted if request.max_tokens == 0
+                 or (request.score_prompt and request.max_tokens == 1 and request.sampling.greedy)]
+        with self._wake:
+            for _, slot in ended:
+                self._running[slot] = None
+        for request, _ in ended:
+            if request.max_tokens == 0:
+                request.emit(Finished("length"))
+                continue
+            token = nexts[tuple(request.prompt)]  # as prefill's greedy pick: the most likely next token
+            request.emit(token)
+            request.emit(Finished("stop" if token.id in self._stop_set else "length"))
+        admitted = [(request, slot) for request, slot in admitted if (request, slot) not in ended]
+        if not admitted:
+            return
         with self.engine.activate():
             self._state, self._sampling, first_b, done_b, *logprobs = self.programs.prefill(
                 *self.prefill_args(admitted))
@@ -210,6 +266,31 @@ class Batcher:
         chosen_b, top_ids_bk, top_lp_bk = (np.asarray(x) for x in logprobs)
         for i, (request, slot) in enumerate(admitted):
             self._report(slot, int(first_b[i]), chosen_b[i], top_ids_bk[i], top_lp_bk[i], bool(done_b[i]))
+
+    def _score(self, requests: list[Request]) -> dict[tuple[int, ...], Token]:
+        """Emit each request's `Prompt`: prompts scored in groups of the prefill's sizes, padded as
+        prefill pads them (a prompt several requests share, a request's n choices, once). Returns
+        each prompt's most likely next token (with its alternatives), from its last position."""
+        prompts = list(dict.fromkeys(tuple(request.prompt) for request in requests))
+        scored, nexts, group = {}, {}, self.shape.prefill_rows[-1]
+        for start in range(0, len(prompts), group):
+            batch = prompts[start:start + group]
+            rows = next(r for r in self.shape.prefill_rows if r >= len(batch))
+            prompts_bt, _, _ = self.engine.pad_prompts([list(p) for p in batch], rows)
+            with self.engine.activate():
+                outputs = self.programs.score(self.params, prompts_bt)
+            chosen_bt, top_ids_btk, top_lp_btk = (np.asarray(x) for x in outputs)
+            for row, prompt in enumerate(batch):
+                # Position i - 1 predicts token i; the first token has nothing before it.
+                scored[prompt] = Prompt([Token(prompt[0], None, [], [])] + [
+                    Token(prompt[i], float(chosen_bt[row, i - 1]), top_ids_btk[row, i - 1].tolist(),
+                          top_lp_btk[row, i - 1].tolist()) for i in range(1, len(prompt))])
+                last = len(prompt) - 1
+                nexts[prompt] = Token(int(top_ids_btk[row, last, 0]), float(top_lp_btk[row, last, 0]),
+                                      top_ids_btk[row, last].tolist(), top_lp_btk[row, last].tolist())
+        for request in requests:
+            request.emit(scored[tuple(request.prompt)])
+        return nexts
 
     def _decode(self) -> None:
         """One compiled call of `steps_per_call` decode steps for every slot; report the tokens."""

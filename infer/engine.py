@@ -31,7 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from llama_jax.config import ModelConfig
 from llama_jax.decoding import programs
 from llama_jax.arith import round_up
-from llama_jax.decoding.buckets import cache_bucket, prompt_shape
+from llama_jax.decoding.buckets import cache_bucket, pad_rows, prompt_shape
 from llama_jax.decoding.programs import NO_TOKEN, State
 from llama_jax.decoding.sampling import Sampling
 from llama_jax.decoding.slots import (PREFILL_BATCH, STEPS_PER_CALL, SlotPrograms, SlotShape, jit_slot_programs,
@@ -73,7 +73,7 @@ class Engine:
         self.model_config = config.replace(scan_layers=config.scan_layers and not unroll_layers,
                                            remat="none")
         self.model = model_for(self.model_config)
-        self.compiler_options = loop_compiler_options(config, plan.mesh.devices.flat[0].platform)
+        self.compiler_options = programs.loop_compiler_options(config, plan.mesh.devices.flat[0].platform)
         self.batch_multiple = plan.shards_along("batch")
         self.replicated = NamedSharding(plan.mesh, PartitionSpec())
         self.state_shardings = plan.tree_shardings(programs.state_axes(config))
@@ -81,17 +81,9 @@ class Engine:
         # values, the tiles' spans): one compiled pair per state shape.
         self._prefill, self._decode = {}, {}
         for with_images in (False, True) if config.vision is not None else (False,):
-            shardings = plan.tree_shardings(programs.state_axes(config, with_images))
-            self._prefill[with_images] = jax.jit(
-                functools.partial(programs.prefill, self.model),
-                static_argnames=("sampling", "cache_len", "keep_logits", "chunk"),
-                out_shardings=(shardings, self.replicated, self.replicated),
-                compiler_options=self.compiler_options)
-            self._decode[with_images] = jax.jit(
-                functools.partial(programs.decode, self.model),
-                static_argnames=("sampling", "steps", "keep_logits"), donate_argnames=("state",),
-                out_shardings=(shardings, self.replicated, self.replicated),
-                compiler_options=self.compiler_options)
+            self._prefill[with_images], self._decode[with_images] = programs.jit_programs(
+                self.model, plan.tree_shardings(programs.state_axes(config, with_images)), self.replicated,
+                self.compiler_options)
 
     # ------------------------------------------------------------ placement
 
@@ -160,11 +152,7 @@ class Engine:
         """
         rows = rows or round_up(len(prompts), self.batch_multiple)
         t, chunk = self.prompt_shape(max(len(p) for p in prompts))
-        prompts_bt = np.zeros((rows, t), np.int32)
-        lengths_b = np.ones((rows,), np.int32)  # padding rows: one token, no output
-        for i, p in enumerate(prompts):
-            prompts_bt[i, :len(p)] = p
-            lengths_b[i] = len(p)
+        prompts_bt, lengths_b = pad_rows(prompts, rows, t)  # padding rows: one token, no output
         plan = self.placement
         return plan.put(prompts_bt, plan.sharding("batch", "length")), self.place_rows(lengths_b), chunk
 
@@ -240,23 +228,6 @@ class Engine:
         compiles, `llama_jax.decoding.slots.jit_slot_programs`)."""
         return jit_slot_programs(self.model, shape, self.state_shardings, self.placement.sharding("batch"),
                                  self.replicated, self.compiler_options)
-
-
-def loop_compiler_options(config: ModelConfig, platform: str) -> dict | None:
-    """XLA options for programs that loop over decode steps or prefill chunks.
-
-    XLA:CPU has no bfloat16 or int8 matmul: it converts such weights to
-    float32, and its while-loop invariant code motion then lifts every
-    conversion out of the loop, so the loop holds a float32 copy of all the
-    weights at once (34 GB of temporaries for Llama 3.1 8B in bfloat16; 2.1 GB
-    without). Converting each layer's weights inside each step costs time, but
-    a model that does not fit in memory does not run at all. Float32 weights
-    and other platforms (a TPU fuses the cast into the matmul) keep the pass.
-    """
-    narrow = config.param_dtype != "float32" or config.quantize is not None
-    if platform == "cpu" and narrow:
-        return {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
-    return None
 
 
 def check_prompts(config: ModelConfig, prompts: list[list[int]], max_new_tokens: int):

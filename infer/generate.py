@@ -34,9 +34,9 @@ from llama_jax.decoding.sampling import Sampling
 from llama_jax.config import ModelConfig
 from llama_jax.paths import user_path
 from llama_jax.text.stream_decoder import StreamDecoder
-from llama_jax.text.tokenizer import Tokenizer, load_tokenizer
+from llama_jax.text.tokenizer import Tokenizer, find_tokenizer, load_tokenizer
 from sharding.layout import Layout
-from llama_jax.formats.weights import find_tokenizer, load_params, stored_config
+from llama_jax.formats.weights import load_params, stored_config
 from llama_jax.vision.image import image_inputs, load_image
 
 

@@ -35,7 +35,7 @@ from infer.options import ServingOptions
 from llama_jax.config import ModelConfig
 from llama_jax.decoding.programs import NO_TOKEN
 from llama_jax.decoding.sampling import Sampling
-from llama_jax.formats.weights import find_tokenizer
+from llama_jax.text.tokenizer import find_tokenizer
 from llama_jax.paths import user_path
 from llama_jax.text.chat_template import find_chat_template, special_tokens
 from llama_jax.text.guard_format import GuardFormat, GuardPrompt, parse_verdict

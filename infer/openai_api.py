@@ -45,6 +45,10 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
+class StreamOptions(BaseModel):
+    include_usage: bool = False  # a last chunk with the usage and no choices (others say usage null)
+
+
 class Sampled(BaseModel):
     """Fields shared by both endpoints. `top_k` is an extension (0 or -1: no top-k)."""
 
@@ -56,13 +60,16 @@ class Sampled(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool = False
+    stream_options: StreamOptions | None = None
     n: int = 1
+    skip_special_tokens: bool = True  # vLLM's name: False keeps special tokens' text (<|eot_id|>) in the answer
+    response_format: dict | None = None  # only {"type": "text"}: anything else is refused, never ignored
 
 
 class CompletionRequest(Sampled):
-    prompt: str | list[int] | list[str]
+    prompt: str | list[int] | list[str] | list[list[int]]  # one prompt or several, as text or token ids
     logprobs: int | None = None
-    echo: bool = False
+    echo: bool = False  # answer the prompt's text (and, with logprobs, its tokens') before the completion
 
 
 class FunctionCall(BaseModel):
@@ -105,12 +112,19 @@ class Settings:
     logprobs: int | None  # alternatives per token to report; None: no logprobs
     n: int = 1  # choices, each its own decode slot and seed (`choice_seed`)
     tool_names: frozenset[str] | None = None  # chat: functions a reply may call; None: replies are text
+    skip_special_tokens: bool = True  # leave special tokens' text out of the answer (their logprobs stay)
 
 
 def check_sampled(request: Sampled, prompt_tokens: int, context: int, default_max_tokens: int | None,
                   logprobs: int | None, max_choices: int, tool_names: frozenset[str] | None = None) -> Settings:
     """`Settings` for a request whose prompt has `prompt_tokens` tokens, or ApiError (400).
     `max_choices`: the most choices one request may ask for (the server's decode slots)."""
+    if request.response_format is not None and request.response_format.get("type") != "text":
+        kind = request.response_format.get("type")
+        raise ApiError(400, f"response_format {kind!r} is not supported: this server writes free text only "
+                       "(no JSON mode or schema); leave it out or send {'type': 'text'}"[:300], "response_format")
+    if request.stream_options is not None and not request.stream:
+        raise ApiError(400, "stream_options is only allowed when stream is true", "stream_options")
     if not 1 <= request.n <= max_choices:
         raise ApiError(400, f"n must be in [1, {max_choices}] (each choice takes one of this server's "
                        f"{max_choices} decode slots, --max-batch), got {request.n}", "n")
@@ -127,16 +141,18 @@ def check_sampled(request: Sampled, prompt_tokens: int, context: int, default_ma
         raise ApiError(400, f"stop: give up to {MAX_STOP_STRINGS} non-empty strings", "stop")
     if prompt_tokens < 1:
         raise ApiError(400, "the prompt is empty (it needs at least one token)", "prompt")
+    least = 0 if getattr(request, "echo", False) else 1  # an echoed prompt may be all that is asked for
     room = context - prompt_tokens
-    if room < 1:
+    if room < least:
         raise ApiError(400, f"the prompt has {prompt_tokens} tokens; this model's context is {context} "
                        "tokens and leaves no room for an answer",
                        "messages" if isinstance(request, ChatRequest) else "prompt", "context_length_exceeded")
     max_tokens = request.max_tokens
     if max_tokens is None:
         max_tokens = room if default_max_tokens is None else min(default_max_tokens, room)
-    if max_tokens < 1:
-        raise ApiError(400, f"max_tokens must be at least 1, got {max_tokens}", "max_tokens")
+    if max_tokens < least:
+        raise ApiError(400, f"max_tokens must be at least {least}" + (" (0 with echo)" if least else "")
+                       + f", got {max_tokens}", "max_tokens")
     if max_tokens > room:
         raise ApiError(400, f"max_tokens {max_tokens} plus the prompt's {prompt_tokens} tokens is over this "
                        f"model's context of {context} tokens; ask for at most {room}", "max_tokens",
@@ -144,7 +160,8 @@ def check_sampled(request: Sampled, prompt_tokens: int, context: int, default_ma
     top_k = request.top_k if request.top_k and request.top_k > 0 else None
     top_p = request.top_p if request.top_p < 1.0 else None
     sampling = Sampling(request.temperature, top_k, top_p)
-    return Settings(max_tokens, sampling, request.seed, tuple(stops), logprobs, request.n, tool_names)
+    return Settings(max_tokens, sampling, request.seed, tuple(stops), logprobs, request.n, tool_names,
+                    request.skip_special_tokens)
 
 
 def choice_seed(seed: int, index: int) -> int:
@@ -156,9 +173,26 @@ def choice_seed(seed: int, index: int) -> int:
 def completion_logprobs(request: CompletionRequest) -> int | None:
     if request.logprobs is not None and not 0 <= request.logprobs <= MAX_COMPLETION_LOGPROBS:
         raise ApiError(400, f"logprobs must be in [0, {MAX_COMPLETION_LOGPROBS}], got {request.logprobs}", "logprobs")
-    if request.echo:
-        raise ApiError(400, "echo is not supported", "echo")
     return request.logprobs
+
+
+def completion_prompts(request: CompletionRequest, tokenizer, vocab_size: int | None = None) -> list[list[int]]:
+    """The token ids of each prompt of a completions request: text (encoded with BOS), a list of
+    texts, token ids, or a list of token-id lists (used as they are). ApiError (400) for a
+    token id outside the model's `vocab_size` ids (default: the tokenizer's; a model's table
+    may be padded past its tokenizer, and such ids carry no text)."""
+    prompt = request.prompt
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], str)):
+        return [tokenizer.encode(text, bos=True) for text in ([prompt] if isinstance(prompt, str) else prompt)]
+    prompts = [list(ids) for ids in prompt] if prompt and isinstance(prompt[0], list) else [list(prompt)]
+    vocab_size = vocab_size or tokenizer.vocab_size
+    for i, ids in enumerate(prompts):
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            where = f"prompt {i}" if len(prompts) > 1 else "prompt"
+            raise ApiError(400, f"{where}: token id {bad[0]} is outside the vocabulary (0 to {vocab_size - 1})",
+                           "prompt")
+    return prompts
 
 
 def chat_logprobs(request: ChatRequest) -> int | None:
@@ -173,11 +207,11 @@ def chat_logprobs(request: ChatRequest) -> int | None:
 
 def chat_messages(request: ChatRequest) -> list[dict]:
     """The messages as `llama_jax.text.chat.format_chat` takes them: OpenAI's `tool` role is Llama
-    3.1's `ipython` (a tool's output), content parts keep their text, an assistant's
-    `tool_calls` become `ToolCall`s."""
+    3.1's `ipython` (a tool's output), its `developer` role (instructions, o1 on) the system
+    prompt, content parts keep their text, an assistant's `tool_calls` become `ToolCall`s."""
     messages = []
     for i, message in enumerate(request.messages):
-        role = "ipython" if message.role == "tool" else message.role
+        role = {"tool": "ipython", "developer": "system"}.get(message.role, message.role)
         messages.append({"role": role, "content": message.content or ""})
         if message.tool_calls:
             messages[-1]["tool_calls"] = [_call_made(i, j, call) for j, call in enumerate(message.tool_calls)]
@@ -197,7 +231,8 @@ def _call_made(i: int, j: int, call: ToolCallMade) -> ToolCall:
 
 def chat_tools(request: ChatRequest) -> tuple[list[dict] | None, frozenset[str] | None]:
     """(the function definitions to offer in the prompt or None, the names a reply may call or
-    None when replies are plain text) for a chat request's `tools` and `tool_choice`."""
+    None when replies are plain text) for a chat request's `tools` and `tool_choice`. Replies are
+    read as calls only when tools were offered (then `<|python_tag|>` code is one too)."""
     if request.tool_choice not in (None, "auto", "none"):
         raise ApiError(400, f"tool_choice {request.tool_choice!r} is not supported; use 'auto' or 'none' "
                        "(Llama picks its calls itself)"[:300], "tool_choice")
@@ -209,6 +244,6 @@ def chat_tools(request: ChatRequest) -> tuple[list[dict] | None, frozenset[str] 
             raise ApiError(400, f"tools.{i}: a tool must be {{'type': 'function', 'function': {{'name': "
                            "a-z, A-Z, 0-9, _ or - (at most 64), 'description': str, 'parameters': JSON schema}}",
                            f"tools.{i}")
-    if request.tool_choice == "none":
+    if request.tool_choice == "none" or not request.tools:  # no tools offered: replies are text, whatever they say
         return None, None
-    return request.tools or None, tool_names(request.tools or [])
+    return request.tools, tool_names(request.tools)

@@ -6,8 +6,16 @@ A request has `n` choices, each generated in its own decode slot. A
 the whole choice (`result`), so a streamed answer and a whole one are the
 same text, logprobs and finish reason:
 
-- `TextStream` decodes the tokens, drops stop tokens and cuts the text at
-  the first stop string;
+- `TextStream` decodes the tokens, drops stop tokens (and special tokens,
+  unless the request keeps them) and cuts the text at the first stop string;
+- logprobs carry each token's own bytes (`Tokenizer.token_bytes`) and where
+  its text starts in the answer, the same streamed or whole;
+- with `echo` (completions), the prompt's text comes first, as its tokens
+  decode, and with logprobs each prompt token's (the first one null: nothing
+  precedes it, as OpenAI answers), from the batcher's `Prompt` event; the
+  answer's tokens follow, a stop token included, so that a client can count
+  on one entry per token (lm-eval's `local-completions` drops the last one as
+  the generated token);
 - in a chat whose replies may be tool calls (`Settings.tool_names`),
   `ToolCallText` holds the text back while it may still be a call (it
   begins with `<|python_tag|>`, or with "{" when functions are offered)
@@ -22,7 +30,7 @@ import json
 import uuid
 from collections.abc import Collection
 
-from infer.events import Finished, Token
+from infer.events import Finished, Prompt, Token
 from infer.openai_api import Settings
 from llama_jax.text.stream_decoder import StreamDecoder
 from llama_jax.text.tokenizer import Tokenizer
@@ -33,33 +41,50 @@ class Choice:
     """One choice of an answer, built as its events arrive (module docstring).
 
     index: the choice's place in `choices`. chat: chat (`message`/`delta`) or completions
-    (`text`) shape. call_id: the id its tool call gets, if it makes one. `finish` is None
-    until the choice has ended; `generated` counts its tokens, a stop token included.
+    (`text`) shape. call_id: the id its tool call gets, if it makes one. echo: the prompt's
+    ids, to answer first (completions' `echo`), or None. `finish` is None until the choice
+    has ended; `generated` counts its tokens, a stop token included.
     """
 
-    def __init__(self, index: int, chat: bool, tokenizer: Tokenizer, settings: Settings, call_id: str):
+    def __init__(self, index: int, chat: bool, tokenizer: Tokenizer, settings: Settings, call_id: str,
+                 echo: list[int] | None = None):
         self.index, self.chat, self.tokenizer, self.settings, self.call_id = index, chat, tokenizer, settings, call_id
-        self.text = TextStream(tokenizer, tokenizer.stop_ids, settings.stops)
+        self.echo, self.every_token = echo, echo is not None
+        self.base = 0  # where the answer's own text starts (after an echoed prompt)
         self.calls = ToolCallText(settings.tool_names) if chat and settings.tool_names is not None else None
+        hidden = frozenset()
+        if settings.skip_special_tokens:  # but a tool call's <|python_tag|> is read as one
+            kept = {tokenizer.token_id(PYTHON_TAG)} if self.calls is not None else set()
+            hidden = tokenizer.special_ids - kept
+        self.text = TextStream(tokenizer, tokenizer.stop_ids, settings.stops, hidden)
         self.finish: str | None = None
         self.generated = 0
         self.call: ToolCall | None = None
         self.sent: list[str] = []  # the text so far, as released
-        self.tokens: list[Token] = []  # every token with text (logprobs of a whole answer)
-        self.pending: list[Token] = []  # tokens whose logprobs no chunk has carried yet
-        self.offset = 0  # completions: characters before the pending tokens' text
+        # (token, where its text starts in the answer's text) of every token with text (logprobs of
+        # a whole answer), and of those whose logprobs no chunk has carried yet
+        self.tokens: list[tuple[Token, int]] = []
+        self.pending: list[tuple[Token, int]] = []
+        self.role_sent = False  # chat streams: the role goes in a choice's first delta only
 
-    def add(self, event: Token | Finished) -> list[dict]:
+    def add(self, event: Prompt | Token | Finished) -> list[dict]:
         """The chunk choices to stream for the next event (none once the choice has ended)."""
         if self.finish is not None:
             return []
+        if self.echo is not None:  # the echoed prompt comes first, with its tokens' logprobs if scored
+            echoed = self._echo(event.tokens if isinstance(event, Prompt) else None)
+            return [echoed] if isinstance(event, Prompt) else [echoed, *self._add(event)]
+        return [] if isinstance(event, Prompt) else self._add(event)
+
+    def _add(self, event: Token | Finished) -> list[dict]:
         if isinstance(event, Finished):
             return self._end(event.reason, self.text.finish())
         self.generated += 1
+        at = self.base + self.text.decoded  # decoded, not released: held-back text (a stop string's start) counts
         text = self.text.add(event)
-        if event.id not in self.tokenizer.stop_ids:
-            self.tokens.append(event)
-            self.pending.append(event)
+        if self.every_token or event.id not in self.tokenizer.stop_ids:
+            self.tokens.append((event, at))
+            self.pending.append((event, at))
         if self.text.stopped:
             return self._end("stop", text)
         if self.calls is not None:
@@ -72,7 +97,7 @@ class Choice:
 
     def result(self) -> dict:
         """The whole choice of a non-streamed answer (after the choice has ended)."""
-        logprobs = self._logprobs(self.tokens, 0)
+        logprobs = self._logprobs(self.tokens)
         text = "".join(self.sent)
         if not self.chat:
             return {"index": self.index, "text": text, "logprobs": logprobs, "finish_reason": self.finish}
@@ -80,6 +105,21 @@ class Choice:
         if self.call is not None:
             message = {"role": "assistant", "content": None, "tool_calls": [self._tool_call()]}
         return {"index": self.index, "message": message, "logprobs": logprobs, "finish_reason": self.finish}
+
+    def _echo(self, tokens: list[Token] | None) -> dict:
+        """The chunk choice of the echoed prompt: its text as its tokens decode (the answer's
+        silent tokens silent here too), and the scored `tokens` at their offsets if given."""
+        stream = TextStream(self.tokenizer, (), (), self.text.silent)
+        pieces, offsets = [], []
+        for token_id in self.echo:
+            offsets.append(stream.decoded)
+            pieces.append(stream.add(Token(token_id, None, [], [])))
+        text = "".join(pieces) + stream.finish()
+        self.echo, self.base = None, len(text)
+        if tokens is not None:
+            self.tokens += list(zip(tokens, offsets))
+            self.pending += list(zip(tokens, offsets))
+        return self._chunk(text, None)
 
     def _end(self, reason: str, text: str) -> list[dict]:
         if self.calls is not None:
@@ -90,26 +130,28 @@ class Choice:
     def _chunk(self, text: str, finish: str | None) -> dict:
         self.sent.append(text)
         tokens, self.pending = self.pending, []
-        logprobs = self._logprobs(tokens, self.offset)
-        self.offset += len(text)
+        logprobs = self._logprobs(tokens)
         if not self.chat:
             return {"index": self.index, "text": text, "logprobs": logprobs, "finish_reason": finish}
-        delta = {"role": "assistant", "content": text}
+        delta = {"content": text}
         if self.call is not None:
-            delta = {"role": "assistant", "content": None, "tool_calls": [{"index": 0, **self._tool_call()}]}
+            delta = {"content": None, "tool_calls": [{"index": 0, **self._tool_call()}]}
+        if not self.role_sent:
+            delta, self.role_sent = {"role": "assistant", **delta}, True
         return {"index": self.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
 
     def _tool_call(self) -> dict:
         return {"id": self.call_id, "type": "function",
                 "function": {"name": self.call.name, "arguments": json.dumps(self.call.arguments, ensure_ascii=False)}}
 
-    def _logprobs(self, tokens: list[Token], offset: int) -> dict | None:
+    def _logprobs(self, tokens: list[tuple[Token, int]]) -> dict | None:
         top = self.settings.logprobs
         if top is None:
             return None
         if self.chat:
-            return chat_logprob_entries(self.tokenizer, tokens, top)
-        return completion_logprob_entries(self.tokenizer, tokens, top, offset)
+            return chat_logprob_entries(self.tokenizer, [token for token, _ in tokens], top)
+        return completion_logprob_entries(self.tokenizer, [token for token, _ in tokens], top,
+                                          [at for _, at in tokens])
 
 
 class ToolCallText:
@@ -144,18 +186,22 @@ class ToolCallText:
 class TextStream:
     """A request's text as its tokens arrive: `add` returns text safe to send, `finish` the rest.
 
-    Stop tokens (`stop_ids`) add no text. After a stop string matched, `stopped` is True and
-    the text ends before it.
+    Stop tokens (`stop_ids`) and `hidden` ones (special tokens, unless a request keeps them)
+    add no text. After a stop string matched, `stopped` is True and
+    the text ends before it. `decoded`: characters decoded so far, sent or held back (where the
+    next token's text starts; a character split over tokens starts at its first one).
     """
 
-    def __init__(self, tokenizer: Tokenizer, stop_ids, stops: tuple[str, ...]):
-        self.tokenizer, self.stop_ids, self.stops = tokenizer, frozenset(stop_ids), stops
+    def __init__(self, tokenizer: Tokenizer, stop_ids, stops: tuple[str, ...], hidden=frozenset()):
+        self.tokenizer, self.stops = tokenizer, stops
+        self.silent = frozenset(stop_ids) | frozenset(hidden)  # ids that add no text
         self.decoder = StreamDecoder(tokenizer)
         self.pending = ""  # decoded, not yet sent: it may begin a stop string
         self.stopped = False
+        self.decoded = 0
 
     def add(self, token: Token) -> str:
-        if self.stopped or token.id in self.stop_ids or token.id >= self.tokenizer.vocab_size:
+        if self.stopped or token.id in self.silent or token.id >= self.tokenizer.vocab_size:
             return ""
         return self._release(self.decoder.feed(token.id))
 
@@ -167,6 +213,7 @@ class TextStream:
         return text + rest
 
     def _release(self, text: str) -> str:
+        self.decoded += len(text)
         self.pending += text
         found = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
         if found:
@@ -188,29 +235,41 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def piece(tokenizer: Tokenizer, token_id: int) -> str:
-    return tokenizer.decode([token_id]) if token_id < tokenizer.vocab_size else ""
+def raw_bytes(tokenizer: Tokenizer, token_id: int) -> bytes:
+    """A token's own bytes (`Tokenizer.token_bytes`); none for an id past the tokenizer's vocabulary."""
+    return tokenizer.token_bytes(token_id) if token_id < tokenizer.vocab_size else b""
+
+
+def token_string(raw: bytes, prefix: str = "") -> str:
+    """A token's bytes as the `token` string of logprobs: its text, or for bytes that are not
+    UTF-8 on their own (part of a character), `prefix` and the bytes escaped, "\\xe2\\x82"."""
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return prefix + raw.decode("utf-8", "backslashreplace")
 
 
 def chat_logprob_entries(tokenizer: Tokenizer, tokens: list[Token], top: int) -> dict:
-    """Chat's `logprobs`: {"content": [{token, logprob, bytes, top_logprobs: [...]}]}."""
+    """Chat's `logprobs`: {"content": [{token, logprob, bytes, top_logprobs: [...]}]}; `bytes`
+    are the token's own bytes, `token` its text or, for part of a character, "\\xe2"-escaped bytes."""
     def entry(token_id, logprob):
-        text = piece(tokenizer, token_id)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+        raw = raw_bytes(tokenizer, token_id)
+        return {"token": token_string(raw), "logprob": logprob, "bytes": list(raw)}
 
     return {"content": [{**entry(t.id, t.logprob),
                          "top_logprobs": [entry(i, lp) for i, lp in zip(t.top_ids[:top], t.top_logprobs[:top])]}
                         for t in tokens]}
 
 
-def completion_logprob_entries(tokenizer: Tokenizer, tokens: list[Token], top: int, offset: int = 0) -> dict:
-    """The completions API's `logprobs`: tokens, token_logprobs, top_logprobs, text_offset."""
-    texts = [piece(tokenizer, t.id) for t in tokens]
-    offsets, at = [], offset
-    for text in texts:
-        offsets.append(at)
-        at += len(text)
-    return {"tokens": texts, "token_logprobs": [t.logprob for t in tokens],
-            "top_logprobs": [{piece(tokenizer, i): lp for i, lp in zip(t.top_ids[:top], t.top_logprobs[:top])}
+def completion_logprob_entries(tokenizer: Tokenizer, tokens: list[Token], top: int, offsets: list[int]) -> dict:
+    """The completions API's `logprobs`: tokens, token_logprobs, top_logprobs, and `offsets` as
+    text_offset (where each token's text starts in the answer's text). A token that is part of
+    a character is written as OpenAI writes it, "bytes:\\xe2\\x82"."""
+    def text(token_id):
+        return token_string(raw_bytes(tokenizer, token_id), "bytes:")
+
+    return {"tokens": [text(t.id) for t in tokens], "token_logprobs": [t.logprob for t in tokens],
+            "top_logprobs": [None if t.logprob is None else {text(i): lp for i, lp in zip(t.top_ids[:top],
+                                                                                         t.top_logprobs[:top])}
                              for t in tokens],
-            "text_offset": offsets}
+            "text_offset": list(offsets)}

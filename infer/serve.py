@@ -8,25 +8,31 @@ Endpoints: POST /v1/completions, POST /v1/chat/completions (Llama 2 and 3.x
 chat formats; Llama 3.1 tool use: OpenAI's `tools` offered in Llama 3.1's
 layout, replies that call a function or run `<|python_tag|>` code answered
 as `tool_calls`, the `tool` role taken as Llama's `ipython`), GET /v1/models,
-GET /health. Streaming by server-sent events; `n` choices per request, each
-in its own decode slot. Generation runs in `infer.batcher.Batcher`: this
+GET /v1/models/{name}, GET /health. Streaming by server-sent events; `n` choices per request, each
+in its own decode slot. Completions take several prompts at once (text or token ids; choice i of
+prompt p at index p * n + i) and `echo`, with logprobs the prompt's own from a forward pass over
+it, which is what lm-eval's `local-completions` model scores with (docs/evaluation.md). Generation runs in `infer.batcher.Batcher`: this
 module is the thin FastAPI layer over it (checks in `infer.openai_api`, the
 answers' JSON in `infer.responses`). With `--guard DIR` a Llama Guard model screens
 prompts and answers (`infer.guard_hook`: refusals with code content_filter).
 
-Bounds: it binds 127.0.0.1 unless told otherwise; with an API key every
-endpoint but /health wants `Authorization: Bearer KEY` (401 otherwise);
-request bodies over --max-body-bytes get 413, prompts longer than the
-context 400, more than --max-waiting queued requests 429. SIGTERM: the
-server stops accepting connections, lets running requests finish (at most
---shutdown-timeout seconds), and exits 0.
+Start-up: flags are checked and the port bound before anything loads, so a
+bad flag or a port in use is one line at once; "serving ... on" is printed
+once the server listens. Bounds: it binds 127.0.0.1 unless told otherwise;
+with an API key every endpoint but /health wants `Authorization: Bearer KEY`
+(401 otherwise); request bodies over --max-body-bytes get 413, bodies (or
+headers) slower than --body-timeout 408 (or a closed connection), a client
+address past --max-connections-per-client 429 (infer.listener); prompts
+longer than the context 400, more than --max-waiting queued requests 429.
+SIGTERM: the server stops accepting connections, lets running requests
+finish (at most --shutdown-timeout seconds; then each ends with a 503 error,
+in its stream if it streams), and exits 0.
 """
 
 import argparse
 import asyncio
 import contextlib
 import dataclasses
-import hmac
 import json
 import os
 import secrets
@@ -41,6 +47,7 @@ from llama_jax.cli import run_cli
 from llama_jax.decoding.slots import PREFILL_BATCH, SLOTS, STEPS_PER_CALL
 
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # what jax.monitoring reports per compile
+SHUTDOWN_GRACE = 5.0  # seconds past --shutdown-timeout for cancelled answers to end before uvicorn cuts them
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -74,8 +81,28 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="queued requests before answering 429 (default 256)")
     parser.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
                         help="on SIGTERM, seconds running requests may take to finish (default 30)")
+    parser.add_argument("--body-timeout", type=float, default=30.0, metavar="S",
+                        help="seconds a request's headers, then its body, may take to arrive; slower ones "
+                             "are cut (default 30)")
+    parser.add_argument("--max-connections-per-client", type=int, default=64, metavar="N",
+                        help="connections one client address may hold at once; more get 429 (default 64)")
     guard_hook.add_arguments(parser)
     return parser.parse_args(argv)
+
+
+def check_flags(args) -> None:
+    """ValueError (one line) for a flag out of its range; nothing is loaded or bound yet."""
+    for flag, value, least in (("--max-batch", args.max_batch, 1), ("--steps-per-call", args.steps_per_call, 1),
+                               ("--prefill-batch", args.prefill_batch, 1), ("--max-body-bytes", args.max_body_bytes, 1),
+                               ("--max-waiting", args.max_waiting, 1),
+                               ("--max-connections-per-client", args.max_connections_per_client, 1),
+                               ("--shutdown-timeout", args.shutdown_timeout, 0)):
+        if value < least:
+            raise ValueError(f"{flag} must be at least {least}, got {value}")
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in [0, 65535] (0: any free port), got {args.port}")
+    if not args.body_timeout > 0:
+        raise ValueError(f"--body-timeout must be above 0 seconds, got {args.body_timeout}")
 
 
 def main(argv=None) -> int:
@@ -83,19 +110,32 @@ def main(argv=None) -> int:
 
 
 def _serve(argv) -> None:
-    """Load, compile and serve until SIGTERM; SystemExit(1) if the server could not start."""
+    """Check, bind, load, compile and serve until SIGTERM; SystemExit(1) if the server could not start."""
     args = parse_args(argv)
-    service = _load(args)
+    check_flags(args)
+    check_checkpoint(args.checkpoint)
     import uvicorn
+
+    from infer import listener
+
+    sock = listener.bind(args.host, args.port)  # before loading: a port in use is one line at once
+    service = _load(args)
+
+    def listening(port):
+        print(f"serving {service.model_name} on http://{args.host}:{port}/v1", file=sys.stderr, flush=True)
 
     # uvicorn handles SIGTERM (graceful shutdown) and then raises it again with the handler
     # that was there before: make that one a no-op, so a graceful stop exits 0.
     signal.signal(signal.SIGTERM, lambda *_: None)
-    server = uvicorn.Server(uvicorn.Config(create_app(service), host=args.host, port=args.port,
-                                           log_level="warning", timeout_graceful_shutdown=args.shutdown_timeout))
-    print(f"serving {service.model_name} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
-    server.run()
-    service.batcher.stop(timeout=args.shutdown_timeout)
+    limits = listener.Limits(args.body_timeout, args.max_connections_per_client)
+    config = uvicorn.Config(create_app(service), log_level="warning", http=listener.connection_class(limits),
+                            timeout_graceful_shutdown=args.shutdown_timeout + SHUTDOWN_GRACE)
+    # Past --shutdown-timeout, what still runs is cancelled: each answer ends with an error (a
+    # stream with an error event and [DONE]), before uvicorn would cut the tasks mid-write.
+    server = listener.Server(config, listening, args.shutdown_timeout, service.batcher.cancel_all)
+    server.run(sockets=[sock])
+    # What is still queued or running has no one to answer (the shutdown timed out): end it.
+    service.batcher.stop(timeout=args.shutdown_timeout, cancel=True)
     if not server.started:  # uvicorn logged why; not a bad-input error (exit 2), so exit 1
         raise SystemExit(1)
 
@@ -112,6 +152,8 @@ class Service:
     max_body_bytes: int
     max_waiting: int
     compiles: int = 0
+    body_timeout: float = 30.0
+    vocab_size: int | None = None  # the model's token ids (default: the tokenizer's)
     guard: object = None  # infer.guard_hook.Screen with --guard
 
 
@@ -122,20 +164,15 @@ def _load(args) -> Service:
     from infer.engine import engine_for
     from infer.generate import checkpoint_config, load_served
 
-    check_checkpoint(args.checkpoint)
     options = ServingOptions.from_args(args)
-    for flag, value, least in (("--max-batch", args.max_batch, 1), ("--steps-per-call", args.steps_per_call, 1),
-                               ("--prefill-batch", args.prefill_batch, 1),
-                               ("--port", args.port, 0), ("--max-body-bytes", args.max_body_bytes, 1)):
-        if value < least:
-            raise ValueError(f"{flag} must be at least {least}, got {value}")
     stored = checkpoint_config(args.checkpoint)
     context = args.max_seq_len or stored.max_seq_len
     if not 2 <= context <= stored.max_seq_len:
         raise ValueError(f"--max-seq-len must be in [2, {stored.max_seq_len}] (the model's context), got {context}")
     config, params, tokenizer = load_served(args.checkpoint, options, args.tokenizer)
     service = Service(None, tokenizer, args.model_name or Path(args.checkpoint).resolve().name, context,
-                      args.api_key or None, args.max_body_bytes, args.max_waiting)
+                      args.api_key or None, args.max_body_bytes, args.max_waiting, body_timeout=args.body_timeout,
+                      vocab_size=config.vocab_size)
     service.guard = guard_hook.load(args, options.layout, tokenizer)
 
     def count(event: str, duration: float, **_):
@@ -162,6 +199,7 @@ def create_app(service: Service):
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException
 
+    from infer import listener
     from infer import openai_api as api
     from llama_jax.text.chat import format_chat
 
@@ -193,30 +231,30 @@ def create_app(service: Service):
             body["guard"] = service.guard.counts()
         return JSONResponse(body, status_code=503 if failed else 200)
 
+    def model_card():
+        return {"id": service.model_name, "object": "model", "created": 0, "owned_by": "llama-jax",
+                "max_model_len": service.context}
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": service.model_name, "object": "model", "created": 0,
-                                            "owned_by": "llama-jax", "max_model_len": service.context}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{name:path}")  # a name may hold "/", as Hugging Face's do
+    async def model(name: str):
+        _check_model(service, name)
+        return model_card()
 
     @app.post("/v1/completions")
     async def completions(body: api.CompletionRequest):
         _check_model(service, body.model)
         logprobs = api.completion_logprobs(body)
-        prompt = body.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-            if len(prompt) != 1:
-                raise api.ApiError(400, "give one prompt per request", "prompt")
-            prompt = prompt[0]
-        if isinstance(prompt, str):
-            ids = service.tokenizer.encode(prompt, bos=True)
-        else:
-            ids = list(prompt)
-            bad = [t for t in ids if not 0 <= t < service.tokenizer.vocab_size]
-            if bad:
-                raise api.ApiError(400, f"prompt: token id {bad[0]} is outside the vocabulary", "prompt")
-        settings = api.check_sampled(body, len(ids), service.context, 16, logprobs, service.batcher.slots)
-        asked = [{"role": "user", "content": prompt if isinstance(prompt, str) else service.tokenizer.decode(ids)}]
-        return await _respond(service, ids, settings, body.stream, "text_completion", "cmpl", asked)
+        prompts = api.completion_prompts(body, service.tokenizer, service.vocab_size)
+        settings = [api.check_sampled(body, len(ids), service.context, 16, logprobs, service.batcher.slots)
+                    for ids in prompts]
+        texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt if isinstance(body.prompt[0], str) \
+            else [service.tokenizer.decode(ids) for ids in prompts]
+        asked = [[{"role": "user", "content": text}] for text in texts]
+        return await _respond(service, prompts, settings, body, "text_completion", "cmpl", asked)
 
     @app.post("/v1/chat/completions")
     async def chat(body: api.ChatRequest):
@@ -232,56 +270,78 @@ def create_app(service: Service):
             raise api.ApiError(400, str(err), "messages") from None
         names = names if service.tokenizer.generation == "llama3" else None  # Llama 2 makes no calls
         settings = api.check_sampled(body, len(ids), service.context, None, logprobs, service.batcher.slots, names)
-        return await _respond(service, ids, settings, body.stream, "chat.completion", "chatcmpl",
-                              guard_hook.chat_conversation(messages))
+        return await _respond(service, [ids], [settings], body, "chat.completion", "chatcmpl",
+                              [guard_hook.chat_conversation(messages)])
 
-    async def _respond(service, ids, settings, stream, kind, prefix, conversation):
+    async def _respond(service, prompts, settings, body, kind, prefix, conversations):
+        """Answer `n` choices for each prompt (its `settings`), choice i of prompt p at index p * n + i;
+        with --guard, each prompt's conversation is screened first and the answers after."""
         from infer.responses import Choice, new_id
 
-        if service.guard is not None:  # an unsafe prompt is refused before it is queued
-            await service.guard.check_prompt(conversation)
-        requests, queue = _submit(service, ids, settings)
-        choices = [Choice(i, kind.startswith("chat"), service.tokenizer, settings, new_id("call", "_"))
-                   for i in range(settings.n)]
+        guard = service.guard
+        if guard is not None:  # an unsafe prompt is refused before it is queued
+            if len(prompts) > 1:
+                raise api.ApiError(400, "with --guard, give one prompt per request", "prompt")
+            await guard.check_prompt(conversations[0])
+        echo = getattr(body, "echo", False)
+        requests, queue = _submit(service, prompts, settings, score_prompts=echo and settings[0].logprobs is not None)
+        each = [(ids, s) for ids, s in zip(prompts, settings) for _ in range(s.n)]  # in the order of `index`
+        choices = [Choice(i, kind.startswith("chat"), service.tokenizer, s, new_id("call", "_"), ids if echo else None)
+                   for i, (ids, s) in enumerate(each)]
         events = _chunks(requests, queue, choices)
         head = {"id": new_id(prefix), "object": kind, "created": int(time.time()), "model": service.model_name}
+        prompt_tokens = sum(map(len, prompts))
         chat = kind.startswith("chat")
-        if stream:
-            if service.guard is not None:
-                events = service.guard.streamed(events, requests, conversation, chat)
-            return StreamingResponse(_stream(events, choices, head, len(ids)), media_type="text/event-stream")
-        answer = await _collect(events, choices, head, len(ids))
-        return answer if service.guard is None else await service.guard.check_answers(answer, conversation, chat)
+        if body.stream:
+            if guard is not None:
+                events = guard.streamed(events, requests, conversations[0], chat)
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            return StreamingResponse(_stream(events, choices, head, prompt_tokens, include_usage),
+                                     media_type="text/event-stream")
+        answer = await _collect(events, choices, head, prompt_tokens)
+        return answer if guard is None else await guard.check_answers(answer, conversations[0], chat)
 
-    return _Guard(app, service)
+    return listener.Guard(app, service.api_key, service.max_body_bytes, service.body_timeout)
 
 
-def _submit(service: Service, ids: list[int], settings):
-    """Queue one generation per choice (before any answer starts, so a refusal gets its own
-    status); returns (the batcher's Requests, the asyncio queue their (choice, event) pairs
-    arrive on)."""
+def _submit(service: Service, prompts: list[list[int]], settings: list, score_prompts: bool = False):
+    """Queue one generation per choice of each prompt (before any answer starts, so a refusal
+    gets its own status); returns (the batcher's Requests, in the choices' order, and the
+    asyncio queue their (choice, event) pairs arrive on). `score_prompts`: each request
+    reports its prompt's log-probabilities first (echo with logprobs)."""
     from infer import openai_api as api
-    from infer.batcher import Request
+    from infer.batcher import Request, WorkerFailed
 
     batcher = service.batcher
+    failed = api.ApiError(503, "the generation worker failed; restart the server", kind="server_error")
     if batcher.error is not None:
-        raise api.ApiError(503, "the generation worker failed; restart the server", kind="server_error")
-    if batcher.load()["waiting"] + settings.n > service.max_waiting:
+        raise failed
+    if batcher.load()["waiting"] + sum(s.n for s in settings) > service.max_waiting:
         raise api.ApiError(429, "too many requests are waiting; retry later", kind="rate_limit_error")
     loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-    seed = secrets.randbelow(api.INT32) if settings.seed is None else settings.seed
+    seed = secrets.randbelow(api.INT32) if settings[0].seed is None else settings[0].seed
 
     def emitter(index):
-        return lambda event: loop.call_soon_threadsafe(queue.put_nowait, (index, event))
+        def emit(event):  # called from the batcher's thread
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, (index, event))
+            except RuntimeError:  # the event loop has closed (a shutdown that timed out): no one listens
+                requests[index].cancelled = True
+        return emit
 
-    requests = [Request(ids, settings.max_tokens, settings.sampling, api.choice_seed(seed, i), emit=emitter(i))
-                for i in range(settings.n)]
+    # Choice i of every prompt has seed + i: each prompt is answered as it would be alone.
+    each = [(ids, s, i) for ids, s in zip(prompts, settings) for i in range(s.n)]
+    requests = [Request(ids, s.max_tokens, s.sampling, api.choice_seed(seed, i), emit=emitter(index),
+                        score_prompt=score_prompts)
+                for index, (ids, s, i) in enumerate(each)]
     try:
         for request in requests:
             batcher.submit(request)
-    except RuntimeError:
+    except RuntimeError as err:  # WorkerFailed: it failed since the check above
         for request in requests:
             request.cancelled = True
+        if isinstance(err, WorkerFailed):
+            raise failed from None
         raise api.ApiError(503, "the server is shutting down", kind="server_error") from None
     return requests, queue
 
@@ -298,6 +358,9 @@ async def _chunks(requests, queue, choices):
             index, event = await queue.get()
             if isinstance(event, Finished) and event.reason == "error":
                 raise api.ApiError(500, "the generation worker failed", kind="server_error")
+            if isinstance(event, Finished) and event.reason == "cancelled" and choices[index].finish is None:
+                # Not by this answer (a stop string, a client that left): the server is shutting down.
+                raise api.ApiError(503, "the server shut down before this answer was finished", kind="server_error")
             for chunk in choices[index].add(event):
                 yield chunk
             if choices[index].finish is not None:
@@ -317,20 +380,24 @@ async def _collect(chunks, choices, head, prompt_tokens):
             "usage": usage(prompt_tokens, sum(choice.generated for choice in choices))}
 
 
-async def _stream(chunks, choices, head, prompt_tokens):
-    """Server-sent events: one chunk per chunk choice, then one with `usage` and no choices, then [DONE]."""
+async def _stream(chunks, choices, head, prompt_tokens, include_usage: bool):
+    """Server-sent events: one chunk per chunk choice, then, if `include_usage` (OpenAI's
+    stream_options), one with `usage` and no choices (the others carry usage null), then [DONE]."""
     from infer import openai_api as api
     from infer.responses import usage
 
     head = {**head, "object": head["object"] + ".chunk" if head["object"].startswith("chat") else head["object"]}
+    if include_usage:
+        head["usage"] = None
     try:
         async with contextlib.aclosing(chunks):  # a client that leaves closes it: its requests are cancelled
             async for chunk in chunks:
                 yield f"data: {json.dumps({**head, 'choices': [chunk]})}\n\n"
     except api.ApiError as err:  # the status is sent already: report it in the stream
         yield f"data: {json.dumps(err.body())}\n\n"
-    tokens = usage(prompt_tokens, sum(choice.generated for choice in choices))
-    yield f"data: {json.dumps({**head, 'choices': [], 'usage': tokens})}\n\n"
+    if include_usage:
+        tokens = usage(prompt_tokens, sum(choice.generated for choice in choices))
+        yield f"data: {json.dumps({**head, 'choices': [], 'usage': tokens})}\n\n"
     yield "data: [DONE]\n\n"
 
 
@@ -340,60 +407,6 @@ def _check_model(service: Service, name: str) -> None:
     if name != service.model_name:
         raise ApiError(404, f"model {name!r} is not served here; this server serves {service.model_name!r} "
                        "(GET /v1/models)", "model", "model_not_found")
-
-
-class _Guard:
-    """ASGI wrapper: the API key (every path but /health) and the request body's size."""
-
-    def __init__(self, app, service: Service):
-        self.app, self.service = app, service
-
-    async def __call__(self, scope, receive, send):
-        from infer.openai_api import ApiError
-
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = dict(scope["headers"])
-        key = self.service.api_key
-        if key is not None and scope["path"] != "/health":
-            given = headers.get(b"authorization", b"").decode("latin-1")
-            if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
-                return await _send(send, ApiError(401, "missing or wrong API key (send 'Authorization: Bearer KEY')",
-                                                  code="invalid_api_key"))
-        limit = self.service.max_body_bytes
-        length = headers.get(b"content-length")
-        if length is not None:
-            if not length.isdigit():
-                return await _send(send, ApiError(400, "Content-Length is not a number"))
-            if int(length) > limit:
-                return await _send(send, ApiError(413, f"the request body is over {limit} bytes"))
-            return await self.app(scope, receive, send)
-        body, more = b"", True  # no length given: read it here, within the bound
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":
-                return
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-            if len(body) > limit:
-                return await _send(send, ApiError(413, f"the request body is over {limit} bytes"))
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        return await self.app(scope, replay, send)
-
-
-async def _send(send, err) -> None:
-    payload = json.dumps(err.body()).encode()
-    await send({"type": "http.response.start", "status": err.status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
-    await send({"type": "http.response.body", "body": payload})
 
 
 if __name__ == "__main__":

@@ -8,8 +8,9 @@ one is reported in one line that names the field.
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import ml_dtypes
 import numpy as np
@@ -54,6 +55,66 @@ class RopeScaling:
 
 
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoeConfig:
+    """Mixture-of-experts feed-forward layers (Llama 4), see llama_jax/model/moe.py.
+
+    Layer i is a MoE layer when `(i + 1) % interleave_step == 0` (Scout: every
+    layer, Maverick: every second one); the other layers keep the dense
+    feed-forward of width `ffn_dim`. Each token goes to its `top_k` experts
+    (SwiGLU of width `ffn_dim_expert`), picked by a router with sigmoid
+    scores, plus a `shared_expert` of the same width that sees every token.
+    `load_balance_weight` and `router_z_weight` scale the auxiliary losses a
+    training objective adds (Switch Transformer's load balancing, ST-MoE's
+    router z-loss); 0 (default) trains as the reference does, without them.
+    """
+
+    n_experts: int
+    ffn_dim_expert: int
+    top_k: int = 1
+    shared_expert: bool = True
+    interleave_step: int = 1
+    load_balance_weight: float = 0.0
+    router_z_weight: float = 0.0
+
+    def __post_init__(self):
+        for name in ("n_experts", "ffn_dim_expert", "top_k", "interleave_step"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"moe.{name}: must be a positive integer, got {value!r}")
+        if self.top_k > self.n_experts:
+            raise ConfigError(f"moe.top_k: {self.top_k} exceeds moe.n_experts {self.n_experts}")
+        if not isinstance(self.shared_expert, bool):
+            raise ConfigError(f"moe.shared_expert: must be true or false, got {self.shared_expert!r}")
+        for name in ("load_balance_weight", "router_z_weight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ConfigError(f"moe.{name}: must be a non-negative number, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TemperatureTuning:
+    """Llama 4's attention temperature on NoPE layers: queries at position p are scaled by
+    `log(floor((p + 1) / floor_scale) + 1) * attn_scale + 1` (1 below `floor_scale` tokens)."""
+
+    floor_scale: float = 8192.0
+    attn_scale: float = 0.1
+
+    def __post_init__(self):
+        for name in ("floor_scale", "attn_scale"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ConfigError(f"attn_temperature_tuning.{name}: must be a positive number, got {value!r}")
+
+
+class LayerKind(NamedTuple):
+    """What one decoder layer is, from the config's fields (`ModelConfig.layer_kind`)."""
+
+    moe: bool = False      # a mixture-of-experts feed-forward (else the dense one)
+    rope: bool = True      # rotary embeddings (False: a NoPE layer)
+    chunked: bool = False  # attends within chunks of `attention_chunk_size` positions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,6 +273,13 @@ class ModelConfig:
     `quantize` ("int8" or "fp8") stores the projections of QUANTIZE_TARGETS
     quantised, each beside its float32 `scale` (llama_jax/model/quantize.py);
     `kv_cache_dtype` ("int8" or "fp8") quantises the KV cache per token and head.
+
+    Llama 4 (docs/llama4.md): `moe` makes some feed-forwards mixtures of experts;
+    every `nope_layer_interval`-th layer (i + 1 divisible by it) is a NoPE
+    layer (no rotary embeddings, global attention, queries scaled by
+    `attn_temperature_tuning`); the others attend within chunks of
+    `attention_chunk_size` positions, and with `qk_norm` their queries and
+    keys are L2-normalised (RMS norm without weight) after the rotation.
     """
 
     dim: int
@@ -237,6 +305,11 @@ class ModelConfig:
     vision: VisionConfig | None = None
     quantize: str | None = None
     kv_cache_dtype: str | None = None
+    moe: MoeConfig | None = None
+    attention_chunk_size: int | None = None
+    nope_layer_interval: int | None = None
+    qk_norm: bool = False
+    attn_temperature_tuning: TemperatureTuning | None = None
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -257,6 +330,15 @@ class ModelConfig:
             if missing:
                 raise ConfigError(f"vision.{missing[0]}: required field is missing")
             object.__setattr__(self, "vision", VisionConfig(**self.vision))
+        for name, cls in (("moe", MoeConfig), ("attn_temperature_tuning", TemperatureTuning)):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                check_keys(cls, value, f"{name}.", "unknown field")
+                missing = [f.name for f in dataclasses.fields(cls)
+                           if f.default is dataclasses.MISSING and f.name not in value]
+                if missing:
+                    raise ConfigError(f"{name}.{missing[0]}: required field is missing")
+                object.__setattr__(self, name, cls(**value))
         self._validate()
 
     def _validate(self):
@@ -287,16 +369,29 @@ class ModelConfig:
         if self.quantize == "fp8" and self.n_layers < 3:
             raise ConfigError(f"quantize: fp8 keeps the first and last layers in {self.param_dtype}, so it "
                               f"needs at least 3 layers (this model has {self.n_layers}); use int8")
-        for name in ("tie_embeddings", "scan_layers"):
+        for name in ("attention_chunk_size", "nope_layer_interval"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ConfigError(f"{name}: must be a positive integer or null, got {value!r}")
+        if self.n_layers % self.layer_period:
+            raise ConfigError(f"n_layers: {self.n_layers} is not a whole number of repeats of the "
+                              f"{self.layer_period}-layer pattern (nope_layer_interval, moe.interleave_step)")
+        if self.layer_period > 1 and self.quantize is not None:
+            raise ConfigError("quantize: quantised weights are not supported for layer patterns "
+                              "(nope_layer_interval, moe.interleave_step) yet; use null")
+        if self.moe is not None and (self.quantize is not None or self.vision is not None):
+            raise ConfigError("moe: mixture-of-experts layers take no quantize and no vision section")
+        for name in ("tie_embeddings", "scan_layers", "qk_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}: must be true or false, got {getattr(self, name)!r}")
         scaling = self.rope_scaling
         if scaling is not None:
             if scaling.factor <= 0 or scaling.original_context <= 0:
                 raise ConfigError("rope_scaling: factor and original_context must be positive")
-            if not 0 < scaling.low_freq_factor < scaling.high_freq_factor:
+            # Llama 4 Scout has low_freq_factor == high_freq_factor (1): a sharp cut, no blend.
+            if not 0 < scaling.low_freq_factor <= scaling.high_freq_factor:
                 raise ConfigError(
-                    "rope_scaling: need 0 < low_freq_factor < high_freq_factor, got "
+                    "rope_scaling: need 0 < low_freq_factor <= high_freq_factor, got "
                     f"{scaling.low_freq_factor} and {scaling.high_freq_factor}")
         if self.vision is not None:
             self.vision.group(self.n_layers)
@@ -322,13 +417,30 @@ class ModelConfig:
 
     @property
     def stacked_layers(self) -> range:
-        """The layers whose weights share one stack (the `layers` subtree, scanned).
+        """The units whose weights share one stack (the `layers` subtree, scanned).
 
-        All of them, except with fp8 weights: Llama 3's FP8 recipe leaves the first
+        The layers, except with fp8 weights: Llama 3's FP8 recipe leaves the first
         and last layers unquantised, so those two keep their own subtrees
-        (`layers_0`, `layers_{n-1}`, as unrolled layers are named).
+        (`layers_0`, `layers_{n-1}`, as unrolled layers are named). A model whose
+        layers repeat a pattern of `layer_period` > 1 kinds (Llama 4) stacks the
+        blocks of one pattern each: range(n_layers // layer_period).
         """
+        if self.layer_period > 1:
+            return range(self.n_layers // self.layer_period)
         return range(1, self.n_layers - 1) if self.quantize == "fp8" else range(self.n_layers)
+
+    def layer_kind(self, layer: int) -> LayerKind:
+        """What decoder layer `layer` (0-based) is: MoE or dense, RoPE or NoPE, chunked or global
+        attention (Meta's reference: layer i is NoPE when (i + 1) % nope_layer_interval == 0,
+        MoE when (i + 1) % moe.interleave_step == 0)."""
+        nope = self.nope_layer_interval is not None and (layer + 1) % self.nope_layer_interval == 0
+        moe = self.moe is not None and (layer + 1) % self.moe.interleave_step == 0
+        return LayerKind(moe=moe, rope=not nope, chunked=self.attention_chunk_size is not None and not nope)
+
+    @property
+    def layer_period(self) -> int:
+        """After how many layers the kinds of layers repeat (1 for every dense Llama)."""
+        return math.lcm(self.nope_layer_interval or 1, self.moe.interleave_step if self.moe else 1)
 
     def replace(self, **changes) -> "ModelConfig":
         """A copy with some fields changed (validated again)."""

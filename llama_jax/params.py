@@ -78,6 +78,17 @@ def count_params(config: ModelConfig) -> int:
     return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(abstract_params(config)))
 
 
+def count_active_params(config: ModelConfig) -> int:
+    """Parameters one token uses: all but the experts it is not routed to (top_k of n_experts
+    per MoE layer); `count_params` for a model without experts."""
+    total = count_params(config)
+    if config.moe is None:
+        return total
+    moe = config.moe
+    moe_layers = sum(config.layer_kind(i).moe for i in range(config.n_layers))
+    return total - moe_layers * (moe.n_experts - moe.top_k) * 3 * config.dim * moe.ffn_dim_expert
+
+
 def layer_location(layer: int | None, subpath: tuple[str, ...], config: ModelConfig) -> tuple[tuple[str, ...], int | None]:
     """Where a weight lives in `config`'s parameter tree: (leaf path, index along the stacked
     `layers` axis or None). `layer` indexes the stack's units (`stacked_layers`: decoder

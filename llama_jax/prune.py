@@ -41,7 +41,8 @@ import numpy as np
 
 from llama_jax.cli import run_cli
 from llama_jax.config import ModelConfig
-from llama_jax.model.llama import DecoderLayer, FeedForward, Linear, Llama
+from llama_jax.model.layers import FeedForward, Linear
+from llama_jax.model.llama import DecoderLayer, Llama
 from llama_jax.model.trees import stack_layers
 from llama_jax.params import stacked_layers
 from llama_jax.formats.checkpoint import save_params

@@ -12,7 +12,10 @@ A layout is data, read from `configs/layouts/<name>.yaml`:
       - [head_dim, null]        # null: replicated
 
 Every logical name the model uses must have at least one rule, so a typo in
-a layout is an error rather than a silently replicated array.
+a layout is an error rather than a silently replicated array. `expert` (the
+experts of a mixture-of-experts layer) is checked against the model that
+uses it: configs/layouts/expert_fsdp.yaml maps it onto `data` (expert
+parallelism over the data-parallel devices), the other layouts replicate it.
 """
 
 from __future__ import annotations
@@ -25,7 +28,10 @@ from llama_jax.config_files import read_config_file, shipped_configs
 
 MESH_AXES = ("data", "fsdp", "sequence", "tensor")  # outermost to innermost
 LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab",
-                "layers", "kv_length")
+                "layers", "kv_length", "expert")
+# Names only some models use (`expert`: mixture-of-experts weights). A layout need not name them;
+# `sharding.place.validate` refuses a model that uses one its layout has no rule for.
+MODEL_SPECIFIC_AXES = ("expert",)
 
 Rule = tuple[str, "str | tuple[str, ...] | None"]
 
@@ -66,7 +72,7 @@ class Layout:
                                       f"(known: {', '.join(MESH_AXES)})")
         covered = {logical for logical, _ in self.rules}
         for logical in LOGICAL_AXES:
-            if logical not in covered:
+            if logical not in covered and logical not in MODEL_SPECIFIC_AXES:
                 raise LayoutError(f"layout {self.name}: logical axis {logical!r} has no rule "
                                   "(add one, with null to replicate)")
 

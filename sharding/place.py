@@ -76,6 +76,9 @@ def validate(config: ModelConfig, layout: Layout, mesh: Mesh, batch: int | None 
                           f"nor is a multiple of n_kv_heads {config.n_kv_heads}")
     sizes = [(logical, _field(logical), getattr(config, _field(logical)))
              for logical in ("heads", "kv_heads", "mlp", "vocab", "embed", "head_dim")]
+    if config.moe is not None:  # the experts, and their width under the name of every FFN width
+        sizes += [("expert", "moe.n_experts", config.moe.n_experts), ("mlp", "moe.ffn_dim_expert",
+                                                                      config.moe.ffn_dim_expert)]
     if config.vision is not None:  # the image encoder's widths, under the same logical names
         sizes += [(logical, f"vision.{field}", getattr(config.vision, field))
                   for logical, field in (("heads", "n_heads"), ("mlp", "ffn_dim"), ("embed", "dim"))]

@@ -4,7 +4,7 @@ import pytest
 
 from llama_jax.config import ConfigError, ModelConfig, load_model_config, published_models
 from llama_jax.formats.hf import config_from_hf, config_to_hf
-from tiny import SHAPES
+from tiny import LLAMA4_SHAPES, SHAPES
 
 GOOD = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, vocab_size=256)
 
@@ -19,6 +19,14 @@ GOOD = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, vocab_size
     ({"attention": "magic"}, "attention"),
     ({"vocab_size": 0}, "vocab_size"),
     ({"norm_eps": -1.0}, "norm_eps"),
+    ({"moe": {"n_experts": 4}}, "moe.ffn_dim_expert"),            # required
+    ({"moe": {"n_experts": 4, "ffn_dim_expert": 64, "top_k": 5}}, "moe.top_k"),
+    ({"moe": {"n_experts": 4, "ffn_dim_expert": 64, "capacity": 1.0}}, "moe.capacity"),
+    ({"nope_layer_interval": 0}, "nope_layer_interval"),
+    ({"nope_layer_interval": 3}, "n_layers"),                      # 2 layers are not repeats of 3
+    ({"attention_chunk_size": -8}, "attention_chunk_size"),
+    ({"attn_temperature_tuning": {"floor_scale": 0}}, "attn_temperature_tuning.floor_scale"),
+    ({"qk_norm": "yes"}, "qk_norm"),
 ])
 def test_bad_field_fails_with_one_line_naming_it(changes, field):
     with pytest.raises(ConfigError) as err:
@@ -76,3 +84,20 @@ def test_a_run_config_applies_lora_and_model_overrides_to_a_model_config_object(
                                 "lora": {"rank": 4, "targets": ["wq"]}})
     assert run.model.lora.rank == 4 and run.model.lora.targets == ("wq",) and run.model.remat == "full"
     assert run.model.replace(lora=None, remat=tiny.remat) == tiny
+
+
+@pytest.mark.parametrize("shape", sorted(LLAMA4_SHAPES))
+def test_llama4_hf_config_round_trips(shape):
+    config = LLAMA4_SHAPES[shape]
+    hf = config_to_hf(config)
+    assert hf["model_type"] == "llama4_text" and config_from_hf(hf) == config
+    assert config_from_hf({k: v for k, v in hf.items() if k not in ("moe_layers", "no_rope_layers")}) == config
+
+
+def test_published_llama4_configs_load_with_their_layer_patterns():
+    scout, maverick = load_model_config("llama4_scout_17b_16e"), load_model_config("llama4_maverick_17b_128e")
+    assert scout.layer_period == maverick.layer_period == 4
+    assert [scout.layer_kind(i).moe for i in range(4)] == [True] * 4
+    assert [maverick.layer_kind(i).moe for i in range(4)] == [False, True, False, True]
+    assert [k.rope for k in map(scout.layer_kind, range(4))] == [True, True, True, False]
+    assert scout.rope_scaling.low_freq_factor == scout.rope_scaling.high_freq_factor == 1.0

@@ -14,8 +14,10 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+import tokenizers
 import torch
 import transformers
+from transformers import AutoTokenizer
 
 from llama_jax import Llama, init_params
 from llama_jax.formats.checkpoint import read_config, restore_params, save_params
@@ -162,7 +164,9 @@ def test_hf_in_and_out_loads_in_transformers_with_equal_logits(shape, tmp_path):
     assert_params_equal(hf_params, params)
     assert ParamsReader(tmp_path / "ours").layers_per_chunk(("layers", "feed_forward", "w2", "kernel")) == 1
 
-    export_hf(tmp_path / "ours", tmp_path / "hf_out", dtype="float32", max_shard_bytes=200_000, show_progress=False)
+    # No tokenizer here, and hf_in declares no special ids: the export is told them.
+    export_hf(tmp_path / "ours", tmp_path / "hf_out", dtype="float32", max_shard_bytes=200_000, show_progress=False,
+              bos_token_id=1, eos_token_id=2)
     out = tmp_path / "hf_out"
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1, "expected several safetensors files"
@@ -226,11 +230,76 @@ def test_hf_export_refuses_a_tokenizer_larger_than_the_vocabulary(byte_tokenizer
                          "the tokenizer has 512 ids but the model's vocabulary is 320")
 
 
+LLAMA3_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+                   "{{ m['content'] }}<|eot_id|>{% endfor %}"
+                   "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer_dir(tmp_path_factory):
+    """A Hugging Face Llama 3 style tokenizer saved by transformers: tokenizer.json,
+    tokenizer_config.json and the chat template in chat_template.jinja."""
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from llama_jax.text.tokenizer import llama3_special_tokens
+
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["the llama is a camelid"] * 10, trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok.add_special_tokens(llama3_special_tokens())
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>",
+                                                eos_token="<|eot_id|>")
+    fast.chat_template = LLAMA3_TEMPLATE
+    directory = tmp_path_factory.mktemp("chat_tok")
+    fast.save_pretrained(directory)
+    assert (directory / "chat_template.jinja").is_file()
+    return directory
+
+
+CHAT_MESSAGES = [{"role": "user", "content": "the llama"}]
+
+
+def test_hf_export_keeps_every_tokenizer_file_so_the_chat_template_applies(chat_tokenizer_dir, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(chat_tokenizer_dir)
+    config = SHAPES["llama3"].replace(vocab_size=len(tokenizer))
+    save_params(tmp_path / "ours", config, init_params(config, jax.random.key(0)))
+    export_hf(tmp_path / "ours", tmp_path / "hf", dtype="float32", tokenizer=chat_tokenizer_dir, show_progress=False)
+    for name in os.listdir(chat_tokenizer_dir):
+        assert (tmp_path / "hf" / name).read_bytes() == (chat_tokenizer_dir / name).read_bytes(), name
+    exported = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert exported.apply_chat_template(CHAT_MESSAGES, add_generation_prompt=True) == \
+        tokenizer.apply_chat_template(CHAT_MESSAGES, add_generation_prompt=True)
+    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    generation = transformers.GenerationConfig.from_pretrained(tmp_path / "hf")
+    assert eot in generation.eos_token_id
+
+
+def test_hf_export_takes_the_tokenizer_beside_the_checkpoint_or_refuses_without_one(chat_tokenizer_dir, tmp_path,
+                                                                                  capsys):
+    config = SHAPES["llama3"].replace(vocab_size=len(AutoTokenizer.from_pretrained(chat_tokenizer_dir)))
+    run = tmp_path / "run"
+    save_params(run / "ours", config, init_params(config, jax.random.key(0)))
+    # No tokenizer anywhere and a vocabulary of neither Llama's size: no stop ids to write.
+    run_and_expect_error(ours_to_hf.main, [str(run / "ours"), str(tmp_path / "out")], capsys, tmp_path / "out",
+                         "pass --tokenizer")
+    # A tokenizer saved with the run (beside its checkpoint) is the checkpoint's own.
+    for name in os.listdir(chat_tokenizer_dir):
+        (run / name).write_bytes((chat_tokenizer_dir / name).read_bytes())
+    export_hf(run / "ours", tmp_path / "out", dtype="float32", show_progress=False)
+    exported = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert exported.apply_chat_template(CHAT_MESSAGES, add_generation_prompt=True)
+    generation = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    assert exported.convert_tokens_to_ids("<|eot_id|>") in generation["eos_token_id"]
+
+
 def test_bfloat16_export_holds_our_weights_rounded(tmp_path):
     config = SHAPES["llama3"]
     _, params = load_hf_params(_saved_hf(config, tmp_path), dtype=np.float32)
     save_params(tmp_path / "ours", config, params)
-    export_hf(tmp_path / "ours", tmp_path / "out", dtype="bfloat16", show_progress=False)
+    export_hf(tmp_path / "ours", tmp_path / "out", dtype="bfloat16", show_progress=False, bos_token_id=1,
+              eos_token_id=2)  # no tokenizer here: the ids are given
     assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == "bfloat16"
     model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.bfloat16)
     q = model.state_dict()["model.layers.1.self_attn.q_proj.weight"]

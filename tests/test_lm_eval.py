@@ -283,3 +283,46 @@ def test_a_dataset_that_cannot_be_reached_names_the_offline_remedy(checkpoint, t
     assert code == 2 and "\n" not in err, err
     assert err.startswith("train.eval: error: a task's dataset could not be reached")
     assert "local task YAML" in err and "--include_path" in err
+
+
+def tiny_run(checkpoint, run_dir, **eval_settings):
+    """A two-step fine-tuning run of the checkpoint on the tiny documents, evaluating tasks at step 2."""
+    from train.config import run_config_from_dict
+
+    config, _ = load_hf_params(checkpoint)
+    data = {"source": "text", "paths": [str(TASKS_DIR / "tiny_docs.jsonl")], "tokenizer": str(checkpoint),
+            "seq_len": 32, "global_batch": 8, "shuffle": False}
+    return run_config_from_dict({"model": config.to_dict(), "init_from": str(checkpoint), "layout": "fsdp",
+                                 "data": data, "steps": 2, "log_every": 1, "checkpoint_every": 2,
+                                 "run_dir": str(run_dir), "eval": {"every": 2, **eval_settings},
+                                 "optimizer": {"learning_rate": 1e-2, "warmup_steps": 0}})
+
+
+def test_a_run_with_eval_tasks_logs_each_tasks_main_metric_of_its_live_parameters(checkpoint, tmp_path):
+    from train.loop import train
+    from train.tracking.metrics import scalar_tag
+
+    train(tiny_run(checkpoint, tmp_path / "run", tasks=[CHOICE, ROLLING], task_limit=6), progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    [row] = [row for row in rows if any(key.startswith("eval/") for key in row)]
+    assert row["step"] == 2 and {key for key in row if key.startswith("eval/")} == {
+        f"eval/{CHOICE}/acc", f"eval/{ROLLING}/word_perplexity"}
+    assert scalar_tag(f"eval/{CHOICE}/acc") == f"eval/{CHOICE}/acc"  # TensorBoard's tag, as logged
+    # The same figures as the in-process model reading step 2's checkpoint from disk.
+    saved = evaluate(LlamaJaxLM(tmp_path / "run", tokenizer=checkpoint, max_length=32), [CHOICE, ROLLING], limit=6)
+    assert row[f"eval/{CHOICE}/acc"] == saved["results"][CHOICE]["acc,none"]
+    assert row[f"eval/{ROLLING}/word_perplexity"] == pytest.approx(
+        saved["results"][ROLLING]["word_perplexity,none"], rel=1e-5)
+
+
+def test_a_run_with_eval_tasks_fails_in_one_line_before_compiling(checkpoint, tmp_path, monkeypatch):
+    from llama_jax.config import ConfigError
+    from train.loop import train
+
+    with pytest.raises(ValueError, match="unknown task no_such_task"):
+        train(tiny_run(checkpoint, tmp_path / "typo", tasks=["no_such_task"]), progress=False)
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if the `eval` extra were not installed
+    with pytest.raises(ConfigError) as err:
+        train(tiny_run(checkpoint, tmp_path / "bare", tasks=[CHOICE]), progress=False)
+    assert str(err.value).startswith("eval.tasks: lm-eval is not installed") and "llama-jax[eval]" in str(err.value)
+    assert not (tmp_path / "typo").exists() and not (tmp_path / "bare").exists()

@@ -7,6 +7,7 @@ import pytest
 
 from llama_jax import Llama, count_params, init_cache, init_params, load_model_config
 from llama_jax.config import REMAT_POLICIES
+from llama_jax.params import count_active_params
 from llama_jax.model.trees import unstack_layers
 from tiny import LLAMA3_LIKE, LLAMA31_LIKE
 
@@ -18,6 +19,11 @@ PUBLISHED_BILLIONS = {
 }
 
 
+# Llama 4 text models (total, active per token), in billions: the published totals (Scout
+# 109B, Maverick 400B) add the 0.87B image encoder, which tests/test_llama4.py adds.
+LLAMA4_TEXT_BILLIONS = {"llama4_scout_17b_16e": (108, 17.2), "llama4_maverick_17b_128e": (401, 17.2)}
+
+
 def _three_figures(x: float) -> float:
     return float(f"{x:.3g}")
 
@@ -25,6 +31,13 @@ def _three_figures(x: float) -> float:
 @pytest.mark.parametrize("name", sorted(PUBLISHED_BILLIONS))
 def test_parameter_count_matches_published(name):
     assert _three_figures(count_params(load_model_config(name)) / 1e9) == PUBLISHED_BILLIONS[name]
+
+
+@pytest.mark.parametrize("name", sorted(LLAMA4_TEXT_BILLIONS))
+def test_llama4_total_and_active_parameter_counts(name):
+    config = load_model_config(name)
+    counts = (count_params(config) / 1e9, count_active_params(config) / 1e9)
+    assert tuple(map(_three_figures, counts)) == LLAMA4_TEXT_BILLIONS[name]
 
 
 def _forward(config, params, tokens, positions=None, segment_ids=None):

@@ -119,6 +119,13 @@ def prompt_ids(n: int, seed: int) -> list[int]:
     return np.random.default_rng(seed).integers(0, 400, n).tolist()
 
 
+def shown(tokenizer, generation) -> str:
+    """What the server answers for a `generate` result: its text, special tokens' text left out
+    (the API's default, `skip_special_tokens`; a random model writes many of them)."""
+    hidden = tokenizer.special_ids
+    return tokenizer.decode([t for t in generation.tokens if t < tokenizer.vocab_size and t not in hidden])
+
+
 def stream_text(stream) -> tuple[str, str | None]:
     text, finish = [], None
     for chunk in stream:
@@ -134,12 +141,36 @@ def test_a_greedy_chat_completion_equals_generate_streamed_and_not(client, refer
     ids = format_chat(tokenizer, CHAT)
     expected = generate(params, tokenizer, [ids], max_new_tokens=24, config=config)[0]
     answer = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=24, temperature=0)
-    assert answer.choices[0].message.content == expected.text
+    assert answer.choices[0].message.content == shown(tokenizer, expected)
     assert answer.choices[0].finish_reason == expected.finish_reason
     assert answer.usage.prompt_tokens == len(ids)
     assert answer.usage.completion_tokens == len(expected.tokens) + (expected.finish_reason == "stop")
     streamed = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=24, temperature=0, stream=True)
-    assert stream_text(streamed) == (expected.text, expected.finish_reason)
+    assert stream_text(streamed) == (shown(tokenizer, expected), expected.finish_reason)
+
+
+def test_the_openai_clients_plain_streaming_loop_reads_every_chunk(client, reference):
+    config, params, tokenizer = reference
+    expected = generate(params, tokenizer, [format_chat(tokenizer, CHAT)], max_new_tokens=24, config=config)[0]
+    stream = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=24, temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == shown(tokenizer, expected)
+    prompt = prompt_ids(12, 5)
+    whole = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0).choices[0].text
+    stream = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in stream) == whole
+    # Asked for, the usage comes last, in a chunk of no choices; the others say usage null.
+    chunks = list(client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=24, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and all(c.usage is None for c in chunks[:-1])
+    assert chunks[-1].usage.completion_tokens == len(expected.tokens) + (expected.finish_reason == "stop")
+    roles = [c.choices[0].delta.role for c in chunks[:-1]]
+    assert len(roles) > 1 and roles[0] == "assistant" and not any(roles[1:])  # the role in the first delta only
+
+
+def test_stream_options_without_stream_get_400(server):
+    answer = post(server, "/v1/chat/completions", {"model": MODEL, "messages": CHAT,
+                                                   "stream_options": {"include_usage": True}})
+    assert answer.status_code == 400 and "stream_options" in answer.json()["error"]["message"]
 
 
 def test_a_tool_result_is_the_ipython_turn_of_llama_3_1(client, reference):
@@ -149,7 +180,8 @@ def test_a_tool_result_is_the_ipython_turn_of_llama_3_1(client, reference):
     assert tokenizer.token_id("<|eom_id|>") in tokenizer.stop_ids  # a tool call ends at <|eom_id|>
     expected = generate(params, tokenizer, [ids], max_new_tokens=8, config=config)[0]
     answer = client.chat.completions.create(model=MODEL, messages=call, max_tokens=8, temperature=0)
-    assert answer.usage.prompt_tokens == len(ids) and answer.choices[0].message.content == expected.text
+    assert answer.usage.prompt_tokens == len(ids)
+    assert answer.choices[0].message.content == shown(tokenizer, expected)
 
 
 WEATHER = {"type": "function", "function": {"name": "get_weather"}}
@@ -184,11 +216,12 @@ def test_tools_and_a_tool_call_turn_make_llama_31s_prompt(client, reference):
     ids = prompts[answer.usage.prompt_tokens]
     expected = generate(params, tokenizer, [ids], max_new_tokens=8, config=config)[0]
     # A random model's reply is no call: it comes back as text, streamed or not.
-    assert answer.choices[0].message.content == expected.text and answer.choices[0].message.tool_calls is None
+    assert answer.choices[0].message.content == shown(tokenizer, expected)
+    assert answer.choices[0].message.tool_calls is None
     assert answer.choices[0].finish_reason == expected.finish_reason
     streamed = client.chat.completions.create(model=MODEL, messages=CALLED, tools=[WEATHER], max_tokens=8,
                                               temperature=0, stream=True)
-    assert stream_text(streamed) == (expected.text, expected.finish_reason)
+    assert stream_text(streamed) == (shown(tokenizer, expected), expected.finish_reason)
     plain = client.chat.completions.create(model=MODEL, messages=CALLED, tools=[WEATHER], tool_choice="none",
                                            max_tokens=1)
     assert plain.usage.prompt_tokens == len(tokenizer.encode(called_prompt(None), allow_special=True))
@@ -262,7 +295,8 @@ def test_a_malformed_call_falls_back_to_text_and_plain_text_streams_at_once(refe
     assert first == [{"index": 0, "delta": {"role": "assistant", "content": tokenizer.decode(text[:1])},
                       "logprobs": None, "finish_reason": None}]
     tagged = [tokenizer.token_id("<|python_tag|>")] + tokenizer.encode("print(1)")
-    no_tools = Choice(0, True, tokenizer, Settings(16, Sampling(), None, (), None), "call_1")  # tool_choice none
+    no_tools = Choice(0, True, tokenizer, Settings(16, Sampling(), None, (), None, skip_special_tokens=False),
+                      "call_1")  # tool_choice none, special tokens' text kept
     assert "".join(c["delta"]["content"] for c in replay(no_tools, tagged + [eot])) == "<|python_tag|>print(1)"
     assert no_tools.finish == "stop"
 
@@ -272,16 +306,16 @@ def test_n_greedy_chat_choices_are_equal_and_usage_sums_them(client, reference):
     expected = generate(params, tokenizer, [format_chat(tokenizer, CHAT)], max_new_tokens=24, config=config)[0]
     answer = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=24, temperature=0, n=2)
     assert [(c.index, c.message.content, c.finish_reason) for c in answer.choices] == [
-        (0, expected.text, expected.finish_reason), (1, expected.text, expected.finish_reason)]
+        (i, shown(tokenizer, expected), expected.finish_reason) for i in (0, 1)]
     assert answer.usage.completion_tokens == 2 * (len(expected.tokens) + (expected.finish_reason == "stop"))
     texts, finishes, usage = {0: "", 1: ""}, {}, None
     for chunk in client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=24, temperature=0, n=2,
-                                                stream=True):
+                                                stream=True, stream_options={"include_usage": True}):
         usage = chunk.usage or usage
         for choice in chunk.choices:
             texts[choice.index] += choice.delta.content or ""
             finishes[choice.index] = choice.finish_reason or finishes.get(choice.index)
-    assert texts == {0: expected.text, 1: expected.text}
+    assert texts == {0: shown(tokenizer, expected), 1: shown(tokenizer, expected)}
     assert finishes == {0: expected.finish_reason, 1: expected.finish_reason}
     assert usage.completion_tokens == answer.usage.completion_tokens
 
@@ -295,7 +329,7 @@ def test_concurrent_requests_of_mixed_lengths_each_equal_their_greedy_result(cli
     for limit in limits:  # ragged batches of `generate` equal its single-row results (test_generate.py)
         group = [ids for ids, m in jobs if m == limit]
         for ids, result in zip(group, generate(params, tokenizer, group, max_new_tokens=limit, config=config)):
-            expected[tuple(ids)] = result.text
+            expected[tuple(ids)] = shown(tokenizer, result)
     calls_before = health(server)["decode_calls"]
     with ThreadPoolExecutor(len(jobs)) as pool:
         answers = list(pool.map(lambda job: client.completions.create(
@@ -326,7 +360,7 @@ def test_short_requests_finish_while_a_long_one_streams(client, reference):
 def test_stop_strings_cut_the_text_streamed_and_not(client, reference):
     config, params, tokenizer = reference
     prompt = prompt_ids(12, 5)
-    full = generate(params, tokenizer, [prompt], max_new_tokens=30, config=config)[0].text
+    full = shown(tokenizer, generate(params, tokenizer, [prompt], max_new_tokens=30, config=config)[0])
     stop = full[8:11]
     assert stop and full.index(stop) >= 1
     answer = client.completions.create(model=MODEL, prompt=prompt, max_tokens=30, temperature=0, stop=[stop, "zzzz"])
@@ -345,18 +379,18 @@ def test_a_seed_reproduces_a_sampled_answer_and_equals_generate(client, referenc
         return client.completions.create(model=MODEL, prompt=prompt, max_tokens=20, temperature=0.9, seed=seed,
                                          **extra).choices[0].text
 
-    assert sampled(3) == sampled(3) == expected.text
+    assert sampled(3) == sampled(3) == shown(tokenizer, expected)
     other = sampled(4)
-    assert other != expected.text
+    assert other != shown(tokenizer, expected)
     # n choices: choice i has seed + i, streamed or not.
     two = client.completions.create(model=MODEL, prompt=prompt, max_tokens=20, temperature=0.9, seed=3, n=2)
-    assert [(c.index, c.text) for c in two.choices] == [(0, expected.text), (1, other)]
+    assert [(c.index, c.text) for c in two.choices] == [(0, shown(tokenizer, expected)), (1, other)]
     texts = {0: "", 1: ""}
     for chunk in client.completions.create(model=MODEL, prompt=prompt, max_tokens=20, temperature=0.9, seed=3,
                                            n=2, stream=True):
         for choice in chunk.choices:
             texts[choice.index] += choice.text
-    assert texts == {0: expected.text, 1: other}
+    assert texts == {0: shown(tokenizer, expected), 1: other}
     filtered = dict(top_p=0.8, extra_body={"top_k": 20})
     assert sampled(5, **filtered) == sampled(5, **filtered)
 
@@ -370,9 +404,16 @@ def test_logprobs_equal_log_softmax_of_generate_logits(client, reference):
     got = answer.choices[0].logprobs
     n = len(expected.tokens)
     np.testing.assert_allclose(got.token_logprobs[:n], logprobs_nv[np.arange(n), expected.tokens], atol=1e-5)
+
+    def key(i):  # a token's text; a lone byte of a UTF-8 character is "bytes:\\xNN", as OpenAI writes it
+        raw = tokenizer.token_bytes(i)
+        try:
+            return raw.decode()
+        except UnicodeDecodeError:
+            return "bytes:" + raw.decode("utf-8", "backslashreplace")
+
     for step in range(n):
-        top = [(tokenizer.decode([i]), logprobs_nv[step, i]) for i in np.argsort(-logprobs_nv[step])[:3]]
-        # Keyed by text: ids with the same text (lone bytes of a UTF-8 character, "\ufffd") share one key.
+        top = [(key(i), logprobs_nv[step, i]) for i in np.argsort(-logprobs_nv[step])[:3]]
         assert set(got.top_logprobs[step]) == {text for text, _ in top}
         for text, logprob in got.top_logprobs[step].items():
             assert any(text == t and abs(logprob - lp) <= 1e-5 for t, lp in top)
@@ -430,6 +471,33 @@ def test_without_the_api_key_every_endpoint_but_health_answers_401(server):
     assert [m["id"] for m in models["data"]] == [MODEL]
 
 
+def test_models_retrieve_names_the_served_model_and_404s_any_other(client):
+    model = client.models.retrieve(MODEL)
+    assert (model.id, model.object, model.owned_by) == (MODEL, "model", "llama-jax")
+    with pytest.raises(openai.NotFoundError) as refused:
+        client.models.retrieve("gpt-4")
+    error = refused.value.response.json()["error"]
+    assert error["code"] == "model_not_found" and "'gpt-4' is not served here" in error["message"]
+
+
+def test_a_developer_message_is_the_system_prompt(client, reference):
+    tokenizer = reference[2]
+    developer = [{"role": "developer", "content": CHAT[0]["content"]}, CHAT[1]]
+    answer = client.chat.completions.create(model=MODEL, messages=developer, max_tokens=1)
+    assert answer.usage.prompt_tokens == len(format_chat(tokenizer, CHAT))
+
+
+def test_a_response_format_other_than_text_is_refused_not_ignored(server):
+    for endpoint, body in (("/v1/chat/completions", {"messages": CHAT}), ("/v1/completions", {"prompt": "hi"})):
+        for kind in ("json_object", "json_schema"):
+            answer = post(server, endpoint, {"model": MODEL, "max_tokens": 1, **body, "response_format": {"type": kind}})
+            assert answer.status_code == 400, answer.text
+            error = answer.json()["error"]
+            assert error["param"] == "response_format" and f"response_format {kind!r}" in error["message"]
+        text = post(server, endpoint, {"model": MODEL, "max_tokens": 1, **body, "response_format": {"type": "text"}})
+        assert text.status_code == 200, text.text
+
+
 def test_an_oversized_body_gets_413(server):
     answer = post(server, "/v1/completions", {"model": MODEL, "prompt": "llama " * 20000})
     assert answer.status_code == 413 and "over 65536 bytes" in answer.json()["error"]["message"]
@@ -456,7 +524,7 @@ def test_sigterm_during_a_stream_completes_it_and_exits_0(server, reference):
     """Last: it stops the module's server."""
     config, params, tokenizer = reference
     prompt = prompt_ids(20, 99)
-    expected = generate(params, tokenizer, [prompt], max_new_tokens=LONG, config=config)[0].text
+    expected = shown(tokenizer, generate(params, tokenizer, [prompt], max_new_tokens=LONG, config=config)[0])
     process, base = server
     text = []
     with httpx.stream("POST", f"{base}/v1/completions", headers={"Authorization": f"Bearer {KEY}"},

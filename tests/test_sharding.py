@@ -427,8 +427,8 @@ def test_model_logical_name_unknown_to_layouts_is_an_error(monkeypatch):
 
 
 def test_unknown_logical_name_in_a_rule_is_an_error():
-    rules = _rules_without(None) + [["expert", "tensor"]]
-    with pytest.raises(LayoutError, match=r"layout typo: rule for unknown logical axis 'expert'"):
+    rules = _rules_without(None) + [["experts", "tensor"]]  # a typo of `expert`
+    with pytest.raises(LayoutError, match=r"layout typo: rule for unknown logical axis 'experts'"):
         layout_from_dict("typo", {"mesh": {}, "rules": rules})
 
 
@@ -472,7 +472,7 @@ def test_bad_yaml_is_an_error(tmp_path):
 
 
 def test_unknown_layout_name_is_an_error():
-    with pytest.raises(LayoutError, match=r"layout 'fsdq' not found \(known: dp, fsdp, fsdp_sp"):
+    with pytest.raises(LayoutError, match=r"layout 'fsdq' not found \(known: dp, expert_fsdp, fsdp, fsdp_sp"):
         load_layout("fsdq")
 
 

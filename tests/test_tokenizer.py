@@ -255,6 +255,29 @@ def test_decode_rejects_ids_outside_the_vocabulary(any_tokenizer):
         any_tokenizer.decode([0, any_tokenizer.vocab_size])
 
 
+
+def test_special_ids_are_the_control_tokens_and_no_text_token(any_tokenizer):
+    tok = any_tokenizer
+    special = _special_string(tok)
+    assert {tok.bos_id, tok.eos_id, tok.token_id(special)} <= tok.special_ids
+    assert not tok.special_ids & set(tok.encode(SAMPLES["english"] + special))  # as plain text
+
+SNOWMAN = "snow ☃ costs 12,50 €"  # ☃ is in no training text: byte tokens, or SentencePiece's byte pieces
+
+
+def test_token_bytes_are_each_tokens_own_bytes_even_for_part_of_a_character(any_tokenizer):
+    tok = any_tokenizer
+    pieces = [tok.token_bytes(i) for i in tok.encode(SNOWMAN)]
+    # SentencePiece's word mark before the first word is a space the decoded text drops.
+    assert b"".join(pieces).decode().lstrip(" ") == SNOWMAN
+    assert [p for p in pieces if len(p) == 1 and p[0] >= 0x80], "expected ☃ split into single bytes"
+    assert all(p != "\ufffd".encode() for p in pieces)  # not U+FFFD's bytes, as decoding one id gives
+    special = _special_string(tok)
+    assert tok.token_bytes(tok.token_id(special)) == special.encode()
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        tok.token_bytes(tok.vocab_size)
+
+
 # --- Hugging Face tokenizer.json ------------------------------------------------
 
 
@@ -446,6 +469,8 @@ def test_real_llama3_tokenizer_ids_and_special_tokens_match_meta(meta_pair):
     assert llama3_special_tokens() == list(meta.special_tokens)
     assert (ours.bos_id, ours.eos_id, ours.pad_id) == (meta.bos_id, meta.eos_id, meta.pad_id)
     assert ours.stop_ids == set(meta.stop_tokens)
+    ids = ours.encode("Llamas 🦙 cost 12,50 € <|eot_id|>", allow_special=True)
+    assert [ours.token_bytes(i) for i in ids] == [meta.model.decode_single_token_bytes(i) for i in ids]
 
 
 def test_tokenizer_command_trains_a_loadable_tokenizer_and_bad_input_is_one_line(tmp_path, capsys):

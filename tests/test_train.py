@@ -155,6 +155,10 @@ def test_schedule_warms_up_then_decays_to_floor():
     ("metrics.wandb={name: run-1}", "metrics.wandb.project: required: the W&B project to log to"),
     ("metrics.wandb={project: p, mode: cloud}", "metrics.wandb.mode: 'cloud' is not one of online, offline, disabled"),
     ("metrics=[wandb]", "metrics: expected a mapping, got list"),
+    ("eval.tasks=[arc_easy]", "eval.tasks: set eval.every, the steps between two evaluations"),
+    ("eval={every: 5, tasks: ['']}", "eval.tasks: must be lm-eval task names"),
+    ("eval={every: 5, tasks: arc_easy, task_limit: 1.5}", "eval.task_limit: must be a document count or a fraction"),
+    ("eval={every: 5, tasks: arc_easy}", "eval.tasks: lm-eval's tasks are text; set tokenizer (or data.tokenizer)"),
 ])
 def test_bad_run_config_values_are_one_line(override, message):
     with pytest.raises(ConfigError) as err:

@@ -175,7 +175,9 @@ def test_mllama_checkpoint_converts_to_ours_and_back_unchanged(hf_vision, tmp_pa
         for key in keys:
             got = got[key.key]
         np.testing.assert_array_equal(np.asarray(got), expected, err_msg=jax.tree_util.keystr(keys))
-    export_hf(tmp_path / "ours", tmp_path / "hf", dtype="float32", show_progress=False)
+    text = model.config.text_config  # no tokenizer here: the special ids of the HF model's config
+    export_hf(tmp_path / "ours", tmp_path / "hf", dtype="float32", show_progress=False,
+              bos_token_id=text.bos_token_id, eos_token_id=text.eos_token_id)
     again = transformers.MllamaForConditionalGeneration.from_pretrained(tmp_path / "hf")
     expected_state = model.state_dict()
     assert again.state_dict().keys() == expected_state.keys()

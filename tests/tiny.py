@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 
-from llama_jax.config import ModelConfig, RopeScaling, VisionConfig
+from llama_jax.config import ModelConfig, MoeConfig, RopeScaling, TemperatureTuning, VisionConfig
 from llama_jax.formats.hf import config_to_hf
 
 # Each shape stands for one generation's distinguishing features.
@@ -37,6 +37,41 @@ VISION_LIKE = ModelConfig(
     max_seq_len=512, vision=VisionConfig(
         dim=64, n_layers=4, n_global_layers=2, n_heads=8, ffn_dim=128, image_size=28, patch_size=7,
         max_tiles=2, feature_layers=(1, 3), cross_attention_layers=(1, 4), image_token_id=320))
+
+
+# Llama 4 in small: 8 layers in 2 repeats of the 4-layer pattern (NoPE every 4th layer, chunked
+# attention of 32 positions elsewhere), with temperature tuning from position 15 on.
+# Maverick's shape: MoE in every second layer (dense between), no QK norm, no rope scaling.
+# Scout's: MoE in every layer, QK norm, llama3 scaling with equal low and high factors (Scout's
+# 1 and 1, original context 64 so the cut falls inside head_dim 16's frequencies), top 2 experts.
+LLAMA4_MAVERICK_LIKE = ModelConfig(
+    dim=64, n_layers=8, n_heads=4, n_kv_heads=2, ffn_dim=128, vocab_size=256, rope_theta=500000.0,
+    max_seq_len=512, moe=MoeConfig(n_experts=4, ffn_dim_expert=64, interleave_step=2),
+    attention_chunk_size=32, nope_layer_interval=4, qk_norm=False,
+    attn_temperature_tuning=TemperatureTuning(floor_scale=16.0, attn_scale=0.1))
+LLAMA4_SCOUT_LIKE = LLAMA4_MAVERICK_LIKE.replace(
+    moe=MoeConfig(n_experts=4, ffn_dim_expert=64, top_k=2, interleave_step=1), qk_norm=True,
+    rope_scaling=RopeScaling(factor=16.0, low_freq_factor=1.0, high_freq_factor=1.0, original_context=64))
+LLAMA4_SHAPES = {"maverick": LLAMA4_MAVERICK_LIKE, "scout": LLAMA4_SCOUT_LIKE}
+
+
+def hf_llama4_model(config: ModelConfig, seed: int = 0):
+    """A transformers Llama4ForCausalLM with random weights large enough to matter (as `hf_model`)."""
+    import torch
+    import transformers
+
+    hf_config = transformers.Llama4TextConfig(**{k: v for k, v in config_to_hf(config).items()
+                                                 if k not in ("architectures", "torch_dtype", "dtype")})
+    hf_config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = transformers.Llama4ForCausalLM(hf_config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            else:  # experts' [experts, in, out] tensors have their fan-in second
+                p.copy_(torch.randn_like(p) / p.shape[1 if p.ndim == 3 else -1] ** 0.5)
+    return model
 
 
 def hf_model(config: ModelConfig, seed: int = 0):

@@ -59,7 +59,7 @@ from jax.experimental import multihost_utils
 
 from llama_jax.cli import first_line
 from llama_jax.formats.checkpoint import (CONFIG, PARAMS, TMP_SUFFIX, CheckpointError, architecture_mismatch,
-                                  latest_step, read_config)
+                                          latest_step, read_config)
 from llama_jax.paths import user_path
 from llama_jax.formats.weights import BASE
 from sharding.place import abstract_arrays

@@ -7,6 +7,7 @@ A run is a YAML file in `configs/runs/` (see `tiny_cpu.yaml`):
     init_from: ckpt/llama3_2_1b      # start from these weights (ours, a run dir or Hugging Face)
     lora: {rank: 16, alpha: 32, targets: [wq, wk, wv, wo]}   # train adapters only
     eval: {every: 200, batches: 8}   # held-out loss (eval.paths, or data.holdout)
+    eval: {every: 500, tasks: [hellaswag], task_limit: 200}   # lm-eval tasks, logged as eval/<task>/<metric>
     layout: fsdp_tp                  # name in configs/layouts/ or a path
     mesh: {tensor: 2}                # ICI size overrides for the layout
     data: {source: synthetic, seq_len: 128, global_batch: 16}   # train.data.config.DataConfig
@@ -43,7 +44,8 @@ from train.data.config import DataConfig
 from train.runtime import COMPILE_CACHE_OFF, ProfileConfig, check_tpu_flags
 
 DECAYS = ("cosine", "linear", "constant")
-PROGRAMS = ("train", "decode", "prefill", "serve")  # what train.compile can build for a run (serve: infer.serve's)
+# What train.compile can build for a run (serve: infer.serve's; eval: the lm-eval model's scoring pass).
+PROGRAMS = ("train", "decode", "prefill", "serve", "eval")
 NONFINITE_MODES = ("stop", "skip")  # what a non-finite step does: see train/nonfinite.py
 WANDB_MODES = ("online", "offline", "disabled")
 # `chip`: a TPU chip of sharding/topology.py's tables, or cpu (MFU against a peak measured at start-up).
@@ -81,20 +83,39 @@ class OptimizerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    """Held-out evaluation while training: every `every` steps (0: never), `batches` batches
-    of `data.global_batch` rows from `paths` (files of the training source), or, without
-    paths, from the fraction `data.holdout` split off the training documents."""
+    """Evaluation while training, every `every` steps (0: never): the held-out loss over
+    `batches` batches of `data.global_batch` rows from `paths` (files of the training source),
+    or, without paths, from the fraction `data.holdout` split off the training documents; and
+    lm-eval `tasks` (names of tasks, groups or tags, train/lm_eval/; `task_limit` documents
+    each, a count or a fraction below 1; `include_path` a directory of task YAMLs), each logged
+    as its main metric `eval/<task>/<metric>` (docs/evaluation.md)."""
 
     every: int = 0
     batches: int = 8
     paths: tuple[str, ...] = ()
+    tasks: tuple[str, ...] = ()
+    task_limit: float | None = None
+    include_path: str | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "paths", (self.paths,) if isinstance(self.paths, str) else tuple(self.paths))
+        tasks = self.tasks.split(",") if isinstance(self.tasks, str) else list(self.tasks)
+        object.__setattr__(self, "tasks", tuple(task.strip() if isinstance(task, str) else task for task in tasks))
         for name, least in (("every", 0), ("batches", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ConfigError(f"eval.{name}: must be an integer >= {least}, got {value!r}")
+        if any(not isinstance(task, str) or not task for task in self.tasks):
+            raise ConfigError(f"eval.tasks: must be lm-eval task names (a list, or one comma-separated string), "
+                              f"got {list(self.tasks)!r}")
+        if self.tasks and not self.every:
+            raise ConfigError("eval.tasks: set eval.every, the steps between two evaluations")
+        limit = self.task_limit
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit <= 0
+                                  or (limit >= 1 and limit != int(limit))):
+            raise ConfigError(f"eval.task_limit: must be a document count or a fraction below 1, got {limit!r}")
+        if self.include_path is not None and (not isinstance(self.include_path, str) or not self.include_path):
+            raise ConfigError(f"eval.include_path: must be a directory of task YAMLs, got {self.include_path!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,8 +260,12 @@ class RunConfig:
         if self.data.reference_log_probs is not None and self.eval.paths:
             raise ConfigError("eval.paths: data.reference_log_probs holds the log-probabilities of data.paths' "
                               "pairs only; hold pairs out with data.holdout instead")
-        if self.eval.every and not self.eval.paths and not self.data.holdout:
-            raise ConfigError("eval.every: evaluation needs eval.paths or a data.holdout fraction")
+        if self.eval.every and not self.eval.tasks and not self.eval.paths and not self.data.holdout:
+            raise ConfigError("eval.every: evaluation needs eval.paths, a data.holdout fraction or eval.tasks")
+        if self.eval.tasks and not (self.data.tokenizer or self.tokenizer):
+            raise ConfigError("eval.tasks: lm-eval's tasks are text; set tokenizer (or data.tokenizer)")
+        if self.eval.tasks and self.model.vision is not None:
+            raise ConfigError("eval.tasks: lm-eval's tasks evaluate text models only; unset them for a vision run")
         if self.compile_cache is False:  # YAML reads a bare `off` as false
             object.__setattr__(self, "compile_cache", COMPILE_CACHE_OFF)
         if self.compile_cache is not None and (not isinstance(self.compile_cache, str) or not self.compile_cache):

@@ -43,8 +43,8 @@ from train.data.config import DataConfig
 from train.data.pipeline import make_dataset
 from train.objectives.cross_entropy import cross_entropy
 from train.objectives.objective import Objective
-from llama_jax.formats.weights import find_tokenizer, load_params, resolve, stored_config
-from llama_jax.text.tokenizer import load_tokenizer
+from llama_jax.formats.weights import load_params, resolve, stored_config
+from llama_jax.text.tokenizer import find_tokenizer, load_tokenizer
 from sharding.layout import load_layout
 
 
@@ -127,7 +127,7 @@ def _main(argv):
     config = stored_config(args.checkpoint)
     tokenizer = None
     if args.source != "tokens":
-        tokenizer = load_tokenizer(args.tokenizer or find_tokenizer(resolve(args.checkpoint)[1], parents=2))
+        tokenizer = load_tokenizer(args.tokenizer or find_tokenizer(resolve(args.checkpoint)[1], up=2))
     data = DataConfig(source=args.source, paths=tuple(args.data), text_key=args.text_key,
                       seq_len=min(args.seq_len or 2048, config.max_seq_len), global_batch=args.batch, shuffle=False,
                       holdout=args.holdout, split="eval" if args.holdout else "train", seed=args.seed)

@@ -23,6 +23,7 @@ from train.checkpointing import Checkpointer
 from train.config import RunConfig
 from train.data.pipeline import make_dataset
 from train.eval import Evaluator, eval_data
+from train.lm_eval.run import TaskEvaluator, require_lm_eval
 from train.nonfinite import NonfiniteWatch
 from train.objectives.run import load_reference, teacher_placement
 from train.program import build_train_step
@@ -174,6 +175,8 @@ def train(run: RunConfig, *, progress: bool = True, stop_after: int | None = Non
     """
     if run.metrics.wandb is not None:  # a missing extra fails now, not after the compiles
         require_wandb()
+    if run.eval.tasks:  # lm-eval is optional: asked for (and imported) only by runs with tasks
+        require_lm_eval("eval.tasks")
     layout = load_layout(run.layout, **run.mesh)
     placement = Placement.create(run.model, layout)
     validate(run.model, layout, placement.mesh, batch=run.data.global_batch // run.grad_accum,
@@ -190,13 +193,24 @@ def train(run: RunConfig, *, progress: bool = True, stop_after: int | None = Non
     for source in sources:  # a wrong source fails here, before anything is written
         if source is not None:
             check_architecture(source, stored_config(source), run.model)
+    tasks = None
+    if run.eval.tasks:  # an unknown task fails here, before the compiles
+        tasks = TaskEvaluator(run.model, placement, tokenizer or load_tokenizer(run.data.tokenizer or run.tokenizer),
+                              run.eval.tasks, limit=run.eval.task_limit, include_path=run.eval.include_path,
+                              max_length=min(run.data.seq_len, run.model.max_seq_len))
     teacher = teacher_placement(run, layout)
     program = build_train_step(run, placement, teacher)
-    evaluator = None
-    if run.eval.every:
-        evaluator = Evaluator(run.model, eval_data(run.data, run.eval.paths), placement, run.eval.batches,
-                              tokenizer, (shard_index, shard_count), run.loss_chunk,
-                              objective=None if run.dpo is None and run.distill is None else program.objective)
+    held_out = None
+    if run.eval.every and (run.eval.paths or run.data.holdout):
+        held_out = Evaluator(run.model, eval_data(run.data, run.eval.paths), placement, run.eval.batches,
+                             tokenizer, (shard_index, shard_count), run.loss_chunk,
+                             objective=None if run.dpo is None and run.distill is None else program.objective)
+
+    def evaluator(state) -> dict[str, float]:
+        """The held-out figures and the tasks' metrics of the live parameters (nothing reloaded)."""
+        figures = held_out(state.params, state.frozen, state.reference) if held_out is not None else {}
+        return {**figures, **(tasks(join(state.frozen or {}, state.params)) if tasks is not None else {})}
+
     _create_run_dir(run.run_dir)
 
     shardings = program.shardings
@@ -226,7 +240,8 @@ def train(run: RunConfig, *, progress: bool = True, stop_after: int | None = Non
         flops_token = flops_per_token(run.model, run.data.seq_len)  # outside the rules: shapes only
         with placement.activate():
             state, step, logged = _run_steps(run, state, data, placement, step_fn, checkpointer, writer, bar,
-                                             start, last_steps, flops_token, peak, evaluator)
+                                             start, last_steps, flops_token, peak,
+                                             evaluator if run.eval.every else None)
     return {"step": step, "metrics": logged, "peak_flops": peak,
             "peak_source": peak_source, "run_dir": str(user_path(run.run_dir)), "state": state,
             "preempted": checkpointer.preempted}
@@ -236,8 +251,8 @@ def _run_steps(run: RunConfig, state, data, placement: Placement, step_fn, check
                start: int, last_steps: int, flops_token: float, peak: float, evaluator=None):
     """Steps `start + 1 .. last_steps` (or to a preemption): (state, last step, last logged row).
 
-    With an evaluator, every `run.eval.every` steps (and at the last step) the
-    held-out figures join that step's row, or make a row of their own."""
+    With an evaluator (state -> figures), every `run.eval.every` steps (and at the last step)
+    its figures (held-out loss, lm-eval tasks) join that step's row, or make a row of their own."""
     watch = NonfiniteWatch(run.on_nonfinite, run.optimizer.learning_rate)
 
     def check_finite():
@@ -262,7 +277,7 @@ def _run_steps(run: RunConfig, state, data, placement: Placement, step_fn, check
                             "skipped_steps": watch.skipped}
             window = _Window()
         if eval_now:
-            figures = evaluator(state.params, state.frozen, state.reference)
+            figures = evaluator(state)
             row = {**row, **figures}
             logged = {**logged, **figures}
         if row:

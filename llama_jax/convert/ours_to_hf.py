@@ -6,14 +6,21 @@
 
 Writes model-0000K-of-0000N.safetensors files with model.safetensors.index.json,
 config.json (rope settings in both the transformers 4.x and 5.x forms, from
-`llama_jax.formats.hf.config_to_hf`), generation_config.json, and copies tokenizer
-files from --tokenizer if given. No code of ours is needed to load the result.
+`llama_jax.formats.hf.config_to_hf`), generation_config.json, and every file of
+the tokenizer (`TOKENIZER_FILES`: tokenizer.json or tokenizer.model, its config,
+special tokens map, and the chat template, chat_template.jinja, that
+transformers' `apply_chat_template` reads). No code of ours is needed to load
+the result.
+
+The tokenizer is --tokenizer, else the one saved with the checkpoint: in its
+directory or the parent (a run's), as `load_model` and `infer.serve` find it.
 
 Special ids: config.json gets the BOS and EOS ids, generation_config.json
 BOS and every id that ends generation (Llama 3: end_of_text, eom_id, eot_id),
 so transformers' `generate` stops where our `generate` does. They come from
-the flags, else the --tokenizer files (`llama_jax.text.tokenizer.load_tokenizer`),
-else the published vocabulary sizes of Llama 2 and 3.
+the flags, else the tokenizer (`llama_jax.text.tokenizer.load_tokenizer`), else
+the published vocabulary sizes of Llama 2 and 3; with none of these the export
+is refused (one line asking for --tokenizer) rather than written without them.
 
 Streaming: tensor names, shapes and byte offsets are all known from the
 config, so each file's safetensors header is written first and the tensors
@@ -42,15 +49,17 @@ from llama_jax.convert import DTYPES, ConvertError, progress, staged_output
 from llama_jax.formats.hf import config_to_hf, hf_tensors
 from llama_jax.formats.hf_llama import to_hf
 from llama_jax.paths import user_path
-from llama_jax.text.tokenizer import load_tokenizer
+from llama_jax.text.tokenizer import load_tokenizer, tokenizer_beside
 from llama_jax.formats.mllama import preprocessor_config
 
+HALVES = ("gate_half", "up_half")  # kinds of two leaves HF keeps side by side in one tensor
 SAFETENSORS_DTYPES = {"bfloat16": ("BF16", ml_dtypes.bfloat16), "float32": ("F32", np.float32)}
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json")
+                   "added_tokens.json", "chat_template.jinja", "chat_template.json")
 # BOS and the ids that end generation (EOS first) of the two tokenizer families
 # (REFERENCE.md), by vocabulary size, for exports without a tokenizer or flags.
-KNOWN_SPECIAL_IDS = {32000: (1, (2,)), 128256: (128000, (128001, 128008, 128009))}
+KNOWN_SPECIAL_IDS = {32000: (1, (2,)), 128256: (128000, (128001, 128008, 128009)),
+                     202048: (200000, (200001, 200007, 200008))}
 
 
 def export_hf(checkpoint_dir: str | os.PathLike, output: str | os.PathLike, dtype: str = "bfloat16",
@@ -60,12 +69,15 @@ def export_hf(checkpoint_dir: str | os.PathLike, output: str | os.PathLike, dtyp
     """Write checkpoint step `step` (latest by default) as a new HF directory `output` in `dtype`.
 
     tokenizer: a directory whose tokenizer files are copied; BOS, EOS and the
-      stop ids are read from them. bos_token_id / eos_token_id (one id or a
-      list, EOS first) override them.
+      stop ids are read from them. None: the tokenizer saved with the checkpoint
+      (its directory or the parent), if any. bos_token_id / eos_token_id (one id
+      or a list, EOS first) override them. ConvertError (one line) when no stop
+      ids are known.
     """
     if dtype not in SAFETENSORS_DTYPES:
         raise ConvertError(f"--dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
-    tokenizer_files = _tokenizer_files(user_path(tokenizer)) if tokenizer else []
+    tokenizer = user_path(tokenizer) if tokenizer else tokenizer_beside(checkpoint_dir)
+    tokenizer_files = _tokenizer_files(tokenizer) if tokenizer is not None else []
     reader = ParamsReader(checkpoint_dir, step)
     config = reader.config
     if config.quantize is not None:
@@ -75,7 +87,11 @@ def export_hf(checkpoint_dir: str | os.PathLike, output: str | os.PathLike, dtyp
     tensors = _tensor_plan(config, reader)
     files = _split_into_files(tensors, np.dtype(np_dtype).itemsize, max_shard_bytes)
     token_rows = config.vocab_size + (config.vision.extra_token_rows if config.vision is not None else 0)
-    bos, stops = _special_ids(token_rows, user_path(tokenizer) if tokenizer else None, bos_token_id, eos_token_id)
+    bos, stops = _special_ids(token_rows, tokenizer, bos_token_id, eos_token_id)
+    if not stops:
+        raise ConvertError(f"{checkpoint_dir}: no tokenizer here or in the parent directory, and a vocabulary of "
+                           f"{token_rows} ids is neither Llama 2's nor Llama 3's: the ids that end generation are "
+                           "unknown; pass --tokenizer DIR (or --eos-token-id)")
     with staged_output(output) as staging:
         weight_map = {}
         with progress(sum(len(t[2]) for t in tensors), "ours -> hf", show_progress) as bar:
@@ -114,9 +130,9 @@ def _tensor_plan(config, reader):
     by_place = lambda t: (order.get(t.path[0], 4), -1 if t.index is None else t.index)  # noqa: E731
     for t in sorted(hf_tensors(config), key=by_place):
         shape = _hf_shape(t.kind, tuple(reader.leaves[t.path].shape[0 if t.index is None else 1:]))
-        if plan and plan[-1][0] == t.name:  # the next block of rows of the same tensor
+        if plan and plan[-1][0] == t.name:  # the next block of rows (or half, HALVES) of the same tensor
             name, first, pieces = plan.pop()
-            shape = (first[0] + shape[0],) + first[1:]
+            shape = first[:-1] + (2 * first[-1],) if t.kind in HALVES else (first[0] + shape[0],) + first[1:]
             plan.append((name, shape, pieces + [(t.path, t.index, t.kind)]))
         else:
             plan.append((t.name, shape, [(t.path, t.index, t.kind)]))
@@ -124,13 +140,13 @@ def _tensor_plan(config, reader):
 
 
 def _hf_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-    if kind == "copy":
+    if kind in ("copy",) + HALVES:
         return shape
     if kind == "linear":
         return shape[::-1]
     if kind == "flat":
         return (shape[0], math.prod(shape[1:]))
-    if kind == "heads_out":   # [dim, heads, head_dim] -> [heads*head_dim, dim]
+    if kind in ("heads_out", "heads_out_pairs"):   # [dim, heads, head_dim] -> [heads*head_dim, dim]
         return (shape[1] * shape[2], shape[0])
     return (shape[2], shape[0] * shape[1])  # heads_in: [heads, head_dim, dim] -> [dim, heads*head_dim]
 
@@ -161,6 +177,15 @@ def _write_safetensors(path: epath.Path, tensors, tag: str, np_dtype, reader: Pa
         f.write(encoded)
         for name, shape, pieces in tensors:
             rows = 0
+            if pieces[0][2] in HALVES:  # Llama 4's experts.gate_up_proj: w1 and w3 side by side
+                halves = [to_hf(kind, reader.read(our_path, layer)) for our_path, layer, kind in pieces]
+                weight = as_contiguous(np.concatenate(halves, axis=-1), np_dtype)
+                if weight.shape != tuple(shape):
+                    raise ConvertError(f"{name}: checkpoint gives shape {weight.shape}, expected {tuple(shape)}")
+                f.write(weight.reshape(-1).view(np.uint8).data)
+                del weight, halves
+                bar.update(len(pieces))
+                continue
             for our_path, layer, kind in pieces:
                 weight = as_contiguous(to_hf(kind, reader.read(our_path, layer)), np_dtype)
                 rows += weight.shape[0]
@@ -209,10 +234,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("output", help="new Hugging Face directory to create")
     parser.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="dtype of the written tensors")
     parser.add_argument("--step", type=int, help="step to export (default: the latest)")
-    parser.add_argument("--tokenizer", help="directory whose tokenizer files are copied alongside")
+    parser.add_argument("--tokenizer", help="directory whose tokenizer files (the chat template too) are copied "
+                        "alongside (default: the one in the checkpoint's directory or its parent)")
     parser.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors file, in GB")
     parser.add_argument("--bos-token-id", type=int,
-                        help="default: from --tokenizer, else from the vocabulary size (Llama 2 or 3)")
+                        help="default: from the tokenizer, else from the vocabulary size (Llama 2 or 3)")
     parser.add_argument("--eos-token-id", type=int, action="append",
                         help="repeatable, EOS first (config.json takes the first, generation_config.json all); "
                         "default: EOS and the stop ids, as for BOS")

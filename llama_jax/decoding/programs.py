@@ -5,11 +5,12 @@
                                         chunk=None, images=None)
     state, out_bn, logits_bnv = decode(model, params, state, stops, sampling=..., steps=...)
     state, next_b, logits_bv = decode_step(model, params, state, stops, sampling=...)
+    prefill_jit, decode_jit = jit_programs(model, state_shardings, replicated, compiler_options)
 
 Both know nothing of meshes: the KV cache is constrained by its logical axis
-names (`llama_jax.model.kv_cache.cache_axes`), which the layout in scope maps to mesh axes. `infer/`
-jits them with shardings and donation to serve; `train.compile` jits the very
-same functions for ahead-of-time TPU compiles of inference.
+names (`llama_jax.model.kv_cache.cache_axes`), which the layout in scope maps to mesh axes.
+`jit_programs` jits them with shardings and donation, once for every caller:
+infer's Engine, train.compile's ahead-of-time compiles and the lm-eval model.
 
 Letters in names: b batch rows, t prompt time, n decode steps, v vocab.
 
@@ -38,6 +39,7 @@ read both, never the pixels.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -205,3 +207,35 @@ def empty_state(config, batch: int, cache_len: int, with_images: bool = False) -
         state["cache"].update(image_k=image_cache, image_v=image_cache)
         state["images"] = {"tile_from": tiles, "tile_until": tiles}
     return state
+
+
+def jit_programs(model: Llama, state_shardings, replicated, compiler_options: dict | None = None):
+    """(`prefill`, `decode`) jitted as every caller runs them: the state laid out as
+    `state_shardings` (the tree of `state_axes`'s shardings, with images for a vision batch),
+    what the host reads `replicated`, decode's state donated. Static arguments: prefill's
+    sampling, cache_len, keep_logits and chunk; decode's sampling, steps and keep_logits.
+    Inputs keep the shardings they come with. `compiler_options`: `loop_compiler_options`."""
+    outputs = (state_shardings, replicated, replicated)
+    prefill_jit = jax.jit(functools.partial(prefill, model),
+                          static_argnames=("sampling", "cache_len", "keep_logits", "chunk"),
+                          out_shardings=outputs, compiler_options=compiler_options)
+    decode_jit = jax.jit(functools.partial(decode, model), static_argnames=("sampling", "steps", "keep_logits"),
+                         donate_argnames=("state",), out_shardings=outputs, compiler_options=compiler_options)
+    return prefill_jit, decode_jit
+
+
+def loop_compiler_options(config: ModelConfig, platform: str) -> dict | None:
+    """XLA options for programs that loop over decode steps or prefill chunks on `platform`.
+
+    XLA:CPU has no bfloat16 or int8 matmul: it converts such weights to
+    float32, and its while-loop invariant code motion then lifts every
+    conversion out of the loop, so the loop holds a float32 copy of all the
+    weights at once (34 GB of temporaries for Llama 3.1 8B in bfloat16; 2.1 GB
+    without). Converting each layer's weights inside each step costs time, but
+    a model that does not fit in memory does not run at all. Float32 weights
+    and other platforms (a TPU fuses the cast into the matmul) keep the pass.
+    """
+    narrow = config.param_dtype != "float32" or config.quantize is not None
+    if platform == "cpu" and narrow:
+        return {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
+    return None

@@ -8,6 +8,7 @@
         params, state, sampling, prompts_bt, lengths_b, limits_b, seeds_b, stops, new_sampling, slots_b)
     state, tokens_nb, chosen_nb, top_ids_nbk, top_lp_nbk = programs.decode(
         params, state, sampling, stops, cancel_b)
+    chosen_bt, top_ids_btk, top_lp_btk = programs.score(params, prompts_bt)   # echo with logprobs
 
 A batch state (`programs.State`) holds one row per slot, every row's cache
 `shape.cache_len` long. `prefill_into_slots` prefills a group of requests (each
@@ -15,7 +16,10 @@ with its own seed and sampling settings) and writes their rows into the batch
 state at their slots; `decode_slots` runs `shape.steps` decode steps of every
 slot at once, whatever their lengths and settings (`RowSampling`), and reports
 each token with its log-probability and the `TOP_LOGPROBS` most likely
-alternatives. infer.batcher serves these; train.compile --serve compiles them
+alternatives. `score` is `logprobs.prompt_logprobs`: every prompt token's
+log-probability given those before it (the completions API's `echo` with
+logprobs), a forward pass of its own that leaves the slots alone.
+infer.batcher serves these; train.compile --serve compiles them
 ahead of time: both get them from `jit_slot_programs`, the one place that
 decides their static arguments, donation and output shardings.
 
@@ -35,7 +39,7 @@ import jax.numpy as jnp
 from llama_jax.decoding import programs
 from llama_jax.arith import round_up
 from llama_jax.decoding.buckets import cache_bucket, prompt_shape
-from llama_jax.decoding.logprobs import token_logprobs
+from llama_jax.decoding.logprobs import prompt_logprobs, token_logprobs
 from llama_jax.decoding.programs import NO_TOKEN, PREFILL_CHUNK
 from llama_jax.decoding.sampling import RowSampling
 from llama_jax.model.llama import Llama
@@ -134,12 +138,14 @@ class SlotPrograms:
     """The jitted programs of one `SlotShape` (see the module docstring for their arguments).
 
     empty(): a batch state of finished rows; prefill: `prefill_into_slots` (state and sampling
-    donated); decode: `decode_slots` (state donated).
+    donated); decode: `decode_slots` (state donated); score: `prompt_logprobs` of a group of
+    prompts padded as prefill pads them (compiled when first asked for: only `echo` needs it).
     """
 
     empty: Callable
     prefill: Callable
     decode: Callable
+    score: Callable
 
 
 def jit_slot_programs(model: Llama, shape: SlotShape, state_shardings, row_sharding, replicated,
@@ -159,4 +165,6 @@ def jit_slot_programs(model: Llama, shape: SlotShape, state_shardings, row_shard
                         out_shardings=(state_shardings, row_sharding) + (replicated,) * 5,
                         compiler_options=compiler_options),
         decode=jax.jit(decode, donate_argnames=("state",), out_shardings=(state_shardings,) + (replicated,) * 4,
-                       compiler_options=compiler_options))
+                       compiler_options=compiler_options),
+        score=jax.jit(functools.partial(prompt_logprobs, model), out_shardings=(replicated,) * 3,
+                      compiler_options=compiler_options))

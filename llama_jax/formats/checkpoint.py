@@ -27,6 +27,8 @@ back for exporters.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 from typing import Any, Iterator
 
@@ -50,7 +52,8 @@ COMMIT_SUCCESS = "commit_success.txt"  # written last into every step orbax save
 # restore_params must agree on these; its other fields (dtypes, remat,
 # attention, scan_layers, max_seq_len, kv_cache_dtype) are compute choices and win.
 ARCHITECTURE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "head_dim",
-                       "tie_embeddings", "rope_theta", "rope_scaling", "norm_eps", "vision", "quantize")
+                       "tie_embeddings", "rope_theta", "rope_scaling", "norm_eps", "vision", "quantize", "moe",
+                       "attention_chunk_size", "nope_layer_interval", "qk_norm", "attn_temperature_tuning")
 
 
 class CheckpointError(ValueError):
@@ -186,9 +189,13 @@ def require_item(directory, step: int, item: str) -> epath.Path:
 
 
 def architecture_mismatch(stored: ModelConfig, given: ModelConfig) -> str | None:
-    """The first field of ARCHITECTURE_FIELDS on which two configs differ, or None."""
-    return next((name for name in ARCHITECTURE_FIELDS if getattr(given, name) != getattr(stored, name)),
-                None)
+    """The first field of ARCHITECTURE_FIELDS on which two configs differ, or None (the MoE
+    auxiliary-loss weights are a training choice, not architecture)."""
+    def value(config, name):
+        if name == "moe" and config.moe is not None:
+            return dataclasses.replace(config.moe, load_balance_weight=0.0, router_z_weight=0.0)
+        return getattr(config, name)
+    return next((name for name in ARCHITECTURE_FIELDS if value(given, name) != value(stored, name)), None)
 
 
 def _reconcile(stored: ModelConfig, given: ModelConfig | None, directory, step) -> ModelConfig:

@@ -1,7 +1,8 @@
-"""Hugging Face checkpoints, Llama or Llama 3.2 Vision (Mllama): config.json and tensors.
+"""Hugging Face checkpoints, Llama, Llama 3.2 Vision (Mllama) or Llama 4 text: config.json and tensors.
 
-The weight tables are hf_llama.py (the text model) and mllama.py (which
-builds on it); this module picks the one a config needs and reads the files:
+The weight tables are hf_llama.py (the text model), mllama.py (which builds
+on it) and hf_llama4.py (Llama4ForCausalLM); this module picks the one a
+config (or a config.json's model_type) needs and reads the files:
 `read_hf_config`, `read_hf_tensors`, `hf_weights` (streamed, one tensor at a
 time) and `load_hf_params`; `hf_tensors` and `config_to_hf` serve writers.
 """
@@ -17,9 +18,10 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 from etils import epath
 
-from llama_jax.config import ModelConfig
+from llama_jax.config import ConfigError, ModelConfig
 from llama_jax.formats.assemble import ParamsBuilder
 from llama_jax.formats.hf_llama import HFTensor, text_config_from_hf, text_config_to_hf, text_tensors, to_ours
+from llama_jax.formats.hf_llama4 import config_from_llama4, config_to_llama4, is_llama4, llama4_tensors
 from llama_jax.formats.mllama import config_from_mllama, config_to_mllama, mllama_tensors
 from llama_jax.formats.safetensors_io import CheckpointFileError, SafetensorsCheckpoint
 from llama_jax.params import abstract_params, layer_location, layer_of
@@ -30,6 +32,8 @@ def hf_tensors(config: ModelConfig) -> list[HFTensor]:
     """Every HF tensor of this config: the global ones, then each per-layer name for every layer."""
     if config.vision is not None:
         return mllama_tensors(config)
+    if is_llama4(config):
+        return llama4_tensors(config)
     scanned = config.replace(scan_layers=True)  # fp8 keeps the first and last layers out of the stack
     return text_tensors(config, range(config.n_layers), lambda i: layer_location(i, (), scanned)[0],
                         lambda i: layer_location(i, (), scanned)[1])
@@ -40,6 +44,11 @@ def config_from_hf(hf: dict[str, Any], directory: epath.Path | None = None, **ov
     Mllama (whose `directory`'s preprocessor_config.json gives the pixel statistics)."""
     if hf.get("model_type") == "mllama":
         return config_from_mllama(hf, directory, **overrides)
+    if hf.get("model_type") == "llama4_text":
+        return config_from_llama4(hf, **overrides)
+    if hf.get("model_type") == "llama4":
+        raise ConfigError("config.json: a Llama4ForConditionalGeneration (text and images) checkpoint; "
+                          "only the text model's Llama4ForCausalLM format is read (docs/llama4.md)")
     return text_config_from_hf(hf, **overrides)
 
 
@@ -48,6 +57,8 @@ def config_to_hf(config: ModelConfig, torch_dtype: str = "float32") -> dict[str,
     vision section, else Llama's."""
     if config.vision is not None:
         return config_to_mllama(config, torch_dtype)
+    if is_llama4(config):
+        return config_to_llama4(config, torch_dtype)
     return text_config_to_hf(config, torch_dtype)
 
 

@@ -56,6 +56,11 @@ def to_ours(kind: str, weight: np.ndarray, head_dim: int, shape: tuple[int, ...]
         return weight.T.reshape(weight.shape[1], -1, head_dim)
     if kind == "heads_in":   # [dim, heads*head_dim] -> [heads, head_dim, dim]
         return weight.T.reshape(-1, head_dim, weight.shape[0])
+    if kind == "heads_out_pairs":  # heads_out of rows in adjacent-pair rotary order (Llama 4)
+        return to_ours("heads_out", pairs_to_halves(weight, head_dim), head_dim)
+    if kind in ("gate_half", "up_half"):  # [experts, dim, 2 * ffn]: w1 then w3 along the last axis
+        f = weight.shape[-1] // 2
+        return weight[..., :f] if kind == "gate_half" else weight[..., f:]
     raise ValueError(f"unknown weight kind {kind!r}")
 
 
@@ -71,7 +76,24 @@ def to_hf(kind: str, leaf: np.ndarray) -> np.ndarray:
         return leaf.reshape(leaf.shape[0], -1).T
     if kind == "heads_in":
         return leaf.reshape(-1, leaf.shape[-1]).T
+    if kind == "heads_out_pairs":
+        return halves_to_pairs(to_hf("heads_out", leaf), leaf.shape[-1])
+    if kind in ("gate_half", "up_half"):  # one half; the writer joins the two along the last axis
+        return leaf
     raise ValueError(f"unknown weight kind {kind!r}")
+
+
+def pairs_to_halves(weight: np.ndarray, head_dim: int) -> np.ndarray:
+    """Rows [heads * head_dim, cols] from adjacent-pair rotary order (dims 2i, 2i+1: Meta's and
+    Llama 4's) to halves order (i, i + head_dim/2: ours), per head."""
+    rows, cols = weight.shape
+    return weight.reshape(rows // head_dim, head_dim // 2, 2, cols).transpose(0, 2, 1, 3).reshape(rows, cols)
+
+
+def halves_to_pairs(weight: np.ndarray, head_dim: int) -> np.ndarray:
+    """The inverse of `pairs_to_halves`."""
+    rows, cols = weight.shape
+    return weight.reshape(rows // head_dim, 2, head_dim // 2, cols).transpose(0, 2, 1, 3).reshape(rows, cols)
 
 
 class HFTensor(NamedTuple):

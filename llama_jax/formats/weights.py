@@ -28,7 +28,6 @@ from llama_jax.paths import check_bucket, user_path
 from llama_jax.vision.model import is_image_adapter
 from llama_jax.formats.assemble import load_checkpoint_params
 from llama_jax.formats.hf import load_hf_params, read_hf_config
-from llama_jax.formats.safetensors_io import CheckpointFileError
 
 BASE = "base"  # item of a LoRA (or vision adapter) run: {"path": the weights its adapters adapt}
 
@@ -112,15 +111,3 @@ def load_params(source, config: ModelConfig, shardings=None, step: int | None = 
         import jax
         adapters = jax.device_put(adapters, adapter_shardings)
     return join(load_params(base, config.replace(lora=None), base_shardings), adapters)
-
-
-def find_tokenizer(path, parents: int = 1) -> epath.Path:
-    """The directory holding the tokenizer (tokenizer.json or tokenizer.model) of the weights at
-    `path`: `path` itself or one of its first `parents` parents (a run directory's checkpoints
-    sit below it). CheckpointFileError, one line, if none of them holds one."""
-    path = user_path(path)
-    for directory in [path, *list(path.parents)[:parents]]:
-        if any((directory / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
-            return directory
-    where = "here or in the parent directory" if parents == 1 else f"here or in its {parents} parent directories"
-    raise CheckpointFileError(f"{path}: no tokenizer.json or tokenizer.model {where} (pass the tokenizer's path)")

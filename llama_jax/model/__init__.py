@@ -1,6 +1,9 @@
 """The Llama decoder and its layers, as Flax modules that name logical axes only.
 
-  llama        `Llama`: embedding, the scanned decoder stack, norm and head
+  llama        `Llama`: embedding, the scanned decoder stack (of layers, or of
+               blocks of a repeating layer pattern for Llama 4), norm and head
+  layers       RMSNorm, projections (quantised, adapted) and the SwiGLU feed-forward
+  moe          Llama 4's mixture-of-experts feed-forward (dropless, expert-parallel)
   attention    the one `attend` entry point; blocked_attention, splash and
                context_parallel are its implementations
   rope         rotary embeddings with Llama 3.1 frequency scaling

@@ -7,6 +7,18 @@ Usage:
     logits, cache = model.apply({"params": params}, tokens, positions,
                                 segment_ids=None, cache=None)
 
+Llama 4 (docs/llama4.md) varies the layers by config: a layer's kind
+(`ModelConfig.layer_kind`) makes its feed-forward a mixture of experts
+(llama_jax/model/moe.py), drops its rotary embeddings (NoPE, with the query
+temperature), or limits its attention to chunks of positions. Chunks are
+segments: a chunked layer's segment id is (document, position // chunk),
+so the one visibility rule of `attend` (same segment, `k_coord <= q_coord`)
+covers them, in training, prefill and over the KV cache alike. The kinds
+repeat every `layer_period` layers (Scout and Maverick: 4), so the stack is
+scanned over blocks of one period (`DecoderBlock`, parameters
+`layers/layer_0 ... layer_{p-1}`, each stacked over the blocks) instead of
+over single layers: compile time stays flat in depth either way.
+
 Letters in names: b batch, t time, d embed (dim), h heads, n kv heads,
 k head_dim, f ffn hidden, v vocab, s cache length.
 Parameters and activations carry logical axis names only; `sharding/` maps
@@ -15,157 +27,30 @@ them to a mesh. Without sharding rules in scope the names are inert.
 
 from __future__ import annotations
 
-import math
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from llama_jax.model import kv_cache, mesh_context
+from llama_jax.config import REMAT_POLICIES, LayerKind, ModelConfig
+from llama_jax.model import kv_cache
 from llama_jax.model.attention import attend
-from llama_jax.config import REMAT_POLICIES, LoraConfig, ModelConfig
 from llama_jax.model.context_parallel import balance, balanced_order, length_shards
 from llama_jax.model.kv_cache import Cache
-from llama_jax.model.quantize import ACTIVATION_CAP, kernel_reduce_axes, quantize, storage_dtype
+from llama_jax.model.layers import FeedForward, Linear, RMSNorm, _constrain, _init
+from llama_jax.model.moe import MoE, no_router_statistics
 from llama_jax.model.rope import apply_rotary, inverse_frequencies, rotary_angles
-from llama_jax.model.swiglu import swiglu
-
-_INIT = nn.initializers.normal(stddev=0.02)
-
-def _init(*names):
-    return nn.with_logical_partitioning(_INIT, names)
-
-
-def _constrain(x, *names):
-    return nn.with_logical_constraint(x, names)
-
-
-class RMSNorm(nn.Module):
-    """x * rsqrt(mean(x^2) + eps) * weight, in float32, cast back to x's dtype.
-
-    Normalises the last axis, whose logical name is `axis`.
-    """
-
-    eps: float
-    param_dtype: Any
-    axis: str = "embed"
-
-    @nn.compact
-    def __call__(self, x_btd):
-        scale_d = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (self.axis,)),
-                             (x_btd.shape[-1],), self.param_dtype)
-        x = x_btd.astype(jnp.float32)
-        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
-        return (x * scale_d.astype(jnp.float32)).astype(x_btd.dtype)
-
-
-class Linear(nn.Module):
-    """A bias-free projection `einsum(equation, x, kernel)` with named kernel axes,
-    optionally quantised (`quant`), and optional low-rank adapters (`lora`).
-
-    The kernel's first `n_in` axes are the ones contracted with x's last
-    `n_in` axes. Quantised ("int8" or "fp8", llama_jax/model/quantize.py): the
-    kernel holds the int8 / float8_e4m3fn values and `scale` [*out_axes]
-    (float32) one scale per output channel, named with the kernel's output
-    axes; since a scale is constant along the contraction, the einsum runs
-    on the values (cast to the compute dtype) and its output is scaled. fp8
-    also quantises x per row (Llama 3's recipe). Adapters: `lora_a`
-    [*in_axes, rank] and `lora_b` [rank, *out_axes], float32, named with the
-    kernel's logical axes (the rank axis is never split), so every layout
-    shards them without new rules. A quantised kernel with adapters is
-    QLoRA: the frozen quantised base plus the float adapters' delta.
-    (Flax's DenseGeneral reshapes a flat kernel at init, which trips its own
-    logical constraints for multi-axis kernels; an explicit shape does not.)
-    """
-
-    shape: tuple[int, ...]
-    names: tuple[str, ...]
-    equation: str
-    dtype: Any
-    param_dtype: Any
-    n_in: int = 1
-    lora: LoraConfig | None = None
-    quant: str | None = None
-
-    def setup(self):
-        if self.quant is None:
-            self.kernel = self.param("kernel", _init(*self.names), self.shape, self.param_dtype)
-        else:
-            # Quantised weights come from llama_jax.model.quantize (at load or conversion); a fresh
-            # init is a zero model, there only for shapes and names.
-            self.kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.zeros, self.names),
-                                     self.shape, storage_dtype(self.quant))
-            self.scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones,
-                                                                          self.names[self.n_in:]),
-                                    self.shape[self.n_in:], jnp.float32)
-        if self.lora is not None:
-            fan_in = math.prod(self.shape[:self.n_in])
-            r = self.lora.rank
-            self.lora_a = self.param(
-                "lora_a", nn.with_logical_partitioning(nn.initializers.normal(fan_in ** -0.5),
-                                                       (*self.names[:self.n_in], None)),
-                (*self.shape[:self.n_in], r), jnp.float32)
-            self.lora_b = self.param(
-                "lora_b", nn.with_logical_partitioning(nn.initializers.zeros, (None, *self.names[self.n_in:])),
-                (r, *self.shape[self.n_in:]), jnp.float32)
-
-    def __call__(self, x):
-        y = self._base(x)
-        if self.lora is None:
-            return y
-        # x A then B: the frozen kernel needs no gradient and no merged copy.
-        xa = jnp.tensordot(x.astype(self.dtype), self.lora_a.astype(self.dtype), axes=self.n_in)
-        delta = jnp.tensordot(xa, self.lora_b.astype(self.dtype), axes=1)
-        return y + (self.lora.scale * delta).astype(y.dtype)
-
-    def _base(self, x):
-        if self.quant is None:
-            return jnp.einsum(self.equation, x.astype(self.dtype), converted_after(self.kernel, self.dtype, x))
-        rows = kernel_reduce_axes(self.n_in)
-        x_scale = None
-        if self.quant == "fp8":
-            x, x_scale = quantize(x, "fp8", tuple(-1 - a for a in rows), cap=ACTIVATION_CAP)
-        y = jnp.einsum(self.equation, x.astype(self.dtype), converted_after(self.kernel, self.dtype, x))
-        y = y.astype(jnp.float32) * self.scale
-        if x_scale is not None:
-            y = y * x_scale.reshape(x_scale.shape + (1,) * (y.ndim - x_scale.ndim))
-        return y.astype(self.dtype)
-
-    def weights(self, x):
-        """The (unquantised) kernel in the compute dtype, for code that does its own maths with it
-        on the input `x` (see `converted_after`)."""
-        if self.quant is not None:
-            raise ValueError("Linear.weights: a quantised kernel is used through the layer's own call")
-        return converted_after(self.kernel, self.dtype, x)
-
-
-def converted_after(kernel, dtype, x):
-    """`kernel.astype(dtype)`, computed after `x` exists when XLA:CPU would otherwise hoist it.
-
-    XLA:CPU has no bfloat16 or int8 matmul: it converts such kernels to float32 and, as the
-    conversions depend on nothing, schedules them all at the start of the program, so
-    serving a bfloat16 model holds a float32 copy of every weight at once (30 GB for 8B).
-    A select on a condition computed from `x` (always true: the bits of one of its values with
-    the low bit set are never zero, which XLA does not prove) makes each conversion wait for
-    its layer's input, so one layer's copy lives at a time.
-    Other platforms (and float32 kernels) convert as they are: a TPU fuses the cast into
-    the matmul.
-    """
-    if kernel.dtype != jnp.float32 and mesh_context.platform() == "cpu":
-        first = x.reshape(-1)[0]
-        bits = jax.lax.bitcast_convert_type(first, jnp.dtype(f"int{first.dtype.itemsize * 8}"))
-        kernel = jnp.where((bits | 1) != 0, kernel, jnp.zeros((), kernel.dtype))
-    return kernel.astype(dtype)
 
 
 class Attention(nn.Module):
+    """Self-attention of one layer of kind `kind` (rotary or NoPE; chunking is in its segments)."""
+
     config: ModelConfig
+    kind: LayerKind = LayerKind()
 
     @nn.compact
-    def __call__(self, x_btd, rope, coords, segments, cache, layer):
+    def __call__(self, x_btd, rope, coords, segments, cache, layer, positions_bt=None):
         cfg = self.config
         d, h, n, k = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         linear = lambda shape, names, eq, name, n_in=1: Linear(  # noqa: E731
@@ -174,8 +59,14 @@ class Attention(nn.Module):
         q_bthk = linear((d, h, k), ("embed", "heads", "head_dim"), "btd,dhk->bthk", "wq")(x_btd)
         k_btnk = linear((d, n, k), ("embed", "kv_heads", "head_dim"), "btd,dnk->btnk", "wk")(x_btd)
         v_btnk = linear((d, n, k), ("embed", "kv_heads", "head_dim"), "btd,dnk->btnk", "wv")(x_btd)
-        q_bthk = _constrain(apply_rotary(q_bthk, *rope), "batch", "length", "heads", "head_dim")
-        k_btnk = _constrain(apply_rotary(k_btnk, *rope), "batch", "length", "kv_heads", "head_dim")
+        if self.kind.rope:
+            q_bthk, k_btnk = apply_rotary(q_bthk, *rope), apply_rotary(k_btnk, *rope)
+            if cfg.qk_norm:  # Llama 4: on rotary layers only, after the rotation
+                q_bthk, k_btnk = l2_norm(q_bthk, cfg.norm_eps), l2_norm(k_btnk, cfg.norm_eps)
+        elif cfg.attn_temperature_tuning is not None:
+            q_bthk = temperature_scaled(q_bthk, positions_bt, cfg.attn_temperature_tuning)
+        q_bthk = _constrain(q_bthk, "batch", "length", "heads", "head_dim")
+        k_btnk = _constrain(k_btnk, "batch", "length", "kv_heads", "head_dim")
         v_btnk = _constrain(v_btnk, "batch", "length", "kv_heads", "head_dim")
 
         if coords is None:
@@ -202,56 +93,68 @@ class Attention(nn.Module):
         return out_btd, cache
 
 
-class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x).
+def l2_norm(x, eps: float):
+    """x * rsqrt(mean(x^2, last axis) + eps): RMS norm without a weight, in float32, in x's dtype."""
+    x32 = x.astype(jnp.float32)
+    return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
 
-    With `swiglu_backward: manual` (what `auto` picks on CPU), no adapters on
-    w1/w2/w3 and unquantised kernels it runs `llama_jax.model.swiglu`, a
-    hand-written backward pass tuned for XLA:CPU (see there); otherwise the
-    projections' own calls under plain autodiff, which leaves XLA free to
-    fuse on TPU and skips frozen kernels' gradients under LoRA.
-    """
 
-    config: ModelConfig
-
-    @nn.compact
-    def __call__(self, x_btd):
-        cfg = self.config
-        d, f = cfg.dim, cfg.ffn_dim
-        linear = lambda shape, names, eq, name: Linear(  # noqa: E731
-            shape, names, eq, cfg.dtype, cfg.param_dtype, lora=cfg.lora_for(name),
-            quant=cfg.quantize_for(name), name=name)
-        w1 = linear((d, f), ("embed", "mlp"), "btd,df->btf", "w1")
-        w3 = linear((d, f), ("embed", "mlp"), "btd,df->btf", "w3")
-        w2 = linear((f, d), ("mlp", "embed"), "btf,fd->btd", "w2")
-        x_btd = x_btd.astype(cfg.dtype)
-        manual = cfg.swiglu_backward == "manual" or (
-            cfg.swiglu_backward == "auto" and mesh_context.platform() == "cpu")
-        if manual and not any(cfg.lora_for(name) or cfg.quantize_for(name) for name in ("w1", "w2", "w3")):
-            return swiglu(x_btd, w1.weights(x_btd), w3.weights(x_btd), w2.weights(x_btd))
-        hidden_btf = nn.with_logical_constraint(jax.nn.silu(w1(x_btd)) * w3(x_btd), ("batch", "length", "mlp"))
-        return w2(hidden_btf)
+def temperature_scaled(q_bthk, positions_bt, tuning):
+    """Queries times Llama 4's temperature for their positions: log(floor((p + 1) / floor_scale) + 1)
+    * attn_scale + 1, which is 1 until p + 1 reaches floor_scale and grows slowly past it."""
+    p = positions_bt.astype(jnp.float32)
+    scale_bt = jnp.log1p(jnp.floor((p + 1.0) / tuning.floor_scale)) * tuning.attn_scale + 1.0
+    return (q_bthk.astype(jnp.float32) * scale_bt[:, :, None, None]).astype(q_bthk.dtype)
 
 
 class DecoderLayer(nn.Module):
-    """One layer, in `nn.scan`'s (carry, xs) -> (carry, ys) form.
+    """One layer of kind `kind`, in `nn.scan`'s (carry, xs) -> (carry, ys) form.
 
     carry: (hidden [b, t, d], the stacked KV cache or None); layer: this
-    layer's index (where it writes and reads the cache). No ys.
+    layer's index (where it writes and reads the cache); segments for global
+    attention, chunk_segments for chunked layers; positions [b, t] for NoPE's
+    temperature. ys: the router statistics (llama_jax/model/moe.py), zeros
+    without a router.
     """
+
+    config: ModelConfig
+    kind: LayerKind = LayerKind()
+
+    @nn.compact
+    def __call__(self, carry, layer, rope, coords, segments, chunk_segments=None, positions_bt=None):
+        x_btd, cache = carry
+        cfg = self.config
+        norm = lambda name: RMSNorm(cfg.norm_eps, cfg.param_dtype, name=name)  # noqa: E731
+        attn_btd, cache = Attention(cfg, self.kind, name="attention")(
+            norm("attention_norm")(x_btd), rope, coords, chunk_segments if self.kind.chunked else segments,
+            cache, layer, positions_bt)
+        h_btd = x_btd + attn_btd
+        if self.kind.moe:
+            ffn_btd, statistics = MoE(cfg, name="feed_forward")(norm("ffn_norm")(h_btd))
+        else:
+            ffn_btd, statistics = FeedForward(cfg, name="feed_forward")(norm("ffn_norm")(h_btd)), \
+                no_router_statistics()
+        return (_constrain(h_btd + ffn_btd, "batch", "length", "embed"), cache), statistics
+
+
+class DecoderBlock(nn.Module):
+    """`config.layer_period` consecutive layers of the kinds the pattern gives them (Llama 4);
+    in `nn.scan` form like DecoderLayer, with xs the block's index g: layer r of the block
+    is decoder layer g * period + r (whose kind is layer r's, the pattern repeating)."""
 
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, carry, layer, rope, coords, segments):
-        x_btd, cache = carry
+    def __call__(self, carry, block, rope, coords, segments, chunk_segments=None, positions_bt=None):
         cfg = self.config
-        norm = lambda name: RMSNorm(cfg.norm_eps, cfg.param_dtype, name=name)  # noqa: E731
-        attn_btd, cache = Attention(cfg, name="attention")(
-            norm("attention_norm")(x_btd), rope, coords, segments, cache, layer)
-        h_btd = x_btd + attn_btd
-        out_btd = h_btd + FeedForward(cfg, name="feed_forward")(norm("ffn_norm")(h_btd))
-        return (_constrain(out_btd, "batch", "length", "embed"), cache), None
+        period = cfg.layer_period
+        total = no_router_statistics()
+        for r in range(period):
+            layer = remat_layer(DecoderLayer, cfg)(cfg, cfg.layer_kind(r), name=f"layer_{r}")
+            carry, statistics = layer(carry, block * period + r, rope, coords, segments, chunk_segments,
+                                      positions_bt)
+            total = jax.tree.map(jnp.add, total, statistics)
+        return carry, total
 
 
 def _layer_config(cfg: ModelConfig, layer: int) -> ModelConfig:
@@ -281,23 +184,31 @@ class Llama(nn.Module):
         self.embed = nn.Embed(cfg.vocab_size, cfg.dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                               embedding_init=_init("vocab", "embed"))
         stacked = cfg.stacked_layers
-        # Layers outside the stack (fp8 keeps the first and last unquantised) are their own modules.
-        own = range(cfg.n_layers) if not cfg.scan_layers else [i for i in range(cfg.n_layers) if i not in stacked]
-        own_class = remat_layer(DecoderLayer, cfg.replace(scan_layers=False))
-        self.own_layers = {i: own_class(_layer_config(cfg, i), name=f"layers_{i}") for i in own}
+        # The stack's units: decoder layers, or blocks of one layer pattern (Llama 4).
+        units = cfg.n_layers // cfg.layer_period
+        # Units outside the stack (fp8 keeps the first and last layers unquantised) are their own modules.
+        own = range(units) if not cfg.scan_layers else [i for i in range(units) if i not in stacked]
+        if cfg.layer_period > 1:
+            self.own_layers = {i: DecoderBlock(cfg, name=f"layers_{i}") for i in own}
+        else:
+            own_class = remat_layer(DecoderLayer, cfg.replace(scan_layers=False))
+            self.own_layers = {i: own_class(_layer_config(cfg, i), cfg.layer_kind(0), name=f"layers_{i}")
+                               for i in own}
         if cfg.scan_layers:
-            # DecoderLayer already has scan's (carry, xs) -> (carry, ys) form; xs are layer indices.
+            # Both units already have scan's (carry, xs) -> (carry, ys) form; xs are unit indices.
+            unit, kind = (DecoderBlock, ()) if cfg.layer_period > 1 else \
+                (remat_layer(DecoderLayer, cfg), (cfg.layer_kind(0),))
             self.layers = nn.scan(
-                remat_layer(DecoderLayer, cfg), variable_axes={"params": 0}, split_rngs={"params": True},
-                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=len(stacked),
-                metadata_params={nn.PARTITION_NAME: "layers"})(cfg)
+                unit, variable_axes={"params": 0}, split_rngs={"params": True},
+                in_axes=(0,) + (nn.broadcast,) * 5, length=len(stacked),
+                metadata_params={nn.PARTITION_NAME: "layers"})(cfg, *kind)
         self.norm = RMSNorm(cfg.norm_eps, cfg.param_dtype)
         if not cfg.tie_embeddings:
             self.output = Linear((cfg.dim, cfg.vocab_size), ("embed", "vocab"), "...d,dv->...v",
                                  cfg.dtype, cfg.param_dtype)
 
     def __call__(self, tokens_bt, positions_bt=None, segment_ids_bt=None, cache: Cache | None = None,
-                 return_hidden: bool = False):
+                 return_hidden: bool = False, return_aux: bool = False):
         """Logits [batch, time, vocab] (float32) and the updated cache (None if none given).
 
         tokens_bt, positions_bt: int32 [batch, time]; positions None means
@@ -309,7 +220,9 @@ class Llama(nn.Module):
         attend to each other (as without a cache, so the splash kernel and
         context parallelism apply). With `return_hidden`, the final-normed
         hidden states [batch, time, dim] are returned instead of logits, for
-        a loss that projects them in chunks (see `logits`).
+        a loss that projects them in chunks (see `logits`). With `return_aux`,
+        a third output: the router statistics summed over the MoE layers
+        (llama_jax/model/moe.py `router_statistics`; zeros without experts).
 
         Token ids are not checked here (under jit a data-dependent error is
         impossible): an id >= vocab_size gives NaN logits (the embedding gather
@@ -331,20 +244,27 @@ class Llama(nn.Module):
             coords, segments = None, (segment_ids_bt, segment_ids_bt)
             rope = rotary_angles(positions_bt, inverse_frequencies(cfg.head_dim, cfg.rope_theta,
                                                                    cfg.rope_scaling))
+            chunks = chunk_segments(cfg, positions_bt, positions_bt, segments)
         else:
             rope, coords, segments = attention_inputs(cfg, positions_bt, segment_ids_bt, cache)
+            chunks = chunk_segments(cfg, positions_bt, coords[1], segments)
         carry = (_constrain(self.embed(tokens_bt), "batch", "length", "embed"), cache)
+        inputs = (rope, coords, segments, chunks, positions_bt)
+        statistics = no_router_statistics()
         stacked = cfg.stacked_layers if cfg.scan_layers else range(0)
-        for i in range(cfg.n_layers):
+        for i in range(cfg.n_layers // cfg.layer_period):
             if i in self.own_layers:
-                carry, _ = self.own_layers[i](carry, i, rope, coords, segments)
+                carry, unit_statistics = self.own_layers[i](carry, i, *inputs)
             elif i == stacked.start:
-                carry, _ = self.layers(carry, jnp.arange(stacked.start, stacked.stop), rope, coords, segments)
+                carry, stacked_statistics = self.layers(carry, jnp.arange(stacked.start, stacked.stop), *inputs)
+                unit_statistics = jax.tree.map(lambda x: jnp.sum(x, axis=0), stacked_statistics)
+            else:
+                continue
+            statistics = jax.tree.map(jnp.add, statistics, unit_statistics)
         x_btd, cache = carry
         hidden_btd = balance(self.norm(x_btd), shards)
-        if return_hidden:
-            return hidden_btd, cache
-        return self.logits(hidden_btd), cache
+        out = hidden_btd if return_hidden else self.logits(hidden_btd)
+        return (out, cache, statistics) if return_aux else (out, cache)
 
     def logits(self, hidden_btd):
         """Project final-normed hidden states to float32 logits [..., vocab]."""
@@ -369,6 +289,26 @@ def attention_inputs(config: ModelConfig, positions_bt, segment_ids_bt=None, cac
         return rope, (rows_bt, rows_bt), (segment_ids_bt, segment_ids_bt)
     slots_bs = jnp.broadcast_to(jnp.arange(cache["k"].shape[2]), (positions_bt.shape[0], cache["k"].shape[2]))
     return rope, (positions_bt, slots_bs), (None, None)
+
+
+def chunk_segments(config: ModelConfig, q_positions_bt, k_positions_bs, segments):
+    """The (query, key) segment ids of chunked layers, or None without `attention_chunk_size`.
+
+    A chunk is a segment: key and query see each other when their positions
+    share `position // chunk` (and their documents share a segment id, if
+    any), so `attend`'s rule does the rest. Keys are at `k_positions_bs`
+    ([b, s]: the rows' own positions, or the cache slots, which are positions).
+    Document and chunk combine as `document * chunks_per_row + chunk`.
+    """
+    chunk = config.attention_chunk_size
+    if chunk is None:
+        return None
+    per_row = config.max_seq_len // chunk + 1
+    out = []
+    for positions, segment in zip((q_positions_bt, k_positions_bs), segments):
+        ids = positions // chunk
+        out.append(ids if segment is None else segment * per_row + ids)
+    return tuple(out)
 
 
 def check_token_ids(ids, vocab_size: int, what: str = "tokens") -> None:

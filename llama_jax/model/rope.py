@@ -25,8 +25,9 @@ def inverse_frequencies(head_dim: int, theta: float,
     low_freq_wavelen = scaling.original_context / scaling.low_freq_factor
     high_freq_wavelen = scaling.original_context / scaling.high_freq_factor
     wavelen = 2 * math.pi / freqs
-    smooth = ((scaling.original_context / wavelen - scaling.low_freq_factor)
-              / (scaling.high_freq_factor - scaling.low_freq_factor))
+    # With low_freq_factor == high_freq_factor (Llama 4 Scout) no frequency is blended.
+    band = max(scaling.high_freq_factor - scaling.low_freq_factor, 1e-30)
+    smooth = (scaling.original_context / wavelen - scaling.low_freq_factor) / band
     blended = (1 - smooth) * freqs / scaling.factor + smooth * freqs
     scaled = np.where(wavelen > low_freq_wavelen, freqs / scaling.factor, blended)
     scaled = np.where(wavelen < high_freq_wavelen, freqs, scaled)

@@ -1,4 +1,4 @@
-"""Chat prompts for Llama 2 and Llama 3.x, as token ids.
+"""Chat prompts for Llama 2, Llama 3.x and Llama 4, as token ids.
 
 The format follows `tokenizer.generation`, never a model name. Both layouts
 mirror Meta's reference code (REFERENCE.md, "Tokenizers and chat formats"):
@@ -10,6 +10,14 @@ Llama 2: `<s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST] {answer} <
 Llama 3.x: `<|begin_of_text|>`, then per message
   `<|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>`,
   then an open `<|start_header_id|>assistant<|end_header_id|>\\n\\n`.
+
+Llama 4: `<|begin_of_text|>`, then per message
+  `<|header_start|>{role}<|header_end|>\n\n{content}<|eot|>`, then an open
+  `<|header_start|>assistant<|header_end|>\n\n`, as Meta's ChatFormat
+  (llama_models/llama4/chat_format.py) writes it: content is not stripped,
+  a tool's output (role `ipython`, Meta's `tool`) and an assistant turn
+  that calls a tool end with `<|eom|>`, and a call is written as Meta's JSON
+  format, `{"type": "function", "name": ..., "parameters": {...}}`.
 
 Stop tokens for generation are `tokenizer.stop_ids`.
 
@@ -25,6 +33,7 @@ image part becomes one `<|image|>` id where it stands in the user turn.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 from llama_jax.text import tool_use
@@ -53,7 +62,8 @@ def format_chat(tokenizer: Tokenizer, messages: Sequence[dict], image_token_id: 
     Raises ValueError with one line on a malformed list.
     """
     if tools and tokenizer.generation != "llama3":
-        raise ValueError("tools need a Llama 3.1 chat format; this tokenizer is Llama 2's")
+        raise ValueError(f"tools need a Llama 3.1 chat format; this tokenizer is {tokenizer.generation}'s "
+                         "(Llama 4 takes tool results and calls as messages, not offered tools)")
     return _encode(tokenizer, messages, open_answer=True, image_token_id=image_token_id, tools=tools or None,
                    date=date)[0]
 
@@ -74,13 +84,15 @@ def encode_conversation(tokenizer: Tokenizer, messages: Sequence[dict],
 def _encode(tokenizer: Tokenizer, messages: Sequence[dict], open_answer: bool, image_token_id: int | None,
             tools: Sequence[dict] | None = None, date: str | None = None):
     llama3 = tokenizer.generation == "llama3"
-    _check_messages(messages, LLAMA3_ROLES if llama3 else LLAMA2_ROLES)
+    _check_messages(messages, LLAMA2_ROLES if tokenizer.generation == "llama2" else LLAMA3_ROLES)
     last = messages[-1]["role"]
     if not open_answer and last != "assistant":
         raise ValueError(f"chat for training: the last message must be the assistant's answer, got {last!r}")
     if llama3:
         prefixes = {} if tools is None else _tool_prefixes(messages, tools, date or tool_use.today())
         return _format_llama3(tokenizer, messages, open_answer, image_token_id, prefixes)
+    if tokenizer.generation == "llama4":
+        return _format_llama4(tokenizer, messages, open_answer)
     if any(not isinstance(m["content"], str) for m in messages):
         raise ValueError("Llama 2 chat: message content must be a string (Llama 2 takes no images)")
     return _format_llama2(tokenizer, messages, open_answer)
@@ -213,3 +225,31 @@ def _llama3_header(tokenizer: Tokenizer, role: str) -> list[int]:
         + [tokenizer.token_id("<|end_header_id|>")]
         + tokenizer.encode("\n\n")
     )
+
+
+def _format_llama4(tokenizer: Tokenizer, messages: Sequence[dict], open_answer: bool):
+    eot, eom = tokenizer.token_id("<|eot|>"), tokenizer.token_id("<|eom|>")
+    ids, weights = [tokenizer.bos_id], [0]
+    for i, message in enumerate(messages):
+        content = message.get("content") or ""
+        if not isinstance(content, str):
+            raise ValueError(f"message {i}: Llama 4 chat takes text content (images are not supported yet)")
+        header = _llama4_header(tokenizer, message["role"])
+        body = tokenizer.encode(content)  # Meta's ChatFormat keeps the content as it is
+        calls = message.get("tool_calls")
+        if calls:
+            call = json.dumps({"type": "function", "name": calls[0].name, "parameters": calls[0].arguments})
+            body += tokenizer.encode(call)
+        body.append(eom if calls or message["role"] == "ipython" else eot)
+        ids += header + body
+        weights += [0] * len(header) + [int(message["role"] == "assistant")] * len(body)
+    if open_answer:
+        header = _llama4_header(tokenizer, "assistant")
+        ids += header
+        weights += [0] * len(header)
+    return ids, weights
+
+
+def _llama4_header(tokenizer: Tokenizer, role: str) -> list[int]:
+    return ([tokenizer.token_id("<|header_start|>")] + tokenizer.encode(role)
+            + [tokenizer.token_id("<|header_end|>")] + tokenizer.encode("\n\n"))

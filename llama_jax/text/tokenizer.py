@@ -3,8 +3,9 @@
 Three file formats, one interface (`Tokenizer`):
 
 - SentencePiece `tokenizer.model` (Llama 2), via the `sentencepiece` package;
-- tiktoken-format `tokenizer.model` (Llama 3.x): lines of `base64token rank`,
-  with Meta's 256 special tokens appended after the regular ranks;
+- tiktoken-format `tokenizer.model` (Llama 3.x and 4): lines of `base64token rank`,
+  with Meta's special tokens appended after the regular ranks (256 for Llama 3;
+  2048 and another pattern for Llama 4, llama_jax/text/llama4_tokens.py);
 - Hugging Face `tokenizer.json`, via the `tokenizers` package.
 
 `load_tokenizer(path)` picks one from the files. `llama_jax.text.stream_decoder`
@@ -28,6 +29,7 @@ from etils import epath
 
 from llama_jax.cli import first_line
 from llama_jax.paths import check_bucket, user_path
+from llama_jax.text import llama4_tokens
 
 # Meta's Llama 3 pre-tokenizer regex (`pat_str`), see REFERENCE.md.
 LLAMA3_PATTERN = (
@@ -74,10 +76,12 @@ class Tokenizer(abc.ABC):
     """Text <-> token ids, with the special tokens a Llama model needs.
 
     Attributes set by every implementation:
-      generation: "llama2" or "llama3" (chat format and special tokens).
+      generation: "llama2", "llama3" or "llama4" (chat format and special tokens).
       vocab_size: number of ids, special tokens included.
       bos_id, eos_id: begin/end of text; pad_id: an id for padding, or None.
       stop_ids: frozenset of ids that end generation.
+      special_ids: frozenset of the special (control) tokens' ids: BOS, EOS, chat headers,
+        reserved ones; what a server leaves out of returned text by default.
     """
 
     generation: str
@@ -86,6 +90,7 @@ class Tokenizer(abc.ABC):
     eos_id: int
     pad_id: int | None
     stop_ids: frozenset[int]
+    special_ids: frozenset[int]
 
     def encode(
         self, text: str, bos: bool = False, eos: bool = False, allow_special: bool = False
@@ -110,6 +115,19 @@ class Tokenizer(abc.ABC):
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
         return self._decode(ids)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for, as the model sees them (logprobs report these).
+
+        A token holding part of a character (a byte-level token, SentencePiece's
+        `<0xE2>` byte piece) gives its raw bytes, where decoding it alone gives
+        U+FFFD; a special token gives its string's UTF-8; SentencePiece's word
+        mark `▁` is a space. ValueError for an id outside the vocabulary.
+        """
+        token_id = int(token_id)
+        if not 0 <= token_id < self.vocab_size:
+            raise ValueError(f"token id {token_id} is outside the vocabulary [0, {self.vocab_size})")
+        return self._token_bytes(token_id)
+
     @abc.abstractmethod
     def token_id(self, piece: str) -> int:
         """The id of a special token given its string, e.g. "<|eot_id|>"; ValueError if unknown."""
@@ -124,6 +142,9 @@ class Tokenizer(abc.ABC):
 
     @abc.abstractmethod
     def _decode(self, ids: list[int]) -> str: ...
+
+    @abc.abstractmethod
+    def _token_bytes(self, token_id: int) -> bytes: ...
 
     def __repr__(self) -> str:
         name = type(self).__name__
@@ -147,6 +168,7 @@ class SentencePieceTokenizer(Tokenizer):
         self._specials = {
             processor.id_to_piece(i): i for i in range(self.vocab_size) if processor.is_control(i)
         }
+        self.special_ids = frozenset(self._specials.values())
         longest_first = sorted(self._specials, key=len, reverse=True)
         self._special_re = re.compile("(" + "|".join(map(re.escape, longest_first)) + ")")
 
@@ -181,11 +203,18 @@ class SentencePieceTokenizer(Tokenizer):
             out.append(self._sp.decode(run))
         return "".join(out)
 
+    def _token_bytes(self, token_id: int) -> bytes:
+        return _piece_bytes(self._sp.id_to_piece(token_id), self._sp.is_byte(token_id))
+
 
 class TiktokenTokenizer(Tokenizer):
-    """Llama 3.x byte-level BPE: regular ranks plus Meta's 256 special tokens."""
+    """Byte-level BPE: regular ranks plus Meta's special tokens, Llama 3.x's or Llama 4's.
 
-    def __init__(self, ranks: dict[bytes, int], source: str = "<memory>"):
+    `generation` None picks by the file: Meta's Llama 4 ranks are 200,000
+    tokens (llama4_tokens.RANKS), anything else is read as Llama 3's layout.
+    """
+
+    def __init__(self, ranks: dict[bytes, int], source: str = "<memory>", generation: str | None = None):
         n = len(ranks)
         if n == 0:
             raise ValueError(f"{source}: tiktoken rank file holds no tokens")
@@ -194,29 +223,38 @@ class TiktokenTokenizer(Tokenizer):
         missing = [b for b in range(256) if bytes([b]) not in ranks]
         if missing:
             raise ValueError(f"{source}: no token for byte 0x{missing[0]:02x}; each byte needs one")
-        self._specials = {s: n + i for i, s in enumerate(llama3_special_tokens())}
+        self.generation = generation or ("llama4" if n == llama4_tokens.RANKS else "llama3")
+        if self.generation == "llama4":
+            names, pattern = llama4_tokens.special_tokens(), llama4_tokens.PATTERN
+            stops, pad = llama4_tokens.STOPS, llama4_tokens.PAD
+        elif self.generation == "llama3":
+            # Llama 3.1 names its pad token for padding fine-tuning batches.
+            names, pattern, stops, pad = llama3_special_tokens(), LLAMA3_PATTERN, _LLAMA3_STOPS, \
+                "<|finetune_right_pad_id|>"
+        else:
+            raise ValueError(f"{source}: generation {generation!r} is not llama3 or llama4")
+        self._specials = {s: n + i for i, s in enumerate(names)}
         self._enc = tiktoken.Encoding(
             name=os.path.basename(source),
-            pat_str=LLAMA3_PATTERN,
+            pat_str=pattern,
             mergeable_ranks=ranks,
             special_tokens=self._specials,
         )
-        self.generation = "llama3"
         self.vocab_size = n + len(self._specials)
         self.bos_id = self._specials["<|begin_of_text|>"]
         self.eos_id = self._specials["<|end_of_text|>"]
-        # Llama 3.1 names this token for padding fine-tuning batches.
-        self.pad_id = self._specials["<|finetune_right_pad_id|>"]
-        self.stop_ids = frozenset(self._specials[s] for s in _LLAMA3_STOPS)
+        self.pad_id = self._specials[pad]
+        self.stop_ids = frozenset(self._specials[s] for s in stops)
+        self.special_ids = frozenset(self._specials.values())
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike) -> TiktokenTokenizer:
+    def from_file(cls, path: str | os.PathLike, generation: str | None = None) -> TiktokenTokenizer:
         """Load a `base64token rank` file; ValueError naming the file if it is not one."""
         try:
             ranks = _parse_ranks(user_path(path).read_bytes())
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
-        return cls(ranks, str(path))
+        return cls(ranks, str(path), generation)
 
     def token_id(self, piece: str) -> int:
         if piece not in self._specials:
@@ -232,6 +270,9 @@ class TiktokenTokenizer(Tokenizer):
 
     def _decode(self, ids: list[int]) -> str:
         return self._enc.decode(ids, errors="replace")
+
+    def _token_bytes(self, token_id: int) -> bytes:
+        return self._enc.decode_single_token_bytes(token_id)
 
 
 def _split_long_text(text: str) -> Iterable[str]:
@@ -285,8 +326,9 @@ class HFTokenizer(Tokenizer):
         added = self._tok.get_added_tokens_decoder()
         self._specials = {tok.content: i for i, tok in added.items() if tok.special}
         config = _read_tokenizer_config(path.parent / "tokenizer_config.json")
-        self.generation = "llama3" if "<|eot_id|>" in self._specials else "llama2"
-        llama3 = self.generation == "llama3"
+        self.generation = ("llama4" if "<|header_start|>" in self._specials
+                           else "llama3" if "<|eot_id|>" in self._specials else "llama2")
+        llama3 = self.generation in ("llama3", "llama4")
         bos = config.get("bos_token") or ("<|begin_of_text|>" if llama3 else "<s>")
         eos = config.get("eos_token") or ("<|end_of_text|>" if llama3 else "</s>")
         self.bos_id, self.eos_id = self._tok.token_to_id(bos), self._tok.token_to_id(eos)
@@ -297,9 +339,16 @@ class HFTokenizer(Tokenizer):
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         stops = {self.eos_id}
         if llama3:
-            stops |= {self._specials[s] for s in _LLAMA3_STOPS if s in self._specials}
+            names = llama4_tokens.STOPS if self.generation == "llama4" else _LLAMA3_STOPS
+            stops |= {self._specials[s] for s in names if s in self._specials}
         self.stop_ids = frozenset(stops)
-        self._meta_names = self._meta_names_of_reserved_ids() if llama3 else {}
+        self._meta_names = self._meta_names_of_reserved_ids() if self.generation == "llama3" else {}
+        self._added = {i: tok.content for i, tok in added.items()}
+        self.special_ids = frozenset(self._specials.values())
+        # Byte-level files (Llama 3's) spell each byte as one of GPT-2's 256 characters;
+        # SentencePiece-style files (Llama 2's) have `▁` for a space and <0xNN> byte pieces.
+        self._byte_level = _has_byte_level(json.loads(self._tok.to_str()).get("decoder"))
+        self._char_bytes = byte_level_chars() if self._byte_level else {}
 
     def _meta_names_of_reserved_ids(self) -> dict[str, int]:
         """Meta's names (reserved ones aside) for ids this file calls reserved.
@@ -333,6 +382,37 @@ class HFTokenizer(Tokenizer):
     def _decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=False)
 
+    def _token_bytes(self, token_id: int) -> bytes:
+        if token_id in self._added:
+            return self._added[token_id].encode()
+        token = self._tok.id_to_token(token_id) or ""
+        if self._byte_level:
+            return bytes(self._char_bytes[c] for c in token)
+        return _piece_bytes(token, re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token) is not None)
+
+
+def _has_byte_level(decoder) -> bool:
+    """Whether a tokenizer.json decoder (a dict, maybe a Sequence of them) decodes byte-level tokens."""
+    if not isinstance(decoder, dict):
+        return False
+    return decoder.get("type") == "ByteLevel" or any(_has_byte_level(d) for d in decoder.get("decoders") or [])
+
+
+def _piece_bytes(piece: str, is_byte: bool) -> bytes:
+    """A SentencePiece piece's bytes: a byte piece `<0xE2>` is that byte, `▁` a space."""
+    if is_byte:
+        return bytes([int(piece[3:5], 16)])
+    return piece.replace("\u2581", " ").encode()
+
+
+def byte_level_chars() -> dict[str, int]:
+    """GPT-2's byte-to-character table, inverted: each of the 256 characters a
+    byte-level token is spelt with, to its byte. Printable Latin-1 bytes stand
+    for themselves; the other 68 take the characters from U+0100 on, in byte order."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    shifted = (b for b in range(256) if b not in printable)
+    return {chr(b): b for b in printable} | {chr(256 + i): b for i, b in enumerate(shifted)}
+
 
 def _read_tokenizer_config(path: epath.Path) -> dict[str, str]:
     """bos/eos/pad token strings from a tokenizer_config.json, if it exists."""
@@ -352,6 +432,29 @@ def _read_tokenizer_config(path: epath.Path) -> dict[str, str]:
     return out
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # what `load_tokenizer` looks for in a directory
+
+
+def tokenizer_beside(path: str | os.PathLike, up: int = 1) -> epath.Path | None:
+    """The directory holding a tokenizer file (`TOKENIZER_FILES`) that is `path` itself or one of
+    its `up` parents, nearest first (a tokenizer saved with a checkpoint or run); None if none is."""
+    directory = user_path(path)
+    for _ in range(up + 1):
+        if any((directory / name).is_file() for name in TOKENIZER_FILES):
+            return directory
+        directory = directory.parent
+    return None
+
+
+def find_tokenizer(path: str | os.PathLike, up: int = 1) -> epath.Path:
+    """`tokenizer_beside(path, up)`, or ValueError (one line) asking for the tokenizer's path."""
+    found = tokenizer_beside(path, up)
+    if found is None:
+        where = "here or in the parent directory" if up == 1 else f"here or in its {up} parent directories"
+        raise ValueError(f"{path}: no tokenizer.json or tokenizer.model {where} (pass the tokenizer's path)")
+    return found
+
+
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """Load a tokenizer from a file or a directory holding one.
 
@@ -364,7 +467,7 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     path = user_path(path)
     check_bucket(path)
     if path.is_dir():
-        found = [path / n for n in ("tokenizer.json", "tokenizer.model") if (path / n).is_file()]
+        found = [path / n for n in TOKENIZER_FILES if (path / n).is_file()]
         if not found:
             raise ValueError(f"{path}: directory holds no tokenizer.json or tokenizer.model")
         path = found[0]

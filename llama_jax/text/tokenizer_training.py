@@ -19,7 +19,7 @@ import tokenizers
 from tokenizers import Regex, models, pre_tokenizers, trainers
 
 from llama_jax.cli import first_line
-from llama_jax.text.tokenizer import LLAMA3_PATTERN
+from llama_jax.text.tokenizer import LLAMA3_PATTERN, byte_level_chars
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, path: str | os.PathLike) -> Path:
@@ -73,15 +73,6 @@ def write_tiktoken_ranks(tokenizer: tokenizers.Tokenizer, path: str | os.PathLik
     lines = (f"{base64.b64encode(tok).decode('ascii')} {rank}\n" for rank, tok in enumerate(vocab))
     path.write_text("".join(lines), encoding="ascii")
     return path
-
-
-def byte_level_chars() -> dict[str, int]:
-    """GPT-2's byte-to-character table, inverted: each of the 256 characters a
-    byte-level token is spelt with, to its byte. Printable Latin-1 bytes stand
-    for themselves; the other 68 take the characters from U+0100 on, in byte order."""
-    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
-    shifted = (b for b in range(256) if b not in printable)
-    return {chr(b): b for b in printable} | {chr(256 + i): b for i, b in enumerate(shifted)}
 
 
 def train_sentencepiece(texts: Iterable[str], vocab_size: int, path: str | os.PathLike) -> Path:

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from llama_jax.config import ModelConfig
-from llama_jax.model.llama import Linear
+from llama_jax.model.layers import Linear
 
 # Added to the scores of invisible keys: finite, so a query that sees no key
 # gets a uniform (finite) average rather than NaN; its callers zero such rows.

@@ -38,8 +38,9 @@ import jax
 import jax.numpy as jnp
 
 from llama_jax.config import ModelConfig
-from llama_jax.model.llama import (Cache, DecoderLayer, FeedForward, Linear, Llama, RMSNorm, attention_inputs,
-                             remat_layer)
+from llama_jax.model.kv_cache import Cache
+from llama_jax.model.layers import FeedForward, Linear, RMSNorm
+from llama_jax.model.llama import DecoderLayer, Llama, attention_inputs, remat_layer
 from llama_jax.vision.encoder import ImageEncoder
 from llama_jax.vision.layers import attend_masked, gate
 

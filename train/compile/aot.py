@@ -10,15 +10,39 @@ llama_jax.decoding.programs), and the HTTP server's own two (`SERVE_PROGRAMS`):
 "serve_decode", several decode steps of every slot with each token's
 logprobs, and "serve_prefill", a group of prompts prefilled into their slots,
 jitted by the same `llama_jax.decoding.slots.jit_slot_programs` that
-infer.batcher serves them with.
+infer.batcher serves them with. And "eval": the lm-eval model's scoring
+forward pass (train/lm_eval/scoring.py's `score_batch`, jitted by its `Scorer`),
+one batch of rows of log-likelihood requests.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
+from collections.abc import Callable
 
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
+
+from llama_jax.config import ConfigError
+from llama_jax.decoding import programs
+from llama_jax.decoding.buckets import prompt_shape
+from llama_jax.decoding.programs import PREFILL_CHUNK
+from llama_jax.decoding.sampling import RowSampling, Sampling
+from llama_jax.decoding.slots import PREFILL_BATCH, SLOTS, STEPS_PER_CALL, jit_slot_programs, slot_shape
+from llama_jax.params import abstract_params, model_for
+from llama_jax.vision.image import image_shapes
+from sharding.comms import parse_collectives
+from sharding.comms_estimate import estimate_step, summary
+from sharding.layout import load_layout
+from sharding.place import Placement, abstract_arrays, validate
+from sharding.topology import CHIP_HBM_BYTES, CHIP_PEAK_FLOPS, chip_info, layout_for_slices
+from train.lm_eval.scoring import Scorer  # not lm-eval itself: scoring is plain JAX
+from train.objectives.run import teacher_placement
 from train.program import build_train_step
+from train.tracking.metrics import flops_per_token
 
 SERVE_PROGRAMS = ("serve_prefill", "serve_decode")  # infer.serve's programs (the run config's "serve")
 
@@ -26,16 +50,15 @@ SERVE_PROGRAMS = ("serve_prefill", "serve_decode")  # infer.serve's programs (th
 @dataclasses.dataclass
 class CompileResult:
     """One compile's figures; bytes and FLOPs are per chip unless named otherwise."""
-
-    program: str                  # "train", "prefill", "decode" or one of SERVE_PROGRAMS
+    program: str                  # "train", "prefill", "decode", "eval" or one of SERVE_PROGRAMS
     topology: str
     slices: int
     chip: str
     chips: int
     layout: str
     mesh: dict[str, int]
-    batch: int                    # global rows (decode, prefill: sequences; serve_decode: slots)
-    seq_len: int                  # decode, prefill: cache length (serve programs: per slot)
+    batch: int                    # global rows (decode, prefill: sequences; serve_decode: slots; eval: rows)
+    seq_len: int                  # decode, prefill: cache length (serve programs: per slot; eval: row length)
     grad_accum: int
     remat: str
     dtype: str
@@ -65,7 +88,6 @@ class CompileResult:
 
     def to_dict(self) -> dict:
         """JSON-ready; the collectives grouped by kind and mesh axes (sharding.comms_estimate.summary)."""
-        from sharding.comms_estimate import summary
 
         collectives = None if self.collectives is None else summary(self.collectives)
         return (dataclasses.asdict(dataclasses.replace(self, collectives=None))
@@ -75,9 +97,15 @@ class CompileResult:
 # --- building the programs -------------------------------------------------------------
 
 
-def _abstract(tree, shardings):
-    import jax
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+@dataclasses.dataclass(frozen=True)
+class Bound:
+    """A jitted function with its keyword arguments fixed: `lower(*args)` lowers it as jit's own."""
+
+    jitted: Callable
+    kwargs: dict
+
+    def lower(self, *args):
+        return self.jitted.lower(*args, **self.kwargs)
 
 
 def train_program(run, placement, teacher=None):
@@ -95,30 +123,19 @@ def decode_program(config, placement, batch: int, cache_len: int):
     (`infer.generate`; the HTTP server's programs are `serve_program`'s).
 
     The program is `llama_jax.decoding.programs.decode` (one step of its loop, greedy),
-    jitted with the state donated and sharded by the layout (batch on
-    data/fsdp, the KV cache's kv_heads on tensor), as infer's Engine jits it.
+    jitted by `programs.jit_programs` as infer's Engine jits it: the state donated and
+    sharded by the layout (batch on data/fsdp, the KV cache's kv_heads on tensor).
     A vision model's state also holds its images' cached keys and values
     (`vision.max_images` per row), which every step reads.
     """
-    import functools
-
-    import jax
-    import jax.numpy as jnp
-
-    from llama_jax.decoding import programs
-    from llama_jax.params import model_for
-    from llama_jax.decoding.sampling import Sampling
-
     config = config.replace(remat="none")  # nothing is differentiated
     with_images = config.vision is not None
     replicated = _replicated(placement)
     state_shardings = placement.tree_shardings(programs.state_axes(config, with_images))
-    step = jax.jit(functools.partial(programs.decode, model_for(config), sampling=Sampling(), steps=1),
-                   donate_argnums=1,
-                   in_shardings=(placement.param_shardings(config), state_shardings, replicated),
-                   out_shardings=(state_shardings, replicated, replicated))
-    state = _abstract(jax.eval_shape(lambda: programs.empty_state(config, batch, cache_len, with_images)),
-                      state_shardings)
+    _, decode = programs.jit_programs(model_for(config), state_shardings, replicated)
+    step = Bound(decode, {"sampling": Sampling(), "steps": 1})
+    state = abstract_arrays(jax.eval_shape(lambda: programs.empty_state(config, batch, cache_len, with_images)),
+                            state_shardings)
     stops = jax.ShapeDtypeStruct((1,), jnp.int32, sharding=replicated)
     return step, (_abstract_params(config, placement), state, stops)
 
@@ -130,31 +147,19 @@ def prefill_program(config, placement, batch: int, prompt_len: int, cache_len: i
     once) into a cache of `cache_len`, with `vision.max_images` full-size images per row for a
     vision model (encoder, projector and every cross-attention layer's keys and values, made
     once here)."""
-    import functools
-
-    import jax
-    import jax.numpy as jnp
-
-    from llama_jax.decoding import programs
-    from llama_jax.params import model_for
-    from llama_jax.decoding.sampling import Sampling
-
     config = config.replace(remat="none")
     replicated = _replicated(placement)
     state_shardings = placement.tree_shardings(programs.state_axes(config, config.vision is not None))
-    fill = functools.partial(programs.prefill, model_for(config), sampling=Sampling(),
-                             cache_len=cache_len, chunk=chunk)
-    step = jax.jit(lambda params, prompts, lengths, limits, seed, stops, images: fill(
-        params, prompts, lengths, limits, seed, stops, images=images),
-                   out_shardings=(state_shardings, replicated, replicated))
+    prefill, _ = programs.jit_programs(model_for(config), state_shardings, replicated)
+    images = _abstract_images(placement, batch) if config.vision is not None else None
+    step = Bound(prefill, {"sampling": Sampling(), "cache_len": cache_len, "chunk": chunk, "images": images})
     row = placement.sharding("batch")
     inputs = (jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32, sharding=placement.sharding("batch", "length")),
               jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=row),
               jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=row),
               jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
               jax.ShapeDtypeStruct((1,), jnp.int32, sharding=replicated))
-    images = _abstract_images(placement, batch) if config.vision is not None else None
-    return step, (_abstract_params(config, placement), *inputs, images)
+    return step, (_abstract_params(config, placement), *inputs)
 
 
 def serve_program(config, placement, program: str, *, slots: int | None = None, context: int | None = None,
@@ -171,17 +176,6 @@ def serve_program(config, placement, program: str, *, slots: int | None = None, 
     (None: the longest prompt a request may have), into the slots. Layers are scanned, as infer's
     Engine runs them on TPU. ConfigError or ValueError (one line) for shapes the server refuses.
     """
-    import jax
-    import jax.numpy as jnp
-
-    from llama_jax.config import ConfigError
-    from llama_jax.decoding import programs
-    from llama_jax.decoding.buckets import prompt_shape
-    from llama_jax.decoding.programs import PREFILL_CHUNK
-    from llama_jax.decoding.sampling import RowSampling
-    from llama_jax.decoding.slots import PREFILL_BATCH, SLOTS, STEPS_PER_CALL, jit_slot_programs, slot_shape
-    from llama_jax.params import model_for
-
     context = context or config.max_seq_len
     if not 2 <= context <= config.max_seq_len:
         raise ConfigError(f"--max-seq-len must be in [2, {config.max_seq_len}] (the model's context), got {context}")
@@ -198,8 +192,8 @@ def serve_program(config, placement, program: str, *, slots: int | None = None, 
     replicated, row = _replicated(placement), placement.sharding("batch")
     state_shardings = placement.tree_shardings(programs.state_axes(config))
     jitted = jit_slot_programs(model_for(config), shape, state_shardings, row, replicated)
-    state = _abstract(jax.eval_shape(lambda: programs.empty_state(config, shape.slots, shape.cache_len)),
-                      state_shardings)
+    state = abstract_arrays(jax.eval_shape(lambda: programs.empty_state(config, shape.slots, shape.cache_len)),
+                            state_shardings)
 
     def rows(n: int, dtype=jnp.int32):
         return jax.ShapeDtypeStruct((n,), dtype, sharding=row)
@@ -218,26 +212,27 @@ def serve_program(config, placement, program: str, *, slots: int | None = None, 
     return jitted.prefill, args, shape, prompt_len
 
 
+def eval_program(config, placement, rows: int, length: int):
+    """(the lm-eval model's jitted scoring pass, its abstract sharded arguments) for `rows` rows of
+    `length` tokens: `Scorer.program` as `LlamaJaxLM` builds it (no remat, logits in chunks)."""
+    scorer = Scorer(model_for(config.replace(remat="none")), placement, rows, length)
+    tokens = jax.ShapeDtypeStruct((scorer.rows, length), jnp.int32, sharding=placement.sharding("batch", "length"))
+    weights = jax.ShapeDtypeStruct((scorer.rows, length), jnp.float32, sharding=placement.sharding("batch", "length"))
+    return scorer.program, (_abstract_params(config, placement), tokens, tokens, weights)
+
+
 def _abstract_images(placement, rows: int):
     """A vision model's `images` for `rows` rows as sharded `jax.ShapeDtypeStruct`s (split on batch)."""
-    import jax
-
-    from llama_jax.vision.image import image_shapes
-
     return {name: jax.ShapeDtypeStruct(shape, dtype, sharding=placement.sharding("batch"))
             for name, (shape, dtype) in image_shapes(placement.config.vision, rows).items()}
 
 
 def _replicated(placement):
-    from jax.sharding import NamedSharding, PartitionSpec
-
     return NamedSharding(placement.mesh, PartitionSpec())
 
 
 def _abstract_params(config, placement):
-    from llama_jax.params import abstract_params
-
-    return _abstract(abstract_params(config), placement.param_shardings(config))
+    return abstract_arrays(abstract_params(config), placement.param_shardings(config))
 
 
 # --- compiling ---------------------------------------------------------------------------
@@ -245,10 +240,6 @@ def _abstract_params(config, placement):
 
 def _chip_bytes(tree, device) -> int:
     """Bytes of `device`'s shards of a tree of abstract sharded arrays."""
-    import math
-
-    import jax
-
     total = 0
     for leaf in jax.tree.leaves(tree):
         shard = leaf.sharding.shard_shape(leaf.shape)
@@ -288,8 +279,9 @@ def compile_run(run, devices, *, topology: str = "", slices: int = 1, program: s
 
     program: "train", "prefill" (batch x prompt_len tokens, `prefill_chunk`
     at a time, default programs.PREFILL_CHUNK, with images for a vision
-    model) or "decode"; decode_batch, cache_len and prompt_len default to the
-    run's global batch and sequence length. Or one of SERVE_PROGRAMS, shaped
+    model), "decode" or "eval" (decode_batch rows of cache_len tokens scored);
+    decode_batch, cache_len and prompt_len default to the run's global batch
+    and sequence length. Or one of SERVE_PROGRAMS, shaped
     as `python -m infer.serve` with --max-batch `slots`, --max-seq-len `context`,
     --steps-per-call and --prefill-batch would run it (defaults: the server's,
     and the model's context); serve_prefill's prompts are `prompt_len` tokens
@@ -302,12 +294,6 @@ def compile_run(run, devices, *, topology: str = "", slices: int = 1, program: s
     LayoutError/ConfigError for input that cannot be placed; an out-of-memory
     compile is a result with verdict "does not fit", not an exception.
     """
-    from sharding.layout import load_layout
-    from sharding.place import Placement, validate
-    from sharding.topology import chip_info, layout_for_slices
-    from sharding.topology import CHIP_HBM_BYTES, CHIP_PEAK_FLOPS
-    from train.tracking.metrics import flops_per_token
-
     info = chip_info(devices)
     layout = layout_for_slices(load_layout(run.layout, **run.mesh), slices)
     placement = Placement.create(run.model, layout, devices=devices)
@@ -320,10 +306,8 @@ def compile_run(run, devices, *, topology: str = "", slices: int = 1, program: s
     elif program == "train":
         batch, seq_len = run.data.global_batch, run.data.seq_len
         validate(run.model, layout, placement.mesh, batch=batch // run.grad_accum, seq_len=seq_len)
-        from train.objectives.run import teacher_placement
         step, args = train_program(run, placement, teacher_placement(run, layout, devices=devices))
     else:
-        from llama_jax.config import ConfigError
 
         batch = decode_batch or run.data.global_batch
         seq_len = cache_len or run.data.seq_len
@@ -333,8 +317,10 @@ def compile_run(run, devices, *, topology: str = "", slices: int = 1, program: s
         validate(run.model, layout, placement.mesh, batch=batch)
         if program == "decode":
             step, args = decode_program(run.model, placement, batch, seq_len)
+        elif program == "eval":
+            validate(run.model, layout, placement.mesh, seq_len=seq_len)
+            step, args = eval_program(run.model, placement, batch, seq_len)
         else:
-            from llama_jax.decoding.programs import PREFILL_CHUNK
 
             prompt_len = prompt_len or seq_len
             if prompt_len > seq_len:
@@ -349,7 +335,8 @@ def compile_run(run, devices, *, topology: str = "", slices: int = 1, program: s
     result = CompileResult(
         program=program, topology=topology, slices=slices, chip=info.chip, chips=info.n_chips,
         layout=layout.name, mesh=dict(placement.mesh.shape), batch=batch, seq_len=seq_len,
-        grad_accum=run.grad_accum if program == "train" else 1, remat=run.model.remat,
+        grad_accum=run.grad_accum if program == "train" else 1,
+        remat="none" if program == "eval" else run.model.remat,  # the scorer recomputes nothing
         dtype=run.model.dtype, param_dtype=run.model.param_dtype, verdict="does not fit",
         hbm_bytes=hbm, compile_s=0.0,
         prompt_len=prompt_len if program in ("prefill", "serve_prefill") else None,
@@ -382,8 +369,6 @@ def compile_run(run, devices, *, topology: str = "", slices: int = 1, program: s
         result.model_flops = per_step / len(devices)
         result.step_s_at_full_mfu = result.model_flops / (CHIP_PEAK_FLOPS[info.chip] / info.devices_per_chip)
     if comms:
-        from sharding.comms import parse_collectives
-        from sharding.comms_estimate import estimate_step
 
         result.collectives = parse_collectives(compiled.as_text(), placement.mesh)
         if program == "train":

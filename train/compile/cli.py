@@ -9,6 +9,8 @@
         model_overrides.kv_cache_dtype=int8 --decode-batch 32 --cache-len 8192  # serving, quantised
     python -m train.compile --config RUN --topology v5e:2x4 --serve --max-batch 16 --max-seq-len 8192
                                                      # infer.serve's own programs: decode slots, prefill
+    python -m train.compile --config RUN --topology v5e:2x4 --eval --decode-batch 64 --cache-len 4096
+                                                     # the lm-eval model's scoring pass (train/lm_eval/)
     python -m train.compile --all                    # every shipped run on the slice it names
     python -m train.compile --config RUN --topology v5p:4x4x4 \\
         --sweep layout=fsdp,fsdp_tp remat=full,dots batch=256,512           # a table of combinations
@@ -38,6 +40,11 @@ infer.batcher jits them through llama_jax.decoding.slots): its decode call
 (--steps-per-call steps of --max-batch slots of --max-seq-len positions,
 each token with its logprobs) and its prefill of a group of --prefill-batch
 prompts into the slots, with the flags and defaults of `python -m infer.serve`.
+
+With --eval, the program is the lm-eval model's scoring forward pass
+(train/lm_eval/scoring.py, as `python -m train.eval --tasks` runs it): one
+batch of --decode-batch rows of --cache-len tokens, with the logits projected
+256 positions at a time.
 
 With --comms, the collectives of each compiled program are listed
 (sharding/comms.py: kind, bytes per chip, mesh axes, loops multiplied out)
@@ -86,6 +93,7 @@ def format_result(r: CompileResult) -> str:
             if r.program == "serve_prefill"
             else f"{r.batch} slots of {r.seq_len}, {r.steps} steps per call with logprobs"
             if r.program == "serve_decode"
+            else f"{r.batch} rows of {r.seq_len} tokens scored (lm-eval log-likelihoods)" if r.program == "eval"
             else f"{r.batch} sequences, cache {r.seq_len}")
     if r.images_per_row:
         what += f", {r.images_per_row} image(s) per row"
@@ -213,6 +221,9 @@ def _main(argv) -> int:
     parser.add_argument("--serve", action="store_true",
                         help="compile infer.serve's programs instead of the train step: its decode call over "
                              "the slots (with logprobs) and its prefill into them")
+    parser.add_argument("--eval", action="store_true",
+                        help="compile the lm-eval model's scoring forward pass instead of the train step: "
+                             "--decode-batch rows of --cache-len tokens")
     parser.add_argument("--max-batch", type=int, default=None, metavar="N",
                         help="--serve: decode slots (default: infer.serve's)")
     parser.add_argument("--max-seq-len", type=int, default=None, metavar="L",
@@ -242,8 +253,8 @@ def _main(argv) -> int:
     serving = _serving_programs(args)
     if serving:  # no training run: the run config's checks of what training needs do not apply
         if "programs" in given:
-            raise ConfigError("programs: --inference, --decode-only and --serve set the programs; drop the "
-                              "override or the flags")
+            raise ConfigError("programs: --inference, --decode-only, --serve and --eval set the programs; drop "
+                              "the override or the flags")
         args.overrides = [*args.overrides, f"programs=[{','.join(serving)}]"]
     run = load_run_config(args.config, args.overrides)
     args.topology = args.topology or run.topology
@@ -259,7 +270,7 @@ def _main(argv) -> int:
         raise ConfigError("--plot: draws a sweep's communication; give --sweep and --comms")
     if args.sweep:
         return _sweep(args, combos, devices, slices)
-    programs = serving or [p for p in ("train", "prefill", "decode", "serve") if p in run.programs
+    programs = serving or [p for p in ("train", "prefill", "decode", "serve", "eval") if p in run.programs
                            or (p == "decode" and args.decode) or (p == "prefill" and args.prefill)]
     results = [compile_run(run, devices, topology=args.topology, slices=slices, program=p,
                            **_shapes(args), comms=args.comms)
@@ -274,10 +285,10 @@ def _main(argv) -> int:
 
 
 def _serving_programs(args) -> list[str]:
-    """The run's programs --inference (prefill and decode), --decode-only (decode) and --serve
-    (infer.serve's) name; [] without them: the run config's own programs are compiled."""
+    """The run's programs --inference (prefill and decode), --decode-only (decode), --serve
+    (infer.serve's) and --eval (lm-eval's scoring) name; [] without them: the run config's own."""
     return ((["prefill", "decode"] if args.inference else ["decode"] if args.decode_only else [])
-            + (["serve"] if args.serve else []))
+            + (["serve"] if args.serve else []) + (["eval"] if args.eval else []))
 
 
 def _compiles(programs) -> list[str]:

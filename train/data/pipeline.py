@@ -96,7 +96,7 @@ from train.data.config import EXAMPLE_SOURCES, DataConfig
 from train.data.example_rows import ExampleRows, PairRows
 from train.data.packing import NonEmpty, PackedRows, TokenWindows, unpacked_row
 from train.data.sources import (Examples, Preferences, SyntheticDocuments, TextDocuments, TextTokenizer,
-                           TokenDocuments, encode_document)
+                                TokenDocuments, encode_document)
 
 # --- The pipeline. ----------------------------------------------------------
 

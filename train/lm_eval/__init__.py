@@ -11,14 +11,24 @@
   model       LlamaJaxLM: text and requests (importing it registers `llama-jax`)
   scoring     log-likelihoods in padded, bucketed batches on the mesh
   generation  greedy (or sampled) generation with the decoding programs
-  run         task look-up (lm-eval's, ours in tasks/, --include_path), errors, results
+  run         task look-up (lm-eval's, ours in tasks/, --include_path), errors, results, and
+              `TaskEvaluator`: a training run's `eval.tasks` on its live parameters
   tasks/      tiny offline tasks (tag llama_jax_tiny): multiple choice, rolling, generation
 
-lm-eval is an optional dependency (`pip install llama-jax[eval]`); nothing
-else in train/ imports this package unless asked to run tasks.
+lm-eval is an optional dependency (`pip install llama-jax[eval]`): only
+`model` imports it, and this package imports `model` when `LlamaJaxLM` is
+first asked for, so `scoring` (train.compile's evaluation program) and a run
+without tasks never need it.
 """
 
-from train.lm_eval.model import LlamaJaxLM
 from train.lm_eval.run import TASKS_DIR, evaluate
 
 __all__ = ["LlamaJaxLM", "TASKS_DIR", "evaluate"]
+
+
+def __getattr__(name: str):
+    if name == "LlamaJaxLM":  # imports lm-eval: only when asked for
+        from train.lm_eval.model import LlamaJaxLM
+
+        return LlamaJaxLM
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -7,7 +7,7 @@
 The same pure functions inference compiles (llama_jax/decoding/programs.py:
 `prefill`, then `decode` in chunks of steps), without infer/'s engine: train/
 never imports infer/. Prompts are sorted by length (longest first), cut into
-batches of `rows`, right-padded to a length bucket (scoring.length_bucket),
+batches of `rows`, right-padded as inference pads them (decoding.buckets.prompt_shape),
 and rows advance at their own positions. After each chunk of steps the host
 asks `finished(row, tokens)` (lm-eval's `until` strings are text, which only
 the host can see); the batch ends when every row has a stop id, its
@@ -19,22 +19,20 @@ Letters in names: b rows, t prompt positions, n decode steps.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Collection
 
-import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from llama_jax.arith import round_up
 from llama_jax.decoding import programs
 from llama_jax.decoding.programs import NO_TOKEN
+from llama_jax.decoding.buckets import cache_bucket, pad_rows, prompt_shape
 from llama_jax.decoding.sampling import Sampling
 from llama_jax.model.llama import Llama
 from sharding.place import Placement
-from train.lm_eval.scoring import length_bucket, length_multiple, round_up
 
 DECODE_CHUNK = 32  # decode steps between two looks at the text (one compiled loop serves all)
-CACHE_MULTIPLE = 128  # cache lengths are rounded up to this, so few shapes compile
 
 
 class Generator:
@@ -48,17 +46,12 @@ class Generator:
                  decode_chunk: int = DECODE_CHUNK):
         self.placement = placement
         self.rows = round_up(rows, placement.shards_along("batch"))
-        self.multiple = length_multiple(placement)
         self.max_length = max_length
         self.decode_chunk = decode_chunk
         self.replicated = NamedSharding(placement.mesh, PartitionSpec())
-        state = placement.tree_shardings(programs.state_axes(model.config))
-        self._prefill = jax.jit(functools.partial(programs.prefill, model),
-                                static_argnames=("sampling", "cache_len", "keep_logits", "chunk"),
-                                out_shardings=(state, self.replicated, self.replicated))
-        self._decode = jax.jit(functools.partial(programs.decode, model),
-                               static_argnames=("sampling", "steps", "keep_logits"), donate_argnames=("state",),
-                               out_shardings=(state, self.replicated, self.replicated))
+        options = programs.loop_compiler_options(model.config, placement.mesh.devices.flat[0].platform)
+        self._prefill, self._decode = programs.jit_programs(
+            model, placement.tree_shardings(programs.state_axes(model.config)), self.replicated, options)
 
     def __call__(self, params, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling,
                  stop_ids: Collection[int], finished: Callable[[int, list[int]], bool] | None = None,
@@ -89,24 +82,18 @@ class Generator:
     def _batch(self, params, prompts, max_new_tokens, sampling, stops, finished, seed):
         """Generate for up to `rows` prompts, longest first: prefill, then chunks of decode steps."""
         plan, n = self.placement, len(prompts)
-        t = length_bucket(len(prompts[0]), self.max_length, self.multiple)
-        chunk = None
-        if t > programs.PREFILL_CHUNK:  # long prompts fill the cache a chunk at a time
-            chunk = round_up(programs.PREFILL_CHUNK, self.multiple)
-            t = round_up(t, chunk)
-        prompts_bt = np.zeros((self.rows, t), np.int32)
-        lengths_b = np.ones((self.rows,), np.int32)  # padding rows: one token, nothing generated
+        t, chunk = prompt_shape(len(prompts[0]), self.max_length, plan.shards_along("length"),
+                                programs.PREFILL_CHUNK)
+        prompts_bt, lengths_b = pad_rows(prompts, self.rows, t)  # padding rows: nothing generated
         limits_b = np.zeros((self.rows,), np.int32)
-        for row, prompt in enumerate(prompts):
-            prompts_bt[row, :len(prompt)] = prompt
-            lengths_b[row], limits_b[row] = len(prompt), max_new_tokens
+        limits_b[:n] = max_new_tokens
         stops_k = plan.put(np.asarray(sorted(stops) or [NO_TOKEN], np.int32), self.replicated)
         inputs = (plan.put(prompts_bt, plan.sharding("batch", "length")), plan.put(lengths_b, plan.sharding("batch")),
                   plan.put(limits_b, plan.sharding("batch")), plan.put(np.asarray(seed, np.int32), self.replicated),
                   stops_k)
         with plan.activate():
             state, first_b, _ = self._prefill(params, *inputs, sampling=sampling, chunk=chunk,
-                                              cache_len=round_up(t + max_new_tokens, CACHE_MULTIPLE))
+                                              cache_len=max(t, cache_bucket(len(prompts[0]) + max_new_tokens)))
         ids = [[int(token)] for token in np.asarray(first_b)[:n]]
         done = [self._done(row, ids[row], max_new_tokens, stops, finished) for row in range(n)]
         steps = min(self.decode_chunk, max_new_tokens - 1) if max_new_tokens > 1 else 0

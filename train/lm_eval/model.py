@@ -25,15 +25,17 @@ import inspect
 import logging
 
 import jax
+import lm_eval.models  # noqa: F401  (lm-eval fills its registry only while it is empty: llama-jax
+#                        registered first would hide lm-eval's own models, local-completions among them)
 from lm_eval import utils as lm_eval_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
 from llama_jax.config import ConfigError
 from llama_jax.decoding.sampling import Sampling
-from llama_jax.formats.weights import find_tokenizer, load_params, resolve, stored_config
+from llama_jax.formats.weights import load_params, resolve, stored_config
 from llama_jax.params import model_for
-from llama_jax.text.tokenizer import load_tokenizer
+from llama_jax.text.tokenizer import find_tokenizer, load_tokenizer
 from sharding.layout import load_layout
 from sharding.place import Placement
 from train.lm_eval.generation import Generator
@@ -62,15 +64,37 @@ class LlamaJaxLM(TemplateLM):
 
     def __init__(self, checkpoint, tokenizer=None, layout=None, dtype=None, batch_size=DEFAULT_BATCH,
                  max_length=None, max_gen_toks=256, add_bos_token=True, device=None, max_batch_size=None):
-        super().__init__()
         stored = stored_config(str(checkpoint))
         if stored.vision is not None:
             raise ConfigError(f"{checkpoint}: a vision model; llama-jax evaluates text models only")
         if dtype not in (None, "bfloat16", "float32"):
             raise ConfigError(f"dtype: {dtype!r} is not one of bfloat16, float32")
+        config = stored.replace(**({"dtype": dtype, "param_dtype": dtype} if dtype else {}))
+        tokenizer = load_tokenizer(str(tokenizer) if tokenizer else find_tokenizer(resolve(str(checkpoint))[1], up=2))
+        layout_obj, devices = (load_layout(layout), None) if layout else (load_layout("dp"), [jax.devices()[0]])
+        self._setup(config, Placement.create(config, layout_obj, devices), tokenizer, batch_size, max_length,
+                    max_gen_toks, add_bos_token)
         self.checkpoint = str(checkpoint)
-        self.config = stored.replace(remat="none", **({"dtype": dtype, "param_dtype": dtype} if dtype else {}))
-        self.tokenizer = load_tokenizer(str(tokenizer) if tokenizer else find_tokenizer(resolve(self.checkpoint)[1], parents=2))
+
+    @classmethod
+    def from_parts(cls, config, placement: Placement, tokenizer, params=None, *, batch_size=DEFAULT_BATCH,
+                   max_length=None, max_gen_toks=256, add_bos_token=True) -> "LlamaJaxLM":
+        """A model over parameters already in memory (a training run's live ones): `config`,
+        their `placement` (the run's mesh and rules) and a loaded `tokenizer`; nothing is read
+        from disk. `params` placed as `placement.param_shardings()` says, or set later
+        (`lm.params = ...`, e.g. at every evaluation of a run). Other settings as `__init__`'s."""
+        lm = cls.__new__(cls)
+        lm._setup(config, placement, tokenizer, batch_size, max_length, max_gen_toks, add_bos_token)
+        lm.checkpoint, lm._params = None, params
+        return lm
+
+    def _setup(self, config, placement, tokenizer, batch_size, max_length, max_gen_toks, add_bos_token):
+        """Check the settings; build the scorer and the generator (nothing compiles yet)."""
+        super().__init__()
+        if config.vision is not None:
+            raise ConfigError("a vision model; llama-jax evaluates text models only")
+        self.config = config.replace(remat="none")  # no gradients here: nothing to recompute
+        self.tokenizer = tokenizer
         if self.tokenizer.vocab_size > self.config.vocab_size:
             raise ConfigError(f"tokenizer: {self.tokenizer.vocab_size} ids, more than the model's vocab_size "
                               f"{self.config.vocab_size} (a tokenizer of another model?)")
@@ -84,8 +108,7 @@ class LlamaJaxLM(TemplateLM):
                               f"{self.config.max_seq_len} tokens")
         self._max_gen_toks = _positive("max_gen_toks", max_gen_toks)
         self.add_bos_token = bool(add_bos_token)
-        layout_obj, devices = (load_layout(layout), None) if layout else (load_layout("dp"), [jax.devices()[0]])
-        self.placement = Placement.create(self.config, layout_obj, devices)
+        self.placement = placement
         model = model_for(self.config)
         self.scorer = Scorer(model, self.placement, self.batch_size, self._max_length)
         self.generator = Generator(model, self.placement, self.batch_size, self._max_length)
@@ -109,10 +132,16 @@ class LlamaJaxLM(TemplateLM):
 
     @property
     def params(self):
-        """The weights, read and placed on the first call."""
+        """The weights: given (`from_parts`), or read from the checkpoint and placed on the first call."""
         if self._params is None:
+            if self.checkpoint is None:
+                raise ValueError("LlamaJaxLM.from_parts: no params given (set lm.params first)")
             self._params = load_params(self.checkpoint, self.config, self.placement.param_shardings())
         return self._params
+
+    @params.setter
+    def params(self, params):
+        self._params = params
 
     # ------------------------------------------------------------ text and ids (TemplateLM's interface)
 

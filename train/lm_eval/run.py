@@ -8,6 +8,10 @@ Tasks are found among lm-eval's own, the offline tasks shipped in
 `include_path` directories of task YAMLs. Without the internet, lm-eval's
 own tasks need their datasets copied and a local task YAML pointing at the
 copy (docs/evaluation.md); `reachable_datasets` says so in one line.
+
+A training run with `eval.tasks` evaluates its live parameters through a
+`TaskEvaluator` every `eval.every` steps and logs each task's main metric as
+`eval/<task>/<metric>` (`main_metrics`).
 """
 
 from __future__ import annotations
@@ -18,10 +22,21 @@ import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from llama_jax.config import ConfigError
+
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 OFFLINE_REMEDY = ("offline, copy the dataset and point a local task YAML at the copy (dataset_path: json, "
                   "dataset_kwargs: {data_files: ...}), then pass its directory with --include_path "
                   "(docs/evaluation.md)")
+
+
+def require_lm_eval(setting: str) -> None:
+    """ConfigError (one line, naming the `eval` extra) unless lm-eval can be imported; `setting`
+    names what asked for it. Only callers that were asked for tasks call it: lm-eval is optional."""
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError as err:
+        raise ConfigError(f"{setting}: lm-eval is not installed ({err}); pip install 'llama-jax[eval]'") from None
 
 
 def include_paths(extra: str | os.PathLike | Sequence | None = None) -> list[str]:
@@ -113,3 +128,44 @@ def write_results(results: dict, path) -> None:
     target = user_path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(kept, indent=2, default=handle_non_serializable, ensure_ascii=False))
+
+
+def main_metrics(results: dict, prefix: str = "eval/") -> dict[str, float]:
+    """{`prefix` + "<task>/<metric>": value} of each task (and group) in lm-eval's results: its
+    main metric, the first of its metric_list (under the first filter that reports it; a group,
+    which has no metric_list, its first figure). Stderrs are left out."""
+    figures = {}
+    for task, row in results["results"].items():
+        keys = [key for key in row if "," in key and "_stderr" not in key and isinstance(row[key], (int, float))]
+        listed = results.get("configs", {}).get(task, {}).get("metric_list") or [{}]
+        main = [key for key in keys if key.split(",")[0] == listed[0].get("metric")] or keys
+        if main:
+            figures[f"{prefix}{task}/{main[0].split(',')[0]}"] = float(row[main[0]])
+    return figures
+
+
+class TaskEvaluator:
+    """A training run's lm-eval tasks (`eval.tasks`) on its live parameters, on its own placement.
+
+    The tasks are checked when it is built (an unknown name fails before anything compiles);
+    each call evaluates `params` (placed by `placement`) through the `llama-jax` model type
+    (`LlamaJaxLM.from_parts`: nothing read from disk) and returns `main_metrics`. lm-eval's
+    global seeds are left alone (the run's own random state is not lm-eval's to reset), and
+    its bootstrapped stderrs are skipped.
+    """
+
+    def __init__(self, config, placement, tokenizer, tasks: Sequence[str], *, limit: float | None = None,
+                 include_path=None, max_length: int | None = None):
+        from train.lm_eval.model import LlamaJaxLM  # imports lm-eval: only runs with tasks get here
+
+        self.tasks, self.limit = list(tasks), limit
+        self.manager = task_manager(include_path)
+        check_tasks(self.manager, self.tasks)
+        self.lm = LlamaJaxLM.from_parts(config, placement, tokenizer, max_length=max_length)
+
+    def __call__(self, params) -> dict[str, float]:
+        self.lm.params = params
+        results = evaluate(self.lm, self.tasks, manager=self.manager, limit=self.limit, bootstrap_iters=0,
+                           random_seed=None, numpy_random_seed=None, torch_random_seed=None)
+        self.lm.params = None  # the run's state moves on (its buffers are donated): hold no reference
+        return main_metrics(results)

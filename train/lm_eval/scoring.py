@@ -31,6 +31,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
+from llama_jax.arith import round_up
+from llama_jax.decoding.buckets import length_multiple
 from llama_jax.model.llama import Llama
 from sharding.place import Placement
 from train.objectives.cross_entropy import chunked_sums
@@ -38,21 +40,11 @@ from train.objectives.cross_entropy import chunked_sums
 LOGITS_CHUNK = 256  # positions projected to the vocabulary at a time
 
 
-def round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
 def length_bucket(n: int, max_length: int, multiple: int = 1) -> int:
-    """Padded length of a row of `n` positions: a power of two from 16, at most
-    `max_length`, rounded up to `multiple` (what the layout's length axes divide)."""
+    """Padded length of a row of `n` positions: a power of two from 16 (all the way up, unlike
+    inference's prompt buckets: an evaluation's lengths vary widely, so fewer shapes beat
+    less padding), at most `max_length`, rounded up to `multiple` (buckets.length_multiple)."""
     return round_up(min(max(16, 1 << (n - 1).bit_length()), max_length), multiple)
-
-
-def length_multiple(placement: Placement) -> int:
-    """What a row's length must divide by: context parallelism gives every length shard
-    an early and a late half (llama_jax/model/context_parallel.py)."""
-    shards = placement.shards_along("length")
-    return 2 * shards if shards > 1 else 1
 
 
 def score_batch(model: Llama, chunk: int, params, tokens_bt, targets_bt, weights_bt):
@@ -75,18 +67,19 @@ class Scorer:
 
     rows: rows per batch, rounded up to divide over the layout's batch axes.
     max_length: the longest row the model reads (requests must fit: tokens
-    of at most max_length + 1 ids).
+    of at most max_length + 1 ids). `program` is the jitted `score_batch`
+    (what train.compile --eval compiles ahead of time).
     """
 
     def __init__(self, model: Llama, placement: Placement, rows: int, max_length: int,
                  chunk: int = LOGITS_CHUNK):
         self.placement = placement
         self.rows = round_up(rows, placement.shards_along("batch"))
-        self.multiple = length_multiple(placement)
+        self.multiple = length_multiple(placement.shards_along("length"))
         self.max_length = max_length
         replicated = NamedSharding(placement.mesh, PartitionSpec())
-        self._score = jax.jit(functools.partial(score_batch, model, chunk),
-                              out_shardings=(replicated, replicated))
+        self.program = jax.jit(functools.partial(score_batch, model, chunk),
+                               out_shardings=(replicated, replicated))
 
     def __call__(self, params, requests: list[tuple[list[int], int]],
                  progress: bool = False) -> list[tuple[float, bool]]:
@@ -120,5 +113,5 @@ class Scorer:
         plan = self.placement
         placed = [plan.put(a, plan.sharding("batch", "length")) for a in arrays_bt]
         with plan.activate():
-            log_prob_b, missed_b = self._score(params, *placed)
+            log_prob_b, missed_b = self.program(params, *placed)
         return np.asarray(log_prob_b), np.asarray(missed_b)

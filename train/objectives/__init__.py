@@ -4,5 +4,6 @@
   cross_entropy  next-token loss with weights and z-loss, plain or chunked
   dpo            direct preference optimisation against a frozen reference
   distill        logit distillation from a teacher
+  router         a mixture-of-experts model's router losses (Llama 4)
   run            the run config's choice of objective and its fixed model
 """

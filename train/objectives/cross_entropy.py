@@ -22,6 +22,7 @@ from llama_jax.model.llama import Llama
 from llama_jax.model.trees import join
 from llama_jax.params import model_for
 from train.objectives.objective import Objective
+from train.objectives.router import router_terms
 
 
 def _token_terms(logits_f32, targets, weights):
@@ -109,26 +110,34 @@ def target_log_probs(logits_btv, targets_bt):
 
 
 def loss_sums(model: Llama, params, batch, z_loss: float, chunk: int):
-    """(objective to differentiate, (nll sum, z sum, correct, weight sum)) for one micro-batch."""
+    """(objective to differentiate, (nll sum, z sum, correct, weight sum, router sums)) for one
+    micro-batch; router sums ({} without experts): train/objectives/router.py."""
     weights = batch["loss_weights"].astype(jnp.float32)
     args = (batch["tokens"], batch["positions"], batch.get("segment_ids"))
     images = {"images": batch["images"]} if "images" in batch else {}
+    moe = model.config.moe
+    aux = {} if moe is None else {"return_aux": True}  # a MoE model also returns router statistics
     if chunk:
-        hidden, _ = model.apply({"params": params}, *args, return_hidden=True, **images)
+        hidden, _, *statistics = model.apply({"params": params}, *args, return_hidden=True, **images, **aux)
         project = lambda h: model.apply({"params": params}, h, method=Llama.logits)  # noqa: E731
         nll, z, correct = chunked_cross_entropy_sums(project, hidden, batch["targets"], weights, chunk)
     else:
-        logits, _ = model.apply({"params": params}, *args, **images)
+        logits, _, *statistics = model.apply({"params": params}, *args, **images, **aux)
         nll, z, correct = cross_entropy_sums(logits, batch["targets"], weights)
-    return nll + z_loss * z, (nll, z, correct, jnp.sum(weights))
+    value, router = nll + z_loss * z, {}
+    if moe is not None:
+        term, router = router_terms(moe, statistics[0], jnp.sum(weights))
+        value = value + term
+    return value, (nll, z, correct, jnp.sum(weights), router)
 
 
 def cross_entropy(config: ModelConfig, z_loss: float = 0.0, chunk: int = 0) -> Objective:
-    """Next-token cross-entropy (pre-training, SFT) with optional z-loss, as an Objective."""
+    """Next-token cross-entropy (pre-training, SFT) with optional z-loss (and a MoE model's router
+    losses), as an Objective."""
     model = model_for(config)
 
     def sums(params, frozen, reference, batch):
-        value, (nll, z, correct, weight) = loss_sums(model, join(frozen, params), batch, z_loss, chunk)
-        return value, {"loss": nll, "z_loss": z, "accuracy": correct, "weight": weight}
+        value, (nll, z, correct, weight, router) = loss_sums(model, join(frozen, params), batch, z_loss, chunk)
+        return value, {"loss": nll, "z_loss": z, "accuracy": correct, "weight": weight, **router}
 
     return Objective(sums)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from etils import epath
 
 from llama_jax.config import ModelConfig
-from llama_jax.params import count_params
+from llama_jax.params import count_active_params
 from llama_jax.paths import is_url, storage_error, user_path
 from sharding.topology import CHIP_PEAK_FLOPS
 from train.tracking.wandb_logging import WandbRun
@@ -33,8 +33,9 @@ def note(message: str):
 
 
 def flops_per_token(config: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6 N + 12 L H K T (see the module docstring)."""
-    n = count_params(config)
+    """Training FLOPs per token: 6 N + 12 L H K T (see the module docstring); N counts the
+    parameters a token uses (a mixture-of-experts layer's routed experts only)."""
+    n = count_active_params(config)
     if not config.tie_embeddings:  # a tied table is also the output matmul
         n -= config.vocab_size * config.dim
     return 6 * n + 12 * config.n_layers * config.n_heads * config.head_dim * seq_len
@@ -62,7 +63,10 @@ def peak_flops(chip: str) -> tuple[float, str]:
 
 
 def scalar_tag(key: str) -> str:
-    """A metrics.jsonl key's name in TensorBoard and W&B: eval_loss -> eval/loss, the rest under train/."""
+    """A metrics.jsonl key's name in TensorBoard and W&B: eval_loss -> eval/loss, an lm-eval task's
+    eval/<task>/<metric> as it is, the rest under train/."""
+    if key.startswith("eval/"):
+        return key
     return f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"
 
 

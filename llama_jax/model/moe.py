@@ -1,0 +1,187 @@
+"""The mixture-of-experts feed-forward of Llama 4 (Scout, Maverick): router, experts, shared expert.
+
+    out = shared_expert(x) + sum over the token's top_k experts e of expert_e(x * sigmoid(logit_e))
+
+as Meta's reference (llama_models/llama4/moe.py) and transformers' Llama4TextMoe
+compute it: the router's top_k logits go through a sigmoid (not a softmax over
+the experts), and the score scales the token *before* its expert's SwiGLU,
+not the expert's output. Each expert and the shared expert are SwiGLUs of
+width `moe.ffn_dim_expert`.
+
+Dropless, by choice. Every token reaches its experts however many other
+tokens chose the same ones. A capacity bound (GShard, Switch) drops the
+overflow of busy experts, and then a token's output depends on the other
+tokens of its batch: a row's logits would change with the rows beside it,
+prefill and decode would disagree, and nothing would equal the reference
+(which computes every expert on every token, with zero scores where it was
+not chosen). This project keeps a row independent of its batch (ragged
+decoding, per-row sampling keys), so the routed tokens are instead sorted
+by expert and each expert multiplies exactly its own rows: a grouped matmul
+(`jax.lax.ragged_dot`; one kernel per projection on TPU, expanded by XLA:CPU
+into a masked dense product, which is what the reference computes, fine at
+test sizes).
+
+Under a layout, each device sorts only the tokens it holds (`shard_map`),
+so no device sorts another's tokens; with experts split over devices
+(expert parallelism), the tokens of the devices along the expert axes are
+gathered, each device runs its own experts on them, and the sums are
+scattered back (`_per_device`).
+
+Expert weights are named ("expert", "embed", "mlp") / ("expert", "mlp",
+"embed"): a layout decides where experts live (configs/layouts/expert_fsdp.yaml
+splits them over the data axis, docs/llama4.md). The router's kernel is
+("embed", None): it is small, and every device needs all of its experts'
+logits.
+
+Letters in names: b batch, t time, d embed, e experts, f expert hidden,
+k top_k, m routed tokens of a row (t x k, sorted by expert).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from llama_jax.config import ModelConfig
+from llama_jax.model import mesh_context
+from llama_jax.model.layers import FeedForward, Linear
+
+_INIT = nn.initializers.normal(stddev=0.02)
+STATISTICS = ("load_balance", "router_z")
+
+
+class MoE(nn.Module):
+    """Router, `n_experts` SwiGLU experts (w1, w3 [e, d, f], w2 [e, f, d]) and the shared expert."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_btd):
+        """(output [b, t, d] in the compute dtype, router statistics: a dict of float32 scalars,
+        see `router_statistics`)."""
+        cfg, moe = self.config, self.config.moe
+        d, e, f = cfg.dim, moe.n_experts, moe.ffn_dim_expert
+        x_btd = x_btd.astype(cfg.dtype)
+        router = Linear((d, e), ("embed", None), "btd,de->bte", cfg.dtype, cfg.param_dtype, name="router")
+        logits_bte = router(x_btd).astype(jnp.float32)
+        top_btk, expert_btk = jax.lax.top_k(logits_bte, moe.top_k)
+        score_btk = jax.nn.sigmoid(top_btk)
+
+        def weight(name, shape, names):
+            kernel = self.param(name, nn.with_logical_partitioning(_INIT, names), shape, cfg.param_dtype)
+            return kernel.astype(cfg.dtype)
+
+        w1_edf = weight("w1", (e, d, f), ("expert", "embed", "mlp"))
+        w3_edf = weight("w3", (e, d, f), ("expert", "embed", "mlp"))
+        w2_efd = weight("w2", (e, f, d), ("expert", "mlp", "embed"))
+        out_btd = routed_experts(x_btd, expert_btk, score_btk, w1_edf, w3_edf, w2_efd)
+        if moe.shared_expert:
+            out_btd = out_btd + FeedForward(cfg, f, name="shared_expert")(x_btd)
+        out_btd = nn.with_logical_constraint(out_btd, ("batch", "length", "embed"))
+        return out_btd, router_statistics(logits_bte, expert_btk)
+
+
+def routed_experts(x_btd, expert_btk, score_btk, w1_edf, w3_edf, w2_efd):
+    """The routed part of the output [b, t, d]: for each token, the sum over its k experts of
+    expert(x * score), dropless (module docstring).
+
+    x_btd in the compute dtype; expert_btk int32 [b, t, k]; score_btk float32
+    [b, t, k]; expert weights in the compute dtype. Under a layout whose
+    shapes fit (`_fits`), each device sorts its own tokens inside `shard_map`
+    (`_per_device`); otherwise (one device, or initialisation's one-token
+    input) the whole batch is one group of tokens and XLA places the work.
+    """
+    mesh = mesh_context.mesh()
+    x_spec = mesh_context.spec("batch", "length", "embed")
+    w_in_spec = mesh_context.spec("expert", "embed", "mlp")
+    w_out_spec = mesh_context.spec("expert", "mlp", "embed")
+    if mesh is None or not _fits(x_btd.shape, w1_edf.shape[0], x_spec, w_in_spec):
+        return _experts_here(x_btd, expert_btk, score_btk, w1_edf, w3_edf, w2_efd, 0)
+    rows = P(x_spec[0], x_spec[1], None)
+    per_device = functools.partial(_per_device, x_spec=x_spec, w_in_spec=w_in_spec, w_out_spec=w_out_spec)
+    return jax.shard_map(per_device, mesh=mesh, in_specs=(x_spec, rows, rows, w_in_spec, w_in_spec, w_out_spec),
+                         out_specs=rows, check_vma=False)(x_btd, expert_btk, score_btk, w1_edf, w3_edf, w2_efd)
+
+
+def _fits(x_shape, n_experts: int, x_spec: P, w_spec: P) -> bool:
+    b, t, _ = x_shape
+    return (b % mesh_context.shards(x_spec[0]) == 0 and t % mesh_context.shards(x_spec[1]) == 0
+            and n_experts % mesh_context.shards(w_spec[0]) == 0)
+
+
+def _per_device(x_btd, expert_btk, score_btk, w1_edf, w3_edf, w2_efd, *, x_spec, w_in_spec, w_out_spec):
+    """One device's part of `routed_experts`, inside `shard_map` over the whole mesh.
+
+    Weights arrive split as the layout stores them: experts over the expert
+    axes, embed (FSDP) and mlp (tensor) as any weight. Embed is gathered
+    (FSDP's gather of one layer); the device then computes its own experts on
+    the tokens of every device along the expert axes (gathered, the
+    "all-gather dispatch": dropless without variable-size messages), and
+    returns each device its tokens' sums (a reduce-scatter), after summing
+    the partial products of a split mlp.
+    """
+    def gather(x, entry, axis):
+        axes = mesh_context.axes_of(entry)
+        return jax.lax.all_gather(x, axes, axis=axis, tiled=True) if axes else x
+
+    x_btd = gather(x_btd, x_spec[2], 2)
+    w1_edf, w3_edf = gather(w1_edf, w_in_spec[1], 1), gather(w3_edf, w_in_spec[1], 1)
+    w2_efd = gather(w2_efd, w_out_spec[2], 2)
+    expert_axes = mesh_context.axes_of(w_in_spec[0])
+    batch_axes = mesh_context.axes_of(x_spec[0])
+    dispatch = tuple(a for a in expert_axes if a in batch_axes)  # devices along these hold other rows
+    summed = tuple(a for a in expert_axes if a not in batch_axes)  # ... and along these, the same rows
+    x_btd, expert_btk, score_btk = (gather(x, dispatch, 0) for x in (x_btd, expert_btk, score_btk))
+    first = jax.lax.axis_index(expert_axes) * w1_edf.shape[0] if expert_axes else 0
+    y_btd = _experts_here(x_btd, expert_btk, score_btk, w1_edf, w3_edf, w2_efd, first)
+    partial = summed + mesh_context.axes_of(w_in_spec[2])
+    if partial:
+        y_btd = jax.lax.psum(y_btd, partial)
+    if dispatch:
+        y_btd = jax.lax.psum_scatter(y_btd, dispatch, scatter_dimension=0, tiled=True)
+    return y_btd
+
+
+def _experts_here(x_btd, expert_btk, score_btk, w1_edf, w3_edf, w2_efd, first):
+    """The output [b, t, d] of experts first .. first + e - 1 (the e of the weights given) on
+    all the tokens given, sorted by expert into one grouped matmul per projection."""
+    b, t, k = expert_btk.shape
+    e = w1_edf.shape[0]
+    x_ad = x_btd.reshape(b * t, -1)
+    local_m = expert_btk.reshape(b * t * k) - first
+    key_m = jnp.where((local_m >= 0) & (local_m < e), local_m, e)  # other devices' experts sort last
+    order_m = jnp.argsort(key_m, stable=True)
+    token_m = order_m // k
+    x_md = x_ad[token_m] * score_btk.reshape(b * t * k)[order_m, None].astype(x_ad.dtype)
+    # Rows past the groups' total (tokens of experts held elsewhere) come out zero.
+    sizes_e = jnp.bincount(key_m, length=e + 1)[:e].astype(jnp.int32)
+    gate_mf = jax.lax.ragged_dot(x_md, w1_edf, sizes_e)
+    up_mf = jax.lax.ragged_dot(x_md, w3_edf, sizes_e)
+    y_md = jax.lax.ragged_dot(jax.nn.silu(gate_mf) * up_mf, w2_efd, sizes_e)
+    return jnp.zeros_like(x_ad).at[token_m].add(y_md.astype(x_ad.dtype)).reshape(x_btd.shape)
+
+
+def router_statistics(logits_bte, expert_btk) -> dict[str, jax.Array]:
+    """The router's auxiliary losses over a batch's tokens (float32 scalars):
+
+    load_balance: Switch Transformer's `e * sum_i frac_i * prob_i` (frac_i: the share of
+      routed tokens sent to expert i, prob_i: the mean softmax probability of expert i);
+      1 when routing is uniform, up to e when one expert takes everything.
+    router_z: ST-MoE's router z-loss, the mean of logsumexp(logits)^2 over tokens.
+    Meta's reference and transformers' Llama4ForCausalLM train with neither; a training
+    objective adds them with `moe.load_balance_weight` and `moe.router_z_weight`.
+    """
+    e = logits_bte.shape[-1]
+    frac_e = jnp.mean(jax.nn.one_hot(expert_btk, e, dtype=jnp.float32), axis=(0, 1, 2))
+    prob_e = jnp.mean(jax.nn.softmax(logits_bte, axis=-1), axis=(0, 1))
+    z_bt = jax.nn.logsumexp(logits_bte, axis=-1)
+    return {"load_balance": e * jnp.sum(frac_e * prob_e), "router_z": jnp.mean(z_bt * z_bt)}
+
+
+def no_router_statistics() -> dict[str, jax.Array]:
+    """The statistics of a layer without a router: zeros (so scanned layers' outputs agree)."""
+    return {name: jnp.zeros((), jnp.float32) for name in STATISTICS}

@@ -1,0 +1,132 @@
+"""Llama 4 against Meta's own reference, llama_models/llama4/model.py, on the same weights.
+
+Meta's model is written for fairscale's model-parallel layers on CUDA. In one process those
+layers are plain ones (a column- or row-parallel linear of world size 1 is `F.linear`, the
+model-parallel reduction the identity), so when fairscale itself is not installed (it is not a
+dependency of this project) a stand-in module with exactly those single-process meanings is put
+in its place, and the attention's KV-cache buffers, allocated with `.cuda()`, stay on the CPU.
+Everything the comparison is about (attention masks, rotary scaling, NoPE, temperature, QK norm,
+router, experts) is Meta's code, run as shipped.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from llama_jax import Llama, init_params
+from llama_jax.config import ModelConfig, MoeConfig, RopeScaling, TemperatureTuning
+from llama_jax.formats.hf_llama import to_hf
+
+TOLERANCE = 1e-4  # relative to the largest logit, float32
+
+
+def _single_process_fairscale():
+    """Modules `fairscale.nn.model_parallel.{initialize,layers,mappings}` for world size 1."""
+    from torch import nn
+
+    def linear(in_features, out_features, bias=False, **_):
+        return nn.Linear(in_features, out_features, bias=bias)
+
+    initialize = types.ModuleType("fairscale.nn.model_parallel.initialize")
+    initialize.get_model_parallel_world_size = lambda: 1
+    layers = types.ModuleType("fairscale.nn.model_parallel.layers")
+    layers.ColumnParallelLinear = layers.RowParallelLinear = linear
+    layers.VocabParallelEmbedding = lambda n, dim, **_: nn.Embedding(n, dim)
+    mappings = types.ModuleType("fairscale.nn.model_parallel.mappings")
+    mappings.reduce_from_model_parallel_region = lambda x: x
+    modules = {"fairscale": types.ModuleType("fairscale"), "fairscale.nn": types.ModuleType("fairscale.nn"),
+               "fairscale.nn.model_parallel": types.ModuleType("fairscale.nn.model_parallel"),
+               "fairscale.nn.model_parallel.initialize": initialize,
+               "fairscale.nn.model_parallel.layers": layers, "fairscale.nn.model_parallel.mappings": mappings}
+    modules["fairscale.nn.model_parallel"].initialize = initialize
+    return modules
+
+
+@pytest.fixture
+def meta_model_module(monkeypatch):
+    if importlib.util.find_spec("fairscale") is None:
+        for name, module in _single_process_fairscale().items():
+            monkeypatch.setitem(sys.modules, name, module)
+    else:  # the real layers, in a one-process gloo group
+        import fairscale.nn.model_parallel.initialize as fs_init
+        if not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("gloo", init_method="tcp://127.0.0.1:29517", rank=0,
+                                                 world_size=1)
+        if not fs_init.model_parallel_is_initialized():
+            fs_init.initialize_model_parallel(1)
+    monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *args, **kwargs: self)
+    for name in [n for n in sys.modules if n.startswith("llama_models.llama4.")]:
+        monkeypatch.delitem(sys.modules, name)
+    from llama_models.llama4 import args, datatypes, model
+    return args, datatypes, model
+
+
+# Meta's sizes from its formulas for dim 64 (ffn_exp 4, multiplier 1.2, multiple of 32):
+# experts int(int(1.2 * 170) / 2) = 102 -> 128; dense layers int(1.2 * 170) = 204 -> 224.
+# Meta's rope scaling is fixed at original context 8192 and low factor 1 (Scout's), and it
+# derives head_dim from dim / n_heads.
+CONFIG = ModelConfig(
+    dim=64, n_layers=8, n_heads=4, n_kv_heads=2, ffn_dim=224, vocab_size=256, rope_theta=500000.0,
+    max_seq_len=512, rope_scaling=RopeScaling(factor=16.0, low_freq_factor=1.0, high_freq_factor=1.0),
+    moe=MoeConfig(n_experts=4, ffn_dim_expert=128, interleave_step=2), attention_chunk_size=32,
+    nope_layer_interval=4, qk_norm=True, attn_temperature_tuning=TemperatureTuning(floor_scale=16.0))
+
+
+def _meta_args(args):
+    return args.ModelArgs(
+        dim=64, n_layers=8, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=32, ffn_dim_multiplier=1.2,
+        ffn_exp=4.0, norm_eps=1e-5, attention_chunk_size=32, rope_theta=500000.0, use_scaled_rope=True,
+        rope_scaling_factor=16.0, rope_high_freq_factor=1.0, nope_layer_interval=4, use_qk_norm=True,
+        attn_temperature_tuning=True, floor_scale=16.0, attn_scale=0.1, max_batch_size=2, max_seq_len=256,
+        moe_args=args.MoEArgs(num_experts=4, capacity_factor=1.0, auto_scale_F=True, top_k=1,
+                              interleave_moe_layer_step=2))
+
+
+def _meta_state_dict(params, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Our parameters under Meta's names and layouts (rotary pairs interleaved, [out, in])."""
+    t = lambda x: torch.tensor(np.asarray(x, np.float32))  # noqa: E731
+    out = {"tok_embeddings.weight": t(params["embed"]["embedding"]), "norm.weight": t(params["norm"]["scale"]),
+           "output.weight": t(params["output"]["kernel"]).T}
+    period = config.layer_period
+    for i in range(config.n_layers):
+        layer = jax.tree.map(lambda x: x[i // period], params["layers"][f"layer_{i % period}"])
+        attn, ffn, p = layer["attention"], layer["feed_forward"], f"layers.{i}."
+        out |= {p + "attention.wq.weight": t(to_hf("heads_out_pairs", attn["wq"]["kernel"])),
+                p + "attention.wk.weight": t(to_hf("heads_out_pairs", attn["wk"]["kernel"])),
+                p + "attention.wv.weight": t(to_hf("heads_out", attn["wv"]["kernel"])),
+                p + "attention.wo.weight": t(to_hf("heads_in", attn["wo"]["kernel"])),
+                p + "attention_norm.weight": t(layer["attention_norm"]["scale"]),
+                p + "ffn_norm.weight": t(layer["ffn_norm"]["scale"])}
+        if config.layer_kind(i).moe:
+            out |= {p + "feed_forward.router_DE": t(ffn["router"]["kernel"]),
+                    **{p + f"feed_forward.experts.{w}": t(ffn[w]) for w in ("w1", "w2", "w3")},
+                    **{p + f"feed_forward.shared_expert.{w}.weight": t(ffn["shared_expert"][w]["kernel"]).T
+                       for w in ("w1", "w2", "w3")}}
+        else:
+            out |= {p + f"feed_forward.{w}.weight": t(ffn[w]["kernel"]).T for w in ("w1", "w2", "w3")}
+    return out
+
+
+def test_logits_match_metas_reference_model(meta_model_module):
+    args, datatypes, model = meta_model_module
+    # Scaled-up random weights: routing and attention far from uniform, logits well above 1.
+    params = jax.tree.map(lambda x: x * (1.0 if x.ndim == 1 else 12.0), init_params(CONFIG, jax.random.key(3)))
+    reference = model.Transformer(_meta_args(args)).eval()
+    reference.load_state_dict(_meta_state_dict(params, CONFIG), strict=True)
+
+    tokens = np.random.default_rng(0).integers(0, CONFIG.vocab_size, size=(2, 128))
+    with torch.no_grad():
+        expected = reference(datatypes.TransformerInput(tokens=torch.tensor(tokens), tokens_position=0))
+    expected = expected.logits.numpy()
+    logits, _ = jax.jit(Llama(CONFIG).apply)({"params": params}, jnp.asarray(tokens))
+    scale = np.abs(expected).max()
+    assert scale > 1.0, "logits too small for the comparison to mean anything"
+    np.testing.assert_allclose(np.asarray(logits) / scale, expected / scale, rtol=0, atol=TOLERANCE)
