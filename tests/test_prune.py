@@ -14,6 +14,7 @@ from train_runs import REPO
 from llama_jax import Llama, ModelConfig, init_params
 from llama_jax.formats.checkpoint import save_params
 from llama_jax.model.llama import DecoderLayer
+from llama_jax.model.moe import no_router_statistics
 from llama_jax.prune import main, prune_checkpoint
 from llama_jax.formats.weights import load_params, stored_config
 
@@ -75,7 +76,7 @@ def test_dropping_a_layer_equals_running_the_remaining_layers(source):
 
     def skip_layer_1(next_fun, args, kwargs, context):
         if isinstance(context.module, DecoderLayer) and context.module.name == "layers_1":
-            return args[0], None  # the layer's carry passes through untouched
+            return args[0], no_router_statistics()  # the carry passes through untouched; no router
         return next_fun(*args, **kwargs)
 
     want = _logits(CONFIG, original, TOKENS, skip_layer_1)
