@@ -84,10 +84,10 @@ def token_log_probs(reference, ids):
     return log_probs[np.arange(len(targets)), targets], logits.argmax(-1) == targets
 
 
-def test_choice_log_likelihoods_equal_a_plain_forward_pass(one_device, reference):
+def assert_samples_are_the_forward_pass(samples, reference):
+    """Each (context, continuation) of lm-eval's logged samples scored the continuation's summed
+    log-probability (to 1e-5) and greedy flag of a plain forward pass of BOS + context + continuation."""
     tokenizer = reference[1]
-    samples = one_device["samples"][CHOICE]
-    assert len(samples) == 12
     for sample in samples:
         for (context, continuation), (got, greedy) in zip(sample["arguments"], sample["filtered_resps"]):
             whole = tokenizer.encode(context + continuation, bos=True)
@@ -95,6 +95,12 @@ def test_choice_log_likelihoods_equal_a_plain_forward_pass(one_device, reference
             log_probs, argmax = token_log_probs(reference, whole)
             assert got == pytest.approx(log_probs[-scored:].sum(), abs=1e-5)
             assert greedy == bool(argmax[-scored:].all())
+
+
+def test_choice_log_likelihoods_equal_a_plain_forward_pass(one_device, reference):
+    samples = one_device["samples"][CHOICE]
+    assert len(samples) == 12
+    assert_samples_are_the_forward_pass(samples, reference)
 
 
 def test_rolling_log_likelihood_sums_every_token_given_bos(one_device, reference):

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 from lm_eval import simple_evaluate
 
-from test_lm_eval import (CHOICE, REPO, ROLLING, UNTIL, checkpoint, manager, one_device,  # noqa: F401 (fixtures)
-                          reference, token_log_probs)
+from test_lm_eval import (CHOICE, REPO, ROLLING, UNTIL, assert_samples_are_the_forward_pass, checkpoint,  # noqa: F401
+                          manager, one_device, reference, token_log_probs)
 from test_serve_limits import environment, free_port, serve
 from train.lm_eval import TASKS_DIR, LlamaJaxLM, evaluate
 
@@ -115,14 +115,7 @@ def test_local_completions_equals_a_forward_pass_and_the_in_process_model(server
     remote = simple_evaluate(model="local-completions", model_args=model_args(server, checkpoint, True,
                                                                                batch_size=4),
                              tasks=[CHOICE, UNTIL], task_manager=manager, log_samples=True)
-    tokenizer = reference[1]
-    for sample in remote["samples"][CHOICE]:
-        for (context, continuation), (got, greedy) in zip(sample["arguments"], sample["filtered_resps"]):
-            whole = tokenizer.encode(context + continuation, bos=True)
-            scored = len(whole) - len(tokenizer.encode(context, bos=True))
-            log_probs, argmax = token_log_probs(reference, whole)
-            assert got == pytest.approx(log_probs[-scored:].sum(), abs=1e-5)
-            assert greedy == bool(argmax[-scored:].all())
+    assert_samples_are_the_forward_pass(remote["samples"][CHOICE], reference)
     assert remote["results"][CHOICE]["acc,none"] == one_device["results"][CHOICE]["acc,none"]
     local = evaluate(LlamaJaxLM(checkpoint, batch_size=4), [UNTIL], manager=manager, log_samples=True)
     assert [s["resps"] for s in remote["samples"][UNTIL]] == [s["resps"] for s in local["samples"][UNTIL]]
