@@ -35,6 +35,8 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
+from servers import free_port
+
 TOKEN = "test-token"
 START_TIMEOUT = 30.0  # seconds for the server to answer, on a busy machine
 
@@ -55,12 +57,6 @@ def server_binary() -> Path:
     return found[0]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Emulator:
     """fake-gcs-server on a free port of 127.0.0.1, the environment pointing at it while open.
 
@@ -68,7 +64,7 @@ class Emulator:
 
     def __enter__(self) -> Emulator:
         self._tmp = tempfile.TemporaryDirectory(prefix="fake-gcs-")
-        self.url = f"http://127.0.0.1:{_free_port()}"
+        self.url = f"http://127.0.0.1:{free_port()}"
         self.log_path = Path(self._tmp.name) / "server.log"
         with self.log_path.open("w") as log:
             self._process = subprocess.Popen(

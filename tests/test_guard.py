@@ -5,7 +5,6 @@ refuses a marked prompt, serves an unmarked one unchanged and withholds a marked
 
 import json
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +16,7 @@ from infer.options import ServingOptions
 from llama_jax.text.chat_template import find_chat_template, special_tokens
 from llama_jax.text.guard_format import GuardFormat
 from llama_jax.text.tokenizer import load_tokenizer
+from servers import Server, free_port
 from test_guard_prompt import META_MODEL, MULTI, with_template
 
 
@@ -188,38 +188,9 @@ def served_model(trained_guard, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def guarded_server(served_model, trained_guard):
-    import os
-    import socket
-    import subprocess
-    import sys
-    import time
-
-    import httpx
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "").strip()
-    process = subprocess.Popen([sys.executable, "-m", "infer.serve", "--checkpoint", str(served_model), "--guard",
-                                str(trained_guard), "--model-name", "tiny", "--port", str(port), "--max-batch", "2",
-                                "--max-seq-len", "128", "--guard-every", "2"],
-                               cwd=Path(__file__).resolve().parent.parent, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None:
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.5)
-    else:
-        process.kill()
-        pytest.fail(f"the server did not start: {process.communicate()[0]}")
-    yield base
-    process.kill()
-    process.communicate()
+    with Server(served_model, "--guard", trained_guard, "--model-name", "tiny", "--port", free_port(),
+                "--max-batch", 2, "--max-seq-len", 128, "--guard-every", 2) as server:
+        yield server.base
 
 
 def chat(base, text, stream=False):

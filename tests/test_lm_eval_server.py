@@ -13,7 +13,6 @@ makes it begin a sequence with BOS, as a Llama checkpoint's does.
 import json
 import subprocess
 import sys
-import threading
 
 import httpx
 import numpy as np
@@ -22,7 +21,7 @@ from lm_eval import simple_evaluate
 
 from test_lm_eval import (CHOICE, REPO, ROLLING, UNTIL, assert_samples_are_the_forward_pass, checkpoint,  # noqa: F401
                           manager, one_device, reference, token_log_probs)
-from test_serve_limits import environment, free_port, serve
+from servers import Server, environment, free_port
 from train.lm_eval import TASKS_DIR, LlamaJaxLM, evaluate
 
 MODEL = "tiny"
@@ -34,24 +33,8 @@ def server(checkpoint):  # noqa: F811
     (checkpoint / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "bos_token": "<s>",
          "eos_token": "</s>", "unk_token": "<unk>"}))
-    port = free_port()
-    process = subprocess.Popen(serve(checkpoint, "--model-name", MODEL, "--port", port, "--max-batch", 4),
-                               cwd=REPO, env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               text=True)
-    lines, serving = [], threading.Event()
-
-    def read():
-        for line in process.stderr:
-            lines.append(line)
-            serving.set() if line.startswith("serving ") else None
-
-    threading.Thread(target=read, daemon=True).start()
-    if not serving.wait(180):
-        process.kill()
-        pytest.fail(f"the server did not start: {''.join(lines)}")
-    yield f"http://127.0.0.1:{port}/v1"
-    process.kill()
-    process.wait()
+    with Server(checkpoint, "--model-name", MODEL, "--port", free_port(), "--max-batch", 4) as server:
+        yield f"{server.base}/v1"
 
 
 def complete(server, **body) -> httpx.Response:

@@ -6,14 +6,9 @@ tested on `infer.responses.Choice` directly."""
 
 import datetime
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import jax
@@ -30,9 +25,9 @@ from llama_jax.config import ModelConfig
 from llama_jax.decoding.sampling import Sampling
 from llama_jax.text.tokenizer import load_tokenizer
 from llama_jax.text.tokenizer_training import train_bpe
+from servers import Server, environment, free_port
 from tiny import hf_model
 
-REPO = Path(__file__).resolve().parent.parent
 # Llama 3.1's tool-use text is in the corpus, so that a prompt offering a tool fits the context.
 TOOL_TEXT = ["Environment: ipython\nCutting Knowledge Date: December 2023\nToday Date: 30 Jan 2025\n\n",
              "Given the following functions, please respond with a JSON for a function call with its proper "
@@ -65,39 +60,15 @@ def reference(checkpoint):
     return load_model(checkpoint)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(checkpoint, request):
-    port = free_port()
-    env = dict(os.environ, LLAMA_JAX_API_KEY=KEY)
-    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "").strip()
-    process = subprocess.Popen([sys.executable, "-m", "infer.serve", "--checkpoint", str(checkpoint),
-                                "--model-name", MODEL, "--port", str(port), "--max-batch", "4",
-                                "--max-body-bytes", "65536", "--shutdown-timeout", "20",
-                                # one decode step per call: a long request spans many calls
-                                "--steps-per-call", "1"],
-                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
+    running = Server(checkpoint, "--model-name", MODEL, "--port", free_port(), "--max-batch", 4,
+                     "--max-body-bytes", 65536, "--shutdown-timeout", 20,
+                     # one decode step per call: a long request spans many calls
+                     "--steps-per-call", 1, env=environment(LLAMA_JAX_API_KEY=KEY))
     request.getfixturevalue("reference")  # loads here while the server compiles
-    deadline = time.time() + 120
-    while time.time() < deadline and process.poll() is None:
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.5)
-    else:
-        process.kill()
-        pytest.fail(f"the server did not start: {process.communicate()[0]}")
-    yield process, base
-    if process.poll() is None:
-        process.kill()
-    process.communicate()
+    with running.wait_until_serving():
+        yield running.process, running.base
 
 
 @pytest.fixture(scope="module")

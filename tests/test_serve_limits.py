@@ -7,14 +7,10 @@ test stops it with SIGTERM in the middle of a long stream.
 """
 
 import json
-import os
 import signal
 import socket
 import subprocess
-import sys
-import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -23,9 +19,9 @@ import torch
 from llama_jax.config import ModelConfig
 from llama_jax.text.tokenizer import load_tokenizer
 from llama_jax.text.tokenizer_training import train_bpe
+from servers import REPO, Server, environment, free_port, serve
 from tiny import hf_model
 
-REPO = Path(__file__).resolve().parent.parent
 KEY = "clé-ключ-🔑"  # not ASCII: sent as UTF-8 bytes
 CONTEXT = 1024  # room for a stream long enough to outlast the shutdown timeout
 BODY_TIMEOUT = 2.0
@@ -46,23 +42,6 @@ def checkpoint(tmp_path_factory):
         model.lm_head.weight[sorted(tokenizer.stop_ids)] = 0
     model.save_pretrained(directory)
     return directory
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def environment() -> dict:
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "").strip()
-    env.pop("LLAMA_JAX_API_KEY", None)
-    return env
-
-
-def serve(checkpoint, *flags) -> list[str]:
-    return [sys.executable, "-m", "infer.serve", "--checkpoint", str(checkpoint), *map(str, flags)]
 
 
 @pytest.mark.parametrize("flags, fragment", [
@@ -90,42 +69,14 @@ def test_a_port_in_use_is_one_line_before_loading(checkpoint):
     assert "compiling" not in done.stderr and "serving" not in done.stderr
 
 
-class Server:
-    """A started server process: its port, and its stderr lines as they come (a reader thread)."""
-
-    def __init__(self, checkpoint, *flags):
-        self.process = subprocess.Popen(serve(checkpoint, *flags), cwd=REPO, env=environment(),
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        self.lines: list[str] = []
-        self.serving = threading.Event()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self):
-        for line in self.process.stderr:
-            self.lines.append(line)
-            if line.startswith("serving "):
-                self.serving.set()
-
-    @property
-    def stderr(self) -> str:
-        return "".join(self.lines)
-
-
 @pytest.fixture(scope="module")
 def server(checkpoint):
     port = free_port()
     running = Server(checkpoint, "--model-name", "tiny", "--port", port, "--api-key", KEY, "--max-batch", 2,
                      "--prefill-batch", 1, "--steps-per-call", 1, "--body-timeout", BODY_TIMEOUT,
                      "--max-connections-per-client", PER_CLIENT, "--shutdown-timeout", 0.5)
-    if not running.serving.wait(180):
-        running.process.kill()
-        pytest.fail(f"the server did not start: {running.stderr}")
-    running.base = f"http://127.0.0.1:{port}"
-    running.port = port
-    yield running
-    if running.process.poll() is None:
-        running.process.kill()
-    running.process.wait()
+    with running.wait_until_serving():
+        yield running
 
 
 def authorized(key: str = KEY) -> dict:

@@ -19,7 +19,8 @@ import tokenizers
 from tokenizers import Regex, models, pre_tokenizers, trainers
 
 from llama_jax.cli import first_line
-from llama_jax.text.tokenizer import LLAMA3_PATTERN, byte_level_chars
+from llama_jax.text.hf_tokenizer import byte_level_chars
+from llama_jax.text.tokenizer import LLAMA3_PATTERN
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, path: str | os.PathLike) -> Path:
