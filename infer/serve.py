@@ -11,9 +11,9 @@ as `tool_calls`, the `tool` role taken as Llama's `ipython`), GET /v1/models,
 GET /v1/models/{name}, GET /health. Streaming by server-sent events; `n` choices per request, each
 in its own decode slot. Completions take several prompts at once (text or token ids; choice i of
 prompt p at index p * n + i) and `echo`, with logprobs the prompt's own from a forward pass over
-it, which is what lm-eval's `local-completions` model scores with (docs/evaluation.md). Generation runs in `infer.batcher.Batcher`: this
-module is the thin FastAPI layer over it (checks in `infer.openai_api`, the
-answers' JSON in `infer.responses`). With `--guard DIR` a Llama Guard model screens
+it, which is what lm-eval's `local-completions` model scores with (docs/evaluation.md). Generation runs in `infer.batcher.Batcher`;
+`infer.app` is the thin FastAPI layer over it (checks in `infer.openai_api`, the
+answers' JSON in `infer.responses`); this module is the command that loads and starts both. With `--guard DIR` a Llama Guard model screens
 prompts and answers (`infer.guard_hook`: refusals with code content_filter).
 
 Start-up: flags are checked and the port bound before anything loads, so a
@@ -30,15 +30,9 @@ in its stream if it streams), and exits 0.
 """
 
 import argparse
-import asyncio
-import contextlib
-import dataclasses
-import json
 import os
-import secrets
 import signal
 import sys
-import time
 from pathlib import Path
 
 from infer import guard_hook
@@ -117,6 +111,7 @@ def _serve(argv) -> None:
     import uvicorn
 
     from infer import listener
+    from infer.app import create_app
 
     sock = listener.bind(args.host, args.port)  # before loading: a port in use is one line at once
     service = _load(args)
@@ -140,26 +135,11 @@ def _serve(argv) -> None:
         raise SystemExit(1)
 
 
-@dataclasses.dataclass
-class Service:
-    """What the endpoints share: the batcher, the tokenizer, names and bounds."""
-
-    batcher: object
-    tokenizer: object
-    model_name: str
-    context: int
-    api_key: str | None
-    max_body_bytes: int
-    max_waiting: int
-    compiles: int = 0
-    body_timeout: float = 30.0
-    vocab_size: int | None = None  # the model's token ids (default: the tokenizer's)
-    guard: object = None  # infer.guard_hook.Screen with --guard
-
-
-def _load(args) -> Service:
+def _load(args):
+    """Load the model, compile and start the batcher: the app's `infer.app.Service`."""
     import jax
 
+    from infer.app import Service
     from infer.batcher import Batcher
     from infer.engine import engine_for
     from infer.generate import checkpoint_config, load_served
@@ -190,223 +170,6 @@ def _load(args) -> Service:
     batcher.start()
     service.batcher = batcher
     return service
-
-
-def create_app(service: Service):
-    """The FastAPI app over a started batcher."""
-    from fastapi import FastAPI
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, StreamingResponse
-    from starlette.exceptions import HTTPException
-
-    from infer import listener
-    from infer import openai_api as api
-    from llama_jax.text.chat import format_chat
-
-    app = FastAPI(title="llama-jax", docs_url=None, redoc_url=None, openapi_url=None)
-
-    @app.exception_handler(api.ApiError)
-    async def refused(_, err: api.ApiError):
-        return JSONResponse(err.body(), status_code=err.status)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_, err: RequestValidationError):
-        first = err.errors()[0]
-        if first.get("type") == "json_invalid":
-            message, param = f"the request body is not valid JSON ({first.get('msg')})", None
-        else:
-            param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-            message = f"{param or 'body'}: {first.get('msg')}"
-        return JSONResponse(api.ApiError(400, message, param).body(), status_code=400)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(_, err: HTTPException):
-        return JSONResponse(api.ApiError(err.status_code, str(err.detail)).body(), status_code=err.status_code)
-
-    @app.get("/health")
-    async def health():
-        failed = service.batcher.error is not None
-        body = {"status": "error" if failed else "ok", **service.batcher.load(), "compiles": service.compiles}
-        if service.guard is not None:
-            body["guard"] = service.guard.counts()
-        return JSONResponse(body, status_code=503 if failed else 200)
-
-    def model_card():
-        return {"id": service.model_name, "object": "model", "created": 0, "owned_by": "llama-jax",
-                "max_model_len": service.context}
-
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [model_card()]}
-
-    @app.get("/v1/models/{name:path}")  # a name may hold "/", as Hugging Face's do
-    async def model(name: str):
-        _check_model(service, name)
-        return model_card()
-
-    @app.post("/v1/completions")
-    async def completions(body: api.CompletionRequest):
-        _check_model(service, body.model)
-        logprobs = api.completion_logprobs(body)
-        prompts = api.completion_prompts(body, service.tokenizer, service.vocab_size)
-        settings = [api.check_sampled(body, len(ids), service.context, 16, logprobs, service.batcher.slots)
-                    for ids in prompts]
-        texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt if isinstance(body.prompt[0], str) \
-            else [service.tokenizer.decode(ids) for ids in prompts]
-        asked = [[{"role": "user", "content": text}] for text in texts]
-        return await _respond(service, prompts, settings, body, "text_completion", "cmpl", asked)
-
-    @app.post("/v1/chat/completions")
-    async def chat(body: api.ChatRequest):
-        _check_model(service, body.model)
-        logprobs = api.chat_logprobs(body)
-        if body.max_tokens is None:
-            body.max_tokens = body.max_completion_tokens
-        tools, names = api.chat_tools(body)
-        messages = api.chat_messages(body)
-        try:
-            ids = format_chat(service.tokenizer, messages, tools=tools)
-        except ValueError as err:
-            raise api.ApiError(400, str(err), "messages") from None
-        names = names if service.tokenizer.generation == "llama3" else None  # Llama 2 makes no calls
-        settings = api.check_sampled(body, len(ids), service.context, None, logprobs, service.batcher.slots, names)
-        return await _respond(service, [ids], [settings], body, "chat.completion", "chatcmpl",
-                              [guard_hook.chat_conversation(messages)])
-
-    async def _respond(service, prompts, settings, body, kind, prefix, conversations):
-        """Answer `n` choices for each prompt (its `settings`), choice i of prompt p at index p * n + i;
-        with --guard, each prompt's conversation is screened first and the answers after."""
-        from infer.responses import Choice, new_id
-
-        guard = service.guard
-        if guard is not None:  # an unsafe prompt is refused before it is queued
-            if len(prompts) > 1:
-                raise api.ApiError(400, "with --guard, give one prompt per request", "prompt")
-            await guard.check_prompt(conversations[0])
-        echo = getattr(body, "echo", False)
-        requests, queue = _submit(service, prompts, settings, score_prompts=echo and settings[0].logprobs is not None)
-        each = [(ids, s) for ids, s in zip(prompts, settings) for _ in range(s.n)]  # in the order of `index`
-        choices = [Choice(i, kind.startswith("chat"), service.tokenizer, s, new_id("call", "_"), ids if echo else None)
-                   for i, (ids, s) in enumerate(each)]
-        events = _chunks(requests, queue, choices)
-        head = {"id": new_id(prefix), "object": kind, "created": int(time.time()), "model": service.model_name}
-        prompt_tokens = sum(map(len, prompts))
-        chat = kind.startswith("chat")
-        if body.stream:
-            if guard is not None:
-                events = guard.streamed(events, requests, conversations[0], chat)
-            include_usage = body.stream_options is not None and body.stream_options.include_usage
-            return StreamingResponse(_stream(events, choices, head, prompt_tokens, include_usage),
-                                     media_type="text/event-stream")
-        answer = await _collect(events, choices, head, prompt_tokens)
-        return answer if guard is None else await guard.check_answers(answer, conversations[0], chat)
-
-    return listener.Guard(app, service.api_key, service.max_body_bytes, service.body_timeout)
-
-
-def _submit(service: Service, prompts: list[list[int]], settings: list, score_prompts: bool = False):
-    """Queue one generation per choice of each prompt (before any answer starts, so a refusal
-    gets its own status); returns (the batcher's Requests, in the choices' order, and the
-    asyncio queue their (choice, event) pairs arrive on). `score_prompts`: each request
-    reports its prompt's log-probabilities first (echo with logprobs)."""
-    from infer import openai_api as api
-    from infer.batcher import Request, WorkerFailed
-
-    batcher = service.batcher
-    failed = api.ApiError(503, "the generation worker failed; restart the server", kind="server_error")
-    if batcher.error is not None:
-        raise failed
-    if batcher.load()["waiting"] + sum(s.n for s in settings) > service.max_waiting:
-        raise api.ApiError(429, "too many requests are waiting; retry later", kind="rate_limit_error")
-    loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-    seed = secrets.randbelow(api.INT32) if settings[0].seed is None else settings[0].seed
-
-    def emitter(index):
-        def emit(event):  # called from the batcher's thread
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, (index, event))
-            except RuntimeError:  # the event loop has closed (a shutdown that timed out): no one listens
-                requests[index].cancelled = True
-        return emit
-
-    # Choice i of every prompt has seed + i: each prompt is answered as it would be alone.
-    each = [(ids, s, i) for ids, s in zip(prompts, settings) for i in range(s.n)]
-    requests = [Request(ids, s.max_tokens, s.sampling, api.choice_seed(seed, i), emit=emitter(index),
-                        score_prompt=score_prompts)
-                for index, (ids, s, i) in enumerate(each)]
-    try:
-        for request in requests:
-            batcher.submit(request)
-    except RuntimeError as err:  # WorkerFailed: it failed since the check above
-        for request in requests:
-            request.cancelled = True
-        if isinstance(err, WorkerFailed):
-            raise failed from None
-        raise api.ApiError(503, "the server is shutting down", kind="server_error") from None
-    return requests, queue
-
-
-async def _chunks(requests, queue, choices):
-    """The chunk choices of a request's choices as their events arrive, until every choice has
-    ended; a choice that ends early (a stop string) and, when the consumer stops (a client that
-    left), every choice have their requests cancelled, which frees their slots."""
-    from infer import openai_api as api
-    from infer.events import Finished
-
-    try:
-        while any(choice.finish is None for choice in choices):
-            index, event = await queue.get()
-            if isinstance(event, Finished) and event.reason == "error":
-                raise api.ApiError(500, "the generation worker failed", kind="server_error")
-            if isinstance(event, Finished) and event.reason == "cancelled" and choices[index].finish is None:
-                # Not by this answer (a stop string, a client that left): the server is shutting down.
-                raise api.ApiError(503, "the server shut down before this answer was finished", kind="server_error")
-            for chunk in choices[index].add(event):
-                yield chunk
-            if choices[index].finish is not None:
-                requests[index].cancelled = True  # no-op once its request has finished
-    finally:
-        for request in requests:
-            request.cancelled = True
-
-
-async def _collect(chunks, choices, head, prompt_tokens):
-    from infer.responses import usage
-
-    async with contextlib.aclosing(chunks):
-        async for _ in chunks:
-            pass
-    return {**head, "choices": [choice.result() for choice in choices],
-            "usage": usage(prompt_tokens, sum(choice.generated for choice in choices))}
-
-
-async def _stream(chunks, choices, head, prompt_tokens, include_usage: bool):
-    """Server-sent events: one chunk per chunk choice, then, if `include_usage` (OpenAI's
-    stream_options), one with `usage` and no choices (the others carry usage null), then [DONE]."""
-    from infer import openai_api as api
-    from infer.responses import usage
-
-    head = {**head, "object": head["object"] + ".chunk" if head["object"].startswith("chat") else head["object"]}
-    if include_usage:
-        head["usage"] = None
-    try:
-        async with contextlib.aclosing(chunks):  # a client that leaves closes it: its requests are cancelled
-            async for chunk in chunks:
-                yield f"data: {json.dumps({**head, 'choices': [chunk]})}\n\n"
-    except api.ApiError as err:  # the status is sent already: report it in the stream
-        yield f"data: {json.dumps(err.body())}\n\n"
-    if include_usage:
-        tokens = usage(prompt_tokens, sum(choice.generated for choice in choices))
-        yield f"data: {json.dumps({**head, 'choices': [], 'usage': tokens})}\n\n"
-    yield "data: [DONE]\n\n"
-
-
-def _check_model(service: Service, name: str) -> None:
-    from infer.openai_api import ApiError
-
-    if name != service.model_name:
-        raise ApiError(404, f"model {name!r} is not served here; this server serves {service.model_name!r} "
-                       "(GET /v1/models)", "model", "model_not_found")
 
 
 if __name__ == "__main__":

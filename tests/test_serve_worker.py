@@ -2,7 +2,7 @@
 
 In this process: a tiny model on one device, the batcher's compiled prefill replaced by
 one that raises (the failure a real worker meets as an XLA error or an out-of-memory), and
-the server's app (`infer.serve.create_app`) driven through httpx's ASGI transport.
+the server's app (`infer.app.create_app`) driven through httpx's ASGI transport.
 """
 
 import asyncio
@@ -17,7 +17,7 @@ import pytest
 from infer.batcher import Batcher, Request, WorkerFailed
 from infer.engine import Engine
 from infer.events import Finished
-from infer.serve import Service, create_app
+from infer.app import Service, create_app
 from llama_jax.config import ModelConfig
 from llama_jax.decoding.sampling import Sampling
 from llama_jax.params import init_params
