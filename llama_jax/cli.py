@@ -6,8 +6,14 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 from typing import Callable
+
+# Libraries that log a traceback for each request they retry or give up on; the
+# error that ends the retries reaches the command as an exception, and becomes its line.
+QUIET_LOGGERS = ("gcsfs", "google.auth")
 
 
 def first_line(err: BaseException) -> str:
@@ -21,8 +27,12 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
     """Run `main(argv)`; a user-fixable error (ValueError, OSError) becomes one line on stderr,
     `<prog>: error: <first line>`, and exit code 2; Ctrl-C exits 130. Otherwise the exit code is
     what `main` returns (None: 0), e.g. 1 for an outcome that is no input error (a diverged
-    run, a program that does not fit). Returns the exit code."""
+    run, a program that does not fit). Storage libraries' retry tracebacks stay off the
+    console (QUIET_LOGGERS). Returns the exit code."""
     prefix = f"{prog}: error" if prog else "error"
+    if "GCSFS_DEBUG" not in os.environ:  # gcsfs's own switch for its log
+        for name in QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         code = main(argv)
     except (ValueError, OSError) as err:

@@ -61,6 +61,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def closed_url() -> str:
+    """An endpoint on 127.0.0.1 where nothing listens (a port just freed): connections are refused."""
+    return f"http://127.0.0.1:{_free_port()}"
+
+
 class Emulator:
     """fake-gcs-server on a free port of 127.0.0.1, the environment pointing at it while open.
 
