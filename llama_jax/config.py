@@ -393,6 +393,8 @@ class ModelConfig:
                 raise ConfigError(
                     "rope_scaling: need 0 < low_freq_factor <= high_freq_factor, got "
                     f"{scaling.low_freq_factor} and {scaling.high_freq_factor}")
+        if self.lora is not None:
+            self._check_lora_rank()
         if self.vision is not None:
             self.vision.group(self.n_layers)
             if self.vision.image_token_id >= self.vocab_size + self.vision.extra_token_rows:
@@ -401,6 +403,20 @@ class ModelConfig:
                     f"{self.vocab_size} + {self.vision.extra_token_rows} rows")
             if self.tie_embeddings:
                 raise ConfigError("tie_embeddings: a vision model's output head is its own weight")
+
+    def _check_lora_rank(self):
+        """A rank at or past a target's smaller side adds parameters and no expressiveness."""
+        q, kv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        widths = [self.ffn_dim] if self.moe is None or self.moe.interleave_step > 1 else []
+        widths += [self.moe.ffn_dim_expert] if self.moe is not None and self.moe.shared_expert else []
+        f = min(widths, default=self.dim)  # the narrowest feed-forward that carries adapters
+        shapes = {"wq": (self.dim, q), "wk": (self.dim, kv), "wv": (self.dim, kv), "wo": (q, self.dim),
+                  "w1": (self.dim, f), "w3": (self.dim, f), "w2": (f, self.dim)}
+        weight = min(self.lora.targets, key=lambda name: min(shapes[name]))
+        if self.lora.rank >= min(shapes[weight]):
+            rows, cols = shapes[weight]
+            raise ConfigError(f"lora.rank: {self.lora.rank} is not below the smaller side of {weight} "
+                              f"({rows} x {cols}); use a rank below {min(rows, cols)}")
 
     def lora_for(self, weight: str) -> LoraConfig | None:
         """The adapter settings of projection `weight` ("wq", ...), or None if it has none."""

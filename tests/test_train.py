@@ -145,6 +145,8 @@ def test_schedule_warms_up_then_decays_to_floor():
     ("optimizr.learning_rate=1", "optimizr: unknown run config key"),
     ("optimizer.lr=1", "optimizer.lr: unknown key"),
     ("steps=-3", "steps: must be a positive integer"),
+    ("optimizer.learning_rate=nan", "optimizer.learning_rate: must be a positive finite number, got nan"),
+    ("optimizer.learning_rate=inf", "optimizer.learning_rate: must be a positive finite number, got inf"),
     ("grad_accum=3", "grad_accum: 3 does not divide data.global_batch 16"),
     ("data.seq_len=100000", "data.seq_len: 100000 exceeds the model's max_seq_len"),
     ("chip=v9", "chip: 'v9' is not one of"),

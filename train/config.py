@@ -32,6 +32,7 @@ key anywhere, or the same key given twice on the command line, is one line.
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -279,8 +280,8 @@ class RunConfig:
 
 
 def _positive(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise ConfigError(f"{name}: must be a positive number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ConfigError(f"{name}: must be a positive finite number, got {value!r}")
 
 
 def _dataclass_from(cls, data, where):
