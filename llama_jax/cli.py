@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import sys
@@ -20,6 +21,17 @@ def first_line(err: BaseException) -> str:
     """An exception's first line of text (its type name if it has none), for one-line errors."""
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def known_names(name: str, known, where: str) -> str:
+    """The parenthesis ending an unknown-name error, short enough for one line: every known
+    name (in the given order) when they fit in ~100 characters, else the closest ones to `name`
+    (difflib) and `where` the rest are listed, e.g. "(closest: steps; 30 known, see train/config.py)"."""
+    known = list(known)
+    if len(", ".join(known)) <= 100:
+        return f"(known: {', '.join(known)})"
+    close = difflib.get_close_matches(str(name), known, n=3, cutoff=0.5)
+    return f"({'closest: ' + ', '.join(close) + '; ' if close else ''}{len(known)} known, see {where})"
 
 
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None,

@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 import ml_dtypes
 import numpy as np
 
+from llama_jax.cli import known_names
 from llama_jax.config_files import read_config_file, shipped_configs
 
 
@@ -483,13 +484,15 @@ def numpy_dtype(name: str) -> np.dtype:
 
 
 def check_keys(cls, data, prefix: str, what: str = "unknown key"):
-    """ConfigError naming the first key of `data` that is not a field of dataclass `cls`."""
+    """ConfigError naming the first key of `data` that is not a field of dataclass `cls`
+    (with the known fields, or the closest ones and where `cls` lists them all)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
-    known = {f.name for f in dataclasses.fields(cls)}
+    known = sorted(f.name for f in dataclasses.fields(cls))
     for key in data:
         if key not in known:
-            raise ConfigError(f"{prefix}{key}: {what} (known: {', '.join(sorted(known))})")
+            where = f"{cls.__name__} in {cls.__module__.replace('.', '/')}.py"
+            raise ConfigError(f"{prefix}{key}: {what} {known_names(key, known, where)}")
 
 
 def _rope_scaling_from_dict(data: dict[str, Any]) -> RopeScaling:
