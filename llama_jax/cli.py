@@ -6,8 +6,15 @@
 
 from __future__ import annotations
 
+import difflib
+import logging
+import os
 import sys
 from typing import Callable
+
+# Libraries that log a traceback for each request they retry or give up on; the
+# error that ends the retries reaches the command as an exception, and becomes its line.
+QUIET_LOGGERS = ("gcsfs", "google.auth")
 
 
 def first_line(err: BaseException) -> str:
@@ -16,13 +23,28 @@ def first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+def known_names(name: str, known, where: str) -> str:
+    """The parenthesis ending an unknown-name error, short enough for one line: every known
+    name (in the given order) when they fit in ~100 characters, else the closest ones to `name`
+    (difflib) and `where` the rest are listed, e.g. "(closest: steps; 30 known, see train/config.py)"."""
+    known = list(known)
+    if len(", ".join(known)) <= 100:
+        return f"(known: {', '.join(known)})"
+    close = difflib.get_close_matches(str(name), known, n=3, cutoff=0.5)
+    return f"({'closest: ' + ', '.join(close) + '; ' if close else ''}{len(known)} known, see {where})"
+
+
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None,
             prog: str | None = None) -> int:
     """Run `main(argv)`; a user-fixable error (ValueError, OSError) becomes one line on stderr,
     `<prog>: error: <first line>`, and exit code 2; Ctrl-C exits 130. Otherwise the exit code is
     what `main` returns (None: 0), e.g. 1 for an outcome that is no input error (a diverged
-    run, a program that does not fit). Returns the exit code."""
+    run, a program that does not fit). Storage libraries' retry tracebacks stay off the
+    console (QUIET_LOGGERS). Returns the exit code."""
     prefix = f"{prog}: error" if prog else "error"
+    if "GCSFS_DEBUG" not in os.environ:  # gcsfs's own switch for its log
+        for name in QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         code = main(argv)
     except (ValueError, OSError) as err:

@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 import ml_dtypes
 import numpy as np
 
+from llama_jax.cli import known_names
 from llama_jax.config_files import read_config_file, shipped_configs
 
 
@@ -393,6 +394,8 @@ class ModelConfig:
                 raise ConfigError(
                     "rope_scaling: need 0 < low_freq_factor <= high_freq_factor, got "
                     f"{scaling.low_freq_factor} and {scaling.high_freq_factor}")
+        if self.lora is not None:
+            self._check_lora_rank()
         if self.vision is not None:
             self.vision.group(self.n_layers)
             if self.vision.image_token_id >= self.vocab_size + self.vision.extra_token_rows:
@@ -401,6 +404,20 @@ class ModelConfig:
                     f"{self.vocab_size} + {self.vision.extra_token_rows} rows")
             if self.tie_embeddings:
                 raise ConfigError("tie_embeddings: a vision model's output head is its own weight")
+
+    def _check_lora_rank(self):
+        """A rank at or past a target's smaller side adds parameters and no expressiveness."""
+        q, kv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        widths = [self.ffn_dim] if self.moe is None or self.moe.interleave_step > 1 else []
+        widths += [self.moe.ffn_dim_expert] if self.moe is not None and self.moe.shared_expert else []
+        f = min(widths, default=self.dim)  # the narrowest feed-forward that carries adapters
+        shapes = {"wq": (self.dim, q), "wk": (self.dim, kv), "wv": (self.dim, kv), "wo": (q, self.dim),
+                  "w1": (self.dim, f), "w3": (self.dim, f), "w2": (f, self.dim)}
+        weight = min(self.lora.targets, key=lambda name: min(shapes[name]))
+        if self.lora.rank >= min(shapes[weight]):
+            rows, cols = shapes[weight]
+            raise ConfigError(f"lora.rank: {self.lora.rank} is not below the smaller side of {weight} "
+                              f"({rows} x {cols}); use a rank below {min(rows, cols)}")
 
     def lora_for(self, weight: str) -> LoraConfig | None:
         """The adapter settings of projection `weight` ("wq", ...), or None if it has none."""
@@ -467,13 +484,15 @@ def numpy_dtype(name: str) -> np.dtype:
 
 
 def check_keys(cls, data, prefix: str, what: str = "unknown key"):
-    """ConfigError naming the first key of `data` that is not a field of dataclass `cls`."""
+    """ConfigError naming the first key of `data` that is not a field of dataclass `cls`
+    (with the known fields, or the closest ones and where `cls` lists them all)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
-    known = {f.name for f in dataclasses.fields(cls)}
+    known = sorted(f.name for f in dataclasses.fields(cls))
     for key in data:
         if key not in known:
-            raise ConfigError(f"{prefix}{key}: {what} (known: {', '.join(sorted(known))})")
+            where = f"{cls.__name__} in {cls.__module__.replace('.', '/')}.py"
+            raise ConfigError(f"{prefix}{key}: {what} {known_names(key, known, where)}")
 
 
 def _rope_scaling_from_dict(data: dict[str, Any]) -> RopeScaling:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from llama_jax.cli import first_line
+from llama_jax.cli import first_line, known_names
 
 
 def configs_root() -> Path:
@@ -34,7 +34,8 @@ def read_config_file(kind: str, name_or_path: str | Path, error: type[Exception]
         path = configs_root() / kind / f"{name_or_path}.yaml"
     if not path.is_file():
         what = {"models": "model config", "layouts": "layout", "runs": "run config"}[kind]
-        raise error(f"{what} {str(name_or_path)!r} not found (known: {', '.join(shipped_configs(kind))})")
+        raise error(f"{what} {str(name_or_path)!r} not found "
+                    f"{known_names(path.stem, shipped_configs(kind), f'configs/{kind}/')}")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:

@@ -11,7 +11,9 @@ Cloud Storage has no directories (a prefix exists once an object is under it)
 and no append or atomic rename: writers here rewrite whole objects, which GCS
 makes visible only when complete. Failures are turned into one line naming
 the path and the fix (`storage_error`): a bucket that does not exist, no
-credentials, permission denied.
+credentials, permission denied, storage that does not answer. The first contact
+with a bucket (`check_bucket`) is bounded by FIRST_CONTACT_TIMEOUT: gcsfs would
+otherwise retry an unreachable endpoint for over a minute.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import glob as local_glob
 import os
 
+import fsspec.asyn
 import fsspec.config
 from etils import epath
 
@@ -27,6 +30,9 @@ from llama_jax.cli import first_line
 URL_PREFIXES = ("gs://",)
 CREDENTIALS_HELP = ("run `gcloud auth application-default login`, or set GOOGLE_APPLICATION_CREDENTIALS "
                     "to a service account key file (a TPU VM uses its service account)")
+# Seconds for a bucket's first answer: a few round trips (token, bucket metadata) on a
+# TPU VM, and far less than gcsfs's six retries with back-off (~70 s) of a dead endpoint.
+FIRST_CONTACT_TIMEOUT = 10.0
 
 # tensorstore (orbax's arrays) and the other hosts write behind gcsfs's back:
 # a cached listing could miss a step they saved, so listings are never cached.
@@ -59,6 +65,11 @@ def _fs():
     return fsspec.filesystem("gs")  # the instance epath uses
 
 
+def _endpoint() -> str:
+    """The Cloud Storage endpoint gcsfs talks to: the emulator's when STORAGE_EMULATOR_HOST is set."""
+    return os.environ.get("STORAGE_EMULATOR_HOST") or "storage.googleapis.com"
+
+
 def check_credentials(path) -> None:
     """StorageError if a gs:// path would be read without any Google credentials.
 
@@ -83,8 +94,13 @@ def check_bucket(path) -> None:
         return
     check_credentials(path)
     bucket = bucket_of(path)
-    try:
-        found = _fs().exists(bucket)
+    fs = _fs()
+    try:  # sync's timeout cancels the request and its retries
+        found = fsspec.asyn.sync(fs.loop, fs._exists, bucket, timeout=FIRST_CONTACT_TIMEOUT)
+    except fsspec.asyn.FSTimeoutError:
+        raise StorageError(f"{path}: bucket gs://{bucket} not reached in {FIRST_CONTACT_TIMEOUT:g} s ({_endpoint()}); "
+                           "check the network, credentials (gcloud auth application-default login) "
+                           "or STORAGE_EMULATOR_HOST") from None
     except Exception as err:
         raise storage_error(err, path) from None
     if not found:

@@ -6,7 +6,8 @@
 Meta did not publish its pruning criteria, so the scores are the ones of the
 published recipes it resembles (ShortGPT for depth, NVIDIA's Minitron for
 width), measured on a calibration set of text (.txt files, one document each,
-or .jsonl with a "text" field, every document BOS ... EOS, one a row):
+or .jsonl with a "text" field, every document BOS ... EOS, one a row; or .jsonl
+chat records, {"messages": [...]}, in the tokenizer's chat format as for fine-tuning):
 
 - layers: Block Influence, BI_i = 1 - mean over tokens of cos(x_in, x_out),
   how much layer i turns the residual stream (Men et al. 2024). The
@@ -29,6 +30,7 @@ one line on stderr, exit 2, nothing written.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import shutil
 import sys
@@ -47,6 +49,7 @@ from llama_jax.model.trees import stack_layers
 from llama_jax.params import stacked_layers
 from llama_jax.formats.checkpoint import save_params
 from llama_jax.formats.weights import load_params, resolve, stored_config
+from llama_jax.text.chat import encode_conversation
 from llama_jax.text.tokenizer import load_tokenizer
 
 PRUNING_FILE = "pruning.json"
@@ -54,30 +57,52 @@ PRUNING_FILE = "pruning.json"
 
 def calibration_batches(tokenizer, paths: list[str], seq_len: int, batch: int, batches: int):
     """Up to `batches` dicts of int32 [batch, seq_len] "tokens", "positions", "mask" (1 on real
-    tokens): one document per row, BOS ... EOS, truncated and padded."""
+    tokens): one document per row, truncated and padded. ValueError (one line, naming file and
+    line) for a .jsonl line that is not a text or chat record."""
     import glob
 
     files = [Path(f) for p in paths for f in (sorted(glob.glob(p)) if glob.has_magic(p) else [p])]
-    docs = []
-    for path in files:
-        text = path.read_text(encoding="utf-8")
-        if path.suffix == ".jsonl":
-            docs += [json.loads(line)["text"] for line in text.splitlines() if line.strip()]
-        elif text.strip():
-            docs.append(text)
-    docs = [d for d in docs if d.strip()][:batch * batches]
+
+    def documents():  # token ids of each document, read only as far as needed
+        for path in files:
+            text = path.read_text(encoding="utf-8")
+            if path.suffix == ".jsonl":
+                yield from (_encode_record(tokenizer, line, f"{path}:{n}")
+                            for n, line in enumerate(text.splitlines(), 1) if line.strip())
+            elif text.strip():
+                yield tokenizer.encode(text, bos=True, eos=True)
+
+    docs = list(itertools.islice(filter(None, documents()), batch * batches))
     if not docs:
         raise ValueError(f"{', '.join(paths)}: no calibration text")
     out = []
     for start in range(0, len(docs), batch):
         tokens = np.zeros((batch, seq_len), np.int32)
         mask = np.zeros((batch, seq_len), np.float32)
-        for row, doc in enumerate(docs[start:start + batch]):
-            ids = tokenizer.encode(doc, bos=True, eos=True)[:seq_len]
+        for row, ids in enumerate(docs[start:start + batch]):
+            ids = ids[:seq_len]
             tokens[row, :len(ids)], mask[row, :len(ids)] = ids, 1.0
         positions = np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch, seq_len)).copy()
         out.append({"tokens": tokens, "positions": positions, "mask": mask})
     return out
+
+
+def _encode_record(tokenizer, line: str, location: str) -> list[int]:
+    """The ids of one .jsonl calibration line: {"text": ...} as BOS text EOS, or a chat record
+    {"messages": [...]} in the tokenizer's chat format, as fine-tuning encodes it (every token
+    scored: calibration measures activations, not a loss). [] for blank text."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{location}: not valid JSON ({e.msg} at column {e.colno})") from None
+    if isinstance(record, dict) and isinstance(record.get("text"), str):
+        return tokenizer.encode(record["text"], bos=True, eos=True) if record["text"].strip() else []
+    if isinstance(record, dict) and isinstance(record.get("messages"), list):
+        try:
+            return encode_conversation(tokenizer, record["messages"])[0]
+        except ValueError as err:
+            raise ValueError(f"{location}: {err}") from None
+    raise ValueError(f'{location}: expected a JSON object with a "text" string or a "messages" list')
 
 
 def _module_path(module) -> tuple[str, ...]:

@@ -57,6 +57,11 @@ def server_binary() -> Path:
     return found[0]
 
 
+def closed_url() -> str:
+    """An endpoint on 127.0.0.1 where nothing listens (a port just freed): connections are refused."""
+    return f"http://127.0.0.1:{free_port()}"
+
+
 class Emulator:
     """fake-gcs-server on a free port of 127.0.0.1, the environment pointing at it while open.
 

@@ -51,9 +51,20 @@ def test_every_published_config_loads():
     assert load_model_config("llama3_1_8b").rope_scaling.factor == 8
 
 
-def test_unknown_model_name_lists_known_ones():
-    with pytest.raises(ConfigError, match="not found .*llama3_1_8b"):
-        load_model_config("llama9")
+def test_unknown_model_name_lists_the_closest_known_ones_and_where_the_rest_are():
+    with pytest.raises(ConfigError) as err:
+        load_model_config("llama3_1_8")
+    assert str(err.value) == (f"model config 'llama3_1_8' not found (closest: llama3_1_8b, llama3_8b, llama3_1_70b; "
+                              f"{len(published_models())} known, see configs/models/)")
+    with pytest.raises(ConfigError, match=r"^model config 'gpt2' not found \(\d+ known, see configs/models/\)$"):
+        load_model_config("gpt2")
+
+
+def test_unknown_model_field_names_the_closest_fields_in_a_short_line():
+    with pytest.raises(ConfigError) as err:
+        ModelConfig.from_dict({**GOOD, "dimm": 64})
+    assert str(err.value).startswith("dimm: unknown model config field (closest: dim, ffn_dim, head_dim; ")
+    assert str(err.value).endswith(" known, see ModelConfig in llama_jax/config.py)") and len(str(err.value)) < 200
 
 
 @pytest.mark.parametrize("shape", sorted(SHAPES))

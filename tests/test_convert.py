@@ -523,7 +523,21 @@ def test_quantising_with_an_unknown_kind_or_twice_fails_in_one_line(tmp_path, ca
 
 def test_export_of_a_missing_checkpoint_fails_in_one_line(tmp_path, capsys):
     run_and_expect_error(ours_to_hf.main, [str(tmp_path / "nothing"), str(tmp_path / "out")], capsys,
-                         tmp_path / "out", "checkpoint directory not found")
+                         tmp_path / "out", "nothing: directory not found")
+
+
+def test_export_of_a_run_directory_is_the_export_of_its_checkpoints(tmp_path):
+    """ours_to_hf takes a training run directory as infer, lora and eval do: its checkpoints/
+    (the latest complete step), byte for byte the export of that directory."""
+    config = SHAPES["llama3"]
+    save_params(tmp_path / "run" / "checkpoints", config, init_params(config, jax.random.key(0)))
+    for source, output in (("run", "from_run"), ("run/checkpoints", "from_checkpoints")):
+        assert run_cli(ours_to_hf.main, [str(tmp_path / source), str(tmp_path / output), "--dtype", "float32",
+                                         "--bos-token-id", "1", "--eos-token-id", "2", "--no-progress"]) == 0
+    files = sorted(p.name for p in (tmp_path / "from_checkpoints").iterdir())
+    assert "config.json" in files and sorted(p.name for p in (tmp_path / "from_run").iterdir()) == files
+    for name in files:
+        assert (tmp_path / "from_run" / name).read_bytes() == (tmp_path / "from_checkpoints" / name).read_bytes()
 
 
 def test_command_line_exits_2_with_one_line(tmp_path):

@@ -331,3 +331,18 @@ def test_bad_fine_tuning_input_is_one_line_and_writes_nothing(workdir, base_chec
                           capture_output=True, text=True, timeout=300)
     assert peft.returncode == 2 and "not a LoRA run's checkpoint (no adapters to export)" in peft.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_init_from_a_directory_of_another_model_type_names_the_directory(tmp_path, capsys):
+    """A Hugging Face directory of another architecture: one line naming its config.json and the type."""
+    import json
+
+    from train.__main__ import main
+
+    bert = tmp_path / "bert"
+    bert.mkdir()
+    (bert / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 64}))
+    assert main(["--config", "tiny_cpu", "--quiet", f"init_from={bert}", f"run_dir={tmp_path / 'run'}"]) == 2
+    assert capsys.readouterr().err == (f"train: error: {bert / 'config.json'}: model_type 'bert' is not llama "
+                                       "(read here: llama, llama4_text, mllama)\n")
+    assert not (tmp_path / "run").exists()

@@ -84,10 +84,20 @@ def test_split_and_join_round_trip():
     ({"targets": ["wz"]}, r"lora.targets: 'wz' names no weight"),
     ({"rank": 0}, r"lora.rank: must be a positive integer"),
     ({"ranks": 4}, r"lora.ranks: unknown field"),
+    # LLAMA3_LIKE: wk and wv are 64 x 16 (2 kv heads of 8), the smallest default target
+    ({"rank": 1000}, r"^lora.rank: 1000 is not below the smaller side of wk \(64 x 16\); use a rank below 16$"),
+    ({"rank": 16}, r"^lora.rank: 16 is not below the smaller side of wk \(64 x 16\)"),
+    ({"rank": 64, "targets": ["w2"]}, r"^lora.rank: 64 is not below the smaller side of w2 \(192 x 64\)"
+     r"; use a rank below 64$"),
 ])
 def test_bad_lora_settings_are_one_line(bad, message):
     with pytest.raises(ConfigError, match=message):
         LLAMA3_LIKE.replace(lora=bad)
+
+
+def test_a_rank_just_below_the_smallest_target_side_is_accepted():
+    assert LLAMA3_LIKE.replace(lora={"rank": 15}).lora.rank == 15
+    assert LLAMA3_LIKE.replace(lora={"rank": 63, "targets": ["w2"]}).lora.rank == 63
 
 
 @functools.cache

@@ -186,6 +186,17 @@ def test_unchecked_ids_inside_jit_behave_as_the_docstring_says(params31):
                                   apply(jnp.asarray([[1, vocab - 1]], jnp.int32)))
 
 
+@pytest.mark.parametrize("bad", [-1, -256, 256])
+def test_an_eager_apply_refuses_ids_outside_the_table(params31, bad):
+    """Called from the host (no jit), the ids are known: a negative id, which the gather would
+    count from the table's end, and an id past the table (256 rows) are one-line errors."""
+    tokens = np.asarray([[1, bad]], np.int32)
+    with pytest.raises(ValueError) as err:
+        Llama(LLAMA31_LIKE).apply({"params": params31}, tokens, jnp.arange(2)[None])
+    # (JAX appends a note on its filtered traceback below the first line; run_cli shows the first.)
+    assert str(err.value).splitlines()[0] == f"tokens: token id {bad} is outside the model's vocabulary [0, 256)"
+
+
 def test_host_check_names_the_first_id_outside_the_vocabulary():
     from llama_jax import check_token_ids
 

@@ -120,3 +120,37 @@ def test_pruning_more_layers_than_there_are_is_one_line_and_writes_nothing(sourc
     err = capsys.readouterr().err
     assert code == 2 and "--drop-layers 3: must be in [0, 3) for 3 layers" in err and len(err.splitlines()) == 1
     assert not (source / "bad").exists() and not (source / ".bad.tmp").exists()
+
+
+def test_chat_calibration_data_is_read_in_the_chat_format_of_fine_tuning(tmp_path):
+    """A chat-schema line ({"messages": [...]}) is calibrated on the ids fine-tuning would train
+    on (encode_conversation), beside a text line's BOS text EOS."""
+    from llama_jax.prune import calibration_batches
+    from llama_jax.text.chat import encode_conversation
+    from llama_jax.text.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(TOKENIZER)
+    messages = [{"role": "user", "content": "apple river"}, {"role": "assistant", "content": "stone cloud"}]
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": messages}) + "\n\n" + json.dumps({"text": "tiger lemon"}) + "\n")
+    [batch] = calibration_batches(tokenizer, [str(path)], seq_len=64, batch=2, batches=1)
+    chat, text = encode_conversation(tokenizer, messages)[0], tokenizer.encode("tiger lemon", bos=True, eos=True)
+    assert batch["tokens"][0, :len(chat)].tolist() == chat and batch["mask"][0].sum() == len(chat)
+    assert batch["tokens"][1, :len(text)].tolist() == text and batch["mask"][1].sum() == len(text)
+
+
+@pytest.mark.parametrize("line, problem", [
+    ('{"text": "apple", ', "not valid JSON (Expecting property name enclosed in double quotes at column 19)"),
+    ('{"prompt": "apple"}', 'expected a JSON object with a "text" string or a "messages" list'),
+    ('{"messages": [{"role": "user", "content": "apple"}]}',
+     "chat for training: the last message must be the assistant's answer, got 'user'"),
+])
+def test_a_malformed_calibration_line_names_file_and_line_and_writes_nothing(source, tmp_path, capsys, line,
+                                                                             problem):
+    calibration = tmp_path / "calibration.jsonl"
+    calibration.write_text(json.dumps({"text": "apple river"}) + "\n\n" + line + "\n")
+    code = main(["--checkpoint", str(source / "model"), "--output", str(tmp_path / "out"), "--calibration",
+                 str(calibration), "--tokenizer", str(TOKENIZER)])
+    assert code == 2
+    assert capsys.readouterr().err == f"llama_jax.prune: error: {calibration}:3: {problem}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calibration.jsonl"]

@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 
-from gcs_emulator import CuttingProxy, ForbiddenServer
+from gcs_emulator import CuttingProxy, ForbiddenServer, closed_url
 from llama_jax.formats.checkpoint import latest_step
 from train_runs import (EXACT_METRICS, REPO, exact_metrics, finish, kill_at_step, metrics, subprocess_env,
                         wait_for_step, wandb_records)
@@ -313,3 +313,43 @@ def test_permission_denied_is_one_line(monkeypatch, capsys):
     assert _one_line(capsys.readouterr()) == (
         "error: gs://locked/run: permission denied by Cloud Storage; grant this account "
         "roles/storage.objectAdmin on the bucket (or use another bucket)")
+
+
+@pytest.mark.parametrize("entry", ["run_dir", "config", "data_paths", "infer_checkpoint"])
+def test_unreachable_storage_is_one_line_within_the_first_contact_bound(entry, tmp_path, monkeypatch, capsys):
+    """STORAGE_EMULATOR_HOST at a closed port: each way a gs:// path comes in ends, within
+    the first-contact bound (not gcsfs's ~70 s of retries), in one line naming the bucket and
+    the fixes, with no library traceback and no local run directory."""
+    import time
+
+    import gcsfs
+
+    import llama_jax.paths
+    from infer.__main__ import main as infer
+    from train.__main__ import main as train
+
+    endpoint, local_run = closed_url(), tmp_path / "run"
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", endpoint)
+    monkeypatch.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+    monkeypatch.setattr(llama_jax.paths, "FIRST_CONTACT_TIMEOUT", 3.0)
+    path, prog, command = {
+        "run_dir": ("gs://far/run", "train", lambda: train(["--config", "tiny_cpu", "--quiet", "run_dir=gs://far/run"])),
+        "config": ("gs://far/run", "train", lambda: train(["--config", "gs://far/run", "--quiet"])),
+        "data_paths": ("gs://far/tokens", "train", lambda: train(
+            ["--config", "tiny_cpu", "--quiet", f"run_dir={local_run}", "data.source=tokens",
+             "data.paths=[gs://far/tokens]"])),
+        "infer_checkpoint": ("gs://far/run", None, lambda: infer(["--checkpoint", "gs://far/run", "--prompt", "hi"])),
+    }[entry]
+    gcsfs.GCSFileSystem.clear_instance_cache()
+    started = time.monotonic()
+    try:
+        code = command()
+    finally:
+        gcsfs.GCSFileSystem.clear_instance_cache()
+    elapsed = time.monotonic() - started
+    assert code == 2
+    assert _one_line(capsys.readouterr()) == (
+        f"{prog + ': ' if prog else ''}error: {path}: bucket gs://far not reached in 3 s ({endpoint}); check the network, "
+        "credentials (gcloud auth application-default login) or STORAGE_EMULATOR_HOST")
+    assert elapsed < 20, elapsed  # the bound held: 3 s, plus start-up on a busy machine
+    assert not local_run.exists()

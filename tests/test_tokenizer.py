@@ -487,3 +487,26 @@ def test_tokenizer_command_trains_a_loadable_tokenizer_and_bad_input_is_one_line
     err = capsys.readouterr().err
     assert err == "tokenizer: error: --vocab-size 100 is below the 256 byte tokens\n"
     assert sorted(p.name for p in output.parent.iterdir()) == ["tok.model"]  # nothing half-written
+
+
+def test_tokenizer_command_refuses_an_existing_output_and_empty_input(tmp_path, capsys):
+    """An existing --output stays as it was unless --overwrite; inputs without text are an error,
+    not a tokenizer of the 256 byte tokens alone."""
+    from train.tokenizer import main
+
+    (tmp_path / "a.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 20)
+    (tmp_path / "empty.txt").write_text(" \n\n")
+    output = tmp_path / "out" / "tok.model"
+    output.parent.mkdir()
+    output.write_bytes(b"kept")
+    assert main(["--input", str(tmp_path / "a.txt"), "--vocab-size", "300", "--output", str(output)]) == 2
+    assert capsys.readouterr().err == (f"tokenizer: error: {output}: already exists; choose another --output "
+                                       "or pass --overwrite\n")
+    assert output.read_bytes() == b"kept"
+    empty = tmp_path / "out" / "empty.model"
+    assert main(["--input", str(tmp_path / "empty.txt"), "--vocab-size", "300", "--output", str(empty)]) == 2
+    assert capsys.readouterr().err == f"tokenizer: error: {tmp_path / 'empty.txt'}: no document holds any text\n"
+    assert sorted(p.name for p in output.parent.iterdir()) == ["tok.model"]
+    assert main(["--input", str(tmp_path / "a.txt"), "--vocab-size", "300", "--output", str(output),
+                 "--overwrite"]) == 0
+    assert load_tokenizer(output).decode(load_tokenizer(output).encode("the lazy fox")) == "the lazy fox"

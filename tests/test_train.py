@@ -143,8 +143,13 @@ def test_schedule_warms_up_then_decays_to_floor():
 
 @pytest.mark.parametrize("override, message", [
     ("optimizr.learning_rate=1", "optimizr: unknown run config key"),
-    ("optimizer.lr=1", "optimizer.lr: unknown key"),
+    ("optimizer.lr=1", "optimizer.lr: unknown key (known: b1, b2, clip_norm, decay, eps, learning_rate, "
+                       "min_lr_ratio, warmup_steps, weight_decay)"),
+    ("stepz=3", "stepz: unknown run config key (closest: steps; "),  # not all 30-odd keys: a short line
+    ("data.sourc=tokens", "data.sourc: unknown key (closest: source; "),
     ("steps=-3", "steps: must be a positive integer"),
+    ("optimizer.learning_rate=nan", "optimizer.learning_rate: must be a positive finite number, got nan"),
+    ("optimizer.learning_rate=inf", "optimizer.learning_rate: must be a positive finite number, got inf"),
     ("grad_accum=3", "grad_accum: 3 does not divide data.global_batch 16"),
     ("data.seq_len=100000", "data.seq_len: 100000 exceeds the model's max_seq_len"),
     ("chip=v9", "chip: 'v9' is not one of"),
@@ -163,7 +168,16 @@ def test_schedule_warms_up_then_decays_to_floor():
 def test_bad_run_config_values_are_one_line(override, message):
     with pytest.raises(ConfigError) as err:
         load_run_config("tiny_cpu", [override])
-    assert message in str(err.value) and "\n" not in str(err.value)
+    assert message in str(err.value) and "\n" not in str(err.value) and len(str(err.value)) < 200
+
+
+def test_an_unknown_run_config_name_gives_the_closest_names_and_where_to_look():
+    from llama_jax.config_files import shipped_configs
+
+    with pytest.raises(ConfigError) as err:
+        load_run_config("tiny_cpuu")
+    assert str(err.value) == (f"run config 'tiny_cpuu' not found (closest: tiny_cpu, llama4_tiny_cpu; "
+                              f"{len(shipped_configs('runs'))} known, see configs/runs/)")
 
 
 @pytest.mark.parametrize("text, kind", [("- model: tiny\n- steps: 3\n", "list"), ("42\n", "int"),

@@ -32,11 +32,13 @@ key anywhere, or the same key given twice on the command line, is one line.
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
 
+from llama_jax.cli import known_names
 from llama_jax.config import ConfigError, ModelConfig, check_keys, load_model_config
 from llama_jax.config_files import read_config_file
 from sharding.topology import CHIP_PEAK_FLOPS
@@ -279,8 +281,8 @@ class RunConfig:
 
 
 def _positive(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise ConfigError(f"{name}: must be a positive number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ConfigError(f"{name}: must be a positive finite number, got {value!r}")
 
 
 def _dataclass_from(cls, data, where):
@@ -346,10 +348,10 @@ def run_config_from_dict(data: dict[str, Any], overrides: Sequence[str] = ()) ->
     applied on top: a nested key replaces one field of its section.
     """
     data = _merge(data, parse_overrides(list(overrides)))
-    known = {f.name for f in dataclasses.fields(RunConfig)} | {"model_overrides", "lora"}
+    known = sorted({f.name for f in dataclasses.fields(RunConfig)} | {"model_overrides", "lora"})
     for key in data:
         if key not in known:
-            raise ConfigError(f"{key}: unknown run config key (known: {', '.join(sorted(known))})")
+            raise ConfigError(f"{key}: unknown run config key {known_names(key, known, 'train/config.py')}")
     if "model" not in data:
         raise ConfigError("model: required run config key is missing")
     model = data.pop("model")

@@ -1,7 +1,7 @@
 """Our orbax checkpoint -> a Hugging Face directory `LlamaForCausalLM.from_pretrained` loads
 (`MllamaForConditionalGeneration` for a Llama 3.2 Vision model, with preprocessor_config.json).
 
-    python -m llama_jax.convert.ours_to_hf CKPT_DIR OUT_DIR [--dtype bfloat16] [--step N]
+    python -m llama_jax.convert.ours_to_hf CKPT_OR_RUN_DIR OUT_DIR [--dtype bfloat16] [--step N]
         [--tokenizer DIR] [--max-shard-gb 5] [--bos-token-id N] [--eos-token-id N ...]
 
 Writes model-0000K-of-0000N.safetensors files with model.safetensors.index.json,
@@ -48,6 +48,7 @@ from llama_jax.cli import run_cli
 from llama_jax.convert import DTYPES, ConvertError, progress, staged_output
 from llama_jax.formats.hf import config_to_hf, hf_tensors
 from llama_jax.formats.hf_llama import to_hf
+from llama_jax.formats.weights import resolve
 from llama_jax.paths import user_path
 from llama_jax.text.tokenizer import load_tokenizer, tokenizer_beside
 from llama_jax.formats.mllama import preprocessor_config
@@ -68,6 +69,7 @@ def export_hf(checkpoint_dir: str | os.PathLike, output: str | os.PathLike, dtyp
               show_progress: bool = True) -> None:
     """Write checkpoint step `step` (latest by default) as a new HF directory `output` in `dtype`.
 
+    checkpoint_dir: our checkpoint directory, or a training run directory (its checkpoints/).
     tokenizer: a directory whose tokenizer files are copied; BOS, EOS and the
       stop ids are read from them. None: the tokenizer saved with the checkpoint
       (its directory or the parent), if any. bos_token_id / eos_token_id (one id
@@ -76,9 +78,13 @@ def export_hf(checkpoint_dir: str | os.PathLike, output: str | os.PathLike, dtyp
     """
     if dtype not in SAFETENSORS_DTYPES:
         raise ConvertError(f"--dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
-    tokenizer = user_path(tokenizer) if tokenizer else tokenizer_beside(checkpoint_dir)
+    kind, directory = resolve(checkpoint_dir)  # a run directory stands for its checkpoints/, as in infer
+    if kind == "hf":
+        raise ConvertError(f"{checkpoint_dir}: already a Hugging Face directory (config.json); "
+                           "export one of our checkpoints or a run directory")
+    tokenizer = user_path(tokenizer) if tokenizer else tokenizer_beside(directory)
     tokenizer_files = _tokenizer_files(tokenizer) if tokenizer is not None else []
-    reader = ParamsReader(checkpoint_dir, step)
+    reader = ParamsReader(directory, step)
     config = reader.config
     if config.quantize is not None:
         raise ConvertError(f"{checkpoint_dir}: its weights are stored quantised ({config.quantize}); "
@@ -230,7 +236,7 @@ def _write_json(path: epath.Path, data) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m llama_jax.convert.ours_to_hf",
                                      description=__doc__.split("\n")[0])
-    parser.add_argument("checkpoint", help="our checkpoint directory (numbered step directories)")
+    parser.add_argument("checkpoint", help="our checkpoint directory (numbered step directories) or a run directory")
     parser.add_argument("output", help="new Hugging Face directory to create")
     parser.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="dtype of the written tensors")
     parser.add_argument("--step", type=int, help="step to export (default: the latest)")

@@ -71,7 +71,10 @@ def read_hf_config(directory: str | os.PathLike, **overrides) -> ModelConfig:
         hf = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise CheckpointFileError(f"{path}: not valid JSON ({err.msg})") from None
-    return config_from_hf(hf, user_path(directory), **overrides)
+    try:
+        return config_from_hf(hf, user_path(directory), **overrides)
+    except ConfigError as err:  # name the file: which of several sources (init_from, teacher) it is
+        raise ConfigError(f"{path}: {str(err).removeprefix('config.json: ')}") from None
 
 
 # ---------------------------------------------------------------- weights

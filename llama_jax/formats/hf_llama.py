@@ -133,7 +133,8 @@ def text_tensors(config: ModelConfig, hf_layers, stack, index, prefix: str = "",
 def text_config_from_hf(hf: dict[str, Any], **overrides) -> ModelConfig:
     """Our ModelConfig from a Llama `config.json` dict (transformers 4.x or 5.x form)."""
     if hf.get("model_type", "llama") != "llama":
-        raise ConfigError(f"config.json: model_type {hf.get('model_type')!r} is not llama")
+        raise ConfigError(f"config.json: model_type {hf.get('model_type')!r} is not llama "
+                          "(read here: llama, llama4_text, mllama)")
     # transformers 5.x keeps theta and scaling in rope_parameters; 4.x at top level.
     rope = dict(hf.get("rope_parameters") or {})
     theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))

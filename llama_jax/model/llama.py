@@ -224,13 +224,15 @@ class Llama(nn.Module):
         a third output: the router statistics summed over the MoE layers
         (llama_jax/model/moe.py `router_statistics`; zeros without experts).
 
-        Token ids are not checked here (under jit a data-dependent error is
-        impossible): an id >= vocab_size gives NaN logits (the embedding gather
-        fills out-of-range rows with NaN) and a negative id counts from the end
-        of the table. Host code checks ids where they enter, with
-        `check_token_ids` (generate, the data sources).
+        Token ids are checked (`check_token_ids`, ValueError) only when they
+        are concrete, i.e. `apply` called eagerly from the host. Under jit a
+        data-dependent error is impossible: there an id >= vocab_size gives NaN
+        logits (the embedding gather fills out-of-range rows with NaN) and a
+        negative id counts from the end of the table, so host code checks ids
+        where they enter (generate, the server, the data sources).
         """
         cfg = self.config
+        check_concrete_ids(tokens_bt, cfg.vocab_size)
         b, t = tokens_bt.shape
         self_attention = cache is None or positions_bt is None
         shards = length_shards() if self_attention else 1
@@ -309,6 +311,13 @@ def chunk_segments(config: ModelConfig, q_positions_bt, k_positions_bs, segments
         ids = positions // chunk
         out.append(ids if segment is None else segment * per_row + ids)
     return tuple(out)
+
+
+def check_concrete_ids(tokens_bt, rows: int) -> None:
+    """`check_token_ids` on ids the host holds (an eager `apply`); nothing for traced ids,
+    whose values are unknown until run, or for ids spread over other processes' devices."""
+    if not isinstance(tokens_bt, jax.core.Tracer) and getattr(tokens_bt, "is_fully_addressable", True):
+        check_token_ids(tokens_bt, rows)
 
 
 def check_token_ids(ids, vocab_size: int, what: str = "tokens") -> None:

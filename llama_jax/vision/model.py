@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from llama_jax.config import ModelConfig
 from llama_jax.model.kv_cache import Cache
 from llama_jax.model.layers import FeedForward, Linear, RMSNorm
-from llama_jax.model.llama import DecoderLayer, Llama, attention_inputs, remat_layer
+from llama_jax.model.llama import DecoderLayer, Llama, attention_inputs, check_concrete_ids, remat_layer
 from llama_jax.vision.encoder import ImageEncoder
 from llama_jax.vision.layers import attend_masked, gate
 
@@ -205,9 +205,11 @@ class LlamaVision(Llama):
             leave them out when the cache already holds the image's keys and values;
           tile_from, tile_until [b, i, tiles] int32: position p sees a tile when
             tile_from <= p < tile_until (both 0 for absent tiles and images).
-        Token ids past the vocabulary take the `extra_embedding` rows (<|image|>).
+        Token ids past the vocabulary take the `extra_embedding` rows (<|image|>); ids
+        outside the table are checked as `Llama.__call__` checks them (eager calls only).
         """
         cfg = self.config
+        check_concrete_ids(tokens_bt, cfg.vocab_size + cfg.vision.extra_token_rows)
         if positions_bt is None:
             positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1], dtype=jnp.int32), tokens_bt.shape)
         rope, coords, segments = attention_inputs(cfg, positions_bt, segment_ids_bt, cache)

@@ -31,6 +31,7 @@ from lm_eval import utils as lm_eval_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
+from llama_jax.cli import known_names
 from llama_jax.config import ConfigError
 from llama_jax.decoding.sampling import Sampling
 from llama_jax.formats.weights import load_params, resolve, stored_config
@@ -121,8 +122,8 @@ class LlamaJaxLM(TemplateLM):
         known = [name for name in inspect.signature(cls.__init__).parameters if name != "self"]
         unknown = sorted(set(arg_dict) - set(known))
         if unknown:
-            raise ConfigError(f"model_args: {', '.join(unknown)} is not a llama-jax setting (known: "
-                              f"{', '.join(known)})")
+            raise ConfigError(f"model_args: {', '.join(unknown)} is not a llama-jax setting "
+                              f"{known_names(unknown[0], known, 'docs/evaluation.md')}")
         extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
         return cls(**arg_dict, **extra)
 
