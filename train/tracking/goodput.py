@@ -36,6 +36,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -68,6 +69,15 @@ try:
     select.select([os.pidfd_open(pid)], [], [])
 except ProcessLookupError:
     pass
+except OSError:  # no pidfd in this kernel: poll until the process is gone or a zombie
+    while True:
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                if stat.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    break
+        except OSError:
+            break
+        time.sleep(0.02)
 now = time.time()
 with open(path, "a") as f:
     f.write(json.dumps({"event": "exit", "t": now, "seconds": {"shutdown": round(now - since, 6)}}) + "\\n")
@@ -122,6 +132,7 @@ class GoodputRecorder:
         self._lines: list[str] = []  # gs:// only: the object's lines, for the next upload
         self._uploaded = 0.0
         self._file = None
+        self._thread = threading.get_ident()
         self._before = None  # the earlier attempts' Breakdown, for goodput so far
         self._productive = 0.0
         if not self.active:
@@ -136,7 +147,9 @@ class GoodputRecorder:
         jax.monitoring.register_event_time_span_listener(self._on_span)
 
     def _on_span(self, event: str, start: float, end: float, **_):
-        if event in COMPILE_EVENTS:
+        # Only the training thread's compiles: a background thread's would overlap time
+        # already counted (a save, a step) and the parts would add up to more than the whole.
+        if event in COMPILE_EVENTS and threading.get_ident() == self._thread:
             self._spans.append((start, end))
 
     @contextlib.contextmanager

@@ -9,7 +9,7 @@ from train.tracking.goodput import CATEGORIES, Attempt, Breakdown
 # One colour per category, the productive one green and the losses warm.
 COLOURS = {"startup": "#9e9e9e", "compile": "#7e57c2", "restore": "#42a5f5", "checkpoint": "#26c6da",
            "data": "#ffca28", "eval": "#8d6e63", "productive": "#43a047", "lost": "#e53935",
-           "other": "#bdbdbd", "between": "#ff8a65"}
+           "other": "#bdbdbd", "shutdown": "#757575", "between": "#ff8a65"}
 
 
 def _when(t: float) -> str:
@@ -54,7 +54,7 @@ def plot(account: Breakdown, out) -> None:
 
     bars = [(f"attempt {n}", a.seconds) for n, a in enumerate(account.attempts, 1)]
     bars.append(("total", account.seconds))
-    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.5 * len(bars)))
+    fig, ax = plt.subplots(figsize=(9, 1.5 + 0.45 * len(bars)))
     labels = [label for label, _ in bars][::-1]
     for key, (name, _) in CATEGORIES.items():
         widths = [seconds.get(key, 0.0) for _, seconds in bars][::-1]
@@ -64,7 +64,7 @@ def plot(account: Breakdown, out) -> None:
             ax.barh(labels, widths, left=lefts, color=COLOURS[key], label=name)
     ax.set_xlabel("seconds")
     ax.set_title(f"goodput {account.goodput:.1%}, lost steps {account.lost_steps}")
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.35), ncol=4, fontsize=8, frameon=False)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
     fig.tight_layout()
     with out.open("wb") as f:
         fig.savefig(f, format="png", dpi=100)
