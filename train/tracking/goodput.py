@@ -40,6 +40,7 @@ import threading
 import time
 
 import jax
+from etils import epath
 
 from llama_jax.paths import is_url, storage_error, user_path
 
@@ -84,7 +85,7 @@ with open(path, "a") as f:
 """
 
 
-def records_dir(run_dir) -> "os.PathLike":
+def records_dir(run_dir) -> epath.Path:
     """Where a run directory keeps its goodput records."""
     return user_path(run_dir) / "goodput"
 
@@ -116,9 +117,9 @@ class GoodputRecorder:
     """Records one attempt of the run in `run_dir` (which exists): `waiting(kind)` around
     blocking work, `ready(step)` before the first step, `step(n)` after each, `close` at the end.
 
-    `started`: when the attempt began (default: now). `whole_process`: the caller is the
-    process's whole program (`python -m train`): the attempt counts from the process's start
-    (interpreter and JAX start-up) to its exit. Inactive (records nothing) off process 0.
+    The attempt counts from now, or with `whole_process` (the caller is the process's
+    whole program, `python -m train`) from the process's start (interpreter and JAX
+    start-up) to its exit. Inactive (records nothing) off process 0.
     """
 
     def __init__(self, run_dir, whole_process: bool = False):
@@ -182,7 +183,7 @@ class GoodputRecorder:
             return
         self._record("ready", "startup", step=step)
         self._before = breakdown(read_attempts(self._run_dir), resumed_at=step,
-                                 exclude=os.path.basename(self._path))
+                                 exclude=self._path.name)
 
     def step(self, step: int):
         """After step `step`'s work (its metrics row is written next)."""
