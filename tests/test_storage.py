@@ -120,6 +120,7 @@ def test_killed_bucket_run_resumes_with_the_metrics_of_an_uninterrupted_run(buck
     and every step's metrics equal an uninterrupted bucket run's bit for bit."""
     from llama_jax.formats.checkpoint import all_steps
     from llama_jax.paths import user_path
+    from train.tracking.goodput import breakdown, read_attempts
 
     cwd, cache = tmp_path / "cwd", compile_cache
     cwd.mkdir()
@@ -143,6 +144,10 @@ def test_killed_bucket_run_resumes_with_the_metrics_of_an_uninterrupted_run(buck
     assert [row["step"] for row in expected] == list(range(1, 21))
     assert exact_metrics(metrics(run_dir)) == expected
     assert (user_path(run_dir) / "tensorboard").is_dir()
+    # Goodput records in the bucket: the killed attempt's up to its last upload (its start, at least).
+    account = breakdown(read_attempts(run_dir))
+    assert [(a.status, a.first_step) for a in account.attempts] == [("killed", 0), ("finished", saved[-1])]
+    assert account.attempts[1].last_step == 20
     # Nothing of the bucket path on the local disk: not in the working directory, not in the repo.
     assert sorted(p.name for p in cwd.iterdir()) == []
     assert not (REPO / "gs:").exists()

@@ -57,7 +57,7 @@ def _main(argv) -> int:
     os.environ.update(tpu_env(run.tpu_flags))  # read by libtpu when JAX starts its TPU backend
     cache_dir, cache = enable_compile_cache(run.compile_cache), CacheCounter()
     try:
-        summary = train(run, progress=not args.quiet)
+        summary = train(run, progress=not args.quiet, whole_process=True)
     except DivergenceError as err:  # no input error, so not run_cli's exit code 2
         print(f"train: error: {err}", file=sys.stderr)
         return 1

@@ -29,6 +29,7 @@ from train.objectives.run import load_reference, teacher_placement
 from train.program import build_train_step
 from train.runtime import StepProfiler
 from train.step import init_state, trainable
+from train.tracking.goodput import GoodputRecorder
 from train.tracking.metrics import MetricsWriter, flops_per_token, peak_flops
 from train.tracking.wandb_logging import require_wandb
 
@@ -163,12 +164,15 @@ def _add_to_window(sums: dict, metrics: dict) -> dict:
             "applied": sums["applied"] + applied}
 
 
-def train(run: RunConfig, *, progress: bool = True, stop_after: int | None = None) -> dict:
+def train(run: RunConfig, *, progress: bool = True, stop_after: int | None = None,
+          whole_process: bool = False) -> dict:
     """Train as the run config says; resume from the run directory's latest checkpoint.
 
     Returns a summary dict (final step, last logged metrics, checkpoint dir).
     `stop_after` ends the run early after that many steps of this call
     (tests use it to stop mid-run); the schedule still follows `run.steps`.
+    `whole_process`: this call is the process's program (`python -m train`), so the
+    goodput records (train/tracking/goodput.py) count from the process's start to its exit.
     Raises DivergenceError (train/nonfinite.py) if a step's loss, gradient
     norm or update norm is not finite and `run.on_nonfinite` is "stop".
     Nothing is written until the data has given its first batch.
@@ -212,22 +216,26 @@ def train(run: RunConfig, *, progress: bool = True, stop_after: int | None = Non
         return {**figures, **(tasks(join(state.frozen or {}, state.params)) if tasks is not None else {})}
 
     _create_run_dir(run.run_dir)
+    goodput = GoodputRecorder(run.run_dir, whole_process)
 
     shardings = program.shardings
     with contextlib.ExitStack() as cleanup:
+        cleanup.push(_closing(goodput.close, tell_failure=True))  # last: after the closing saves
         checkpointer = Checkpointer(run, shardings)
-        cleanup.push(_closing(checkpointer.close))
+        cleanup.push(_closing(goodput.timed("checkpoint", checkpointer.close)))
         resuming = checkpointer.has_checkpoint()
         starting = _starting_params(run, shardings, resuming)
         reference = load_reference(run, shardings.reference, teacher)
         if resuming:  # nothing random to draw: the checkpoint fills the state (a LoRA base rides beside)
-            state = checkpointer.restore_latest(program.state.replace(frozen=starting or {}, reference=reference),
-                                                data)
+            with goodput.waiting("restore"):
+                state = checkpointer.restore_latest(program.state.replace(frozen=starting or {},
+                                                                          reference=reference), data)
         else:
             state, _ = init_state(placement, program.optimizer, jax.random.key(run.seed), starting)
             state = state.replace(reference=reference)
         start = int(state.step)
-        writer = MetricsWriter(run.run_dir, start, wandb=run.metrics.wandb, run_config=run.to_dict())
+        writer = MetricsWriter(run.run_dir, start, wandb=run.metrics.wandb, run_config=run.to_dict(),
+                               goodput=goodput.goodput)
         cleanup.push(_closing(writer.close, tell_failure=True))
         profiler = StepProfiler(run.profile, run.run_dir, active=jax.process_index() == 0)
         cleanup.push(_closing(profiler.close))
@@ -238,21 +246,24 @@ def train(run: RunConfig, *, progress: bool = True, stop_after: int | None = Non
         cleanup.callback(bar.close)
         peak, peak_source = peak_flops(run.chip)
         flops_token = flops_per_token(run.model, run.data.seq_len)  # outside the rules: shapes only
+        goodput.ready(start)
         with placement.activate():
             state, step, logged = _run_steps(run, state, data, placement, step_fn, checkpointer, writer, bar,
                                              start, last_steps, flops_token, peak,
-                                             evaluator if run.eval.every else None)
+                                             evaluator if run.eval.every else None, goodput=goodput)
     return {"step": step, "metrics": logged, "peak_flops": peak,
             "peak_source": peak_source, "run_dir": str(user_path(run.run_dir)), "state": state,
             "preempted": checkpointer.preempted}
 
 
 def _run_steps(run: RunConfig, state, data, placement: Placement, step_fn, checkpointer, writer, bar,
-               start: int, last_steps: int, flops_token: float, peak: float, evaluator=None):
+               start: int, last_steps: int, flops_token: float, peak: float, evaluator=None, *,
+               goodput: GoodputRecorder):
     """Steps `start + 1 .. last_steps` (or to a preemption): (state, last step, last logged row).
 
     With an evaluator (state -> figures), every `run.eval.every` steps (and at the last step)
-    its figures (held-out loss, lm-eval tasks) join that step's row, or make a row of their own."""
+    its figures (held-out loss, lm-eval tasks) join that step's row, or make a row of their own.
+    `goodput` (a GoodputRecorder) is told where each step's time went."""
     watch = NonfiniteWatch(run.on_nonfinite, run.optimizer.learning_rate)
 
     def check_finite():
@@ -261,10 +272,12 @@ def _run_steps(run: RunConfig, state, data, placement: Placement, step_fn, check
 
     step, logged, window = start, {}, _Window()
     while step < last_steps and not checkpointer.reached_preemption(step):
-        batch = placement.global_batch(next(data))
+        with goodput.waiting("data"):
+            batch = placement.global_batch(next(data))
         state, metrics = step_fn(state, batch)
         step += 1
-        checkpointer.check_saves()
+        with goodput.waiting("checkpoint"):
+            checkpointer.check_saves()
         window.add(metrics, run.data.global_batch * run.data.seq_len)
         watch.add(step, metrics["nonfinite"])
         log_now = step % run.log_every == 0 or step == last_steps
@@ -277,17 +290,22 @@ def _run_steps(run: RunConfig, state, data, placement: Placement, step_fn, check
                             "skipped_steps": watch.skipped}
             window = _Window()
         if eval_now:
-            figures = evaluator(state)
+            with goodput.waiting("eval"):
+                figures = evaluator(state)
             row = {**row, **figures}
             logged = {**logged, **figures}
+        goodput.step(step)  # just before the row: a kill between the two is all but impossible
         if row:
             writer.write(step, row)
             bar.set_postfix(_progress(logged))
         bar.update(1)
-        checkpointer.maybe_save(step, state, data, force=step == last_steps)
+        saving = checkpointer.due(step, force=step == last_steps)
+        with goodput.waiting("checkpoint", settle=state if saving else None):
+            checkpointer.maybe_save(step, state, data, force=step == last_steps)
     if checkpointer.preempted:
         check_finite()
-        checkpointer.maybe_save(step, state, data, force=True)
+        with goodput.waiting("checkpoint"):
+            checkpointer.maybe_save(step, state, data, force=True)
     return state, step, logged
 
 

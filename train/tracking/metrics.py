@@ -82,9 +82,13 @@ class MetricsWriter:
 
     A local file is appended to; an object in gs:// (which cannot be appended
     to) is rewritten whole at every write, each version complete.
+
+    `goodput`: a function giving the run's goodput so far (train/tracking/goodput.py),
+    written with every row as "goodput".
     """
 
-    def __init__(self, run_dir: str | os.PathLike, start: int = 0, wandb=None, run_config: dict | None = None):
+    def __init__(self, run_dir: str | os.PathLike, start: int = 0, wandb=None, run_config: dict | None = None,
+                 goodput=None):
         self.active = jax.process_index() == 0
         self.run_dir = user_path(run_dir)
         self.path = self.run_dir / "metrics.jsonl"
@@ -92,6 +96,7 @@ class MetricsWriter:
         self._tb = None
         self._wandb = None
         self._rows: list[str] = []  # gs:// only: every row, for the next rewrite
+        self._goodput = goodput
         if self.active:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             kept, logged_through = _rows_through(self.path, start)
@@ -116,6 +121,8 @@ class MetricsWriter:
     def write(self, step: int, metrics: dict[str, float]):
         if not self.active:
             return
+        if self._goodput is not None:
+            metrics = {**metrics, "goodput": self._goodput()}
         line = json.dumps({"step": step, **metrics}) + "\n"
         if self._jsonl is None:
             self._rows.append(line)
