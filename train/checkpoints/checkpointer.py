@@ -37,7 +37,7 @@ from jax.experimental import multihost_utils
 
 from llama_jax.formats.checkpoint import PARAMS
 from train.checkpoints.fingerprints import SCHEME, SCHEME_KEY, all_finite, fingerprints
-from train.checkpoints.local import LocalTier
+from train.checkpoints.local import LocalTier, claim_local_dir
 from train.checkpoints.persistent import OPT_STATE, PersistentTier, checkpoint_dir
 from train.config import RunConfig
 from train.tracking.library_logs import LibraryLogs
@@ -60,12 +60,14 @@ class Checkpointer:
         self.preempted = False
         self.last_saved: int | None = None  # the step last restored or saved (maybe still writing)
         self._where: dict[int, str] = {}  # step -> where it was restored from or saved to
+        # another run's local directory stops this one before anything is written
+        local_dir = None if run.local_checkpoints is None else claim_local_dir(run)
         self.logs = LibraryLogs(self._log_path())
         self.persistent = PersistentTier(run, shardings, self.logs.path)
         self.directory = self.persistent.directory
         self.local = None
-        if run.local_checkpoints is not None:
-            self.local = LocalTier(run, shardings, shardings.step.mesh, self.logs.path)
+        if local_dir is not None:
+            self.local = LocalTier(run, local_dir, shardings, shardings.step.mesh, self.logs.path)
         self._fingerprints = jax.jit(fingerprints, static_argnames="scheme")
         self._all_finite = jax.jit(all_finite)
         self._previous_handler = None
@@ -118,6 +120,8 @@ class Checkpointer:
                      f"{self.local.problem or 'on another process'}); using {self.directory}")
             else:
                 self._where[step] = f"{self.local.directory / str(step)} (local tier)"
+        if self.local is not None:  # a step newer than the one resumed would block its save
+            self.local.drop_after(step if arrays is not None else persistent)
         if arrays is None:
             if persistent is None:
                 return state
@@ -167,13 +171,15 @@ class Checkpointer:
                     else f"step {self.last_saved} is the last good checkpoint")
             raise DivergenceError(f"step {step}: the parameters or optimizer state hold NaN or infinite "
                                   f"values, so they were not saved; {last}")
+        if self.local is not None and self.local.due(step):
+            self.local.save(step, state, data)
+            self._where[step] = f"{self.local.directory / str(step)} (local tier)"
         if self._persistent_due(step, force):
+            if self.local is not None and self.local.saving is not None:
+                self.local.wait()  # quick (local storage); keeps the two tiers' saves from starting together
             checksums = {SCHEME_KEY: SCHEME, **{k: int(v) for k, v in fingerprints_.items()}}
             self.persistent.save(step, state, data, checksums)
             self._where[step] = str(self.directory / str(step))
-        if self.local is not None and self.local.due(step):
-            self.local.save(step, state, data)
-            self._where.setdefault(step, f"{self.local.directory / str(step)} (local tier)")
         self.last_saved = step
 
     def close(self):
@@ -183,10 +189,10 @@ class Checkpointer:
         """
         try:
             try:
+                self.persistent.close()
+            finally:
                 if self.local is not None:
                     self.local.close()
-            finally:
-                self.persistent.close()
         finally:
             if self._previous_handler is not None:
                 signal.signal(signal.SIGTERM, self._previous_handler)

@@ -40,10 +40,24 @@ OPT_STATE = "opt_state"
 OWNER = "RUN_DIR"  # the file naming the run directory a local directory belongs to
 
 
-def local_dir(run: RunConfig) -> epath.Path:
-    """This process's local directory: `local_checkpoints.dir`, `{process}` replaced by its index
-    (for several processes on one machine, as in tests; on a pod each host has its own disk)."""
-    return epath.Path(run.local_checkpoints.dir.replace("{process}", str(jax.process_index())))
+def claim_local_dir(run: RunConfig) -> epath.Path:
+    """This process's local directory, created and marked as `run.run_dir`'s (ConfigError, one
+    line, if it is another run's or cannot be written). It is `local_checkpoints.dir` with
+    `{process}` replaced by the process index (for several processes on one machine, as in
+    tests; on a pod each host has its own disk)."""
+    directory = epath.Path(run.local_checkpoints.dir.replace("{process}", str(jax.process_index())))
+    run_dir = str(user_path(run.run_dir))
+    where = f"local_checkpoints.dir {directory}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        owner = directory / OWNER
+        if owner.exists() and owner.read_text() != run_dir:
+            raise ConfigError(f"{where}: holds the local checkpoints of run_dir {owner.read_text()}; "
+                              "give each run its own directory")
+        owner.write_text(run_dir)
+    except OSError as err:
+        raise ConfigError(f"{where}: cannot write there ({err.strerror or err})") from None
+    return directory
 
 
 class LocalTier:
@@ -51,33 +65,19 @@ class LocalTier:
     step complete across hosts (a missing copy fetched from a peer). Every process must make
     one and call its methods at the same steps (they exchange data)."""
 
-    def __init__(self, run: RunConfig, shardings, mesh, log_path):
+    def __init__(self, run: RunConfig, directory: epath.Path, shardings, mesh, log_path):
         self.run = run
         self.shardings = shardings
         self.every = run.local_checkpoints.every
-        self.directory = local_dir(run)
+        self.directory = directory  # claim_local_dir's
         self.log_path = log_path
         self.saving: int | None = None
         self.problem: str | None = None  # why this process's last restore failed
-        self._claim(str(user_path(run.run_dir)))
         options = p2p_options.CheckpointManagerOptions(
             local=p2p_options.LocalCheckpointOptions(save_interval_steps=self.every,
                                                      max_to_keep=run.local_checkpoints.keep),
             replica_axis_index=mesh.axis_names.index("data"))
         self.manager = p2p.CheckpointManager(mesh, None, self.directory, None, options=options)
-
-    def _claim(self, run_dir: str):
-        """Create the directory and mark it as `run_dir`'s (ConfigError if another run's)."""
-        where = f"local_checkpoints.dir {self.directory}"
-        try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            owner = self.directory / OWNER
-            if owner.exists() and owner.read_text() != run_dir:
-                raise ConfigError(f"{where}: holds the local checkpoints of run_dir {owner.read_text()}; "
-                                  "give each run its own directory")
-            owner.write_text(run_dir)
-        except OSError as err:
-            raise ConfigError(f"{where}: cannot write there ({err.strerror or err})") from None
 
     def due(self, step: int) -> bool:
         """Whether `step` is one this tier saves."""
@@ -101,6 +101,14 @@ class LocalTier:
             self.problem = root_cause(err)
         failed = multihost_utils.process_allgather(np.int32(arrays is None))
         return None if np.any(failed) else arrays
+
+    def drop_after(self, step: int | None):
+        """Delete this host's local steps after `step` (all with None): the run goes on from `step`,
+        and orbax never saves over an existing step."""
+        for path in self.directory.iterdir():
+            if path.name.isdigit() and (step is None or int(path.name) > step):
+                path.rmtree()
+        self.manager.reload()
 
     def save(self, step: int, state, data):
         """Start saving at `step` (after the previous local save finished); CheckpointError if one failed."""

@@ -75,10 +75,15 @@ class PersistentTier:
         self._leftovers = sorted(p.name for p in self.directory.glob(f"*{TMP_SUFFIX}*"))
         # A save still writing after checkpoint_timeout fails (tensorstore would retry an
         # unreachable bucket for a quarter of an hour; orbax gives up at the timeout).
+        # Beside a local tier, the step's directories are made before save() returns: made in
+        # the background, the other hosts learn of them by signals keyed by per-process
+        # operation ids, which the local tier's saves also advance, and two-process runs saw
+        # a host write its data file before the directory existed.
+        async_options = ocp.AsyncOptions(timeout_secs=run.checkpoint_timeout,
+                                         create_directories_asynchronously=run.local_checkpoints is None)
         options = ocp.CheckpointManagerOptions(max_to_keep=run.keep_checkpoints, create=True,
                                                enable_async_checkpointing=True,
-                                               cleanup_tmp_directories=True,
-                                               async_options=ocp.AsyncOptions(timeout_secs=run.checkpoint_timeout))
+                                               cleanup_tmp_directories=True, async_options=async_options)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         self._fingerprints = jax.jit(fingerprints, static_argnames="scheme")
 
