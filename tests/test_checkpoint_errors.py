@@ -57,7 +57,7 @@ def _restored_state(run_dir):
 
     from sharding.layout import load_layout
     from sharding.place import Placement
-    from train.checkpointing import Checkpointer
+    from train.checkpoints import Checkpointer
     from train.data.pipeline import make_dataset
     from train.optimizer import make_optimizer
     from train.step import init_state
@@ -168,11 +168,11 @@ def test_fingerprint_sees_swapped_elements_the_linear_sum_missed():
     the old linear sum gave both one value; the mixed hash tells them apart."""
     import jax.numpy as jnp
 
-    from train.checkpointing import _fingerprint
+    from train.checkpoints.fingerprints import fingerprint
 
     a, b = jnp.array([1.0, -1.0, 0.5]), jnp.array([-1.0, 1.0, 0.5])
-    assert int(_fingerprint(a, "linear")) == int(_fingerprint(b, "linear"))
-    assert int(_fingerprint(a)) != int(_fingerprint(b))
+    assert int(fingerprint(a, "linear")) == int(fingerprint(b, "linear"))
+    assert int(fingerprint(a)) != int(fingerprint(b))
 
 
 def test_fingerprint_changes_with_every_single_bit_and_not_with_the_layout():
@@ -180,18 +180,18 @@ def test_fingerprint_changes_with_every_single_bit_and_not_with_the_layout():
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from train.checkpointing import _fingerprint
+    from train.checkpoints.fingerprints import fingerprint
 
     x = np.random.default_rng(0).standard_normal((16, 24)).astype(np.float32)
-    base = int(_fingerprint(jnp.asarray(x)))
+    base = int(fingerprint(jnp.asarray(x)))
     bits = x.view(np.uint32)
     for flat, bit in [(0, 0), (7, 31), (100, 5), (383, 22)]:
         flipped = bits.copy().reshape(-1)
         flipped[flat] ^= np.uint32(1 << bit)
-        assert int(_fingerprint(jnp.asarray(flipped.view(np.float32).reshape(x.shape)))) != base
+        assert int(fingerprint(jnp.asarray(flipped.view(np.float32).reshape(x.shape)))) != base
     mesh = jax.make_mesh((8,), ("fsdp",))
     sharded = jax.device_put(x, NamedSharding(mesh, PartitionSpec(None, "fsdp")))
-    assert int(jax.jit(_fingerprint)(sharded)) == base
+    assert int(jax.jit(fingerprint)(sharded)) == base
 
 
 def test_checkpoint_with_linear_checksums_from_before_the_scheme_still_resumes(run_dir, capsys):
@@ -201,7 +201,8 @@ def test_checkpoint_with_linear_checksums_from_before_the_scheme_still_resumes(r
 
     import jax
 
-    from train.checkpointing import _fingerprints, CHECKSUMS, OPT_STATE, PARAMS, SCHEME_KEY
+    from train.checkpoints.fingerprints import SCHEME_KEY, fingerprints
+    from train.checkpoints.persistent import CHECKSUMS, OPT_STATE, PARAMS
 
     step_dir = run_dir / "checkpoints" / "6"
     meta = step_dir / CHECKSUMS / "metadata"
@@ -209,7 +210,7 @@ def test_checkpoint_with_linear_checksums_from_before_the_scheme_still_resumes(r
     assert stored.pop(SCHEME_KEY) == "fmix32"
     restored = _restored_state(run_dir)  # verifies the mixed fingerprints
     assert int(restored.step) == 6
-    linear = jax.device_get(_fingerprints({PARAMS: restored.params, OPT_STATE: restored.opt_state}, "linear"))
+    linear = jax.device_get(fingerprints({PARAMS: restored.params, OPT_STATE: restored.opt_state}, "linear"))
     assert set(linear) == set(stored) and any(int(linear[k]) != stored[k] for k in stored)
     meta.write_text(json.dumps({k: int(v) for k, v in linear.items()}))
     step, _ = _restore(run_dir, capsys)

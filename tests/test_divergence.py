@@ -131,7 +131,7 @@ def test_a_nonfinite_step_leaves_parameters_and_optimizer_state_as_they_were():
 
 def test_checkpointer_refuses_to_save_a_nonfinite_state(tmp_path):
     from sharding.layout import load_layout
-    from train.checkpointing import Checkpointer
+    from train.checkpoints import Checkpointer
     from train.data.pipeline import make_dataset
     from train.nonfinite import DivergenceError
     from train.optimizer import make_optimizer

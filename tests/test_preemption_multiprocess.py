@@ -8,32 +8,18 @@ metrics equal an uninterrupted two-process run's bit for bit.
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
-import sys
 
 from llama_jax.formats.checkpoint import all_steps
-from train_runs import REPO, exact_metrics, finish, metrics, subprocess_env, wait_for_step
+from train_runs import exact_metrics, finish, metrics, start_pair, wait_for_step
 
 TIMEOUT = 240  # seconds for a pair of workers on a busy 2-core machine
 STEPS = 16
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _start_pair(run_dir, logs, cache) -> list[subprocess.Popen]:
-    port = _free_port()
-    argv = ["--config", "tiny_cpu", "--quiet", f"run_dir={run_dir}", "chip=v4", "layout=fsdp",
-            f"steps={STEPS}", "log_every=1", "checkpoint_every=100", f"compile_cache={cache}"]
-    env = subprocess_env(devices=4)
-    env.update(JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    return [subprocess.Popen([sys.executable, str(REPO / "tests" / "preemption_worker.py"), str(i), str(port), *argv],
-                             cwd=REPO, env=env, stdout=logs[i].open("w"), stderr=subprocess.STDOUT)
-            for i in range(2)]
+    return start_pair(["--config", "tiny_cpu", "--quiet", f"run_dir={run_dir}", "chip=v4", "layout=fsdp",
+                       f"steps={STEPS}", "log_every=1", "checkpoint_every=100"], logs, cache)
 
 
 def test_sigterm_to_one_process_stops_both_at_one_saved_step_and_the_rerun_resumes_exactly(tmp_path):

@@ -97,7 +97,7 @@ def fsdp_run(tmp_path_factory):
 
 def _restore_training_state(run, devices):
     """Restore the run's latest checkpoint as training would, under run.layout on `devices`."""
-    from train.checkpointing import Checkpointer
+    from train.checkpoints import Checkpointer
     from train.data.pipeline import make_dataset
     from train.optimizer import make_optimizer
     from train.step import init_state
@@ -139,7 +139,7 @@ def test_training_checkpoint_restores_params_only_for_inference(fsdp_run):
 
 
 def test_run_directory_holds_its_run_config(fsdp_run, tmp_path):
-    from train.checkpointing import resume_config
+    from train.checkpoints import resume_config
 
     run, _ = fsdp_run
     assert resume_config(run.run_dir) == run

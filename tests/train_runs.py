@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -79,6 +80,20 @@ def start(command, log: Path, devices: int = 8, compilation_cache=None) -> subpr
     """Start a command with stdout and stderr to `log` (a file, so a full pipe never blocks it)."""
     return subprocess.Popen(command, cwd=REPO, env=subprocess_env(devices, compilation_cache),
                             stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def start_pair(argv: list[str], logs, compilation_cache) -> list[subprocess.Popen]:
+    """Two processes (4 CPU devices each) running `python -m train argv...` as one job
+    (tests/preemption_worker.py: jax.distributed on 127.0.0.1), output to `logs[0]`, `logs[1]`."""
+    with socket.socket() as sock:  # a free port for the coordinator
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = subprocess_env(devices=4)
+    env.update(JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    argv = [*argv, f"compile_cache={compilation_cache}"]
+    return [subprocess.Popen([sys.executable, str(REPO / "tests" / "preemption_worker.py"), str(i), str(port), *argv],
+                             cwd=REPO, env=env, stdout=Path(logs[i]).open("w"), stderr=subprocess.STDOUT)
+            for i in range(2)]
 
 
 def metrics(run_dir) -> list[dict]:

@@ -17,7 +17,7 @@ import jax
 
 from llama_jax.cli import run_cli
 from llama_jax.paths import check_bucket, user_path
-from train.checkpointing import resume_config
+from train.checkpoints import resume_config
 from train.config import load_run_config
 from train.loop import loss_curve_png, train
 from train.nonfinite import DivergenceError

@@ -22,6 +22,7 @@ A run is a YAML file in `configs/runs/` (see `tiny_cpu.yaml`):
     tpu_flags: {xla_tpu_enable_async_collective_fusion: true}   # libtpu flags (not on CPU)
     profile: {start_step: 10, steps: 3}                         # a jax.profiler trace in run_dir/profile
     checkpoint_timeout: 1200         # seconds a save may take before the run stops with an error
+    local_checkpoints: {dir: /dev/shm/ckpt, every: 10}   # a fast tier on each host (train/checkpoints/local.py)
     metrics: {wandb: {project: my-project}}   # also log to Weights & Biases (train/tracking/wandb_logging.py)
 
 Command-line overrides use dotted keys (`optimizer.learning_rate=1e-3`,
@@ -176,6 +177,23 @@ class WandbConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LocalCheckpointConfig:
+    """Each host's own tier (train/checkpoints/local.py): a save to `dir` every `every` steps, `keep` kept."""
+
+    dir: str | None = None
+    every: int = 10
+    keep: int = 2
+
+    def __post_init__(self):
+        if not isinstance(self.dir, str) or not self.dir or "://" in self.dir:
+            raise ConfigError(f"local_checkpoints.dir: must be a directory on each host, got {self.dir!r}")
+        for name in ("every", "keep"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"local_checkpoints.{name}: must be a positive integer, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
 class MetricsConfig:
     """Where metrics go besides metrics.jsonl and TensorBoard: `wandb` (None: nowhere else)."""
 
@@ -213,6 +231,7 @@ class RunConfig:
     tpu_flags: dict[str, Any] = dataclasses.field(default_factory=dict)  # -> LIBTPU_INIT_ARGS
     profile: ProfileConfig | None = None
     checkpoint_timeout: int = 1200  # seconds (orbax's default): a save not done by then fails the run
+    local_checkpoints: LocalCheckpointConfig | None = None  # None: the run directory's checkpoints only
     metrics: MetricsConfig = dataclasses.field(default_factory=MetricsConfig)
 
     def __post_init__(self):
@@ -369,11 +388,10 @@ def run_config_from_dict(data: dict[str, Any], overrides: Sequence[str] = ()) ->
     data["data"] = _dataclass_from(DataConfig, data.get("data", {}), "data")
     data["optimizer"] = _dataclass_from(OptimizerConfig, data.get("optimizer", {}), "optimizer")
     data["eval"] = _dataclass_from(EvalConfig, data.get("eval", {}), "eval")
-    for key, cls in (("dpo", DpoConfig), ("distill", DistillConfig)):
+    for key, cls in (("dpo", DpoConfig), ("distill", DistillConfig), ("profile", ProfileConfig),
+                     ("local_checkpoints", LocalCheckpointConfig)):
         if data.get(key) is not None:
             data[key] = _dataclass_from(cls, data[key], key)
-    if data.get("profile") is not None:
-        data["profile"] = _dataclass_from(ProfileConfig, data["profile"], "profile")
     data["metrics"] = _metrics_config(data.get("metrics") or {})
     return _dataclass_from(RunConfig, data, "run")
 

@@ -19,7 +19,7 @@ from llama_jax.paths import check_bucket, is_url, storage_error, user_path
 from llama_jax.text.tokenizer import load_tokenizer
 from sharding.layout import load_layout
 from sharding.place import Placement, validate
-from train.checkpointing import Checkpointer
+from train.checkpoints import Checkpointer
 from train.config import RunConfig
 from train.data.pipeline import make_dataset
 from train.eval import Evaluator, eval_data
@@ -269,7 +269,7 @@ def _run_steps(run: RunConfig, state, data, placement: Placement, step_fn, check
 
     def check_finite():
         saved = checkpointer.last_saved
-        watch.check(None if saved is None else f"step {saved} ({checkpointer.directory / str(saved)})")
+        watch.check(None if saved is None else f"step {saved} ({checkpointer.location(saved)})")
 
     step, logged, window = start, {}, _Window()
     while step < last_steps and not checkpointer.reached_preemption(step):
