@@ -8,6 +8,12 @@ extra: `pip install -e '.[tpu]'`) for a description of a named slice; its
 devices can be put in a mesh and compiled for, but not run on. With
 `slices > 1` the devices carry a `slice_index`, so `make_mesh` builds the
 same hybrid ICI x DCN mesh it builds on a real multi-slice pod.
+
+libtpu's defaults describe an open mesh (no wrap-around links), v4 chips as
+two devices and 2x2x1-chip hosts: not the machine Cloud TPU provisions. On
+the open mesh XLA emits FSDP weight gathers as all-reduces of zero-filled
+buffers, twice the traffic. So every slice is described as CHIP_WIRING says
+the hardware is wired (`slice_wiring`).
 """
 
 from __future__ import annotations
@@ -32,6 +38,41 @@ CHIP_ICI_BYTES_PER_S = {"v4": None, "v5e": 400e9, "v5p": 1200e9, "v6e": 800e9}
 CHIP_ICI_PORTS = {"v4": 6, "v5e": 4, "v5p": 6, "v6e": 4}
 CHIP_TORUS_DIMS = {"v4": 3, "v5e": 2, "v5p": 3, "v6e": 2}
 CHIP_DCN_BYTES_PER_S = {"v4": None, "v5e": 25e9 / 8, "v5p": 50e9 / 8, "v6e": None}
+
+
+
+@dataclasses.dataclass(frozen=True)
+class ChipWiring:
+    """How Cloud TPU wires and hosts slices of one chip kind (`slice_wiring` applies it)."""
+
+    chip_config: str        # "megacore": a chip's two TensorCores are one JAX device
+    host_chips: tuple       # (x, y, z) chips on one host, for slices of at least a host
+    wrap_at: int            # a slice dimension of this many chips or more has wrap-around links
+    wrap_all_or_none: bool  # 3D tori: all three dimensions wrap once the slice is whole cubes
+    source: str
+
+
+# One row per chip kind, each with the page it is read from.
+CHIP_WIRING = {
+    # v4: two TensorCores per chip, used as one megacore device; 4 chips per host; slices of
+    # whole 4x4x4 cubes are 3D tori (cloud.google.com/tpu/docs/v4, "3D mesh and 3D torus";
+    # MaxText accelerator_to_spec_map: v4-128 and larger wrap on all three dimensions).
+    "v4": ChipWiring("megacore", (2, 2, 1), 4, True,
+                     "cloud.google.com/tpu/docs/v4; MaxText accelerator_to_spec_map.py"),
+    # v5p: two TensorCores per chip (megacore), ct5p-hightpu-4t hosts of 4 chips, and "all
+    # 4x4x4 and larger slices (one cube) have full 3D torus" (cloud.google.com/tpu/docs/v5p).
+    "v5p": ChipWiring("megacore", (2, 2, 1), 4, True, "cloud.google.com/tpu/docs/v5p"),
+    # v5e: one TensorCore per chip, 8 chips per host (the slice table: 4x4 is 2 hosts, 16x16
+    # is 32), a 2D torus of 256 chips whose wrap-around links close a side of 16 chips: 16x16
+    # wraps both ways, 8x16 its long side (cloud.google.com/tpu/docs/v5e; MaxText
+    # accelerator_to_spec_map: v5e-128 wrap (False, True), v5e-256 (True, True)).
+    "v5e": ChipWiring("default", (2, 4, 1), 16, False,
+                      "cloud.google.com/tpu/docs/v5e; MaxText accelerator_to_spec_map.py"),
+    # v6e: as v5e: one TensorCore, 8 chips per host, a 256-chip 2D torus
+    # (cloud.google.com/tpu/docs/v6e; MaxText: v6e-128 wraps its 16 side, v6e-256 both).
+    "v6e": ChipWiring("default", (2, 4, 1), 16, False,
+                      "cloud.google.com/tpu/docs/v6e; MaxText accelerator_to_spec_map.py"),
+}
 
 # jax Device.device_kind -> the chip names of the tables above.
 CHIP_OF_KIND = {"TPU v4": "v4", "TPU v5 lite": "v5e", "TPU v5e": "v5e", "TPU v5": "v5p",
@@ -88,7 +129,7 @@ def topology_devices(name: str, slices: int = 1) -> list:
         # without this a second compile (or test) waits on the first one's lock.
         os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     kwargs = {"num_slices": slices} if slices > 1 else {}
-    kwargs.update(_small_slice_host_bounds(name))
+    kwargs.update(slice_wiring(name))
     try:
         with _native_stderr_captured():
             topology = topologies.get_topology_desc(topology_name=name, platform="tpu", **kwargs)
@@ -100,13 +141,27 @@ def topology_devices(name: str, slices: int = 1) -> list:
     return list(topology.devices)
 
 
-def _small_slice_host_bounds(name: str) -> dict:
-    """libtpu assumes hosts of 2x2x1 chips; a slice smaller than that (v5e:1x1, one chip, as
-    Colab and single-chip VMs have) is one host holding just its own chips."""
-    dims = [int(d) for d in name.partition(":")[2].split("x") if d.isdigit()]
-    if len(dims) < 2 or min(dims[:2]) >= 2:
+def slice_wiring(name: str) -> dict:
+    """The keyword arguments describing slice `name` ("v5p:4x4x4") to libtpu's
+    get_topology_desc as CHIP_WIRING says Cloud TPU wires it: `wrap` (wrap-around links per
+    dimension, z always False on 2D chips), `chip_config_name` and `chips_per_host_bounds`.
+
+    Empty for a name it cannot read (libtpu then names the problem itself).
+    """
+    prefix, _, shape = name.partition(":")
+    parts = shape.split("x")
+    if prefix not in CHIP_WIRING or len(parts) != CHIP_TORUS_DIMS[prefix] or \
+            not all(d.isdigit() for d in parts):
         return {}
-    return {"chips_per_host_bounds": (min(dims[0], 2), min(dims[1], 2), 1)}
+    wiring, dims = CHIP_WIRING[prefix], [int(d) for d in parts]
+    dims3 = (dims + [1, 1])[:3]
+    if wiring.wrap_all_or_none:
+        wrap = (min(dims3) >= wiring.wrap_at,) * 3
+    else:
+        wrap = tuple(d >= wiring.wrap_at for d in dims3[:2]) + (False,)
+    # A slice smaller than a host (v5e:1x1, v5e:2x2) is one host holding just its own chips.
+    host = tuple(min(h, d) for h, d in zip(wiring.host_chips, dims3))
+    return {"wrap": wrap, "chip_config_name": wiring.chip_config, "chips_per_host_bounds": host}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +170,7 @@ class ChipInfo:
 
     chip: str             # key of CHIP_PEAK_FLOPS / CHIP_HBM_BYTES
     n_chips: int
-    devices_per_chip: int  # 2 for v4's two TensorCores when not fused as megacore
+    devices_per_chip: int  # 1 with megacore (v4, v5p) and on one-TensorCore chips
 
 
 def chip_info(devices) -> ChipInfo:

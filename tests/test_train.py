@@ -22,6 +22,7 @@ from train.config import OptimizerConfig, load_run_config, run_config_from_dict
 from train.objectives.cross_entropy import chunked_cross_entropy_sums, cross_entropy_sums
 from train.optimizer import decay_mask, learning_rate_schedule
 from train.step import init_state, jit_train_step, make_gradients, make_train_step
+from train.tracking.metrics import mfu_flops_per_token
 
 
 def test_tiny_model_memorises_under_fsdp_tp(tmp_path):
@@ -36,11 +37,29 @@ def test_tiny_model_memorises_under_fsdp_tp(tmp_path):
     assert [r["step"] for r in rows] == list(range(10, 81, 10))
     assert rows[0]["loss"] > 2.0
     assert summary["metrics"]["loss"] < 0.5
-    for key in ("loss", "grad_norm", "learning_rate", "tokens_per_s", "step_time_s", "mfu"):
+    for key in ("loss", "grad_norm", "learning_rate", "tokens_per_s", "step_time_s", "mfu", "mfu_causal"):
         assert key in rows[-1]
+    flops = mfu_flops_per_token(run.model, run.data.seq_len)
+    assert rows[-1]["mfu_causal"] / rows[-1]["mfu"] == pytest.approx(flops["mfu_causal"] / flops["mfu"], rel=1e-12)
     params = summary["state"].params
     assert params["layers"]["attention"]["wq"]["kernel"].sharding.spec == P(None, "fsdp", "tensor", None)
     assert any((tmp_path / "tensorboard").iterdir())
+
+
+def test_mfu_in_both_conventions_matches_a_hand_count_for_llama3_1_8b():
+    """Llama 3.1 8B at 8192 tokens. Parameters a token multiplies: 32 layers x (wq, wo 4096x4096,
+    wk, wv 4096x1024, three 4096x14336 MLP matrices, two 4096 norms) = 32 x 218,112,000, plus
+    the output head 128256 x 4096 = 525,336,576 and the final norm 4096: N = 7,504,924,672
+    (the 8,030,261,248 of the model less the input table, a lookup). 6 N = 45,029,548,032.
+    Attention 12 L H K T = 12 x 32 x 32 x 128 x 8192 = 12,884,901,888 (PaLM's, `mfu`);
+    MaxText halves it for the causal mask: 6,442,450,944 (`mfu_causal`)."""
+    from llama_jax.config import load_model_config
+
+    flops = mfu_flops_per_token(load_model_config("llama3_1_8b"), 8192)
+    assert flops == {"mfu": 45_029_548_032 + 12_884_901_888, "mfu_causal": 45_029_548_032 + 6_442_450_944}
+    # One v5p chip (459e12 bf16 FLOP/s) at 4,000 tokens/s: 50.47% in PaLM's count, 44.86% in MaxText's.
+    assert 4000 * flops["mfu"] / 459e12 == pytest.approx(0.504701, abs=1e-6)
+    assert 4000 * flops["mfu_causal"] / 459e12 == pytest.approx(0.448558, abs=1e-6)
 
 
 def _assert_close_f32(actual, desired):

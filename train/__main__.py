@@ -66,7 +66,7 @@ def _main(argv) -> int:
         if metrics:
             print(f"step {summary['step']}: loss {metrics['loss']:.4f}, "
                   f"{metrics['tokens_per_s']:,.0f} tokens/s, MFU {metrics['mfu']:.1%} "
-                  f"(peak: {summary['peak_source']})")
+                  f"(causal, as MaxText counts: {metrics['mfu_causal']:.1%}; peak: {summary['peak_source']})")
             if "eval_perplexity" in metrics:
                 print(f"held-out: loss {metrics['eval_loss']:.4f}, perplexity {metrics['eval_perplexity']:.2f}, "
                       f"token accuracy {metrics['eval_accuracy']:.1%}")

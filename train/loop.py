@@ -29,7 +29,7 @@ from train.objectives.run import load_reference, teacher_placement
 from train.program import build_train_step
 from train.runtime import StepProfiler
 from train.step import init_state, trainable
-from train.tracking.metrics import MetricsWriter, flops_per_token, peak_flops
+from train.tracking.metrics import MetricsWriter, mfu_flops_per_token, peak_flops
 from train.tracking.wandb_logging import require_wandb
 
 
@@ -141,9 +141,10 @@ class _Window:
         self.sums = _add_to_window(self.sums, metrics)
         self.tokens, self.steps = self.tokens + tokens, self.steps + 1
 
-    def row(self, metrics: dict, flops_per_token: float, mesh_peak: float) -> dict:
+    def row(self, metrics: dict, flops_per_token: dict[str, float], mesh_peak: float) -> dict:
         """The logged row: the last step's metrics, the window's means, throughput (waits).
 
+        `flops_per_token`: {MFU key: model FLOPs per token} (metrics.mfu_flops_per_token);
         `mesh_peak`: the peak FLOP/s of all the mesh's devices together, for MFU."""
         row = {k: float(v) for k, v in jax.device_get(metrics).items()
                if k != "nonfinite"}  # a bit mask; train/nonfinite.py counts the skipped steps
@@ -153,7 +154,7 @@ class _Window:
         elapsed = time.perf_counter() - self.start
         tokens_per_s = self.tokens / elapsed
         return {**row, "tokens_per_s": tokens_per_s, "step_time_s": elapsed / self.steps,
-                "mfu": tokens_per_s * flops_per_token / mesh_peak}
+                **{key: tokens_per_s * flops / mesh_peak for key, flops in flops_per_token.items()}}
 
 
 @jax.jit
@@ -237,7 +238,7 @@ def train(run: RunConfig, *, progress: bool = True, stop_after: int | None = Non
                    desc="train", unit="step", dynamic_ncols=True)
         cleanup.callback(bar.close)
         peak, peak_source = peak_flops(run.chip)
-        flops_token = flops_per_token(run.model, run.data.seq_len)  # outside the rules: shapes only
+        flops_token = mfu_flops_per_token(run.model, run.data.seq_len)  # outside the rules: shapes only
         with placement.activate():
             state, step, logged = _run_steps(run, state, data, placement, step_fn, checkpointer, writer, bar,
                                              start, last_steps, flops_token, peak,
@@ -248,7 +249,7 @@ def train(run: RunConfig, *, progress: bool = True, stop_after: int | None = Non
 
 
 def _run_steps(run: RunConfig, state, data, placement: Placement, step_fn, checkpointer, writer, bar,
-               start: int, last_steps: int, flops_token: float, peak: float, evaluator=None):
+               start: int, last_steps: int, flops_token: dict[str, float], peak: float, evaluator=None):
     """Steps `start + 1 .. last_steps` (or to a preemption): (state, last step, last logged row).
 
     With an evaluator (state -> figures), every `run.eval.every` steps (and at the last step)
@@ -296,7 +297,7 @@ def _progress(logged: dict) -> dict:
     shown = {}
     if "loss" in logged:
         shown = {"loss": f"{logged['loss']:.3f}", "tok_s": f"{logged['tokens_per_s']:,.0f}",
-                 "mfu": f"{logged['mfu']:.1%}"}
+                 "mfu": f"{logged['mfu']:.1%}", "mfu_causal": f"{logged['mfu_causal']:.1%}"}
     if "eval_loss" in logged:
         shown["eval"] = f"{logged['eval_loss']:.3f}"
     return shown

@@ -42,7 +42,7 @@ from sharding.topology import CHIP_HBM_BYTES, CHIP_PEAK_FLOPS, chip_info, layout
 from train.lm_eval.scoring import Scorer  # not lm-eval itself: scoring is plain JAX
 from train.objectives.run import teacher_placement
 from train.program import build_train_step
-from train.tracking.metrics import flops_per_token
+from train.tracking.metrics import mfu_flops_per_token
 
 SERVE_PROGRAMS = ("serve_prefill", "serve_decode")  # infer.serve's programs (the run config's "serve")
 
@@ -67,9 +67,11 @@ class CompileResult:
     hbm_bytes: float              # the chip's published HBM (per device)
     compile_s: float
     memory: dict[str, int] | None = None   # arguments, outputs, aliased, temporaries, code, peak, total
-    model_flops: float | None = None       # per chip per step (train only)
+    model_flops: float | None = None       # per chip per step (train only), full attention (`mfu`)
+    model_flops_causal: float | None = None  # the same, attention halved as MaxText counts (`mfu_causal`)
     xla_flops: float | None = None         # cost_analysis(), per chip (loop bodies counted once)
-    step_s_at_full_mfu: float | None = None
+    step_s_at_full_mfu: float | None = None         # model_flops / peak
+    step_s_at_full_mfu_causal: float | None = None  # model_flops_causal / peak
     reason: str | None = None              # the compiler's message when it does not fit
     prompt_len: int | None = None          # prefill, serve_prefill: tokens per prompt
     slots: int | None = None               # serve programs: the server's decode slots
@@ -365,9 +367,12 @@ def compile_run(run, devices, *, topology: str = "", slices: int = 1, program: s
     costs = costs[0] if isinstance(costs, (list, tuple)) else costs
     result.xla_flops = float(costs.get("flops", 0.0)) if costs else None
     if program == "train":
-        per_step = flops_per_token(run.model, seq_len) * batch * seq_len
-        result.model_flops = per_step / len(devices)
-        result.step_s_at_full_mfu = result.model_flops / (CHIP_PEAK_FLOPS[info.chip] / info.devices_per_chip)
+        device_peak = CHIP_PEAK_FLOPS[info.chip] / info.devices_per_chip
+        flops = mfu_flops_per_token(run.model, seq_len)
+        result.model_flops = flops["mfu"] * batch * seq_len / len(devices)
+        result.model_flops_causal = flops["mfu_causal"] * batch * seq_len / len(devices)
+        result.step_s_at_full_mfu = result.model_flops / device_peak
+        result.step_s_at_full_mfu_causal = result.model_flops_causal / device_peak
     if comms:
 
         result.collectives = parse_collectives(compiled.as_text(), placement.mesh)

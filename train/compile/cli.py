@@ -134,6 +134,9 @@ def format_result(r: CompileResult) -> str:
                      f"{r.step_s_at_full_mfu:.3f} s ({r.batch * r.seq_len / r.step_s_at_full_mfu / r.chips:,.0f}"
                      " tokens/s/chip); at 50% MFU "
                      f"{2 * r.step_s_at_full_mfu:.3f} s")
+        lines.append(f"  causal (MaxText's count, attention halved): {r.model_flops_causal:.3e} FLOPs, "
+                     f"{r.step_s_at_full_mfu_causal:.3f} s at 100% mfu_causal; a step time reads "
+                     f"{r.model_flops_causal / r.model_flops:.3f} x its MFU as mfu_causal")
     if r.xla_flops is not None:
         lines.append(f"  XLA cost_analysis FLOPs per chip: {r.xla_flops:.3e} (counts each loop body once: "
                      "scanned layers and accumulation steps are not multiplied out)")

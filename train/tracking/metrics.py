@@ -3,8 +3,11 @@
 Model FLOPs per token (PaLM, appendix B): 6 N + 12 L H K T, where N counts
 every parameter that takes part in a matmul (all but the input embedding
 table, which is a lookup), L layers, H heads, K head_dim and T the sequence
-length; the attention term is counted without halving for causality, as
-MaxText and PaLM do. MFU = achieved model FLOP/s / (peak FLOP/s x devices).
+length. MFU = achieved model FLOP/s / (peak FLOP/s x devices), in two
+conventions that differ only in the attention term:
+  - `mfu`: PaLM's, full attention (12 L H K T), as if every query saw every key;
+  - `mfu_causal`: MaxText's, half of it (6 L H K T), the keys a causal mask leaves.
+The same step time reads higher as `mfu`; compare with MaxText's tables in `mfu_causal`.
 """
 
 from __future__ import annotations
@@ -32,13 +35,22 @@ def note(message: str):
         print(f"train: {message}", file=sys.stderr, flush=True)
 
 
-def flops_per_token(config: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6 N + 12 L H K T (see the module docstring); N counts the
-    parameters a token uses (a mixture-of-experts layer's routed experts only)."""
+def flops_per_token(config: ModelConfig, seq_len: int, causal: bool = False) -> float:
+    """Training FLOPs per token: 6 N + 12 L H K T, or with `causal` (MaxText's convention)
+    6 N + 6 L H K T (see the module docstring); N counts the parameters a token uses (a
+    mixture-of-experts layer's routed experts only)."""
     n = count_active_params(config)
     if not config.tie_embeddings:  # a tied table is also the output matmul
         n -= config.vocab_size * config.dim
-    return 6 * n + 12 * config.n_layers * config.n_heads * config.head_dim * seq_len
+    attention = 12 * config.n_layers * config.n_heads * config.head_dim * seq_len
+    return 6 * n + (attention // 2 if causal else attention)
+
+
+def mfu_flops_per_token(config: ModelConfig, seq_len: int) -> dict[str, float]:
+    """{metric key: FLOPs per token} for MFU in both conventions: "mfu" (PaLM's, full
+    attention) and "mfu_causal" (MaxText's, attention halved)."""
+    return {"mfu": flops_per_token(config, seq_len),
+            "mfu_causal": flops_per_token(config, seq_len, causal=True)}
 
 
 def measure_matmul_flops(size: int = 1024, repeats: int = 5) -> float:
