@@ -25,6 +25,7 @@ from llama_jax.model.trees import partition
 from llama_jax.vision.image import image_shapes
 from llama_jax.vision.model import is_image_adapter
 from sharding.place import Placement, abstract_arrays
+from sharding.topology import train_compiler_options
 from train.accumulate import over_replicas, replica_axes
 from train.objectives.cross_entropy import cross_entropy
 from train.objectives.objective import Objective
@@ -239,8 +240,10 @@ def _check_same_leaves(tree, reference, what: str):
 
 
 def jit_train_step(train_step, placement: Placement, shardings, row_keys: tuple[str, ...] = ()):
-    """Jit with donated state and explicit shardings for state and batch (see `batch_shardings`)."""
+    """Jit with donated state and explicit shardings for state and batch (see `batch_shardings`),
+    and the chip's compile options (sharding.topology.train_compiler_options)."""
     return jax.jit(train_step, donate_argnums=0, in_shardings=(shardings, batch_shardings(placement, row_keys)),
+                   compiler_options=train_compiler_options(placement.mesh.devices.flat),
                    out_shardings=(shardings, None))
 
 
