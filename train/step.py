@@ -10,6 +10,7 @@ Data-parallel replicas accumulate locally and are reduced once a step
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable
 
 import flax.struct
@@ -19,6 +20,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from llama_jax.config import ModelConfig
+from llama_jax.model import mesh_context
 from llama_jax.model.lora import is_adapter
 from llama_jax.params import init_params
 from llama_jax.model.trees import partition
@@ -121,7 +123,9 @@ def make_gradients(config: ModelConfig, param_shardings, grad_accum: int = 1, z_
             return like_params(grads), sums
         specs = jax.tree.map(lambda s: s.spec, param_shardings)
         axes = replica_axes(specs)
-        if not axes:
+        rows = jax.tree.leaves(batch)[0].shape[0]
+        if not axes or rows % (grad_accum * math.prod(mesh_context.shards(a) for a in axes)):
+            # (a replica whose rows do not split into grad_accum micro-batches: reduced each one)
             return accumulated(params, batch, frozen, reference)
         # Replicas accumulate their own rows and are summed once (train/accumulate.py).
         local = functools.partial(accumulated, like=functools.partial(like_params, shardings=specs))
