@@ -209,3 +209,24 @@ def layout_for_slices(layout: Layout, slices: int) -> Layout:
         return dataclasses.replace(layout, dcn={**layout.dcn, "data": slices})
     raise LayoutError(f"layout {layout.name}: its DCN axes span {dcn_total} slices but --slices is "
                       f"{slices} (use --slices {dcn_total} or a layout without DCN sizes)")
+
+
+# XLA:TPU compile options for the train step, by chip. On v5p, without them, libtpu's
+# reduce-scatter decomposer turns every reduce-scatter whose group spans more than one torus
+# dimension into an all-reduce of the whole buffer and a slice (twice the bytes: the FSDP
+# gradients of llama_jax/model/weight_grad.py and train/objectives/head.py); with the
+# SparseCore reduce-scatter offload enabled they stay reduce-scatters. Found by compiling
+# (docs/layouts.md); other chips are not yet checked, so they get none.
+TRAIN_COMPILER_OPTIONS = {
+    "v5p": {"xla_tpu_enable_sparse_core_reduce_scatter_v2": "true",
+            "xla_tpu_enable_sparse_core_collective_offload_reduce_scatter": "true",
+            "xla_tpu_enable_sparse_core_collective_offload_nd_reduce_scatter": "true"},
+}
+
+
+def train_compiler_options(devices) -> dict[str, str] | None:
+    """The XLA options the train step is compiled with on these devices (None: the defaults)."""
+    first = next(iter(devices))
+    if first.platform != "tpu":
+        return None
+    return TRAIN_COMPILER_OPTIONS.get(CHIP_OF_KIND.get(first.device_kind, ""))

@@ -5,11 +5,12 @@ devices; its HLO is read by sharding/comms.py. Bytes are derived by hand
 from the tiny model's shapes: D=64, 8 heads x 8, FFN 128, vocab 256, float32
 parameters, 16 rows x 32 tokens per step.
 
-What XLA:CPU emits (and XLA:TPU too, for these shapes) differs from the
-textbook in one place: the gradient of each scanned layer is all-reduced
-over fsdp in full inside the backward loop (each device then keeps its
-slice), not reduce-scattered, so fsdp's gradient traffic is 2(n-1)/n of the
-layer's bytes, not (n-1)/n. The tests state that as what is emitted.
+FSDP gradients leave the backward layer scan as reduce-scatters of the
+layer's gradient, (n-1)/n of its bytes (llama_jax/model/weight_grad.py;
+left to XLA, CPU and TPU alike all-reduced them in full, 2(n-1)/n); the
+chunked loss gathers the output head once a step and reduce-scatters its
+gradient once (train/objectives/head.py); gradient accumulation under pure
+data parallelism reduces once a step (train/accumulate.py).
 """
 
 from __future__ import annotations
@@ -28,11 +29,13 @@ D, HEADS, HEAD_DIM, FFN, VOCAB, ROWS, SEQ = 64, 8, 8, 128, 256, 16, 32
 F32 = 4
 LAYER_BYTES = F32 * (4 * D * HEADS * HEAD_DIM + 3 * D * FFN + 2 * D)  # wq wk wv wo, w1 w2 w3, 2 norms
 OUTSIDE_BYTES = F32 * (2 * VOCAB * D + D)                              # embedding, output head, final norm
+HEAD_BYTES = F32 * D * VOCAB
 ACTIVATION_BYTES = F32 * ROWS * SEQ * D                                # one [batch, length, embed] array
 
 
 @functools.cache
-def _collectives(layout: str, n_layers: int = 2, grad_accum: int = 1) -> tuple[Collective, ...]:
+def _collectives(layout: str, n_layers: int = 2, grad_accum: int = 1,
+                 loss_chunk: int = 0) -> tuple[Collective, ...]:
     from sharding.layout import load_layout
     from sharding.place import Placement
     from train.compile.aot import train_program
@@ -41,7 +44,7 @@ def _collectives(layout: str, n_layers: int = 2, grad_accum: int = 1) -> tuple[C
     run = run_config_from_dict({
         "model": {"dim": D, "n_layers": n_layers, "n_heads": HEADS, "n_kv_heads": HEADS, "ffn_dim": FFN,
                   "vocab_size": VOCAB, "max_seq_len": SEQ},
-        "layout": layout, "grad_accum": grad_accum,
+        "layout": layout, "grad_accum": grad_accum, "loss_chunk": loss_chunk,
         "data": {"source": "synthetic", "vocab_size": VOCAB, "seq_len": SEQ, "global_batch": ROWS}})
     placement = Placement.create(run.model, load_layout(run.layout, **run.mesh), devices=jax.devices())
     step, args = train_program(run, placement)
@@ -61,17 +64,25 @@ def test_pure_data_parallel_all_reduces_exactly_the_gradient_bytes_once():
     assert bytes_by_kind_and_axes(collectives) == {("all-reduce", ("data",)): pytest.approx(moved, rel=1e-12)}
 
 
-def test_fsdp_gathers_each_layer_in_forward_and_backward_and_reduces_its_gradient():
+def test_fsdp_gathers_each_layer_in_forward_and_backward_and_reduce_scatters_its_gradient():
     n = 8
     per_layer = [c for c in _collectives("fsdp") if c.count == 2]  # inside the 2-layer scans
     assert all(c.axes == ("fsdp",) and c.group_size == n for c in per_layer)
     gathered = sum(c.buffer_bytes for c in per_layer if c.kind == "all-gather")
-    reduced = sum(c.buffer_bytes for c in per_layer if c.kind == "all-reduce")
+    scattered = sum(c.buffer_bytes for c in per_layer if c.kind == "reduce-scatter")
     assert gathered == 2 * LAYER_BYTES       # every layer parameter, once forward, once backward
-    assert reduced == LAYER_BYTES            # the layer's whole gradient (see the module docstring)
-    assert {c.kind for c in per_layer} == {"all-gather", "all-reduce"}
+    assert scattered == LAYER_BYTES          # every layer gradient, norms included, once
+    assert {c.kind for c in per_layer} == {"all-gather", "reduce-scatter"}
     moved = sum(c.bytes_per_step for c in per_layer)
-    assert moved == pytest.approx(2 * ((n - 1) / n * 2 * LAYER_BYTES + 2 * (n - 1) / n * LAYER_BYTES))
+    assert moved == pytest.approx(2 * ((n - 1) / n * 2 * LAYER_BYTES + (n - 1) / n * LAYER_BYTES))
+
+
+@pytest.mark.parametrize("loss_chunk", [0, 8])
+def test_fsdp_gathers_the_output_head_once_and_reduce_scatters_its_gradient_once(loss_chunk):
+    """With the loss in 4 chunks of 8 positions as without chunks: one gather, one reduce-scatter."""
+    head = [c for c in _collectives("fsdp", loss_chunk=loss_chunk) if c.buffer_bytes == HEAD_BYTES]
+    assert sorted((c.kind, c.axes, c.count) for c in head) == [("all-gather", ("fsdp",), 1),
+                                                               ("reduce-scatter", ("fsdp",), 1)]
 
 
 def test_tensor_parallel_all_reduces_per_layer_are_activation_sized():
@@ -88,20 +99,19 @@ def test_four_layers_move_exactly_two_layers_more_than_two():
     four = bytes_by_kind_and_axes(_collectives("fsdp", 4))
     share = 7 / 8
     per_layer = {("all-gather", ("fsdp",)): share * 2 * LAYER_BYTES,
-                 ("all-reduce", ("fsdp",)): 2 * share * LAYER_BYTES}
+                 ("reduce-scatter", ("fsdp",)): share * LAYER_BYTES}
     assert set(two) == set(four)
     for key in two:
         assert four[key] - two[key] == pytest.approx(2 * per_layer.get(key, 0.0), rel=1e-12, abs=1e-6), key
 
 
-def test_gradient_accumulation_multiplies_the_nested_loops_out():
-    """grad_accum 2 runs the layer scans inside the accumulation scan: each layer's gradient
-    all-reduce runs 2 x 2 times. XLA reduces every micro-batch's gradient (it does not defer the
-    reduction to the accumulated sum), so data parallel traffic doubles, exactly."""
+def test_gradient_accumulation_reduces_data_parallel_gradients_once_a_step():
+    """grad_accum 2 sums each replica's micro-batch gradients locally and all-reduces the sum
+    once, with the loss's four float32 sums: the same bytes as grad_accum 1."""
     once, twice = _collectives("dp"), _collectives("dp", grad_accum=2)
-    assert sorted((c.buffer_bytes, c.count) for c in twice) == [(OUTSIDE_BYTES + 4 * F32, 2),
-                                                                (LAYER_BYTES, 4)]
-    assert sum(c.bytes_per_step for c in twice) == pytest.approx(2 * sum(c.bytes_per_step for c in once))
+    assert [(c.kind, c.axes, c.buffer_bytes, c.count) for c in twice] == [
+        ("all-reduce", ("data",), 2 * LAYER_BYTES + OUTSIDE_BYTES + 4 * F32, 1)]
+    assert sum(c.bytes_per_step for c in twice) == pytest.approx(sum(c.bytes_per_step for c in once), rel=1e-12)
 
 
 # --- reading HLO that the tiny compiles above do not produce ----------------------------------

@@ -70,6 +70,16 @@ def _assert_close_f32(actual, desired):
 
 @pytest.mark.parametrize("layout", ["fsdp", "dp"])
 def test_gradient_accumulation_equals_one_big_batch(layout):
+    _assert_accumulation_equals_one_big_batch(layout, 4)
+
+
+def test_accumulation_within_data_parallel_replicas_equals_one_big_batch():
+    """16 rows on 8 replicas in 2 micro-batches: each replica accumulates its own 2 rows and
+    the replicas are summed once (train/accumulate.py; its bytes: tests/test_comms.py)."""
+    _assert_accumulation_equals_one_big_batch("dp", 2)
+
+
+def _assert_accumulation_equals_one_big_batch(layout: str, grad_accum: int):
     config = LLAMA3_LIKE
     placement = Placement.create(config, load_layout(layout))
     # An "optimizer" that keeps the gradient it is given as its state, so the
@@ -81,7 +91,7 @@ def test_gradient_accumulation_equals_one_big_batch(layout):
     schedule = optax.constant_schedule(1.0)
     batch = placement.global_batch(random_batch(16, 32, config.vocab_size))
     results = {}
-    for accum in (1, 4):
+    for accum in (1, grad_accum):
         state, shardings = init_state(placement, optimizer, jax.random.key(0))
         step = jit_train_step(make_train_step(config, optimizer, schedule, shardings.params,
                                               grad_accum=accum),
@@ -89,7 +99,7 @@ def test_gradient_accumulation_equals_one_big_batch(layout):
         with placement.activate():
             state, metrics = step(state, batch)
         results[accum] = (jax.device_get(state.opt_state), jax.device_get(metrics))
-    (g1, m1), (g4, m4) = results[1], results[4]
+    (g1, m1), (g4, m4) = results[1], results[grad_accum]
     np.testing.assert_allclose(m4["loss"], m1["loss"], rtol=1e-6)
     np.testing.assert_allclose(m4["grad_norm"], m1["grad_norm"], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(g4), jax.tree.leaves(g1)):

@@ -3,10 +3,14 @@
 Gradient accumulation runs `grad_accum` micro-batches through a `lax.scan`
 and sums unnormalised losses, then divides once by the batch's total loss
 weight, so k micro-batches give exactly the gradient of one k-times batch.
+Data-parallel replicas accumulate locally and are reduced once a step
+(train/accumulate.py).
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Any, Callable
 
 import flax.struct
@@ -16,12 +20,15 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from llama_jax.config import ModelConfig
+from llama_jax.model import mesh_context
 from llama_jax.model.lora import is_adapter
 from llama_jax.params import init_params
 from llama_jax.model.trees import partition
 from llama_jax.vision.image import image_shapes
 from llama_jax.vision.model import is_image_adapter
 from sharding.place import Placement, abstract_arrays
+from sharding.topology import train_compiler_options
+from train.accumulate import over_replicas, replica_axes
 from train.objectives.cross_entropy import cross_entropy
 from train.objectives.objective import Objective
 
@@ -90,8 +97,23 @@ def make_gradients(config: ModelConfig, param_shardings, grad_accum: int = 1, z_
     objective = objective or cross_entropy(config, z_loss, loss_chunk)
     grad_fn = jax.value_and_grad(objective.sums, has_aux=True)
 
-    def like_params(grads):
-        return jax.lax.with_sharding_constraint(grads, param_shardings)
+    def like_params(grads, shardings=param_shardings):
+        return jax.lax.with_sharding_constraint(grads, shardings)
+
+    def accumulated(params, batch, frozen, reference, like=like_params):
+        def accumulate(carry, micro):
+            grads, sums = carry
+            (_, micro_sums), micro_grads = grad_fn(params, frozen, reference, micro)
+            grads = like(jax.tree.map(jnp.add, grads, like(micro_grads)))
+            return (grads, jax.tree.map(jnp.add, sums, micro_sums)), None
+
+        micro_batches = _split_micro_batches(batch, grad_accum)
+        first = jax.tree.map(lambda x: x[0], micro_batches)
+        sum_shapes = jax.eval_shape(grad_fn, params, frozen, reference, first)[0][1]
+        zeros = like(jax.tree.map(jnp.zeros_like, params))
+        (grads, sums), _ = jax.lax.scan(accumulate, (zeros, jax.tree.map(jnp.zeros_like, sum_shapes)),
+                                        micro_batches)
+        return grads, sums
 
     def gradients(params, batch, frozen=None, reference=None):
         frozen = {} if frozen is None else frozen
@@ -99,20 +121,15 @@ def make_gradients(config: ModelConfig, param_shardings, grad_accum: int = 1, z_
         if grad_accum == 1:  # no zero-filled accumulator: a pass over every parameter saved
             (_, sums), grads = grad_fn(params, frozen, reference, batch)
             return like_params(grads), sums
-
-        def accumulate(carry, micro):
-            grads, sums = carry
-            (_, micro_sums), micro_grads = grad_fn(params, frozen, reference, micro)
-            grads = like_params(jax.tree.map(jnp.add, grads, like_params(micro_grads)))
-            return (grads, jax.tree.map(jnp.add, sums, micro_sums)), None
-
-        micro_batches = _split_micro_batches(batch, grad_accum)
-        first = jax.tree.map(lambda x: x[0], micro_batches)
-        sum_shapes = jax.eval_shape(grad_fn, params, frozen, reference, first)[0][1]
-        zeros = like_params(jax.tree.map(jnp.zeros_like, params))
-        (grads, sums), _ = jax.lax.scan(accumulate, (zeros, jax.tree.map(jnp.zeros_like, sum_shapes)),
-                                        micro_batches)
-        return grads, sums
+        specs = jax.tree.map(lambda s: s.spec, param_shardings)
+        axes = replica_axes(specs)
+        rows = jax.tree.leaves(batch)[0].shape[0]
+        if not axes or rows % (grad_accum * math.prod(mesh_context.shards(a) for a in axes)):
+            # (a replica whose rows do not split into grad_accum micro-batches: reduced each one)
+            return accumulated(params, batch, frozen, reference)
+        # Replicas accumulate their own rows and are summed once (train/accumulate.py).
+        local = functools.partial(accumulated, like=functools.partial(like_params, shardings=specs))
+        return over_replicas(local, axes)(params, batch, frozen, reference)
 
     return gradients
 
@@ -227,8 +244,10 @@ def _check_same_leaves(tree, reference, what: str):
 
 
 def jit_train_step(train_step, placement: Placement, shardings, row_keys: tuple[str, ...] = ()):
-    """Jit with donated state and explicit shardings for state and batch (see `batch_shardings`)."""
+    """Jit with donated state and explicit shardings for state and batch (see `batch_shardings`),
+    and the chip's compile options (sharding.topology.train_compiler_options)."""
     return jax.jit(train_step, donate_argnums=0, in_shardings=(shardings, batch_shardings(placement, row_keys)),
+                   compiler_options=train_compiler_options(placement.mesh.devices.flat),
                    out_shardings=(shardings, None))
 
 

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from llama_jax.config import LoraConfig, ModelConfig
-from llama_jax.model import mesh_context
+from llama_jax.model import mesh_context, weight_grad
 from llama_jax.model.quantize import ACTIVATION_CAP, kernel_reduce_axes, quantize, storage_dtype
 from llama_jax.model.swiglu import swiglu
 
@@ -44,6 +44,8 @@ class RMSNorm(nn.Module):
                              (x_btd.shape[-1],), self.param_dtype)
         x = x_btd.astype(jnp.float32)
         x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+        if x.ndim == 3 and self.axis == "embed":  # [batch, time, embed]: the scale's gradient reduce-scattered
+            return weight_grad.project("btd,d->btd", x, scale_d.astype(jnp.float32)).astype(x_btd.dtype)
         return (x * scale_d.astype(jnp.float32)).astype(x_btd.dtype)
 
 
@@ -108,7 +110,9 @@ class Linear(nn.Module):
 
     def _base(self, x):
         if self.quant is None:
-            return jnp.einsum(self.equation, x.astype(self.dtype), converted_after(self.kernel, self.dtype, x))
+            # "...d,dv->...v" (the head) on [batch, time, d] spells its letters for `project`.
+            equation = self.equation.replace("...", "bt") if x.ndim == 3 else self.equation
+            return weight_grad.project(equation, x.astype(self.dtype), converted_after(self.kernel, self.dtype, x))
         rows = kernel_reduce_axes(self.n_in)
         x_scale = None
         if self.quant == "fp8":

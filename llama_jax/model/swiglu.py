@@ -18,6 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from llama_jax.model.weight_grad import weight_gradient
+
 
 def _forward(x_btd, w1_df, w3_df, w2_fd):
     gate_btf = jnp.einsum("btd,df->btf", x_btd, w1_df)
@@ -41,7 +43,7 @@ def _swiglu_fwd(x_btd, w1_df, w3_df, w2_fd):
 def _swiglu_bwd(residuals, d_out_btd):
     x_btd, gate_btf, up_btf, hidden_btf, w1_df, w3_df, w2_fd = residuals
     d_hidden_btf = jnp.einsum("btd,fd->btf", d_out_btd, w2_fd)
-    d_w2_fd = jnp.einsum("btf,btd->fd", hidden_btf, d_out_btd)
+    d_w2_fd = weight_gradient("btf,btd->fd", hidden_btf, d_out_btd)
     sig_btf = jax.nn.sigmoid(gate_btf.astype(jnp.float32))
     gate32 = gate_btf.astype(jnp.float32)
     d_up_btf = (d_hidden_btf * gate32 * sig_btf).astype(up_btf.dtype)
@@ -49,8 +51,8 @@ def _swiglu_bwd(residuals, d_out_btd):
     d_gate_btf, d_up_btf = jax.lax.optimization_barrier((d_gate_btf, d_up_btf))
     d_x_btd = (jnp.einsum("btf,df->btd", d_gate_btf, w1_df)
                + jnp.einsum("btf,df->btd", d_up_btf, w3_df))
-    d_w1_df = jnp.einsum("btd,btf->df", x_btd, d_gate_btf)
-    d_w3_df = jnp.einsum("btd,btf->df", x_btd, d_up_btf)
+    d_w1_df = weight_gradient("btd,btf->df", x_btd, d_gate_btf)
+    d_w3_df = weight_gradient("btd,btf->df", x_btd, d_up_btf)
     return d_x_btd, d_w1_df, d_w3_df, d_w2_fd
 
 

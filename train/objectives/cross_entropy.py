@@ -21,6 +21,7 @@ from llama_jax.config import ModelConfig
 from llama_jax.model.llama import Llama
 from llama_jax.model.trees import join
 from llama_jax.params import model_for
+from train.objectives.head import chunk_projection
 from train.objectives.objective import Objective
 from train.objectives.router import router_terms
 
@@ -119,7 +120,7 @@ def loss_sums(model: Llama, params, batch, z_loss: float, chunk: int):
     aux = {} if moe is None else {"return_aux": True}  # a MoE model also returns router statistics
     if chunk:
         hidden, _, *statistics = model.apply({"params": params}, *args, return_hidden=True, **images, **aux)
-        project = lambda h: model.apply({"params": params}, h, method=Llama.logits)  # noqa: E731
+        project = chunk_projection(model, params)  # the head gathered once, not once a chunk
         nll, z, correct = chunked_cross_entropy_sums(project, hidden, batch["targets"], weights, chunk)
     else:
         logits, _, *statistics = model.apply({"params": params}, *args, **images, **aux)
