@@ -377,11 +377,8 @@ class ModelConfig:
         if self.n_layers % self.layer_period:
             raise ConfigError(f"n_layers: {self.n_layers} is not a whole number of repeats of the "
                               f"{self.layer_period}-layer pattern (nope_layer_interval, moe.interleave_step)")
-        if self.layer_period > 1 and self.quantize is not None:
-            raise ConfigError("quantize: quantised weights are not supported for layer patterns "
-                              "(nope_layer_interval, moe.interleave_step) yet; use null")
-        if self.moe is not None and (self.quantize is not None or self.vision is not None):
-            raise ConfigError("moe: mixture-of-experts layers take no quantize and no vision section")
+        if self.moe is not None and self.vision is not None:
+            raise ConfigError("moe: mixture-of-experts layers take no vision section")
         for name in ("tie_embeddings", "scan_layers", "qk_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}: must be true or false, got {getattr(self, name)!r}")

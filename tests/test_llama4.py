@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from llama_jax import Llama, count_params, load_model_config
+from llama_jax import Llama, count_params, init_cache, load_model_config
 from llama_jax.decoding import programs
 from llama_jax.decoding.sampling import Sampling
 from llama_jax.formats.hf import load_hf_params
@@ -66,14 +66,16 @@ def maverick_params(tmp_path_factory):
 
 @pytest.mark.parametrize("prefill_chunk", [None, 8])
 def test_greedy_decode_across_chunk_boundaries_equals_the_full_forward(maverick_params, prefill_chunk):
-    """Ragged prompts of 21 and 9 tokens (padded to 24), then 50 greedy steps: both rows cross the
-    32-position chunk boundary (and the second also 64) while decoding. Every decoded token is the
-    full forward pass's argmax over prompt + decoded tokens, and its logits are that pass's."""
+    """Ragged prompts of 45 and 9 tokens (padded to 48: the first crosses a chunk boundary in the
+    prompt, the second's padding is longer than the ring), then 50 greedy steps crossing 64 (and
+    the second row 32) while decoding; chunked layers keep a ring of one chunk (32 slots). Every
+    decoded token is the full forward pass's argmax over prompt + decoded tokens, and its logits
+    are that pass's."""
     config, params = LLAMA4_MAVERICK_LIKE, maverick_params
     model = Llama(config)
     rng = np.random.default_rng(1)
-    lengths = np.array([21, 9], np.int32)
-    prompts = np.zeros((2, 24), np.int32)
+    lengths = np.array([45, 9], np.int32)
+    prompts = np.zeros((2, 48), np.int32)
     for row, n in enumerate(lengths):
         prompts[row, :n] = rng.integers(0, config.vocab_size, n)
     steps = 50
@@ -81,6 +83,7 @@ def test_greedy_decode_across_chunk_boundaries_equals_the_full_forward(maverick_
     state, first, first_logits = programs.prefill(
         model, params, jnp.asarray(prompts), jnp.asarray(lengths), jnp.full((2,), steps + 1, jnp.int32), 0,
         stops, sampling=Sampling(), cache_len=128, keep_logits=True, chunk=prefill_chunk)
+    assert state["cache"]["local_k"].shape[:3] == (6, 2, 32) and state["cache"]["k"].shape[:3] == (2, 2, 128)
     _, tokens, logits = programs.decode(model, params, state, stops, sampling=Sampling(), steps=steps,
                                         keep_logits=True)
     generated = np.concatenate([np.asarray(first)[:, None], np.asarray(tokens)], axis=1)
@@ -92,6 +95,18 @@ def test_greedy_decode_across_chunk_boundaries_equals_the_full_forward(maverick_
         assert generated[row].tolist() == full.argmax(-1).tolist(), f"row {row}: greedy tokens differ"
         scale = np.abs(full).max()
         np.testing.assert_allclose(decoded_logits[row] / scale, full / scale, rtol=0, atol=TOLERANCE)
+
+
+def test_chunked_layers_cache_only_their_chunk_at_scout_size():
+    """Scout, 1 row of 131072 positions in bfloat16: 12 global layers keep all of them, 36 chunked
+    layers a ring of 8192 slots, plus the ring's int32 positions (by hand below; before, all 48
+    layers kept 131072 positions: 25,769,803,776 bytes)."""
+    config = load_model_config("llama4_scout_17b_16e").replace(dtype="bfloat16")
+    shapes = jax.eval_shape(lambda: init_cache(config, 1, 131072))
+    per_position = 2 * 8 * 128 * 2  # k and v, 8 kv heads, head_dim 128, 2 bytes
+    expected = 12 * 131072 * per_position + 36 * 8192 * per_position + 8192 * 4
+    assert expected == 7_650_443_264
+    assert sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes)) == expected
 
 
 def test_hugging_face_directory_round_trips_through_our_checkpoint(tmp_path):

@@ -112,9 +112,11 @@ def prefill(model: Llama, params, prompts_bt, lengths_b, limits_b, seed, stops, 
         return jnp.where(inside_b[:, None], picked_bd, last_bd)
 
     cache = _constrain_cache(init_cache(model.config, b, cache_len), model.config)
+    # A chunked-attention cache's ring must not keep the padding (llama_jax/model/kv_cache.py).
+    ring = {"lengths_b": lengths_b} if "local_pos" in cache else {}
     with_images = {} if images is None else {"images": images}
     hidden_bcd, cache = model.apply({"params": params}, prompts_bt[:, :chunk], None, cache=cache,
-                                    return_hidden=True, **with_images)
+                                    return_hidden=True, **with_images, **ring)
     last_bd = last_hidden(hidden_bcd, 0, jnp.zeros((b, hidden_bcd.shape[-1]), hidden_bcd.dtype))
 
     def next_chunk(carry, start):
@@ -123,7 +125,7 @@ def prefill(model: Llama, params, prompts_bt, lengths_b, limits_b, seed, stops, 
         positions_bc = jnp.broadcast_to(start + jnp.arange(chunk, dtype=jnp.int32), (b, chunk))
         with_spans = {} if spans is None else {"images": spans}
         hidden_bcd, cache = model.apply({"params": params}, tokens_bc, positions_bc, cache=cache,
-                                        return_hidden=True, **with_spans)
+                                        return_hidden=True, **with_spans, **ring)
         return (_constrain_cache(cache, model.config), last_hidden(hidden_bcd, start, last_bd)), None
 
     starts = jnp.arange(chunk, t, chunk, dtype=jnp.int32)

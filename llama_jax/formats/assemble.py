@@ -70,10 +70,11 @@ class ParamsBuilder:
             if stored in QUANTISED_DTYPES:
                 raise CheckpointError(f"{'/'.join(path)}: stored as {stored}, but the config wants {target} "
                                       "(quantise from the unquantised weights instead)")
-            scale_path = path[:-1] + ("scale",)
+            scale_path = quantised_scale_path(path)
+            experts = path[-1] != "kernel"  # a mixture's expert weights [experts, in, out]
             n_in = array.ndim - (len(self._leaf(scale_path).shape) - (index is not None))
             with jax.default_device(jax.devices("cpu")[0]):
-                values, scale = quantize_kernel(array, self.config.quantize, n_in)
+                values, scale = quantize_kernel(array, self.config.quantize, n_in, experts=experts)
             return [(path, index, np.asarray(values)), (scale_path, index, np.asarray(scale))]
         if stored in QUANTISED_DTYPES and target != stored:
             raise CheckpointError(f"{'/'.join(path)}: stored quantised ({stored}) but the config has a "
@@ -195,3 +196,9 @@ def _relocated(leaves: dict, read, stored: ModelConfig, config: ModelConfig):
         for index in (range(leaf.shape[0]) if path[0] == "layers" else [None]):
             layer, below = layer_of(path, index, stored)
             yield (*layer_location(layer, below, config), read(path, index))
+
+
+def quantised_scale_path(path: tuple[str, ...]) -> tuple[str, ...]:
+    """Where a quantised kernel's scale lives: `.../scale` beside a Linear's `kernel`, `.../w1_scale`
+    beside a mixture's expert weights `.../w1` (llama_jax/model/moe.py)."""
+    return path[:-1] + ("scale",) if path[-1] == "kernel" else path[:-1] + (path[-1] + "_scale",)

@@ -50,12 +50,15 @@ class Attention(nn.Module):
     kind: LayerKind = LayerKind()
 
     @nn.compact
-    def __call__(self, x_btd, rope, coords, segments, cache, layer, positions_bt=None):
+    def __call__(self, x_btd, rope, coords, segments, cache, layer, positions_bt=None, ring_slots=None):
+        """ring_slots [b, t]: where a chunked layer writes into the cache's ring (None: the
+        layer writes at its positions in the full-length part)."""
         cfg = self.config
         d, h, n, k = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         linear = lambda shape, names, eq, name, n_in=1: Linear(  # noqa: E731
             shape, names, eq, cfg.dtype, cfg.param_dtype, n_in, cfg.lora_for(name), cfg.quantize_for(name),
             name=name)
+        index = kv_cache.layer_index(cfg, layer, ring_slots is not None) if cache is not None else layer
         q_bthk = linear((d, h, k), ("embed", "heads", "head_dim"), "btd,dhk->bthk", "wq")(x_btd)
         k_btnk = linear((d, n, k), ("embed", "kv_heads", "head_dim"), "btd,dnk->btnk", "wk")(x_btd)
         v_btnk = linear((d, n, k), ("embed", "kv_heads", "head_dim"), "btd,dnk->btnk", "wv")(x_btd)
@@ -75,17 +78,26 @@ class Attention(nn.Module):
             # splits the length, see context_parallel).
             shards = length_shards()
             order = balanced_order(q_bthk.shape[1], shards)
-            if cache is not None:  # a prompt from position 0: its keys fill this layer's slots 0..t-1
+            if ring_slots is not None:  # a prompt from position 0: its last chunk fills the ring
+                cache = kv_cache.write(cache, index, ring_slots, k_btnk, v_btnk, kv_cache.LOCAL)
+            elif cache is not None:  # a prompt from position 0: its keys fill this layer's slots 0..t-1
                 b, t = k_btnk.shape[:2]
-                cache = kv_cache.write(cache, layer, jnp.broadcast_to(jnp.arange(t), (b, t)),
+                cache = kv_cache.write(cache, index, jnp.broadcast_to(jnp.arange(t), (b, t)),
                                        balance(k_btnk, shards), balance(v_btnk, shards))
             coords = (order, order)
+        elif ring_slots is not None:
+            # The ring as it was before this step, then this step's own keys (coords[1]
+            # is laid out the same way); only then is the step written into the ring.
+            old_k, old_v = kv_cache.read(cache, index, cfg.dtype, kv_cache.LOCAL)
+            cache = kv_cache.write(cache, index, ring_slots, k_btnk, v_btnk, kv_cache.LOCAL)
+            k_btnk = jnp.concatenate([old_k, k_btnk.astype(cfg.dtype)], axis=1)
+            v_btnk = jnp.concatenate([old_v, v_btnk.astype(cfg.dtype)], axis=1)
         elif cache is not None:
             # Write this step's keys and values at their positions in this layer's
             # part of the cache, then attend to the layer's whole cache; slots past
             # a query's position stay invisible.
-            cache = kv_cache.write(cache, layer, coords[0], k_btnk, v_btnk)
-            k_btnk, v_btnk = kv_cache.read(cache, layer, cfg.dtype)
+            cache = kv_cache.write(cache, index, coords[0], k_btnk, v_btnk)
+            k_btnk, v_btnk = kv_cache.read(cache, index, cfg.dtype)
         out_bthk = attend(q_bthk, k_btnk, v_btnk, *coords, *segments,
                           impl=cfg.attention, block=cfg.attention_block)
         out_bthk = checkpoint_name(out_bthk, "attention_out")
@@ -112,8 +124,8 @@ class DecoderLayer(nn.Module):
 
     carry: (hidden [b, t, d], the stacked KV cache or None); layer: this
     layer's index (where it writes and reads the cache); segments for global
-    attention, chunk_segments for chunked layers; positions [b, t] for NoPE's
-    temperature. ys: the router statistics (llama_jax/model/moe.py), zeros
+    attention; chunks for chunked layers: (coords, segments, ring slots) (see
+    `Llama.__call__`); positions [b, t] for NoPE's temperature. ys: the router statistics (llama_jax/model/moe.py), zeros
     without a router.
     """
 
@@ -121,13 +133,15 @@ class DecoderLayer(nn.Module):
     kind: LayerKind = LayerKind()
 
     @nn.compact
-    def __call__(self, carry, layer, rope, coords, segments, chunk_segments=None, positions_bt=None):
+    def __call__(self, carry, layer, rope, coords, segments, chunks=None, positions_bt=None):
         x_btd, cache = carry
         cfg = self.config
         norm = lambda name: RMSNorm(cfg.norm_eps, cfg.param_dtype, name=name)  # noqa: E731
+        ring_slots = None
+        if self.kind.chunked:
+            coords, segments, ring_slots = chunks
         attn_btd, cache = Attention(cfg, self.kind, name="attention")(
-            norm("attention_norm")(x_btd), rope, coords, chunk_segments if self.kind.chunked else segments,
-            cache, layer, positions_bt)
+            norm("attention_norm")(x_btd), rope, coords, segments, cache, layer, positions_bt, ring_slots)
         h_btd = x_btd + attn_btd
         if self.kind.moe:
             ffn_btd, statistics = MoE(cfg, name="feed_forward")(norm("ffn_norm")(h_btd))
@@ -145,13 +159,13 @@ class DecoderBlock(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, carry, block, rope, coords, segments, chunk_segments=None, positions_bt=None):
+    def __call__(self, carry, block, rope, coords, segments, chunks=None, positions_bt=None):
         cfg = self.config
         period = cfg.layer_period
         total = no_router_statistics()
         for r in range(period):
             layer = remat_layer(DecoderLayer, cfg)(cfg, cfg.layer_kind(r), name=f"layer_{r}")
-            carry, statistics = layer(carry, block * period + r, rope, coords, segments, chunk_segments,
+            carry, statistics = layer(carry, block * period + r, rope, coords, segments, chunks,
                                       positions_bt)
             total = jax.tree.map(jnp.add, total, statistics)
         return carry, total
@@ -208,7 +222,7 @@ class Llama(nn.Module):
                                  cfg.dtype, cfg.param_dtype)
 
     def __call__(self, tokens_bt, positions_bt=None, segment_ids_bt=None, cache: Cache | None = None,
-                 return_hidden: bool = False, return_aux: bool = False):
+                 return_hidden: bool = False, return_aux: bool = False, lengths_b=None):
         """Logits [batch, time, vocab] (float32) and the updated cache (None if none given).
 
         tokens_bt, positions_bt: int32 [batch, time]; positions None means
@@ -223,6 +237,9 @@ class Llama(nn.Module):
         a loss that projects them in chunks (see `logits`). With `return_aux`,
         a third output: the router statistics summed over the MoE layers
         (llama_jax/model/moe.py `router_statistics`; zeros without experts).
+        lengths_b: int32 [batch], with a cache: each row's prompt length;
+        tokens at or past it are padding, which the chunked layers' ring
+        buffer does not keep (llama_jax/model/kv_cache.py). None: none are.
 
         Token ids are checked (`check_token_ids`, ValueError) only when they
         are concrete, i.e. `apply` called eagerly from the host. Under jit a
@@ -246,10 +263,12 @@ class Llama(nn.Module):
             coords, segments = None, (segment_ids_bt, segment_ids_bt)
             rope = rotary_angles(positions_bt, inverse_frequencies(cfg.head_dim, cfg.rope_theta,
                                                                    cfg.rope_scaling))
-            chunks = chunk_segments(cfg, positions_bt, positions_bt, segments)
+            chunks = (coords, chunk_segments(cfg, positions_bt, positions_bt, segments), None)
         else:
             rope, coords, segments = attention_inputs(cfg, positions_bt, segment_ids_bt, cache)
-            chunks = chunk_segments(cfg, positions_bt, coords[1], segments)
+            chunks = (coords, chunk_segments(cfg, positions_bt, coords[1], segments), None)
+        if cache is not None and "local_pos" in cache:
+            chunks, cache = ring_inputs(cfg, cache, positions_bt, lengths_b, chunks, self_attention)
         carry = (_constrain(self.embed(tokens_bt), "batch", "length", "embed"), cache)
         inputs = (rope, coords, segments, chunks, positions_bt)
         statistics = no_router_statistics()
@@ -291,6 +310,21 @@ def attention_inputs(config: ModelConfig, positions_bt, segment_ids_bt=None, cac
         return rope, (rows_bt, rows_bt), (segment_ids_bt, segment_ids_bt)
     slots_bs = jnp.broadcast_to(jnp.arange(cache["k"].shape[2]), (positions_bt.shape[0], cache["k"].shape[2]))
     return rope, (positions_bt, slots_bs), (None, None)
+
+
+def ring_inputs(config: ModelConfig, cache: Cache, positions_bt, lengths_b, chunks, self_attention: bool):
+    """Chunked layers' (coords, segments, ring slots) over the cache's ring, and the cache with the
+    ring's positions updated: keys are the ring's slots (at the positions they held before this
+    step) followed by the step's own tokens, except for a prompt attending to itself."""
+    slots_bt = kv_cache.ring_slots(positions_bt, lengths_b, cache["local_pos"].shape[1])
+    coords, segments = chunks[:2]
+    if not self_attention:
+        keys_bs = jnp.concatenate([cache["local_pos"], positions_bt], axis=1)
+        coords = (positions_bt, keys_bs)
+        segments = chunk_segments(config, positions_bt, keys_bs, (None, None))
+    rows_b1 = jnp.arange(positions_bt.shape[0])[:, None]
+    ring = cache["local_pos"].at[rows_b1, slots_bt].set(positions_bt, mode="drop")
+    return (coords, segments, slots_bt), {**cache, "local_pos": ring}
 
 
 def chunk_segments(config: ModelConfig, q_positions_bt, k_positions_bs, segments):

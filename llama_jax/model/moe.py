@@ -49,6 +49,7 @@ from jax.sharding import PartitionSpec as P
 from llama_jax.config import ModelConfig
 from llama_jax.model import mesh_context
 from llama_jax.model.layers import FeedForward, Linear
+from llama_jax.model.quantize import dequantize, storage_dtype
 
 _INIT = nn.initializers.normal(stddev=0.02)
 STATISTICS = ("load_balance", "router_z")
@@ -72,8 +73,19 @@ class MoE(nn.Module):
         score_btk = jax.nn.sigmoid(top_btk)
 
         def weight(name, shape, names):
-            kernel = self.param(name, nn.with_logical_partitioning(_INIT, names), shape, cfg.param_dtype)
-            return kernel.astype(cfg.dtype)
+            kind = cfg.quantize_for(name)
+            if kind is None:
+                kernel = self.param(name, nn.with_logical_partitioning(_INIT, names), shape, cfg.param_dtype)
+                return kernel.astype(cfg.dtype)
+            # Quantised as Linear's kernels (llama_jax/model/quantize.py): one float32 scale per expert
+            # and output channel, `{name}_scale`. Dequantised before the grouped matmul, which takes
+            # one weight per expert group, not a scale per sorted row.
+            values = self.param(name, nn.with_logical_partitioning(nn.initializers.zeros, names), shape,
+                                storage_dtype(kind))
+            scale = self.param(name + "_scale", nn.with_logical_partitioning(nn.initializers.ones,
+                                                                             (names[0], names[2])),
+                               (shape[0], shape[2]), jnp.float32)
+            return dequantize(values, scale, (1,), cfg.dtype)
 
         w1_edf = weight("w1", (e, d, f), ("expert", "embed", "mlp"))
         w3_edf = weight("w3", (e, d, f), ("expert", "embed", "mlp"))

@@ -101,20 +101,22 @@ def dequantize(values, scale, reduce_axes: tuple[int, ...], dtype=jnp.float32):
     return (values.astype(jnp.float32) * jnp.expand_dims(scale, reduce_axes)).astype(dtype)
 
 
-def kernel_reduce_axes(n_in: int, stacked: bool = False) -> tuple[int, ...]:
-    """The input (contracted) axes of a kernel [*in, *out] (after a leading layers axis if stacked):
-    what one per-output-channel scale spans."""
-    return tuple(range(int(stacked), int(stacked) + n_in))
+def kernel_reduce_axes(n_in: int, stacked: bool = False, experts: bool = False) -> tuple[int, ...]:
+    """The input (contracted) axes of a kernel [*in, *out] (after a leading layers axis if stacked,
+    then an experts axis if `experts`: one scale per expert and output channel): what one
+    per-output-channel scale spans."""
+    first = int(stacked) + int(experts)
+    return tuple(range(first, first + n_in))
 
 
-def quantize_kernel(kernel, kind: str, n_in: int, stacked: bool = False):
-    """(values, scale) of one kernel [(layers,) *in, *out], per output channel, jitted.
+def quantize_kernel(kernel, kind: str, n_in: int, stacked: bool = False, experts: bool = False):
+    """(values, scale) of one kernel [(layers,) (experts,) *in, *out], per output channel, jitted.
 
     Runs where `kernel` lives: a placed (sharded) array gives placed results,
     with the values sharded as the kernel; a numpy array runs on the default device.
     """
     storage_dtype(kind)  # fails in one line before anything is traced
-    return _quantize_jitted(kernel, kind, kernel_reduce_axes(n_in, stacked))
+    return _quantize_jitted(kernel, kind, kernel_reduce_axes(n_in, stacked, experts))
 
 
 _quantize_jitted = jax.jit(quantize, static_argnums=(1, 2, 3))
