@@ -29,8 +29,8 @@ from train.loop import train
 from train.prepare import prepare
 from train_runs import EXACT_METRICS, REPO, exact_metrics, finish, metrics, run_config, subprocess_env, wait_for_step
 
-STEPS, SAVE_EVERY, PEER_TIMEOUT = 12, 4, 5
-SLACK_S = 10  # a busy 2-core machine may schedule the survivor late
+STEPS, SAVE_EVERY, PEER_TIMEOUT = 12, 4, 10
+SLACK_S = 15  # a busy 2-core machine may schedule the survivor late
 TIMEOUT = 300  # seconds for a group of workers
 SETTINGS = {"layout": "fsdp", "steps": STEPS, "checkpoint_every": SAVE_EVERY, "data.source": "tokens",
             "data.seq_len": 16}

@@ -73,6 +73,7 @@ class PeerWatch:
         self._seen: dict[int, str] = {}  # each peer's last counter
         self._heard: dict[int, float] = {}  # when it last moved
         self._answered = time.monotonic()  # when the store last answered a full round
+        self._asking: float | None = None  # since when the store has not answered (None: it just did)
         self._threads = [threading.Thread(target=self._beat, name="peer-beat", daemon=True),
                          threading.Thread(target=self._watch, name="peer-watch", daemon=True)]
 
@@ -101,6 +102,8 @@ class PeerWatch:
         beat = 0
         while not self._stop.is_set():
             beat += 1
+            if self._asking is None:
+                self._asking = time.monotonic()
             try:
                 self._client.key_value_set(KEY_DIR + str(self._index), str(beat), allow_overwrite=True)
                 entries = self._client.key_value_dir_get(KEY_DIR)
@@ -108,7 +111,7 @@ class PeerWatch:
                 entries = None
             now = time.monotonic()
             if entries is not None:
-                self._answered = now
+                self._answered, self._asking = now, None
                 for key, value in entries:
                     peer = int(key.rsplit("/", 1)[-1])
                     if peer != self._index and self._seen.get(peer) != value:
@@ -125,12 +128,17 @@ class PeerWatch:
                 return
 
     def lost(self, now: float) -> str | None:
-        """What is lost at time `now` (monotonic seconds), or None."""
-        if self._index != 0 and now - self._answered > self.timeout:
+        """What is lost at time `now` (monotonic seconds), or None.
+
+        Silence is measured between this process's own answered rounds, and the store's
+        from the round it has been waiting on: a process starved of CPU (a busy host) does
+        not take its own slowness for a peer's."""
+        asking = self._asking
+        if self._index != 0 and asking is not None and now - asking > self.timeout:
             return (f"process 0 of {self._count} (the coordinator) stopped answering for {self.timeout:g} s "
                     "(killed, stopped or cut off)")
         for peer, heard in sorted(self._heard.items()):
-            if self._seen[peer] != DONE and now - heard > self.timeout:
+            if self._seen[peer] != DONE and self._answered - heard > self.timeout:
                 return (f"process {peer} of {self._count} stopped answering for {self.timeout:g} s "
                         "(killed, stopped or cut off)")
         return None
