@@ -162,7 +162,7 @@ def test_a_two_process_checkpoint_resumes_on_one_process_on_the_same_batches(run
             assert row[key] == pytest.approx(want[key], rel=1e-6, abs=1e-6), (row["step"], key)
 
 
-def test_a_batch_that_no_longer_divides_the_mesh_is_one_line(runs, tmp_path):
-    run = run_config(tmp_path / "run", **{**SETTINGS, "data.global_batch": 12, "data.paths": f"[{runs['corpus']}]"})
+def test_a_batch_that_no_longer_divides_the_mesh_is_one_line(tmp_path):
+    run = run_config(tmp_path / "run", layout="fsdp", **{"data.global_batch": 12})  # 12 rows on fsdp=8
     with pytest.raises(LayoutError, match=re.escape("batch of size 12 does not divide by data x fsdp = 8")):
         train(run, progress=False)

@@ -31,6 +31,8 @@ def _pair(store):
     ended = {0: [], 1: []}
     watches = [PeerWatch(TIMEOUT, lambda: "/run/checkpoints/4", store, i, 2, end=ended[i].append).start()
                for i in range(2)]
+    for watch in watches:
+        watch.arm()
     time.sleep(4 * watches[0].interval)  # every process heard once
     return watches, ended
 
@@ -49,6 +51,15 @@ def test_a_silent_process_is_named_within_the_timeout():
     assert ended[0] == [_line("process 1 of 2")]
     assert TIMEOUT - watches[0].interval <= time.monotonic() - start < TIMEOUT + 1
     watches[0].stop()
+
+
+def test_a_process_is_not_watched_before_it_is_armed():
+    store, ended = Store(), []
+    watches = [PeerWatch(TIMEOUT, lambda: "none", store, i, 2, end=ended.append).start() for i in range(2)]
+    time.sleep(3 * TIMEOUT)  # neither beats yet (start-up): nothing is lost, and nothing was written
+    assert store.values == {} and ended == []
+    for watch in watches:
+        watch.stop()
 
 
 def test_a_finished_process_is_not_lost():

@@ -180,7 +180,7 @@ def train(run: RunConfig, *, progress: bool = True, stop_after: int | None = Non
     if watch is None:
         return _train(run, progress, stop_after)
     try:
-        summary = _train(run, progress, stop_after)
+        summary = _train(run, progress, stop_after, watch)
     except jax.errors.JaxRuntimeError:
         watch.settle()  # a collective failed: a lost process is the likely cause, and the line to print
         watch.stop(finished=False)
@@ -192,7 +192,7 @@ def train(run: RunConfig, *, progress: bool = True, stop_after: int | None = Non
     return summary
 
 
-def _train(run: RunConfig, progress: bool, stop_after: int | None) -> dict:
+def _train(run: RunConfig, progress: bool, stop_after: int | None, watch=None) -> dict:
     if run.metrics.wandb is not None:  # a missing extra fails now, not after the compiles
         require_wandb()
     if run.eval.tasks:  # lm-eval is optional: asked for (and imported) only by runs with tasks
@@ -252,6 +252,8 @@ def _train(run: RunConfig, progress: bool, stop_after: int | None) -> dict:
         profiler = StepProfiler(run.profile, run.run_dir, active=jax.process_index() == 0)
         cleanup.push(_closing(profiler.close))
         step_fn = profiler.wrap(program.step, start)
+        if watch is not None:
+            step_fn = watch.wrap(step_fn)
         last_steps = run.steps if stop_after is None else min(run.steps, start + stop_after)
         bar = tqdm(total=run.steps, initial=start, disable=not progress or jax.process_index() != 0,
                    desc="train", unit="step", dynamic_ncols=True)

@@ -18,9 +18,10 @@ exit code 3 (`os._exit`: Python's exit would wait for the collectives and for
 jax.distributed's shutdown barrier, which wait for the lost process).
 
 A process that finishes marks its counter done, so a peer still finishing
-its last save does not take it for lost. A process is watched only once its
-first beat arrived (start-up skew is not a loss; one lost before its first
-beat is left to JAX's heartbeat timeout). Keep `peer_timeout` below JAX's
+its last save does not take it for lost. A process beats only once its
+second training step has finished, and is watched only from its first beat:
+start-up (restore, compiles, the first collectives) runs at each host's own
+pace, and a host lost before that is left to JAX's heartbeat timeout. Keep `peer_timeout` below JAX's
 heartbeat timeout (`python -m train --distributed` sets that to
 max(100, 2 * peer_timeout)); when process 0 dies outright, JAX's client on
 every other process aborts at once with its own message ("the leader task
@@ -69,7 +70,7 @@ class PeerWatch:
         self.timeout, self.interval = timeout, min(max(timeout / 5, 0.1), 5.0)
         self._describe, self._client, self._index, self._count = describe_checkpoint, client, index, count
         self._end = end or _end_process
-        self._stop, self._ended = threading.Event(), threading.Event()
+        self._stop, self._ended, self._armed = threading.Event(), threading.Event(), threading.Event()
         self._seen: dict[int, str] = {}  # each peer's last counter
         self._heard: dict[int, float] = {}  # when it last moved
         self._answered = time.monotonic()  # when the store last answered a full round
@@ -94,12 +95,36 @@ class PeerWatch:
             except Exception:  # noqa: BLE001 - the store is gone: nobody is left to tell
                 pass
 
+    def arm(self):
+        """Start beating: from now on the peers watch this process."""
+        self._armed.set()
+
+    def wrap(self, step_fn):
+        """`step_fn(state, batch)` arming the watch once the second step has finished: start-up
+        (restore, compiles, the first collectives) runs at each host's own pace, and a host
+        blocked there for a slower one must not be taken for lost."""
+        calls = 0
+
+        def step(state, batch):
+            nonlocal calls
+            calls += 1
+            result = step_fn(state, batch)
+            if calls == 2:
+                jax.block_until_ready(result)
+                self.arm()
+            return result
+
+        return step
+
     def settle(self):
         """Wait until the watch has had time to find a lost process (it then ends this one)."""
         self._ended.wait(self.timeout + 2 * self.interval)
 
     def _beat(self):
         beat = 0
+        while not self._armed.is_set():
+            if self._stop.wait(self.interval):
+                return
         while not self._stop.is_set():
             beat += 1
             if self._asking is None:
