@@ -21,11 +21,14 @@ A process that finishes marks its counter done, so a peer still finishing
 its last save does not take it for lost. A process beats only once its
 second training step has finished, and is watched only from its first beat:
 start-up (restore, compiles, the first collectives) runs at each host's own
-pace, and a host lost before that is left to JAX's heartbeat timeout. Keep `peer_timeout` below JAX's
-heartbeat timeout (`python -m train --distributed` sets that to
-max(100, 2 * peer_timeout)); when process 0 dies outright, JAX's client on
-every other process aborts at once with its own message ("the leader task
-was preempted/died"), before this watcher can speak.
+pace, and a host lost before that is left to JAX's heartbeat timeout.
+
+Keep `peer_timeout` below JAX's heartbeat timeout (`python -m train
+--distributed` sets that to max(100, 2 * peer_timeout)). When process 0 dies
+outright, JAX's client on every other process aborts at once with its own
+message ("the leader task was preempted/died"), before this watcher can
+speak: jaxlib's hook for that moment (missed_heartbeat_callback) cannot
+reach Python in jaxlib 0.10.2 (its status argument fails to convert).
 """
 
 from __future__ import annotations
