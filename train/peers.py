@@ -11,8 +11,7 @@ So every process of the run beats a counter into JAX's key-value store (the
 coordination service on process 0) from a thread of its own, and watches the
 others' counters from another; the threads run while the main thread is
 blocked in a collective or a compile. A process whose counter has not moved
-for `peer_timeout` seconds is lost; so is process 0 when the store itself has
-not answered that long. The watcher then prints one line naming the lost
+for `peer_timeout` seconds is lost. The watcher then prints one line naming the lost
 process and the last complete checkpoint, and ends its process at once with
 exit code 3 (`os._exit`: Python's exit would wait for the collectives and for
 jax.distributed's shutdown barrier, which wait for the lost process).
@@ -24,11 +23,13 @@ start-up (restore, compiles, the first collectives) runs at each host's own
 pace, and a host lost before that is left to JAX's heartbeat timeout.
 
 Keep `peer_timeout` below JAX's heartbeat timeout (`python -m train
---distributed` sets that to max(100, 2 * peer_timeout)). When process 0 dies
-outright, JAX's client on every other process aborts at once with its own
-message ("the leader task was preempted/died"), before this watcher can
-speak: jaxlib's hook for that moment (missed_heartbeat_callback) cannot
-reach Python in jaxlib 0.10.2 (its status argument fails to convert).
+--distributed` sets that to max(100, 2 * peer_timeout)). Process 0 holds the
+store, so its own loss is JAX's to report: when it dies outright, JAX's
+client on every other process aborts at once with its own message ("the
+leader task was preempted/died"; jaxlib's hook for that moment,
+missed_heartbeat_callback, cannot reach Python in jaxlib 0.10.2: its status
+argument fails to convert), and when it stops answering, the others' calls
+to the store block until JAX's heartbeat timeout aborts them.
 """
 
 from __future__ import annotations
@@ -77,7 +78,6 @@ class PeerWatch:
         self._seen: dict[int, str] = {}  # each peer's last counter
         self._heard: dict[int, float] = {}  # when it last moved
         self._answered = time.monotonic()  # when the store last answered a full round
-        self._asking: float | None = None  # since when the store has not answered (None: it just did)
         self._threads = [threading.Thread(target=self._beat, name="peer-beat", daemon=True),
                          threading.Thread(target=self._watch, name="peer-watch", daemon=True)]
 
@@ -130,8 +130,6 @@ class PeerWatch:
                 return
         while not self._stop.is_set():
             beat += 1
-            if self._asking is None:
-                self._asking = time.monotonic()
             try:
                 self._client.key_value_set(KEY_DIR + str(self._index), str(beat), allow_overwrite=True)
                 entries = self._client.key_value_dir_get(KEY_DIR)
@@ -139,7 +137,7 @@ class PeerWatch:
                 entries = None
             now = time.monotonic()
             if entries is not None:
-                self._answered, self._asking = now, None
+                self._answered = now
                 for key, value in entries:
                     peer = int(key.rsplit("/", 1)[-1])
                     if peer != self._index and self._seen.get(peer) != value:
@@ -158,13 +156,8 @@ class PeerWatch:
     def lost(self, now: float) -> str | None:
         """What is lost at time `now` (monotonic seconds), or None.
 
-        Silence is measured between this process's own answered rounds, and the store's
-        from the round it has been waiting on: a process starved of CPU (a busy host) does
-        not take its own slowness for a peer's."""
-        asking = self._asking
-        if self._index != 0 and asking is not None and now - asking > self.timeout:
-            return (f"process 0 of {self._count} (the coordinator) stopped answering for {self.timeout:g} s "
-                    "(killed, stopped or cut off)")
+        Silence is measured between this process's own answered rounds: a process starved
+        of CPU (a busy host) does not take its own slowness for a peer's."""
         for peer, heard in sorted(self._heard.items()):
             if self._seen[peer] != DONE and self._answered - heard > self.timeout:
                 return (f"process {peer} of {self._count} stopped answering for {self.timeout:g} s "
