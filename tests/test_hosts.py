@@ -42,12 +42,12 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _start(run_dir, logs, corpus, cache, processes=2, devices=4) -> list[subprocess.Popen]:
+def _start(run_dir, logs, corpus, cache, processes=2, devices=4, steps=STEPS) -> list[subprocess.Popen]:
     """`python -m train` as `processes` processes of one job, each with `devices` CPU devices."""
     port = _free_port()
     argv = ["--config", "tiny_cpu", "--quiet", f"run_dir={run_dir}", "chip=v4", "log_every=1",
             f"peer_timeout={PEER_TIMEOUT}", f"compile_cache={cache}", f"data.paths=[{corpus}]",
-            *(f"{k}={v}" for k, v in SETTINGS.items()),
+            *(f"{k}={v}" for k, v in {**SETTINGS, "steps": steps}.items()),
             "--distributed", "--coordinator", f"127.0.0.1:{port}", "--num-processes", str(processes)]
     env = subprocess_env(devices=devices)
     env.update(JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
@@ -59,12 +59,13 @@ def _logs(tmp, name, n=2):
     return [tmp / f"{name}{i}.log" for i in range(n)]
 
 
-def _lose(run_dir, workers, logs, sig: int, after: int) -> tuple[str, float]:
+def _lose(run_dir, workers, logs, sig: int, after: int, pause: float = 0) -> tuple[str, float]:
     """Send `sig` to process 1 once step SAVE_EVERY is saved and step `after` logged (the watch is
-    armed once a process has finished two steps of its attempt); (process 0's output, seconds
-    from the signal to its exit). Process 1 (killed or stopped) is killed at the end."""
+    armed once a process has finished two steps), and `pause` seconds more;
+    (process 0's output, seconds from the signal to its exit). Process 1 is killed at the end."""
     try:
         wait_for_step(run_dir, after, workers[0], timeout=TIMEOUT, saved=SAVE_EVERY)
+        time.sleep(pause)
         workers[1].send_signal(sig)
         sent = time.monotonic()
         workers[0].wait(timeout=PEER_TIMEOUT + SLACK_S + 60)
@@ -122,9 +123,9 @@ def test_sigkill_of_one_process_ends_the_other_in_one_line_and_the_rerun_is_bit_
 
 def test_sigstop_of_one_process_ends_the_other_in_one_line(runs):
     tmp = runs["tmp"]
-    shutil.copytree(runs["saved"], tmp / "stopped" / "checkpoints")
-    workers = _start(tmp / "stopped", _logs(tmp, "stopped"), runs["corpus"], runs["cache"])
-    output, elapsed = _lose(tmp / "stopped", workers, _logs(tmp, "stopped"), signal.SIGSTOP, after=SAVE_EVERY + 3)
+    workers = _start(tmp / "stopped", _logs(tmp, "stopped"), runs["corpus"], runs["cache"], steps=1000)
+    output, elapsed = _lose(tmp / "stopped", workers, _logs(tmp, "stopped"), signal.SIGSTOP, after=SAVE_EVERY + 1,
+                            pause=PEER_TIMEOUT / 5 + 1)  # a round of process 0's watch, to hear process 1
     assert elapsed < PEER_TIMEOUT + SLACK_S, f"{elapsed:.1f} s"
     _assert_one_line(output, "process 1 of 2", tmp / "stopped")
 

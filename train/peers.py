@@ -99,7 +99,9 @@ class PeerWatch:
                 pass
 
     def arm(self):
-        """Start beating: from now on the peers watch this process."""
+        """Start beating (the first beat now, before this process goes on): from now on the
+        peers watch this process."""
+        self._client.key_value_set(KEY_DIR + str(self._index), "0", allow_overwrite=True)
         self._armed.set()
 
     def wrap(self, step_fn):
@@ -125,8 +127,8 @@ class PeerWatch:
 
     def _beat(self):
         beat = 0
-        while not self._armed.is_set():
-            if self._stop.wait(self.interval):
+        while not self._armed.wait(self.interval):
+            if self._stop.is_set():
                 return
         while not self._stop.is_set():
             beat += 1
