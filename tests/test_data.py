@@ -334,6 +334,68 @@ def test_orbax_checkpoint_manager_saves_the_iterator_beside_the_model(corpus, tm
     assert_same_batches(take(restored, 3), take(original, 3))
 
 
+@pytest.mark.parametrize("new_count", [1, 4])
+def test_a_token_position_saved_by_2_shards_resumes_the_same_global_batches_on_another_count(tmp_path,
+                                                                                           new_count):
+    path = token_dir(tmp_path, corpus_texts())
+    config = text_config(path, source="tokens", global_batch=4)
+    saved = [dataset(config, shard=(p, 2)) for p in range(2)]
+    for shard in saved:
+        take(shard, 5)
+    states = [json.loads(json.dumps(shard.get_state())) for shard in saved]
+    assert states[0] == states[1] == {"global_rows": 20}  # one position for the whole job
+    want = [{k: np.concatenate(parts) for k, parts in zip(b[0], zip(*(x.values() for x in b)))}
+            for b in zip(*(take(shard, 3) for shard in saved))]
+    resumed = [dataset(config, shard=(p, new_count)) for p in range(new_count)]
+    for shard in resumed:
+        shard.set_state(states[0])
+    got = [{k: np.concatenate(parts) for k, parts in zip(b[0], zip(*(x.values() for x in b)))}
+           for b in zip(*(take(shard, 3) for shard in resumed))]
+    assert_same_batches(got, want)
+
+
+def _save_as_two_processes(config, tmp_path):
+    """Save a dataset's position as orbax does, then name the file as if 2 processes wrote it."""
+    import orbax.checkpoint as ocp
+
+    original = dataset(config)
+    take(original, 3)
+    with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
+        manager.save(3, args=ocp.args.Composite(data=checkpoint_save_args(original)))
+        manager.wait_until_finished()
+    item = tmp_path / "ckpt" / "3" / "data"
+    (item / "process_0-of-1.json").rename(item / "process_1-of-2.json")
+    return original
+
+
+def _restore(config, tmp_path):
+    import orbax.checkpoint as ocp
+
+    restored = dataset(config)
+    with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
+        manager.restore(3, args=ocp.args.Composite(data=checkpoint_restore_args(restored)))
+    return restored
+
+
+def test_orbax_restores_a_global_position_written_by_another_process_count(tmp_path):
+    config = text_config(token_dir(tmp_path, corpus_texts()), source="tokens", global_batch=4)
+    original = _save_as_two_processes(config, tmp_path)
+    assert_same_batches(take(_restore(config, tmp_path), 3), take(original, 3))
+
+
+def test_a_per_process_position_written_by_another_process_count_is_one_line(tmp_path, corpus):
+    config = text_config(corpus, global_batch=4)  # streamed text: rows packed per process
+    _save_as_two_processes(config, tmp_path)
+    with pytest.raises(Exception) as err:
+        _restore(config, tmp_path)
+    cause = err.value
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    assert str(cause) == ("data: this checkpoint's position was saved by 2 processes and the data source packs "
+                          "documents per process; resume with 2 processes (not 1), or train on prepared tokens "
+                          "(data.source tokens) to resize")
+
+
 # --- Token files and the prepare command. -------------------------------------
 
 

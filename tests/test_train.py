@@ -184,6 +184,7 @@ def test_schedule_warms_up_then_decays_to_floor():
     ("chip=v9", "chip: 'v9' is not one of"),
     ("on_nonfinite=ignore", "on_nonfinite: 'ignore' is not one of stop, skip"),
     ("checkpoint_timeout=0", "checkpoint_timeout: must be a positive integer, got 0"),
+    ("peer_timeout=-1", "peer_timeout: must be a whole number of seconds (0: never), got -1"),
     ("metrics.tensorboard=false", "metrics.tensorboard: unknown key (known: wandb)"),
     ("metrics.wandb.projekt=p", "metrics.wandb.projekt: unknown key (known: entity, mode, name, project)"),
     ("metrics.wandb={name: run-1}", "metrics.wandb.project: required: the W&B project to log to"),

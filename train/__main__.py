@@ -2,7 +2,9 @@
 
 Trains as the run config says, resuming from the run directory's latest
 checkpoint. Bad input is one line on stderr and exit code 2; a diverged run
-(a non-finite loss with on_nonfinite=stop) one line and exit code 1.
+(a non-finite loss with on_nonfinite=stop) one line and exit code 1; another
+process of the run lost (killed, or silent for peer_timeout seconds) one line
+and exit code 3 (train/peers.py).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from train.checkpoints import resume_config
 from train.config import load_run_config
 from train.loop import loss_curve_png, train
 from train.nonfinite import DivergenceError
+from train.peers import initialize
 from train.runtime import CacheCounter, enable_compile_cache, tpu_env
 
 
@@ -39,21 +42,29 @@ def _main(argv) -> int:
                              "with checkpoints (continues it with the config saved there)")
     parser.add_argument("--distributed", action="store_true",
                         help="call jax.distributed.initialize() first (multi-host TPU pods)")
+    parser.add_argument("--coordinator", metavar="HOST:PORT",
+                        help="with --distributed, outside a detected cluster: process 0's address "
+                             "(with --num-processes and --process-id)")
+    parser.add_argument("--num-processes", type=int, metavar="N")
+    parser.add_argument("--process-id", type=int, metavar="I")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_intermixed_args(argv)  # flags may follow key=value overrides
+    explicit = (args.coordinator, args.num_processes, args.process_id)
+    if any(v is not None for v in explicit) and (None in explicit or not args.distributed):
+        parser.error("--coordinator, --num-processes and --process-id go together, with --distributed")
 
     # orbax's notes, and asyncio's about futures of a failed save collected at exit,
     # would bury the one-line errors (a run logs them to <run_dir>/orbax.log).
     logging.getLogger("absl").setLevel(logging.ERROR)
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
-    if args.distributed:
-        jax.distributed.initialize()
     check_bucket(args.config)  # a gs:// run directory: bucket and credentials, in one line
     if user_path(args.config).is_dir():
         run = resume_config(args.config, args.overrides)
     else:
         run = load_run_config(args.config, args.overrides)
+    if args.distributed:  # after the config, whose peer_timeout sets JAX's heartbeat timeout
+        initialize(run.peer_timeout, *explicit)
     os.environ.update(tpu_env(run.tpu_flags))  # read by libtpu when JAX starts its TPU backend
     cache_dir, cache = enable_compile_cache(run.compile_cache), CacheCounter()
     try:
@@ -80,6 +91,8 @@ def _main(argv) -> int:
             print(f"compile cache: {cache.hits} hits, {cache.misses} misses ({cache_dir})")
         if summary["preempted"]:
             print(f"preempted: saved step {summary['step']}; run the same command to resume")
+    if args.distributed:
+        jax.distributed.shutdown()
     return 0
 
 

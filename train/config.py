@@ -23,6 +23,7 @@ A run is a YAML file in `configs/runs/` (see `tiny_cpu.yaml`):
     profile: {start_step: 10, steps: 3}                         # a jax.profiler trace in run_dir/profile
     checkpoint_timeout: 1200         # seconds a save may take before the run stops with an error
     local_checkpoints: {dir: /dev/shm/ckpt, every: 10}   # a fast tier on each host (train/checkpoints/local.py)
+    peer_timeout: 60                 # seconds a silent process may take before the others stop (train/peers.py)
     metrics: {wandb: {project: my-project}}   # also log to Weights & Biases (train/tracking/wandb_logging.py)
 
 Command-line overrides use dotted keys (`optimizer.learning_rate=1e-3`,
@@ -232,6 +233,7 @@ class RunConfig:
     profile: ProfileConfig | None = None
     checkpoint_timeout: int = 1200  # seconds (orbax's default): a save not done by then fails the run
     local_checkpoints: LocalCheckpointConfig | None = None  # None: the run directory's checkpoints only
+    peer_timeout: int = 60  # seconds: a process silent that long ends a multi-process run (0: never)
     metrics: MetricsConfig = dataclasses.field(default_factory=MetricsConfig)
 
     def __post_init__(self):
@@ -240,6 +242,8 @@ class RunConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name}: must be a positive integer, got {value!r}")
+        if isinstance(self.peer_timeout, bool) or not isinstance(self.peer_timeout, int) or self.peer_timeout < 0:
+            raise ConfigError(f"peer_timeout: must be a whole number of seconds (0: never), got {self.peer_timeout!r}")
         if isinstance(self.loss_chunk, bool) or not isinstance(self.loss_chunk, int) or self.loss_chunk < 0:
             raise ConfigError(f"loss_chunk: must be 0 (no chunking) or a positive integer, got {self.loss_chunk!r}")
         if not isinstance(self.z_loss, (int, float)) or self.z_loss < 0:

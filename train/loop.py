@@ -26,6 +26,7 @@ from train.eval import Evaluator, eval_data
 from train.lm_eval.run import TaskEvaluator, require_lm_eval
 from train.nonfinite import NonfiniteWatch
 from train.objectives.run import load_reference, teacher_placement
+from train.peers import watch_peers
 from train.program import build_train_step
 from train.runtime import StepProfiler
 from train.step import init_state, trainable
@@ -177,7 +178,26 @@ def train(run: RunConfig, *, progress: bool = True, stop_after: int | None = Non
     Raises DivergenceError (train/nonfinite.py) if a step's loss, gradient
     norm or update norm is not finite and `run.on_nonfinite` is "stop".
     Nothing is written until the data has given its first batch.
+    With several processes, one lost for `run.peer_timeout` seconds ends the
+    others (train/peers.py).
     """
+    watch = watch_peers(run.peer_timeout, run.run_dir)
+    if watch is None:
+        return _train(run, progress, stop_after, whole_process)
+    try:
+        summary = _train(run, progress, stop_after, whole_process, watch)
+    except jax.errors.JaxRuntimeError:
+        watch.settle()  # a collective failed: a lost process is the likely cause, and the line to print
+        watch.stop(finished=False)
+        raise
+    except BaseException:
+        watch.stop(finished=False)
+        raise
+    watch.stop()
+    return summary
+
+
+def _train(run: RunConfig, progress: bool, stop_after: int | None, whole_process: bool, watch=None) -> dict:
     if run.metrics.wandb is not None:  # a missing extra fails now, not after the compiles
         require_wandb()
     if run.eval.tasks:  # lm-eval is optional: asked for (and imported) only by runs with tasks
@@ -241,6 +261,8 @@ def train(run: RunConfig, *, progress: bool = True, stop_after: int | None = Non
         profiler = StepProfiler(run.profile, run.run_dir, active=jax.process_index() == 0)
         cleanup.push(_closing(profiler.close))
         step_fn = profiler.wrap(program.step, start)
+        if watch is not None:
+            step_fn = watch.wrap(step_fn)
         last_steps = run.steps if stop_after is None else min(run.steps, start + stop_after)
         bar = tqdm(total=run.steps, initial=start, disable=not progress or jax.process_index() != 0,
                    desc="train", unit="step", dynamic_ncols=True)

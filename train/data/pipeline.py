@@ -11,14 +11,16 @@ rows are random-access windows over one token stream.
     windows              row w = stream[w*L : (w+1)*L] (+1 id for targets)
     .shuffle(seed)       a global permutation of the rows, new every epoch
     .repeat(num_epochs)  None repeats forever
-    [index::count]       each shard takes every count-th row
+    shard blocks         each shard takes its block of every global batch
     .batch(rows_per_shard)
 
 Every row of a batch therefore comes from a random place in the corpus,
 however long its documents are (with streamed packing a 100k-token file
 fills whole batches by itself, and the loss swings from batch to batch).
 A global batch is a run of consecutive rows of the shuffled dataset, so
-it holds the same rows however many shards share it.
+it holds the same rows however many shards share it, and the position saved
+in a checkpoint is global: a run resumes under another process count
+(train/data/position.py).
 
 Text (tokenized on the fly), synthetic documents, and unpacked rows: lengths
 are only known once a document is read, so documents are streamed.
@@ -95,6 +97,7 @@ from llama_jax.text.tokenizer import load_tokenizer
 from train.data.config import EXAMPLE_SOURCES, DataConfig
 from train.data.example_rows import ExampleRows, PairRows
 from train.data.packing import NonEmpty, PackedRows, TokenWindows, unpacked_row
+from train.data.position import GlobalRows, PositionRestore, PositionSave, ShardBlocks
 from train.data.sources import (Examples, Preferences, SyntheticDocuments, TextDocuments, TextTokenizer,
                                 TokenDocuments, encode_document)
 
@@ -200,12 +203,15 @@ def make_dataset(
     if config.source in EXAMPLE_SOURCES or config.source == "preference":
         rows = PairRows if config.source == "preference" else ExampleRows
         rows = _global_rows(rows(source, indices, config), config)
-        rows = rows[shard_index::shard_count].to_iter_dataset(read)
     elif config.source == "tokens" and config.packing:
-        rows = _window_rows(source, indices, config)[shard_index::shard_count].to_iter_dataset(read)
+        rows = _window_rows(source, indices, config)
     else:
         rows = _streamed_rows(_Subset(source, indices), encode, config, shard_index, shard_count, read)
-    return iter(rows.batch(config.global_batch // shard_count, drop_remainder=True))
+        return iter(rows.batch(config.global_batch // shard_count, drop_remainder=True))
+    # one global dataset of rows: the position is global too (train/data/position.py)
+    per_shard = config.global_batch // shard_count
+    rows = ShardBlocks(rows, shard_index, shard_count, per_shard).to_iter_dataset(read)
+    return GlobalRows(iter(rows.batch(per_shard, drop_remainder=True)), shard_count)
 
 
 def _window_rows(docs: TokenDocuments, indices: np.ndarray, config: DataConfig) -> grain.MapDataset:
@@ -260,9 +266,10 @@ def checkpoint_save_args(iterator: grain.DatasetIterator):
     manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                data=checkpoint_save_args(iterator)))
     """
-    return grain.checkpoint.CheckpointSave(iterator)
+    return PositionSave(iterator)
 
 
 def checkpoint_restore_args(iterator: grain.DatasetIterator):
-    """Orbax args restoring into `iterator` (made from the same config and shard) in place."""
-    return grain.checkpoint.CheckpointRestore(iterator)
+    """Orbax args restoring into `iterator` (made from the same config) in place; a global
+    position (random-access sources) restores under any process count (train/data/position.py)."""
+    return PositionRestore(iterator)
