@@ -13,12 +13,18 @@
   host's shards: a step a host lost is not complete, and the checkpointer
   restores from the persistent tier instead.
 
+The data position goes through grain's own orbax arguments (the P2P manager takes no
+others): a local step is only ever restored by the same processes that saved it, and
+the state grain writes is whatever `get_state` gives (a global position where the
+source has one, train/data/position.py).
+
 The directory also holds RUN_DIR, the run directory it belongs to, so that two
 runs given one `local_checkpoints.dir` never restore each other's state.
 """
 
 from __future__ import annotations
 
+import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -33,8 +39,8 @@ from llama_jax.formats.checkpoint import PARAMS, CheckpointError
 from llama_jax.paths import user_path
 from sharding.place import abstract_arrays
 from train.checkpoints.failures import failure_reason, root_cause
+from train.checkpoints.tier import AsyncSaves
 from train.config import RunConfig
-from train.data.pipeline import checkpoint_restore_args, checkpoint_save_args
 
 OPT_STATE = "opt_state"
 OWNER = "RUN_DIR"  # the file naming the run directory a local directory belongs to
@@ -60,7 +66,7 @@ def claim_local_dir(run: RunConfig) -> epath.Path:
     return directory
 
 
-class LocalTier:
+class LocalTier(AsyncSaves):
     """Saves every `local_checkpoints.every` steps to this host's directory; restores the newest
     step complete across hosts (a missing copy fetched from a peer). Every process must make
     one and call its methods at the same steps (they exchange data)."""
@@ -95,7 +101,7 @@ class LocalTier:
         try:
             restored = self.manager.restore(step, args=p2p_args.Composite(
                 state=ocp.args.PyTreeRestore({PARAMS: abstract.params, OPT_STATE: abstract.opt_state}),
-                data_iter=checkpoint_restore_args(data)))
+                data_iter=grain.checkpoint.CheckpointRestore(data)))
             arrays = dict(restored.state)
         except Exception as err:  # a peer gone, a torn file: the persistent tier still has the run
             self.problem = root_cause(err)
@@ -117,26 +123,10 @@ class LocalTier:
         try:
             self.manager.save(step, args=p2p_args.Composite(
                 state=ocp.args.PyTreeSave({PARAMS: state.params, OPT_STATE: state.opt_state}),
-                data_iter=checkpoint_save_args(data)), force=True)
+                data_iter=grain.checkpoint.CheckpointSave(data)), force=True)
         except Exception as err:
             raise self._save_error(step, err) from None
         self.saving = step
-
-    def wait(self):
-        """Wait for the local save in progress; CheckpointError if it failed."""
-        step, self.saving = self.saving, None
-        try:
-            self.manager.wait_until_finished()
-        except Exception as err:
-            raise self._save_error(step, err) from None
-
-    def close(self):
-        """Wait for the save in progress (CheckpointError if it failed); stop the peer service."""
-        try:
-            if self.saving is not None:
-                self.wait()
-        finally:
-            self.manager.close()
 
     def _save_error(self, step: int, err: BaseException) -> CheckpointError:
         return CheckpointError(f"{self.directory}: saving step {step} to the local tier failed "

@@ -42,6 +42,7 @@ from llama_jax.paths import user_path
 from sharding.place import abstract_arrays
 from train.checkpoints.failures import failure_reason, root_cause
 from train.checkpoints.fingerprints import SCHEME_KEY, fingerprints
+from train.checkpoints.tier import AsyncSaves
 from train.config import RunConfig, run_config_from_dict
 from train.data.pipeline import checkpoint_restore_args, checkpoint_save_args
 from train.tracking.metrics import note
@@ -58,7 +59,7 @@ def checkpoint_dir(run_dir) -> epath.Path:
     return user_path(run_dir) / "checkpoints"
 
 
-class PersistentTier:
+class PersistentTier(AsyncSaves):
     """Saves (asynchronously) to and restores from the run directory's checkpoints.
 
     `log_path`: where orbax's logs go (named in save errors). Restores check the
@@ -197,22 +198,8 @@ class PersistentTier:
         if self.saving is not None and not self.manager.is_saving_in_progress():
             self.wait()
 
-    def wait(self):
-        """Wait for the save in progress; CheckpointError if it failed."""
-        step, self.saving = self.saving, None
-        try:
-            self.manager.wait_until_finished()
-        except Exception as err:
-            raise self._save_error(step, err) from None
+    def _saved(self, step: int) -> None:
         self.complete = step
-
-    def close(self):
-        """Wait for the save in progress (CheckpointError if it failed), then release orbax's manager."""
-        try:
-            if self.saving is not None:
-                self.wait()
-        finally:
-            self.manager.close()
 
     def _save_error(self, step: int, err: BaseException) -> CheckpointError:
         # From what this process saw, not a listing: the storage that failed the save may
