@@ -152,7 +152,7 @@ def make_tokenizer(directory, prompts_text: list[str]) -> None:
 
 
 def train(config: ModelConfig, examples: list[tuple[list[int], list[int]]], steps: int, seed: int = 0,
-          batch: int = 16, lr: float = 3e-3):
+          batch: int = 16, lr: float = 1e-3):
     """Adam on weighted next-token cross-entropy; examples are (ids, 0/1 loss weight per id)."""
     model = Llama(config)
     params = init_params(config, jax.random.key(seed))
@@ -226,7 +226,7 @@ def chat_ids(tokenizer, system: str, text: str) -> list[int]:
 
 
 
-def make_guard(directory, steps: int = 240, seed: int = 0):
+def make_guard(directory, steps: int = 400, seed: int = 0):
     """Train the tiny guard in `directory` (our checkpoint, tokenizer.model, a tokenizer_config.json
     carrying TINY_TEMPLATE); returns its final training loss."""
     rng = random.Random(seed)
