@@ -41,7 +41,8 @@ import time
 from typing import Callable
 
 import jax
-from jax._src import distributed  # the client of jax.distributed.initialize (no public accessor)
+# JAX has no public accessor for jax.distributed's key-value client; orbax's public one follows it.
+from orbax.checkpoint import multihost
 
 from llama_jax.formats.checkpoint import latest_step
 from llama_jax.paths import user_path
@@ -169,9 +170,9 @@ class PeerWatch:
 
 def watch_peers(timeout: int, run_dir) -> PeerWatch | None:
     """Start a PeerWatch for this process of a multi-process run (None: one process, or timeout 0)."""
-    client = distributed.global_state.client
-    if jax.process_count() == 1 or not timeout or client is None:
+    if jax.process_count() == 1 or not timeout or not multihost.is_jax_distributed_client_initialized():
         return None
+    client = multihost.get_jax_distributed_client()
     directory = user_path(run_dir) / "checkpoints"
 
     def describe() -> str:
