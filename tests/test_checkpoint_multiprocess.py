@@ -9,23 +9,17 @@ earlier step with the same losses. Every wait is bounded; a hung worker is kille
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 
 from train_runs import REPO, finish, subprocess_env
+from servers import free_port
 
 TIMEOUT = 200  # seconds for both workers
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_processes_save_restore_and_resume_one_sharded_checkpoint(tmp_path):
-    port = _free_port()
+    port = free_port()
     logs = [tmp_path / f"worker{i}.log" for i in range(2)]
     workers = [subprocess.Popen([sys.executable, str(REPO / "tests" / "checkpoint_worker.py"), str(i), str(port),
                                  str(tmp_path)], cwd=REPO,

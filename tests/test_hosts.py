@@ -14,7 +14,6 @@ from __future__ import annotations
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from sharding.layout import LayoutError
 from train.loop import train
 from train.prepare import prepare
 from train_runs import EXACT_METRICS, REPO, exact_metrics, finish, metrics, run_config, subprocess_env, wait_for_step
+from servers import free_port
 
 STEPS, SAVE_EVERY, PEER_TIMEOUT = 12, 4, 10
 SLACK_S = 15  # a busy 2-core machine may schedule the survivor late
@@ -36,15 +36,9 @@ SETTINGS = {"layout": "fsdp", "steps": STEPS, "checkpoint_every": SAVE_EVERY, "d
             "data.seq_len": 16}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _start(run_dir, logs, corpus, cache, processes=2, devices=4, steps=STEPS) -> list[subprocess.Popen]:
     """`python -m train` as `processes` processes of one job, each with `devices` CPU devices."""
-    port = _free_port()
+    port = free_port()
     argv = ["--config", "tiny_cpu", "--quiet", f"run_dir={run_dir}", "chip=v4", "log_every=1",
             f"peer_timeout={PEER_TIMEOUT}", f"compile_cache={cache}", f"data.paths=[{corpus}]",
             *(f"{k}={v}" for k, v in {**SETTINGS, "steps": steps}.items()),

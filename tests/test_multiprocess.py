@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,20 +19,15 @@ from tiny import LLAMA3_LIKE
 
 from sharding.layout import load_layout
 from sharding.place import Placement
+from servers import free_port
 
 TESTS = Path(__file__).resolve().parent
 TIMEOUT_S = 240
 RTOL = 1e-5
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _run_workers() -> list[dict]:
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(TESTS.parent), env.get("PYTHONPATH", "")])
     workers = [subprocess.Popen([sys.executable, str(TESTS / "multiprocess_worker.py"), str(i), str(port)],

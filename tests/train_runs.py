@@ -6,13 +6,14 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from servers import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 # Metrics that are pure functions of the state and the batch (tokens/s and MFU are timings).
@@ -85,9 +86,7 @@ def start(command, log: Path, devices: int = 8, compilation_cache=None) -> subpr
 def start_pair(argv: list[str], logs, compilation_cache) -> list[subprocess.Popen]:
     """Two processes (4 CPU devices each) running `python -m train argv...` as one job
     (tests/preemption_worker.py: jax.distributed on 127.0.0.1), output to `logs[0]`, `logs[1]`."""
-    with socket.socket() as sock:  # a free port for the coordinator
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()  # for the coordinator
     env = subprocess_env(devices=4)
     env.update(JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     argv = [*argv, f"compile_cache={compilation_cache}"]
