@@ -1,6 +1,6 @@
 """A lost host and a resized job (`python -m train --distributed`, gloo on 127.0.0.1, 4 CPU devices a process).
 
-- SIGKILL of process 1: process 0 ends within
+- SIGKILL or SIGSTOP of process 1: process 0 ends within
   peer_timeout (plus slack for a busy machine) with exit code 3 and one line
   naming the lost process and the last complete checkpoint; the rerun of the
   killed run matches an uninterrupted two-process run bit for bit.
@@ -65,6 +65,7 @@ def _lose(run_dir, workers, logs, sig: int, after: int, pause: float = 0) -> tup
         workers[0].wait(timeout=PEER_TIMEOUT + SLACK_S + 60)
         elapsed = time.monotonic() - sent
     finally:
+        workers[1].kill()  # a stopped process never ends by itself; SIGKILL ends it stopped or not
         outputs = finish(workers, logs, 10)
     assert workers[0].returncode == 3, f"exit {workers[0].returncode}:\n{outputs[0][-3000:]}"
     return outputs[0], elapsed
@@ -113,6 +114,15 @@ def test_sigkill_of_one_process_ends_the_other_in_one_line_and_the_rerun_is_bit_
     rows = exact_metrics(metrics(tmp / "killed"))
     resumed = max(i for i, row in enumerate(rows) if row["step"] == SAVE_EVERY + 1)  # the rerun's rows
     assert rows[resumed:] == runs["reference"][SAVE_EVERY:]
+
+
+def test_sigstop_of_one_process_ends_the_other_in_one_line(runs):
+    tmp = runs["tmp"]
+    workers = _start(tmp / "stopped", _logs(tmp, "stopped"), runs["corpus"], runs["cache"], steps=1000)
+    output, elapsed = _lose(tmp / "stopped", workers, _logs(tmp, "stopped"), signal.SIGSTOP, after=SAVE_EVERY + 1,
+                            pause=PEER_TIMEOUT / 5 + 1)  # a round of process 0's watch, to hear process 1
+    assert elapsed < PEER_TIMEOUT + SLACK_S, f"{elapsed:.1f} s"
+    _assert_one_line(output, "process 1 of 2", tmp / "stopped")
 
 
 def _resumed(runs, name) -> tuple:
