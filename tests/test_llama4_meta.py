@@ -265,3 +265,23 @@ def test_meta_llama4_missing_tensor_fails_in_one_line(meta_reference, tmp_path, 
     assert code == 2 and err == [f"error: {tmp_path / 'meta' / 'consolidated.01.pth'}: missing tensor "
                                  "layers.1.feed_forward.router_DE"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["meta"], "output or staging left behind"
+
+
+@pytest.mark.parametrize("name,experts,step,scaled,qk_norm", [("llama4_scout_17b_16e", 16, 1, True, True),
+                                                              ("llama4_maverick_17b_128e", 128, 2, False, False)])
+def test_published_params_json_gives_the_shipped_config(name, experts, step, scaled, qk_norm, tmp_path):
+    """params.json of the published shapes (Meta's ModelArgs fields; sizes from its formulas) reads as
+    our shipped config, context included (params.json does not state it)."""
+    from llama_models.llama4.args import ModelArgs, MoEArgs
+
+    from llama_jax.config import load_model_config
+    from llama_jax.convert.meta_llama4 import meta_llama4_config
+
+    args = ModelArgs(dim=5120, n_layers=48, n_heads=40, n_kv_heads=8, vocab_size=202048, multiple_of=2048,
+                     ffn_dim_multiplier=1.2, ffn_exp=4.0, norm_eps=1e-5, attention_chunk_size=8192,
+                     rope_theta=500000.0, use_scaled_rope=scaled, nope_layer_interval=4, use_qk_norm=qk_norm,
+                     attn_temperature_tuning=True, floor_scale=8192.0, attn_scale=0.1,
+                     moe_args=MoEArgs(num_experts=experts, interleave_moe_layer_step=step))
+    params = args.model_dump(mode="json", exclude={"max_batch_size", "max_seq_len"})
+    config = meta_llama4_config(params, {}, 8, "bfloat16", None, tmp_path / "params.json")
+    assert config == load_model_config(name, param_dtype="bfloat16")
