@@ -40,9 +40,11 @@ from common import best_time, cpu_model, emit, threads  # noqa: E402
 def dense_twin(config):
     """`config` without experts, its feed-forwards as wide as a token's routed + shared experts."""
     moe = config.moe
-    if moe is None or moe.interleave_step != 1:
-        raise SystemExit(f"bench/moe.py: {'no moe section' if moe is None else 'interleave_step ' + str(moe.interleave_step)}"
-                         "; the dense twin needs MoE on every layer (interleave_step 1)")
+    if moe is None:
+        raise SystemExit("bench/moe.py: the model config has no moe section")
+    if moe.interleave_step != 1:
+        raise SystemExit(f"bench/moe.py: moe.interleave_step {moe.interleave_step}; the dense twin needs MoE "
+                         "on every layer (interleave_step 1)")
     return config.replace(moe=None, ffn_dim=(moe.top_k + int(moe.shared_expert)) * moe.ffn_dim_expert)
 
 
