@@ -35,6 +35,19 @@ def bench_run(args, config):
 
 
 def jax_run(args, config):
+    from train.tracking.metrics import flops_per_token, measure_matmul_flops
+
+    matmul = measure_matmul_flops(2048)
+    emit("train", "jax", "matmul_f32", "flops", matmul / 1e9, "GFLOP/s")
+    one_step = jax_train_step(args, config)
+    one_step()  # compile
+    seconds = best_time(one_step, args.steps)
+    return seconds, flops_per_token(config, args.seq_len), matmul
+
+
+def jax_train_step(args, config):
+    """A function running one training step of `config` (the step train.loop runs for
+    `bench_run`'s run config, on one device) on a fixed random batch, blocking until done."""
     import jax
     import numpy as np
 
@@ -42,13 +55,10 @@ def jax_run(args, config):
     from sharding.place import Placement
     from train.program import build_train_step
     from train.step import init_state
-    from train.tracking.metrics import flops_per_token, measure_matmul_flops
 
-    matmul = measure_matmul_flops(2048)
-    emit("train", "jax", "matmul_f32", "flops", matmul / 1e9, "GFLOP/s")
     run = bench_run(args, config)
     placement = Placement.create(run.model, load_layout(run.layout, **run.mesh), devices=jax.devices()[:1])
-    program = build_train_step(run, placement)  # the step train.loop runs for this run config
+    program = build_train_step(run, placement)
     state, _ = init_state(placement, program.optimizer, jax.random.key(0))
     step = program.step
     rng = np.random.default_rng(0)
@@ -65,9 +75,7 @@ def jax_run(args, config):
             holder["state"], metrics = step(holder["state"], batch)
         jax.block_until_ready(metrics["loss"])
 
-    one_step()  # compile
-    seconds = best_time(one_step, args.steps)
-    return seconds, flops_per_token(config, args.seq_len), matmul
+    return one_step
 
 
 def hf_run(args, config):

@@ -95,3 +95,31 @@ def test_tiny_llama4_trains_with_python_m_train_and_its_loss_falls(tmp_path):
     assert [r["step"] for r in rows] == list(range(5, 41, 5))
     assert rows[0]["loss"] > 4.0 and rows[-1]["loss"] < 1.0, [r["loss"] for r in rows]
     assert 1.0 <= rows[-1]["router_load_balance"] < 8.0 and rows[-1]["router_z_loss"] > 0
+
+
+def test_killed_tiny_llama4_run_resumes_bit_exactly(tmp_path):
+    """SIGKILL `python -m train` on the Scout-shaped tiny model under expert_fsdp (8 devices) between
+    saves; the same command again resumes from the last checkpoint, and every step's loss, gradient
+    norm and router losses equal an uninterrupted run's, bit for bit."""
+    from train_runs import cli, exact_metrics, finish, kill_at_step, metrics, start, wait_for_step
+
+    cache = tmp_path / "compilation_cache"  # the killed and resumed runs load the reference's executables
+    settings = ("steps=6", "log_every=1", "checkpoint_every=2", "data.global_batch=8", "optimizer.warmup_steps=2")
+    reference_dir, killed_dir = tmp_path / "reference", tmp_path / "killed"
+    command = functools.partial(cli, config="llama4_tiny_cpu")
+    reference = start(command(reference_dir, *settings), tmp_path / "reference.log", compilation_cache=cache)
+    wait_for_step(reference_dir, 1, reference)
+    killed = start(command(killed_dir, *settings), tmp_path / "killed.log", compilation_cache=cache)
+    kill_at_step(killed_dir, 3, killed, saved=2)
+    assert killed.returncode == -9 and metrics(killed_dir)[-1]["step"] < 6
+
+    resumed = start(command(killed_dir, *settings), tmp_path / "resumed.log", compilation_cache=cache)
+    output = finish(resumed, tmp_path / "resumed.log", 300)
+    assert resumed.returncode == 0, output[-3000:]
+    assert f"resuming from {killed_dir / 'checkpoints'}" in output
+    reference_output = finish(reference, tmp_path / "reference.log", 300)
+    assert reference.returncode == 0, reference_output[-3000:]
+    router = ("router_load_balance", "router_z_loss")
+    expected = exact_metrics(metrics(reference_dir), router)
+    assert [row["step"] for row in expected] == list(range(1, 7))
+    assert exact_metrics(metrics(killed_dir), router) == expected

@@ -55,9 +55,9 @@ def run_config(run_dir, **overrides):
     return load_run_config("tiny_cpu", [f"run_dir={run_dir}", *(f"{k}={v}" for k, v in settings.items())])
 
 
-def cli(run_dir, *overrides) -> list[str]:
-    """`python -m train` for the tiny CPU run in `run_dir`."""
-    return [sys.executable, "-m", "train", "--config", "tiny_cpu", "--quiet", f"run_dir={run_dir}",
+def cli(run_dir, *overrides, config: str = "tiny_cpu") -> list[str]:
+    """`python -m train` for a run config (the tiny CPU run unless told) in `run_dir`."""
+    return [sys.executable, "-m", "train", "--config", config, "--quiet", f"run_dir={run_dir}",
             "chip=v4", *overrides]  # a published peak: no FLOP/s measurement at start-up
 
 
@@ -144,9 +144,10 @@ def kill_at_step(run_dir, step: int, process: subprocess.Popen, saved: int):
             process.kill()
 
 
-def exact_metrics(rows) -> list[dict]:
-    """Each metrics row's step and EXACT_METRICS: what a resumed run must reproduce bit for bit."""
-    return [{k: row[k] for k in ("step", *EXACT_METRICS)} for row in rows]
+def exact_metrics(rows, extra: tuple[str, ...] = ()) -> list[dict]:
+    """Each metrics row's step, EXACT_METRICS and the `extra` keys the run logs (a MoE's router
+    losses): what a resumed run must reproduce bit for bit."""
+    return [{k: row[k] for k in ("step", *EXACT_METRICS, *extra)} for row in rows]
 
 
 def steps_on_disk(run_dir) -> list[int]:

@@ -13,6 +13,9 @@ permutation (Meta rotates adjacent pairs, we rotate halves like HF), which
 turns them into HF's layout, and `llama_jax.formats.hf.to_ours` finishes the job, so
 the two converters share one layout table.
 
+Llama 4 (params.json with `moe_args`: Scout, Maverick) has its own names,
+fused tensors and splits: llama_jax/convert/meta_llama4.py.
+
 Shards are opened with `torch.load(mmap=True, weights_only=True)`: tensors
 are read lazily from disk. They are reopened for every layer (and for each
 global tensor), which drops the previous pages from the process.
@@ -27,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
 from typing import NamedTuple
 
@@ -37,6 +39,8 @@ from llama_jax.formats.checkpoint_io import ParamsWriter, as_contiguous
 from llama_jax.cli import run_cli
 from llama_jax.config import ConfigError, ModelConfig, RopeScaling, load_model_config, published_models
 from llama_jax.convert import DTYPES, ConvertError, progress, staged_output
+from llama_jax.convert.meta_llama4 import convert_meta_llama4, is_meta_llama4
+from llama_jax.convert.pth import find_shards, load_shard, to_numpy
 from llama_jax.formats.hf_llama import HF_WEIGHTS, to_ours
 
 
@@ -83,8 +87,13 @@ def convert_meta_to_ours(meta_dir: str | Path, output: str | Path, dtype: str = 
     """
     meta_dir = Path(meta_dir)
     shards = find_shards(meta_dir)
+    params = read_params(meta_dir / "params.json")
+    if is_meta_llama4(params):
+        if vocab_size is not None or rope_scaling is not None or tokenizer is not None:
+            raise ConvertError("--vocab-size, --rope-scaling, --tokenizer: Llama 4's params.json states these")
+        return convert_meta_llama4(meta_dir, params, shards, output, dtype, step, max_seq_len, show_progress)
     first = load_shard(shards[0])
-    config = meta_config(meta_dir, first, len(shards), dtype, vocab_size, rope_scaling, max_seq_len,
+    config = meta_config(meta_dir, params, first, len(shards), dtype, vocab_size, rope_scaling, max_seq_len,
                          Path(tokenizer) if tokenizer else meta_dir / "tokenizer.model")
     embedding_split = _embedding_split(first["tok_embeddings.weight"].shape, config, len(shards))
     del first
@@ -105,43 +114,23 @@ def convert_meta_to_ours(meta_dir: str | Path, output: str | Path, dtype: str = 
     return config
 
 
-def find_shards(meta_dir: Path) -> list[Path]:
-    """consolidated.00.pth, consolidated.01.pth, ... numbered without gaps."""
-    if not meta_dir.is_dir():
-        raise ConvertError(f"{meta_dir}: directory not found")
-    shards = sorted(meta_dir.glob("consolidated.*.pth"))
-    if not shards:
-        raise ConvertError(f"{meta_dir}: no consolidated.*.pth files")
-    numbers = [int(m.group(1)) if (m := re.fullmatch(r"consolidated\.(\d+)\.pth", p.name)) else -1 for p in shards]
-    for expected, (number, path) in enumerate(zip(numbers, shards)):
-        if number != expected:
-            raise ConvertError(f"{meta_dir / f'consolidated.{expected:02d}.pth'}: shard missing "
-                               f"(found {', '.join(p.name for p in shards)})")
-    return shards
-
-
-def load_shard(path: Path) -> dict:
-    """A lazily read (memory-mapped) state dict of one .pth shard."""
-    import torch
-
-    try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as err:  # torch reports bad files as RuntimeError, UnpicklingError, ...
-        text = str(err).strip().splitlines()
-        raise ConvertError(f"{path}: not a readable PyTorch checkpoint ({text[0] if text else type(err).__name__})") \
-            from None
-
-
-def meta_config(meta_dir: Path, first: dict, n_shards: int, dtype: str, vocab_size: int | None,
-                rope_scaling: str | None, max_seq_len: int | None, tokenizer: Path) -> ModelConfig:
-    """Our ModelConfig from params.json, flags and (for vocab and tying) shard 0's tensors."""
-    path = meta_dir / "params.json"
+def read_params(path: Path) -> dict:
+    """params.json (Meta's ModelArgs) as a dict."""
     if not path.is_file():
         raise ConvertError(f"{path}: file not found")
     try:
         params = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ConvertError(f"{path}: not valid JSON ({err.msg})") from None
+    if not isinstance(params, dict):
+        raise ConvertError(f"{path}: expected a JSON object")
+    return params
+
+
+def meta_config(meta_dir: Path, params: dict, first: dict, n_shards: int, dtype: str, vocab_size: int | None,
+                rope_scaling: str | None, max_seq_len: int | None, tokenizer: Path) -> ModelConfig:
+    """Our ModelConfig from params.json, flags and (for vocab and tying) shard 0's tensors."""
+    path = meta_dir / "params.json"
     try:
         dim, n_heads = int(params["dim"]), int(params["n_heads"])
         hidden = int(2 * 4 * dim / 3)
@@ -301,7 +290,7 @@ def _gather(rule: MetaRule, layer: int | None, loaded: list[dict], shards: list[
         n = getattr(config, rule.rope_heads)
         rows, cols = weight.shape
         weight = weight.reshape(n, rows // n // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
-    return _to_numpy(weight)
+    return to_numpy(weight)
 
 
 def _unrepeat_kv(name: str, pieces: list, shards: list[Path], config: ModelConfig) -> list:
@@ -323,16 +312,6 @@ def _meta_shape(rule: MetaRule, config: ModelConfig) -> tuple[int, ...]:
     return {"embed": (v, d), "norm": (d,), "output": (v, d), "attention_norm": (d,), "ffn_norm": (d,),
             "wq": (q, d), "wk": (kv, d), "wv": (kv, d), "wo": (d, q), "w1": (f, d), "w3": (f, d),
             "w2": (d, f)}[rule.path[1] if rule.path[0] in ("attention", "feed_forward") else rule.path[0]]
-
-
-def _to_numpy(tensor) -> np.ndarray:
-    import ml_dtypes
-    import torch
-
-    tensor = tensor.contiguous()
-    if tensor.dtype == torch.bfloat16:
-        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return tensor.numpy()
 
 
 def main(argv: list[str] | None = None) -> None:

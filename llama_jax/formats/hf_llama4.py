@@ -53,14 +53,15 @@ SHARED_EXPERT_WEIGHTS = tuple(
                ("feed_forward", "shared_expert") + rule.path[1:], rule.kind) for rule in DENSE_WEIGHTS)
 
 
+def layer_slot(config: ModelConfig, i: int) -> tuple[tuple[str, ...], int]:
+    """(the stacked subtree, the index in it) of decoder layer i in scan layout: layer i % period
+    of block i // period, or the plain layer stack when the pattern is one layer."""
+    period = config.layer_period
+    return (("layers", f"layer_{i % period}") if period > 1 else ("layers",)), i // period
+
+
 def llama4_tensors(config: ModelConfig) -> list[HFTensor]:
     """Every tensor of a Llama4ForCausalLM checkpoint for this config, in HF's order."""
-    period = config.layer_period
-
-    def place(i: int) -> tuple[tuple[str, ...], int]:
-        # Scan layout: layer i is layer i % period of block i // period (or itself, period 1).
-        return (("layers", f"layer_{i % period}") if period > 1 else ("layers",)), i // period
-
     out = []
     for rule in GLOBAL_WEIGHTS:
         if not (rule.path[0] == "output" and config.tie_embeddings):
@@ -69,7 +70,7 @@ def llama4_tensors(config: ModelConfig) -> list[HFTensor]:
         kind = config.layer_kind(i)
         rules = ATTENTION_WEIGHTS + (MOE_WEIGHTS + SHARED_EXPERT_WEIGHTS * config.moe.shared_expert
                                      if kind.moe else DENSE_WEIGHTS)
-        stack, index = place(i)
+        stack, index = layer_slot(config, i)
         out += [HFTensor(rule.hf_name.format(i=i), stack + rule.path, index, rule.kind, config.head_dim)
                 for rule in rules]
     return out
