@@ -152,8 +152,8 @@ def _load(args):
     config, params, tokenizer = load_served(args.checkpoint, options, args.tokenizer)
     service = Service(None, tokenizer, args.model_name or Path(args.checkpoint).resolve().name, context,
                       args.api_key or None, args.max_body_bytes, args.max_waiting, body_timeout=args.body_timeout,
-                      vocab_size=config.vocab_size)
-    service.guard = guard_hook.load(args, options.layout, tokenizer)
+                      vocab_size=config.vocab_size, vision=config.vision)
+    service.guard = guard_hook.load(args, options.layout, tokenizer, config.vision is not None)
 
     def count(event: str, duration: float, **_):
         if event == BACKEND_COMPILE_EVENT:
