@@ -1,7 +1,9 @@
 """Llama Guard 3 end to end: `python -m infer.guard` classifies held-out conversations with a
 tiny guard trained here on a synthetic rule, --filter keeps the safe ones, fsdp_tp equals one
 device, a Vision guard reads an image, bad input is one line; `python -m infer.serve --guard`
-refuses a marked prompt, serves an unmarked one unchanged and withholds a marked answer."""
+refuses a marked prompt, serves an unmarked one unchanged and withholds a marked answer, and
+refuses an image for its text-only model. (The tiny guard, `trained_guard`, is conftest.py's;
+a Vision guard in the server: tests/test_serve_vision.py.)"""
 
 import json
 import random
@@ -21,15 +23,6 @@ from test_guard_prompt import META_MODEL, MULTI, with_template
 
 
 # ---------------------------------------------------------------- python -m infer.guard, end to end
-
-@pytest.fixture(scope="module")
-def trained_guard(tmp_path_factory):
-    """A tiny guard trained here to answer "unsafe\nS1" when the judged turn holds the marker
-    word, "safe" otherwise (tests/guard_tiny.py)."""
-    directory = tmp_path_factory.mktemp("tiny_guard")
-    gt.make_guard(directory)
-    return directory
-
 
 @pytest.fixture(scope="module")
 def held_out(tmp_path_factory):
@@ -246,103 +239,12 @@ def test_a_guard_with_its_own_tokenizer_gets_a_note_not_an_error(trained_guard):
 def test_an_image_sent_to_a_text_only_model_is_one_400(guarded_server):
     import httpx
 
-    url = "data:image/png;base64," + picture_base64()
+    from test_serve_vision import picture
+
+    url = picture("wide")[1]
     body = {"model": "tiny", "max_tokens": 4, "messages": [
         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "hi"}]}]}
     response = httpx.post(f"{guarded_server}/v1/chat/completions", json=body, timeout=60)
     assert response.status_code == 400
     assert response.json()["error"]["message"].startswith("this model takes no images")
 
-
-# ---------------------------------------------------------------- a Vision guard in the server
-
-def picture_base64() -> str:
-    import base64
-    import io
-
-    from test_vision import drawn_image
-
-    buffer = io.BytesIO()
-    drawn_image(40, 30).save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
-@pytest.fixture(scope="module")
-def vision_guard(trained_guard, tmp_path_factory):
-    """The trained guard as a Llama Guard 3 Vision in small: its two text layers in an Mllama with
-    one cross-attention layer between them (random, its gates opened a little), so the image
-    moves the unsafe probability while the marker word still decides the verdict."""
-    import dataclasses
-
-    import jax
-
-    from llama_jax.formats.checkpoint import restore_params, save_params
-    from llama_jax.params import init_params
-    from tiny import VISION_LIKE
-
-    config, params = restore_params(trained_guard)
-    vision = config.replace(vision=dataclasses.replace(VISION_LIKE.vision, cross_attention_layers=(1,),
-                                                       image_token_id=config.vocab_size))
-    made = init_params(vision, jax.random.key(7))
-    cross = {**made["layers"]["cross"], "attention_gate": np.full((1, 1), 0.3, np.float32),
-             "ffn_gate": np.full((1, 1), 0.3, np.float32)}
-    layers = {"self_0": jax.tree.map(lambda a: a[:1], params["layers"]),
-              "self_1": jax.tree.map(lambda a: a[1:], params["layers"]), "cross": cross}
-    directory = tmp_path_factory.mktemp("vision_guard")
-    for name in ("tokenizer.model", "tokenizer_config.json"):
-        (directory / name).write_bytes((trained_guard / name).read_bytes())
-    save_params(directory, vision, {**made, **{k: v for k, v in params.items() if k != "layers"}, "layers": layers})
-    return directory
-
-
-def image_chat(text: str, url: str) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                         {"type": "text", "text": text}]}]
-
-
-@pytest.fixture(scope="module")
-def vision_verdicts(vision_guard):
-    """What `infer.guard`'s Guard says of a marked and an unmarked prompt with the picture; the
-    server's screen, from the chat's own messages, must judge them alike, image included."""
-    import base64
-    import io
-
-    from infer import guard_hook
-    from infer.openai_api import ChatRequest, chat_messages
-    from llama_jax.vision.image import load_image
-
-    guard = Guard.load(vision_guard)
-    image = load_image(io.BytesIO(base64.b64decode(picture_base64())))
-    screen, verdicts = guard_hook.Screen(guard), {}
-    for text in (f"apple {gt.MARKER} river", "apple river green"):
-        judged = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": text}]}]
-        ours = guard.classify([guard.format.prompt(judged)], [[image]], batch_size=1)[0]
-        request = ChatRequest(model="m", messages=image_chat(text, "data:image/png;base64," + picture_base64()))
-        conversation = guard_hook.chat_conversation(chat_messages(request, guard.config.vision))
-        served = screen.judge(conversation)
-        assert (served.verdict, served.unsafe_probability) == (ours.verdict, ours.unsafe_probability)
-        blind = guard.classify([guard.format.prompt([{"role": "user", "content": text}])], batch_size=1)[0]
-        assert blind.unsafe_probability != ours.unsafe_probability  # the image reached the guard
-        verdicts[text] = ours
-    return verdicts
-
-
-def test_a_vision_guard_in_the_server_judges_the_prompt_with_its_image(vision_guard, vision_verdicts):
-    import httpx
-
-    marked, unmarked = vision_verdicts
-    assert vision_verdicts[marked].verdict == "unsafe" and vision_verdicts[unmarked].verdict == "safe"
-    url = "data:image/png;base64," + picture_base64()
-    # The guard is served too: a vision model behind a vision guard.
-    with Server(vision_guard, "--guard", vision_guard, "--model-name", "tiny", "--port", free_port(),
-                "--max-batch", 1, "--max-seq-len", 96) as server:
-        def ask(text):
-            body = {"model": "tiny", "messages": image_chat(text, url), "max_tokens": 4, "temperature": 0}
-            return httpx.post(f"{server.base}/v1/chat/completions", json=body, timeout=120)
-
-        refused = ask(marked)
-        assert refused.status_code == 400 and refused.json()["error"]["code"] == "content_filter"
-        assert "S1: Marked words." in refused.json()["error"]["message"]
-        served = ask(unmarked)
-        assert served.status_code == 200, served.text
-        assert served.json()["choices"][0]["finish_reason"] in ("stop", "length")
