@@ -248,3 +248,15 @@ def test_an_image_sent_to_a_text_only_model_is_one_400(guarded_server):
     assert response.status_code == 400
     assert response.json()["error"]["message"].startswith("this model takes no images")
 
+
+
+def test_a_text_guard_judges_an_image_request_on_its_text_alone(trained_guard):
+    from infer.guard_hook import Screen, chat_conversation
+    from test_serve_vision import picture
+
+    screen = Screen(Guard.load(trained_guard))
+    marked = f"apple {gt.MARKER} river"
+    with_image = chat_conversation([{"role": "user", "content": [{"type": "image", "image": picture("wide")[0]},
+                                                                 {"type": "text", "text": marked}]}])
+    result = screen.judge(with_image)
+    assert result == screen.judge([{"role": "user", "content": marked}]) and result.verdict == "unsafe"
