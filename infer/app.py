@@ -24,6 +24,7 @@ from infer.events import Finished
 from infer.openai_api import ApiError
 from infer.responses import Choice, new_id, usage
 from llama_jax.text.chat import format_chat
+from llama_jax.vision.image import image_inputs
 
 
 @dataclasses.dataclass
@@ -41,6 +42,7 @@ class Service:
     body_timeout: float = 30.0
     vocab_size: int | None = None  # the model's token ids (default: the tokenizer's)
     guard: object = None  # infer.guard_hook.Screen with --guard
+    vision: object = None  # the served model's VisionConfig (Llama 3.2 Vision: chat takes images); None: text only
 
 
 def create_app(service: Service):
@@ -107,19 +109,25 @@ def create_app(service: Service):
         if body.max_tokens is None:
             body.max_tokens = body.max_completion_tokens
         tools, names = api.chat_tools(body)
-        messages = api.chat_messages(body)
+        vision = service.vision
+        messages = await asyncio.to_thread(api.chat_messages, body, vision)  # images decoded off the event loop
+        image_token = None if vision is None else vision.image_token_id
         try:
-            ids = format_chat(service.tokenizer, messages, tools=tools)
+            ids = format_chat(service.tokenizer, messages, image_token, tools=tools)
         except ValueError as err:
             raise api.ApiError(400, str(err), "messages") from None
         names = names if service.tokenizer.generation == "llama3" else None  # Llama 2 makes no calls
         settings = api.check_sampled(body, len(ids), service.context, None, logprobs, service.batcher.slots, names)
+        images = [part["image"] for m in messages if isinstance(m["content"], list) for part in m["content"]
+                  if part["type"] == "image"]
+        arrays = await asyncio.to_thread(image_inputs, [images], [ids], vision) if images else None
         return await _respond(service, [ids], [settings], body, "chat.completion", "chatcmpl",
-                              [guard_hook.chat_conversation(messages)])
+                              [guard_hook.chat_conversation(messages)], arrays)
 
-    async def _respond(service, prompts, settings, body, kind, prefix, conversations):
+    async def _respond(service, prompts, settings, body, kind, prefix, conversations, images=None):
         """Answer `n` choices for each prompt (its `settings`), choice i of prompt p at index p * n + i;
-        with --guard, each prompt's conversation is screened first and the answers after."""
+        with --guard, each prompt's conversation is screened first and the answers after.
+        `images`: a chat prompt's image arrays (one row), or None."""
 
         guard = service.guard
         if guard is not None:  # an unsafe prompt is refused before it is queued
@@ -127,7 +135,8 @@ def create_app(service: Service):
                 raise api.ApiError(400, "with --guard, give one prompt per request", "prompt")
             await guard.check_prompt(conversations[0])
         echo = getattr(body, "echo", False)
-        requests, queue = _submit(service, prompts, settings, score_prompts=echo and settings[0].logprobs is not None)
+        requests, queue = _submit(service, prompts, settings, score_prompts=echo and settings[0].logprobs is not None,
+                                  images=images)
         each = [(ids, s) for ids, s in zip(prompts, settings) for _ in range(s.n)]  # in the order of `index`
         choices = [Choice(i, kind.startswith("chat"), service.tokenizer, s, new_id("call", "_"), ids if echo else None)
                    for i, (ids, s) in enumerate(each)]
@@ -147,11 +156,13 @@ def create_app(service: Service):
     return listener.Guard(app, service.api_key, service.max_body_bytes, service.body_timeout)
 
 
-def _submit(service: Service, prompts: list[list[int]], settings: list, score_prompts: bool = False):
+def _submit(service: Service, prompts: list[list[int]], settings: list, score_prompts: bool = False,
+            images: dict | None = None):
     """Queue one generation per choice of each prompt (before any answer starts, so a refusal
     gets its own status); returns (the batcher's Requests, in the choices' order, and the
     asyncio queue their (choice, event) pairs arrive on). `score_prompts`: each request
-    reports its prompt's log-probabilities first (echo with logprobs)."""
+    reports its prompt's log-probabilities first (echo with logprobs). `images`: the image
+    arrays of a single prompt (a vision chat), shared by its choices."""
 
     batcher = service.batcher
     failed = api.ApiError(503, "the generation worker failed; restart the server", kind="server_error")
@@ -173,7 +184,7 @@ def _submit(service: Service, prompts: list[list[int]], settings: list, score_pr
     # Choice i of every prompt has seed + i: each prompt is answered as it would be alone.
     each = [(ids, s, i) for ids, s in zip(prompts, settings) for i in range(s.n)]
     requests = [Request(ids, s.max_tokens, s.sampling, api.choice_seed(seed, i), emit=emitter(index),
-                        score_prompt=score_prompts)
+                        score_prompt=score_prompts, images=images)
                 for index, (ids, s, i) in enumerate(each)]
     try:
         for request in requests:

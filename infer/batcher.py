@@ -36,6 +36,12 @@ numbers as `infer.generate`, which the tests check token for token) and a
 step is one fixed-shape program. A paged cache would need a ragged paged
 attention kernel (JAX ships one for TPU only) and a block table on the host.
 
+Llama 3.2 Vision: a request may carry its prompt's images (`Request.images`); a
+group with any is prefilled by the program with images (text rows in it see
+none), a group without by the text one, and each slot keeps its image's
+cross-attention keys and values for its decode steps
+(`llama_jax.decoding.slots.prefill_into_slots`).
+
 Each token is reported with its log-probability and the `TOP_LOGPROBS` most
 likely alternatives (llama_jax.decoding.logprobs), computed on the device from
 the raw logits. A request with `score_prompt` (the completions API's `echo`
@@ -57,6 +63,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -67,6 +74,7 @@ from infer.engine import Engine
 from infer.events import Finished, Prompt, Token
 from llama_jax.decoding.sampling import RowSampling, Sampling
 from llama_jax.decoding.slots import PREFILL_BATCH, STEPS_PER_CALL
+from llama_jax.vision.image import image_inputs
 
 
 class WorkerFailed(RuntimeError):
@@ -78,7 +86,9 @@ class Request:
     """One generation: token-id prompt, token limit (0: the prompt's score only), sampling
     settings, seed, and `emit`, called from the worker thread with the `Prompt` (if
     `score_prompt`), each `Token`, then one `Finished`. Setting `cancelled` (a stop string
-    matched, the client left) frees its slot at the next step."""
+    matched, the client left) frees its slot at the next step. `images` (Llama 3.2 Vision):
+    the prompt's image arrays, one row (`llama_jax.vision.image.image_inputs` of this prompt),
+    or None for a text prompt."""
 
     prompt: list[int]
     max_tokens: int
@@ -87,6 +97,7 @@ class Request:
     emit: Callable[[Prompt | Token | Finished], None]
     cancelled: bool = False
     score_prompt: bool = False
+    images: dict | None = None
 
 
 class Batcher:
@@ -169,10 +180,14 @@ class Batcher:
 
     def warm_up(self, prompt_lengths=(1,)) -> None:
         """Compile the decode step and, for each given prompt length's bucket, the prefill of
-        each group size, by running one-token requests to the end (before `start`)."""
+        each group size (a vision model's: with images and without), by running one-token
+        requests to the end (before `start`)."""
+        vision = self.engine.config.vision
+        blank = None if vision is None else image_inputs([[]], [[0]], vision)  # compiles the prefill with images
         for length in prompt_lengths:
-            for rows in self.shape.prefill_rows:
-                requests = [Request([0] * length, 1, Sampling(), 0, lambda event: None) for _ in range(rows)]
+            for rows, images in itertools.product(self.shape.prefill_rows, (None, blank) if blank else (None,)):
+                requests = [Request([0] * length, 1, Sampling(), 0, lambda event: None, images=images)
+                            for _ in range(rows)]
                 admitted = list(zip(requests, range(rows)))
                 self._claim(admitted)
                 self._admit(admitted)
@@ -189,8 +204,14 @@ class Batcher:
             limits_b[i], seeds_b[i], slots_b[i] = request.max_tokens, request.seed, slot
         settings = [request.sampling for request, _ in admitted] + [Sampling()] * (rows - len(admitted))
         place = self.engine.place_rows
+        images = None
+        if any(request.images is not None for request, _ in admitted):  # text rows in the group: no image
+            blank = image_inputs([[]], [[0]], self.engine.config.vision)
+            images = self.engine.place_images(
+                {name: np.concatenate([(request.images or blank)[name] for request, _ in admitted])
+                 for name in blank}, rows)
         return (self.params, self._state, self._sampling, prompts_bt, lengths_b, place(limits_b), place(seeds_b),
-                self._stops, place(RowSampling.of(settings)), place(slots_b))
+                self._stops, place(RowSampling.of(settings)), place(slots_b), images)
 
     def decode_args(self, cancel_b: np.ndarray) -> tuple:
         """The arguments of the compiled decode call (`programs.decode`); `cancel_b`: bool [slots],

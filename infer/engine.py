@@ -76,7 +76,6 @@ class Engine:
         self.compiler_options = programs.loop_compiler_options(config, plan.mesh.devices.flat[0].platform)
         self.batch_multiple = plan.shards_along("batch")
         self.replicated = NamedSharding(plan.mesh, PartitionSpec())
-        self.state_shardings = plan.tree_shardings(programs.state_axes(config))
         # A vision model's batches with images carry more state (the image keys and
         # values, the tiles' spans): one compiled pair per state shape.
         self._prefill, self._decode = {}, {}
@@ -126,10 +125,8 @@ class Engine:
         plan = self.placement
         inputs = (prompts_bt, lengths_b, self.place_rows(limits_b),
                   plan.put(np.asarray(seed, np.int32), self.replicated), self.place_stops(stop_ids))
-        if images is not None:  # padding rows: no image, seen by no token
-            images = {name: plan.put(np.concatenate([a, np.zeros((rows - n,) + a.shape[1:], a.dtype)]),
-                                     plan.sharding("batch", *[None] * (a.ndim - 1)))
-                      for name, a in images.items()}
+        if images is not None:
+            images = self.place_images(images, rows)
         with plan.activate():
             state, first_b, logits_bv = self._prefill[images is not None](
                 params, *inputs, sampling=sampling, cache_len=cache_len, keep_logits=keep_logits,
@@ -162,6 +159,15 @@ class Engine:
         tree = jax.tree.map(np.asarray, tree)
         row = self.placement.sharding("batch")
         return self.placement.put(tree, jax.tree.map(lambda _: row, tree))
+
+    def place_images(self, images: dict, rows: int) -> dict:
+        """A vision model's image arrays (`llama_jax.vision.image.image_inputs`) for the first rows
+        of a batch of `rows`, placed split along the batch axis; padding rows: no image, seen by
+        no token."""
+        plan = self.placement
+        return {name: plan.put(np.concatenate([a, np.zeros((rows - len(a),) + a.shape[1:], a.dtype)]),
+                               plan.sharding("batch", *[None] * (a.ndim - 1)))
+                for name, a in images.items()}
 
     def place_stops(self, stop_ids):
         """Stop token ids as the programs take them: int32 [k], replicated (NO_TOKEN if none)."""
@@ -225,8 +231,9 @@ class Engine:
 
     def slot_programs(self, shape: SlotShape) -> SlotPrograms:
         """The decode-slot programs of `shape`, jitted for this layout (what train.compile --serve
-        compiles, `llama_jax.decoding.slots.jit_slot_programs`)."""
-        return jit_slot_programs(self.model, shape, self.state_shardings, self.placement.sharding("batch"),
+        compiles, `llama_jax.decoding.slots.jit_slot_programs`); a vision model's slots hold images."""
+        shardings = self.placement.tree_shardings(programs.state_axes(self.config, self.config.vision is not None))
+        return jit_slot_programs(self.model, shape, shardings, self.placement.sharding("batch"),
                                  self.replicated, self.compiler_options)
 
 

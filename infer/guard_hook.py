@@ -32,6 +32,13 @@ is the guard checkpoint's (`llama_jax.text.guard_format`).
   tokens) and still never sends a token the guard has not seen; the price is
   a guard prefill per chunk, and text already released stays released if a
   later part of the answer turns it unsafe (the rest is withheld).
+- Images (a Llama 3.2 Vision model served): a vision guard (Llama Guard 3
+  11B Vision) judges the prompt and the answers with the request's image, in
+  its prompt format with `<|image|>`; it takes one image, so a request with
+  more is refused as a conversation it cannot take (below). A text guard
+  judges the text alone (a note at start-up says so): refusing every image
+  would make the vision model unusable behind the only guard at hand, and a
+  text guard cannot judge pixels either way.
 - A verdict that is neither safe nor unsafe (malformed), or a conversation
   the guard cannot take (longer than its context), counts as unsafe: the
   screen fails closed, as `python -m infer.guard --filter` does.
@@ -66,9 +73,10 @@ def add_arguments(parser) -> None:
                         help=f"a streamed answer is judged every N chunks as it grows (default {EVERY})")
 
 
-def load(args, layout, tokenizer) -> Screen | None:
+def load(args, layout, tokenizer, served_vision: bool = False) -> Screen | None:
     """The screen for `--guard` (None without it), its guard loaded on `layout` and compiled for
-    a short conversation; prints a note when its tokenizer differs from the served `tokenizer`."""
+    a short conversation; prints a note when its tokenizer differs from the served `tokenizer`,
+    and when the served model takes images (`served_vision`) that the guard cannot see."""
     if args.guard is None:
         return None
     if args.guard_every < 1:
@@ -78,6 +86,9 @@ def load(args, layout, tokenizer) -> Screen | None:
     note = tokenizer_note(tokenizer, guard.tokenizer)
     if note:
         print(f"infer.serve: note: {note}", file=sys.stderr, flush=True)
+    if served_vision and not guard.format.vision:
+        print("infer.serve: note: the guard model takes no images; a request's images are not judged, only its "
+              "text (use Llama Guard 3 11B Vision to judge them)", file=sys.stderr, flush=True)
     screen = Screen(guard, args.guard_every)
     print("compiling the guard model", file=sys.stderr, flush=True)
     screen.judge([{"role": "user", "content": "Hello."}, {"role": "assistant", "content": "Hello!"}])
@@ -102,10 +113,15 @@ class Screen:
         self.refused = {"prompts": collections.Counter(), "answers": collections.Counter()}
 
     def judge(self, conversation: list[dict]) -> Classification:
-        """Classify one conversation's last turn (blocking)."""
+        """Classify one conversation's last turn (blocking). A vision guard sees the images of
+        its image parts; a text guard, the text alone."""
+        images = [part["image"] for m in conversation if isinstance(m["content"], list) for part in m["content"]
+                  if part["type"] == "image"]
+        if not self.guard.format.vision:
+            conversation, images = [{**m, "content": _message_text(m)} for m in conversation], []
         with self._lock:
             prompt = self.guard.format.prompt(conversation)
-            return self.guard.classify([prompt], batch_size=1)[0]
+            return self.guard.classify([prompt], [images] if images else None, batch_size=1)[0]
 
     async def _judge(self, conversation: list[dict], kind: str) -> Classification | None:
         """The classification if the last turn is unsafe (counted under `kind`), else None."""
@@ -173,18 +189,22 @@ class Screen:
 def chat_conversation(messages: list[dict]) -> list[dict]:
     """A chat's messages as the guard takes them: user and assistant turns (a tool call as its
     JSON), system and tool turns dropped, consecutive turns of one role joined, from the first
-    user turn."""
+    user turn. A turn with images is parts: its images (`{"type": "image", "image": ...}`, in
+    order), then its text."""
     turns: list[dict] = []
     for message in messages:
         role = message.get("role")
         if role not in ("user", "assistant"):
             continue
         text = _message_text(message)
+        images = [p for p in message.get("content") or () if isinstance(p, dict) and p.get("type") == "image"]
         if turns and turns[-1]["role"] == role:
-            turns[-1]["content"] += "\n\n" + text
+            turns[-1]["text"] += "\n\n" + text
+            turns[-1]["images"] += images
         elif turns or role == "user":
-            turns.append({"role": role, "content": text})
-    return turns
+            turns.append({"role": role, "text": text, "images": images})
+    return [{"role": t["role"], "content": t["images"] + [{"type": "text", "text": t["text"]}] if t["images"]
+             else t["text"]} for t in turns]
 
 
 def _up_to_last_user(conversation: list[dict]) -> list[dict]:

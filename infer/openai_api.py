@@ -13,11 +13,18 @@ model in Llama 3.1's layout (`llama_jax.text.tool_use`); `tool_choice` "auto"
 An assistant message's `tool_calls` (arguments a JSON object in a string)
 and `tool` messages (Llama's `ipython` turn; `tool_call_id` has no place
 in Llama's format and is not checked) continue a conversation.
+
+Images (chat, Llama 3.2 Vision): user messages' `image_url` parts whose URL is
+a `data:image/...;base64,...` URL, each becoming `<|image|>` where it stands;
+the server fetches nothing, so any other URL is a 400.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
+import io
 import json
 import re
 
@@ -205,17 +212,69 @@ def chat_logprobs(request: ChatRequest) -> int | None:
     return (request.top_logprobs or 0) if request.logprobs else None
 
 
-def chat_messages(request: ChatRequest) -> list[dict]:
+def chat_messages(request: ChatRequest, vision=None) -> list[dict]:
     """The messages as `llama_jax.text.chat.format_chat` takes them: OpenAI's `tool` role is Llama
     3.1's `ipython` (a tool's output), its `developer` role (instructions, o1 on) the system
-    prompt, content parts keep their text, an assistant's `tool_calls` become `ToolCall`s."""
+    prompt, content parts keep their text, an assistant's `tool_calls` become `ToolCall`s.
+    `image_url` parts (user turns only, data URLs only) become `{"type": "image", "image":
+    PIL image}` parts where they stand, for a model with `vision` (its VisionConfig; None:
+    text-only, which takes no images). ApiError (400) for an image the model cannot take."""
+    seen = sum(isinstance(m.content, list) and sum(isinstance(p, dict) and p.get("type") == "image_url"
+                                                   for p in m.content) for m in request.messages)
+    if seen and vision is None:
+        raise ApiError(400, "this model takes no images (it is not a Llama 3.2 Vision checkpoint); send text "
+                       "content only", "messages")
+    if seen and seen > vision.max_images:
+        raise ApiError(400, f"the messages hold {seen} images; this model takes at most {vision.max_images} per "
+                       "request (vision.max_images)", "messages")
     messages = []
     for i, message in enumerate(request.messages):
         role = {"tool": "ipython", "developer": "system"}.get(message.role, message.role)
-        messages.append({"role": role, "content": message.content or ""})
+        content = message.content or ""
+        if isinstance(content, list):
+            content = [_content_part(f"messages.{i}.content.{j}", part, message.role) for j, part in enumerate(content)]
+        messages.append({"role": role, "content": content})
         if message.tool_calls:
             messages[-1]["tool_calls"] = [_call_made(i, j, call) for j, call in enumerate(message.tool_calls)]
     return messages
+
+
+def _content_part(where: str, part, role: str) -> dict:
+    """A content part as format_chat takes it: text as it is, an image_url's data URL decoded."""
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind == "text":
+        return part
+    if kind != "image_url":
+        raise ApiError(400, f"{where}: a content part must be {{'type': 'text', 'text': ...}} or {{'type': "
+                       f"'image_url', 'image_url': {{'url': 'data:image/png;base64,...'}}}}, got type {kind!r}"[:300],
+                       where)
+    if role != "user":
+        raise ApiError(400, f"{where}: only user messages may hold images, not {role!r} ones", where)
+    url = part.get("image_url", {}).get("url") if isinstance(part.get("image_url"), dict) else None
+    return {"type": "image", "image": data_url_image(f"{where}.image_url.url", url)}
+
+
+def data_url_image(where: str, url):
+    """The image (PIL) in a `data:image/...;base64,...` URL; ApiError (400) for any other URL (the
+    server never fetches from the network) or bytes that are not an image."""
+    from llama_jax.vision.image import load_image
+
+    if not isinstance(url, str):
+        raise ApiError(400, f"{where}: give the image as a data URL string (data:image/png;base64,...)", where)
+    if not url.startswith("data:"):
+        raise ApiError(400, f"{where}: only data URLs are taken (data:image/png;base64,...); this server does not "
+                       f"fetch {url.split(':', 1)[0][:10]!r} URLs", where)
+    header, comma, payload = url.partition(",")
+    if not comma or not header.startswith("data:image/") or not header.endswith(";base64"):
+        raise ApiError(400, f"{where}: expected data:image/<type>;base64,<data>, got {header[:40]!r}", where)
+    try:
+        raw = base64.b64decode(payload, validate=True)
+    except binascii.Error:
+        raise ApiError(400, f"{where}: the data URL's base64 does not decode", where) from None
+    try:
+        return load_image(io.BytesIO(raw), name=where)
+    except ValueError as err:
+        raise ApiError(400, str(err)[:300], where) from None
 
 
 def _call_made(i: int, j: int, call: ToolCallMade) -> ToolCall:

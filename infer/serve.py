@@ -8,7 +8,8 @@ Endpoints: POST /v1/completions, POST /v1/chat/completions (Llama 2 and 3.x
 chat formats; Llama 3.1 tool use: OpenAI's `tools` offered in Llama 3.1's
 layout, replies that call a function or run `<|python_tag|>` code answered
 as `tool_calls`, the `tool` role taken as Llama's `ipython`), GET /v1/models,
-GET /v1/models/{name}, GET /health. Streaming by server-sent events; `n` choices per request, each
+GET /v1/models/{name}, GET /health. A Llama 3.2 Vision checkpoint's chat takes images as
+`image_url` data URLs (each slot holds its image's cross-attention keys and values). Streaming by server-sent events; `n` choices per request, each
 in its own decode slot. Completions take several prompts at once (text or token ids; choice i of
 prompt p at index p * n + i) and `echo`, with logprobs the prompt's own from a forward pass over
 it, which is what lm-eval's `local-completions` model scores with (docs/evaluation.md). Generation runs in `infer.batcher.Batcher`;
@@ -152,8 +153,8 @@ def _load(args):
     config, params, tokenizer = load_served(args.checkpoint, options, args.tokenizer)
     service = Service(None, tokenizer, args.model_name or Path(args.checkpoint).resolve().name, context,
                       args.api_key or None, args.max_body_bytes, args.max_waiting, body_timeout=args.body_timeout,
-                      vocab_size=config.vocab_size)
-    service.guard = guard_hook.load(args, options.layout, tokenizer)
+                      vocab_size=config.vocab_size, vision=config.vision)
+    service.guard = guard_hook.load(args, options.layout, tokenizer, config.vision is not None)
 
     def count(event: str, duration: float, **_):
         if event == BACKEND_COMPILE_EVENT:

@@ -18,3 +18,15 @@ def gcs():
 
     with Emulator() as emulator:
         yield emulator
+
+
+@pytest.fixture(scope="session")
+def trained_guard(tmp_path_factory):
+    """A tiny Llama Guard trained here to answer "unsafe\nS1" when the judged turn holds the
+    marker word, "safe" otherwise (tests/guard_tiny.py): trained once a session, as tests/test_guard.py
+    and tests/test_serve_vision.py both judge with it."""
+    import guard_tiny as gt
+
+    directory = tmp_path_factory.mktemp("tiny_guard")
+    gt.make_guard(directory)
+    return directory

@@ -1,7 +1,9 @@
 """Llama Guard 3 end to end: `python -m infer.guard` classifies held-out conversations with a
 tiny guard trained here on a synthetic rule, --filter keeps the safe ones, fsdp_tp equals one
 device, a Vision guard reads an image, bad input is one line; `python -m infer.serve --guard`
-refuses a marked prompt, serves an unmarked one unchanged and withholds a marked answer."""
+refuses a marked prompt, serves an unmarked one unchanged and withholds a marked answer, and
+refuses an image for its text-only model. (The tiny guard, `trained_guard`, is conftest.py's;
+a Vision guard in the server: tests/test_serve_vision.py.)"""
 
 import json
 import random
@@ -21,15 +23,6 @@ from test_guard_prompt import META_MODEL, MULTI, with_template
 
 
 # ---------------------------------------------------------------- python -m infer.guard, end to end
-
-@pytest.fixture(scope="module")
-def trained_guard(tmp_path_factory):
-    """A tiny guard trained here to answer "unsafe\nS1" when the judged turn holds the marker
-    word, "safe" otherwise (tests/guard_tiny.py)."""
-    directory = tmp_path_factory.mktemp("tiny_guard")
-    gt.make_guard(directory)
-    return directory
-
 
 @pytest.fixture(scope="module")
 def held_out(tmp_path_factory):
@@ -241,3 +234,29 @@ def test_a_guard_with_its_own_tokenizer_gets_a_note_not_an_error(trained_guard):
     assert tokenizer_note(mine, mine) == ""
     note = tokenizer_note(mine, load_tokenizer(META_MODEL))
     assert note.startswith("the guard model's tokenizer differs from the served model's") and "\n" not in note
+
+
+def test_an_image_sent_to_a_text_only_model_is_one_400(guarded_server):
+    import httpx
+
+    from test_serve_vision import picture
+
+    url = picture("wide")[1]
+    body = {"model": "tiny", "max_tokens": 4, "messages": [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "hi"}]}]}
+    response = httpx.post(f"{guarded_server}/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == 400
+    assert response.json()["error"]["message"].startswith("this model takes no images")
+
+
+
+def test_a_text_guard_judges_an_image_request_on_its_text_alone(trained_guard):
+    from infer.guard_hook import Screen, chat_conversation
+    from test_serve_vision import picture
+
+    screen = Screen(Guard.load(trained_guard))
+    marked = f"apple {gt.MARKER} river"
+    with_image = chat_conversation([{"role": "user", "content": [{"type": "image", "image": picture("wide")[0]},
+                                                                 {"type": "text", "text": marked}]}])
+    result = screen.judge(with_image)
+    assert result == screen.judge([{"role": "user", "content": marked}]) and result.verdict == "unsafe"

@@ -5,7 +5,8 @@
     programs = jit_slot_programs(model, shape, state_shardings, row_sharding, replicated)
     state = programs.empty()
     state, sampling, first_b, done_b, chosen_b, top_ids_bk, top_lp_bk = programs.prefill(
-        params, state, sampling, prompts_bt, lengths_b, limits_b, seeds_b, stops, new_sampling, slots_b)
+        params, state, sampling, prompts_bt, lengths_b, limits_b, seeds_b, stops, new_sampling, slots_b,
+        images)                                                      # images: None, or a vision group's
     state, tokens_nb, chosen_nb, top_ids_nbk, top_lp_nbk = programs.decode(
         params, state, sampling, stops, cancel_b)
     chosen_bt, top_ids_btk, top_lp_btk = programs.score(params, prompts_bt)   # echo with logprobs
@@ -19,6 +20,9 @@ each token with its log-probability and the `TOP_LOGPROBS` most likely
 alternatives. `score` is `logprobs.prompt_logprobs`: every prompt token's
 log-probability given those before it (the completions API's `echo` with
 logprobs), a forward pass of its own that leaves the slots alone.
+Llama 3.2 Vision: a slot holds its request's image as the cross-attention layers' keys and
+values ("image_k", "image_v" in the cache) and its tiles' spans, written by the prefill that
+saw the pixels and read by every decode step (`prefill_into_slots`).
 infer.batcher serves these; train.compile --serve compiles them
 ahead of time: both get them from `jit_slot_programs`, the one place that
 decides their static arguments, donation and output shardings.
@@ -99,18 +103,35 @@ def insert_rows(axes, batch, new, slots_b):
 
 
 def prefill_into_slots(model: Llama, params, state, sampling, prompts_bt, lengths_b, limits_b, seeds_b, stops,
-                       new_sampling, slots_b, *, cache_len: int, chunk: int):
+                       new_sampling, slots_b, images=None, *, cache_len: int, chunk: int):
     """Prefill a group of requests (`programs.prefill` with one seed each, `new_sampling` their
     settings [g]) and write their rows and settings into `state` and `sampling` at `slots_b`
-    (int32 [g]; a slot past the last one drops a padding row).
+    (int32 [g]; a slot past the last one drops a padding row). `images`: a vision model's
+    arrays for the group's rows (`llama_jax.vision.image.image_inputs`; rows without images
+    empty), or None for a group of text prompts.
+
+    A vision model's batch state always holds every slot's image keys and values and tile
+    spans (`empty_slots`). A group with images writes its rows' whole state; a text group
+    writes zero spans, so its rows see no tile, and leaves the slots' image keys and values
+    as they were: no token reads them, and the encoder never runs for text.
 
     Returns (state, sampling, first tokens int32 [g], whether each row is already done bool [g],
     the first tokens' logprobs [g], top ids [g, k], top logprobs [g, k]).
     """
     new, first_b, logits_bv = programs.prefill(model, params, prompts_bt, lengths_b, limits_b, seeds_b, stops,
                                                sampling=new_sampling, cache_len=cache_len, keep_logits=True,
-                                               chunk=chunk)
-    state = insert_rows(programs.state_axes(model.config), state, new, slots_b)
+                                               chunk=chunk, images=images)
+    with_images = "images" in state
+    axes = programs.state_axes(model.config, with_images)
+    kept = {}
+    if with_images and images is None:
+        spans = jnp.zeros((prompts_bt.shape[0],) + state["images"]["tile_from"].shape[1:], jnp.int32)
+        new = {**new, "images": {"tile_from": spans, "tile_until": spans}}
+        kept = {name: state["cache"][name] for name in ("image_k", "image_v")}
+        axes = {**axes, "cache": {name: a for name, a in axes["cache"].items() if name not in kept}}
+        state = {**state, "cache": {name: c for name, c in state["cache"].items() if name not in kept}}
+    state = insert_rows(axes, state, new, slots_b)
+    state["cache"] = {**state["cache"], **kept}
     row_axes = RowSampling(("batch",), ("batch",), ("batch",))
     sampling = insert_rows(row_axes, sampling, new_sampling, slots_b)
     return (state, sampling, first_b, new["done"], *token_logprobs(logits_bv, first_b))
@@ -133,6 +154,12 @@ def decode_slots(model: Llama, params, state, sampling, stops, cancel_b, *, step
     return state, tokens_nb, chosen_nb, top_ids_nbk, top_lp_nbk
 
 
+def empty_slots(config, shape: SlotShape) -> programs.State:
+    """The batch state of `shape`'s slots, all finished; a vision model's holds each slot's
+    image keys and values and tile spans (room for `vision.max_images` images per slot)."""
+    return programs.empty_state(config, shape.slots, shape.cache_len, with_images=config.vision is not None)
+
+
 @dataclasses.dataclass(frozen=True)
 class SlotPrograms:
     """The jitted programs of one `SlotShape` (see the module docstring for their arguments).
@@ -151,11 +178,12 @@ class SlotPrograms:
 def jit_slot_programs(model: Llama, shape: SlotShape, state_shardings, row_sharding, replicated,
                       compiler_options: dict | None = None) -> SlotPrograms:
     """`SlotPrograms` for `shape`, jitted with the batch state laid out as `state_shardings`
-    (the tree of `programs.state_axes(model.config)`'s shardings), per-row outputs (the slots'
+    (the tree of `programs.state_axes(model.config, with_images)`'s shardings, with images
+    for a vision model), per-row outputs (the slots'
     sampling settings) as `row_sharding` and everything the host reads `replicated`.
     Inputs keep the shardings they come with. `compiler_options`: XLA options (infer's, per
     platform)."""
-    empty = functools.partial(programs.empty_state, model.config, shape.slots, shape.cache_len)
+    empty = functools.partial(empty_slots, model.config, shape)
     prefill = functools.partial(prefill_into_slots, model, cache_len=shape.cache_len, chunk=shape.chunk)
     decode = functools.partial(decode_slots, model, steps=shape.steps)
     return SlotPrograms(

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -37,18 +38,21 @@ from llama_jax.config import VisionConfig
 OPEN_END = 2**30  # tile_until of a span reaching the end of the text: generated tokens see it too
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """The image file at `path`, decoded; ValueError (one line) if it is missing or not an image."""
+def load_image(path: str | os.PathLike | BinaryIO, name: str | None = None) -> Image.Image:
+    """The image file at `path` (or in a binary file object, such as a data URL's decoded bytes
+    in `io.BytesIO`), decoded; ValueError (one line, starting with `name`, default the path) if
+    it is missing or not an image."""
+    name = name or str(path)
     try:
         with Image.open(path) as image:
             image.load()
             return image
     except FileNotFoundError:
-        raise ValueError(f"{path}: image file not found") from None
+        raise ValueError(f"{name}: image file not found") from None
     except IsADirectoryError:
-        raise ValueError(f"{path}: is a directory, not an image file") from None
-    except (UnidentifiedImageError, OSError) as err:
-        raise ValueError(f"{path}: not an image Pillow can read ({first_line(err)})") from None
+        raise ValueError(f"{name}: is a directory, not an image file") from None
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
+        raise ValueError(f"{name}: not an image Pillow can read ({first_line(err)})") from None
 
 
 def best_tiling(height: int, width: int, vision: VisionConfig) -> tuple[int, int]:

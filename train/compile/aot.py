@@ -31,7 +31,8 @@ from llama_jax.decoding import programs
 from llama_jax.decoding.buckets import prompt_shape
 from llama_jax.decoding.programs import PREFILL_CHUNK
 from llama_jax.decoding.sampling import RowSampling, Sampling
-from llama_jax.decoding.slots import PREFILL_BATCH, SLOTS, STEPS_PER_CALL, jit_slot_programs, slot_shape
+from llama_jax.decoding.slots import (PREFILL_BATCH, SLOTS, STEPS_PER_CALL, empty_slots, jit_slot_programs,
+                                      slot_shape)
 from llama_jax.params import abstract_params, model_for
 from llama_jax.vision.image import image_shapes
 from sharding.comms import parse_collectives
@@ -192,10 +193,10 @@ def serve_program(config, placement, program: str, *, slots: int | None = None, 
 
     config = config.replace(remat="none")  # nothing is differentiated
     replicated, row = _replicated(placement), placement.sharding("batch")
-    state_shardings = placement.tree_shardings(programs.state_axes(config))
+    # A vision model's slots hold their images' keys and values (the prefill judged is a text group's).
+    state_shardings = placement.tree_shardings(programs.state_axes(config, config.vision is not None))
     jitted = jit_slot_programs(model_for(config), shape, state_shardings, row, replicated)
-    state = abstract_arrays(jax.eval_shape(lambda: programs.empty_state(config, shape.slots, shape.cache_len)),
-                            state_shardings)
+    state = abstract_arrays(jax.eval_shape(lambda: empty_slots(config, shape)), state_shardings)
 
     def rows(n: int, dtype=jnp.int32):
         return jax.ShapeDtypeStruct((n,), dtype, sharding=row)
