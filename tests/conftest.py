@@ -1,6 +1,7 @@
 """Test set-up: 8 emulated CPU devices, set before JAX is first imported."""
 
 import os
+import shutil
 
 import pytest
 
@@ -21,12 +22,24 @@ def gcs():
 
 
 @pytest.fixture(scope="session")
-def trained_guard(tmp_path_factory):
+def trained_guard(tmp_path_factory, worker_id):
     """A tiny Llama Guard trained here to answer "unsafe\nS1" when the judged turn holds the
     marker word, "safe" otherwise (tests/guard_tiny.py): trained once a session, as tests/test_guard.py
-    and tests/test_serve_vision.py both judge with it."""
+    and tests/test_serve_vision.py both judge with it. Under pytest-xdist the first worker to ask
+    trains it into the session's shared temporary root (a file lock keeps the others waiting),
+    since the two files may land on different workers and training costs about two minutes."""
+    import filelock
     import guard_tiny as gt
 
-    directory = tmp_path_factory.mktemp("tiny_guard")
-    gt.make_guard(directory)
+    if worker_id == "master":
+        directory = tmp_path_factory.mktemp("tiny_guard")
+        gt.make_guard(directory)
+        return directory
+    directory = tmp_path_factory.getbasetemp().parent / "tiny_guard"  # shared by this session's workers
+    with filelock.FileLock(f"{directory}.lock"):
+        if not (directory / "done").exists():
+            shutil.rmtree(directory, ignore_errors=True)  # a worker that died half-way
+            directory.mkdir()
+            gt.make_guard(directory)
+            (directory / "done").touch()
     return directory

@@ -50,10 +50,12 @@ def test_breakdown_of_a_killed_and_rerun_run_adds_up_to_its_wall_time(restarted_
 
 def test_lost_steps_are_the_steps_redone_after_resuming(restarted_run):
     run_dir, _, killed_at, resumed_from = restarted_run
-    assert resumed_from == 5 < killed_at < 10, (resumed_from, killed_at)
+    # killed past its last complete save (on a starved machine the kill can land a few steps late)
+    assert resumed_from in (5, 10) and resumed_from < killed_at < 14, (resumed_from, killed_at)
     account = breakdown(read_attempts(run_dir))
     first, second = account.attempts
-    assert (first.first_step, first.last_step, second.first_step, second.last_step) == (0, killed_at, 5, 14)
+    assert (first.first_step, first.last_step, second.first_step, second.last_step) == (0, killed_at, resumed_from,
+                                                                                       14)
     assert account.lost_steps == first.lost_steps == killed_at - resumed_from
     assert second.lost_steps == 0
     assert account.seconds["lost"] > 0
