@@ -5,7 +5,6 @@ that learns, and bad input."""
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
 
@@ -200,9 +199,26 @@ def test_reward_tiny_through_the_cli_learns_held_out_pairs_and_train_eval_report
 
     evaluated = subprocess.run([sys.executable, "-m", "train.eval", "--checkpoint", str(run_dir), "--data",
                                 str(TOY / "sums.jsonl"), "--tokenizer", str(TOY / "tokenizer.model"),
-                                "--holdout", "0.1", "--seq-len", "64", "--batch", "22", "--batches", "1",
+                                "--holdout", "0.142", "--seq-len", "64", "--batch", "32", "--batches", "1",
                                 "--layout", "dp"],
                                cwd=REPO, env=subprocess_env(1), capture_output=True, text=True, timeout=600)
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     figures = json.loads(evaluated.stdout.strip().splitlines()[-1])
-    assert figures["eval_pairs"] == 22 and figures["eval_accuracy"] >= 0.95, figures
+    assert figures["eval_pairs"] == 32 and figures["eval_accuracy"] >= 0.95, figures
+
+
+def test_a_score_model_starts_from_a_next_token_models_weights_with_its_head_at_zero(tmp_path):
+    """Llama 2 starts its reward models from the chat model: from our checkpoint or a HF
+    LlamaForCausalLM, every weight but lm_head, and the score head at zero."""
+    lm = CONFIG.replace(head="lm")
+    params = init_params(lm, jax.random.key(4))
+    save_params(tmp_path / "lm", lm, params)
+    hf_model(lm, seed=5).save_pretrained(tmp_path / "hf_lm")
+    for source, want in ((tmp_path / "lm", params), (tmp_path / "hf_lm", load_params(tmp_path / "hf_lm", lm))):
+        got = load_params(source, CONFIG)
+        assert set(got) == {"embed", "layers", "norm", "score"}
+        np.testing.assert_array_equal(np.asarray(got["score"]["kernel"]), np.zeros((CONFIG.dim, 1), np.float32))
+        body = {key: value for key, value in want.items() if key != "output"}
+        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(body),
+                                jax.tree.leaves({key: got[key] for key in body})):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
