@@ -223,3 +223,13 @@ def test_a_score_model_starts_from_a_next_token_models_weights_with_its_head_at_
         for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(body),
                                 jax.tree.leaves({key: got[key] for key in body})):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
+
+
+def test_generating_from_a_reward_model_is_one_line(hf_reward, capsys):
+    from infer.__main__ import main
+
+    _, directory, _ = hf_reward
+    code = main(["--checkpoint", str(directory), "--prompt", "3 + 4 =", "--tokenizer", str(TOY / "tokenizer.model")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "a reward model (score head)" in err and "infer.score" in err
