@@ -233,3 +233,33 @@ def test_generating_from_a_reward_model_is_one_line(hf_reward, capsys):
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "a reward model (score head)" in err and "infer.score" in err
+
+
+def test_reward_under_fsdp_tp_in_two_micro_batches_equals_one_device():
+    """The score head is split like the embedding's rows ("embed"); sums and gradients of 8
+    pairs on 8 devices in two micro-batches equal one device's."""
+    from sharding.layout import load_layout
+    from sharding.place import Placement
+    from train.step import make_gradients
+
+    data = DataConfig(source="preference", paths=(str(TOY / "sums.jsonl"),), tokenizer=str(TOY / "tokenizer.model"),
+                      seq_len=64, global_batch=8, shuffle=False)
+    batch = next(make_dataset(data, shard_index=0, shard_count=1, reward=True))
+    params = init_params(CONFIG, jax.random.key(6))
+    params["score"]["kernel"] = params["score"]["kernel"] * 50
+    objective = reward(CONFIG, margin=True)
+    one = Placement.create(CONFIG, load_layout("dp"), devices=jax.devices()[:1])
+    want_grads, want = jax.device_get(jax.jit(make_gradients(CONFIG, one.param_shardings(), objective=objective))(
+        params, batch, None, None))
+    placement = Placement.create(CONFIG, load_layout("fsdp_tp"))
+    shardings = placement.param_shardings()
+    assert placement.shards_along("embed") > 1 and len(jax.devices()) == 8
+    with placement.activate():
+        grads, sums = jax.jit(make_gradients(CONFIG, shardings, grad_accum=2, objective=objective))(
+            placement.put(params, shardings), placement.global_batch(batch), None, None)
+    assert float(want["weight"]) == 8
+    for name in want:
+        np.testing.assert_allclose(float(sums[name]), float(want[name]), rtol=1e-5, atol=1e-5, err_msg=name)
+    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(want_grads)):
+        err = float(np.abs(np.asarray(g) - w).max() / np.abs(w).max())
+        assert err <= 1e-5, f"{jax.tree_util.keystr(path)} differs by {err:.2e} (relative)"
