@@ -182,6 +182,9 @@ def load_served(path: str | os.PathLike, options: ServingOptions, tokenizer: str
     """
     path = user_path(path)
     config = options.model_config(checkpoint_config(path))
+    if config.head != "lm":
+        raise ValueError(f"{path}: a reward model (score head) gives one score per conversation, not tokens; "
+                         "score conversations with python -m infer.score")
     engine = _engine(config, options.layout)
     target = config.replace(scan_layers=engine.model_config.scan_layers)
     params = load_params(path, target, engine.placement.param_shardings(target))

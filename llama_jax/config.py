@@ -41,6 +41,9 @@ ROPE_TYPES = ("default", "llama3")
 # not in the first and last layers (see `ModelConfig.stacked_layers`).
 QUANTIZE_TARGETS = {"int8": ("wq", "wk", "wv", "wo", "w1", "w2", "w3"), "fp8": ("w1", "w2", "w3")}
 KV_CACHE_DTYPES = ("int8", "fp8")  # quantised caches; None stores keys and values in `dtype`
+# What the model puts on its final hidden states: next-token logits ("lm"), or one scalar a
+# position ("score": a reward or value model, llama_jax/model/reward.py).
+HEADS = ("lm", "score")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +67,11 @@ class ModelConfig:
     `attn_temperature_tuning`); the others attend within chunks of
     `attention_chunk_size` positions, and with `qk_norm` their queries and
     keys are L2-normalised (RMS norm without weight) after the rotation.
+
+    `head` "score" replaces the next-token head with a regression head, `score`
+    [dim, 1] without bias (Hugging Face's LlamaForSequenceClassification with
+    one label): the model gives one float32 scalar a position, a reward model's
+    or a value model's (llama_jax/model/reward.py).
     """
 
     dim: int
@@ -94,6 +102,7 @@ class ModelConfig:
     nope_layer_interval: int | None = None
     qk_norm: bool = False
     attn_temperature_tuning: TemperatureTuning | None = None
+    head: str = "lm"
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -142,7 +151,7 @@ class ModelConfig:
                 raise ConfigError(f"{name}: must be a positive number, got {value!r}")
         for name, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES),
                               ("remat", REMAT_POLICIES), ("attention", ATTENTION_IMPLS),
-                              ("swiglu_backward", SWIGLU_BACKWARDS)):
+                              ("swiglu_backward", SWIGLU_BACKWARDS), ("head", HEADS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(
                     f"{name}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")
@@ -160,6 +169,8 @@ class ModelConfig:
         if self.n_layers % self.layer_period:
             raise ConfigError(f"n_layers: {self.n_layers} is not a whole number of repeats of the "
                               f"{self.layer_period}-layer pattern (nope_layer_interval, moe.interleave_step)")
+        if self.head != "lm" and self.vision is not None:
+            raise ConfigError(f"head: {self.head!r} is for text models; a vision model keeps the next-token head")
         if self.moe is not None and self.vision is not None:
             raise ConfigError("moe: mixture-of-experts layers take no vision section")
         for name in ("tie_embeddings", "scan_layers", "qk_norm"):

@@ -74,8 +74,10 @@ def hf_llama4_model(config: ModelConfig, seed: int = 0):
     return model
 
 
-def hf_model(config: ModelConfig, seed: int = 0):
-    """A transformers LlamaForCausalLM with random weights large enough to matter.
+def hf_model(config: ModelConfig, seed: int = 0, pad_token_id: int | None = None):
+    """A transformers LlamaForCausalLM with random weights large enough to matter
+    (LlamaForSequenceClassification with one label for a config with the score head, which
+    finds each row's last token by `pad_token_id`).
 
     Weights have std 1/sqrt(dim)-ish and norms are not all ones, so a wrong
     mapping or rotation shows up far above the parity tolerance.
@@ -84,9 +86,11 @@ def hf_model(config: ModelConfig, seed: int = 0):
     import transformers
 
     hf_config = transformers.LlamaConfig(**{k: v for k, v in config_to_hf(config).items()
-                                            if k not in ("architectures", "torch_dtype", "dtype")})
+                                            if k not in ("architectures", "torch_dtype", "dtype")},
+                                         **({} if pad_token_id is None else {"pad_token_id": pad_token_id}))
     torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(hf_config).eval()
+    cls = transformers.LlamaForSequenceClassification if config.head == "score" else transformers.LlamaForCausalLM
+    model = cls(hf_config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:

@@ -84,6 +84,9 @@ def _main(argv) -> int:
             elif "eval_margin" in metrics:
                 print(f"held-out: loss {metrics['eval_loss']:.4f}, margin {metrics['eval_margin']:.3f}, "
                       f"preference accuracy {metrics['eval_accuracy']:.1%}")
+            elif "eval_reward_gap" in metrics:
+                print(f"held-out: loss {metrics['eval_loss']:.4f}, reward gap {metrics['eval_reward_gap']:.3f}, "
+                      f"pair accuracy {metrics['eval_accuracy']:.1%}")
             elif "eval_loss" in metrics:
                 print(f"held-out: loss {metrics['eval_loss']:.4f}, token accuracy {metrics['eval_accuracy']:.1%}")
             print(f"loss curve: {loss_curve_png(summary['run_dir'])}")

@@ -18,6 +18,8 @@ A run is a YAML file in `configs/runs/` (see `tiny_cpu.yaml`):
     dpo: {beta: 0.1}                 # preference optimisation (train/objectives/dpo.py; data.source: preference;
                                      # data.reference_log_probs: its reference computed once, train/dpo_reference.py)
     distill: {teacher: ckpt/8b, alpha: 0.5, temperature: 2.0}   # logit distillation (train/objectives/distill.py)
+    reward: {margin: true}           # a reward model on data.source preference (train/objectives/reward.py);
+                                     # the model's head becomes the score head (ModelConfig.head)
     compile_cache: off               # or a directory (default: the user's cache dir; train/runtime.py)
     tpu_flags: {xla_tpu_enable_async_collective_fusion: true}   # libtpu flags (not on CPU)
     profile: {start_step: 10, steps: 3}                         # a jax.profiler trace in run_dir/profile
@@ -44,7 +46,7 @@ from llama_jax.config import ConfigError, ModelConfig, check_keys, load_model_co
 from llama_jax.config_files import read_config_file
 from sharding.topology import CHIP_PEAK_FLOPS
 from train.config_sections import (DistillConfig, DpoConfig, EvalConfig, LocalCheckpointConfig, MetricsConfig,
-                                   OptimizerConfig, WandbConfig)
+                                   OptimizerConfig, RewardConfig, WandbConfig)
 from train.data.config import DataConfig
 from train.runtime import COMPILE_CACHE_OFF, ProfileConfig, check_tpu_flags
 
@@ -82,6 +84,7 @@ class RunConfig:
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     dpo: DpoConfig | None = None
     distill: DistillConfig | None = None
+    reward: RewardConfig | None = None
     compile_cache: str | None = None  # train/runtime.py: None = the default cache dir, "off"
     tpu_flags: dict[str, Any] = dataclasses.field(default_factory=dict)  # -> LIBTPU_INIT_ARGS
     profile: ProfileConfig | None = None
@@ -129,11 +132,20 @@ class RunConfig:
         if self.model.vision is not None and self.model.lora is None and self.init_from is None:
             raise ConfigError("init_from: a vision run trains the image adapters over a fixed text model and "
                               "image encoder: set init_from to their weights")
-        if self.dpo is not None and self.distill is not None:
-            raise ConfigError("dpo, distill: a run has one objective; set one of them")
-        if (self.dpo is not None) != (self.data.source == "preference"):
-            raise ConfigError("dpo: preference optimisation and data.source preference go together "
-                              f"(dpo is {'set' if self.dpo else 'unset'}, data.source is {self.data.source!r})")
+        objectives = [name for name in ("dpo", "distill", "reward") if getattr(self, name) is not None]
+        if len(objectives) > 1:
+            raise ConfigError(f"{', '.join(objectives)}: a run has one objective; set one of them")
+        pairs = self.dpo is not None or self.reward is not None
+        if pairs != (self.data.source == "preference"):
+            raise ConfigError("dpo, reward: preference pairs train DPO or a reward model, and data.source "
+                              f"preference goes with one of them (data.source is {self.data.source!r}, "
+                              f"{objectives[0] if objectives else 'neither'} set)")
+        if (self.reward is not None) != (self.model.head == "score"):
+            raise ConfigError(f"model.head: {self.model.head!r}; the score head is trained as a reward model "
+                              "(a reward section), and a reward model has the score head")
+        if self.reward is not None and self.model.lora is not None:
+            raise ConfigError("lora: reward models are trained in full (the score head with every weight); "
+                              "unset lora")
         if self.dpo is not None and self.dpo.reference is not None and self.model.lora is not None:
             raise ConfigError("dpo.reference: a LoRA run's reference is its base without adapters; unset it")
         if self.data.reference_log_probs is not None and self.eval.paths:
@@ -228,6 +240,8 @@ def run_config_from_dict(data: dict[str, Any], overrides: Sequence[str] = ()) ->
         raise ConfigError("model: required run config key is missing")
     model = data.pop("model")
     overrides = data.pop("model_overrides", None) or {}
+    if data.get("reward") is not None:  # a reward model: the next-token head replaced by the score head
+        overrides = {**overrides, "head": "score"}
     if data.get("lora") is not None:  # `lora:` is the model's adapters (ModelConfig.lora)
         overrides = {**overrides, "lora": data.pop("lora")}
     data.pop("lora", None)
@@ -241,7 +255,8 @@ def run_config_from_dict(data: dict[str, Any], overrides: Sequence[str] = ()) ->
     data["data"] = _dataclass_from(DataConfig, data.get("data", {}), "data")
     data["optimizer"] = _dataclass_from(OptimizerConfig, data.get("optimizer", {}), "optimizer")
     data["eval"] = _dataclass_from(EvalConfig, data.get("eval", {}), "eval")
-    for key, cls in (("dpo", DpoConfig), ("distill", DistillConfig), ("profile", ProfileConfig),
+    for key, cls in (("dpo", DpoConfig), ("distill", DistillConfig), ("reward", RewardConfig),
+                     ("profile", ProfileConfig),
                      ("local_checkpoints", LocalCheckpointConfig)):
         if data.get(key) is not None:
             data[key] = _dataclass_from(cls, data[key], key)

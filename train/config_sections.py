@@ -1,4 +1,4 @@
-"""The sections of a run config (`train.config.RunConfig`): optimizer, eval, DPO, distillation,
+"""The sections of a run config (`train.config.RunConfig`): optimizer, eval, DPO, reward, distillation,
 Weights & Biases, the local checkpoint tier and metrics. Each checks its own values on
 construction and names the field in one line."""
 
@@ -96,6 +96,19 @@ class DpoConfig:
 
     def __post_init__(self):
         positive("dpo.beta", self.beta)
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardConfig:
+    """A reward model (train/objectives/reward.py): the Bradley-Terry loss on preference pairs, and
+    with `margin` Llama 2's margin term, each pair's "margin" field (0 where a line has none)
+    subtracted from the reward difference."""
+
+    margin: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.margin, bool):
+            raise ConfigError(f"reward.margin: must be true or false, got {self.margin!r}")
 
 
 @dataclasses.dataclass(frozen=True)

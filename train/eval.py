@@ -14,7 +14,10 @@ and the command prints lm-eval's table and writes its results as JSON.
 
 With another objective (DPO, distillation: train/objectives/objective.py `Objective`), the
 figures are its own metrics over the held-out batches, prefixed "eval_"
-(e.g. eval_accuracy is DPO's held-out preference accuracy).
+(e.g. eval_accuracy is DPO's held-out preference accuracy). A reward model (a
+checkpoint with the score head) is evaluated on preference pairs (--source
+preference, its default): eval_accuracy is the share of held-out pairs whose
+chosen answer it scores higher, eval_reward_gap the mean r_chosen - r_rejected.
 
 The command prints the same figures as training logs, as one JSON line, for
 any checkpoint (ours, a run directory, a LoRA run, Hugging Face).
@@ -43,6 +46,7 @@ from train.data.config import DataConfig
 from train.data.pipeline import make_dataset
 from train.objectives.cross_entropy import cross_entropy
 from train.objectives.objective import Objective
+from train.objectives.reward import reward
 from llama_jax.formats.weights import load_params, resolve, stored_config
 from llama_jax.text.tokenizer import find_tokenizer, load_tokenizer
 from sharding.layout import load_layout
@@ -62,12 +66,16 @@ class Evaluator:
                  tokenizer=None, shard: tuple[int, int] | None = None, loss_chunk: int = 0,
                  objective: Objective | None = None):
         index, count = shard if shard is not None else (None, None)
+        scoring = config.head == "score"  # a reward model: its pairs, its Bradley-Terry loss
+        if scoring and data.source != "preference":
+            raise ValueError(f"a reward model (score head) is evaluated on preference pairs, not "
+                             f"{data.source!r} data: pass --source preference")
         self.data = make_dataset(data, tokenizer=tokenizer, shard_index=index, shard_count=count,
-                                 model_vocab_size=config.vocab_size, vision=config.vision)
+                                 model_vocab_size=config.vocab_size, vision=config.vision, reward=scoring)
         self.start = self.data.get_state()
         self.batches, self.placement = batches, placement
-        self.perplexity = objective is None  # cross-entropy: the loss is a log-perplexity
-        self.objective = objective or cross_entropy(config, 0.0, loss_chunk)
+        self.perplexity = objective is None and not scoring  # cross-entropy: the loss is a log-perplexity
+        self.objective = objective or (reward(config) if scoring else cross_entropy(config, 0.0, loss_chunk))
         self.sums = jax.jit(lambda params, frozen, reference, batch:
                             self.objective.sums(params, frozen, reference, batch)[1])
 
@@ -97,7 +105,8 @@ def _main(argv):
     parser = argparse.ArgumentParser(prog="python -m train.eval", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="our checkpoint, a run directory or a HF directory")
     parser.add_argument("--data", nargs="+", help="files or globs (or token directories) of held-out data")
-    parser.add_argument("--source", default="text", help="text, chat, completion or tokens (default: text)")
+    parser.add_argument("--source", help="text, chat, completion, preference or tokens (default: text; "
+                        "preference for a reward model)")
     parser.add_argument("--tokenizer", help="tokenizer file or directory (default: beside the checkpoint)")
     parser.add_argument("--text-key", default="text", help="JSONL field of a text document")
     parser.add_argument("--seq-len", type=int, help="tokens per row (default: 2048; with --tasks: the "
@@ -125,6 +134,8 @@ def _main(argv):
 
 
     config = stored_config(args.checkpoint)
+    if args.source is None:
+        args.source = "preference" if config.head == "score" else "text"
     tokenizer = None
     if args.source != "tokens":
         tokenizer = load_tokenizer(args.tokenizer or find_tokenizer(resolve(args.checkpoint)[1], up=2))

@@ -36,8 +36,8 @@ from train.tracking.wandb_logging import require_wandb
 
 
 # Logged as the mean over the steps since the last log (the rest: the last step's value);
-# each objective logs some of them (train/step.py, train/objectives/dpo.py, train/objectives/distill.py).
-AVERAGED = ("loss", "z_loss", "accuracy", "chosen_reward", "rejected_reward", "margin", "kl", "ce")
+# each objective logs some of them (train/step.py, train/objectives/: dpo.py, reward.py, distill.py).
+AVERAGED = ("loss", "z_loss", "accuracy", "chosen_reward", "rejected_reward", "margin", "reward_gap", "kl", "ce")
 
 
 def _tokenizer(run: RunConfig):
@@ -209,7 +209,8 @@ def _train(run: RunConfig, progress: bool, stop_after: int | None, whole_process
     shard_index, shard_count = _data_shard(placement, run.data.global_batch)
     tokenizer = _tokenizer(run)
     data = make_dataset(run.data, tokenizer=tokenizer, shard_index=shard_index,
-                        shard_count=shard_count, model_vocab_size=run.model.vocab_size, vision=run.model.vision)
+                        shard_count=shard_count, model_vocab_size=run.model.vocab_size, vision=run.model.vision,
+                        reward=run.reward is not None)
     _read_first_batch(data)
     precomputed = run.data.reference_log_probs is not None  # DPO holding no reference model
     sources = [run.init_from]
@@ -229,7 +230,8 @@ def _train(run: RunConfig, progress: bool, stop_after: int | None, whole_process
     if run.eval.every and (run.eval.paths or run.data.holdout):
         held_out = Evaluator(run.model, eval_data(run.data, run.eval.paths), placement, run.eval.batches,
                              tokenizer, (shard_index, shard_count), run.loss_chunk,
-                             objective=None if run.dpo is None and run.distill is None else program.objective)
+                             objective=None if run.dpo is None and run.distill is None and run.reward is None
+                             else program.objective)
 
     def evaluator(state) -> dict[str, float]:
         """The held-out figures and the tasks' metrics of the live parameters (nothing reloaded)."""

@@ -1,8 +1,9 @@
 """Our orbax checkpoint -> a Hugging Face directory `LlamaForCausalLM.from_pretrained` loads
-(`MllamaForConditionalGeneration` for a Llama 3.2 Vision model, with preprocessor_config.json).
+(`MllamaForConditionalGeneration` for a Llama 3.2 Vision model, with preprocessor_config.json;
+`LlamaForSequenceClassification` with one label and a pad id for a reward model).
 
     python -m llama_jax.convert.ours_to_hf CKPT_OR_RUN_DIR OUT_DIR [--dtype bfloat16] [--step N]
-        [--tokenizer DIR] [--max-shard-gb 5] [--bos-token-id N] [--eos-token-id N ...]
+        [--tokenizer DIR] [--max-shard-gb 5] [--bos-token-id N] [--eos-token-id N ...] [--pad-token-id N]
 
 Writes model-0000K-of-0000N.safetensors files with model.safetensors.index.json,
 config.json (rope settings in both the transformers 4.x and 5.x forms, from
@@ -66,7 +67,7 @@ KNOWN_SPECIAL_IDS = {32000: (1, (2,)), 128256: (128000, (128001, 128008, 128009)
 def export_hf(checkpoint_dir: str | os.PathLike, output: str | os.PathLike, dtype: str = "bfloat16",
               step: int | None = None, tokenizer: str | os.PathLike | None = None, max_shard_bytes: int = 5 * 10**9,
               bos_token_id: int | None = None, eos_token_id: int | list[int] | None = None,
-              show_progress: bool = True) -> None:
+              show_progress: bool = True, pad_token_id: int | None = None) -> None:
     """Write checkpoint step `step` (latest by default) as a new HF directory `output` in `dtype`.
 
     checkpoint_dir: our checkpoint directory, or a training run directory (its checkpoints/).
@@ -75,6 +76,9 @@ def export_hf(checkpoint_dir: str | os.PathLike, output: str | os.PathLike, dtyp
       (its directory or the parent), if any. bos_token_id / eos_token_id (one id
       or a list, EOS first) override them. ConvertError (one line) when no stop
       ids are known.
+    pad_token_id: a reward model's (score head: LlamaForSequenceClassification)
+      pad id in config.json, by which transformers finds each row's last token;
+      default the tokenizer's pad id, else 0 (`_pad_id`).
     """
     if dtype not in SAFETENSORS_DTYPES:
         raise ConvertError(f"--dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
@@ -98,6 +102,7 @@ def export_hf(checkpoint_dir: str | os.PathLike, output: str | os.PathLike, dtyp
         raise ConvertError(f"{checkpoint_dir}: no tokenizer here or in the parent directory, and a vocabulary of "
                            f"{token_rows} ids is neither Llama 2's nor Llama 3's: the ids that end generation are "
                            "unknown; pass --tokenizer DIR (or --eos-token-id)")
+    pad = _pad_id(tokenizer, pad_token_id, bos, stops) if config.head == "score" else None
     with staged_output(output) as staging:
         weight_map = {}
         with progress(sum(len(t[2]) for t in tensors), "ours -> hf", show_progress) as bar:
@@ -110,6 +115,8 @@ def export_hf(checkpoint_dir: str | os.PathLike, output: str | os.PathLike, dtyp
                     {"metadata": {"total_size": total}, "weight_map": weight_map})
         hf_config = config_to_hf(config, torch_dtype=dtype)
         ids = {"bos_token_id": bos, "eos_token_id": stops[0] if stops else None}
+        if config.head == "score":
+            ids["pad_token_id"] = pad
         if "text_config" in hf_config:  # Mllama: ids in the text config, ints only
             hf_config["text_config"].update({key: i for key, i in ids.items() if i is not None})
         else:
@@ -131,7 +138,7 @@ def _tensor_plan(config, reader):
     """(hf name, hf shape, pieces) in HF's usual order (embedding, layer by layer, norm, head, then
     any others); pieces are (our path, layer, kind), one per block of rows (several only where HF
     keeps two of our leaves as one tensor)."""
-    order = {"embed": 0, "extra_embedding": 0, "layers": 1, "norm": 2, "output": 3}
+    order = {"embed": 0, "extra_embedding": 0, "layers": 1, "norm": 2, "output": 3, "score": 3}
     plan = []
     by_place = lambda t: (order.get(t.path[0], 4), -1 if t.index is None else t.index)  # noqa: E731
     for t in sorted(hf_tensors(config), key=by_place):
@@ -220,6 +227,21 @@ def _special_ids(vocab_size: int, tokenizer: epath.Path | None, bos_token_id: in
     return bos, stops
 
 
+def _pad_id(tokenizer: epath.Path | None, pad_token_id: int | None, bos: int | None, stops) -> int:
+    """A score model's pad id: the flag, else the tokenizer's, else 0 (Llama 2's <unk>). transformers'
+    LlamaForSequenceClassification scores each row at its last id that is not this one, so an id
+    that may end a conversation (BOS, EOS, a stop id) would move the score off the last token."""
+    pad = pad_token_id
+    if pad is None and tokenizer is not None:
+        pad = load_tokenizer(tokenizer).pad_id
+    pad = 0 if pad is None else pad
+    if pad == bos or pad in stops:
+        raise ConvertError(f"--pad-token-id: {pad} is BOS or an id that ends a conversation; transformers would "
+                           "score a reward model before it, not at the last token: pass an id no conversation "
+                           "ends with")
+    return pad
+
+
 def _tokenizer_files(directory: epath.Path) -> list[epath.Path]:
     if not directory.is_dir():
         raise ConvertError(f"{directory}: tokenizer directory not found")
@@ -248,10 +270,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eos-token-id", type=int, action="append",
                         help="repeatable, EOS first (config.json takes the first, generation_config.json all); "
                         "default: EOS and the stop ids, as for BOS")
+    parser.add_argument("--pad-token-id", type=int,
+                        help="a reward model's pad id (transformers finds each row's last token by it); default: "
+                        "the tokenizer's, else 0")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
     export_hf(args.checkpoint, args.output, args.dtype, args.step, args.tokenizer,
-              int(args.max_shard_gb * 10**9), args.bos_token_id, args.eos_token_id, not args.no_progress)
+              int(args.max_shard_gb * 10**9), args.bos_token_id, args.eos_token_id, not args.no_progress,
+              args.pad_token_id)
     print(f"wrote {args.output}")
 
 

@@ -53,7 +53,7 @@ COMMIT_SUCCESS = "commit_success.txt"  # written last into every step orbax save
 # attention, scan_layers, max_seq_len, kv_cache_dtype) are compute choices and win.
 ARCHITECTURE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "head_dim",
                        "tie_embeddings", "rope_theta", "rope_scaling", "norm_eps", "vision", "quantize", "moe",
-                       "attention_chunk_size", "nope_layer_interval", "qk_norm", "attn_temperature_tuning")
+                       "attention_chunk_size", "nope_layer_interval", "qk_norm", "attn_temperature_tuning", "head")
 
 
 class CheckpointError(ValueError):

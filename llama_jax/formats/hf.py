@@ -33,6 +33,8 @@ def hf_tensors(config: ModelConfig) -> list[HFTensor]:
     if config.vision is not None:
         return mllama_tensors(config)
     if is_llama4(config):
+        if config.head != "lm":
+            raise ConfigError("head: a Llama 4 model is read and written with its next-token head only")
         return llama4_tensors(config)
     scanned = config.replace(scan_layers=True)  # fp8 keeps the first and last layers out of the stack
     return text_tensors(config, range(config.n_layers), lambda i: layer_location(i, (), scanned)[0],

@@ -1,4 +1,6 @@
-"""Hugging Face `LlamaForCausalLM`: the weight-name table and config.json of the text model.
+"""Hugging Face `LlamaForCausalLM`: the weight-name table and config.json of the text model
+(and of `LlamaForSequenceClassification` with one label, a reward model: `score.weight` in
+place of `lm_head.weight`, our `head: score`).
 
 One table, `HF_WEIGHTS`, maps every Hugging Face tensor name to a leaf of our
 parameter tree and says how its layout differs. Reading and writing both go
@@ -28,6 +30,7 @@ HF_WEIGHTS = (
     WeightRule("model.embed_tokens.weight", ("embed", "embedding"), "copy"),
     WeightRule("model.norm.weight", ("norm", "scale"), "copy"),
     WeightRule("lm_head.weight", ("output", "kernel"), "linear"),
+    WeightRule("score.weight", ("score", "kernel"), "linear"),  # [1, dim]: the score head's only
     WeightRule("model.layers.{i}.input_layernorm.weight", ("attention_norm", "scale"), "copy"),
     WeightRule("model.layers.{i}.post_attention_layernorm.weight", ("ffn_norm", "scale"), "copy"),
     WeightRule("model.layers.{i}.self_attn.q_proj.weight", ("attention", "wq", "kernel"), "heads_out"),
@@ -117,7 +120,9 @@ def text_tensors(config: ModelConfig, hf_layers, stack, index, prefix: str = "",
     """
     out = []
     for rule in HF_WEIGHTS:
-        if rule.path[0] == "output" and config.tie_embeddings:
+        if rule.path[0] == "output" and (config.tie_embeddings or config.head == "score"):
+            continue
+        if rule.path[0] == "score" and config.head != "score":
             continue
         if "{i}" in rule.hf_name:
             out += [HFTensor(prefix + rule.hf_name.format(i=i), stack(i) + rule.path, index(i), rule.kind,
@@ -129,6 +134,20 @@ def text_tensors(config: ModelConfig, hf_layers, stack, index, prefix: str = "",
 
 
 # ---------------------------------------------------------------- config.json
+
+ARCHITECTURES = {"lm": "LlamaForCausalLM", "score": "LlamaForSequenceClassification"}
+
+
+def _head_from_hf(hf: dict[str, Any]) -> str:
+    """Our `head` for a config.json: "score" for LlamaForSequenceClassification (one label only)."""
+    if ARCHITECTURES["score"] not in (hf.get("architectures") or ()):
+        return "lm"
+    labels = hf.get("num_labels", len(hf.get("id2label") or {0: None}))
+    if labels != 1:
+        raise ConfigError(f"config.json: LlamaForSequenceClassification with {labels} labels; only one (a reward "
+                          "model's scalar score) is read")
+    return "score"
+
 
 def text_config_from_hf(hf: dict[str, Any], **overrides) -> ModelConfig:
     """Our ModelConfig from a Llama `config.json` dict (transformers 4.x or 5.x form)."""
@@ -162,7 +181,8 @@ def text_config_from_hf(hf: dict[str, Any], **overrides) -> ModelConfig:
             ffn_dim=hf["intermediate_size"], vocab_size=hf["vocab_size"],
             rope_theta=float(theta), rope_scaling=rope_scaling,
             max_seq_len=hf.get("max_position_embeddings", 4096), norm_eps=hf.get("rms_norm_eps", 1e-5),
-            tie_embeddings=bool(hf.get("tie_word_embeddings", False)), head_dim=hf.get("head_dim"), **dtypes)
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)), head_dim=hf.get("head_dim"),
+            head=_head_from_hf(hf), **dtypes)
     except KeyError as err:
         raise ConfigError(f"config.json: missing field {err.args[0]}") from None
     return ModelConfig(**{**fields, **overrides})
@@ -172,7 +192,9 @@ def text_config_to_hf(config: ModelConfig, torch_dtype: str = "float32") -> dict
     """A HF `config.json` dict readable by transformers 4.x and 5.x.
 
     Rope settings are written in both forms: 4.x ignores `rope_parameters`
-    and would silently fall back to theta 10000 without `rope_theta`.
+    and would silently fall back to theta 10000 without `rope_theta`. A score
+    model is a LlamaForSequenceClassification with one label (its writer sets
+    `pad_token_id`, by which transformers finds each row's last token).
     """
     scaling = None
     if config.rope_scaling is not None:
@@ -182,8 +204,9 @@ def text_config_to_hf(config: ModelConfig, torch_dtype: str = "float32") -> dict
     rope_parameters = {"rope_type": "default", "rope_theta": config.rope_theta}
     if scaling:
         rope_parameters = {**scaling, "rope_theta": config.rope_theta}
+    labels = {"id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}} if config.head == "score" else {}
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "architectures": [ARCHITECTURES[config.head]], "model_type": "llama", **labels,
         "hidden_size": config.dim, "num_hidden_layers": config.n_layers,
         "num_attention_heads": config.n_heads, "num_key_value_heads": config.n_kv_heads,
         "head_dim": config.head_dim, "intermediate_size": config.ffn_dim, "vocab_size": config.vocab_size,

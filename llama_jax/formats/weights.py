@@ -10,13 +10,16 @@ source's (one line naming the first field that differs); its compute fields
 adapters and names the weights they adapt (item "base"); loading it loads
 that base too and joins the two. A vision run's checkpoint (adapter training,
 no LoRA) likewise holds only the image adapters (`is_image_adapter`) over its
-base's text model and image encoder.
+base's text model and image encoder. A score model (`head: score`, a reward or
+value model) loads from a next-token model's weights too: all but its head,
+the score head starting at zero.
 """
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
 from etils import epath
 
 from llama_jax.formats import checkpoint
@@ -26,8 +29,8 @@ from llama_jax.model.lora import is_adapter
 from llama_jax.model.trees import join, partition
 from llama_jax.paths import check_bucket, user_path
 from llama_jax.vision.model import is_image_adapter
-from llama_jax.formats.assemble import load_checkpoint_params
-from llama_jax.formats.hf import load_hf_params, read_hf_config
+from llama_jax.formats.assemble import ParamsBuilder, checkpoint_weights, load_checkpoint_params
+from llama_jax.formats.hf import hf_weights, load_hf_params, read_hf_config
 
 BASE = "base"  # item of a LoRA (or vision adapter) run: {"path": the weights its adapters adapt}
 
@@ -61,11 +64,34 @@ def check_architecture(source, stored: ModelConfig, config: ModelConfig) -> None
     """CheckpointError (one line) naming the first architecture field on which they differ.
 
     Quantisation is left out: quantising weights as they load is the loader's
-    to allow (or refuse, for re-quantising quantised ones)."""
-    name = architecture_mismatch(stored, config.replace(quantize=stored.quantize))
+    to allow (or refuse, for re-quantising quantised ones); so is a score model's
+    head over a next-token model's weights (`load_params` starts a reward or
+    value model from a chat model so)."""
+    head = stored.head if from_lm(stored, config) else config.head
+    name = architecture_mismatch(stored, config.replace(quantize=stored.quantize, head=head))
     if name is not None:
         raise CheckpointError(f"{source}: its {name} is {getattr(stored, name)!r} but the model's is "
                               f"{getattr(config, name)!r} (a different architecture)")
+
+
+def from_lm(stored: ModelConfig, config: ModelConfig) -> bool:
+    """Whether `config` is a score model (a reward or value model) over `stored`'s next-token model."""
+    return config.head == "score" and stored.head == "lm"
+
+
+def _score_model_from_lm(kind: str, path, config: ModelConfig, shardings, step: int | None):
+    """A score model `config` from a next-token model's weights (Llama 2 starts its reward models
+    from the chat model): every weight but the next-token head, and the score head at zero (the
+    first step's gradient moves it; HF's from_pretrained would draw it at random instead)."""
+    lm = config.replace(head="lm")
+    builder = ParamsBuilder(config, shardings)
+    weights = hf_weights(path, lm) if kind == "hf" else checkpoint_weights(path, lm, step)
+    for leaf, index, array in weights:
+        if leaf[0] != "output":
+            builder.add(leaf, index, array)
+        del array
+    builder.add(("score", "kernel"), None, np.zeros((config.dim, 1), np.float32))
+    return builder.params()
 
 
 def base_of(directory, step: int | None = None) -> str | None:
@@ -86,6 +112,12 @@ def load_params(source, config: ModelConfig, shardings=None, step: int | None = 
     kind, path = resolve(source)
     stored = checkpoint.read_config(path, step) if kind == "ours" else stored_config(source)
     check_architecture(source, stored, config)
+    if from_lm(stored, config):
+        if config.lora is not None or (kind == "ours" and base_of(path, step) is not None):
+            raise CheckpointError(f"{source}: a score model starts from whole next-token weights; merge the "
+                                  "LoRA adapters first (python -m llama_jax.convert.lora merge), and train it "
+                                  "without lora")
+        return _score_model_from_lm(kind, path, config, shardings, step)
     if kind == "hf":
         if config.lora is not None:
             raise CheckpointError(f"{source}: a Hugging Face directory holds no LoRA adapters")

@@ -217,13 +217,16 @@ class Llama(nn.Module):
                 in_axes=(0,) + (nn.broadcast,) * 5, length=len(stacked),
                 metadata_params={nn.PARTITION_NAME: "layers"})(cfg, *kind)
         self.norm = RMSNorm(cfg.norm_eps, cfg.param_dtype)
-        if not cfg.tie_embeddings:
+        if cfg.head == "score":  # a reward or value model: one scalar a position (llama_jax/model/reward.py)
+            self.score = Linear((cfg.dim, 1), ("embed", None), "...d,dv->...v", cfg.dtype, cfg.param_dtype)
+        elif not cfg.tie_embeddings:
             self.output = Linear((cfg.dim, cfg.vocab_size), ("embed", "vocab"), "...d,dv->...v",
                                  cfg.dtype, cfg.param_dtype)
 
     def __call__(self, tokens_bt, positions_bt=None, segment_ids_bt=None, cache: Cache | None = None,
                  return_hidden: bool = False, return_aux: bool = False, lengths_b=None):
-        """Logits [batch, time, vocab] (float32) and the updated cache (None if none given).
+        """Logits [batch, time, vocab] (float32), or with the score head scores [batch, time]
+        (float32), and the updated cache (None if none given).
 
         tokens_bt, positions_bt: int32 [batch, time]; positions None means
         0..time-1 in every row. segment_ids_bt: int32 [batch, time] document
@@ -288,7 +291,11 @@ class Llama(nn.Module):
         return (out, cache, statistics) if return_aux else (out, cache)
 
     def logits(self, hidden_btd):
-        """Project final-normed hidden states to float32 logits [..., vocab]."""
+        """Project final-normed hidden states to float32 logits [..., vocab]; with the score
+        head (`ModelConfig.head`), to float32 scores [...], one a position."""
+        if self.config.head == "score":
+            scores = self.score(hidden_btd)[..., 0].astype(jnp.float32)
+            return _constrain(scores, "batch", "length") if scores.ndim == 2 else scores
         if self.config.tie_embeddings:
             logits = self.embed.attend(hidden_btd)
         else:

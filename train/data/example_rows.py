@@ -113,6 +113,15 @@ def fit_pair(pair, seq_len: int):
     return tuple(conversation[:, cut:] for conversation in pair)
 
 
+MARGIN_KEY = "margin"  # a reward model's pair rows: each pair's margin (Preferences.margin), float32
+
+
+def whole(conversation: np.ndarray) -> np.ndarray:
+    """A conversation ([2, n]: ids, weights) with one padding id appended, so that `example_row`
+    lays all n ids out as inputs: a reward model reads its score at the last one."""
+    return np.concatenate([conversation, np.zeros((2, 1), conversation.dtype)], axis=1)
+
+
 class PairRows:
     """Rows of preference pairs as random access: row r holds pair `pairs[r]`'s chosen
     conversation (segment 1) then its rejected one (segment 2), see `example_row`,
@@ -120,25 +129,29 @@ class PairRows:
     prompt; one whose answers alone do not fit is dropped (both counted in a log
     line): a truncated answer's reward would compare nothing.
 
+    With `reward`, each conversation is laid out whole (`whole`: its final id an input too,
+    where DPO's rows hold it only as a target) and each row holds the pair's margin
+    (MARGIN_KEY, float32).
+
     With `config.reference_log_probs` (train/data/reference_log_probs.py), each row also
     holds the reference's log-probability of its two answers (REFERENCE_KEYS), and the
     file is checked against every kept pair up front.
     """
 
-    def __init__(self, pairs, indices: np.ndarray, config: DataConfig):
-        self._pairs, self._seq_len = pairs, config.seq_len
+    def __init__(self, pairs, indices: np.ndarray, config: DataConfig, reward: bool = False):
+        self._pairs, self._seq_len, self._reward = pairs, config.seq_len, reward
         stored = None
         if config.reference_log_probs is not None:
             stored = ReferenceLogProbs(config.reference_log_probs, len(pairs))
         self.pairs, self._reference = [], {}  # the kept pairs' indices; their reference log-probs
         cut = 0
         for i in map(int, indices):
-            whole = pairs[i]
-            pair = fit_pair(whole, config.seq_len)
+            given = self._conversations(i)
+            pair = fit_pair(given, config.seq_len)
             if pair is None:
                 continue
             self.pairs.append(i)
-            cut += pair is not whole
+            cut += pair is not given
             if stored is not None:
                 self._reference[i] = stored.values(i, pair, pairs.location(i))
         dropped = len(indices) - len(self.pairs)
@@ -153,9 +166,15 @@ class PairRows:
     def __len__(self) -> int:
         return len(self.pairs)
 
+    def _conversations(self, i: int):
+        pair = self._pairs[i]
+        return tuple(map(whole, pair)) if self._reward else pair
+
     def __getitem__(self, r: int) -> dict[str, np.ndarray]:
         i = self.pairs[r]
-        row = example_row(list(fit_pair(self._pairs[i], self._seq_len)), self._seq_len)
+        row = example_row(list(fit_pair(self._conversations(i), self._seq_len)), self._seq_len)
         if self._reference:
             row.update(zip(REFERENCE_KEYS, self._reference[i]))
+        if self._reward:
+            row[MARGIN_KEY] = np.float32(self._pairs.margin(i))
         return row

@@ -166,6 +166,7 @@ def make_dataset(
     shard_count: int | None = None,
     model_vocab_size: int | None = None,
     vision=None,
+    reward: bool = False,
 ) -> grain.DatasetIterator:
     """An iterator of this shard's batches (see the module docstring for their dict).
 
@@ -178,6 +179,8 @@ def make_dataset(
       images (train.data.sources.Examples), one example per row (no packing), and
       every batch gains "images" (llama_jax.vision.image.image_inputs, one
       entry per row). Only the chat and completion sources feed a vision model.
+    reward: preference pairs for a reward model (train/data/example_rows.py `PairRows`):
+      each conversation whole as inputs, and every batch gains "margin" (float32 [B]).
     shard_index, shard_count: this process feeds global_batch // shard_count
       rows of every global batch, disjoint from other shards' rows. Default:
       jax.process_index() of jax.process_count(). Processes that are replicas
@@ -201,8 +204,11 @@ def make_dataset(
     indices = split_indices(len(source), config)
     read = grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=4 * config.read_threads)
     if config.source in EXAMPLE_SOURCES or config.source == "preference":
-        rows = PairRows if config.source == "preference" else ExampleRows
-        rows = _global_rows(rows(source, indices, config), config)
+        if config.source == "preference":
+            rows = PairRows(source, indices, config, reward=reward)
+        else:
+            rows = ExampleRows(source, indices, config)
+        rows = _global_rows(rows, config)
     elif config.source == "tokens" and config.packing:
         rows = _window_rows(source, indices, config)
     else:

@@ -7,6 +7,7 @@ Each source gives random access to documents (`docs[i]`), so the pipeline in
 from __future__ import annotations
 
 import json
+import math
 from typing import Protocol
 
 import numpy as np
@@ -228,7 +229,8 @@ def image_paths(messages: list, directory: epath.Path) -> list[epath.Path]:
                 paths.append(directory / path)
     return paths
 class Preferences:
-    """Preference pairs from JSONL files, for DPO (train/objectives/dpo.py).
+    """Preference pairs from JSONL files, for DPO (train/objectives/dpo.py) and reward models
+    (train/objectives/reward.py).
 
     Each line is `{"messages": [...], "chosen": A, "rejected": B}` (the
     conversation so far, in the chat schema) or `{"prompt": str, "chosen": A,
@@ -237,6 +239,8 @@ class Preferences:
     are chat-formatted after the conversation (llama_jax.text.chat.encode_conversation).
     `pairs[i]` is (chosen, rejected), each int32 [2, n]: ids, then loss
     weights, 1 on the final answer and the token that closes it only.
+    A line may carry `"margin": m`, a number (Llama 2's m(rating): how much
+    better chosen is), which `margin(i)` reads (0 without one).
     ValueError (one line) names the file and line of a malformed pair.
     """
 
@@ -259,6 +263,14 @@ class Preferences:
             return self._pair(record)
         except ValueError as err:
             raise ValueError(f"{self.location(i)}: {err}") from None
+
+    def margin(self, i: int) -> float:
+        """Pair i's `margin` field, 0.0 without one; ValueError (one line) if it is not a finite number."""
+        value = self.lines.record(i).get("margin", 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f'{self.location(i)}: a preference pair\'s "margin" must be a finite number, '
+                             f"got {value!r}")
+        return float(value)
 
     def _pair(self, record: dict):
         from llama_jax.text.chat import encode_conversation

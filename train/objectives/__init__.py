@@ -3,6 +3,7 @@
   objective      `Objective`: the shape every objective takes, which train/step.py differentiates
   cross_entropy  next-token loss with weights and z-loss, plain or chunked
   dpo            direct preference optimisation against a frozen reference
+  reward         a reward model's Bradley-Terry loss on preference pairs (Llama 2)
   distill        logit distillation from a teacher
   router         a mixture-of-experts model's router losses (Llama 4)
   run            the run config's choice of objective and its fixed model

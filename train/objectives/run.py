@@ -1,7 +1,7 @@
 """What a run minimises, and the fixed model it compares with.
 
 The run config picks the objective (train/objectives/objective.py `Objective`):
-cross-entropy, DPO (a `dpo:` section) or logit distillation (`distill:`). DPO's reference
+cross-entropy, DPO (a `dpo:` section), a reward model (`reward:`) or logit distillation (`distill:`). DPO's reference
 policy and the distillation teacher ride in `TrainState.reference`, placed on
 the run's mesh; this module says where (their shardings) and loads them.
 `train.program` builds the run's step from these (the step `train.loop` runs and
@@ -23,6 +23,8 @@ from train.objectives.cross_entropy import cross_entropy
 from train.objectives.distill import check_teacher, distill, teacher_config
 from train.objectives.dpo import dpo
 from train.objectives.objective import Objective
+from train.objectives.reward import reward
+from train.data.example_rows import MARGIN_KEY
 
 
 def teacher_placement(run: RunConfig, layout, devices=None) -> Placement | None:
@@ -40,6 +42,8 @@ def run_objective(run: RunConfig, teacher: Placement | None) -> Objective:
     """What the run minimises; `teacher`: `teacher_placement`'s, for distillation."""
     if run.dpo is not None:
         return dpo(run.model, run.dpo.beta, run.loss_chunk)
+    if run.reward is not None:
+        return reward(run.model, run.reward.margin)
     if run.distill is not None:
         return distill(run.model, teacher.config, run.distill.alpha, run.distill.temperature, run.loss_chunk)
     return cross_entropy(run.model, run.z_loss, run.loss_chunk)
@@ -47,7 +51,10 @@ def run_objective(run: RunConfig, teacher: Placement | None) -> Objective:
 
 def batch_row_keys(run: RunConfig) -> tuple[str, ...]:
     """The batch's per-row values ([B], on batch) beside its token arrays: a DPO pair's
-    reference log-probabilities when the data holds them (`data.reference_log_probs`)."""
+    reference log-probabilities when the data holds them (`data.reference_log_probs`), a
+    reward model's pair margins."""
+    if run.reward is not None:
+        return (MARGIN_KEY,)
     return REFERENCE_KEYS if run.data.reference_log_probs is not None else ()
 
 

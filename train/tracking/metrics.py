@@ -40,8 +40,8 @@ def flops_per_token(config: ModelConfig, seq_len: int, causal: bool = False) -> 
     6 N + 6 L H K T (see the module docstring); N counts the parameters a token uses (a
     mixture-of-experts layer's routed experts only)."""
     n = count_active_params(config)
-    if not config.tie_embeddings:  # a tied table is also the output matmul
-        n -= config.vocab_size * config.dim
+    if not config.tie_embeddings or config.head == "score":  # a tied table is also the output matmul
+        n -= config.vocab_size * config.dim  # (the embedding is a lookup; a score head is [dim, 1])
     attention = 12 * config.n_layers * config.n_heads * config.head_dim * seq_len
     return 6 * n + (attention // 2 if causal else attention)
 
