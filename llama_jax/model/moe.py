@@ -23,9 +23,10 @@ test sizes).
 
 Under a layout, each device sorts only the tokens it holds (`shard_map`),
 so no device sorts another's tokens; with experts split over devices
-(expert parallelism), the tokens of the devices along the expert axes are
-gathered, each device runs its own experts on them, and the sums are
-scattered back (`_per_device`).
+(expert parallelism), each routed row travels to the device holding its
+expert by an all-to-all and its result comes back by another
+(`_per_device`, `_exchanged`): dropless in fixed-size slots, since XLA:CPU
+has no ragged all-to-all.
 
 Expert weights are named ("expert", "embed", "mlp") / ("expert", "mlp",
 "embed"): a layout decides where experts live (configs/layouts/expert_fsdp.yaml
@@ -34,7 +35,8 @@ splits them over the data axis, docs/llama4.md). The router's kernel is
 logits.
 
 Letters in names: b batch, t time, d embed, e experts, f expert hidden,
-k top_k, m routed tokens of a row (t x k, sorted by expert).
+k top_k, m routed tokens of a row (t x k, sorted by expert), n devices exchanging rows,
+c rows of their exchange buffer (n slots of `capacity`).
 """
 
 from __future__ import annotations
