@@ -14,8 +14,8 @@ A layout is data, read from `configs/layouts/<name>.yaml`:
 Every logical name the model uses must have at least one rule, so a typo in
 a layout is an error rather than a silently replicated array. `expert` (the
 experts of a mixture-of-experts layer) is checked against the model that
-uses it: configs/layouts/expert_fsdp.yaml maps it onto `data` (expert
-parallelism over the data-parallel devices), the other layouts replicate it.
+uses it: configs/layouts/expert_fsdp.yaml and expert_fsdp_tp.yaml map it onto `data`
+(expert parallelism over the data-parallel devices), the other layouts replicate it.
 """
 
 from __future__ import annotations

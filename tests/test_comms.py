@@ -34,8 +34,8 @@ ACTIVATION_BYTES = F32 * ROWS * SEQ * D                                # one [ba
 
 
 @functools.cache
-def _collectives(layout: str, n_layers: int = 2, grad_accum: int = 1,
-                 loss_chunk: int = 0) -> tuple[Collective, ...]:
+def _collectives(layout: str, n_layers: int = 2, grad_accum: int = 1, loss_chunk: int = 0,
+                 moe: tuple = ()) -> tuple[Collective, ...]:
     from sharding.layout import load_layout
     from sharding.place import Placement
     from train.compile.aot import train_program
@@ -43,7 +43,7 @@ def _collectives(layout: str, n_layers: int = 2, grad_accum: int = 1,
 
     run = run_config_from_dict({
         "model": {"dim": D, "n_layers": n_layers, "n_heads": HEADS, "n_kv_heads": HEADS, "ffn_dim": FFN,
-                  "vocab_size": VOCAB, "max_seq_len": SEQ},
+                  "vocab_size": VOCAB, "max_seq_len": SEQ, "moe": dict(moe) or None},
         "layout": layout, "grad_accum": grad_accum, "loss_chunk": loss_chunk,
         "data": {"source": "synthetic", "vocab_size": VOCAB, "seq_len": SEQ, "global_batch": ROWS}})
     placement = Placement.create(run.model, load_layout(run.layout, **run.mesh), devices=jax.devices())
@@ -112,6 +112,31 @@ def test_gradient_accumulation_reduces_data_parallel_gradients_once_a_step():
     assert [(c.kind, c.axes, c.buffer_bytes, c.count) for c in twice] == [
         ("all-reduce", ("data",), 2 * LAYER_BYTES + OUTSIDE_BYTES + 4 * F32, 1)]
     assert sum(c.bytes_per_step for c in twice) == pytest.approx(sum(c.bytes_per_step for c in once), rel=1e-12)
+
+
+# The same model with every FFN a mixture of 4 experts of width 64, top 1 (Llama 4's routing).
+MOE = (("n_experts", 4), ("ffn_dim_expert", 64), ("top_k", 1), ("interleave_step", 1))
+
+
+@pytest.mark.parametrize("layout, expert_ways, batch_ways", [("expert_fsdp", 4, 8), ("expert_fsdp_tp", 2, 4)])
+def test_moe_dispatch_is_all_to_alls_over_the_expert_axis_of_the_hand_counted_bytes(layout, expert_ways,
+                                                                                     batch_ways):
+    """Experts split over `data`: each MoE layer sends its routed rows to their experts' devices
+    and back, n slots of `capacity` rows (llama_jax/model/moe.py, `_exchanged`). Forward: the rows
+    (float32 [n x capacity, D]), their expert ids (int32 [n x capacity, 1]) and the results;
+    backward: the results' and the rows' gradients. Nothing else runs over `data` alone per layer
+    (the all-gather dispatch it replaced gathered tokens and reduce-scattered sums there)."""
+    collectives = _collectives(layout, moe=MOE)
+    n_layers = 2
+    tokens = ROWS * SEQ // batch_ways                      # on one device
+    capacity = tokens * min(1, 4 // expert_ways)           # top 1: a token goes to one peer at most
+    rows = expert_ways * capacity
+    per_layer = [c for c in collectives if c.axes == ("data",) and c.count == n_layers]
+    assert {c.kind for c in per_layer} == {"all-to-all"}
+    assert {c.group_size for c in per_layer} == {expert_ways}
+    assert sorted(c.buffer_bytes for c in per_layer) == [rows * 4] + [rows * D * F32] * 4
+    moved = n_layers * (expert_ways - 1) / expert_ways * (4 * rows * D * F32 + rows * 4)
+    assert bytes_by_kind_and_axes(collectives)[("all-to-all", ("data",))] == pytest.approx(moved, rel=1e-12)
 
 
 # --- reading HLO that the tiny compiles above do not produce ----------------------------------

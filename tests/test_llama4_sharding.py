@@ -1,8 +1,10 @@
-"""Llama 4 under layouts: expert parallelism (experts over `data`) and the usual layouts compute what
-one device computes, and the experts really are split. 8 emulated CPU devices (conftest.py)."""
+"""Llama 4 under layouts: expert parallelism (experts over `data`, with FSDP and with tensor
+parallelism) and the usual layouts compute what one device computes, and the experts really are
+split. 8 emulated CPU devices (conftest.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
 
@@ -13,9 +15,10 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from llama_jax import Llama, init_params
+from llama_jax.model.moe import routed_experts
 from sharding.layout import load_layout
 from sharding.place import Placement
-from tiny import LLAMA4_MAVERICK_LIKE
+from tiny import LLAMA4_MAVERICK_LIKE, LLAMA4_SCOUT_LIKE
 
 CONFIG = LLAMA4_MAVERICK_LIKE  # 4 experts of width 64, dim 64: all divide by 4 x 2
 BATCH, LENGTH = 8, 64          # two chunks of 32 positions
@@ -34,10 +37,10 @@ def _tokens():
 
 
 @functools.cache
-def _reference():
+def _reference(config=CONFIG):
     # Weights scaled up from the 0.02 init, so routing and attention are far from uniform.
-    params = jax.tree.map(lambda x: x * 10.0 if x.ndim > 2 else x, init_params(CONFIG, jax.random.key(0)))
-    loss, grads = jax.jit(jax.value_and_grad(functools.partial(_loss, CONFIG)))(params, _tokens())
+    params = jax.tree.map(lambda x: x * 10.0 if x.ndim > 2 else x, init_params(config, jax.random.key(0)))
+    loss, grads = jax.jit(jax.value_and_grad(functools.partial(_loss, config)))(params, _tokens())
     return params, float(loss), jax.device_get(grads)
 
 
@@ -71,15 +74,81 @@ def test_expert_fsdp_splits_experts_four_ways_and_each_expert_two_ways():
     assert wq.sharding.spec == P(None, ("fsdp", "data"), "tensor", None)
 
 
+@pytest.mark.parametrize("shape, name", [("scout", "expert_fsdp"), ("scout", "expert_fsdp_tp"),
+                                         ("maverick", "expert_fsdp_tp")])
+def test_expert_parallel_layouts_match_single_device_loss_and_gradients(shape, name):
+    """Scout's top 2 over 4 experts in 4 devices (one expert each) and in 2 (two each: a device
+    may send a peer two rows per token), Maverick's top 1 with experts over data x tensor."""
+    config = {"scout": LLAMA4_SCOUT_LIKE, "maverick": LLAMA4_MAVERICK_LIKE}[shape]
+    params, want_loss, want_grads = _reference(config)
+    placement = Placement.create(config, load_layout(name))
+    sharded = placement.put(params, placement.param_shardings())
+    batch = placement.global_batch({"tokens": _tokens()})
+    with placement.activate():
+        loss, grads = jax.jit(jax.value_and_grad(functools.partial(_loss, config)))(sharded, batch["tokens"])
+    assert abs(float(loss) - want_loss) <= RTOL * abs(want_loss), f"{shape} {name}: loss {loss} vs {want_loss}"
+    for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(jax.device_get(grads)),
+                                 jax.tree.leaves(want_grads)):
+        err = float(np.abs(np.asarray(got) - np.asarray(want)).max() / np.abs(np.asarray(want)).max())
+        assert err <= RTOL, f"{shape} {name}: gradient {jax.tree_util.keystr(path)} differs by {err:.2e}"
+
+
+def test_expert_fsdp_tp_splits_experts_over_data_and_their_width_over_tensor():
+    placement = Placement.create(LLAMA4_SCOUT_LIKE, load_layout("expert_fsdp_tp"))
+    assert dict(placement.mesh.shape) == {"data": 2, "fsdp": 2, "sequence": 1, "tensor": 2}
+    params = placement.put(_reference(LLAMA4_SCOUT_LIKE)[0], placement.param_shardings())
+    w1 = params["layers"]["layer_0"]["feed_forward"]["w1"]  # [blocks 2, experts 4, embed 64, expert ffn 64]
+    assert w1.sharding.spec == P(None, "data", "fsdp", "tensor")
+    assert next(s.data.shape for s in w1.addressable_shards if s.device == jax.devices()[0]) == (2, 2, 32, 32)
+
+
+def _skew_layout(name):
+    """A shipped layout, or expert_fsdp_tp with the experts over data x tensor or over tensor
+    alone: axes that do not split the batch, along which devices hold the same tokens, compute
+    their own experts' rows and sum."""
+    if name in ("expert_fsdp", "expert_fsdp_tp"):
+        return load_layout(name)
+    axes = {"expert_data_tensor": ("data", "tensor"), "expert_tensor": "tensor"}[name]
+    layout = load_layout("expert_fsdp_tp")
+    return dataclasses.replace(layout, name=name, rules=tuple((logical, axes if logical == "expert" else mesh)
+                                                              for logical, mesh in layout.rules))
+
+
+@pytest.mark.parametrize("name", ["expert_fsdp", "expert_fsdp_tp", "expert_data_tensor", "expert_tensor"])
+def test_all_to_all_dispatch_drops_nothing_when_every_token_picks_the_same_two_experts(name):
+    """The worst case for the fixed slots: every token of every device routed to experts 0 and 1,
+    so each device sends one peer all its rows (expert_fsdp_tp: both experts on one device, two
+    rows per token). The output equals the mixture written out per token."""
+    b, t, d, e, f = 8, 16, 64, 4, 64
+    rng = np.random.default_rng(1)
+    x_btd = rng.normal(size=(b, t, d)).astype(np.float32)
+    score_btk = rng.uniform(0.1, 1.0, size=(b, t, 2)).astype(np.float32)
+    w1_edf, w3_edf = (rng.normal(size=(e, d, f)).astype(np.float32) / 8 for _ in range(2))
+    w2_efd = rng.normal(size=(e, f, d)).astype(np.float32) / 8
+    expert_btk = np.broadcast_to(np.array([1, 0], np.int32), (b, t, 2))
+    want_btd = sum(jax.nn.silu((x_btd * score_btk[..., i, None]) @ w1_edf[j]) * ((x_btd * score_btk[..., i, None])
+                                                                                 @ w3_edf[j]) @ w2_efd[j]
+                   for i, j in enumerate((1, 0)))
+    placement = Placement.create(LLAMA4_SCOUT_LIKE, _skew_layout(name))
+    # A fresh callable per layout: JAX caches traces by function and mesh shape, not by the
+    # logical rules in scope, and three of these layouts share a mesh shape.
+    run = jax.jit(functools.partial(routed_experts))
+    with placement.activate():
+        got_btd = run(x_btd, expert_btk, score_btk, w1_edf, w3_edf, w2_efd)
+        hlo = run.lower(x_btd, expert_btk, score_btk, w1_edf, w3_edf, w2_efd).as_text()
+    assert ("all_to_all" in hlo) == (name != "expert_tensor")
+    np.testing.assert_allclose(np.asarray(got_btd), np.asarray(want_btd), rtol=RTOL, atol=RTOL * np.abs(want_btd).max())
+
+
 def test_expert_fsdp_dispatches_tokens_per_device():
-    """Under the layout the experts run per device (shard_map): all-gather of the data peers' tokens,
-    reduce-scatter of their sums; not an XLA-placed copy of every expert on every device."""
+    """Under the layout the experts run per device (shard_map) and the routed rows travel by
+    all-to-all; no device gathers its data peers' tokens or reduce-scatters their sums."""
     placement = Placement.create(CONFIG, load_layout("expert_fsdp"))
     params = placement.put(_reference()[0], placement.param_shardings())
     tokens = placement.global_batch({"tokens": _tokens()})["tokens"]
     with placement.activate():
         jaxpr = str(jax.make_jaxpr(functools.partial(_loss, CONFIG))(params, tokens))
-    assert "shard_map" in jaxpr and "reduce_scatter" in jaxpr and "all_gather" in jaxpr
+    assert "shard_map" in jaxpr and "all_to_all" in jaxpr and "reduce_scatter" not in jaxpr
 
 
 def test_tiny_llama4_trains_with_python_m_train_and_its_loss_falls(tmp_path):

@@ -472,7 +472,7 @@ def test_bad_yaml_is_an_error(tmp_path):
 
 
 def test_unknown_layout_name_is_an_error():
-    with pytest.raises(LayoutError, match=r"layout 'fsdq' not found \(known: dp, expert_fsdp, fsdp, fsdp_sp"):
+    with pytest.raises(LayoutError, match=r"layout 'fsdq' not found \(known: dp, expert_fsdp, expert_fsdp_tp, fsdp, fsdp_sp"):
         load_layout("fsdq")
 
 

@@ -23,9 +23,10 @@ test sizes).
 
 Under a layout, each device sorts only the tokens it holds (`shard_map`),
 so no device sorts another's tokens; with experts split over devices
-(expert parallelism), the tokens of the devices along the expert axes are
-gathered, each device runs its own experts on them, and the sums are
-scattered back (`_per_device`).
+(expert parallelism), each routed row travels to the device holding its
+expert by an all-to-all and its result comes back by another
+(`_per_device`, `_exchanged`): dropless in fixed-size slots, since XLA:CPU
+has no ragged all-to-all.
 
 Expert weights are named ("expert", "embed", "mlp") / ("expert", "mlp",
 "embed"): a layout decides where experts live (configs/layouts/expert_fsdp.yaml
@@ -34,7 +35,8 @@ splits them over the data axis, docs/llama4.md). The router's kernel is
 logits.
 
 Letters in names: b batch, t time, d embed, e experts, f expert hidden,
-k top_k, m routed tokens of a row (t x k, sorted by expert).
+k top_k, m routed tokens of a row (t x k, sorted by expert), n devices exchanging rows,
+c rows of their exchange buffer (n slots of `capacity`).
 """
 
 from __future__ import annotations
@@ -130,11 +132,12 @@ def _per_device(x_btd, expert_btk, score_btk, w1_edf, w3_edf, w2_efd, *, x_spec,
 
     Weights arrive split as the layout stores them: experts over the expert
     axes, embed (FSDP) and mlp (tensor) as any weight. Embed is gathered
-    (FSDP's gather of one layer); the device then computes its own experts on
-    the tokens of every device along the expert axes (gathered, the
-    "all-gather dispatch": dropless without variable-size messages), and
-    returns each device its tokens' sums (a reduce-scatter), after summing
-    the partial products of a split mlp.
+    (FSDP's gather of one layer). Along the expert axes that also split the
+    batch, the devices hold different tokens: each routed row travels to the
+    device holding its expert and back (`_exchanged`, the all-to-all
+    dispatch). Along expert axes that do not split the batch, the devices
+    hold the same tokens: each computes the rows of its own experts and the
+    partial outputs are summed, as are the partial products of a split mlp.
     """
     def gather(x, entry, axis):
         axes = mesh_context.axes_of(entry)
@@ -147,20 +150,65 @@ def _per_device(x_btd, expert_btk, score_btk, w1_edf, w3_edf, w2_efd, *, x_spec,
     batch_axes = mesh_context.axes_of(x_spec[0])
     dispatch = tuple(a for a in expert_axes if a in batch_axes)  # devices along these hold other rows
     summed = tuple(a for a in expert_axes if a not in batch_axes)  # ... and along these, the same rows
-    x_btd, expert_btk, score_btk = (gather(x, dispatch, 0) for x in (x_btd, expert_btk, score_btk))
-    first = jax.lax.axis_index(expert_axes) * w1_edf.shape[0] if expert_axes else 0
-    y_btd = _experts_here(x_btd, expert_btk, score_btk, w1_edf, w3_edf, w2_efd, first)
-    partial = summed + mesh_context.axes_of(w_in_spec[2])
-    if partial:
-        y_btd = jax.lax.psum(y_btd, partial)
     if dispatch:
-        y_btd = jax.lax.psum_scatter(y_btd, dispatch, scatter_dimension=0, tiled=True)
-    return y_btd
+        y_btd = _exchanged(x_btd, expert_btk, score_btk, w1_edf, w3_edf, w2_efd, expert_axes, dispatch)
+    else:
+        first = jax.lax.axis_index(expert_axes) * w1_edf.shape[0] if expert_axes else 0
+        y_btd = _experts_here(x_btd, expert_btk, score_btk, w1_edf, w3_edf, w2_efd, first)
+    partial = summed + mesh_context.axes_of(w_in_spec[2])
+    return jax.lax.psum(y_btd, partial) if partial else y_btd
+
+
+def _exchanged(x_btd, expert_btk, score_btk, w1_edf, w3_edf, w2_efd, expert_axes, dispatch):
+    """This device's routed output [b, t, d], its rows computed where their experts live.
+
+    The routed rows (token x score, one per chosen expert) are sorted by the
+    device along `dispatch` that holds their expert into n equal slots of
+    `capacity` rows, exchanged by one all-to-all (with each row's expert),
+    multiplied there by the grouped matmul, and returned by a second
+    all-to-all into the slots they left. XLA:CPU has no ragged all-to-all
+    (jax 0.10), so the slots are fixed: capacity = tokens x min(k, local
+    experts) rows, the most one device can send one peer (a token's k experts
+    are distinct, at most that many live on one device), so nothing is ever
+    dropped. Unused rows travel as zeros with expert id `e` (sorted past
+    every group, computed by no one). Rows of experts held at another
+    coordinate of a non-dispatch expert axis are left to that device.
+    """
+    b, t, k = expert_btk.shape
+    e, d = w1_edf.shape[0], x_btd.shape[-1]
+    n = mesh_context.shards(dispatch)
+    capacity = b * t * min(k, e)
+    shard_m = expert_btk.reshape(-1) // e  # which slice of the experts (row-major over expert_axes)
+    dest_m, keep_m, stride = 0, True, mesh_context.shards(expert_axes)
+    for axis in expert_axes:
+        size = mesh_context.shards(axis)
+        stride //= size
+        coord_m = shard_m // stride % size
+        if axis in dispatch:
+            dest_m = dest_m * size + coord_m
+        else:
+            keep_m = keep_m & (coord_m == jax.lax.axis_index(axis))
+    key_m = jnp.where(keep_m, dest_m, n)
+    order_m = jnp.argsort(key_m, stable=True)
+    sorted_m = key_m[order_m]
+    count_n = jnp.bincount(key_m, length=n + 1)
+    rank_m = jnp.arange(order_m.shape[0]) - (jnp.cumsum(count_n) - count_n)[sorted_m]
+    slot_m = jnp.where(sorted_m < n, sorted_m * capacity + rank_m, n * capacity)  # out of range: not sent
+    token_m = order_m // k
+    x_md = x_btd.reshape(b * t, d)[token_m] * score_btk.reshape(-1)[order_m, None].astype(x_btd.dtype)
+    send_cd = jnp.zeros((n * capacity, d), x_btd.dtype).at[slot_m].set(x_md, mode="drop")
+    expert_c = jnp.full((n * capacity, 1), e, jnp.int32).at[slot_m, 0].set(
+        expert_btk.reshape(-1)[order_m] % e, mode="drop")
+    recv_cd, expert_c = (jax.lax.all_to_all(a, dispatch, 0, 0, tiled=True) for a in (send_cd, expert_c))
+    y_cd = _experts_here(recv_cd[None], expert_c[None], None, w1_edf, w3_edf, w2_efd, 0)[0]
+    y_md = jax.lax.all_to_all(y_cd, dispatch, 0, 0, tiled=True).at[slot_m].get(mode="fill", fill_value=0)
+    return jnp.zeros((b * t, d), x_btd.dtype).at[token_m].add(y_md).reshape(x_btd.shape)
 
 
 def _experts_here(x_btd, expert_btk, score_btk, w1_edf, w3_edf, w2_efd, first):
     """The output [b, t, d] of experts first .. first + e - 1 (the e of the weights given) on
-    all the tokens given, sorted by expert into one grouped matmul per projection."""
+    all the tokens given, each scaled by its score (None: unscaled), sorted by expert into one
+    grouped matmul per projection."""
     b, t, k = expert_btk.shape
     e = w1_edf.shape[0]
     x_ad = x_btd.reshape(b * t, -1)
@@ -168,7 +216,9 @@ def _experts_here(x_btd, expert_btk, score_btk, w1_edf, w3_edf, w2_efd, first):
     key_m = jnp.where((local_m >= 0) & (local_m < e), local_m, e)  # other devices' experts sort last
     order_m = jnp.argsort(key_m, stable=True)
     token_m = order_m // k
-    x_md = x_ad[token_m] * score_btk.reshape(b * t * k)[order_m, None].astype(x_ad.dtype)
+    x_md = x_ad[token_m]
+    if score_btk is not None:
+        x_md = x_md * score_btk.reshape(b * t * k)[order_m, None].astype(x_ad.dtype)
     # Rows past the groups' total (tokens of experts held elsewhere) come out zero.
     sizes_e = jnp.bincount(key_m, length=e + 1)[:e].astype(jnp.int32)
     gate_mf = jax.lax.ragged_dot(x_md, w1_edf, sizes_e)
