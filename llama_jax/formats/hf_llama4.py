@@ -28,7 +28,8 @@ from typing import Any
 from llama_jax.config import ConfigError, ModelConfig, MoeConfig, RopeScaling, TemperatureTuning
 from llama_jax.formats.hf_llama import HF_WEIGHTS, HFTensor, WeightRule
 
-GLOBAL_WEIGHTS = tuple(rule for rule in HF_WEIGHTS if "{i}" not in rule.hf_name)
+# Llama 4 has no score-head (reward model) form here: the dense Llama's score.weight is left out.
+GLOBAL_WEIGHTS = tuple(rule for rule in HF_WEIGHTS if "{i}" not in rule.hf_name and rule.path[0] != "score")
 ATTENTION_WEIGHTS = (
     WeightRule("model.layers.{i}.input_layernorm.weight", ("attention_norm", "scale"), "copy"),
     WeightRule("model.layers.{i}.post_attention_layernorm.weight", ("ffn_norm", "scale"), "copy"),
