@@ -46,17 +46,22 @@ def _reference(config=CONFIG):
 
 @pytest.mark.parametrize("name", ["expert_fsdp", "fsdp", "fsdp_tp"])
 def test_moe_layout_matches_single_device_loss_and_gradients(name):
-    params, want_loss, want_grads = _reference()
-    placement = Placement.create(CONFIG, load_layout(name))
+    _assert_layout_matches_one_device(CONFIG, name, f"layout {name}")
+
+
+def _assert_layout_matches_one_device(config, name, label):
+    """`config`'s loss and gradients under layout `name` equal one device's to RTOL."""
+    params, want_loss, want_grads = _reference(config)
+    placement = Placement.create(config, load_layout(name))
     sharded = placement.put(params, placement.param_shardings())
     batch = placement.global_batch({"tokens": _tokens()})
     with placement.activate():
-        loss, grads = jax.jit(jax.value_and_grad(functools.partial(_loss, CONFIG)))(sharded, batch["tokens"])
-    assert abs(float(loss) - want_loss) <= RTOL * abs(want_loss), f"{name}: loss {loss} vs {want_loss}"
+        loss, grads = jax.jit(jax.value_and_grad(functools.partial(_loss, config)))(sharded, batch["tokens"])
+    assert abs(float(loss) - want_loss) <= RTOL * abs(want_loss), f"{label}: loss {loss} vs {want_loss}"
     for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(jax.device_get(grads)),
                                  jax.tree.leaves(want_grads)):
         err = float(np.abs(np.asarray(got) - np.asarray(want)).max() / np.abs(np.asarray(want)).max())
-        assert err <= RTOL, f"layout {name}: gradient {jax.tree_util.keystr(path)} differs by {err:.2e}"
+        assert err <= RTOL, f"{label}: gradient {jax.tree_util.keystr(path)} differs by {err:.2e}"
 
 
 def test_expert_fsdp_splits_experts_four_ways_and_each_expert_two_ways():
@@ -80,17 +85,7 @@ def test_expert_parallel_layouts_match_single_device_loss_and_gradients(shape, n
     """Scout's top 2 over 4 experts in 4 devices (one expert each) and in 2 (two each: a device
     may send a peer two rows per token), Maverick's top 1 with experts over data x tensor."""
     config = {"scout": LLAMA4_SCOUT_LIKE, "maverick": LLAMA4_MAVERICK_LIKE}[shape]
-    params, want_loss, want_grads = _reference(config)
-    placement = Placement.create(config, load_layout(name))
-    sharded = placement.put(params, placement.param_shardings())
-    batch = placement.global_batch({"tokens": _tokens()})
-    with placement.activate():
-        loss, grads = jax.jit(jax.value_and_grad(functools.partial(_loss, config)))(sharded, batch["tokens"])
-    assert abs(float(loss) - want_loss) <= RTOL * abs(want_loss), f"{shape} {name}: loss {loss} vs {want_loss}"
-    for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(jax.device_get(grads)),
-                                 jax.tree.leaves(want_grads)):
-        err = float(np.abs(np.asarray(got) - np.asarray(want)).max() / np.abs(np.asarray(want)).max())
-        assert err <= RTOL, f"{shape} {name}: gradient {jax.tree_util.keystr(path)} differs by {err:.2e}"
+    _assert_layout_matches_one_device(config, name, f"{shape} {name}")
 
 
 def test_expert_fsdp_tp_splits_experts_over_data_and_their_width_over_tensor():
