@@ -33,6 +33,7 @@ DOCUMENTED = {
     "v5p:2x4x4": (NO_WRAP, "megacore", 32, 8),
     "v5p:4x4x4": (TORUS_3D, "megacore", 64, 16),
     "v5p:4x4x8": (TORUS_3D, "megacore", 128, 32),
+    "v5p:4x8x8": (TORUS_3D, "megacore", 256, 64),
     "v5p:8x8x8": (TORUS_3D, "megacore", 512, 128),
     "v5p:8x16x16": (TORUS_3D, "megacore", 2048, 512),
     "v5e:1x1": (NO_WRAP, "default", 1, 1),
