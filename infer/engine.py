@@ -39,8 +39,8 @@ from llama_jax.decoding.slots import (PREFILL_BATCH, STEPS_PER_CALL, SlotProgram
 from llama_jax.model.llama import check_token_ids
 from llama_jax.model.trees import unstack_layers
 from llama_jax.params import model_for, stacked_layers
-from sharding.layout import Layout, load_layout
-from sharding.place import Placement
+from sharding.layout import Layout
+from sharding.place import placement_for
 
 
 class Engine:
@@ -57,13 +57,9 @@ class Engine:
 
     def __init__(self, config: ModelConfig, layout: str | Layout | None = None, devices=None,
                  unroll_layers: bool | None = None, prefill_chunk: int = programs.PREFILL_CHUNK):
-        if layout is None:
-            layout, devices = load_layout("dp"), [jax.devices()[0]]
-        elif isinstance(layout, str):
-            layout = load_layout(layout)
         self.config = config
         self.prefill_chunk = prefill_chunk
-        self.placement = Placement.create(config, layout, devices)
+        self.placement = placement_for(config, layout, devices)
         plan = self.placement
         # XLA:CPU copies each layer's weights out of the stacked (scanned)
         # parameters at every decode step, which halved decode speed on the

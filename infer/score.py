@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from infer.guard import read_conversations
 from infer.options import ServingOptions, check_checkpoint
+from llama_jax.arith import round_up
 from llama_jax.cli import run_cli
 from llama_jax.config import ModelConfig
 from llama_jax.decoding.buckets import pad_rows, row_length
@@ -41,8 +42,7 @@ from llama_jax.model.reward import conversation_rewards
 from llama_jax.paths import user_path
 from llama_jax.text.chat import encode_conversation
 from llama_jax.text.tokenizer import find_tokenizer, load_tokenizer
-from sharding.layout import load_layout
-from sharding.place import Placement
+from sharding.place import Placement, placement_for
 
 
 class Scorer:
@@ -54,18 +54,16 @@ class Scorer:
         self._rewards = jax.jit(lambda params, tokens, lengths: conversation_rewards(model, params, tokens, lengths))
 
     @classmethod
-    def load(cls, checkpoint, options: ServingOptions) -> "Scorer":
-        config = reward_config(checkpoint, options)
-        layout, devices = (load_layout("dp"), jax.devices()[:1]) if options.layout is None else \
-            (load_layout(options.layout) if isinstance(options.layout, str) else options.layout, None)
-        placement = Placement.create(config, layout, devices)
+    def load(cls, checkpoint, config: ModelConfig, layout=None) -> "Scorer":
+        """`checkpoint`'s weights as `config` (reward_config's) on `layout` (None: one device)."""
+        placement = placement_for(config, layout)
         return cls(config, load_params(checkpoint, config, placement.param_shardings()), placement)
 
     def score(self, rows: list[list[int]], batch_size: int, progress=lambda n: None) -> list[float]:
         """Each row's reward (a float), `batch_size` rows at a time (rounded up to what the layout's
         batch axes divide; the last batch padded)."""
         multiple = self.placement.shards_along("batch")
-        size = -(-batch_size // multiple) * multiple
+        size = round_up(batch_size, multiple)
         shards = self.placement.shards_along("length")
         out = []
         for start in range(0, len(rows), size):
@@ -136,7 +134,7 @@ def _run(args) -> None:
     _, conversations = read_conversations(args.input)
     tokenizer = load_tokenizer(args.tokenizer or find_tokenizer(resolve(args.checkpoint)[1], up=2))
     rows = encode_all(tokenizer, conversations, config.max_seq_len, args.input)
-    scorer = Scorer.load(args.checkpoint, options)
+    scorer = Scorer.load(args.checkpoint, config, options.layout)
     with tqdm(total=len(rows), desc="score", unit="conv", file=sys.stderr, disable=None) as bar:
         rewards = scorer.score(rows, args.batch_size, progress=bar.update)
     text = "".join(json.dumps({"reward": r}) + "\n" for r in rewards)

@@ -24,7 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from llama_jax.config import ModelConfig
 from llama_jax.model.kv_cache import CACHE_AXES
 from llama_jax.params import init_params, logical_axes
-from sharding.layout import Layout, LayoutError, axes_tuple
+from sharding.layout import Layout, LayoutError, axes_tuple, load_layout
 from sharding.mesh import make_mesh
 
 
@@ -223,3 +223,13 @@ class Placement:
         here = {idx[0].start for device, idx in indices.items()
                 if device.process_index == jax.process_index()}
         return parts // len(here)
+
+
+def placement_for(config: ModelConfig, layout: str | Layout | None = None, devices=None) -> Placement:
+    """`config` placed by `layout` (a name from configs/layouts or a Layout) over `devices` (None:
+    all), or, without a layout, on the first device alone: how inference and evaluation run by default."""
+    if layout is None:
+        layout, devices = load_layout("dp"), [jax.devices()[0]]
+    elif isinstance(layout, str):
+        layout = load_layout(layout)
+    return Placement.create(config, layout, devices)

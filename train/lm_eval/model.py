@@ -24,7 +24,6 @@ from __future__ import annotations
 import inspect
 import logging
 
-import jax
 import lm_eval.models  # noqa: F401  (lm-eval fills its registry only while it is empty: llama-jax
 #                        registered first would hide lm-eval's own models, local-completions among them)
 from lm_eval import utils as lm_eval_utils
@@ -37,8 +36,7 @@ from llama_jax.decoding.sampling import Sampling
 from llama_jax.formats.weights import load_params, resolve, stored_config
 from llama_jax.params import model_for
 from llama_jax.text.tokenizer import find_tokenizer, load_tokenizer
-from sharding.layout import load_layout
-from sharding.place import Placement
+from sharding.place import Placement, placement_for
 from train.lm_eval.generation import Generator
 from train.lm_eval.scoring import Scorer
 
@@ -72,8 +70,7 @@ class LlamaJaxLM(TemplateLM):
             raise ConfigError(f"dtype: {dtype!r} is not one of bfloat16, float32")
         config = stored.replace(**({"dtype": dtype, "param_dtype": dtype} if dtype else {}))
         tokenizer = load_tokenizer(str(tokenizer) if tokenizer else find_tokenizer(resolve(str(checkpoint))[1], up=2))
-        layout_obj, devices = (load_layout(layout), None) if layout else (load_layout("dp"), [jax.devices()[0]])
-        self._setup(config, Placement.create(config, layout_obj, devices), tokenizer, batch_size, max_length,
+        self._setup(config, placement_for(config, layout or None), tokenizer, batch_size, max_length,
                     max_gen_toks, add_bos_token)
         self.checkpoint = str(checkpoint)
 
