@@ -123,6 +123,8 @@ class Batcher:
         with engine.activate():
             self._state = self.programs.empty()
         self._sampling = engine.place_rows(RowSampling.of([Sampling()] * slots))
+        vision = engine.config.vision  # a text row's image arrays in a group with images: no image
+        self._no_image = None if vision is None else image_inputs([[]], [[0]], vision)
         self._waiting: deque[Request] = deque()
         self._running: list[Request | None] = [None] * slots
         self._wake = threading.Condition()
@@ -182,10 +184,9 @@ class Batcher:
         """Compile the decode step and, for each given prompt length's bucket, the prefill of
         each group size (a vision model's: with images and without), by running one-token
         requests to the end (before `start`)."""
-        vision = self.engine.config.vision
-        blank = None if vision is None else image_inputs([[]], [[0]], vision)  # compiles the prefill with images
+        with_images = (None,) if self._no_image is None else (None, self._no_image)  # the prefill with images too
         for length in prompt_lengths:
-            for rows, images in itertools.product(self.shape.prefill_rows, (None, blank) if blank else (None,)):
+            for rows, images in itertools.product(self.shape.prefill_rows, with_images):
                 requests = [Request([0] * length, 1, Sampling(), 0, lambda event: None, images=images)
                             for _ in range(rows)]
                 admitted = list(zip(requests, range(rows)))
@@ -205,11 +206,10 @@ class Batcher:
         settings = [request.sampling for request, _ in admitted] + [Sampling()] * (rows - len(admitted))
         place = self.engine.place_rows
         images = None
-        if any(request.images is not None for request, _ in admitted):  # text rows in the group: no image
-            blank = image_inputs([[]], [[0]], self.engine.config.vision)
+        if any(request.images is not None for request, _ in admitted):
             images = self.engine.place_images(
-                {name: np.concatenate([(request.images or blank)[name] for request, _ in admitted])
-                 for name in blank}, rows)
+                {name: np.concatenate([(request.images or self._no_image)[name] for request, _ in admitted])
+                 for name in self._no_image}, rows)
         return (self.params, self._state, self._sampling, prompts_bt, lengths_b, place(limits_b), place(seeds_b),
                 self._stops, place(RowSampling.of(settings)), place(slots_b), images)
 
