@@ -9,7 +9,8 @@ FSDP gradients leave the backward layer scan as reduce-scatters of the
 layer's gradient, (n-1)/n of its bytes (llama_jax/model/weight_grad.py;
 left to XLA, CPU and TPU alike all-reduced them in full, 2(n-1)/n); the
 chunked loss gathers the output head once a step and reduce-scatters its
-gradient once (train/objectives/head.py); gradient accumulation under pure
+gradient once (train/objectives/head.py), as DPO does for its policy and
+reference heads; gradient accumulation under pure
 data parallelism reduces once a step (train/accumulate.py).
 """
 
@@ -35,7 +36,7 @@ ACTIVATION_BYTES = F32 * ROWS * SEQ * D                                # one [ba
 
 @functools.cache
 def _collectives(layout: str, n_layers: int = 2, grad_accum: int = 1, loss_chunk: int = 0,
-                 moe: tuple = ()) -> tuple[Collective, ...]:
+                 moe: tuple = (), dpo: bool = False) -> tuple[Collective, ...]:
     from sharding.layout import load_layout
     from sharding.place import Placement
     from train.compile.aot import train_program
@@ -45,7 +46,10 @@ def _collectives(layout: str, n_layers: int = 2, grad_accum: int = 1, loss_chunk
         "model": {"dim": D, "n_layers": n_layers, "n_heads": HEADS, "n_kv_heads": HEADS, "ffn_dim": FFN,
                   "vocab_size": VOCAB, "max_seq_len": SEQ, "moe": dict(moe) or None},
         "layout": layout, "grad_accum": grad_accum, "loss_chunk": loss_chunk,
-        "data": {"source": "synthetic", "vocab_size": VOCAB, "seq_len": SEQ, "global_batch": ROWS}})
+        # a DPO step's shapes need no pairs: the files are named, never read
+        **({"dpo": {"beta": 0.1}} if dpo else {}),
+        "data": {"source": "preference" if dpo else "synthetic", "vocab_size": VOCAB, "seq_len": SEQ,
+                 "global_batch": ROWS, **({"paths": ["pairs.jsonl"], "tokenizer": "tok.model"} if dpo else {})}})
     placement = Placement.create(run.model, load_layout(run.layout, **run.mesh), devices=jax.devices())
     step, args = train_program(run, placement)
     with placement.activate():
@@ -82,6 +86,15 @@ def test_fsdp_gathers_the_output_head_once_and_reduce_scatters_its_gradient_once
     """With the loss in 4 chunks of 8 positions as without chunks: one gather, one reduce-scatter."""
     head = [c for c in _collectives("fsdp", loss_chunk=loss_chunk) if c.buffer_bytes == HEAD_BYTES]
     assert sorted((c.kind, c.axes, c.count) for c in head) == [("all-gather", ("fsdp",), 1),
+                                                               ("reduce-scatter", ("fsdp",), 1)]
+
+
+def test_dpo_in_chunks_gathers_each_head_once_and_reduce_scatters_the_policy_gradient_once():
+    """The policy's head and the frozen reference's, each gathered once a step for 4 chunks; only
+    the policy's gradient is reduced."""
+    head = [c for c in _collectives("fsdp", loss_chunk=8, dpo=True) if c.buffer_bytes == HEAD_BYTES]
+    assert sorted((c.kind, c.axes, c.count) for c in head) == [("all-gather", ("fsdp",), 1),
+                                                               ("all-gather", ("fsdp",), 1),
                                                                ("reduce-scatter", ("fsdp",), 1)]
 
 

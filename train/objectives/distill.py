@@ -24,6 +24,7 @@ from llama_jax.config import ConfigError, ModelConfig
 from llama_jax.model.llama import Llama
 from llama_jax.model.trees import join
 from train.objectives.cross_entropy import chunked_sums, cross_entropy_sums
+from train.objectives.head import chunk_projection
 from train.objectives.objective import Objective
 
 
@@ -66,11 +67,12 @@ def distill(student: ModelConfig, teacher: ModelConfig, alpha: float, temperatur
         if chunk:
             mine, _ = student_model.apply({"params": params}, *args, return_hidden=True)
             theirs, _ = teacher_model.apply({"params": reference}, *args, return_hidden=True)
+            # each head gathered once, not once a chunk (train/objectives/head.py)
+            student_head, teacher_head = (chunk_projection(student_model, params),
+                                          chunk_projection(teacher_model, reference))
 
             def terms(mine, theirs, targets, weights):
-                s = student_model.apply({"params": params}, mine, method=Llama.logits)
-                t = teacher_model.apply({"params": reference}, theirs, method=Llama.logits)
-                return distill_terms(s, t, targets, weights, temperature)
+                return distill_terms(student_head(mine), teacher_head(theirs), targets, weights, temperature)
 
             kl, nll, correct = chunked_sums(terms, chunk, mine, jax.lax.stop_gradient(theirs),
                                             batch["targets"], weights)

@@ -28,6 +28,7 @@ from llama_jax.model.llama import Llama
 from llama_jax.model.trees import join
 from train.objectives.cross_entropy import chunked_sums, target_log_probs
 from train.data.reference_log_probs import REFERENCE_KEYS
+from train.objectives.head import chunk_projection
 from train.objectives.objective import Objective
 
 CHOSEN, REJECTED = 1, 2  # segment ids of a pair's two conversations within its row
@@ -53,10 +54,10 @@ def answer_log_probs(model: Llama, params, batch, chunk: int = 0):
         logits, _ = model.apply({"params": params}, *args)
         return _answer_sums(logits, batch["targets"], weights, batch["segment_ids"])
     hidden, _ = model.apply({"params": params}, *args, return_hidden=True)
+    project = chunk_projection(model, params)  # the head gathered once, not once a chunk
 
     def terms(hidden, targets, weights, segments):
-        logits = model.apply({"params": params}, hidden, method=Llama.logits)
-        return _answer_sums(logits, targets, weights, segments)
+        return _answer_sums(project(hidden), targets, weights, segments)
 
     return chunked_sums(terms, chunk, hidden, batch["targets"], weights, batch["segment_ids"])
 
