@@ -1,0 +1,106 @@
+"""Group relative policy optimisation (GRPO, Shao et al. 2024, DeepSeekMath), token-level.
+
+For each prompt the policy samples a group of G answers (train/rl/rollout.py), each scored
+by a reward r. An answer's advantage is its reward against its group's,
+
+    A = (r - mean(group)) / (std(group) + ADVANTAGE_EPS)       (std with ddof 0)
+
+so a group of equal rewards teaches nothing (A = 0 exactly). Every answer token t then
+carries A, and with rho_t = exp(log pi(t) - log pi_old(t)) the ratio of the policy being
+trained to the one that sampled (pi_old: the sampler's own log-probabilities),
+
+    loss_t = -min(rho_t A, clip(rho_t, 1 - epsilon, 1 + epsilon) A) + beta * KL_t
+    loss   = sum over answer tokens of loss_t / answer tokens of the batch
+
+(token-level, as DAPO averages: a long answer weighs by its tokens, not as one sample).
+KL_t estimates KL(pi || pi_ref) against a frozen reference from the sampled token alone,
+with d = log pi_ref(t) - log pi(t), by the estimator named in `KL_ESTIMATORS`:
+
+    k3    exp(d) - d - 1     (Schulman 2020, "Approximating KL divergence"; >= 0, unbiased)
+    k1    -d                 (the plain log-ratio; unbiased, can be negative)
+    none  0                  (no reference model runs)
+
+Log-probabilities are of the sampling distribution: the logits divided by the sampling
+temperature (train/rl/rollout.py samples from exactly that distribution).
+
+Metrics per answer token: loss, kl (the estimator's mean), clip_fraction (tokens with
+|rho - 1| > epsilon: their clipped term has no gradient in the direction that moved them),
+ratio (the mean of rho); and the step's `tokens`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from llama_jax.config import ModelConfig
+from llama_jax.model.llama import Llama
+from llama_jax.model.trees import join
+from train.config_sections import KL_ESTIMATORS
+from train.objectives.cross_entropy import sampled_log_probs
+from train.objectives.objective import Objective
+from train.rl.rollout import OLD_LOG_PROBS, REFERENCE_LOG_PROBS
+
+ADVANTAGE_EPS = 1e-4  # keeps a group of near-equal rewards from dividing by ~0
+ADVANTAGES = "advantages"  # the update batch's per-row values ([B]) beside train/rl/rollout.py's
+
+
+def group_advantages(rewards_pg):
+    """float32 [P, G]: each answer's reward normalised within its prompt's group (see the module
+    docstring); rewards_pg: float [P, G], G answers of each of P prompts."""
+    rewards_pg = rewards_pg.astype(jnp.float32)
+    centred = rewards_pg - jnp.mean(rewards_pg, axis=1, keepdims=True)
+    return centred / (jnp.std(rewards_pg, axis=1, keepdims=True) + ADVANTAGE_EPS)
+
+
+def kl_estimate(policy, reference, estimator: str):
+    """Per-token estimate of KL(policy || reference) from the sampled tokens' log-probabilities
+    (float32, any shape), by `estimator` (one of KL_ESTIMATORS; see the module docstring)."""
+    d = reference - policy
+    if estimator == "k3":
+        return jnp.exp(d) - d - 1.0
+    if estimator == "k1":
+        return -d
+    if estimator == "none":
+        return jnp.zeros_like(d)
+    raise ValueError(f"grpo.kl: {estimator!r} is not one of {', '.join(KL_ESTIMATORS)}")
+
+
+def grpo_sums(policy_bt, old_bt, reference_bt, advantages_b, weights_bt, *, epsilon: float, beta: float,
+              estimator: str) -> tuple[jax.Array, dict]:
+    """(summed loss, sums) of the clipped objective over the weighted (answer) tokens.
+
+    policy_bt, old_bt, reference_bt: float32 [B, T] log-probabilities of each target under the
+    policy being trained, the sampler and the reference; advantages_b: float32 [B];
+    weights_bt: float32 [B, T], 1 on answer tokens. Sums of loss, kl, clip_fraction, ratio,
+    and "weight" = answer tokens.
+    """
+    ratio = jnp.exp(policy_bt - old_bt)
+    advantage = advantages_b[:, None]
+    surrogate = jnp.minimum(ratio * advantage, jnp.clip(ratio, 1.0 - epsilon, 1.0 + epsilon) * advantage)
+    kl = kl_estimate(policy_bt, reference_bt, estimator)
+    losses = -surrogate + beta * kl
+
+    def total(x):
+        return jnp.sum(weights_bt * x)
+
+    clipped = (jnp.abs(ratio - 1.0) > epsilon).astype(jnp.float32)
+    sums = {"loss": total(losses), "kl": total(kl), "clip_fraction": total(clipped),
+            "ratio": total(jax.lax.stop_gradient(ratio)), "weight": jnp.sum(weights_bt)}
+    return sums["loss"], sums
+
+
+def grpo(config: ModelConfig, *, epsilon: float, beta: float, estimator: str, temperature: float) -> Objective:
+    """The GRPO objective of `config`'s policy on a rollout batch (train/rl/rollout.py `update_batch`:
+    the token arrays, OLD_LOG_PROBS and REFERENCE_LOG_PROBS [B, T], ADVANTAGES [B])."""
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"grpo.kl: {estimator!r} is not one of {', '.join(KL_ESTIMATORS)}")
+    model = Llama(config)
+
+    def sums(params, frozen, reference, batch):
+        mine = sampled_log_probs(model, join(frozen, params), batch, temperature)
+        return grpo_sums(mine, batch[OLD_LOG_PROBS], batch[REFERENCE_LOG_PROBS], batch[ADVANTAGES],
+                         batch["loss_weights"].astype(jnp.float32), epsilon=epsilon, beta=beta,
+                         estimator=estimator)
+
+    return Objective(sums, count="tokens")
