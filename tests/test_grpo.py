@@ -3,6 +3,8 @@ a tiny run that learns, resume after SIGKILL, and bad input."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -74,3 +76,155 @@ def test_kl_estimators_match_their_formulas():
     assert np.all(got["none"] == 0)
     with pytest.raises(ValueError, match="grpo.kl: 'k2'"):
         kl_estimate(jnp.asarray(policy), jnp.asarray(reference), "k2")
+
+
+# --- Rollouts: the sampler against the training forward pass, layouts, compiles. -----------------
+
+from llama_jax import ModelConfig, init_params  # noqa: E402
+from llama_jax.decoding.groups import sample_groups  # noqa: E402
+from llama_jax.decoding.programs import NO_TOKEN  # noqa: E402
+from llama_jax.model.llama import Llama  # noqa: E402
+from train.objectives.cross_entropy import sampled_log_probs  # noqa: E402
+from train.rl.rollout import OLD_LOG_PROBS, update_rows  # noqa: E402
+from train_runs import REPO  # noqa: E402
+
+CONFIG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, vocab_size=560,
+                     rope_theta=10000.0, max_seq_len=256)
+STOPS = jnp.asarray([301, 308, 309], jnp.int32)  # the toy tokenizer's stop ids
+TOY = REPO / "configs" / "data" / "toy"
+
+
+def _prompts(lengths, t=12, seed=0):
+    rng = np.random.default_rng(seed)
+    tokens = np.zeros((len(lengths), t), np.int32)
+    for i, n in enumerate(lengths):
+        tokens[i, :n] = rng.integers(0, 300, n)
+    return jnp.asarray(tokens), jnp.asarray(lengths, jnp.int32)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return jax.jit(init_params, static_argnums=0)(CONFIG, jax.random.key(0))
+
+
+def test_sampler_log_probs_equal_the_training_forward_pass_in_float32(params):
+    """Answers to prompts of uneven length, four per prompt from one prefill each: every answer
+    token's log-probability as the sampler reported it equals the training forward pass's on
+    the update row (left-padded prompt, answer, padding) to 1e-5; rows past an answer's end
+    carry no weight, and a prompt's four answers differ (each row has its own key)."""
+    prompts, lengths = _prompts([12, 5, 9])
+    temperature = 0.7
+    sample = jax.jit(functools.partial(sample_groups, Llama(CONFIG), group=4, temperature=temperature, steps=6,
+                                       cache_len=128))
+    tokens, log_probs, entropy, answer = sample(params, prompts, lengths, jax.random.key(3), STOPS)
+    assert tokens.shape == (12, 6) and np.all(np.asarray(answer) == np.sum(np.asarray(tokens) != NO_TOKEN, 1))
+    assert len({tuple(row) for row in np.asarray(tokens)[:4]}) > 1
+    batch = update_rows(prompts, lengths, tokens, log_probs, 4)
+    mine = np.asarray(jax.jit(functools.partial(sampled_log_probs, Llama(CONFIG), temperature=temperature))(
+        params, batch))
+    weights = np.asarray(batch["loss_weights"])
+    assert weights.sum() == np.asarray(answer).sum()
+    sampled = np.asarray(batch[OLD_LOG_PROBS])
+    assert np.all(sampled[weights > 0] < 0) and np.all(np.asarray(entropy)[np.asarray(tokens) != NO_TOKEN] > 0)
+    np.testing.assert_allclose(mine[weights > 0], sampled[weights > 0], rtol=0, atol=1e-5)
+
+
+def _run(tmp_path, *overrides, config="grpo_tiny"):
+    from train.config import load_run_config
+
+    return load_run_config(config, [f"run_dir={tmp_path / 'run'}", "chip=v4", "data.global_batch=4",
+                                    "grpo.group=4", *overrides])
+
+
+def _rl_step(run, placement):
+    from train.program import build_train_step
+    from train.rl.build import build_rl_step, check_reward
+    from llama_jax.text.tokenizer import load_tokenizer
+
+    program = build_train_step(run, placement)
+    return program, build_rl_step(run, placement, program.step, load_tokenizer(run.data.tokenizer), check_reward(run))
+
+
+def _prompt_batch(run, placement):
+    from train.data.pipeline import make_dataset
+
+    data = make_dataset(run.data, shard_index=0, shard_count=1, model_vocab_size=run.model.vocab_size)
+    return data, lambda: placement.global_batch(next(data))
+
+
+def test_grpo_on_fsdp_tp_over_8_devices_equals_one_device(tmp_path, params):
+    """A rollout and the GRPO gradients on it, from the same weights: on fsdp_tp over 8 devices
+    (the policy and the KV cache split) the answers equal one device's, the sampler's and the
+    reference's log-probabilities agree to 1e-5, and the objective's sums and gradients to 1e-5
+    (relative)."""
+    from sharding.layout import load_layout
+    from sharding.place import Placement
+    from train.objectives.grpo import ADVANTAGES
+    from train.objectives.run import run_objective
+    from train.rl.build import build_rl_step
+    from train.step import make_gradients
+    from llama_jax.text.tokenizer import load_tokenizer
+
+    run = _run(tmp_path, "grpo.kl=k3", "grpo.beta=0.1", "grpo.reward=grpo_rewards:answer_length")
+    reference = jax.tree.map(lambda x: x * 1.01, params)  # a KL term with a gradient
+    objective = run_objective(run, None)
+    results = {}
+    for name, devices in (("one", jax.devices()[:1]), ("fsdp_tp", None)):
+        placement = Placement.create(run.model, load_layout("fsdp_tp" if devices is None else "dp"), devices=devices)
+        step = build_rl_step(run, placement, None, load_tokenizer(run.data.tokenizer), None)
+        shardings = placement.param_shardings()
+        placed, theirs = placement.put(params, shardings), placement.put(reference, shardings)
+        _, prompts = _prompt_batch(run, placement)
+        with placement.activate():
+            prompts = prompts()
+            batch, answers, stats = step.rollout(placed, {}, theirs, prompts, jnp.int32(0))
+            index = np.repeat(np.asarray(prompts["index"]), run.grpo.group)
+            rewards = step.reward(index, np.asarray(answers), batch)
+            batch[ADVANTAGES] = jax.device_put(step.advantages(rewards.reshape(-1, run.grpo.group)).reshape(-1),
+                                               placement.sharding("batch"))
+            grads, sums = jax.jit(make_gradients(run.model, shardings, objective=objective))(
+                placed, batch, None, theirs)
+        if devices is None:
+            assert placement.shards_along("embed") > 1 and placement.shards_along("heads") == 2
+        results[name] = jax.device_get((answers, rewards, batch, stats, grads, sums))
+    (answers, rewards, batch, stats, want_grads, want), (got_answers, got_rewards, got_batch, got_stats,
+                                                          grads, sums) = results["one"], results["fsdp_tp"]
+    np.testing.assert_array_equal(got_answers, answers)
+    np.testing.assert_array_equal(got_rewards, rewards)
+    assert 0 < rewards.std() and float(want["weight"]) > 0
+    assert float(stats["log_prob_error"]) < 1e-5 and float(got_stats["log_prob_error"]) < 1e-5
+    for key in ("old_log_probs", "reference_log_probs"):
+        np.testing.assert_allclose(got_batch[key], batch[key], rtol=0, atol=1e-5, err_msg=key)
+    for key in want:
+        np.testing.assert_allclose(float(sums[key]), float(want[key]), rtol=1e-5, atol=1e-5, err_msg=key)
+    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(want_grads)):
+        err = float(np.abs(np.asarray(g) - w).max() / np.abs(w).max())
+        assert err <= 1e-5, f"{jax.tree_util.keystr(path)} differs by {err:.2e} (relative)"
+
+
+def test_rollout_and_update_compile_once_across_steps(tmp_path):
+    """Three steps with LoRA (the reference: the base without adapters): the rollout and the
+    update programs each hold one executable, whatever the answers' lengths."""
+    from llama_jax.formats.checkpoint import save_params
+    from sharding.layout import load_layout
+    from sharding.place import Placement
+    from train.step import init_state
+
+    base = jax.jit(init_params, static_argnums=0)(CONFIG, jax.random.key(2))
+    save_params(tmp_path / "base", CONFIG, base)
+    run = _run(tmp_path, f"init_from={tmp_path / 'base'}", "lora={rank: 4, alpha: 8}",
+               "model_overrides={vocab_size: 560, max_seq_len: 256, rope_scaling: null, rope_theta: 10000.0, "
+               "dim: 64, n_layers: 2, n_heads: 4, n_kv_heads: 2, ffn_dim: 128}")
+    placement = Placement.create(run.model, load_layout("dp"), devices=jax.devices()[:1])
+    program, step = _rl_step(run, placement)
+    frozen = placement.put(base, program.shardings.frozen)
+    state, _ = init_state(placement, program.optimizer, jax.random.key(1), frozen)
+    _, prompts = _prompt_batch(run, placement)
+    lengths = set()
+    with placement.activate():
+        for _ in range(3):
+            state, metrics = step(state, prompts())
+            lengths.add(float(metrics["response_length"]))
+    assert int(state.step) == 3 and float(metrics["kl"]) > 0
+    assert step.rollout._cache_size() == 1 and program.step._cache_size() == 1, (
+        step.rollout._cache_size(), program.step._cache_size())

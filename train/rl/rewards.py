@@ -46,7 +46,7 @@ class FunctionReward:
         out = np.zeros(len(index_b), np.float32)
         for row, (i, ids) in enumerate(zip(index_b, answers_bn)):
             i = int(i)
-            answer = self.tokenizer.decode([int(x) for x in ids if x != NO_TOKEN and int(x) not in stops])
+            answer = _decode(self.tokenizer, [int(x) for x in ids if x != NO_TOKEN and int(x) not in stops])
             where = f"prompt {i} ({self.prompts.location(i)}), sample row {row}"
             try:
                 value = self.function(self.prompts.messages(i), answer)
@@ -59,6 +59,20 @@ class FunctionReward:
                                   "finite number")
             out[row] = value
         return out
+
+
+def _decode(tokenizer, ids: list[int]) -> str:
+    """The answer's text; an id past the tokenizer's vocabulary (the model's table may be larger,
+    rounded up) reads as U+FFFD, as bytes that are not UTF-8 do."""
+    text, run = "", []
+    for i in ids + [None]:
+        if i is not None and i < tokenizer.vocab_size:
+            run.append(i)
+            continue
+        text += tokenizer.decode(run) if run else ""
+        text += "\ufffd" if i is not None else ""
+        run = []
+    return text
 
 
 def reward_model_config(checkpoint: str, policy: ModelConfig) -> ModelConfig:
