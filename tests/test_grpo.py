@@ -228,3 +228,55 @@ def test_rollout_and_update_compile_once_across_steps(tmp_path):
     assert int(state.step) == 3 and float(metrics["kl"]) > 0
     assert step.rollout._cache_size() == 1 and program.step._cache_size() == 1, (
         step.rollout._cache_size(), program.step._cache_size())
+
+
+# --- Bad input: one line, exit code 2. -------------------------------------------------------------
+
+def _cli(tmp_path, capsys, *overrides):
+    from train.__main__ import main
+
+    group = [] if any(o.startswith("grpo.group=") for o in overrides) else ["grpo.group=2"]
+    code = main(["--config", "grpo_tiny", "--quiet", f"run_dir={tmp_path / 'run'}", "chip=v4", "steps=1",
+                 "data.global_batch=2", *group, *overrides])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and len(err) < 400, err
+    return err
+
+
+def test_a_group_of_one_is_one_line(tmp_path, capsys):
+    err = _cli(tmp_path, capsys, "grpo.group=1")
+    assert "grpo.group: 1 answers per prompt; a group needs at least 2" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_reward_function_that_raises_names_itself_and_the_prompt(tmp_path, capsys):
+    err = _cli(tmp_path, capsys, "grpo.reward=grpo_rewards:raises")
+    assert "grpo.reward grpo_rewards:raises raised KeyError on prompt " in err
+    assert "sum_prompts.jsonl:" in err and "no expected answer in this prompt" in err
+
+
+def test_a_reward_function_returning_nan_is_one_line(tmp_path):
+    from llama_jax.text.tokenizer import load_tokenizer
+    from train.data.sources import Prompts
+    from train.rl.rewards import FunctionReward, RewardError
+
+    tokenizer = load_tokenizer(TOY / "tokenizer.model")
+    reward = FunctionReward("grpo_rewards:not_a_number", Prompts([str(TOY / "sum_prompts.jsonl")], tokenizer),
+                            tokenizer)
+    answers = np.array([[55, 309], [56, NO_TOKEN]])  # "7" then <|eot_id|>; "8"
+    with pytest.raises(RewardError) as caught:
+        reward(np.array([3, 4]), answers)
+    assert str(caught.value) == ("grpo.reward grpo_rewards:not_a_number returned nan on prompt 3 "
+                                 f"({TOY / 'sum_prompts.jsonl'}:4), sample row 0; a reward must be a finite number")
+    ok = FunctionReward("train.rl.toy_rewards:sum_reward", reward.prompts, tokenizer)
+    np.testing.assert_array_equal(ok(np.array([34, 34]), answers), [1.0, 0.0])  # line 35: "3 + 4 ="
+
+
+def test_a_reward_model_with_another_vocabulary_is_one_line(tmp_path, capsys):
+    from llama_jax.formats.checkpoint import save_params
+
+    other = CONFIG.replace(vocab_size=512, head="score")
+    save_params(tmp_path / "rm", other, jax.jit(init_params, static_argnums=0)(other, jax.random.key(0)))
+    err = _cli(tmp_path, capsys, "grpo.reward=null", f"grpo.reward_model={tmp_path / 'rm'}")
+    assert f"grpo.reward_model {tmp_path / 'rm'}: a vocabulary of 512 ids, the policy's has 560" in err
+    assert not (tmp_path / "run").exists()
