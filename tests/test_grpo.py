@@ -280,3 +280,42 @@ def test_a_reward_model_with_another_vocabulary_is_one_line(tmp_path, capsys):
     err = _cli(tmp_path, capsys, "grpo.reward=null", f"grpo.reward_model={tmp_path / 'rm'}")
     assert f"grpo.reward_model {tmp_path / 'rm'}: a vocabulary of 512 ids, the policy's has 560" in err
     assert not (tmp_path / "run").exists()
+
+
+# --- Resume. -------------------------------------------------------------------------------------
+
+GRPO_EXACT = ("loss", "kl", "clip_fraction", "ratio", "reward_mean", "reward_std", "response_length", "entropy",
+              "tokens", "grad_norm", "learning_rate")
+
+
+def test_a_killed_grpo_run_resumes_bit_exactly(tmp_path):
+    """SIGKILL after step 3 (step 2 saved: policy, optimizer, prompt position; the samples' keys
+    derive from the seed and the saved step), then the same command: every step's rewards, KL,
+    loss and norms equal an uninterrupted run's, bit for bit."""
+    from train_runs import cli, finish, kill_at_step, metrics, start, wait_for_step
+
+    steps = ("steps=6", "log_every=1", "checkpoint_every=2", "data.global_batch=4", "grpo.group=4",
+             "grpo.reward=tests.grpo_rewards:answer_length")  # rewards that differ from random weights
+    cache = tmp_path / "cache"
+    reference_dir, killed_dir = tmp_path / "reference", tmp_path / "killed"
+    reference = start(cli(reference_dir, *steps, config="grpo_tiny"), tmp_path / "reference.log", devices=1,
+                      compilation_cache=cache)
+    wait_for_step(reference_dir, 1, reference, timeout=240)
+    killed = start(cli(killed_dir, *steps, config="grpo_tiny"), tmp_path / "killed.log", devices=1,
+                   compilation_cache=cache)
+    kill_at_step(killed_dir, 3, killed, saved=2)
+    assert metrics(killed_dir)[-1]["step"] < 6
+    resumed = start(cli(killed_dir, *steps, config="grpo_tiny"), tmp_path / "resumed.log", devices=1,
+                    compilation_cache=cache)
+    output = finish(resumed, tmp_path / "resumed.log", 240)
+    assert resumed.returncode == 0, output
+    assert "resuming from" in output
+    assert finish(reference, tmp_path / "reference.log", 240) is not None and reference.returncode == 0
+
+    def exact(run_dir):
+        return [{k: row[k] for k in ("step", *GRPO_EXACT)} for row in metrics(run_dir)]
+
+    want = exact(reference_dir)
+    assert [row["step"] for row in want] == list(range(1, 7))
+    assert len({row["reward_mean"] for row in want}) > 1
+    assert exact(killed_dir) == want
