@@ -14,3 +14,11 @@ def raises(messages, answer):
 
 def not_a_number(messages, answer):
     return float("nan")
+
+
+def agrees(messages, answer):
+    """1 for "yes" to an "Agree: ..." prompt and "no" to a "Disagree: ..." one (the answer's
+    first word), else 0."""
+    words = answer.split()
+    want = "yes" if messages[-1]["content"].startswith("Agree:") else "no"
+    return float(bool(words) and words[0] == want)

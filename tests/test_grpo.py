@@ -319,3 +319,64 @@ def test_a_killed_grpo_run_resumes_bit_exactly(tmp_path):
     assert [row["step"] for row in want] == list(range(1, 7))
     assert len({row["reward_mean"] for row in want}) > 1
     assert exact(killed_dir) == want
+
+
+# --- Learnability. -------------------------------------------------------------------------------
+
+WORDS = ("apple", "candle", "cloud", "copper", "falcon", "forest", "garden", "lemon", "marble", "meadow")
+
+
+def _held_out_accuracy(run_dir, config, prompts, held):
+    """The share of right answers among 8 samples at temperature 1 (the policy GRPO trains) to
+    each held-out prompt, from the checkpoint in `run_dir`."""
+    from infer.generate import generate
+    from llama_jax.formats.weights import load_params
+    from llama_jax.text.chat import format_chat
+    from llama_jax.text.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(TOY / "tokenizer.model")
+    ids = [format_chat(tokenizer, [{"role": "user", "content": prompts[i]}]) for i in held] * 8
+    outputs = generate(load_params(str(run_dir), config), tokenizer, ids, max_new_tokens=4, config=config,
+                       temperature=1.0, seed=3)
+    want = ["yes" if prompts[i].startswith("Agree") else "no" for i in held] * 8
+    return np.mean([out.text.split()[:1] == [w] for out, w in zip(outputs, want)])
+
+
+def test_grpo_raises_a_weak_sft_start_to_clearly_higher_held_out_accuracy(tmp_path):
+    """"Agree: w1 w2" asks for "yes", "Disagree: w1 w2" for "no" (reward 1 for the right first
+    word, tests/grpo_rewards.py `agrees`). 40 SFT steps give a weak start: the right format, but
+    a third of its samples right on held-out prompts; 16 GRPO steps from that checkpoint
+    (init_from) raise the held-out share by more than 0.25."""
+    import itertools
+    import json
+
+    from train.config import load_run_config
+    from train.data.config import DataConfig
+    from train.data.pipeline import split_indices
+    from train.loop import train
+
+    rng = np.random.default_rng(0)
+    prompts = [f"{'Agree' if rng.random() < 0.5 else 'Disagree'}: {a} {b}"
+               for a, b in itertools.permutations(WORDS, 2)][:80]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    (tmp_path / "chat.jsonl").write_text("".join(
+        json.dumps({"messages": [{"role": "user", "content": p},
+                                 {"role": "assistant", "content": "yes" if p.startswith("Agree") else "no"}]}) + "\n"
+        for p in prompts))
+    held = split_indices(len(prompts), DataConfig(source="prompts", paths=(str(tmp_path / "prompts.jsonl"),),
+                                                  holdout=0.25, split="eval"))
+    common = ["chip=v4", "layout=dp", "mesh={data: 1}", "data.holdout=0.25", "log_every=4"]
+    sft = load_run_config("sft_sums_tiny", [f"run_dir={tmp_path / 'sft'}", "steps=40", "checkpoint_every=40",
+                                            f"data.paths=[{tmp_path / 'chat.jsonl'}]", "optimizer.warmup_steps=3",
+                                            *common])
+    train(sft, progress=False)
+    before = _held_out_accuracy(tmp_path / "sft", sft.model, prompts, held)
+    grpo = load_run_config("grpo_tiny", [f"run_dir={tmp_path / 'grpo'}", "steps=16", "checkpoint_every=16",
+                                         f"data.paths=[{tmp_path / 'prompts.jsonl'}]", "data.seq_len=48",
+                                         "data.global_batch=8", f"init_from={tmp_path / 'sft'}",
+                                         "grpo.reward=grpo_rewards:agrees", "optimizer.learning_rate=3e-3",
+                                         *common])
+    train(grpo, progress=False)
+    after = _held_out_accuracy(tmp_path / "grpo", grpo.model, prompts, held)
+    assert 0.1 < before < 0.6, before  # a weak start: the format, not yet the rule
+    assert after > before + 0.25, (before, after)
