@@ -380,3 +380,34 @@ def test_grpo_raises_a_weak_sft_start_to_clearly_higher_held_out_accuracy(tmp_pa
     after = _held_out_accuracy(tmp_path / "grpo", grpo.model, prompts, held)
     assert 0.1 < before < 0.6, before  # a weak start: the format, not yet the rule
     assert after > before + 0.25, (before, after)
+
+
+def test_a_reward_model_scores_rollout_rows_as_it_scores_the_conversation_alone(tmp_path):
+    """The update rows (left-padded prompt, answer, padding) scored by grpo.reward_model's
+    ModelReward equal llama_jax.model.reward.conversation_rewards on each prompt + answer alone,
+    right-padded from position 0 (as infer.score scores them), to 1e-5."""
+    from llama_jax.formats.checkpoint import save_params
+    from llama_jax.model.reward import conversation_rewards
+    from sharding.layout import load_layout
+    from sharding.place import Placement
+    from train.rl.rewards import ModelReward
+
+    config = CONFIG.replace(head="score")
+    scorer = jax.jit(init_params, static_argnums=0)(config, jax.random.key(7))
+    scorer["score"]["kernel"] = scorer["score"]["kernel"] * 50  # rewards of order 1
+    placement = Placement.create(config, load_layout("dp"), devices=jax.devices()[:1])
+    save_params(tmp_path / "rm", config, scorer)
+    reward = ModelReward(str(tmp_path / "rm"), config, placement)
+    prompts, lengths = _prompts([12, 5, 9])
+    answers = jnp.asarray([[7, 8, 309, NO_TOKEN], [9, NO_TOKEN, NO_TOKEN, NO_TOKEN], [1, 2, 3, 4]], jnp.int32)
+    batch = update_rows(prompts, lengths, answers, jnp.zeros(answers.shape), 1)
+    got = reward(None, None, batch)
+    rows = [list(np.asarray(prompts[i, :int(lengths[i])])) + [int(x) for x in np.asarray(answers[i]) if x != NO_TOKEN]
+            for i in range(3)]
+    tokens = np.zeros((3, 16), np.int32)
+    for i, row in enumerate(rows):
+        tokens[i, :len(row)] = row
+    want = jax.jit(functools.partial(conversation_rewards, Llama(config)))(
+        scorer, jnp.asarray(tokens), jnp.asarray([len(r) for r in rows], jnp.int32))
+    assert np.abs(np.asarray(want)).max() > 0.1
+    np.testing.assert_allclose(got, np.asarray(want), rtol=0, atol=1e-5)

@@ -66,6 +66,10 @@ B = global_batch // shard_count:
     images       dict     a vision model's rows only: each row's images
                           (llama_jax.vision.image.image_inputs, no batch axis)
 
+The prompts source (reinforcement learning) gives no training rows but prompts,
+one a row (train/data/example_rows.py `PromptRows`): tokens [B, seq_len]
+right-padded with 0, lengths [B] and index [B] (the prompt's place in the files).
+
 A packed row holds stream[r*L:(r+1)*L] as tokens and stream[r*L+1:(r+1)*L+1]
 as targets. A document cut by a row boundary continues in another row with
 positions restarting at 0: positions stay below seq_len, as at inference,

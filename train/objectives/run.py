@@ -1,10 +1,11 @@
 """What a run minimises, and the fixed model it compares with.
 
 The run config picks the objective (train/objectives/objective.py `Objective`):
-cross-entropy, DPO (a `dpo:` section), a reward model (`reward:`), logit distillation (`distill:`)
-or GRPO (`grpo:`, whose reference also rides in `TrainState.reference` unless LoRA's base serves). DPO's reference
-policy and the distillation teacher ride in `TrainState.reference`, placed on
-the run's mesh; this module says where (their shardings) and loads them.
+cross-entropy, DPO (a `dpo:` section), a reward model (`reward:`), logit
+distillation (`distill:`) or GRPO (`grpo:`). DPO's and GRPO's reference policy
+(unless a LoRA run's base serves) and the distillation teacher ride in
+`TrainState.reference`, placed on the run's mesh; this module says where (their
+shardings) and loads them.
 `train.program` builds the run's step from these (the step `train.loop` runs and
 `train.compile` compiles ahead of time), and `train.dpo_reference` runs a DPO
 run's reference once.
