@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import time
 
@@ -47,6 +48,15 @@ def _tokenizer(run: RunConfig):
     if run.data.source not in ("text", "chat", "completion", "preference", "prompts") or path is None:
         return None
     return load_tokenizer(path)
+
+
+def _step_shape(run: RunConfig) -> tuple[int, int]:
+    """(rows, row length) that one run step trains on: the batch's; for GRPO, the rollouts' rows
+    (prompts x group, each prompt plus answer) once for each of grpo.updates optimizer steps, so
+    tokens/s and MFU count the updates' work (not the sampling's)."""
+    if run.grpo is None:
+        return run.data.global_batch, run.data.seq_len
+    return run.data.global_batch * run.grpo.group * run.grpo.updates, run.data.seq_len + run.grpo.max_new_tokens
 
 
 def _data_shard(placement: Placement, global_batch: int) -> tuple[int, int]:
@@ -278,7 +288,7 @@ def _train(run: RunConfig, progress: bool, stop_after: int | None, whole_process
                    desc="train", unit="step", dynamic_ncols=True)
         cleanup.callback(bar.close)
         peak, peak_source = peak_flops(run.chip)
-        flops_token = mfu_flops_per_token(run.model, run.data.seq_len)  # outside the rules: shapes only
+        flops_token = mfu_flops_per_token(run.model, _step_shape(run)[1])  # outside the rules: shapes only
         goodput.ready(start)
         with placement.activate():
             state, step, logged = _run_steps(run, state, data, placement, step_fn, checkpointer, writer, bar,
@@ -311,7 +321,7 @@ def _run_steps(run: RunConfig, state, data, placement: Placement, step_fn, check
         step += 1
         with goodput.waiting("checkpoint"):
             checkpointer.check_saves()
-        window.add(metrics, run.data.global_batch * run.data.seq_len)
+        window.add(metrics, math.prod(_step_shape(run)))
         watch.add(step, metrics["nonfinite"])
         log_now = step % run.log_every == 0 or step == last_steps
         eval_now = evaluator is not None and (step % run.eval.every == 0 or step == last_steps)
