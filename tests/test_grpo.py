@@ -204,7 +204,7 @@ def test_grpo_on_fsdp_tp_over_8_devices_equals_one_device(tmp_path, params):
 
 def test_rollout_and_update_compile_once_across_steps(tmp_path):
     """Three steps with LoRA (the reference: the base without adapters): the rollout and the
-    update programs each hold one executable, whatever the answers' lengths."""
+    update programs each hold one executable, whatever the answers' lengths and rewards."""
     from llama_jax.formats.checkpoint import save_params
     from sharding.layout import load_layout
     from sharding.place import Placement

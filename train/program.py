@@ -4,8 +4,8 @@
 `build_train_step(run, placement, teacher)` makes, from the run config, the
 optimizer and learning-rate schedule, the objective (cross-entropy, DPO,
 distillation, a reward model or GRPO: train/objectives/run.py; a GRPO step is
-`grpo.updates` optimizer steps on one batch of rollouts, `repeated_step`), the state's abstract shapes and
-shardings (with DPO's frozen reference or the distillation teacher riding in
+`grpo.updates` optimizer steps on one batch of rollouts, `repeated_step`), the
+state's abstract shapes and shardings (with DPO's frozen reference or the distillation teacher riding in
 `TrainState.reference`), one global batch's abstract shapes, and the step
 jitted with the state donated and every input's sharding explicit.
 """

@@ -10,8 +10,9 @@ jitted rollout (train/rl/rollout.py) on the live parameters, the reward on the h
 mesh (train/rl/rewards.py), and the metrics: the update's (loss, kl, clip_fraction, ...)
 with reward_mean and reward_std (over every answer of the step), response_length, entropy
 and log_prob_error, and where the step's time went (rollout_time_s: sampling with the
-reference's pass and the check; reward_time_s; update_time_s). A log_prob_error above `tolerance` is said in one line on the console
-(the step's number, the error and the tolerance).
+reference's pass and the check; reward_time_s; update_time_s). A log_prob_error above
+`tolerance` is said in one line on the console (the step's number, the error and the
+tolerance).
 
 Everything random derives from the run's seed and the step count the checkpoint holds, so
 a resumed run samples the same answers.
