@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from train.objectives.grpo import ADVANTAGE_EPS, grpo_sums, group_advantages, kl_estimate
+from train.objectives.grpo import ADVANTAGE_EPS, grpo_sums, group_advantages
+from train.objectives.policy_gradient import OLD_LOG_PROBS, kl_estimate, sampled_log_probs
 
 
 def _numpy_grpo(policy, old, reference, rewards, weights, epsilon, beta, group):
@@ -84,8 +85,7 @@ from llama_jax import ModelConfig, init_params  # noqa: E402
 from llama_jax.decoding.groups import sample_groups  # noqa: E402
 from llama_jax.decoding.programs import NO_TOKEN  # noqa: E402
 from llama_jax.model.llama import Llama  # noqa: E402
-from train.objectives.cross_entropy import sampled_log_probs  # noqa: E402
-from train.rl.rollout import OLD_LOG_PROBS, update_rows  # noqa: E402
+from train.rl.rollout import update_rows  # noqa: E402
 from train_runs import REPO  # noqa: E402
 
 CONFIG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, vocab_size=560,
@@ -159,7 +159,7 @@ def test_grpo_on_fsdp_tp_over_8_devices_equals_one_device(tmp_path, params):
     (relative)."""
     from sharding.layout import load_layout
     from sharding.place import Placement
-    from train.objectives.grpo import ADVANTAGES
+    from train.objectives.policy_gradient import ADVANTAGES
     from train.objectives.run import run_objective
     from train.rl.build import build_rl_step
     from train.step import make_gradients

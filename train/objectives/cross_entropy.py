@@ -107,14 +107,6 @@ def target_log_probs(logits_btv, targets_bt):
     return target_logit - jax.nn.logsumexp(logits, axis=-1)
 
 
-def sampled_log_probs(model: Llama, params, batch, temperature: float):
-    """float32 [B, T]: each target's log-probability under `model`'s logits divided by `temperature`
-    (the distribution an RL rollout samples from, train/rl/rollout.py); batch: token arrays
-    [B, T] (tokens, positions, segment_ids, targets)."""
-    logits, _ = model.apply({"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"])
-    return target_log_probs(logits.astype(jnp.float32) / temperature, batch["targets"])
-
-
 # --- As a run's objective. ---------------------------------------------------------
 
 

@@ -14,7 +14,8 @@ trained to the one that sampled (pi_old: the sampler's own log-probabilities),
 
 (token-level, as DAPO averages: a long answer weighs by its tokens, not as one sample).
 KL_t estimates KL(pi || pi_ref) against a frozen reference from the sampled token alone,
-with d = log pi_ref(t) - log pi(t), by the estimator named in `KL_ESTIMATORS`:
+with d = log pi_ref(t) - log pi(t), by the estimator `grpo.kl` names
+(train/objectives/policy_gradient.py `kl_estimate`):
 
     k3    exp(d) - d - 1     (Schulman 2020, "Approximating KL divergence"; >= 0, unbiased)
     k1    -d                 (the plain log-ratio; unbiased, can be negative)
@@ -37,12 +38,11 @@ from llama_jax.config import ModelConfig
 from llama_jax.model.llama import Llama
 from llama_jax.model.trees import join
 from train.config_sections import KL_ESTIMATORS
-from train.objectives.cross_entropy import sampled_log_probs
 from train.objectives.objective import Objective
-from train.rl.rollout import OLD_LOG_PROBS, REFERENCE_LOG_PROBS
+from train.objectives.policy_gradient import (ADVANTAGES, OLD_LOG_PROBS, REFERENCE_LOG_PROBS, kl_estimate,
+                                              sampled_log_probs)
 
 ADVANTAGE_EPS = 1e-4  # keeps a group of near-equal rewards from dividing by ~0
-ADVANTAGES = "advantages"  # the update batch's per-row values ([B]) beside train/rl/rollout.py's
 
 
 def group_advantages(rewards_pg):
@@ -51,19 +51,6 @@ def group_advantages(rewards_pg):
     rewards_pg = rewards_pg.astype(jnp.float32)
     centred = rewards_pg - jnp.mean(rewards_pg, axis=1, keepdims=True)
     return centred / (jnp.std(rewards_pg, axis=1, keepdims=True) + ADVANTAGE_EPS)
-
-
-def kl_estimate(policy, reference, estimator: str):
-    """Per-token estimate of KL(policy || reference) from the sampled tokens' log-probabilities
-    (float32, any shape), by `estimator` (one of KL_ESTIMATORS; see the module docstring)."""
-    d = reference - policy
-    if estimator == "k3":
-        return jnp.exp(d) - d - 1.0
-    if estimator == "k1":
-        return -d
-    if estimator == "none":
-        return jnp.zeros_like(d)
-    raise ValueError(f"grpo.kl: {estimator!r} is not one of {', '.join(KL_ESTIMATORS)}")
 
 
 def grpo_sums(policy_bt, old_bt, reference_bt, advantages_b, weights_bt, *, epsilon: float, beta: float,

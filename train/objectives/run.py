@@ -24,10 +24,10 @@ from train.data.reference_log_probs import REFERENCE_KEYS
 from train.objectives.cross_entropy import cross_entropy
 from train.objectives.distill import check_teacher, distill, teacher_config
 from train.objectives.dpo import dpo
-from train.objectives.grpo import ADVANTAGES, grpo
+from train.objectives.grpo import grpo
+from train.objectives.policy_gradient import ADVANTAGES, TOKEN_KEYS
 from train.objectives.objective import Objective
 from train.objectives.reward import reward
-from train.rl.rollout import TOKEN_KEYS
 from train.data.example_rows import MARGIN_KEY
 
 

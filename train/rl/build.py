@@ -13,7 +13,8 @@ from train.config import RunConfig
 from train.data.sources import Prompts
 from train.objectives.grpo import group_advantages
 from train.rl.rewards import FunctionReward, ModelReward, reward_model_config
-from train.rl.rollout import TOKEN_KEYS, make_rollout
+from train.objectives.policy_gradient import TOKEN_KEYS
+from train.rl.rollout import make_rollout
 from train.rl.step import RLStep
 from train.step import batch_shardings
 

@@ -29,10 +29,7 @@ from llama_jax.decoding.groups import sample_groups
 from llama_jax.decoding.programs import NO_TOKEN
 from llama_jax.model.llama import Llama
 from llama_jax.model.trees import join
-from train.objectives.cross_entropy import sampled_log_probs
-
-OLD_LOG_PROBS, REFERENCE_LOG_PROBS = "old_log_probs", "reference_log_probs"
-TOKEN_KEYS = (OLD_LOG_PROBS, REFERENCE_LOG_PROBS)  # per-token values of an update batch, aligned with targets
+from train.objectives.policy_gradient import OLD_LOG_PROBS, REFERENCE_LOG_PROBS, sampled_log_probs
 
 
 def update_rows(prompts_pt, lengths_p, tokens_bn, log_probs_bn, group: int) -> dict:

@@ -27,7 +27,7 @@ from typing import Callable
 import jax
 import numpy as np
 
-from train.objectives.grpo import ADVANTAGES
+from train.objectives.policy_gradient import ADVANTAGES
 from train.tracking.metrics import note
 
 
