@@ -202,7 +202,7 @@ def test_grpo_on_fsdp_tp_over_8_devices_equals_one_device(tmp_path, params):
         assert err <= 1e-5, f"{jax.tree_util.keystr(path)} differs by {err:.2e} (relative)"
 
 
-def test_rollout_and_update_compile_once_across_steps(tmp_path):
+def test_rollout_and_update_compile_once_across_steps(tmp_path, params):
     """Three steps with LoRA (the reference: the base without adapters): the rollout and the
     update programs each hold one executable, whatever the answers' lengths and rewards."""
     from llama_jax.formats.checkpoint import save_params
@@ -210,7 +210,7 @@ def test_rollout_and_update_compile_once_across_steps(tmp_path):
     from sharding.place import Placement
     from train.step import init_state
 
-    base = jax.jit(init_params, static_argnums=0)(CONFIG, jax.random.key(2))
+    base = params
     save_params(tmp_path / "base", CONFIG, base)
     run = _run(tmp_path, f"init_from={tmp_path / 'base'}", "lora={rank: 4, alpha: 8}",
                "model_overrides={vocab_size: 560, max_seq_len: 256, rope_scaling: null, rope_theta: 10000.0, "
