@@ -411,3 +411,35 @@ def test_a_reward_model_scores_rollout_rows_as_it_scores_the_conversation_alone(
         scorer, jnp.asarray(tokens), jnp.asarray([len(r) for r in rows], jnp.int32))
     assert np.abs(np.asarray(want)).max() > 0.1
     np.testing.assert_allclose(got, np.asarray(want), rtol=0, atol=1e-5)
+
+
+def test_grpo_with_loss_chunk_equals_the_whole_logits(params):
+    """loss_chunk 8 over rows of 18 positions (three strided chunks, the last padded): the sums
+    and gradients equal the objective that makes every logit at once, to 1e-5."""
+    from sharding.layout import load_layout
+    from sharding.place import Placement
+    from train.objectives.grpo import grpo
+    from train.objectives.policy_gradient import ADVANTAGES, REFERENCE_LOG_PROBS
+    from train.step import make_gradients
+
+    rng = np.random.default_rng(1)
+    prompts, lengths = _prompts([12, 5])
+    answers = jnp.asarray([[7, 8, 309, NO_TOKEN, NO_TOKEN, NO_TOKEN], [9, 10, 11, 12, 13, 14],
+                           [3, 309, NO_TOKEN, NO_TOKEN, NO_TOKEN, NO_TOKEN], [1, 2, 3, 4, 5, 309]], jnp.int32)
+    batch = update_rows(prompts, lengths, answers, jnp.asarray(-rng.uniform(0.5, 3, (4, 6)), jnp.float32), 2)
+    batch[REFERENCE_LOG_PROBS] = batch[OLD_LOG_PROBS] + jnp.asarray(rng.normal(0, 0.3, (4, 18)), jnp.float32)
+    batch[ADVANTAGES] = jnp.asarray([1.0, -1.0, 0.5, -0.5], jnp.float32)
+    placement = Placement.create(CONFIG, load_layout("dp"), devices=jax.devices()[:1])
+    out = {}
+    for chunk in (0, 8):
+        objective = grpo(CONFIG, epsilon=0.2, beta=0.1, estimator="k3", temperature=0.8, chunk=chunk)
+        with placement.activate():
+            out[chunk] = jax.device_get(jax.jit(make_gradients(CONFIG, placement.param_shardings(),
+                                                               objective=objective))(params, batch, None, None))
+    (want_grads, want), (grads, sums) = out[0], out[8]
+    assert float(want["weight"]) == 17 and float(want["loss"]) != 0  # answers of 3, 6, 2 and 6 tokens
+    for key in want:
+        np.testing.assert_allclose(float(sums[key]), float(want[key]), rtol=1e-5, atol=1e-6, err_msg=key)
+    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(want_grads)):
+        err = float(np.abs(np.asarray(g) - w).max() / np.abs(w).max())
+        assert err <= 1e-5, f"{jax.tree_util.keystr(path)} differs by {err:.2e} (relative)"

@@ -38,11 +38,14 @@ from llama_jax.config import ModelConfig
 from llama_jax.model.llama import Llama
 from llama_jax.model.trees import join
 from train.config_sections import KL_ESTIMATORS
+from train.objectives.cross_entropy import chunked_sums, target_log_probs
+from train.objectives.head import chunk_projection
 from train.objectives.objective import Objective
 from train.objectives.policy_gradient import (ADVANTAGES, OLD_LOG_PROBS, REFERENCE_LOG_PROBS, kl_estimate,
                                               sampled_log_probs)
 
 ADVANTAGE_EPS = 1e-4  # keeps a group of near-equal rewards from dividing by ~0
+NAMES = ("loss", "kl", "clip_fraction", "ratio", "weight")  # grpo_sums' sums
 
 
 def group_advantages(rewards_pg):
@@ -53,17 +56,17 @@ def group_advantages(rewards_pg):
     return centred / (jnp.std(rewards_pg, axis=1, keepdims=True) + ADVANTAGE_EPS)
 
 
-def grpo_sums(policy_bt, old_bt, reference_bt, advantages_b, weights_bt, *, epsilon: float, beta: float,
+def grpo_sums(policy_bt, old_bt, reference_bt, advantages, weights_bt, *, epsilon: float, beta: float,
               estimator: str) -> tuple[jax.Array, dict]:
     """(summed loss, sums) of the clipped objective over the weighted (answer) tokens.
 
     policy_bt, old_bt, reference_bt: float32 [B, T] log-probabilities of each target under the
-    policy being trained, the sampler and the reference; advantages_b: float32 [B];
-    weights_bt: float32 [B, T], 1 on answer tokens. Sums of loss, kl, clip_fraction, ratio,
-    and "weight" = answer tokens.
+    policy being trained, the sampler and the reference; advantages: float32 [B], or [B, T]
+    (each token its row's); weights_bt: float32 [B, T], 1 on answer tokens. Sums of loss, kl,
+    clip_fraction, ratio, and "weight" = answer tokens.
     """
     ratio = jnp.exp(policy_bt - old_bt)
-    advantage = advantages_b[:, None]
+    advantage = advantages[:, None] if advantages.ndim == 1 else advantages
     surrogate = jnp.minimum(ratio * advantage, jnp.clip(ratio, 1.0 - epsilon, 1.0 + epsilon) * advantage)
     kl = kl_estimate(policy_bt, reference_bt, estimator)
     losses = -surrogate + beta * kl
@@ -77,17 +80,34 @@ def grpo_sums(policy_bt, old_bt, reference_bt, advantages_b, weights_bt, *, epsi
     return sums["loss"], sums
 
 
-def grpo(config: ModelConfig, *, epsilon: float, beta: float, estimator: str, temperature: float) -> Objective:
-    """The GRPO objective of `config`'s policy on a rollout batch (train/rl/rollout.py `update_batch`:
-    the token arrays, OLD_LOG_PROBS and REFERENCE_LOG_PROBS [B, T], ADVANTAGES [B])."""
+def grpo(config: ModelConfig, *, epsilon: float, beta: float, estimator: str, temperature: float,
+         chunk: int = 0) -> Objective:
+    """The GRPO objective of `config`'s policy on a rollout batch (train/rl/rollout.py `update_rows`:
+    the token arrays, OLD_LOG_PROBS and REFERENCE_LOG_PROBS [B, T], ADVANTAGES [B]). With `chunk`
+    (the run's loss_chunk), logits are made `chunk` positions at a time, never for the whole
+    batch (train/objectives/cross_entropy.py `chunked_sums`)."""
     if estimator not in KL_ESTIMATORS:
         raise ValueError(f"grpo.kl: {estimator!r} is not one of {', '.join(KL_ESTIMATORS)}")
     model = Llama(config)
+    settings = {"epsilon": epsilon, "beta": beta, "estimator": estimator}
 
     def sums(params, frozen, reference, batch):
-        mine = sampled_log_probs(model, join(frozen, params), batch, temperature)
-        return grpo_sums(mine, batch[OLD_LOG_PROBS], batch[REFERENCE_LOG_PROBS], batch[ADVANTAGES],
-                         batch["loss_weights"].astype(jnp.float32), epsilon=epsilon, beta=beta,
-                         estimator=estimator)
+        full = join(frozen, params)
+        weights = batch["loss_weights"].astype(jnp.float32)
+        keys = (batch[OLD_LOG_PROBS], batch[REFERENCE_LOG_PROBS])
+        if not chunk:
+            mine = sampled_log_probs(model, full, batch, temperature)
+            return grpo_sums(mine, *keys, batch[ADVANTAGES], weights, **settings)
+        hidden, _ = model.apply({"params": full}, batch["tokens"], batch["positions"], batch["segment_ids"],
+                                return_hidden=True)
+        project = chunk_projection(model, full)
+
+        def terms(hidden, targets, weights, old, reference, advantages):
+            mine = target_log_probs(project(hidden).astype(jnp.float32) / temperature, targets)
+            return tuple(grpo_sums(mine, old, reference, advantages, weights, **settings)[1][name] for name in NAMES)
+
+        advantages = jnp.broadcast_to(batch[ADVANTAGES][:, None], weights.shape)
+        out = dict(zip(NAMES, chunked_sums(terms, chunk, hidden, batch["targets"], weights, *keys, advantages)))
+        return out["loss"], out
 
     return Objective(sums, count="tokens")

@@ -46,7 +46,8 @@ def run_objective(run: RunConfig, teacher: Placement | None) -> Objective:
     """What the run minimises; `teacher`: `teacher_placement`'s, for distillation."""
     if run.grpo is not None:
         g = run.grpo
-        return grpo(run.model, epsilon=g.epsilon, beta=g.beta, estimator=g.kl, temperature=g.temperature)
+        return grpo(run.model, epsilon=g.epsilon, beta=g.beta, estimator=g.kl, temperature=g.temperature,
+                    chunk=run.loss_chunk)
     if run.dpo is not None:
         return dpo(run.model, run.dpo.beta, run.loss_chunk)
     if run.reward is not None:
