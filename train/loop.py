@@ -28,7 +28,7 @@ from train.lm_eval.run import TaskEvaluator, require_lm_eval
 from train.nonfinite import NonfiniteWatch
 from train.objectives.run import load_reference, teacher_placement
 from train.peers import watch_peers
-from train.program import build_train_step
+from train.program import build_train_step, step_shape
 from train.rl.build import build_rl_step, check_reward
 from train.runtime import StepProfiler
 from train.step import init_state, trainable
@@ -48,15 +48,6 @@ def _tokenizer(run: RunConfig):
     if run.data.source not in ("text", "chat", "completion", "preference", "prompts") or path is None:
         return None
     return load_tokenizer(path)
-
-
-def _step_shape(run: RunConfig) -> tuple[int, int]:
-    """(rows, row length) that one run step trains on: the batch's; for GRPO, the rollouts' rows
-    (prompts x group, each prompt plus answer) once for each of grpo.updates optimizer steps, so
-    tokens/s and MFU count the updates' work (not the sampling's)."""
-    if run.grpo is None:
-        return run.data.global_batch, run.data.seq_len
-    return run.data.global_batch * run.grpo.group * run.grpo.updates, run.data.seq_len + run.grpo.max_new_tokens
 
 
 def _data_shard(placement: Placement, global_batch: int) -> tuple[int, int]:
@@ -288,7 +279,7 @@ def _train(run: RunConfig, progress: bool, stop_after: int | None, whole_process
                    desc="train", unit="step", dynamic_ncols=True)
         cleanup.callback(bar.close)
         peak, peak_source = peak_flops(run.chip)
-        flops_token = mfu_flops_per_token(run.model, _step_shape(run)[1])  # outside the rules: shapes only
+        flops_token = mfu_flops_per_token(run.model, step_shape(run)[1])  # outside the rules: shapes only
         goodput.ready(start)
         with placement.activate():
             state, step, logged = _run_steps(run, state, data, placement, step_fn, checkpointer, writer, bar,
@@ -321,7 +312,7 @@ def _run_steps(run: RunConfig, state, data, placement: Placement, step_fn, check
         step += 1
         with goodput.waiting("checkpoint"):
             checkpointer.check_saves()
-        window.add(metrics, math.prod(_step_shape(run)))
+        window.add(metrics, math.prod(step_shape(run)))  # tokens trained on: tokens/s and MFU
         watch.add(step, metrics["nonfinite"])
         log_now = step % run.log_every == 0 or step == last_steps
         eval_now = evaluator is not None and (step % run.eval.every == 0 or step == last_steps)

@@ -68,13 +68,23 @@ def build_train_step(run: RunConfig, placement: Placement, teacher: Placement | 
     objective = run_objective(run, teacher)
     row_keys, token_keys = batch_row_keys(run), batch_token_keys(run)
     step = make_train_step(run.model, optimizer, schedule, shardings.params, run.grad_accum, objective=objective)
-    rows, seq_len = run.data.global_batch, run.data.seq_len
+    rows, seq_len, _ = step_shape(run)
     if run.grpo is not None:  # a batch of rollouts: the prompts' answers after them
         step = repeated_step(step, updates)
-        rows, seq_len = rows * run.grpo.group, seq_len + run.grpo.max_new_tokens
     step = jit_train_step(step, placement, shardings, row_keys=row_keys, token_keys=token_keys)
     batch = abstract_batch(placement, rows, seq_len, row_keys, token_keys)
     return TrainProgram(step, optimizer, objective, shardings, state, batch)
+
+
+def step_shape(run: RunConfig) -> tuple[int, int, int]:
+    """(rows, row length, passes) of what one run step trains on: the batch, once; for GRPO, the
+    rollouts (prompts x group rows, each prompt plus answer) once for each of grpo.updates
+    optimizer steps. Tokens/s and MFU count rows x length x passes (for GRPO the updates'
+    work, not the sampling's)."""
+    if run.grpo is None:
+        return run.data.global_batch, run.data.seq_len, 1
+    return (run.data.global_batch * run.grpo.group, run.data.seq_len + run.grpo.max_new_tokens,
+            run.grpo.updates)
 
 
 def repeated_step(train_step: Callable, updates: int) -> Callable:
