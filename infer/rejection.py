@@ -25,7 +25,6 @@ nothing written.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import sys
@@ -34,22 +33,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from llama_jax.cli import run_cli
-
-
-def load_reward(path: str) -> Callable:
-    """The function named by "module:function" (ValueError, one line, if it does not import)."""
-    module_name, _, name = path.partition(":")
-    if not module_name or not name:
-        raise ValueError(f"--reward {path!r}: expected module:function, e.g. my_rewards:score")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ValueError(f"--reward {path}: cannot import module {module_name!r} ({err})") from None
-    function = getattr(module, name, None)
-    if not callable(function):
-        raise ValueError(f"--reward {path}: module {module_name!r} has no function {name!r}")
-    return function
+from llama_jax.cli import load_function, run_cli
+from llama_jax.text.chat import prompt_messages
 
 
 def read_prompts(path) -> list[list[dict]]:
@@ -63,12 +48,10 @@ def read_prompts(path) -> list[list[dict]]:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if isinstance(record, dict) and isinstance(record.get("messages"), list) and record["messages"]:
-                conversations.append(record["messages"])
-            elif isinstance(record, dict) and isinstance(record.get("prompt"), str):
-                conversations.append([{"role": "user", "content": record["prompt"]}])
-            else:
-                raise ValueError(f'{path}:{lineno}: a prompt line needs "messages" (a list) or "prompt" (a string)')
+            try:
+                conversations.append(prompt_messages(record))
+            except ValueError as err:
+                raise ValueError(f"{path}:{lineno}: {err}") from None
     if not conversations:
         raise ValueError(f"{path}: holds no prompt")
     return conversations
@@ -154,7 +137,7 @@ def _main(argv):
 
     if args.samples < 1 or args.batch < 1:
         raise ValueError("--samples and --batch must be positive")
-    reward = load_reward(args.reward)
+    reward = load_function(args.reward, "--reward")
     conversations = read_prompts(args.prompts)
     from infer.generate import load_model
 

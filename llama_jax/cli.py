@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import difflib
+import importlib
 import logging
 import os
 import sys
@@ -32,6 +33,22 @@ def known_names(name: str, known, where: str) -> str:
         return f"(known: {', '.join(known)})"
     close = difflib.get_close_matches(str(name), known, n=3, cutoff=0.5)
     return f"({'closest: ' + ', '.join(close) + '; ' if close else ''}{len(known)} known, see {where})"
+
+
+def load_function(path: str, option: str) -> Callable:
+    """The function named by "module:function" (a reward, for instance); ValueError naming `option`
+    (the flag or config key that gave it), one line, if it does not import."""
+    module_name, _, name = path.partition(":")
+    if not module_name or not name:
+        raise ValueError(f"{option} {path!r}: expected module:function, e.g. my_rewards:score")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"{option} {path}: cannot import module {module_name!r} ({err})") from None
+    function = getattr(module, name, None)
+    if not callable(function):
+        raise ValueError(f"{option} {path}: module {module_name!r} has no function {name!r}")
+    return function
 
 
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None,

@@ -78,6 +78,9 @@ def _main(argv) -> int:
             print(f"step {summary['step']}: loss {metrics['loss']:.4f}, "
                   f"{metrics['tokens_per_s']:,.0f} tokens/s, MFU {metrics['mfu']:.1%} "
                   f"(causal, as MaxText counts: {metrics['mfu_causal']:.1%}; peak: {summary['peak_source']})")
+            if "reward_mean" in metrics:
+                print(f"rewards: mean {metrics['reward_mean']:.3f}, std {metrics['reward_std']:.3f}; "
+                      f"KL {metrics['kl']:.4f}, answers of {metrics['response_length']:.1f} tokens")
             if "eval_perplexity" in metrics:
                 print(f"held-out: loss {metrics['eval_loss']:.4f}, perplexity {metrics['eval_perplexity']:.2f}, "
                       f"token accuracy {metrics['eval_accuracy']:.1%}")

@@ -20,6 +20,8 @@ A run is a YAML file in `configs/runs/` (see `tiny_cpu.yaml`):
     distill: {teacher: ckpt/8b, alpha: 0.5, temperature: 2.0}   # logit distillation (train/objectives/distill.py)
     reward: {margin: true}           # a reward model on data.source preference (train/objectives/reward.py);
                                      # the model's head becomes the score head (ModelConfig.head)
+    grpo: {group: 8, reward: my_rewards:score}   # GRPO on data.source prompts (train/objectives/grpo.py,
+                                     # train/rl/); or reward_model: a reward model checkpoint
     compile_cache: off               # or a directory (default: the user's cache dir; train/runtime.py)
     tpu_flags: {xla_tpu_enable_async_collective_fusion: true}   # libtpu flags (not on CPU)
     profile: {start_step: 10, steps: 3}                         # a jax.profiler trace in run_dir/profile
@@ -45,8 +47,8 @@ from llama_jax.cli import known_names
 from llama_jax.config import ConfigError, ModelConfig, check_keys, load_model_config
 from llama_jax.config_files import read_config_file
 from sharding.topology import CHIP_PEAK_FLOPS
-from train.config_sections import (DistillConfig, DpoConfig, EvalConfig, LocalCheckpointConfig, MetricsConfig,
-                                   OptimizerConfig, RewardConfig, WandbConfig)
+from train.config_sections import (DistillConfig, DpoConfig, EvalConfig, GrpoConfig, LocalCheckpointConfig,
+                                   MetricsConfig, OptimizerConfig, RewardConfig, WandbConfig)
 from train.data.config import DataConfig
 from train.runtime import COMPILE_CACHE_OFF, ProfileConfig, check_tpu_flags
 
@@ -85,6 +87,7 @@ class RunConfig:
     dpo: DpoConfig | None = None
     distill: DistillConfig | None = None
     reward: RewardConfig | None = None
+    grpo: GrpoConfig | None = None
     compile_cache: str | None = None  # train/runtime.py: None = the default cache dir, "off"
     tpu_flags: dict[str, Any] = dataclasses.field(default_factory=dict)  # -> LIBTPU_INIT_ARGS
     profile: ProfileConfig | None = None
@@ -132,7 +135,7 @@ class RunConfig:
         if self.model.vision is not None and self.model.lora is None and self.init_from is None:
             raise ConfigError("init_from: a vision run trains the image adapters over a fixed text model and "
                               "image encoder: set init_from to their weights")
-        objectives = [name for name in ("dpo", "distill", "reward") if getattr(self, name) is not None]
+        objectives = [name for name in ("dpo", "distill", "reward", "grpo") if getattr(self, name) is not None]
         if len(objectives) > 1:
             raise ConfigError(f"{', '.join(objectives)}: a run has one objective; set one of them")
         pairs = self.dpo is not None or self.reward is not None
@@ -140,6 +143,17 @@ class RunConfig:
             raise ConfigError("dpo, reward: preference pairs train DPO or a reward model, and data.source "
                               f"preference goes with one of them (data.source is {self.data.source!r}, "
                               f"{objectives[0] if objectives else 'neither'} set)")
+        if (self.grpo is not None) != (self.data.source == "prompts"):
+            raise ConfigError("grpo: reinforcement learning samples answers to prompts: data.source prompts goes "
+                              f"with a grpo section (data.source is {self.data.source!r}, "
+                              f"{'grpo' if self.grpo is not None else 'no grpo'} set)")
+        if self.grpo is not None and self.eval.every:
+            raise ConfigError("eval.every: a GRPO run's figures are its rewards, logged every step; unset eval")
+        if self.grpo is not None and self.grpo.reference is not None and self.model.lora is not None:
+            raise ConfigError("grpo.reference: a LoRA run's reference is its base without adapters; unset it")
+        if self.grpo is not None and self.data.seq_len + self.grpo.max_new_tokens > self.model.max_seq_len:
+            raise ConfigError(f"grpo.max_new_tokens: data.seq_len {self.data.seq_len} (the prompts) plus "
+                              f"{self.grpo.max_new_tokens} exceeds the model's max_seq_len {self.model.max_seq_len}")
         if (self.reward is not None) != (self.model.head == "score"):
             raise ConfigError(f"model.head: {self.model.head!r}; the score head is trained as a reward model "
                               "(a reward section), and a reward model has the score head")
@@ -255,7 +269,7 @@ def run_config_from_dict(data: dict[str, Any], overrides: Sequence[str] = ()) ->
     data["data"] = _dataclass_from(DataConfig, data.get("data", {}), "data")
     data["optimizer"] = _dataclass_from(OptimizerConfig, data.get("optimizer", {}), "optimizer")
     data["eval"] = _dataclass_from(EvalConfig, data.get("eval", {}), "eval")
-    for key, cls in (("dpo", DpoConfig), ("distill", DistillConfig), ("reward", RewardConfig),
+    for key, cls in (("dpo", DpoConfig), ("distill", DistillConfig), ("reward", RewardConfig), ("grpo", GrpoConfig),
                      ("profile", ProfileConfig),
                      ("local_checkpoints", LocalCheckpointConfig)):
         if data.get(key) is not None:

@@ -1,4 +1,4 @@
-"""The sections of a run config (`train.config.RunConfig`): optimizer, eval, DPO, reward, distillation,
+"""The sections of a run config (`train.config.RunConfig`): optimizer, eval, DPO, reward, GRPO, distillation,
 Weights & Biases, the local checkpoint tier and metrics. Each checks its own values on
 construction and names the field in one line."""
 
@@ -109,6 +109,59 @@ class RewardConfig:
     def __post_init__(self):
         if not isinstance(self.margin, bool):
             raise ConfigError(f"reward.margin: must be true or false, got {self.margin!r}")
+
+
+KL_ESTIMATORS = ("k3", "k1", "none")  # train/objectives/grpo.py's estimators of KL(policy || reference)
+
+
+@dataclasses.dataclass(frozen=True)
+class GrpoConfig:
+    """Group relative policy optimisation (train/objectives/grpo.py) on prompts (data.source prompts).
+
+    group: answers sampled per prompt (>= 2: a group of one has no baseline).
+    reward: a Python function "module:function", called as function(messages, answer) -> float;
+      or reward_model: a reward model checkpoint (a score head, the policy's vocabulary). One of them.
+    temperature: sampling temperature of the rollouts (> 0; no top-k or top-p, so the
+      log-probabilities are those of the sampling distribution); max_new_tokens: answer length cap.
+    updates: optimizer steps on each batch of rollouts; epsilon: the ratio's clip range.
+    beta: weight of the KL penalty to the reference, estimated by `kl` (k3, k1, or none: no
+      reference runs); reference: the reference's weights (default init_from; a LoRA run's
+      reference is its base without adapters, so it stays unset).
+    log_prob_tolerance: the largest difference allowed between the sampler's log-probabilities
+      and the training forward pass's on the same tokens before the run says so.
+    """
+
+    group: int = 8
+    reward: str | None = None
+    reward_model: str | None = None
+    temperature: float = 1.0
+    max_new_tokens: int = 16
+    updates: int = 2
+    epsilon: float = 0.2
+    beta: float = 0.04
+    kl: str = "k3"
+    reference: str | None = None
+    log_prob_tolerance: float = 1e-3
+
+    def __post_init__(self):
+        if isinstance(self.group, bool) or not isinstance(self.group, int) or self.group < 2:
+            raise ConfigError(f"grpo.group: {self.group!r} answers per prompt; a group needs at least 2 (with one, "
+                              "every advantage is 0 and nothing is learned)")
+        for name in ("max_new_tokens", "updates"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"grpo.{name}: must be a positive integer, got {value!r}")
+        if (self.reward is None) == (self.reward_model is None):
+            raise ConfigError("grpo.reward, grpo.reward_model: set one: a function module:function, or a reward "
+                              "model checkpoint")
+        if self.reward is not None and (not isinstance(self.reward, str) or ":" not in self.reward):
+            raise ConfigError(f"grpo.reward: {self.reward!r}: expected module:function, e.g. my_rewards:score")
+        for name in ("temperature", "epsilon", "log_prob_tolerance"):
+            positive(f"grpo.{name}", getattr(self, name))
+        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or not 0 <= self.beta < math.inf:
+            raise ConfigError(f"grpo.beta: must be a non-negative number, got {self.beta!r}")
+        if self.kl not in KL_ESTIMATORS:
+            raise ConfigError(f"grpo.kl: {self.kl!r} is not one of {', '.join(KL_ESTIMATORS)}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import time
 
@@ -27,7 +28,8 @@ from train.lm_eval.run import TaskEvaluator, require_lm_eval
 from train.nonfinite import NonfiniteWatch
 from train.objectives.run import load_reference, teacher_placement
 from train.peers import watch_peers
-from train.program import build_train_step
+from train.program import build_train_step, step_shape
+from train.rl.build import build_rl_step, check_reward
 from train.runtime import StepProfiler
 from train.step import init_state, trainable
 from train.tracking.goodput import GoodputRecorder
@@ -36,13 +38,14 @@ from train.tracking.wandb_logging import require_wandb
 
 
 # Logged as the mean over the steps since the last log (the rest: the last step's value);
-# each objective logs some of them (train/step.py, train/objectives/: dpo.py, reward.py, distill.py).
-AVERAGED = ("loss", "z_loss", "accuracy", "chosen_reward", "rejected_reward", "margin", "reward_gap", "kl", "ce")
+# each objective logs some of them (train/step.py, train/objectives/: dpo.py, reward.py, distill.py, grpo.py).
+AVERAGED = ("loss", "z_loss", "accuracy", "chosen_reward", "rejected_reward", "margin", "reward_gap", "kl", "ce",
+            "reward_mean", "reward_std", "clip_fraction", "response_length", "entropy")
 
 
 def _tokenizer(run: RunConfig):
     path = run.data.tokenizer or run.tokenizer
-    if run.data.source not in ("text", "chat", "completion", "preference") or path is None:
+    if run.data.source not in ("text", "chat", "completion", "preference", "prompts") or path is None:
         return None
     return load_tokenizer(path)
 
@@ -216,6 +219,8 @@ def _train(run: RunConfig, progress: bool, stop_after: int | None, whole_process
     sources = [run.init_from]
     if run.dpo is not None and not precomputed:
         sources.append(run.dpo.reference)
+    if run.grpo is not None:
+        sources.append(run.grpo.reference)
     for source in sources:  # a wrong source fails here, before anything is written
         if source is not None:
             check_architecture(source, stored_config(source), run.model)
@@ -226,6 +231,7 @@ def _train(run: RunConfig, progress: bool, stop_after: int | None, whole_process
                               max_length=min(run.data.seq_len, run.model.max_seq_len))
     teacher = teacher_placement(run, layout)
     program = build_train_step(run, placement, teacher)
+    reward_config = check_reward(run) if run.grpo is not None else None
     held_out = None
     if run.eval.every and (run.eval.paths or run.data.holdout):
         held_out = Evaluator(run.model, eval_data(run.data, run.eval.paths), placement, run.eval.batches,
@@ -262,7 +268,10 @@ def _train(run: RunConfig, progress: bool, stop_after: int | None, whole_process
         cleanup.push(_closing(writer.close, tell_failure=True))
         profiler = StepProfiler(run.profile, run.run_dir, active=jax.process_index() == 0)
         cleanup.push(_closing(profiler.close))
-        step_fn = profiler.wrap(program.step, start)
+        step_fn = program.step
+        if run.grpo is not None:  # rollouts and rewards around the update (train/rl/)
+            step_fn = build_rl_step(run, placement, program.step, tokenizer, reward_config)
+        step_fn = profiler.wrap(step_fn, start)
         if watch is not None:
             step_fn = watch.wrap(step_fn)
         last_steps = run.steps if stop_after is None else min(run.steps, start + stop_after)
@@ -270,7 +279,7 @@ def _train(run: RunConfig, progress: bool, stop_after: int | None, whole_process
                    desc="train", unit="step", dynamic_ncols=True)
         cleanup.callback(bar.close)
         peak, peak_source = peak_flops(run.chip)
-        flops_token = mfu_flops_per_token(run.model, run.data.seq_len)  # outside the rules: shapes only
+        flops_token = mfu_flops_per_token(run.model, step_shape(run)[1])  # outside the rules: shapes only
         goodput.ready(start)
         with placement.activate():
             state, step, logged = _run_steps(run, state, data, placement, step_fn, checkpointer, writer, bar,
@@ -303,7 +312,7 @@ def _run_steps(run: RunConfig, state, data, placement: Placement, step_fn, check
         step += 1
         with goodput.waiting("checkpoint"):
             checkpointer.check_saves()
-        window.add(metrics, run.data.global_batch * run.data.seq_len)
+        window.add(metrics, math.prod(step_shape(run)))  # tokens trained on: tokens/s and MFU
         watch.add(step, metrics["nonfinite"])
         log_now = step % run.log_every == 0 or step == last_steps
         eval_now = evaluator is not None and (step % run.eval.every == 0 or step == last_steps)

@@ -243,19 +243,22 @@ def _check_same_leaves(tree, reference, what: str):
                          f"(first difference at {(missing or sorted(set(got) - set(want)))[0]})")
 
 
-def jit_train_step(train_step, placement: Placement, shardings, row_keys: tuple[str, ...] = ()):
+def jit_train_step(train_step, placement: Placement, shardings, row_keys: tuple[str, ...] = (),
+                   token_keys: tuple[str, ...] = ()):
     """Jit with donated state and explicit shardings for state and batch (see `batch_shardings`),
     and the chip's compile options (sharding.topology.train_compiler_options)."""
-    return jax.jit(train_step, donate_argnums=0, in_shardings=(shardings, batch_shardings(placement, row_keys)),
+    batch = batch_shardings(placement, row_keys, token_keys)
+    return jax.jit(train_step, donate_argnums=0, in_shardings=(shardings, batch),
                    compiler_options=train_compiler_options(placement.mesh.devices.flat),
                    out_shardings=(shardings, None))
 
 
-def batch_shardings(placement: Placement, row_keys: tuple[str, ...] = ()) -> dict:
-    """The batch's shardings: its token arrays on (batch, length), a vision model's
-    "images" (one entry per row, see `Placement.global_batch`) and the values `row_keys`
-    ([B], one a row, e.g. a DPO pair's precomputed reference log-probabilities) on batch."""
-    out = {key: placement.sharding("batch", "length") for key in BATCH_KEYS}
+def batch_shardings(placement: Placement, row_keys: tuple[str, ...] = (), token_keys: tuple[str, ...] = ()) -> dict:
+    """The batch's shardings: its token arrays and the values `token_keys` ([B, T], e.g. a rollout's
+    log-probabilities) on (batch, length), a vision model's "images" (one entry per row, see
+    `Placement.global_batch`) and the values `row_keys` ([B], one a row, e.g. a DPO pair's
+    precomputed reference log-probabilities) on batch."""
+    out = {key: placement.sharding("batch", "length") for key in (*BATCH_KEYS, *token_keys)}
     out.update({key: placement.sharding("batch") for key in row_keys})
     if placement.config.vision is not None:
         out["images"] = {key: placement.sharding("batch") for key in image_shapes(placement.config.vision, 1)}

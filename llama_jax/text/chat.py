@@ -68,6 +68,17 @@ def format_chat(tokenizer: Tokenizer, messages: Sequence[dict], image_token_id: 
                    date=date)[0]
 
 
+def prompt_messages(record) -> list[dict]:
+    """The conversation a prompt line asks to continue: its `"messages"` (a non-empty list) or, for
+    `{"prompt": str}`, one user turn (the prompts files of infer.rejection and RL runs).
+    ValueError (one line) for anything else."""
+    if isinstance(record, dict) and isinstance(record.get("messages"), list) and record["messages"]:
+        return record["messages"]
+    if isinstance(record, dict) and isinstance(record.get("prompt"), str):
+        return [{"role": "user", "content": record["prompt"]}]
+    raise ValueError('a prompt line needs "messages" (a list) or "prompt" (a string)')
+
+
 def encode_conversation(tokenizer: Tokenizer, messages: Sequence[dict],
                         image_token_id: int | None = None) -> tuple[list[int], list[int]]:
     """A finished conversation for fine-tuning: (token ids, a 0/1 loss weight per id).

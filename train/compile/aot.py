@@ -42,7 +42,7 @@ from sharding.place import Placement, abstract_arrays, validate
 from sharding.topology import CHIP_HBM_BYTES, CHIP_PEAK_FLOPS, chip_info, layout_for_slices
 from train.lm_eval.scoring import Scorer  # not lm-eval itself: scoring is plain JAX
 from train.objectives.run import teacher_placement
-from train.program import build_train_step
+from train.program import build_train_step, step_shape
 from train.tracking.metrics import mfu_flops_per_token
 
 SERVE_PROGRAMS = ("serve_prefill", "serve_decode")  # infer.serve's programs (the run config's "serve")
@@ -307,7 +307,7 @@ def compile_run(run, devices, *, topology: str = "", slices: int = 1, program: s
         batch = shape.slots if program == "serve_decode" else shape.prefill_rows[-1]
         seq_len = shape.cache_len
     elif program == "train":
-        batch, seq_len = run.data.global_batch, run.data.seq_len
+        batch, seq_len, passes = step_shape(run)  # a GRPO run: its rollouts, one pass an update
         validate(run.model, layout, placement.mesh, batch=batch // run.grad_accum, seq_len=seq_len)
         step, args = train_program(run, placement, teacher_placement(run, layout, devices=devices))
     else:
@@ -370,8 +370,8 @@ def compile_run(run, devices, *, topology: str = "", slices: int = 1, program: s
     if program == "train":
         device_peak = CHIP_PEAK_FLOPS[info.chip] / info.devices_per_chip
         flops = mfu_flops_per_token(run.model, seq_len)
-        result.model_flops = flops["mfu"] * batch * seq_len / len(devices)
-        result.model_flops_causal = flops["mfu_causal"] * batch * seq_len / len(devices)
+        result.model_flops = flops["mfu"] * batch * seq_len * passes / len(devices)
+        result.model_flops_causal = flops["mfu_causal"] * batch * seq_len * passes / len(devices)
         result.step_s_at_full_mfu = result.model_flops / device_peak
         result.step_s_at_full_mfu_causal = result.model_flops_causal / device_peak
     if comms:

@@ -13,7 +13,7 @@ import os
 
 from llama_jax.config import ConfigError
 
-SOURCES = ("tokens", "text", "synthetic", "chat", "completion", "preference")
+SOURCES = ("tokens", "text", "synthetic", "chat", "completion", "preference", "prompts")
 EXAMPLE_SOURCES = ("chat", "completion")  # fine-tuning examples with per-token loss weights
 OVERLONG = ("drop", "truncate")
 SPLITS = ("train", "eval")
@@ -30,7 +30,8 @@ class DataConfig:
       "preference" (DPO pairs, `Preferences`: one pair per row, the chosen
       conversation as segment 1 and the rejected one as segment 2; a pair
       longer than seq_len loses the start of its prompt, and is dropped only
-      if its answers alone do not fit, train/data/example_rows.py `fit_pair`).
+      if its answers alone do not fit, train/data/example_rows.py `fit_pair`), or "prompts"
+      (reinforcement learning, `Prompts`: one prompt a row, seq_len its longest, `PromptRows`).
     paths: token directories, or text files and globs.
     tokenizer: tokenizer file or directory for the "text" source.
     text_key: the JSONL field holding a document's text.

@@ -178,3 +178,29 @@ class PairRows:
         if self._reward:
             row[MARGIN_KEY] = np.float32(self._pairs.margin(i))
         return row
+
+
+PROMPT_KEYS = ("tokens", "lengths", "index")  # a prompts batch: ids [B, seq_len], lengths [B], line index [B]
+
+
+class PromptRows:
+    """Prompts one a row, as random access (train/data/sources.py `Prompts`): row r is prompt
+    `indices[r]`, its ids right-padded with 0 to seq_len ("tokens"), its length ("lengths") and
+    its index in the prompts files ("index", which the reward reads its conversation by).
+    ValueError (one line) for a prompt longer than seq_len."""
+
+    def __init__(self, prompts, indices: np.ndarray, config: DataConfig):
+        self._prompts, self._indices, self._seq_len = prompts, indices, config.seq_len
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    def __getitem__(self, r: int) -> dict[str, np.ndarray]:
+        i = int(self._indices[r])
+        ids = self._prompts[i]
+        if len(ids) > self._seq_len:
+            raise ValueError(f"{self._prompts.location(i)}: a prompt of {len(ids)} tokens, more than data.seq_len "
+                             f"{self._seq_len}; raise data.seq_len")
+        tokens = np.zeros(self._seq_len, np.int32)
+        tokens[:len(ids)] = ids
+        return {"tokens": tokens, "lengths": np.int32(len(ids)), "index": np.int32(i)}

@@ -66,6 +66,10 @@ B = global_batch // shard_count:
     images       dict     a vision model's rows only: each row's images
                           (llama_jax.vision.image.image_inputs, no batch axis)
 
+The prompts source (reinforcement learning) gives no training rows but prompts,
+one a row (train/data/example_rows.py `PromptRows`): tokens [B, seq_len]
+right-padded with 0, lengths [B] and index [B] (the prompt's place in the files).
+
 A packed row holds stream[r*L:(r+1)*L] as tokens and stream[r*L+1:(r+1)*L+1]
 as targets. A document cut by a row boundary continues in another row with
 positions restarting at 0: positions stay below seq_len, as at inference,
@@ -95,10 +99,10 @@ import numpy as np
 from llama_jax.arith import ceil_div
 from llama_jax.text.tokenizer import load_tokenizer
 from train.data.config import EXAMPLE_SOURCES, DataConfig
-from train.data.example_rows import ExampleRows, PairRows
+from train.data.example_rows import ExampleRows, PairRows, PromptRows
 from train.data.packing import NonEmpty, PackedRows, TokenWindows, unpacked_row
 from train.data.position import GlobalRows, PositionRestore, PositionSave, ShardBlocks
-from train.data.sources import (Examples, Preferences, SyntheticDocuments, TextDocuments, TextTokenizer,
+from train.data.sources import (Examples, Preferences, Prompts, SyntheticDocuments, TextDocuments, TextTokenizer,
                                 TokenDocuments, encode_document)
 
 # --- The pipeline. ----------------------------------------------------------
@@ -155,6 +159,8 @@ def _documents(config: DataConfig, tokenizer: TextTokenizer | None, model_vocab_
         return Examples(config.paths, tokenizer, config.source, vision), None
     if config.source == "preference":
         return Preferences(config.paths, tokenizer), None
+    if config.source == "prompts":
+        return Prompts(config.paths, tokenizer), None
     return TextDocuments(config.paths, config.text_key), functools.partial(encode_document, tokenizer)
 
 
@@ -203,9 +209,11 @@ def make_dataset(
     source, encode = _documents(config, tokenizer, model_vocab_size, vision)
     indices = split_indices(len(source), config)
     read = grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=4 * config.read_threads)
-    if config.source in EXAMPLE_SOURCES or config.source == "preference":
+    if config.source in EXAMPLE_SOURCES or config.source in ("preference", "prompts"):
         if config.source == "preference":
             rows = PairRows(source, indices, config, reward=reward)
+        elif config.source == "prompts":
+            rows = PromptRows(source, indices, config)
         else:
             rows = ExampleRows(source, indices, config)
         rows = _global_rows(rows, config)

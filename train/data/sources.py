@@ -394,3 +394,45 @@ def encode_document(tokenizer: TextTokenizer, text: str) -> np.ndarray:
     if not text.strip():
         return np.zeros(0, np.int32)
     return np.asarray(tokenizer.encode(text, bos=True, eos=True), dtype=np.int32)
+
+
+class Prompts:
+    """Prompts from JSONL files, for reinforcement learning (train/rl/): the conversations a
+    policy's answers continue.
+
+    Each line is `{"messages": [...]}` (a conversation ending with a user turn) or
+    `{"prompt": str}` (one user turn), as infer.rejection reads them; other fields (an expected
+    answer, say) are the reward function's to read. `prompts[i]` is prompt i chat-formatted
+    for the model to answer (int32 ids, llama_jax.text.chat.format_chat); `messages(i)` its
+    conversation. ValueError (one line) names the file and line of a malformed prompt.
+    """
+
+    def __init__(self, paths, tokenizer):
+        self.lines = TextDocuments(paths)
+        non_jsonl = [f for f in self.lines.files if f.suffix != ".jsonl"]
+        if non_jsonl:
+            raise ValueError(f"{non_jsonl[0]}: prompts are read from .jsonl files")
+        self.tokenizer = tokenizer
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+    def location(self, i: int) -> str:
+        return self.lines.location(i)
+
+    def messages(self, i: int) -> list[dict]:
+        from llama_jax.text.chat import prompt_messages
+
+        try:
+            return prompt_messages(self.lines.record(i))
+        except ValueError as err:
+            raise ValueError(f"{self.location(i)}: {err}") from None
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        from llama_jax.text.chat import format_chat
+
+        try:
+            return np.asarray(format_chat(self.tokenizer, self.messages(i)), np.int32)
+        except ValueError as err:
+            text = str(err)
+            raise ValueError(text if text.startswith(self.location(i)) else f"{self.location(i)}: {text}") from None

@@ -5,6 +5,8 @@
   dpo            direct preference optimisation against a frozen reference
   reward         a reward model's Bradley-Terry loss on preference pairs (Llama 2)
   distill        logit distillation from a teacher
+  grpo           group relative policy optimisation on rollouts (train/rl/)
+  policy_gradient  what RL objectives share: the rollout batch's keys, sampled log-probs, KL estimators
   router         a mixture-of-experts model's router losses (Llama 4)
   run            the run config's choice of objective and its fixed model
 """
