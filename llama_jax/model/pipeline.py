@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
@@ -145,19 +146,26 @@ def run(apply_unit, params, x_btd, side, schedule: Schedule, first_unit: int = 0
 
     stages = jax.vmap(stage, in_axes=(1, 0, 0, 0), spmd_axis_name=axes)
     stage_ids = jnp.arange(s_count)
+    first = (stage_ids == 0)[:, None, None, None]
+    state_names = ("stage", "batch", "length", "embed")
+    buffer_names = ("stage", None, "batch", "length", "embed")
 
     def tick(carry, t):
-        inputs, outputs = carry  # inputs [S, b/M, t, d]: what each stage works on at tick t
-        inputs = inputs.at[0].set(outputs[t % m_count])  # stage 0: a fresh or returning micro-batch
-        done = stages(weights, inputs, stage_ids, t - stage_ids)
+        # state [S, b/M, t, d]: what each stage works on at tick t (stage 0's comes from the buffer).
+        # buffer [S, M, b/M, t, d]: the micro-batches waiting for stage 0, its row on stage 0 (the
+        # other rows are never read): only elementwise updates and slices of unsplit axes, so
+        # nothing but the shift between stages moves.
+        state, buffer = carry
+        state = jnp.where(first, buffer[:, t % m_count], state)
+        done = stages(weights, state, stage_ids, t - stage_ids)
+        shifted = nn.with_logical_constraint(jnp.roll(done, 1, axis=0), state_names)  # shifted[0]: the last stage's
         item = t - (s_count - 1)  # the last stage's item: kept once it is a real one
-        slot = item % m_count
-        valid = (item >= 0) & (item < m_count * r_count)
-        outputs = outputs.at[slot].set(jnp.where(valid, done[-1], outputs[slot]))
-        return (jnp.roll(done, 1, axis=0), outputs), None
+        write = (jnp.arange(m_count) == item % m_count) & (item >= 0) & (item < m_count * r_count)
+        buffer = jnp.where(write[None, :, None, None, None], shifted[:, None], buffer)
+        return (shifted, nn.with_logical_constraint(buffer, buffer_names)), None
 
-    outputs = _micro(x_btd, m_count)
-    inputs = jnp.zeros((s_count, *outputs.shape[1:]), x_btd.dtype)
-    inputs = jax.lax.with_sharding_constraint(inputs, P(axes, *(P.UNCONSTRAINED,) * (inputs.ndim - 1)))
-    (_, outputs), _ = jax.lax.scan(tick, (inputs, outputs), jnp.arange(schedule.ticks))
-    return _unmicro(outputs)
+    micro = _micro(x_btd, m_count)
+    buffer = nn.with_logical_constraint(jnp.broadcast_to(micro, (s_count, *micro.shape)), buffer_names)
+    state = nn.with_logical_constraint(jnp.zeros((s_count, *micro.shape[1:]), x_btd.dtype), state_names)
+    (_, buffer), _ = jax.lax.scan(tick, (state, buffer), jnp.arange(schedule.ticks))
+    return _unmicro(buffer[0])
