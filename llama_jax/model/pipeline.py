@@ -17,7 +17,11 @@ parallelism inside a stage come from the same rules as without stages:
   each stays spread over the data axes). At tick `t`, stage `s` works on item
   `k = t - s`: micro-batch `k % M` in repeat `k // M`, if `0 <= k < M * R`.
   All stages run in lockstep (one `vmap` over the stage axis), so a stage
-  with no item computes on filler that is never used.
+  with no item computes on filler that is never used. Micro-batches waiting
+  for stage 0 (fresh ones, and those back from the last stage before their
+  next repeat) sit in a buffer on stage 0; the last micro-batches out of the
+  last repeat are the result, broadcast over `stage` once (the output head
+  and loss run on every stage, as the embedding does).
 - Ticks: `M * R + S - 1`, of which each stage is busy `M * R`. The bubble
   (the fraction of stage time spent on filler, forward and backward alike) is
   `(S - 1) / (M * R + S - 1)`. `M >= S` lets a micro-batch leaving the last
