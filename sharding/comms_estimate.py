@@ -1,7 +1,8 @@
 """What a step's collectives (sharding/comms.py) add up to: bytes by kind and mesh axes,
 and the stated time model, an ESTIMATE: each collective's time from its bytes over the
 ICI (or DCN) bandwidth of the chip and the torus dimensions its group spans, compute
-at the chip's peak, full overlap (step = max of the two)."""
+at the chip's peak, stretched by a pipeline's bubble (a stage idles that fraction of
+the step: llama_jax/model/pipeline.py), full overlap (step = max of the two)."""
 
 from __future__ import annotations
 
@@ -41,20 +42,24 @@ def collective_seconds(c: Collective, chip: str) -> float | None:
 class StepEstimate:
     """An estimate (see the module docstring), per chip per step; None where a figure is missing."""
 
-    compute_s: float
+    compute_s: float              # model FLOPs at peak, stretched by the bubble: busy / (1 - bubble)
     comm_s: float | None
     comm_s_by_kind: dict[str, float]
     step_s: float | None          # max(compute, comm): every collective hidden behind compute
     serial_step_s: float | None   # compute + comm: nothing overlapped
-    mfu_bound: float | None       # compute_s / step_s
+    mfu_bound: float | None       # model FLOPs at peak / step_s
+    bubble: float = 0.0           # the pipeline's idle fraction of each stage (0 without stages)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-def estimate_step(collectives: list[Collective], chip: str, model_flops_per_chip: float) -> StepEstimate:
-    """Estimated step time on `chip` from model FLOPs per chip and the collectives' bytes."""
-    compute = model_flops_per_chip / CHIP_PEAK_FLOPS[chip]
+def estimate_step(collectives: list[Collective], chip: str, model_flops_per_chip: float,
+                  bubble: float = 0.0) -> StepEstimate:
+    """Estimated step time on `chip` from model FLOPs per chip and the collectives' bytes; a
+    pipeline's `bubble` (idle fraction of a stage) stretches the compute time by 1 / (1 - bubble)."""
+    busy = model_flops_per_chip / CHIP_PEAK_FLOPS[chip]
+    compute = busy / (1.0 - bubble)
     by_kind, missing = collections.defaultdict(float), False
     for c in collectives:
         seconds = collective_seconds(c, chip)
@@ -63,11 +68,11 @@ def estimate_step(collectives: list[Collective], chip: str, model_flops_per_chip
         else:
             by_kind[c.kind] += seconds
     if missing:
-        return StepEstimate(compute, None, dict(by_kind), None, None, None)
+        return StepEstimate(compute, None, dict(by_kind), None, None, None, bubble)
     comm = sum(by_kind.values())
     step = max(compute, comm)
     return StepEstimate(compute, comm, dict(by_kind), step, compute + comm,
-                        compute / step if step else None)
+                        busy / step if step else None, bubble)
 
 
 def summary(collectives: list[Collective]) -> list[dict]:

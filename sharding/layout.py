@@ -16,6 +16,11 @@ a layout is an error rather than a silently replicated array. `expert` (the
 experts of a mixture-of-experts layer) is checked against the model that
 uses it: configs/layouts/expert_fsdp.yaml and expert_fsdp_tp.yaml map it onto `data`
 (expert parallelism over the data-parallel devices), the other layouts replicate it.
+
+Pipeline parallelism (configs/layouts/pipeline.yaml) splits `layers` and `stage`
+over the `stage` mesh axis and may set its schedule:
+
+    pipeline: {microbatches: 4, repeats: 1}   # llama_jax/model/pipeline.py
 """
 
 from __future__ import annotations
@@ -26,12 +31,16 @@ from typing import Any
 
 from llama_jax.config_files import read_config_file, shipped_configs
 
-MESH_AXES = ("data", "fsdp", "sequence", "tensor")  # outermost to innermost
+MESH_AXES = ("stage", "data", "fsdp", "sequence", "tensor")  # outermost to innermost
 LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab",
-                "layers", "kv_length", "expert")
+                "layers", "kv_length", "expert", "stage")
 # Names only some models use (`expert`: mixture-of-experts weights). A layout need not name them;
 # `sharding.place.validate` refuses a model that uses one its layout has no rule for.
 MODEL_SPECIFIC_AXES = ("expert",)
+# Names a layout need not give a rule: the model's own optional ones, and `stage` (pipeline
+# parallelism, llama_jax/model/pipeline.py), unsplit unless a layout splits it.
+OPTIONAL_AXES = MODEL_SPECIFIC_AXES + ("stage",)
+PIPELINE_KEYS = ("microbatches", "repeats")
 
 Rule = tuple[str, "str | tuple[str, ...] | None"]
 
@@ -48,6 +57,8 @@ class Layout:
     ici: dict[str, int]
     dcn: dict[str, int]
     rules: tuple[Rule, ...]
+    # The pipeline's schedule when the rules split `stage` (microbatches 0: one a stage).
+    pipeline: dict[str, int] = dataclasses.field(default_factory=lambda: {"microbatches": 0, "repeats": 1})
 
     def __post_init__(self):
         for part in ("ici", "dcn"):
@@ -72,9 +83,19 @@ class Layout:
                                       f"(known: {', '.join(MESH_AXES)})")
         covered = {logical for logical, _ in self.rules}
         for logical in LOGICAL_AXES:
-            if logical not in covered and logical not in MODEL_SPECIFIC_AXES:
+            if logical not in covered and logical not in OPTIONAL_AXES:
                 raise LayoutError(f"layout {self.name}: logical axis {logical!r} has no rule "
                                   "(add one, with null to replicate)")
+
+        if set(self.pipeline) - set(PIPELINE_KEYS):
+            raise LayoutError(f"layout {self.name}: pipeline takes {' and '.join(PIPELINE_KEYS)}, "
+                              f"got {sorted(self.pipeline)}")
+        settings = {"microbatches": 0, "repeats": 1, **self.pipeline}
+        for key, value in settings.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < (key == "repeats"):
+                raise LayoutError(f"layout {self.name}: pipeline.{key} must be a positive integer, "
+                                  f"got {value!r}")
+        object.__setattr__(self, "pipeline", settings)
 
     def mesh_axes_of(self, logical: str) -> tuple[str, ...]:
         """Every mesh axis any rule may split `logical` over."""
@@ -93,8 +114,11 @@ def layout_from_dict(name: str, data: dict[str, Any]) -> Layout:
     if not isinstance(data, dict):
         raise LayoutError(f"layout {name}: expected a mapping with keys mesh and rules, "
                           f"got {type(data).__name__}")
-    if set(data) - {"mesh", "rules"}:
-        raise LayoutError(f"layout {name}: expected keys mesh and rules, got {set(data) - {'mesh', 'rules'}}")
+    if set(data) - {"mesh", "rules", "pipeline"}:
+        raise LayoutError(f"layout {name}: expected keys mesh, rules and (optionally) pipeline, "
+                          f"got {set(data) - {'mesh', 'rules', 'pipeline'}}")
+    if not isinstance(data.get("pipeline") or {}, dict):
+        raise LayoutError(f"layout {name}: pipeline must map microbatches and repeats to integers")
     mesh = data.get("mesh") or {}
     if not isinstance(mesh, dict):
         raise LayoutError(f"layout {name}: mesh must be a mapping with ici and dcn, "
@@ -114,7 +138,7 @@ def layout_from_dict(name: str, data: dict[str, Any]) -> Layout:
         logical, axes = rule
         rules.append((logical, tuple(axes) if isinstance(axes, list) else axes))
     return Layout(name=name, ici=dict(mesh.get("ici") or {}), dcn=dict(mesh.get("dcn") or {}),
-                  rules=tuple(rules))
+                  rules=tuple(rules), pipeline=dict(data.get("pipeline") or {}))
 
 
 def load_layout(name_or_path: str | Path, **mesh_overrides: int) -> Layout:

@@ -1,6 +1,6 @@
 """The one place that builds a device mesh from a layout.
 
-Mesh axes are always `data, fsdp, sequence, tensor` (size 1 costs nothing).
+Mesh axes are always `stage, data, fsdp, sequence, tensor` (size 1 costs nothing).
 Each axis's size is its DCN size (across slices, outer) times its ICI size
 (within a slice, inner), so only DCN-sized factors cross the slow network.
 
@@ -65,7 +65,7 @@ def default_devices(layout: Layout) -> list:
 
 
 def make_mesh(layout: Layout, devices=None) -> Mesh:
-    """A Mesh with axes (data, fsdp, sequence, tensor) laid out for `devices`
+    """A Mesh with axes (stage, data, fsdp, sequence, tensor) laid out for `devices`
     (default: `default_devices(layout)`).
 
     With DCN sizes > 1, devices are grouped by slice: real TPU slices by

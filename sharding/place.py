@@ -22,7 +22,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llama_jax.config import ModelConfig
+from llama_jax.model import mesh_context
 from llama_jax.model.kv_cache import CACHE_AXES
+from llama_jax.model.pipeline import Schedule, schedule_for
 from llama_jax.params import init_params, logical_axes
 from sharding.layout import Layout, LayoutError, axes_tuple, load_layout
 from sharding.mesh import make_mesh
@@ -88,6 +90,7 @@ def validate(config: ModelConfig, layout: Layout, mesh: Mesh, batch: int | None 
     if batch is not None:
         check_divisible((batch,), _spec(("batch",), rules), mesh, f"layout {layout.name}",
                         names=("batch",))
+    _validate_pipeline(config, layout, mesh, rules, batch)
     if seq_len is not None:
         check_divisible((seq_len,), _spec(("length",), rules), mesh, f"layout {layout.name}",
                         names=("sequence length",))
@@ -97,6 +100,28 @@ def validate(config: ModelConfig, layout: Layout, mesh: Mesh, batch: int | None 
                               f"{parts} sequence shards of two halves each (context parallelism "
                               f"balances causal work with an early and a late half per shard; use a "
                               f"multiple of {2 * parts})")
+
+
+def _validate_pipeline(config: ModelConfig, layout: Layout, mesh: Mesh, rules, batch: int | None):
+    """LayoutError unless the layout's stages (llama_jax/model/pipeline.py) can run this model and batch."""
+    stage_axes, layer_axes = (axes_tuple(_spec((name,), rules)[0]) for name in ("stage", "layers"))
+    stages = math.prod(mesh.shape[a] for a in stage_axes)
+    if stages == 1:
+        return
+    where = f"layout {layout.name}"
+    if stage_axes != layer_axes:
+        raise LayoutError(f"{where}: layers is split over {' x '.join(layer_axes) or 'nothing'} but stage over "
+                          f"{' x '.join(stage_axes) or 'nothing'}; a pipeline splits both over the same axes")
+    if not config.scan_layers or config.moe is not None:
+        raise LayoutError(f"{where}: pipeline stages need scanned dense layers (scan_layers true, no moe)")
+    schedule = schedule_for(stages, **layout.pipeline)
+    problem = schedule.problem(len(config.stacked_layers), batch)
+    if problem:
+        raise LayoutError(f"{where}: {problem}")
+    batch_parts = math.prod(mesh.shape[a] for a in axes_tuple(_spec(("batch",), rules)[0]))
+    if batch is not None and (batch // schedule.microbatches) % batch_parts:
+        raise LayoutError(f"{where}: a pipeline micro-batch of {batch // schedule.microbatches} rows does "
+                          f"not divide over the batch axes ({batch_parts}); use fewer micro-batches or more rows")
 
 
 def abstract_arrays(tree, shardings):
@@ -142,6 +167,10 @@ class Placement:
         axes = self.spec(logical_name)[0] if len(self.spec(logical_name)) else None
         return math.prod(self.mesh.shape[a] for a in axes_tuple(axes))
 
+    def pipeline_schedule(self) -> Schedule | None:
+        """The layout's pipeline schedule over this mesh (llama_jax/model/pipeline.py), None without stages."""
+        return schedule_for(self.shards_along("stage"), **self.layout.pipeline)
+
     def sharding(self, *logical_names) -> NamedSharding:
         return NamedSharding(self.mesh, self.spec(*logical_names))
 
@@ -158,8 +187,9 @@ class Placement:
 
     @contextlib.contextmanager
     def activate(self):
-        """Make the mesh and rules current, so the model's logical constraints apply."""
-        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+        """Make the mesh, rules and pipeline schedule current, so the model's logical constraints apply."""
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules), \
+                mesh_context.pipeline(**self.layout.pipeline):
             yield
 
     def init_params(self, rng: jax.Array):

@@ -364,3 +364,21 @@ def test_eval_compiles_the_lm_eval_scorers_pass_and_needs_no_lm_eval(capsys):
     check = "import sys, train.compile.cli; assert 'lm_eval' not in sys.modules, 'lm_eval imported'"
     done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
+
+
+def test_pipeline_compile_reports_its_bubble_and_stretches_the_estimate_by_it(capsys):
+    """The `pipeline` layout over two v5p:2x2x2 slices (a stage a slice, fsdp 8 inside): 2 stages,
+    8 micro-batches, 1 repeat make 9 ticks, one idle: bubble (S - 1) / (M R + S - 1) = 1/9. The
+    stages hand activations to each other over DCN (collective-permutes over `stage`)."""
+    code = main(["--config", "tiny_cpu", "--topology", TOPOLOGY, "--comms", "--json", "layout=pipeline",
+                 "data.global_batch=64"])
+    assert code == 0
+    train = json.loads(capsys.readouterr().out)["train"]
+    assert train["mesh"]["stage"] == 2 and train["slices"] == 2
+    assert train["pipeline"] == {"stages": 2, "repeats": 1, "microbatches": 8, "ticks": 9,
+                                 "bubble": pytest.approx((2 - 1) / (8 * 1 + 2 - 1))}
+    est = train["estimate"]
+    assert est["bubble"] == pytest.approx(1 / 9)
+    assert est["compute_s"] == pytest.approx(train["model_flops"] / 459e12 / (1 - 1 / 9), rel=1e-9)
+    assert any(c["kind"] == "collective-permute" and c["axes"] == ["stage"] and c["dcn"]
+               for c in train["collectives"]), train["collectives"]

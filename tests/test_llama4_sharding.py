@@ -66,7 +66,7 @@ def _assert_layout_matches_one_device(config, name, label):
 
 def test_expert_fsdp_splits_experts_four_ways_and_each_expert_two_ways():
     placement = Placement.create(CONFIG, load_layout("expert_fsdp"))
-    assert dict(placement.mesh.shape) == {"data": 4, "fsdp": 2, "sequence": 1, "tensor": 1}
+    assert dict(placement.mesh.shape) == {"stage": 1, "data": 4, "fsdp": 2, "sequence": 1, "tensor": 1}
     params = placement.put(_reference()[0], placement.param_shardings())
     moe = params["layers"]["layer_1"]["feed_forward"]
     # w1: [blocks 2, experts 4, embed 64, expert ffn 64]
@@ -90,7 +90,7 @@ def test_expert_parallel_layouts_match_single_device_loss_and_gradients(shape, n
 
 def test_expert_fsdp_tp_splits_experts_over_data_and_their_width_over_tensor():
     placement = Placement.create(LLAMA4_SCOUT_LIKE, load_layout("expert_fsdp_tp"))
-    assert dict(placement.mesh.shape) == {"data": 2, "fsdp": 2, "sequence": 1, "tensor": 2}
+    assert dict(placement.mesh.shape) == {"stage": 1, "data": 2, "fsdp": 2, "sequence": 1, "tensor": 2}
     params = placement.put(_reference(LLAMA4_SCOUT_LIKE)[0], placement.param_shardings())
     w1 = params["layers"]["layer_0"]["feed_forward"]["w1"]  # [blocks 2, experts 4, embed 64, expert ffn 64]
     assert w1.sharding.spec == P(None, "data", "fsdp", "tensor")

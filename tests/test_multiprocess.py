@@ -56,8 +56,8 @@ def test_two_processes_form_one_8_device_mesh(worker_results):
     for i, result in enumerate(worker_results):
         assert result["process"] == i
         assert (result["process_count"], result["global_devices"], result["local_devices"]) == (2, 8, 4)
-        assert result["fsdp"]["mesh"] == {"data": 1, "fsdp": 8, "sequence": 1, "tensor": 1}
-        assert result["tp"]["mesh"] == {"data": 1, "fsdp": 1, "sequence": 1, "tensor": 8}
+        assert result["fsdp"]["mesh"] == {"stage": 1, "data": 1, "fsdp": 8, "sequence": 1, "tensor": 1}
+        assert result["tp"]["mesh"] == {"stage": 1, "data": 1, "fsdp": 1, "sequence": 1, "tensor": 8}
 
 
 def test_fsdp_splits_rows_between_processes(worker_results):

@@ -134,7 +134,7 @@ def test_cli_plans_405b_on_2048_chips_without_allocating():
     n_params = count_params(load_model_config("llama3_1_405b"))
     assert result["parameter_count"] == n_params
     assert f"{n_params / 1e9:.4g}" == "405.9"
-    assert result["mesh"] == {"data": 1, "fsdp": 256, "sequence": 1, "tensor": 8}
+    assert result["mesh"] == {"stage": 1, "data": 1, "fsdp": 256, "sequence": 1, "tensor": 8}
     per_device = result["per_device_bytes"]
     # norm scales are split over fsdp only (replicated over tensor); everything else 2048 ways
     config = load_model_config("llama3_1_405b")
@@ -153,7 +153,7 @@ def test_cli_plans_405b_on_2048_chips_without_allocating():
     (("--model", "llama9", "--layout", "fsdp", "--devices", "8"), "plan: model config 'llama9' not found"),
     (("--model", "tiny", "--layout", "zero3", "--devices", "8"), "plan: layout 'zero3' not found"),
     (("--model", "llama3_1_405b", "--layout", "fsdp_tp", "--devices", "2048", "--mesh", "fsdp=128,tensor=8"),
-     "plan: layout fsdp_tp: mesh data=1 x fsdp=128 x sequence=1 x tensor=8 needs 1024 devices "
+     "plan: layout fsdp_tp: mesh stage=1 x data=1 x fsdp=128 x sequence=1 x tensor=8 needs 1024 devices "
      "but 2048 are available"),
     (("--model", "llama3_1_405b", "--layout", "tp", "--devices", "256"),
      "plan: layout tp: heads (n_heads) of size 128 does not divide by tensor = 256"),

@@ -14,8 +14,8 @@ import pytest
 from llama_jax.formats.checkpoint import latest_step, read_config, restore_params
 from sharding.layout import load_layout
 from sharding.place import Placement
-from train_runs import (assert_trees_equal, cli, exact_metrics, finish, kill_at_step, metrics, run_config,
-                              start, steps_on_disk, wait_for_step)
+from train_runs import (assert_trees_equal, cli, exact_metrics, finish, kill_at_step, metrics, restore_training_state,
+                        run_config, start, steps_on_disk, wait_for_step)
 
 TIMEOUT = 150  # seconds for one tiny run of `python -m train` on a busy 2-core machine
 
@@ -95,28 +95,11 @@ def fsdp_run(tmp_path_factory):
     return run, jax.device_get(summary["state"])
 
 
-def _restore_training_state(run, devices):
-    """Restore the run's latest checkpoint as training would, under run.layout on `devices`."""
-    from train.checkpoints import Checkpointer
-    from train.data.pipeline import make_dataset
-    from train.optimizer import make_optimizer
-    from train.step import init_state
-
-    placement = Placement.create(run.model, load_layout(run.layout), devices=devices)
-    state, shardings = init_state(placement, make_optimizer(run.optimizer, run.steps), jax.random.key(7))
-    checkpointer = Checkpointer(run, shardings)
-    try:
-        restored = checkpointer.restore_latest(state, make_dataset(run.data))
-    finally:
-        checkpointer.close()
-    return restored, shardings
-
-
 @pytest.mark.parametrize("devices", [4, 1])
 def test_fsdp_checkpoint_restores_under_tp_on_fewer_devices(fsdp_run, devices):
     run, trained = fsdp_run
     run = dataclasses.replace(run, layout="tp")
-    restored, shardings = _restore_training_state(run, jax.devices()[:devices])
+    restored, shardings = restore_training_state(run, jax.devices()[:devices])
     assert int(restored.step) == 6
     for leaf, sharding in zip(jax.tree.leaves(restored), jax.tree.leaves(shardings)):
         assert leaf.sharding.is_equivalent_to(sharding, leaf.ndim)

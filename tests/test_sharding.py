@@ -95,19 +95,19 @@ def test_layout_matches_single_device_loss_and_gradients(name):
 # Expected mesh sizes, wq / wk kernel specs, and the wq kernel shard held by
 # device 0 (wq is [layers 2, embed 64, heads 8, head_dim 8]).
 EXPECTED = {
-    "dp": ({"data": 8, "fsdp": 1, "sequence": 1, "tensor": 1},
+    "dp": ({"stage": 1, "data": 8, "fsdp": 1, "sequence": 1, "tensor": 1},
            P(None, "fsdp", "tensor", None), P(None, "fsdp", "tensor", None), (2, 64, 8, 8)),
-    "fsdp": ({"data": 1, "fsdp": 8, "sequence": 1, "tensor": 1},
+    "fsdp": ({"stage": 1, "data": 1, "fsdp": 8, "sequence": 1, "tensor": 1},
              P(None, "fsdp", "tensor", None), P(None, "fsdp", "tensor", None), (2, 8, 8, 8)),
     # tensor 8 outnumbers the 2 kv heads: kv heads are replicated.
-    "tp": ({"data": 1, "fsdp": 1, "sequence": 1, "tensor": 8},
+    "tp": ({"stage": 1, "data": 1, "fsdp": 1, "sequence": 1, "tensor": 8},
            P(None, "fsdp", "tensor", None), P(None, "fsdp", None, None), (2, 64, 1, 8)),
-    "fsdp_tp": ({"data": 1, "fsdp": 4, "sequence": 1, "tensor": 2},
+    "fsdp_tp": ({"stage": 1, "data": 1, "fsdp": 4, "sequence": 1, "tensor": 2},
                 P(None, "fsdp", "tensor", None), P(None, "fsdp", "tensor", None), (2, 16, 4, 8)),
-    "fsdp_sp": ({"data": 1, "fsdp": 4, "sequence": 2, "tensor": 1},
+    "fsdp_sp": ({"stage": 1, "data": 1, "fsdp": 4, "sequence": 2, "tensor": 1},
                 P(None, ("fsdp", "sequence"), "tensor", None),
                 P(None, ("fsdp", "sequence"), "tensor", None), (2, 8, 8, 8)),
-    "multislice": ({"data": 2, "fsdp": 4, "sequence": 1, "tensor": 1},
+    "multislice": ({"stage": 1, "data": 2, "fsdp": 4, "sequence": 1, "tensor": 1},
                    P(None, "fsdp", "tensor", None), P(None, "fsdp", "tensor", None), (2, 16, 8, 8)),
 }
 
@@ -188,7 +188,7 @@ def test_a_fixed_layout_smaller_than_the_machine_runs_on_the_first_devices(caplo
     params, want_loss, want_grads = _reference()
     with caplog.at_level("WARNING"):
         placement = Placement.create(CONFIG, load_layout("dp", data=1))
-    assert placement.mesh.devices.tolist() == [[[[jax.devices()[0]]]]]
+    assert placement.mesh.devices.tolist() == [[[[[jax.devices()[0]]]]]]
     assert "layout dp: the mesh uses 1 of the 8 devices" in caplog.text
     loss, grads = _sharded_loss_and_grads(placement, placement.put(params, placement.param_shardings()))
     assert abs(loss - want_loss) <= RTOL * abs(want_loss)
@@ -211,7 +211,7 @@ def test_tp_splits_kv_heads_when_they_match_the_tensor_axis():
 def test_fsdp_tp_with_tensor_4_replicates_2_kv_heads_and_matches_one_device():
     params, want_loss, want_grads = _reference()
     placement = Placement.create(CONFIG, load_layout("fsdp_tp", tensor=4))
-    assert dict(placement.mesh.shape) == {"data": 1, "fsdp": 2, "sequence": 1, "tensor": 4}
+    assert dict(placement.mesh.shape) == {"stage": 1, "data": 1, "fsdp": 2, "sequence": 1, "tensor": 4}
     assert dict(placement.rules)["kv_heads"] is None
     loss, grads = _sharded_loss_and_grads(placement, placement.put(params, placement.param_shardings()))
     assert abs(loss - want_loss) <= RTOL * abs(want_loss)
@@ -327,7 +327,7 @@ def test_context_parallelism_with_packing_matches_one_device_and_splits_the_leng
 
 def test_multislice_data_axis_spans_the_emulated_slices():
     placement = Placement.create(CONFIG, load_layout("multislice"))
-    grid = placement.mesh.devices  # [data, fsdp, sequence, tensor]
+    grid = placement.mesh.devices[0]  # [stage 1, data, fsdp, sequence, tensor] -> [data, ...]
     assert grid.shape == (2, 4, 1, 1)
     devices = jax.devices()
     for slice_index in range(2):
@@ -350,10 +350,10 @@ def test_multislice_with_tensor_axis_keeps_tensor_inside_a_slice():
         "mesh": {"ici": {"fsdp": 2, "tensor": 2}, "dcn": {"data": 2}},
         "rules": load_layout("fsdp_tp").rules})
     mesh = make_mesh(layout)
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "sequence": 1, "tensor": 2}
+    assert dict(mesh.shape) == {"stage": 1, "data": 2, "fsdp": 2, "sequence": 1, "tensor": 2}
     devices = jax.devices()
-    assert set(mesh.devices[0].flat) == set(devices[:4])
-    assert set(mesh.devices[1].flat) == set(devices[4:])
+    assert set(mesh.devices[0, 0].flat) == set(devices[:4])
+    assert set(mesh.devices[0, 1].flat) == set(devices[4:])
 
 
 # ---- validation errors: one clear line, raised before anything compiles ----
@@ -366,7 +366,7 @@ def _rules_without(name):
 def test_mesh_needing_more_devices_than_available_is_an_error():
     layout = layout_from_dict("big", {"mesh": {"ici": {"fsdp": 4, "tensor": 4}},
                                       "rules": _rules_without(None)})
-    with pytest.raises(LayoutError, match=r"layout big: mesh data=1 x fsdp=4 x sequence=1 x "
+    with pytest.raises(LayoutError, match=r"layout big: mesh stage=1 x data=1 x fsdp=4 x sequence=1 x "
                                           r"tensor=4 needs 16 devices but 8 are available"):
         Placement.create(CONFIG, layout)
 
@@ -435,7 +435,7 @@ def test_unknown_logical_name_in_a_rule_is_an_error():
 def test_unknown_mesh_axis_is_an_error():
     rules = [["heads", "model"] if r[0] == "heads" else r for r in _rules_without(None)]
     with pytest.raises(LayoutError, match=r"layout bad: rule heads -> 'model' names no mesh axis "
-                                          r"\(known: data, fsdp, sequence, tensor\)"):
+                                          r"\(known: stage, data, fsdp, sequence, tensor\)"):
         layout_from_dict("bad", {"mesh": {}, "rules": rules})
     with pytest.raises(LayoutError, match=r"layout bad: mesh.ici.model is not a mesh axis"):
         layout_from_dict("bad", {"mesh": {"ici": {"model": 2}}, "rules": _rules_without(None)})
@@ -459,7 +459,8 @@ def test_bad_yaml_is_an_error(tmp_path):
         load_layout(broken)
     wrong = tmp_path / "wrong.yaml"
     wrong.write_text("mesh: {}\nrules: []\nextra: 1\n")
-    with pytest.raises(LayoutError, match=r"layout wrong: expected keys mesh and rules, got \{'extra'\}"):
+    with pytest.raises(LayoutError, match=r"layout wrong: expected keys mesh, rules and \(optionally\) "
+                                          r"pipeline, got \{'extra'\}"):
         load_layout(wrong)
     listy = tmp_path / "listy.yaml"
     listy.write_text("- 1\n- 2\n")

@@ -175,3 +175,25 @@ def assert_trees_equal(actual, expected, what: str):
         a, e = np.asarray(a), np.asarray(e)
         assert a.dtype == e.dtype and a.shape == e.shape, f"{what}{jax.tree_util.keystr(path)}: dtype/shape"
         assert np.array_equal(a, e), f"{what}{jax.tree_util.keystr(path)}: values differ"
+
+
+def restore_training_state(run, devices=None):
+    """(state, shardings): the run's latest checkpoint restored as training would, under
+    run.layout on `devices` (None: the layout's own)."""
+    import jax
+
+    from sharding.layout import load_layout
+    from sharding.place import Placement
+    from train.checkpoints import Checkpointer
+    from train.data.pipeline import make_dataset
+    from train.optimizer import make_optimizer
+    from train.step import init_state
+
+    placement = Placement.create(run.model, load_layout(run.layout), devices=devices)
+    state, shardings = init_state(placement, make_optimizer(run.optimizer, run.steps), jax.random.key(7))
+    checkpointer = Checkpointer(run, shardings)
+    try:
+        restored = checkpointer.restore_latest(state, make_dataset(run.data))
+    finally:
+        checkpointer.close()
+    return restored, shardings

@@ -34,7 +34,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from llama_jax.config import REMAT_POLICIES, LayerKind, ModelConfig
-from llama_jax.model import kv_cache
+from llama_jax.model import kv_cache, pipeline
 from llama_jax.model.attention import attend
 from llama_jax.model.context_parallel import balance, balanced_order, length_shards
 from llama_jax.model.kv_cache import Cache
@@ -276,9 +276,14 @@ class Llama(nn.Module):
         inputs = (rope, coords, segments, chunks, positions_bt)
         statistics = no_router_statistics()
         stacked = cfg.stacked_layers if cfg.scan_layers else range(0)
+        # A layout that splits `layers` over stages runs the stack as a pipeline (llama_jax/model/pipeline.py).
+        schedule = None if self.is_initializing() else pipeline.schedule_in_scope()
         for i in range(cfg.n_layers // cfg.layer_period):
             if i in self.own_layers:
                 carry, unit_statistics = self.own_layers[i](carry, i, *inputs)
+            elif i == stacked.start and cache is None and schedule is not None:
+                carry, unit_statistics = (self.pipelined(carry[0], inputs, schedule, i), None), \
+                    no_router_statistics()
             elif i == stacked.start:
                 carry, stacked_statistics = self.layers(carry, jnp.arange(stacked.start, stacked.stop), *inputs)
                 unit_statistics = jax.tree.map(lambda x: jnp.sum(x, axis=0), stacked_statistics)
@@ -289,6 +294,24 @@ class Llama(nn.Module):
         hidden_btd = balance(self.norm(x_btd), shards)
         out = hidden_btd if return_hidden else self.logits(hidden_btd)
         return (out, cache, statistics) if return_aux else (out, cache)
+
+    def pipelined(self, x_btd, inputs, schedule: pipeline.Schedule, first_unit: int):
+        """The stacked units on x_btd [b, t, d] under `schedule`: each unit applied functionally to its
+        slice of the stacked parameters (the same ones `self.layers` scans over)."""
+        cfg = self.config
+        if cfg.moe is not None:
+            raise ValueError("pipeline stages do not run mixture-of-experts layers (their router "
+                             "statistics); use a layout without a stage axis")
+        if cfg.layer_period > 1:
+            unit = DecoderBlock(cfg, parent=None)
+        else:
+            unit = remat_layer(DecoderLayer, cfg)(cfg, cfg.layer_kind(0), parent=None)
+
+        def apply_unit(params, x_btd, index, rows):
+            (x_btd, _), _ = unit.apply({"params": params}, (x_btd, None), index, *rows)
+            return x_btd
+
+        return pipeline.run(apply_unit, self.variables["params"]["layers"], x_btd, inputs, schedule, first_unit)
 
     def logits(self, hidden_btd):
         """Project final-normed hidden states to float32 logits [..., vocab]; with the score

@@ -6,10 +6,16 @@
 kernel can be wrapped in `shard_map` without `llama_jax/` importing
 `sharding/`. With no mesh in scope (one device, most tests) every array is
 whole: `mesh()` is None and `shards(...)` is 1.
+
+A layout that splits the `layers` axis (over `stage`) also sets how its
+pipeline runs (`pipeline(...)`, read back by `pipeline_settings()`):
+llama_jax/model/pipeline.py.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 
 import flax.linen as nn
@@ -55,3 +61,21 @@ def shards(entry) -> int:
     """Into how many pieces a PartitionSpec entry splits its dimension."""
     current = mesh()
     return 1 if current is None else math.prod(current.shape[a] for a in axes_of(entry))
+
+
+_PIPELINE = contextvars.ContextVar("pipeline", default=(0, 1))
+
+
+@contextlib.contextmanager
+def pipeline(microbatches: int, repeats: int):
+    """Make (micro-batches, repeats) the pipeline settings in scope (0 micro-batches: one a stage)."""
+    token = _PIPELINE.set((microbatches, repeats))
+    try:
+        yield
+    finally:
+        _PIPELINE.reset(token)
+
+
+def pipeline_settings() -> tuple[int, int]:
+    """(micro-batches, repeats) of the pipeline in scope: (0, 1) unless a layout set them."""
+    return _PIPELINE.get()

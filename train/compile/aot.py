@@ -84,6 +84,7 @@ class CompileResult:
     cache_bytes: int | None = None         # one chip's share of the KV cache (decode and serve programs)
     collectives: list | None = None        # sharding.comms.Collective list (compile_run(comms=True))
     estimate: dict | None = None           # sharding.comms_estimate.StepEstimate as a dict (train, comms=True)
+    pipeline: dict | None = None           # train under stages: stages, repeats, microbatches, ticks, bubble
 
     @property
     def used_bytes(self) -> int | None:
@@ -374,12 +375,15 @@ def compile_run(run, devices, *, topology: str = "", slices: int = 1, program: s
         result.model_flops_causal = flops["mfu_causal"] * batch * seq_len * passes / len(devices)
         result.step_s_at_full_mfu = result.model_flops / device_peak
         result.step_s_at_full_mfu_causal = result.model_flops_causal / device_peak
+        schedule = placement.pipeline_schedule()
+        if schedule is not None:
+            result.pipeline = {**dataclasses.asdict(schedule), "ticks": schedule.ticks, "bubble": schedule.bubble}
     if comms:
 
         result.collectives = parse_collectives(compiled.as_text(), placement.mesh)
         if program == "train":
-            result.estimate = estimate_step(result.collectives, info.chip,
-                                            result.model_flops * info.devices_per_chip).to_dict()
+            result.estimate = estimate_step(result.collectives, info.chip, result.model_flops * info.devices_per_chip,
+                                            bubble=result.pipeline["bubble"] if result.pipeline else 0.0).to_dict()
     return result
 
 

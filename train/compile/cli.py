@@ -137,6 +137,11 @@ def format_result(r: CompileResult) -> str:
         lines.append(f"  causal (MaxText's count, attention halved): {r.model_flops_causal:.3e} FLOPs, "
                      f"{r.step_s_at_full_mfu_causal:.3f} s at 100% mfu_causal; a step time reads "
                      f"{r.model_flops_causal / r.model_flops:.3f} x its MFU as mfu_causal")
+    if r.pipeline is not None:
+        p = r.pipeline
+        lines.append(f"  pipeline: {p['stages']} stages x {p['repeats']} repeat(s), {p['microbatches']} "
+                     f"micro-batches, {p['ticks']} ticks; bubble {p['bubble']:.1%} = (stages - 1) / "
+                     "(micro-batches x repeats + stages - 1) of each stage's time")
     if r.xla_flops is not None:
         lines.append(f"  XLA cost_analysis FLOPs per chip: {r.xla_flops:.3e} (counts each loop body once: "
                      "scanned layers and accumulation steps are not multiplied out)")

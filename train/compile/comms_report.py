@@ -2,7 +2,7 @@
 
 One row per compiled combination: its values, HBM per chip, verdict, the
 bytes one chip moves per step by collective kind and mesh axes (ring
-formulas, loops multiplied out: sharding/comms.py), and the ESTIMATED step
+formulas, loops multiplied out: sharding/comms.py), a pipeline's bubble, and the ESTIMATED step
 time and MFU bound of sharding.comms_estimate.estimate_step (compute at peak
 FLOP/s, collectives at the published ICI/DCN bandwidths, full overlap).
 """
@@ -41,14 +41,14 @@ def _seconds(s: float | None) -> str:
 
 def format_comms_table(rows: list[tuple[dict[str, str], CompileResult | str]]) -> str:
     """The sweep's table: values, mesh, HBM per chip, verdict, GiB moved per chip per step by
-    kind and axes, compute time, communication time, estimated step time, MFU bound."""
+    kind and axes, pipeline bubble, compute time, communication time, estimated step time, MFU bound."""
     results = [r for _, r in rows if not isinstance(r, str) and r.collectives is not None]
     columns = traffic_columns(results)
     largest = max((v for r in results for v in traffic(r).values()), default=0.0)
     unit, scale = ("GiB", 2**30) if largest >= 2**30 else ("MiB", 2**20)
     keys = list(rows[0][0]) if rows else []
     header = [*keys, "mesh", "HBM GiB", "verdict", *(f"{column_name(*c)} {unit}" for c in columns),
-              "compute s", "comm s", "est. step s", "MFU bound"]
+              "bubble", "compute s", "comm s", "est. step s", "MFU bound"]
     table, invalid = [header], []
     for values, result in rows:
         cells = [values[k] for k in keys]
@@ -63,11 +63,12 @@ def format_comms_table(rows: list[tuple[dict[str, str], CompileResult | str]]) -
         table.append(cells + [mesh, "-" if used is None else f"{used / 2**30:.1f}", result.verdict,
                               *(f"{moved[c] / scale:.2f}" if c in moved
                                 else "0" if result.collectives is not None else "-" for c in columns),
+                              f"{est.get('bubble', 0.0):.1%}",
                               _seconds(est.get("compute_s")), _seconds(est.get("comm_s")),
                               _seconds(est.get("step_s")),
                               "-" if est.get("mfu_bound") is None else f"{est['mfu_bound']:.0%}"])
     widths = [max(len(row[i]) for row in table if i < len(row)) for i in range(len(header))]
-    note = ("estimate: compute = model FLOPs / peak; collectives = ring bytes / published ICI (DCN) "
+    note = ("estimate: compute = model FLOPs / peak / (1 - pipeline bubble); collectives = ring bytes / published ICI (DCN) "
             "bandwidth; step = max(compute, comm), i.e. full overlap (sharding/comms.py)")
     return "\n".join(["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
                       for row in table] + invalid + [note])
