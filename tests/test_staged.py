@@ -1,0 +1,122 @@
+"""Prefill in pieces (`programs.extend`, `llama_jax.decoding.staged`): a prompt prefilled chunk by
+chunk from any start, or from prefix blocks copied out of a store, gives one-shot prefill's
+logits (float32 tolerance) and the same greedy decode after it."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llama_jax.decoding import programs, staged
+from llama_jax.decoding.sampling import Sampling
+from llama_jax.params import init_params, model_for
+from tiny import LLAMA3_LIKE
+
+CONFIG = LLAMA3_LIKE  # float32, GQA 8:2
+CACHE_LEN = 128
+BLOCK = 16
+STEPS = 12
+LENGTHS = (45, 70)  # two rows of different lengths
+STOPS = jnp.asarray([-1], jnp.int32)
+
+
+@pytest.fixture(scope="module")
+def model_params():
+    return model_for(CONFIG), init_params(CONFIG, jax.random.key(4))
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    rng = np.random.default_rng(2)
+    return [rng.integers(0, CONFIG.vocab_size, n).tolist() for n in LENGTHS]
+
+
+def padded(prompts, t):
+    out = np.zeros((len(prompts), t), np.int32)
+    for i, p in enumerate(prompts):
+        out[i, :len(p)] = p
+    return jnp.asarray(out)
+
+
+@pytest.fixture(scope="module")
+def one_shot(model_params, prompts):
+    """(first-token logits [b, v], the greedy decode's tokens [b, STEPS]) of one-shot prefill."""
+    model, params = model_params
+    lengths = jnp.asarray(LENGTHS, jnp.int32)
+    state, _, logits = jax.jit(functools.partial(programs.prefill, model, sampling=Sampling(), cache_len=CACHE_LEN,
+                                                 keep_logits=True))(
+        params, padded(prompts, 128), lengths, jnp.full((2,), 100, jnp.int32), jnp.int32(0), STOPS)
+    return np.asarray(logits), decode_tokens(model, params, state)
+
+
+def decode_tokens(model, params, state):
+    _, out, _ = jax.jit(functools.partial(programs.decode, model, sampling=Sampling(), steps=STEPS))(
+        params, state, STOPS)
+    return np.asarray(out)
+
+
+def finish(model, params, staged_state):
+    """One-shot prefill's (state, logits) from a staged state (greedy, limits 100)."""
+    lengths = jnp.asarray(LENGTHS, jnp.int32)
+    keys = programs.seed_keys(jnp.int32(0), 2)
+    state, _, logits = programs.first_tokens(model, params, staged_state["cache"], staged_state["last"], keys,
+                                             lengths, jnp.full((2,), 100, jnp.int32), STOPS, Sampling())
+    return state, np.asarray(logits)
+
+
+def in_pieces(model, params, staged_state, prompts, starts, sizes):
+    """Extend each row from its own start, in pieces of `sizes` positions (the last ones past a
+    row's end are padding)."""
+    extend = jax.jit(functools.partial(staged.extend_staged, model), donate_argnames=("staged",))
+    lengths = jnp.asarray(LENGTHS, jnp.int32)
+    offset = 0
+    for size in sizes:
+        tokens = np.zeros((2, size), np.int32)
+        for i, (p, s) in enumerate(zip(prompts, starts)):
+            piece = p[s + offset:s + offset + size]
+            tokens[i, :len(piece)] = piece
+        staged_state = extend(params, staged_state, jnp.asarray(tokens),
+                              jnp.asarray(starts, jnp.int32) + offset, lengths)
+        offset += size
+    return staged_state
+
+
+def test_a_prompt_prefilled_in_uneven_pieces_equals_one_shot(model_params, prompts, one_shot):
+    model, params = model_params
+    table = jnp.full((2, CACHE_LEN // BLOCK), 1 << 20, jnp.int32)  # no blocks
+    start = staged.begin(CONFIG, None, table, cache_len=CACHE_LEN)
+    pieces = in_pieces(model, params, start, prompts, (0, 0), (16, 7, 32, 32))
+    state, logits = finish(model, params, pieces)
+    np.testing.assert_allclose(logits, one_shot[0], atol=2e-5, rtol=1e-5)
+    assert (logits.argmax(-1) == one_shot[0].argmax(-1)).all()
+    np.testing.assert_array_equal(decode_tokens(model, params, state), one_shot[1])
+
+
+def test_rows_started_from_copied_prefix_blocks_equal_one_shot(model_params, prompts, one_shot):
+    """Row 0's first 2 blocks and row 1's first 4 are saved into a store from a first staged
+    prefill, then copied into a new staging state (in other block ids, the rest of the store
+    garbage); only the rest of each prompt is computed."""
+    model, params = model_params
+    m = CACHE_LEN // BLOCK
+    store = staged.empty_store(CONFIG, 8, BLOCK)
+    store = jax.tree.map(lambda x: x + 7, store)  # blocks never written must never be read
+    none = jnp.full((2, m), 1 << 20, jnp.int32)
+    first = in_pieces(model, params, staged.begin(CONFIG, None, none, cache_len=CACHE_LEN), prompts, (0, 0), (128,))
+    save = jax.jit(functools.partial(staged.save_blocks, block=BLOCK))
+    ids = {0: [5, 2], 1: [0, 7, 3, 1]}
+    for row, row_ids in ids.items():
+        blocks = np.arange(m, dtype=np.int32)
+        dest = np.full((m,), 1 << 20, np.int32)  # out of range: not written
+        dest[:len(row_ids)] = row_ids
+        store = save(store, first["cache"], row, jnp.asarray(blocks), jnp.asarray(dest))
+    table = np.full((2, m), 1 << 20, np.int32)
+    for row, row_ids in ids.items():
+        table[row, :len(row_ids)] = row_ids
+    begun = staged.begin(CONFIG, store, jnp.asarray(table), cache_len=CACHE_LEN)
+    starts = (2 * BLOCK, 4 * BLOCK)
+    pieces = in_pieces(model, params, begun, prompts, starts, (8, 16))  # 45 - 32 = 13, 70 - 64 = 6 left
+    state, logits = finish(model, params, pieces)
+    np.testing.assert_allclose(logits, one_shot[0], atol=2e-5, rtol=1e-5)
+    np.testing.assert_array_equal(decode_tokens(model, params, state), one_shot[1])
