@@ -36,6 +36,8 @@ from llama_jax.decoding.programs import NO_TOKEN, State
 from llama_jax.decoding.sampling import Sampling
 from llama_jax.decoding.slots import (PREFILL_BATCH, STEPS_PER_CALL, SlotPrograms, SlotShape, jit_slot_programs,
                                       slot_shape)
+from llama_jax.decoding.staged import StagedPrograms, jit_staged_programs, staged_axes
+from llama_jax.model.kv_cache import cache_axes
 from llama_jax.model.llama import check_token_ids
 from llama_jax.model.trees import unstack_layers
 from llama_jax.params import model_for, stacked_layers
@@ -232,6 +234,15 @@ class Engine:
         return jit_slot_programs(self.model, shape, shardings, self.placement.sharding("batch"),
                                  self.replicated, self.compiler_options)
 
+    def staged_programs(self, cache_len: int, block: int) -> StagedPrograms:
+        """The staged-admission programs (`llama_jax.decoding.staged`) for text slots of `cache_len`
+        positions and prefix blocks of `block` positions, jitted for this layout."""
+        plan = self.placement
+        return jit_staged_programs(self.model, cache_len, block, plan.tree_shardings(programs.state_axes(self.config)),
+                                   plan.tree_shardings(staged_axes(self.config)),
+                                   plan.tree_shardings(cache_axes(self.config)), plan.sharding("batch"),
+                                   self.replicated, self.compiler_options)
+
 
 def check_prompts(config: ModelConfig, prompts: list[list[int]], max_new_tokens: int):
     """ValueError (one line) unless every prompt fits the context and the vocabulary."""
@@ -252,9 +263,10 @@ def check_prompts(config: ModelConfig, prompts: list[list[int]], max_new_tokens:
 
 
 @functools.lru_cache(maxsize=8)
-def engine_for(config: ModelConfig, layout: str | None = None) -> Engine:
-    """A shared Engine for (config, layout name); its compiled functions are reused."""
-    return Engine(config, layout)
+def engine_for(config: ModelConfig, layout: str | None = None,
+               prefill_chunk: int = programs.PREFILL_CHUNK) -> Engine:
+    """A shared Engine for (config, layout name, prefill chunk); its compiled functions are reused."""
+    return Engine(config, layout, prefill_chunk=prefill_chunk)
 
 
 

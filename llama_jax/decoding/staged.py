@@ -45,14 +45,14 @@ from llama_jax.model.kv_cache import cache_axes, has_ring, init_cache
 from llama_jax.model.llama import Llama
 
 
-def check_stageable(config: ModelConfig) -> None:
-    """ValueError (one line) for a model whose prompts cannot be staged: a vision model (its
-    slots hold images) or a chunked-attention ring (Llama 4)."""
+def unstageable(config: ModelConfig) -> str | None:
+    """Why a model's prompts cannot be staged (None if they can): a vision model's slots hold
+    images, and a chunked-attention ring (Llama 4) keeps its last positions, not blocks."""
     if config.vision is not None:
-        raise ValueError("prefix caching and interleaved prefill serve text models; this one takes images")
+        return "prefix caching and interleaved prefill serve text models; this one takes images"
     if has_ring(config):
-        raise ValueError("prefix caching and interleaved prefill need a cache without a chunked-attention ring "
-                         "(Llama 4 keeps one)")
+        return "prefix caching and interleaved prefill need a cache without a chunked-attention ring (Llama 4 keeps one)"
+    return None
 
 
 def staged_axes(config: ModelConfig) -> dict:
@@ -72,8 +72,10 @@ def empty_store(config: ModelConfig, blocks: int, block: int):
 
 
 def _blocks_view(x, block: int):
-    """A cache array [layers, rows, length, ...] as [layers, rows, length // block, block, ...]."""
-    return x.reshape(x.shape[:2] + (x.shape[2] // block, block) + x.shape[3:])
+    """A cache array [layers, rows, length, ...] as [layers, rows, length // block, block, ...]
+    (positions past the last whole block left out)."""
+    m = x.shape[2] // block
+    return x[:, :, :m * block].reshape(x.shape[:2] + (m, block) + x.shape[3:])
 
 
 def begin(config: ModelConfig, store, table_bm, *, cache_len: int):
@@ -84,9 +86,12 @@ def begin(config: ModelConfig, store, table_bm, *, cache_len: int):
     if store is None:
         cache = init_cache(config, b, cache_len)
     else:
-        def gather(x):  # [layers, blocks, block, ...] -> [layers, b, m * block, ...]
+        def gather(x):  # [layers, blocks, block, ...] -> [layers, b, cache_len, ...]
             picked = jnp.take(x, table_bm, axis=1, mode="fill", fill_value=0)
-            return picked.reshape(picked.shape[:2] + (-1,) + picked.shape[4:])
+            picked = picked.reshape(picked.shape[:2] + (-1,) + picked.shape[4:])
+            tail = [(0, 0)] * picked.ndim
+            tail[2] = (0, cache_len - picked.shape[2])
+            return jnp.pad(picked, tail)
         cache = {name: gather(x) for name, x in store.items()}
     return {"cache": programs.constrain_cache(cache, config),
             "last": jnp.zeros((b, config.dim), jnp.dtype(config.dtype))}
