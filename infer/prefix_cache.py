@@ -72,15 +72,18 @@ class PrefixIndex:
         """Store ids for the prompt's full blocks after its first `cached` (which a lookup found):
         (block index, id) pairs, in order, each block's key now naming its id. Ids come from free
         blocks, then from the least recently used; blocks already indexed (a group's other row
-        claimed them) are skipped, and at most `blocks` are claimed."""
+        claimed them) are skipped; claiming stops where only the prompt's own blocks are left to evict."""
         keys = self.keys(prompt, len(prompt) // self.block)
-        claimed = []
+        chain, claimed = set(keys), []
         for j in range(cached, len(keys)):
-            if keys[j] in self._ids or len(claimed) == self.blocks:
+            if keys[j] in self._ids:
                 continue
             if not self._free:
-                _, freed = self._ids.popitem(last=False)
-                self._free.append(freed)
+                # Never a block of this prompt's own chain: a block is only found after all before it.
+                victim = next((key for key in self._ids if key not in chain), None)
+                if victim is None:
+                    break
+                self._free.append(self._ids.pop(victim))
                 self.evicted += 1
             self._ids[keys[j]] = self._free.pop()
             claimed.append((j, self._ids[keys[j]]))

@@ -3,6 +3,7 @@ running slots' decode calls, and prompt prefixes reused from the prefix cache. I
 a tiny model with a 4,608-token context on one device (and on fsdp_tp over 8 emulated devices);
 every answer is compared with `infer.generate` (one-shot prefill, no cache) token for token."""
 
+import asyncio
 import threading
 
 import httpx
@@ -59,9 +60,23 @@ def run(batcher, prompt, max_tokens, sampling=Sampling(), seed=0, timeout=300):
     return recorder.tokens
 
 
-def expected(params, prompt, max_tokens, temperature=0.0, seed=0):
-    return generate(params, None, [prompt], max_new_tokens=max_tokens, temperature=temperature, seed=seed,
+def sampled(params, prompt, max_tokens, seed):
+    """`generate`'s answer at temperature 0.8 with `seed` (one row: the batcher's seeds are per request)."""
+    return generate(params, None, [prompt], max_new_tokens=max_tokens, temperature=0.8, seed=seed,
                     config=CONFIG, stop_ids=[])[0].tokens
+
+
+LONG_PROMPT = ids(LONG, 2)
+SYSTEM_PROMPT = ids(SYSTEM, 3)
+CHAT_FIRST, CHAT_SECOND = SYSTEM_PROMPT + ids(20, 4), SYSTEM_PROMPT + ids(30, 5)
+CHAT_TURN = CHAT_SECOND + ids(8, 6) + ids(9, 7)  # the second chat, its answer and the next user turn
+SAMPLED = SYSTEM_PROMPT + ids(7, 6)  # 1,007 tokens, as the n choices' prompt: one compiled `generate`
+N_PROMPT = ids(SYSTEM + 7, 8)
+# In a cache of 4 blocks: the second reuses the first's 4 blocks, the third evicts them, the fourth
+# reuses the third's, the last finds nothing of its prefix left.
+EVICTED = [ids(70, 9) + [1, 2], ids(70, 9) + [4], ids(90, 10) + [3], ids(90, 10) + [5, 6], ids(70, 9) + [7]]
+GREEDY = [ids(12, 1), CHAT_FIRST, CHAT_SECOND, CHAT_TURN, *EVICTED]
+NEW_TOKENS = 40
 
 
 @pytest.fixture(scope="module")
@@ -70,21 +85,44 @@ def params():
 
 
 @pytest.fixture(scope="module")
-def batcher(params):
-    """4 slots, chunks of 512, a prefix cache of 1 MiB (512 blocks), one decode step per call."""
-    engine = Engine(CONFIG, prefill_chunk=CHUNK)
-    running = Batcher(engine, engine.place_params(params), SLOTS, CONTEXT, [], steps_per_call=1,
-                      prefill_batch=SLOTS, prefix_cache_mb=1)
-    running.start()
+def greedy(params):
+    """`generate`'s greedy answers (NEW_TOKENS each) to the GREEDY prompts in one ragged batch, and to
+    the long prompt alone."""
+    answers = generate(params, None, GREEDY, max_new_tokens=NEW_TOKENS, config=CONFIG, stop_ids=[])
+    answers += generate(params, None, [LONG_PROMPT], max_new_tokens=6, config=CONFIG, stop_ids=[])
+    return {tuple(prompt): answer.tokens for prompt, answer in zip(GREEDY + [LONG_PROMPT], answers)}
+
+
+def expected(greedy, prompt, max_tokens):
+    return greedy[tuple(prompt)][:max_tokens]
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine(CONFIG, prefill_chunk=CHUNK)
+
+
+def started(engine, params, prefix_cache_mb):
+    """A started batcher: 4 slots, chunks of 512, one decode step per call."""
+    batcher = Batcher(engine, engine.place_params(params), SLOTS, CONTEXT, [], steps_per_call=1,
+                      prefill_batch=SLOTS, prefix_cache_mb=prefix_cache_mb)
+    batcher.start()
+    return batcher
+
+
+@pytest.fixture(scope="module")
+def batcher(engine, params):
+    """With a prefix cache of 1 MiB (512 blocks)."""
+    running = started(engine, params, 1)
     yield running
     running.stop(timeout=60)
 
 
-def test_a_long_prompt_is_prefilled_in_chunks_between_the_running_streams_decode_calls(batcher, params):
+def test_a_long_prompt_is_prefilled_in_chunks_between_the_running_streams_decode_calls(batcher, greedy):
     short = Recorder(batcher)
     batcher.submit(Request(ids(12, 1), 40, Sampling(), 0, short))
     assert short.first.wait(120)
-    long_prompt = ids(LONG, 2)
+    long_prompt = LONG_PROMPT
     long = Recorder()
     before = batcher.load()["prefill_pieces"]
     batcher.submit(Request(long_prompt, 6, Sampling(), 0, long))
@@ -94,42 +132,37 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_the_running_streams_decode
     # Between each chunk and the next the short stream got a token: one decode call (one step a call).
     between = [sum(1 for p, _ in short.seen if p == before + k) for k in range(1, pieces)]
     assert between == [1] * (pieces - 1), short.seen
-    assert long.tokens == expected(params, long_prompt, 6)
-    assert short.tokens == expected(params, ids(12, 1), 40)
+    assert long.tokens == expected(greedy, long_prompt, 6)
+    assert short.tokens == expected(greedy, ids(12, 1), 40)
 
 
-def test_a_second_request_with_the_same_system_prompt_computes_only_its_suffix(batcher, params):
-    system = ids(SYSTEM, 3)
-    first, second = system + ids(20, 4), system + ids(30, 5)
+def test_a_second_request_with_the_same_system_prompt_computes_only_its_suffix(batcher, params, greedy):
     computed = batcher.load()["prefill_tokens"]
-    assert run(batcher, first, 8) == expected(params, first, 8)
-    assert batcher.load()["prefill_tokens"] - computed == len(first)
+    assert run(batcher, CHAT_FIRST, 8) == expected(greedy, CHAT_FIRST, 8)
+    assert batcher.load()["prefill_tokens"] - computed == len(CHAT_FIRST)
     computed, saved = batcher.load()["prefill_tokens"], batcher.load()["prefix_cache"]["prefill_tokens_saved"]
-    assert run(batcher, second, 8) == expected(params, second, 8)
+    assert run(batcher, CHAT_SECOND, 8) == expected(greedy, CHAT_SECOND, 8)
     # 62 whole blocks (992 tokens) of the system prompt are reused; its last 8 tokens and the suffix computed.
     assert batcher.load()["prefill_tokens"] - computed == SYSTEM % BLOCK + 30
     assert batcher.load()["prefix_cache"]["prefill_tokens_saved"] - saved == SYSTEM // BLOCK * BLOCK
     # Seeded sampling reads the cached prefix too, and equals generate with that seed.
-    sampled = run(batcher, system + ids(7, 6), 12, Sampling(0.9), seed=11)
-    assert sampled == expected(params, system + ids(7, 6), 12, temperature=0.9, seed=11)
-    # A chat's next turn: the earlier prompt's blocks are reused.
-    turn = second + expected(params, second, 8) + ids(9, 7)
+    assert run(batcher, SAMPLED, 12, Sampling(0.8), seed=11) == sampled(params, SAMPLED, 12, 11)
+    # A chat's next turn: the earlier prompt's whole blocks are reused (answers are not cached).
     computed = batcher.load()["prefill_tokens"]
-    assert run(batcher, turn, 5) == expected(params, turn, 5)
-    assert batcher.load()["prefill_tokens"] - computed == len(turn) - len(second) // BLOCK * BLOCK
+    assert run(batcher, CHAT_TURN, 5) == expected(greedy, CHAT_TURN, 5)
+    assert batcher.load()["prefill_tokens"] - computed == len(CHAT_TURN) - len(CHAT_SECOND) // BLOCK * BLOCK
 
 
 def test_n_choices_of_one_prompt_compute_it_once(batcher, params):
-    prompt = ids(300, 8)
     computed = batcher.load()["prefill_tokens"]
     recorders = [Recorder() for _ in range(3)]
     for i, recorder in enumerate(recorders):  # as the server submits a request's n choices: seed + i
-        batcher.submit(Request(prompt, 6, Sampling(0.8), 40 + i, recorder))
+        batcher.submit(Request(N_PROMPT, 12, Sampling(0.8), 40 + i, recorder))
     assert all(r.done.wait(300) for r in recorders)
     for i, recorder in enumerate(recorders):
-        assert recorder.tokens == expected(params, prompt, 6, temperature=0.8, seed=40 + i)
-    # The first computes all 300; the others wait for it, then reuse 18 blocks and compute 12 each.
-    assert batcher.load()["prefill_tokens"] - computed == 300 + 2 * (300 - 18 * BLOCK)
+        assert recorder.tokens == sampled(params, N_PROMPT, 12, 40 + i)
+    # The first computes all 1,007; the others wait for it, then reuse 62 blocks and compute 15 each.
+    assert batcher.load()["prefill_tokens"] - computed == len(N_PROMPT) + 2 * (len(N_PROMPT) - 62 * BLOCK)
 
 
 def test_health_reports_the_prefix_caches_hit_rate_and_tokens_saved(batcher):
@@ -140,7 +173,6 @@ def test_health_reports_the_prefix_caches_hit_rate_and_tokens_saved(batcher):
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             return (await client.get("/health")).json()
 
-    import asyncio
     body = asyncio.run(health())
     cache = body["prefix_cache"]
     assert cache["block_tokens"] == BLOCK and cache["blocks"] == 2**20 // block_bytes(CONFIG, BLOCK)
@@ -148,18 +180,13 @@ def test_health_reports_the_prefix_caches_hit_rate_and_tokens_saved(batcher):
     assert body["prefill_tokens"] == batcher.load()["prefill_tokens"] > 0
 
 
-def test_a_tiny_prefix_cache_evicts_and_answers_stay_correct(params):
-    engine = Engine(CONFIG, prefill_chunk=CHUNK)
-    four_blocks = 4 * block_bytes(CONFIG, BLOCK) / 2**20
-    batcher = Batcher(engine, engine.place_params(params), SLOTS, 512, [], steps_per_call=2, prefill_batch=SLOTS,
-                      prefix_cache_mb=four_blocks)
-    batcher.start()
+def test_a_tiny_prefix_cache_evicts_and_answers_stay_correct(engine, params, greedy):
+    batcher = started(engine, params, 4 * block_bytes(CONFIG, BLOCK) / 2**20)  # 4 blocks
     try:
-        a, b = ids(70, 9), ids(90, 10)
-        prompts = [a + [1, 2], b + [3], a + [4], b + [5, 6], a[:40] + [7]]
-        for prompt in prompts:
-            assert run(batcher, prompt, 5) == expected(params, prompt, 5)
+        for prompt in EVICTED:
+            assert run(batcher, prompt, 5) == expected(greedy, prompt, 5)
         cache = batcher.load()["prefix_cache"]
-        assert cache["blocks"] == 4 and cache["blocks_used"] == 4 and cache["evicted"] > 0
+        assert cache["blocks"] == 4 and cache["blocks_used"] == 4 and cache["evicted"] == 8
+        assert cache["prefill_tokens_saved"] == 2 * 4 * BLOCK
     finally:
         batcher.stop(timeout=60)
