@@ -124,7 +124,8 @@ class Batcher:
         self.slots, self.cache_len = self.shape.slots, self.shape.cache_len
         self.programs = engine.slot_programs(self.shape)
         staged = prefix_cache_mb > 0 or unstageable(engine.config) is None
-        self._stager = Stager(engine, self.shape, params, prefix_cache_mb) if staged else None
+        # Staged admissions and the prefix cache (None for a model that cannot stage: images, a ring).
+        self.stager = Stager(engine, self.shape, params, prefix_cache_mb) if staged else None
         self._stop_set = frozenset(int(t) for t in stop_ids)
         self._stops = engine.place_stops(self._stop_set)
         with engine.activate():
@@ -189,8 +190,8 @@ class Batcher:
             load = {"slots": self.slots, "running": sum(r is not None for r in self._running),
                     "waiting": len(self._waiting), "decode_calls": self.decode_calls, "cancelled": self.cancelled,
                     "prefill_tokens": self.prefill_tokens}
-            if self._stager is not None:
-                staged = self._stager.counts()
+            if self.stager is not None:
+                staged = self.stager.counts()
                 load["prefill_tokens"] += staged.pop("staged_prefill_tokens")
                 load.update(staged)
             return load
@@ -207,7 +208,7 @@ class Batcher:
                 admitted = list(zip(requests, range(rows)))
                 self._claim(admitted)
                 self._admit(admitted)
-        stager = self._stager
+        stager = self.stager
         if stager is not None and (stager.index is not None or self.cache_len > self.shape.chunk):
             with stager.warming_up():  # pieces of every length a staged prompt's prefill may take
                 for length in sorted({min(n, self.shape.chunk) for n in prompt_lengths}):
@@ -269,7 +270,7 @@ class Batcher:
                 for start in range(0, len(admitted), group):
                     self._admit(admitted[start:start + group])
                 if staged:
-                    self._stager.begin(staged)
+                    self.stager.begin(staged)
                 pieced = self._piece()
                 if admitted and not pieced and self._waiting and None in self._running:
                     continue  # more arrived during the prefill: admit them before the next decode call
@@ -292,7 +293,7 @@ class Batcher:
         the group is full, or another of the group starts with the same uncached block (the next
         group finds it cached); requests behind it may pass."""
         whole, staged, kept, firsts = [], [], [], set()
-        stager, group = self._stager, self.shape.prefill_rows[-1]
+        stager, group = self.stager, self.shape.prefill_rows[-1]
         while self._waiting and len(whole) + len(staged) < free:
             request = self._waiting.popleft()
             if not self._stages(request):
@@ -307,12 +308,12 @@ class Batcher:
     def _stages(self, request: Request) -> bool:
         """Whether a request is staged (`infer.staging`): a text prompt that wants new tokens, when
         the stager wants it (with a prefix cache, every one; else one longer than a chunk)."""
-        return (self._stager is not None and request.images is None and not request.score_prompt
-                and request.max_tokens > 0 and self._stager.wants(request.prompt))
+        return (self.stager is not None and request.images is None and not request.score_prompt
+                and request.max_tokens > 0 and self.stager.wants(request.prompt))
 
     def _staging(self) -> set[int]:
         """The slots of the group being staged (claimed, not decoding yet)."""
-        stager = self._stager
+        stager = self.stager
         return {slot for _, slot in stager.group} if stager is not None and stager.busy else set()
 
     def _decoding(self) -> bool:
@@ -323,7 +324,7 @@ class Batcher:
         """Prefill the staged group's next piece (all its pieces if no slot is decoding: nothing to
         interleave with); at its last, write its rows into their slots and report first tokens.
         Returns whether a piece ran."""
-        stager = self._stager
+        stager = self.stager
         if stager is None or not stager.busy:
             return False
         while not stager.piece():

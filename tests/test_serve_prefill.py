@@ -190,3 +190,25 @@ def test_a_tiny_prefix_cache_evicts_and_answers_stay_correct(engine, params, gre
         assert cache["prefill_tokens_saved"] == 2 * 4 * BLOCK
     finally:
         batcher.stop(timeout=60)
+
+
+def test_on_fsdp_tp_chunked_and_prefix_cached_answers_equal_one_device(params, greedy):
+    """8 emulated devices (fsdp 4 x tensor 2), chunks of 256: the chat prompts go in 4 pieces, the
+    second from the first's cached blocks, and the prefix store is split like a cache."""
+    engine = Engine(CONFIG, "fsdp_tp", prefill_chunk=256)
+    batcher = Batcher(engine, engine.place_params(params), SLOTS, 1280, [], steps_per_call=2, prefill_batch=SLOTS,
+                      prefix_cache_mb=1)
+    batcher.start()
+    try:
+        recorders = [Recorder() for _ in range(2)]
+        for prompt, recorder in zip((CHAT_FIRST, ids(12, 1)), recorders):
+            batcher.submit(Request(prompt, 8, Sampling(), 0, recorder))
+        assert all(r.done.wait(300) for r in recorders)
+        assert [r.tokens for r in recorders] == [expected(greedy, p, 8) for p in (CHAT_FIRST, ids(12, 1))]
+        computed = batcher.load()["prefill_tokens"]
+        assert run(batcher, CHAT_SECOND, 8) == expected(greedy, CHAT_SECOND, 8)
+        assert batcher.load()["prefill_tokens"] - computed == SYSTEM % BLOCK + 30
+        store = batcher.stager.store["k"]  # [layers, blocks, block, kv_heads, head_dim]
+        assert store.sharding.shard_shape(store.shape) == (2, store.shape[1] // 4, BLOCK, 1, CONFIG.head_dim)
+    finally:
+        batcher.stop(timeout=60)
