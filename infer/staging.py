@@ -59,7 +59,8 @@ class Stager:
             blocks = int(prefix_cache_mb * 2**20 // block_bytes(engine.model_config, block)) // shards * shards
             if blocks < 1:
                 raise ValueError(f"--prefix-cache-mb {prefix_cache_mb} holds no block of {block} positions "
-                                 f"({block_bytes(engine.model_config, block)} bytes, {shards} at least)")
+                                 f"({block_bytes(engine.model_config, block)} bytes each, at least {shards}: one "
+                                 "per batch shard)")
             self.index = PrefixIndex(blocks, block)
             with engine.activate():
                 self.store = self.programs.empty_store(blocks)

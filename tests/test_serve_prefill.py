@@ -16,6 +16,7 @@ from infer.app import Service, create_app
 from infer.batcher import Batcher, Request
 from infer.engine import Engine
 from infer.events import Finished, Token
+from infer.serve import check_flags, parse_args
 from llama_jax.decoding.sampling import Sampling
 from llama_jax.decoding.staged import block_bytes
 from llama_jax.params import init_params
@@ -190,6 +191,20 @@ def test_a_tiny_prefix_cache_evicts_and_answers_stay_correct(engine, params, gre
         assert cache["prefill_tokens_saved"] == 2 * 4 * BLOCK
     finally:
         batcher.stop(timeout=60)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--prefill-chunk", "8"], "--prefill-chunk must be at least 16, got 8"),
+    (["--prefix-cache-mb", "-1"], "--prefix-cache-mb must be at least 0, got -1.0"),
+])
+def test_bad_prefill_flags_are_one_line(flags, message):
+    with pytest.raises(ValueError, match=message):
+        check_flags(parse_args(["--checkpoint", "unused", *flags]))
+
+
+def test_a_prefix_cache_too_small_for_one_block_is_refused(engine, params):
+    with pytest.raises(ValueError, match=r"--prefix-cache-mb 0.001 holds no block of 16 positions \(4096 bytes each"):
+        Batcher(engine, engine.place_params(params), SLOTS, CONTEXT, [], prefix_cache_mb=0.001)
 
 
 def test_on_fsdp_tp_chunked_and_prefix_cached_answers_equal_one_device(params, greedy):
