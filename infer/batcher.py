@@ -19,6 +19,13 @@ arrays, `llama_jax.decoding.sampling.RowSampling`), so traffic never recompiles 
 row that stops (a stop token, its token limit, a cancel) frees its slot for
 the next admission at once.
 
+Staged admissions (`infer.staging`, for text models without a chunked-attention
+ring): a prompt longer than the prefill chunk, and with a prefix cache every text
+prompt, is admitted into its slot at once but prefilled a chunk per pass of the
+worker's loop, between the running slots' decode calls, from where its cached
+prefix ends; its slot decodes from its first token on. One group is staged at a
+time; whole prefills of short prompts go on meanwhile.
+
 If the worker fails (an exception in a compiled call), every request it holds,
 waiting or in a slot (mid-prefill included), ends with `Finished("error")`, and
 `submit` refuses new ones (`WorkerFailed`): the failure and the refusal are
