@@ -208,21 +208,23 @@ def test_a_prefix_cache_too_small_for_one_block_is_refused(engine, params):
 
 
 def test_on_fsdp_tp_chunked_and_prefix_cached_answers_equal_one_device(params, greedy):
-    """8 emulated devices (fsdp 4 x tensor 2), chunks of 256: the chat prompts go in 4 pieces, the
-    second from the first's cached blocks, and the prefix store is split like a cache."""
-    engine = Engine(CONFIG, "fsdp_tp", prefill_chunk=256)
-    batcher = Batcher(engine, engine.place_params(params), SLOTS, 1280, [], steps_per_call=2, prefill_batch=SLOTS,
+    """8 emulated devices (fsdp 4 x tensor 2), slots of 256 positions, chunks of 32: the first
+    prompt goes in 3 pieces, the second reuses its 4 blocks, and the prefix store is split like a
+    cache."""
+    engine = Engine(CONFIG, "fsdp_tp", prefill_chunk=32)
+    batcher = Batcher(engine, engine.place_params(params), SLOTS, 256, [], steps_per_call=2, prefill_batch=SLOTS,
                       prefix_cache_mb=1)
     batcher.start()
     try:
+        first, second = EVICTED[:2]
         recorders = [Recorder() for _ in range(2)]
-        for prompt, recorder in zip((CHAT_FIRST, ids(12, 1)), recorders):
+        for prompt, recorder in zip((first, ids(12, 1)), recorders):
             batcher.submit(Request(prompt, 8, Sampling(), 0, recorder))
         assert all(r.done.wait(300) for r in recorders)
-        assert [r.tokens for r in recorders] == [expected(greedy, p, 8) for p in (CHAT_FIRST, ids(12, 1))]
+        assert [r.tokens for r in recorders] == [expected(greedy, p, 8) for p in (first, ids(12, 1))]
         computed = batcher.load()["prefill_tokens"]
-        assert run(batcher, CHAT_SECOND, 8) == expected(greedy, CHAT_SECOND, 8)
-        assert batcher.load()["prefill_tokens"] - computed == SYSTEM % BLOCK + 30
+        assert run(batcher, second, 8) == expected(greedy, second, 8)
+        assert batcher.load()["prefill_tokens"] - computed == len(second) - 4 * BLOCK
         store = batcher.stager.store["k"]  # [layers, blocks, block, kv_heads, head_dim]
         assert store.sharding.shard_shape(store.shape) == (2, store.shape[1] // 4, BLOCK, 1, CONFIG.head_dim)
     finally:

@@ -41,35 +41,39 @@ def padded(prompts, t):
 
 
 @pytest.fixture(scope="module")
-def one_shot(model_params, prompts):
+def jitted(model_params):
+    """The programs under test, jitted once for the module."""
+    model, _ = model_params
+    return {"prefill": jax.jit(functools.partial(programs.prefill, model, sampling=Sampling(), cache_len=CACHE_LEN,
+                                                 keep_logits=True)),
+            "decode": jax.jit(functools.partial(programs.decode, model, sampling=Sampling(), steps=STEPS)),
+            "extend": jax.jit(functools.partial(staged.extend_staged, model)),
+            "first": jax.jit(functools.partial(first_tokens, model)),
+            "begin": jax.jit(functools.partial(staged.begin, CONFIG, cache_len=CACHE_LEN)),
+            "save": jax.jit(functools.partial(staged.save_blocks, block=BLOCK))}
+
+
+@pytest.fixture(scope="module")
+def one_shot(model_params, prompts, jitted):
     """(first-token logits [b, v], the greedy decode's tokens [b, STEPS]) of one-shot prefill."""
-    model, params = model_params
-    lengths = jnp.asarray(LENGTHS, jnp.int32)
-    state, _, logits = jax.jit(functools.partial(programs.prefill, model, sampling=Sampling(), cache_len=CACHE_LEN,
-                                                 keep_logits=True))(
-        params, padded(prompts, 128), lengths, jnp.full((2,), 100, jnp.int32), jnp.int32(0), STOPS)
-    return np.asarray(logits), decode_tokens(model, params, state)
+    _, params = model_params
+    state, _, logits = jitted["prefill"](params, padded(prompts, 128), jnp.asarray(LENGTHS, jnp.int32),
+                                         jnp.full((2,), 100, jnp.int32), jnp.int32(0), STOPS)
+    return np.asarray(logits), np.asarray(jitted["decode"](params, state, STOPS)[1])
 
 
-def decode_tokens(model, params, state):
-    _, out, _ = jax.jit(functools.partial(programs.decode, model, sampling=Sampling(), steps=STEPS))(
-        params, state, STOPS)
-    return np.asarray(out)
-
-
-def finish(model, params, staged_state):
+def first_tokens(model, params, staged_state):
     """One-shot prefill's (state, logits) from a staged state (greedy, limits 100)."""
     lengths = jnp.asarray(LENGTHS, jnp.int32)
     keys = programs.seed_keys(jnp.int32(0), 2)
     state, _, logits = programs.first_tokens(model, params, staged_state["cache"], staged_state["last"], keys,
                                              lengths, jnp.full((2,), 100, jnp.int32), STOPS, Sampling())
-    return state, np.asarray(logits)
+    return state, logits
 
 
-def in_pieces(model, params, staged_state, prompts, starts, sizes):
+def in_pieces(jitted, params, staged_state, prompts, starts, sizes):
     """Extend each row from its own start, in pieces of `sizes` positions (the last ones past a
     row's end are padding)."""
-    extend = jax.jit(functools.partial(staged.extend_staged, model), donate_argnames=("staged",))
     lengths = jnp.asarray(LENGTHS, jnp.int32)
     offset = 0
     for size in sizes:
@@ -77,46 +81,52 @@ def in_pieces(model, params, staged_state, prompts, starts, sizes):
         for i, (p, s) in enumerate(zip(prompts, starts)):
             piece = p[s + offset:s + offset + size]
             tokens[i, :len(piece)] = piece
-        staged_state = extend(params, staged_state, jnp.asarray(tokens),
-                              jnp.asarray(starts, jnp.int32) + offset, lengths)
+        staged_state = jitted["extend"](params, staged_state, jnp.asarray(tokens),
+                                        jnp.asarray(starts, jnp.int32) + offset, lengths)
         offset += size
     return staged_state
 
 
-def test_a_prompt_prefilled_in_uneven_pieces_equals_one_shot(model_params, prompts, one_shot):
-    model, params = model_params
-    table = jnp.full((2, CACHE_LEN // BLOCK), 1 << 20, jnp.int32)  # no blocks
-    start = staged.begin(CONFIG, None, table, cache_len=CACHE_LEN)
-    pieces = in_pieces(model, params, start, prompts, (0, 0), (16, 7, 32, 32))
-    state, logits = finish(model, params, pieces)
+def answer(jitted, params, staged_state):
+    """(first-token logits, greedy decode tokens) from a staged state."""
+    state, logits = jitted["first"](params, staged_state)
+    return np.asarray(logits), np.asarray(jitted["decode"](params, state, STOPS)[1])
+
+
+NO_BLOCKS = np.full((2, CACHE_LEN // BLOCK), 1 << 20, np.int32)  # ids out of range: no block
+
+
+@pytest.fixture(scope="module")
+def pieced(model_params, prompts, jitted):
+    """Both prompts prefilled from position 0 in uneven pieces of 16, 8, 16 and 32 positions."""
+    _, params = model_params
+    start = jitted["begin"](None, jnp.asarray(NO_BLOCKS))
+    return in_pieces(jitted, params, start, prompts, (0, 0), (16, 8, 16, 32))
+
+
+def test_a_prompt_prefilled_in_uneven_pieces_equals_one_shot(model_params, jitted, pieced, one_shot):
+    logits, tokens = answer(jitted, model_params[1], pieced)
     np.testing.assert_allclose(logits, one_shot[0], atol=2e-5, rtol=1e-5)
     assert (logits.argmax(-1) == one_shot[0].argmax(-1)).all()
-    np.testing.assert_array_equal(decode_tokens(model, params, state), one_shot[1])
+    np.testing.assert_array_equal(tokens, one_shot[1])
 
 
-def test_rows_started_from_copied_prefix_blocks_equal_one_shot(model_params, prompts, one_shot):
-    """Row 0's first 2 blocks and row 1's first 4 are saved into a store from a first staged
-    prefill, then copied into a new staging state (in other block ids, the rest of the store
-    garbage); only the rest of each prompt is computed."""
-    model, params = model_params
+def test_rows_started_from_copied_prefix_blocks_equal_one_shot(model_params, prompts, jitted, pieced, one_shot):
+    """Row 0's first 2 blocks and row 1's first 4 are saved into a store from the pieced prefill,
+    then copied into a new staging state (in other block ids, the rest of the store garbage); only
+    the rest of each prompt is computed."""
+    params = model_params[1]
     m = CACHE_LEN // BLOCK
-    store = staged.empty_store(CONFIG, 8, BLOCK)
-    store = jax.tree.map(lambda x: x + 7, store)  # blocks never written must never be read
-    none = jnp.full((2, m), 1 << 20, jnp.int32)
-    first = in_pieces(model, params, staged.begin(CONFIG, None, none, cache_len=CACHE_LEN), prompts, (0, 0), (128,))
-    save = jax.jit(functools.partial(staged.save_blocks, block=BLOCK))
+    store = jax.tree.map(lambda x: x + 7, staged.empty_store(CONFIG, 8, BLOCK))  # never written: never read
     ids = {0: [5, 2], 1: [0, 7, 3, 1]}
+    table = NO_BLOCKS.copy()
     for row, row_ids in ids.items():
-        blocks = np.arange(m, dtype=np.int32)
         dest = np.full((m,), 1 << 20, np.int32)  # out of range: not written
         dest[:len(row_ids)] = row_ids
-        store = save(store, first["cache"], row, jnp.asarray(blocks), jnp.asarray(dest))
-    table = np.full((2, m), 1 << 20, np.int32)
-    for row, row_ids in ids.items():
+        store = jitted["save"](store, pieced["cache"], row, jnp.arange(m, dtype=jnp.int32), jnp.asarray(dest))
         table[row, :len(row_ids)] = row_ids
-    begun = staged.begin(CONFIG, store, jnp.asarray(table), cache_len=CACHE_LEN)
-    starts = (2 * BLOCK, 4 * BLOCK)
-    pieces = in_pieces(model, params, begun, prompts, starts, (8, 16))  # 45 - 32 = 13, 70 - 64 = 6 left
-    state, logits = finish(model, params, pieces)
+    begun = jitted["begin"](store, jnp.asarray(table))
+    # 45 - 32 = 13 and 70 - 64 = 6 positions left: pieces of 8 and 16.
+    logits, tokens = answer(jitted, params, in_pieces(jitted, params, begun, prompts, (2 * BLOCK, 4 * BLOCK), (8, 16)))
     np.testing.assert_allclose(logits, one_shot[0], atol=2e-5, rtol=1e-5)
-    np.testing.assert_array_equal(decode_tokens(model, params, state), one_shot[1])
+    np.testing.assert_array_equal(tokens, one_shot[1])
