@@ -19,6 +19,13 @@ arrays, `llama_jax.decoding.sampling.RowSampling`), so traffic never recompiles 
 row that stops (a stop token, its token limit, a cancel) frees its slot for
 the next admission at once.
 
+Staged admissions (`infer.staging`, for text models without a chunked-attention
+ring): a prompt longer than the prefill chunk, and with a prefix cache every text
+prompt, is admitted into its slot at once but prefilled a chunk per pass of the
+worker's loop, between the running slots' decode calls, from where its cached
+prefix ends; its slot decodes from its first token on. One group is staged at a
+time; whole prefills of short prompts go on meanwhile.
+
 If the worker fails (an exception in a compiled call), every request it holds,
 waiting or in a slot (mid-prefill included), ends with `Finished("error")`, and
 `submit` refuses new ones (`WorkerFailed`): the failure and the refusal are
@@ -72,8 +79,10 @@ import numpy as np
 
 from infer.engine import Engine
 from infer.events import Finished, Prompt, Token
+from infer.staging import Stager
 from llama_jax.decoding.sampling import RowSampling, Sampling
 from llama_jax.decoding.slots import PREFILL_BATCH, STEPS_PER_CALL
+from llama_jax.decoding.staged import unstageable
 from llama_jax.vision.image import image_inputs
 
 
@@ -108,16 +117,22 @@ class Batcher:
     (prompt plus generated tokens; rounded up to a multiple of 128). stop_ids: token ids
     that end a row. steps_per_call: decode steps per compiled call (new requests join
     between calls). prefill_batch: requests prefilled together when several wait (the
-    prefill compiles for one request and for this many, per prompt bucket).
-    `shape` holds the resulting shapes and `programs` the compiled programs.
+    prefill compiles for one request and for this many, per prompt bucket). prefix_cache_mb:
+    memory of the prefix cache (0: none; `infer.staging`), which stages every text prompt; without
+    it, text prompts longer than the engine's prefill chunk are staged (prefilled a chunk per
+    decode call). `shape` holds the resulting shapes and `programs` the compiled programs.
     """
 
     def __init__(self, engine: Engine, params, slots: int, cache_len: int, stop_ids,
-                 steps_per_call: int = STEPS_PER_CALL, prefill_batch: int = PREFILL_BATCH):
+                 steps_per_call: int = STEPS_PER_CALL, prefill_batch: int = PREFILL_BATCH,
+                 prefix_cache_mb: float = 0.0):
         self.engine, self.params = engine, params
         self.shape = engine.slot_shape(slots, cache_len, steps_per_call, prefill_batch)
         self.slots, self.cache_len = self.shape.slots, self.shape.cache_len
         self.programs = engine.slot_programs(self.shape)
+        staged = prefix_cache_mb > 0 or unstageable(engine.config) is None
+        # Staged admissions and the prefix cache (None for a model that cannot stage: images, a ring).
+        self.stager = Stager(engine, self.shape, params, prefix_cache_mb) if staged else None
         self._stop_set = frozenset(int(t) for t in stop_ids)
         self._stops = engine.place_stops(self._stop_set)
         with engine.activate():
@@ -131,6 +146,7 @@ class Batcher:
         self._stopping = False
         self.decode_calls = 0  # compiled decode calls so far (for /health: proof that rows share steps)
         self.cancelled = 0  # requests ended by `cancelled` (a stop string, a client that left)
+        self.prefill_tokens = 0  # prompt tokens prefilled whole (staged ones: the stager counts)
         self._thread = threading.Thread(target=self._work, name="batcher", daemon=True)
         self.error: BaseException | None = None
 
@@ -175,10 +191,17 @@ class Batcher:
             self._wake.notify()
 
     def load(self) -> dict:
-        """Slots in use, requests waiting, decode calls and cancelled requests so far (for /health)."""
+        """Slots in use, requests waiting, decode calls, cancelled requests and prompt tokens prefilled
+        so far, and the staged admissions' and prefix cache's counts (for /health)."""
         with self._wake:
-            return {"slots": self.slots, "running": sum(r is not None for r in self._running),
-                    "waiting": len(self._waiting), "decode_calls": self.decode_calls, "cancelled": self.cancelled}
+            load = {"slots": self.slots, "running": sum(r is not None for r in self._running),
+                    "waiting": len(self._waiting), "decode_calls": self.decode_calls, "cancelled": self.cancelled,
+                    "prefill_tokens": self.prefill_tokens}
+            if self.stager is not None:
+                staged = self.stager.counts()
+                load["prefill_tokens"] += staged.pop("staged_prefill_tokens")
+                load.update(staged)
+            return load
 
     def warm_up(self, prompt_lengths=(1,)) -> None:
         """Compile the decode step and, for each given prompt length's bucket, the prefill of
@@ -192,7 +215,18 @@ class Batcher:
                 admitted = list(zip(requests, range(rows)))
                 self._claim(admitted)
                 self._admit(admitted)
+        stager = self.stager
+        if stager is not None and (stager.index is not None or self.cache_len > self.shape.chunk):
+            with stager.warming_up():  # pieces of every length a staged prompt's prefill may take
+                for length in sorted({min(n, self.shape.chunk) for n in prompt_lengths}):
+                    for rows in self.shape.prefill_rows:
+                        stager.begin([(Request([0] * length, 1, Sampling(), 0, lambda event: None, cancelled=True),
+                                       slot) for slot in range(rows)])
+                        while not stager.piece():
+                            pass
+                        self._state, self._sampling, _ = stager.finish(self._state, self._sampling, self._stops)
         self._decode()
+        self.prefill_tokens = 0
 
     def prefill_args(self, admitted: list[tuple[Request, int]]) -> tuple:
         """The arguments of the compiled prefill (`programs.prefill`) that writes these (request,
@@ -229,19 +263,25 @@ class Batcher:
                     if self._stopping and not self._waiting and not any(self._running):
                         return
                     free = [i for i, r in enumerate(self._running) if r is None]
-                    admitted = [(self._waiting.popleft(), slot) for slot in free[:len(self._waiting)]]
-                    dropped = [request for request, _ in admitted if request.cancelled]
+                    admitted, staged = self._take(len(free))
+                    admitted = list(zip(admitted, free))
+                    staged = list(zip(staged, free[len(admitted):]))
+                    dropped = [request for request, _ in admitted + staged if request.cancelled]
                     admitted = [(request, slot) for request, slot in admitted if not request.cancelled]
+                    staged = [(request, slot) for request, slot in staged if not request.cancelled]
                     self.cancelled += len(dropped)
-                    self._claim(admitted)
+                    self._claim(admitted + staged)
                 for request in dropped:
                     request.emit(Finished("cancelled"))
                 group = self.shape.prefill_rows[-1]
                 for start in range(0, len(admitted), group):
                     self._admit(admitted[start:start + group])
-                if admitted and self._waiting and None in self._running:
+                if staged:
+                    self.stager.begin(staged)
+                pieced = self._piece()
+                if admitted and not pieced and self._waiting and None in self._running:
                     continue  # more arrived during the prefill: admit them before the next decode call
-                if any(self._running):
+                if self._decoding():
                     self._decode()
         except BaseException as err:  # the server reports it and answers 500 from then on
             with self._wake:  # from here `submit` refuses: no request joins after this snapshot
@@ -253,6 +293,60 @@ class Batcher:
                 with contextlib.suppress(Exception):  # one failing emit must not leave the others waiting
                     request.emit(Finished("error"))
             raise
+
+    def _take(self, free: int) -> tuple[list[Request], list[Request]]:
+        """Up to `free` waiting requests, in order (holding the lock): (those prefilled whole now,
+        those staged as one group). A prompt that would be staged waits while a group is staged,
+        the group is full, or another of the group starts with the same uncached block (the next
+        group finds it cached); requests behind it may pass."""
+        whole, staged, kept, firsts = [], [], [], set()
+        stager, group = self.stager, self.shape.prefill_rows[-1]
+        while self._waiting and len(whole) + len(staged) < free:
+            request = self._waiting.popleft()
+            if not self._stages(request):
+                whole.append(request)
+            elif stager.busy or len(staged) == group or stager.shares_uncached(request.prompt, firsts):
+                kept.append(request)
+            else:
+                staged.append(request)
+        self._waiting.extendleft(reversed(kept))
+        return whole, staged
+
+    def _stages(self, request: Request) -> bool:
+        """Whether a request is staged (`infer.staging`): a text prompt that wants new tokens, when
+        the stager wants it (with a prefix cache, every one; else one longer than a chunk)."""
+        return (self.stager is not None and request.images is None and not request.score_prompt
+                and request.max_tokens > 0 and self.stager.wants(request.prompt))
+
+    def _staging(self) -> set[int]:
+        """The slots of the group being staged (claimed, not decoding yet)."""
+        stager = self.stager
+        return {slot for _, slot in stager.group} if stager is not None and stager.busy else set()
+
+    def _decoding(self) -> bool:
+        staging = self._staging()
+        return any(r is not None and slot not in staging for slot, r in enumerate(self._running))
+
+    def _piece(self) -> bool:
+        """Prefill the staged group's next piece (all its pieces if no slot is decoding: nothing to
+        interleave with); at its last, write its rows into their slots and report first tokens.
+        Returns whether a piece ran."""
+        stager = self.stager
+        if stager is None or not stager.busy:
+            return False
+        while not stager.piece():
+            if self._decoding():
+                return True
+        self._state, self._sampling, rows = stager.finish(self._state, self._sampling, self._stops)
+        for request, slot, token, done, chosen, top_ids, top_lp in rows:
+            if request.cancelled:
+                with self._wake:
+                    self.cancelled += 1
+                    self._running[slot] = None
+                request.emit(Finished("cancelled"))
+            else:
+                self._report(slot, token, chosen, top_ids, top_lp, done)
+        return True
 
     def _claim(self, admitted: list[tuple[Request, int]]) -> None:
         """Put requests in their slots (they count as running from here)."""
@@ -280,6 +374,8 @@ class Batcher:
         admitted = [(request, slot) for request, slot in admitted if (request, slot) not in ended]
         if not admitted:
             return
+        with self._wake:
+            self.prefill_tokens += sum(len(request.prompt) for request, _ in admitted)
         with self.engine.activate():
             self._state, self._sampling, first_b, done_b, *logprobs = self.programs.prefill(
                 *self.prefill_args(admitted))
@@ -315,7 +411,9 @@ class Batcher:
 
     def _decode(self) -> None:
         """One compiled call of `steps_per_call` decode steps for every slot; report the tokens."""
-        cancel_b = np.asarray([r is not None and r.cancelled for r in self._running])
+        staging = self._staging()  # their rows are still free: nothing to stop or report
+        cancel_b = np.asarray([r is not None and r.cancelled and slot not in staging
+                               for slot, r in enumerate(self._running)])
         with self.engine.activate():
             self._state, tokens_nb, chosen_nb, top_ids_nbk, top_lp_nbk = self.programs.decode(
                 *self.decode_args(cancel_b))
@@ -325,7 +423,7 @@ class Batcher:
         top_ids_nbk, top_lp_nbk = np.asarray(top_ids_nbk), np.asarray(top_lp_nbk)
         done_b = np.asarray(self._state["done"])
         for slot, request in enumerate(self._running):
-            if request is None:
+            if request is None or slot in staging:
                 continue
             if cancel_b[slot]:
                 with self._wake:

@@ -36,6 +36,8 @@ from llama_jax.decoding.programs import NO_TOKEN, State
 from llama_jax.decoding.sampling import Sampling
 from llama_jax.decoding.slots import (PREFILL_BATCH, STEPS_PER_CALL, SlotPrograms, SlotShape, jit_slot_programs,
                                       slot_shape)
+from llama_jax.decoding.staged import StagedPrograms, jit_staged_programs, staged_axes
+from llama_jax.model.kv_cache import cache_axes
 from llama_jax.model.llama import check_token_ids
 from llama_jax.model.trees import unstack_layers
 from llama_jax.params import model_for, stacked_layers
@@ -75,6 +77,7 @@ class Engine:
         # A vision model's batches with images carry more state (the image keys and
         # values, the tiles' spans): one compiled pair per state shape.
         self._prefill, self._decode = {}, {}
+        self._programs = {}  # the decode slots' and staged admissions' programs, by shape
         for with_images in (False, True) if config.vision is not None else (False,):
             self._prefill[with_images], self._decode[with_images] = programs.jit_programs(
                 self.model, plan.tree_shardings(programs.state_axes(config, with_images)), self.replicated,
@@ -228,9 +231,24 @@ class Engine:
     def slot_programs(self, shape: SlotShape) -> SlotPrograms:
         """The decode-slot programs of `shape`, jitted for this layout (what train.compile --serve
         compiles, `llama_jax.decoding.slots.jit_slot_programs`); a vision model's slots hold images."""
+        if shape in self._programs:  # batchers of one shape share their compiled programs
+            return self._programs[shape]
         shardings = self.placement.tree_shardings(programs.state_axes(self.config, self.config.vision is not None))
-        return jit_slot_programs(self.model, shape, shardings, self.placement.sharding("batch"),
-                                 self.replicated, self.compiler_options)
+        self._programs[shape] = jit_slot_programs(self.model, shape, shardings, self.placement.sharding("batch"),
+                                                  self.replicated, self.compiler_options)
+        return self._programs[shape]
+
+    def staged_programs(self, cache_len: int, block: int) -> StagedPrograms:
+        """The staged-admission programs (`llama_jax.decoding.staged`) for text slots of `cache_len`
+        positions and prefix blocks of `block` positions, jitted for this layout."""
+        if (cache_len, block) in self._programs:
+            return self._programs[cache_len, block]
+        plan = self.placement
+        self._programs[cache_len, block] = jit_staged_programs(
+            self.model, cache_len, block, plan.tree_shardings(programs.state_axes(self.config)),
+            plan.tree_shardings(staged_axes(self.config)), plan.tree_shardings(cache_axes(self.config)),
+            plan.sharding("batch"), self.replicated, self.compiler_options)
+        return self._programs[cache_len, block]
 
 
 def check_prompts(config: ModelConfig, prompts: list[list[int]], max_new_tokens: int):
@@ -252,9 +270,10 @@ def check_prompts(config: ModelConfig, prompts: list[list[int]], max_new_tokens:
 
 
 @functools.lru_cache(maxsize=8)
-def engine_for(config: ModelConfig, layout: str | None = None) -> Engine:
-    """A shared Engine for (config, layout name); its compiled functions are reused."""
-    return Engine(config, layout)
+def engine_for(config: ModelConfig, layout: str | None = None,
+               prefill_chunk: int = programs.PREFILL_CHUNK) -> Engine:
+    """A shared Engine for (config, layout name, prefill chunk); its compiled functions are reused."""
+    return Engine(config, layout, prefill_chunk=prefill_chunk)
 
 
 

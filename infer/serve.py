@@ -3,6 +3,7 @@
     python -m infer.serve --checkpoint DIR [--layout NAME] [--dtype bfloat16] [--quantize int8]
                           [--host 127.0.0.1] [--port 8000] [--max-batch 8] [--max-seq-len 2048]
                           [--api-key KEY]          # or LLAMA_JAX_API_KEY
+                          [--prefill-chunk 8192] [--prefix-cache-mb 0]
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions (Llama 2 and 3.x
 chat formats; Llama 3.1 tool use: OpenAI's `tools` offered in Llama 3.1's
@@ -39,6 +40,7 @@ from pathlib import Path
 from infer import guard_hook
 from infer.options import ServingOptions, check_checkpoint
 from llama_jax.cli import run_cli
+from llama_jax.decoding.programs import PREFILL_CHUNK
 from llama_jax.decoding.slots import PREFILL_BATCH, SLOTS, STEPS_PER_CALL
 
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # what jax.monitoring reports per compile
@@ -68,6 +70,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                              f"(default {STEPS_PER_CALL})")
     parser.add_argument("--prefill-batch", type=int, default=PREFILL_BATCH, metavar="N",
                         help=f"waiting requests prefilled together (default {PREFILL_BATCH}; also compiled: one alone)")
+    parser.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK, metavar="N",
+                        help="prompt positions per row prefilled between two decode calls: a longer prompt is "
+                             "prefilled in chunks of N, interleaved with the running slots' decode calls "
+                             f"(default {PREFILL_CHUNK})")
+    parser.add_argument("--prefix-cache-mb", type=float, default=0.0, metavar="MB",
+                        help="memory for cached prompt prefixes (blocks of 16 positions' keys and values, least "
+                             "recently used evicted); requests sharing a prefix prefill only the rest "
+                             "(default 0: off)")
     parser.add_argument("--api-key", default=os.environ.get("LLAMA_JAX_API_KEY"),
                         help="require 'Authorization: Bearer KEY' (default: $LLAMA_JAX_API_KEY; none: open)")
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20, metavar="N",
@@ -89,6 +99,7 @@ def check_flags(args) -> None:
     """ValueError (one line) for a flag out of its range; nothing is loaded or bound yet."""
     for flag, value, least in (("--max-batch", args.max_batch, 1), ("--steps-per-call", args.steps_per_call, 1),
                                ("--prefill-batch", args.prefill_batch, 1), ("--max-body-bytes", args.max_body_bytes, 1),
+                               ("--prefill-chunk", args.prefill_chunk, 16), ("--prefix-cache-mb", args.prefix_cache_mb, 0),
                                ("--max-waiting", args.max_waiting, 1),
                                ("--max-connections-per-client", args.max_connections_per_client, 1),
                                ("--shutdown-timeout", args.shutdown_timeout, 0)):
@@ -144,9 +155,12 @@ def _load(args):
     from infer.batcher import Batcher
     from infer.engine import engine_for
     from infer.generate import checkpoint_config, load_served
+    from llama_jax.decoding.staged import unstageable
 
     options = ServingOptions.from_args(args)
     stored = checkpoint_config(args.checkpoint)
+    if args.prefix_cache_mb and unstageable(stored):
+        raise ValueError(f"--prefix-cache-mb: {unstageable(stored)}")
     context = args.max_seq_len or stored.max_seq_len
     if not 2 <= context <= stored.max_seq_len:
         raise ValueError(f"--max-seq-len must be in [2, {stored.max_seq_len}] (the model's context), got {context}")
@@ -161,9 +175,9 @@ def _load(args):
             service.compiles += 1
 
     jax.monitoring.register_event_duration_secs_listener(count)
-    engine = engine_for(config, options.layout)
+    engine = engine_for(config, options.layout, args.prefill_chunk)
     batcher = Batcher(engine, params, args.max_batch, context, tokenizer.stop_ids, args.steps_per_call,
-                      args.prefill_batch)
+                      args.prefill_batch, args.prefix_cache_mb)
     buckets = sorted({engine.prompt_shape(n)[0] for n in range(1, context)})
     print(f"compiling the decode step and the prefill of {len(buckets)} prompt buckets x groups of "
           f"{list(batcher.shape.prefill_rows)}", file=sys.stderr, flush=True)

@@ -68,13 +68,68 @@ def state_axes(config: ModelConfig, with_images: bool = False) -> dict:
     return axes
 
 
-def _constrain_cache(cache, config: ModelConfig):
+def constrain_cache(cache, config: ModelConfig):
+    """The cache with each array constrained to its logical axes (the layout in scope places them)."""
     axes = state_axes(config, with_images="image_k" in cache)["cache"]
     return {name: nn.with_logical_constraint(c, axes[name]) for name, c in cache.items()}
 
 
 def _is_stop(tokens_b, stops):
     return (tokens_b[:, None] == stops[None, :]).any(axis=-1)
+
+
+def seed_keys(seed, b: int):
+    """Each row's PRNG key from an int32 scalar seed (rows of one batch), or from int32 [b] seeds
+    (each row the key of row 0 of a batch with its seed, as if it were alone)."""
+    if jnp.ndim(seed) == 0:
+        return row_keys(jax.random.key(seed), b)
+    return jax.vmap(lambda s: row_keys(jax.random.key(s), 1)[0])(seed)
+
+
+def last_hidden(hidden_bcd, starts_b, lengths_b, last_bd):
+    """`last_bd` [b, d] with each row's hidden state at its last prompt token (position
+    lengths_b - 1) taken from `hidden_bcd` [b, c, d], the positions starts_b + [0, c), where
+    the chunk holds it."""
+    c = hidden_bcd.shape[1]
+    offset_b = lengths_b - 1 - starts_b
+    picked_bd = jnp.take_along_axis(hidden_bcd, jnp.clip(offset_b, 0, c - 1)[:, None, None], axis=1)[:, 0]
+    inside_b = (offset_b >= 0) & (offset_b < c)
+    return jnp.where(inside_b[:, None], picked_bd.astype(last_bd.dtype), last_bd)
+
+
+def extend(model: Llama, params, cache, tokens_bc, starts_b, lengths_b, last_bd, images=None):
+    """Prefill one chunk of each row's prompt into a cache that already holds its earlier
+    positions: the chunk's tokens (int32 [b, c]) sit at positions starts_b + [0, c) (int32 [b],
+    one start per row) and attend to the cache below them and causally among themselves.
+
+    lengths_b: each row's prompt length (the chunk's tokens past it are padding: written, never
+    seen before a generated token overwrites them; a chunked-attention ring keeps none of
+    them). last_bd [b, d]: the hidden state at each row's last prompt token so far, replaced
+    where this chunk holds that token. images: a vision batch's tile spans, or None.
+    Returns (cache, last_bd). Pure: callers jit it (prefill's chunk loop, infer's staged
+    admission, `llama_jax.decoding.staged`).
+    """
+    c = tokens_bc.shape[1]
+    positions_bc = starts_b[:, None] + jnp.arange(c, dtype=jnp.int32)[None, :]
+    ring = {"lengths_b": lengths_b} if "local_pos" in cache else {}
+    with_spans = {} if images is None else {"images": images}
+    hidden_bcd, cache = model.apply({"params": params}, tokens_bc, positions_bc, cache=cache, return_hidden=True,
+                                    **with_spans, **ring)
+    return constrain_cache(cache, model.config), last_hidden(hidden_bcd, starts_b, lengths_b, last_bd)
+
+
+def first_tokens(model: Llama, params, cache, last_bd, keys_b, lengths_b, limits_b, stops, sampling):
+    """A prefilled cache's decode state and each row's first token, sampled from the logits at
+    its last prompt token (`last_bd` [b, d]): (state, first tokens [b], float32 logits [b, v])."""
+    # Only each row's last prompt token needs the (large) vocabulary projection.
+    logits_bv = model.apply({"params": params}, last_bd[:, None], method="logits")[:, 0]
+    first_b = sample(logits_bv, step_keys(keys_b, jnp.zeros_like(lengths_b)), sampling)
+    live_b = limits_b > 0
+    count_b = live_b.astype(jnp.int32)
+    state = {"cache": cache, "token": first_b, "pos": lengths_b, "count": count_b,
+             "limit": limits_b, "keys": keys_b,
+             "done": ~live_b | _is_stop(first_b, stops) | (count_b >= limits_b)}
+    return state, first_b, logits_bv
 
 
 def prefill(model: Llama, params, prompts_bt, lengths_b, limits_b, seed, stops, *,
@@ -96,51 +151,31 @@ def prefill(model: Llama, params, prompts_bt, lengths_b, limits_b, seed, stops, 
     chunk = t if chunk is None or chunk >= t else chunk
     if t % chunk:
         raise ValueError(f"prefill: prompt length {t} is not a multiple of the chunk {chunk}")
-    if jnp.ndim(seed) == 0:
-        keys_b = row_keys(jax.random.key(seed), b)
-    else:  # one seed per row: each row gets the key of row 0 of a batch with its seed
-        keys_b = jax.vmap(lambda s: row_keys(jax.random.key(s), 1)[0])(seed)
-    last_b = lengths_b - 1
+    keys_b = seed_keys(seed, b)
     spans = None if images is None else {"tile_from": images["tile_from"],
                                          "tile_until": images["tile_until"]}
-
-    def last_hidden(hidden_bcd, start, last_bd):
-        """Keep the hidden state of each row's last prompt token if it is in this chunk."""
-        index_b = jnp.clip(last_b - start, 0, chunk - 1)
-        picked_bd = jnp.take_along_axis(hidden_bcd, index_b[:, None, None], axis=1)[:, 0]
-        inside_b = (last_b >= start) & (last_b < start + chunk)
-        return jnp.where(inside_b[:, None], picked_bd, last_bd)
-
-    cache = _constrain_cache(init_cache(model.config, b, cache_len), model.config)
+    cache = constrain_cache(init_cache(model.config, b, cache_len), model.config)
     # A chunked-attention cache's ring must not keep the padding (llama_jax/model/kv_cache.py).
     ring = {"lengths_b": lengths_b} if "local_pos" in cache else {}
     with_images = {} if images is None else {"images": images}
     hidden_bcd, cache = model.apply({"params": params}, prompts_bt[:, :chunk], None, cache=cache,
                                     return_hidden=True, **with_images, **ring)
-    last_bd = last_hidden(hidden_bcd, 0, jnp.zeros((b, hidden_bcd.shape[-1]), hidden_bcd.dtype))
+    zeros_b = jnp.zeros_like(lengths_b)
+    last_bd = last_hidden(hidden_bcd, zeros_b, lengths_b, jnp.zeros((b, hidden_bcd.shape[-1]), hidden_bcd.dtype))
 
     def next_chunk(carry, start):
         cache, last_bd = carry
         tokens_bc = jax.lax.dynamic_slice_in_dim(prompts_bt, start, chunk, axis=1)
-        positions_bc = jnp.broadcast_to(start + jnp.arange(chunk, dtype=jnp.int32), (b, chunk))
-        with_spans = {} if spans is None else {"images": spans}
-        hidden_bcd, cache = model.apply({"params": params}, tokens_bc, positions_bc, cache=cache,
-                                        return_hidden=True, **with_spans, **ring)
-        return (_constrain_cache(cache, model.config), last_hidden(hidden_bcd, start, last_bd)), None
+        cache, last_bd = extend(model, params, cache, tokens_bc, zeros_b + start, lengths_b, last_bd, spans)
+        return (cache, last_bd), None
 
     starts = jnp.arange(chunk, t, chunk, dtype=jnp.int32)
     (cache, last_bd), _ = jax.lax.scan(next_chunk, (cache, last_bd), starts)
-    # Only each row's last prompt token needs the (large) vocabulary projection.
-    logits_bv = model.apply({"params": params}, last_bd[:, None], method="logits")[:, 0]
-    first_b = sample(logits_bv, step_keys(keys_b, jnp.zeros_like(lengths_b)), sampling)
-    live_b = limits_b > 0
-    count_b = live_b.astype(jnp.int32)
-    state = {"cache": cache, "token": first_b, "pos": lengths_b, "count": count_b,
-             "limit": limits_b, "keys": keys_b,
-             "done": ~live_b | _is_stop(first_b, stops) | (count_b >= limits_b)}
+    state, first_b, logits_bv = first_tokens(model, params, cache, last_bd, keys_b, lengths_b, limits_b, stops,
+                                             sampling)
     if spans is not None:
         state["images"] = spans
-    return state, jnp.where(live_b, first_b, NO_TOKEN), logits_bv if keep_logits else None
+    return state, jnp.where(limits_b > 0, first_b, NO_TOKEN), logits_bv if keep_logits else None
 
 
 def decode(model: Llama, params, state: State, stops, *, sampling: Sampling, steps: int,
@@ -187,7 +222,7 @@ def decode_step(model: Llama, params, state: State, stops, *, sampling):
     next_b = jnp.where(live_b, next_b, state["token"])
     count_b = state["count"] + live_b
     done_b = state["done"] | _is_stop(next_b, stops) | (count_b >= state["limit"])
-    state = {**state, "cache": _constrain_cache(cache, model.config), "token": next_b,
+    state = {**state, "cache": constrain_cache(cache, model.config), "token": next_b,
              "pos": state["pos"] + live_b, "count": count_b, "done": done_b}
     return state, next_b, logits_bv
 
