@@ -74,6 +74,7 @@ from infer.engine import Engine
 from infer.events import Finished, Prompt, Token
 from llama_jax.decoding.sampling import RowSampling, Sampling
 from llama_jax.decoding.slots import PREFILL_BATCH, STEPS_PER_CALL
+from llama_jax.text.grammar import Grammar, RowMatchers
 from llama_jax.vision.image import image_inputs
 
 
@@ -88,7 +89,8 @@ class Request:
     `score_prompt`), each `Token`, then one `Finished`. Setting `cancelled` (a stop string
     matched, the client left) frees its slot at the next step. `images` (Llama 3.2 Vision):
     the prompt's image arrays, one row (`llama_jax.vision.image.image_inputs` of this prompt),
-    or None for a text prompt."""
+    or None for a text prompt. `grammar` (structured outputs): what the answer must match
+    (`llama_jax.text.grammar`), or None for free text."""
 
     prompt: list[int]
     max_tokens: int
@@ -98,6 +100,7 @@ class Request:
     cancelled: bool = False
     score_prompt: bool = False
     images: dict | None = None
+    grammar: Grammar | None = None
 
 
 class Batcher:
@@ -123,6 +126,7 @@ class Batcher:
         with engine.activate():
             self._state = self.programs.empty()
         self._sampling = engine.place_rows(RowSampling.of([Sampling()] * slots))
+        self._grammars = RowMatchers(self.slots, engine.config.vocab_size)  # each slot's grammar state and mask
         vision = engine.config.vision  # a text row's image arrays in a group with images: no image
         self._no_image = None if vision is None else image_inputs([[]], [[0]], vision)
         self._waiting: deque[Request] = deque()
@@ -193,6 +197,7 @@ class Batcher:
                 self._claim(admitted)
                 self._admit(admitted)
         self._decode()
+        self._decode(masked=True)
 
     def prefill_args(self, admitted: list[tuple[Request, int]]) -> tuple:
         """The arguments of the compiled prefill (`programs.prefill`) that writes these (request,
@@ -201,8 +206,10 @@ class Batcher:
         prompts_bt, lengths_b, _ = self.engine.pad_prompts([request.prompt for request, _ in admitted], rows)
         limits_b, seeds_b = np.zeros((rows,), np.int32), np.zeros((rows,), np.int32)  # padding rows: no output
         slots_b = np.full((rows,), self.slots, np.int32)  # padding rows: past the last slot, dropped
+        allowed_bw = np.full((rows, self._grammars.bits.shape[1]), -1, np.int32)  # the first tokens' masks
         for i, (request, slot) in enumerate(admitted):
             limits_b[i], seeds_b[i], slots_b[i] = request.max_tokens, request.seed, slot
+            allowed_bw[i] = self._grammars.bits[slot]
         settings = [request.sampling for request, _ in admitted] + [Sampling()] * (rows - len(admitted))
         place = self.engine.place_rows
         images = None
@@ -211,7 +218,7 @@ class Batcher:
                 {name: np.concatenate([(request.images or self._no_image)[name] for request, _ in admitted])
                  for name in self._no_image}, rows)
         return (self.params, self._state, self._sampling, prompts_bt, lengths_b, place(limits_b), place(seeds_b),
-                self._stops, place(RowSampling.of(settings)), place(slots_b), images)
+                self._stops, place(RowSampling.of(settings)), place(slots_b), images, place(allowed_bw))
 
     def decode_args(self, cancel_b: np.ndarray) -> tuple:
         """The arguments of the compiled decode call (`programs.decode`); `cancel_b`: bool [slots],
@@ -280,6 +287,8 @@ class Batcher:
         admitted = [(request, slot) for request, slot in admitted if (request, slot) not in ended]
         if not admitted:
             return
+        for request, slot in admitted:
+            self._grammars.start(slot, request.grammar)
         with self.engine.activate():
             self._state, self._sampling, first_b, done_b, *logprobs = self.programs.prefill(
                 *self.prefill_args(admitted))
@@ -313,12 +322,18 @@ class Batcher:
             request.emit(scored[tuple(request.prompt)])
         return nexts
 
-    def _decode(self) -> None:
-        """One compiled call of `steps_per_call` decode steps for every slot; report the tokens."""
+    def _decode(self, masked: bool | None = None) -> None:
+        """One compiled call of `steps_per_call` decode steps for every slot, or, while a slot has a
+        grammar (or `masked`), of one step with each slot's mask; report the tokens."""
         cancel_b = np.asarray([r is not None and r.cancelled for r in self._running])
+        masked = self._grammars.any() if masked is None else masked
         with self.engine.activate():
-            self._state, tokens_nb, chosen_nb, top_ids_nbk, top_lp_nbk = self.programs.decode(
-                *self.decode_args(cancel_b))
+            if masked:
+                outputs = self.programs.decode_masked(*self.decode_args(cancel_b),
+                                                      self.engine.place_rows(self._grammars.bits))
+            else:
+                outputs = self.programs.decode(*self.decode_args(cancel_b))
+        self._state, tokens_nb, chosen_nb, top_ids_nbk, top_lp_nbk = outputs
         with self._wake:
             self.decode_calls += 1
         tokens_nb, chosen_nb = np.asarray(tokens_nb), np.asarray(chosen_nb)
@@ -328,6 +343,7 @@ class Batcher:
             if request is None:
                 continue
             if cancel_b[slot]:
+                self._grammars.release(slot)
                 with self._wake:
                     self.cancelled += 1
                     self._running[slot] = None
@@ -342,7 +358,10 @@ class Batcher:
     def _report(self, slot: int, token: int, chosen, top_ids, top_lp, done: bool) -> None:
         request = self._running[slot]
         request.emit(Token(token, float(chosen), top_ids.tolist(), top_lp.tolist()))
+        if self._grammars.constrained(slot) and not done:
+            self._grammars.advance(slot, token)  # the mask of the slot's next step
         if done:
+            self._grammars.release(slot)
             with self._wake:
                 self._running[slot] = None
             request.emit(Finished("stop" if token in self._stop_set else "length"))
