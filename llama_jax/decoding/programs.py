@@ -146,8 +146,9 @@ def prefill(model: Llama, params, prompts_bt, lengths_b, limits_b, seed, stops, 
 
 
 def decode(model: Llama, params, state: State, stops, *, sampling: Sampling, steps: int,
-           keep_logits: bool = False):
-    """Up to `steps` decode steps in one `lax.while_loop` (fewer if every row is done).
+           keep_logits: bool = False, allowed_bw=None):
+    """Up to `steps` decode steps in one `lax.while_loop` (fewer if every row is done); `allowed_bw`:
+    the tokens each row may sample at every step (`decode_step`), or None: any.
 
     Returns (state, tokens int32 [b, steps] with NO_TOKEN where a row produced
     nothing, float32 logits [b, steps, v] or None); stop tokens are included.
@@ -163,7 +164,7 @@ def decode(model: Llama, params, state: State, stops, *, sampling: Sampling, ste
     def step(carry):
         i, st, out_bn, logits_bnv = carry
         live_b = ~st["done"]
-        st, next_b, logits_bv = decode_step(model, params, st, stops, sampling=sampling)
+        st, next_b, logits_bv = decode_step(model, params, st, stops, sampling=sampling, allowed_bw=allowed_bw)
         out_bn = out_bn.at[:, i].set(jnp.where(live_b, next_b, NO_TOKEN))
         if keep_logits:
             logits_bnv = logits_bnv.at[:, i].set(logits_bv)

@@ -39,7 +39,13 @@ class GrammarError(ValueError):
 
 class _Wrapped:
     """Our tokenizer as llguidance's TokenizerWrapper reads one: each id's bytes, special ids, and
-    encoding (llguidance tokenizes a grammar's fixed strings with it)."""
+    encoding (llguidance tokenizes a grammar's fixed strings with it and allows those tokens).
+
+    SentencePiece (Llama 2) writes a space before a text's first word (its dummy prefix `▁`):
+    text given to llguidance must come back as its own bytes, so such a tokenizer encodes a
+    marker first (`MARKER`, a control byte that no word merges with) and drops the marker's tokens."""
+
+    MARKER = "\x02"
 
     def __init__(self, tokenizer: Tokenizer):
         self.eos_token_id, self.bos_token_id = tokenizer.eos_id, tokenizer.bos_id
@@ -48,10 +54,15 @@ class _Wrapped:
         self.tokens = [SPECIAL + tokenizer.token_bytes(i) if i in specials else tokenizer.token_bytes(i)
                        for i in range(tokenizer.vocab_size)]
         self._tokenizer = tokenizer
+        prefixed = b"".join(self.tokens[i] for i in tokenizer.encode("a")) != b"a"
+        self._marker = tokenizer.encode(self.MARKER) if prefixed else None
 
     def __call__(self, text: bytes | str) -> list[int]:
         text = text.decode("utf-8", errors="replace") if isinstance(text, bytes) else text
-        return self._tokenizer.encode(text)
+        if self._marker is None:
+            return self._tokenizer.encode(text)
+        ids = self._tokenizer.encode(self.MARKER + text)
+        return ids[len(self._marker):] if ids[:len(self._marker)] == self._marker else ids
 
 
 class GrammarVocabulary:
@@ -75,14 +86,15 @@ class Grammar:
         return llguidance.LLMatcher(self.vocabulary.tokenizer, self.text, log_level=0)
 
 
-def json_grammar(schema: dict | bool, vocabulary: GrammarVocabulary) -> Grammar:
+def json_grammar(schema: dict | bool, vocabulary: GrammarVocabulary | None) -> Grammar:
     """The grammar of JSON values that `schema` (a JSON schema) admits. GrammarError (one line,
-    the library's reason) for a schema it cannot compile or that no value satisfies."""
+    the library's reason) for a schema it cannot compile or that no value satisfies. Without a
+    `vocabulary` the schema is only checked (before a model loads); the grammar makes no matcher."""
     try:
         text = llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=JSON_OPTIONS)
     except (ValueError, TypeError) as err:
         raise GrammarError(_one_line(str(err))) from None
-    error = llguidance.LLMatcher.validate_grammar(text, vocabulary.tokenizer)
+    error = llguidance.LLMatcher.validate_grammar(text, None if vocabulary is None else vocabulary.tokenizer)
     if error:
         raise GrammarError(_one_line(error))
     return Grammar(text, vocabulary)
