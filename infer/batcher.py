@@ -19,6 +19,13 @@ arrays, `llama_jax.decoding.sampling.RowSampling`), so traffic never recompiles 
 row that stops (a stop token, its token limit, a cancel) frees its slot for
 the next admission at once.
 
+Structured outputs: a request with a `grammar` gets a matcher in its slot
+(`llama_jax.text.grammar.RowMatchers`), whose bitmask masks the slot's first
+token in the prefill and each next one in the decode. While any slot has one,
+each decode call is the one-step `decode_masked` program with every slot's
+mask (free slots: all bits set), and the worker feeds each slot's matcher
+the token it sampled before the next call.
+
 If the worker fails (an exception in a compiled call), every request it holds,
 waiting or in a slot (mid-prefill included), ends with `Finished("error")`, and
 `submit` refuses new ones (`WorkerFailed`): the failure and the refusal are
@@ -273,7 +280,8 @@ class Batcher:
         it); prefill the others together, write their rows into their slots, report first tokens."""
         nexts = self._score([request for request, _ in admitted if request.score_prompt])
         ended = [(request, slot) for request, slot in admitted if request.max_tokens == 0
-                 or (request.score_prompt and request.max_tokens == 1 and request.sampling.greedy)]
+                 or (request.score_prompt and request.max_tokens == 1 and request.sampling.greedy
+                     and request.grammar is None)]  # the score's most likely token is unconstrained
         with self._wake:
             for _, slot in ended:
                 self._running[slot] = None

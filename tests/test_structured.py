@@ -66,7 +66,7 @@ def tokenizer(tmp_path_factory):
 def config(tokenizer):
     # The model's table padded past the tokenizer's ids (and even, for the tensor axis): never allowed.
     return ModelConfig(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=64,
-                       vocab_size=round_up(tokenizer.vocab_size + 1, 8), max_seq_len=CONTEXT)
+                       vocab_size=round_up(tokenizer.vocab_size + 40, 8), max_seq_len=CONTEXT)
 
 
 def started(config, tokenizer, layout=None) -> Batcher:

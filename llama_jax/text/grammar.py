@@ -22,7 +22,6 @@ token as an unconstrained one does; once the value is complete, they are all tha
 from __future__ import annotations
 
 import llguidance
-import llguidance.numpy as ll_numpy
 import numpy as np
 
 from llama_jax.decoding.sampling import bitmask_words
@@ -73,7 +72,8 @@ class GrammarVocabulary:
     def __init__(self, tokenizer: Tokenizer, vocab_size: int | None = None):
         self.vocab_size = vocab_size or tokenizer.vocab_size
         self.tokenizer = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_Wrapped(tokenizer)),
-                                                n_vocab=self.vocab_size, eos_token=sorted(tokenizer.stop_ids))
+                                                eos_token=sorted(tokenizer.stop_ids))
+        self.words = bitmask_words(tokenizer.vocab_size)  # of the library's masks: the tokenizer's ids
 
 
 class Grammar:
@@ -144,5 +144,6 @@ class RowMatchers:
         matcher = self._matchers[row]
         if matcher is None:
             self.bits[row] = -1
-        else:
-            ll_numpy.fill_next_token_bitmask(matcher, self.bits, row)
+            return
+        self.bits[row] = 0  # ids past the tokenizer's (a padded model table): never allowed
+        matcher.unsafe_compute_mask_ptr(self.bits[row].ctypes.data, 4 * self._grammars[row].vocabulary.words)
