@@ -30,6 +30,7 @@ from llama_jax.params import init_params
 from llama_jax.text.grammar import GrammarVocabulary, json_grammar
 from llama_jax.text.tokenizer import load_tokenizer
 from llama_jax.text.tokenizer_training import train_bpe
+from llama_jax.text.tool_use import ToolCall, call_schema, call_text
 
 MODEL = "tiny-structured"
 CONTEXT = 2048  # room for a random model's long strings (every sampled answer below ends well inside it)
@@ -162,6 +163,15 @@ def test_forced_tool_calls_all_parse_into_their_functions_schema(app):
             jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
             called.append(call.function.name)
     assert len(called) == 56 and set(called) == {"get_weather", "add"}
+
+
+def test_the_forced_call_schema_admits_the_calls_llama_31_writes_and_no_others():
+    schema = call_schema([tool["function"] for tool in TOOLS])
+    jsonschema.validate(json.loads(call_text(ToolCall("add", {"a": 1, "b": -2}))), schema)
+    for wrong in ({"name": "add", "parameters": {"a": 1}}, {"name": "sub", "parameters": {"a": 1, "b": 2}},
+                  {"name": "get_weather", "parameters": {"city": "Oslo", "unit": "K"}}):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(wrong, schema)
 
 
 @pytest.mark.parametrize("schema, problem", [
