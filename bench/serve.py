@@ -1,7 +1,7 @@
 """Serving throughput and latency: `python -m infer.serve` on loopback against offline batch decoding.
 
     python bench/serve.py [--precisions float32,bfloat16,int8] [--concurrency 1,8,32] [--new-tokens 64]
-                          [--min-requests 4]
+                          [--min-requests 4] [--formats text,json_schema]
     python bench/serve.py --scenario prefill      # prefix cache and interleaved prefill, float32
 
 Writes a random bench_110m Hugging Face checkpoint (with a byte-level
@@ -12,7 +12,10 @@ tokenizer) to --dir, then per precision:
   and for each concurrency c, c client threads sending max(c, --min-requests)
   streamed completions in all (32-token prompts, --new-tokens tokens, greedy):
   output tokens/s over the wall time, p50/p99 time to first token and
-  inter-token latency (gaps between streamed tokens).
+  inter-token latency (gaps between streamed tokens); with --formats
+  text,json_schema, each concurrency also under `response_format` json_schema
+  (`SCHEMA`: structured outputs, one masked decode step per call while a slot
+  has a grammar).
 Prints one JSON line per figure; the first names the CPU (lscpu), and a
 line with the 1-minute load average before each precision and at the end
 shows how busy the machine was with other work. Every request has a timeout
@@ -37,6 +40,7 @@ bfloat16 on 2 busy cores).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -58,6 +62,11 @@ PROMPT_LEN, CONTEXT, SLOTS = 32, 128, 32
 MODEL = "bench_110m"
 PREFILL_MODEL, PREFILL_CONTEXT = "demo", 4608  # --scenario prefill
 SYSTEM_TOKENS, LONG_TOKENS = 2000, 4000
+FORMATS = {"text": None,
+           "json_schema": {"type": "json_schema", "json_schema": {"name": "llama", "schema": {
+               "type": "object", "required": ["name", "kind", "tags"], "additionalProperties": False,
+               "properties": {"name": {"type": "string"}, "kind": {"enum": ["cat", "dog", "llama"]},
+                              "age": {"type": "integer"}, "tags": {"type": "array", "items": {"type": "string"}}}}}}}
 
 
 def prompts(n: int) -> list[list[int]]:
@@ -102,8 +111,8 @@ def start_server(checkpoint: Path, precision: str, *flags: str, slots: int = SLO
     raise SystemExit(f"the server for {precision} did not start")
 
 
-def one_request(base: str, prompt: list[int], new_tokens: int, stamps: list | None = None
-                ) -> tuple[float, list[float], int]:
+def one_request(base: str, prompt: list[int], new_tokens: int, stamps: list | None = None,
+                response_format: dict | None = None) -> tuple[float, list[float], int]:
     """(time to first token, gaps between later tokens, tokens) of one streamed greedy completion;
     each token's arrival time is appended to `stamps` as it comes, if given."""
     import httpx
@@ -111,6 +120,8 @@ def one_request(base: str, prompt: list[int], new_tokens: int, stamps: list | No
     body = {"model": MODEL, "prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True},  # the last chunk counts the tokens
             "logprobs": 0}  # logprobs: one chunk per token, so gaps are per token
+    if response_format is not None:
+        body["response_format"] = response_format
     start = time.perf_counter()
     stamps, tokens = [] if stamps is None else stamps, 0
     with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=600) as answer:
@@ -126,15 +137,15 @@ def one_request(base: str, prompt: list[int], new_tokens: int, stamps: list | No
     return stamps[0] - start, list(np.diff(stamps)), tokens
 
 
-def served(base: str, concurrency: int, new_tokens: int, min_requests: int) -> dict:
+def served(base: str, concurrency: int, new_tokens: int, min_requests: int, response_format=None) -> dict:
     """Output tokens/s and latency percentiles of max(concurrency, min_requests) requests from
-    `concurrency` threads."""
+    `concurrency` threads (each under `response_format`, if given)."""
     work = prompts(max(concurrency, min_requests))
     results, lock = [], threading.Lock()
 
     def client(mine):
         for prompt in mine:
-            outcome = one_request(base, prompt, new_tokens)
+            outcome = one_request(base, prompt, new_tokens, response_format=response_format)
             with lock:
                 results.append(outcome)
 
@@ -224,7 +235,10 @@ def main():
     parser.add_argument("--scenario", choices=("throughput", "prefill"), default="throughput",
                         help="throughput (default): served against offline tokens/s; prefill: the prefix cache's "
                              "time to first token and interleaved prefill's inter-token latency")
+    parser.add_argument("--formats", default="text", help=f"response formats to serve ({', '.join(FORMATS)})")
     args = parser.parse_args()
+    if not set(args.formats.split(",")) <= set(FORMATS):
+        raise SystemExit(f"error: --formats takes {', '.join(FORMATS)}, got {args.formats}")
     if args.new_tokens < 2 or args.min_requests < 1:
         raise SystemExit("error: --new-tokens must be at least 2 (one gap between tokens) and --min-requests at least 1")
 
@@ -255,10 +269,12 @@ def main():
              "tokens/s", precision=precision, batch=SLOTS)
         process, base = start_server(checkpoint, precision)
         try:
-            for concurrency in map(int, args.concurrency.split(",")):
-                for metric, value in served(base, concurrency, args.new_tokens, args.min_requests).items():
+            for concurrency, kind in itertools.product(map(int, args.concurrency.split(",")),
+                                                       args.formats.split(",")):
+                figures = served(base, concurrency, args.new_tokens, args.min_requests, FORMATS[kind])
+                for metric, value in figures.items():
                     emit("serve", "server", MODEL, metric, value, "tokens/s" if metric.endswith("per_s") else "ms",
-                         precision=precision, concurrency=concurrency)
+                         precision=precision, concurrency=concurrency, response_format=kind)
         finally:
             process.terminate()
             process.wait(timeout=120)

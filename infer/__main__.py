@@ -6,6 +6,7 @@
     python -m infer --checkpoint DIR --prompt "Hi" --dtype bfloat16 --quantize int8 --kv-cache-dtype int8
     python -m infer --checkpoint VISION_DIR --image cat.jpg --prompt "Describe the picture."
     python -m infer --checkpoint VISION_DIR --image cat.jpg --chat     # the image in the first user turn
+    python -m infer --checkpoint DIR --prompt "A llama as JSON:" --json-schema llama.schema.json
 
 DIR is our checkpoint directory or a Hugging Face one (config.json,
 safetensors, tokenizer files), served in its stored dtype unless --dtype
@@ -19,11 +20,17 @@ stderr and exits 2.
 With --image (Llama 3.2 Vision): a plain prompt becomes
 `<|begin_of_text|><|image|>...{prompt}` (Meta's completion form); in chat
 the images open the first user turn, `<|image|>...{message}`.
+
+With --json-schema FILE (a JSON schema; structured outputs) every answer is a
+JSON value the schema admits, decoded under its grammar (`llama_jax.text.grammar`);
+a file that is not JSON, or a schema the grammar library cannot compile, is one
+line and exit 2 before anything loads.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from infer.options import ServingOptions, check_checkpoint
@@ -54,6 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--system", default=None, help="system prompt for --chat")
     parser.add_argument("--image", action="append", default=[], metavar="PATH",
                         help="an image for the prompt (Llama 3.2 Vision checkpoints); repeat for several")
+    parser.add_argument("--json-schema", default=None, metavar="FILE",
+                        help="answer with JSON that this JSON schema admits (structured outputs)")
     parser.add_argument("--stream-every", type=int, default=8, metavar="N",
                         help="tokens per compiled decode call between prints (default 8)")
     parser.add_argument("--dtype", default=None, metavar="DTYPE",
@@ -93,6 +102,7 @@ def _run(args) -> None:
         raise ValueError(f"--stream-every must be at least 1, got {args.stream_every}")
 
     args.prompt = _read_prompt(args)
+    schema = None if args.json_schema is None else _read_schema(args.json_schema)
 
     from infer.generate import checkpoint_config, load_served
     from llama_jax.vision.image import load_image
@@ -104,7 +114,7 @@ def _run(args) -> None:
     config, params, tokenizer = load_served(args.checkpoint, options, args.tokenizer)
     settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, seed=args.seed, layout=args.layout, config=config,
-                    stream_every=args.stream_every)
+                    stream_every=args.stream_every, json_schema=schema)
     if args.chat:
         _chat(params, tokenizer, args, settings, images)
     else:
@@ -119,6 +129,23 @@ def _check_images(config, count: int) -> None:
     if count > config.vision.max_images:
         raise ValueError(f"--image: {count} images given; this model takes at most {config.vision.max_images} "
                          "per prompt (vision.max_images)")
+
+
+def _read_schema(path: str):
+    """The JSON schema in `path`, checked by the grammar library; ValueError (one line) otherwise."""
+    from llama_jax.text.grammar import json_grammar
+
+    try:
+        schema = json.loads(user_path(path).read_text())
+    except OSError as err:
+        raise ValueError(f"--json-schema {path}: {err.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"--json-schema {path}: not JSON ({err})") from None
+    try:
+        json_grammar(schema, None)
+    except ValueError as err:
+        raise ValueError(f"--json-schema {path}: the schema cannot be compiled: {err}") from None
+    return schema
 
 
 def _read_prompt(args) -> str | None:

@@ -24,6 +24,7 @@ from infer.events import Finished
 from infer.openai_api import ApiError
 from infer.responses import Choice, new_id, usage
 from llama_jax.text.chat import format_chat
+from llama_jax.text.grammar import Grammar, GrammarError, GrammarVocabulary, json_grammar
 from llama_jax.vision.image import image_inputs
 
 
@@ -43,6 +44,17 @@ class Service:
     vocab_size: int | None = None  # the model's token ids (default: the tokenizer's)
     guard: object = None  # infer.guard_hook.Screen with --guard
     vision: object = None  # the served model's VisionConfig (Llama 3.2 Vision: chat takes images); None: text only
+    grammar_vocabulary: GrammarVocabulary | None = None  # structured outputs' view of the tokenizer (made once)
+
+    def grammar(self, schema, param: str) -> Grammar:
+        """The grammar of answers that follow a JSON schema; ApiError (400, one line) naming the
+        schema's problem where the grammar library cannot compile it. Called off the event loop."""
+        if self.grammar_vocabulary is None:
+            self.grammar_vocabulary = GrammarVocabulary(self.tokenizer, self.vocab_size)
+        try:
+            return json_grammar(schema, self.grammar_vocabulary)
+        except GrammarError as err:
+            raise api.ApiError(400, f"{param}: the schema cannot be compiled: {err}", param) from None
 
 
 def create_app(service: Service):
@@ -97,6 +109,7 @@ def create_app(service: Service):
         prompts = api.completion_prompts(body, service.tokenizer, service.vocab_size)
         settings = [api.check_sampled(body, len(ids), service.context, 16, logprobs, service.batcher.slots)
                     for ids in prompts]
+        settings = await _constrained(service, settings, api.response_schema(body), "response_format")
         texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt if isinstance(body.prompt[0], str) \
             else [service.tokenizer.decode(ids) for ids in prompts]
         asked = [[{"role": "user", "content": text}] for text in texts]
@@ -108,7 +121,11 @@ def create_app(service: Service):
         logprobs = api.chat_logprobs(body)
         if body.max_tokens is None:
             body.max_tokens = body.max_completion_tokens
-        tools, names = api.chat_tools(body)
+        tools, names, call_schema = api.chat_tools(body)
+        schema = api.response_schema(body)
+        if schema is not None and call_schema is not None:
+            raise api.ApiError(400, "give response_format or a tool_choice that forces a call, not both",
+                               "response_format")
         vision = service.vision
         messages = await asyncio.to_thread(api.chat_messages, body, vision)  # images decoded off the event loop
         image_token = None if vision is None else vision.image_token_id
@@ -116,8 +133,16 @@ def create_app(service: Service):
             ids = format_chat(service.tokenizer, messages, image_token, tools=tools)
         except ValueError as err:
             raise api.ApiError(400, str(err), "messages") from None
-        names = names if service.tokenizer.generation == "llama3" else None  # Llama 2 makes no calls
+        if service.tokenizer.generation != "llama3":  # Llama 2 makes no calls
+            if call_schema is not None:
+                raise api.ApiError(400, "tool calls need Llama 3.1's chat format; this model's is "
+                                   f"{service.tokenizer.generation}'s", "tool_choice")
+            names = None
         settings = api.check_sampled(body, len(ids), service.context, None, logprobs, service.batcher.slots, names)
+        if call_schema is not None:
+            settings, = await _constrained(service, [settings], call_schema, "tools")
+        else:
+            settings, = await _constrained(service, [settings], schema, "response_format")
         images = [part["image"] for m in messages if isinstance(m["content"], list) for part in m["content"]
                   if part["type"] == "image"]
         arrays = await asyncio.to_thread(image_inputs, [images], [ids], vision) if images else None
@@ -156,6 +181,14 @@ def create_app(service: Service):
     return listener.Guard(app, service.api_key, service.max_body_bytes, service.body_timeout)
 
 
+async def _constrained(service: Service, settings: list, schema, param: str) -> list:
+    """`settings` with the grammar of `schema` (None: as they are), compiled off the event loop."""
+    if schema is None:
+        return settings
+    grammar = await asyncio.to_thread(service.grammar, schema, param)
+    return [dataclasses.replace(s, grammar=grammar) for s in settings]
+
+
 def _submit(service: Service, prompts: list[list[int]], settings: list, score_prompts: bool = False,
             images: dict | None = None):
     """Queue one generation per choice of each prompt (before any answer starts, so a refusal
@@ -184,7 +217,7 @@ def _submit(service: Service, prompts: list[list[int]], settings: list, score_pr
     # Choice i of every prompt has seed + i: each prompt is answered as it would be alone.
     each = [(ids, s, i) for ids, s in zip(prompts, settings) for i in range(s.n)]
     requests = [Request(ids, s.max_tokens, s.sampling, api.choice_seed(seed, i), emit=emitter(index),
-                        score_prompt=score_prompts, images=images)
+                        score_prompt=score_prompts, images=images, grammar=s.grammar)
                 for index, (ids, s, i) in enumerate(each)]
     try:
         for request in requests:

@@ -26,6 +26,13 @@ worker's loop, between the running slots' decode calls, from where its cached
 prefix ends; its slot decodes from its first token on. One group is staged at a
 time; whole prefills of short prompts go on meanwhile.
 
+Structured outputs: a request with a `grammar` gets a matcher in its slot
+(`llama_jax.text.grammar.RowMatchers`), whose bitmask masks the slot's first
+token in the prefill and each next one in the decode. While any slot has one,
+each decode call is the one-step `decode_masked` program with every slot's
+mask (free slots: all bits set), and the worker feeds each slot's matcher
+the token it sampled before the next call.
+
 If the worker fails (an exception in a compiled call), every request it holds,
 waiting or in a slot (mid-prefill included), ends with `Finished("error")`, and
 `submit` refuses new ones (`WorkerFailed`): the failure and the refusal are
@@ -83,6 +90,7 @@ from infer.staging import Stager
 from llama_jax.decoding.sampling import RowSampling, Sampling
 from llama_jax.decoding.slots import PREFILL_BATCH, STEPS_PER_CALL
 from llama_jax.decoding.staged import unstageable
+from llama_jax.text.grammar import Grammar, RowMatchers
 from llama_jax.vision.image import image_inputs
 
 
@@ -97,7 +105,8 @@ class Request:
     `score_prompt`), each `Token`, then one `Finished`. Setting `cancelled` (a stop string
     matched, the client left) frees its slot at the next step. `images` (Llama 3.2 Vision):
     the prompt's image arrays, one row (`llama_jax.vision.image.image_inputs` of this prompt),
-    or None for a text prompt."""
+    or None for a text prompt. `grammar` (structured outputs): what the answer must match
+    (`llama_jax.text.grammar`), or None for free text."""
 
     prompt: list[int]
     max_tokens: int
@@ -107,6 +116,7 @@ class Request:
     cancelled: bool = False
     score_prompt: bool = False
     images: dict | None = None
+    grammar: Grammar | None = None
 
 
 class Batcher:
@@ -138,6 +148,7 @@ class Batcher:
         with engine.activate():
             self._state = self.programs.empty()
         self._sampling = engine.place_rows(RowSampling.of([Sampling()] * slots))
+        self._grammars = RowMatchers(self.slots, engine.config.vocab_size)  # each slot's grammar state and mask
         vision = engine.config.vision  # a text row's image arrays in a group with images: no image
         self._no_image = None if vision is None else image_inputs([[]], [[0]], vision)
         self._waiting: deque[Request] = deque()
@@ -226,6 +237,7 @@ class Batcher:
                             pass
                         self._state, self._sampling, _ = stager.finish(self._state, self._sampling, self._stops)
         self._decode()
+        self._decode(masked=True)
         self.prefill_tokens = 0
 
     def prefill_args(self, admitted: list[tuple[Request, int]]) -> tuple:
@@ -235,8 +247,10 @@ class Batcher:
         prompts_bt, lengths_b, _ = self.engine.pad_prompts([request.prompt for request, _ in admitted], rows)
         limits_b, seeds_b = np.zeros((rows,), np.int32), np.zeros((rows,), np.int32)  # padding rows: no output
         slots_b = np.full((rows,), self.slots, np.int32)  # padding rows: past the last slot, dropped
+        allowed_bw = np.full((rows, self._grammars.bits.shape[1]), -1, np.int32)  # the first tokens' masks
         for i, (request, slot) in enumerate(admitted):
             limits_b[i], seeds_b[i], slots_b[i] = request.max_tokens, request.seed, slot
+            allowed_bw[i] = self._grammars.bits[slot]
         settings = [request.sampling for request, _ in admitted] + [Sampling()] * (rows - len(admitted))
         place = self.engine.place_rows
         images = None
@@ -245,7 +259,7 @@ class Batcher:
                 {name: np.concatenate([(request.images or self._no_image)[name] for request, _ in admitted])
                  for name in self._no_image}, rows)
         return (self.params, self._state, self._sampling, prompts_bt, lengths_b, place(limits_b), place(seeds_b),
-                self._stops, place(RowSampling.of(settings)), place(slots_b), images)
+                self._stops, place(RowSampling.of(settings)), place(slots_b), images, place(allowed_bw))
 
     def decode_args(self, cancel_b: np.ndarray) -> tuple:
         """The arguments of the compiled decode call (`programs.decode`); `cancel_b`: bool [slots],
@@ -313,10 +327,11 @@ class Batcher:
         return whole, staged
 
     def _stages(self, request: Request) -> bool:
-        """Whether a request is staged (`infer.staging`): a text prompt that wants new tokens, when
-        the stager wants it (with a prefix cache, every one; else one longer than a chunk)."""
+        """Whether a request is staged (`infer.staging`): a text prompt that wants new tokens, has no
+        grammar, and the stager wants (with a prefix cache, every one; else one longer than a chunk)."""
+        # A grammar's first token is masked in the whole prefill; the stager's finish samples unmasked.
         return (self.stager is not None and request.images is None and not request.score_prompt
-                and request.max_tokens > 0 and self.stager.wants(request.prompt))
+                and request.max_tokens > 0 and request.grammar is None and self.stager.wants(request.prompt))
 
     def _staging(self) -> set[int]:
         """The slots of the group being staged (claimed, not decoding yet)."""
@@ -360,7 +375,8 @@ class Batcher:
         it); prefill the others together, write their rows into their slots, report first tokens."""
         nexts = self._score([request for request, _ in admitted if request.score_prompt])
         ended = [(request, slot) for request, slot in admitted if request.max_tokens == 0
-                 or (request.score_prompt and request.max_tokens == 1 and request.sampling.greedy)]
+                 or (request.score_prompt and request.max_tokens == 1 and request.sampling.greedy
+                     and request.grammar is None)]  # the score's most likely token is unconstrained
         with self._wake:
             for _, slot in ended:
                 self._running[slot] = None
@@ -376,6 +392,8 @@ class Batcher:
             return
         with self._wake:
             self.prefill_tokens += sum(len(request.prompt) for request, _ in admitted)
+        for request, slot in admitted:
+            self._grammars.start(slot, request.grammar)
         with self.engine.activate():
             self._state, self._sampling, first_b, done_b, *logprobs = self.programs.prefill(
                 *self.prefill_args(admitted))
@@ -409,14 +427,20 @@ class Batcher:
             request.emit(scored[tuple(request.prompt)])
         return nexts
 
-    def _decode(self) -> None:
-        """One compiled call of `steps_per_call` decode steps for every slot; report the tokens."""
+    def _decode(self, masked: bool | None = None) -> None:
+        """One compiled call of `steps_per_call` decode steps for every slot, or, while a slot has a
+        grammar (or `masked`), of one step with each slot's mask; report the tokens."""
         staging = self._staging()  # their rows are still free: nothing to stop or report
         cancel_b = np.asarray([r is not None and r.cancelled and slot not in staging
                                for slot, r in enumerate(self._running)])
+        masked = self._grammars.any() if masked is None else masked
         with self.engine.activate():
-            self._state, tokens_nb, chosen_nb, top_ids_nbk, top_lp_nbk = self.programs.decode(
-                *self.decode_args(cancel_b))
+            if masked:
+                outputs = self.programs.decode_masked(*self.decode_args(cancel_b),
+                                                      self.engine.place_rows(self._grammars.bits))
+            else:
+                outputs = self.programs.decode(*self.decode_args(cancel_b))
+        self._state, tokens_nb, chosen_nb, top_ids_nbk, top_lp_nbk = outputs
         with self._wake:
             self.decode_calls += 1
         tokens_nb, chosen_nb = np.asarray(tokens_nb), np.asarray(chosen_nb)
@@ -426,6 +450,7 @@ class Batcher:
             if request is None or slot in staging:
                 continue
             if cancel_b[slot]:
+                self._grammars.release(slot)
                 with self._wake:
                     self.cancelled += 1
                     self._running[slot] = None
@@ -440,7 +465,10 @@ class Batcher:
     def _report(self, slot: int, token: int, chosen, top_ids, top_lp, done: bool) -> None:
         request = self._running[slot]
         request.emit(Token(token, float(chosen), top_ids.tolist(), top_lp.tolist()))
+        if self._grammars.constrained(slot) and not done:
+            self._grammars.advance(slot, token)  # the mask of the slot's next step
         if done:
+            self._grammars.release(slot)
             with self._wake:
                 self._running[slot] = None
             request.emit(Finished("stop" if token in self._stop_set else "length"))

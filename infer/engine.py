@@ -105,7 +105,7 @@ class Engine:
     # ------------------------------------------------------------ driver
 
     def prefill(self, params, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling,
-                seed: int = 0, stop_ids=(), keep_logits: bool = False, images=None):
+                seed: int = 0, stop_ids=(), keep_logits: bool = False, images=None, allowed_bw=None):
         """Pad and place token-id prompts, fill the cache, pick each row's first token.
 
         Returns (state, first tokens [rows] int, logits [rows, vocab] or
@@ -113,6 +113,8 @@ class Engine:
         by the layout's batch axes, and those extra rows produce nothing.
         `params` must already be placed (`place_params`). `images`: a vision
         model's arrays for these rows (llama_jax.vision.image.image_inputs).
+        `allowed_bw`: the tokens each row's first token may be, a bitmask int32
+        [len(prompts), words] (`llama_jax.decoding.sampling.sample`), or None: any.
         """
         check_prompts(self.config, prompts, max_new_tokens)
         n = len(prompts)
@@ -129,7 +131,7 @@ class Engine:
         with plan.activate():
             state, first_b, logits_bv = self._prefill[images is not None](
                 params, *inputs, sampling=sampling, cache_len=cache_len, keep_logits=keep_logits,
-                chunk=chunk, images=images)
+                chunk=chunk, images=images, allowed_bw=self._place_masks(allowed_bw, rows))
         return state, np.asarray(first_b)[:n], None if logits_bv is None else np.asarray(logits_bv)[:n]
 
     def prompt_shape(self, longest: int) -> tuple[int, int]:
@@ -168,6 +170,13 @@ class Engine:
                                plan.sharding("batch", *[None] * (a.ndim - 1)))
                 for name, a in images.items()}
 
+    def _place_masks(self, allowed_bw, rows: int):
+        """Rows' bitmasks placed as `place_rows` places rows, padding rows allowing every token."""
+        if allowed_bw is None:
+            return None
+        padding = np.full((rows - len(allowed_bw), allowed_bw.shape[1]), -1, np.int32)
+        return self.place_rows(np.concatenate([allowed_bw, padding]))
+
     def place_stops(self, stop_ids):
         """Stop token ids as the programs take them: int32 [k], replicated (NO_TOKEN if none)."""
         stops = np.asarray(sorted(stop_ids) or [NO_TOKEN], np.int32)
@@ -178,8 +187,9 @@ class Engine:
         return self.placement.activate()
 
     def decode(self, params, state: State, steps: int, sampling: Sampling, stop_ids=(),
-               keep_logits: bool = False, rows: int | None = None):
-        """Up to `steps` decode steps in one compiled loop (fewer if every row stops).
+               keep_logits: bool = False, rows: int | None = None, allowed_bw=None):
+        """Up to `steps` decode steps in one compiled loop (fewer if every row stops); `allowed_bw`:
+        the tokens each row may sample at every step, a bitmask int32 [rows, words], or None: any.
 
         `state` is donated: use the returned one. Returns (state, tokens
         [rows, steps] with -1 where a row produced nothing, logits [rows,
@@ -188,31 +198,39 @@ class Engine:
         with self.placement.activate():
             state, out_bn, logits_bnv = self._decode["images" in state](
                 params, state, self.place_stops(stop_ids), sampling=sampling, steps=steps,
-                keep_logits=keep_logits)
+                keep_logits=keep_logits, allowed_bw=self._place_masks(allowed_bw, state["token"].shape[0]))
         return state, np.asarray(out_bn)[:rows], None if logits_bnv is None else np.asarray(logits_bnv)[:rows]
 
     def run(self, params, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling,
             seed: int = 0, stop_ids=(), chunk: int | None = None, keep_logits: bool = False,
-            images=None) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+            images=None, grammars=None) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
         """Generate for token-id prompts; yield (tokens [rows, n], logits [rows, n, vocab] or None).
 
         The first chunk is the prefill's one token per row; then chunks of up
         to `chunk` decode steps (all remaining steps in one call when None),
         until every row has stopped or made `max_new_tokens` tokens. Entries
         are -1 where a row produced nothing; stop tokens are included.
+        `grammars` (structured outputs): the rows' `llama_jax.text.grammar.RowMatchers`, whose
+        `bits` mask each row's next token and which `advance` with each token made; the decode
+        then runs one step per call, since each mask follows the token before it.
         """
         n = len(prompts)
+        masks = None if grammars is None else grammars.bits
         state, first_b, logits_bv = self.prefill(params, prompts, max_new_tokens, sampling, seed,
-                                                 stop_ids, keep_logits, images)
+                                                 stop_ids, keep_logits, images, masks)
         yield first_b[:, None], None if logits_bv is None else logits_bv[:, None]
         produced = np.ones(n, np.int64)
         finished = (produced >= max_new_tokens) | np.isin(first_b, list(stop_ids))
+        out_bn = first_b[:, None]
         while not finished.all():
+            if grammars is not None:
+                for row in np.flatnonzero(~finished):
+                    grammars.advance(row, out_bn[row, -1])
             # The loop itself stops rows at their limit, so every chunk has
             # the same length and one compiled program serves them all.
-            steps = max_new_tokens - 1 if chunk is None else chunk
+            steps = 1 if grammars is not None else max_new_tokens - 1 if chunk is None else chunk
             state, out_bn, logits_bnv = self.decode(params, state, steps, sampling, stop_ids,
-                                                    keep_logits, rows=n)
+                                                    keep_logits, rows=n, allowed_bw=masks)
             yield out_bn, logits_bnv
             finished |= np.isin(out_bn, list(stop_ids)).any(axis=1)
             produced += (out_bn >= 0).sum(axis=1)

@@ -33,6 +33,7 @@ from infer.options import ServingOptions
 from llama_jax.decoding.sampling import Sampling
 from llama_jax.config import ModelConfig
 from llama_jax.paths import user_path
+from llama_jax.text.grammar import GrammarVocabulary, RowMatchers, json_grammar
 from llama_jax.text.stream_decoder import StreamDecoder
 from llama_jax.text.tokenizer import Tokenizer, find_tokenizer, load_tokenizer
 from sharding.layout import Layout
@@ -75,7 +76,8 @@ def generate(params_or_checkpoint, tokenizer: Tokenizer | str | None, prompts: P
              top_p: float | None = None, seed: int = 0, layout: str | Layout | None = None,
              config: ModelConfig | None = None, stream: Callable[[Chunk], None] | None = None,
              *, stop_ids: Sequence[int] | None = None, stream_every: int = 8,
-             return_logits: bool = False, images: Images | None = None) -> list[Generation]:
+             return_logits: bool = False, images: Images | None = None,
+             json_schema: dict | bool | None = None) -> list[Generation]:
     """Generate a continuation of each prompt; one `Generation` per prompt, in order.
 
     params_or_checkpoint: a parameter tree (then `config` is required) or a
@@ -89,6 +91,9 @@ def generate(params_or_checkpoint, tokenizer: Tokenizer | str | None, prompts: P
     (PIL images or file paths) per prompt; a text prompt with images becomes
     `<|begin_of_text|>` + one `<|image|>` per image + the text (Meta's
     completion form), token-id prompts carry their own `<|image|>` ids.
+    json_schema (structured outputs): every answer is a JSON value this schema admits, decoded
+    under its grammar (`llama_jax.text.grammar`; one decode step per call), ending with a stop
+    token once complete (or cut at max_new_tokens). Needs the tokenizer.
     Raises ValueError (one line) if a prompt plus max_new_tokens exceeds the
     context, for images a model cannot take, or on a bad setting.
     """
@@ -107,6 +112,14 @@ def generate(params_or_checkpoint, tokenizer: Tokenizer | str | None, prompts: P
     ids = _prompt_ids(tokenizer, prompts)
     image_arrays = None if images is None else _image_arrays(config, images, prompts, ids)
     stops = set(tokenizer.stop_ids if tokenizer is not None and stop_ids is None else stop_ids or ())
+    grammars = None
+    if json_schema is not None:
+        if tokenizer is None:
+            raise ValueError("generate: json_schema needs a tokenizer")
+        grammar = json_grammar(json_schema, GrammarVocabulary(tokenizer, config.vocab_size))
+        grammars = RowMatchers(len(ids), config.vocab_size)
+        for row in range(len(ids)):
+            grammars.start(row, grammar)
 
     engine = _engine(config, layout)
     params = engine.place_params(params)
@@ -116,7 +129,7 @@ def generate(params_or_checkpoint, tokenizer: Tokenizer | str | None, prompts: P
     decoders = [StreamDecoder(tokenizer) if stream and tokenizer else None for _ in ids]
     for out_bn, logits_bnv in engine.run(params, ids, max_new_tokens, sampling, seed, stops,
                                          chunk=stream_every if stream else None,
-                                         keep_logits=return_logits, images=image_arrays):
+                                         keep_logits=return_logits, images=image_arrays, grammars=grammars):
         for row, out_n in enumerate(out_bn):
             new = []
             for step, token in enumerate(out_n.tolist()):

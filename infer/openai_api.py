@@ -9,7 +9,15 @@ What is answered is built in `infer.responses`.
 
 Tools (chat): `tools` are OpenAI's function definitions, offered to the
 model in Llama 3.1's layout (`llama_jax.text.tool_use`); `tool_choice` "auto"
-(the default) or "none" (tools not offered, replies never read as calls).
+(the default), "none" (tools not offered, replies never read as calls),
+"required" (the reply is a call of one of them) or `{"type": "function",
+"function": {"name": ...}}` (a call of that one); a forced call's arguments
+follow the function's `parameters` schema, as structured outputs do.
+
+Structured outputs (both endpoints): `response_format` {"type": "json_object"}
+(the answer is a JSON object) or {"type": "json_schema", "json_schema":
+{"name", "schema", "strict"}} (a JSON value the schema admits), decoded under
+a grammar (`llama_jax.text.grammar`); {"type": "text"} or none: free text.
 An assistant message's `tool_calls` (arguments a JSON object in a string)
 and `tool` messages (Llama's `ipython` turn; `tool_call_id` has no place
 in Llama's format and is not checked) continue a conversation.
@@ -32,7 +40,8 @@ from pydantic import BaseModel, Field
 
 from llama_jax.decoding.logprobs import TOP_LOGPROBS
 from llama_jax.decoding.sampling import Sampling
-from llama_jax.text.tool_use import ToolCall, tool_names
+from llama_jax.text.grammar import ANY_OBJECT
+from llama_jax.text.tool_use import ToolCall, call_schema, tool_names
 
 MAX_STOP_STRINGS = 4  # as OpenAI
 MAX_COMPLETION_LOGPROBS = 5  # the completions API's `logprobs` bound (OpenAI's)
@@ -70,7 +79,7 @@ class Sampled(BaseModel):
     stream_options: StreamOptions | None = None
     n: int = 1
     skip_special_tokens: bool = True  # vLLM's name: False keeps special tokens' text (<|eot_id|>) in the answer
-    response_format: dict | None = None  # only {"type": "text"}: anything else is refused, never ignored
+    response_format: dict | None = None  # text, json_object or json_schema (`response_schema`)
 
 
 class CompletionRequest(Sampled):
@@ -120,16 +129,13 @@ class Settings:
     n: int = 1  # choices, each its own decode slot and seed (`choice_seed`)
     tool_names: frozenset[str] | None = None  # chat: functions a reply may call; None: replies are text
     skip_special_tokens: bool = True  # leave special tokens' text out of the answer (their logprobs stay)
+    grammar: object = None  # structured outputs: a llama_jax.text.grammar.Grammar the answer follows
 
 
 def check_sampled(request: Sampled, prompt_tokens: int, context: int, default_max_tokens: int | None,
                   logprobs: int | None, max_choices: int, tool_names: frozenset[str] | None = None) -> Settings:
     """`Settings` for a request whose prompt has `prompt_tokens` tokens, or ApiError (400).
     `max_choices`: the most choices one request may ask for (the server's decode slots)."""
-    if request.response_format is not None and request.response_format.get("type") != "text":
-        kind = request.response_format.get("type")
-        raise ApiError(400, f"response_format {kind!r} is not supported: this server writes free text only "
-                       "(no JSON mode or schema); leave it out or send {'type': 'text'}"[:300], "response_format")
     if request.stream_options is not None and not request.stream:
         raise ApiError(400, "stream_options is only allowed when stream is true", "stream_options")
     if not 1 <= request.n <= max_choices:
@@ -288,13 +294,39 @@ def _call_made(i: int, j: int, call: ToolCallMade) -> ToolCall:
     return ToolCall(call.function.name, arguments)
 
 
-def chat_tools(request: ChatRequest) -> tuple[list[dict] | None, frozenset[str] | None]:
+def response_schema(request: Sampled) -> dict | bool | None:
+    """The JSON schema an answer must follow under `response_format` (None: free text), or
+    ApiError (400) for a format this server does not write."""
+    spec = request.response_format
+    kind = None if spec is None else spec.get("type")
+    if kind in (None, "text"):
+        return None
+    if kind == "json_object":
+        return ANY_OBJECT
+    if kind == "json_schema":
+        inner = spec.get("json_schema")
+        if not isinstance(inner, dict) or not isinstance(inner.get("schema", {}), (dict, bool)):
+            raise ApiError(400, "response_format.json_schema must be {'name': ..., 'schema': a JSON schema "
+                           "(an object)}", "response_format")
+        return inner.get("schema", ANY_OBJECT)
+    raise ApiError(400, f"response_format type {kind!r} is not supported; use 'text', 'json_object' or "
+                   "'json_schema'"[:300], "response_format")
+
+
+def chat_tools(request: ChatRequest) -> tuple[list[dict] | None, frozenset[str] | None, dict | None]:
     """(the function definitions to offer in the prompt or None, the names a reply may call or
-    None when replies are plain text) for a chat request's `tools` and `tool_choice`. Replies are
-    read as calls only when tools were offered (then `<|python_tag|>` code is one too)."""
-    if request.tool_choice not in (None, "auto", "none"):
-        raise ApiError(400, f"tool_choice {request.tool_choice!r} is not supported; use 'auto' or 'none' "
-                       "(Llama picks its calls itself)"[:300], "tool_choice")
+    None when replies are plain text, the JSON schema a forced call follows or None) for a chat
+    request's `tools` and `tool_choice`. Replies are read as calls only when tools were offered
+    (then `<|python_tag|>` code is one too)."""
+    choice = request.tool_choice
+    named = isinstance(choice, dict)
+    if named and (choice.get("type") != "function" or not isinstance(choice.get("function"), dict)
+                  or not isinstance(choice["function"].get("name"), str)):
+        raise ApiError(400, "tool_choice must be 'auto', 'none', 'required' or {'type': 'function', 'function': "
+                       "{'name': ...}}", "tool_choice")
+    if not named and choice not in (None, "auto", "none", "required"):
+        raise ApiError(400, f"tool_choice {choice!r} is not supported; use 'auto', 'none', 'required' or "
+                       "{'type': 'function', 'function': {'name': ...}}"[:300], "tool_choice")
     for i, tool in enumerate(request.tools or []):
         function = tool.get("function")
         if (tool.get("type") != "function" or not isinstance(function, dict)
@@ -303,6 +335,17 @@ def chat_tools(request: ChatRequest) -> tuple[list[dict] | None, frozenset[str] 
             raise ApiError(400, f"tools.{i}: a tool must be {{'type': 'function', 'function': {{'name': "
                            "a-z, A-Z, 0-9, _ or - (at most 64), 'description': str, 'parameters': JSON schema}}",
                            f"tools.{i}")
-    if request.tool_choice == "none" or not request.tools:  # no tools offered: replies are text, whatever they say
-        return None, None
-    return request.tools, tool_names(request.tools)
+    forced = named or choice == "required"
+    if forced and not request.tools:
+        raise ApiError(400, "tool_choice forces a call, but the request offers no tools", "tool_choice")
+    if choice == "none" or not request.tools:  # no tools offered: replies are text, whatever they say
+        return None, None, None
+    names = tool_names(request.tools)
+    if named and choice["function"]["name"] not in names:
+        raise ApiError(400, f"tool_choice names {choice['function']['name']!r}, which is not among the tools "
+                       f"({', '.join(sorted(names))})"[:300], "tool_choice")
+    schema = None
+    if forced:
+        schema = call_schema([tool["function"] for tool in request.tools
+                              if not named or tool["function"]["name"] == choice["function"]["name"]])
+    return request.tools, names, schema

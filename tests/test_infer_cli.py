@@ -1,11 +1,13 @@
 """`python -m infer` end to end on a tiny Hugging Face directory with a tokenizer
 trained here: it prints the generated text, and bad input is one line, exit 2."""
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import jsonschema
 import numpy as np
 import pytest
 
@@ -55,7 +57,7 @@ def test_help_describes_the_options():
     assert result.returncode == 0
     for option in ("--checkpoint", "--prompt", "--max-new-tokens", "--temperature", "--top-k",
                    "--top-p", "--seed", "--layout", "--chat", "--system", "--dtype", "--attention", "--quantize",
-                   "--kv-cache-dtype"):
+                   "--kv-cache-dtype", "--json-schema"):
         assert option in result.stdout
 
 
@@ -104,6 +106,30 @@ def test_chat_answers_each_line_with_the_template(checkpoint):
     # fourth request for input meets the end of stdin.
     assert result.stderr.count("> ") == 4
     assert result.stdout.count("\n") >= 3 and result.stdout.endswith("\n")
+
+
+LLAMA_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["kind", "legs"],
+                "properties": {"kind": {"enum": ["llama", "alpaca"]}, "legs": {"type": "integer", "minimum": 0, "maximum": 4}}}
+
+
+def test_a_json_schema_file_makes_the_answer_follow_it(checkpoint, tmp_path):
+    path = tmp_path / "llama.schema.json"
+    path.write_text(json.dumps(LLAMA_SCHEMA))
+    sampled = ("--temperature", 1, "--seed", 4, "--max-new-tokens", 48)
+    result = run_cli("--checkpoint", checkpoint, "--prompt", "A llama as JSON:", "--json-schema", path, *sampled)
+    assert result.returncode == 0, result.stderr
+    jsonschema.validate(json.loads(result.stdout), LLAMA_SCHEMA)  # a SentencePiece vocabulary's tokens
+    config, params, tokenizer = load_model(checkpoint)
+    expected = generate(params, tokenizer, "A llama as JSON:", max_new_tokens=48, config=config, temperature=1,
+                        seed=4, json_schema=LLAMA_SCHEMA)[0]
+    assert result.stdout == expected.text + "\n" and expected.finish_reason == "stop"
+    bad, broken = tmp_path / "bad.json", tmp_path / "broken.json"
+    bad.write_text('{"type": "strng"}')
+    broken.write_text('{"type": ')
+    assert_one_line_error(run_cli("--checkpoint", checkpoint, "--prompt", "hi", "--json-schema", bad),
+                          "bad.json: the schema cannot be compiled: Invalid type: strng")
+    assert_one_line_error(run_cli("--checkpoint", checkpoint, "--prompt", "hi", "--json-schema", broken),
+                          "broken.json: not JSON")
 
 
 def test_missing_checkpoint_is_one_line_exit_2(tmp_path):

@@ -34,7 +34,7 @@ def chat(**fields) -> ChatRequest:
 def test_a_chat_that_offers_no_tools_never_answers_with_tool_calls(tokenizer):
     for body in (chat(), chat(tools=[]), chat(tools=[{"type": "function", "function": {"name": "f"}}],
                                              tool_choice="none")):
-        assert chat_tools(body) == (None, None)
+        assert chat_tools(body) == (None, None, None)
     offered = chat_tools(chat(tools=[{"type": "function", "function": {"name": "f"}}]))
     assert offered[1] == frozenset({"f"})
     settings = check_sampled(chat(), 5, 64, None, None, 1, chat_tools(chat())[1])

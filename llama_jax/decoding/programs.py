@@ -2,9 +2,9 @@
 
     state, first_b, logits_bv = prefill(model, params, prompts_bt, lengths_b, limits_b, seed,
                                         stops, sampling=..., cache_len=..., keep_logits=False,
-                                        chunk=None, images=None)
+                                        chunk=None, images=None, allowed_bw=None)
     state, out_bn, logits_bnv = decode(model, params, state, stops, sampling=..., steps=...)
-    state, next_b, logits_bv = decode_step(model, params, state, stops, sampling=...)
+    state, next_b, logits_bv = decode_step(model, params, state, stops, sampling=..., allowed_bw=None)
     prefill_jit, decode_jit = jit_programs(model, state_shardings, replicated, compiler_options)
 
 Both know nothing of meshes: the KV cache is constrained by its logical axis
@@ -118,12 +118,14 @@ def extend(model: Llama, params, cache, tokens_bc, starts_b, lengths_b, last_bd,
     return constrain_cache(cache, model.config), last_hidden(hidden_bcd, starts_b, lengths_b, last_bd)
 
 
-def first_tokens(model: Llama, params, cache, last_bd, keys_b, lengths_b, limits_b, stops, sampling):
+def first_tokens(model: Llama, params, cache, last_bd, keys_b, lengths_b, limits_b, stops, sampling,
+                 allowed_bw=None):
     """A prefilled cache's decode state and each row's first token, sampled from the logits at
-    its last prompt token (`last_bd` [b, d]): (state, first tokens [b], float32 logits [b, v])."""
+    its last prompt token (`last_bd` [b, d]) under each row's grammar mask `allowed_bw` (None:
+    free): (state, first tokens [b], float32 logits [b, v])."""
     # Only each row's last prompt token needs the (large) vocabulary projection.
     logits_bv = model.apply({"params": params}, last_bd[:, None], method="logits")[:, 0]
-    first_b = sample(logits_bv, step_keys(keys_b, jnp.zeros_like(lengths_b)), sampling)
+    first_b = sample(logits_bv, step_keys(keys_b, jnp.zeros_like(lengths_b)), sampling, allowed_bw)
     live_b = limits_b > 0
     count_b = live_b.astype(jnp.int32)
     state = {"cache": cache, "token": first_b, "pos": lengths_b, "count": count_b,
@@ -134,7 +136,7 @@ def first_tokens(model: Llama, params, cache, last_bd, keys_b, lengths_b, limits
 
 def prefill(model: Llama, params, prompts_bt, lengths_b, limits_b, seed, stops, *,
             sampling: Sampling, cache_len: int, keep_logits: bool = False, chunk: int | None = None,
-            images=None):
+            images=None, allowed_bw=None):
     """Fill a new KV cache with the prompts and pick each row's first token.
 
     prompts_bt: int32 [b, t], right-padded; lengths_b: each prompt's length;
@@ -144,6 +146,8 @@ def prefill(model: Llama, params, prompts_bt, lengths_b, limits_b, seed, stops, 
     must then be a multiple of it); None or >= t: all at once.
     images: a vision model's images (see the module docstring), or None; the
     first chunk encodes them into the cache, later chunks read them there.
+    allowed_bw: the tokens each row's first token may be, a bitmask int32 [b, words]
+    (`sampling.sample`; a grammar's first mask), or None: any.
     Returns (state, first tokens [b] with NO_TOKEN for rows that may produce
     nothing, float32 logits [b, v] or None).
     """
@@ -172,15 +176,16 @@ def prefill(model: Llama, params, prompts_bt, lengths_b, limits_b, seed, stops, 
     starts = jnp.arange(chunk, t, chunk, dtype=jnp.int32)
     (cache, last_bd), _ = jax.lax.scan(next_chunk, (cache, last_bd), starts)
     state, first_b, logits_bv = first_tokens(model, params, cache, last_bd, keys_b, lengths_b, limits_b, stops,
-                                             sampling)
+                                             sampling, allowed_bw)
     if spans is not None:
         state["images"] = spans
     return state, jnp.where(limits_b > 0, first_b, NO_TOKEN), logits_bv if keep_logits else None
 
 
 def decode(model: Llama, params, state: State, stops, *, sampling: Sampling, steps: int,
-           keep_logits: bool = False):
-    """Up to `steps` decode steps in one `lax.while_loop` (fewer if every row is done).
+           keep_logits: bool = False, allowed_bw=None):
+    """Up to `steps` decode steps in one `lax.while_loop` (fewer if every row is done); `allowed_bw`:
+    the tokens each row may sample at every step (`decode_step`), or None: any.
 
     Returns (state, tokens int32 [b, steps] with NO_TOKEN where a row produced
     nothing, float32 logits [b, steps, v] or None); stop tokens are included.
@@ -196,7 +201,7 @@ def decode(model: Llama, params, state: State, stops, *, sampling: Sampling, ste
     def step(carry):
         i, st, out_bn, logits_bnv = carry
         live_b = ~st["done"]
-        st, next_b, logits_bv = decode_step(model, params, st, stops, sampling=sampling)
+        st, next_b, logits_bv = decode_step(model, params, st, stops, sampling=sampling, allowed_bw=allowed_bw)
         out_bn = out_bn.at[:, i].set(jnp.where(live_b, next_b, NO_TOKEN))
         if keep_logits:
             logits_bnv = logits_bnv.at[:, i].set(logits_bv)
@@ -207,18 +212,20 @@ def decode(model: Llama, params, state: State, stops, *, sampling: Sampling, ste
     return state, out_bn, logits_bnv
 
 
-def decode_step(model: Llama, params, state: State, stops, *, sampling):
+def decode_step(model: Llama, params, state: State, stops, *, sampling, allowed_bw=None):
     """One decode step of every row: (state, next tokens int32 [b], float32 logits [b, v]).
 
     Rows already done keep their token, position and count. `sampling`: a
-    `Sampling`, or a `RowSampling` with one setting per row.
+    `Sampling`, or a `RowSampling` with one setting per row. `allowed_bw`: the tokens each
+    row may sample, a bitmask int32 [b, words] (`sampling.sample`), or None: any; the logits
+    returned are the model's, unmasked.
     """
     with_images = {"images": state["images"]} if "images" in state else {}
     logits_b1v, cache = model.apply({"params": params}, state["token"][:, None], state["pos"][:, None],
                                     cache=state["cache"], **with_images)
     logits_bv = logits_b1v[:, 0]
     live_b = ~state["done"]
-    next_b = sample(logits_bv, step_keys(state["keys"], state["count"]), sampling)
+    next_b = sample(logits_bv, step_keys(state["keys"], state["count"]), sampling, allowed_bw)
     next_b = jnp.where(live_b, next_b, state["token"])
     count_b = state["count"] + live_b
     done_b = state["done"] | _is_stop(next_b, stops) | (count_b >= state["limit"])

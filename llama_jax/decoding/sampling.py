@@ -83,13 +83,42 @@ def filter_logits(logits_bv: jax.Array, sampling: Sampling) -> tuple[jax.Array, 
     return logits_bc, ids_bc
 
 
-def sample(logits_bv: jax.Array, keys_b: jax.Array, sampling: Sampling | RowSampling) -> jax.Array:
+def bitmask_words(vocab: int) -> int:
+    """int32 words of a bitmask over `vocab` tokens (`allowed_tokens`)."""
+    return (vocab + 31) // 32
+
+
+def allowed_tokens(allowed_bw: jax.Array, vocab: int) -> jax.Array:
+    """A bitmask int32 [b, w] unpacked to bool [b, vocab]: token t is allowed where bit t % 32 of
+    word t // 32 is set (llguidance's and xgrammar's layout; `llama_jax.text.grammar`). Ids past
+    32 * w are not allowed."""
+    bits_bw32 = (allowed_bw[:, :, None] >> jnp.arange(32, dtype=allowed_bw.dtype)) & 1
+    allowed_bv = bits_bw32.reshape(allowed_bw.shape[0], -1).astype(bool)
+    if allowed_bv.shape[1] >= vocab:
+        return allowed_bv[:, :vocab]
+    return jnp.pad(allowed_bv, ((0, 0), (0, vocab - allowed_bv.shape[1])))
+
+
+def mask_logits(logits_bv: jax.Array, allowed_bw: jax.Array) -> jax.Array:
+    """The logits with the tokens a row's bitmask (int32 [b, w], see `allowed_tokens`) does not
+    allow at -inf; a row with every bit set keeps its logits exactly."""
+    return jnp.where(allowed_tokens(allowed_bw, logits_bv.shape[-1]), logits_bv, _MASKED)
+
+
+def sample(logits_bv: jax.Array, keys_b: jax.Array, sampling: Sampling | RowSampling,
+           allowed_bw: jax.Array | None = None) -> jax.Array:
     """Next token of each row, int32 [batch], drawn with that row's PRNG key.
 
     logits_bv: float [batch, vocab]; keys_b: one key per row (e.g. from
     `row_keys`), so a row's draw does not depend on the others. sampling: one
     `Sampling` for every row, or a `RowSampling` (settings per row).
+    allowed_bw: each row's allowed tokens as a bitmask int32 [batch, words] (a grammar's,
+    structured outputs), or None: every token. The draw is from the allowed tokens alone,
+    renormalised (temperature, top-k and top-p apply to them); a row with every bit set draws
+    what it would draw without a mask. At least one token per row must be allowed.
     """
+    if allowed_bw is not None:
+        logits_bv = mask_logits(logits_bv, allowed_bw)
     if isinstance(sampling, RowSampling):
         return sample_rows(logits_bv, keys_b, sampling)
     if sampling.greedy:

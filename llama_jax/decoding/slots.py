@@ -6,9 +6,10 @@
     state = programs.empty()
     state, sampling, first_b, done_b, chosen_b, top_ids_bk, top_lp_bk = programs.prefill(
         params, state, sampling, prompts_bt, lengths_b, limits_b, seeds_b, stops, new_sampling, slots_b,
-        images)                                                      # images: None, or a vision group's
+        images, allowed_bw)                  # images: None, or a vision group's; allowed_bw: first tokens' masks
     state, tokens_nb, chosen_nb, top_ids_nbk, top_lp_nbk = programs.decode(
         params, state, sampling, stops, cancel_b)
+    state, tokens_1b, ... = programs.decode_masked(params, state, sampling, stops, cancel_b, allowed_bw)
     chosen_bt, top_ids_btk, top_lp_btk = programs.score(params, prompts_bt)   # echo with logprobs
 
 A batch state (`programs.State`) holds one row per slot, every row's cache
@@ -17,7 +18,10 @@ with its own seed and sampling settings) and writes their rows into the batch
 state at their slots; `decode_slots` runs `shape.steps` decode steps of every
 slot at once, whatever their lengths and settings (`RowSampling`), and reports
 each token with its log-probability and the `TOP_LOGPROBS` most likely
-alternatives. `score` is `logprobs.prompt_logprobs`: every prompt token's
+alternatives. `decode_masked` is one such step with each slot's allowed tokens (a bitmask
+from its grammar, structured outputs; every bit set for a free slot): the host computes the
+next mask from the token sampled, so a slot with a grammar advances one token per call, and
+free slots share the call. `score` is `logprobs.prompt_logprobs`: every prompt token's
 log-probability given those before it (the completions API's `echo` with
 logprobs), a forward pass of its own that leaves the slots alone.
 Llama 3.2 Vision: a slot holds its request's image as the cross-attention layers' keys and
@@ -103,12 +107,13 @@ def insert_rows(axes, batch, new, slots_b):
 
 
 def prefill_into_slots(model: Llama, params, state, sampling, prompts_bt, lengths_b, limits_b, seeds_b, stops,
-                       new_sampling, slots_b, images=None, *, cache_len: int, chunk: int):
+                       new_sampling, slots_b, images=None, allowed_bw=None, *, cache_len: int, chunk: int):
     """Prefill a group of requests (`programs.prefill` with one seed each, `new_sampling` their
     settings [g]) and write their rows and settings into `state` and `sampling` at `slots_b`
     (int32 [g]; a slot past the last one drops a padding row). `images`: a vision model's
     arrays for the group's rows (`llama_jax.vision.image.image_inputs`; rows without images
-    empty), or None for a group of text prompts.
+    empty), or None for a group of text prompts. `allowed_bw`: the tokens each row's first token
+    may be, a bitmask int32 [g, words] (`llama_jax.decoding.sampling.sample`), or None: any.
 
     A vision model's batch state always holds every slot's image keys and values and tile
     spans (`empty_slots`). A group with images writes its rows' whole state; a text group
@@ -120,7 +125,7 @@ def prefill_into_slots(model: Llama, params, state, sampling, prompts_bt, length
     """
     new, first_b, logits_bv = programs.prefill(model, params, prompts_bt, lengths_b, limits_b, seeds_b, stops,
                                                sampling=new_sampling, cache_len=cache_len, keep_logits=True,
-                                               chunk=chunk, images=images)
+                                               chunk=chunk, images=images, allowed_bw=allowed_bw)
     with_images = "images" in state
     axes = programs.state_axes(model.config, with_images)
     kept = {}
@@ -137,8 +142,10 @@ def prefill_into_slots(model: Llama, params, state, sampling, prompts_bt, length
     return (state, sampling, first_b, new["done"], *token_logprobs(logits_bv, first_b))
 
 
-def decode_slots(model: Llama, params, state, sampling, stops, cancel_b, *, steps: int):
-    """`steps` decode steps of every slot (rows in `cancel_b`, bool [b], stop first).
+def decode_slots(model: Llama, params, state, sampling, stops, cancel_b, allowed_bw=None, *, steps: int):
+    """`steps` decode steps of every slot (rows in `cancel_b`, bool [b], stop first). `allowed_bw`:
+    the tokens each slot may sample, a bitmask int32 [b, words], at every step (so one step per
+    call for a grammar, whose mask follows each token), or None: any.
 
     Returns (state, tokens int32 [steps, b] with NO_TOKEN where a row made none, their
     logprobs [steps, b], top ids [steps, b, k], top logprobs [steps, b, k]).
@@ -147,7 +154,8 @@ def decode_slots(model: Llama, params, state, sampling, stops, cancel_b, *, step
 
     def one(st, _):
         live_b = ~st["done"]
-        st, next_b, logits_bv = programs.decode_step(model, params, st, stops, sampling=sampling)
+        st, next_b, logits_bv = programs.decode_step(model, params, st, stops, sampling=sampling,
+                                                     allowed_bw=allowed_bw)
         return st, (jnp.where(live_b, next_b, NO_TOKEN), *token_logprobs(logits_bv, next_b))
 
     state, (tokens_nb, chosen_nb, top_ids_nbk, top_lp_nbk) = jax.lax.scan(one, state, None, length=steps)
@@ -165,13 +173,15 @@ class SlotPrograms:
     """The jitted programs of one `SlotShape` (see the module docstring for their arguments).
 
     empty(): a batch state of finished rows; prefill: `prefill_into_slots` (state and sampling
-    donated); decode: `decode_slots` (state donated); score: `prompt_logprobs` of a group of
+    donated); decode: `decode_slots` (state donated); decode_masked: one step of `decode_slots`
+    with each slot's allowed tokens (state donated); score: `prompt_logprobs` of a group of
     prompts padded as prefill pads them (compiled when first asked for: only `echo` needs it).
     """
 
     empty: Callable
     prefill: Callable
     decode: Callable
+    decode_masked: Callable
     score: Callable
 
 
@@ -186,13 +196,16 @@ def jit_slot_programs(model: Llama, shape: SlotShape, state_shardings, row_shard
     empty = functools.partial(empty_slots, model.config, shape)
     prefill = functools.partial(prefill_into_slots, model, cache_len=shape.cache_len, chunk=shape.chunk)
     decode = functools.partial(decode_slots, model, steps=shape.steps)
+    decode_outputs = (state_shardings,) + (replicated,) * 4
     return SlotPrograms(
         # Made by a compiled program, so the entries are distinct buffers (each is donated).
         empty=jax.jit(empty, out_shardings=state_shardings),
         prefill=jax.jit(prefill, donate_argnames=("state", "sampling"),
                         out_shardings=(state_shardings, row_sharding) + (replicated,) * 5,
                         compiler_options=compiler_options),
-        decode=jax.jit(decode, donate_argnames=("state",), out_shardings=(state_shardings,) + (replicated,) * 4,
+        decode=jax.jit(decode, donate_argnames=("state",), out_shardings=decode_outputs,
                        compiler_options=compiler_options),
+        decode_masked=jax.jit(functools.partial(decode_slots, model, steps=1), donate_argnames=("state",),
+                              out_shardings=decode_outputs, compiler_options=compiler_options),
         score=jax.jit(functools.partial(prompt_logprobs, model), out_shardings=(replicated,) * 3,
                       compiler_options=compiler_options))

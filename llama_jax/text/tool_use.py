@@ -72,6 +72,18 @@ def tool_names(tools: Sequence[dict]) -> frozenset[str]:
     return frozenset(tool["function"]["name"] for tool in tools)
 
 
+def call_schema(functions: Sequence[dict]) -> dict:
+    """The JSON schema of a reply that calls one of `functions` (OpenAI's function definitions:
+    name, parameters) in Llama 3.1's layout, `{"name": NAME, "parameters": {...}}`, the
+    arguments following the function's `parameters` schema (an object, if it gives none)."""
+    def one(function):
+        return {"type": "object", "additionalProperties": False, "required": ["name", "parameters"],
+                "properties": {"name": {"const": function["name"]},
+                               "parameters": function.get("parameters") or {"type": "object"}}}
+    calls = [one(function) for function in functions]
+    return calls[0] if len(calls) == 1 else {"anyOf": calls}
+
+
 def parse_call(text: str, names: Collection[str]) -> ToolCall | None:
     """The call a whole reply makes, or None when it is plain text.
 

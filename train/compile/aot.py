@@ -30,7 +30,7 @@ from llama_jax.config import ConfigError
 from llama_jax.decoding import programs
 from llama_jax.decoding.buckets import prompt_shape
 from llama_jax.decoding.programs import PREFILL_CHUNK
-from llama_jax.decoding.sampling import RowSampling, Sampling
+from llama_jax.decoding.sampling import RowSampling, Sampling, bitmask_words
 from llama_jax.decoding.slots import (PREFILL_BATCH, SLOTS, STEPS_PER_CALL, empty_slots, jit_slot_programs,
                                       slot_shape)
 from llama_jax.params import abstract_params, model_for
@@ -211,8 +211,10 @@ def serve_program(config, placement, program: str, *, slots: int | None = None, 
         return jitted.decode, args, shape, prompt_len
     group = shape.prefill_rows[-1]
     prompts = jax.ShapeDtypeStruct((group, prompt_len), jnp.int32, sharding=placement.sharding("batch", "length"))
+    # No images (a text group); every row's first-token mask (all bits set for rows without a grammar).
+    masks = jax.ShapeDtypeStruct((group, bitmask_words(config.vocab_size)), jnp.int32, sharding=row)
     args = (params, state, sampling(shape.slots), prompts, rows(group), rows(group), rows(group), stops,
-            sampling(group), rows(group))
+            sampling(group), rows(group), None, masks)
     return jitted.prefill, args, shape, prompt_len
 
 
