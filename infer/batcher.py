@@ -24,7 +24,9 @@ ring): a prompt longer than the prefill chunk, and with a prefix cache every tex
 prompt, is admitted into its slot at once but prefilled a chunk per pass of the
 worker's loop, between the running slots' decode calls, from where its cached
 prefix ends; its slot decodes from its first token on. One group is staged at a
-time; whole prefills of short prompts go on meanwhile.
+time; whole prefills of short prompts go on meanwhile (with a prefix cache, those
+that do not start like a staged prompt skip the cache). Requests with a grammar
+are never staged.
 
 Structured outputs: a request with a `grammar` gets a matcher in its slot
 (`llama_jax.text.grammar.RowMatchers`), whose bitmask masks the slot's first
@@ -238,7 +240,8 @@ class Batcher:
                         self._state, self._sampling, _ = stager.finish(self._state, self._sampling, self._stops)
         self._decode()
         self._decode(masked=True)
-        self.prefill_tokens = 0
+        with self._wake:
+            self.prefill_tokens = self.decode_calls = 0  # /health counts served work only
 
     def prefill_args(self, admitted: list[tuple[Request, int]]) -> tuple:
         """The arguments of the compiled prefill (`programs.prefill`) that writes these (request,
@@ -312,12 +315,15 @@ class Batcher:
         """Up to `free` waiting requests, in order (holding the lock): (those prefilled whole now,
         those staged as one group). A prompt that would be staged waits while a group is staged,
         the group is full, or another of the group starts with the same uncached block (the next
-        group finds it cached); requests behind it may pass."""
+        group finds it cached); requests behind it may pass. While a group is staged, a prompt of
+        at most one chunk that does not start as one of the group's is prefilled whole (without
+        the prefix cache) rather than wait for the group's last piece."""
         whole, staged, kept, firsts = [], [], [], set()
         stager, group = self.stager, self.shape.prefill_rows[-1]
         while self._waiting and len(whole) + len(staged) < free:
             request = self._waiting.popleft()
-            if not self._stages(request):
+            if not self._stages(request) or (stager.busy and len(request.prompt) <= self.shape.chunk
+                                             and not stager.extends_group(request.prompt)):
                 whole.append(request)
             elif stager.busy or len(staged) == group or stager.shares_uncached(request.prompt, firsts):
                 kept.append(request)

@@ -65,6 +65,8 @@ class Stager:
             with engine.activate():
                 self.store = self.programs.empty_store(blocks)
         self.group: list | None = None  # the (request, slot) pairs being staged
+        self.firsts: set = set()  # their prompts' first block keys (with a prefix cache)
+        self.warming = False  # start-up compiles run: nothing is saved into the prefix store
         self.computed = 0  # prompt tokens prefilled by staged pieces (not found in the cache)
         self.pieces = 0  # piece calls so far
 
@@ -75,6 +77,11 @@ class Stager:
     def wants(self, prompt: list[int]) -> bool:
         """Whether a text prompt is staged: always with a prefix cache, else when it is longer than a chunk."""
         return self.index is not None or len(prompt) > self.shape.chunk
+
+    def extends_group(self, prompt: list[int]) -> bool:
+        """Whether the prompt starts with the first block of a prompt being staged (with a prefix
+        cache): it waits for that prefill to find its blocks cached."""
+        return self.busy and self.index is not None and self.index.first_key(prompt) in self.firsts
 
     def shares_uncached(self, prompt: list[int], firsts: set) -> bool:
         """Whether the prompt's first block is uncached and in `firsts` (another request of the group
@@ -102,6 +109,8 @@ class Stager:
             table[i, :len(ids)] = ids
             self.starts[i], self.lengths[i] = len(ids) * self.block, len(request.prompt)
         self.group, self.rows, self.offset = admitted, rows, 0
+        # the group's first blocks: a prompt starting with one waits for it rather than prefilling it again
+        self.firsts = {self.index.first_key(r.prompt) for r, _ in admitted} - {None} if self.index is not None else set()
         self.total = int((self.lengths - self.starts).max())  # positions to compute in the longest row
         self.computed += int(sum(len(r.prompt) for r, _ in admitted) - self.starts.sum())
         with self.engine.activate():
@@ -132,7 +141,7 @@ class Stager:
         replicated = (self.engine.replicated,) * 2
         self.group = None
         with self.engine.activate():
-            if self.index is not None:
+            if self.index is not None and not self.warming:  # warm-up's blocks are no one's prefix
                 m = self.shape.cache_len // self.block
                 for i, (request, _) in enumerate(group):
                     claimed = self.index.claim(request.prompt, int(self.starts[i]) // self.block)
@@ -166,10 +175,11 @@ class Stager:
         kept = self.index
         if kept is not None:
             self.index = PrefixIndex(kept.blocks, kept.block)
+        self.warming = True
         try:
             yield
         finally:
-            self.index = kept
+            self.index, self.warming = kept, False
             self.computed = self.pieces = 0
 
     def counts(self) -> dict:

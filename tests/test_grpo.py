@@ -249,6 +249,12 @@ def test_a_group_of_one_is_one_line(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_kl_weight_without_an_estimator_is_one_line(tmp_path, capsys):
+    err = _cli(tmp_path, capsys, "grpo.kl=none", "grpo.beta=0.1")
+    assert "grpo.beta: 0.1 weighs a KL penalty, but grpo.kl is none" in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_reward_function_that_raises_names_itself_and_the_prompt(tmp_path, capsys):
     err = _cli(tmp_path, capsys, "grpo.reward=grpo_rewards:raises")
     assert "grpo.reward grpo_rewards:raises raised KeyError on prompt " in err

@@ -76,7 +76,8 @@ N_PROMPT = ids(SYSTEM + 7, 8)
 # In a cache of 4 blocks: the second reuses the first's 4 blocks, the third evicts them, the fourth
 # reuses the third's, the last finds nothing of its prefix left.
 EVICTED = [ids(70, 9) + [1, 2], ids(70, 9) + [4], ids(90, 10) + [3], ids(90, 10) + [5, 6], ids(70, 9) + [7]]
-GREEDY = [ids(12, 1), CHAT_FIRST, CHAT_SECOND, CHAT_TURN, *EVICTED]
+MEANWHILE = ids(20, 12)  # a short prompt that arrives while the long one is staged
+GREEDY = [ids(12, 1), CHAT_FIRST, CHAT_SECOND, CHAT_TURN, *EVICTED, MEANWHILE]
 NEW_TOKENS = 40
 
 
@@ -135,6 +136,24 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_the_running_streams_decode
     assert between == [1] * (pieces - 1), short.seen
     assert long.tokens == expected(greedy, long_prompt, 6)
     assert short.tokens == expected(greedy, ids(12, 1), 40)
+
+
+def test_a_short_prompt_arriving_while_a_long_one_is_staged_does_not_wait_for_it(batcher, greedy):
+    """With the prefix cache every text prompt is staged, one group at a time; a short prompt that
+    does not start like the staged one is prefilled whole at once instead of after the group."""
+    running = Recorder(batcher)
+    batcher.submit(Request(ids(12, 1), 40, Sampling(), 0, running))  # a stream to interleave the pieces with
+    assert running.first.wait(120)
+    before = batcher.load()["prefill_pieces"]
+    long, short = Recorder(), Recorder(batcher)
+    batcher.submit(Request(LONG_PROMPT, 6, Sampling(), 0, long))
+    while batcher.load()["prefill_pieces"] == before and not long.done.is_set():
+        running.first.wait(0.01)
+    batcher.submit(Request(MEANWHILE, 4, Sampling(), 0, short))
+    assert short.done.wait(300) and long.done.wait(300) and running.done.wait(300)
+    assert short.seen[0][0] - before < 8, short.seen  # its first token came before the long's 8th piece
+    assert short.tokens == expected(greedy, MEANWHILE, 4)
+    assert long.tokens == expected(greedy, LONG_PROMPT, 6)
 
 
 def test_a_second_request_with_the_same_system_prompt_computes_only_its_suffix(batcher, params, greedy):

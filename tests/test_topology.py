@@ -29,6 +29,7 @@ NO_WRAP, TORUS_2D, TORUS_3D = (False, False, False), (True, True, False), (True,
 # slice -> (wrap-around links per dimension, chip config, chips, hosts)
 DOCUMENTED = {
     "v5p:2x2x1": (NO_WRAP, "megacore", 4, 1),
+    "v5p:2x2x2": (NO_WRAP, "megacore", 8, 2),    # v5p-16
     "v5p:4x4x2": (NO_WRAP, "megacore", 32, 8),
     "v5p:2x4x4": (NO_WRAP, "megacore", 32, 8),
     "v5p:4x4x4": (TORUS_3D, "megacore", 64, 16),

@@ -162,6 +162,9 @@ class GrpoConfig:
             raise ConfigError(f"grpo.beta: must be a non-negative number, got {self.beta!r}")
         if self.kl not in KL_ESTIMATORS:
             raise ConfigError(f"grpo.kl: {self.kl!r} is not one of {', '.join(KL_ESTIMATORS)}")
+        if self.kl == "none" and self.beta > 0:
+            raise ConfigError(f"grpo.beta: {self.beta} weighs a KL penalty, but grpo.kl is none (no reference "
+                              "runs); set beta: 0, or an estimator (k3, k1)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -65,7 +65,7 @@ def sample_groups(model: Llama, params, prompts_pt, lengths_p, key, stops, *, gr
     first_b = sample(logits_bv, step_keys(keys_b, jnp.zeros((b,), jnp.int32)), sampling)
     count_b = jnp.ones((b,), jnp.int32)
     state = {**state, "token": first_b, "keys": keys_b, "count": count_b,
-             "done": (first_b[:, None] == stops[None, :]).any(-1) | (count_b >= steps)}
+             "done": programs.is_stop(first_b, stops) | (count_b >= steps)}
     chosen_b, entropy_b = _chosen_and_entropy(logits_bv, first_b, temperature)
     tokens_bn = jnp.full((b, steps), NO_TOKEN, jnp.int32).at[:, 0].set(first_b)
     log_probs_bn = jnp.zeros((b, steps), jnp.float32).at[:, 0].set(chosen_b)

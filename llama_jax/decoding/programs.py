@@ -74,7 +74,8 @@ def constrain_cache(cache, config: ModelConfig):
     return {name: nn.with_logical_constraint(c, axes[name]) for name, c in cache.items()}
 
 
-def _is_stop(tokens_b, stops):
+def is_stop(tokens_b, stops):
+    """bool [b]: whether each row's token is one of `stops` (int32 [s])."""
     return (tokens_b[:, None] == stops[None, :]).any(axis=-1)
 
 
@@ -130,7 +131,7 @@ def first_tokens(model: Llama, params, cache, last_bd, keys_b, lengths_b, limits
     count_b = live_b.astype(jnp.int32)
     state = {"cache": cache, "token": first_b, "pos": lengths_b, "count": count_b,
              "limit": limits_b, "keys": keys_b,
-             "done": ~live_b | _is_stop(first_b, stops) | (count_b >= limits_b)}
+             "done": ~live_b | is_stop(first_b, stops) | (count_b >= limits_b)}
     return state, first_b, logits_bv
 
 
@@ -228,7 +229,7 @@ def decode_step(model: Llama, params, state: State, stops, *, sampling, allowed_
     next_b = sample(logits_bv, step_keys(state["keys"], state["count"]), sampling, allowed_bw)
     next_b = jnp.where(live_b, next_b, state["token"])
     count_b = state["count"] + live_b
-    done_b = state["done"] | _is_stop(next_b, stops) | (count_b >= state["limit"])
+    done_b = state["done"] | is_stop(next_b, stops) | (count_b >= state["limit"])
     state = {**state, "cache": constrain_cache(cache, model.config), "token": next_b,
              "pos": state["pos"] + live_b, "count": count_b, "done": done_b}
     return state, next_b, logits_bv

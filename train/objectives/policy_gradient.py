@@ -1,4 +1,4 @@
-"""What policy-gradient objectives share (GRPO here; PPO next): the rollout batch's keys, the
+"""What policy-gradient objectives share (GRPO, and PPO's arithmetic in ppo.py): the rollout batch's keys, the
 log-probabilities of sampled tokens, and estimators of the KL divergence to a reference.
 
 A rollout batch (train/rl/rollout.py) holds the token arrays of train/step.py's batch, one
