@@ -263,7 +263,7 @@ def test_a_reward_function_that_raises_names_itself_and_the_prompt(tmp_path, cap
 
 def test_a_reward_function_returning_nan_is_one_line(tmp_path):
     from llama_jax.text.tokenizer import load_tokenizer
-    from train.data.sources import Prompts
+    from train.data.prompts import Prompts
     from train.rl.rewards import FunctionReward, RewardError
 
     tokenizer = load_tokenizer(TOY / "tokenizer.model")

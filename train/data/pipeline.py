@@ -102,7 +102,8 @@ from train.data.config import EXAMPLE_SOURCES, DataConfig
 from train.data.example_rows import ExampleRows, PairRows, PromptRows
 from train.data.packing import NonEmpty, PackedRows, TokenWindows, unpacked_row
 from train.data.position import GlobalRows, PositionRestore, PositionSave, ShardBlocks
-from train.data.sources import (Examples, Preferences, Prompts, SyntheticDocuments, TextDocuments, TextTokenizer,
+from train.data.prompts import Prompts
+from train.data.sources import (Examples, Preferences, SyntheticDocuments, TextDocuments, TextTokenizer,
                                 TokenDocuments, encode_document)
 
 # --- The pipeline. ----------------------------------------------------------

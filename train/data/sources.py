@@ -131,7 +131,26 @@ class TextDocuments:
         return record[self.text_key]
 
 
-class Examples:
+class JsonlRecords:
+    """Records of JSONL files, one a line: `len`, `location(i)` ("file:line") and `self.lines`
+    (TextDocuments: `record(i)`, `file(i)`). ValueError (one line) if a file is not .jsonl:
+    `what` names what the lines hold."""
+
+    def __init__(self, paths, tokenizer, what: str):
+        self.lines = TextDocuments(paths)
+        non_jsonl = [f for f in self.lines.files if f.suffix != ".jsonl"]
+        if non_jsonl:
+            raise ValueError(f"{non_jsonl[0]}: {what} are read from .jsonl files")
+        self.tokenizer = tokenizer
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+    def location(self, i: int) -> str:
+        return self.lines.location(i)
+
+
+class Examples(JsonlRecords):
     """Fine-tuning examples from JSONL files: token ids with a 0/1 loss weight per id.
 
     kind "chat": each line is `{"messages": [{"role": ..., "content": ...}, ...]}`,
@@ -151,17 +170,8 @@ class Examples:
     def __init__(self, paths, tokenizer, kind: str, vision=None):
         if kind not in ("chat", "completion"):
             raise ValueError(f"examples: kind {kind!r} is not chat or completion")
-        self.lines = TextDocuments(paths)
-        non_jsonl = [f for f in self.lines.files if f.suffix != ".jsonl"]
-        if non_jsonl:
-            raise ValueError(f"{non_jsonl[0]}: {kind} examples are read from .jsonl files")
-        self.tokenizer, self.kind, self.vision = tokenizer, kind, vision
-
-    def __len__(self) -> int:
-        return len(self.lines)
-
-    def location(self, i: int) -> str:
-        return self.lines.location(i)
+        super().__init__(paths, tokenizer, f"{kind} examples")
+        self.kind, self.vision = kind, vision
 
     def __getitem__(self, i: int) -> np.ndarray:
         record = self.lines.record(i)
@@ -228,7 +238,7 @@ def image_paths(messages: list, directory: epath.Path) -> list[epath.Path]:
                     raise ValueError(f"image {path}: file not found (relative to {directory})")
                 paths.append(directory / path)
     return paths
-class Preferences:
+class Preferences(JsonlRecords):
     """Preference pairs from JSONL files, for DPO (train/objectives/dpo.py) and reward models
     (train/objectives/reward.py).
 
@@ -245,17 +255,7 @@ class Preferences:
     """
 
     def __init__(self, paths, tokenizer):
-        self.lines = TextDocuments(paths)
-        non_jsonl = [f for f in self.lines.files if f.suffix != ".jsonl"]
-        if non_jsonl:
-            raise ValueError(f"{non_jsonl[0]}: preference pairs are read from .jsonl files")
-        self.tokenizer = tokenizer
-
-    def __len__(self) -> int:
-        return len(self.lines)
-
-    def location(self, i: int) -> str:
-        return self.lines.location(i)
+        super().__init__(paths, tokenizer, "preference pairs")
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         record = self.lines.record(i)
@@ -395,44 +395,3 @@ def encode_document(tokenizer: TextTokenizer, text: str) -> np.ndarray:
         return np.zeros(0, np.int32)
     return np.asarray(tokenizer.encode(text, bos=True, eos=True), dtype=np.int32)
 
-
-class Prompts:
-    """Prompts from JSONL files, for reinforcement learning (train/rl/): the conversations a
-    policy's answers continue.
-
-    Each line is `{"messages": [...]}` (a conversation ending with a user turn) or
-    `{"prompt": str}` (one user turn), as infer.rejection reads them; other fields (an expected
-    answer, say) are the reward function's to read. `prompts[i]` is prompt i chat-formatted
-    for the model to answer (int32 ids, llama_jax.text.chat.format_chat); `messages(i)` its
-    conversation. ValueError (one line) names the file and line of a malformed prompt.
-    """
-
-    def __init__(self, paths, tokenizer):
-        self.lines = TextDocuments(paths)
-        non_jsonl = [f for f in self.lines.files if f.suffix != ".jsonl"]
-        if non_jsonl:
-            raise ValueError(f"{non_jsonl[0]}: prompts are read from .jsonl files")
-        self.tokenizer = tokenizer
-
-    def __len__(self) -> int:
-        return len(self.lines)
-
-    def location(self, i: int) -> str:
-        return self.lines.location(i)
-
-    def messages(self, i: int) -> list[dict]:
-        from llama_jax.text.chat import prompt_messages
-
-        try:
-            return prompt_messages(self.lines.record(i))
-        except ValueError as err:
-            raise ValueError(f"{self.location(i)}: {err}") from None
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        from llama_jax.text.chat import format_chat
-
-        try:
-            return np.asarray(format_chat(self.tokenizer, self.messages(i)), np.int32)
-        except ValueError as err:
-            text = str(err)
-            raise ValueError(text if text.startswith(self.location(i)) else f"{self.location(i)}: {text}") from None

@@ -10,7 +10,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from llama_jax.config import ModelConfig
 from sharding.place import Placement
 from train.config import RunConfig
-from train.data.sources import Prompts
+from train.data.prompts import Prompts
 from train.objectives.grpo import group_advantages
 from train.rl.rewards import FunctionReward, ModelReward, reward_model_config
 from train.objectives.policy_gradient import TOKEN_KEYS
