@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException
 
 from infer import guard_hook, listener
 from infer import openai_api as api
-from infer.batcher import Request, WorkerFailed
+from infer.requests import Request, WorkerFailed
 from infer.events import Finished
 from infer.openai_api import ApiError
 from infer.responses import Choice, new_id, usage

@@ -19,14 +19,9 @@ arrays, `llama_jax.decoding.sampling.RowSampling`), so traffic never recompiles 
 row that stops (a stop token, its token limit, a cancel) frees its slot for
 the next admission at once.
 
-Staged admissions (`infer.staging`, for text models without a chunked-attention
-ring): a prompt longer than the prefill chunk, and with a prefix cache every text
-prompt, is admitted into its slot at once but prefilled a chunk per pass of the
-worker's loop, between the running slots' decode calls, from where its cached
-prefix ends; its slot decodes from its first token on. One group is staged at a
-time; whole prefills of short prompts go on meanwhile (with a prefix cache, those
-that do not start like a staged prompt skip the cache). Requests with a grammar
-are never staged.
+Staged admissions (`infer.staging`): a long prompt, and with a prefix cache every
+text prompt, takes its slot at once and is prefilled a piece per pass of the
+worker's loop, between decode calls; requests with images or a grammar never are.
 
 Structured outputs: a request with a `grammar` gets a matcher in its slot
 (`llama_jax.text.grammar.RowMatchers`), whose bitmask masks the slot's first
@@ -45,12 +40,7 @@ engine (`Engine.slot_programs`) exactly as `train.compile --serve` jits them
 for its ahead-of-time HBM verdict; this module is the host's side: the
 queue, the slots and the events.
 
-Why slots over one contiguous cache rather than a paged cache: every slot
-reserves `cache_len` positions, which wastes memory when most requests are
-short, but attention stays the model's own dense, sharded code (the same
-numbers as `infer.generate`, which the tests check token for token) and a
-step is one fixed-shape program. A paged cache would need a ragged paged
-attention kernel (JAX ships one for TPU only) and a block table on the host.
+Why slots over one contiguous cache rather than a paged cache: docs/serving.md.
 
 Llama 3.2 Vision: a request may carry its prompt's images (`Request.images`); a
 group with any is prefilled by the program with images (text rows in it see
@@ -78,47 +68,23 @@ the moment it leaves the queue until its `Finished`.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import itertools
 import threading
 from collections import deque
-from collections.abc import Callable
 
 import numpy as np
 
 from infer.engine import Engine
-from infer.events import Finished, Prompt, Token
-from infer.staging import Stager
+from infer.events import Finished, Token
+from infer.prompt_scores import score_prompts
+from infer.requests import Request, WorkerFailed
+from infer.staging import Stager, take
 from llama_jax.decoding.sampling import RowSampling, Sampling
 from llama_jax.decoding.slots import PREFILL_BATCH, STEPS_PER_CALL
 from llama_jax.decoding.staged import unstageable
-from llama_jax.text.grammar import Grammar, RowMatchers
+from llama_jax.text.grammar import RowMatchers
 from llama_jax.vision.image import image_inputs
 
-
-class WorkerFailed(RuntimeError):
-    """The worker thread failed (`Batcher.error`): the batcher takes no more requests."""
-
-
-@dataclasses.dataclass(eq=False)
-class Request:
-    """One generation: token-id prompt, token limit (0: the prompt's score only), sampling
-    settings, seed, and `emit`, called from the worker thread with the `Prompt` (if
-    `score_prompt`), each `Token`, then one `Finished`. Setting `cancelled` (a stop string
-    matched, the client left) frees its slot at the next step. `images` (Llama 3.2 Vision):
-    the prompt's image arrays, one row (`llama_jax.vision.image.image_inputs` of this prompt),
-    or None for a text prompt. `grammar` (structured outputs): what the answer must match
-    (`llama_jax.text.grammar`), or None for free text."""
-
-    prompt: list[int]
-    max_tokens: int
-    sampling: Sampling
-    seed: int
-    emit: Callable[[Prompt | Token | Finished], None]
-    cancelled: bool = False
-    score_prompt: bool = False
-    images: dict | None = None
-    grammar: Grammar | None = None
 
 
 class Batcher:
@@ -228,16 +194,9 @@ class Batcher:
                 admitted = list(zip(requests, range(rows)))
                 self._claim(admitted)
                 self._admit(admitted)
-        stager = self.stager
-        if stager is not None and (stager.index is not None or self.cache_len > self.shape.chunk):
-            with stager.warming_up():  # pieces of every length a staged prompt's prefill may take
-                for length in sorted({min(n, self.shape.chunk) for n in prompt_lengths}):
-                    for rows in self.shape.prefill_rows:
-                        stager.begin([(Request([0] * length, 1, Sampling(), 0, lambda event: None, cancelled=True),
-                                       slot) for slot in range(rows)])
-                        while not stager.piece():
-                            pass
-                        self._state, self._sampling, _ = stager.finish(self._state, self._sampling, self._stops)
+        if self.stager is not None:
+            self._state, self._sampling = self.stager.warm_up(self._state, self._sampling, self._stops,
+                                                              prompt_lengths)
         self._decode()
         self._decode(masked=True)
         with self._wake:
@@ -280,7 +239,7 @@ class Batcher:
                     if self._stopping and not self._waiting and not any(self._running):
                         return
                     free = [i for i, r in enumerate(self._running) if r is None]
-                    admitted, staged = self._take(len(free))
+                    admitted, staged = take(self._waiting, len(free), self.stager, self.shape)
                     admitted = list(zip(admitted, free))
                     staged = list(zip(staged, free[len(admitted):]))
                     dropped = [request for request, _ in admitted + staged if request.cancelled]
@@ -310,34 +269,6 @@ class Batcher:
                 with contextlib.suppress(Exception):  # one failing emit must not leave the others waiting
                     request.emit(Finished("error"))
             raise
-
-    def _take(self, free: int) -> tuple[list[Request], list[Request]]:
-        """Up to `free` waiting requests, in order (holding the lock): (those prefilled whole now,
-        those staged as one group). A prompt that would be staged waits while a group is staged,
-        the group is full, or another of the group starts with the same uncached block (the next
-        group finds it cached); requests behind it may pass. While a group is staged, a prompt of
-        at most one chunk that does not start as one of the group's is prefilled whole (without
-        the prefix cache) rather than wait for the group's last piece."""
-        whole, staged, kept, firsts = [], [], [], set()
-        stager, group = self.stager, self.shape.prefill_rows[-1]
-        while self._waiting and len(whole) + len(staged) < free:
-            request = self._waiting.popleft()
-            if not self._stages(request) or (stager.busy and len(request.prompt) <= self.shape.chunk
-                                             and not stager.extends_group(request.prompt)):
-                whole.append(request)
-            elif stager.busy or len(staged) == group or stager.shares_uncached(request.prompt, firsts):
-                kept.append(request)
-            else:
-                staged.append(request)
-        self._waiting.extendleft(reversed(kept))
-        return whole, staged
-
-    def _stages(self, request: Request) -> bool:
-        """Whether a request is staged (`infer.staging`): a text prompt that wants new tokens, has no
-        grammar, and the stager wants (with a prefix cache, every one; else one longer than a chunk)."""
-        # A grammar's first token is masked in the whole prefill; the stager's finish samples unmasked.
-        return (self.stager is not None and request.images is None and not request.score_prompt
-                and request.max_tokens > 0 and request.grammar is None and self.stager.wants(request.prompt))
 
     def _staging(self) -> set[int]:
         """The slots of the group being staged (claimed, not decoding yet)."""
@@ -409,26 +340,10 @@ class Batcher:
             self._report(slot, int(first_b[i]), chosen_b[i], top_ids_bk[i], top_lp_bk[i], bool(done_b[i]))
 
     def _score(self, requests: list[Request]) -> dict[tuple[int, ...], Token]:
-        """Emit each request's `Prompt`: prompts scored in groups of the prefill's sizes, padded as
-        prefill pads them (a prompt several requests share, a request's n choices, once). Returns
-        each prompt's most likely next token (with its alternatives), from its last position."""
-        prompts = list(dict.fromkeys(tuple(request.prompt) for request in requests))
-        scored, nexts, group = {}, {}, self.shape.prefill_rows[-1]
-        for start in range(0, len(prompts), group):
-            batch = prompts[start:start + group]
-            rows = next(r for r in self.shape.prefill_rows if r >= len(batch))
-            prompts_bt, _, _ = self.engine.pad_prompts([list(p) for p in batch], rows)
-            with self.engine.activate():
-                outputs = self.programs.score(self.params, prompts_bt)
-            chosen_bt, top_ids_btk, top_lp_btk = (np.asarray(x) for x in outputs)
-            for row, prompt in enumerate(batch):
-                # Position i - 1 predicts token i; the first token has nothing before it.
-                scored[prompt] = Prompt([Token(prompt[0], None, [], [])] + [
-                    Token(prompt[i], float(chosen_bt[row, i - 1]), top_ids_btk[row, i - 1].tolist(),
-                          top_lp_btk[row, i - 1].tolist()) for i in range(1, len(prompt))])
-                last = len(prompt) - 1
-                nexts[prompt] = Token(int(top_ids_btk[row, last, 0]), float(top_lp_btk[row, last, 0]),
-                                      top_ids_btk[row, last].tolist(), top_lp_btk[row, last].tolist())
+        """Emit each request's `Prompt` (`infer.prompt_scores`); returns each prompt's most likely
+        next token."""
+        scored, nexts = score_prompts(self.engine, self.programs, self.params, self.shape.prefill_rows,
+                                      [request.prompt for request in requests])
         for request in requests:
             request.emit(scored[tuple(request.prompt)])
         return nexts

@@ -26,10 +26,12 @@ host, and reference counts for blocks shared by running rows.
 from __future__ import annotations
 
 import contextlib
+from collections import deque
 
 import numpy as np
 
 from infer.prefix_cache import PrefixIndex
+from infer.requests import Request
 from llama_jax.decoding.buckets import row_length
 from llama_jax.decoding.sampling import RowSampling, Sampling
 from llama_jax.decoding.slots import SlotShape
@@ -74,9 +76,12 @@ class Stager:
     def busy(self) -> bool:
         return self.group is not None
 
-    def wants(self, prompt: list[int]) -> bool:
-        """Whether a text prompt is staged: always with a prefix cache, else when it is longer than a chunk."""
-        return self.index is not None or len(prompt) > self.shape.chunk
+    def stages(self, request: Request) -> bool:
+        """Whether a request is staged: a text prompt that wants new tokens and has no grammar (its
+        first token is masked in the whole prefill; `finish` samples unmasked), always with a
+        prefix cache, else when it is longer than a chunk."""
+        return (request.images is None and not request.score_prompt and request.max_tokens > 0
+                and request.grammar is None and (self.index is not None or len(request.prompt) > self.shape.chunk))
 
     def extends_group(self, prompt: list[int]) -> bool:
         """Whether the prompt starts with the first block of a prompt being staged (with a prefix
@@ -168,6 +173,22 @@ class Stager:
         return state, sampling, [(request, slot, int(first_b[i]), bool(done_b[i]), chosen_b[i], top_ids_bk[i],
                                   top_lp_bk[i]) for i, (request, slot) in enumerate(group)]
 
+    def warm_up(self, state, sampling, stops, prompt_lengths):
+        """Compile the pieces of every length a staged prompt's prefill may take, for each group size,
+        by staging throwaway requests into the batch state (before the batcher starts); returns
+        (state, sampling)."""
+        if self.index is None and self.shape.cache_len <= self.shape.chunk:
+            return state, sampling  # no prompt is ever staged
+        with self.warming_up():
+            for length in sorted({min(n, self.shape.chunk) for n in prompt_lengths}):
+                for rows in self.shape.prefill_rows:
+                    self.begin([(Request([0] * length, 1, Sampling(), 0, lambda event: None, cancelled=True), slot)
+                                for slot in range(rows)])
+                    while not self.piece():
+                        pass
+                    state, sampling, _ = self.finish(state, sampling, stops)
+        return state, sampling
+
     @contextlib.contextmanager
     def warming_up(self):
         """A context for start-up compiles: the prefix index is a throwaway one (their prompts are
@@ -189,3 +210,24 @@ class Stager:
             out["prefix_cache"] = self.index.counts()
         return out
 
+
+def take(waiting: deque, free: int, stager: Stager | None, shape: SlotShape) -> tuple[list, list]:
+    """Up to `free` waiting requests, in order (the batcher holds its lock): (those prefilled whole
+    now, those staged as one group). A prompt that would be staged waits while a group is staged,
+    the group is full, or another of the group starts with the same uncached block (the next group
+    finds it cached); requests behind it may pass. While a group is staged, a prompt of at most one
+    chunk that does not start as one of the group's is prefilled whole (without the prefix cache)
+    rather than wait for the group's last piece."""
+    whole, staged, kept, firsts = [], [], [], set()
+    group = shape.prefill_rows[-1]
+    while waiting and len(whole) + len(staged) < free:
+        request = waiting.popleft()
+        if stager is None or not stager.stages(request) or (
+                stager.busy and len(request.prompt) <= shape.chunk and not stager.extends_group(request.prompt)):
+            whole.append(request)
+        elif stager.busy or len(staged) == group or stager.shares_uncached(request.prompt, firsts):
+            kept.append(request)
+        else:
+            staged.append(request)
+    waiting.extendleft(reversed(kept))
+    return whole, staged

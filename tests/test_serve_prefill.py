@@ -13,7 +13,8 @@ import pytest
 
 from infer import generate
 from infer.app import Service, create_app
-from infer.batcher import Batcher, Request
+from infer.batcher import Batcher
+from infer.requests import Request
 from infer.engine import Engine
 from infer.events import Finished, Token
 from infer.serve import check_flags, parse_args

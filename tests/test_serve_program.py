@@ -11,7 +11,8 @@ import jax
 import numpy as np
 import pytest
 
-from infer.batcher import Batcher, Request
+from infer.batcher import Batcher
+from infer.requests import Request
 from infer.engine import Engine
 from llama_jax.config import ModelConfig
 from llama_jax.decoding.sampling import Sampling

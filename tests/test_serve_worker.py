@@ -14,7 +14,8 @@ import httpx
 import jax
 import pytest
 
-from infer.batcher import Batcher, Request, WorkerFailed
+from infer.batcher import Batcher
+from infer.requests import Request, WorkerFailed
 from infer.engine import Engine
 from infer.events import Finished
 from infer.app import Service, create_app

@@ -20,7 +20,8 @@ import openai
 import pytest
 
 from infer.app import Service, create_app
-from infer.batcher import Batcher, Request
+from infer.batcher import Batcher
+from infer.requests import Request
 from infer.engine import Engine
 from infer.events import Finished, Token
 from llama_jax.arith import round_up
