@@ -299,6 +299,7 @@ def _run_steps(run: RunConfig, state, data, placement: Placement, step_fn, check
     its figures (held-out loss, lm-eval tasks) join that step's row, or make a row of their own.
     `goodput` (a GoodputRecorder) is told where each step's time went."""
     watch = NonfiniteWatch(run.on_nonfinite, run.optimizer.learning_rate)
+    tokens_a_step = math.prod(step_shape(run))  # tokens trained on: tokens/s and MFU
 
     def check_finite():
         saved = checkpointer.last_saved
@@ -312,7 +313,7 @@ def _run_steps(run: RunConfig, state, data, placement: Placement, step_fn, check
         step += 1
         with goodput.waiting("checkpoint"):
             checkpointer.check_saves()
-        window.add(metrics, math.prod(step_shape(run)))  # tokens trained on: tokens/s and MFU
+        window.add(metrics, tokens_a_step)
         watch.add(step, metrics["nonfinite"])
         log_now = step % run.log_every == 0 or step == last_steps
         eval_now = evaluator is not None and (step % run.eval.every == 0 or step == last_steps)

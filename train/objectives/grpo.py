@@ -37,12 +37,11 @@ import jax.numpy as jnp
 from llama_jax.config import ModelConfig
 from llama_jax.model.llama import Llama
 from llama_jax.model.trees import join
-from train.config_sections import KL_ESTIMATORS
 from train.objectives.cross_entropy import chunked_sums, target_log_probs
 from train.objectives.head import chunk_projection
 from train.objectives.objective import Objective
-from train.objectives.policy_gradient import (ADVANTAGES, OLD_LOG_PROBS, REFERENCE_LOG_PROBS, kl_estimate,
-                                              sampled_log_probs)
+from train.objectives.policy_gradient import (ADVANTAGES, OLD_LOG_PROBS, REFERENCE_LOG_PROBS, check_estimator,
+                                              kl_estimate, sampled_log_probs)
 
 ADVANTAGE_EPS = 1e-4  # keeps a group of near-equal rewards from dividing by ~0
 NAMES = ("loss", "kl", "clip_fraction", "ratio", "weight")  # grpo_sums' sums
@@ -86,8 +85,7 @@ def grpo(config: ModelConfig, *, epsilon: float, beta: float, estimator: str, te
     the token arrays, OLD_LOG_PROBS and REFERENCE_LOG_PROBS [B, T], ADVANTAGES [B]). With `chunk`
     (the run's loss_chunk), logits are made `chunk` positions at a time, never for the whole
     batch (train/objectives/cross_entropy.py `chunked_sums`)."""
-    if estimator not in KL_ESTIMATORS:
-        raise ValueError(f"grpo.kl: {estimator!r} is not one of {', '.join(KL_ESTIMATORS)}")
+    check_estimator(estimator)
     model = Llama(config)
     settings = {"epsilon": epsilon, "beta": beta, "estimator": estimator}
 

@@ -35,11 +35,16 @@ def kl_estimate(policy, reference, estimator: str):
         k1    -d                 (the plain log-ratio; unbiased, can be negative)
         none  0                  (no reference model runs)
     """
+    check_estimator(estimator)
     d = reference - policy
     if estimator == "k3":
         return jnp.exp(d) - d - 1.0
     if estimator == "k1":
         return -d
-    if estimator == "none":
-        return jnp.zeros_like(d)
-    raise ValueError(f"grpo.kl: {estimator!r} is not one of {', '.join(KL_ESTIMATORS)}")
+    return jnp.zeros_like(d)  # none
+
+
+def check_estimator(estimator: str) -> None:
+    """ValueError (one line) unless `estimator` names one of KL_ESTIMATORS."""
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"grpo.kl: {estimator!r} is not one of {', '.join(KL_ESTIMATORS)}")
